@@ -1,0 +1,125 @@
+"""Input checks: small named functions, each raising an InputError that names the problem and the fix."""
+from __future__ import annotations
+
+import difflib
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError, MissingDataError, RankDeficientError
+
+__all__ = [
+    "require_columns", "as_numeric_vector", "as_numeric_matrix", "check_finite", "check_not_empty",
+    "check_length", "check_full_rank", "check_levels",
+]
+
+
+def require_columns(data: pd.DataFrame, names, role: str) -> None:
+    """Every name must be a column of `data`; suggest the closest column otherwise."""
+    for name in names:
+        if name not in data.columns:
+            close = difflib.get_close_matches(str(name), [str(c) for c in data.columns], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise InputError(f"{role} refers to column {name!r}, which is not in the data.{hint} "
+                             f"Available columns: {', '.join(map(str, data.columns[:20]))}.")
+
+
+def check_not_empty(n: int, what: str = "the data") -> None:
+    if n == 0:
+        raise InputError(f"{what} has no rows; pass a data set with at least one observation per group.")
+
+
+def as_numeric_vector(values, name: str) -> np.ndarray:
+    """A 1-D float array; non-numeric content (strings, objects) is an error, not a silent cast."""
+    arr = np.asarray(values)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise InputError(f"{name} must be one-dimensional; got an array of shape {arr.shape}.")
+    if arr.dtype == bool:
+        return arr.astype(float)
+    if not np.issubdtype(arr.dtype, np.number):
+        try:
+            return arr.astype(float)
+        except (TypeError, ValueError):
+            sample = next((v for v in arr if not _is_number(v)), arr[0] if arr.size else None)
+            raise InputError(f"{name} must be numeric; it holds non-numeric values such as {sample!r}. "
+                             "Convert it (e.g. pd.to_numeric) or choose a numeric column.") from None
+    return arr.astype(float, copy=False)
+
+
+def as_numeric_matrix(values, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise InputError(f"{name} must be a 1-D or 2-D array; got shape {arr.shape}.")
+    if arr.dtype == bool:
+        return arr.astype(float)
+    if not np.issubdtype(arr.dtype, np.number):
+        try:
+            return arr.astype(float)
+        except (TypeError, ValueError):
+            raise InputError(f"{name} must be numeric; it holds non-numeric values. Encode categorical "
+                             "columns as indicators (e.g. with a formula and C()) first.") from None
+    return arr.astype(float, copy=False)
+
+
+def check_finite(arr: np.ndarray, name: str, missing_hint: bool = True) -> None:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(arr.shape[0], -1).any(axis=1))
+        kind = "NaN" if np.isnan(arr).any() else "infinite"
+        hint = (" Pass missing='drop' to drop incomplete rows, or clean the data first."
+                if missing_hint else " Remove or replace those values.")
+        raise MissingDataError(f"{name} contains {kind} values in {rows.size} row(s) (first at row "
+                               f"{rows[0]}).{hint}")
+
+
+def check_length(arr, n: int, name: str, reference: str = "endog") -> None:
+    rows = arr.shape[0] if hasattr(arr, "shape") else len(arr)
+    if rows != n:
+        raise InputError(f"{name} has {rows} rows but {reference} has {n}; they must describe the same "
+                         "observations, one row each.")
+
+
+def check_full_rank(X: np.ndarray, names: list[str]) -> None:
+    """Raise if the columns of X are linearly dependent, naming a column that is aliased."""
+    if X.shape[1] == 0:
+        return
+    if X.shape[0] < X.shape[1]:
+        raise RankDeficientError(f"the fixed-effects design has {X.shape[1]} columns but only {X.shape[0]} "
+                                 "rows; remove fixed-effect terms.")
+    # Scale columns so the rank decision does not depend on units.
+    norms = np.linalg.norm(X, axis=0)
+    zero = np.flatnonzero(norms == 0)
+    if zero.size:
+        raise RankDeficientError(f"fixed-effects column {names[zero[0]]!r} is all zeros; remove it.")
+    Xs = X / norms
+    _, R = np.linalg.qr(Xs)
+    d = np.abs(np.diag(R))
+    tol = d.max() * max(X.shape) * np.finfo(float).eps * 10
+    rank = int(np.sum(d > tol))
+    if rank < X.shape[1]:
+        # The first column that is (numerically) a combination of the ones before it.
+        for j in range(1, X.shape[1] + 1):
+            if np.linalg.matrix_rank(Xs[:, :j], tol=tol) < j:
+                raise RankDeficientError(
+                    f"the fixed-effects design is rank deficient (rank {rank} < {X.shape[1]} columns): column "
+                    f"{names[j - 1]!r} is a linear combination of the columns before it. Drop it or the "
+                    "columns it duplicates.")
+
+
+def check_levels(n_levels: int, name: str, n_obs: int) -> None:
+    if n_levels < 2:
+        raise InputError(f"grouping factor {name!r} has only {n_levels} level; a variance between groups "
+                         "cannot be estimated from one group. Remove that random effect or use a factor with "
+                         "more levels.")
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,56 @@
+"""Simulated designs from statsmodels' variance-components notebook.
+
+The notebook seeds numpy's global generator with 3123 and then draws the nested data set followed by the
+crossed one. `seed_datasets()` replays that stream with a private RandomState, so the data (and therefore
+the fitted numbers quoted in the notebook) are reproduced without touching global state.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["generate_nested", "generate_crossed", "seed_datasets", "NOTEBOOK_SEED"]
+
+NOTEBOOK_SEED = 3123
+
+
+def _as_random_state(rng) -> np.random.RandomState:
+    if isinstance(rng, np.random.RandomState):
+        return rng
+    return np.random.RandomState(rng)
+
+
+def generate_nested(n_group1=200, n_group2=20, n_rep=10, group1_sd=2.0, group2_sd=3.0, unexplained_sd=4.0,
+                    rng=None) -> pd.DataFrame:
+    """Group 2 nested within group 1; columns y, group1, group2 (group2 labels repeat across group 1)."""
+    rng = _as_random_state(rng)
+    per_group1 = n_group2 * n_rep
+    group1 = np.repeat(np.arange(n_group1), per_group1).astype(float)
+    effects1 = np.repeat(group1_sd * rng.normal(size=n_group1), per_group1)
+    group2 = np.tile(np.repeat(np.arange(n_group2), n_rep), n_group1).astype(float)
+    effects2 = np.repeat(group2_sd * rng.normal(size=n_group1 * n_group2), n_rep)
+    e = unexplained_sd * rng.normal(size=n_group1 * n_group2 * n_rep)
+    return pd.DataFrame({"y": effects1 + effects2 + e, "group1": group1, "group2": group2})
+
+
+def generate_crossed(n_group1=100, n_group2=100, n_rep=4, group1_sd=2.0, group2_sd=3.0, unexplained_sd=4.0,
+                     rng=None) -> pd.DataFrame:
+    """Two crossed factors with random level assignment; columns y, group1, group2 (integers)."""
+    rng = _as_random_state(rng)
+    n = n_group1 * n_group2 * n_rep
+    group1 = np.repeat(np.arange(n_group1), n // n_group1)
+    group1 = group1[rng.permutation(n)]
+    effects1 = (group1_sd * rng.normal(size=n_group1))[group1]
+    group2 = np.repeat(np.arange(n_group2), n // n_group2)
+    group2 = group2[rng.permutation(n)]
+    effects2 = (group2_sd * rng.normal(size=n_group2))[group2]
+    e = unexplained_sd * rng.normal(size=n)
+    return pd.DataFrame({"y": effects1 + effects2 + e, "group1": group1, "group2": group2})
+
+
+def seed_datasets(seed: int = NOTEBOOK_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(nested, crossed) exactly as the notebook draws them after ``np.random.seed(seed)``."""
+    rng = np.random.RandomState(seed)
+    nested = generate_nested(rng=rng)
+    crossed = generate_crossed(rng=rng)
+    return nested, crossed

@@ -1,0 +1,217 @@
+"""Profiled deviance of a linear mixed model over one sparse Cholesky factor (Bates et al. 2015, lme4).
+
+    L L' = P (Lambda' Z'Z Lambda + I) P'
+    R_ZX = L^{-1} P Lambda' Z'X,        c_u = L^{-1} P Lambda' Z'y
+    R_X' R_X = X'X - R_ZX' R_ZX,         c_beta = R_X^{-T} (X'y - R_ZX' c_u)
+    r^2 = y'y - |c_u|^2 - |c_beta|^2     (penalized residual sum of squares)
+
+The sparsity pattern of Lambda' Z'Z Lambda does not depend on theta, so CHOLMOD analyses it once (fill-
+reducing permutation, supernodal structure) and each evaluation only recomputes values and refactors in
+place. The values are recomputed block by block: for terms t, s and levels a, b the block is
+T_t' (Z'Z)_{ab} T_s, with (Z'Z)_{ab} the dense k_t x k_s block of the cross-products.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg as la
+import scipy.sparse as sp
+from sksparse.cholmod import analyze
+
+from .design import CrossProducts
+from .errors import RankDeficientError
+from .relcov import RelativeCovariance
+
+__all__ = ["PenalizedSystem", "Evaluation", "Solution"]
+
+LOG_2PI = float(np.log(2 * np.pi))
+
+
+@dataclass(frozen=True)
+class _BlockPair:
+    """The (Z'Z) blocks between term t (rows) and term s (columns), and where their products land in A."""
+
+    t: int
+    s: int
+    blocks: np.ndarray      # (m, k_t, k_s) dense blocks of Z'Z, one per level pair present
+    keep: np.ndarray        # flat indices into the (m, k_t, k_s) product that fall in A's lower triangle
+    positions: np.ndarray   # A.data positions of those entries
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything one evaluation at theta produces; enough for the deviance and for the solution."""
+
+    theta: np.ndarray
+    logdet_L2: float        # log |L|^2
+    logdet_RX2: float       # log |R_X|^2
+    RZX: np.ndarray
+    cu: np.ndarray
+    RX: np.ndarray          # upper triangular p x p
+    cbeta: np.ndarray
+    r2: float               # penalized residual sum of squares
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The conditional estimates at theta: fixed effects, spherical and actual random effects, sigma^2."""
+
+    theta: np.ndarray
+    beta: np.ndarray
+    u: np.ndarray
+    b: np.ndarray
+    sigma2: float
+    deviance: float
+    evaluation: Evaluation
+
+
+class PenalizedSystem:
+    """Deviance of the model as a function of theta, from the cross-products and the term layout."""
+
+    def __init__(self, cross: CrossProducts, relcov: RelativeCovariance):
+        if cross.ZtZ.shape[0] != relcov.q:
+            raise ValueError(f"Z has {cross.ZtZ.shape[0]} columns but the terms describe {relcov.q}")
+        self.cross = cross
+        self.relcov = relcov
+        self.n_evaluations = 0
+        self._pairs, self._A = self._block_structure()
+        # Pattern only: CHOLMOD's symbolic analysis ignores the values.
+        self._factor = analyze(self._A, mode="auto")
+        self._factor_theta = None
+
+    # -- structure, built once -------------------------------------------------------------------------
+
+    def _block_structure(self) -> tuple[list[_BlockPair], sp.csc_matrix]:
+        ZtZ = self.cross.ZtZ
+        rc = self.relcov
+        raw = []            # (t, s, blocks, keep, rows, cols) before positions are known
+        for t, ((n_t, tmpl_t), cols_t) in enumerate(zip(rc.blocks, rc.column_slices)):
+            for s in range(t + 1):
+                (n_s, tmpl_s), cols_s = rc.blocks[s], rc.column_slices[s]
+                raw.append(_pair_blocks(ZtZ[cols_t, :][:, cols_s].tocoo(), t, s, n_t, tmpl_t.k, n_s, tmpl_s.k,
+                                        cols_t.start, cols_s.start))
+        rows = np.concatenate([r[4] for r in raw])
+        cols = np.concatenate([r[5] for r in raw])
+        n_targets = rows.shape[0]
+        # Number the targets, let scipy sort them into CSC order, and read back where each one went.
+        marker = sp.csc_matrix((np.arange(1, n_targets + 1, dtype=float), (rows, cols)), shape=ZtZ.shape)
+        marker.sort_indices()
+        position_of = np.empty(n_targets, dtype=np.int64)
+        position_of[marker.data.astype(np.int64) - 1] = np.arange(n_targets)
+        pairs, start = [], 0
+        for t, s, blocks, keep, r, _ in raw:
+            pairs.append(_BlockPair(t, s, blocks, keep, position_of[start:start + r.shape[0]]))
+            start += r.shape[0]
+        A = sp.csc_matrix((np.zeros(n_targets), marker.indices, marker.indptr), shape=ZtZ.shape)
+        return pairs, A
+
+    # -- evaluation --------------------------------------------------------------------------------------
+
+    def _refactor(self, theta: np.ndarray) -> list[np.ndarray]:
+        factors = self.relcov.factors(theta)
+        data = self._A.data
+        for pair in self._pairs:
+            Tt, Ts = factors[pair.t], factors[pair.s]
+            if Tt.shape == (1, 1) and Ts.shape == (1, 1):
+                vals = (Tt[0, 0] * Ts[0, 0]) * pair.blocks.reshape(-1)
+            else:
+                vals = np.matmul(Tt.T, np.matmul(pair.blocks, Ts)).reshape(-1)
+            data[pair.positions] = vals[pair.keep]
+        self._factor.cholesky_inplace(self._A, beta=1.0)
+        self._factor_theta = np.array(theta, dtype=float)
+        return factors
+
+    def evaluate(self, theta) -> Evaluation:
+        theta = np.asarray(theta, dtype=float)
+        factors = self._refactor(theta)
+        self.n_evaluations += 1
+        c = self.cross
+        rhs = self.relcov.apply_transpose(factors, np.column_stack([c.ZtX, c.Zty]))
+        C = self._factor.solve_L(self._factor.apply_P(rhs), use_LDLt_decomposition=False)
+        RZX, cu = C[:, :c.p], C[:, c.p]
+        RX = np.zeros((0, 0))
+        cbeta = np.zeros(0)
+        logdet_RX2 = 0.0
+        if c.p:
+            try:
+                RX = la.cholesky(c.XtX - RZX.T @ RZX, lower=False)
+            except la.LinAlgError:
+                raise RankDeficientError(
+                    "the fixed-effects design is rank deficient given the random effects (X'X - R_ZX'R_ZX is "
+                    "not positive definite); drop or combine collinear columns of exog") from None
+            cbeta = la.solve_triangular(RX, c.Xty - RZX.T @ cu, trans="T", lower=False)
+            logdet_RX2 = 2.0 * float(np.sum(np.log(np.abs(np.diag(RX)))))
+        r2 = float(c.yty - cu @ cu - cbeta @ cbeta)
+        return Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2)
+
+    def dof(self, reml: bool) -> int:
+        return self.cross.n - self.cross.p if reml else self.cross.n
+
+    def deviance(self, theta, reml: bool) -> float:
+        """-2 log-likelihood (ML) or -2 REML log-likelihood, with beta and sigma^2 profiled out."""
+        return self.profiled_deviance(self.evaluate(theta), reml)
+
+    def profiled_deviance(self, ev: Evaluation, reml: bool) -> float:
+        nu = self.dof(reml)
+        r2 = ev.r2 if ev.r2 > 0 else np.finfo(float).tiny  # an interpolating fit: r2 underflows, deviance -> -inf
+        dev = ev.logdet_L2 + nu * (1.0 + LOG_2PI + np.log(r2 / nu)) - self.cross.sum_log_weights
+        return float(dev + ev.logdet_RX2) if reml else float(dev)
+
+    def deviance_at_sigma2(self, theta, sigma2: float, reml: bool) -> float:
+        """The same criterion with sigma^2 given rather than profiled (beta still profiled)."""
+        ev = self.evaluate(theta)
+        nu = self.dof(reml)
+        dev = ev.logdet_L2 + nu * (LOG_2PI + np.log(sigma2)) + ev.r2 / sigma2 - self.cross.sum_log_weights
+        return float(dev + ev.logdet_RX2) if reml else float(dev)
+
+    def solve(self, theta, reml: bool) -> Solution:
+        """Fixed effects, conditional modes and sigma^2 at theta."""
+        ev = self.evaluate(theta)
+        factors = self.relcov.factors(ev.theta)
+        beta_work = la.solve_triangular(ev.RX, ev.cbeta, lower=False) if self.cross.p else np.zeros(0)
+        v = self._factor.solve_Lt(ev.cu - ev.RZX @ beta_work, use_LDLt_decomposition=False)
+        u = self._factor.apply_Pt(v)
+        b = self.relcov.apply(factors, u)
+        sigma2 = max(ev.r2, 0.0) / self.dof(reml)
+        return Solution(ev.theta, beta_work + self.cross.beta_ols, u, b, sigma2, self.profiled_deviance(ev, reml), ev)
+
+    def conditional_covariance(self, theta, columns: np.ndarray) -> np.ndarray:
+        """Lambda (Lambda'Z'Z Lambda + I)^{-1} Lambda' restricted to `columns` (times sigma^2 gives Var(b | y)).
+
+        Only the selected columns are solved for, so the cost is len(columns) sparse solves.
+        """
+        theta = np.asarray(theta, dtype=float)
+        if self._factor_theta is None or not np.array_equal(self._factor_theta, theta):
+            self._refactor(theta)
+        factors = self.relcov.factors(theta)
+        columns = np.asarray(columns, dtype=np.int64)
+        E = np.zeros((self.relcov.q, columns.shape[0]))
+        E[columns, np.arange(columns.shape[0])] = 1.0
+        W = self._factor.solve_A(self.relcov.apply_transpose(factors, E))
+        return self.relcov.apply(factors, W)[columns]
+
+
+def _pair_blocks(sub: sp.coo_matrix, t, s, n_t, k_t, n_s, k_s, row_offset, col_offset):
+    """Group the entries of one term-pair block of Z'Z by level pair and say which products A stores."""
+    a, i = np.divmod(sub.row.astype(np.int64), k_t)
+    b, j = np.divmod(sub.col.astype(np.int64), k_s)
+    vals = sub.data
+    if t == s:
+        lower = a >= b              # the diagonal term block: keep level pairs on or below the diagonal
+        a, b, i, j, vals = a[lower], b[lower], i[lower], j[lower], vals[lower]
+        diag = np.arange(n_t, dtype=np.int64)   # every level's own block, even if Z'Z has no entry there
+        key_all = np.concatenate([a * n_s + b, diag * n_s + diag])
+    else:
+        key_all = a * n_s + b
+    keys, inverse = np.unique(key_all, return_inverse=True)
+    inverse = inverse[:a.shape[0]]
+    m = keys.shape[0]
+    blocks = np.zeros((m, k_t, k_s))
+    blocks[inverse, i, j] = vals
+    la_, lb = np.divmod(keys, n_s)
+    ii, jj = np.meshgrid(np.arange(k_t), np.arange(k_s), indexing="ij")
+    rows = (row_offset + la_[:, None, None] * k_t + ii[None]).reshape(-1)
+    cols = (col_offset + lb[:, None, None] * k_s + jj[None]).reshape(-1)
+    keep = np.flatnonzero(rows >= cols) if t == s else np.arange(rows.shape[0])
+    return t, s, blocks, keep, rows[keep], cols[keep]

@@ -1,0 +1,60 @@
+"""The fitting pipeline as public stages, shared by every front door.
+
+    build_system(X, y, terms)  ->  PenalizedSystem   (the deviance function: system.deviance(theta, reml))
+    optimize_system(system, ...) -> OptimizationResult
+    build_fit(system, opt, ...)  -> LmmFit
+
+`fit_lmm` chains the three. A user who wants the deviance surface, or another optimizer, takes the stages.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .design import CrossProducts, assemble_Z
+from .engine import PenalizedSystem
+from .errors import ConvergenceWarning, SingularFitWarning
+from .optimize import OptimizationResult, minimize_deviance
+from .relcov import RelativeCovariance
+from .results import LmmFit
+from .terms import RandomTerm
+
+__all__ = ["build_system", "optimize_system", "build_fit", "fit_lmm"]
+
+
+def build_system(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=None) -> PenalizedSystem:
+    cross = CrossProducts.compute(X, y, assemble_Z(terms), weights=weights)
+    return PenalizedSystem(cross, RelativeCovariance([(t.n_levels, t.template) for t in terms]))
+
+
+def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None, free=None, maxiter=1000,
+                    gtol=1e-7, method="L-BFGS-B", progress=None) -> OptimizationResult:
+    start = system.relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
+    return minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
+                             free=free, maxiter=maxiter, gtol=gtol, method=method, progress=progress)
+
+
+def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None) -> LmmFit:
+    free = np.ones(system.relcov.n_theta, bool) if free is None else np.asarray(free, bool)
+    fit = LmmFit(system, system.solve(opt.theta, reml), opt, reml, free)
+    if not fit.converged:
+        warnings.warn(f"the optimizer ({opt.method}) did not converge after {opt.n_evaluations} deviance "
+                      f"evaluations: {opt.message}. Try a larger maxiter, or other start_params.",
+                      ConvergenceWarning, stacklevel=3)
+    return fit
+
+
+def fit_lmm(X, y, terms, reml=True, weights=None, start_theta=None, free=None, maxiter=1000, gtol=1e-7,
+            method="L-BFGS-B", progress=None) -> LmmFit:
+    system = build_system(X, y, terms, weights=weights)
+    opt = optimize_system(system, reml=reml, start_theta=start_theta, free=free, maxiter=maxiter, gtol=gtol,
+                          method=method, progress=progress)
+    return build_fit(system, opt, reml, free)
+
+
+def warn_if_singular(fit: LmmFit, names: list[str]) -> None:
+    if fit.is_singular:
+        which = ", ".join(names[i] for i in fit.singular)
+        warnings.warn(f"boundary (singular) fit: {which} estimated at zero. The model is overparameterized for "
+                      "these data; consider removing that random effect.", SingularFitWarning, stacklevel=3)

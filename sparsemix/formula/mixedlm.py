@@ -1,0 +1,140 @@
+"""statsmodels-style formulas: the fixed part, `re_formula` and `vc_formula`, evaluated into arrays.
+
+patsy does the fixed part and any general random-effects expression. Indicators of a single factor
+(`0 + C(g)`, `C(g) - 1`) are recognised and built directly as sparse matrices from the factor's codes:
+patsy would materialise them dense (n x levels), which is what makes statsmodels slow on crossed designs.
+"""
+from __future__ import annotations
+
+import difflib
+import io
+import re
+import tokenize
+
+import numpy as np
+import pandas as pd
+import patsy
+import scipy.sparse as sp
+
+from ..errors import FormulaError
+from ..terms import VarianceComponent, indicator_matrix
+
+__all__ = ["fixed_design", "random_design", "vc_from_formula", "formula_columns", "factor_codes",
+           "indicator_variable"]
+
+_NAME = r"([A-Za-z_]\w*)"
+_INDICATOR_FORMS = [
+    re.compile(rf"^\s*0\s*\+\s*C\(\s*{_NAME}\s*\)\s*$"),
+    re.compile(rf"^\s*C\(\s*{_NAME}\s*\)\s*-\s*1\s*$"),
+    re.compile(rf"^\s*-\s*1\s*\+\s*C\(\s*{_NAME}\s*\)\s*$"),
+]
+
+
+def indicator_variable(formula: str) -> str | None:
+    """The factor's name if `formula` is a plain indicator of one factor (`0 + C(g)`), else None."""
+    for form in _INDICATOR_FORMS:
+        m = form.match(formula)
+        if m:
+            return m.group(1)
+    return None
+
+
+def formula_columns(formulas, columns) -> list:
+    """Columns of the data that the formulas mention (as statsmodels' missing='drop' decides it)."""
+    names = set()
+    for f in formulas:
+        if f is None:
+            continue
+        try:
+            for tok in tokenize.generate_tokens(io.StringIO(f).readline):
+                if tok.type == tokenize.NAME:
+                    names.add(tok.string)
+        except (tokenize.TokenError, IndentationError) as exc:
+            raise FormulaError(f"cannot read formula {f!r}: {exc}") from None
+    return [c for c in columns if c in names]
+
+
+def factor_codes(values) -> tuple[np.ndarray, list]:
+    """Integer codes and level values in patsy's order (categories for a Categorical, else sorted)."""
+    s = pd.Series(values)
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        cat = s.cat.remove_unused_categories()
+        return cat.cat.codes.to_numpy(np.int64), list(cat.cat.categories)
+    levels, codes = np.unique(s.to_numpy(), return_inverse=True)
+    return codes.astype(np.int64).ravel(), list(levels)
+
+
+def level_name(level) -> str:
+    """How patsy prints a level inside C(x)[...]: str() of the Python value."""
+    return str(level.item() if isinstance(level, np.generic) else level)
+
+
+def fixed_design(formula: str, data: pd.DataFrame, eval_env):
+    """(endog Series, exog DataFrame, design_info of the right-hand side)."""
+    y, X = _patsy(patsy.dmatrices, formula, data, eval_env)
+    if y.shape[1] != 1:
+        raise FormulaError(f"the response of {formula!r} expands to {y.shape[1]} columns ({list(y.columns)}); "
+                           "it must be one numeric column. Convert a categorical response to numbers first.")
+    return y.iloc[:, 0], X, X.design_info
+
+
+def random_design(re_formula: str, data: pd.DataFrame, group_name: str, eval_env):
+    """exog_re (dense n x k array, or sparse for an indicator) and its column names."""
+    if re_formula.strip() == "1":
+        return np.ones((len(data), 1)), [group_name]
+    var = indicator_variable(re_formula.lstrip("~ "))
+    if var is not None:
+        _require_column(var, data, "re_formula")
+        codes, levels = factor_codes(data[var])
+        return indicator_matrix(codes, len(levels)), [f"C({var})[{level_name(v)}]" for v in levels]
+    rhs = re_formula if re_formula.lstrip().startswith("~") else "~" + re_formula
+    M = _patsy(patsy.dmatrix, rhs, data, eval_env)
+    return M.to_numpy(dtype=float), [c.replace("Intercept", group_name) for c in M.columns]
+
+
+def vc_from_formula(name: str, formula: str, data: pd.DataFrame, group_codes: np.ndarray, n_groups: int,
+                    rows_of_group, eval_env) -> VarianceComponent:
+    """One variance component, realised separately within each group (statsmodels' semantics)."""
+    var = indicator_variable(formula)
+    if var is not None:
+        _require_column(var, data, f"vc_formula[{name!r}]")
+        codes, levels = factor_codes(data[var])
+        n_levels = max(len(levels), 1)
+        pair = group_codes * n_levels + codes
+        present, column = np.unique(pair, return_inverse=True)
+        n = len(codes)
+        Z = sp.csc_matrix((np.ones(n), (np.arange(n), column.ravel())), shape=(n, present.size))
+        column_group, level_of_column = np.divmod(present, n_levels)
+        names = tuple(f"C({var})[{level_name(levels[c])}]" for c in level_of_column)
+        return VarianceComponent(name, Z, column_group, names)
+    rhs = formula if formula.lstrip().startswith("~") else "~" + formula
+    blocks = []
+    for rows in rows_of_group:
+        M = _patsy(patsy.dmatrix, rhs, data.iloc[rows], eval_env)
+        blocks.append((M.to_numpy(dtype=float), list(M.columns)))
+    return VarianceComponent.from_group_blocks(name, blocks, rows_of_group)
+
+
+def _require_column(name, data, role):
+    if name not in data.columns:
+        raise FormulaError(_unknown_name_message(name, data, role))
+
+
+def _unknown_name_message(name, data, role) -> str:
+    close = difflib.get_close_matches(name, [str(c) for c in data.columns], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"{role} uses {name!r}, which is not a column of the data.{hint}"
+
+
+def _patsy(fn, formula, data, eval_env):
+    try:
+        return fn(formula, data, return_type="dataframe", NA_action="raise", eval_env=eval_env)
+    except patsy.PatsyError as exc:
+        text = str(exc)
+        m = re.search(r"NameError: name '([^']+)' is not defined", text)
+        if m:
+            raise FormulaError(_unknown_name_message(m.group(1), data, f"formula {formula!r}")) from None
+        if "missing values" in text:
+            raise FormulaError(f"formula {formula!r}: a column it uses has missing values. Pass missing='drop' "
+                               "to drop incomplete rows, or fill them first.") from None
+        raise FormulaError(f"cannot evaluate formula {formula!r}: {text}") from None

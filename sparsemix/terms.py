@@ -1,0 +1,174 @@
+"""Random-effect terms: a grouping, the columns each level carries, and their covariance template.
+
+A term with `n_levels` levels and `k` columns per level owns `n_levels * k` consecutive columns of Z,
+level-major (level 0's k columns, then level 1's, ...). Its relative covariance factor is the same
+lower-triangular k x k template T for every level, so Var(b_level) = sigma^2 T T'. Which entries of T are
+free is the template's business: all of the lower triangle (unstructured), or the diagonal only
+(independent columns; a variance component is the k = 1 case).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["CovarianceTemplate", "RandomTerm", "VarianceComponent", "indicator_matrix"]
+
+
+@dataclass(frozen=True)
+class CovarianceTemplate:
+    """Which entries of the k x k lower-triangular factor T are parameters, in theta order.
+
+    Positions follow lme4's order: the lower triangle column by column, so for k = 2 the parameters are
+    T[0,0], T[1,0], T[1,1].
+    """
+
+    k: int
+    positions: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def unstructured(cls, k: int) -> "CovarianceTemplate":
+        return cls(k, tuple((i, j) for j in range(k) for i in range(j, k)))
+
+    @classmethod
+    def diagonal(cls, k: int) -> "CovarianceTemplate":
+        return cls(k, tuple((i, i) for i in range(k)))
+
+    @classmethod
+    def scalar(cls) -> "CovarianceTemplate":
+        return cls.diagonal(1)
+
+    @property
+    def n_theta(self) -> int:
+        return len(self.positions)
+
+    @property
+    def is_diagonal(self) -> bool:
+        return all(i == j for i, j in self.positions)
+
+    def on_diagonal(self) -> np.ndarray:
+        """True for the theta entries that sit on T's diagonal (those are bounded below by 0)."""
+        return np.array([i == j for i, j in self.positions], dtype=bool)
+
+    def start(self) -> np.ndarray:
+        """lme4's starting point: T = identity."""
+        return self.on_diagonal().astype(float)
+
+    def factor(self, theta: np.ndarray) -> np.ndarray:
+        """The k x k lower-triangular T for this term's slice of theta."""
+        T = np.zeros((self.k, self.k))
+        rows, cols = self._index
+        T[rows, cols] = theta
+        return T
+
+    def theta_of(self, T: np.ndarray) -> np.ndarray:
+        """Inverse of `factor`: read the parameters off a lower-triangular T."""
+        rows, cols = self._index
+        return np.asarray(T, dtype=float)[rows, cols]
+
+    @property
+    def _index(self) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.array([i for i, _ in self.positions], dtype=np.intp)
+        cols = np.array([j for _, j in self.positions], dtype=np.intp)
+        return rows, cols
+
+
+@dataclass(frozen=True)
+class RandomTerm:
+    """One block of Z: `n_levels * k` columns, level-major, with a shared covariance template.
+
+    `Z` is n x (n_levels * k) and sparse. `level_labels` name the levels (for random_effects output) and
+    `column_names` the k columns within a level (for cov_re / VarCorr output).
+    """
+
+    name: str
+    Z: sp.csc_matrix
+    n_levels: int
+    template: CovarianceTemplate
+    level_labels: tuple = field(repr=False)
+    column_names: tuple[str, ...]
+
+    def __post_init__(self):
+        if self.Z.shape[1] != self.n_levels * self.template.k:
+            raise ValueError(
+                f"term {self.name!r}: Z has {self.Z.shape[1]} columns, expected n_levels * k = "
+                f"{self.n_levels} * {self.template.k}")
+        if len(self.level_labels) != self.n_levels:
+            raise ValueError(f"term {self.name!r}: {len(self.level_labels)} level labels for {self.n_levels} levels")
+        if len(self.column_names) != self.template.k:
+            raise ValueError(f"term {self.name!r}: {len(self.column_names)} column names for k = {self.template.k}")
+
+    @property
+    def k(self) -> int:
+        return self.template.k
+
+    @classmethod
+    def from_codes(cls, name, codes, values, n_levels, template, level_labels, column_names) -> "RandomTerm":
+        """Build the term's Z from integer level codes (length n) and per-row values (n x k, dense or sparse).
+
+        Row i of Z holds row i of `values` in the k columns of level `codes[i]`; nothing n x q dense is formed.
+        """
+        codes = np.asarray(codes, dtype=np.int64)
+        n = codes.shape[0]
+        k = template.k
+        if sp.issparse(values):
+            V = sp.csr_matrix(values)
+            rows_of_entries = np.repeat(np.arange(n), np.diff(V.indptr))
+            indices = codes[rows_of_entries] * k + V.indices
+            Z = sp.csr_matrix((V.data.astype(float), indices, V.indptr), shape=(n, n_levels * k))
+        else:
+            V = np.asarray(values, dtype=float).reshape(n, k)
+            indices = (codes[:, None] * k + np.arange(k)[None, :]).ravel()
+            Z = sp.csr_matrix((V.ravel(), indices, np.arange(0, n * k + 1, k)), shape=(n, n_levels * k))
+        Z.eliminate_zeros()
+        return cls(name, Z.tocsc(), int(n_levels), template, tuple(level_labels), tuple(column_names))
+
+
+def indicator_matrix(codes: np.ndarray, n_levels: int) -> sp.csr_matrix:
+    """The n x n_levels 0/1 matrix of a factor, built sparse from its integer codes."""
+    codes = np.asarray(codes, dtype=np.int64)
+    n = codes.shape[0]
+    return sp.csr_matrix((np.ones(n), codes, np.arange(n + 1)), shape=(n, n_levels))
+
+
+@dataclass(frozen=True)
+class VarianceComponent:
+    """statsmodels' variance component: independent effects, one per column, sharing one variance.
+
+    Its columns are realised separately within each group (`column_group[c]` is the group code of column c),
+    so as a term it has one level per column and k = 1.
+    """
+
+    name: str
+    Z: sp.csc_matrix              # n x m
+    column_group: np.ndarray      # m group codes
+    column_names: tuple[str, ...]  # m names, unique within a group
+
+    def to_term(self, group_labels) -> RandomTerm:
+        labels = tuple((group_labels[g], c) for g, c in zip(self.column_group, self.column_names))
+        return RandomTerm(self.name, self.Z, self.Z.shape[1], CovarianceTemplate.scalar(), labels, (self.name,))
+
+    @classmethod
+    def from_group_blocks(cls, name, blocks, rows_of_group) -> "VarianceComponent":
+        """Stack per-group matrices (block g covers the rows `rows_of_group[g]`) into one sparse n x m matrix.
+
+        `blocks` is a list over groups of (matrix n_g x m_g, column names m_g).
+        """
+        n = sum(len(r) for r in rows_of_group)
+        rows, cols, vals, groups, names = [], [], [], [], []
+        offset = 0
+        for g, ((mat, colnames), row_idx) in enumerate(zip(blocks, rows_of_group)):
+            M = sp.coo_matrix(mat) if sp.issparse(mat) else sp.coo_matrix(np.asarray(mat, dtype=float))
+            if M.shape[0] != len(row_idx):
+                raise ValueError(f"variance component {name!r}: the matrix of group {g} has {M.shape[0]} rows "
+                                 f"but the group has {len(row_idx)} observations")
+            rows.append(np.asarray(row_idx)[M.row])
+            cols.append(M.col + offset)
+            vals.append(M.data)
+            groups.append(np.full(M.shape[1], g, dtype=np.int64))
+            names.extend(str(c) for c in colnames)
+            offset += M.shape[1]
+        cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
+        Z = sp.csc_matrix((cat(vals, float), (cat(rows, np.int64), cat(cols, np.int64))), shape=(n, offset))
+        return cls(name, Z, cat(groups, np.int64), tuple(names))
