@@ -54,8 +54,12 @@ class CrossProducts:
             y = y * sw
             Z = sp.diags(sw) @ Z
             sum_log_weights = float(np.sum(np.log(weights)))
-        beta_ols = np.linalg.lstsq(X, y, rcond=None)[0] if p else np.zeros(0)
-        r = y - X @ beta_ols
+        beta_ols = np.zeros(p)
+        r = y
+        for _ in range(2 if p else 0):   # a second pass removes what rounding left of X's span in r
+            step = np.linalg.lstsq(X, r, rcond=None)[0]
+            beta_ols = beta_ols + step
+            r = y - X @ beta_ols
         Zt = sp.csr_matrix(Z.T)
         ZtZ = sp.csc_matrix(Zt @ Z)
         ZtZ.sort_indices()

@@ -15,7 +15,7 @@ import numpy as np
 from .design import CrossProducts, assemble_Z
 from .engine import PenalizedSystem
 from .errors import ConvergenceWarning, SingularFitWarning
-from .optimize import OptimizationResult, minimize_deviance
+from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance
 from .relcov import RelativeCovariance
 from .results import LmmFit
 from .terms import RandomTerm
@@ -28,8 +28,8 @@ def build_system(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=
     return PenalizedSystem(cross, RelativeCovariance([(t.n_levels, t.template) for t in terms]))
 
 
-def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None, free=None, maxiter=1000,
-                    gtol=1e-7, method="L-BFGS-B", progress=None) -> OptimizationResult:
+def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None, free=None, maxiter=10_000,
+                    gtol=1e-7, method=DEFAULT_OPTIMIZER, progress=None) -> OptimizationResult:
     start = system.relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
     return minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
                              free=free, maxiter=maxiter, gtol=gtol, method=method, progress=progress)
@@ -45,8 +45,8 @@ def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free
     return fit
 
 
-def fit_lmm(X, y, terms, reml=True, weights=None, start_theta=None, free=None, maxiter=1000, gtol=1e-7,
-            method="L-BFGS-B", progress=None) -> LmmFit:
+def fit_lmm(X, y, terms, reml=True, weights=None, start_theta=None, free=None, maxiter=10_000, gtol=1e-7,
+            method=DEFAULT_OPTIMIZER, progress=None) -> LmmFit:
     system = build_system(X, y, terms, weights=weights)
     opt = optimize_system(system, reml=reml, start_theta=start_theta, free=free, maxiter=maxiter, gtol=gtol,
                           method=method, progress=progress)

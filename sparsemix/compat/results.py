@@ -341,7 +341,7 @@ class MixedLMResults:
         for x in grid:
             start[position] = np.sqrt(x)
             opt = optimize_system(system, reml=self.reml, start_theta=start, free=free,
-                                  maxiter=int(fit_kwargs.get("maxiter", 1000)))
+                                  maxiter=int(fit_kwargs.get("maxiter", 10_000)))
             sol = system.solve(opt.theta, self.reml)
             rows.append((x * sol.sigma2, -0.5 * sol.deviance))
             start = opt.theta.copy()

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from .. import checks
 from ..errors import IgnoredArgumentWarning, InputError
 from ..fitting import build_fit, build_system, optimize_system, warn_if_singular
+from ..optimize import DEFAULT_OPTIMIZER
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
 from ..terms import CovarianceTemplate, RandomTerm, VarianceComponent
 from .params import MixedLMParams, VCSpec
@@ -26,8 +27,8 @@ __all__ = ["MixedLM"]
 
 # Keywords statsmodels' fit() accepts that change nothing here (our optimizer has its own settings).
 _NO_EFFECT_FIT_KWARGS = {"eps", "maxcor", "ftol", "tol", "disp", "maxls", "callback", "retall"}
-_METHODS = {"lbfgs": "L-BFGS-B", "l-bfgs-b": "L-BFGS-B", "powell": "Powell", "nm": "Nelder-Mead",
-            "nelder-mead": "Nelder-Mead"}
+_METHODS = {"bobyqa": "bobyqa", "lbfgs": "L-BFGS-B", "l-bfgs-b": "L-BFGS-B", "powell": "Powell",
+            "nm": "Nelder-Mead", "nelder-mead": "Nelder-Mead"}
 _UNBOUNDED_METHODS = {"bfgs", "cg", "newton", "ncg", "basinhopping", "minimize"}
 
 
@@ -257,7 +258,11 @@ class MixedLM:
     def fit(self, start_params=None, reml=True, niter_sa=0, do_cg=True, fe_pen=None, cov_pen=None, free=None,
             full_output=False, method=None, **fit_kwargs) -> MixedLMResults:
         """Fit by REML (default) or ML. statsmodels' keywords are accepted; those that have no effect here
-        warn (IgnoredArgumentWarning)."""
+        warn (IgnoredArgumentWarning).
+
+        `method` is 'bobyqa' (default; nlopt's bounded derivative-free method, as lme4), or scipy's 'lbfgs',
+        'powell', 'nm'. `maxiter` bounds the deviance evaluations (BOBYQA) or iterations (scipy).
+        """
         if fe_pen is not None or cov_pen is not None:
             raise InputError("penalized fits (fe_pen, cov_pen) are not supported by sparsemix; fit without them.")
         ignored = sorted(k for k in fit_kwargs if k not in {"maxiter", "gtol", "progress"})
@@ -276,7 +281,7 @@ class MixedLM:
         free_mask = None if free is None else self._free_mask(free, start)
         system = build_system(self.exog, self.endog, self._terms())
         opt = optimize_system(system, reml=bool(reml), start_theta=theta0, free=free_mask,
-                              maxiter=int(fit_kwargs.get("maxiter", 1000)), gtol=float(fit_kwargs.get("gtol", 1e-7)),
+                              maxiter=int(fit_kwargs.get("maxiter", 10_000)), gtol=float(fit_kwargs.get("gtol", 1e-7)),
                               method=opt_method, progress=fit_kwargs.get("progress"))
         fit = build_fit(system, opt, bool(reml), free_mask)
         results = MixedLMResults(self, fit, free)
@@ -286,7 +291,7 @@ class MixedLM:
     @staticmethod
     def _optimizer(method) -> str:
         if method is None:
-            return "L-BFGS-B"
+            return DEFAULT_OPTIMIZER
         if isinstance(method, (list, tuple)):
             method = method[0] if method else None
             return MixedLM._optimizer(method)
@@ -294,10 +299,10 @@ class MixedLM:
         if key in _METHODS:
             return _METHODS[key]
         if key in _UNBOUNDED_METHODS:
-            warnings.warn(f"method={method!r} cannot keep variances >= 0; sparsemix uses L-BFGS-B instead.",
+            warnings.warn(f"method={method!r} cannot keep variances >= 0; sparsemix uses BOBYQA instead.",
                           IgnoredArgumentWarning, stacklevel=3)
-            return "L-BFGS-B"
-        raise InputError(f"method={method!r} is not available; use 'lbfgs' (default), 'powell' or 'nm'.")
+            return DEFAULT_OPTIMIZER
+        raise InputError(f"method={method!r} is not available; use 'bobyqa' (default), 'lbfgs', 'powell' or 'nm'.")
 
     def loglike(self, params, reml=True) -> float:
         """Profile log-likelihood at packed covariance parameters (or a MixedLMParams), fe and scale profiled."""
