@@ -1,0 +1,125 @@
+"""Fit the same models with sparsemix, statsmodels and lme4, side by side in one run on this machine.
+
+Each library fits from a data frame already in memory to a fitted model; the time is the median of
+`--reps` fits (statsmodels' slow crossed fit runs once). lme4 runs through Rscript when R and lme4 are
+installed, and is skipped, with a note, when they are not. Prints a Markdown table of times, ratios and
+log-likelihoods.
+
+    python asv_bench/compare/compare.py [--reps 5] [--skip-statsmodels]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import sparsemix
+from sparsemix.datasets import seed_datasets
+
+HERE = Path(__file__).parent
+
+
+@dataclass
+class Case:
+    name: str
+    data: object
+    formula: str
+    groups: object          # column name, or "ones" for a single group
+    re_formula: str | None
+    vc_formula: dict | None
+    lme4_formula: str
+
+    def kwargs(self):
+        groups = np.ones(len(self.data)) if self.groups == "ones" else self.groups
+        return dict(groups=groups, re_formula=self.re_formula, vc_formula=self.vc_formula, data=self.data)
+
+
+def seed_cases():
+    nested, crossed = seed_datasets()
+    return [
+        Case("seed nested (40,000 rows, 200 + 4,000 levels)", nested, "y ~ 1", "group1", "1",
+             {"group2": "0 + C(group2)"}, "y ~ 1 + (1|group1) + (1|group1:group2)"),
+        Case("seed crossed (40,000 rows, 100 x 100 levels)", crossed, "y ~ 1", "ones", None,
+             {"g1": "0 + C(group1)", "g2": "0 + C(group2)"}, "y ~ 1 + (1|group1) + (1|group2)"),
+    ]
+
+
+def time_python(module, case, reps):
+    times, res = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = module.MixedLM.from_formula(case.formula, **case.kwargs()).fit()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), float(res.llf)
+
+
+def time_lme4(case, reps, workdir):
+    csv = Path(workdir) / "data.csv"
+    case.data.to_csv(csv, index=False, float_format="%.17g")
+    out = subprocess.run(["Rscript", str(HERE / "lme4_fit.R"), str(csv), case.lme4_formula, "TRUE", str(reps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--skip-statsmodels", action="store_true")
+    args = ap.parse_args(argv)
+    have_r = shutil.which("Rscript") is not None
+    try:
+        import statsmodels.api as statsmodels
+    except ImportError:
+        statsmodels = None
+    notes = []
+    if not have_r:
+        notes.append("lme4 skipped: Rscript not found")
+    if statsmodels is None or args.skip_statsmodels:
+        notes.append("statsmodels skipped")
+        statsmodels = None
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for case in seed_cases():
+            ours_t, ours_llf = time_python(sparsemix, case, args.reps)
+            row = {"case": case.name, "sparsemix_s": ours_t, "sparsemix_llf": ours_llf}
+            if statsmodels is not None:
+                row["statsmodels_s"], row["statsmodels_llf"] = time_python(statsmodels, case, 1)
+            if have_r:
+                lme4 = time_lme4(case, args.reps, workdir)
+                row["lme4_s"], row["lme4_llf"], row["lme4_blas"] = lme4["seconds"], lme4["logLik"], lme4["blas"]
+            rows.append(row)
+    print(render(rows, args.reps, notes))
+    return rows
+
+
+def render(rows, reps, notes):
+    head = ("| model | sparsemix s | statsmodels s | lme4 s | statsmodels / sparsemix | lme4 / sparsemix | "
+            "log-lik sparsemix | statsmodels | lme4 |")
+    lines = [head, "|" + "---|" * 9]
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)
+    for r in rows:
+        sm_t, r_t = r.get("statsmodels_s"), r.get("lme4_s")
+        lines.append(f"| {r['case']} | {r['sparsemix_s']:.3f} | {fmt(sm_t, '.3f')} | {fmt(r_t, '.3f')} | "
+                     f"{fmt(sm_t and sm_t / r['sparsemix_s'], '.1f')} | {fmt(r_t and r_t / r['sparsemix_s'], '.1f')} | "
+                     f"{r['sparsemix_llf']:.4f} | {fmt(r.get('statsmodels_llf'), '.4f')} | {fmt(r.get('lme4_llf'), '.4f')} |")
+    blas = {r.get("lme4_blas") for r in rows} - {None}
+    lines.append("")
+    lines.append(f"REML fits; times are medians of {reps} fits (statsmodels: 1), from a data frame in memory to a "
+                 f"fitted model. lme4 linked against {', '.join(blas) or 'n/a'}.")
+    lines.extend(notes)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
