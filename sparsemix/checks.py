@@ -36,16 +36,7 @@ def as_numeric_vector(values, name: str) -> np.ndarray:
         arr = arr[:, 0]
     if arr.ndim != 1:
         raise InputError(f"{name} must be one-dimensional; got an array of shape {arr.shape}.")
-    if arr.dtype == bool:
-        return arr.astype(float)
-    if not np.issubdtype(arr.dtype, np.number):
-        try:
-            return arr.astype(float)
-        except (TypeError, ValueError):
-            sample = next((v for v in arr if not _is_number(v)), arr[0] if arr.size else None)
-            raise InputError(f"{name} must be numeric; it holds non-numeric values such as {sample!r}. "
-                             "Convert it (e.g. pd.to_numeric) or choose a numeric column.") from None
-    return arr.astype(float, copy=False)
+    return _as_float(arr, name, "Convert it (e.g. pd.to_numeric) or choose a numeric column.")
 
 
 def as_numeric_matrix(values, name: str) -> np.ndarray:
@@ -54,15 +45,17 @@ def as_numeric_matrix(values, name: str) -> np.ndarray:
         arr = arr[:, None]
     if arr.ndim != 2:
         raise InputError(f"{name} must be a 1-D or 2-D array; got shape {arr.shape}.")
-    if arr.dtype == bool:
+    return _as_float(arr, name, "Encode categorical columns as indicators (e.g. with a formula and C()) first.")
+
+
+def _as_float(arr: np.ndarray, name: str, fix: str) -> np.ndarray:
+    if arr.dtype == bool or np.issubdtype(arr.dtype, np.number):
+        return arr.astype(float, copy=False)
+    try:
         return arr.astype(float)
-    if not np.issubdtype(arr.dtype, np.number):
-        try:
-            return arr.astype(float)
-        except (TypeError, ValueError):
-            raise InputError(f"{name} must be numeric; it holds non-numeric values. Encode categorical "
-                             "columns as indicators (e.g. with a formula and C()) first.") from None
-    return arr.astype(float, copy=False)
+    except (TypeError, ValueError):
+        sample = next((v for v in arr.ravel() if not _is_number(v)), None)
+        raise InputError(f"{name} must be numeric; it holds non-numeric values such as {sample!r}. {fix}") from None
 
 
 def check_finite(arr: np.ndarray, name: str, missing_hint: bool = True) -> None:
