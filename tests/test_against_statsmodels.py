@@ -3,9 +3,9 @@
 Every case fits one model with both libraries (once per module, cached) and the generic tests compare the
 results attribute by attribute. The tolerances follow from how the two fits differ:
 
-* Our optimizer (L-BFGS-B on the sparse profiled deviance, gtol 1e-7) converges tighter than statsmodels'
-  (BFGS, gtol 1e-5), so our log-likelihood must be at least as high, and the variance parameters agree only
-  to ~1e-4 relative (1e-3 is asserted); the fixed effects, a GLS solve at those parameters, to ~1e-6.
+* Our optimizer converges tighter than statsmodels' (BFGS with gtol 1e-5 on the profiled likelihood), so our
+  log-likelihood must be at least as high, and the variance parameters agree only to ~1e-4 relative (1e-3 is
+  asserted); the fixed effects, a GLS solve at those parameters, to ~1e-6.
 * The standard errors of variance parameters differ on purpose (ours include the uncertainty of `scale`,
   statsmodels' are sqrt(scale) x SE(parameter / scale)); see the `bse_re` tests at the bottom.
 
@@ -310,15 +310,17 @@ def test_fe_params(pair):
 
 
 def test_bse_fe(pair):
-    # statsmodels takes the fe block of the inverse of the *joint* observed Hessian (fe x variance
+    # Not 1e-3: statsmodels takes the fe block of the inverse of the *joint* observed Hessian (fe x variance
     # parameters, whose cross terms are not exactly zero at the estimates); ours is the GLS formula
-    # scale * (X'V^-1 X)^-1 (checked exactly in test_bse_fe_is_the_gls_formula). On these data they agree
-    # to ~4e-4 relative.
+    # scale * (X'V^-1 X)^-1 (checked exactly in test_bse_fe_is_the_gls_formula). That is a difference of
+    # definition, not of optimizer precision: in the array-vcspec cases statsmodels' own bse_fe of x1 is
+    # 1.1e-3 (REML) / 1.2e-3 (ML) relative away from the GLS formula evaluated at statsmodels' own estimates,
+    # while ours is 4e-6 away from it (and our llf is higher). The other cases agree to < 5e-4.
     ours, theirs = pair.ours.bse_fe, pair.sm.bse_fe
     assert type(ours) is type(theirs)
     if isinstance(theirs, pd.Series):
         assert list(ours.index) == list(theirs.index)
-    np.testing.assert_allclose(arr(ours), arr(theirs), rtol=1e-3)
+    np.testing.assert_allclose(arr(ours), arr(theirs), rtol=2e-3)
 
 
 def test_scale(pair):
@@ -613,12 +615,9 @@ def test_bse_fe_is_the_gls_formula(reml):
     np.testing.assert_allclose(arr(p.ours.bse_fe), np.sqrt(np.diag(np.linalg.inv(XVX))), rtol=1e-8)
 
 
-# -- bugs found (xfail until fixed) ------------------------------------------------------------------------
+# -- regression tests for bugs this file found ------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="array constructor without exog_re/exog_vc names the default random "
-                                       "intercept 'Group' (statsmodels: 'Group Var') in exog_re_names, "
-                                       "random_effects and cov_re")
 def test_default_random_intercept_name_in_array_constructor():
     df = make_grouped(9)
     y, g = df.y.to_numpy(), df.g.to_numpy()
@@ -630,23 +629,33 @@ def test_default_random_intercept_name_in_array_constructor():
     assert list(ours.model.exog_re_names) == list(theirs.model.data.exog_re_names)
 
 
-@pytest.mark.xfail(strict=True, raises=sparsemix.RankDeficientError,
-                   reason="the fit crashes with RankDeficientError when L-BFGS-B tries a huge theta at which "
-                          "X'V^-1X = X'X - R_ZX'R_ZX loses positive definiteness to cancellation (Z spans X); "
-                          "the trial point should count as infeasible, not abort the fit")
-def test_vc_spanning_the_fixed_effects_fits():
+@pytest.mark.parametrize("method", [None, "lbfgs"], ids=["default", "lbfgs"])
+def test_vc_spanning_the_fixed_effects_fits(method):
+    """Regression: the variance components span X (per-group intercept via C(sub), per-group slope via x).
+    At dc5e06d the fit aborted with RankDeficientError when L-BFGS-B tried a huge theta, at which
+    X'V^-1X = X'X - R_ZX'R_ZX loses positive definiteness to cancellation; such a trial point must count as
+    infeasible (infinite deviance), not end the fit."""
     df = make_grouped(3)
     kwargs = {"groups": "g", "vc_formula": {"sub": "0 + C(sub)", "xs": "0 + x"}}
     theirs = _fit_sm(lambda: sm.MixedLM.from_formula("y ~ x", df, **kwargs))
-    ours = sparsemix.MixedLM.from_formula("y ~ x", df, **kwargs).fit()
+    ours = sparsemix.MixedLM.from_formula("y ~ x", df, **kwargs).fit(method=method)
+    assert ours.converged
     assert ours.llf >= theirs.llf - 1e-6 * abs(theirs.llf)
     np.testing.assert_allclose(ours.vcomp, theirs.vcomp, rtol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="vc_formula on a pandas Categorical: statsmodels (patsy, per group) has a "
-                                       "column for every category in every group (effect 0 where absent); "
-                                       "ours only for the levels present in the group, so random_effects' "
-                                       "index differs")
+@pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
+def test_loglike_at_a_huge_theta_is_infeasible_not_an_error(reml):
+    """The same model: at theta = sqrt(vcomp / scale) = 1e8, X'V^-1X is numerically singular. The
+    log-likelihood there is -inf (or finite), so an optimizer stepping there is pushed back; at dc5e06d it
+    raised RankDeficientError and ended the fit."""
+    model = sparsemix.MixedLM.from_formula("y ~ x", make_grouped(3), groups="g",
+                                           vc_formula={"sub": "0 + C(sub)", "xs": "0 + x"})
+    value = model.loglike(np.array([1e8, 1e8]), reml=reml)   # packed sqrt(vcomp), as use_sqrt=True
+    assert value == -np.inf or np.isfinite(value)
+    assert model.loglike(np.array([1e8, 1e8]), reml=reml) < model.loglike(np.array([1.0, 0.5]), reml=reml)
+
+
 def test_categorical_vc_levels_absent_from_a_group():
     df = make_grouped(5)
     rng = np.random.default_rng(0)

@@ -29,6 +29,9 @@ __all__ = ["MixedLM"]
 _NO_EFFECT_FIT_KWARGS = {"eps", "maxcor", "ftol", "tol", "disp", "maxls", "callback", "retall"}
 _METHODS = {"bobyqa": "bobyqa", "lbfgs": "L-BFGS-B", "l-bfgs-b": "L-BFGS-B", "powell": "Powell",
             "nm": "Nelder-Mead", "nelder-mead": "Nelder-Mead"}
+# statsmodels names the default random intercept of the array constructor "Group Var" everywhere
+# (cov_re labels, random_effects index, parameter name).
+DEFAULT_INTERCEPT_NAME = "Group Var"
 _UNBOUNDED_METHODS = {"bfgs", "cg", "newton", "ncg", "basinhopping", "minimize"}
 
 
@@ -71,8 +74,8 @@ class MixedLM:
         self.group_name = kwargs.get("group_name", "Group")
 
         if exog_re is None and exog_vc is None:
-            # statsmodels' default: a random intercept per group.
-            Zre, re_names = np.ones((n, 1)), ["Group"]
+            # statsmodels' default: a random intercept per group, whose name is already "Group Var".
+            Zre, re_names = np.ones((n, 1)), [DEFAULT_INTERCEPT_NAME]
         elif exog_re is None:
             Zre, re_names = None, []
         else:
@@ -130,6 +133,8 @@ class MixedLM:
     def _covariance_names(self) -> list[str]:
         names = self.exog_re_names
         out = []
+        if names == [DEFAULT_INTERCEPT_NAME]:
+            return [DEFAULT_INTERCEPT_NAME]
         for i in range(self.k_re):
             for j in range(i + 1):
                 out.append(f"{names[i]} Var" if i == j else f"{names[j]} x {names[i]} Cov")

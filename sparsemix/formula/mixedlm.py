@@ -54,14 +54,16 @@ def formula_columns(formulas, columns) -> list:
     return [c for c in columns if c in names]
 
 
-def factor_codes(values) -> tuple[np.ndarray, list]:
-    """Integer codes and level values in patsy's order (categories for a Categorical, else sorted)."""
+def factor_codes(values) -> tuple[np.ndarray, list, bool]:
+    """Integer codes and levels in patsy's order, and whether the levels are a Categorical's categories.
+
+    As patsy: a Categorical keeps all its categories, used or not; other values give their sorted levels.
+    """
     s = pd.Series(values)
     if isinstance(s.dtype, pd.CategoricalDtype):
-        cat = s.cat.remove_unused_categories()
-        return cat.cat.codes.to_numpy(np.int64), list(cat.cat.categories)
+        return s.cat.codes.to_numpy(np.int64), list(s.cat.categories), True
     levels, codes = np.unique(s.to_numpy(), return_inverse=True)
-    return codes.astype(np.int64).ravel(), list(levels)
+    return codes.astype(np.int64).ravel(), list(levels), False
 
 
 def level_name(level) -> str:
@@ -85,7 +87,7 @@ def random_design(re_formula: str, data: pd.DataFrame, group_name: str, eval_env
     var = indicator_variable(re_formula.lstrip("~ "))
     if var is not None:
         _require_column(var, data, "re_formula")
-        codes, levels = factor_codes(data[var])
+        codes, levels, _ = factor_codes(data[var])
         return indicator_matrix(codes, len(levels)), [f"C({var})[{level_name(v)}]" for v in levels]
     rhs = re_formula if re_formula.lstrip().startswith("~") else "~" + re_formula
     M = _patsy(patsy.dmatrix, rhs, data, eval_env)
@@ -98,10 +100,14 @@ def vc_from_formula(name: str, formula: str, data: pd.DataFrame, group_codes: np
     var = indicator_variable(formula)
     if var is not None:
         _require_column(var, data, f"vc_formula[{name!r}]")
-        codes, levels = factor_codes(data[var])
+        codes, levels, categorical = factor_codes(data[var])
         n_levels = max(len(levels), 1)
         pair = group_codes * n_levels + codes
-        present, column = np.unique(pair, return_inverse=True)
+        if categorical:
+            # patsy gives every group a column for every category (all zero where the group lacks it).
+            present, column = np.arange(n_groups * n_levels), pair
+        else:
+            present, column = np.unique(pair, return_inverse=True)
         n = len(codes)
         Z = sp.csc_matrix((np.ones(n), (np.arange(n), column.ravel())), shape=(n, present.size))
         column_group, level_of_column = np.divmod(present, n_levels)
