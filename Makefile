@@ -18,8 +18,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/pip install -q "asv>=0.6"
-	cd asv_bench && ../$(BIN)/asv run --quick --python=same --show-stderr --set-commit-hash=$$(git rev-parse HEAD)
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	cd asv_bench && ../$(BIN)/asv machine --yes >/dev/null && \
+		../$(BIN)/asv run --quick --python=same --show-stderr --set-commit-hash=$$(git rev-parse HEAD)
 
 system-deps:
 	@missing=""; \

@@ -81,6 +81,7 @@ class PenalizedSystem:
         self.relcov = relcov
         self.n_evaluations = 0
         self._pairs, self._A = self._block_structure()
+        self.factorization_mode = None     # "simplicial" or "supernodal", set by the choice below
         self._factor = self._choose_factorization()
         self._factor_theta = None
 
@@ -119,14 +120,19 @@ class PenalizedSystem:
         otherwise time supernodal too and keep the faster. Large systems go straight to supernodal (BLAS-3).
         """
         if self._A.nnz > TRIAL_FACTORIZATION_MAX_NNZ:
+            self.factorization_mode = "supernodal"
             return analyze(self._A, mode="supernodal")
         self._refactor_values(self.relcov.start())
         simplicial = analyze(self._A, mode="simplicial")
         t_simplicial = _time_refactorization(simplicial, self._A)
+        self.factorization_mode = "simplicial"
         if t_simplicial < FAST_FACTORIZATION_SECONDS:
             return simplicial
         supernodal = analyze(self._A, mode="supernodal")
-        return supernodal if _time_refactorization(supernodal, self._A) < t_simplicial else simplicial
+        if _time_refactorization(supernodal, self._A) < t_simplicial:
+            self.factorization_mode = "supernodal"
+            return supernodal
+        return simplicial
 
     # -- evaluation --------------------------------------------------------------------------------------
 

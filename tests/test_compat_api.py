@@ -184,3 +184,20 @@ def test_random_effects_labels_for_array_models(slopes_df):
     assert r.model.param_names == ["const", "x1", "Group Var"]
     assert sorted(r.random_effects) == list(range(40))
     assert isinstance(r.params, np.ndarray)
+
+
+def test_exog_vc_round_trips_in_statsmodels_layout(slopes_df, slopes_fit):
+    model = slopes_fit.model
+    vcs = model.exog_vc
+    assert vcs.names == ["sub"]
+    assert len(vcs.mats[0]) == model.n_groups == 40
+    assert vcs.mats[0][0].shape == (12, 3)
+    assert vcs.colnames[0][0] == ["C(sub)[0]", "C(sub)[1]", "C(sub)[2]"]
+    again = sm.MixedLM(model.endog, model.exog, model.groups, exog_re=model.exog_re, exog_vc=vcs).fit()
+    assert again.llf == pytest.approx(slopes_fit.llf, rel=1e-12)
+
+
+def test_build_system_is_the_deviance_function(slopes_fit):
+    system = slopes_fit.model.build_system()
+    assert system.factorization_mode in ("simplicial", "supernodal")
+    assert -0.5 * system.deviance(slopes_fit.fit_result.theta, True) == pytest.approx(slopes_fit.llf, rel=1e-13)

@@ -56,3 +56,26 @@ def test_statsmodels_convention_understates_by_about_sqrt_scale(replicated_fits)
     ratio = estimates.std(axis=0, ddof=1) / statsmodels_ses.mean(axis=0)
     # scale is 16 here: statsmodels' numbers are about 4 times too small.
     assert np.all((ratio > 3.0) & (ratio < 5.0))
+
+
+def test_balanced_nested_design_matches_anova_closed_form():
+    """For balanced data, REML equals the ANOVA estimator and the inverse information equals the exact
+    variance of the mean-square estimators, evaluated at the mean squares: an independent, closed-form check."""
+    I, J, K = 30, 4, 3
+    df = generate_nested(n_group1=I, n_group2=J, n_rep=K, rng=np.random.RandomState(7))
+    y = df.y.to_numpy().reshape(I, J, K)
+    m_ij, m_i = y.mean(axis=2), y.mean(axis=(1, 2))
+    msa = J * K * np.sum((m_i - y.mean()) ** 2) / (I - 1)
+    msb = K * np.sum((m_ij - m_i[:, None]) ** 2) / (I * (J - 1))
+    mse = np.sum((y - m_ij[:, :, None]) ** 2) / (I * J * (K - 1))
+    va, vb = (msa - msb) / (J * K), (msb - mse) / K
+    assert va > 0 and vb > 0      # interior: REML coincides with ANOVA
+    var_va = (2 * msa ** 2 / (I - 1) + 2 * msb ** 2 / (I * (J - 1))) / (J * K) ** 2
+    var_vb = (2 * msb ** 2 / (I * (J - 1)) + 2 * mse ** 2 / (I * J * (K - 1))) / K ** 2
+    var_e = 2 * mse ** 2 / (I * J * (K - 1))
+
+    res = sm.MixedLM.from_formula("y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"},
+                                  groups="group1", data=df).fit()
+    np.testing.assert_allclose([res.cov_re.iloc[0, 0], res.vcomp[0], res.scale], [va, vb, mse], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(res.bse_re), np.sqrt([var_va, var_vb]), rtol=2e-3)
+    assert res.scale_se == pytest.approx(np.sqrt(var_e), rel=2e-3)

@@ -75,7 +75,7 @@ class SeedDeviance:
 
     def setup(self, thetas, design, method):
         model = make_model(design, seed_frame(design))
-        self.system = sparsemix.build_system(model.exog, model.endog, model._terms())
+        self.system = model.build_system()
         self.theta = thetas[(design, method)]
         self.reml = method == "REML"
 

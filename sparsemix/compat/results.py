@@ -330,7 +330,7 @@ class MixedLMResults:
         v_u = v / self.scale
         grid = np.r_[np.linspace(low, v_u, num_low + 1), np.linspace(v_u, high, num_high + 1)[1:]]
 
-        system = build_system(model.exog, model.endog, model._terms(re_order=order))
+        system = build_system(model.exog, model.endog, model._terms(re_order=order))   # exog_re column ix first
         cov_u = self._cov_re[np.ix_(order, order)] / self.scale
         start = model._theta_from_params(MixedLMParams.from_components(cov_re=cov_u, vcomp=self._vcomp / self.scale))
         free = np.ones(start.shape[0], dtype=bool)

@@ -8,6 +8,7 @@ one level per column. Nothing here is n x q dense.
 from __future__ import annotations
 
 import warnings
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -119,9 +120,6 @@ class MixedLM:
         self.k_re2 = self.k_re * (self.k_re + 1) // 2
         self._vcs = list(vcs)
         self.k_vc = len(self._vcs)
-        # One sparse n x m matrix per component (all groups at once), not statsmodels' per-group blocks.
-        self.exog_vc = VCSpec([vc.name for vc in self._vcs], [list(vc.column_names) for vc in self._vcs],
-                              [vc.Z for vc in self._vcs])
         self.row_indices = dict(zip(self.group_labels, _rows_of_group(codes, len(labels))))
         if self.k_re:
             checks.check_levels(self.n_groups, self.group_name, self.nobs)
@@ -129,6 +127,26 @@ class MixedLM:
             checks.check_levels(vc.Z.shape[1], vc.name, self.nobs)
         self.exog_re_names_full = self._covariance_names()
         self.param_names = self.exog_names + self.exog_re_names_full + [f"{vc.name} Var" for vc in self._vcs]
+
+    @cached_property
+    def exog_vc(self) -> VCSpec:
+        """The variance components in statsmodels' layout: per component, per group (sorted labels), the
+        group's rows x the group's columns, as sparse matrices (statsmodels' use_sparse form). Passing it back
+        to MixedLM rebuilds the same model."""
+        rows_of_group = list(self.row_indices.values())
+        names, colnames, mats = [], [], []
+        for vc in self._vcs:
+            Zr = sp.csr_matrix(vc.Z)
+            cols_of_group = _rows_of_group(vc.column_group, self.n_groups)
+            names.append(vc.name)
+            colnames.append([[vc.column_names[c] for c in cols] for cols in cols_of_group])
+            mats.append([sp.csr_matrix(Zr[rows][:, cols]) for rows, cols in zip(rows_of_group, cols_of_group)])
+        return VCSpec(names, colnames, mats)
+
+    def build_system(self):
+        """The deviance function (lme4's devfun stage): `system.deviance(theta, reml)` over this model's data,
+        with theta in the engine's order (exog_re's Cholesky factor column by column, then sqrt(vcomp / scale))."""
+        return build_system(self.exog, self.endog, self._terms())
 
     def _covariance_names(self) -> list[str]:
         names = self.exog_re_names
@@ -284,7 +302,7 @@ class MixedLM:
         start = self._start_params(start_params)
         theta0 = self._theta_from_params(start)
         free_mask = None if free is None else self._free_mask(free, start)
-        system = build_system(self.exog, self.endog, self._terms())
+        system = self.build_system()
         opt = optimize_system(system, reml=bool(reml), start_theta=theta0, free=free_mask,
                               maxiter=int(fit_kwargs.get("maxiter", 10_000)), gtol=float(fit_kwargs.get("gtol", 1e-7)),
                               method=opt_method, progress=fit_kwargs.get("progress"))
@@ -312,7 +330,7 @@ class MixedLM:
     def loglike(self, params, reml=True) -> float:
         """Profile log-likelihood at packed covariance parameters (or a MixedLMParams), fe and scale profiled."""
         pa = params if isinstance(params, MixedLMParams) else self._start_params(params)
-        system = build_system(self.exog, self.endog, self._terms())
+        system = self.build_system()
         return -0.5 * system.deviance(self._theta_from_params(pa), reml)
 
     def __repr__(self):
