@@ -1,6 +1,7 @@
 """sparsemix: linear mixed models with crossed and nested random effects, fitted through a sparse Cholesky.
 
-Front doors: a drop-in for statsmodels' MixedLM (`MixedLM`, `MixedLMParams`, `VCSpec`). The engine stages
+Front doors: a drop-in for statsmodels' MixedLM (`MixedLM`, `MixedLMParams`, `VCSpec`), and lme4's
+formula language (`lmer`, `anova`). The engine stages
 (`build_system`, `optimize_system`, `build_fit`, `fit_lmm`) are public for users who want the deviance.
 """
 from .compat.params import MixedLMParams, VCSpec
@@ -9,11 +10,15 @@ from .compat.statsmodels import MixedLM
 from .errors import (ConvergenceWarning, FormulaError, IgnoredArgumentWarning, InputError, MissingDataError,
                      RankDeficientError, SingularFitWarning, SparsemixError, SparsemixWarning)
 from .fitting import build_fit, build_system, fit_lmm, optimize_system
+from .inference.anova import anova
+from .lmer import RankDeficiencyWarning, lmer
+from .lmer_results import LmerResults
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MixedLM", "MixedLMParams", "MixedLMResults", "VCSpec",
+    "lmer", "LmerResults", "anova", "RankDeficiencyWarning",
     "build_system", "optimize_system", "build_fit", "fit_lmm",
     "SparsemixError", "InputError", "MissingDataError", "RankDeficientError", "FormulaError",
     "SparsemixWarning", "ConvergenceWarning", "SingularFitWarning", "IgnoredArgumentWarning",

@@ -5,7 +5,7 @@ on Z'Z, Z'X, Z'y, X'X, X'y and y'y, whose sizes depend on the number of levels, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -43,25 +43,38 @@ class CrossProducts:
     @classmethod
     def compute(cls, X: np.ndarray, y: np.ndarray, Z: sp.csc_matrix, weights: np.ndarray | None = None
                 ) -> "CrossProducts":
-        X = np.asarray(X, dtype=float)
-        y = np.asarray(y, dtype=float)
-        n, p = X.shape
-        sum_log_weights = 0.0
-        if weights is not None:
-            # Prior weights: rescale rows by sqrt(w); the likelihood gains sum(log w) / 2.
-            sw = np.sqrt(np.asarray(weights, dtype=float))
-            X = X * sw[:, None]
-            y = y * sw
-            Z = sp.diags(sw) @ Z
-            sum_log_weights = float(np.sum(np.log(weights)))
-        beta_ols = np.zeros(p)
-        r = y
-        for _ in range(2 if p else 0):   # a second pass removes what rounding left of X's span in r
-            step = np.linalg.lstsq(X, r, rcond=None)[0]
-            beta_ols = beta_ols + step
-            r = y - X @ beta_ols
+        X, Z, sum_log_weights = _weighted(np.asarray(X, dtype=float), Z, weights)
         Zt = sp.csr_matrix(Z.T)
         ZtZ = sp.csc_matrix(Zt @ Z)
         ZtZ.sort_indices()
-        return cls(ZtZ=ZtZ, ZtX=np.asarray(Zt @ X), Zty=np.asarray(Zt @ r).ravel(), XtX=X.T @ X, Xty=X.T @ r,
-                   yty=float(r @ r), n=n, p=p, beta_ols=beta_ols, sum_log_weights=sum_log_weights)
+        fixed = cls(ZtZ=ZtZ, ZtX=np.asarray(Zt @ X), Zty=np.zeros(Z.shape[1]), XtX=X.T @ X, Xty=np.zeros(X.shape[1]),
+                    yty=0.0, n=X.shape[0], p=X.shape[1], beta_ols=np.zeros(X.shape[1]),
+                    sum_log_weights=sum_log_weights)
+        return fixed._with_weighted_response(X, Zt, _scaled(y, weights))
+
+    def with_response(self, X: np.ndarray, Z: sp.csc_matrix, y: np.ndarray, weights: np.ndarray | None = None
+                      ) -> "CrossProducts":
+        """The same design with another response: only Z'y, X'y and y'y are recomputed (O(nnz(Z)))."""
+        Xw, Zw, _ = _weighted(np.asarray(X, dtype=float), Z, weights)
+        return self._with_weighted_response(Xw, sp.csr_matrix(Zw.T), _scaled(y, weights))
+
+    def _with_weighted_response(self, X, Zt, y) -> "CrossProducts":
+        beta_ols = np.zeros(self.p)
+        r = y
+        for _ in range(2 if self.p else 0):   # a second pass removes what rounding left of X's span in r
+            beta_ols = beta_ols + np.linalg.lstsq(X, r, rcond=None)[0]
+            r = y - X @ beta_ols
+        return replace(self, Zty=np.asarray(Zt @ r).ravel(), Xty=X.T @ r, yty=float(r @ r), beta_ols=beta_ols)
+
+
+def _weighted(X, Z, weights):
+    """Prior weights: rows scaled by sqrt(w); the likelihood gains sum(log w) / 2."""
+    if weights is None:
+        return X, Z, 0.0
+    sw = np.sqrt(np.asarray(weights, dtype=float))
+    return X * sw[:, None], sp.csc_matrix(sp.diags(sw) @ Z), float(np.sum(np.log(weights)))
+
+
+def _scaled(y, weights):
+    y = np.asarray(y, dtype=float)
+    return y if weights is None else y * np.sqrt(np.asarray(weights, dtype=float))

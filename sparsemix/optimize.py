@@ -40,10 +40,11 @@ class OptimizationResult:
 
 def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarray, lower: np.ndarray,
                       free: np.ndarray | None = None, maxiter: int = 10_000, gtol: float = 1e-7,
-                      method: str = DEFAULT_OPTIMIZER, progress: Callable[[int, float, float], None] | None = None
-                      ) -> OptimizationResult:
-    """Minimise `objective(theta)` subject to theta >= lower; entries with free == False stay at start."""
+                      method: str = DEFAULT_OPTIMIZER, progress: Callable[[int, float, float], None] | None = None,
+                      upper: np.ndarray | None = None) -> OptimizationResult:
+    """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start."""
     start = np.asarray(start, dtype=float)
+    upper = np.full(start.shape, np.inf) if upper is None else np.asarray(upper, dtype=float)
     free = np.ones(start.shape, dtype=bool) if free is None else np.asarray(free, dtype=bool)
     t0 = time.perf_counter()
     log = []
@@ -69,19 +70,20 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
                 progress(count[0], value, time.perf_counter() - t0)
         return value
 
-    x0 = np.maximum(start[free], lower[free])
+    x0 = np.clip(start[free], lower[free], upper[free])
     if x0.size == 0:
         value = f(x0)
         return OptimizationResult(full(x0), value, count[0], True, "no free parameters", method,
                                   time.perf_counter() - t0, tuple(log))
     if method == "bobyqa":
-        converged, message = _bobyqa(f, x0, lower[free], maxiter)
+        converged, message = _bobyqa(f, x0, lower[free], upper[free], maxiter)
         x, value = best_x[0], best[0]
     else:
-        bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower[free]]
+        bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
+                  for lo, hi in zip(lower[free], upper[free])]
         res = minimize(f, x0, method=method, bounds=bounds, options=_scipy_options(method, maxiter, gtol))
         x, value, converged, message = res.x, float(res.fun), bool(res.success), str(res.message)
-    theta = full(np.maximum(x, lower[free]))
+    theta = full(np.clip(x, lower[free], upper[free]))
     return OptimizationResult(theta, value, count[0], converged, message, method, time.perf_counter() - t0,
                               tuple(log))
 
@@ -92,14 +94,17 @@ BOBYQA_FTOL_ABS = 1e-10
 BOBYQA_XTOL_ABS = 1e-8
 
 
-def _bobyqa(f, x0, lower, maxeval):
+def _bobyqa(f, x0, lower, upper, maxeval):
     opt = nlopt.opt(nlopt.LN_BOBYQA, x0.shape[0])
     opt.set_min_objective(lambda x, grad: f(x))
-    opt.set_lower_bounds(np.where(np.isfinite(lower), lower, -np.inf))
+    opt.set_lower_bounds(lower)
+    opt.set_upper_bounds(upper)
     opt.set_ftol_abs(BOBYQA_FTOL_ABS)
     opt.set_xtol_abs(BOBYQA_XTOL_ABS)
     opt.set_maxeval(int(maxeval))
-    opt.set_initial_step(0.75 * np.maximum(np.abs(x0), 1.0))
+    step = 0.75 * np.maximum(np.abs(x0), 1.0)
+    room = np.maximum(x0 - lower, upper - x0)          # BOBYQA needs its first step inside the box
+    opt.set_initial_step(np.where(np.isfinite(room), np.minimum(step, 0.5 * room), step))
     try:
         opt.optimize(x0)
     except nlopt.RoundoffLimited:

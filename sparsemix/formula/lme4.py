@@ -1,0 +1,170 @@
+"""lme4's formula language: `y ~ fixed + (expr | group) + (expr || group) + ...`.
+
+The bar terms are found and removed here; the fixed part that remains goes to patsy. Expansion follows lme4:
+
+    (1 | a/b)       -> (1 | a) + (1 | a:b)
+    (1 + x || g)    -> (1 | g) + (0 + x | g)       independent terms
+    (x | g)         -> intercept and slope with an unstructured covariance
+
+A syntax error raises FormulaError with the formula and a caret under the offending character.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import patsy
+
+from ..errors import FormulaError
+
+__all__ = ["RandomSpec", "ParsedFormula", "parse_formula"]
+
+
+@dataclass(frozen=True)
+class RandomSpec:
+    """One random-effects term after expansion: columns `expr` varying by the factor `group`."""
+
+    expr: str                 # patsy right-hand side for the columns, e.g. "1 + Days", "0 + Days"
+    group: tuple[str, ...]    # the grouping factor: one variable, or several for an interaction a:b
+    source: str               # the bar term as written, for messages
+
+    @property
+    def group_name(self) -> str:
+        return ":".join(self.group)
+
+
+@dataclass(frozen=True)
+class ParsedFormula:
+    response: str
+    fixed: str                # patsy formula "response ~ rhs"
+    random: tuple[RandomSpec, ...]
+
+
+def parse_formula(formula: str) -> ParsedFormula:
+    if not isinstance(formula, str):
+        raise FormulaError(f"formula must be a string like 'y ~ x + (1 | g)'; got {type(formula).__name__}.")
+    tilde = _top_level(formula, "~")
+    if len(tilde) != 1:
+        pos = tilde[1] if len(tilde) > 1 else len(formula)
+        raise FormulaError(_pointed(formula, pos, "a formula needs exactly one '~' between response and terms"))
+    response = formula[:tilde[0]].strip()
+    if not response:
+        raise FormulaError(_pointed(formula, 0, "the formula has no response before '~'"))
+    rhs_start = tilde[0] + 1
+    rhs = formula[rhs_start:]
+    _check_parentheses(formula)
+    bars = []            # (start, end) of each bar term in formula coordinates
+    random = []
+    depth, open_at = 0, None
+    for i, ch in enumerate(rhs):
+        pos = rhs_start + i
+        if ch == "(":
+            depth += 1
+            if depth == 1:
+                open_at = pos
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                inner = formula[open_at + 1:pos]
+                if _top_level(inner, "|"):
+                    bars.append((open_at, pos + 1))
+                    random.extend(_expand(formula, open_at + 1, inner))
+        elif ch == "|" and depth == 0:
+            raise FormulaError(_pointed(formula, pos, "a random-effects term must be in parentheses, e.g. "
+                                                       "'(1 | g)'"))
+    fixed_rhs = _remove_spans(formula, bars, rhs_start)
+    return ParsedFormula(response, f"{response} ~ {fixed_rhs}", tuple(random))
+
+
+def _expand(formula, offset, inner) -> list[RandomSpec]:
+    bars = _top_level(inner, "|")
+    first = bars[0]
+    double = len(bars) >= 2 and bars[1] == first + 1
+    if len(bars) > (2 if double else 1):
+        raise FormulaError(_pointed(formula, offset + bars[2 if double else 1], "one '|' (or '||') per term"))
+    expr = inner[:first].strip()
+    group = inner[first + (2 if double else 1):].strip()
+    source = f"({inner.strip()})"
+    if not expr:
+        raise FormulaError(_pointed(formula, offset + first, "nothing before '|': write '(1 | g)' for a random "
+                                                              "intercept"))
+    if not group:
+        raise FormulaError(_pointed(formula, offset + first, "no grouping factor after '|'"))
+    groups = _expand_groups(formula, offset + inner.index(group), group)
+    exprs = _split_independent(formula, offset, expr) if double else [expr]
+    return [RandomSpec(e, g, source) for g in groups for e in exprs]
+
+
+def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
+    """`a/b/c` -> a, a:b, a:b:c; `a:b` -> the interaction; names must be plain variables."""
+    for bad in "+*-()":
+        if bad in group:
+            raise FormulaError(_pointed(formula, offset + group.index(bad),
+                                        f"'{bad}' is not allowed in a grouping factor; use '/' for nesting "
+                                        "('a/b') or ':' for an interaction ('a:b'), and separate crossed "
+                                        "factors into their own terms ('(1 | a) + (1 | b)')"))
+    levels = [part.strip() for part in group.split("/")]
+    out = []
+    for k in range(1, len(levels) + 1):
+        names = tuple(n.strip() for lv in levels[:k] for n in lv.split(":"))
+        for n in names:
+            if not n.isidentifier():
+                raise FormulaError(_pointed(formula, offset + group.find(n) if n else offset,
+                                            f"{n!r} is not a variable name"))
+        out.append(names)
+    return out
+
+
+def _split_independent(formula, offset, expr) -> list[str]:
+    """lme4's `||`: the intercept (if any) and every other term get their own independent term."""
+    try:
+        desc = patsy.ModelDesc.from_formula("~ " + expr)
+    except patsy.PatsyError as exc:
+        raise FormulaError(_pointed(formula, offset, f"cannot read {expr!r}: {exc}")) from None
+    out = []
+    intercept = any(not t.factors for t in desc.rhs_termlist)
+    if intercept:
+        out.append("1")
+    out.extend(f"0 + {t.name()}" for t in desc.rhs_termlist if t.factors)
+    return out
+
+
+def _remove_spans(formula, spans, rhs_start) -> str:
+    """The right-hand side with the bar terms (and the '+' joining them) taken out."""
+    kept, last = [], rhs_start
+    for start, end in spans:
+        kept.append(formula[last:start])
+        last = end
+    kept.append(formula[last:])
+    pieces = [p.strip() for p in "".join(kept).split("+")]
+    # Splitting on '+' is safe only at the top level; rebuild by joining non-empty pieces.
+    text = " + ".join(p for p in pieces if p)
+    return text if text else "1"
+
+
+def _top_level(text, char) -> list[int]:
+    out, depth = [], 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == char and depth == 0:
+            out.append(i)
+    return out
+
+
+def _check_parentheses(formula):
+    stack = []
+    for i, ch in enumerate(formula):
+        if ch == "(":
+            stack.append(i)
+        elif ch == ")":
+            if not stack:
+                raise FormulaError(_pointed(formula, i, "this ')' has no matching '('"))
+            stack.pop()
+    if stack:
+        raise FormulaError(_pointed(formula, stack[-1], "this '(' is never closed"))
+
+
+def _pointed(formula, pos, message) -> str:
+    return f"{message}:\n    {formula}\n    {' ' * max(pos, 0)}^"

@@ -1,0 +1,133 @@
+"""Profile-likelihood intervals, as lme4's profile() / confint(method="profile").
+
+As lme4, the profile is of the ML deviance (a REML fit is refitted by ML first). Variance parameters are
+profiled on the (sd, cor, sigma) scale with the fixed effects profiled out; each fixed effect is profiled by
+holding it at a value (an offset) and re-optimising everything else. The signed root
+zeta(x) = sign(x - x_hat) sqrt(dev(x) - dev_min) is followed outward from the estimate until |zeta| reaches
+the normal quantile of the level; the interval ends are where it does (or a bound, e.g. sd = 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, stats
+
+from ..engine import PenalizedSystem
+from ..optimize import minimize_deviance
+from .sdcor import sdcor_bounds, sdcor_of, theta_of_sdcor
+
+__all__ = ["ProfileResult", "profile_fit"]
+
+MAX_STEPS = 40
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """Traces (value, zeta) per parameter, and the intervals at `level`."""
+
+    estimates: pd.Series
+    traces: dict
+    intervals: pd.DataFrame
+    level: float
+
+    def confint(self) -> pd.DataFrame:
+        return self.intervals.copy()
+
+
+def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResult:
+    """Profile an ML `LmmFit`. `names` name the (sd, cor, sigma) entries; `fe_names` the fixed effects."""
+    system = ml_fit.system
+    relcov = system.relcov
+    z = stats.norm.ppf(0.5 + level / 2)
+    dev_min = ml_fit.deviance
+    v_hat = sdcor_of(relcov, ml_fit.theta, np.sqrt(ml_fit.sigma2))
+    lower, upper = sdcor_bounds(relcov)
+    all_names = list(names) + list(fe_names)
+    wanted = all_names if which is None else list(which)
+    rows, traces = {}, {}
+
+    def full_deviance(v):
+        mapped = theta_of_sdcor(relcov, v)
+        return np.inf if mapped is None else system.deviance_at_sigma2(mapped[0], mapped[1], reml=False)
+
+    for k, name in enumerate(names):
+        if name not in wanted:
+            continue
+        free = np.ones(v_hat.size, bool)
+        free[k] = False
+
+        def dev_at(x, start, k=k, free=free):
+            s = start.copy()
+            s[k] = x
+            opt = minimize_deviance(full_deviance, s, lower, free=free, upper=upper)
+            return opt.deviance, opt.theta
+
+        step = 0.25 * abs(v_hat[k]) if names[k].startswith(("sd", "sigma")) and v_hat[k] > 0 else 0.1
+        rows[name], traces[name] = _follow(dev_at, v_hat, k, v_hat[k], step, lower[k], upper[k], dev_min, z)
+
+    se = np.sqrt(np.diag(ml_fit.cov_beta))
+    for j, name in enumerate(fe_names):
+        if name not in wanted:
+            continue
+        fixed_system = _system_without(system, j)
+        beta_hat = ml_fit.beta[j]
+
+        def dev_at(b, start, j=j, fixed_system=fixed_system):
+            fixed_system.cross = _offset_cross(system, j, b)
+            opt = minimize_deviance(lambda th: fixed_system.deviance(th, False), start[:-1],
+                                    relcov.lower_bounds)
+            return opt.deviance, np.append(opt.theta, 0.0)
+
+        start = np.append(ml_fit.theta, 0.0)
+        rows[name], traces[name] = _follow(dev_at, start, None, beta_hat, se[j], -np.inf, np.inf, dev_min, z)
+
+    est = pd.Series(np.concatenate([v_hat, ml_fit.beta]), index=all_names)
+    intervals = pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"]).reindex(
+        [n for n in all_names if n in rows])
+    return ProfileResult(est, traces, intervals, level)
+
+
+def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z):
+    """Walk out from x_hat in both directions until |zeta| >= z; root-find the crossing."""
+    trace = [(x_hat, 0.0)]
+    ends = []
+    for direction in (-1.0, 1.0):
+        x, cur_start, s = x_hat, start.copy(), max(step, 1e-8)
+        end = lo if direction < 0 else hi
+        for _ in range(MAX_STEPS):
+            x_new = x + direction * s
+            at_bound = (direction < 0 and x_new <= lo) or (direction > 0 and x_new >= hi)
+            if at_bound:
+                x_new = lo if direction < 0 else hi
+            dev, opt = dev_at(x_new, cur_start)
+            zeta = np.sign(x_new - x_hat) * np.sqrt(max(dev - dev_min, 0.0))
+            trace.append((x_new, zeta))
+            if abs(zeta) >= z:
+                def g(t):
+                    d, _ = dev_at(t, opt)
+                    return np.sign(t - x_hat) * np.sqrt(max(d - dev_min, 0.0)) - direction * z
+                end = optimize.brentq(g, x, x_new, xtol=1e-6 * max(abs(x_hat), 1e-3), rtol=1e-8)
+                break
+            if at_bound:
+                end = x_new
+                break
+            x, cur_start, s = x_new, opt, s * 1.6
+        ends.append(end)
+    frame = pd.DataFrame(sorted(trace), columns=["value", "zeta"])
+    return ends, frame
+
+
+def _system_without(system: PenalizedSystem, j: int) -> PenalizedSystem:
+    return PenalizedSystem(_offset_cross(system, j, system.cross.beta_ols[j]), system.relcov)
+
+
+def _offset_cross(system: PenalizedSystem, j: int, b: float):
+    """Cross-products of the model with beta_j held at b: column j leaves X, x_j b moves into an offset."""
+    c = system.cross
+    keep = np.array([i for i in range(c.p) if i != j], dtype=np.int64)
+    d = c.beta_ols[j] - b          # y' = r + x_j (beta_ols_j - b), r the stored OLS residual
+    return replace(c, ZtX=c.ZtX[:, keep], Zty=c.Zty + c.ZtX[:, j] * d, XtX=c.XtX[np.ix_(keep, keep)],
+                   Xty=c.Xty[keep] + c.XtX[keep, j] * d, yty=c.yty + 2 * d * c.Xty[j] + d * d * c.XtX[j, j],
+                   p=c.p - 1, beta_ols=c.beta_ols[keep])

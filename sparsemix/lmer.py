@@ -1,0 +1,251 @@
+"""`sparsemix.lmer(formula, data)`: lme4's formula language on the sparse engine.
+
+This module turns a formula and a data frame into the engine's inputs (X, y, random-effect terms, prior
+weights, offset), fits, and returns `LmerResults`. It keeps what later stages need (the design, the
+deviance function) so that results can refit by ML, profile and bootstrap without touching the data again.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import patsy
+import scipy.sparse as sp
+
+from . import checks
+from .engine import PenalizedSystem
+from .errors import FormulaError, InputError, SparsemixWarning
+from .fitting import build_fit, build_system, optimize_system, warn_if_singular
+from .formula.lme4 import RandomSpec, parse_formula
+from .formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
+from .optimize import DEFAULT_OPTIMIZER
+from .terms import CovarianceTemplate, RandomTerm, indicator_matrix
+
+__all__ = ["lmer", "LmerDesign", "RankDeficiencyWarning"]
+
+
+class RankDeficiencyWarning(SparsemixWarning):
+    """Fixed-effect columns were dropped because they are linear combinations of the others (as lme4)."""
+
+
+@dataclass(frozen=True)
+class TermInfo:
+    """What a fitted random-effect term needs to be described and to predict for new data."""
+
+    spec: RandomSpec
+    grp: str                          # VarCorr's group name (made unique: "Subject", "Subject.1")
+    columns: tuple[str, ...]
+    levels: tuple                     # level labels in code order
+    design_info: object = field(repr=False)   # patsy design of the columns, None for a sparse indicator
+    indicator: str | None = None      # the factor of a sparse indicator term
+
+
+@dataclass(frozen=True)
+class LmerDesign:
+    formula: str
+    data_name: str
+    y: np.ndarray
+    X: np.ndarray
+    fe_names: tuple[str, ...]
+    fixed_info: object = field(repr=False)
+    terms: tuple[RandomTerm, ...] = field(repr=False)
+    term_info: tuple[TermInfo, ...] = field(repr=False)
+    weights: np.ndarray | None = field(repr=False)
+    offset: np.ndarray = field(repr=False)
+    row_index: pd.Index = field(repr=False)
+    n_dropped: int
+    dropped_columns: tuple[str, ...]
+    eval_env: object = field(repr=False)
+
+    @property
+    def nobs(self) -> int:
+        return self.y.shape[0]
+
+    def system(self) -> PenalizedSystem:
+        return build_system(self.X, self.y - self.offset, list(self.terms), weights=self.weights)
+
+
+def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offset=None, start=None,
+         optimizer: str = DEFAULT_OPTIMIZER, maxiter: int = 10_000, progress=None, eval_env=None):
+    """Fit a linear mixed model written in lme4's formula language.
+
+    weights: prior weights (a column name or an array), as lme4's `weights`: residual variance sigma^2 / w.
+    offset: a column name or an array added to the linear predictor.
+    Rows with missing values in any variable the model uses are dropped (lme4's na.omit); see `n_dropped`.
+    """
+    from .lmer_results import LmerResults   # results import this module's design types
+
+    env = patsy.EvalEnvironment.capture(1) if eval_env is None else eval_env
+    design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
+    system = design.system()
+    opt = optimize_system(system, reml=bool(reml), start_theta=start, method=optimizer, maxiter=maxiter,
+                          progress=progress)
+    fit = build_fit(system, opt, bool(reml))
+    results = LmerResults(design, fit)
+    warn_if_singular(fit, results.theta_names)
+    return results
+
+
+def build_design(formula, data, weights=None, offset=None, eval_env=None) -> LmerDesign:
+    if not isinstance(data, pd.DataFrame):
+        raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
+    parsed = parse_formula(formula)
+    env = eval_env if eval_env is not None else patsy.EvalEnvironment.capture(1)
+    used = formula_columns([parsed.fixed] + [s.expr for s in parsed.random], data.columns)
+    for spec in parsed.random:
+        checks.require_columns(data, spec.group, f"grouping factor of {spec.source}")
+        used += [g for g in spec.group if g not in used]
+    w = _column_or_array(data, weights, "weights")
+    off = _column_or_array(data, offset, "offset")
+    keep = data[used].notna().all(axis=1).to_numpy() if used else np.ones(len(data), bool)
+    for arr in (w, off):
+        if arr is not None:
+            keep &= np.isfinite(arr)
+    n_dropped = int((~keep).sum())
+    frame = data.loc[keep]
+    checks.check_not_empty(len(frame), "data" if n_dropped == 0 else "data after dropping incomplete rows")
+    w = None if w is None else w[keep]
+    off = np.zeros(len(frame)) if off is None else off[keep]
+    if w is not None and np.any(w <= 0):
+        raise InputError("weights must be positive; drop the rows with zero weight or fix the weights column.")
+
+    endog, exog, fixed_info = fixed_design(parsed.fixed, frame, env)
+    y = checks.as_numeric_vector(endog.to_numpy(), "response")
+    checks.check_finite(y, f"response {parsed.response!r}", missing_hint=False)
+    X = exog.to_numpy(dtype=float)
+    checks.check_finite(X, "fixed-effects design", missing_hint=False)
+    names = [_lme4_name(c) for c in exog.columns]
+    X, names, dropped = _drop_aliased(X, names)
+
+    infos, terms = [], []
+    for spec in parsed.random:
+        term, info = _random_term(spec, frame, env)
+        terms.append(term)
+        infos.append(info)
+    order = sorted(range(len(terms)), key=lambda i: -terms[i].n_levels)   # lme4: most levels first (stable)
+    terms = [terms[i] for i in order]
+    infos = _unique_group_names([infos[i] for i in order])
+    for term, info in zip(terms, infos):
+        checks.check_levels(term.n_levels, info.spec.group_name, len(frame))
+    if not terms:
+        raise FormulaError(f"{formula!r} has no random-effects term; add one such as '(1 | g)'.")
+    return LmerDesign(formula, getattr(data, "name", "data"), y, X, tuple(names), fixed_info, tuple(terms),
+                      tuple(infos), w, off, frame.index, n_dropped, tuple(dropped), env)
+
+
+def _column_or_array(data, value, role):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        checks.require_columns(data, [value], role)
+        value = data[value].to_numpy()
+    arr = checks.as_numeric_vector(value, role)
+    checks.check_length(arr, len(data), role, reference="data")
+    return arr
+
+
+def _lme4_name(name: str) -> str:
+    return "(Intercept)" if name == "Intercept" else name
+
+
+def _drop_aliased(X, names):
+    """lme4: drop fixed-effect columns that are linear combinations of earlier ones, and say which."""
+    if X.shape[1] == 0:
+        return X, names, []
+    norms = np.linalg.norm(X, axis=0)
+    keep, basis = [], np.zeros((X.shape[0], 0))
+    for j in range(X.shape[1]):
+        if norms[j] == 0:
+            continue
+        col = X[:, j] / norms[j]
+        resid = col - basis @ (basis.T @ col) if basis.shape[1] else col
+        if np.linalg.norm(resid) > 1e-7:
+            keep.append(j)
+            basis = np.column_stack([basis, resid / np.linalg.norm(resid)])
+    dropped = [names[j] for j in range(X.shape[1]) if j not in keep]
+    if dropped:
+        warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s): "
+                      f"{', '.join(dropped)}", RankDeficiencyWarning, stacklevel=4)
+    return X[:, keep], [names[j] for j in keep], dropped
+
+
+def group_codes(frame: pd.DataFrame, group: tuple[str, ...]):
+    """Integer codes and labels of a grouping factor (an interaction when several variables, levels
+    ordered as R's factor(a:b): by a, then b)."""
+    codes, labels = None, None
+    for name in group:
+        c, levels, _ = factor_codes(frame[name])
+        names = [level_name(v) for v in levels]
+        if codes is None:
+            codes, labels = c, names
+        else:
+            codes = codes * len(names) + c
+            labels = [f"{a}:{b}" for a in labels for b in names]
+    present, codes = np.unique(codes, return_inverse=True)
+    return codes.ravel().astype(np.int64), tuple(labels[i] for i in present)
+
+
+def _random_term(spec: RandomSpec, frame, env):
+    codes, levels = group_codes(frame, spec.group)
+    var = indicator_variable(spec.expr)
+    if var is not None:
+        checks.require_columns(frame, [var], f"random-effects term {spec.source}")
+        c, lv, _ = factor_codes(frame[var])
+        values = indicator_matrix(c, len(lv))
+        columns = tuple(f"{var}{level_name(v)}" for v in lv)
+        design_info = None
+    else:
+        try:
+            M = patsy.dmatrix("~ " + spec.expr, frame, return_type="dataframe", NA_action="raise", eval_env=env)
+        except patsy.PatsyError as exc:
+            raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
+        values = M.to_numpy(dtype=float)
+        columns = tuple(_lme4_name(c) for c in M.columns)
+        design_info = M.design_info
+    k = len(columns)
+    if k == 0:
+        raise FormulaError(f"{spec.source} has no columns; write '(1 | g)' for a random intercept.")
+    term = RandomTerm.from_codes(spec.group_name, codes, values, len(levels), CovarianceTemplate.unstructured(k),
+                                 levels, columns)
+    return term, TermInfo(spec, spec.group_name, columns, levels, design_info, var)
+
+
+def _unique_group_names(infos):
+    """R's make.unique on the group names: the second 'Subject' becomes 'Subject.1'."""
+    seen, out = {}, []
+    for info in infos:
+        n = seen.get(info.grp, 0)
+        seen[info.grp] = n + 1
+        grp = info.grp if n == 0 else f"{info.grp}.{n}"
+        out.append(TermInfo(info.spec, grp, info.columns, info.levels, info.design_info, info.indicator))
+    return out
+
+
+def random_design_for(design: LmerDesign, frame: pd.DataFrame, allow_new_levels: bool) -> sp.csc_matrix:
+    """Z for new data, in the fitted model's column layout; rows of unseen levels get zero (population) effects."""
+    blocks = []
+    for term, info in zip(design.terms, design.term_info):
+        codes_new, labels_new = group_codes(frame, info.spec.group)
+        index = {lab: i for i, lab in enumerate(info.levels)}
+        mapped = np.array([index.get(labels_new[c], -1) for c in codes_new], dtype=np.int64)
+        if (mapped < 0).any() and not allow_new_levels:
+            new = sorted({labels_new[c] for c, m in zip(codes_new, mapped) if m < 0})[:3]
+            raise InputError(f"newdata has levels of {info.grp!r} not in the fitted data ({', '.join(map(str, new))}); "
+                             "pass allow_new_levels=True to predict them at the population level.")
+        if info.design_info is None:
+            c, lv, _ = factor_codes(frame[info.indicator])
+            position = {name: i for i, name in enumerate(info.columns)}
+            cols = np.array([position.get(f"{info.indicator}{level_name(v)}", -1) for v in lv], dtype=np.int64)[c]
+            values = np.zeros((len(frame), term.k))
+            ok = cols >= 0
+            values[np.flatnonzero(ok), cols[ok]] = 1.0
+        else:
+            (M,) = patsy.build_design_matrices([info.design_info], frame, return_type="dataframe")
+            values = M.to_numpy(dtype=float)
+        values[mapped < 0] = 0.0
+        safe = np.where(mapped < 0, 0, mapped)
+        blocks.append(RandomTerm.from_codes(term.name, safe, values, term.n_levels, term.template, term.level_labels,
+                                            term.column_names).Z)
+    return sp.hstack(blocks, format="csc")

@@ -1,0 +1,288 @@
+"""`LmerResults`: lme4's view of a fitted model (VarCorr, ranef, confint, anova), over one `LmmFit`."""
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .errors import InputError
+from .fitting import build_fit, optimize_system
+from .inference.bootstrap import parametric_bootstrap, simulate_responses
+from .inference.profile import ProfileResult, profile_fit
+from .inference.satterthwaite import satterthwaite_df
+from .inference.sdcor import sdcor_of
+from .lmer import LmerDesign, random_design_for
+from .results import LmmFit
+
+__all__ = ["LmerResults"]
+
+
+class LmerResults:
+    def __init__(self, design: LmerDesign, fit: LmmFit):
+        self.design = design
+        self.fit_result = fit
+        self.reml = fit.reml
+        self.method = "REML" if fit.reml else "ML"
+        self.nobs = design.nobs
+        self.converged = fit.converged
+        self.n_evaluations = fit.optimization.n_evaluations
+        self.fit_seconds = fit.optimization.seconds
+
+    # -- estimates -----------------------------------------------------------------------------------
+
+    @property
+    def llf(self) -> float:
+        return float(self.fit_result.llf)
+
+    @property
+    def deviance(self) -> float:
+        """The optimized criterion: -2 log-likelihood (ML), or the REML criterion (lme4's REMLcrit)."""
+        return float(self.fit_result.deviance)
+
+    @property
+    def npar(self) -> int:
+        return len(self.design.fe_names) + self.fit_result.system.relcov.n_theta + 1
+
+    @property
+    def aic(self) -> float:
+        return -2 * self.llf + 2 * self.npar
+
+    @property
+    def bic(self) -> float:
+        return -2 * self.llf + np.log(self.nobs) * self.npar
+
+    @property
+    def fe_params(self) -> pd.Series:
+        return pd.Series(self.fit_result.beta, index=list(self.design.fe_names))
+
+    @property
+    def cov_fe(self) -> pd.DataFrame:
+        names = list(self.design.fe_names)
+        return pd.DataFrame(self.fit_result.cov_beta, index=names, columns=names)
+
+    @property
+    def bse_fe(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self.fit_result.cov_beta)), index=list(self.design.fe_names))
+
+    @property
+    def scale(self) -> float:
+        return float(self.fit_result.sigma2)
+
+    @property
+    def sigma(self) -> float:
+        return float(np.sqrt(self.fit_result.sigma2))
+
+    @property
+    def theta(self) -> np.ndarray:
+        """lme4's theta: each term's relative Cholesky factor, lower triangle column by column, terms ordered
+        by decreasing number of levels."""
+        return self.fit_result.theta.copy()
+
+    @cached_property
+    def theta_names(self) -> list[str]:
+        out = []
+        for info, term in zip(self.design.term_info, self.design.terms):
+            for i, j in term.template.positions:
+                out.append(f"{info.grp}.{info.columns[i]}" if i == j else f"{info.grp}.{info.columns[i]}.{info.columns[j]}")
+        return out
+
+    @property
+    def ngroups(self) -> dict:
+        """Levels of each grouping factor (lme4's ngrps), by factor name."""
+        out = {}
+        for info, term in zip(self.design.term_info, self.design.terms):
+            out.setdefault(info.spec.group_name, term.n_levels)
+        return out
+
+    @property
+    def is_singular(self) -> bool:
+        return self.fit_result.is_singular
+
+    # -- tables ---------------------------------------------------------------------------------------
+
+    def fixed_effects(self, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """estimate, std_error, df, t, p per fixed effect; df by Satterthwaite (lmerTest), or ddf="asymptotic"
+        for normal p-values (df = inf)."""
+        est = self.fit_result.beta
+        se = np.sqrt(np.diag(self.fit_result.cov_beta))
+        if ddf == "satterthwaite":
+            df = satterthwaite_df(self.fit_result, np.eye(est.size))
+        elif ddf == "asymptotic":
+            df = np.full(est.size, np.inf)
+        else:
+            raise InputError(f"ddf={ddf!r}: use 'satterthwaite' or 'asymptotic'.")
+        t = est / se
+        return pd.DataFrame({"estimate": est, "std_error": se, "df": df, "t": t, "p": 2 * stats.t.sf(np.abs(t), df)},
+                            index=list(self.design.fe_names))
+
+    @cached_property
+    def sdcor_names(self) -> list[str]:
+        """lme4's parameter names with oldNames=FALSE: sd_(Intercept)|Subject, cor_Days.(Intercept)|Subject, sigma."""
+        out = []
+        for info, term in zip(self.design.term_info, self.design.terms):
+            for i, j in term.template.positions:
+                c = info.columns
+                out.append(f"sd_{c[i]}|{info.grp}" if i == j else f"cor_{c[i]}.{c[j]}|{info.grp}")
+        return out + ["sigma"]
+
+    def variance_components(self) -> pd.DataFrame:
+        """lme4's as.data.frame(VarCorr(m)): grp, var1, var2, vcov, sdcor."""
+        rows = []
+        for info, psi in zip(self.design.term_info, self.fit_result.covariances()):
+            sd = np.sqrt(np.diag(psi))
+            k = len(info.columns)
+            rows += [(info.grp, info.columns[i], None, psi[i, i], sd[i]) for i in range(k)]
+            for j in range(k):
+                for i in range(j + 1, k):
+                    cor = psi[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
+                    rows.append((info.grp, info.columns[j], info.columns[i], psi[i, j], cor))
+        rows.append(("Residual", None, None, self.scale, self.sigma))
+        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+
+    def ranef(self, condvar: bool = True) -> dict:
+        """Conditional modes per grouping factor: {factor: DataFrame levels x columns}. With condvar, each frame's
+        attrs["condvar"] holds the conditional covariance per level (levels x k x k) and attrs["condsd"] a
+        DataFrame of conditional standard deviations."""
+        out = {}
+        b = self.fit_result.b
+        offset = 0
+        for info, term in zip(self.design.term_info, self.design.terms):
+            width = term.n_levels * term.k
+            values = b[offset:offset + width].reshape(term.n_levels, term.k)
+            frame = pd.DataFrame(values, index=list(term.level_labels), columns=list(info.columns))
+            if condvar:
+                cv = np.empty((term.n_levels, term.k, term.k))
+                for lv in range(term.n_levels):
+                    cols = offset + lv * term.k + np.arange(term.k)
+                    cv[lv] = self.fit_result.conditional_covariance(cols)
+                frame.attrs["condvar"] = cv
+                frame.attrs["condsd"] = pd.DataFrame(np.sqrt(np.einsum("lii->li", cv)), index=frame.index,
+                                                     columns=frame.columns)
+            name = info.spec.group_name
+            if name in out:   # lme4 merges terms of the same factor, e.g. the two halves of (x || g)
+                prev = out[name]
+                merged = pd.concat([prev, frame], axis=1)
+                if condvar:
+                    merged.attrs["condsd"] = pd.concat([prev.attrs["condsd"], frame.attrs["condsd"]], axis=1)
+                    merged.attrs["condvar"] = [prev.attrs["condvar"], frame.attrs["condvar"]]
+                frame = merged
+            out[name] = frame
+            offset += width
+        return out
+
+    def ranef_frame(self) -> pd.DataFrame:
+        """Long form, as lme4's as.data.frame(ranef(m, condVar=TRUE)): grpvar, term, grp, condval, condsd."""
+        rows = []
+        for grpvar, frame in self.ranef(condvar=True).items():
+            sd = frame.attrs["condsd"]
+            for term in frame.columns:
+                for level in frame.index:
+                    rows.append((grpvar, term, level, frame.loc[level, term], sd.loc[level, term]))
+        return pd.DataFrame(rows, columns=["grpvar", "term", "grp", "condval", "condsd"])
+
+    # -- predictions ------------------------------------------------------------------------------------
+
+    @cached_property
+    def _Z(self):
+        from .design import assemble_Z
+        return assemble_Z(list(self.design.terms))
+
+    @property
+    def fitted(self) -> pd.Series:
+        d = self.design
+        return pd.Series(d.X @ self.fit_result.beta + self._Z @ self.fit_result.b + d.offset, index=d.row_index)
+
+    @property
+    def resid(self) -> pd.Series:
+        return pd.Series(self.design.y, index=self.design.row_index) - self.fitted
+
+    def predict(self, newdata: pd.DataFrame | None = None, include_random: bool = True,
+                allow_new_levels: bool = True, offset=None) -> pd.Series:
+        """Predictions; new levels of a grouping factor get the population-level prediction when allowed."""
+        if newdata is None:
+            d = self.design
+            pred = d.X @ self.fit_result.beta + d.offset
+            if include_random:
+                pred = pred + self._Z @ self.fit_result.b
+            return pd.Series(pred, index=d.row_index)
+        import patsy
+        (X,) = patsy.build_design_matrices([self.design.fixed_info], newdata, return_type="dataframe")
+        X = X.to_numpy(float)
+        if X.shape[1] != self.fit_result.beta.size:   # columns dropped as aliased at fit time
+            keep = [i for i, n in enumerate(self.design.fixed_info.column_names)
+                    if (n if n != "Intercept" else "(Intercept)") in self.design.fe_names]
+            X = X[:, keep]
+        pred = X @ self.fit_result.beta
+        if offset is not None:
+            pred = pred + (newdata[offset].to_numpy(float) if isinstance(offset, str) else np.asarray(offset, float))
+        if include_random:
+            pred = pred + random_design_for(self.design, newdata, allow_new_levels) @ self.fit_result.b
+        return pd.Series(pred, index=newdata.index)
+
+    def simulate(self, nsim: int = 1, seed=None) -> pd.DataFrame:
+        """Responses simulated from the fitted model (new random effects and noise), one column per simulation."""
+        d = self.design
+        rng = np.random.default_rng(seed)
+        sims = simulate_responses(d.X, self._Z, self.fit_result.system.relcov, self.fit_result.theta,
+                                  self.fit_result.beta, self.sigma, d.weights, rng, int(nsim))
+        sims = sims + d.offset[:, None]
+        return pd.DataFrame(sims, index=d.row_index, columns=[f"sim_{i + 1}" for i in range(int(nsim))])
+
+    # -- refits and inference -------------------------------------------------------------------------
+
+    def refit_ml(self) -> "LmerResults":
+        """The same model fitted by maximum likelihood (reuses the cross-products and the factorization)."""
+        if not self.reml:
+            return self
+        system = self.fit_result.system
+        opt = optimize_system(system, reml=False, start_theta=self.fit_result.theta)
+        return LmerResults(self.design, build_fit(system, opt, False))
+
+    def profile(self, which=None, level: float = 0.95) -> ProfileResult:
+        """lme4's profile(): the ML deviance profiled over each parameter (a REML fit is refitted by ML)."""
+        ml = self.refit_ml()
+        return profile_fit(ml.fit_result, self.sdcor_names, list(self.design.fe_names), level=level, which=which)
+
+    def confint(self, method: str = "profile", level: float = 0.95, nsim: int = 500, seed=None, n_jobs=None,
+                which=None) -> pd.DataFrame:
+        """Intervals for the sd/cor parameters, sigma and the fixed effects, as lme4's confint():
+        "wald" (fixed effects only; NaN for the others), "profile", or "boot" (parametric bootstrap,
+        percentile intervals, refits spread over all cores)."""
+        names = self.sdcor_names + list(self.design.fe_names)
+        if method == "wald":
+            z = stats.norm.ppf(0.5 + level / 2)
+            se = np.sqrt(np.diag(self.fit_result.cov_beta))
+            lower = np.r_[np.full(len(self.sdcor_names), np.nan), self.fit_result.beta - z * se]
+            upper = np.r_[np.full(len(self.sdcor_names), np.nan), self.fit_result.beta + z * se]
+            out = pd.DataFrame({"lower": lower, "upper": upper}, index=names)
+        elif method == "profile":
+            out = self.profile(which=which, level=level).intervals
+        elif method == "boot":
+            draws = self.bootstrap(nsim=nsim, seed=seed, n_jobs=n_jobs)
+            q = [(1 - level) / 2, (1 + level) / 2]
+            out = pd.DataFrame(np.nanquantile(draws.to_numpy(), q, axis=0).T, index=names, columns=["lower", "upper"])
+        else:
+            raise InputError(f"method={method!r}: use 'wald', 'profile' or 'boot'.")
+        return out if which is None else out.loc[[n for n in names if n in set(which)]]
+
+    def bootstrap(self, nsim: int = 500, seed=None, n_jobs=None) -> pd.DataFrame:
+        """Estimates of (sd, cor, sigma, fixed effects) from `nsim` parametric bootstrap refits."""
+        d = self.design
+        draws = parametric_bootstrap(self.fit_result, d.X, d.terms, d.weights, nsim=nsim, seed=seed, n_jobs=n_jobs)
+        return pd.DataFrame(draws, columns=self.sdcor_names + list(d.fe_names))
+
+    @property
+    def sdcor(self) -> pd.Series:
+        return pd.Series(sdcor_of(self.fit_result.system.relcov, self.fit_result.theta, self.sigma),
+                         index=self.sdcor_names)
+
+    # -- report ---------------------------------------------------------------------------------------------
+
+    def summary(self):
+        from .lmer_summary import LmerSummary
+        return LmerSummary(self)
+
+    def __repr__(self):
+        return f"<sparsemix LmerResults: {self.design.formula}, {self.method}, llf={self.llf:.4f}>"

@@ -1,0 +1,74 @@
+"""lme4's summary layout for `LmerResults`, with lmerTest's df and p-value columns."""
+from __future__ import annotations
+
+import numpy as np
+
+
+class LmerSummary:
+    def __init__(self, results):
+        self.results = results
+
+    def as_text(self) -> str:
+        r = self.results
+        d = r.design
+        lines = [f"Linear mixed model fit by {'REML' if r.reml else 'maximum likelihood'}"
+                 + (" (t-tests use Satterthwaite's method)" if r.design.fe_names else ""),
+                 f"Formula: {d.formula}", ""]
+        if r.reml:
+            lines.append(f"REML criterion at convergence: {r.deviance:.1f}")
+        else:
+            lines.append(f"{'AIC':>9} {'BIC':>9} {'logLik':>9} {'deviance':>9} {'df.resid':>9}")
+            lines.append(f"{r.aic:9.1f} {r.bic:9.1f} {r.llf:9.1f} {-2 * r.llf:9.1f} {r.nobs - r.npar:9d}")
+        resid = (r.resid.to_numpy() / r.sigma)
+        if d.weights is not None:
+            resid = resid * np.sqrt(d.weights)
+        q = np.quantile(resid, [0, 0.25, 0.5, 0.75, 1])
+        lines += ["", "Scaled residuals: ", "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
+                  "    ".join(f"{v:7.4f}" for v in q), "", "Random effects:"]
+        lines += _random_table(r)
+        groups = ", ".join(f"{g}, {n}" for g, n in r.ngroups.items())
+        lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
+        if d.n_dropped:
+            lines.append(f"({d.n_dropped} observation(s) deleted due to missingness)")
+        if d.fe_names:
+            lines += ["", "Fixed effects:"]
+            fe = r.fixed_effects()
+            name_w = max(len(n) for n in fe.index)
+            lines.append(" " * name_w + f" {'Estimate':>10} {'Std. Error':>10} {'df':>8} {'t value':>8} {'Pr(>|t|)':>9}")
+            for name, row in fe.iterrows():
+                lines.append(f"{name:<{name_w}} {row.estimate:10.4g} {row.std_error:10.4g} {row.df:8.2f} "
+                             f"{row.t:8.3f} {_p(row.p):>9}")
+        if d.dropped_columns:
+            lines.append(f"fixed-effect model matrix is rank deficient so dropping {len(d.dropped_columns)} "
+                         f"column(s): {', '.join(d.dropped_columns)}")
+        if r.is_singular:
+            lines.append("boundary (singular) fit: see help('isSingular')")
+        if not r.converged:
+            lines.append("the optimizer did not converge")
+        return "\n".join(lines) + "\n"
+
+    def __str__(self):
+        return self.as_text()
+
+    __repr__ = __str__
+
+
+def _random_table(r) -> list[str]:
+    rows = []
+    for info, psi in zip(r.design.term_info, r.fit_result.covariances()):
+        sd = np.sqrt(np.diag(psi))
+        for i, col in enumerate(info.columns):
+            corr = [psi[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan for j in range(i)]
+            rows.append((info.grp if i == 0 else "", col, psi[i, i], sd[i], corr))
+    rows.append(("Residual", "", r.scale, r.sigma, []))
+    gw = max(len("Groups"), *(len(x[0]) for x in rows))
+    nw = max(len("Name"), *(len(x[1]) for x in rows))
+    out = [f" {'Groups':<{gw}} {'Name':<{nw}} {'Variance':>10} {'Std.Dev.':>9} {'Corr' if any(x[4] for x in rows) else ''}".rstrip()]
+    for g, n, v, s, c in rows:
+        corr = " ".join(f"{x:5.2f}" for x in c)
+        out.append(f" {g:<{gw}} {n:<{nw}} {v:10.4g} {s:9.4g} {corr}".rstrip())
+    return out
+
+
+def _p(p) -> str:
+    return "<2e-16" if p < 2e-16 else f"{p:.3g}"
