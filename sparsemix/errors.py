@@ -4,6 +4,7 @@ from __future__ import annotations
 __all__ = [
     "SparsemixError", "InputError", "MissingDataError", "RankDeficientError", "FormulaError",
     "SparsemixWarning", "ConvergenceWarning", "SingularFitWarning", "IgnoredArgumentWarning",
+    "MissingExtraError", "require_extra",
 ]
 
 
@@ -41,3 +42,18 @@ class SingularFitWarning(SparsemixWarning):
 
 class IgnoredArgumentWarning(SparsemixWarning):
     """An argument accepted for compatibility has no effect in sparsemix."""
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the extra that provides it."""
+
+
+def require_extra(module: str, extra: str, purpose: str):
+    """Import an optional module, or raise MissingExtraError naming `pip install 'sparsemix[extra]'`."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(f"{purpose} needs {module.split('.')[0]}, which is not installed; install it with "
+                                f"pip install 'sparsemix[{extra}]'") from None

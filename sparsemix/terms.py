@@ -118,7 +118,7 @@ class RandomTerm:
             indices = codes[rows_of_entries] * k + V.indices
             Z = sp.csr_matrix((V.data.astype(float), indices, V.indptr), shape=(n, n_levels * k))
         else:
-            V = np.asarray(values, dtype=float).reshape(n, k)
+            V = np.array(values, dtype=float).reshape(n, k)   # a copy: the caller's array may be read-only
             indices = (codes[:, None] * k + np.arange(k)[None, :]).ravel()
             Z = sp.csr_matrix((V.ravel(), indices, np.arange(0, n * k + 1, k)), shape=(n, n_levels * k))
         Z.eliminate_zeros()

@@ -90,32 +90,46 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
 
 
 def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z):
-    """Walk out from x_hat in both directions until |zeta| >= z; root-find the crossing."""
+    """Walk out from x_hat in both directions until |zeta| >= z; root-find the crossing.
+
+    `step` is a scale guess; a first small trial step measures the local slope of zeta, so that the walk takes
+    about six steps to reach |zeta| = z (enough points for a smooth profile plot).
+    """
     trace = [(x_hat, 0.0)]
+
+    def zeta_at(x, warm):
+        dev, opt = dev_at(x, warm)
+        zeta = np.sign(x - x_hat) * np.sqrt(max(dev - dev_min, 0.0))
+        trace.append((x, zeta))
+        return zeta, opt
+
     ends = []
     for direction in (-1.0, 1.0):
-        x, cur_start, s = x_hat, start.copy(), max(step, 1e-8)
         end = lo if direction < 0 else hi
+        trial = x_hat + direction * 0.05 * max(step, 1e-8)
+        if not lo <= trial <= hi:
+            ends.append(end)
+            continue
+        z_trial, _ = zeta_at(trial, start)
+        slope = abs(z_trial) / abs(trial - x_hat)
+        s = (z / 6) / slope if slope > 0 else step
+        x, cur_start = x_hat, start.copy()
         for _ in range(MAX_STEPS):
             x_new = x + direction * s
             at_bound = (direction < 0 and x_new <= lo) or (direction > 0 and x_new >= hi)
             if at_bound:
                 x_new = lo if direction < 0 else hi
-            dev, opt = dev_at(x_new, cur_start)
-            zeta = np.sign(x_new - x_hat) * np.sqrt(max(dev - dev_min, 0.0))
-            trace.append((x_new, zeta))
+            zeta, opt = zeta_at(x_new, cur_start)
             if abs(zeta) >= z:
-                def g(t):
-                    d, _ = dev_at(t, opt)
-                    return np.sign(t - x_hat) * np.sqrt(max(d - dev_min, 0.0)) - direction * z
-                end = optimize.brentq(g, x, x_new, xtol=1e-6 * max(abs(x_hat), 1e-3), rtol=1e-8)
+                end = optimize.brentq(lambda t: zeta_at(t, opt)[0] - direction * z, x, x_new,
+                                      xtol=1e-6 * max(abs(x_hat), 1e-3), rtol=1e-8)
                 break
             if at_bound:
                 end = x_new
                 break
-            x, cur_start, s = x_new, opt, s * 1.6
+            x, cur_start, s = x_new, opt, s * 1.25
         ends.append(end)
-    frame = pd.DataFrame(sorted(trace), columns=["value", "zeta"])
+    frame = pd.DataFrame(sorted(trace), columns=["value", "zeta"]).drop_duplicates("value")
     return ends, frame
 
 
