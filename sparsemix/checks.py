@@ -50,7 +50,7 @@ def as_numeric_matrix(values, name: str) -> np.ndarray:
 
 def _as_float(arr: np.ndarray, name: str, fix: str) -> np.ndarray:
     if arr.dtype == bool or np.issubdtype(arr.dtype, np.number):
-        return arr.astype(float, copy=False)
+        return np.array(arr, dtype=float)   # an owned, writable copy: pandas and patsy hand out read-only views
     try:
         return arr.astype(float)
     except (TypeError, ValueError):

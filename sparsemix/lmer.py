@@ -99,7 +99,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
         used += [g for g in spec.group if g not in used]
     w = _column_or_array(data, weights, "weights")
     off = _column_or_array(data, offset, "offset")
-    keep = data[used].notna().all(axis=1).to_numpy() if used else np.ones(len(data), bool)
+    keep = np.array(data[used].notna().all(axis=1)) if used else np.ones(len(data), bool)
     for arr in (w, off):
         if arr is not None:
             keep &= np.isfinite(arr)
@@ -243,7 +243,7 @@ def random_design_for(design: LmerDesign, frame: pd.DataFrame, allow_new_levels:
             values[np.flatnonzero(ok), cols[ok]] = 1.0
         else:
             (M,) = patsy.build_design_matrices([info.design_info], frame, return_type="dataframe")
-            values = M.to_numpy(dtype=float)
+            values = np.array(M.to_numpy(dtype=float))
         values[mapped < 0] = 0.0
         safe = np.where(mapped < 0, 0, mapped)
         blocks.append(RandomTerm.from_codes(term.name, safe, values, term.n_levels, term.template, term.level_labels,

@@ -1,0 +1,170 @@
+"""The lme4-style interface: predictions, simulation, bootstrap, anova, weights, missing rows, errors."""
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sparsemix as sm
+from sparsemix.errors import MissingExtraError
+
+SLEEP = pd.DataFrame(json.loads((Path(__file__).parent / "reference" / "sleepstudy.json").read_text())["data"])
+
+
+@pytest.fixture(scope="module")
+def fm1():
+    return sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP)
+
+
+def test_predict_on_the_fitted_rows_equals_fitted(fm1):
+    np.testing.assert_allclose(fm1.predict(SLEEP), fm1.fitted, rtol=1e-12)
+    np.testing.assert_allclose(fm1.predict(), fm1.fitted, rtol=1e-12)
+    np.testing.assert_allclose(fm1.resid, SLEEP.Reaction - fm1.fitted, rtol=1e-12)
+
+
+def test_predict_new_levels_at_population_level(fm1):
+    new = pd.DataFrame({"Days": [0.0, 5.0], "Subject": ["nobody", "nobody"]})
+    population = fm1.fe_params["(Intercept)"] + fm1.fe_params["Days"] * new.Days
+    np.testing.assert_allclose(fm1.predict(new), population, rtol=1e-12)
+    np.testing.assert_allclose(fm1.predict(new, include_random=False), population, rtol=1e-12)
+    with pytest.raises(sm.InputError, match="allow_new_levels"):
+        fm1.predict(new, allow_new_levels=False)
+
+
+def test_predict_existing_level_adds_its_random_effects(fm1):
+    re = fm1.ranef(condvar=False)["Subject"].loc["308"]
+    new = pd.DataFrame({"Days": [3.0], "Subject": ["308"]})
+    expected = fm1.fe_params["(Intercept)"] + re["(Intercept)"] + 3.0 * (fm1.fe_params["Days"] + re["Days"])
+    assert fm1.predict(new).iloc[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_simulate_is_reproducible_and_centred(fm1):
+    a = fm1.simulate(200, seed=3)
+    b = fm1.simulate(200, seed=3)
+    assert a.shape == (180, 200)
+    pd.testing.assert_frame_equal(a, b)
+    population = fm1.predict(include_random=False)
+    # Each row's mean over simulations is near X beta, within 4.5 standard errors of its model variance
+    # z' Psi z + sigma^2 (z = (1, Days)).
+    psi = fm1.fit_result.covariances()[0]
+    z = np.column_stack([np.ones(len(SLEEP)), SLEEP.Days])
+    sd = np.sqrt(np.einsum("ij,jk,ik->i", z, psi, z) + fm1.scale)
+    assert np.all(np.abs(a.mean(axis=1) - population) < 4.5 * sd / np.sqrt(200))
+    # ... and the spread across simulations matches that variance (chi-square: 200 draws, 15% is ~2 sd).
+    np.testing.assert_allclose(a.std(axis=1, ddof=1).mean(), sd.mean(), rtol=0.15)
+
+
+def test_bootstrap_does_not_depend_on_the_number_of_workers(fm1):
+    serial = fm1.bootstrap(nsim=8, seed=11, n_jobs=1)
+    parallel = fm1.bootstrap(nsim=8, seed=11, n_jobs=2)
+    pd.testing.assert_frame_equal(serial, parallel)
+    assert list(serial.columns) == fm1.sdcor_names + ["(Intercept)", "Days"]
+
+
+def test_bootstrap_intervals_bracket_the_estimates(fm1):
+    ci = fm1.confint("boot", nsim=100, seed=5)
+    est = pd.concat([fm1.sdcor, fm1.fe_params])
+    assert np.all((ci.lower <= est) & (est <= ci.upper))
+
+
+def test_wald_intervals(fm1):
+    ci = fm1.confint("wald")
+    assert ci.loc["sigma"].isna().all()
+    np.testing.assert_allclose(ci.loc["Days"], fm1.fe_params["Days"] + np.array([-1, 1]) * 1.959963984540054
+                               * fm1.bse_fe["Days"], rtol=1e-12)
+
+
+def test_anova_refits_by_ml_and_tests_the_difference(fm1):
+    fm0 = sm.lmer("Reaction ~ Days + (Days || Subject)", SLEEP)
+    table = sm.anova(fm1, fm0, names=["corr", "uncorr"])
+    assert list(table.index) == ["uncorr", "corr"]          # ordered by number of parameters
+    assert table.attrs["refit"]
+    ml1, ml0 = fm1.refit_ml(), fm0.refit_ml()
+    assert table.loc["corr", "Chisq"] == pytest.approx(2 * (ml1.llf - ml0.llf), rel=1e-10)
+    assert table.loc["corr", "Df"] == 1
+    assert table.loc["corr", "logLik"] == pytest.approx(ml1.llf)
+
+
+def test_anova_refuses_models_of_other_data(fm1):
+    other = sm.lmer("Reaction ~ Days + (1 | Subject)", SLEEP.iloc[:170])
+    with pytest.raises(sm.InputError, match="other data"):
+        sm.anova(fm1, other)
+
+
+def test_ml_refit_reuses_the_design(fm1):
+    ml = fm1.refit_ml()
+    direct = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP, reml=False)
+    assert ml.llf == pytest.approx(direct.llf, abs=1e-7)
+    assert not ml.reml and ml.aic == pytest.approx(-2 * ml.llf + 2 * 6)
+
+
+def test_incomplete_rows_are_dropped_and_counted():
+    df = SLEEP.copy()
+    df.loc[[0, 5, 9], "Reaction"] = np.nan
+    df.loc[[12], "Subject"] = None
+    m = sm.lmer("Reaction ~ Days + (Days | Subject)", df)
+    complete = sm.lmer("Reaction ~ Days + (Days | Subject)", df.dropna(subset=["Reaction", "Subject"]))
+    assert m.nobs == 176 and m.design.n_dropped == 4
+    assert m.llf == pytest.approx(complete.llf, rel=1e-12)
+    assert "4 observation(s) deleted" in str(m.summary())
+
+
+def test_aliased_fixed_effects_are_dropped_and_named():
+    df = SLEEP.assign(Days2=SLEEP.Days * 2.0)
+    with pytest.warns(sm.RankDeficiencyWarning, match="Days2"):
+        m = sm.lmer("Reaction ~ Days + Days2 + (1 | Subject)", df)
+    assert list(m.fe_params.index) == ["(Intercept)", "Days"]
+
+
+def test_weights_equal_replicated_rows():
+    # Integer prior weights are frequency weights for the fixed effects and residual variance: the weighted
+    # REML criterion of data whose rows all have weight 2 equals that of sigma^2 halved.
+    m1 = sm.lmer("Reaction ~ Days + (1 | Subject)", SLEEP, reml=False)
+    m2 = sm.lmer("Reaction ~ Days + (1 | Subject)", SLEEP.assign(w=2.0), weights="w", reml=False)
+    assert m2.scale == pytest.approx(2 * m1.scale, rel=1e-6)
+    np.testing.assert_allclose(m2.fe_params, m1.fe_params, rtol=1e-6)
+
+
+def test_offset_shifts_the_intercept():
+    m1 = sm.lmer("Reaction ~ Days + (1 | Subject)", SLEEP)
+    m2 = sm.lmer("Reaction ~ Days + (1 | Subject)", SLEEP.assign(off=100.0), offset="off")
+    assert m2.fe_params["(Intercept)"] == pytest.approx(m1.fe_params["(Intercept)"] - 100, rel=1e-9)
+    assert m2.llf == pytest.approx(m1.llf, rel=1e-10)
+    np.testing.assert_allclose(m2.fitted, m1.fitted, rtol=1e-10)
+
+
+@pytest.mark.parametrize("formula, error, message", [
+    ("Reaction ~ Days", sm.FormulaError, "no random-effects term"),
+    ("Reaction ~ Days + (1 | Subjct)", sm.InputError, "Did you mean 'Subject'"),
+    ("Reaction ~ Dayz + (1 | Subject)", sm.FormulaError, "Did you mean 'Days'"),
+])
+def test_bad_formulas(formula, error, message):
+    with pytest.raises(error, match=message):
+        sm.lmer(formula, SLEEP)
+
+
+def test_plots_name_the_extra_when_matplotlib_is_missing(fm1, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    from sparsemix.plots import caterpillar
+    with pytest.raises(MissingExtraError, match=r"pip install 'sparsemix\[plot\]'"):
+        caterpillar(fm1)
+
+
+def test_plots_draw_one_panel_per_column(fm1):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+    matplotlib.use("Agg")
+    from sparsemix.plots import caterpillar, profile_plot
+    assert len(caterpillar(fm1).axes) == 2
+    prof = fm1.profile(which=["sigma", "Days"])
+    assert len(profile_plot(prof).axes) == 2
