@@ -19,6 +19,16 @@ from .results import LmmFit
 __all__ = ["LmerResults"]
 
 
+def _bare(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    out.attrs = {}
+    return out
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 class LmerResults:
     def __init__(self, design: LmerDesign, fit: LmmFit):
         self.design = design
@@ -119,12 +129,14 @@ class LmerResults:
 
     @cached_property
     def sdcor_names(self) -> list[str]:
-        """lme4's parameter names with oldNames=FALSE: sd_(Intercept)|Subject, cor_Days.(Intercept)|Subject, sigma."""
+        """lme4's parameter names with oldNames=FALSE: sd_(Intercept)|Subject, cor_Days.(Intercept)|Subject, sigma
+        (named by the grouping factor, so both halves of (x || g) say |g)."""
         out = []
         for info, term in zip(self.design.term_info, self.design.terms):
+            g = info.spec.group_name
             for i, j in term.template.positions:
                 c = info.columns
-                out.append(f"sd_{c[i]}|{info.grp}" if i == j else f"cor_{c[i]}.{c[j]}|{info.grp}")
+                out.append(f"sd_{c[i]}|{g}" if i == j else f"cor_{c[i]}.{c[j]}|{g}")
         return out + ["sigma"]
 
     def variance_components(self) -> pd.DataFrame:
@@ -163,10 +175,10 @@ class LmerResults:
             name = info.spec.group_name
             if name in out:   # lme4 merges terms of the same factor, e.g. the two halves of (x || g)
                 prev = out[name]
-                merged = pd.concat([prev, frame], axis=1)
+                merged = pd.concat([_bare(prev), _bare(frame)], axis=1)
                 if condvar:
                     merged.attrs["condsd"] = pd.concat([prev.attrs["condsd"], frame.attrs["condsd"]], axis=1)
-                    merged.attrs["condvar"] = [prev.attrs["condvar"], frame.attrs["condvar"]]
+                    merged.attrs["condvar"] = _as_list(prev.attrs["condvar"]) + [frame.attrs["condvar"]]
                 frame = merged
             out[name] = frame
             offset += width

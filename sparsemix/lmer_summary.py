@@ -15,7 +15,7 @@ class LmerSummary:
                  + (" (t-tests use Satterthwaite's method)" if r.design.fe_names else ""),
                  f"Formula: {d.formula}", ""]
         if r.reml:
-            lines.append(f"REML criterion at convergence: {r.deviance:.1f}")
+            lines.append(f"REML criterion at convergence: {_r_round1(r.deviance)}")
         else:
             lines.append(f"{'AIC':>9} {'BIC':>9} {'logLik':>9} {'deviance':>9} {'df.resid':>9}")
             lines.append(f"{r.aic:9.1f} {r.bic:9.1f} {r.llf:9.1f} {-2 * r.llf:9.1f} {r.nobs - r.npar:9d}")
@@ -26,7 +26,7 @@ class LmerSummary:
         lines += ["", "Scaled residuals: ", "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
                   "    ".join(f"{v:7.4f}" for v in q), "", "Random effects:"]
         lines += _random_table(r)
-        groups = ", ".join(f"{g}, {n}" for g, n in r.ngroups.items())
+        groups = "; ".join(f"{g}, {n}" for g, n in r.ngroups.items())
         lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
         if d.n_dropped:
             lines.append(f"({d.n_dropped} observation(s) deleted due to missingness)")
@@ -68,6 +68,12 @@ def _random_table(r) -> list[str]:
         corr = " ".join(f"{x:5.2f}" for x in c)
         out.append(f" {g:<{gw}} {n:<{nw}} {v:10.4g} {s:9.4g} {corr}".rstrip())
     return out
+
+
+def _r_round1(x: float) -> str:
+    """R's format(round(x, 1)): one decimal, without a trailing '.0'."""
+    text = f"{round(x, 1):.1f}"
+    return text[:-2] if text.endswith(".0") else text
 
 
 def _p(p) -> str:

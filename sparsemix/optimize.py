@@ -41,8 +41,11 @@ class OptimizationResult:
 def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarray, lower: np.ndarray,
                       free: np.ndarray | None = None, maxiter: int = 10_000, gtol: float = 1e-7,
                       method: str = DEFAULT_OPTIMIZER, progress: Callable[[int, float, float], None] | None = None,
-                      upper: np.ndarray | None = None) -> OptimizationResult:
-    """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start."""
+                      upper: np.ndarray | None = None, initial_step: np.ndarray | None = None) -> OptimizationResult:
+    """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start.
+
+    `initial_step` (BOBYQA's first trust-region radius per entry) defaults to 0.75 max(|start|, 1), right for
+    theta's relative scale; parameters on other scales (profiles over sd, sigma) should pass their own."""
     start = np.asarray(start, dtype=float)
     upper = np.full(start.shape, np.inf) if upper is None else np.asarray(upper, dtype=float)
     free = np.ones(start.shape, dtype=bool) if free is None else np.asarray(free, dtype=bool)
@@ -76,7 +79,8 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
         return OptimizationResult(full(x0), value, count[0], True, "no free parameters", method,
                                   time.perf_counter() - t0, tuple(log))
     if method == "bobyqa":
-        converged, message = _bobyqa(f, x0, lower[free], upper[free], maxiter)
+        step = None if initial_step is None else np.asarray(initial_step, dtype=float)[free]
+        converged, message = _bobyqa(f, x0, lower[free], upper[free], maxiter, step)
         x, value = best_x[0], best[0]
     else:
         bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
@@ -94,7 +98,7 @@ BOBYQA_FTOL_ABS = 1e-10
 BOBYQA_XTOL_ABS = 1e-8
 
 
-def _bobyqa(f, x0, lower, upper, maxeval):
+def _bobyqa(f, x0, lower, upper, maxeval, step=None):
     opt = nlopt.opt(nlopt.LN_BOBYQA, x0.shape[0])
     opt.set_min_objective(lambda x, grad: f(x))
     opt.set_lower_bounds(lower)
@@ -102,7 +106,7 @@ def _bobyqa(f, x0, lower, upper, maxeval):
     opt.set_ftol_abs(BOBYQA_FTOL_ABS)
     opt.set_xtol_abs(BOBYQA_XTOL_ABS)
     opt.set_maxeval(int(maxeval))
-    step = 0.75 * np.maximum(np.abs(x0), 1.0)
+    step = 0.75 * np.maximum(np.abs(x0), 1.0) if step is None else step
     room = np.maximum(x0 - lower, upper - x0)          # BOBYQA needs its first step inside the box
     opt.set_initial_step(np.where(np.isfinite(room), np.minimum(step, 0.5 * room), step))
     try:

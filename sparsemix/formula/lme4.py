@@ -95,7 +95,8 @@ def _expand(formula, offset, inner) -> list[RandomSpec]:
 
 
 def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
-    """`a/b/c` -> a, a:b, a:b:c; `a:b` -> the interaction; names must be plain variables."""
+    """`a/b/c` -> a, b:a, c:b:a (lme4 writes the nested factor first, which sets its name and level labels);
+    `a:b` -> the interaction as written; names must be plain variables."""
     for bad in "+*-()":
         if bad in group:
             raise FormulaError(_pointed(formula, offset + group.index(bad),
@@ -105,7 +106,7 @@ def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
     levels = [part.strip() for part in group.split("/")]
     out = []
     for k in range(1, len(levels) + 1):
-        names = tuple(n.strip() for lv in levels[:k] for n in lv.split(":"))
+        names = tuple(n.strip() for lv in reversed(levels[:k]) for n in lv.split(":"))
         for n in names:
             if not n.isidentifier():
                 raise FormulaError(_pointed(formula, offset + group.find(n) if n else offset,

@@ -44,6 +44,8 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
     dev_min = ml_fit.deviance
     v_hat = sdcor_of(relcov, ml_fit.theta, np.sqrt(ml_fit.sigma2))
     lower, upper = sdcor_bounds(relcov)
+    lower[-1] = 1e-6 * v_hat[-1]                       # sigma > 0: the deviance is infinite at sigma = 0
+    step_scale = np.where(v_hat != 0, 0.2 * np.abs(v_hat), 0.05)
     all_names = list(names) + list(fe_names)
     wanted = all_names if which is None else list(which)
     rows, traces = {}, {}
@@ -61,7 +63,7 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
         def dev_at(x, start, k=k, free=free):
             s = start.copy()
             s[k] = x
-            opt = minimize_deviance(full_deviance, s, lower, free=free, upper=upper)
+            opt = minimize_deviance(full_deviance, s, lower, free=free, upper=upper, initial_step=step_scale)
             return opt.deviance, opt.theta
 
         step = 0.25 * abs(v_hat[k]) if names[k].startswith(("sd", "sigma")) and v_hat[k] > 0 else 0.1
