@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 import sparsemix
 from sparsemix.datasets import seed_datasets
@@ -53,6 +54,72 @@ def seed_cases():
     ]
 
 
+REFERENCE = Path(__file__).resolve().parents[2] / "tests" / "reference"
+
+
+@dataclass
+class LmerCase:
+    """An lme4 reference model: the same formula for sparsemix.lmer and lme4::lmer."""
+
+    name: str
+    data: object
+    formula: str
+    reml: bool
+    weights: str | None = None
+    offset: str | None = None
+
+
+def reference_cases():
+    """Every fit of the lme4 fixtures in tests/reference (the small data sets, and the seeds)."""
+    nested, crossed = seed_datasets()
+    out = []
+    for path in sorted(REFERENCE.glob("*.json")):
+        doc = json.loads(path.read_text())
+        data = {"seed_nested": nested, "seed_crossed": crossed}.get(doc["dataset"])
+        if data is None:
+            data = pd.DataFrame(doc["data"])
+        for fit in doc["fits"]:
+            extra = {"weights": "w", "offset": "off"} if fit["name"] == "reml_weights_offset" else {}
+            out.append(LmerCase(f"{doc['dataset']} {fit['name']}", data, fit["formula"], fit["reml"], **extra))
+    return out
+
+
+def time_lmer(case, reps):
+    times, res = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = sparsemix.lmer(case.formula, case.data, reml=case.reml, weights=case.weights, offset=case.offset)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), float(res.llf)
+
+
+def time_lme4_lmer(case, reps, workdir):
+    csv = Path(workdir) / "data.csv"
+    case.data.to_csv(csv, index=False, float_format="%.17g")
+    factors = ",".join(c for c in case.data.columns if not pd.api.types.is_numeric_dtype(case.data[c]))
+    args = ["Rscript", str(HERE / "lme4_fit.R"), str(csv), case.formula, "TRUE" if case.reml else "FALSE", str(reps),
+            factors, case.weights or "", case.offset or ""]
+    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_reference(reps):
+    lines = ["| model | sparsemix s | lme4 s | lme4 / sparsemix | log-lik sparsemix | log-lik lme4 | difference |",
+             "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as workdir:
+        for case in reference_cases():
+            ours_t, ours_llf = time_lmer(case, reps)
+            ref = time_lme4_lmer(case, reps, workdir)
+            lines.append(f"| {case.name} | {ours_t:.4f} | {ref['seconds']:.4f} | {ref['seconds'] / ours_t:.1f} | "
+                         f"{ours_llf:.6f} | {ref['logLik']:.6f} | {ours_llf - ref['logLik']:+.1e} |")
+    lines.append("")
+    lines.append(f"Times are medians of {reps} fits, from a data frame in memory to a fitted model; same formula in "
+                 "both (`sparsemix.lmer`, `lme4::lmer`), factors converted inside each fit.")
+    return "\n".join(lines)
+
+
 def time_python(module, case, reps):
     times, res = [], None
     for _ in range(reps):
@@ -76,7 +143,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-statsmodels", action="store_true")
+    ap.add_argument("--suite", choices=["seed", "reference"], default="seed",
+                    help="seed: the notebook designs with three libraries; reference: every lme4 fixture model")
     args = ap.parse_args(argv)
+    if args.suite == "reference":
+        if shutil.which("Rscript") is None:
+            print("lme4 not available (Rscript not found): the reference suite compares with lme4 only.")
+            return None
+        print(run_reference(args.reps))
+        return None
     have_r = shutil.which("Rscript") is not None
     try:
         import statsmodels.api as statsmodels
