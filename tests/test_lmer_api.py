@@ -168,3 +168,26 @@ def test_plots_draw_one_panel_per_column(fm1):
     assert len(caterpillar(fm1).axes) == 2
     prof = fm1.profile(which=["sigma", "Days"])
     assert len(profile_plot(prof).axes) == 2
+
+
+@pytest.mark.parametrize("formula, re_formula", [
+    ("y ~ x + (0 + C(f) | g)", "0 + C(f)"),      # sparse indicator path
+    ("y ~ x + (f | g)", "1 + C(f)"),             # patsy path: intercept and treatment contrasts
+])
+def test_factor_slopes_match_statsmodels(formula, re_formula):
+    smf = pytest.importorskip("statsmodels.api")
+    rng = np.random.default_rng(4)
+    g = np.repeat(np.arange(25), 12)
+    f = np.tile(np.array(["a", "b", "c"]), 100)
+    u = rng.multivariate_normal([0, 0, 0], [[2, 1, 0.5], [1, 2, 1], [0.5, 1, 2]], size=25)
+    x = rng.normal(size=300)
+    y = 1 + x + u[g, pd.factorize(f, sort=True)[0]] + rng.normal(size=300)
+    df = pd.DataFrame({"y": y, "x": x, "g": g, "f": f})
+    ours = sm.lmer(formula, df)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = smf.MixedLM.from_formula("y ~ x", df, re_formula=re_formula, groups="g").fit()
+    assert ours.llf >= ref.llf - 1e-6 * abs(ref.llf)
+    assert ours.llf == pytest.approx(ref.llf, abs=1e-2)
+    np.testing.assert_allclose(ours.fe_params.to_numpy(), ref.fe_params.to_numpy(), rtol=1e-3)
+    assert ours.variance_components().query("grp == 'g' and var2.isna()").shape[0] == 3
