@@ -20,7 +20,7 @@ from .errors import FormulaError, InputError, SparsemixWarning
 from .fitting import build_fit, build_system, optimize_system, warn_if_singular
 from .formula.lme4 import RandomSpec, parse_formula
 from .formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
-from .optimize import DEFAULT_OPTIMIZER
+from .optimize import DEFAULT_OPTIMIZER, resolve_method
 from .terms import CovarianceTemplate, RandomTerm, indicator_matrix
 
 __all__ = ["lmer", "LmerDesign", "RankDeficiencyWarning"]
@@ -80,8 +80,8 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     env = patsy.EvalEnvironment.capture(1) if eval_env is None else eval_env
     design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
     system = design.system()
-    opt = optimize_system(system, reml=bool(reml), start_theta=start, method=optimizer, maxiter=maxiter,
-                          progress=progress)
+    opt = optimize_system(system, reml=bool(reml), start_theta=start, method=resolve_method(optimizer),
+                          maxiter=maxiter, progress=progress)
     fit = build_fit(system, opt, bool(reml))
     results = LmerResults(design, fit)
     warn_if_singular(fit, results.theta_names)
@@ -227,6 +227,9 @@ def random_design_for(design: LmerDesign, frame: pd.DataFrame, allow_new_levels:
     """Z for new data, in the fitted model's column layout; rows of unseen levels get zero (population) effects."""
     blocks = []
     for term, info in zip(design.terms, design.term_info):
+        checks.require_columns(frame, info.spec.group, f"newdata (grouping factor of {info.spec.source})")
+        if info.indicator is not None:
+            checks.require_columns(frame, [info.indicator], f"newdata (columns of {info.spec.source})")
         codes_new, labels_new = group_codes(frame, info.spec.group)
         index = {lab: i for i, lab in enumerate(info.levels)}
         mapped = np.array([index.get(labels_new[c], -1) for c in codes_new], dtype=np.int64)

@@ -8,7 +8,8 @@ import pandas as pd
 from scipy import stats
 
 from .errors import InputError
-from .fitting import build_fit, optimize_system
+from .fitting import build_fit
+from .optimize import minimize_deviance, warm_step
 from .inference.bootstrap import parametric_bootstrap, simulate_responses
 from .inference.profile import ProfileResult, profile_fit
 from .inference.satterthwaite import satterthwaite_df
@@ -92,10 +93,11 @@ class LmerResults:
 
     @cached_property
     def theta_names(self) -> list[str]:
+        """lme4's names of theta: factor.column, factor.column_i.column_j (by factor, as getME(m, "theta"))."""
         out = []
         for info, term in zip(self.design.term_info, self.design.terms):
-            for i, j in term.template.positions:
-                out.append(f"{info.grp}.{info.columns[i]}" if i == j else f"{info.grp}.{info.columns[i]}.{info.columns[j]}")
+            g, c = info.spec.group_name, info.columns
+            out += [f"{g}.{c[i]}" if i == j else f"{g}.{c[i]}.{c[j]}" for i, j in term.template.positions]
         return out
 
     @property
@@ -151,12 +153,16 @@ class LmerResults:
                     cor = psi[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
                     rows.append((info.grp, info.columns[j], info.columns[i], psi[i, j], cor))
         rows.append(("Residual", None, None, self.scale, self.sigma))
-        return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        frame = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        for col in ("grp", "var1", "var2"):   # None (not NaN) marks a name that does not apply, as lme4's NA
+            frame[col] = pd.Series([v for v in frame[col]], dtype=object).where(frame[col].notna(), None)
+        return frame
 
     def ranef(self, condvar: bool = True) -> dict:
         """Conditional modes per grouping factor: {factor: DataFrame levels x columns}. With condvar, each frame's
-        attrs["condvar"] holds the conditional covariance per level (levels x k x k) and attrs["condsd"] a
-        DataFrame of conditional standard deviations."""
+        attrs["condsd"] is a DataFrame of conditional standard deviations and attrs["condvar"] the conditional
+        covariance per level (levels x k x k), or, as lme4's postVar, a list of such arrays, one per term, when
+        several terms share the factor (the two halves of (x || g))."""
         out = {}
         b = self.fit_result.b
         offset = 0
@@ -249,7 +255,9 @@ class LmerResults:
         if not self.reml:
             return self
         system = self.fit_result.system
-        opt = optimize_system(system, reml=False, start_theta=self.fit_result.theta)
+        opt = minimize_deviance(lambda th: system.deviance(th, False), self.fit_result.theta,
+                                system.relcov.lower_bounds, method=self.fit_result.optimization.method,
+                                initial_step=warm_step(self.fit_result.theta))
         return LmerResults(self.design, build_fit(system, opt, False))
 
     def profile(self, which=None, level: float = 0.95) -> ProfileResult:

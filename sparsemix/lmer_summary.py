@@ -36,7 +36,7 @@ class LmerSummary:
             name_w = max(len(n) for n in fe.index)
             lines.append(" " * name_w + f" {'Estimate':>10} {'Std. Error':>10} {'df':>8} {'t value':>8} {'Pr(>|t|)':>9}")
             for name, row in fe.iterrows():
-                lines.append(f"{name:<{name_w}} {row.estimate:10.4g} {row.std_error:10.4g} {row.df:8.2f} "
+                lines.append(f"{name:<{name_w}} {row.estimate:10.3f} {row.std_error:10.3f} {row.df:8.2f} "
                              f"{row.t:8.3f} {_p(row.p):>9}")
         if d.dropped_columns:
             lines.append(f"fixed-effect model matrix is rank deficient so dropping {len(d.dropped_columns)} "

@@ -191,3 +191,31 @@ def test_factor_slopes_match_statsmodels(formula, re_formula):
     assert ours.llf == pytest.approx(ref.llf, abs=1e-2)
     np.testing.assert_allclose(ours.fe_params.to_numpy(), ref.fe_params.to_numpy(), rtol=1e-3)
     assert ours.variance_components().query("grp == 'g' and var2.isna()").shape[0] == 3
+
+
+def test_caret_is_a_power_as_in_r():
+    m = sm.lmer("Reaction ~ Days + I(Days^2) + (1 | Subject)", SLEEP)
+    ref = sm.lmer("Reaction ~ Days + I(Days**2) + (1 | Subject)", SLEEP)
+    # lme4 1.1-31 gives 0.337022 for I(Days^2) on these data (docs/lme4.md).
+    assert m.fe_params.iloc[2] == pytest.approx(ref.fe_params.iloc[2], rel=1e-12)
+    assert m.fe_params.iloc[2] == pytest.approx(0.337022, abs=1e-5)
+
+
+def test_optimizer_names_are_shared_with_mixedlm_and_checked(fm1):
+    for name in ("lbfgs", "nm", "powell", "bobyqa"):
+        m = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP, optimizer=name)
+        assert m.llf <= fm1.llf + 1e-6
+    with pytest.raises(sm.InputError, match="optimizer 'newuoa' is not available"):
+        sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP, optimizer="newuoa")
+    assert sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP, optimizer="nm").refit_ml().fit_result.optimization.method == "Nelder-Mead"
+
+
+def test_theta_names_follow_lme4_for_split_terms():
+    m = sm.lmer("Reaction ~ Days + (Days || Subject)", SLEEP)
+    assert m.theta_names == ["Subject.(Intercept)", "Subject.Days"]
+    assert m.sdcor_names == ["sd_(Intercept)|Subject", "sd_Days|Subject", "sigma"]
+
+
+def test_predict_names_a_missing_grouping_column(fm1):
+    with pytest.raises(sm.InputError, match="'Subject'"):
+        fm1.predict(pd.DataFrame({"Days": [3.0]}))

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from .. import checks
 from ..errors import IgnoredArgumentWarning, InputError
 from ..fitting import build_fit, build_system, optimize_system, warn_if_singular
-from ..optimize import DEFAULT_OPTIMIZER
+from ..optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
 from ..terms import CovarianceTemplate, RandomTerm, VarianceComponent
 from .params import MixedLMParams, VCSpec
@@ -26,14 +26,9 @@ from .results import MixedLMResults
 
 __all__ = ["MixedLM"]
 
-# Keywords statsmodels' fit() accepts that change nothing here (our optimizer has its own settings).
-_NO_EFFECT_FIT_KWARGS = {"eps", "maxcor", "ftol", "tol", "disp", "maxls", "callback", "retall"}
-_METHODS = {"bobyqa": "bobyqa", "lbfgs": "L-BFGS-B", "l-bfgs-b": "L-BFGS-B", "powell": "Powell",
-            "nm": "Nelder-Mead", "nelder-mead": "Nelder-Mead"}
 # statsmodels names the default random intercept of the array constructor "Group Var" everywhere
 # (cov_re labels, random_effects index, parameter name).
 DEFAULT_INTERCEPT_NAME = "Group Var"
-_UNBOUNDED_METHODS = {"bfgs", "cg", "newton", "ncg", "basinhopping", "minimize"}
 
 
 class MixedLM:
@@ -313,19 +308,13 @@ class MixedLM:
 
     @staticmethod
     def _optimizer(method) -> str:
-        if method is None:
-            return DEFAULT_OPTIMIZER
         if isinstance(method, (list, tuple)):
-            method = method[0] if method else None
-            return MixedLM._optimizer(method)
-        key = str(method).lower()
-        if key in _METHODS:
-            return _METHODS[key]
-        if key in _UNBOUNDED_METHODS:
+            return MixedLM._optimizer(method[0] if method else None)
+        if method is not None and str(method).lower() in UNBOUNDED_METHODS:
             warnings.warn(f"method={method!r} cannot keep variances >= 0; sparsemix uses BOBYQA instead.",
                           IgnoredArgumentWarning, stacklevel=3)
             return DEFAULT_OPTIMIZER
-        raise InputError(f"method={method!r} is not available; use 'bobyqa' (default), 'lbfgs', 'powell' or 'nm'.")
+        return resolve_method(method)
 
     def loglike(self, params, reml=True) -> float:
         """Profile log-likelihood at packed covariance parameters (or a MixedLMParams), fe and scale profiled."""

@@ -6,7 +6,8 @@ The bar terms are found and removed here; the fixed part that remains goes to pa
     (1 + x || g)    -> (1 | g) + (0 + x | g)       independent terms
     (x | g)         -> intercept and slope with an unstructured covariance
 
-A syntax error raises FormulaError with the formula and a caret under the offending character.
+A syntax error raises FormulaError with the formula and a caret under the offending character. '^' means a
+power, as in R ('I(x^2)', '(a + b)^2'); it is rewritten to patsy's and Python's '**'.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ class ParsedFormula:
 def parse_formula(formula: str) -> ParsedFormula:
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string like 'y ~ x + (1 | g)'; got {type(formula).__name__}.")
+    # In lme4's language '^' is a power, both inside I() (I(x^2)) and for terms ((a + b)^2); in Python (and
+    # so in patsy) it is xor, which would silently give another model. Translate it.
+    formula = formula.replace("^", "**")
     tilde = _top_level(formula, "~")
     if len(tilde) != 1:
         pos = tilde[1] if len(tilde) > 1 else len(formula)

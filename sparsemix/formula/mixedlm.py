@@ -129,6 +129,8 @@ def _require_column(name, data, role):
 def _unknown_name_message(name, data, role) -> str:
     close = difflib.get_close_matches(name, [str(c) for c in data.columns], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
+    if not close and hasattr(np, name):
+        hint = f" For numpy's {name}, write np.{name}(...) (with numpy imported as np where you call the fit)."
     return f"{role} uses {name!r}, which is not a column of the data.{hint}"
 
 

@@ -38,5 +38,6 @@ def anova(*models, names=None) -> pd.DataFrame:
         rows.append(row)
         prev = m
     table = pd.DataFrame(rows, index=[names[i] for i in order])
+    table["Df"] = table["Df"].astype("Int64")      # whole numbers; missing on the first row
     table.attrs["refit"] = any(m.reml for m in models)
     return table

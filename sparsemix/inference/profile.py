@@ -15,7 +15,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 from ..engine import PenalizedSystem
-from ..optimize import minimize_deviance
+from ..optimize import minimize_deviance, warm_step
 from .sdcor import sdcor_bounds, sdcor_of, theta_of_sdcor
 
 __all__ = ["ProfileResult", "profile_fit"]
@@ -79,7 +79,7 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
         def dev_at(b, start, j=j, fixed_system=fixed_system):
             fixed_system.cross = _offset_cross(system, j, b)
             opt = minimize_deviance(lambda th: fixed_system.deviance(th, False), start[:-1],
-                                    relcov.lower_bounds)
+                                    relcov.lower_bounds, initial_step=warm_step(start[:-1]))
             return opt.deviance, np.append(opt.theta, 0.0)
 
         start = np.append(ml_fit.theta, 0.0)
@@ -99,10 +99,11 @@ def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z):
     """
     trace = [(x_hat, 0.0)]
 
-    def zeta_at(x, warm):
+    def zeta_at(x, warm, record=True):
         dev, opt = dev_at(x, warm)
         zeta = np.sign(x - x_hat) * np.sqrt(max(dev - dev_min, 0.0))
-        trace.append((x, zeta))
+        if record:
+            trace.append((x, zeta))
         return zeta, opt
 
     ends = []
@@ -123,8 +124,9 @@ def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z):
                 x_new = lo if direction < 0 else hi
             zeta, opt = zeta_at(x_new, cur_start)
             if abs(zeta) >= z:
-                end = optimize.brentq(lambda t: zeta_at(t, opt)[0] - direction * z, x, x_new,
+                end = optimize.brentq(lambda t: zeta_at(t, opt, record=False)[0] - direction * z, x, x_new,
                                       xtol=1e-6 * max(abs(x_hat), 1e-3), rtol=1e-8)
+                trace.append((end, direction * z))
                 break
             if at_bound:
                 end = x_new
