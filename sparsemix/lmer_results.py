@@ -171,10 +171,7 @@ class LmerResults:
             values = b[offset:offset + width].reshape(term.n_levels, term.k)
             frame = pd.DataFrame(values, index=list(term.level_labels), columns=list(info.columns))
             if condvar:
-                cv = np.empty((term.n_levels, term.k, term.k))
-                for lv in range(term.n_levels):
-                    cols = offset + lv * term.k + np.arange(term.k)
-                    cv[lv] = self.fit_result.conditional_covariance(cols)
+                cv = self._level_blocks(offset, term.n_levels, term.k)
                 frame.attrs["condvar"] = cv
                 frame.attrs["condsd"] = pd.DataFrame(np.sqrt(np.einsum("lii->li", cv)), index=frame.index,
                                                      columns=frame.columns)
@@ -188,6 +185,17 @@ class LmerResults:
                 frame = merged
             out[name] = frame
             offset += width
+        return out
+
+    def _level_blocks(self, offset: int, n_levels: int, k: int, chunk: int = 512) -> np.ndarray:
+        """Var(b | y) of each level's k columns (levels x k x k), solving for `chunk` levels at a time."""
+        out = np.empty((n_levels, k, k))
+        for start in range(0, n_levels, chunk):
+            stop = min(start + chunk, n_levels)
+            cov = self.fit_result.conditional_covariance(offset + np.arange(start * k, stop * k))
+            m = stop - start
+            blocks = cov.reshape(m, k, m, k)
+            out[start:stop] = blocks[np.arange(m), :, np.arange(m), :]
         return out
 
     def ranef_frame(self) -> pd.DataFrame:
