@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
-from sksparse.cholmod import analyze
 
 from .design import CrossProducts
 from .errors import RankDeficientError
+from .factor import CholmodFactor, SchurFactor, schur_applicable
 from .relcov import RelativeCovariance
 
 __all__ = ["PenalizedSystem", "Evaluation", "Solution"]
@@ -31,6 +31,8 @@ LOG_2PI = float(np.log(2 * np.pi))
 TRIAL_FACTORIZATION_MAX_NNZ = 2_000_000
 # A simplicial factorization this fast is not worth a supernodal trial (whose first call costs more).
 FAST_FACTORIZATION_SECONDS = 0.002
+# SchurFactor holds the Schur complement of the columns after the first term as a dense q2 x q2 matrix.
+SCHUR_MAX_DENSE = 4000
 
 
 @dataclass(frozen=True)
@@ -74,15 +76,16 @@ class Solution:
 class PenalizedSystem:
     """Deviance of the model as a function of theta, from the cross-products and the term layout."""
 
-    def __init__(self, cross: CrossProducts, relcov: RelativeCovariance):
+    def __init__(self, cross: CrossProducts, relcov: RelativeCovariance, factorization: str | None = None):
+        """`factorization`: None to measure and pick, or force "simplicial", "supernodal" or "schur"."""
         if cross.ZtZ.shape[0] != relcov.q:
             raise ValueError(f"Z has {cross.ZtZ.shape[0]} columns but the terms describe {relcov.q}")
         self.cross = cross
         self.relcov = relcov
         self.n_evaluations = 0
         self._pairs, self._A = self._block_structure()
-        self.factorization_mode = None     # "simplicial" or "supernodal", set by the choice below
-        self._factor = self._choose_factorization()
+        self._factor = self._choose_factorization() if factorization is None else self._forced(factorization)
+        self.factorization_mode = self._factor.mode    # "simplicial", "supernodal" or "schur"
         self._factor_theta = None
 
     # -- structure, built once -------------------------------------------------------------------------
@@ -111,34 +114,43 @@ class PenalizedSystem:
         A = sp.csc_matrix((np.zeros(n_targets), marker.indices, marker.indptr), shape=ZtZ.shape)
         return pairs, A
 
+    def _forced(self, name: str):
+        if name in ("simplicial", "supernodal"):
+            return CholmodFactor(self._A, name)
+        n1, template1 = self.relcov.blocks[0]
+        if name == "schur" and schur_applicable(self._A, n1 * template1.k, template1.k):
+            return SchurFactor(self._A, n1 * template1.k, template1.k)
+        raise ValueError(f"factorization {name!r} is not available for this model (choose simplicial, supernodal"
+                         ", or schur when the first term's block is block diagonal)")
+
     def _choose_factorization(self):
-        """CHOLMOD's symbolic analysis (pattern only), in the faster of its two numeric modes.
+        """The fastest factorization of A + I for this pattern, measured rather than guessed.
 
         CHOLMOD's own rule (supernodal when flops / nnz(L) >= 40) misjudges crossed designs whose first factor
         has many small supernodes that each update a dense block: on the seed's crossed design simplicial took
-        0.6 ms and supernodal 5-8 ms per factorization. So: time simplicial; if it is already fast, keep it;
-        otherwise time supernodal too and keep the faster. Large systems go straight to supernodal (BLAS-3).
+        0.6 ms and supernodal 5-8 ms per factorization. So: time simplicial, and the exact elimination of the
+        first term with a dense Schur complement (SchurFactor) where that applies; time supernodal too when
+        simplicial is not already fast. Large systems go straight to CHOLMOD supernodal (BLAS-3).
         """
         if self._A.nnz > TRIAL_FACTORIZATION_MAX_NNZ:
-            self.factorization_mode = "supernodal"
-            return analyze(self._A, mode="supernodal")
+            return CholmodFactor(self._A, "supernodal")
         self._refactor_values(self.relcov.start())
-        simplicial = analyze(self._A, mode="simplicial")
-        t_simplicial = _time_refactorization(simplicial, self._A)
-        self.factorization_mode = "simplicial"
-        if t_simplicial < FAST_FACTORIZATION_SECONDS:
-            return simplicial
-        supernodal = analyze(self._A, mode="supernodal")
-        if _time_refactorization(supernodal, self._A) < t_simplicial:
-            self.factorization_mode = "supernodal"
-            return supernodal
-        return simplicial
+        candidates = [CholmodFactor(self._A, "simplicial")]
+        n1, template1 = self.relcov.blocks[0]
+        q1 = n1 * template1.k
+        if 0 < self.relcov.q - q1 <= SCHUR_MAX_DENSE and schur_applicable(self._A, q1, template1.k):
+            candidates.append(SchurFactor(self._A, q1, template1.k))
+        timings = [_time_refactorization(f, self._A) for f in candidates]
+        if timings[0] >= FAST_FACTORIZATION_SECONDS:
+            candidates.append(CholmodFactor(self._A, "supernodal"))
+            timings.append(_time_refactorization(candidates[-1], self._A))
+        return candidates[int(np.argmin(timings))]
 
     # -- evaluation --------------------------------------------------------------------------------------
 
     def _refactor(self, theta: np.ndarray) -> list[np.ndarray]:
         factors = self._refactor_values(theta)
-        self._factor.cholesky_inplace(self._A, beta=1.0)
+        self._factor.refactor(self._A)
         self._factor_theta = np.array(theta, dtype=float)
         return factors
 
@@ -161,7 +173,7 @@ class PenalizedSystem:
         self.n_evaluations += 1
         c = self.cross
         rhs = self.relcov.apply_transpose(factors, np.column_stack([c.ZtX, c.Zty]))
-        C = self._factor.solve_L(self._factor.apply_P(rhs), use_LDLt_decomposition=False)
+        C = self._factor.half_solve(rhs)
         RZX, cu = C[:, :c.p], C[:, c.p]
         RX = np.zeros((0, 0))
         cbeta = np.zeros(0)
@@ -211,8 +223,7 @@ class PenalizedSystem:
                                      "singular); check exog for collinear columns or refit from other start values")
         factors = self.relcov.factors(ev.theta)
         beta_work = la.solve_triangular(ev.RX, ev.cbeta, lower=False) if self.cross.p else np.zeros(0)
-        v = self._factor.solve_Lt(ev.cu - ev.RZX @ beta_work, use_LDLt_decomposition=False)
-        u = self._factor.apply_Pt(v)
+        u = self._factor.half_solve_t(ev.cu - ev.RZX @ beta_work)
         b = self.relcov.apply(factors, u)
         sigma2 = max(ev.r2, 0.0) / self.dof(reml)
         return Solution(ev.theta, beta_work + self.cross.beta_ols, u, b, sigma2, self.profiled_deviance(ev, reml), ev)
@@ -229,14 +240,14 @@ class PenalizedSystem:
         columns = np.asarray(columns, dtype=np.int64)
         E = np.zeros((self.relcov.q, columns.shape[0]))
         E[columns, np.arange(columns.shape[0])] = 1.0
-        W = self._factor.solve_A(self.relcov.apply_transpose(factors, E))
+        W = self._factor.solve(self.relcov.apply_transpose(factors, E))
         return self.relcov.apply(factors, W)[columns]
 
 
 def _time_refactorization(factor, A) -> float:
-    factor.cholesky_inplace(A, beta=1.0)      # the first call allocates; time the second
+    factor.refactor(A)      # the first call allocates; time the second
     t0 = time.perf_counter()
-    factor.cholesky_inplace(A, beta=1.0)
+    factor.refactor(A)
     return time.perf_counter() - t0
 
 

@@ -32,10 +32,14 @@ def _problem(seed=1, n=240):
     return X, y, terms
 
 
-def _system(X, y, terms, weights=None):
+FACTORIZATIONS = ["simplicial", "supernodal", "schur"]
+
+
+def _system(X, y, terms, weights=None, factorization=None):
     Z = assemble_Z(terms)
     rc = RelativeCovariance([(t.n_levels, t.template) for t in terms])
-    return PenalizedSystem(CrossProducts.compute(X, y, Z, weights=weights), rc), Z.toarray(), rc
+    system = PenalizedSystem(CrossProducts.compute(X, y, Z, weights=weights), rc, factorization=factorization)
+    return system, Z.toarray(), rc
 
 
 def _dense(X, y, Zd, rc, theta, reml, weights=None):
@@ -67,20 +71,22 @@ THETAS = [
 ]
 
 
+@pytest.mark.parametrize("factorization", FACTORIZATIONS)
 @pytest.mark.parametrize("reml", [False, True])
 @pytest.mark.parametrize("k", range(len(THETAS)))
-def test_deviance_matches_dense_marginal_likelihood(reml, k):
+def test_deviance_matches_dense_marginal_likelihood(reml, k, factorization):
     X, y, terms = _problem()
-    system, Zd, rc = _system(X, y, terms)
+    system, Zd, rc = _system(X, y, terms, factorization=factorization)
     theta = rc.start() if THETAS[k] is None else THETAS[k]
     expected = _dense(X, y, Zd, rc, theta, reml)[0]
     assert system.deviance(theta, reml) == pytest.approx(expected, rel=1e-11)
 
 
+@pytest.mark.parametrize("factorization", FACTORIZATIONS)
 @pytest.mark.parametrize("reml", [False, True])
-def test_solution_matches_dense_gls_and_blup(reml):
+def test_solution_matches_dense_gls_and_blup(reml, factorization):
     X, y, terms = _problem(seed=2)
-    system, Zd, rc = _system(X, y, terms)
+    system, Zd, rc = _system(X, y, terms, factorization=factorization)
     theta = THETAS[1]
     dev, beta, sigma2, b, condcov = _dense(X, y, Zd, rc, theta, reml)
     sol = system.solve(theta, reml)
@@ -92,10 +98,11 @@ def test_solution_matches_dense_gls_and_blup(reml):
                                rtol=1e-8, atol=1e-12)
 
 
-def test_prior_weights_match_dense_weighted_likelihood():
+@pytest.mark.parametrize("factorization", FACTORIZATIONS)
+def test_prior_weights_match_dense_weighted_likelihood(factorization):
     X, y, terms = _problem(seed=3)
     w = np.random.default_rng(3).uniform(0.5, 2.0, y.shape[0])
-    system, Zd, rc = _system(X, y, terms, weights=w)
+    system, Zd, rc = _system(X, y, terms, weights=w, factorization=factorization)
     theta = THETAS[1]
     # Var(y) = sigma^2 (W^{-1} + Z G Z'): the density of y, not of sqrt(w) y, so the dense value needs no
     # correction; the engine must account for the Jacobian itself.
@@ -145,3 +152,17 @@ def test_template_theta_order_is_lme4_column_major():
     T = tmpl.factor(np.arange(1.0, 7.0))
     np.testing.assert_array_equal(T, [[1, 0, 0], [2, 4, 0], [3, 5, 6]])
     np.testing.assert_array_equal(tmpl.theta_of(T), np.arange(1.0, 7.0))
+
+
+def test_schur_is_refused_when_the_first_term_links_levels():
+    # A variance component whose rows touch two columns: its Z'Z block is not block diagonal.
+    rng = np.random.default_rng(8)
+    n = 60
+    Z = np.zeros((n, 6))
+    Z[np.arange(n), rng.integers(0, 6, n)] = 1.0
+    Z[np.arange(n), rng.integers(0, 6, n)] += rng.normal(size=n)
+    term = RandomTerm("v", sp.csc_matrix(Z), 6, CovarianceTemplate.scalar(), tuple(range(6)), ("v",))
+    other = RandomTerm.from_codes("g", rng.integers(0, 4, n), np.ones(n), 4, CovarianceTemplate.scalar(), range(4),
+                                  ("1",))
+    with pytest.raises(ValueError, match="schur"):
+        _system(np.ones((n, 1)), rng.normal(size=n), [term, other], factorization="schur")
