@@ -23,6 +23,7 @@ from .design import CrossProducts
 from .errors import RankDeficientError
 from .factor import CholmodFactor, SchurFactor, schur_applicable
 from .relcov import RelativeCovariance
+from .threads import blas_threads, single_threaded
 
 __all__ = ["PenalizedSystem", "Evaluation", "Solution"]
 
@@ -31,8 +32,8 @@ LOG_2PI = float(np.log(2 * np.pi))
 TRIAL_FACTORIZATION_MAX_NNZ = 2_000_000
 # A simplicial factorization this fast is not worth a supernodal trial (whose first call costs more).
 FAST_FACTORIZATION_SECONDS = 0.002
-# SchurFactor holds the Schur complement of the columns after the first term as a dense q2 x q2 matrix.
-SCHUR_MAX_DENSE = 4000
+# A conservative rate for dense LAPACK work on this class of machine, used to skip hopeless trials.
+DENSE_FLOPS_PER_SECOND = 2e9
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,10 @@ class PenalizedSystem:
         self.relcov = relcov
         self.n_evaluations = 0
         self._pairs, self._A = self._block_structure()
-        self._factor = self._choose_factorization() if factorization is None else self._forced(factorization)
+        # Small systems run single-threaded (see threads.py): the timed choice below must see that setting too.
+        self.single_threaded = single_threaded(relcov.q)
+        with self.threads():
+            self._factor = self._choose_factorization() if factorization is None else self._forced(factorization)
         self.factorization_mode = self._factor.mode    # "simplicial", "supernodal" or "schur"
         self._factor_theta = None
 
@@ -114,6 +118,10 @@ class PenalizedSystem:
         A = sp.csc_matrix((np.zeros(n_targets), marker.indices, marker.indptr), shape=ZtZ.shape)
         return pairs, A
 
+    def threads(self):
+        """The BLAS-thread setting for work on this system (single-threaded when it is small)."""
+        return blas_threads(self.single_threaded)
+
     def _forced(self, name: str):
         if name in ("simplicial", "supernodal"):
             return CholmodFactor(self._A, name)
@@ -136,11 +144,14 @@ class PenalizedSystem:
             return CholmodFactor(self._A, "supernodal")
         self._refactor_values(self.relcov.start())
         candidates = [CholmodFactor(self._A, "simplicial")]
+        timings = [_time_refactorization(candidates[0], self._A)]
         n1, template1 = self.relcov.blocks[0]
-        q1 = n1 * template1.k
-        if 0 < self.relcov.q - q1 <= SCHUR_MAX_DENSE and schur_applicable(self._A, q1, template1.k):
+        q1, q2 = n1 * template1.k, self.relcov.q - n1 * template1.k
+        # Try the dense Schur complement only where its Cholesky (q2^3 / 3 flops) could beat simplicial: a
+        # trial of a 4000 x 4000 one cost a second on the seed's nested design in statsmodels' term order.
+        if 0 < q2 and q2 ** 3 / 3 / DENSE_FLOPS_PER_SECOND < timings[0] and schur_applicable(self._A, q1, template1.k):
             candidates.append(SchurFactor(self._A, q1, template1.k))
-        timings = [_time_refactorization(f, self._A) for f in candidates]
+            timings.append(_time_refactorization(candidates[-1], self._A))
         if timings[0] >= FAST_FACTORIZATION_SECONDS:
             candidates.append(CholmodFactor(self._A, "supernodal"))
             timings.append(_time_refactorization(candidates[-1], self._A))

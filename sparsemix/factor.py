@@ -23,6 +23,9 @@ from sksparse.cholmod import analyze
 
 __all__ = ["CholmodFactor", "SchurFactor", "schur_applicable"]
 
+DENSE_FILL = 0.2                  # A21 at least this full is handled as a dense matrix ...
+DENSE_W_MAX_ENTRIES = 20_000_000  # ... when it has at most this many entries (160 MB)
+
 
 class CholmodFactor:
     def __init__(self, A: sp.csc_matrix, mode: str):
@@ -71,7 +74,10 @@ class SchurFactor:
         self._indptr21 = np.concatenate([[0], np.cumsum(counts)])
         self._pos22 = np.flatnonzero(in22)
         self._r22, self._c22 = rows[in22] - q1, cols[in22] - q1
-        self._levels = np.arange(q1 // k1)
+        # W' = A21 L11^{-T} kept dense when A21 is mostly filled (crossed designs) and small: BLAS's syrk then
+        # forms W'W in 0.04 ms where scipy's sparse product took 1.6 ms (seed crossed design, 100 x 100).
+        self._dense_w = (self._pos21.size > DENSE_FILL * self.q1 * self.q2
+                         and self.q1 * self.q2 <= DENSE_W_MAX_ENTRIES)
 
     def refactor(self, A):
         d = A.data
@@ -81,11 +87,15 @@ class SchurFactor:
         blocks = np.tril(blocks) + np.transpose(np.tril(blocks, -1), (0, 2, 1)) + np.eye(k1)
         self._L11 = np.linalg.cholesky(blocks)                      # (n1, k1, k1), lower
         A21 = sp.csc_matrix((d[self._pos21], self._rows21, self._indptr21), shape=(self.q2, self.q1))
-        self._Wt = sp.csr_matrix(A21 @ self._block_inverse_transpose())   # W' = A21 L11^{-T}
         S = np.zeros((self.q2, self.q2))
         S[self._r22, self._c22] = d[self._pos22]
         S = S + np.tril(S, -1).T + np.eye(self.q2)
-        S -= (self._Wt @ self._Wt.T).toarray()
+        if self._dense_w:
+            self._Wt = np.asarray((A21 @ self._block_inverse_transpose()).todense())
+            S -= self._Wt @ self._Wt.T
+        else:
+            self._Wt = sp.csr_matrix(A21 @ self._block_inverse_transpose())   # W' = A21 L11^{-T}
+            S -= (self._Wt @ self._Wt.T).toarray()
         self._LS = la.cholesky(S, lower=True, check_finite=False)
 
     def _block_inverse_transpose(self) -> sp.csr_matrix:

@@ -19,25 +19,30 @@ from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance
 from .relcov import RelativeCovariance
 from .results import LmmFit
 from .terms import RandomTerm
+from .threads import blas_threads, single_threaded
 
 __all__ = ["build_system", "optimize_system", "build_fit", "fit_lmm"]
 
 
 def build_system(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=None) -> PenalizedSystem:
-    cross = CrossProducts.compute(X, y, assemble_Z(terms), weights=weights)
-    return PenalizedSystem(cross, RelativeCovariance([(t.n_levels, t.template) for t in terms]))
+    relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms])
+    with blas_threads(single_threaded(relcov.q)):
+        cross = CrossProducts.compute(X, y, assemble_Z(terms), weights=weights)
+        return PenalizedSystem(cross, relcov)
 
 
 def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None, free=None, maxiter=10_000,
                     gtol=1e-7, method=DEFAULT_OPTIMIZER, progress=None) -> OptimizationResult:
     start = system.relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
-    return minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
-                             free=free, maxiter=maxiter, gtol=gtol, method=method, progress=progress)
+    with system.threads():
+        return minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
+                                 free=free, maxiter=maxiter, gtol=gtol, method=method, progress=progress)
 
 
 def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None) -> LmmFit:
     free = np.ones(system.relcov.n_theta, bool) if free is None else np.asarray(free, bool)
-    fit = LmmFit(system, system.solve(opt.theta, reml), opt, reml, free)
+    with system.threads():
+        fit = LmmFit(system, system.solve(opt.theta, reml), opt, reml, free)
     if not fit.converged:
         warnings.warn(f"the optimizer ({opt.method}) did not converge after {opt.n_evaluations} deviance "
                       f"evaluations: {opt.message}. Try a larger maxiter, or other start_params.",

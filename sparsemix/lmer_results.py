@@ -120,7 +120,8 @@ class LmerResults:
         est = self.fit_result.beta
         se = np.sqrt(np.diag(self.fit_result.cov_beta))
         if ddf == "satterthwaite":
-            df = satterthwaite_df(self.fit_result, np.eye(est.size))
+            with self.fit_result.system.threads():
+                df = satterthwaite_df(self.fit_result, np.eye(est.size))
         elif ddf == "asymptotic":
             df = np.full(est.size, np.inf)
         else:
@@ -263,15 +264,18 @@ class LmerResults:
         if not self.reml:
             return self
         system = self.fit_result.system
-        opt = minimize_deviance(lambda th: system.deviance(th, False), self.fit_result.theta,
-                                system.relcov.lower_bounds, method=self.fit_result.optimization.method,
-                                initial_step=warm_step(self.fit_result.theta))
+        with system.threads():
+            opt = minimize_deviance(lambda th: system.deviance(th, False), self.fit_result.theta,
+                                    system.relcov.lower_bounds, method=self.fit_result.optimization.method,
+                                    initial_step=warm_step(self.fit_result.theta))
         return LmerResults(self.design, build_fit(system, opt, False))
 
     def profile(self, which=None, level: float = 0.95) -> ProfileResult:
         """lme4's profile(): the ML deviance profiled over each parameter (a REML fit is refitted by ML)."""
         ml = self.refit_ml()
-        return profile_fit(ml.fit_result, self.sdcor_names, list(self.design.fe_names), level=level, which=which)
+        with ml.fit_result.system.threads():
+            return profile_fit(ml.fit_result, self.sdcor_names, list(self.design.fe_names), level=level,
+                               which=which)
 
     def confint(self, method: str = "profile", level: float = 0.95, nsim: int = 500, seed=None, n_jobs=None,
                 which=None) -> pd.DataFrame:

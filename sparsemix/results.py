@@ -111,8 +111,9 @@ class LmmFit:
     @cached_property
     def cov_variance_parameters(self) -> np.ndarray:
         """Covariance of phi from the observed information (NaN where not estimable)."""
-        return variance_parameter_covariance(self.system, self.theta, self.sigma2, self.reml,
-                                             self.estimable_variance_parameters)
+        with self.system.threads():
+            return variance_parameter_covariance(self.system, self.theta, self.sigma2, self.reml,
+                                                 self.estimable_variance_parameters)
 
     def conditional_covariance(self, columns: np.ndarray) -> np.ndarray:
         """Var(b | y) for the given Z columns, at the estimates."""

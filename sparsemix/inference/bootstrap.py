@@ -69,6 +69,7 @@ def parametric_bootstrap(fit, X, terms, weights, nsim=500, seed=None, n_jobs=Non
     n_jobs = (os.cpu_count() or 1) if n_jobs is None else int(n_jobs)
     if n_jobs <= 1 or nsim < 2 * n_jobs:
         _init_worker(state)
-        return np.array([_replicate(s) for s in seeds])
+        with fit.system.threads():
+            return np.array([_replicate(s) for s in seeds])
     with ProcessPoolExecutor(max_workers=n_jobs, initializer=_init_worker, initargs=(state, True)) as pool:
         return np.array(list(pool.map(_replicate, seeds, chunksize=max(1, nsim // (4 * n_jobs)))))
