@@ -70,6 +70,7 @@ class SchurFactor:
         # A21 (q2 x q1) keeps A's CSC order: its entries are the tail of each of the first q1 columns.
         self._pos21 = np.flatnonzero(in21)
         self._rows21 = rows[in21] - q1
+        self._cols21 = cols[in21]
         counts = np.bincount(cols[in21], minlength=q1)
         self._indptr21 = np.concatenate([[0], np.cumsum(counts)])
         self._pos22 = np.flatnonzero(in22)
@@ -86,14 +87,22 @@ class SchurFactor:
         blocks[self._lvl11, self._i11, self._j11] = d[self._pos11]
         blocks = np.tril(blocks) + np.transpose(np.tril(blocks, -1), (0, 2, 1)) + np.eye(k1)
         self._L11 = np.linalg.cholesky(blocks)                      # (n1, k1, k1), lower
-        A21 = sp.csc_matrix((d[self._pos21], self._rows21, self._indptr21), shape=(self.q2, self.q1))
         S = np.zeros((self.q2, self.q2))
         S[self._r22, self._c22] = d[self._pos22]
         S = S + np.tril(S, -1).T + np.eye(self.q2)
         if self._dense_w:
-            self._Wt = np.asarray((A21 @ self._block_inverse_transpose()).todense())
+            # Plain numpy: scipy.sparse's per-call overhead was most of the 0.44 ms this step took.
+            dense21 = np.zeros((self.q2, self.q1))
+            dense21[self._rows21, self._cols21] = d[self._pos21]
+            if self.k1 == 1:
+                self._Wt = dense21 / self._L11[:, 0, 0][None, :]
+            else:
+                inv_t = np.transpose(np.linalg.inv(self._L11), (0, 2, 1))
+                self._Wt = np.einsum("rnj,nji->rni", dense21.reshape(self.q2, -1, self.k1), inv_t).reshape(
+                    self.q2, self.q1)
             S -= self._Wt @ self._Wt.T
         else:
+            A21 = sp.csc_matrix((d[self._pos21], self._rows21, self._indptr21), shape=(self.q2, self.q1))
             self._Wt = sp.csr_matrix(A21 @ self._block_inverse_transpose())   # W' = A21 L11^{-T}
             S -= (self._Wt @ self._Wt.T).toarray()
         self._LS = la.cholesky(S, lower=True, check_finite=False)

@@ -21,7 +21,7 @@ from .fitting import build_fit, build_system, optimize_system, warn_if_singular
 from .formula.lme4 import RandomSpec, parse_formula
 from .formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
 from .optimize import DEFAULT_OPTIMIZER, resolve_method
-from .terms import CovarianceTemplate, RandomTerm, indicator_matrix
+from .terms import CovarianceTemplate, RandomTerm, indicator_matrix, sorted_codes
 
 __all__ = ["lmer", "LmerDesign", "RankDeficiencyWarning"]
 
@@ -183,8 +183,8 @@ def group_codes(frame: pd.DataFrame, group: tuple[str, ...]):
         else:
             codes = codes * len(names) + c
             labels = [f"{a}:{b}" for a in labels for b in names]
-    present, codes = np.unique(codes, return_inverse=True)
-    return codes.ravel().astype(np.int64), tuple(labels[i] for i in present)
+    codes, present = sorted_codes(codes)
+    return codes, tuple(labels[i] for i in present)
 
 
 def _random_term(spec: RandomSpec, frame, env):

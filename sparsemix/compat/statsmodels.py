@@ -20,7 +20,7 @@ from ..errors import IgnoredArgumentWarning, InputError
 from ..fitting import build_fit, build_system, optimize_system, warn_if_singular
 from ..optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
-from ..terms import CovarianceTemplate, RandomTerm, VarianceComponent
+from ..terms import CovarianceTemplate, RandomTerm, VarianceComponent, sorted_codes
 from .params import MixedLMParams, VCSpec
 from .results import MixedLMResults
 
@@ -373,11 +373,11 @@ def _group_codes(values, missing):
             raise InputError("groups contains missing labels; pass missing='drop' or label every row.")
         values = np.where(pd.isna(values), "\uffff<missing>", values.astype(str))
     try:
-        labels, codes = np.unique(values, return_inverse=True)
+        codes, labels = sorted_codes(values)
     except TypeError:
         raise InputError("groups mixes label types that cannot be sorted (e.g. strings and numbers); convert "
                          "the labels to one type, e.g. groups.astype(str).") from None
-    return codes.astype(np.int64).ravel(), list(labels)
+    return codes, list(labels)
 
 
 def _rows_of_group(codes, n_groups) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ import patsy
 import scipy.sparse as sp
 
 from ..errors import FormulaError
-from ..terms import VarianceComponent, indicator_matrix
+from ..terms import VarianceComponent, indicator_matrix, sorted_codes
 
 __all__ = ["fixed_design", "random_design", "vc_from_formula", "formula_columns", "factor_codes",
            "indicator_variable"]
@@ -62,8 +62,8 @@ def factor_codes(values) -> tuple[np.ndarray, list, bool]:
     s = pd.Series(values)
     if isinstance(s.dtype, pd.CategoricalDtype):
         return s.cat.codes.to_numpy(np.int64), list(s.cat.categories), True
-    levels, codes = np.unique(s.to_numpy(), return_inverse=True)
-    return codes.astype(np.int64).ravel(), list(levels), False
+    codes, levels = sorted_codes(s.to_numpy())
+    return codes, list(levels), False
 
 
 def level_name(level) -> str:
@@ -107,7 +107,7 @@ def vc_from_formula(name: str, formula: str, data: pd.DataFrame, group_codes: np
             # patsy gives every group a column for every category (all zero where the group lacks it).
             present, column = np.arange(n_groups * n_levels), pair
         else:
-            present, column = np.unique(pair, return_inverse=True)
+            column, present = sorted_codes(pair)
         n = len(codes)
         Z = sp.csc_matrix((np.ones(n), (np.arange(n), column.ravel())), shape=(n, present.size))
         column_group, level_of_column = np.divmod(present, n_levels)
