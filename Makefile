@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # supernodal factorization about 3.4x slower.
 DEBIAN_PACKAGES := libsuitesparse-dev libopenblas0-pthread
 
-.PHONY: demo test bench system-deps clean
+.PHONY: demo test bench compare system-deps clean
 
 demo: $(STAMP)
 	$(BIN)/python examples/variance_components.py
@@ -21,6 +21,10 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	cd asv_bench && ../$(BIN)/asv machine --yes >/dev/null && \
 		../$(BIN)/asv run --quick --python=same --show-stderr --set-commit-hash=$$(git rev-parse HEAD)
+
+# Side by side with statsmodels (and lme4 through Rscript, when R and lme4 are installed): docs/performance.md
+compare: $(STAMP)
+	$(BIN)/python asv_bench/compare/compare.py --suite all --reps 7 --output docs/performance.md
 
 system-deps:
 	@missing=""; \

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -143,15 +144,51 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-statsmodels", action="store_true")
-    ap.add_argument("--suite", choices=["seed", "reference"], default="seed",
+    ap.add_argument("--suite", choices=["seed", "reference", "all"], default="seed",
                     help="seed: the notebook designs with three libraries; reference: every lme4 fixture model")
+    ap.add_argument("--output", help="also write the tables, with the machine and versions, to this Markdown file")
     args = ap.parse_args(argv)
-    if args.suite == "reference":
+    sections = []
+    if args.suite in ("seed", "all"):
+        sections.append(("Seed designs: sparsemix, statsmodels, lme4", run_seed(args)))
+    if args.suite in ("reference", "all"):
         if shutil.which("Rscript") is None:
-            print("lme4 not available (Rscript not found): the reference suite compares with lme4 only.")
-            return None
-        print(run_reference(args.reps))
-        return None
+            sections.append(("lme4 reference models", "lme4 not available (Rscript not found): skipped."))
+        else:
+            sections.append(("lme4 reference models: sparsemix.lmer and lme4::lmer", run_reference(args.reps)))
+    for title, table in sections:
+        print(f"## {title}\n\n{table}\n")
+    if args.output:
+        Path(args.output).write_text(_report(sections))
+    return sections
+
+
+R_VERSION = ["Rscript", "-e", 'cat(R.version.string, "; lme4", as.character(packageVersion("lme4")))']
+
+
+def _report(sections) -> str:
+    import platform
+    import subprocess as sp_
+
+    def version(cmd):
+        try:
+            return sp_.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+        except OSError:
+            return "n/a"
+    head = ["# Performance", "",
+            "Written by `make compare` (`asv_bench/compare/compare.py --suite all`): every library fits the same "
+            "models from the same data frame, side by side in one run on the same machine; ratios are what to "
+            "read, since the machines are shared and absolute seconds move from run to run.", "",
+            f"* date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {version(['git', 'rev-parse', '--short', 'HEAD'])}",
+            f"* machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+            f"* python {platform.python_version()}; sparsemix {sparsemix.__version__}; "
+            f"R and lme4: {version(R_VERSION) or 'n/a'}",
+            ""]
+    body = [f"## {title}\n\n{table}\n" for title, table in sections]
+    return "\n".join(head + body)
+
+
+def run_seed(args):
     have_r = shutil.which("Rscript") is not None
     try:
         import statsmodels.api as statsmodels
@@ -174,8 +211,7 @@ def main(argv=None):
                 lme4 = time_lme4(case, args.reps, workdir)
                 row["lme4_s"], row["lme4_llf"], row["lme4_blas"] = lme4["seconds"], lme4["logLik"], lme4["blas"]
             rows.append(row)
-    print(render(rows, args.reps, notes))
-    return rows
+    return render(rows, args.reps, notes)
 
 
 def render(rows, reps, notes):
