@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["generate_nested", "generate_crossed", "seed_datasets", "NOTEBOOK_SEED"]
+__all__ = ["generate_nested", "generate_crossed", "generate_crossed_slopes", "seed_datasets", "NOTEBOOK_SEED"]
 
 NOTEBOOK_SEED = 3123
 
@@ -54,3 +54,20 @@ def seed_datasets(seed: int = NOTEBOOK_SEED) -> tuple[pd.DataFrame, pd.DataFrame
     nested = generate_nested(rng=rng)
     crossed = generate_crossed(rng=rng)
     return nested, crossed
+
+
+def generate_crossed_slopes(n: int = 1_000_000, n_a: int = 50_000, n_b: int = 1_000, seed: int = 2026) -> pd.DataFrame:
+    """The performance suite's synthetic crossed design with random slopes: y ~ 1 + x + (1 + x | a) + (1 | b).
+
+    Levels are drawn uniformly (every level of a appears about n / n_a times); true values: intercept 1, slope
+    0.5, sd(a intercept) 1, sd(a slope) 0.5, correlation 0.3, sd(b) 0.7, residual sd 1.
+    """
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, n_a, n)
+    b = rng.integers(0, n_b, n)
+    x = rng.normal(size=n)
+    cov = np.array([[1.0, 0.3 * 0.5], [0.3 * 0.5, 0.25]])
+    u = rng.multivariate_normal([0.0, 0.0], cov, size=n_a)
+    v = 0.7 * rng.normal(size=n_b)
+    y = 1.0 + 0.5 * x + u[a, 0] + u[a, 1] * x + v[b] + rng.normal(size=n)
+    return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})

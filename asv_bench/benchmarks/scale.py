@@ -1,0 +1,68 @@
+"""Scale benchmarks: crossed random slopes at growing n, and the cost of one deviance evaluation as n grows.
+
+The cost of an evaluation must not depend on n once the cross-products exist: `DevianceVersusRows` keeps the
+levels fixed and multiplies the rows by 10. The 1,000,000-row fit of the performance issue is slow (tens of
+seconds) and runs only when SPARSEMIX_BENCH_SLOW=1 is set.
+"""
+import os
+
+import numpy as np
+import pandas as pd
+
+import sparsemix
+from sparsemix.datasets import generate_crossed_slopes
+
+SLOW = os.environ.get("SPARSEMIX_BENCH_SLOW") == "1"
+FORMULA = "y ~ 1 + x + (1 + x | a) + (1 | b)"
+
+
+class CrossedSlopesFit:
+    """y ~ 1 + x + (1 + x | a) + (1 | b) with n / 20 levels of a and 1,000 of b."""
+
+    params = [100_000, 1_000_000]
+    param_names = ["n"]
+    timeout = 1800
+
+    def setup(self, n):
+        if n >= 1_000_000 and not SLOW:
+            raise NotImplementedError("set SPARSEMIX_BENCH_SLOW=1 for the 1,000,000-row fit")
+        self.data = generate_crossed_slopes(n=n, n_a=n // 20, n_b=1_000)
+
+    def time_fit(self, n):
+        sparsemix.lmer(FORMULA, self.data)
+
+    def peakmem_fit(self, n):
+        sparsemix.lmer(FORMULA, self.data)
+
+    def track_deviance_evaluations(self, n):
+        return sparsemix.lmer(FORMULA, self.data).n_evaluations
+
+    track_deviance_evaluations.unit = "evaluations"
+
+
+def replicated(data, times, seed=0):
+    """`times` copies of the rows' (a, b) pairs with fresh x and y: the same Z'Z pattern with times x the rows.
+    (Adding rows with new pairs instead would fill Z'Z and make the system itself larger.)"""
+    rng = np.random.default_rng(seed)
+    reps = [data] + [data.assign(x=rng.normal(size=len(data))) for _ in range(times - 1)]
+    out = pd.concat(reps, ignore_index=True)
+    out["y"] = out["y"] + rng.normal(size=len(out))
+    return out
+
+
+class DevianceVersusRows:
+    """Same levels and the same Z'Z pattern (2,000 x 200 levels), 10x the rows: one evaluation's time should
+    not change, since it only touches the cross-products."""
+
+    params = [1, 10]
+    param_names = ["copies"]
+
+    def setup(self, copies):
+        data = replicated(generate_crossed_slopes(n=50_000, n_a=2_000, n_b=200), copies)
+        model = sparsemix.lmer(FORMULA, data)
+        self.system = model.fit_result.system
+        self.theta = model.theta
+
+    def time_deviance(self, copies):
+        with self.system.threads():
+            self.system.deviance(self.theta, True)
