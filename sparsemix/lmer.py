@@ -21,6 +21,7 @@ from .fitting import build_fit, build_system, optimize_system, warn_if_singular
 from .formula.lme4 import RandomSpec, parse_formula
 from .formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
 from .optimize import DEFAULT_OPTIMIZER, resolve_method
+from .progress import ProgressPrinter
 from .terms import CovarianceTemplate, RandomTerm, indicator_matrix, sorted_codes
 
 __all__ = ["lmer", "LmerDesign", "RankDeficiencyWarning"]
@@ -68,16 +69,22 @@ class LmerDesign:
 
 
 def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offset=None, start=None,
-         optimizer: str = DEFAULT_OPTIMIZER, maxiter: int = 10_000, progress=None, eval_env=None):
+         optimizer: str = DEFAULT_OPTIMIZER, maxiter: int = 10_000, progress=None, verbose: bool = False,
+         eval_env=None):
     """Fit a linear mixed model written in lme4's formula language.
 
     weights: prior weights (a column name or an array), as lme4's `weights`: residual variance sigma^2 / w.
     offset: a column name or an array added to the linear predictor.
     Rows with missing values in any variable the model uses are dropped (lme4's na.omit); see `n_dropped`.
+    verbose: print the optimizer's progress (evaluations, deviance, elapsed) to standard error, at most once a
+    second; `progress` takes any callable(evaluation, deviance, seconds) instead. The log is kept either way
+    (`results.fit_log`).
     """
     from .lmer_results import LmerResults   # results import this module's design types
 
     env = patsy.EvalEnvironment.capture(1) if eval_env is None else eval_env
+    if verbose and progress is None:
+        progress = ProgressPrinter()
     design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
     system = design.system()
     opt = optimize_system(system, reml=bool(reml), start_theta=start, method=resolve_method(optimizer),

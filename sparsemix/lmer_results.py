@@ -109,6 +109,11 @@ class LmerResults:
         return out
 
     @property
+    def fit_log(self):
+        """The optimizer's improvements: evaluation, deviance and elapsed seconds (a DataFrame)."""
+        return self.fit_result.fit_log
+
+    @property
     def is_singular(self) -> bool:
         return self.fit_result.is_singular
 

@@ -66,6 +66,12 @@ class LmmFit:
     def converged(self) -> bool:
         return self.optimization.converged
 
+    @property
+    def fit_log(self):
+        """The optimizer's improvements: a DataFrame of evaluation, deviance and elapsed seconds."""
+        import pandas as pd
+        return pd.DataFrame(list(self.optimization.log), columns=["evaluation", "deviance", "seconds"])
+
     @cached_property
     def singular(self) -> np.ndarray:
         """theta indices of template diagonal entries estimated at zero (lme4's isSingular)."""

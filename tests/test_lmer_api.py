@@ -219,3 +219,16 @@ def test_theta_names_follow_lme4_for_split_terms():
 def test_predict_names_a_missing_grouping_column(fm1):
     with pytest.raises(sm.InputError, match="'Subject'"):
         fm1.predict(pd.DataFrame({"Days": [3.0]}))
+
+
+def test_fit_log_and_verbose_progress(capsys):
+    m = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP, verbose=True)
+    log = m.fit_log
+    assert list(log.columns) == ["evaluation", "deviance", "seconds"]
+    assert np.all(np.diff(log.deviance) < 0) and np.all(np.diff(log.seconds) >= 0)
+    assert log.deviance.iloc[-1] == pytest.approx(m.deviance, rel=1e-12)
+    assert log.evaluation.iloc[-1] <= m.n_evaluations
+    err = capsys.readouterr().err
+    assert err.startswith("sparsemix: evaluation     1  deviance")
+    quiet = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP)
+    assert capsys.readouterr().err == "" and len(quiet.fit_log) == len(log)

@@ -77,6 +77,11 @@ class MixedLMResults:
     # -- estimates ---------------------------------------------------------------------------------------
 
     @property
+    def fit_log(self):
+        """The optimizer's improvements: evaluation, deviance and elapsed seconds (a DataFrame)."""
+        return self.fit_result.fit_log
+
+    @property
     def fe_params(self):
         return self._series(self._fe, self.model.exog_names)
 
