@@ -9,7 +9,7 @@ import pandas as pd
 from .errors import InputError, MissingDataError, RankDeficientError
 
 __all__ = [
-    "require_columns", "as_numeric_vector", "as_numeric_matrix", "check_finite", "check_not_empty",
+    "require_columns", "as_numeric_vector", "as_numeric_matrix", "check_finite", "check_complete", "check_not_empty",
     "check_length", "check_full_rank", "check_levels",
 ]
 
@@ -67,6 +67,16 @@ def check_finite(arr: np.ndarray, name: str, missing_hint: bool = True) -> None:
                 if missing_hint else " Remove or replace those values.")
         raise MissingDataError(f"{name} contains {kind} values in {rows.size} row(s) (first at row "
                                f"{rows[0]}).{hint}")
+
+
+def check_complete(values: pd.Series, name: str) -> None:
+    """A data column used by a formula: no missing values; numeric columns also no infinities."""
+    missing = np.flatnonzero(values.isna().to_numpy())
+    if missing.size:
+        raise MissingDataError(f"{name} contains missing values in {missing.size} row(s) (first at row "
+                               f"{missing[0]}). Pass missing='drop' to drop incomplete rows, or fill them first.")
+    if pd.api.types.is_numeric_dtype(values):
+        check_finite(values.to_numpy(dtype=float), name, missing_hint=False)
 
 
 def check_length(arr, n: int, name: str, reference: str = "endog") -> None:

@@ -473,10 +473,6 @@ def _regroup(codes, labels, vcs):
 
 def _check_formula_data(data, used, group_values, group_name):
     for col in used:
-        values = data[col]
-        if values.isna().any():
-            checks.check_finite(np.where(values.isna(), np.nan, 0.0), f"column {col!r}")
-        if pd.api.types.is_numeric_dtype(values) and not np.isfinite(values.to_numpy(float)).all():
-            checks.check_finite(values.to_numpy(float), f"column {col!r}", missing_hint=False)
+        checks.check_complete(data[col], f"column {col!r}")
     if pd.isna(group_values).any():
         raise InputError(f"groups ({group_name!r}) has missing labels; pass missing='drop' or label every row.")
