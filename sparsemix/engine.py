@@ -60,6 +60,11 @@ class Evaluation:
     cbeta: np.ndarray
     r2: float               # penalized residual sum of squares
 
+    @property
+    def feasible(self) -> bool:
+        """False where X'V^{-1}X was lost to rounding (theta far too large): no deviance, no solution."""
+        return bool(np.isfinite(self.logdet_RX2))
+
 
 @dataclass(frozen=True)
 class Solution:
@@ -210,7 +215,7 @@ class PenalizedSystem:
         return self.profiled_deviance(self.evaluate(theta), reml)
 
     def profiled_deviance(self, ev: Evaluation, reml: bool) -> float:
-        if not np.isfinite(ev.logdet_RX2):
+        if not ev.feasible:
             return np.inf
         nu = self.dof(reml)
         r2 = ev.r2 if ev.r2 > 0 else np.finfo(float).tiny  # an interpolating fit: r2 underflows, deviance -> -inf
@@ -220,7 +225,7 @@ class PenalizedSystem:
     def deviance_at_sigma2(self, theta, sigma2: float, reml: bool) -> float:
         """The same criterion with sigma^2 given rather than profiled (beta still profiled)."""
         ev = self.evaluate(theta)
-        if not np.isfinite(ev.logdet_RX2):
+        if not ev.feasible:
             return np.inf
         nu = self.dof(reml)
         dev = ev.logdet_L2 + nu * (LOG_2PI + np.log(sigma2)) + ev.r2 / sigma2 - self.cross.sum_log_weights
@@ -229,7 +234,7 @@ class PenalizedSystem:
     def solve(self, theta, reml: bool) -> Solution:
         """Fixed effects, conditional modes and sigma^2 at theta."""
         ev = self.evaluate(theta)
-        if not np.isfinite(ev.logdet_RX2):
+        if not ev.feasible:
             raise RankDeficientError("the fixed effects are not estimable at this theta (X'V^{-1}X is numerically "
                                      "singular); check exog for collinear columns or refit from other start values")
         factors = self.relcov.factors(ev.theta)

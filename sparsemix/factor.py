@@ -97,9 +97,8 @@ class SchurFactor:
             if self.k1 == 1:
                 self._Wt = dense21 / self._L11[:, 0, 0][None, :]
             else:
-                inv_t = np.transpose(np.linalg.inv(self._L11), (0, 2, 1))
-                self._Wt = np.einsum("rnj,nji->rni", dense21.reshape(self.q2, -1, self.k1), inv_t).reshape(
-                    self.q2, self.q1)
+                self._Wt = np.einsum("rnj,nji->rni", dense21.reshape(self.q2, -1, self.k1),
+                                     self._inverse_transposes()).reshape(self.q2, self.q1)
             S -= self._Wt @ self._Wt.T
         else:
             A21 = sp.csc_matrix((d[self._pos21], self._rows21, self._indptr21), shape=(self.q2, self.q1))
@@ -107,9 +106,12 @@ class SchurFactor:
             S -= (self._Wt @ self._Wt.T).toarray()
         self._LS = la.cholesky(S, lower=True, check_finite=False)
 
+    def _inverse_transposes(self) -> np.ndarray:
+        """L11_l^{-T} for every level l: (n1, k1, k1)."""
+        return np.transpose(np.linalg.inv(self._L11), (0, 2, 1))
+
     def _block_inverse_transpose(self) -> sp.csr_matrix:
-        inv = np.linalg.inv(self._L11)                              # lower-triangular inverses
-        inv_t = np.transpose(inv, (0, 2, 1))
+        inv_t = self._inverse_transposes()
         if self.k1 == 1:
             return sp.diags(inv_t[:, 0, 0], format="csr")
         return sp.block_diag(list(inv_t), format="csr")

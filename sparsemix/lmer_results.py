@@ -8,8 +8,8 @@ import pandas as pd
 from scipy import stats
 
 from .errors import InputError
-from .fitting import build_fit
-from .optimize import minimize_deviance, warm_step
+from .fitting import build_fit, optimize_system
+from .optimize import warm_step
 from .inference.bootstrap import parametric_bootstrap, simulate_responses
 from .inference.profile import ProfileResult, profile_fit
 from .inference.satterthwaite import satterthwaite_df
@@ -268,11 +268,9 @@ class LmerResults:
         """The same model fitted by maximum likelihood (reuses the cross-products and the factorization)."""
         if not self.reml:
             return self
-        system = self.fit_result.system
-        with system.threads():
-            opt = minimize_deviance(lambda th: system.deviance(th, False), self.fit_result.theta,
-                                    system.relcov.lower_bounds, method=self.fit_result.optimization.method,
-                                    initial_step=warm_step(self.fit_result.theta))
+        system, theta = self.fit_result.system, self.fit_result.theta
+        opt = optimize_system(system, reml=False, start_theta=theta, method=self.fit_result.optimization.method,
+                              initial_step=warm_step(theta))
         return LmerResults(self.design, build_fit(system, opt, False))
 
     def profile(self, which=None, level: float = 0.95) -> ProfileResult:

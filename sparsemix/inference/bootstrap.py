@@ -14,7 +14,8 @@ import numpy as np
 
 from ..design import assemble_Z
 from ..engine import PenalizedSystem
-from ..optimize import minimize_deviance, warm_step
+from ..fitting import optimize_system
+from ..optimize import warm_step
 from .sdcor import sdcor_of
 
 __all__ = ["parametric_bootstrap", "simulate_responses"]
@@ -54,8 +55,7 @@ def _replicate(seed_seq) -> np.ndarray:
     y = simulate_responses(w["X"], w["Z"], w["relcov"], w["theta"], w["beta"], w["sigma"], w["weights"], rng, 1)[:, 0]
     system = w["system"]
     system.cross = w["cross"].with_response(w["X"], w["Z"], y, w["weights"])
-    opt = minimize_deviance(lambda th: system.deviance(th, w["reml"]), w["theta"], w["relcov"].lower_bounds,
-                            initial_step=warm_step(w["theta"]))
+    opt = optimize_system(system, reml=w["reml"], start_theta=w["theta"], initial_step=warm_step(w["theta"]))
     sol = system.solve(opt.theta, w["reml"])
     return np.concatenate([sdcor_of(w["relcov"], opt.theta, np.sqrt(sol.sigma2)), sol.beta])
 

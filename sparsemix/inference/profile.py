@@ -15,6 +15,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 from ..engine import PenalizedSystem
+from ..fitting import optimize_system
 from ..optimize import minimize_deviance, warm_step
 from .sdcor import sdcor_bounds, sdcor_of, theta_of_sdcor
 
@@ -78,8 +79,7 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
 
         def dev_at(b, start, j=j, fixed_system=fixed_system):
             fixed_system.cross = _offset_cross(system, j, b)
-            opt = minimize_deviance(lambda th: fixed_system.deviance(th, False), start[:-1],
-                                    relcov.lower_bounds, initial_step=warm_step(start[:-1]))
+            opt = optimize_system(fixed_system, reml=False, start_theta=start[:-1], initial_step=warm_step(start[:-1]))
             return opt.deviance, np.append(opt.theta, 0.0)
 
         start = np.append(ml_fit.theta, 0.0)
