@@ -32,8 +32,11 @@ LOG_2PI = float(np.log(2 * np.pi))
 TRIAL_FACTORIZATION_MAX_NNZ = 2_000_000
 # A simplicial factorization this fast is not worth a supernodal trial (whose first call costs more).
 FAST_FACTORIZATION_SECONDS = 0.002
-# A conservative rate for dense LAPACK work on this class of machine, used to skip hopeless trials.
-DENSE_FLOPS_PER_SECOND = 2e9
+# A rate for dense LAPACK Cholesky, used to skip hopeless trials of the Schur form (one core measured 31e9:
+# a 1,156 x 1,156 factor in 16.5 ms; a slower machine only makes the trial a little wasted work).
+DENSE_FLOPS_PER_SECOND = 2e10
+# The Schur form holds two dense q2 x q2 matrices: at most 10,000 columns (1.6 GB).
+SCHUR_MAX_COLUMNS = 10_000
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class PenalizedSystem:
         with self.threads():
             self._factor = self._choose_factorization() if factorization is None else self._forced(factorization)
         self.factorization_mode = self._factor.mode    # "simplicial", "supernodal" or "schur"
+        self.single_threaded = single_threaded(relcov.q, self.factorization_mode)
         self._factor_theta = None
 
     # -- structure, built once -------------------------------------------------------------------------
@@ -132,7 +136,7 @@ class PenalizedSystem:
             return CholmodFactor(self._A, name)
         n1, template1 = self.relcov.blocks[0]
         if name == "schur" and schur_applicable(self._A, n1 * template1.k, template1.k):
-            return SchurFactor(self._A, n1 * template1.k, template1.k)
+            return SchurFactor(self._A, self.cross.ZtZ, self.relcov)
         raise ValueError(f"factorization {name!r} is not available for this model (choose simplicial, supernodal"
                          ", or schur when the first term's block is block diagonal)")
 
@@ -141,32 +145,46 @@ class PenalizedSystem:
 
         CHOLMOD's own rule (supernodal when flops / nnz(L) >= 40) misjudges crossed designs whose first factor
         has many small supernodes that each update a dense block: on the seed's crossed design simplicial took
-        0.6 ms and supernodal 5-8 ms per factorization. So: time simplicial, and the exact elimination of the
-        first term with a dense Schur complement (SchurFactor) where that applies; time supernodal too when
-        simplicial is not already fast. Large systems go straight to CHOLMOD supernodal (BLAS-3).
+        0.6 ms and supernodal 5-8 ms per factorization, and on InstEval the Schur form took 24 ms where
+        supernodal took 47 and simplicial 88. So: time simplicial (small systems), the exact elimination of the
+        first term with a dense Schur complement (SchurFactor) where that applies and could win, and supernodal
+        unless simplicial is already fast.
         """
-        if self._A.nnz > TRIAL_FACTORIZATION_MAX_NNZ:
-            return CholmodFactor(self._A, "supernodal")
-        self._refactor_values(self.relcov.start())
-        candidates = [CholmodFactor(self._A, "simplicial")]
-        timings = [_time_refactorization(candidates[0], self._A)]
-        n1, template1 = self.relcov.blocks[0]
-        q1, q2 = n1 * template1.k, self.relcov.q - n1 * template1.k
-        # Try the dense Schur complement only where its Cholesky (q2^3 / 3 flops) could beat simplicial: a
-        # trial of a 4000 x 4000 one cost a second on the seed's nested design in statsmodels' term order.
-        if 0 < q2 and q2 ** 3 / 3 / DENSE_FLOPS_PER_SECOND < timings[0] and schur_applicable(self._A, q1, template1.k):
-            candidates.append(SchurFactor(self._A, q1, template1.k))
-            timings.append(_time_refactorization(candidates[-1], self._A))
-        if timings[0] >= FAST_FACTORIZATION_SECONDS:
+        factors = self._refactor_values(self.relcov.start())
+        small = self._A.nnz <= TRIAL_FACTORIZATION_MAX_NNZ
+        candidates = [CholmodFactor(self._A, "simplicial")] if small else []
+        timings = [_time_refactorization(candidates[0], self._A, factors)] if small else []
+        schur = self._schur_candidate(timings[0] if small else np.inf, allow_sparse_update=small)
+        if schur is not None:
+            candidates.append(schur)
+            timings.append(_time_refactorization(schur, self._A, factors))
+        # On large systems a Schur form with the pair map beats supernodal wherever we measured (1,000,000-row
+        # slopes design: 82 vs 230 ms per factorization), and supernodal's analysis alone took 3.5 s there.
+        if (not small and schur is None) or (small and timings[0] >= FAST_FACTORIZATION_SECONDS):
             candidates.append(CholmodFactor(self._A, "supernodal"))
-            timings.append(_time_refactorization(candidates[-1], self._A))
-        return candidates[int(np.argmin(timings))]
+            if len(candidates) > 1:     # a lone candidate needs no trial (a large one costs seconds)
+                timings.append(_time_refactorization(candidates[-1], self._A, factors))
+        return candidates[int(np.argmin(timings))] if len(candidates) > 1 else candidates[0]
+
+    def _schur_candidate(self, time_to_beat: float, allow_sparse_update: bool):
+        """A SchurFactor worth a trial, or None: its dense q2 x q2 Cholesky must be able to beat `time_to_beat`
+        and fit in memory, and on large systems its update must be the precomputed pair map (scipy's sparse
+        product of W'W would hold the whole dense fill as a sparse matrix)."""
+        n1, template1 = self.relcov.blocks[0]
+        q1 = n1 * template1.k
+        q2 = self.relcov.q - q1
+        if not 0 < q2 <= SCHUR_MAX_COLUMNS or q2 ** 3 / 3 / DENSE_FLOPS_PER_SECOND >= time_to_beat:
+            return None
+        if not schur_applicable(self._A, q1, template1.k):
+            return None
+        schur = SchurFactor(self._A, self.cross.ZtZ, self.relcov)
+        return schur if allow_sparse_update or schur.update != "sparse" else None
 
     # -- evaluation --------------------------------------------------------------------------------------
 
     def _refactor(self, theta: np.ndarray) -> list[np.ndarray]:
         factors = self._refactor_values(theta)
-        self._factor.refactor(self._A)
+        self._factor.refactor(self._A, factors)
         self._factor_theta = np.array(theta, dtype=float)
         return factors
 
@@ -268,10 +286,10 @@ def _sandwich(Tt: np.ndarray, blocks: np.ndarray, Ts: np.ndarray) -> np.ndarray:
     return (right.transpose(0, 2, 1).reshape(m * ks, kt) @ Tt).reshape(m, ks, kt).transpose(0, 2, 1)
 
 
-def _time_refactorization(factor, A) -> float:
-    factor.refactor(A)      # the first call allocates; time the second
+def _time_refactorization(factor, A, factors) -> float:
+    factor.refactor(A, factors)      # the first call allocates; time the second
     t0 = time.perf_counter()
-    factor.refactor(A)
+    factor.refactor(A, factors)
     return time.perf_counter() - t0
 
 

@@ -2,7 +2,7 @@
 
 Both classes offer the operations the engine needs, with L L' = P (A + I) P':
 
-    refactor(A)       new values, same pattern
+    refactor(A, T)    new values, same pattern (T: the templates of Lambda, which SchurFactor uses)
     logdet()          log |A + I|
     half_solve(B)     L^{-1} P B
     half_solve_t(C)   P' L^{-T} C
@@ -21,10 +21,14 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from sksparse.cholmod import analyze
 
+from .threads import dense_threads
+
 __all__ = ["CholmodFactor", "SchurFactor", "schur_applicable"]
 
 DENSE_FILL = 0.2                  # A21 at least this full is handled as a dense matrix ...
 DENSE_W_MAX_ENTRIES = 20_000_000  # ... when it has at most this many entries (160 MB)
+PAIR_OPERATOR_MAX_ENTRIES = 60_000_000  # the precomputed Schur update map: 8-12 bytes each (under 600 MB)
+PAIR_CHUNK = 2_000_000                  # pairs enumerated at a time while building it
 
 
 class CholmodFactor:
@@ -32,7 +36,7 @@ class CholmodFactor:
         self.mode = mode
         self._f = analyze(A, mode=mode)
 
-    def refactor(self, A):
+    def refactor(self, A, factors=None):
         self._f.cholesky_inplace(A, beta=1.0)
 
     def logdet(self) -> float:
@@ -56,11 +60,27 @@ def schur_applicable(A: sp.csc_matrix, q1: int, k1: int) -> bool:
 
 
 class SchurFactor:
+    """Exact elimination of the first term, dense Cholesky of the Schur complement of the other q2 columns.
+
+    With M_l = A11_l + I the l-th diagonal block of the first term (k1 x k1) and L11_l its Cholesky factor:
+
+        S = A22 + I - A21 M^{-1} A12,     L L' = [[L11, 0], [A21 L11^{-T}, L_S]],  L_S L_S' = S
+
+    The update A21 M^{-1} A12 is the costly step. It is computed one of three ways, chosen once:
+    "dense": A21 L11^{-T} as a dense matrix and one BLAS syrk (small, mostly filled A21: crossed seed designs);
+    "pairs": a fixed linear map of the per-level matrices H_l = T1 M_l^{-1} T1' (see PairOperator), one sparse
+    matrix-vector product per evaluation; "sparse": scipy's sparse product (when the map would be too large).
+    """
+
     mode = "schur"
 
-    def __init__(self, A: sp.csc_matrix, q1: int, k1: int):
+    def __init__(self, A: sp.csc_matrix, ZtZ: sp.spmatrix, relcov, update: str = "auto"):
+        n1, template1 = relcov.blocks[0]
         q = A.shape[0]
-        self.q1, self.k1, self.q2 = q1, k1, q - q1
+        self.k1 = k1 = template1.k
+        self.q1 = q1 = n1 * k1
+        self.q2 = q - q1
+        self._rest = relcov.__class__(relcov.blocks[1:])          # Lambda_2: the terms after the first
         rows, cols = _coordinates(A)
         in11 = (rows < q1) & (cols < q1)
         in21 = (rows >= q1) & (cols < q1)
@@ -75,36 +95,67 @@ class SchurFactor:
         self._indptr21 = np.concatenate([[0], np.cumsum(counts)])
         self._pos22 = np.flatnonzero(in22)
         self._r22, self._c22 = rows[in22] - q1, cols[in22] - q1
-        # W' = A21 L11^{-T} kept dense when A21 is mostly filled (crossed designs) and small: BLAS's syrk then
-        # forms W'W in 0.04 ms where scipy's sparse product took 1.6 ms (seed crossed design, 100 x 100).
-        self._dense_w = (self._pos21.size > DENSE_FILL * self.q1 * self.q2
-                         and self.q1 * self.q2 <= DENSE_W_MAX_ENTRIES)
+        if update not in ("auto", "dense", "pairs", "sparse"):
+            raise ValueError(f"unknown Schur update {update!r}: use auto, dense, pairs or sparse")
+        pairs = None if update in ("dense", "sparse") else PairOperator(sp.csc_matrix(ZtZ[q1:, :q1]), n1, k1)
+        self.update = self._choose_update(pairs) if update == "auto" else update
+        self._pairs = pairs.build() if self.update == "pairs" else None
 
-    def refactor(self, A):
+    def _choose_update(self, pairs: PairOperator) -> str:
+        # A dense W' = A21 L11^{-T} when A21 is mostly filled (crossed designs) and small: BLAS's syrk then forms
+        # W'W in 0.04 ms where scipy's sparse product took 1.6 ms (seed crossed design, 100 x 100).
+        if self._pos21.size > DENSE_FILL * self.q1 * self.q2 and self.q1 * self.q2 <= DENSE_W_MAX_ENTRIES:
+            return "dense"
+        return "pairs" if pairs.stored_entries <= PAIR_OPERATOR_MAX_ENTRIES else "sparse"
+
+    def refactor(self, A, factors):
         d = A.data
-        n1, k1 = self.q1 // self.k1, self.k1
+        n1, k1, q2 = self.q1 // self.k1, self.k1, self.q2
         blocks = np.zeros((n1, k1, k1))
         blocks[self._lvl11, self._i11, self._j11] = d[self._pos11]
-        blocks = np.tril(blocks) + np.transpose(np.tril(blocks, -1), (0, 2, 1)) + np.eye(k1)
-        self._L11 = np.linalg.cholesky(blocks)                      # (n1, k1, k1), lower
-        S = np.zeros((self.q2, self.q2))
-        S[self._r22, self._c22] = d[self._pos22]
-        S = S + np.tril(S, -1).T + np.eye(self.q2)
-        if self._dense_w:
-            # Plain numpy: scipy.sparse's per-call overhead was most of the 0.44 ms this step took.
-            dense21 = np.zeros((self.q2, self.q1))
-            dense21[self._rows21, self._cols21] = d[self._pos21]
-            if self.k1 == 1:
+        blocks[:, np.arange(k1), np.arange(k1)] += 1.0
+        self._L11 = _batched_cholesky(blocks)                       # (n1, k1, k1), lower
+        self._A21 = sp.csc_matrix((d[self._pos21], self._rows21, self._indptr21), shape=(q2, self.q1))
+        S = np.zeros((q2, q2))
+        S[self._r22, self._c22] = d[self._pos22]                    # lower triangle: all LAPACK reads
+        S[np.diag_indices(q2)] += 1.0
+        self._Wt = None
+        if self.update == "dense":
+            dense21 = self._A21.toarray()
+            if k1 == 1:
                 self._Wt = dense21 / self._L11[:, 0, 0][None, :]
             else:
-                self._Wt = np.einsum("rnj,nji->rni", dense21.reshape(self.q2, -1, self.k1),
-                                     self._inverse_transposes()).reshape(self.q2, self.q1)
+                self._Wt = np.einsum("rnj,nji->rni", dense21.reshape(q2, -1, k1),
+                                     self._inverse_transposes()).reshape(q2, self.q1)
             S -= self._Wt @ self._Wt.T
+        elif self.update == "pairs":
+            S -= self._pairs_update(factors)
         else:
-            A21 = sp.csc_matrix((d[self._pos21], self._rows21, self._indptr21), shape=(self.q2, self.q1))
-            self._Wt = sp.csr_matrix(A21 @ self._block_inverse_transpose())   # W' = A21 L11^{-T}
-            S -= (self._Wt @ self._Wt.T).toarray()
-        self._LS = la.cholesky(S, lower=True, check_finite=False)
+            Wt = sp.csr_matrix(self._A21 @ self._block_inverse_transpose())   # W' = A21 L11^{-T}
+            S -= (Wt @ Wt.T).toarray()
+        with dense_threads(q2):
+            self._LS = la.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
+
+    def _pairs_update(self, factors) -> np.ndarray:
+        """A21 M^{-1} A12 = Lambda_2' (G H G') Lambda_2 with G = (Z'Z)_21 and H_l = T1 M_l^{-1} T1'; lower part."""
+        T1 = factors[0]
+        if self.k1 == 1:
+            H = (T1[0, 0] / self._L11[:, 0, 0]) ** 2
+            U = self._pairs.apply(H.reshape(-1, 1))
+        else:
+            half = _batched_lower_solve(self._L11, np.broadcast_to(T1.T, self._L11.shape))   # L11_l^{-1} T1'
+            # H_l = half_l' half_l, only its upper triangle (np.einsum took 11 ms here on 50,000 levels)
+            H = np.column_stack([np.sum(half[:, :, i] * half[:, :, j], axis=1)
+                                 for i, j in zip(*np.triu_indices(self.k1))])
+            U = self._pairs.apply(H)
+        rest = factors[1:]
+        if all(T.shape == (1, 1) for T in rest):
+            lam = np.concatenate([np.full(n, T[0, 0]) for (n, _), T in zip(self._rest.blocks, rest)])
+            U *= lam[:, None]
+            U *= lam[None, :]
+            return U
+        U = U + np.tril(U, -1).T
+        return self._rest.apply_transpose(rest, self._rest.apply_transpose(rest, U).T)
 
     def _inverse_transposes(self) -> np.ndarray:
         """L11_l^{-T} for every level l: (n1, k1, k1)."""
@@ -123,17 +174,24 @@ class SchurFactor:
     def _l11_solve(self, B, transpose=False):
         n1, k1 = self.q1 // self.k1, self.k1
         Bb = B.reshape(n1, k1, -1)
-        L = np.transpose(self._L11, (0, 2, 1)) if transpose else self._L11
         if k1 == 1:
-            return (Bb / L).reshape(self.q1, -1)
-        return np.linalg.solve(L, Bb).reshape(self.q1, -1)
+            return (Bb / self._L11).reshape(self.q1, -1)
+        return _batched_lower_solve(self._L11, Bb, transpose).reshape(self.q1, -1)
+
+    def _wt_times(self, y1):
+        """W' y1 with W' = A21 L11^{-T}."""
+        return self._Wt @ y1 if self._Wt is not None else self._A21 @ self._l11_solve(y1, transpose=True)
+
+    def _w_times(self, x2):
+        """W x2 = L11^{-1} A12 x2."""
+        return self._Wt.T @ x2 if self._Wt is not None else self._l11_solve(self._A21.T @ x2)
 
     def half_solve(self, B):
         B = np.asarray(B, dtype=float)
         vec = B.ndim == 1
         B2 = B.reshape(B.shape[0], -1)
         y1 = self._l11_solve(B2[:self.q1])
-        y2 = la.solve_triangular(self._LS, B2[self.q1:] - self._Wt @ y1, lower=True, check_finite=False)
+        y2 = la.solve_triangular(self._LS, B2[self.q1:] - self._wt_times(y1), lower=True, check_finite=False)
         out = np.vstack([y1, y2])
         return out.ravel() if vec else out
 
@@ -142,12 +200,129 @@ class SchurFactor:
         vec = C.ndim == 1
         C2 = C.reshape(C.shape[0], -1)
         x2 = la.solve_triangular(self._LS, C2[self.q1:], lower=True, trans="T", check_finite=False)
-        x1 = self._l11_solve(C2[:self.q1] - self._Wt.T @ x2, transpose=True)
+        x1 = self._l11_solve(C2[:self.q1] - self._w_times(x2), transpose=True)
         out = np.vstack([x1, x2])
         return out.ravel() if vec else out
 
     def solve(self, B):
         return self.half_solve_t(self.half_solve(B))
+
+
+class PairOperator:
+    """The map from per-level symmetric k x k matrices H_l to the lower triangle of G H G' (q2 x q2), where G
+    (q2 x n1 k) is fixed and H = blockdiag(H_l).
+
+    Entry (r, c) of G H G' is a sum over the levels l that touch both rows r and c, and over the k(k+1)/2
+    distinct entries of H_l, of H_l[a, b] times a product of two entries of G. Those products do not depend on
+    theta, so they are stored once, one sparse matrix per entry (a, b), with the flat index r q2 + c as row:
+    an evaluation is then k(k+1)/2 compiled sparse matrix-vector products, with no Python loop over levels.
+    On InstEval this replaced a 14 ms sparse matrix product (and its conversion to dense) by 3 ms.
+
+    Construction only counts (`stored_entries`, to decide whether to build); `build()` fills the matrices.
+    """
+
+    def __init__(self, G: sp.csc_matrix, n1: int, k: int):
+        self.q2, self.n1, self.k = G.shape[0], n1, k
+        self._level_rows, self._g = _level_rows(G, k)
+        self._per_level = np.bincount(self._level_rows[:, 0], minlength=n1).astype(np.int64)
+        self._matrices = None
+
+    @property
+    def stored_entries(self) -> int:
+        return int(np.sum(self._per_level * (self._per_level + 1) // 2)) * (self.k * (self.k + 1) // 2)
+
+    def build(self) -> "PairOperator":
+        q2, k = self.q2, self.k
+        rows, g = self._level_rows[:, 1], self._g
+        index_dtype = np.int32 if q2 * q2 < 2 ** 31 else np.int64
+        pair_ptr = np.concatenate([[0], np.cumsum(self._per_level * (self._per_level + 1) // 2)])
+        entry_ptr = np.concatenate([[0], np.cumsum(self._per_level)])
+        dest = np.empty(pair_ptr[-1], dtype=index_dtype)
+        upper = list(zip(*np.triu_indices(k)))
+        coefs = [np.empty(pair_ptr[-1]) for _ in upper]
+        # Levels in chunks of about PAIR_CHUNK pairs: the int64 index temporaries stay small.
+        bounds = np.unique(np.concatenate([np.searchsorted(pair_ptr, np.arange(0, pair_ptr[-1], PAIR_CHUNK)),
+                                           [self.n1]]))
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            e0, e1 = entry_ptr[lo], entry_ptr[hi]
+            first, second = _pairs_within_levels(self._level_rows[e0:e1, 0])
+            first += e0
+            second += e0
+            out = slice(pair_ptr[lo], pair_ptr[hi])
+            dest[out] = rows[first] * q2 + rows[second]     # rows sorted within a level: first's row >= second's
+            for coef, (a, b) in zip(coefs, upper):
+                coef[out] = g[first, a] * g[second, b]
+                if a != b:
+                    coef[out] += g[first, b] * g[second, a]
+        indptr = pair_ptr.astype(index_dtype)
+        # CSC with one column per level: the entries of a column are that level's pairs, already in order.
+        self._matrices = [sp.csc_matrix((coef, dest, indptr), shape=(q2 * q2, self.n1)) for coef in coefs]
+        for m in self._matrices[1:]:
+            m.indices, m.indptr = self._matrices[0].indices, self._matrices[0].indptr    # one copy of the indices
+        del self._level_rows, self._g
+        return self
+
+    def apply(self, H: np.ndarray) -> np.ndarray:
+        """H: (n1, k(k+1)/2), the upper-triangle entries of each H_l in row-major order. Returns q2 x q2, lower."""
+        out = self._matrices[0] @ H[:, 0]
+        for j in range(1, H.shape[1]):
+            out += self._matrices[j] @ H[:, j]
+        return out.reshape(self.q2, self.q2)
+
+
+def _level_rows(G: sp.csc_matrix, k: int):
+    """The distinct (level, row) pairs of G's entries, sorted, and G's k values for each: ((m, 2), (m, k))."""
+    coo = G.tocoo()
+    level, a = np.divmod(coo.col.astype(np.int64), k)
+    key = level * G.shape[0] + coo.row
+    keys, inverse = np.unique(key, return_inverse=True)
+    g = np.zeros((keys.shape[0], k))
+    g[inverse, a] = coo.data
+    return np.column_stack(np.divmod(keys, G.shape[0])), g
+
+
+def _pairs_within_levels(level: np.ndarray):
+    """For entries sorted by level: every (i, j) with j <= i in the same level, as index arrays."""
+    n = level.shape[0]
+    starts = np.searchsorted(level, level, side="left")         # first entry of each entry's level
+    repeat = np.arange(n) - starts + 1                            # entry i pairs with itself and those before it
+    first = np.repeat(np.arange(n), repeat)
+    second = np.arange(first.shape[0]) - np.repeat(np.cumsum(repeat) - repeat - starts, repeat)
+    return first, second
+
+
+# numpy's batched linalg has a per-matrix overhead that dominates for 2 x 2 blocks: on 50,000 of them cholesky
+# took 5.0 ms and solve 18.3 ms, these loops over the k entries with whole-array arithmetic 1.1 and 4.1 ms.
+SMALL_BLOCK = 4
+
+
+def _batched_cholesky(M: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factors of a stack of small k x k matrices (lower triangles read)."""
+    k = M.shape[1]
+    if k > SMALL_BLOCK:
+        return np.linalg.cholesky(np.tril(M) + np.transpose(np.tril(M, -1), (0, 2, 1)))
+    L = np.zeros_like(M)
+    for j in range(k):
+        L[:, j, j] = np.sqrt(M[:, j, j] - np.sum(L[:, j, :j] ** 2, axis=1))
+        for i in range(j + 1, k):
+            L[:, i, j] = (M[:, i, j] - np.sum(L[:, i, :j] * L[:, j, :j], axis=1)) / L[:, j, j]
+    return L
+
+
+def _batched_lower_solve(L: np.ndarray, B: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """L_l^{-1} B_l (or L_l^{-T} B_l) for stacks L (n, k, k) lower triangular and B (n, k, m)."""
+    k = L.shape[1]
+    if k > SMALL_BLOCK:
+        return np.linalg.solve(np.transpose(L, (0, 2, 1)) if transpose else L, B)
+    X = np.empty(B.shape)
+    solved = []
+    for i in (range(k - 1, -1, -1) if transpose else range(k)):
+        r = np.array(B[:, i, :])
+        for p in solved:
+            r -= (L[:, p, i] if transpose else L[:, i, p])[:, None] * X[:, p, :]
+        X[:, i, :] = r / L[:, i, i][:, None]
+        solved.append(i)
+    return X
 
 
 def _coordinates(A: sp.csc_matrix):

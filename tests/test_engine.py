@@ -9,6 +9,7 @@ import scipy.sparse as sp
 
 from sparsemix.design import CrossProducts, assemble_Z
 from sparsemix.engine import PenalizedSystem
+from sparsemix.factor import PairOperator, SchurFactor
 from sparsemix.fitting import fit_lmm
 from sparsemix.relcov import RelativeCovariance
 from sparsemix.terms import CovarianceTemplate, RandomTerm, VarianceComponent
@@ -166,3 +167,67 @@ def test_schur_is_refused_when_the_first_term_links_levels():
                                   ("1",))
     with pytest.raises(ValueError, match="schur"):
         _system(np.ones((n, 1)), rng.normal(size=n), [term, other], factorization="schur")
+
+
+# Term orders of _problem for the Schur form: first term with k = 2 or k = 1, the rest scalar only (the diagonal
+# scaling path) or with k = 2 templates (the general Lambda_2 path).
+SCHUR_ORDERS = [(0, 1), (1, 0), (0, 1, 2), (1, 0, 2), (1, 2, 0), (2, 1)]
+
+
+@pytest.mark.parametrize("update", ["dense", "pairs", "sparse"])
+@pytest.mark.parametrize("order", SCHUR_ORDERS)
+def test_every_schur_update_gives_cholmods_factor(order, update):
+    X, y, terms = _problem()
+    system, _, rc = _system(X, y, [terms[i] for i in order], factorization="simplicial")
+    B = np.random.default_rng(4).normal(size=(rc.q, 3))
+    for theta in (rc.start(), np.random.default_rng(5).normal(size=rc.n_theta)):
+        factors = system._refactor_values(theta)
+        reference = system._factor
+        reference.refactor(system._A, factors)
+        schur = SchurFactor(system._A, system.cross.ZtZ, rc, update=update)
+        assert schur.update == update
+        schur.refactor(system._A, factors)
+        assert schur.logdet() == pytest.approx(reference.logdet(), rel=1e-12, abs=1e-10)
+        np.testing.assert_allclose(schur.solve(B), reference.solve(B), rtol=1e-9, atol=1e-12)
+        # L differs from CHOLMOD's by its permutation only: compare L^{-1} P B through its Gram matrix.
+        h, h_ref = schur.half_solve(B), reference.half_solve(B)
+        np.testing.assert_allclose(h.T @ h, h_ref.T @ h_ref, rtol=1e-9)
+        np.testing.assert_allclose(schur.half_solve_t(schur.half_solve(B)), reference.solve(B), rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_pair_operator_equals_g_h_g_transpose():
+    rng = np.random.default_rng(6)
+    n1, k, q2 = 9, 2, 7
+    G = sp.random(q2, n1 * k, density=0.4, random_state=7, format="csc")
+    H = rng.normal(size=(n1, k, k))
+    H = H @ np.transpose(H, (0, 2, 1))
+    expected = G.toarray() @ sp.block_diag(list(H)).toarray() @ G.toarray().T
+    upper = np.triu_indices(k)
+    operator = PairOperator(G, n1, k)
+    entries = operator.stored_entries
+    got = operator.build().apply(H[:, upper[0], upper[1]])
+    np.testing.assert_allclose(np.tril(got), np.tril(expected), rtol=1e-12, atol=1e-12)
+    assert entries == sum(m.nnz for m in operator._matrices)
+
+
+def test_pair_operator_built_in_chunks_equals_one_pass(monkeypatch):
+    G = sp.random(30, 400, density=0.2, random_state=9, format="csc")
+    h = np.random.default_rng(10).normal(size=(400, 1))
+    whole = PairOperator(G, 400, 1).build().apply(h)
+    monkeypatch.setattr("sparsemix.factor.PAIR_CHUNK", 37)
+    np.testing.assert_array_equal(PairOperator(G, 400, 1).build().apply(h), whole)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_batched_small_cholesky_and_solves_match_numpy(k):
+    from sparsemix.factor import _batched_cholesky, _batched_lower_solve
+    rng = np.random.default_rng(k)
+    M = rng.normal(size=(50, k, k))
+    M = M @ np.transpose(M, (0, 2, 1)) + np.eye(k)
+    L = _batched_cholesky(np.tril(M))           # only the lower triangle is read
+    np.testing.assert_allclose(L, np.linalg.cholesky(M), rtol=1e-12, atol=1e-14)
+    B = rng.normal(size=(50, k, 3))
+    np.testing.assert_allclose(_batched_lower_solve(L, B), np.linalg.solve(L, B), rtol=1e-10)
+    np.testing.assert_allclose(_batched_lower_solve(L, B, transpose=True),
+                               np.linalg.solve(np.transpose(L, (0, 2, 1)), B), rtol=1e-10)
