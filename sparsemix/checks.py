@@ -10,7 +10,8 @@ from .errors import InputError, MissingDataError, RankDeficientError
 
 __all__ = [
     "require_columns", "as_numeric_vector", "as_numeric_matrix", "check_finite", "check_complete", "check_not_empty",
-    "check_length", "check_full_rank", "check_levels",
+    "check_length", "check_full_rank", "check_levels", "check_levels_below_observations",
+    "require_numeric_column", "check_response_varies",
 ]
 
 
@@ -118,6 +119,31 @@ def check_levels(n_levels: int, name: str, n_obs: int) -> None:
         raise InputError(f"grouping factor {name!r} has only {n_levels} level; a variance between groups "
                          "cannot be estimated from one group. Remove that random effect or use a factor with "
                          "more levels.")
+
+
+def require_numeric_column(values: pd.Series, name: str) -> None:
+    """A column used as numbers must hold numbers (a CSV column with one stray word is read as text)."""
+    if pd.api.types.is_numeric_dtype(values.dtype) or pd.api.types.is_bool_dtype(values.dtype):
+        return
+    sample = next((v for v in values if not _is_number(v)), values.iloc[0] if len(values) else None)
+    raise InputError(f"{name} must be numeric; its column holds text (dtype {values.dtype}) such as {sample!r}. "
+                     "Convert it (e.g. pd.to_numeric(..., errors='coerce') to turn stray text into missing "
+                     "values) or choose a numeric column.")
+
+
+def check_levels_below_observations(n_levels: int, name: str, n_obs: int) -> None:
+    """lme4's check.nobs.vs.nlev: one observation per level confounds the random effect with the residual."""
+    if n_levels >= n_obs:
+        raise InputError(f"grouping factor {name!r} has {n_levels} levels for {n_obs} observations; with (at "
+                         "most) one observation per level its variance cannot be told apart from the residual "
+                         "variance. Remove that random effect, or group by a coarser factor.")
+
+
+def check_response_varies(y: np.ndarray, name: str) -> None:
+    """A constant response has no variance to split between random effects and residual."""
+    if y.shape[0] and np.ptp(y) == 0:
+        raise InputError(f"the response {name!r} is constant ({y[0]:g} in every row); there is nothing to model. "
+                         "Check that the right column is used as the response.")
 
 
 def _is_number(v) -> bool:

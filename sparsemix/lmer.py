@@ -6,6 +6,8 @@ deviance function) so that results can refit by ML, profile and bootstrap withou
 """
 from __future__ import annotations
 
+import json
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -19,6 +21,7 @@ from .engine import PenalizedSystem
 from .errors import FormulaError, InputError, SparsemixWarning
 from .fitting import build_fit, build_system, optimize_system, warn_if_singular
 from .formula.lme4 import RandomSpec, parse_formula
+from .formula.safety import check_formula, safe_environment
 from .formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
 from .optimize import DEFAULT_OPTIMIZER, resolve_method
 from .progress import ProgressPrinter
@@ -82,7 +85,7 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     """
     from .lmer_results import LmerResults   # results import this module's design types
 
-    env = patsy.EvalEnvironment.capture(1) if eval_env is None else eval_env
+    env = safe_environment(eval_env)      # formulas call only the allowed functions (formula/safety.py)
     if verbose and progress is None:
         progress = ProgressPrinter()
     design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
@@ -99,7 +102,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     if not isinstance(data, pd.DataFrame):
         raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
     parsed = parse_formula(formula)
-    env = eval_env if eval_env is not None else patsy.EvalEnvironment.capture(1)
+    env = eval_env if eval_env is not None else safe_environment()
     used = formula_columns([parsed.fixed] + [s.expr for s in parsed.random], data.columns)
     for spec in parsed.random:
         checks.require_columns(data, spec.group, f"grouping factor of {spec.source}")
@@ -118,9 +121,12 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     if w is not None and np.any(w <= 0):
         raise InputError("weights must be positive; drop the rows with zero weight or fix the weights column.")
 
+    if parsed.response in frame.columns:       # before patsy, which would expand a text column into indicators
+        checks.require_numeric_column(frame[parsed.response], f"response {parsed.response!r}")
     endog, exog, fixed_info = fixed_design(parsed.fixed, frame, env)
     y = checks.as_numeric_vector(endog.to_numpy(), "response")
     checks.check_finite(y, f"response {parsed.response!r}", missing_hint=False)
+    checks.check_response_varies(y, parsed.response)
     X = exog.to_numpy(dtype=float)
     checks.check_finite(X, "fixed-effects design", missing_hint=False)
     names = [_lme4_name(c) for c in exog.columns]
@@ -136,6 +142,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     infos = _unique_group_names([infos[i] for i in order])
     for term, info in zip(terms, infos):
         checks.check_levels(term.n_levels, info.spec.group_name, len(frame))
+        checks.check_levels_below_observations(term.n_levels, info.spec.group_name, len(frame))
     if not terms:
         raise FormulaError(f"{formula!r} has no random-effects term; add one such as '(1 | g)'.")
     return LmerDesign(formula, getattr(data, "name", "data"), y, X, tuple(names), fixed_info, tuple(terms),
@@ -154,7 +161,10 @@ def _column_or_array(data, value, role):
 
 
 def _lme4_name(name: str) -> str:
-    return "(Intercept)" if name == "Intercept" else name
+    """patsy's column name as R writes it: (Intercept), and `my x` for Q("my x")."""
+    if name == "Intercept":
+        return "(Intercept)"
+    return re.sub(r'Q\("((?:[^"\\]|\\.)*)"\)', lambda m: "`" + json.loads('"' + m.group(1) + '"') + "`", name)
 
 
 def _drop_aliased(X, names):
@@ -204,6 +214,7 @@ def _random_term(spec: RandomSpec, frame, env):
         columns = tuple(f"{var}{level_name(v)}" for v in lv)
         design_info = None
     else:
+        check_formula("~ " + spec.expr, frame.columns, env, f"random-effects term {spec.source}")
         try:
             M = patsy.dmatrix("~ " + spec.expr, frame, return_type="dataframe", NA_action="raise", eval_env=env)
         except patsy.PatsyError as exc:

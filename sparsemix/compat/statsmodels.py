@@ -20,6 +20,7 @@ from ..errors import IgnoredArgumentWarning, InputError
 from ..fitting import build_fit, build_system, optimize_system, warn_if_singular
 from ..optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
+from ..formula.safety import safe_environment
 from ..terms import CovarianceTemplate, RandomTerm, VarianceComponent, sorted_codes
 from .params import MixedLMParams, VCSpec
 from .results import MixedLMResults
@@ -98,6 +99,7 @@ class MixedLM:
 
     def _set_data(self, y, X, codes, labels, Zre, vcs, group_values):
         checks.check_finite(y, "endog")
+        checks.check_response_varies(y, self.endog_names)
         checks.check_finite(X, "exog")
         if Zre is not None:
             checks.check_finite(Zre.data if sp.issparse(Zre) else Zre, "exog_re")
@@ -163,7 +165,7 @@ class MixedLM:
         if not isinstance(data, pd.DataFrame):
             raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
         eval_env = kwargs.pop("eval_env", None)
-        eval_env = patsy.EvalEnvironment.capture(1) if eval_env is None else eval_env
+        eval_env = safe_environment(eval_env)      # formulas call only the allowed functions (formula/safety.py)
         groups = kwargs.pop("groups")
         use_sqrt = kwargs.pop("use_sqrt", True)
         if args or kwargs:

@@ -11,6 +11,8 @@ power, as in R ('I(x^2)', '(a + b)^2'); it is rewritten to patsy's and Python's 
 """
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 
 import patsy
@@ -46,6 +48,8 @@ def parse_formula(formula: str) -> ParsedFormula:
     # In lme4's language '^' is a power, both inside I() (I(x^2)) and for terms ((a + b)^2); in Python (and
     # so in patsy) it is xor, which would silently give another model. Translate it.
     formula = formula.replace("^", "**")
+    # R quotes non-syntactic names with backticks (`my x`); patsy's way is Q("my x").
+    formula = _backticks_to_q(formula)
     tilde = _top_level(formula, "~")
     if len(tilde) != 1:
         pos = tilde[1] if len(tilde) > 1 else len(formula)
@@ -98,9 +102,26 @@ def _expand(formula, offset, inner) -> list[RandomSpec]:
     return [RandomSpec(e, g, source) for g in groups for e in exprs]
 
 
+def _backticks_to_q(formula: str) -> str:
+    if formula.count("`") % 2:
+        raise FormulaError(_pointed(formula, formula.rindex("`"), "unclosed backtick"))
+    return re.sub(r"`([^`]*)`", lambda m: "Q(" + json.dumps(m.group(1)) + ")", formula)
+
+
+_QUOTED = re.compile(r'Q\("((?:[^"\\]|\\.)*)"\)')
+
+
 def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
     """`a/b/c` -> a, b:a, c:b:a (lme4 writes the nested factor first, which sets its name and level labels);
-    `a:b` -> the interaction as written; names must be plain variables."""
+    `a:b` -> the interaction as written; names must be plain variables or quoted (`my group`)."""
+    quoted = {}
+
+    def hide(match):           # a quoted name may hold any character: set it aside during the checks
+        key = f"quoted{len(quoted)}"
+        quoted[key] = json.loads('"' + match.group(1) + '"')
+        return key
+
+    group = _QUOTED.sub(hide, group)
     for bad in "+*-()":
         if bad in group:
             raise FormulaError(_pointed(formula, offset + group.index(bad),
@@ -115,7 +136,7 @@ def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
             if not n.isidentifier():
                 raise FormulaError(_pointed(formula, offset + group.find(n) if n else offset,
                                             f"{n!r} is not a variable name"))
-        out.append(names)
+        out.append(tuple(quoted.get(n, n) for n in names))
     return out
 
 

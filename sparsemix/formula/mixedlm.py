@@ -18,6 +18,7 @@ import scipy.sparse as sp
 
 from ..errors import FormulaError
 from ..terms import VarianceComponent, indicator_matrix, sorted_codes
+from .safety import check_formula
 
 __all__ = ["fixed_design", "random_design", "vc_from_formula", "formula_columns", "factor_codes",
            "indicator_variable"]
@@ -135,6 +136,7 @@ def _unknown_name_message(name, data, role) -> str:
 
 
 def _patsy(fn, formula, data, eval_env):
+    check_formula(formula, data.columns, eval_env)      # nothing in a formula runs before this check
     try:
         return fn(formula, data, return_type="dataframe", NA_action="raise", eval_env=eval_env)
     except patsy.PatsyError as exc:
