@@ -140,9 +140,6 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     order = sorted(range(len(terms)), key=lambda i: -terms[i].n_levels)   # lme4: most levels first (stable)
     terms = [terms[i] for i in order]
     infos = _unique_group_names([infos[i] for i in order])
-    for term, info in zip(terms, infos):
-        checks.check_levels(term.n_levels, info.spec.group_name, len(frame))
-        checks.check_levels_below_observations(term.n_levels, info.spec.group_name, len(frame))
     if not terms:
         raise FormulaError(f"{formula!r} has no random-effects term; add one such as '(1 | g)'.")
     return LmerDesign(formula, getattr(data, "name", "data"), y, X, tuple(names), fixed_info, tuple(terms),
@@ -188,24 +185,48 @@ def _drop_aliased(X, names):
     return X[:, keep], [names[j] for j in keep], dropped
 
 
-def group_codes(frame: pd.DataFrame, group: tuple[str, ...]):
+def group_codes(frame: pd.DataFrame, group: tuple[str, ...], check_count=None):
     """Integer codes and labels of a grouping factor (an interaction when several variables, levels
-    ordered as R's factor(a:b): by a, then b)."""
-    codes, labels = None, None
+    ordered as R's factor(a:b): by a, then b). `check_count(n_levels)` runs before the labels are made, so a
+    factor refused for its size costs its codes only. Vectorized: a 10,000,000-level factor took 31 s with
+    one Python str() per level."""
+    parts, compact = [], len(group) > 1
     for name in group:
-        c, levels, _ = factor_codes(frame[name])
-        names = [level_name(v) for v in levels]
-        if codes is None:
-            codes, labels = c, names
-        else:
-            codes = codes * len(names) + c
-            labels = [f"{a}:{b}" for a in labels for b in names]
-    codes, present = sorted_codes(codes)
-    return codes, tuple(labels[i] for i in present)
+        c, levels, categorical = factor_codes(frame[name])
+        parts.append((c, levels))
+        compact |= categorical                  # unused categories: renumber the levels that occur
+    if not compact:
+        codes, levels = parts[0]
+        if check_count is not None:
+            check_count(len(levels))
+        return codes, tuple(_level_names(levels).tolist())
+    sizes = [len(levels) for _, levels in parts]
+    codes, present = sorted_codes(np.ravel_multi_index([c for c, _ in parts], sizes))
+    if check_count is not None:
+        check_count(len(present))
+    which = np.unravel_index(present, sizes)
+    labels = _level_names(parts[0][1])[which[0]]
+    for (_, levels), idx in zip(parts[1:], which[1:]):
+        labels = np.char.add(np.char.add(labels, ":"), _level_names(levels)[idx])
+    return codes, tuple(labels.tolist())
+
+
+def _level_names(levels) -> np.ndarray:
+    """level_name of every level, as an array of str (at numpy speed for integer, bool and text levels)."""
+    arr = np.asarray(levels)
+    if arr.dtype.kind in "iubU":
+        return arr.astype(str)
+    return np.array([level_name(v) for v in levels], dtype=str)
 
 
 def _random_term(spec: RandomSpec, frame, env):
-    codes, levels = group_codes(frame, spec.group)
+    def check_count(n_levels):
+        # Before any n x k or q-sized allocation: a factor with a level per row is refused at the cost of its
+        # codes only (80 MB for a 10,000,000-level factor of 10,000,000 rows), not of the model's matrices.
+        checks.check_levels(n_levels, spec.group_name, len(frame))
+        checks.check_levels_below_observations(n_levels, spec.group_name, len(frame))
+
+    codes, levels = group_codes(frame, spec.group, check_count)
     var = indicator_variable(spec.expr)
     if var is not None:
         checks.require_columns(frame, [var], f"random-effects term {spec.source}")

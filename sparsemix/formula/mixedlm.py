@@ -6,6 +6,7 @@ patsy would materialise them dense (n x levels), which is what makes statsmodels
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import io
 import re
@@ -50,6 +51,8 @@ def formula_columns(formulas, columns) -> list:
             for tok in tokenize.generate_tokens(io.StringIO(f).readline):
                 if tok.type == tokenize.NAME:
                     names.add(tok.string)
+                elif tok.type == tokenize.STRING:         # Q("my column")
+                    names.add(ast.literal_eval(tok.string))
         except (tokenize.TokenError, IndentationError) as exc:
             raise FormulaError(f"cannot read formula {f!r}: {exc}") from None
     return [c for c in columns if c in names]

@@ -41,10 +41,14 @@ _NODES = (ast.Expression, ast.Name, ast.Constant, ast.Call, ast.keyword, ast.Bin
 
 def safe_environment(eval_env=None) -> patsy.EvalEnvironment:
     """The namespace formulas are evaluated in: the safe functions, then (when given) the caller's eval_env."""
-    namespaces = [dict(SAFE_FUNCTIONS, **{alias: _NUMPY_SUBSET for alias in _NUMPY_ALIASES})]
-    if eval_env is not None:
-        namespaces += list(eval_env.namespaces if isinstance(eval_env, patsy.EvalEnvironment) else [eval_env])
-    return patsy.EvalEnvironment(namespaces)
+    safe = dict(SAFE_FUNCTIONS, **{alias: _NUMPY_SUBSET for alias in _NUMPY_ALIASES})
+    if eval_env is None:
+        return patsy.EvalEnvironment([safe])
+    if isinstance(eval_env, patsy.EvalEnvironment):
+        return eval_env.with_outer_namespace(safe)
+    if isinstance(eval_env, dict):
+        return patsy.EvalEnvironment([eval_env, safe])
+    raise FormulaError(f"eval_env must be a patsy.EvalEnvironment or a dict of names; got {type(eval_env).__name__}.")
 
 
 def check_formula(formula: str, columns, env: patsy.EvalEnvironment, role: str = "formula") -> None:
