@@ -12,6 +12,7 @@ T_t' (Z'Z)_{ab} T_s, with (Z'Z)_{ab} the dense k_t x k_s block of the cross-prod
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -35,8 +36,9 @@ FAST_FACTORIZATION_SECONDS = 0.002
 # A rate for dense LAPACK Cholesky, used to skip hopeless trials of the Schur form (one core measured 31e9:
 # a 1,156 x 1,156 factor in 16.5 ms; a slower machine only makes the trial a little wasted work).
 DENSE_FLOPS_PER_SECOND = 2e10
-# The Schur form holds two dense q2 x q2 matrices: at most 10,000 columns (1.6 GB).
-SCHUR_MAX_COLUMNS = 10_000
+# The Schur form holds up to two dense q2 x q2 matrices: at most this share of the machine's memory (on 24 GB,
+# q2 up to 22,000; a MovieLens-sized design has 16,000).
+SCHUR_MEMORY_FRACTION = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -154,31 +156,30 @@ class PenalizedSystem:
         small = self._A.nnz <= TRIAL_FACTORIZATION_MAX_NNZ
         candidates = [CholmodFactor(self._A, "simplicial")] if small else []
         timings = [_time_refactorization(candidates[0], self._A, factors)] if small else []
-        schur = self._schur_candidate(timings[0] if small else np.inf, allow_sparse_update=small)
+        schur = self._schur_candidate(timings[0] if small else np.inf)
         if schur is not None:
             candidates.append(schur)
             timings.append(_time_refactorization(schur, self._A, factors))
-        # On large systems a Schur form with the pair map beats supernodal wherever we measured (1,000,000-row
-        # slopes design: 82 vs 230 ms per factorization), and supernodal's analysis alone took 3.5 s there.
+        # On large systems the Schur form beats supernodal wherever we measured (1,000,000-row slopes design:
+        # 82 vs 230 ms per factorization; MovieLens-sized: about 30 vs 90 s), and supernodal's analysis alone
+        # took 3.5 s on the first.
         if (not small and schur is None) or (small and timings[0] >= FAST_FACTORIZATION_SECONDS):
             candidates.append(CholmodFactor(self._A, "supernodal"))
             if len(candidates) > 1:     # a lone candidate needs no trial (a large one costs seconds)
                 timings.append(_time_refactorization(candidates[-1], self._A, factors))
         return candidates[int(np.argmin(timings))] if len(candidates) > 1 else candidates[0]
 
-    def _schur_candidate(self, time_to_beat: float, allow_sparse_update: bool):
+    def _schur_candidate(self, time_to_beat: float):
         """A SchurFactor worth a trial, or None: its dense q2 x q2 Cholesky must be able to beat `time_to_beat`
-        and fit in memory, and on large systems its update must be the precomputed pair map (scipy's sparse
-        product of W'W would hold the whole dense fill as a sparse matrix)."""
+        and its two q2 x q2 matrices must fit in memory."""
         n1, template1 = self.relcov.blocks[0]
         q1 = n1 * template1.k
         q2 = self.relcov.q - q1
-        if not 0 < q2 <= SCHUR_MAX_COLUMNS or q2 ** 3 / 3 / DENSE_FLOPS_PER_SECOND >= time_to_beat:
+        if not 0 < q2 or 2 * 8 * q2 ** 2 > SCHUR_MEMORY_FRACTION * physical_memory():
             return None
-        if not schur_applicable(self._A, q1, template1.k):
+        if q2 ** 3 / 3 / DENSE_FLOPS_PER_SECOND >= time_to_beat or not schur_applicable(self._A, q1, template1.k):
             return None
-        schur = SchurFactor(self._A, self.cross.ZtZ, self.relcov)
-        return schur if allow_sparse_update or schur.update != "sparse" else None
+        return SchurFactor(self._A, self.cross.ZtZ, self.relcov)
 
     # -- evaluation --------------------------------------------------------------------------------------
 
@@ -284,6 +285,14 @@ def _sandwich(Tt: np.ndarray, blocks: np.ndarray, Ts: np.ndarray) -> np.ndarray:
     m, kt, ks = blocks.shape
     right = (blocks.reshape(m * kt, ks) @ Ts).reshape(m, kt, ks)
     return (right.transpose(0, 2, 1).reshape(m * ks, kt) @ Tt).reshape(m, ks, kt).transpose(0, 2, 1)
+
+
+def physical_memory() -> int:
+    """Bytes of memory on this machine (a large fallback where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 16 * 2 ** 30
 
 
 def _time_refactorization(factor, A, factors) -> float:

@@ -21,7 +21,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from sksparse.cholmod import analyze
 
-from .threads import dense_threads
+from .threads import dense_threads, kernel_threads
 
 __all__ = ["CholmodFactor", "SchurFactor", "schur_applicable"]
 
@@ -66,10 +66,10 @@ class SchurFactor:
 
         S = A22 + I - A21 M^{-1} A12,     L L' = [[L11, 0], [A21 L11^{-T}, L_S]],  L_S L_S' = S
 
-    The update A21 M^{-1} A12 is the costly step. It is computed one of three ways, chosen once:
-    "dense": A21 L11^{-T} as a dense matrix and one BLAS syrk (small, mostly filled A21: crossed seed designs);
-    "pairs": a fixed linear map of the per-level matrices H_l = T1 M_l^{-1} T1' (see PairOperator), one sparse
-    matrix-vector product per evaluation; "sparse": scipy's sparse product (when the map would be too large).
+    The update A21 M^{-1} A12 is the costly step. With G = (Z'Z)_21 (fixed) it is Lambda_2' G H G' Lambda_2,
+    H = blockdiag(H_l), H_l = T1 M_l^{-1} T1' (k1 x k1): a sum over levels of small products, scattered into S
+    by a compiled loop ("kernel", kernels.py) that reads each level's entries of G once. "dense" instead keeps
+    A21 L11^{-T} as a dense matrix and calls BLAS's syrk: faster when A21 is small and mostly filled.
     """
 
     mode = "schur"
@@ -95,18 +95,24 @@ class SchurFactor:
         self._indptr21 = np.concatenate([[0], np.cumsum(counts)])
         self._pos22 = np.flatnonzero(in22)
         self._r22, self._c22 = rows[in22] - q1, cols[in22] - q1
-        if update not in ("auto", "dense", "pairs", "sparse"):
-            raise ValueError(f"unknown Schur update {update!r}: use auto, dense, pairs or sparse")
-        pairs = None if update in ("dense", "sparse") else PairOperator(sp.csc_matrix(ZtZ[q1:, :q1]), n1, k1)
-        self.update = self._choose_update(pairs) if update == "auto" else update
-        self._pairs = pairs.build() if self.update == "pairs" else None
-
-    def _choose_update(self, pairs: PairOperator) -> str:
+        if update not in ("auto", "dense", "pairs", "kernel"):
+            raise ValueError(f"unknown Schur update {update!r}: use auto, dense, pairs or kernel")
         # A dense W' = A21 L11^{-T} when A21 is mostly filled (crossed designs) and small: BLAS's syrk then forms
         # W'W in 0.04 ms where scipy's sparse product took 1.6 ms (seed crossed design, 100 x 100).
-        if self._pos21.size > DENSE_FILL * self.q1 * self.q2 and self.q1 * self.q2 <= DENSE_W_MAX_ENTRIES:
-            return "dense"
-        return "pairs" if pairs.stored_entries <= PAIR_OPERATOR_MAX_ENTRIES else "sparse"
+        dense = self._pos21.size > DENSE_FILL * q1 * self.q2 and q1 * self.q2 <= DENSE_W_MAX_ENTRIES
+        self.update = "dense" if dense and update == "auto" else update
+        if self.update != "dense":
+            level_rows, self._g = _level_rows(sp.csc_matrix(ZtZ[q1:, :q1]), k1)
+            self._level_of_entry = level_rows[:, 0]
+            pairs = PairOperator(level_rows, self._g, self.q2, n1)
+            if self.update == "auto":
+                self.update = "pairs" if pairs.stored_entries <= PAIR_OPERATOR_MAX_ENTRIES else "kernel"
+            if self.update == "pairs":
+                self._pairs = pairs.build()
+                del self._g, self._level_of_entry
+            else:
+                self._level_ptr = np.concatenate([[0], np.cumsum(np.bincount(level_rows[:, 0], minlength=n1))])
+                self._entry_rows = level_rows[:, 1].astype(np.int32)
 
     def refactor(self, A, factors):
         d = A.data
@@ -128,44 +134,62 @@ class SchurFactor:
                 self._Wt = np.einsum("rnj,nji->rni", dense21.reshape(q2, -1, k1),
                                      self._inverse_transposes()).reshape(q2, self.q1)
             S -= self._Wt @ self._Wt.T
-        elif self.update == "pairs":
-            S -= self._pairs_update(factors)
         else:
-            Wt = sp.csr_matrix(self._A21 @ self._block_inverse_transpose())   # W' = A21 L11^{-T}
-            S -= (Wt @ Wt.T).toarray()
+            self._subtract_update(S, factors)
         with dense_threads(q2):
             self._LS = la.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
 
-    def _pairs_update(self, factors) -> np.ndarray:
-        """A21 M^{-1} A12 = Lambda_2' (G H G') Lambda_2 with G = (Z'Z)_21 and H_l = T1 M_l^{-1} T1'; lower part."""
+    def _subtract_update(self, S: np.ndarray, factors) -> None:
+        """S -= Lambda_2' G H G' Lambda_2 (lower triangle), H_l = T1 M_l^{-1} T1', by the pair map or the
+        compiled kernel."""
         T1 = factors[0]
         if self.k1 == 1:
-            H = (T1[0, 0] / self._L11[:, 0, 0]) ** 2
-            U = self._pairs.apply(H.reshape(-1, 1))
+            H = ((T1[0, 0] / self._L11[:, 0, 0]) ** 2)[:, None, None]
         else:
             half = _batched_lower_solve(self._L11, np.broadcast_to(T1.T, self._L11.shape))   # L11_l^{-1} T1'
-            # H_l = half_l' half_l, only its upper triangle (np.einsum took 11 ms here on 50,000 levels)
-            H = np.column_stack([np.sum(half[:, :, i] * half[:, :, j], axis=1)
-                                 for i, j in zip(*np.triu_indices(self.k1))])
-            U = self._pairs.apply(H)
+            H = np.matmul(np.transpose(half, (0, 2, 1)), half)
         rest = factors[1:]
-        if all(T.shape == (1, 1) for T in rest):
+        lam = None
+        if all(T.shape == (1, 1) for T in rest):        # Lambda_2 diagonal: one scale per row of S
             lam = np.concatenate([np.full(n, T[0, 0]) for (n, _), T in zip(self._rest.blocks, rest)])
-            U *= lam[:, None]
-            U *= lam[None, :]
-            return U
-        U = U + np.tril(U, -1).T
-        return self._rest.apply_transpose(rest, self._rest.apply_transpose(rest, U).T)
+        if self.update == "pairs":
+            upper = np.triu_indices(self.k1)
+            U = self._pairs.apply(H[:, upper[0], upper[1]])            # G H G', lower triangle
+            if lam is not None:
+                U *= lam[:, None]
+                U *= lam[None, :]
+                S -= U
+                return
+            U = -(U + np.tril(U, -1).T)
+        else:
+            U = self._kernel_update(H, lam, S)
+            if U is None:
+                return
+        S += self._rest.apply_transpose(rest, self._rest.apply_transpose(rest, U).T)
+
+    def _kernel_update(self, H, lam, S):
+        """The kernel writes -G H G' straight into S when Lambda_2 is diagonal (its scales folded into G);
+        otherwise it returns -G H G' (full) for the caller to transform."""
+        from .kernels import subtract_level_products     # numba: imported (1 s) only by fits that need it
+        g = self._g if lam is None else self._g * lam[self._entry_rows][:, None]
+        # v_i = H_l g_i for entry i of level l, one column at a time (numpy's batched matmul over a million
+        # 2 x 2 products took 30 ms on the 1,000,000-row slopes design)
+        v = np.empty_like(g)
+        for a in range(self.k1):
+            v[:, a] = H[:, a, 0][self._level_of_entry] * g[:, 0]
+            for b in range(1, self.k1):
+                v[:, a] += H[:, a, b][self._level_of_entry] * g[:, b]
+        threads = kernel_threads(self.q2)
+        if lam is not None:
+            subtract_level_products(self._level_ptr, self._entry_rows, g, v, S, threads)
+            return None
+        U = np.zeros_like(S)
+        subtract_level_products(self._level_ptr, self._entry_rows, g, v, U, threads)
+        return U + np.tril(U, -1).T
 
     def _inverse_transposes(self) -> np.ndarray:
         """L11_l^{-T} for every level l: (n1, k1, k1)."""
         return np.transpose(np.linalg.inv(self._L11), (0, 2, 1))
-
-    def _block_inverse_transpose(self) -> sp.csr_matrix:
-        inv_t = self._inverse_transposes()
-        if self.k1 == 1:
-            return sp.diags(inv_t[:, 0, 0], format="csr")
-        return sp.block_diag(list(inv_t), format="csr")
 
     def logdet(self) -> float:
         d11 = np.einsum("lii->li", self._L11)
@@ -216,14 +240,17 @@ class PairOperator:
     distinct entries of H_l, of H_l[a, b] times a product of two entries of G. Those products do not depend on
     theta, so they are stored once, one sparse matrix per entry (a, b), with the flat index r q2 + c as row:
     an evaluation is then k(k+1)/2 compiled sparse matrix-vector products, with no Python loop over levels.
-    On InstEval this replaced a 14 ms sparse matrix product (and its conversion to dense) by 3 ms.
+    On InstEval this replaced a 14 ms sparse matrix product (and its conversion to dense) by 3 ms, where the
+    compiled loop (kernels.py) takes 6 ms; it costs memory (8-12 bytes per stored product), so it is used up to
+    PAIR_OPERATOR_MAX_ENTRIES.
 
     Construction only counts (`stored_entries`, to decide whether to build); `build()` fills the matrices.
     """
 
-    def __init__(self, G: sp.csc_matrix, n1: int, k: int):
-        self.q2, self.n1, self.k = G.shape[0], n1, k
-        self._level_rows, self._g = _level_rows(G, k)
+    def __init__(self, level_rows: np.ndarray, g: np.ndarray, q2: int, n1: int):
+        """level_rows, g: G's entries by (level, row), sorted, and their k values (from _level_rows)."""
+        self.q2, self.n1, self.k = q2, n1, g.shape[1]
+        self._level_rows, self._g = level_rows, g
         self._per_level = np.bincount(self._level_rows[:, 0], minlength=n1).astype(np.int64)
         self._matrices = None
 
@@ -270,6 +297,8 @@ class PairOperator:
         return out.reshape(self.q2, self.q2)
 
 
+
+
 def _level_rows(G: sp.csc_matrix, k: int):
     """The distinct (level, row) pairs of G's entries, sorted, and G's k values for each: ((m, 2), (m, k))."""
     coo = G.tocoo()
@@ -289,6 +318,8 @@ def _pairs_within_levels(level: np.ndarray):
     first = np.repeat(np.arange(n), repeat)
     second = np.arange(first.shape[0]) - np.repeat(np.cumsum(repeat) - repeat - starts, repeat)
     return first, second
+
+
 
 
 # numpy's batched linalg has a per-matrix overhead that dominates for 2 x 2 blocks: on 50,000 of them cholesky

@@ -9,18 +9,22 @@ Cholesky calls. So a fit runs single-threaded, except
 
 * CHOLMOD's supernodal factorization of a large system (its big fronts are where threads pay), and
 * one big dense Cholesky at a time (`dense_threads`): it gets back the threads the caller had, 1.4x faster
-  at 1,000 x 1,000 and 1.7x at 4,000 x 4,000 on two cores.
+  at 1,000 x 1,000 and 1.7x at 4,000 x 4,000 on two cores; and the compiled Schur update into such a
+  matrix (`kernel_threads`, numba's own threads: 28.8 s -> 13.6 s on a MovieLens-sized design).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
-__all__ = ["blas_threads", "single_threaded", "dense_threads"]
+__all__ = ["blas_threads", "single_threaded", "dense_threads", "kernel_threads"]
 
 # Up to this many random-effect columns a supernodal system is "small": its fronts are too small for threads.
 SINGLE_THREAD_MAX_Q = 50_000
 # A dense Cholesky of at least this order is worth the threads (8.4 vs 12.1 ms at 1,000 on two cores).
 DENSE_THREADS_MIN_ORDER = 1_000
+
+# numba's threads for the Schur update only from this order on: below it, its thread pool slowed the rest.
+KERNEL_THREADS_MIN_ORDER = 4_000
 
 _controller = None
 _outer_threads = [1]        # BLAS threads the caller had when the current single-threaded stage began
@@ -61,3 +65,8 @@ def dense_threads(order: int):
     if order < DENSE_THREADS_MIN_ORDER or _outer_threads[0] <= 1:
         return nullcontext()
     return _blas().limit(limits=_outer_threads[0])
+
+
+def kernel_threads(order: int) -> int:
+    """Threads for the compiled Schur update into an order x order matrix: the caller's, when it is big."""
+    return _outer_threads[0] if order >= KERNEL_THREADS_MIN_ORDER else 1

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from sparsemix.design import CrossProducts, assemble_Z
 from sparsemix.engine import PenalizedSystem
 from sparsemix.factor import PairOperator, SchurFactor
+from sparsemix.kernels import subtract_level_products
 from sparsemix.fitting import fit_lmm
 from sparsemix.relcov import RelativeCovariance
 from sparsemix.terms import CovarianceTemplate, RandomTerm, VarianceComponent
@@ -174,7 +175,7 @@ def test_schur_is_refused_when_the_first_term_links_levels():
 SCHUR_ORDERS = [(0, 1), (1, 0), (0, 1, 2), (1, 0, 2), (1, 2, 0), (2, 1)]
 
 
-@pytest.mark.parametrize("update", ["dense", "pairs", "sparse"])
+@pytest.mark.parametrize("update", ["dense", "pairs", "kernel"])
 @pytest.mark.parametrize("order", SCHUR_ORDERS)
 def test_every_schur_update_gives_cholmods_factor(order, update):
     X, y, terms = _problem()
@@ -196,27 +197,45 @@ def test_every_schur_update_gives_cholmods_factor(order, update):
                                    atol=1e-12)
 
 
-def test_pair_operator_equals_g_h_g_transpose():
-    rng = np.random.default_rng(6)
-    n1, k, q2 = 9, 2, 7
-    G = sp.random(q2, n1 * k, density=0.4, random_state=7, format="csc")
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2])
+def test_kernel_subtracts_g_h_g_transpose(k, threads):
+    rng = np.random.default_rng(6 + k)
+    n1, q2 = 40, 150                      # rows beyond one 64-row band, so threads split the rows
+    G = sp.random(q2, n1 * k, density=0.1, random_state=7, format="csc")
     H = rng.normal(size=(n1, k, k))
     H = H @ np.transpose(H, (0, 2, 1))
-    expected = G.toarray() @ sp.block_diag(list(H)).toarray() @ G.toarray().T
+    expected = -G.toarray() @ sp.block_diag(list(H)).toarray() @ G.toarray().T
+    # Entries per (level, row), sorted, with G's k values: the layout SchurFactor builds.
+    coo = G.tocoo()
+    level, a = np.divmod(coo.col, k)
+    keys, inverse = np.unique(level * q2 + coo.row, return_inverse=True)
+    g = np.zeros((keys.size, k))
+    g[inverse, a] = coo.data
+    lvl, rows = np.divmod(keys, q2)
+    v = np.matmul(H[lvl], g[:, :, None])[:, :, 0]
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(lvl, minlength=n1))])
+    out = np.zeros((q2, q2))
+    subtract_level_products(ptr, rows.astype(np.int32), g, v, out, threads)
+    np.testing.assert_allclose(out, np.tril(expected), rtol=1e-12, atol=1e-12)
     upper = np.triu_indices(k)
-    operator = PairOperator(G, n1, k)
-    entries = operator.stored_entries
-    got = operator.build().apply(H[:, upper[0], upper[1]])
-    np.testing.assert_allclose(np.tril(got), np.tril(expected), rtol=1e-12, atol=1e-12)
-    assert entries == sum(m.nnz for m in operator._matrices)
+    pairs = PairOperator(np.column_stack([lvl, rows]), g, q2, n1)
+    entries = pairs.stored_entries
+    got = pairs.build().apply(H[:, upper[0], upper[1]])
+    np.testing.assert_allclose(np.tril(got), -np.tril(expected), rtol=1e-12, atol=1e-12)
+    assert entries == sum(m.nnz for m in pairs._matrices)
 
 
 def test_pair_operator_built_in_chunks_equals_one_pass(monkeypatch):
-    G = sp.random(30, 400, density=0.2, random_state=9, format="csc")
-    h = np.random.default_rng(10).normal(size=(400, 1))
-    whole = PairOperator(G, 400, 1).build().apply(h)
+    rng = np.random.default_rng(9)
+    level = np.repeat(np.arange(400), rng.integers(1, 6, 400))
+    rows = np.concatenate([np.sort(rng.choice(30, size=c, replace=False)) for c in np.bincount(level)])
+    g = rng.normal(size=(level.size, 1))
+    level_rows = np.column_stack([level, rows])
+    h = rng.normal(size=(400, 1))
+    whole = PairOperator(level_rows, g, 30, 400).build().apply(h)
     monkeypatch.setattr("sparsemix.factor.PAIR_CHUNK", 37)
-    np.testing.assert_array_equal(PairOperator(G, 400, 1).build().apply(h), whole)
+    np.testing.assert_array_equal(PairOperator(level_rows, g, 30, 400).build().apply(h), whole)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
