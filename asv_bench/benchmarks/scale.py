@@ -10,10 +10,34 @@ import numpy as np
 import pandas as pd
 
 import sparsemix
-from sparsemix.datasets import generate_crossed_slopes
+from sparsemix.datasets import generate_crossed_slopes, generate_insteval_like
 
 SLOW = os.environ.get("SPARSEMIX_BENCH_SLOW") == "1"
 FORMULA = "y ~ 1 + x + (1 + x | a) + (1 | b)"
+
+
+INSTEVAL_FORMULA = "y ~ 1 + service + (1 | s) + (1 | d) + (1 | dept:service)"
+
+
+class InstEvalSizedFit:
+    """lme4's InstEval model on a synthetic design of its size: 73,000 rows, 2,972 x 1,128 crossed levels and a
+    28-level interaction; the Schur form factors a dense 1,156 x 1,156 block per evaluation."""
+
+    timeout = 600
+
+    def setup(self):
+        self.data = generate_insteval_like()
+
+    def time_fit(self):
+        sparsemix.lmer(INSTEVAL_FORMULA, self.data)
+
+    def peakmem_fit(self):
+        sparsemix.lmer(INSTEVAL_FORMULA, self.data)
+
+    def track_deviance_evaluations(self):
+        return sparsemix.lmer(INSTEVAL_FORMULA, self.data).n_evaluations
+
+    track_deviance_evaluations.unit = "evaluations"
 
 
 class CrossedSlopesFit:
