@@ -20,8 +20,11 @@ __all__ = ["blas_threads", "single_threaded", "dense_threads", "kernel_threads"]
 
 # Up to this many random-effect columns a supernodal system is "small": its fronts are too small for threads.
 SINGLE_THREAD_MAX_Q = 50_000
-# A dense Cholesky of at least this order is worth the threads (8.4 vs 12.1 ms at 1,000 on two cores).
+# A dense Cholesky of at least this order is worth the threads (8.4 vs 12.1 ms at 1,000 on two cores) ...
 DENSE_THREADS_MIN_ORDER = 1_000
+# ... and of at most this order: the OpenBLAS that numpy's and scipy's wheels bundle crashes (segmentation
+# fault) in a two-thread Cholesky of order 16,000 here; 14,000 ran (10.7 s) and one thread runs any order.
+DENSE_THREADS_MAX_ORDER = 14_000
 
 # numba's threads for the Schur update only from this order on: below it, its thread pool slowed the rest.
 KERNEL_THREADS_MIN_ORDER = 4_000
@@ -62,7 +65,7 @@ def blas_threads(single: bool):
 
 def dense_threads(order: int):
     """Inside a single-threaded stage: the caller's BLAS threads back for one dense factorization of `order`."""
-    if order < DENSE_THREADS_MIN_ORDER or _outer_threads[0] <= 1:
+    if not DENSE_THREADS_MIN_ORDER <= order <= DENSE_THREADS_MAX_ORDER or _outer_threads[0] <= 1:
         return nullcontext()
     return _blas().limit(limits=_outer_threads[0])
 
