@@ -159,7 +159,8 @@ class PenalizedSystem:
         schur = self._schur_candidate(timings[0] if small else np.inf)
         if schur is not None:
             candidates.append(schur)
-            timings.append(_time_refactorization(schur, self._A, factors))
+            with blas_threads(True):          # as it will run (threads.py): BLAS threads only for its big Cholesky
+                timings.append(_time_refactorization(schur, self._A, factors))
         # On large systems the Schur form beats supernodal wherever we measured (1,000,000-row slopes design:
         # 82 vs 230 ms per factorization; MovieLens-sized: about 30 vs 90 s), and supernodal's analysis alone
         # took 3.5 s on the first.
