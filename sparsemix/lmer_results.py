@@ -262,6 +262,13 @@ class LmerResults:
         sims = sims + d.offset[:, None]
         return pd.DataFrame(sims, index=d.row_index, columns=[f"sim_{i + 1}" for i in range(int(nsim))])
 
+    def _scaled_residual_quantiles(self) -> np.ndarray:
+        """Min, quartiles and max of the residuals over sigma (times sqrt(weights)), as summary() prints."""
+        resid = self.resid.to_numpy() / self.sigma
+        if self.design.weights is not None:
+            resid = resid * np.sqrt(self.design.weights)
+        return np.quantile(resid, [0, 0.25, 0.5, 0.75, 1])
+
     # -- refits and inference -------------------------------------------------------------------------
 
     def refit_ml(self) -> "LmerResults":

@@ -19,10 +19,7 @@ class LmerSummary:
         else:
             lines.append(f"{'AIC':>9} {'BIC':>9} {'logLik':>9} {'deviance':>9} {'df.resid':>9}")
             lines.append(f"{r.aic:9.1f} {r.bic:9.1f} {r.llf:9.1f} {-2 * r.llf:9.1f} {r.nobs - r.npar:9d}")
-        resid = (r.resid.to_numpy() / r.sigma)
-        if d.weights is not None:
-            resid = resid * np.sqrt(d.weights)
-        q = np.quantile(resid, [0, 0.25, 0.5, 0.75, 1])
+        q = r._scaled_residual_quantiles()
         lines += ["", "Scaled residuals: ", "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
                   "    ".join(f"{v:7.4f}" for v in q), "", "Random effects:"]
         lines += _random_table(r)

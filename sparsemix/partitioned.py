@@ -109,8 +109,8 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
         if name is not None:
             checks.require_columns(data._meta, [name], role)
     used = formula_columns([parsed.fixed] + [r.expr for r in parsed.random], columns)
-    used += [g for r in parsed.random for g in r.group if g not in used]
-    used += [c for c in (weights, offset) if c is not None and c not in used]
+    used = list(dict.fromkeys(used + [g for r in parsed.random for g in r.group]
+                              + [c for c in (weights, offset) if c is not None]))
     if parsed.response in columns:
         checks.require_numeric_column(data._meta[parsed.response], f"response {parsed.response!r}")
     categorical = _categorical_columns(parsed, data._meta)
@@ -277,7 +277,7 @@ def _prototype(frame: pd.DataFrame, categories: dict) -> pd.DataFrame:
 
 def _complete(part: pd.DataFrame, spec: PartitionSpec):
     frame = part[list(spec.used)]
-    keep = frame.notna().all(axis=1).to_numpy()
+    keep = np.array(frame.notna().all(axis=1), dtype=bool)
     for c in (spec.weights, spec.offset):
         if c is not None:
             keep &= np.isfinite(frame[c].to_numpy(dtype=float))
@@ -301,8 +301,7 @@ def _merge_levels(a, b):
 def _rows(part, spec):
     """This partition's complete rows as arrays: y, X (all columns), weights, offset, and the frame."""
     frame, _ = _complete(part, spec)
-    for c, levels in spec.categories.items():
-        frame = frame.assign(**{c: pd.Categorical(frame[c], categories=levels)})
+    frame = _as_categories(frame, spec)
     y_info, X_info = (m.design_info for m in patsy.dmatrices(spec.fixed, _prototype(frame, spec.categories),
                                                              eval_env=safe_environment()))
     y, X = patsy.build_design_matrices([y_info, X_info], frame, NA_action="raise")
@@ -318,22 +317,45 @@ def _fixed_sums(part, spec):
     return {"XtX": Xw.T @ Xw, "Xty": Xw.T @ yw, "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w)))}
 
 
-def _partition_Z(frame, spec) -> sp.csc_matrix:
+def _as_categories(frame, spec):
+    for c, levels in spec.categories.items():
+        if c in frame.columns:
+            frame = frame.assign(**{c: pd.Categorical(frame[c], categories=levels)})
+    return frame
+
+
+def _design_matrix(part, spec) -> np.ndarray:
+    """The fixed-effects columns of new data (no response needed), all columns before the aliasing check."""
+    frame = _as_categories(part, spec)
+    rhs = patsy.ModelDesc([], patsy.ModelDesc.from_formula(spec.fixed).rhs_termlist)
+    info = patsy.dmatrix(rhs, _prototype(frame, spec.categories), eval_env=safe_environment()).design_info
+    (X,) = patsy.build_design_matrices([info], frame, NA_action="raise")
+    return np.asarray(X, dtype=float)
+
+
+def _partition_Z(frame, spec, allow_new_levels=False) -> sp.csc_matrix:
+    """Z for these rows in the fit's column layout; rows of levels the fit did not see get zero (population)
+    effects when allowed."""
+    frame = _as_categories(frame, spec)
     blocks = []
     for expr, group, n_levels, k, labels in spec.random:
         local_codes, local_labels = group_codes(frame, group)
         index = {lab: i for i, lab in enumerate(labels)}
-        codes = np.array([index[lab] for lab in local_labels], dtype=np.int64)[local_codes]
+        codes = np.array([index.get(lab, -1) for lab in local_labels], dtype=np.int64)[local_codes]
+        if (codes < 0).any() and not allow_new_levels:
+            raise InputError(f"newdata has levels of {':'.join(group)!r} not in the fitted data; pass "
+                             "allow_new_levels=True to predict them at the population level.")
         var = indicator_variable(expr)
         if var is not None:
-            values = indicator_matrix(np.asarray(frame[var].cat.codes, dtype=np.int64), k)
+            values = indicator_matrix(np.asarray(frame[var].cat.codes, dtype=np.int64), k).toarray()
         else:
             info = patsy.dmatrix("~ " + expr, _prototype(frame, spec.categories), eval_env=safe_environment()
                                  ).design_info
             (values,) = patsy.build_design_matrices([info], frame, NA_action="raise")
-            values = np.asarray(values, dtype=float)
+            values = np.array(values, dtype=float)
+        values[codes < 0] = 0.0
         template = CovarianceTemplate.unstructured(k)
-        blocks.append(RandomTerm.from_codes("t", codes, values, n_levels, template, range(n_levels),
+        blocks.append(RandomTerm.from_codes("t", np.maximum(codes, 0), values, n_levels, template, range(n_levels),
                                             tuple(map(str, range(k)))))
     return assemble_Z(blocks)
 
