@@ -11,7 +11,6 @@ in docs/cli.md; its keys are stable.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -57,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--formula", required=True, help='lme4 formula, e.g. "y ~ x + (1 + x | g) + (1 | h)"')
     fit.add_argument("--weights", metavar="COL", help="column of prior weights")
     fit.add_argument("--offset", metavar="COL", help="column added to the linear predictor")
+    fit.add_argument("--dask", metavar="SCHEDULER", nargs="?", const="local",
+                     help="fit on a Dask cluster: DATA may then be Parquet files or a glob ('data/*.parquet'); give "
+                          "the scheduler's address, or nothing for a local cluster (needs sparsemix[dask])")
     fit.set_defaults(run=_run_fit)
     anova = sub.add_parser("anova", help="likelihood-ratio tests between nested models (refitted by ML)")
     anova.add_argument("--formula", required=True, action="append", help="a formula; give two or more")
@@ -77,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run_fit(args) -> int:
     from .lmer import lmer
 
+    if args.dask:
+        return _run_fit_dask(args)
     data = read_table(args.data)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -85,14 +89,46 @@ def _run_fit(args) -> int:
                    maxiter=args.maxiter, progress=_progress(args))
     seconds = time.perf_counter() - t0
     _report_warnings(caught, args)
+    _write(_render(fit, seconds, args), args.output)
+    return EXIT_OK if fit.converged else EXIT_NOT_CONVERGED
+
+
+def _render(fit, seconds, args) -> str:
     if fit.design.n_dropped and not args.quiet:
         print(f"sparsemix: note: {fit.design.n_dropped} row(s) with missing values dropped", file=sys.stderr)
     if args.format == "json":
-        text = json.dumps(fit_record(fit, seconds), indent=2) + "\n"
-    elif args.format == "markdown":
-        text = markdown_report(fit)
-    else:
-        text = str(fit.summary()) + "\n"
+        return json.dumps(fit_record(fit, seconds), indent=2) + "\n"
+    if args.format == "markdown":
+        return markdown_report(fit)
+    return str(fit.summary()) + "\n"
+
+
+def _run_fit_dask(args) -> int:
+    """The same fit, with the rows read and summed by Dask workers (only cross-products reach this process)."""
+    from .lmer import lmer
+
+    dd = require_extra("dask.dataframe", "dask", "--dask")
+    distributed = require_extra("distributed", "dask", "--dask")
+    path = args.data
+    if path == "-":
+        raise CommandError("--dask reads files (Parquet or CSV), not standard input")
+    try:
+        data = dd.read_parquet(path) if not path.lower().endswith(".csv") else dd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot read {path} with Dask: {_one_line(exc)}") from None
+    cluster = distributed.LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1) \
+        if args.dask == "local" else None
+    with distributed.Client(cluster if cluster is not None else args.dask):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit = lmer(args.formula, data, reml=not args.ml, weights=args.weights, offset=args.offset,
+                       maxiter=args.maxiter, progress=_progress(args))
+        seconds = time.perf_counter() - t0
+        _report_warnings(caught, args)
+        text = _render(fit, seconds, args)         # (the summary's residual quantiles need the cluster)
+    if cluster is not None:
+        cluster.close()
     _write(text, args.output)
     return EXIT_OK if fit.converged else EXIT_NOT_CONVERGED
 

@@ -76,6 +76,7 @@ class PartitionedDesign:
     nobs: int
     data: object = field(repr=False)
     spec: PartitionSpec = field(repr=False)
+    transferred_bytes: int = 0      # what the three passes brought to the client (the roots of their trees)
     fixed_info: object = field(default=None, repr=False)
     weights: None = None
     offset: None = None
@@ -119,6 +120,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     # Pass 1: levels, and the complete rows.
     groups = [tuple(r.group) for r in parsed.random]
     found = _tree(data, _levels_of_partition, _merge_levels, base, categorical, groups).compute()
+    transferred = _nbytes(found)
     n, n_dropped = found["n"], found["dropped"]
     checks.check_not_empty(n, "data" if n_dropped == 0 else "data after dropping incomplete rows")
     categories = {c: found["columns"][c] for c in categorical}
@@ -140,6 +142,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     # Pass 2: X'X and X'y; the aliased columns and the least-squares shift.
     fixed_names = _fixed_names(spec, data._meta)
     totals = _tree(data, _fixed_sums, _add, spec).compute()
+    transferred += _nbytes(totals)
     keep, dropped = _unaliased(totals["XtX"], fixed_names)
     XtX = totals["XtX"][np.ix_(keep, keep)]
     beta_ols = np.linalg.lstsq(XtX, totals["Xty"][keep], rcond=None)[0] if keep else np.zeros(0)
@@ -147,6 +150,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
 
     # Pass 3: everything else, with y - X beta_ols.
     sums = _tree(data, _cross_sums, _add, spec, beta_ols).compute()
+    transferred += _nbytes(sums)
     cross = _cross_products(sums, XtX, beta_ols, totals["sum_log_weights"], n)
     templates = [CovarianceTemplate.unstructured(k) for (_, _, _, k, _) in random]
     relcov = RelativeCovariance([(nl, t) for (_, _, nl, _, _), t in zip(random, templates)])
@@ -158,7 +162,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     terms = tuple(RandomTerm(i.spec.group_name, sp.csc_matrix((0, nl * t.k)), nl, t, i.levels, i.columns)
                   for i, (_, _, nl, _, _), t in zip(infos, random, templates))
     design = PartitionedDesign(formula, "data", tuple(fixed_names[j] for j in keep), terms, tuple(infos),
-                               n_dropped, tuple(dropped), n, data, spec)
+                               n_dropped, tuple(dropped), n, data, spec, transferred_bytes=transferred)
     results = PartitionedLmerResults(design, fit)
     warn_if_singular(fit, results.theta_names)
     return results
@@ -258,6 +262,16 @@ def _cross_products(sums, XtX, beta_ols, sum_log_weights, n) -> CrossProducts:
     ZtZ.sort_indices()
     return CrossProducts(ZtZ=ZtZ, ZtX=ZtX, Zty=Ztr, XtX=XtX, Xty=Xtr, yty=rtr, n=n, p=XtX.shape[0],
                          beta_ols=beta_ols, sum_log_weights=sum_log_weights)
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the arrays in a pass result (dicts of numpy arrays, scipy sparse matrices and numbers)."""
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if sp.issparse(obj):
+        obj = obj.tocsc()
+        return obj.data.nbytes + obj.indices.nbytes + obj.indptr.nbytes
+    return int(getattr(obj, "nbytes", 8))
 
 
 def _add(a: dict, b: dict) -> dict:

@@ -145,7 +145,7 @@ def _simulated_sums(part, spec, beta, B, sigma, entropy, spawn_keys):
         # Noise seeded by (replicate, position of the partition's first row): the same draws wherever it runs.
         rng = np.random.default_rng(np.random.SeedSequence(e, spawn_key=tuple(key) + (first,)))
         noise = rng.standard_normal(len(frame))
-        Y[:, j] = mean + Z @ B[:, j] + sigma * (noise if w is None else noise / np.sqrt(w))
+        Y[:, j] = mean + sigma * (Z @ B[:, j] + (noise if w is None else noise / np.sqrt(w)))
     if w is not None:
         sw = np.sqrt(w)
         X, Y, Z = X * sw[:, None], Y * sw[:, None], sp.csc_matrix(sp.diags(sw) @ Z)

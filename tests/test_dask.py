@@ -1,0 +1,160 @@
+"""Fits from data partitioned on a Dask cluster (a distributed.LocalCluster with worker processes)."""
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sparsemix
+
+dd = pytest.importorskip("dask.dataframe")
+distributed = pytest.importorskip("distributed")
+from dask import delayed  # noqa: E402
+
+FORMULA = "y ~ x + C(f) + (1 + x | g) + (1 | h)"
+
+
+def _frame(n: int, seed: int = 0, n_g: int = 40, n_h: int = 25) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    g, h, x = rng.integers(0, n_g, n), rng.integers(0, n_h, n), rng.normal(size=n)
+    f = np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
+    y = 1 + 0.5 * x + (f == "b") + rng.normal(size=n_g)[g] + 0.4 * x * rng.normal(size=n_g)[g] \
+        + 0.7 * rng.normal(size=n_h)[h] + rng.normal(size=n)
+    return pd.DataFrame({"y": y, "x": x, "g": g, "h": h, "f": f, "w": rng.uniform(0.5, 2.0, n)})
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=3, threads_per_worker=1, processes=True, dashboard_address=None)
+    with distributed.Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory):
+    """The data as a Parquet data set of 5 files, one missing value included."""
+    data = _frame(4000)
+    data.loc[17, "x"] = np.nan
+    root = tmp_path_factory.mktemp("pq")
+    for i, part in enumerate(np.array_split(np.arange(len(data)), 5)):
+        data.iloc[part].to_parquet(root / f"part-{i}.parquet")
+    return root, data
+
+
+def _assert_equal_fits(a, b, rtol=1e-8):
+    assert b.llf == pytest.approx(a.llf, rel=rtol)
+    np.testing.assert_allclose(b.fe_params.to_numpy(), a.fe_params.to_numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b.variance_components()["vcov"], a.variance_components()["vcov"], rtol=1e-6,
+                               atol=1e-10)
+    assert list(b.fe_params.index) == list(a.fe_params.index)
+    assert b.ngroups == a.ngroups and b.nobs == a.nobs
+
+
+def test_fit_from_parquet_files_equals_the_in_memory_fit(client, parquet_dir):
+    root, data = parquet_dir
+    ddf = dd.read_parquet(str(root / "*.parquet"))
+    assert ddf.npartitions == 5
+    for kw in ({}, {"weights": "w"}, {"reml": False}):
+        a = sparsemix.lmer(FORMULA, data, **kw)
+        b = sparsemix.lmer(FORMULA, ddf, **kw)
+        _assert_equal_fits(a, b)
+        assert b.design.n_dropped == a.design.n_dropped == 1
+    # Conditional modes come from the cross-products: the same on the client.
+    np.testing.assert_allclose(b.ranef()["g"].to_numpy(dtype=float), a.ranef()["g"].to_numpy(dtype=float),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_rows_based_results_are_dask_collections_computed_on_the_cluster(client, parquet_dir):
+    root, data = parquet_dir
+    ddf = dd.read_parquet(str(root / "*.parquet"))
+    a, b = sparsemix.lmer(FORMULA, data), sparsemix.lmer(FORMULA, ddf)
+    fitted = b.fitted
+    assert hasattr(fitted, "compute")
+    complete = data.dropna()
+    np.testing.assert_allclose(fitted.compute().to_numpy(), a.fitted.to_numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(b.resid.compute().to_numpy(), a.resid.to_numpy(), rtol=1e-6, atol=1e-7)
+    new = complete.iloc[:50].assign(g=np.r_[np.full(25, 999), complete.g.iloc[25:50]])   # 25 rows of a new level
+    pred = b.predict(dd.from_pandas(new, npartitions=2)).compute()
+    np.testing.assert_allclose(pred.to_numpy(), a.predict(new).to_numpy(), rtol=1e-6, atol=1e-8)
+    with pytest.raises(sparsemix.InputError, match="not in the fitted data"):
+        b.predict(new, allow_new_levels=False)
+    assert "Scaled residuals" in str(b.summary())
+
+
+def test_what_reaches_the_client_does_not_grow_with_the_rows(client):
+    small, large = _frame(2000, seed=3), _frame(40_000, seed=3)
+    fits = [sparsemix.lmer(FORMULA, dd.from_pandas(d, npartitions=8)) for d in (small, large)]
+    sent = [f.design.transferred_bytes for f in fits]
+    # Same levels and columns: the same sizes (Z'Z's pattern may gain a few level pairs with more rows).
+    assert sent[1] <= 1.2 * sent[0]
+    assert sent[1] < large.memory_usage(deep=True).sum() / 10
+    assert fits[1].design.data is not None and not isinstance(fits[1].design.data, pd.DataFrame)
+
+
+def test_a_worker_lost_mid_fit_does_not_change_the_answer(client, parquet_dir):
+    _, data = parquet_dir
+    expected = sparsemix.lmer(FORMULA, data)
+    pieces = np.array_split(np.arange(len(data)), 24)
+
+    def slow_piece(rows):
+        time.sleep(0.25)                 # keeps the passes running long enough to lose a worker in one
+        return data.iloc[rows]
+
+    ddf = dd.from_delayed([delayed(slow_piece)(rows) for rows in pieces], meta=data.iloc[:0])
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(sparsemix.lmer, FORMULA, ddf)
+        time.sleep(1.0)
+        victim = list(client.scheduler_info()["workers"])[0]
+        try:
+            client.run(lambda: __import__("os")._exit(1), workers=[victim])     # the worker process dies
+        except (distributed.comm.core.CommClosedError, OSError):
+            pass                                                                # as it should: it is gone
+        got = future.result(timeout=300)
+    _assert_equal_fits(expected, got)
+
+
+def test_bootstrap_runs_on_the_cluster_and_is_reproducible(client, parquet_dir):
+    root, data = parquet_dir
+    ddf = dd.read_parquet(str(root / "*.parquet"))
+    fit = sparsemix.lmer("y ~ x + (1 | g) + (1 | h)", ddf)
+    draws = fit.bootstrap(nsim=12, seed=5)
+    again = fit.bootstrap(nsim=12, seed=5)
+    pd.testing.assert_frame_equal(draws, again)
+    assert list(draws.columns) == fit.sdcor_names + list(fit.fe_params.index)
+    # Replicates simulated at the estimates scatter around them.
+    estimates = np.r_[fit.sdcor.to_numpy(), fit.fe_params.to_numpy()]
+    spread = draws.std().to_numpy()
+    assert np.all(np.abs(draws.mean().to_numpy() - estimates) < 3 * spread / np.sqrt(12) + 1e-9)
+    ci = fit.confint(method="boot", nsim=12, seed=5)
+    assert np.all(ci["lower"] <= ci["upper"])
+
+
+def test_cli_fits_parquet_files_through_the_scheduler(client, parquet_dir, capsys):
+    from sparsemix.cli import main
+    root, data = parquet_dir
+    code = main(["fit", str(root / "*.parquet"), "--formula", FORMULA, "--dask", client.scheduler.address,
+                 "--format", "json"])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["llf"] == pytest.approx(sparsemix.lmer(FORMULA, data).llf, rel=1e-8)
+    assert record["n_dropped"] == 1
+
+
+def test_without_dask_the_message_names_the_extra(monkeypatch):
+    from sparsemix.errors import MissingExtraError
+    from sparsemix.partitioned import fit_partitioned
+    monkeypatch.setitem(sys.modules, "dask", None)
+    with pytest.raises(MissingExtraError, match=r"sparsemix\[dask\]"):
+        fit_partitioned(FORMULA, object())
+
+
+def test_stateful_transforms_and_eval_env_are_refused(client):
+    ddf = dd.from_pandas(_frame(500), npartitions=2)
+    with pytest.raises(sparsemix.FormulaError, match="center"):
+        sparsemix.lmer("y ~ center(x) + (1 | g)", ddf)
+    with pytest.raises(sparsemix.InputError, match="eval_env"):
+        sparsemix.lmer("y ~ x + (1 | g)", ddf, eval_env={"f": abs})
