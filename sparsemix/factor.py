@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg as la
+from scipy.linalg import blas
 import scipy.sparse as sp
 from sksparse.cholmod import analyze
 
-from .threads import dense_threads, kernel_threads
+from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
 
 __all__ = ["CholmodFactor", "SchurFactor", "schur_applicable"]
 
@@ -136,8 +137,7 @@ class SchurFactor:
             S -= self._Wt @ self._Wt.T
         else:
             self._subtract_update(S, factors)
-        with dense_threads(q2):
-            self._LS = la.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
+        self._LS = dense_cholesky(S)
 
     def _subtract_update(self, S: np.ndarray, factors) -> None:
         """S -= Lambda_2' G H G' Lambda_2 (lower triangle), H_l = T1 M_l^{-1} T1', by the pair map or the
@@ -320,6 +320,32 @@ def _pairs_within_levels(level: np.ndarray):
     return first, second
 
 
+
+
+def dense_cholesky(S: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of S (C-contiguous, lower triangle read), overwriting S.
+
+    Up to DENSE_THREADS_MAX_ORDER one LAPACK call, with the caller's BLAS threads from order 1,000 on. Above it
+    the threaded OpenBLAS of the numpy/scipy wheels crashes, so the factor is computed in 2 x 2 blocks:
+    L11 = chol(S11), L21 = S21 L11^{-T}, L22 = chol(S22 - L21 L21'), each call below that order.
+    """
+    n = S.shape[0]
+    if n <= DENSE_THREADS_MAX_ORDER:
+        with dense_threads(n):
+            return la.cholesky(S, lower=True, overwrite_a=True, check_finite=False)
+    m = n // 2
+    L11 = dense_cholesky(np.ascontiguousarray(S[:m, :m]))
+    with dense_threads(m):
+        L21 = la.solve_triangular(L11, np.ascontiguousarray(S[m:, :m]).T, lower=True, check_finite=False).T
+        S22 = np.ascontiguousarray(S[m:, m:])
+        # S22 -= L21 L21' on the lower triangle only (syrk, half a GEMM's work); the transposes are Fortran views
+        blas.dsyrk(-1.0, L21.T, beta=1.0, c=S22.T, trans=1, lower=0, overwrite_c=1)
+    L22 = dense_cholesky(S22)
+    S[:m, :m] = L11
+    S[m:, :m] = L21
+    S[m:, m:] = L22
+    S[:m, m:] = 0.0
+    return S
 
 
 # numpy's batched linalg has a per-matrix overhead that dominates for 2 x 2 blocks: on 50,000 of them cholesky

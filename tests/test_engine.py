@@ -250,3 +250,13 @@ def test_batched_small_cholesky_and_solves_match_numpy(k):
     np.testing.assert_allclose(_batched_lower_solve(L, B), np.linalg.solve(L, B), rtol=1e-10)
     np.testing.assert_allclose(_batched_lower_solve(L, B, transpose=True),
                                np.linalg.solve(np.transpose(L, (0, 2, 1)), B), rtol=1e-10)
+
+
+def test_blocked_dense_cholesky_above_the_threaded_order(monkeypatch):
+    import sparsemix.factor as factor
+    rng = np.random.default_rng(12)
+    B = rng.normal(size=(301, 40))
+    S = B @ B.T + np.eye(301)
+    monkeypatch.setattr(factor, "DENSE_THREADS_MAX_ORDER", 70)      # so that 301 takes 2 levels of blocks
+    L = factor.dense_cholesky(np.tril(S))
+    np.testing.assert_allclose(L, np.linalg.cholesky(S), rtol=1e-10, atol=1e-12)
