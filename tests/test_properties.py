@@ -31,13 +31,15 @@ def _fit(data, formula=FORMULA, **kw):
 
 
 def _assert_same_fit(a, b, rtol=1e-8):
-    # The log-likelihood agrees to 1e-8 and better; estimates to the optimizer's tolerance (theta moves by up
-    # to 1e-8 absolute between two runs whose sums are added in another order: fixed effects by up to 6e-8).
+    # The log-likelihood agrees to 1e-8 and better. The estimates agree to the optimizer's tolerance only: sums
+    # added in another order send BOBYQA on another path, and it stops when the deviance changes by less than
+    # 1e-10, which leaves theta free by about 1e-5 relative along flat directions (seen: standard errors 2.7e-6,
+    # fixed effects 6e-8 relative). Agreement to 1e-8 needs a final Newton step (not done yet).
     assert b.llf == pytest.approx(a.llf, rel=rtol)
-    np.testing.assert_allclose(b.fe_params.to_numpy(), a.fe_params.to_numpy(), rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(b.bse_fe.to_numpy(), a.bse_fe.to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(b.fe_params.to_numpy(), a.fe_params.to_numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(b.bse_fe.to_numpy(), a.bse_fe.to_numpy(), rtol=1e-5)
     vc_a, vc_b = a.variance_components(), b.variance_components()
-    np.testing.assert_allclose(vc_b["vcov"].to_numpy(), vc_a["vcov"].to_numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(vc_b["vcov"].to_numpy(), vc_a["vcov"].to_numpy(), rtol=1e-4, atol=1e-8)
 
 
 @SETTINGS
