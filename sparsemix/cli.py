@@ -77,11 +77,17 @@ def _parser() -> argparse.ArgumentParser:
 # -- commands --------------------------------------------------------------------------------------------
 
 def _run_fit(args) -> int:
-    from .lmer import lmer
-
     if args.dask:
         return _run_fit_dask(args)
-    data = read_table(args.data)
+    fit, seconds = _fit(args, read_table(args.data))
+    _write(_render(fit, seconds, args), args.output)
+    return EXIT_OK if fit.converged else EXIT_NOT_CONVERGED
+
+
+def _fit(args, data):
+    """lmer on `data` as the options ask; warnings go to standard error. Returns (fit, seconds)."""
+    from .lmer import lmer
+
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -89,8 +95,7 @@ def _run_fit(args) -> int:
                    maxiter=args.maxiter, progress=_progress(args))
     seconds = time.perf_counter() - t0
     _report_warnings(caught, args)
-    _write(_render(fit, seconds, args), args.output)
-    return EXIT_OK if fit.converged else EXIT_NOT_CONVERGED
+    return fit, seconds
 
 
 def _render(fit, seconds, args) -> str:
@@ -105,8 +110,6 @@ def _render(fit, seconds, args) -> str:
 
 def _run_fit_dask(args) -> int:
     """The same fit, with the rows read and summed by Dask workers (only cross-products reach this process)."""
-    from .lmer import lmer
-
     dd = require_extra("dask.dataframe", "dask", "--dask")
     distributed = require_extra("distributed", "dask", "--dask")
     path = args.data
@@ -119,13 +122,7 @@ def _run_fit_dask(args) -> int:
     cluster = distributed.LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1) \
         if args.dask == "local" else None
     with distributed.Client(cluster if cluster is not None else args.dask):
-        t0 = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fit = lmer(args.formula, data, reml=not args.ml, weights=args.weights, offset=args.offset,
-                       maxiter=args.maxiter, progress=_progress(args))
-        seconds = time.perf_counter() - t0
-        _report_warnings(caught, args)
+        fit, seconds = _fit(args, data)
         text = _render(fit, seconds, args)         # (the summary's residual quantiles need the cluster)
     if cluster is not None:
         cluster.close()
