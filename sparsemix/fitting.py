@@ -32,14 +32,16 @@ def build_system(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=
 
 
 def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None, free=None, maxiter=10_000,
-                    gtol=1e-7, method=DEFAULT_OPTIMIZER, progress=None, initial_step=None) -> OptimizationResult:
+                    gtol=1e-7, method=DEFAULT_OPTIMIZER, progress=None, initial_step=None,
+                    polish=True) -> OptimizationResult:
     """Minimise system.deviance(theta, reml) from `start_theta` (lme4's start by default). `initial_step`: BOBYQA's
-    first step per entry (optimize.warm_step for a start near the optimum)."""
+    first step per entry (optimize.warm_step for a start near the optimum); `polish`: a final Newton step
+    (optimize.newton_polish), which bootstrap refits skip."""
     start = system.relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
     with system.threads():
         return minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
                                  free=free, maxiter=maxiter, gtol=gtol, method=method, progress=progress,
-                                 initial_step=initial_step)
+                                 initial_step=initial_step, polish=polish)
 
 
 def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None) -> LmmFit:

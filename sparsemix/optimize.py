@@ -6,6 +6,8 @@ sleepstudy and a 6-parameter synthetic model, it needed 30-60% fewer evaluations
 finite differences, reached the same or a lower deviance, and did not wander off to theta ~ 1e9 where
 L-BFGS-B's line search did. scipy's L-BFGS-B, Powell and Nelder-Mead remain available by name. The bounds
 keep the diagonal of every covariance template >= 0, which is where boundary (singular) fits live.
+A fit ends with Newton steps on finite differences (newton_polish): BOBYQA leaves theta ~1e-5 from the optimum
+along flat directions, at a point that depends on its path; the steps put it at the stationary point to ~1e-9.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Callable
 
 import nlopt
 import numpy as np
+import scipy.linalg as la
 from scipy.optimize import minimize
 
 __all__ = ["OptimizationResult", "minimize_deviance", "SINGULAR_TOLERANCE", "OPTIMIZERS", "DEFAULT_OPTIMIZER"]
@@ -64,11 +67,13 @@ class OptimizationResult:
 def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarray, lower: np.ndarray,
                       free: np.ndarray | None = None, maxiter: int = 10_000, gtol: float = 1e-7,
                       method: str = DEFAULT_OPTIMIZER, progress: Callable[[int, float, float], None] | None = None,
-                      upper: np.ndarray | None = None, initial_step: np.ndarray | None = None) -> OptimizationResult:
+                      upper: np.ndarray | None = None, initial_step: np.ndarray | None = None,
+                      polish: bool = False) -> OptimizationResult:
     """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start.
 
     `initial_step` (BOBYQA's first trust-region radius per entry) defaults to 0.75 max(|start|, 1), right for
-    theta's relative scale; parameters on other scales (profiles over sd, sigma) should pass their own."""
+    theta's relative scale; parameters on other scales (profiles over sd, sigma) should pass their own.
+    `polish`: finish with a Newton step (newton_polish) so that theta is determined to ~1e-10, not ~1e-5."""
     start = np.asarray(start, dtype=float)
     upper = np.full(start.shape, np.inf) if upper is None else np.asarray(upper, dtype=float)
     free = np.ones(start.shape, dtype=bool) if free is None else np.asarray(free, dtype=bool)
@@ -103,30 +108,124 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
                                   time.perf_counter() - t0, tuple(log))
     if method == "bobyqa":
         step = None if initial_step is None else np.asarray(initial_step, dtype=float)[free]
-        converged, message = _bobyqa(f, x0, lower[free], upper[free], maxiter, step)
+        ftol = BOBYQA_FTOL_ABS_BEFORE_POLISH if polish else BOBYQA_FTOL_ABS
+        converged, message = _bobyqa(f, x0, lower[free], upper[free], maxiter, step, ftol)
         x, value = best_x[0], best[0]
     else:
         bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
                   for lo, hi in zip(lower[free], upper[free])]
         res = minimize(f, x0, method=method, bounds=bounds, options=_scipy_options(method, maxiter, gtol))
         x, value, converged, message = res.x, float(res.fun), bool(res.success), str(res.message)
-    theta = full(np.clip(x, lower[free], upper[free]))
-    return OptimizationResult(theta, value, count[0], converged, message, method, time.perf_counter() - t0,
+    x = np.clip(x, lower[free], upper[free])
+    if polish and converged:
+        x, value = newton_polish(f, x, value, lower[free], upper[free])
+    return OptimizationResult(full(x), value, count[0], converged, message, method, time.perf_counter() - t0,
                               tuple(log))
 
 
+# The polish's difference step, relative to max(|theta_i|, 1). The central-difference gradient's bias
+# (h^2 f'''/6, ~2e-9) and rounding noise (eps |f| / h) are far below the ~1e-5 along flat directions that BOBYQA
+# leaves, and the same function gives the same stationary point however its sums were ordered.
+POLISH_STEP = 1e-4
+# A Newton step longer than this many difference steps means BOBYQA did not stop near a quadratic optimum.
+POLISH_MAX_STEPS = 100
+# Newton steps repeat (with the first Hessian) while they move theta by more than this, relative; each one
+# gains about three digits, since the Hessian's own error is ~1e-3 relative.
+POLISH_REPEAT_ABOVE = 3e-6
+POLISH_MAX_NEWTON_STEPS = 3
+
+
+def newton_polish(f, x, fx, lower, upper):
+    """Newton steps from BOBYQA's end point, with gradient and Hessian from finite differences.
+
+    BOBYQA stops when the deviance changes by less than ftol, which leaves theta undetermined by about
+    sqrt(2 ftol / f'') along flat directions (~1e-5): two fits of the same data with rows in another order
+    (another rounding, another path) agreed only to that. Near an interior optimum the deviance is smooth, and
+    Newton steps land at its stationary point to ~1e-9. Entries within two steps of a bound (zero variances)
+    stay put. The first step costs p(p+3)/2 + 1 evaluations for p polished entries (central differences for the
+    gradient and the Hessian's diagonal, forward ones for its off-diagonal), a repeat 2p + 1. A step is kept
+    only if the Hessian is positive definite, the step short and the deviance not worse.
+    """
+    x, fx = _snap_to_lower_bounds(f, x, fx, lower)
+    h = POLISH_STEP * np.maximum(np.abs(x), 1.0)
+    moving = np.flatnonzero((x - lower > 2 * h) & (upper - x > 2 * h))
+    if moving.size == 0:
+        return x, fx
+    hm = h[moving]
+
+    def shifted(point, *moves):
+        y = point.copy()
+        for a, sign in moves:
+            y[moving[a]] += sign * hm[a]
+        return f(y)
+
+    def central(point, f_point):
+        plus = np.array([shifted(point, (a, 1)) for a in range(moving.size)])
+        minus = np.array([shifted(point, (a, -1)) for a in range(moving.size)])
+        return (plus - minus) / (2 * hm), (plus - 2 * f_point + minus) / hm ** 2, plus
+
+    grad, diagonal, plus = central(x, fx)
+    hess = np.diag(diagonal)
+    for a in range(moving.size):
+        for b in range(a):
+            hess[a, b] = hess[b, a] = (shifted(x, (a, 1), (b, 1)) - plus[a] - plus[b] + fx) / (hm[a] * hm[b])
+    try:
+        hess_factor = la.cho_factor(hess)
+    except la.LinAlgError:
+        return x, fx                     # not a strict local minimum in these coordinates: leave it
+    for _ in range(POLISH_MAX_NEWTON_STEPS):
+        step = -la.cho_solve(hess_factor, grad)
+        if not np.all(np.isfinite(step)) or np.any(np.abs(step) > POLISH_MAX_STEPS * hm):
+            return x, fx
+        y = x.copy()
+        y[moving] = np.clip(x[moving] + step, lower[moving], upper[moving])
+        fy = f(y)
+        # When BOBYQA was already close the gain is below rounding: accept anything not measurably worse.
+        if fy > fx + 1e-12 * max(1.0, abs(fx)):
+            return x, fx
+        x, fx = y, fy
+        if np.all(np.abs(step) <= POLISH_REPEAT_ABOVE * np.maximum(np.abs(x[moving]), 1.0)):
+            break
+        grad = central(x, fx)[0]
+    return x, fx
+
+
+# Entries this close to their lower bound (theta relative to sigma: an sd below 0.1% of the residual's) are
+# tried at the bound itself.
+SNAP_DISTANCE = 1e-3
+
+
+def _snap_to_lower_bounds(f, x, fx, lower):
+    """Entries BOBYQA left just above their bound (a zero variance approached but not reached: the deviance is
+    flat there, so where it stops depends on the path) are set on the bound where that is not measurably worse."""
+    near = np.flatnonzero((x > lower) & (x - lower <= SNAP_DISTANCE))
+    tolerance = 1e-12 * max(1.0, abs(fx))
+    for group in ([near] if near.size > 1 else []) + [near[i:i + 1] for i in range(near.size)]:
+        if np.all(x[group] == lower[group]):
+            continue
+        y = x.copy()
+        y[group] = lower[group]
+        fy = f(y)
+        if fy <= fx + tolerance:
+            x, fx = y, fy
+    return x, fx
+
+
 # Stopping rule for BOBYQA: a change of the deviance (-2 log L) below 1e-10, or of every theta entry below
-# 1e-8, ends the search; both are far below what a likelihood-ratio or a reported digit can see.
+# 1e-8, ends the search; both are far below what a likelihood-ratio or a reported digit can see. When the
+# Newton polish follows, lme4's 1e-8 is enough: measured with the polish, InstEval-sized 137 evaluations
+# instead of 143, the seed's crossed design 47 instead of 49, at the same deviance to 3e-11.
 BOBYQA_FTOL_ABS = 1e-10
+BOBYQA_FTOL_ABS_BEFORE_POLISH = 1e-8
 BOBYQA_XTOL_ABS = 1e-8
 
 
-def _bobyqa(f, x0, lower, upper, maxeval, step=None):
+def _bobyqa(f, x0, lower, upper, maxeval, step=None, ftol=BOBYQA_FTOL_ABS):
     opt = nlopt.opt(nlopt.LN_BOBYQA, x0.shape[0])
     opt.set_min_objective(lambda x, grad: f(x))
     opt.set_lower_bounds(lower)
     opt.set_upper_bounds(upper)
-    opt.set_ftol_abs(BOBYQA_FTOL_ABS)
+    opt.set_ftol_abs(ftol)
     opt.set_xtol_abs(BOBYQA_XTOL_ABS)
     opt.set_maxeval(int(maxeval))
     step = 0.75 * np.maximum(np.abs(x0), 1.0) if step is None else step

@@ -102,7 +102,7 @@ def _response_cross(cross, ZtY, XtY, yty):
 
 def _refit(cross, relcov, theta, reml) -> np.ndarray:
     system = PenalizedSystem(cross, relcov)
-    opt = optimize_system(system, reml=reml, start_theta=theta, initial_step=warm_step(theta))
+    opt = optimize_system(system, reml=reml, start_theta=theta, initial_step=warm_step(theta), polish=False)
     sol = system.solve(opt.theta, reml)
     return np.concatenate([sdcor_of(relcov, opt.theta, np.sqrt(sol.sigma2)), sol.beta])
 

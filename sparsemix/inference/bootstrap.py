@@ -55,7 +55,8 @@ def _replicate(seed_seq) -> np.ndarray:
     y = simulate_responses(w["X"], w["Z"], w["relcov"], w["theta"], w["beta"], w["sigma"], w["weights"], rng, 1)[:, 0]
     system = w["system"]
     system.cross = w["cross"].with_response(w["X"], w["Z"], y, w["weights"])
-    opt = optimize_system(system, reml=w["reml"], start_theta=w["theta"], initial_step=warm_step(w["theta"]))
+    opt = optimize_system(system, reml=w["reml"], start_theta=w["theta"], initial_step=warm_step(w["theta"]),
+                          polish=False)
     sol = system.solve(opt.theta, w["reml"])
     return np.concatenate([sdcor_of(w["relcov"], opt.theta, np.sqrt(sol.sigma2)), sol.beta])
 

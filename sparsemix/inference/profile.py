@@ -79,7 +79,8 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
 
         def dev_at(b, start, j=j, fixed_system=fixed_system):
             fixed_system.cross = _offset_cross(system, j, b)
-            opt = optimize_system(fixed_system, reml=False, start_theta=start[:-1], initial_step=warm_step(start[:-1]))
+            opt = optimize_system(fixed_system, reml=False, start_theta=start[:-1], initial_step=warm_step(start[:-1]),
+                                  polish=False)
             return opt.deviance, np.append(opt.theta, 0.0)
 
         start = np.append(ml_fit.theta, 0.0)
