@@ -24,24 +24,26 @@ from .threads import blas_threads, single_threaded
 __all__ = ["build_system", "optimize_system", "build_fit", "fit_lmm"]
 
 
-def build_system(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=None) -> PenalizedSystem:
+def build_system(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=None,
+                 factorization: str | None = None) -> PenalizedSystem:
+    """`factorization`: None to time the candidates and pick, or one of PenalizedSystem's modes."""
     relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms])
     with blas_threads(single_threaded(relcov.q)):
         cross = CrossProducts.compute(X, y, assemble_Z(terms), weights=weights)
-        return PenalizedSystem(cross, relcov)
+        return PenalizedSystem(cross, relcov, factorization=factorization)
 
 
 def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None, free=None, maxiter=10_000,
                     gtol=1e-7, method=DEFAULT_OPTIMIZER, progress=None, initial_step=None,
-                    polish=True) -> OptimizationResult:
+                    polish=True, ftol=None) -> OptimizationResult:
     """Minimise system.deviance(theta, reml) from `start_theta` (lme4's start by default). `initial_step`: BOBYQA's
     first step per entry (optimize.warm_step for a start near the optimum); `polish`: a final Newton step
-    (optimize.newton_polish), which bootstrap refits skip."""
+    (optimize.newton_polish), which bootstrap refits skip; `ftol`: BOBYQA's stopping rule (optimize.py)."""
     start = system.relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
     with system.threads():
         return minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
                                  free=free, maxiter=maxiter, gtol=gtol, method=method, progress=progress,
-                                 initial_step=initial_step, polish=polish)
+                                 initial_step=initial_step, polish=polish, ftol=ftol)
 
 
 def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None) -> LmmFit:

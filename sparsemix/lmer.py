@@ -20,6 +20,7 @@ from . import checks
 from .engine import PenalizedSystem
 from .errors import FormulaError, InputError, SparsemixWarning
 from .fitting import build_fit, build_system, optimize_system, warn_if_singular
+from .pilot import pilot_start
 from .formula.lme4 import RandomSpec, parse_formula
 from .formula.safety import check_formula, safe_environment
 from .formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
@@ -94,8 +95,13 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     env = safe_environment(eval_env)      # formulas call only the allowed functions (formula/safety.py)
     design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
     system = design.system()
-    opt = optimize_system(system, reml=bool(reml), start_theta=start, method=resolve_method(optimizer),
-                          maxiter=maxiter, progress=progress)
+    method = resolve_method(optimizer)
+    step = None
+    if start is None and method == "bobyqa":
+        start, step = pilot_start(system, design.X, design.y - design.offset, list(design.terms), design.weights,
+                                  bool(reml)) or (None, None)
+    opt = optimize_system(system, reml=bool(reml), start_theta=start, method=method, maxiter=maxiter,
+                          progress=progress, initial_step=step)
     fit = build_fit(system, opt, bool(reml))
     results = LmerResults(design, fit)
     warn_if_singular(fit, results.theta_names)

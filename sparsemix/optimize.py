@@ -68,12 +68,13 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
                       free: np.ndarray | None = None, maxiter: int = 10_000, gtol: float = 1e-7,
                       method: str = DEFAULT_OPTIMIZER, progress: Callable[[int, float, float], None] | None = None,
                       upper: np.ndarray | None = None, initial_step: np.ndarray | None = None,
-                      polish: bool = False) -> OptimizationResult:
+                      polish: bool = False, ftol: float | None = None) -> OptimizationResult:
     """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start.
 
     `initial_step` (BOBYQA's first trust-region radius per entry) defaults to 0.75 max(|start|, 1), right for
     theta's relative scale; parameters on other scales (profiles over sd, sigma) should pass their own.
-    `polish`: finish with a Newton step (newton_polish) so that theta is determined to ~1e-10, not ~1e-5."""
+    `polish`: finish with Newton steps (newton_polish) so that theta is determined to ~1e-9, not ~1e-5.
+    `ftol`: BOBYQA's stopping change of the objective (default: 1e-8 before a polish, 1e-10 without)."""
     start = np.asarray(start, dtype=float)
     upper = np.full(start.shape, np.inf) if upper is None else np.asarray(upper, dtype=float)
     free = np.ones(start.shape, dtype=bool) if free is None else np.asarray(free, dtype=bool)
@@ -108,7 +109,8 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
                                   time.perf_counter() - t0, tuple(log))
     if method == "bobyqa":
         step = None if initial_step is None else np.asarray(initial_step, dtype=float)[free]
-        ftol = BOBYQA_FTOL_ABS_BEFORE_POLISH if polish else BOBYQA_FTOL_ABS
+        if ftol is None:
+            ftol = BOBYQA_FTOL_ABS_BEFORE_POLISH if polish else BOBYQA_FTOL_ABS
         converged, message = _bobyqa(f, x0, lower[free], upper[free], maxiter, step, ftol)
         x, value = best_x[0], best[0]
     else:

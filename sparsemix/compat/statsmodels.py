@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from .. import checks
 from ..errors import IgnoredArgumentWarning, InputError
 from ..fitting import build_fit, build_system, optimize_system, warn_if_singular
+from ..pilot import pilot_start
 from ..optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
 from ..formula.safety import safe_environment
@@ -300,9 +301,14 @@ class MixedLM:
         theta0 = self._theta_from_params(start)
         free_mask = None if free is None else self._free_mask(free, start)
         system = self.build_system()
+        step = None
+        if start_params is None and free is None and opt_method == "bobyqa":
+            pilot = pilot_start(system, self.exog, self.endog, self._terms(), None, bool(reml))
+            if pilot is not None:
+                theta0, step = pilot
         opt = optimize_system(system, reml=bool(reml), start_theta=theta0, free=free_mask,
                               maxiter=int(fit_kwargs.get("maxiter", 10_000)), gtol=float(fit_kwargs.get("gtol", 1e-7)),
-                              method=opt_method, progress=fit_kwargs.get("progress"))
+                              method=opt_method, progress=fit_kwargs.get("progress"), initial_step=step)
         fit = build_fit(system, opt, bool(reml), free_mask)
         results = MixedLMResults(self, fit, free)
         warn_if_singular(fit, results._theta_names())

@@ -1,0 +1,67 @@
+"""Starting values from a pilot fit on a level subsample (sparsemix/pilot.py): same optimum, fewer evaluations."""
+import warnings
+
+import numpy as np
+import pytest
+
+import sparsemix
+from sparsemix.datasets import generate_crossed_slopes, generate_insteval_like, seed_datasets
+from sparsemix.fitting import build_system
+from sparsemix.lmer import build_design
+from sparsemix.optimize import warm_step
+from sparsemix.pilot import pilot_start
+
+CASES = {
+    "insteval-like": (lambda: generate_insteval_like(1_500, 600, 10, 15),
+                      "y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)"),
+    "crossed slopes": (lambda: generate_crossed_slopes(30_000, 1_500, 600), "y ~ 1 + x + (1 + x | a) + (1 | b)"),
+}
+
+
+def _design(case):
+    make, formula = CASES[case]
+    return build_design(formula, make()), formula
+
+
+def _pilot(design, system, reml=True):
+    return pilot_start(system, design.X, design.y - design.offset, list(design.terms), design.weights, reml)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pilot_start_is_near_the_optimum_and_deterministic(case):
+    design, _ = _design(case)
+    system = build_system(design.X, design.y, list(design.terms), factorization="schur")
+    theta, step = _pilot(design, system)
+    again, _ = _pilot(design, system)
+    assert np.array_equal(theta, again)                      # fixed seed: the same fit twice, bit for bit
+    optimum = sparsemix.fitting.optimize_system(system).theta
+    big = np.abs(optimum) > 0.1                              # (small entries: an absolute bound below)
+    np.testing.assert_allclose(theta[big], optimum[big], rtol=0.25)
+    np.testing.assert_allclose(theta[~big], optimum[~big], atol=0.05)
+    np.testing.assert_array_equal(step, warm_step(theta))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("reml", [True, False])
+def test_fit_from_the_pilot_equals_the_fit_from_lme4s_start_with_fewer_evaluations(case, reml):
+    design, formula = _design(case)
+    data = CASES[case][0]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        piloted = sparsemix.lmer(formula, data, reml=reml)
+        cold = sparsemix.lmer(formula, data, reml=reml, start=design.system().relcov.start())
+    assert piloted.llf == pytest.approx(cold.llf, rel=1e-12)
+    np.testing.assert_allclose(piloted.theta, cold.theta, rtol=1e-7)
+    np.testing.assert_allclose(piloted.fe_params, cold.fe_params, rtol=1e-8)
+    assert piloted.n_evaluations < cold.n_evaluations
+
+
+def test_no_pilot_where_it_cannot_pay():
+    nested, crossed = seed_datasets()
+    # The seed's crossed design: a dense block of 100 levels, milliseconds per evaluation.
+    design = build_design("y ~ 1 + (1|group1) + (1|group2)", crossed)
+    assert _pilot(design, design.system()) is None
+    # A CHOLMOD factorization (no Schur form): nothing to shrink.
+    design, _ = _design("insteval-like")
+    system = build_system(design.X, design.y, list(design.terms), factorization="simplicial")
+    assert _pilot(design, system) is None
