@@ -159,11 +159,13 @@ class PenalizedSystem:
         schur = self._schur_candidate(timings[0] if small else np.inf)
         if schur is not None:
             candidates.append(schur)
-            with blas_threads(True):          # as it will run (threads.py): BLAS threads only for its big Cholesky
-                timings.append(_time_refactorization(schur, self._A, factors))
+            if small:        # a race against simplicial; a large system has no other candidate (see below)
+                with blas_threads(True):      # as it will run (threads.py): BLAS threads only for its big Cholesky
+                    timings.append(_time_refactorization(schur, self._A, factors))
         # On large systems the Schur form beats supernodal wherever we measured (1,000,000-row slopes design:
         # 82 vs 230 ms per factorization; MovieLens-sized: about 30 vs 90 s), and supernodal's analysis alone
-        # took 3.5 s on the first.
+        # took 3.5 s on the first; a lone candidate is not timed (on MovieLens the trial's two factorizations
+        # cost ~100 s).
         if (not small and schur is None) or (small and timings[0] >= FAST_FACTORIZATION_SECONDS):
             candidates.append(CholmodFactor(self._A, "supernodal"))
             if len(candidates) > 1:     # a lone candidate needs no trial (a large one costs seconds)
