@@ -115,7 +115,8 @@ def vc_from_formula(name: str, formula: str, data: pd.DataFrame, group_codes: np
         n = len(codes)
         Z = sp.csc_matrix((np.ones(n), (np.arange(n), column.ravel())), shape=(n, present.size))
         column_group, level_of_column = np.divmod(present, n_levels)
-        names = tuple(f"C({var})[{level_name(levels[c])}]" for c in level_of_column)
+        level_names = np.array([f"C({var})[{level_name(v)}]" for v in levels] or [f"C({var})[]"], dtype=object)
+        names = tuple(level_names[level_of_column])      # one name per level, then indexed: 4,000 columns
         return VarianceComponent(name, Z, column_group, names)
     rhs = formula if formula.lstrip().startswith("~") else "~" + formula
     blocks = []
