@@ -8,6 +8,9 @@ whose size depends on the numbers of levels and fixed effects, never on the rows
 2. X'X and X'y (prior weights applied), to take the least-squares fit out of y as CrossProducts does in memory;
 3. Z'Z (sparse), Z'X, Z'r, X'r and r'r for r = y - offset - X beta_ols.
 
+On a large crossed design (pilot.py) a fourth pass sums the same cross-products over the rows of a tenth of the
+smaller factors' levels, for the pilot fit that starts the optimizer near the optimum.
+
 Each pass maps a function over the partitions (`dask.delayed`, so a lost worker's tasks are recomputed) and
 sums the partial results pairwise in a tree; only the root reaches the client. The client then builds the
 same PenalizedSystem an in-memory fit builds, and optimizes there: evaluations never touch the rows.
@@ -32,6 +35,7 @@ from .formula.mixedlm import formula_columns, indicator_variable, level_name
 from .formula.safety import check_formula, safe_environment
 from .lmer import RankDeficiencyWarning, TermInfo, _lme4_name, _unique_group_names, group_codes
 from .optimize import resolve_method
+from .pilot import estimable, fit_pilot, pilot_levels
 from .relcov import RelativeCovariance
 from .terms import CovarianceTemplate, RandomTerm, indicator_matrix, sorted_codes
 from .threads import blas_threads, single_threaded
@@ -60,6 +64,7 @@ class PartitionSpec:
     weights: str | None = None
     offset: str | None = None
     keep_columns: tuple[int, ...] | None = None  # fixed-effect columns kept after the aliasing check
+    listed_levels_only: bool = False             # a pilot's subsample: rows of levels not in `random` left out
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class PartitionedDesign:
     nobs: int
     data: object = field(repr=False)
     spec: PartitionSpec = field(repr=False)
-    transferred_bytes: int = 0      # what the three passes brought to the client (the roots of their trees)
+    transferred_bytes: int = 0      # what the passes brought to the client (the roots of their trees)
     fixed_info: object = field(default=None, repr=False)
     weights: None = None
     offset: None = None
@@ -156,8 +161,14 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     relcov = RelativeCovariance([(nl, t) for (_, _, nl, _, _), t in zip(random, templates)])
     with blas_threads(single_threaded(relcov.q)):
         system = PenalizedSystem(cross, relcov)
-    opt = optimize_system(system, reml=bool(reml), start_theta=start, method=resolve_method(optimizer),
-                          maxiter=maxiter, progress=progress)
+    method, step = resolve_method(optimizer), None
+    if start is None and method == "bobyqa":
+        pilot = _pilot(data, spec, system, beta_ols, templates, bool(reml))
+        if pilot is not None:
+            (start, step), pilot_bytes = pilot
+            transferred += pilot_bytes
+    opt = optimize_system(system, reml=bool(reml), start_theta=start, method=method, maxiter=maxiter,
+                          progress=progress, initial_step=step)
     fit = build_fit(system, opt, bool(reml))
     terms = tuple(RandomTerm(i.spec.group_name, sp.csc_matrix((0, nl * t.k)), nl, t, i.levels, i.columns)
                   for i, (_, _, nl, _, _), t in zip(infos, random, templates))
@@ -169,6 +180,27 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
 
 
 # -- client-side helpers ---------------------------------------------------------------------------------
+
+def _pilot(data, spec, system, beta_ols, templates, reml):
+    """The in-memory fit's pilot (pilot.py) from one more pass, over the rows of the kept levels only:
+    ((theta, first step), bytes transferred), or None where no pilot pays."""
+    kept = pilot_levels(system, [n for (_, _, n, _, _) in spec.random])
+    if kept is None:
+        return None
+    random = tuple(r if levels is None else (r[0], r[1], len(levels), r[3], tuple(r[4][i] for i in levels))
+                   for r, levels in zip(spec.random, kept))
+    pilot_spec = PartitionSpec(**{**spec.__dict__, "random": random, "listed_levels_only": True})
+    sums = _tree(data, _cross_sums, _add, pilot_spec, beta_ols).compute()
+    if not estimable(sums["XtX"], sums["n"]):
+        return None
+    cross = _cross_products(sums, sums["XtX"], beta_ols, sums["sum_log_weights"], sums["n"])
+    relcov = RelativeCovariance([(n, t) for (_, _, n, _, _), t in zip(random, templates)])
+    with blas_threads(single_threaded(relcov.q)):
+        pilot_system = PenalizedSystem(cross, relcov, factorization="schur"
+                                       if system.factorization_mode == "schur" else None)
+    result = fit_pilot(pilot_system, reml)
+    return None if result is None else (result, _nbytes(sums))
+
 
 def _tree(data, per_partition, combine, *args):
     """per_partition(partition, *args) on every partition, combined pairwise in a tree: one Delayed."""
@@ -316,6 +348,11 @@ def _rows(part, spec):
     """This partition's complete rows as arrays: y, X (all columns), weights, offset, and the frame."""
     frame, _ = _complete(part, spec)
     frame = _as_categories(frame, spec)
+    if spec.listed_levels_only:
+        listed = np.ones(len(frame), dtype=bool)
+        for _, group, _, _, labels in spec.random:
+            listed &= _level_codes(frame, group, labels) >= 0
+        frame = frame.loc[listed]
     y_info, X_info = (m.design_info for m in patsy.dmatrices(spec.fixed, _prototype(frame, spec.categories),
                                                              eval_env=safe_environment()))
     y, X = patsy.build_design_matrices([y_info, X_info], frame, NA_action="raise")
@@ -353,9 +390,7 @@ def _partition_Z(frame, spec, allow_new_levels=False) -> sp.csc_matrix:
     frame = _as_categories(frame, spec)
     blocks = []
     for expr, group, n_levels, k, labels in spec.random:
-        local_codes, local_labels = group_codes(frame, group)
-        index = {lab: i for i, lab in enumerate(labels)}
-        codes = np.array([index.get(lab, -1) for lab in local_labels], dtype=np.int64)[local_codes]
+        codes = _level_codes(frame, group, labels)
         if (codes < 0).any() and not allow_new_levels:
             raise InputError(f"newdata has levels of {':'.join(group)!r} not in the fitted data; pass "
                              "allow_new_levels=True to predict them at the population level.")
@@ -374,6 +409,13 @@ def _partition_Z(frame, spec, allow_new_levels=False) -> sp.csc_matrix:
     return assemble_Z(blocks)
 
 
+def _level_codes(frame, group, labels) -> np.ndarray:
+    """Each row's position among `labels` (the fit's levels of `group`), -1 for a level not among them."""
+    local_codes, local_labels = group_codes(frame, group)
+    index = {lab: i for i, lab in enumerate(labels)}
+    return np.array([index.get(lab, -1) for lab in local_labels], dtype=np.int64)[local_codes]
+
+
 def _cross_sums(part, spec, beta_ols):
     y, X, w, frame = _rows(part, spec)
     X = X[:, list(spec.keep_columns)]
@@ -383,5 +425,7 @@ def _cross_sums(part, spec, beta_ols):
         sw = np.sqrt(w)
         X, r, Z = X * sw[:, None], r * sw, sp.csc_matrix(sp.diags(sw) @ Z)
     Zt = sp.csr_matrix(Z.T)
+    # X'X, the row count and sum(log w) again: a pilot's rows are not pass 2's.
     return {"ZtZ": sp.csc_matrix(Zt @ Z), "ZtX": np.asarray(Zt @ X), "Ztr": np.asarray(Zt @ r).ravel(),
-            "Xtr": X.T @ r, "rtr": float(r @ r)}
+            "Xtr": X.T @ r, "rtr": float(r @ r), "XtX": X.T @ X, "n": len(r),
+            "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w)))}

@@ -14,9 +14,10 @@ import numpy as np
 from .optimize import warm_step
 from .terms import RandomTerm
 
-__all__ = ["pilot_start", "PILOT_MIN_DENSE_ORDER"]
+__all__ = ["pilot_start", "pilot_levels", "fit_pilot", "estimable", "PILOT_MIN_DENSE_ORDER"]
 
-# Below this order of the dense block an evaluation costs milliseconds: a pilot cannot pay for itself.
+# Below this many columns after the first term (the block that fills in: dense in the Schur form) an evaluation
+# costs milliseconds and a pilot cannot pay for itself.
 PILOT_MIN_DENSE_ORDER = 500
 # Terms after the first with at least this many levels are subsampled (fewer levels: kept whole, since their
 # variance would be estimated from too few).
@@ -30,42 +31,61 @@ PILOT_SEED = 20261128     # fixed: the same data give the same pilot, and bit-id
 
 def pilot_start(system, X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights, reml: bool):
     """(theta, first step) for the full fit from a pilot fit on a level subsample, or None where it cannot pay
-    (no Schur form, a small dense block, nothing to subsample, or a pilot design that is not estimable)."""
-    from .fitting import build_system, optimize_system
+    (a small block after the first term, nothing to subsample, or a pilot design that is not estimable)."""
+    from .fitting import build_system
 
-    if system.factorization_mode != "schur" or system.relcov.q - _first_block(terms) < PILOT_MIN_DENSE_ORDER:
+    kept = pilot_levels(system, [t.n_levels for t in terms])
+    if kept is None:
         return None
-    rng = np.random.default_rng(PILOT_SEED)
     keep_rows = np.ones(X.shape[0], dtype=bool)
-    subsampled = False
-    for term in terms[1:]:
-        if term.n_levels < PILOT_MIN_LEVELS:
-            continue
-        kept = max(PILOT_MIN_KEPT_LEVELS, int(np.ceil(PILOT_FRACTION * term.n_levels)))
-        chosen = np.zeros(term.n_levels, dtype=bool)
-        chosen[rng.choice(term.n_levels, size=kept, replace=False)] = True
-        level = _row_levels(term, X.shape[0])
-        keep_rows &= (level >= 0) & chosen[np.maximum(level, 0)]
-        subsampled = True
-    if not subsampled:
-        return None
+    for term, levels in zip(terms, kept):
+        if levels is not None:
+            chosen = np.zeros(term.n_levels, dtype=bool)
+            chosen[levels] = True
+            level = _row_levels(term, X.shape[0])
+            keep_rows &= (level >= 0) & chosen[np.maximum(level, 0)]
     rows = np.flatnonzero(keep_rows)
     pilot_terms = [_restricted(t, rows) for t in terms]
     Xp = X[rows]
-    if rows.shape[0] <= 2 * X.shape[1] or np.linalg.matrix_rank(Xp) < X.shape[1] \
-            or any(t.n_levels < 2 for t in pilot_terms):
+    if not estimable(Xp.T @ Xp, rows.shape[0]) or any(t.n_levels < 2 for t in pilot_terms):
         return None
-    # The full system's form suits the pilot's smaller copy of it (timing the candidates cost 0.9 s of 2.1 s).
+    # The Schur form suits the pilot's smaller copy of a system that uses it (timing the candidates cost 0.9 s
+    # of 2.1 s); otherwise the pilot's system picks its own.
     pilot = build_system(Xp, y[rows], pilot_terms, weights=None if weights is None else weights[rows],
-                         factorization="schur")
-    opt = optimize_system(pilot, reml=reml, polish=False, ftol=PILOT_FTOL)
+                         factorization="schur" if system.factorization_mode == "schur" else None)
+    return fit_pilot(pilot, reml)
+
+
+def pilot_levels(system, n_levels: list[int]):
+    """The levels a pilot keeps, per term in fit order (an index array, or None to keep them all), or None
+    where no pilot pays: the terms after the first have fewer than PILOT_MIN_DENSE_ORDER columns (the block
+    that fills in), or none of them has enough levels to subsample."""
+    first = system.relcov.blocks[0][0] * system.relcov.blocks[0][1].k
+    if system.relcov.q - first < PILOT_MIN_DENSE_ORDER:
+        return None
+    rng = np.random.default_rng(PILOT_SEED)
+    kept = [None] * len(n_levels)
+    for i, n in enumerate(n_levels[1:], start=1):
+        if n >= PILOT_MIN_LEVELS:
+            size = max(PILOT_MIN_KEPT_LEVELS, int(np.ceil(PILOT_FRACTION * n)))
+            kept[i] = np.sort(rng.choice(n, size=size, replace=False))
+    return kept if any(k is not None for k in kept) else None
+
+
+def estimable(XtX: np.ndarray, n_rows: int) -> bool:
+    """Whether a pilot's rows can estimate the fixed effects (enough rows, X'X of full rank)."""
+    p = XtX.shape[0]
+    return n_rows > 2 * p and (p == 0 or np.linalg.matrix_rank(XtX) == p)
+
+
+def fit_pilot(pilot_system, reml: bool):
+    """(theta, first step) from a loose fit of the pilot's system, or None if it did not converge."""
+    from .fitting import optimize_system
+
+    opt = optimize_system(pilot_system, reml=reml, polish=False, ftol=PILOT_FTOL)
     if not opt.converged or not np.all(np.isfinite(opt.theta)):
         return None
     return opt.theta, warm_step(opt.theta)
-
-
-def _first_block(terms) -> int:
-    return terms[0].n_levels * terms[0].k
 
 
 def _row_levels(term: RandomTerm, n: int) -> np.ndarray:

@@ -95,6 +95,23 @@ def test_what_reaches_the_client_does_not_grow_with_the_rows(client):
     assert fits[1].design.data is not None and not isinstance(fits[1].design.data, pd.DataFrame)
 
 
+def test_large_crossed_design_starts_from_a_pilot_pass_and_equals_the_in_memory_fit(client):
+    # 600 levels of b after the first term: the in-memory fit starts from a pilot (pilot.py); so does this one,
+    # from one more pass over the rows of the kept levels of b (weights too: the pilot's sums carry them).
+    from sparsemix.datasets import generate_crossed_slopes
+
+    data = generate_crossed_slopes(30_000, 1_500, 600).assign(w=lambda d: 1.0 + (d.index % 3) * 0.5)
+    formula = "y ~ 1 + x + (1 + x | a) + (1 | b)"
+    ddf = dd.from_pandas(data, npartitions=6)
+    for kw in ({}, {"weights": "w"}):
+        a = sparsemix.lmer(formula, data, **kw)
+        b = sparsemix.lmer(formula, ddf, **kw)
+        cold = sparsemix.lmer(formula, ddf, start=b.fit_result.system.relcov.start(), **kw)
+        _assert_equal_fits(a, b)
+        assert b.n_evaluations < cold.n_evaluations
+        assert b.llf == pytest.approx(cold.llf, rel=1e-12)
+
+
 def test_a_worker_lost_mid_fit_does_not_change_the_answer(client, parquet_dir):
     _, data = parquet_dir
     expected = sparsemix.lmer(FORMULA, data)
