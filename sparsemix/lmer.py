@@ -133,7 +133,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
 
     if parsed.response in frame.columns:       # before patsy, which would expand a text column into indicators
         checks.require_numeric_column(frame[parsed.response], f"response {parsed.response!r}")
-    endog, exog, fixed_info = fixed_design(parsed.fixed, frame, env)
+    endog, exog, fixed_info = fixed_design(parsed.fixed, _strings_as_categories(frame, parsed.fixed), env)
     y = checks.as_numeric_vector(endog.to_numpy(), "response")
     checks.check_finite(y, f"response {parsed.response!r}", missing_hint=False)
     checks.check_response_varies(y, parsed.response)
@@ -154,6 +154,15 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
         raise FormulaError(f"{formula!r} has no random-effects term; add one such as '(1 | g)'.")
     return LmerDesign(formula, getattr(data, "name", "data"), y, X, tuple(names), fixed_info, tuple(terms),
                       tuple(infos), w, off, frame.index, n_dropped, tuple(dropped), env)
+
+
+def _strings_as_categories(frame: pd.DataFrame, fixed: str) -> pd.DataFrame:
+    """Text columns of the fixed part as pandas Categoricals with their sorted levels, which is what patsy makes
+    of them: patsy then reads the codes instead of sniffing every value in Python (InstEval's `service`: 0.4 s
+    of a 2.2 s fit)."""
+    text = [c for c in formula_columns([fixed], frame.columns)
+            if frame[c].dtype == object and pd.api.types.infer_dtype(frame[c], skipna=False) == "string"]
+    return frame.assign(**{c: pd.Categorical(frame[c]) for c in text}) if text else frame
 
 
 def _column_or_array(data, value, role):
