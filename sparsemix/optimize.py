@@ -184,8 +184,7 @@ def newton_polish(f, x, fx, lower, upper):
         y = x.copy()
         y[moving] = np.clip(x[moving] + step, lower[moving], upper[moving])
         fy = f(y)
-        # When BOBYQA was already close the gain is below rounding: accept anything not measurably worse.
-        if fy > fx + 1e-12 * max(1.0, abs(fx)):
+        if not _no_worse(fy, fx):
             return x, fx
         x, fx = y, fy
         if np.all(np.abs(step) <= POLISH_REPEAT_ABOVE * np.maximum(np.abs(x[moving]), 1.0)):
@@ -203,16 +202,21 @@ def _snap_to_lower_bounds(f, x, fx, lower):
     """Entries BOBYQA left just above their bound (a zero variance approached but not reached: the deviance is
     flat there, so where it stops depends on the path) are set on the bound where that is not measurably worse."""
     near = np.flatnonzero((x > lower) & (x - lower <= SNAP_DISTANCE))
-    tolerance = 1e-12 * max(1.0, abs(fx))
     for group in ([near] if near.size > 1 else []) + [near[i:i + 1] for i in range(near.size)]:
         if np.all(x[group] == lower[group]):
             continue
         y = x.copy()
         y[group] = lower[group]
         fy = f(y)
-        if fy <= fx + tolerance:
+        if _no_worse(fy, fx):
             x, fx = y, fy
     return x, fx
+
+
+def _no_worse(fy: float, fx: float) -> bool:
+    """Whether fy is not measurably worse than fx: near BOBYQA's end point the polish's gains and the snap's
+    losses are at rounding level, so they are compared with a relative 1e-12."""
+    return fy <= fx + 1e-12 * max(1.0, abs(fx))
 
 
 # Stopping rule for BOBYQA: a change of the deviance (-2 log L) below 1e-10, or of every theta entry below

@@ -184,7 +184,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
 def _pilot(data, spec, system, beta_ols, templates, reml):
     """The in-memory fit's pilot (pilot.py) from one more pass, over the rows of the kept levels only:
     ((theta, first step), bytes transferred), or None where no pilot pays."""
-    kept = pilot_levels(system, [n for (_, _, n, _, _) in spec.random])
+    kept = pilot_levels(system)
     if kept is None:
         return None
     random = tuple(r if levels is None else (r[0], r[1], len(levels), r[3], tuple(r[4][i] for i in levels))

@@ -34,7 +34,7 @@ def pilot_start(system, X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], w
     (a small block after the first term, nothing to subsample, or a pilot design that is not estimable)."""
     from .fitting import build_system
 
-    kept = pilot_levels(system, [t.n_levels for t in terms])
+    kept = pilot_levels(system)
     if kept is None:
         return None
     keep_rows = np.ones(X.shape[0], dtype=bool)
@@ -56,11 +56,12 @@ def pilot_start(system, X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], w
     return fit_pilot(pilot, reml)
 
 
-def pilot_levels(system, n_levels: list[int]):
+def pilot_levels(system):
     """The levels a pilot keeps, per term in fit order (an index array, or None to keep them all), or None
     where no pilot pays: the terms after the first have fewer than PILOT_MIN_DENSE_ORDER columns (the block
     that fills in), or none of them has enough levels to subsample."""
-    first = system.relcov.blocks[0][0] * system.relcov.blocks[0][1].k
+    n_levels = [n for n, _ in system.relcov.blocks]
+    first = n_levels[0] * system.relcov.blocks[0][1].k
     if system.relcov.q - first < PILOT_MIN_DENSE_ORDER:
         return None
     rng = np.random.default_rng(PILOT_SEED)
