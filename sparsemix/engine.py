@@ -39,6 +39,8 @@ DENSE_FLOPS_PER_SECOND = 2e10
 # The Schur form holds up to two dense q2 x q2 matrices: at most this share of the machine's memory (on 24 GB,
 # q2 up to 22,000; a MovieLens-sized design has 16,000).
 SCHUR_MEMORY_FRACTION = 1 / 3
+# From this order of the block after the first term, a densely linked block goes to the Schur form untimed.
+SCHUR_ALONE_MIN_ORDER = 100
 
 
 @dataclass(frozen=True)
@@ -143,16 +145,20 @@ class PenalizedSystem:
                          ", or schur when the first term's block is block diagonal)")
 
     def _choose_factorization(self):
-        """The fastest factorization of A + I for this pattern, measured rather than guessed.
+        """The fastest factorization of A + I for this pattern, measured rather than guessed where it is close.
 
         CHOLMOD's own rule (supernodal when flops / nnz(L) >= 40) misjudges crossed designs whose first factor
         has many small supernodes that each update a dense block: on the seed's crossed design simplicial took
         0.6 ms and supernodal 5-8 ms per factorization, and on InstEval the Schur form took 24 ms where
         supernodal took 47 and simplicial 88. So: time simplicial (small systems), the exact elimination of the
         first term with a dense Schur complement (SchurFactor) where that applies and could win, and supernodal
-        unless simplicial is already fast.
+        unless simplicial is already fast. Where the first term's levels link the other columns densely (see
+        `_schur_alone`) the Schur form is taken without trials: they cost 0.4 s of a 2.8 s InstEval fit.
         """
         factors = self._refactor_values(self.relcov.start())
+        schur_alone = self._schur_alone()
+        if schur_alone is not None:
+            return schur_alone
         small = self._A.nnz <= TRIAL_FACTORIZATION_MAX_NNZ
         candidates = [CholmodFactor(self._A, "simplicial")] if small else []
         timings = [_time_refactorization(candidates[0], self._A, factors)] if small else []
@@ -161,7 +167,7 @@ class PenalizedSystem:
             candidates.append(schur)
             if small:        # a race against simplicial; a large system has no other candidate (see below)
                 with blas_threads(True):      # as it will run (threads.py): BLAS threads only for its big Cholesky
-                    timings.append(_time_refactorization(schur, self._A, factors))
+                    timings.append(_time_refactorization(schur, self._A, factors, min(timings)))
         # On large systems the Schur form beats supernodal wherever we measured (1,000,000-row slopes design:
         # 82 vs 230 ms per factorization; MovieLens-sized: about 30 vs 90 s), and supernodal's analysis alone
         # took 3.5 s on the first; a lone candidate is not timed (on MovieLens the trial's two factorizations
@@ -169,8 +175,32 @@ class PenalizedSystem:
         if (not small and schur is None) or (small and timings[0] >= FAST_FACTORIZATION_SECONDS):
             candidates.append(CholmodFactor(self._A, "supernodal"))
             if len(candidates) > 1:     # a lone candidate needs no trial (a large one costs seconds)
-                timings.append(_time_refactorization(candidates[-1], self._A, factors))
+                timings.append(_time_refactorization(candidates[-1], self._A, factors, min(timings)))
         return candidates[int(np.argmin(timings))] if len(candidates) > 1 else candidates[0]
+
+    def _schur_alone(self):
+        """The Schur form, untimed, where the fill makes any factor of the block after the first term dense.
+
+        Level l of the first term links c_l columns of that block, so eliminating it fills c_l (c_l + 1) / 2
+        entries of the q2 x q2 complement; where these add up to the whole lower triangle or more, CHOLMOD
+        factors (at least) the same dense block with more bookkeeping. Measured, Schur / simplicial /
+        supernodal ms per factorization: InstEval 23.7 / 121 / 42.6 (coverage 2.7), seed crossed design
+        0.36 / 0.93 / 13.2 (97), 3,000 x 300 crossed 8.9 / 203 / 604 (2,893), 100,000-row slopes with 2,000
+        levels of b 119 / 2,197 / 122 (1.09, the closest); below coverage 1 (nested designs) simplicial won.
+        Blocks of fewer than SCHUR_ALONE_MIN_ORDER columns are left to the (sub-millisecond) trials: there
+        simplicial's lower overhead can win (30 columns: 0.05 against 0.19 ms).
+        """
+        n1, template1 = self.relcov.blocks[0]
+        q1 = n1 * template1.k
+        q2 = self.relcov.q - q1
+        if q2 < SCHUR_ALONE_MIN_ORDER or not schur_applicable(self._A, q1, template1.k):
+            return None
+        # c_l: the entries of level l's first column below its own k x k block (stored lower triangle)
+        first_columns = np.arange(0, q1, template1.k)
+        linked = (self._A.indptr[first_columns + 1] - self._A.indptr[first_columns] - template1.k).astype(float)
+        if np.sum(linked * (linked + 1) / 2) < q2 * (q2 + 1) / 2:
+            return None
+        return self._schur_candidate(np.inf)
 
     def _schur_candidate(self, time_to_beat: float):
         """A SchurFactor worth a trial, or None: its dense q2 x q2 Cholesky must be able to beat `time_to_beat`
@@ -266,6 +296,26 @@ class PenalizedSystem:
         sigma2 = max(ev.r2, 0.0) / self.dof(reml)
         return Solution(ev.theta, beta_work + self.cross.beta_ols, u, b, sigma2, self.profiled_deviance(ev, reml), ev)
 
+    @property
+    def scalar_terms(self) -> bool:
+        """Every term a scalar (one theta per term): a variance-components model."""
+        return all(template.k == 1 for _, template in self.relcov.blocks)
+
+    @property
+    def supports_scoring(self) -> bool:
+        """Whether scoring.py's Newton steps apply: variance components, first term eliminated (Schur form)."""
+        return self.scalar_terms and isinstance(self._factor, SchurFactor)
+
+    def variance_traces(self, theta) -> np.ndarray | None:
+        """tr(Z_j' (I + Z Lambda Lambda' Z')^{-1} Z_j) per term j at theta, for a variance-components model in
+        the Schur form (see SchurFactor.variance_traces); None where it is not available."""
+        if not self.supports_scoring:
+            return None
+        theta = np.asarray(theta, dtype=float)
+        if self._factor_theta is None or not np.array_equal(self._factor_theta, theta):
+            self._refactor(theta)
+        return self._factor.variance_traces(self.relcov.factors(theta))
+
     def conditional_covariance(self, theta, columns: np.ndarray) -> np.ndarray:
         """Lambda (Lambda'Z'Z Lambda + I)^{-1} Lambda' restricted to `columns` (times sigma^2 gives Var(b | y)).
 
@@ -298,8 +348,14 @@ def physical_memory() -> int:
         return 16 * 2 ** 30
 
 
-def _time_refactorization(factor, A, factors) -> float:
-    factor.refactor(A, factors)      # the first call allocates; time the second
+def _time_refactorization(factor, A, factors, time_to_beat: float = np.inf) -> float:
+    """Seconds per refactorization: the second call's (the first allocates), or the first's where that is
+    already twice `time_to_beat` (the first call was within 10% of the second in every mode, on InstEval)."""
+    t0 = time.perf_counter()
+    factor.refactor(A, factors)
+    first = time.perf_counter() - t0
+    if first > 2 * time_to_beat:
+        return first
     t0 = time.perf_counter()
     factor.refactor(A, factors)
     return time.perf_counter() - t0

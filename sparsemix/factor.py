@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg as la
-from scipy.linalg import blas
+from scipy.linalg import blas, lapack
 import scipy.sparse as sp
 from sksparse.cholmod import analyze
 
@@ -94,6 +94,7 @@ class SchurFactor:
         self._cols21 = cols[in21]
         counts = np.bincount(cols[in21], minlength=q1)
         self._indptr21 = np.concatenate([[0], np.cumsum(counts)])
+        self._G11 = np.asarray(ZtZ.diagonal())[:q1] if k1 == 1 else None      # (Z'Z)_ll of a scalar first term
         self._pos22 = np.flatnonzero(in22)
         self._r22, self._c22 = rows[in22] - q1, cols[in22] - q1
         if update not in ("auto", "dense", "pairs", "kernel"):
@@ -186,6 +187,62 @@ class SchurFactor:
         U = np.zeros_like(S)
         subtract_level_products(self._level_ptr, self._entry_rows, g, v, U, threads)
         return U + np.tril(U, -1).T
+
+    def variance_traces(self, factors) -> np.ndarray | None:
+        """tr(Z_j' V^{-1} Z_j) for every term j, V = I + Z Lambda Lambda' Z', where every term is scalar (theta_j
+        per term): what the score of a variance-components model needs (scoring.py). None where the formulas
+        below divide by a zero theta_j.
+
+        With K = Lambda' Z'Z Lambda + I and E_j the columns of term j, E_j Z'V^{-1}Z E_j = E_j K^{-1} (K - I)
+        E_j / theta_j^2 (Woodbury). The first term, eliminated level by level (K11_l = 1 + theta_1^2 G_ll):
+        sum_l G_ll / K11_l - tr(S^{-1} Lambda_2 G diag(1 / K11_l^2) G' Lambda_2), no division by theta_1.
+        Each later term j: (q_j - sum of its entries of diag(S^{-1})) / theta_j^2. S^{-1} costs a LAPACK
+        potri, about 1.2 factorizations.
+        """
+        if self.k1 != 1 or any(T.shape != (1, 1) for T in factors):
+            return None
+        lam_terms = np.array([T[0, 0] for T in factors[1:]])
+        sizes = np.array([n for n, _ in self._rest.blocks])
+        if np.any(lam_terms == 0.0):
+            return None
+        lam = np.repeat(lam_terms, sizes)
+        K11 = self._L11[:, 0, 0] ** 2
+        products = self._level_products(1.0 / K11 ** 2, lam, factors[0][0, 0])
+        if products is None:
+            return None
+        with dense_threads(self.q2):
+            inverse, info = lapack.dpotri(self._LS, lower=1)     # lower triangle of S^{-1}
+        if info != 0:
+            return None
+        diag = np.diag(inverse).copy()
+        # both lower triangles (potri leaves the zero upper triangle of L_S alone): the full trace counts the
+        # off-diagonal entries twice
+        full_trace = 2.0 * np.vdot(inverse, products) - np.dot(diag, np.diag(products))
+        first = float(np.sum(self._G11 / K11) - full_trace)
+        ends = np.cumsum(sizes)
+        rest = (sizes - np.add.reduceat(diag, ends - sizes)) / lam_terms ** 2
+        return np.concatenate([[first], rest])
+
+    def _level_products(self, h: np.ndarray, lam: np.ndarray, theta1: float) -> np.ndarray | None:
+        """Lower triangle of Lambda_2 G diag(h) G' Lambda_2 (q2 x q2) for a scalar first term, one weight h_l per
+        level and Lambda_2 = diag(lam); by the update's own route. None for the dense route at theta_1 = 0
+        (it keeps only A21 = theta_1 Lambda_2 G)."""
+        if self.update == "pairs":
+            U = self._pairs.apply(h[:, None])
+            U *= lam[:, None]
+            U *= lam[None, :]
+            return U
+        if self.update == "kernel":
+            from .kernels import subtract_level_products
+            g = self._g * lam[self._entry_rows][:, None]
+            U = np.zeros((self.q2, self.q2))
+            subtract_level_products(self._level_ptr, self._entry_rows, g, h[self._level_of_entry][:, None] * g,
+                                    U, kernel_threads(self.q2))
+            return -U
+        if theta1 == 0.0:
+            return None
+        scaled = self._Wt * (h * self._L11[:, 0, 0] ** 2 / theta1 ** 2)[None, :]     # W' = A21 L11^{-T}
+        return np.tril(scaled @ self._Wt.T)
 
     def _inverse_transposes(self) -> np.ndarray:
         """L11_l^{-T} for every level l: (n1, k1, k1)."""

@@ -9,13 +9,15 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 
 from .design import CrossProducts, assemble_Z
 from .engine import PenalizedSystem
 from .errors import ConvergenceWarning, SingularFitWarning
-from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance
+from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance, warm_step
+from .scoring import SCORING_MAX_ITERATIONS, fit_by_scoring
 from .relcov import RelativeCovariance
 from .results import LmmFit
 from .terms import RandomTerm
@@ -37,13 +39,27 @@ def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None
                     gtol=1e-7, method=DEFAULT_OPTIMIZER, progress=None, initial_step=None,
                     polish=True, ftol=None) -> OptimizationResult:
     """Minimise system.deviance(theta, reml) from `start_theta` (lme4's start by default). `initial_step`: BOBYQA's
-    first step per entry (optimize.warm_step for a start near the optimum); `polish`: a final Newton step
-    (optimize.newton_polish), which bootstrap refits skip; `ftol`: BOBYQA's stopping rule (optimize.py)."""
+    first step per entry (optimize.warm_step for a start near the optimum); `polish`: the optimum to full
+    precision (bootstrap refits and profiles skip it): with method "auto", Newton steps with the average
+    information (scoring.py) where they apply, otherwise BOBYQA and a final Newton step (optimize.newton_polish);
+    `ftol`: BOBYQA's stopping rule (optimize.py)."""
     start = system.relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
     with system.threads():
-        return minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
-                                 free=free, maxiter=maxiter, gtol=gtol, method=method, progress=progress,
-                                 initial_step=initial_step, polish=polish, ftol=ftol)
+        used = 0
+        scoring = method in ("auto", "scoring") and polish and free is None and system.supports_scoring
+        if method in ("auto", "scoring"):
+            method = "bobyqa"                       # where the steps do not apply, or give up
+        if scoring:
+            result, best, used = fit_by_scoring(system, start, reml, maxiter=min(maxiter, SCORING_MAX_ITERATIONS),
+                                                progress=progress)
+            if result is not None:
+                return result
+            if not np.array_equal(best, start):     # BOBYQA goes on from where the steps stopped
+                start, initial_step = best, warm_step(best)
+        opt = minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
+                                free=free, maxiter=max(maxiter - used, 1), gtol=gtol, method=method,
+                                progress=progress, initial_step=initial_step, polish=polish, ftol=ftol)
+    return replace(opt, n_evaluations=opt.n_evaluations + used) if used else opt
 
 
 def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None) -> LmmFit:

@@ -22,10 +22,11 @@ from scipy.optimize import minimize
 
 __all__ = ["OptimizationResult", "minimize_deviance", "SINGULAR_TOLERANCE", "OPTIMIZERS", "DEFAULT_OPTIMIZER"]
 
-DEFAULT_OPTIMIZER = "bobyqa"
-OPTIMIZERS = ("bobyqa", "L-BFGS-B", "Powell", "Nelder-Mead")
+# "auto": Newton steps with the average information (scoring.py) where the model allows them, else BOBYQA.
+DEFAULT_OPTIMIZER = "auto"
+OPTIMIZERS = ("auto", "bobyqa", "L-BFGS-B", "Powell", "Nelder-Mead")
 # Accepted spellings (statsmodels', scipy's, lme4's) of the optimizers above.
-_METHOD_NAMES = {"bobyqa": "bobyqa", "nloptwrap": "bobyqa", "lbfgs": "L-BFGS-B", "l-bfgs-b": "L-BFGS-B",
+_METHOD_NAMES = {"auto": "auto", "scoring": "auto", "bobyqa": "bobyqa", "nloptwrap": "bobyqa", "lbfgs": "L-BFGS-B", "l-bfgs-b": "L-BFGS-B",
                  "powell": "Powell", "nm": "Nelder-Mead", "nelder-mead": "Nelder-Mead", "nelder_mead": "Nelder-Mead"}
 # Unbounded methods statsmodels offers: they cannot keep variances >= 0, so BOBYQA is used instead.
 UNBOUNDED_METHODS = {"bfgs", "cg", "newton", "ncg", "basinhopping", "minimize"}
@@ -40,7 +41,8 @@ def resolve_method(name) -> str:
     key = str(name).lower()
     if key in _METHOD_NAMES:
         return _METHOD_NAMES[key]
-    raise InputError(f"optimizer {name!r} is not available; use 'bobyqa' (default), 'lbfgs', 'powell' or 'nm'.")
+    raise InputError(f"optimizer {name!r} is not available; use 'auto' (default), 'bobyqa', 'lbfgs', 'powell' or "
+                     "'nm'.")
 
 
 def warm_step(theta: np.ndarray) -> np.ndarray:
@@ -107,7 +109,7 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
         value = f(x0)
         return OptimizationResult(full(x0), value, count[0], True, "no free parameters", method,
                                   time.perf_counter() - t0, tuple(log))
-    if method == "bobyqa":
+    if method in ("bobyqa", "auto"):       # "auto" reaches here where the scoring steps do not apply
         step = None if initial_step is None else np.asarray(initial_step, dtype=float)[free]
         if ftol is None:
             ftol = BOBYQA_FTOL_ABS_BEFORE_POLISH if polish else BOBYQA_FTOL_ABS

@@ -34,8 +34,8 @@ from .formula.lme4 import parse_formula
 from .formula.mixedlm import formula_columns, indicator_variable, level_name
 from .formula.safety import check_formula, safe_environment
 from .lmer import RankDeficiencyWarning, TermInfo, _lme4_name, _unique_group_names, group_codes
-from .optimize import resolve_method
-from .pilot import estimable, fit_pilot, pilot_levels
+from .optimize import DEFAULT_OPTIMIZER, resolve_method
+from .pilot import estimable, fit_pilot, pilot_levels, pilot_wanted
 from .relcov import RelativeCovariance
 from .terms import CovarianceTemplate, RandomTerm, indicator_matrix, sorted_codes
 from .threads import blas_threads, single_threaded
@@ -92,7 +92,7 @@ class PartitionedDesign:
 
 
 def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=None, start=None,
-                    optimizer: str = "bobyqa", maxiter: int = 10_000, progress=None, eval_env=None):
+                    optimizer: str = DEFAULT_OPTIMIZER, maxiter: int = 10_000, progress=None, eval_env=None):
     """lmer() for a Dask DataFrame (see the module docstring)."""
     require_extra("dask", "dask", "fitting a Dask DataFrame")
     from .partitioned_results import PartitionedLmerResults
@@ -162,7 +162,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     with blas_threads(single_threaded(relcov.q)):
         system = PenalizedSystem(cross, relcov)
     method, step = resolve_method(optimizer), None
-    if start is None and method == "bobyqa":
+    if pilot_wanted(start, method):
         pilot = _pilot(data, spec, system, beta_ols, templates, bool(reml))
         if pilot is not None:
             (start, step), pilot_bytes = pilot

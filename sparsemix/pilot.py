@@ -14,7 +14,7 @@ import numpy as np
 from .optimize import warm_step
 from .terms import RandomTerm
 
-__all__ = ["pilot_start", "pilot_levels", "fit_pilot", "estimable", "PILOT_MIN_DENSE_ORDER"]
+__all__ = ["pilot_wanted", "pilot_start", "pilot_levels", "fit_pilot", "estimable", "PILOT_MIN_DENSE_ORDER"]
 
 # Below this many columns after the first term (the block that fills in: dense in the Schur form) an evaluation
 # costs milliseconds and a pilot cannot pay for itself.
@@ -27,6 +27,12 @@ PILOT_MIN_KEPT_LEVELS = 120
 # The pilot's result only has to start the full fit within ~10%: no polish, and a loose stopping rule.
 PILOT_FTOL = 1e-2
 PILOT_SEED = 20261128     # fixed: the same data give the same pilot, and bit-identical fits
+
+
+def pilot_wanted(start, method: str, free=None) -> bool:
+    """A fit from the default start with a method that uses one (not the scipy optimizers, not a fit with fixed
+    entries): the gate of every front door."""
+    return start is None and free is None and method in ("auto", "bobyqa")
 
 
 def pilot_start(system, X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights, reml: bool):

@@ -3,10 +3,13 @@
 The dense reference uses the marginal model y ~ N(X beta, sigma^2 (I + Z Lambda Lambda' Z')), written out
 independently of the penalized least-squares formulation the engine uses.
 """
+import time
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
+import sparsemix.engine
 from sparsemix.design import CrossProducts, assemble_Z
 from sparsemix.engine import PenalizedSystem
 from sparsemix.factor import PairOperator, SchurFactor
@@ -260,3 +263,51 @@ def test_blocked_dense_cholesky_above_the_threaded_order(monkeypatch):
     monkeypatch.setattr(factor, "DENSE_THREADS_MAX_ORDER", 70)      # so that 301 takes 2 levels of blocks
     L = factor.dense_cholesky(np.tril(S))
     np.testing.assert_allclose(L, np.linalg.cholesky(S), rtol=1e-10, atol=1e-12)
+
+
+def _crossed_terms(n_a, n_b, n, seed=0):
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, n_a, n), rng.integers(0, n_b, n)
+    return [RandomTerm.from_codes(name, codes, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
+            for name, codes, k in (("a", a, n_a), ("b", b, n_b))]
+
+
+def test_densely_linked_designs_take_the_schur_form_untimed(monkeypatch):
+    """Each level of a links ~10 of b's 150 levels: 300 levels x 55 pairs cover b's 11,325 twice over."""
+    def no_trials(*args, **kwargs):
+        raise AssertionError("a factorization was timed")
+    monkeypatch.setattr("sparsemix.engine._time_refactorization", no_trials)
+    n = 3_000
+    rng = np.random.default_rng(1)
+    system, _, _ = _system(np.ones((n, 1)), rng.normal(size=n), _crossed_terms(300, 150, n))
+    assert system.factorization_mode == "schur"
+
+
+def test_sparsely_linked_designs_are_timed(monkeypatch):
+    """A nested design (each level of a in one level of b) fills nothing: the candidates race."""
+    timed = []
+    original = sparsemix.engine._time_refactorization
+    monkeypatch.setattr("sparsemix.engine._time_refactorization",
+                        lambda factor, *args: timed.append(factor.mode) or original(factor, *args))
+    n_a, n_b, n = 2_000, 200, 6_000
+    a = np.arange(n) % n_a
+    b = a % n_b
+    terms = [RandomTerm.from_codes(name, codes, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
+             for name, codes, k in (("a", a, n_a), ("b", b, n_b))]
+    system, _, _ = _system(np.ones((n, 1)), np.random.default_rng(2).normal(size=n), terms)
+    assert "simplicial" in timed
+    assert system.factorization_mode != "schur"
+
+
+def test_a_trial_already_twice_as_slow_is_timed_once():
+    calls = []
+
+    class Slow:
+        def refactor(self, A, factors):
+            calls.append(1)
+            time.sleep(0.02)
+
+    assert sparsemix.engine._time_refactorization(Slow(), None, None, time_to_beat=0.005) >= 0.02
+    assert len(calls) == 1
+    sparsemix.engine._time_refactorization(Slow(), None, None, time_to_beat=1.0)
+    assert len(calls) == 3

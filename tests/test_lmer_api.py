@@ -210,6 +210,22 @@ def test_optimizer_names_are_shared_with_mixedlm_and_checked(fm1):
     assert sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP, optimizer="nm").refit_ml().fit_result.optimization.method == "Nelder-Mead"
 
 
+def test_text_columns_of_the_fixed_part_reach_patsy_as_categoricals():
+    """Object and pandas' str dtype (the default for text from pandas 3 on) alike: patsy then reads codes."""
+    from sparsemix.lmer import _strings_as_categories
+
+    data = SLEEP.assign(half=np.where(SLEEP.Days < 5, "early", "late"))
+    as_str = data.assign(half=data.half.astype("str"))
+    as_object = data.assign(half=data.half.astype(object))
+    for frame in (as_str, as_object):
+        converted = _strings_as_categories(frame, "Reaction ~ half")
+        assert isinstance(converted.half.dtype, pd.CategoricalDtype)
+        assert list(converted.half.cat.categories) == ["early", "late"]
+    fits = [sm.lmer("Reaction ~ half + (1 | Subject)", frame) for frame in (as_str, as_object)]
+    assert list(fits[0].fe_params.index) == ["(Intercept)", "half[T.late]"]
+    np.testing.assert_array_equal(fits[0].fe_params, fits[1].fe_params)
+
+
 def test_theta_names_follow_lme4_for_split_terms():
     m = sm.lmer("Reaction ~ Days + (Days || Subject)", SLEEP)
     assert m.theta_names == ["Subject.(Intercept)", "Subject.Days"]

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from .. import checks
 from ..errors import IgnoredArgumentWarning, InputError
 from ..fitting import build_fit, build_system, optimize_system, warn_if_singular
-from ..pilot import pilot_start
+from ..pilot import pilot_start, pilot_wanted
 from ..optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
 from ..formula.safety import safe_environment
@@ -302,7 +302,7 @@ class MixedLM:
         free_mask = None if free is None else self._free_mask(free, start)
         system = self.build_system()
         step = None
-        if start_params is None and free is None and opt_method == "bobyqa":
+        if pilot_wanted(start_params, opt_method, free):
             pilot = pilot_start(system, self.exog, self.endog, self._terms(), None, bool(reml))
             if pilot is not None:
                 theta0, step = pilot

@@ -1,0 +1,183 @@
+"""Newton steps with the average information matrix (AI-REML) for variance-components models.
+
+For a model whose random-effects terms are all scalar (one variance per term) the (RE)ML log-likelihood in the
+variance parameters psi = (sigma^2, phi_1, ..., phi_m), V = sigma^2 I + sum_j phi_j Z_j Z_j', has the score
+
+    s_a = -(tr(P V_a) - y'P V_a P y) / 2          (P = V^{-1} - V^{-1}X (X'V^{-1}X)^{-1} X'V^{-1}; ML: V^{-1})
+
+and Gilmour, Thompson & Cullis (1995) replace its Hessian by the average information
+
+    AI_ab = y'P V_a P V_b P y / 2,
+
+which needs m + 1 solves with the factor already at hand. The traces tr(Z_j' V^{-1} Z_j) need the inverse
+of the dense Schur complement (engine.variance_traces). Everything here is in terms of the cross-products:
+P y = e / sigma^2 with e = y - X beta - Z b the residual, and w'P w' for w = e or Z_j Z_j' e is the
+penalized residual sum of squares of a fit to w, from Z'w, X'w and w'w.
+
+From a start within ~10% (the pilot's) the steps reach the optimum in 5-8 evaluations where BOBYQA took
+56 (InstEval). A step is kept only if it lowers the profiled deviance; anything unexpected (a variance
+heading to zero, a step that does not help, an indefinite AI) hands the fit back to BOBYQA (`None`).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import scipy.linalg as la
+
+from .optimize import OptimizationResult
+
+__all__ = ["ScoringPoint", "scoring_point", "fit_by_scoring"]
+
+SCORING_MAX_ITERATIONS = 30
+# Stop where the next Newton step would move every theta_j by less than this, relative (the steps converge
+# superlinearly at the end: 1e-6 -> 6e-10 on InstEval, so the optimum is this close).
+SCORING_THETA_TOLERANCE = 1e-9
+# A variance ratio below this is heading for the boundary, where BOBYQA (bounded) and the polish take over.
+SCORING_MIN_THETA = 1e-3
+SCORING_MAX_HALVINGS = 5
+# At most this change of log psi per step (a factor e^2 = 7.4): from lme4's start theta = 1 the first full AI step
+# took a theta of 0.13 to 6e-11 (the deviance did fall, but the start was far outside the quadratic region).
+SCORING_MAX_LOG_STEP = 2.0
+# The secant correction follows full steps that moved theta by less than this, relative.
+SECANT_MAX_STEP = 0.1
+
+
+class ScoringPoint:
+    """The profiled deviance, the score and the average information at theta (psi = sigma^2 (1, theta^2))."""
+
+    def __init__(self, theta, deviance, psi, score, information):
+        self.theta, self.deviance, self.psi, self.score, self.information = theta, deviance, psi, score, information
+
+
+def scoring_point(system, theta: np.ndarray, reml: bool, ev=None) -> ScoringPoint | None:
+    """The point at theta; `ev`: system.evaluate(theta), if that is already done (the factor is at theta)."""
+    theta = np.asarray(theta, dtype=float)
+    ev = system.evaluate(theta) if ev is None else ev
+    if not ev.feasible or np.any(theta < SCORING_MIN_THETA):
+        return None
+    traces = system.variance_traces(theta)
+    if traces is None:
+        return None
+    c, rc = system.cross, system.relcov
+    sizes = np.array([n for n, _ in rc.blocks])
+    lam = np.repeat(theta, sizes)                       # Lambda's diagonal
+    factor = system._factor
+    p = c.p
+    beta = la.solve_triangular(ev.RX, ev.cbeta, lower=False) if p else np.zeros(0)
+    u = factor.half_solve_t(ev.cu - ev.RZX @ beta)
+    b = lam * u
+    Zte = c.Zty - c.ZtX @ beta - c.ZtZ @ b              # Z'e
+    ee = ev.r2 - u @ u                                  # e'e
+    nu = system.dof(reml)
+    sigma2 = ev.r2 / nu
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    # tr(P_1) and tr(Z_j' P_1 Z_j) with P_1 = sigma^2 P (V at sigma^2 = 1)
+    trace_P = c.n - float(np.sum(traces * theta ** 2))
+    trace_ZPZ = traces.copy()
+    if reml and p:
+        C = factor.half_solve_t(ev.RZX)                 # K^{-1} Lambda' Z'X
+        CR = la.solve_triangular(ev.RX, C.T, trans="T", lower=False).T          # C R_X^{-1}
+        trace_P -= p - float(np.sum(CR ** 2))
+        T = c.ZtX - c.ZtZ @ (lam[:, None] * C)          # Z'V^{-1}X
+        TR = la.solve_triangular(ev.RX, T.T, trans="T", lower=False).T
+        trace_ZPZ -= np.add.reduceat(np.sum(TR ** 2, axis=1), starts)
+    v2 = np.add.reduceat(Zte ** 2, starts)              # |Z_j'e|^2
+    score = -0.5 * np.concatenate([[trace_P / sigma2 - ee / sigma2 ** 2], trace_ZPZ / sigma2 - v2 / sigma2 ** 2])
+
+    # w_0 = e, w_j = Z_j Z_j'e: their Z'w, X'w and Gram matrix, then w_a' P_1 w_b
+    m = sizes.shape[0]
+    Vj = np.zeros((rc.q, m))
+    for j, (s0, n) in enumerate(zip(starts, sizes)):
+        Vj[s0:s0 + n, j] = Zte[s0:s0 + n]
+    GV = c.ZtZ @ Vj
+    Zw = np.column_stack([Zte, GV])
+    Xw = np.column_stack([c.Xty - c.XtX @ beta - c.ZtX.T @ b, c.ZtX.T @ Vj]) if p else np.zeros((0, m + 1))
+    gram = np.empty((m + 1, m + 1))
+    gram[0, 0] = ee
+    gram[0, 1:] = gram[1:, 0] = v2
+    gram[1:, 1:] = Vj.T @ GV
+    Cu = factor.half_solve(lam[:, None] * Zw)
+    quad = gram - Cu.T @ Cu
+    if reml and p:
+        Cb = la.solve_triangular(ev.RX, Xw - ev.RZX.T @ Cu, trans="T", lower=False)
+        quad -= Cb.T @ Cb
+    information = 0.5 * quad / sigma2 ** 3
+    psi = sigma2 * np.concatenate([[1.0], theta ** 2])
+    return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, score, information)
+
+
+def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING_MAX_ITERATIONS,
+                   progress=None) -> tuple[OptimizationResult | None, np.ndarray, int]:
+    """(result, best theta, evaluations): the result is None where the steps gave up, and the fit goes on from
+    the best theta they reached (never worse than `start`).
+
+    Steps are Newton steps in log psi (positive variances without bounds; from the pilot's start on InstEval
+    the first full step in psi itself raised the deviance and had to be halved). The Newton matrix is the AI of
+    the current point corrected by the last short step's secant (a BFGS update with the exact score change):
+    AI alone converges linearly, each step leaving ~3% of the previous one on InstEval. A trial point costs a
+    deviance evaluation; the score and AI are computed only where the step is kept. The fit stops where the
+    next step would move theta by less than SCORING_THETA_TOLERANCE (relative), without taking it.
+    """
+    t0 = time.perf_counter()
+    point = scoring_point(system, start, reml)
+    count = 1
+    if point is None:
+        return None, np.asarray(start, dtype=float), count
+    log = [(count, point.deviance, time.perf_counter() - t0)]
+    previous = None
+    while count < maxiter:
+        D = point.psi
+        hessian = _secant_corrected(point, previous)
+        try:
+            log_step = la.solve(D[:, None] * hessian * D[None, :], D * point.score, assume_a="pos")
+        except (la.LinAlgError, ValueError):
+            return None, point.theta, count
+        if not np.all(np.isfinite(log_step)):
+            return None, point.theta, count
+        # theta_j = sqrt(psi_j / psi_0): its relative change is about (step_j - step_0) / 2
+        if np.max(np.abs(log_step[1:] - log_step[0])) / 2 < SCORING_THETA_TOLERANCE:
+            return (OptimizationResult(point.theta, point.deviance, count, True, "Newton step below tolerance",
+                                       "scoring", time.perf_counter() - t0, tuple(log)), point.theta, count)
+        longest = np.max(np.abs(log_step))
+        if longest > SCORING_MAX_LOG_STEP:     # far from the optimum the quadratic model is not to be trusted
+            log_step = log_step * (SCORING_MAX_LOG_STEP / longest)
+        accepted, full_step = None, True
+        for _ in range(SCORING_MAX_HALVINGS):
+            psi = D * np.exp(log_step)
+            theta = np.sqrt(psi[1:] / psi[0])
+            if np.any(theta < SCORING_MIN_THETA):
+                log_step, full_step = log_step / 2, False
+                continue
+            ev = system.evaluate(theta)
+            count += 1
+            if system.profiled_deviance(ev, reml) <= point.deviance + 1e-12 * abs(point.deviance):
+                accepted = scoring_point(system, theta, reml, ev)
+                break
+            log_step, full_step = log_step / 2, False
+        if accepted is None:
+            return None, point.theta, count
+        # A halved or long step is no secant of the quadratic model: the next Newton matrix is the plain AI
+        # (measured, evaluations on six crossed designs: secant after every full step 45, never 41, after full
+        # steps below SECANT_MAX_STEP 40; InstEval 8, 8, 6).
+        short = np.max(np.abs(log_step[1:] - log_step[0])) / 2 < SECANT_MAX_STEP
+        previous, point = (point if full_step and short else None), accepted
+        log.append((count, point.deviance, time.perf_counter() - t0))
+        if progress is not None:
+            progress(count, point.deviance, time.perf_counter() - t0)
+    return None, point.theta, count
+
+
+def _secant_corrected(point: ScoringPoint, previous: ScoringPoint | None) -> np.ndarray:
+    """AI at `point`, updated (BFGS) so that it maps the last step to the change of the score."""
+    B = point.information
+    if previous is None:
+        return B
+    delta = point.psi - previous.psi
+    change = previous.score - point.score          # the change of the gradient of -loglik
+    curvature = float(delta @ change)
+    Bd = B @ delta
+    if curvature <= 1e-12 * float(delta @ Bd) or not np.isfinite(curvature):
+        return B
+    return B - np.outer(Bd, Bd) / float(delta @ Bd) + np.outer(change, change) / curvature

@@ -1,0 +1,144 @@
+"""Newton steps with the average information (sparsemix/scoring.py), checked against dense marginal formulas
+(V = sigma^2 W + sum_j phi_j Z_j Z_j' built as an n x n matrix) and against BOBYQA's optimum."""
+import warnings
+
+import numpy as np
+import pytest
+
+import sparsemix
+from sparsemix.datasets import generate_insteval_like
+from sparsemix.design import CrossProducts, assemble_Z
+from sparsemix.engine import PenalizedSystem
+from sparsemix.factor import SchurFactor
+from sparsemix.fitting import build_system, optimize_system
+from sparsemix.relcov import RelativeCovariance
+from sparsemix.scoring import fit_by_scoring, scoring_point
+from sparsemix.terms import CovarianceTemplate, RandomTerm
+
+SIZES = (40, 12, 5)          # levels of the three crossed scalar terms, most first (the Schur form's order)
+
+
+def _problem(seed=3, n=300, sds=(0.8, 1.2, 0.6), p=2):
+    rng = np.random.default_rng(seed)
+    codes = [rng.integers(0, k, n) for k in SIZES]
+    x = rng.normal(size=n)
+    X = np.column_stack([np.ones(n), x])[:, :p]
+    y = 1.0 + 0.5 * x + sum(sd * rng.normal(size=k)[c] for sd, k, c in zip(sds, SIZES, codes)) + rng.normal(size=n)
+    terms = [RandomTerm.from_codes(name, c, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
+             for name, c, k in zip("abc", codes, SIZES)]
+    return X, y, terms
+
+
+def _schur_system(X, y, terms, weights=None, update="auto"):
+    rc = RelativeCovariance([(t.n_levels, t.template) for t in terms])
+    system = PenalizedSystem(CrossProducts.compute(X, y, assemble_Z(terms), weights=weights), rc,
+                             factorization="schur")
+    if update != "auto":
+        system._factor = SchurFactor(system._A, system.cross.ZtZ, rc, update=update)
+    return system
+
+
+def _dense(X, y, terms, theta, reml, weights=None):
+    """Score and average information in psi = sigma^2 (1, theta^2) (sigma^2 profiled), and tr(Z_j'V^{-1}Z_j)
+    at sigma^2 = 1, from n x n matrices."""
+    n = y.shape[0]
+    Zs = [t.Z.toarray() for t in terms]
+    W = np.diag(1.0 / weights) if weights is not None else np.eye(n)
+    V1 = W + sum(th ** 2 * Z @ Z.T for th, Z in zip(theta, Zs))
+    V1i = np.linalg.inv(V1)
+    traces = np.array([np.trace(Z.T @ V1i @ Z) for Z in Zs])
+    XtViX = X.T @ V1i @ X
+    P1 = V1i - V1i @ X @ np.linalg.solve(XtViX, X.T @ V1i)
+    nu = n - X.shape[1] if reml else n
+    sigma2 = y @ P1 @ y / nu
+    P, Vi = P1 / sigma2, V1i / sigma2
+    Py = P @ y
+    derivs = [W] + [Z @ Z.T for Z in Zs]
+    trace_of = P if reml else Vi
+    score = np.array([-0.5 * (np.trace(trace_of @ Va) - Py @ Va @ Py) for Va in derivs])
+    middle = P if reml else Vi
+    info = np.array([[0.5 * (Va @ Py) @ middle @ (Vb @ Py) for Vb in derivs] for Va in derivs])
+    return traces, score, info
+
+
+@pytest.mark.parametrize("update", ["pairs", "kernel", "dense"])
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_score_and_information_equal_the_dense_formulas(update, reml, weighted):
+    X, y, terms = _problem()
+    weights = np.random.default_rng(5).uniform(0.5, 2.0, y.shape[0]) if weighted else None
+    system = _schur_system(X, y, terms, weights, update)
+    theta = np.array([0.7, 1.1, 0.4])
+    traces, score, info = _dense(X, y, terms, theta, reml, weights)
+    with system.threads():
+        np.testing.assert_allclose(system.variance_traces(theta), traces, rtol=1e-9)
+        point = scoring_point(system, theta, reml)
+    np.testing.assert_allclose(point.score, score, rtol=1e-8, atol=1e-10 * np.abs(score).max())
+    np.testing.assert_allclose(point.information, info, rtol=1e-8)
+    assert point.deviance == pytest.approx(system.deviance(theta, reml), rel=1e-14)
+
+
+def test_score_without_fixed_effects():
+    X, y, terms = _problem(p=0)
+    system = _schur_system(X, y, terms)
+    theta = np.array([0.5, 0.9, 0.3])
+    _, score, info = _dense(X, y, terms, theta, True)
+    with system.threads():
+        point = scoring_point(system, theta, True)
+    np.testing.assert_allclose(point.score, score, rtol=1e-8, atol=1e-10 * np.abs(score).max())
+    np.testing.assert_allclose(point.information, info, rtol=1e-8)
+
+
+def test_no_traces_where_the_formulas_do_not_apply():
+    X, y, terms = _problem()
+    system = _schur_system(X, y, terms)
+    assert system.variance_traces(np.array([0.5, 0.0, 0.3])) is None        # divides by theta_j
+    assert build_system(X, y, terms, factorization="simplicial").variance_traces(np.ones(3)) is None
+    assert not build_system(X, y, terms, factorization="simplicial").supports_scoring
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_scoring_reaches_bobyqas_optimum_from_lme4s_start(reml):
+    data = generate_insteval_like(1_500, 600, 10, 15)
+    formula = "y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scored = sparsemix.lmer(formula, data, reml=reml, start=[1.0, 1.0, 1.0])
+        bobyqa = sparsemix.lmer(formula, data, reml=reml, optimizer="bobyqa")
+    assert scored.fit_result.optimization.method == "scoring"
+    assert bobyqa.fit_result.optimization.method == "bobyqa"
+    assert scored.n_evaluations < bobyqa.n_evaluations / 3
+    assert scored.deviance <= bobyqa.deviance + 1e-12 * abs(bobyqa.deviance)
+    np.testing.assert_allclose(scored.theta, bobyqa.theta, rtol=1e-5)       # the polish's own accuracy
+    np.testing.assert_allclose(scored.fe_params, bobyqa.fe_params, rtol=1e-8)
+
+
+def test_scoring_stops_at_the_stationary_point():
+    """A central-difference gradient of the profiled deviance vanishes at the result (to its rounding)."""
+    X, y, terms = _problem()
+    system = build_system(X, y, terms, factorization="schur")     # (so small a system would pick simplicial)
+    assert system.supports_scoring
+    opt = optimize_system(system)
+    assert opt.method == "scoring"
+    theta = opt.theta
+    for i in range(3):
+        step = np.zeros(3)
+        step[i] = 1e-5 * theta[i]
+        slope = (system.deviance(theta + step, True) - system.deviance(theta - step, True)) / (2 * step[i])
+        assert abs(slope) < 1e-4
+    other = optimize_system(system, start_theta=theta * np.array([1.5, 0.6, 2.0]))
+    np.testing.assert_allclose(other.theta, theta, rtol=1e-8)
+
+
+def test_a_zero_variance_hands_the_fit_to_bobyqa():
+    X, y, terms = _problem(sds=(0.8, 1.2, 0.0), seed=0)     # c's variance is estimated at 0 (a boundary fit)
+    system = build_system(X, y, terms, factorization="schur")
+    with system.threads():
+        gave_up, best, used = fit_by_scoring(system, np.ones(3), True)
+    assert gave_up is None and used >= 1
+    assert system.deviance(best, True) <= system.deviance(np.ones(3), True)
+    opt = optimize_system(system)
+    reference = optimize_system(system, method="bobyqa")
+    assert opt.method == "bobyqa" and opt.n_evaluations > used
+    assert opt.deviance == pytest.approx(reference.deviance, rel=1e-12)
+    assert opt.theta[2] < 1e-4 and reference.theta[2] < 1e-4
