@@ -104,6 +104,7 @@ class PenalizedSystem:
         self.factorization_mode = self._factor.mode    # "simplicial", "supernodal" or "schur"
         self.single_threaded = single_threaded(relcov.q, self.factorization_mode)
         self._factor_theta = None
+        self._last_evaluation = None
 
     # -- structure, built once -------------------------------------------------------------------------
 
@@ -252,12 +253,23 @@ class PenalizedSystem:
             except la.LinAlgError:
                 # X'V^{-1}X is positive definite for a full-rank X (checked before fitting) and finite theta;
                 # this happens only at theta so large that it is lost to rounding: not a candidate optimum.
+                self._last_evaluation = None
                 return Evaluation(theta, np.inf, np.inf, RZX, cu, np.full((c.p, c.p), np.nan),
                                   np.full(c.p, np.nan), np.nan)
             cbeta = la.solve_triangular(RX, c.Xty - RZX.T @ cu, trans="T", lower=False)
             logdet_RX2 = 2.0 * float(np.sum(np.log(np.abs(np.diag(RX)))))
         r2 = float(c.yty - cu @ cu - cbeta @ cbeta)
-        return Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2)
+        self._last_evaluation = Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2)
+        return self._last_evaluation
+
+    def _evaluation_at(self, theta) -> Evaluation:
+        """The last evaluation if it was at theta (and the factor still is), else a new one: the solution at the
+        optimum then costs no second factorization."""
+        theta = np.asarray(theta, dtype=float)
+        last = self._last_evaluation
+        if last is not None and np.array_equal(last.theta, theta) and np.array_equal(self._factor_theta, theta):
+            return last
+        return self.evaluate(theta)
 
     def dof(self, reml: bool) -> int:
         return self.cross.n - self.cross.p if reml else self.cross.n
@@ -285,7 +297,7 @@ class PenalizedSystem:
 
     def solve(self, theta, reml: bool) -> Solution:
         """Fixed effects, conditional modes and sigma^2 at theta."""
-        ev = self.evaluate(theta)
+        ev = self._evaluation_at(theta)
         if not ev.feasible:
             raise RankDeficientError("the fixed effects are not estimable at this theta (X'V^{-1}X is numerically "
                                      "singular); check exog for collinear columns or refit from other start values")

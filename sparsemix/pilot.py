@@ -26,6 +26,7 @@ PILOT_FRACTION = 0.1
 PILOT_MIN_KEPT_LEVELS = 120
 # The pilot's result only has to start the full fit within ~10%: no polish, and a loose stopping rule.
 PILOT_FTOL = 1e-2
+PILOT_TOLERANCE = 1e-2      # the same for the Newton steps (scoring.py): theta within ~1% of the pilot's optimum
 PILOT_SEED = 20261128     # fixed: the same data give the same pilot, and bit-identical fits
 
 
@@ -88,8 +89,14 @@ def estimable(XtX: np.ndarray, n_rows: int) -> bool:
 def fit_pilot(pilot_system, reml: bool):
     """(theta, first step) from a loose fit of the pilot's system, or None if it did not converge."""
     from .fitting import optimize_system
+    from .scoring import fit_by_scoring
 
-    opt = optimize_system(pilot_system, reml=reml, polish=False, ftol=PILOT_FTOL)
+    opt = None
+    if pilot_system.supports_scoring:     # 3-4 Newton steps instead of ~35 BOBYQA evaluations (InstEval)
+        with pilot_system.threads():
+            opt, _, _ = fit_by_scoring(pilot_system, pilot_system.relcov.start(), reml, tolerance=PILOT_TOLERANCE)
+    if opt is None:
+        opt = optimize_system(pilot_system, reml=reml, polish=False, ftol=PILOT_FTOL)
     if not opt.converged or not np.all(np.isfinite(opt.theta)):
         return None
     return opt.theta, warm_step(opt.theta)

@@ -142,3 +142,16 @@ def test_a_zero_variance_hands_the_fit_to_bobyqa():
     assert opt.method == "bobyqa" and opt.n_evaluations > used
     assert opt.deviance == pytest.approx(reference.deviance, rel=1e-12)
     assert opt.theta[2] < 1e-4 and reference.theta[2] < 1e-4
+
+
+def test_the_scored_fit_does_not_depend_on_row_order_or_level_labels():
+    data = generate_insteval_like(1_500, 600, 10, 15)
+    formula = "y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)"
+    shuffled = data.sample(frac=1.0, random_state=7).reset_index(drop=True)
+    shuffled["s"] = "student " + shuffled["s"].astype(str)          # other labels, another level order
+    fits = [sparsemix.lmer(formula, frame) for frame in (data, shuffled)]
+    assert [f.fit_result.optimization.method for f in fits] == ["scoring", "scoring"]
+    np.testing.assert_allclose(fits[1].theta, fits[0].theta, rtol=1e-8)
+    np.testing.assert_allclose(fits[1].fe_params, fits[0].fe_params, rtol=1e-8)
+    np.testing.assert_allclose(fits[1].bse_fe, fits[0].bse_fe, rtol=1e-8)
+    assert fits[1].llf == pytest.approx(fits[0].llf, rel=1e-12)
