@@ -256,11 +256,14 @@ def _random_term(spec: RandomSpec, frame, env):
         design_info = None
     else:
         check_formula("~ " + spec.expr, frame.columns, env, f"random-effects term {spec.source}")
+        # A random intercept is a column of ones: patsy builds its design from one row (5 ms a term on InstEval)
+        intercept = spec.expr.strip() == "1"
         try:
-            M = patsy.dmatrix("~ " + spec.expr, frame, return_type="dataframe", NA_action="raise", eval_env=env)
+            M = patsy.dmatrix("~ " + spec.expr, frame.iloc[:1] if intercept else frame, return_type="dataframe",
+                              NA_action="raise", eval_env=env)
         except patsy.PatsyError as exc:
             raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
-        values = M.to_numpy(dtype=float)
+        values = np.ones((len(frame), 1)) if intercept else M.to_numpy(dtype=float)
         columns = tuple(_lme4_name(c) for c in M.columns)
         design_info = M.design_info
     k = len(columns)
