@@ -24,7 +24,7 @@ from .design import CrossProducts
 from .errors import RankDeficientError
 from .factor import CholmodFactor, SchurFactor, schur_applicable
 from .relcov import RelativeCovariance
-from .threads import blas_threads, single_threaded
+from .threads import DENSE_THREADS_MAX_ORDER, blas_threads, single_threaded
 
 __all__ = ["PenalizedSystem", "Evaluation", "Solution"]
 
@@ -39,8 +39,10 @@ DENSE_FLOPS_PER_SECOND = 2e10
 # The Schur form holds up to two dense q2 x q2 matrices: at most this share of the machine's memory (on 24 GB,
 # q2 up to 22,000; a MovieLens-sized design has 16,000).
 SCHUR_MEMORY_FRACTION = 1 / 3
-# From this order of the block after the first term, a densely linked block goes to the Schur form untimed.
+# From this order of the block after the first term, a block whose elimination pattern is at least this full goes
+# to the Schur form untimed (engine._schur_alone).
 SCHUR_ALONE_MIN_ORDER = 100
+SCHUR_ALONE_MIN_DENSITY = 0.1
 
 
 @dataclass(frozen=True)
@@ -182,24 +184,22 @@ class PenalizedSystem:
     def _schur_alone(self):
         """The Schur form, untimed, where the fill makes any factor of the block after the first term dense.
 
-        Level l of the first term links c_l columns of that block, so eliminating it fills c_l (c_l + 1) / 2
-        entries of the q2 x q2 complement; where these add up to the whole lower triangle or more, CHOLMOD
-        factors (at least) the same dense block with more bookkeeping. Measured, Schur / simplicial /
-        supernodal ms per factorization: InstEval 23.7 / 121 / 42.6 (coverage 2.7), seed crossed design
-        0.36 / 0.93 / 13.2 (97), 3,000 x 300 crossed 8.9 / 203 / 604 (2,893), 100,000-row slopes with 2,000
-        levels of b 119 / 2,197 / 122 (1.09, the closest); below coverage 1 (nested designs) simplicial won.
-        Blocks of fewer than SCHUR_ALONE_MIN_ORDER columns are left to the (sub-millisecond) trials: there
-        simplicial's lower overhead can win (30 columns: 0.05 against 0.19 ms).
+        Eliminating the first term links two columns of the q2 x q2 block wherever some level of it touches
+        both; where that pattern is at least SCHUR_ALONE_MIN_DENSITY full, the block's factor fills in (almost)
+        completely, so CHOLMOD factors the same dense block with more bookkeeping, and its simplicial trial can
+        take seconds. Measured, Schur / simplicial / supernodal per factorization: InstEval (pattern 21% full)
+        23.7 / 121 / 42.6 ms, seed crossed design 0.36 / 0.93 / 13.2 ms, 3,000 x 300 crossed 8.9 / 203 / 604 ms,
+        100,000-row slopes with 2,000 levels of b 119 / 2,197 / 122 ms, 40,000 x 4,000 crossed (400,000 rows)
+        0.76 / 16.3 / 1.03 s (pattern 22% full; the trials took 41 s); nested designs (pattern: the diagonal) go to
+        the trials, where simplicial wins. Blocks of fewer than SCHUR_ALONE_MIN_ORDER columns are left to the
+        (sub-millisecond) trials: there simplicial's lower overhead can win (30 columns: 0.05 against 0.19 ms).
         """
         n1, template1 = self.relcov.blocks[0]
         q1 = n1 * template1.k
         q2 = self.relcov.q - q1
         if q2 < SCHUR_ALONE_MIN_ORDER or not schur_applicable(self._A, q1, template1.k):
             return None
-        # c_l: the entries of level l's first column below its own k x k block (stored lower triangle)
-        first_columns = np.arange(0, q1, template1.k)
-        linked = (self._A.indptr[first_columns + 1] - self._A.indptr[first_columns] - template1.k).astype(float)
-        if np.sum(linked * (linked + 1) / 2) < q2 * (q2 + 1) / 2:
+        if _complement_density(self._A, q1) < SCHUR_ALONE_MIN_DENSITY:
             return None
         return self._schur_candidate(np.inf)
 
@@ -315,8 +315,12 @@ class PenalizedSystem:
 
     @property
     def supports_scoring(self) -> bool:
-        """Whether scoring.py's Newton steps apply: variance components, first term eliminated (Schur form)."""
-        return self.scalar_terms and isinstance(self._factor, SchurFactor)
+        """Whether scoring.py's Newton steps apply: variance components, first term eliminated (Schur form),
+        and a dense block whose inverse (a LAPACK potri) runs threaded. Measured up to order 4,000 (40,000 x
+        4,000 crossed: 5 evaluations, 7.6 s, where BOBYQA took 25 and 11.8 s); above the threaded order the
+        MovieLens-sized fit keeps BOBYQA (an inverse there costs about two of its 17 s factorizations)."""
+        return (self.scalar_terms and isinstance(self._factor, SchurFactor)
+                and self._factor.q2 <= DENSE_THREADS_MAX_ORDER)
 
     def variance_traces(self, theta) -> np.ndarray | None:
         """tr(Z_j' (I + Z Lambda Lambda' Z')^{-1} Z_j) per term j at theta, for a variance-components model in
@@ -358,6 +362,19 @@ def physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return 16 * 2 ** 30
+
+
+def _complement_density(A: sp.csc_matrix, q1: int, sample: int = 256, budget: float = 2e6) -> float:
+    """The share of the q2 x q2 block after the first q1 columns that eliminating those columns links, from the
+    pattern of A21 (q2 x q1): B_r B' on evenly spaced rows r, as many as `sample` or a work `budget` allows
+    (on a 3,000 x 300 crossed design with 3.6M rows 256 rows took 0.4 s; at least 8 rows are used)."""
+    B = sp.csr_matrix(A[q1:, :q1])
+    B.data = np.ones_like(B.data)
+    q2 = B.shape[0]
+    rows = np.unique(np.linspace(0, q2 - 1, min(sample, q2)).astype(np.int64))
+    work = B[rows] @ np.asarray(B.sum(axis=0)).ravel()        # products B_r B' costs for each sampled row
+    rows = rows[:max(8, int(np.searchsorted(np.cumsum(work), budget)))]
+    return (B[rows] @ B.T).nnz / (rows.shape[0] * q2)
 
 
 def _time_refactorization(factor, A, factors, time_to_beat: float = np.inf) -> float:

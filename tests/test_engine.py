@@ -311,3 +311,19 @@ def test_a_trial_already_twice_as_slow_is_timed_once():
     assert len(calls) == 1
     sparsemix.engine._time_refactorization(Slow(), None, None, time_to_beat=1.0)
     assert len(calls) == 3
+
+
+def test_complement_density_tells_crossed_from_nested():
+    from sparsemix.engine import _complement_density
+
+    rng = np.random.default_rng(3)
+    n = 4_000
+    crossed, _, _ = _system(np.ones((n, 1)), rng.normal(size=n), _crossed_terms(400, 200, n))
+    inner = np.arange(n) % 1_000
+    nested_terms = [RandomTerm.from_codes(name, codes, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
+                    for name, codes, k in (("inner", inner, 1_000), ("outer", inner % 200, 200))]
+    nested, _, _ = _system(np.ones((n, 1)), rng.normal(size=n), nested_terms)
+    # crossed: each of 400 levels links ~10 of 200 columns, so a column meets ~20 x 9 others: about 60% filled
+    assert 0.4 < _complement_density(crossed._A, 400) < 0.8
+    assert _complement_density(nested._A, 1_000) == pytest.approx(1 / 200)     # the diagonal only
+    assert crossed.factorization_mode == "schur" and nested.factorization_mode != "schur"
