@@ -99,6 +99,7 @@ class PenalizedSystem:
         self.relcov = relcov
         self.n_evaluations = 0
         self._pairs, self._A = self._block_structure()
+        self._densely_linked = None
         # Small systems run single-threaded (see threads.py): the timed choice below must see that setting too.
         self.single_threaded = single_threaded(relcov.q)
         with self.threads():
@@ -195,13 +196,20 @@ class PenalizedSystem:
         (sub-millisecond) trials: there simplicial's lower overhead can win (30 columns: 0.05 against 0.19 ms).
         """
         n1, template1 = self.relcov.blocks[0]
-        q1 = n1 * template1.k
-        q2 = self.relcov.q - q1
-        if q2 < SCHUR_ALONE_MIN_ORDER or not schur_applicable(self._A, q1, template1.k):
-            return None
-        if _complement_density(self._A, q1) < SCHUR_ALONE_MIN_DENSITY:
+        if self.relcov.q - n1 * template1.k < SCHUR_ALONE_MIN_ORDER or not self.densely_linked:
             return None
         return self._schur_candidate(np.inf)
+
+    @property
+    def densely_linked(self) -> bool:
+        """Whether eliminating the first term fills at least SCHUR_ALONE_MIN_DENSITY of the block after it (a
+        crossed design; False for nested ones, or where the first term's levels are linked among themselves)."""
+        if self._densely_linked is None:
+            n1, template1 = self.relcov.blocks[0]
+            q1 = n1 * template1.k
+            self._densely_linked = bool(q1 < self.relcov.q and schur_applicable(self._A, q1, template1.k)
+                                        and _complement_density(self._A, q1) >= SCHUR_ALONE_MIN_DENSITY)
+        return self._densely_linked
 
     def _schur_candidate(self, time_to_beat: float):
         """A SchurFactor worth a trial, or None: its dense q2 x q2 Cholesky must be able to beat `time_to_beat`

@@ -64,6 +64,10 @@ def test_no_pilot_where_it_cannot_pay():
     # The nested design: the 4,000 group1:group2 levels come first, then only group1's 200.
     design = build_design("y ~ 1 + (1|group1) + (1|group1:group2)", nested)
     assert _pilot(design, design.system()) is None
+    # statsmodels' order for the same model: group1 first, then its 4,000 nested levels, which fill nothing.
+    system = build_system(design.X, design.y, list(design.terms)[::-1])
+    assert system.relcov.blocks[0][0] == 200 and not system.densely_linked
+    assert _pilot(design, system) is None
 
 
 def test_the_pilot_does_not_depend_on_the_factorization():
