@@ -1,6 +1,8 @@
 """Minimise the profiled deviance over theta: bounds, fixed entries, convergence and singularity checks, log.
 
-The deviance is cheap (its cost does not grow with n) but has no gradient here, so the default is nlopt's
+Variance-components models on crossed designs have a score and an average information matrix (scoring.py),
+and the default, "auto", takes Newton steps with those (fitting.optimize_system); for every other model, and
+where those steps give up, the deviance is all there is, and the optimizer is nlopt's
 BOBYQA, the bounded derivative-free quadratic-model method lme4 uses. Measured on the seed designs,
 sleepstudy and a 6-parameter synthetic model, it needed 30-60% fewer evaluations than scipy's L-BFGS-B with
 finite differences, reached the same or a lower deviance, and did not wander off to theta ~ 1e9 where

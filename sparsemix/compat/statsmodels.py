@@ -281,8 +281,10 @@ class MixedLM:
         """Fit by REML (default) or ML. statsmodels' keywords are accepted; those that have no effect here
         warn (IgnoredArgumentWarning).
 
-        `method` is 'bobyqa' (default; nlopt's bounded derivative-free method, as lme4), or scipy's 'lbfgs',
-        'powell', 'nm'. `maxiter` bounds the deviance evaluations (BOBYQA) or iterations (scipy).
+        `method` is 'auto' (default: Newton steps with the average information for variance components on
+        crossed designs, scoring.py; BOBYQA otherwise), 'bobyqa' (nlopt's bounded derivative-free method, as
+        lme4), or scipy's 'lbfgs', 'powell', 'nm'. `maxiter` bounds the deviance evaluations (BOBYQA) or
+        iterations (scipy).
         """
         if fe_pen is not None or cov_pen is not None:
             raise InputError("penalized fits (fe_pen, cov_pen) are not supported by sparsemix; fit without them.")
