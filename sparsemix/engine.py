@@ -310,11 +310,24 @@ class PenalizedSystem:
             raise RankDeficientError("the fixed effects are not estimable at this theta (X'V^{-1}X is numerically "
                                      "singular); check exog for collinear columns or refit from other start values")
         factors = self.relcov.factors(ev.theta)
-        beta_work = la.solve_triangular(ev.RX, ev.cbeta, lower=False) if self.cross.p else np.zeros(0)
-        u = self._factor.half_solve_t(ev.cu - ev.RZX @ beta_work)
+        beta_work, u = self.modes(ev)
         b = self.relcov.apply(factors, u)
         sigma2 = max(ev.r2, 0.0) / self.dof(reml)
         return Solution(ev.theta, beta_work + self.cross.beta_ols, u, b, sigma2, self.profiled_deviance(ev, reml), ev)
+
+    def modes(self, ev: Evaluation) -> tuple[np.ndarray, np.ndarray]:
+        """beta (relative to cross.beta_ols) and the spherical conditional modes u at the evaluation's theta,
+        which must be the factor's (the last evaluation)."""
+        beta = la.solve_triangular(ev.RX, ev.cbeta, lower=False) if self.cross.p else np.zeros(0)
+        return beta, self._factor.half_solve_t(ev.cu - ev.RZX @ beta)
+
+    def half_solve(self, B: np.ndarray) -> np.ndarray:
+        """L^{-1} P B with the factor at the last evaluated theta."""
+        return self._factor.half_solve(B)
+
+    def half_solve_t(self, C: np.ndarray) -> np.ndarray:
+        """P' L^{-T} C with the factor at the last evaluated theta: (A + I)^{-1} B = half_solve_t(half_solve(B))."""
+        return self._factor.half_solve_t(C)
 
     @property
     def scalar_terms(self) -> bool:

@@ -21,6 +21,7 @@ heading to zero, a step that does not help, an indefinite AI) hands the fit back
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as la
@@ -35,7 +36,8 @@ SCORING_THETA_TOLERANCE = 1e-9
 # ... or after a step shorter than this, which leaves a few percent of itself (on InstEval steps went 2.2e-5,
 # 7.2e-7, 8.7e-10). 1e-6 left 2.8e-8 on a pilot test (test_pilot.py: the fits from two starts agree to 1e-8).
 SCORING_LAST_STEP = 1e-7
-# A variance ratio below this is heading for the boundary, where BOBYQA (bounded) and the polish take over.
+# A theta_j (a relative standard deviation) below this is heading for the boundary, where BOBYQA (bounded) and
+# the polish take over.
 SCORING_MIN_THETA = 1e-3
 SCORING_MAX_HALVINGS = 5
 # At most this change of log psi per step (a factor e^2 = 7.4): from lme4's start theta = 1 the first full AI step
@@ -45,11 +47,15 @@ SCORING_MAX_LOG_STEP = 2.0
 SECANT_MAX_STEP = 0.1
 
 
+@dataclass(frozen=True)
 class ScoringPoint:
     """The profiled deviance, the score and the average information at theta (psi = sigma^2 (1, theta^2))."""
 
-    def __init__(self, theta, deviance, psi, score, information):
-        self.theta, self.deviance, self.psi, self.score, self.information = theta, deviance, psi, score, information
+    theta: np.ndarray
+    deviance: float
+    psi: np.ndarray
+    score: np.ndarray           # d loglik / d psi
+    information: np.ndarray     # the average information, (m + 1) x (m + 1)
 
 
 def scoring_point(system, theta: np.ndarray, reml: bool, ev=None) -> ScoringPoint | None:
@@ -64,10 +70,8 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None) -> ScoringPoin
     c, rc = system.cross, system.relcov
     sizes = np.array([n for n, _ in rc.blocks])
     lam = np.repeat(theta, sizes)                       # Lambda's diagonal
-    factor = system._factor
     p = c.p
-    beta = la.solve_triangular(ev.RX, ev.cbeta, lower=False) if p else np.zeros(0)
-    u = factor.half_solve_t(ev.cu - ev.RZX @ beta)
+    beta, u = system.modes(ev)
     b = lam * u
     Zte = c.Zty - c.ZtX @ beta - c.ZtZ @ b              # Z'e
     ee = ev.r2 - u @ u                                  # e'e
@@ -79,7 +83,7 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None) -> ScoringPoin
     trace_P = c.n - float(np.sum(traces * theta ** 2))
     trace_ZPZ = traces.copy()
     if reml and p:
-        C = factor.half_solve_t(ev.RZX)                 # K^{-1} Lambda' Z'X
+        C = system.half_solve_t(ev.RZX)                 # K^{-1} Lambda' Z'X
         CR = la.solve_triangular(ev.RX, C.T, trans="T", lower=False).T          # C R_X^{-1}
         trace_P -= p - float(np.sum(CR ** 2))
         T = c.ZtX - c.ZtZ @ (lam[:, None] * C)          # Z'V^{-1}X
@@ -100,7 +104,7 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None) -> ScoringPoin
     gram[0, 0] = ee
     gram[0, 1:] = gram[1:, 0] = v2
     gram[1:, 1:] = Vj.T @ GV
-    Cu = factor.half_solve(lam[:, None] * Zw)
+    Cu = system.half_solve(lam[:, None] * Zw)
     quad = gram - Cu.T @ Cu
     if reml and p:
         Cb = la.solve_triangular(ev.RX, Xw - ev.RZX.T @ Cu, trans="T", lower=False)
