@@ -185,7 +185,22 @@ def _report(sections) -> str:
             f"R and lme4: {version(R_VERSION) or 'n/a'}",
             ""]
     body = [f"## {title}\n\n{table}\n" for title, table in sections]
-    return "\n".join(head + body)
+    return "\n".join(head + body + [_recorded_runs()])
+
+
+def _recorded_runs() -> str:
+    """The larger designs' last recorded runs (recorded.json): they take minutes to a quarter of an hour each."""
+    recorded = json.loads((Path(__file__).parent / "recorded.json").read_text())
+    lines = ["## Larger designs: recorded runs", "", recorded["note"], "",
+             "| design | lme4 | sparsemix | lme4 / sparsemix | script, date, commit |", "|" + "---|" * 5]
+    cell = lambda text: str(text).replace("|", "\\|")          # formulas' bars are not column breaks
+    for run in recorded["runs"]:
+        ratio = run["lme4_over_sparsemix"]
+        lines.append(f"| {cell(run['design'])} | {cell(run['lme4'])} | {cell(run['sparsemix'])} | "
+                     f"{'n/a' if ratio is None else format(ratio, '.1f')} | "
+                     f"`{run['script']}`, {run['date']}, {run['commit']} |")
+    lines += [""] + [f"* {cell(run['spread'])}" for run in recorded["runs"] if "spread" in run]
+    return "\n".join(lines) + "\n"
 
 
 def run_seed(args):
