@@ -155,3 +155,30 @@ def test_the_scored_fit_does_not_depend_on_row_order_or_level_labels():
     np.testing.assert_allclose(fits[1].fe_params, fits[0].fe_params, rtol=1e-8)
     np.testing.assert_allclose(fits[1].bse_fe, fits[0].bse_fe, rtol=1e-8)
     assert fits[1].llf == pytest.approx(fits[0].llf, rel=1e-12)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_scored_fit_with_weights_and_offset_equals_bobyqas(reml):
+    data = generate_insteval_like(1_200, 500, 8, 21)
+    rng = np.random.default_rng(4)
+    data = data.assign(w=rng.uniform(0.5, 2.0, len(data)), off=rng.normal(0, 0.3, len(data)))
+    formula = "y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scored = sparsemix.lmer(formula, data, reml=reml, weights="w", offset="off")
+        bobyqa = sparsemix.lmer(formula, data, reml=reml, weights="w", offset="off", optimizer="bobyqa")
+    assert scored.fit_result.optimization.method == "scoring"
+    assert scored.deviance <= bobyqa.deviance + 1e-12 * abs(bobyqa.deviance)
+    np.testing.assert_allclose(scored.theta, bobyqa.theta, rtol=1e-5)
+    np.testing.assert_allclose(scored.fe_params, bobyqa.fe_params, rtol=1e-7)
+    np.testing.assert_allclose(scored.bse_fe, bobyqa.bse_fe, rtol=1e-5)
+
+
+def test_the_ml_refit_of_a_scored_fit_is_scored_too():
+    data = generate_insteval_like(1_200, 500, 8, 21)
+    formula = "y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)"
+    refit = sparsemix.lmer(formula, data).refit_ml()
+    direct = sparsemix.lmer(formula, data, reml=False)
+    assert refit.fit_result.optimization.method == "scoring"
+    assert refit.llf == pytest.approx(direct.llf, rel=1e-12)
+    np.testing.assert_allclose(refit.theta, direct.theta, rtol=1e-8)
