@@ -17,7 +17,7 @@ from .design import CrossProducts, assemble_Z
 from .engine import PenalizedSystem
 from .errors import ConvergenceWarning, SingularFitWarning
 from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance, warm_step
-from .scoring import SCORING_MAX_ITERATIONS, fit_by_scoring
+from .scoring import SCORING_MAX_ITERATIONS, SCORING_REFIT_TOLERANCE, SCORING_THETA_TOLERANCE, fit_by_scoring
 from .relcov import RelativeCovariance
 from .results import LmmFit
 from .terms import RandomTerm
@@ -41,17 +41,20 @@ def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None
     """Minimise system.deviance(theta, reml) from `start_theta` (lme4's start by default). `initial_step`: BOBYQA's
     first step per entry (optimize.warm_step for a start near the optimum); `polish`: the optimum to full
     precision (bootstrap refits and profiles skip it): with method "auto", Newton steps with the average
-    information (scoring.py) where they apply, otherwise BOBYQA and a final Newton step (optimize.newton_polish);
+    information (scoring.py) where they apply (to 1e-9, or to 1e-6 without `polish`), otherwise BOBYQA and a
+    final Newton step (optimize.newton_polish);
     `ftol`: BOBYQA's stopping rule (optimize.py)."""
     start = system.relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
     with system.threads():
         used = 0
-        scoring = method in ("auto", "scoring") and polish and free is None and system.supports_scoring
+        scoring = method in ("auto", "scoring") and free is None and system.supports_scoring
         if method in ("auto", "scoring"):
             method = "bobyqa"                       # where the steps do not apply, or give up
         if scoring:
+            # without the polish (bootstrap refits) BOBYQA's own precision, ~1e-5, is all that is asked
             result, best, used = fit_by_scoring(system, start, reml, maxiter=min(maxiter, SCORING_MAX_ITERATIONS),
-                                                progress=progress)
+                                                progress=progress,
+                                                tolerance=SCORING_THETA_TOLERANCE if polish else SCORING_REFIT_TOLERANCE)
             if result is not None:
                 return result
             if not np.array_equal(best, start):     # BOBYQA goes on from where the steps stopped

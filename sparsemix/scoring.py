@@ -33,6 +33,8 @@ __all__ = ["ScoringPoint", "scoring_point", "fit_by_scoring"]
 SCORING_MAX_ITERATIONS = 30
 # Stop where the next Newton step would move every theta_j by less than this, relative ...
 SCORING_THETA_TOLERANCE = 1e-9
+# (bootstrap refits, which skip BOBYQA's polish too: BOBYQA alone leaves theta ~1e-5 off)
+SCORING_REFIT_TOLERANCE = 1e-6
 # ... or after a step shorter than this, which leaves a few percent of itself (on InstEval steps went 2.2e-5,
 # 7.2e-7, 8.7e-10). 1e-6 left 2.8e-8 on a pilot test (test_pilot.py: the fits from two starts agree to 1e-8).
 SCORING_LAST_STEP = 1e-7

@@ -182,3 +182,16 @@ def test_the_ml_refit_of_a_scored_fit_is_scored_too():
     assert refit.fit_result.optimization.method == "scoring"
     assert refit.llf == pytest.approx(direct.llf, rel=1e-12)
     np.testing.assert_allclose(refit.theta, direct.theta, rtol=1e-8)
+
+
+def test_unpolished_refits_take_the_steps_to_a_looser_tolerance():
+    """Bootstrap refits (polish=False): Newton steps to 1e-6, where BOBYQA alone stops ~1e-5 off."""
+    X, y, terms = _problem()
+    system = build_system(X, y, terms, factorization="schur")
+    precise = optimize_system(system)
+    refit = optimize_system(system, start_theta=precise.theta * 1.05, polish=False)
+    bobyqa = optimize_system(system, start_theta=precise.theta * 1.05, polish=False, method="bobyqa")
+    assert refit.method == "scoring" and bobyqa.method == "bobyqa"
+    assert refit.n_evaluations < bobyqa.n_evaluations
+    np.testing.assert_allclose(refit.theta, precise.theta, rtol=1e-5)
+    assert refit.deviance <= bobyqa.deviance + 1e-10 * abs(bobyqa.deviance)
