@@ -59,10 +59,16 @@ def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None
                 return result
             if not np.array_equal(best, start):     # BOBYQA goes on from where the steps stopped
                 start, initial_step = best, warm_step(best)
+        # BOBYQA after steps that gave up: its evaluations are numbered on from theirs, in the log and progress
+        numbered = progress if not used or progress is None else \
+            (lambda evaluation, deviance, seconds: progress(evaluation + used, deviance, seconds))
         opt = minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
                                 free=free, maxiter=max(maxiter - used, 1), gtol=gtol, method=method,
-                                progress=progress, initial_step=initial_step, polish=polish, ftol=ftol)
-    return replace(opt, n_evaluations=opt.n_evaluations + used) if used else opt
+                                progress=numbered, initial_step=initial_step, polish=polish, ftol=ftol)
+    if not used:
+        return opt
+    return replace(opt, n_evaluations=opt.n_evaluations + used,
+                   log=tuple((evaluation + used, deviance, seconds) for evaluation, deviance, seconds in opt.log))
 
 
 def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None) -> LmmFit:

@@ -137,9 +137,13 @@ def test_a_zero_variance_hands_the_fit_to_bobyqa():
         gave_up, best, used = fit_by_scoring(system, np.ones(3), True)
     assert gave_up is None and used >= 1
     assert system.deviance(best, True) <= system.deviance(np.ones(3), True)
-    opt = optimize_system(system)
+    seen = []
+    opt = optimize_system(system, progress=lambda evaluation, deviance, seconds: seen.append(evaluation))
     reference = optimize_system(system, method="bobyqa")
     assert opt.method == "bobyqa" and opt.n_evaluations > used
+    # BOBYQA's evaluations are numbered on from the steps', in the progress and the log alike
+    assert seen == sorted(seen) and len(set(seen)) == len(seen) and seen[-1] <= opt.n_evaluations
+    assert [entry[0] for entry in opt.log] == sorted(entry[0] for entry in opt.log) and opt.log[0][0] > used
     assert opt.deviance == pytest.approx(reference.deviance, rel=1e-12)
     assert opt.theta[2] < 1e-4 and reference.theta[2] < 1e-4
 
