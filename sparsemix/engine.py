@@ -231,6 +231,13 @@ class PenalizedSystem:
         self._factor_theta = np.array(theta, dtype=float)
         return factors
 
+    def _factor_at(self, theta) -> np.ndarray:
+        """theta as an array, with the factor refactored there unless it already is."""
+        theta = np.asarray(theta, dtype=float)
+        if self._factor_theta is None or not np.array_equal(self._factor_theta, theta):
+            self._refactor(theta)
+        return theta
+
     def _refactor_values(self, theta: np.ndarray) -> list[np.ndarray]:
         """Write the values of Lambda' Z'Z Lambda (lower triangle) into the fixed pattern of A."""
         factors = self.relcov.factors(theta)
@@ -348,9 +355,7 @@ class PenalizedSystem:
         the Schur form (see SchurFactor.variance_traces); None where it is not available."""
         if not self.supports_scoring:
             return None
-        theta = np.asarray(theta, dtype=float)
-        if self._factor_theta is None or not np.array_equal(self._factor_theta, theta):
-            self._refactor(theta)
+        theta = self._factor_at(theta)
         return self._factor.variance_traces(self.relcov.factors(theta))
 
     def conditional_covariance(self, theta, columns: np.ndarray) -> np.ndarray:
@@ -358,9 +363,7 @@ class PenalizedSystem:
 
         Only the selected columns are solved for, so the cost is len(columns) sparse solves.
         """
-        theta = np.asarray(theta, dtype=float)
-        if self._factor_theta is None or not np.array_equal(self._factor_theta, theta):
-            self._refactor(theta)
+        theta = self._factor_at(theta)
         factors = self.relcov.factors(theta)
         columns = np.asarray(columns, dtype=np.int64)
         E = np.zeros((self.relcov.q, columns.shape[0]))

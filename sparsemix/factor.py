@@ -154,19 +154,25 @@ class SchurFactor:
         if all(T.shape == (1, 1) for T in rest):        # Lambda_2 diagonal: one scale per row of S
             lam = np.concatenate([np.full(n, T[0, 0]) for (n, _), T in zip(self._rest.blocks, rest)])
         if self.update == "pairs":
-            upper = np.triu_indices(self.k1)
-            U = self._pairs.apply(H[:, upper[0], upper[1]])            # G H G', lower triangle
             if lam is not None:
-                U *= lam[:, None]
-                U *= lam[None, :]
-                S -= U
+                S -= self._pair_products(H, lam)
                 return
+            U = self._pair_products(H, None)
             U = -(U + np.tril(U, -1).T)
         else:
             U = self._kernel_update(H, lam, S)
             if U is None:
                 return
         S += self._rest.apply_transpose(rest, self._rest.apply_transpose(rest, U).T)
+
+    def _pair_products(self, H: np.ndarray, lam: np.ndarray | None) -> np.ndarray:
+        """G H G' by the pair map (lower triangle), scaled to Lambda_2 G H G' Lambda_2 where Lambda_2 = diag(lam)."""
+        upper = np.triu_indices(self.k1)
+        U = self._pairs.apply(H[:, upper[0], upper[1]])
+        if lam is not None:
+            U *= lam[:, None]
+            U *= lam[None, :]
+        return U
 
     def _kernel_update(self, H, lam, S):
         """The kernel writes -G H G' straight into S when Lambda_2 is diagonal (its scales folded into G);
@@ -228,16 +234,10 @@ class SchurFactor:
         level and Lambda_2 = diag(lam); by the update's own route. None for the dense route at theta_1 = 0
         (it keeps only A21 = theta_1 Lambda_2 G)."""
         if self.update == "pairs":
-            U = self._pairs.apply(h[:, None])
-            U *= lam[:, None]
-            U *= lam[None, :]
-            return U
+            return self._pair_products(h[:, None, None], lam)
         if self.update == "kernel":
-            from .kernels import subtract_level_products
-            g = self._g * lam[self._entry_rows][:, None]
             U = np.zeros((self.q2, self.q2))
-            subtract_level_products(self._level_ptr, self._entry_rows, g, h[self._level_of_entry][:, None] * g,
-                                    U, kernel_threads(self.q2))
+            self._kernel_update(h[:, None, None], lam, U)          # writes -Lambda_2 G diag(h) G' Lambda_2
             return -U
         if theta1 == 0.0:
             return None
