@@ -13,6 +13,9 @@ from .fitting import build_fit, build_system, fit_lmm, optimize_system
 from .inference.anova import anova
 from .lmer import RankDeficiencyWarning, lmer
 from .lmer_results import LmerResults
+from .threads import blas_libraries
+
+blas_libraries()        # after every import above (CHOLMOD's BLAS among them): see threads.blas_libraries
 
 __version__ = "0.1.0"
 

@@ -277,7 +277,7 @@ class PenalizedSystem:
         self._last_evaluation = Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2)
         return self._last_evaluation
 
-    def _evaluation_at(self, theta) -> Evaluation:
+    def evaluation_at(self, theta) -> Evaluation:
         """The last evaluation if it was at theta (and the factor still is), else a new one: the solution at the
         optimum then costs no second factorization."""
         theta = np.asarray(theta, dtype=float)
@@ -312,7 +312,7 @@ class PenalizedSystem:
 
     def solve(self, theta, reml: bool) -> Solution:
         """Fixed effects, conditional modes and sigma^2 at theta."""
-        ev = self._evaluation_at(theta)
+        ev = self.evaluation_at(theta)
         if not ev.feasible:
             raise RankDeficientError("the fixed effects are not estimable at this theta (X'V^{-1}X is numerically "
                                      "singular); check exog for collinear columns or refit from other start values")
@@ -350,13 +350,14 @@ class PenalizedSystem:
         return (self.scalar_terms and isinstance(self._factor, SchurFactor)
                 and self._factor.q2 <= DENSE_THREADS_MAX_ORDER)
 
-    def variance_traces(self, theta) -> np.ndarray | None:
+    def variance_traces(self, theta, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' (I + Z Lambda Lambda' Z')^{-1} Z_j) per term j at theta, for a variance-components model in
-        the Schur form (see SchurFactor.variance_traces); None where it is not available."""
+        the Schur form (see SchurFactor.variance_traces; `single`: its inverse in single precision); None where
+        it is not available."""
         if not self.supports_scoring:
             return None
         theta = self._factor_at(theta)
-        return self._factor.variance_traces(self.relcov.factors(theta))
+        return self._factor.variance_traces(self.relcov.factors(theta), single)
 
     def conditional_covariance(self, theta, columns: np.ndarray) -> np.ndarray:
         """Lambda (Lambda'Z'Z Lambda + I)^{-1} Lambda' restricted to `columns` (times sigma^2 gives Var(b | y)).

@@ -88,10 +88,11 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
 
     if verbose and progress is None:
         progress = ProgressPrinter()
-    from .partitioned import fit_partitioned, is_dask_frame
-    if is_dask_frame(data):       # rows on a cluster: only level sets and cross-products come here
-        return fit_partitioned(formula, data, reml=reml, weights=weights, offset=offset, start=start,
-                               optimizer=optimizer, maxiter=maxiter, progress=progress, eval_env=eval_env)
+    if not isinstance(data, pd.DataFrame):          # (importing partitioned.py costs a pandas frame 8 ms)
+        from .partitioned import fit_partitioned, is_dask_frame
+        if is_dask_frame(data):       # rows on a cluster: only level sets and cross-products come here
+            return fit_partitioned(formula, data, reml=reml, weights=weights, offset=offset, start=start,
+                                   optimizer=optimizer, maxiter=maxiter, progress=progress, eval_env=eval_env)
     env = safe_environment(eval_env)      # formulas call only the allowed functions (formula/safety.py)
     design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
     system = design.system()

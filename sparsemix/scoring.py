@@ -47,6 +47,13 @@ SCORING_MAX_HALVINGS = 5
 SCORING_MAX_LOG_STEP = 2.0
 # The secant correction follows full steps that moved theta by less than this, relative.
 SECANT_MAX_STEP = 0.1
+# Far from the optimum the score's traces are computed in single precision (a potri at half the cost): at the
+# start and after a step at least this long, relative. On InstEval the start and two more points, with the same
+# path to 7 digits of the deviance as in double.
+SINGLE_AFTER_STEP = 1e-2
+# A single-precision point whose step is shorter than this is scored again in double before the step is taken
+# (single precision leaves the traces ~1e-7 relative off; the step needs them well below its own length).
+SINGLE_MIN_STEP = 1e-3
 
 
 @dataclass(frozen=True)
@@ -58,15 +65,17 @@ class ScoringPoint:
     psi: np.ndarray
     score: np.ndarray           # d loglik / d psi
     information: np.ndarray     # the average information, (m + 1) x (m + 1)
+    single: bool = False        # the score's traces in single precision
 
 
-def scoring_point(system, theta: np.ndarray, reml: bool, ev=None) -> ScoringPoint | None:
-    """The point at theta; `ev`: system.evaluate(theta), if that is already done (the factor is at theta)."""
+def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool = False) -> ScoringPoint | None:
+    """The point at theta; `ev`: system.evaluate(theta), if that is already done (the factor is at theta);
+    `single`: the traces from a single-precision inverse, for a point far from the optimum."""
     theta = np.asarray(theta, dtype=float)
     ev = system.evaluate(theta) if ev is None else ev
     if not ev.feasible or np.any(theta < SCORING_MIN_THETA):
         return None
-    traces = system.variance_traces(theta)
+    traces = system.variance_traces(theta, single)
     if traces is None:
         return None
     c, rc = system.cross, system.relcov
@@ -113,7 +122,7 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None) -> ScoringPoin
         quad -= Cb.T @ Cb
     information = 0.5 * quad / sigma2 ** 3
     psi = sigma2 * np.concatenate([[1.0], theta ** 2])
-    return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, score, information)
+    return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, score, information, single)
 
 
 def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING_MAX_ITERATIONS,
@@ -131,7 +140,7 @@ def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING
     than SCORING_LAST_STEP, which leaves a few percent of itself at most.
     """
     t0 = time.perf_counter()
-    point = scoring_point(system, start, reml)
+    point = scoring_point(system, start, reml, single=True)
     count = 1
     if point is None:
         return None, np.asarray(start, dtype=float), count
@@ -148,6 +157,12 @@ def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING
             return None, point.theta, count
         # theta_j = sqrt(psi_j / psi_0): its relative change is about (step_j - step_0) / 2
         length = np.max(np.abs(log_step[1:] - log_step[0])) / 2
+        if point.single and length < SINGLE_MIN_STEP:      # near the optimum: the same point in double
+            theta = point.theta
+            point = scoring_point(system, theta, reml, system.evaluation_at(theta))
+            if point is None:
+                return None, theta, count
+            continue
         if length < tolerance:
             return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
         if length < SCORING_LAST_STEP:      # the last step: checked by its deviance, no score needed after it
@@ -172,7 +187,8 @@ def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING
             ev = system.evaluate(theta)
             count += 1
             if system.profiled_deviance(ev, reml) <= point.deviance + 1e-12 * abs(point.deviance):
-                accepted = scoring_point(system, theta, reml, ev)
+                taken = np.max(np.abs(log_step[1:] - log_step[0])) / 2
+                accepted = scoring_point(system, theta, reml, ev, single=taken >= SINGLE_AFTER_STEP)
                 break
             log_step, full_step = log_step / 2, False
         if accepted is None:

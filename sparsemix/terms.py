@@ -130,9 +130,11 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
     """(codes, levels): levels sorted, codes[i] the position of values[i] among them (np.unique's result).
 
     pandas' hash-based factorize, sorting only the distinct values: 0.2 ms where np.unique's full sort took
-    1.8 ms on 40,000 rows. Values must have no missing entries (callers drop or reject them first).
+    1.8 ms on 40,000 rows. A pandas Series goes in as it is: text read by pandas 3 (Arrow-backed `str`) is
+    factorized by Arrow, 2 ms a column on InstEval where its object array took 11. Values must have no missing
+    entries (callers drop or reject them first).
     """
-    codes, levels = pd.factorize(np.asarray(values), sort=True)
+    codes, levels = pd.factorize(values if isinstance(values, pd.Series) else np.asarray(values), sort=True)
     return codes.astype(np.int64, copy=False), np.asarray(levels)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 
-__all__ = ["blas_threads", "single_threaded", "dense_threads", "kernel_threads"]
+__all__ = ["blas_threads", "single_threaded", "dense_threads", "kernel_threads", "blas_libraries"]
 
 # Up to this many random-effect columns a supernodal system is "small": its fronts are too small for threads.
 SINGLE_THREAD_MAX_Q = 50_000
@@ -38,17 +38,20 @@ def single_threaded(q: int, factorization: str | None = None) -> bool:
     return factorization in ("simplicial", "schur") or q <= SINGLE_THREAD_MAX_Q
 
 
-def _blas():
+def blas_libraries():
+    """threadpoolctl's controller of the BLAS libraries in this process, created once. The package creates it
+    on import, once CHOLMOD's BLAS is loaded: discovering the libraries reads the path of every shared library
+    in the process (11-18 ms with pandas 3's Arrow libraries loaded), which a process's first fit paid."""
     global _controller
     if _controller is None:
-        from threadpoolctl import ThreadpoolController   # created once: discovering the libraries costs 2 ms
+        from threadpoolctl import ThreadpoolController
         _controller = ThreadpoolController().select(user_api="blas")
     return _controller
 
 
 @contextmanager
 def _one_thread():
-    blas = _blas()
+    blas = blas_libraries()
     saved = _outer_threads[0]
     _outer_threads[0] = max([lib.num_threads for lib in blas.lib_controllers], default=1)
     try:
@@ -67,7 +70,7 @@ def dense_threads(order: int):
     """Inside a single-threaded stage: the caller's BLAS threads back for one dense factorization of `order`."""
     if not DENSE_THREADS_MIN_ORDER <= order <= DENSE_THREADS_MAX_ORDER or _outer_threads[0] <= 1:
         return nullcontext()
-    return _blas().limit(limits=_outer_threads[0])
+    return blas_libraries().limit(limits=_outer_threads[0])
 
 
 def kernel_threads(order: int) -> int:

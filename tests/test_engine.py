@@ -327,3 +327,17 @@ def test_complement_density_tells_crossed_from_nested():
     assert 0.4 < _complement_density(crossed._A, 400) < 0.8
     assert _complement_density(nested._A, 1_000) == pytest.approx(1 / 200)     # the diagonal only
     assert crossed.factorization_mode == "schur" and nested.factorization_mode != "schur"
+
+
+def test_blas_libraries_are_found_on_import_including_cholmods():
+    """The package finds the BLAS libraries once, on import (a first fit no longer pays the search), and sees
+    every BLAS in the process then, CHOLMOD's among them, so single-threaded stages limit them all."""
+    import subprocess
+    import sys
+    code = ("import sparsemix, sparsemix.threads as t; from threadpoolctl import threadpool_info; "
+            "print(t._controller is not None, sorted(c.filepath for c in t._controller.lib_controllers) == "
+            "sorted(i['filepath'] for i in threadpool_info() if i['user_api'] == 'blas'), "
+            "len(t._controller.lib_controllers))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["True", "True"]
+    assert int(out[2]) >= 2             # numpy's or scipy's bundled one, and the system one CHOLMOD links

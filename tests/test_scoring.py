@@ -11,6 +11,7 @@ from sparsemix.design import CrossProducts, assemble_Z
 from sparsemix.engine import PenalizedSystem
 from sparsemix.factor import SchurFactor
 from sparsemix.fitting import build_system, optimize_system
+from sparsemix.lmer import build_design
 from sparsemix.relcov import RelativeCovariance
 from sparsemix.scoring import fit_by_scoring, scoring_point
 from sparsemix.terms import CovarianceTemplate, RandomTerm
@@ -76,6 +77,45 @@ def test_score_and_information_equal_the_dense_formulas(update, reml, weighted):
     np.testing.assert_allclose(point.score, score, rtol=1e-8, atol=1e-10 * np.abs(score).max())
     np.testing.assert_allclose(point.information, info, rtol=1e-8)
     assert point.deviance == pytest.approx(system.deviance(theta, reml), rel=1e-14)
+
+
+@pytest.mark.parametrize("update", ["pairs", "kernel", "dense"])
+def test_single_precision_traces_are_close_but_not_exact(update):
+    X, y, terms = _problem()
+    system = _schur_system(X, y, terms, update=update)
+    theta = np.array([0.7, 1.1, 0.4])
+    traces, _, _ = _dense(X, y, terms, theta, True)
+    with system.threads():
+        single = system.variance_traces(theta, single=True)
+    np.testing.assert_allclose(single, traces, rtol=1e-5)
+    assert np.max(np.abs(single / traces - 1)) > 1e-12         # really computed in float32
+
+
+def test_single_precision_far_points_leave_the_result_unchanged(monkeypatch):
+    """The start and the points after long steps are scored in single precision; scoring them all in double
+    (every single-precision point scored again) reaches the same theta, in as many deviance evaluations."""
+    data = generate_insteval_like(3_000, 1_000, 12, 20, seed=4)
+    formula = "y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)"
+    design = build_design(formula, data)
+    system = design.system()
+    start = system.relcov.start()
+    with system.threads():
+        mixed, _, count = fit_by_scoring(system, start, True)
+        monkeypatch.setattr("sparsemix.scoring.SINGLE_MIN_STEP", np.inf)
+        double, _, count_double = fit_by_scoring(system, start, True)
+    assert mixed is not None and double is not None
+    np.testing.assert_allclose(mixed.theta, double.theta, rtol=1e-9)
+    assert count == count_double
+
+
+def test_a_single_precision_start_at_the_optimum_is_scored_again_in_double():
+    X, y, terms = _problem()
+    system = build_system(X, y, terms, factorization="schur")
+    with system.threads():
+        first, _, _ = fit_by_scoring(system, system.relcov.start(), True)
+        again, _, count = fit_by_scoring(system, first.theta, True)
+    assert count == 1                                   # no step: the double score says it is converged
+    np.testing.assert_array_equal(again.theta, first.theta)
 
 
 def test_score_without_fixed_effects():

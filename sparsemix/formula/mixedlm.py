@@ -66,7 +66,7 @@ def factor_codes(values) -> tuple[np.ndarray, list, bool]:
     s = pd.Series(values)
     if isinstance(s.dtype, pd.CategoricalDtype):
         return s.cat.codes.to_numpy(np.int64), list(s.cat.categories), True
-    codes, levels = sorted_codes(s.to_numpy())
+    codes, levels = sorted_codes(s)
     return codes, list(levels), False
 
 
