@@ -114,6 +114,14 @@ def check_full_rank(X: np.ndarray, names: list[str]) -> None:
                     "columns it duplicates.")
 
 
+def check_progress(progress) -> None:
+    """`progress` is None or a function of (evaluation, deviance, seconds), called after each evaluation."""
+    if progress is not None and not callable(progress):
+        raise InputError(f"progress must be a function called as progress(evaluation, deviance, seconds), or None; "
+                         f"got {progress!r}. To have the progress printed, pass verbose=True to lmer, or "
+                         "progress=sparsemix.progress.ProgressPrinter().")
+
+
 def check_levels(n_levels: int, name: str, n_obs: int) -> None:
     if n_levels < 2:
         raise InputError(f"grouping factor {name!r} has only {n_levels} level; a variance between groups "

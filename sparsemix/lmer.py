@@ -86,6 +86,7 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     """
     from .lmer_results import LmerResults   # results import this module's design types
 
+    checks.check_progress(progress)
     if verbose and progress is None:
         progress = ProgressPrinter()
     if not isinstance(data, pd.DataFrame):          # (importing partitioned.py costs a pandas frame 8 ms)

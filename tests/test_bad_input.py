@@ -158,3 +158,21 @@ def test_vcspec_with_wrong_row_count(df):
     vcs = sm.VCSpec(["v"], [[["c"]] * 6], mats)
     with pytest.raises(sm.InputError, match=r"'v'.*9 rows but that group has 10"):
         sm.MixedLM(y, X, g, exog_vc=vcs)
+
+
+@pytest.mark.parametrize("progress", [True, "yes", 1])
+def test_progress_that_is_not_a_function(df, progress):
+    with pytest.raises(sm.InputError, match=r"progress must be a function.*verbose=True"):
+        sm.lmer("y ~ x + (1|g)", df, progress=progress)
+    with pytest.raises(sm.InputError, match=r"progress must be a function"):
+        sm.MixedLM(*_arrays(df)).fit(progress=progress)
+
+
+def test_progress_function_is_called_with_evaluation_deviance_seconds(df):
+    calls = []
+    fit = sm.lmer("y ~ x + (1|g)", df, progress=lambda *a: calls.append(a))
+    evaluations = [c[0] for c in calls]
+    assert len(calls) >= 2 and evaluations[0] == 1 and np.all(np.diff(evaluations) > 0)
+    assert evaluations[-1] <= fit.n_evaluations
+    assert np.all(np.diff([c[1] for c in calls]) <= 0)          # reported when the deviance improves
+    assert calls[-1][1] == pytest.approx(fit.deviance, abs=1e-6) and all(c[2] >= 0 for c in calls)

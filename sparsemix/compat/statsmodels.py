@@ -298,6 +298,7 @@ class MixedLM:
         if ignored:
             warnings.warn(f"argument(s) {', '.join(ignored)} have no effect in sparsemix's MixedLM.fit.",
                           IgnoredArgumentWarning, stacklevel=2)
+        checks.check_progress(fit_kwargs.get("progress"))
         opt_method = self._optimizer(method)
         start = self._start_params(start_params)
         theta0 = self._theta_from_params(start)
