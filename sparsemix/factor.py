@@ -97,6 +97,9 @@ class SchurFactor:
         self._G11 = np.asarray(ZtZ.diagonal())[:q1] if k1 == 1 else None      # (Z'Z)_ll of a scalar first term
         self._pos22 = np.flatnonzero(in22)
         self._r22, self._c22 = rows[in22] - q1, cols[in22] - q1
+        # Once the score's traces have been asked for (a Newton-step fit), each refactorization computes their
+        # pair product along with the update's.
+        self._score_wanted, self._score_products = False, None
         if update not in ("auto", "dense", "pairs", "kernel"):
             raise ValueError(f"unknown Schur update {update!r}: use auto, dense, pairs or kernel")
         # A dense W' = A21 L11^{-T} when A21 is mostly filled (crossed designs) and small: BLAS's syrk then forms
@@ -118,6 +121,7 @@ class SchurFactor:
 
     def refactor(self, A, factors):
         d = A.data
+        self._score_products = None
         n1, k1, q2 = self.q1 // self.k1, self.k1, self.q2
         blocks = np.zeros((n1, k1, k1))
         blocks[self._lvl11, self._i11, self._j11] = d[self._pos11]
@@ -154,6 +158,13 @@ class SchurFactor:
         if all(T.shape == (1, 1) for T in rest):        # Lambda_2 diagonal: one scale per row of S
             lam = np.concatenate([np.full(n, T[0, 0]) for (n, _), T in zip(self._rest.blocks, rest)])
         if self.update == "pairs":
+            if lam is not None and self.k1 == 1 and self._score_wanted:
+                # the score's trace product (variance_traces: weights 1 / K11_l^2) in the same pass over the
+                # pair map (InstEval: 2.9 ms for both, where each alone took 2.2)
+                both = self._pair_products(np.column_stack([H[:, 0, 0], self._L11[:, 0, 0] ** -4]), lam)
+                S.reshape(-1)[self._pairs.destinations] -= both[:, 0]
+                self._score_products = both[:, 1]
+                return
             if lam is not None:
                 S.reshape(-1)[self._pairs.destinations] -= self._pair_products(H, lam)
                 return
@@ -167,11 +178,14 @@ class SchurFactor:
         S += self._rest.apply_transpose(rest, self._rest.apply_transpose(rest, U).T)
 
     def _pair_products(self, H: np.ndarray, lam: np.ndarray) -> np.ndarray:
-        """Lambda_2 G H G' Lambda_2 (Lambda_2 = diag(lam)) at the pair map's destinations in S."""
+        """Lambda_2 G H G' Lambda_2 (Lambda_2 = diag(lam)) at the pair map's destinations in S; H is (n1, k1, k1),
+        or for a scalar first term (n1, c), c weightings at once (a column of products each)."""
+        scale = lam[self._pairs.rows] * lam[self._pairs.columns]
+        if H.ndim == 2:
+            return self._pairs.apply_scalar(H) * scale[:, None]
         upper = np.triu_indices(self.k1)
         products = self._pairs.apply_compact(H[:, upper[0], upper[1]])
-        products *= lam[self._pairs.rows]
-        products *= lam[self._pairs.columns]
+        products *= scale
         return products
 
     def _kernel_update(self, H, lam, S):
@@ -214,6 +228,7 @@ class SchurFactor:
             return None
         lam = np.repeat(lam_terms, sizes)
         K11 = self._L11[:, 0, 0] ** 2
+        self._score_wanted = True
         with dense_threads(self.q2):
             if single:
                 upper, info = lapack.spotri(self._LS.T.astype(np.float32), lower=0)
@@ -232,9 +247,12 @@ class SchurFactor:
 
     def _level_trace(self, inverse: np.ndarray, h: np.ndarray, lam: np.ndarray, theta1: float) -> float | None:
         """tr(S^{-1} Lambda_2 G diag(h) G' Lambda_2) from the lower triangle of S^{-1}, for a scalar first term,
-        one weight h_l per level and Lambda_2 = diag(lam). Both triangles count: an off-diagonal entry twice."""
+        h_l = 1 / K11_l^2 (whose pair product the refactorization may have computed already) and Lambda_2 =
+        diag(lam). Both triangles count: an off-diagonal entry twice."""
         if self.update == "pairs":      # only the entries the pair map reaches
-            products = self._pair_products(h[:, None, None], lam)
+            products = self._score_products       # computed with the update (weights 1 / K11^2 = h)
+            if products is None:
+                products = self._pair_products(h[:, None, None], lam)
             return float(np.dot(inverse.reshape(-1)[self._pairs.destinations] * self._pairs.multiplicity, products))
         products = self._level_products(h, lam, theta1)
         if products is None:
@@ -381,6 +399,10 @@ class PairOperator:
         for j in range(1, H.shape[1]):
             out += self._matrices[j] @ H[:, j]
         return out
+
+    def apply_scalar(self, weights: np.ndarray) -> np.ndarray:
+        """For k = 1, G diag(w) G' at `destinations` for each column w of weights (n1, c): one pass over the map."""
+        return self._matrices[0] @ weights
 
     def apply(self, H: np.ndarray) -> np.ndarray:
         """G H G' as a q2 x q2 array (lower triangle)."""

@@ -118,6 +118,19 @@ def test_a_single_precision_start_at_the_optimum_is_scored_again_in_double():
     np.testing.assert_array_equal(again.theta, first.theta)
 
 
+def test_traces_computed_with_the_update_equal_the_dense_formulas():
+    """After the first traces, each refactorization of the pair route forms their product in the update's pass."""
+    X, y, terms = _problem()
+    system = _schur_system(X, y, terms, update="pairs")
+    with system.threads():
+        system.variance_traces(np.array([0.3, 0.5, 0.2]))
+        theta = np.array([0.7, 1.1, 0.4])
+        system.evaluate(theta)
+        assert system._factor._score_products is not None
+        got = system.variance_traces(theta)
+    np.testing.assert_allclose(got, _dense(X, y, terms, theta, True)[0], rtol=1e-9)
+
+
 def test_score_without_fixed_effects():
     X, y, terms = _problem(p=0)
     system = _schur_system(X, y, terms)
