@@ -345,11 +345,13 @@ class PairOperator:
     def build(self) -> "PairOperator":
         q2, k = self.q2, self.k
         index_dtype = np.int32 if q2 * q2 < 2 ** 31 else np.int64
-        rows = self._level_rows[:, 1].astype(index_dtype)
+        rows = self._level_rows[:, 1].astype(np.intp)
         columns = [np.ascontiguousarray(self._g[:, a]) for a in range(k)]     # contiguous gathers
         pair_ptr = np.concatenate([[0], np.cumsum(self._per_level * (self._per_level + 1) // 2)])
         entry_ptr = np.concatenate([[0], np.cumsum(self._per_level)])
-        dest = np.empty(pair_ptr[-1], dtype=index_dtype)
+        # flat destinations r q2 + c as numpy's own index type: fancy indexing with int32 indices converts them
+        # first (the marking and renumbering below took 6.6 and 4.8 ms instead of 3.7 and 3.2 on InstEval)
+        dest = np.empty(pair_ptr[-1], dtype=np.intp)
         upper = list(zip(*np.triu_indices(k)))
         coefs = [np.empty(pair_ptr[-1]) for _ in upper]
         # Levels in chunks of about PAIR_CHUNK pairs: the int64 index temporaries stay small, and are reused from

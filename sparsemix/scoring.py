@@ -48,12 +48,12 @@ SCORING_MAX_LOG_STEP = 2.0
 # The secant correction follows full steps that moved theta by less than this, relative.
 SECANT_MAX_STEP = 0.1
 # Far from the optimum the score's traces are computed in single precision (a potri at half the cost): at the
-# start and after a step at least this long, relative. On InstEval the start and two more points, with the same
-# path to 7 digits of the deviance as in double.
-SINGLE_AFTER_STEP = 1e-2
+# start and after a step at least this long, relative. On InstEval the start and three more points of six; on
+# it and six InstEval-like designs the same number of points as in double, theta equal to 5e-11.
+SINGLE_AFTER_STEP = 1e-3
 # A single-precision point whose step is shorter than this is scored again in double before the step is taken
-# (single precision leaves the traces ~1e-7 relative off; the step needs them well below its own length).
-SINGLE_MIN_STEP = 1e-3
+# (single precision leaves the traces ~1e-7 relative off; the last steps, which fix theta to 1e-9, need double).
+SINGLE_MIN_STEP = 1e-5
 
 
 @dataclass(frozen=True)
