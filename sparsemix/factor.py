@@ -349,38 +349,42 @@ class PairOperator:
         columns = [np.ascontiguousarray(self._g[:, a]) for a in range(k)]     # contiguous gathers
         pair_ptr = np.concatenate([[0], np.cumsum(self._per_level * (self._per_level + 1) // 2)])
         entry_ptr = np.concatenate([[0], np.cumsum(self._per_level)])
-        # flat destinations r q2 + c as numpy's own index type: fancy indexing with int32 indices converts them
-        # first (the marking and renumbering below took 6.6 and 4.8 ms instead of 3.7 and 3.2 on InstEval)
-        dest = np.empty(pair_ptr[-1], dtype=np.intp)
+        dest = np.empty(pair_ptr[-1], dtype=index_dtype)        # flat destinations r q2 + c in S
         upper = list(zip(*np.triu_indices(k)))
         coefs = [np.empty(pair_ptr[-1]) for _ in upper]
+        # Rows are then renumbered to the entries of S the update reaches (145,400 of InstEval's 668,168
+        # lower-triangle entries): an evaluation writes a short vector instead of scattering into a fresh q2 x q2
+        # array that then took two scaling passes and a subtraction (InstEval: ~7 ms of 10 MB passes per
+        # product). The marks and the renumbering table are temporaries up to half the size of S (scipy's
+        # CSC -> CSR conversion took 20 ms here, argsort 145).
+        touched = np.zeros(q2 * q2, dtype=bool)
         # Levels in chunks of about PAIR_CHUNK pairs: the int64 index temporaries stay small, and are reused from
         # the heap chunk after chunk (in one chunk, InstEval's 1M pairs took ~70 MB of fresh pages: 0.17 s of a
-        # process's first fit against 0.03 s later)
+        # process's first fit against 0.03 s later). Marks and renumbering index with the chunk's intp values:
+        # numpy converts int32 fancy indices first (6.6 and 4.8 ms instead of 3.7 and 3.2 on InstEval).
         bounds = np.unique(np.concatenate([np.searchsorted(pair_ptr, np.arange(0, pair_ptr[-1], PAIR_CHUNK)),
                                            [self.n1]]))
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        chunks = list(zip(bounds[:-1], bounds[1:]))
+        for lo, hi in chunks:
             e0, e1 = entry_ptr[lo], entry_ptr[hi]
             first, second = _pairs_within_levels(self._level_rows[e0:e1, 0])
             first += e0
             second += e0
             out = slice(pair_ptr[lo], pair_ptr[hi])
-            dest[out] = rows[first] * q2 + rows[second]     # rows sorted within a level: first's row >= second's
+            flat = rows[first] * q2 + rows[second]           # rows sorted within a level: first's row >= second's
+            touched[flat] = True
+            dest[out] = flat
             for coef, (a, b) in zip(coefs, upper):
                 np.multiply(columns[a][first], columns[b][second], out=coef[out])
                 if a != b:
                     coef[out] += columns[b][first] * columns[a][second]
-        # Rows renumbered to the entries of S the update reaches (145,400 of InstEval's 668,168 lower-triangle
-        # entries): an evaluation writes a short vector instead of scattering into a fresh q2 x q2 array that then
-        # took two scaling passes and a subtraction (InstEval: ~7 ms of 10 MB passes per product). The renumbering
-        # table is a temporary half the size of S (12 ms here; scipy's CSC -> CSR took 20, argsort 145).
-        touched = np.zeros(q2 * q2, dtype=bool)
-        touched[dest] = True
         self.destinations = np.flatnonzero(touched)          # flat indices r q2 + c of S, r >= c, ascending
         del touched
         rank = np.empty(q2 * q2, dtype=index_dtype)
         rank[self.destinations] = np.arange(self.destinations.shape[0], dtype=index_dtype)
-        dest = rank[dest]           # (np.take into dest itself: 16 ms, through a buffer)
+        for lo, hi in chunks:
+            out = slice(pair_ptr[lo], pair_ptr[hi])
+            dest[out] = rank[dest[out].astype(np.intp)]
         del rank
         self.rows, self.columns = np.divmod(self.destinations, q2)
         self.multiplicity = np.where(self.rows == self.columns, 1.0, 2.0)     # in both triangles of S
