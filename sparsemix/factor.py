@@ -158,15 +158,15 @@ class SchurFactor:
         if all(T.shape == (1, 1) for T in rest):        # Lambda_2 diagonal: one scale per row of S
             lam = np.concatenate([np.full(n, T[0, 0]) for (n, _), T in zip(self._rest.blocks, rest)])
         if self.update == "pairs":
-            if lam is not None and self.k1 == 1 and self._score_wanted:
-                # the score's trace product (variance_traces: weights 1 / K11_l^2) in the same pass over the
-                # pair map (InstEval: 2.9 ms for both, where each alone took 2.2)
-                both = self._pair_products(np.column_stack([H[:, 0, 0], self._L11[:, 0, 0] ** -4]), lam)
-                S.reshape(-1)[self._pairs.destinations] -= both[:, 0]
-                self._score_products = both[:, 1]
-                return
             if lam is not None:
-                S.reshape(-1)[self._pairs.destinations] -= self._pair_products(H, lam)
+                if self.k1 == 1 and self._score_wanted:
+                    # the score's trace product (variance_traces) in the same pass over the pair map (InstEval:
+                    # 2.9 ms for both, where each alone took 2.2)
+                    both = self._pair_products(np.column_stack([H[:, 0, 0], self._trace_weights()]), lam)
+                    update, self._score_products = both[:, 0], both[:, 1]
+                else:
+                    update = self._pair_products(H, lam)
+                S.reshape(-1)[self._pairs.destinations] -= update
                 return
             upper = np.triu_indices(self.k1)
             U = self._pairs.apply(H[:, upper[0], upper[1]])
@@ -227,7 +227,6 @@ class SchurFactor:
         if np.any(lam_terms == 0.0):
             return None
         lam = np.repeat(lam_terms, sizes)
-        K11 = self._L11[:, 0, 0] ** 2
         self._score_wanted = True
         with dense_threads(self.q2):
             if single:
@@ -237,20 +236,26 @@ class SchurFactor:
         if info != 0:
             return None
         inverse = upper.T                                           # lower triangle of S^{-1}, C order
-        products = self._level_trace(inverse, 1.0 / K11 ** 2, lam, factors[0][0, 0])
-        if products is None:
+        trace = self._level_trace(inverse, lam, factors[0][0, 0])
+        if trace is None:
             return None
-        first = float(np.sum(self._G11 / K11) - products)
+        first = float(np.sum(self._G11 / self._L11[:, 0, 0] ** 2) - trace)      # K11_l = L11_l^2
         ends = np.cumsum(sizes)
         rest = (sizes - np.add.reduceat(np.diag(inverse).astype(float), ends - sizes)) / lam_terms ** 2
         return np.concatenate([[first], rest])
 
-    def _level_trace(self, inverse: np.ndarray, h: np.ndarray, lam: np.ndarray, theta1: float) -> float | None:
+    def _trace_weights(self) -> np.ndarray:
+        """h_l = 1 / K11_l^2 (K11_l = L11_l^2) for a scalar first term: the level weights of the first term's
+        trace product in variance_traces."""
+        return self._L11[:, 0, 0] ** -4
+
+    def _level_trace(self, inverse: np.ndarray, lam: np.ndarray, theta1: float) -> float | None:
         """tr(S^{-1} Lambda_2 G diag(h) G' Lambda_2) from the lower triangle of S^{-1}, for a scalar first term,
-        h_l = 1 / K11_l^2 (whose pair product the refactorization may have computed already) and Lambda_2 =
+        h = _trace_weights() (whose pair product the refactorization may have formed already) and Lambda_2 =
         diag(lam). Both triangles count: an off-diagonal entry twice."""
+        h = self._trace_weights()
         if self.update == "pairs":      # only the entries the pair map reaches
-            products = self._score_products       # computed with the update (weights 1 / K11^2 = h)
+            products = self._score_products
             if products is None:
                 products = self._pair_products(h[:, None, None], lam)
             return float(np.dot(inverse.reshape(-1)[self._pairs.destinations] * self._pairs.multiplicity, products))

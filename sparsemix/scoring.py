@@ -155,8 +155,7 @@ def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING
             return None, point.theta, count
         if not np.all(np.isfinite(log_step)):
             return None, point.theta, count
-        # theta_j = sqrt(psi_j / psi_0): its relative change is about (step_j - step_0) / 2
-        length = np.max(np.abs(log_step[1:] - log_step[0])) / 2
+        length = _theta_change(log_step)
         if point.single and length < SINGLE_MIN_STEP:      # near the optimum: the same point in double
             theta = point.theta
             point = scoring_point(system, theta, reml, system.evaluation_at(theta))
@@ -187,7 +186,7 @@ def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING
             ev = system.evaluate(theta)
             count += 1
             if system.profiled_deviance(ev, reml) <= point.deviance + 1e-12 * abs(point.deviance):
-                taken = np.max(np.abs(log_step[1:] - log_step[0])) / 2
+                taken = _theta_change(log_step)
                 accepted = scoring_point(system, theta, reml, ev, single=taken >= SINGLE_AFTER_STEP)
                 break
             log_step, full_step = log_step / 2, False
@@ -196,12 +195,17 @@ def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING
         # A halved or long step is no secant of the quadratic model: the next Newton matrix is the plain AI
         # (measured, evaluations on six crossed designs: secant after every full step 45, never 41, after full
         # steps below SECANT_MAX_STEP 40; InstEval 8, 8, 6).
-        short = np.max(np.abs(log_step[1:] - log_step[0])) / 2 < SECANT_MAX_STEP
-        previous, point = (point if full_step and short else None), accepted
+        previous, point = (point if full_step and taken < SECANT_MAX_STEP else None), accepted
         log.append((count, point.deviance, time.perf_counter() - t0))
         if progress is not None:
             progress(count, point.deviance, time.perf_counter() - t0)
     return None, point.theta, count
+
+
+def _theta_change(log_step: np.ndarray) -> float:
+    """The largest relative change of a theta_j in a step of log psi: theta_j = sqrt(psi_j / psi_0) changes by
+    about (step_j - step_0) / 2."""
+    return float(np.max(np.abs(log_step[1:] - log_step[0]))) / 2
 
 
 def _converged(theta, deviance, count, log, t0) -> OptimizationResult:
