@@ -68,6 +68,7 @@ class Evaluation:
     RX: np.ndarray          # upper triangular p x p
     cbeta: np.ndarray
     r2: float               # penalized residual sum of squares
+    factors: list = None    # the templates applied to the system's columns (relcov.system_factors)
 
     @property
     def feasible(self) -> bool:
@@ -107,6 +108,7 @@ class PenalizedSystem:
         self.factorization_mode = self._factor.mode    # "simplicial", "supernodal" or "schur"
         self.single_threaded = single_threaded(relcov.q, self.factorization_mode)
         self._factor_theta = None
+        self._factor_factors = None
         self._last_evaluation = None
 
     # -- structure, built once -------------------------------------------------------------------------
@@ -159,7 +161,7 @@ class PenalizedSystem:
         unless simplicial is already fast. Where the first term's levels link the other columns densely (see
         `_schur_alone`) the Schur form is taken without trials: they cost 0.4 s of a 2.8 s InstEval fit.
         """
-        factors = self._refactor_values(self.relcov.start())
+        factors = self._write_values(self.relcov.factors(self.relcov.start()))
         schur_alone = self._schur_alone()
         if schur_alone is not None:
             return schur_alone
@@ -225,22 +227,23 @@ class PenalizedSystem:
 
     # -- evaluation --------------------------------------------------------------------------------------
 
-    def _refactor(self, theta: np.ndarray) -> list[np.ndarray]:
-        factors = self._refactor_values(theta)
+    def _refactor(self, theta: np.ndarray, factors: list[np.ndarray]) -> list[np.ndarray]:
+        """Refactor with the system's templates `factors`, which report as `theta`."""
+        self._write_values(factors)
         self._factor.refactor(self._A, factors)
         self._factor_theta = np.array(theta, dtype=float)
+        self._factor_factors = factors
         return factors
 
-    def _factor_at(self, theta) -> np.ndarray:
-        """theta as an array, with the factor refactored there unless it already is."""
+    def _factor_at(self, theta) -> list[np.ndarray]:
+        """The system's templates at theta, with the factor refactored there unless it already is."""
         theta = np.asarray(theta, dtype=float)
         if self._factor_theta is None or not np.array_equal(self._factor_theta, theta):
-            self._refactor(theta)
-        return theta
+            self._refactor(theta, self.relcov.system_factors(theta))
+        return self._factor_factors
 
-    def _refactor_values(self, theta: np.ndarray) -> list[np.ndarray]:
+    def _write_values(self, factors: list[np.ndarray]) -> list[np.ndarray]:
         """Write the values of Lambda' Z'Z Lambda (lower triangle) into the fixed pattern of A."""
-        factors = self.relcov.factors(theta)
         data = self._A.data
         for pair in self._pairs:
             Tt, Ts = factors[pair.t], factors[pair.s]
@@ -253,7 +256,22 @@ class PenalizedSystem:
 
     def evaluate(self, theta) -> Evaluation:
         theta = np.asarray(theta, dtype=float)
-        factors = self._refactor(theta)
+        return self._evaluate(theta, self.relcov.system_factors(theta))
+
+    def evaluate_working(self, working) -> Evaluation:
+        """The evaluation at the optimizer's coordinates (relcov.working_theta); it reports theta as usual, and a
+        solve at that theta reuses it."""
+        working = np.asarray(working, dtype=float)
+        if not self.relcov.transformed:
+            return self.evaluate(working)
+        return self._evaluate(self.relcov.reported_theta(working), self.relcov.factors(working))
+
+    def working_deviance(self, working, reml: bool) -> float:
+        """`deviance` in the optimizer's coordinates."""
+        return self.profiled_deviance(self.evaluate_working(working), reml)
+
+    def _evaluate(self, theta: np.ndarray, factors: list[np.ndarray]) -> Evaluation:
+        factors = self._refactor(theta, factors)
         self.n_evaluations += 1
         c = self.cross
         rhs = self.relcov.apply_transpose(factors, np.column_stack([c.ZtX, c.Zty]))
@@ -270,11 +288,12 @@ class PenalizedSystem:
                 # this happens only at theta so large that it is lost to rounding: not a candidate optimum.
                 self._last_evaluation = None
                 return Evaluation(theta, np.inf, np.inf, RZX, cu, np.full((c.p, c.p), np.nan),
-                                  np.full(c.p, np.nan), np.nan)
+                                  np.full(c.p, np.nan), np.nan, factors)
             cbeta = la.solve_triangular(RX, c.Xty - RZX.T @ cu, trans="T", lower=False)
             logdet_RX2 = 2.0 * float(np.sum(np.log(np.abs(np.diag(RX)))))
         r2 = float(c.yty - cu @ cu - cbeta @ cbeta)
-        self._last_evaluation = Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2)
+        self._last_evaluation = Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2,
+                                           factors)
         return self._last_evaluation
 
     def evaluation_at(self, theta) -> Evaluation:
@@ -316,9 +335,8 @@ class PenalizedSystem:
         if not ev.feasible:
             raise RankDeficientError("the fixed effects are not estimable at this theta (X'V^{-1}X is numerically "
                                      "singular); check exog for collinear columns or refit from other start values")
-        factors = self.relcov.factors(ev.theta)
         beta_work, u = self.modes(ev)
-        b = self.relcov.apply(factors, u)
+        b = self.relcov.to_data_columns(self.relcov.apply(ev.factors, u))
         sigma2 = max(ev.r2, 0.0) / self.dof(reml)
         return Solution(ev.theta, beta_work + self.cross.beta_ols, u, b, sigma2, self.profiled_deviance(ev, reml), ev)
 
@@ -346,8 +364,9 @@ class PenalizedSystem:
         """Whether scoring.py's Newton steps apply: variance components, first term eliminated (Schur form),
         and a dense block whose inverse (a LAPACK potri) runs threaded. Measured up to order 4,000 (40,000 x
         4,000 crossed: 5 evaluations, 7.6 s, where BOBYQA took 25 and 11.8 s); above the threaded order the
-        MovieLens-sized fit keeps BOBYQA (an inverse there costs about two of its 17 s factorizations)."""
-        return (self.scalar_terms and isinstance(self._factor, SchurFactor)
+        MovieLens-sized fit keeps BOBYQA (an inverse there costs about two of its 17 s factorizations). Indicator
+        columns only: the traces are those of the data's columns."""
+        return (self.scalar_terms and not self.relcov.transformed and isinstance(self._factor, SchurFactor)
                 and self._factor.q2 <= DENSE_THREADS_MAX_ORDER)
 
     def variance_traces(self, theta, single: bool = False) -> np.ndarray | None:
@@ -356,21 +375,19 @@ class PenalizedSystem:
         it is not available."""
         if not self.supports_scoring:
             return None
-        theta = self._factor_at(theta)
-        return self._factor.variance_traces(self.relcov.factors(theta), single)
+        return self._factor.variance_traces(self._factor_at(theta), single)
 
     def conditional_covariance(self, theta, columns: np.ndarray) -> np.ndarray:
         """Lambda (Lambda'Z'Z Lambda + I)^{-1} Lambda' restricted to `columns` (times sigma^2 gives Var(b | y)).
 
         Only the selected columns are solved for, so the cost is len(columns) sparse solves.
         """
-        theta = self._factor_at(theta)
-        factors = self.relcov.factors(theta)
+        factors = self._factor_at(theta)
         columns = np.asarray(columns, dtype=np.int64)
         E = np.zeros((self.relcov.q, columns.shape[0]))
         E[columns, np.arange(columns.shape[0])] = 1.0
-        W = self._factor.solve(self.relcov.apply_transpose(factors, E))
-        return self.relcov.apply(factors, W)[columns]
+        W = self._factor.solve(self.relcov.apply_transpose(factors, self.relcov.to_data_columns(E, transpose=True)))
+        return self.relcov.to_data_columns(self.relcov.apply(factors, W))[columns]
 
 
 def _sandwich(Tt: np.ndarray, blocks: np.ndarray, Ts: np.ndarray) -> np.ndarray:

@@ -13,7 +13,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from .design import CrossProducts, assemble_Z
+from .coordinates import column_transform, system_columns
+from .design import CrossProducts
 from .engine import PenalizedSystem
 from .errors import ConvergenceWarning, SingularFitWarning
 from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance, warm_step
@@ -29,9 +30,10 @@ __all__ = ["build_system", "optimize_system", "build_fit", "fit_lmm"]
 def build_system(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=None,
                  factorization: str | None = None) -> PenalizedSystem:
     """`factorization`: None to time the candidates and pick, or one of PenalizedSystem's modes."""
-    relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms])
+    transforms = [column_transform(t) for t in terms]      # centred, scaled columns (coordinates.py)
+    relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms], transforms)
     with blas_threads(single_threaded(relcov.q)):
-        cross = CrossProducts.compute(X, y, assemble_Z(terms), weights=weights)
+        cross = CrossProducts.compute(X, y, system_columns(terms, transforms), weights=weights)
         return PenalizedSystem(cross, relcov, factorization=factorization)
 
 
@@ -44,7 +46,8 @@ def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None
     information (scoring.py) where they apply (to 1e-9, or to 1e-6 without `polish`), otherwise BOBYQA and a
     final Newton step (optimize.newton_polish);
     `ftol`: BOBYQA's stopping rule (optimize.py)."""
-    start = system.relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
+    relcov = system.relcov
+    start = relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
     with system.threads():
         used = 0
         scoring = method in ("auto", "scoring") and free is None and system.supports_scoring
@@ -62,9 +65,18 @@ def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None
         # BOBYQA after steps that gave up: its evaluations are numbered on from theirs, in the log and progress
         numbered = progress if not used or progress is None else \
             (lambda evaluation, deviance, seconds: progress(evaluation + used, deviance, seconds))
-        opt = minimize_deviance(lambda th: system.deviance(th, reml), start, system.relcov.lower_bounds,
-                                free=free, maxiter=max(maxiter - used, 1), gtol=gtol, method=method,
-                                progress=numbered, initial_step=initial_step, polish=polish, ftol=ftol)
+        # The optimizer works on centred and scaled columns (coordinates.py), except where entries of theta are
+        # held fixed: those are fixed in the reported coordinates.
+        working = relcov.transformed and free is None
+        if working:
+            start = relcov.start() if start_theta is None else relcov.working_theta(start)
+            initial_step = None if initial_step is None else warm_step(start)
+        opt = minimize_deviance(lambda th: system.working_deviance(th, reml) if working else system.deviance(th, reml),
+                                start, relcov.lower_bounds, free=free, maxiter=max(maxiter - used, 1), gtol=gtol,
+                                method=method, progress=numbered, initial_step=initial_step, polish=polish,
+                                ftol=ftol, boundary_probes=relcov.rank_probes)
+        if working:     # the solution at the optimum is read off an evaluation in the working coordinates
+            opt = replace(opt, theta=system.evaluate_working(opt.theta).theta)
     if not used:
         return opt
     return replace(opt, n_evaluations=opt.n_evaluations + used,
@@ -91,7 +103,21 @@ def fit_lmm(X, y, terms, reml=True, weights=None, start_theta=None, free=None, m
 
 
 def warn_if_singular(fit: LmmFit, names: list[str]) -> None:
-    if fit.is_singular:
-        which = ", ".join(names[i] for i in fit.singular)
-        warnings.warn(f"boundary (singular) fit: {which} estimated at zero. The model is overparameterized for "
-                      "these data; consider removing that random effect.", SingularFitWarning, stacklevel=3)
+    """lme4's singular-fit warning, saying which variance is zero or which covariance matrix lost rank (a zero
+    diagonal entry of a correlated term's template is not a zero variance but a perfect correlation)."""
+    if not fit.is_singular:
+        return
+    parts = []
+    relcov = fit.system.relcov
+    for (_, template), sl in zip(relcov.blocks, relcov.theta_slices):
+        zero = [i for i in fit.singular if sl.start <= i < sl.stop]
+        if not zero:
+            continue
+        if template.is_diagonal:
+            parts.append(", ".join(names[i] for i in zero) + " estimated at zero")
+        else:
+            diagonal = [sl.start + a for a, (i, j) in enumerate(template.positions) if i == j]
+            parts.append(f"the covariance matrix of {', '.join(names[i] for i in diagonal)} is singular (rank "
+                         f"{template.k - len(zero)} of {template.k})")
+    warnings.warn(f"boundary (singular) fit: {'; '.join(parts)}. The model is overparameterized for these data; "
+                  "consider removing that random effect (or its correlations).", SingularFitWarning, stacklevel=3)

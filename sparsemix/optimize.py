@@ -72,13 +72,18 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
                       free: np.ndarray | None = None, maxiter: int = 10_000, gtol: float = 1e-7,
                       method: str = DEFAULT_OPTIMIZER, progress: Callable[[int, float, float], None] | None = None,
                       upper: np.ndarray | None = None, initial_step: np.ndarray | None = None,
-                      polish: bool = False, ftol: float | None = None) -> OptimizationResult:
+                      polish: bool = False, ftol: float | None = None,
+                      boundary_probes: Callable[[np.ndarray], list] | None = None) -> OptimizationResult:
     """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start.
 
     `initial_step` (BOBYQA's first trust-region radius per entry) defaults to 0.75 max(|start|, 1), right for
     theta's relative scale; parameters on other scales (profiles over sd, sigma) should pass their own.
     `polish`: finish with Newton steps (newton_polish) so that theta is determined to ~1e-9, not ~1e-5.
-    `ftol`: BOBYQA's stopping change of the objective (default: 1e-8 before a polish, 1e-10 without)."""
+    `ftol`: BOBYQA's stopping change of the objective (default: 1e-8 before a polish, 1e-10 without).
+    `boundary_probes`: with it, an end point with zero variances is checked to be a minimum on that boundary too
+    (release_bounds), and left if it is not; only where every entry is free.
+    scipy's methods are followed by BOBYQA from their end point: they can stop short, or at a worse boundary
+    point, and still report success."""
     start = np.asarray(start, dtype=float)
     upper = np.full(start.shape, np.inf) if upper is None else np.asarray(upper, dtype=float)
     free = np.ones(start.shape, dtype=bool) if free is None else np.asarray(free, dtype=bool)
@@ -111,23 +116,63 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
         value = f(x0)
         return OptimizationResult(full(x0), value, count[0], True, "no free parameters", method,
                                   time.perf_counter() - t0, tuple(log))
+    if ftol is None:
+        ftol = BOBYQA_FTOL_ABS_BEFORE_POLISH if polish else BOBYQA_FTOL_ABS
+    ftol_rel = BOBYQA_FTOL_REL_BEFORE_POLISH if polish else 0.0
+    lo, hi = lower[free], upper[free]
+
+    def bobyqa_from(x, step):
+        """BOBYQA from x: (converged, message, best point so far, its value)."""
+        left = maxiter - count[0]
+        converged, message = _bobyqa(f, x, lo, hi, left, step, ftol, ftol_rel) if left >= 1 else \
+            (False, f"stopped after maxiter={maxiter} evaluations")
+        return converged, message, np.clip(best_x[0], lo, hi), best[0]
+
     if method in ("bobyqa", "auto"):       # "auto" reaches here where the scoring steps do not apply
-        step = None if initial_step is None else np.asarray(initial_step, dtype=float)[free]
-        if ftol is None:
-            ftol = BOBYQA_FTOL_ABS_BEFORE_POLISH if polish else BOBYQA_FTOL_ABS
-        ftol_rel = BOBYQA_FTOL_REL_BEFORE_POLISH if polish else 0.0
-        converged, message = _bobyqa(f, x0, lower[free], upper[free], maxiter, step, ftol, ftol_rel)
-        x, value = best_x[0], best[0]
+        converged, message, x, value = bobyqa_from(
+            x0, None if initial_step is None else np.asarray(initial_step, float)[free])
     else:
-        bounds = [(lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None)
-                  for lo, hi in zip(lower[free], upper[free])]
+        bounds = [(a if np.isfinite(a) else None, b if np.isfinite(b) else None) for a, b in zip(lo, hi)]
         res = minimize(f, x0, method=method, bounds=bounds, options=_scipy_options(method, maxiter, gtol))
-        x, value, converged, message = res.x, float(res.fun), bool(res.success), str(res.message)
-    x = np.clip(x, lower[free], upper[free])
+        end = np.clip(best_x[0] if best_x[0] is not None else res.x, lo, hi)
+        converged, message, x, value = bobyqa_from(end, warm_step(end))
+        message = f"{method}: {res.message}; then bobyqa from its end point: {message}"
     if polish and converged:
-        x, value = newton_polish(f, x, value, lower[free], upper[free])
+        x, value = newton_polish(f, x, value, lo, hi)
+    if boundary_probes is not None and converged and np.all(free):
+        x, value, converged, message = release_bounds(f, x, value, boundary_probes, bobyqa_from, polish, lo, hi,
+                                                       message)
     return OptimizationResult(full(x), value, count[0], converged, message, method, time.perf_counter() - t0,
                               tuple(log))
+
+
+def release_bounds(f, x, fx, boundary_probes, bobyqa_from, polish, lower, upper, message):
+    """Leave a boundary end point that is not a minimum there (lme4's and MixedModels.jl's boundary checks).
+
+    `boundary_probes(x)` gives points a small step into the interior from each zero variance (a covariance
+    that gains a direction it lacks at x: RelativeCovariance.rank_probes). If one is lower than x, BOBYQA goes
+    on from it (and the polish after it), and its end point is checked again."""
+    for _ in range(RELEASE_MAX_ROUNDS):
+        best, best_value = None, fx - RELEASE_MIN_GAIN * max(1.0, abs(fx))
+        for probe in boundary_probes(x):
+            value = f(probe)
+            if value < best_value:
+                best, best_value = probe, value
+        if best is None:
+            return x, fx, True, message
+        converged, message, x, fx = bobyqa_from(best, warm_step(best))
+        message = f"{message} (after leaving a boundary point that was not a minimum)"
+        if not converged:
+            return x, fx, False, message
+        if polish:
+            x, fx = newton_polish(f, x, fx, lower, upper)
+    return x, fx, True, message
+
+
+# A probe must beat the end point by this much (relative) to count: far above rounding, far below what a
+# likelihood-ratio test can see.
+RELEASE_MIN_GAIN = 1e-9
+RELEASE_MAX_ROUNDS = 3
 
 
 # The polish's difference step, relative to max(|theta_i|, 1). The central-difference gradient's bias

@@ -2,19 +2,36 @@
 
 Lambda is never formed as a matrix. Applying it (or its transpose) to a q x m array reshapes each term's
 rows to (n_levels, k, m) and multiplies by the k x k template, which costs O(q k m).
+
+theta is reported for the columns of Z as the data gave them; the system may work on centred and scaled
+columns Z (I kron T) (coordinates.py). `factors(theta)` are the reported templates, `system_factors(theta)`
+the same covariance for the system's columns (T^{-1} times them), and a working theta (`working_theta`) is
+the lower-triangular template of the system's columns, the optimizer's coordinates.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .coordinates import lower_factor
 from .terms import CovarianceTemplate
 
 __all__ = ["RelativeCovariance"]
 
+# A term's covariance (relative to sigma^2, on centred and scaled columns) with a singular value of its factor
+# below this is probed for a missing direction (an sd below 0.1% of the residual's: zero for any purpose).
+RANK_PROBE_NULL = 1e-3
+# The probes' sizes, as variances relative to sigma^2: the small one sees a first-order descent, the large one
+# a second-order one (a scalar variance, whose deviance is even in theta at zero).
+RANK_PROBE_SIZES = (1e-4, 1e-2)
+# The cross terms' steps (both signs), as entries of the factor.
+RANK_PROBE_STEPS = (-1e-2, 1e-2, -1e-1, 1e-1)
+
 
 class RelativeCovariance:
-    def __init__(self, blocks: list[tuple[int, CovarianceTemplate]]):
+    def __init__(self, blocks: list[tuple[int, CovarianceTemplate]], column_transforms=None):
+        """`column_transforms`: per term, None or the k x k T of the system's columns Z (I kron T)."""
         self.blocks = list(blocks)
+        self.column_transforms = [None] * len(self.blocks) if column_transforms is None else list(column_transforms)
         self.n_theta = sum(t.n_theta for _, t in self.blocks)
         self.q = sum(n * t.k for n, t in self.blocks)
         self.theta_slices = []
@@ -45,6 +62,76 @@ class RelativeCovariance:
 
     def theta_of(self, factors: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([t.theta_of(T) for (_, t), T in zip(self.blocks, factors)])
+
+    @property
+    def transformed(self) -> bool:
+        """Whether the system's columns differ from the data's (working and reported theta differ)."""
+        return any(T is not None for T in self.column_transforms)
+
+    def system_factors(self, theta: np.ndarray) -> list[np.ndarray]:
+        """The factors that, applied to the system's columns, give the covariance that theta reports."""
+        return [F if T is None else np.linalg.solve(T, F) for F, T in zip(self.factors(theta), self.column_transforms)]
+
+    def working_theta(self, theta: np.ndarray) -> np.ndarray:
+        """The optimizer's coordinates of a reported theta."""
+        if not self.transformed:
+            return np.asarray(theta, dtype=float)
+        return self.theta_of([F if T is None else lower_factor(F) for F, T in
+                              zip(self.system_factors(theta), self.column_transforms)])
+
+    def reported_theta(self, working: np.ndarray) -> np.ndarray:
+        """The reported theta of working coordinates (inverse of working_theta)."""
+        if not self.transformed:
+            return np.asarray(working, dtype=float)
+        return self.theta_of([F if T is None else lower_factor(T @ F) for F, T in
+                              zip(self.factors(working), self.column_transforms)])
+
+    def to_data_columns(self, b: np.ndarray, transpose: bool = False) -> np.ndarray:
+        """Random effects (q,) or (q, m) for the system's columns, carried to the data's: b_level = T b_level
+        (T' b_level with `transpose`)."""
+        if not self.transformed:
+            return b
+        out = np.array(b, dtype=float)
+        flat = out.reshape(out.shape[0], -1)
+        for (n_levels, template), T, cols in zip(self.blocks, self.column_transforms, self.column_slices):
+            if T is not None:
+                blk = flat[cols].reshape(n_levels, template.k, -1)
+                flat[cols] = np.einsum("ij,ajm->aim", T.T if transpose else T, blk).reshape(n_levels * template.k, -1)
+        return out
+
+    def rank_probes(self, theta: np.ndarray) -> list[np.ndarray]:
+        """Points a small step into the interior from each (nearly) singular term covariance Psi = F F'.
+
+        For each null direction v of Psi: F + h v e_i' (Psi gains h (F_i v' + v F_i') + h^2 v v', a first-order
+        move that correlates the missing direction with column i) at both signs, and [F, sqrt(eps) v] (Psi + eps
+        v v', which sees a second-order descent); with several null directions, also their sums and
+        differences. Taken on Psi, not on theta: at a zero diagonal the template is not unique (the entries after
+        it can rotate), and the slope into the interior depends on the representative one starts from."""
+        theta = np.asarray(theta, dtype=float)
+        probes = []
+
+        def probe_with(sl, template, M):
+            probe = theta.copy()
+            probe[sl] = template.theta_of(lower_factor(M))
+            probes.append(probe)
+
+        for (_, template), F, sl in zip(self.blocks, self.factors(theta), self.theta_slices):
+            if template.is_diagonal:       # stays diagonal: only a variance can grow
+                null = np.eye(template.k)[:, np.abs(np.diag(F)) <= RANK_PROBE_NULL]
+            else:
+                U, singular_values, _ = np.linalg.svd(F)
+                null = U[:, singular_values <= RANK_PROBE_NULL]
+            directions = list(null.T) + [(null[:, a] + sign * null[:, c]) / np.sqrt(2)
+                                         for a in range(null.shape[1]) for c in range(a) for sign in (1, -1)]
+            for v in directions:
+                for eps in RANK_PROBE_SIZES:
+                    probe_with(sl, template, np.column_stack([F, np.sqrt(eps) * v]))
+                if template.is_diagonal:
+                    continue
+                for i in range(template.k):
+                    for h in RANK_PROBE_STEPS:
+                        probe_with(sl, template, F + np.outer(h * v, np.eye(template.k)[i]))
+        return probes
 
     def apply_transpose(self, factors: list[np.ndarray], M: np.ndarray) -> np.ndarray:
         """Lambda' M for M of shape (q,) or (q, m)."""

@@ -185,7 +185,7 @@ def test_every_schur_update_gives_cholmods_factor(order, update):
     system, _, rc = _system(X, y, [terms[i] for i in order], factorization="simplicial")
     B = np.random.default_rng(4).normal(size=(rc.q, 3))
     for theta in (rc.start(), np.random.default_rng(5).normal(size=rc.n_theta)):
-        factors = system._refactor_values(theta)
+        factors = system._write_values(rc.system_factors(theta))
         reference = system._factor
         reference.refactor(system._A, factors)
         schur = SchurFactor(system._A, system.cross.ZtZ, rc, update=update)

@@ -12,6 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from ..coordinates import system_columns
 from ..design import assemble_Z
 from ..engine import PenalizedSystem
 from ..fitting import optimize_system
@@ -54,7 +55,7 @@ def _replicate(seed_seq) -> np.ndarray:
     rng = np.random.default_rng(seed_seq)
     y = simulate_responses(w["X"], w["Z"], w["relcov"], w["theta"], w["beta"], w["sigma"], w["weights"], rng, 1)[:, 0]
     system = w["system"]
-    system.cross = w["cross"].with_response(w["X"], w["Z"], y, w["weights"])
+    system.cross = w["cross"].with_response(w["X"], w["system_Z"], y, w["weights"])
     opt = optimize_system(system, reml=w["reml"], start_theta=w["theta"], initial_step=warm_step(w["theta"]),
                           polish=False)
     sol = system.solve(opt.theta, w["reml"])
@@ -63,7 +64,9 @@ def _replicate(seed_seq) -> np.ndarray:
 
 def parametric_bootstrap(fit, X, terms, weights, nsim=500, seed=None, n_jobs=None) -> np.ndarray:
     """nsim x (n_sdcor + p) array of estimates from data simulated at `fit`'s estimates."""
-    state = {"X": X, "Z": assemble_Z(list(terms)), "relcov": fit.system.relcov, "cross": fit.system.cross,
+    relcov = fit.system.relcov
+    state = {"X": X, "Z": assemble_Z(list(terms)), "system_Z": system_columns(list(terms), relcov.column_transforms),
+             "relcov": relcov, "cross": fit.system.cross,
              "theta": fit.theta, "beta": fit.beta, "sigma": float(np.sqrt(fit.sigma2)), "weights": weights,
              "reml": fit.reml}
     seeds = np.random.SeedSequence(seed).spawn(nsim)

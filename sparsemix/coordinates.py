@@ -1,0 +1,79 @@
+"""Working coordinates: random-effect columns centred and scaled before the optimizer sees them.
+
+A random slope on a covariate far from zero (Days + 2000) or on a large scale (Days * 1e9) makes the relative
+covariance factor badly scaled and its entries strongly dependent: the optimizer stops short, and the cross-
+products Z'Z lose the digits that the centring would have kept. For each term the columns z are replaced by
+z T, with T upper triangular: every non-intercept column centred on its mean (only where the term has an
+intercept and an unstructured covariance, which makes the model invariant to it) and divided by its standard
+deviation (by its root mean square where it is not centred). The system is built on those columns; its
+working parameter theta_w is the Cholesky factor of Var(T^{-1} b) / sigma^2, and the reported theta that of
+Var(b) / sigma^2 = T (...) T'. Both describe the same model and the same likelihood.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from .terms import RandomTerm
+
+__all__ = ["column_transform", "lower_factor", "transform_columns", "system_columns"]
+
+
+def column_transform(term: RandomTerm) -> np.ndarray | None:
+    """T for the term's k columns (z -> z T), or None where the columns are already indicators (all ones)."""
+    Z = term.Z.tocsc()
+    k = term.k
+    if Z.nnz == 0 or (k == 1 and np.all(Z.data == 1.0)):
+        return None
+    rows = np.unique(Z.indices)                 # the rows the term reaches
+    n_rows = rows.shape[0]
+    column_of_entry = np.repeat(np.arange(Z.shape[1]) % k, np.diff(Z.indptr))
+    total = np.bincount(column_of_entry, weights=Z.data, minlength=k)
+    squares = np.bincount(column_of_entry, weights=Z.data ** 2, minlength=k)
+    count = np.bincount(column_of_entry, minlength=k)
+    ones = np.bincount(column_of_entry, weights=(Z.data == 1.0), minlength=k)
+    intercept = np.flatnonzero((count == n_rows) & (ones == n_rows))
+    centre = intercept.size > 0 and not term.template.is_diagonal
+    mean = total / n_rows
+    T = np.eye(k)
+    for j in range(k):
+        if intercept.size and j == intercept[0]:
+            continue
+        if centre:
+            spread = np.sqrt(max(squares[j] / n_rows - mean[j] ** 2, 0.0))
+            if spread > 1e-12 * np.sqrt(squares[j] / n_rows):     # a column constant within the term stays put
+                T[intercept[0], j] = -mean[j] / spread
+                T[j, j] = 1.0 / spread
+                continue
+        root_mean_square = np.sqrt(squares[j] / n_rows)
+        if root_mean_square > 0:
+            T[j, j] = 1.0 / root_mean_square
+    return None if np.array_equal(T, np.eye(k)) else T
+
+
+def transform_columns(Z: sp.spmatrix, n_levels: int, T: np.ndarray | None) -> sp.csc_matrix:
+    """Z (I_levels kron T): each level's k columns times T."""
+    if T is None:
+        return sp.csc_matrix(Z)
+    return sp.csc_matrix(Z @ sp.kron(sp.identity(n_levels, format="csc"), sp.csc_matrix(T), format="csc"))
+
+
+def system_columns(terms: list[RandomTerm], transforms: list) -> sp.csc_matrix:
+    """The system's Z: every term's columns in its working coordinates, in term order."""
+    return sp.hstack([transform_columns(t.Z, t.n_levels, T) for t, T in zip(terms, transforms)], format="csc")
+
+
+def lower_factor(M: np.ndarray) -> np.ndarray:
+    """The lower-triangular L with a non-negative diagonal and L L' = M M' (from a QR of M').
+
+    A diagonal entry at rounding level relative to its row (a covariance that is singular in any coordinates)
+    is set to zero, so that a boundary fit stays on the boundary when its factor is carried across."""
+    k = M.shape[0]
+    if k == 1:
+        return np.abs(M)
+    R = np.linalg.qr(M.T, mode="r")
+    L = R.T * np.where(np.diag(R) < 0, -1.0, 1.0)[None, :]
+    row_norms = np.sqrt(np.sum(L ** 2, axis=1))
+    at_rounding = np.abs(np.diag(L)) <= 1e-10 * row_norms
+    L[np.arange(k), np.arange(k)] = np.where(at_rounding, 0.0, np.diag(L))
+    return L

@@ -1,0 +1,62 @@
+# lme4 reference fits of random-slope models on published data sets, for the optimizer's tests (the optimum
+# on the boundary, correlated slopes up to 3 x 3, covariates far from zero).
+#
+# Usage: setarch -R Rscript random_slopes_fixtures.R [OUT_DIR]
+#   Writes random_slopes.json (OUT_DIR defaults to this script's directory): one entry per data set with the
+#   data under "data" and lme4's fits under "fits" ({name, formula, reml, logLik, theta, beta, isSingular, lme4_messages}).
+#   Needs lme4, mlmRev, nlme and jsonlite (Debian: r-cran-lme4 r-cran-mlmrev r-cran-nlme). A few seconds.
+# Numbers are written with 17 significant digits (enough to read back the double R computed).
+
+suppressPackageStartupMessages({
+  library(lme4)
+  library(mlmRev)
+  library(nlme, include.only = character(0))
+  library(jsonlite)
+})
+
+args <- commandArgs(trailingOnly = TRUE)
+out_dir <- if (length(args) >= 1) args[1] else {
+  file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
+  dirname(normalizePath(sub("^--file=", "", file_arg)))
+}
+
+plain <- function(df) {
+  df <- as.data.frame(df)
+  for (col in names(df)) if (is.factor(df[[col]])) df[[col]] <- as.character(df[[col]])
+  df
+}
+
+fit_record <- function(name, formula, data, reml) {
+  m <- lmer(as.formula(formula), data = data, REML = reml)
+  list(name = name, formula = formula, reml = reml, logLik = as.numeric(logLik(m)),
+       theta = unname(getME(m, "theta")), beta = as.list(fixef(m)), isSingular = isSingular(m),
+       lme4_messages = I(as.character(unlist(m@optinfo$conv$lme4$messages))))
+}
+
+sets <- list(
+  list(dataset = "mlmRev::Exam", data = plain(Exam[, c("normexam", "standLRT", "sex", "school")]),
+       fits = list(c("exam_reml", "normexam ~ standLRT + sex + (standLRT + sex | school)", TRUE),
+                   c("exam_ml", "normexam ~ standLRT + sex + (standLRT + sex | school)", FALSE))),
+  list(dataset = "nlme::Oxboys", data = plain(nlme::Oxboys[, c("Subject", "age", "height")]),
+       fits = list(c("oxboys_reml", "height ~ age + I(age^2) + (age + I(age^2) | Subject)", TRUE),
+                   c("oxboys_ml", "height ~ age + I(age^2) + (age + I(age^2) | Subject)", FALSE))),
+  list(dataset = "nlme::Orthodont", data = plain(nlme::Orthodont[, c("distance", "age", "Subject", "Sex")]),
+       fits = list(c("orthodont_reml", "distance ~ age * Sex + (age | Subject)", TRUE),
+                   c("orthodont_ml", "distance ~ age * Sex + (age | Subject)", FALSE))),
+  list(dataset = "mlmRev::Early", data = plain(Early[, c("cog", "age", "trt", "id")]),
+       fits = list(c("early_reml", "cog ~ age * trt + (age | id)", TRUE),
+                   c("early_ml", "cog ~ age * trt + (age | id)", FALSE))),
+  list(dataset = "nlme::BodyWeight", data = plain(nlme::BodyWeight[, c("weight", "Time", "Rat", "Diet")]),
+       fits = list(c("bodyweight_reml", "weight ~ Time * Diet + (Time | Rat)", TRUE),
+                   c("bodyweight_ml", "weight ~ Time * Diet + (Time | Rat)", FALSE)))
+)
+
+out <- lapply(sets, function(s) {
+  fits <- lapply(s$fits, function(f) fit_record(f[1], f[2], s$data, as.logical(f[3])))
+  list(dataset = s$dataset, data = s$data, fits = fits)
+})
+names(out) <- vapply(sets, function(s) sub(".*::", "", s$dataset), "")
+out$versions <- list(R = R.version.string, lme4 = as.character(packageVersion("lme4")),
+                     mlmRev = as.character(packageVersion("mlmRev")), nlme = as.character(packageVersion("nlme")))
+writeLines(toJSON(out, auto_unbox = TRUE, digits = I(17), dataframe = "columns"),
+           file.path(out_dir, "random_slopes.json"))
