@@ -231,7 +231,7 @@ class PenalizedSystem:
         """Refactor with the system's templates `factors`, which report as `theta`."""
         self._write_values(factors)
         self._factor.refactor(self._A, factors)
-        self._factor_theta = np.array(theta, dtype=float)
+        self._factor_theta = None if theta is None else np.array(theta, dtype=float)
         self._factor_factors = factors
         return factors
 
@@ -258,17 +258,18 @@ class PenalizedSystem:
         theta = np.asarray(theta, dtype=float)
         return self._evaluate(theta, self.relcov.system_factors(theta))
 
-    def evaluate_working(self, working) -> Evaluation:
-        """The evaluation at the optimizer's coordinates (relcov.working_theta); it reports theta as usual, and a
-        solve at that theta reuses it."""
+    def evaluate_working(self, working, reported: bool = True) -> Evaluation:
+        """The evaluation at the optimizer's coordinates (relcov.working_theta). With `reported`, it carries the
+        reported theta, and a solve at that theta reuses it; without (the optimizer's calls: the conversion
+        costs a QR per term), its theta is None and nothing reuses it."""
         working = np.asarray(working, dtype=float)
         if not self.relcov.transformed:
             return self.evaluate(working)
-        return self._evaluate(self.relcov.reported_theta(working), self.relcov.factors(working))
+        return self._evaluate(self.relcov.reported_theta(working) if reported else None, self.relcov.factors(working))
 
     def working_deviance(self, working, reml: bool) -> float:
         """`deviance` in the optimizer's coordinates."""
-        return self.profiled_deviance(self.evaluate_working(working), reml)
+        return self.profiled_deviance(self.evaluate_working(working, reported=False), reml)
 
     def _evaluate(self, theta: np.ndarray, factors: list[np.ndarray]) -> Evaluation:
         factors = self._refactor(theta, factors)
