@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
+from sksparse.cholmod import CholmodNotPositiveDefiniteError
 
 from .design import CrossProducts
 from .errors import RankDeficientError
@@ -272,12 +273,30 @@ class PenalizedSystem:
         return self.profiled_deviance(self.evaluate_working(working, reported=False), reml)
 
     def _evaluate(self, theta: np.ndarray, factors: list[np.ndarray]) -> Evaluation:
-        factors = self._refactor(theta, factors)
-        self.n_evaluations += 1
         c = self.cross
-        rhs = self.relcov.apply_transpose(factors, np.column_stack([c.ZtX, c.Zty]))
-        C = self._factor.half_solve(rhs)
+
+        def infeasible(RZX=None, cu=None):
+            # Lambda'Z'Z Lambda + I and X'V^{-1}X (X of full rank, checked before fitting) are positive definite at
+            # every finite theta; rounding or overflow loses that only at theta so large that it is no candidate
+            # optimum: no deviance, no solution.
+            self._last_evaluation = None
+            nan = np.nan
+            return Evaluation(theta, np.inf, np.inf, np.full((self.relcov.q, c.p), nan) if RZX is None else RZX,
+                              np.full(self.relcov.q, nan) if cu is None else cu, np.full((c.p, c.p), nan),
+                              np.full(c.p, nan), nan, factors)
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            try:
+                factors = self._refactor(theta, factors)
+            except (CholmodNotPositiveDefiniteError, la.LinAlgError, ValueError):
+                self._factor_theta = None
+                return infeasible()
+            self.n_evaluations += 1
+            rhs = self.relcov.apply_transpose(factors, np.column_stack([c.ZtX, c.Zty]))
+            C = self._factor.half_solve(rhs)
         RZX, cu = C[:, :c.p], C[:, c.p]
+        if not np.all(np.isfinite(C)):
+            return infeasible(RZX, cu)
         RX = np.zeros((0, 0))
         cbeta = np.zeros(0)
         logdet_RX2 = 0.0
@@ -285,11 +304,7 @@ class PenalizedSystem:
             try:
                 RX = la.cholesky(c.XtX - RZX.T @ RZX, lower=False)
             except la.LinAlgError:
-                # X'V^{-1}X is positive definite for a full-rank X (checked before fitting) and finite theta;
-                # this happens only at theta so large that it is lost to rounding: not a candidate optimum.
-                self._last_evaluation = None
-                return Evaluation(theta, np.inf, np.inf, RZX, cu, np.full((c.p, c.p), np.nan),
-                                  np.full(c.p, np.nan), np.nan, factors)
+                return infeasible(RZX, cu)
             cbeta = la.solve_triangular(RX, c.Xty - RZX.T @ cu, trans="T", lower=False)
             logdet_RX2 = 2.0 * float(np.sum(np.log(np.abs(np.diag(RX)))))
         r2 = float(c.yty - cu @ cu - cbeta @ cbeta)
