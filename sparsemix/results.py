@@ -12,7 +12,8 @@ import numpy as np
 import scipy.linalg as la
 
 from .engine import PenalizedSystem, Solution
-from .information import variance_parameter_covariance, variance_parameters
+from .information import (VarianceInformation, theta_sigma_information, variance_parameter_covariance,
+                          variance_parameters)
 from .optimize import OptimizationResult, singular_entries
 
 __all__ = ["LmmFit"]
@@ -115,11 +116,18 @@ class LmmFit:
         return ok
 
     @cached_property
-    def cov_variance_parameters(self) -> np.ndarray:
-        """Covariance of phi from the observed information (NaN where not estimable)."""
+    def variance_information(self) -> VarianceInformation:
+        """Covariance of (theta, sigma) from the observed information, over the free theta entries off the
+        boundary (lmerTest's coordinates; finite on singular fits too)."""
         with self.system.threads():
-            return variance_parameter_covariance(self.system, self.theta, self.sigma2, self.reml,
-                                                 self.estimable_variance_parameters)
+            return theta_sigma_information(self.system, self.theta, self.sigma2, self.reml, self.free,
+                                           self.singular)
+
+    @cached_property
+    def cov_variance_parameters(self) -> np.ndarray:
+        """Covariance of phi by the delta method from `variance_information` (NaN where not estimable)."""
+        return variance_parameter_covariance(self.system, self.theta, self.sigma2,
+                                             self.estimable_variance_parameters, self.variance_information)
 
     def conditional_covariance(self, columns: np.ndarray) -> np.ndarray:
         """Var(b | y) for the given Z columns, at the estimates."""

@@ -1,0 +1,102 @@
+# Reference fixtures for Satterthwaite df on singular fits (lmerTest), from mlmRev's Early and Exam.
+#
+# Usage: setarch -R Rscript lmertest_singular_fixtures.R [OUT_DIR]
+#   OUT_DIR defaults to the directory containing this script. Writes early.json and exam.json (fields: see
+#   README.md). Needs lme4, lmerTest, mlmRev (Debian: r-cran-mlmrev) and jsonlite. A few seconds.
+# Same conventions as lme4_fixtures.R: exact numbers, data embedded under "data", `setarch -R` for
+# bit-identical reruns.
+
+suppressPackageStartupMessages({
+  library(lme4)
+  library(lmerTest)
+  library(mlmRev)
+  library(jsonlite)
+})
+
+args <- commandArgs(trailingOnly = TRUE)
+out_dir <- if (length(args) >= 1) args[1] else {
+  file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
+  dirname(normalizePath(sub("^--file=", "", file_arg)))
+}
+
+# As lme4_fixtures.R: the shortest "%.{15,16,17}g" that reads back to the identical double, inserted verbatim
+# (jsonlite stops at 15 digits). Length-1 vectors become scalars unless wrapped in I().
+num_str <- function(v) vapply(v, function(x) {
+  if (is.na(x)) return("null")
+  for (d in 15:17) if (as.numeric(s <- sprintf("%.*g", d, x)) == x) break
+  s
+}, "")
+json_array <- function(items) paste0("[", paste(items, collapse = ", "), "]")
+exact_numbers <- function(x) {
+  if (is.list(x)) return(structure(lapply(x, exact_numbers), names = names(x)))
+  if (!is.numeric(x)) return(x)
+  txt <- if (is.matrix(x)) json_array(apply(x, 1, function(row) json_array(num_str(row))))
+         else if (length(x) == 1 && !inherits(x, "AsIs")) num_str(x)
+         else json_array(num_str(x))
+  structure(txt, class = "json")
+}
+
+fit_record <- function(name, formula, data, reml) {
+  formula <- as.formula(formula)
+  m <- lme4::lmer(formula, data = data, REML = reml)
+  theta <- getME(m, "theta")
+  # lmerTest's refit; its warnings (e.g. "Model failed to converge with 1 negative eigenvalue" on Early,
+  # from the Hessian at the boundary) are recorded, not fatal.
+  warns <- character(0)
+  mt <- withCallingHandlers(lmerTest::lmer(formula, data = data, REML = reml),
+                            warning = function(w) {
+                              warns <<- c(warns, conditionMessage(w))
+                              invokeRestart("muffleWarning")
+                            })
+  coefs <- summary(mt)$coefficients
+  vc <- as.data.frame(VarCorr(m))
+  list(
+    name = name,
+    formula = paste(deparse(formula, width.cutoff = 500L), collapse = " "),
+    reml = reml,
+    logLik = as.numeric(logLik(m)),
+    deviance_or_REMLcrit = if (reml) REMLcrit(m) else deviance(m),
+    nobs = nobs(m),
+    ngroups = as.list(ngrps(m)),
+    beta = as.list(fixef(m)),
+    se_beta = as.list(setNames(sqrt(diag(as.matrix(vcov(m)))), names(fixef(m)))),
+    theta = I(unname(theta)),
+    theta_names = I(names(theta)),
+    sigma = sigma(m),
+    varcorr = lapply(seq_len(nrow(vc)), function(i) list(
+      grp = vc$grp[i], var1 = vc$var1[i], var2 = vc$var2[i], vcov = vc$vcov[i], sdcor = vc$sdcor[i])),
+    isSingular = isSingular(m),
+    satterthwaite_df = as.list(setNames(coefs[, "df"], rownames(coefs))),
+    lmerTest = lapply(seq_len(nrow(coefs)), function(i) list(
+      name = rownames(coefs)[i], estimate = coefs[i, "Estimate"], std_error = coefs[i, "Std. Error"],
+      df = coefs[i, "df"], t = coefs[i, "t value"], p = coefs[i, "Pr(>|t|)"])),
+    lmerTest_warnings = I(warns),
+    lmerTest_vcov_varpar = unname(mt@vcov_varpar)
+  )
+}
+
+write_fixture <- function(dataset, data, fits) {
+  out <- list(
+    dataset = dataset,
+    lme4_version = as.character(packageVersion("lme4")),
+    lmerTest_version = as.character(packageVersion("lmerTest")),
+    mlmRev_version = as.character(packageVersion("mlmRev")),
+    R_version = R.version.string,
+    data = lapply(data, function(col) if (is.factor(col)) as.character(col) else col),
+    fits = lapply(fits, function(f) fit_record(f$name, f$formula, data, f$reml))
+  )
+  path <- file.path(out_dir, paste0(dataset, ".json"))
+  write_json(exact_numbers(out), path, auto_unbox = TRUE, digits = NA, na = "null", json_verbatim = TRUE,
+             pretty = TRUE)
+  message("wrote ", path)
+}
+
+# 309 rows, 103 children: the random slope's correlation with the intercept is estimated at -1.
+write_fixture("early", mlmRev::Early[c("cog", "age", "trt", "id")], list(
+  list(name = "reml", formula = "cog ~ age * trt + (age | id)", reml = TRUE)
+))
+
+# 4,059 pupils in 65 schools, a 3 x 3 covariance whose sexM variance is estimated at zero.
+write_fixture("exam", mlmRev::Exam[c("normexam", "standLRT", "sex", "type", "school")], list(
+  list(name = "reml", formula = "normexam ~ standLRT + sex + type + (standLRT + sex | school)", reml = TRUE)
+))
