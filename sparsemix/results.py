@@ -76,7 +76,8 @@ class LmmFit:
     @cached_property
     def singular(self) -> np.ndarray:
         """theta indices of template diagonal entries estimated at zero (lme4's isSingular)."""
-        return singular_entries(self.theta, self.system.relcov.on_diagonal)
+        relcov = self.system.relcov       # judged on centred, scaled columns: a covariate's units don't matter
+        return singular_entries(relcov.working_theta(self.theta), relcov.on_diagonal)
 
     @property
     def is_singular(self) -> bool:
