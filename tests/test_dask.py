@@ -48,8 +48,9 @@ def parquet_dir(tmp_path_factory):
 def _assert_equal_fits(a, b, rtol=1e-8):
     assert b.llf == pytest.approx(a.llf, rel=rtol)
     np.testing.assert_allclose(b.fe_params.to_numpy(), a.fe_params.to_numpy(), rtol=rtol, atol=1e-10)
+    # variances near 1: a covariance near zero agrees to the optimum's precision in theta (~1e-9), not relatively
     np.testing.assert_allclose(b.variance_components()["vcov"], a.variance_components()["vcov"], rtol=rtol,
-                               atol=1e-10)
+                               atol=1e-8)
     assert list(b.fe_params.index) == list(a.fe_params.index)
     assert b.ngroups == a.ngroups and b.nobs == a.nobs
 
@@ -63,9 +64,10 @@ def test_fit_from_parquet_files_equals_the_in_memory_fit(client, parquet_dir):
         b = sparsemix.lmer(FORMULA, ddf, **kw)
         _assert_equal_fits(a, b)
         assert b.design.n_dropped == a.design.n_dropped == 1
-    # Conditional modes come from the cross-products: the same on the client.
+    # Conditional modes come from the cross-products: the same on the client, to the optimum's precision (theta
+    # to ~1e-9: the in-memory fit optimizes on centred, scaled slope columns, the partitioned one on the data's).
     np.testing.assert_allclose(b.ranef()["g"].to_numpy(dtype=float), a.ranef()["g"].to_numpy(dtype=float),
-                               rtol=1e-8, atol=1e-10)
+                               rtol=1e-8, atol=1e-8)
 
 
 def test_rows_based_results_are_dask_collections_computed_on_the_cluster(client, parquet_dir):
