@@ -10,6 +10,8 @@ L-BFGS-B's line search did. scipy's L-BFGS-B, Powell and Nelder-Mead remain avai
 keep the diagonal of every covariance template >= 0, which is where boundary (singular) fits live.
 A fit ends with Newton steps on finite differences (newton_polish): BOBYQA leaves theta ~1e-5 from the optimum
 along flat directions, at a point that depends on its path; the steps put it at the stationary point to ~1e-9.
+An end point on the boundary is then checked to be a minimum there (release_bounds), and scipy's methods are
+always followed by BOBYQA: each of them was seen to stop at a worse boundary point and report success.
 """
 from __future__ import annotations
 
