@@ -92,7 +92,7 @@ def _fit(args, data):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit = lmer(args.formula, data, reml=not args.ml, weights=args.weights, offset=args.offset,
-                   maxiter=args.maxiter, progress=_progress(args))
+                   maxiter=args.maxiter, progress=_progress(args), eval_env={})   # the fixed list only
     seconds = time.perf_counter() - t0
     _report_warnings(caught, args)
     return fit, seconds
@@ -139,8 +139,8 @@ def _run_anova(args) -> int:
     data = _complete_for(args.formula, read_table(args.data), args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fits = [lmer(f, data, reml=not args.ml, maxiter=args.maxiter, progress=_progress(args))
-                for f in args.formula]
+        fits = [lmer(f, data, reml=not args.ml, maxiter=args.maxiter, progress=_progress(args),
+                     eval_env={}) for f in args.formula]
         table = anova(*fits, names=[f"m{i + 1}" for i in range(len(fits))])
     _report_warnings(caught, args)
     if args.format == "json":

@@ -22,7 +22,7 @@ from .errors import FormulaError, InputError, SparsemixWarning
 from .fitting import build_fit, build_system, optimize_system, warn_if_singular
 from .pilot import pilot_start, pilot_wanted
 from .formula.lme4 import RandomSpec, parse_formula
-from .formula.safety import check_formula, safe_environment
+from .formula.safety import check_formula, formula_environment, safe_environment, used_environment
 from .formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
 from .optimize import DEFAULT_OPTIMIZER, resolve_method
 from .progress import ProgressPrinter
@@ -83,6 +83,8 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     verbose: print the optimizer's progress (evaluations, deviance, elapsed) to standard error, at most once a
     second; `progress` takes any callable(evaluation, deviance, seconds) instead. The log is kept either way
     (`results.fit_log`).
+    eval_env: where the functions a formula calls besides the fixed list come from (docs/formulas.md): by
+    default the caller's namespace, as patsy's eval_env=0; {} for the fixed list only.
     """
     from .lmer_results import LmerResults   # results import this module's design types
 
@@ -92,9 +94,11 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     if not isinstance(data, pd.DataFrame):          # (importing partitioned.py costs a pandas frame 8 ms)
         from .partitioned import fit_partitioned, is_dask_frame
         if is_dask_frame(data):       # rows on a cluster: only level sets and cross-products come here
+            caller = formula_environment(None) if eval_env is None else None
             return fit_partitioned(formula, data, reml=reml, weights=weights, offset=offset, start=start,
-                                   optimizer=optimizer, maxiter=maxiter, progress=progress, eval_env=eval_env)
-    env = safe_environment(eval_env)      # formulas call only the allowed functions (formula/safety.py)
+                                   optimizer=optimizer, maxiter=maxiter, progress=progress, eval_env=eval_env,
+                                   caller_env=caller)
+    env = formula_environment(eval_env)      # the caller's functions, checked in formula/safety.py
     design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
     system = design.system()
     method = resolve_method(optimizer)
@@ -155,7 +159,8 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     if not terms:
         raise FormulaError(f"{formula!r} has no random-effects term; add one such as '(1 | g)'.")
     return LmerDesign(formula, getattr(data, "name", "data"), y, X, tuple(names), fixed_info, tuple(terms),
-                      tuple(infos), w, off, frame.index, n_dropped, tuple(dropped), env)
+                      tuple(infos), w, off, frame.index, n_dropped, tuple(dropped),
+                      used_environment(env, [parsed.fixed] + [s.expr for s in parsed.random]))
 
 
 def _strings_as_categories(frame: pd.DataFrame, fixed: str) -> pd.DataFrame:
@@ -180,10 +185,23 @@ def _column_or_array(data, value, role):
 
 
 def _lme4_name(name: str) -> str:
-    """patsy's column name as R writes it: (Intercept), and `my x` for Q("my x")."""
+    """patsy's column name as R writes it: (Intercept), and for Q("my x") the name, in backticks where R
+    needs them (`my x`, `if`; yield for Q("yield"))."""
     if name == "Intercept":
         return "(Intercept)"
-    return re.sub(r'Q\("((?:[^"\\]|\\.)*)"\)', lambda m: "`" + json.loads('"' + m.group(1) + '"') + "`", name)
+    return re.sub(r'Q\("((?:[^"\\]|\\.)*)"\)', lambda m: _r_name(json.loads('"' + m.group(1) + '"')), name)
+
+
+# R's syntactic names: a letter, or a dot not followed by a digit, then letters, digits, dots and underscores;
+# not a reserved word (?Reserved).
+_R_SYNTACTIC = re.compile(r"(?:[^\W\d_]|\.(?!\d))[\w.]*")
+_R_RESERVED = frozenset("if else repeat while function for in next break TRUE FALSE NULL Inf NaN NA NA_integer_ "
+                        "NA_real_ NA_character_ NA_complex_ ...".split())
+
+
+def _r_name(name: str) -> str:
+    syntactic = _R_SYNTACTIC.fullmatch(name) and name not in _R_RESERVED and not re.fullmatch(r"\.\.\d+", name)
+    return name if syntactic else "`" + name + "`"
 
 
 def _drop_aliased(X, names):
@@ -257,11 +275,11 @@ def _random_term(spec: RandomSpec, frame, env):
         columns = tuple(f"{var}{level_name(v)}" for v in lv)
         design_info = None
     else:
-        check_formula("~ " + spec.expr, frame.columns, env, f"random-effects term {spec.source}")
+        desc = check_formula("~ " + spec.expr, frame.columns, env, f"random-effects term {spec.source}")
         # A random intercept is a column of ones: patsy builds its design from one row (5 ms a term on InstEval)
         intercept = spec.expr.strip() == "1"
         try:
-            M = patsy.dmatrix("~ " + spec.expr, frame.iloc[:1] if intercept else frame, return_type="dataframe",
+            M = patsy.dmatrix(desc, frame.iloc[:1] if intercept else frame, return_type="dataframe",
                               NA_action="raise", eval_env=env)
         except patsy.PatsyError as exc:
             raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None

@@ -32,7 +32,7 @@ from .errors import FormulaError, InputError, RankDeficientError, require_extra
 from .fitting import build_fit, optimize_system, warn_if_singular
 from .formula.lme4 import parse_formula
 from .formula.mixedlm import formula_columns, indicator_variable, level_name
-from .formula.safety import check_formula, safe_environment
+from .formula.safety import check_formula, readable_formula, safe_environment
 from .lmer import RankDeficiencyWarning, TermInfo, _lme4_name, _unique_group_names, group_codes
 from .optimize import DEFAULT_OPTIMIZER, resolve_method
 from .pilot import estimable, fit_pilot, pilot_levels, pilot_wanted
@@ -92,12 +92,14 @@ class PartitionedDesign:
 
 
 def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=None, start=None,
-                    optimizer: str = DEFAULT_OPTIMIZER, maxiter: int = 10_000, progress=None, eval_env=None):
-    """lmer() for a Dask DataFrame (see the module docstring)."""
+                    optimizer: str = DEFAULT_OPTIMIZER, maxiter: int = 10_000, progress=None, eval_env=None,
+                    caller_env=None):
+    """lmer() for a Dask DataFrame (see the module docstring). `caller_env`, the namespace lmer was called from,
+    serves only to say so when a formula calls a function from it."""
     require_extra("dask", "dask", "fitting a Dask DataFrame")
     from .partitioned_results import PartitionedLmerResults
 
-    if eval_env is not None:
+    if eval_env not in (None, {}):
         raise InputError("eval_env cannot travel to Dask workers; with a Dask DataFrame, formulas use the allowed "
                          "functions only (docs/formulas.md).")
     for role, value in (("weights", weights), ("offset", offset)):
@@ -105,10 +107,9 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
             raise InputError(f"with a Dask DataFrame, {role} must be a column name; got {type(value).__name__}.")
     parsed = parse_formula(formula)
     columns = list(data.columns)
-    env = safe_environment()
-    check_formula(parsed.fixed, columns, env)
+    _check_formulas([(parsed.fixed, "formula")] + [("~ " + r.expr, f"random-effects term {r.source}")
+                                                   for r in parsed.random], columns, caller_env)
     for r in parsed.random:
-        check_formula("~ " + r.expr, columns, env, f"random-effects term {r.source}")
         checks.require_columns(data._meta, r.group, f"grouping factor of {r.source}")
     _refuse_stateful(parsed)
     for role, name in (("weights", weights), ("offset", offset)):
@@ -213,6 +214,20 @@ def _tree(data, per_partition, combine, *args):
     return level[0]
 
 
+def _check_formulas(formulas, columns, caller_env):
+    """The fixed list only: the caller's functions cannot travel to the workers."""
+    for text, role in formulas:
+        try:
+            check_formula(text, columns, safe_environment(), role)
+        except FormulaError:
+            if caller_env is None:
+                raise
+            check_formula(text, columns, caller_env, role)      # its own error where the caller's names fail too
+            raise FormulaError(f"{role} {text!r} calls a function of your code; with a Dask DataFrame, formulas "
+                               "call only the fixed list of docs/formulas.md (functions cannot travel to the "
+                               "workers). Compute the column first (ddf['x2'] = f(ddf['x'])) and use it.") from None
+
+
 def _refuse_stateful(parsed):
     for code in [parsed.fixed] + [r.expr for r in parsed.random]:
         for name in STATEFUL:
@@ -224,20 +239,21 @@ def _refuse_stateful(parsed):
 def _categorical_columns(parsed, meta: pd.DataFrame) -> list[str]:
     """Columns whose levels must be the same in every partition: text, categorical, or inside C(...)."""
     wanted = set()
-    desc = patsy.ModelDesc.from_formula(parsed.fixed)
-    codes = [f.code for t in desc.lhs_termlist + desc.rhs_termlist for f in t.factors]
-    for r in parsed.random:
-        if indicator_variable(r.expr) is None:
-            d = patsy.ModelDesc.from_formula("~ " + r.expr)
-            codes += [f.code for t in d.rhs_termlist for f in t.factors]
+    formulas = [parsed.fixed] + ["~ " + r.expr for r in parsed.random if indicator_variable(r.expr) is None]
+    codes = []
+    for formula in formulas:
+        desc = readable_formula(formula, meta.columns)
+        codes += [f.code for t in desc.lhs_termlist + desc.rhs_termlist for f in t.factors]
     for code in codes:
         for node in ast.walk(ast.parse(code, mode="eval")):
-            if isinstance(node, ast.Name) and node.id in meta.columns:
-                dtype = meta[node.id].dtype
+            name = _column_of(node, meta.columns)
+            if name is not None:
+                dtype = meta[name].dtype
                 if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)):
-                    wanted.add(node.id)
+                    wanted.add(name)
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "C" and node.args:
-                wanted.update(n.id for n in ast.walk(node.args[0]) if isinstance(n, ast.Name) and n.id in meta.columns)
+                inside = (_column_of(n, meta.columns) for n in ast.walk(node.args[0]))
+                wanted.update(name for name in inside if name is not None)
     for r in parsed.random:
         var = indicator_variable(r.expr)
         if var is not None:
@@ -245,18 +261,26 @@ def _categorical_columns(parsed, meta: pd.DataFrame) -> list[str]:
     return sorted(wanted)
 
 
+def _column_of(node, columns):
+    """The column an expression node names: `x`, or `Q("x")` (backticks, keyword-named columns)."""
+    if isinstance(node, ast.Name) and node.id in columns:
+        return node.id
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Q" and node.args
+            and isinstance(node.args[0], ast.Constant) and node.args[0].value in columns):
+        return node.args[0].value
+    return None
+
+
 def _term_columns(r, meta, categories) -> tuple[str, ...]:
     var = indicator_variable(r.expr)
     if var is not None:
         return tuple(f"{var}{level_name(v)}" for v in categories[var])
-    M = patsy.dmatrix("~ " + r.expr, _prototype(meta, categories), eval_env=safe_environment(),
-                      return_type="dataframe")
+    M = _on_prototype(patsy.dmatrix, "~ " + r.expr, meta, categories, return_type="dataframe")
     return tuple(_lme4_name(c) for c in M.columns)
 
 
 def _fixed_names(spec, meta) -> list[str]:
-    _, X = patsy.dmatrices(spec.fixed, _prototype(meta, spec.categories), eval_env=safe_environment(),
-                           return_type="dataframe")
+    _, X = _on_prototype(patsy.dmatrices, spec.fixed, meta, spec.categories, return_type="dataframe")
     return [_lme4_name(c) for c in X.columns]
 
 
@@ -321,6 +345,12 @@ def _prototype(frame: pd.DataFrame, categories: dict) -> pd.DataFrame:
     return proto
 
 
+def _on_prototype(fn, formula, frame, categories, **kwargs):
+    """patsy's `fn` (dmatrix, dmatrices) on the prototype of `frame`, the formula read as the fit read it."""
+    proto = _prototype(frame, categories)
+    return fn(readable_formula(formula, proto.columns), proto, eval_env=safe_environment(), **kwargs)
+
+
 def _complete(part: pd.DataFrame, spec: PartitionSpec):
     frame = part[list(spec.used)]
     keep = np.array(frame.notna().all(axis=1), dtype=bool)
@@ -353,8 +383,7 @@ def _rows(part, spec):
         for _, group, _, _, labels in spec.random:
             listed &= _level_codes(frame, group, labels) >= 0
         frame = frame.loc[listed]
-    y_info, X_info = (m.design_info for m in patsy.dmatrices(spec.fixed, _prototype(frame, spec.categories),
-                                                             eval_env=safe_environment()))
+    y_info, X_info = (m.design_info for m in _on_prototype(patsy.dmatrices, spec.fixed, frame, spec.categories))
     y, X = patsy.build_design_matrices([y_info, X_info], frame, NA_action="raise")
     w = None if spec.weights is None else frame[spec.weights].to_numpy(dtype=float)
     off = np.zeros(len(frame)) if spec.offset is None else frame[spec.offset].to_numpy(dtype=float)
@@ -378,8 +407,9 @@ def _as_categories(frame, spec):
 def _design_matrix(part, spec) -> np.ndarray:
     """The fixed-effects columns of new data (no response needed), all columns before the aliasing check."""
     frame = _as_categories(part, spec)
-    rhs = patsy.ModelDesc([], patsy.ModelDesc.from_formula(spec.fixed).rhs_termlist)
-    info = patsy.dmatrix(rhs, _prototype(frame, spec.categories), eval_env=safe_environment()).design_info
+    proto = _prototype(frame, spec.categories)
+    rhs = patsy.ModelDesc([], readable_formula(spec.fixed, proto.columns).rhs_termlist)
+    info = patsy.dmatrix(rhs, proto, eval_env=safe_environment()).design_info
     (X,) = patsy.build_design_matrices([info], frame, NA_action="raise")
     return np.asarray(X, dtype=float)
 
@@ -398,8 +428,7 @@ def _partition_Z(frame, spec, allow_new_levels=False) -> sp.csc_matrix:
         if var is not None:
             values = indicator_matrix(np.asarray(frame[var].cat.codes, dtype=np.int64), k).toarray()
         else:
-            info = patsy.dmatrix("~ " + expr, _prototype(frame, spec.categories), eval_env=safe_environment()
-                                 ).design_info
+            info = _on_prototype(patsy.dmatrix, "~ " + expr, frame, spec.categories).design_info
             (values,) = patsy.build_design_matrices([info], frame, NA_action="raise")
             values = np.array(values, dtype=float)
         values[codes < 0] = 0.0

@@ -16,7 +16,8 @@ import sparsemix as sm
 from sparsemix.datasets import seed_datasets
 
 REFERENCE = Path(__file__).parent / "reference"
-DATASETS = ["sleepstudy", "penicillin", "pastes", "dyestuff", "dyestuff2", "cake", "seed_nested", "seed_crossed"]
+DATASETS = ["sleepstudy", "penicillin", "pastes", "dyestuff", "dyestuff2", "cake", "oats", "seed_nested",
+            "seed_crossed"]
 
 
 def _doc(name):

@@ -21,7 +21,7 @@ from ..fitting import build_fit, build_system, optimize_system, warn_if_singular
 from ..pilot import pilot_start, pilot_wanted
 from ..optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
-from ..formula.safety import safe_environment
+from ..formula.safety import formula_environment
 from ..terms import CovarianceTemplate, RandomTerm, VarianceComponent, sorted_codes
 from .params import MixedLMParams, VCSpec
 from .results import MixedLMResults
@@ -165,8 +165,7 @@ class MixedLM:
                              "or an array with one group label per row (use a constant for crossed designs).")
         if not isinstance(data, pd.DataFrame):
             raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
-        eval_env = kwargs.pop("eval_env", None)
-        eval_env = safe_environment(eval_env)      # formulas call only the allowed functions (formula/safety.py)
+        eval_env = formula_environment(kwargs.pop("eval_env", None))   # the caller's functions, as patsy's
         groups = kwargs.pop("groups")
         use_sqrt = kwargs.pop("use_sqrt", True)
         if args or kwargs:

@@ -140,9 +140,9 @@ def _unknown_name_message(name, data, role) -> str:
 
 
 def _patsy(fn, formula, data, eval_env):
-    check_formula(formula, data.columns, eval_env)      # nothing in a formula runs before this check
+    desc = check_formula(formula, data.columns, eval_env)      # nothing in a formula runs before this check
     try:
-        return fn(formula, data, return_type="dataframe", NA_action="raise", eval_env=eval_env)
+        return fn(desc, data, return_type="dataframe", NA_action="raise", eval_env=eval_env)
     except patsy.PatsyError as exc:
         text = str(exc)
         m = re.search(r"NameError: name '([^']+)' is not defined", text)

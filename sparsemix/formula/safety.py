@@ -3,14 +3,22 @@
 patsy evaluates each term of a formula as Python. Formulas come from users, files and command lines, so every
 term is parsed (Python's `ast`, nothing run) and must use only: the data's columns, numbers and strings,
 arithmetic and comparisons, and calls of the functions in `SAFE_FUNCTIONS` (or `np.<name>` of those that are
-numpy's). Anything else (`__import__`, attributes, subscripts, lambdas, unknown names) is a FormulaError that
-names what was refused. A caller who needs another function passes it in `eval_env` (a trusted choice, made
-in code, not in the formula).
+numpy's) or of functions in `eval_env`. The Python front doors pass the caller's namespace as patsy does
+(`formula_environment`); the command line passes none. Python's builtins, names starting with '_', attributes
+other than `np.<function>`, subscripts and lambdas are refused with a FormulaError that names what was refused.
+
+Columns named by Python keywords (`yield`, `class`, `True`) are syntax to Python, so `readable_formula` has
+patsy evaluate such terms as `Q("yield")` while they keep the name written (`log(yield)`).
 """
 from __future__ import annotations
 
 import ast
+import builtins
 import difflib
+import io
+import json
+import keyword
+import tokenize
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +28,8 @@ import patsy.builtins
 from ..errors import FormulaError
 from .poly import poly
 
-__all__ = ["SAFE_FUNCTIONS", "safe_environment", "check_formula", "check_terms"]
+__all__ = ["SAFE_FUNCTIONS", "safe_environment", "formula_environment", "check_formula", "check_terms",
+           "readable_formula", "used_environment"]
 
 NUMPY_FUNCTIONS = ("log", "log2", "log10", "log1p", "exp", "expm1", "sqrt", "abs", "sin", "cos", "tan",
                    "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "floor", "ceil", "sign")
@@ -32,6 +41,10 @@ SAFE_FUNCTIONS = {**{name: getattr(np, name) for name in NUMPY_FUNCTIONS},
 # `np.log(x)` and `numpy.log(x)` keep working: these names hold only the numpy functions above.
 _NUMPY_ALIASES = ("np", "numpy")
 _NUMPY_SUBSET = SimpleNamespace(**{name: getattr(np, name) for name in NUMPY_FUNCTIONS})
+# Refused by name (`eval`, `open`, `getattr`, also `sum`, `type`) unless a column or a safe function (`abs`), and
+# by identity when the caller's code holds one under another name (`run = exec`).
+_BUILTIN_NAMES = frozenset(vars(builtins))
+_BUILTIN_IDS = frozenset(id(v) for v in vars(builtins).values() if callable(v))
 
 _OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.UAdd, ast.USub, ast.Not,
               ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.And, ast.Or, ast.Load)
@@ -40,25 +53,98 @@ _NODES = (ast.Expression, ast.Name, ast.Constant, ast.Call, ast.keyword, ast.Bin
 
 
 def safe_environment(eval_env=None) -> patsy.EvalEnvironment:
-    """The namespace formulas are evaluated in: the safe functions, then (when given) the caller's eval_env."""
-    safe = dict(SAFE_FUNCTIONS, **{alias: _NUMPY_SUBSET for alias in _NUMPY_ALIASES})
+    """The namespace formulas are evaluated in: eval_env's names (a dict or a patsy.EvalEnvironment, when given)
+    before the safe functions, as patsy puts its own after the caller's; `Q`, `np` and `numpy` always mean
+    patsy's Q (which backticks and keyword-named columns become) and the numpy functions above."""
+    pinned = {"Q": patsy.builtins.Q, **{alias: _NUMPY_SUBSET for alias in _NUMPY_ALIASES}}
     if eval_env is None:
-        return patsy.EvalEnvironment([safe])
+        return patsy.EvalEnvironment([pinned, SAFE_FUNCTIONS])
     if isinstance(eval_env, patsy.EvalEnvironment):
-        return eval_env.with_outer_namespace(safe)
+        return patsy.EvalEnvironment([pinned, eval_env.namespace, SAFE_FUNCTIONS], eval_env.flags)
     if isinstance(eval_env, dict):
-        return patsy.EvalEnvironment([eval_env, safe])
+        return patsy.EvalEnvironment([pinned, eval_env, SAFE_FUNCTIONS])
     raise FormulaError(f"eval_env must be a patsy.EvalEnvironment or a dict of names; got {type(eval_env).__name__}.")
 
 
-def check_formula(formula: str, columns, env: patsy.EvalEnvironment, role: str = "formula") -> None:
-    """Check every term of a patsy formula ('y ~ a + log(b)' or '~ 1 + x') without evaluating it."""
+def formula_environment(eval_env, reference: int = 1) -> patsy.EvalEnvironment:
+    """The namespace of a Python front door, with eval_env read as patsy and statsmodels read it: None or 0,
+    the caller's frame; an int n, n frames further up; -1 (statsmodels) or {}, the safe functions only; a dict
+    or an EvalEnvironment as given. `reference`: frames from the function calling this one to the user's
+    caller (1 when the public function calls it directly: the frame is captured there, at a fixed depth)."""
+    if eval_env is None:
+        eval_env = 0
+    if isinstance(eval_env, int) and not isinstance(eval_env, bool):
+        if eval_env == -1:
+            return safe_environment()
+        if eval_env < 0:
+            raise FormulaError(f"eval_env={eval_env} is not a frame depth: pass 0 (the caller's names), a positive "
+                               "depth, -1 or {} (the allowed functions only), a dict or a patsy.EvalEnvironment.")
+        try:
+            eval_env = patsy.EvalEnvironment.capture(eval_env, reference=reference + 1)
+        except ValueError:
+            raise FormulaError(f"eval_env={eval_env}: the call stack is not that deep.") from None
+    return safe_environment(eval_env)
+
+
+def used_environment(env: patsy.EvalEnvironment, formulas) -> patsy.EvalEnvironment:
+    """The names of `env` the formulas use, to keep with a fit: not the whole of the caller's namespace (patsy's
+    designs keep such subsets too)."""
+    names = {t.string for f in formulas for t in _tokens(f) if t.type == tokenize.NAME}
+    return env.subset(sorted(n for n in names if n in env.namespace))
+
+
+def check_formula(formula: str, columns, env: patsy.EvalEnvironment, role: str = "formula") -> patsy.ModelDesc:
+    """Check every term of a patsy formula ('y ~ a + log(b)' or '~ 1 + x') without evaluating it; returns the
+    formula as patsy is to evaluate it (`readable_formula`)."""
+    desc = readable_formula(formula, columns, role)
+    codes = [factor.code for term in desc.lhs_termlist + desc.rhs_termlist for factor in term.factors]
+    check_terms(codes, columns, env, f"{role} {formula!r}")
+    return desc
+
+
+def readable_formula(formula: str, columns, role: str = "formula") -> patsy.ModelDesc:
+    """patsy's reading of `formula`, where a term that names a column by a Python keyword (`yield`, `class`,
+    `True`; patsy would run it as Python syntax, or as the constant) is evaluated with `Q("yield")` in its place
+    and keeps the name written: `log(yield)`, as lme4 names it."""
     try:
         desc = patsy.ModelDesc.from_formula(formula)
     except patsy.PatsyError as exc:
         raise FormulaError(f"cannot read {role} {formula!r}: {exc}") from None
-    codes = [factor.code for term in desc.lhs_termlist + desc.rhs_termlist for factor in term.factors]
-    check_terms(codes, columns, env, f"{role} {formula!r}")
+    keywords = {str(c) for c in columns if keyword.iskeyword(str(c))}
+    if not keywords:
+        return desc
+
+    def term(t):
+        return patsy.Term([_quoted_factor(f, keywords) for f in t.factors])
+
+    return patsy.ModelDesc([term(t) for t in desc.lhs_termlist], [term(t) for t in desc.rhs_termlist])
+
+
+class _QuotedFactor(patsy.EvalFactor):
+    """A term evaluated as `code` (with Q("...") for keyword-named columns) and named as written."""
+
+    def __init__(self, code, written, origin=None):
+        super().__init__(code, origin)
+        self.written = written
+
+    def name(self):
+        return self.written
+
+
+def _quoted_factor(factor, keywords):
+    if not isinstance(factor, patsy.EvalFactor):
+        return factor
+    code, spans = factor.code, _keyword_spans(factor.code, keywords)
+    if not spans:
+        return factor
+    for start, end in reversed(spans):
+        code = code[:start] + "Q(" + json.dumps(code[start:end]) + ")" + code[end:]
+    return _QuotedFactor(code, factor.code, factor.origin)
+
+
+def _keyword_spans(code, keywords) -> list[tuple[int, int]]:
+    """(start, end) of the tokens of a one-line term that are keyword-named columns."""
+    return [(t.start[1], t.end[1]) for t in _tokens(code) if t.type == tokenize.NAME and t.string in keywords]
 
 
 def check_terms(codes, columns, env: patsy.EvalEnvironment, where: str) -> None:
@@ -67,9 +153,27 @@ def check_terms(codes, columns, env: patsy.EvalEnvironment, where: str) -> None:
         try:
             tree = ast.parse(code.strip(), mode="eval")
         except SyntaxError:
-            raise FormulaError(f"{where}: cannot read the term {code!r}.") from None
+            raise FormulaError(_unreadable(code, columns, where)) from None
         for node in ast.walk(tree):
             _check_node(node, code, columns, env, where)
+
+
+def _unreadable(code, columns, where) -> str:
+    words = [t.string for t in _tokens(code) if t.type == tokenize.NAME and keyword.iskeyword(t.string)]
+    if words:
+        close = difflib.get_close_matches(words[0], sorted(columns), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return (f"{where}: cannot read the term {code!r}: {words[0]!r} is a Python keyword and not a column of "
+                f"the data; a column of that name may be written bare.{hint}")
+    return (f"{where}: cannot read the term {code!r} as an expression; write a column whose name is not a "
+            "Python name with backticks (`dose (mg)`) or as Q(\"dose (mg)\").")
+
+
+def _tokens(code):
+    try:
+        return list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, IndentationError):
+        return []
 
 
 def _check_node(node, code, columns, env, where):
@@ -80,32 +184,64 @@ def _check_node(node, code, columns, env, where):
         if not (isinstance(node.value, ast.Name) and node.value.id in _NUMPY_ALIASES
                 and node.attr in NUMPY_FUNCTIONS):
             raise FormulaError(f"{where}: the term {code!r} uses an attribute ({ast.unparse(node)}); only "
-                               f"np.<function> of the allowed numpy functions is accepted. {_ALLOWED}")
+                               f"np.<function> of the allowed numpy functions is accepted (import another "
+                               f"function by name in your code: from scipy.special import expit). {_ALLOWED}")
     elif isinstance(node, ast.Call):
         if isinstance(node.func, ast.Name) and node.func.id in columns:
             raise FormulaError(f"{where}: the term {code!r} calls the column {node.func.id!r} as a function.")
         if not isinstance(node.func, (ast.Name, ast.Attribute)):
             raise FormulaError(f"{where}: the term {code!r} calls {ast.unparse(node.func)}, which is not an "
                                f"allowed function. {_ALLOWED}")
-    elif isinstance(node, ast.Name):
-        name = node.id
-        if name.startswith("_") and name not in columns:
-            raise FormulaError(f"{where}: the term {code!r} uses {name!r}; names starting with '_' are not "
-                               f"allowed in formulas. {_ALLOWED}")
-        if name not in columns and not _in_environment(env, name):
-            close = difflib.get_close_matches(name, sorted(columns), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else f" {_ALLOWED}"
-            raise FormulaError(f"{where} uses {name!r}, which is not a column of the data nor an allowed "
-                               f"function.{hint}")
+        if isinstance(node.func, ast.Name) and node.func.id == "Q":
+            _check_quoted(node, code, columns, where)
+    elif isinstance(node, ast.Name) and node.id not in columns:
+        _check_name(node.id, code, columns, env, where)
 
 
-def _in_environment(env, name) -> bool:
+def _check_quoted(node, code, columns, where):
+    """patsy's Q looks its argument up in the caller's namespace too: here it names a column, nothing else."""
+    arg = node.args[0] if len(node.args) == 1 and not node.keywords else None
+    if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
+        raise FormulaError(f"{where}: the term {code!r} calls Q with {ast.unparse(node)[2:-1]!r}; Q takes the "
+                           "name of a column as a string: Q(\"dose (mg)\").")
+    if arg.value not in columns:
+        close = difflib.get_close_matches(arg.value, sorted(columns), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FormulaError(f"{where} uses {arg.value!r}, which is not a column of the data.{hint}")
+
+
+def _check_name(name, code, columns, env, where):
+    """A name that is not a column: a function of the table or of eval_env, never one of Python's builtins."""
+    if name.startswith("_"):
+        raise FormulaError(f"{where}: the term {code!r} uses {name!r}; names starting with '_' are not "
+                           f"allowed in formulas. {_ALLOWED}")
+    value = _lookup(env, name)
+    if name in _BUILTIN_NAMES and value is not SAFE_FUNCTIONS.get(name) or id(value) in _BUILTIN_IDS:
+        raise FormulaError(f"{where}: the term {code!r} uses {name!r}, which is not a column of the data and "
+                           f"is {'one of' if name in _BUILTIN_NAMES else 'held in the calling code as one of'} "
+                           f"Python's builtins; formulas do not call those. {_ALLOWED}")
+    if value is _MISSING:
+        close = difflib.get_close_matches(name, sorted(columns), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else f" {_ALLOWED}"
+        raise FormulaError(f"{where} uses {name!r}, which is not a column of the data nor an allowed "
+                           f"function.{hint}")
+    if not callable(value) and name not in _NUMPY_ALIASES:
+        hides = (f"; it hides the formula function {name}(), so rename it or pass eval_env={{}}"
+                 if name in SAFE_FUNCTIONS else "; formulas take values from the data's columns (add it as one)")
+        raise FormulaError(f"{where} uses {name!r}, which is not a column of the data; in the calling code it is a "
+                           f"{type(value).__name__}, not a function{hides}.")
+
+
+_MISSING = object()
+
+
+def _lookup(env, name):
     try:
-        env.namespace[name]
-        return True
+        return env.namespace[name]
     except KeyError:
-        return False
+        return _MISSING
 
 
-_ALLOWED = ("Formulas may use the data's columns, arithmetic, comparisons and these functions: "
-            + ", ".join(sorted(SAFE_FUNCTIONS)) + " (see docs/formulas.md); pass other functions in eval_env.")
+_ALLOWED = ("Formulas may use the data's columns, arithmetic, comparisons, these functions: "
+            + ", ".join(sorted(SAFE_FUNCTIONS)) + ", and in Python the functions of the calling code "
+            "(docs/formulas.md).")

@@ -302,4 +302,16 @@ write_fixture("cake", cake, list(
        extra = list(fit("ml_additive", "angle ~ recipe + temperature + (1 | recipe:replicate)", FALSE)))
 ))
 
+# nlme's Oats (split plot): the response is called `yield`, a Python keyword. Block as an unordered factor.
+oats <- data.frame(
+  yield = nlme::Oats$yield,
+  Variety = factor(as.character(nlme::Oats$Variety)),
+  nitro = nlme::Oats$nitro,
+  Block = factor(as.character(nlme::Oats$Block))
+)
+write_fixture("oats", oats, list(
+  fit("reml", "yield ~ Variety * nitro + (1 | Block) + (1 | Block:Variety)", TRUE),
+  fit("ml", "yield ~ Variety * nitro + (1 | Block) + (1 | Block:Variety)", FALSE)
+), embed_data = TRUE)
+
 message(sprintf("done in %.1f s", proc.time()[["elapsed"]] - started))
