@@ -267,3 +267,14 @@ def test_dask_refuses_the_callers_functions_with_the_reason(data):
     with pytest.raises(FormulaError, match="one of Python's builtins"):
         sparsemix.lmer("y ~ sum(x) + (1 | g)", dd.from_pandas(data, npartitions=2))
     assert times_two(1) == 2
+
+
+def test_numpys_constants_are_allowed_in_formulas(data):
+    """nlme's Ovary model writes sin(2 * pi * Time); patsy users write np.pi. Other attributes stay refused."""
+    frame = data.assign(t=np.linspace(0.0, 1.0, len(data)))
+    written = sparsemix.lmer("y ~ np.sin(2 * np.pi * t) + (1 | g)", frame)
+    computed = sparsemix.lmer("y ~ s + (1 | g)", frame.assign(s=np.sin(2 * np.pi * frame.t)))
+    assert written.llf == pytest.approx(computed.llf, rel=1e-12)
+    np.testing.assert_allclose(written.fe_params.to_numpy(), computed.fe_params.to_numpy(), rtol=1e-10)
+    with pytest.raises(FormulaError, match="attribute"):
+        sparsemix.lmer("y ~ np.linalg.norm(t) + (1 | g)", frame)

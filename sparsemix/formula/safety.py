@@ -40,7 +40,9 @@ SAFE_FUNCTIONS = {**{name: getattr(np, name) for name in NUMPY_FUNCTIONS},
                   "poly": poly}
 # `np.log(x)` and `numpy.log(x)` keep working: these names hold only the numpy functions above.
 _NUMPY_ALIASES = ("np", "numpy")
-_NUMPY_SUBSET = SimpleNamespace(**{name: getattr(np, name) for name in NUMPY_FUNCTIONS})
+# ... and numpy's constants (`sin(2 * np.pi * Time)`, nlme's Ovary model).
+NUMPY_CONSTANTS = ("pi", "e")
+_NUMPY_SUBSET = SimpleNamespace(**{name: getattr(np, name) for name in NUMPY_FUNCTIONS + NUMPY_CONSTANTS})
 # Refused by name (`eval`, `open`, `getattr`, also `sum`, `type`) unless a column or a safe function (`abs`), and
 # by identity when the caller's code holds one under another name (`run = exec`).
 _BUILTIN_NAMES = frozenset(vars(builtins))
@@ -182,9 +184,9 @@ def _check_node(node, code, columns, env, where):
                            f"({type(node).__name__}). {_ALLOWED}")
     if isinstance(node, ast.Attribute):
         if not (isinstance(node.value, ast.Name) and node.value.id in _NUMPY_ALIASES
-                and node.attr in NUMPY_FUNCTIONS):
+                and node.attr in NUMPY_FUNCTIONS + NUMPY_CONSTANTS):
             raise FormulaError(f"{where}: the term {code!r} uses an attribute ({ast.unparse(node)}); only "
-                               f"np.<function> of the allowed numpy functions is accepted (import another "
+                               f"np.<function> of the allowed numpy functions (and np.pi, np.e) is accepted (import another "
                                f"function by name in your code: from scipy.special import expit). {_ALLOWED}")
     elif isinstance(node, ast.Call):
         if isinstance(node.func, ast.Name) and node.func.id in columns:
