@@ -60,7 +60,7 @@ class MixedLMResults:
         """A name per theta entry (engine order), for messages."""
         names = [f"{self.model.exog_re_names[i]}" + ("" if i == j else f" x {self.model.exog_re_names[j]}")
                  for i, j in (self.model._re_template(False).positions if self.k_re else [])]
-        return names + [vc.name for vc in self.model._vcs]
+        return names + list(self.model._vc_names)
 
     @cached_property
     def _phi_index(self) -> np.ndarray:
@@ -217,9 +217,14 @@ class MixedLMResults:
 
     # -- random effects -------------------------------------------------------------------------------
 
+    def _require_data(self):
+        if isinstance(self.fit_result, _RemovedData):
+            self.fit_result.data       # raises the error that says remove_data() removed it
+
     @cached_property
     def _columns_of_group(self) -> list[np.ndarray]:
         """Z columns (engine order) belonging to each group: its exog_re columns, then each VC's columns."""
+        self._require_data()
         model = self.model
         per_group = [[] for _ in range(model.n_groups)]
         if self.k_re:
@@ -236,6 +241,7 @@ class MixedLMResults:
 
     @cached_property
     def _names_of_group(self) -> list[list[str]]:
+        self._require_data()
         model = self.model
         out = []
         offsets = np.cumsum([0] + [vc.Z.shape[1] for vc in model._vcs])
@@ -253,9 +259,14 @@ class MixedLMResults:
         return out
 
     @cached_property
+    def _b(self) -> np.ndarray:
+        """Conditional modes of the random effects in Z's column order."""
+        return self.fit_result.b
+
+    @cached_property
     def random_effects(self) -> dict:
         """Conditional modes of the random effects, {group label: Series}, on the scale of the data."""
-        b = self.fit_result.b
+        b = self._b
         return {label: pd.Series(b[cols], index=names)
                 for label, cols, names in zip(self.model.group_labels, self._columns_of_group, self._names_of_group)}
 
@@ -264,14 +275,17 @@ class MixedLMResults:
         """Conditional covariance of each group's random effects given the data, at the estimates."""
         out = {}
         for label, cols, names in zip(self.model.group_labels, self._columns_of_group, self._names_of_group):
-            cov = self.fit_result.conditional_covariance(cols) if cols.size else np.zeros((0, 0))
+            # Var(b | y) = scale x (relative conditional covariance at theta)
+            cov = (self.fit_result.conditional_covariance(cols) * (self.scale / self.fit_result.sigma2)
+                   if cols.size else np.zeros((0, 0)))
             out[label] = pd.DataFrame(cov, index=names, columns=names)
         return out
 
     @cached_property
     def _fitted(self) -> np.ndarray:
+        self._require_data()
         Z = assemble_Z(self.model._terms())
-        return self.model.exog @ self._fe + Z @ self.fit_result.b
+        return self.model.exog @ self._fe + Z @ self._b
 
     @property
     def fittedvalues(self):
@@ -290,6 +304,7 @@ class MixedLMResults:
     def predict(self, exog=None):
         """The fixed part exog @ fe_params (as statsmodels); a DataFrame goes through the formula."""
         if exog is None:
+            self._require_data()
             return self.model.exog @ self._fe
         if isinstance(exog, pd.DataFrame) and self.model._design_info is not None:
             (X,) = patsy.build_design_matrices([self.model._design_info], exog, return_type="dataframe")
@@ -311,6 +326,7 @@ class MixedLMResults:
         the variance scale (num_low points below, num_high above) while everything else is re-estimated.
         Returns an array with columns [variance, log-likelihood].
         """
+        self._require_data()
         model = self.model
         if vtype == "re":
             ix = int(re_ix)
@@ -352,13 +368,78 @@ class MixedLMResults:
             start = opt.theta.copy()
         return np.array(rows)
 
+    # -- tests -------------------------------------------------------------------------------------------------
+
+    def t_test(self, r_matrix, use_t=None) -> "ContrastResults":
+        """Tests of linear combinations r_matrix @ fe_params = 0 (statsmodels' MixedLMResults.t_test: fixed
+        effects only). Normal reference distribution, as statsmodels' default for MixedLM; use_t=True takes
+        the t distribution with nobs - rank(exog) degrees of freedom."""
+        R = np.atleast_2d(np.asarray(r_matrix, dtype=float))
+        if R.shape[1] != self.k_fe:
+            raise InputError(f"r_matrix for t-test should have {self.k_fe:d} columns (one per fixed effect: "
+                             f"{', '.join(self.model.exog_names)}); got {R.shape[1]}.")
+        cov = self._cov_params[:self.k_fe, :self.k_fe]
+        df = self.nobs - self.k_fe if use_t else None
+        return ContrastResults(R @ self._fe, np.sqrt(np.diag(R @ cov @ R.T)), df)
+
     # -- report ----------------------------------------------------------------------------------------------
 
     def summary(self, yname=None, xname_fe=None, xname_re=None, title=None, alpha=0.05) -> MixedLMSummary:
         return MixedLMSummary(self, yname=yname, xname_fe=xname_fe, xname_re=xname_re, title=title, alpha=alpha)
 
+    def remove_data(self):
+        """Drop the data and the fitted system (statsmodels' remove_data), so the results are small and, for
+        models built from arrays, can be pickled (patsy's formula information cannot). params, standard
+        errors, summary() and t_test() keep working; what needs the data (fittedvalues, resid, random_effects,
+        profile_re, predict() without exog) then raises an error saying so."""
+        _ = self._cov_params, self._bse_re           # computed now: they need the fitted system
+        for name in ("_b", "_fitted", "random_effects", "random_effects_cov", "_columns_of_group",
+                     "_names_of_group"):
+            self.__dict__.pop(name, None)
+        self.fit_result = _RemovedData()
+        self.model._remove_data()
+
     def __repr__(self):
         return f"<sparsemix MixedLMResults: {self.method}, llf={self.llf:.4f}, converged={self.converged}>"
+
+
+class _RemovedData:
+    """Stands in for the fitted system after remove_data(): anything that needs it says so."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)          # pickle and copy probe for optional dunders
+        raise InputError("remove_data() has removed the data and the fitted system this needs; fit the model "
+                         "again to compute it.")
+
+
+class ContrastResults:
+    """statsmodels' ContrastResults for t tests: effect, sd, tvalue (= statistic), pvalue, conf_int()."""
+
+    def __init__(self, effect, sd, df_denom=None):
+        self.effect = np.asarray(effect, dtype=float)
+        self.sd = np.asarray(sd, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            self.tvalue = self.effect / self.sd
+        self.statistic = self.tvalue
+        self.df_denom = df_denom
+        self.distribution = "norm" if df_denom is None else "t"
+        self.dist = stats.norm if df_denom is None else stats.t(df_denom)
+        self.pvalue = 2 * self.dist.sf(np.abs(self.tvalue))
+
+    def conf_int(self, alpha=0.05) -> np.ndarray:
+        q = self.dist.ppf(1 - alpha / 2)
+        return np.column_stack([self.effect - q * self.sd, self.effect + q * self.sd])
+
+    def summary_frame(self, alpha=0.05) -> pd.DataFrame:
+        ci = self.conf_int(alpha)
+        stat = "z" if self.df_denom is None else "t"
+        return pd.DataFrame({"coef": self.effect, "std err": self.sd, stat: self.tvalue,
+                             f"P>|{stat}|": self.pvalue, "Conf. Int. Low": ci[:, 0], "Conf. Int. Upp.": ci[:, 1]},
+                            index=[f"c{i}" for i in range(self.effect.shape[0])])
+
+    def __repr__(self):
+        return repr(self.summary_frame())
 
 
 def _theta_permutation(model, order) -> np.ndarray:

@@ -16,21 +16,34 @@ import patsy
 import scipy.sparse as sp
 
 from .. import checks
-from ..errors import IgnoredArgumentWarning, InputError
-from ..fitting import build_fit, build_system, optimize_system, warn_if_singular
+from ..errors import IgnoredArgumentWarning, InputError, SingularFitWarning
+from ..fitting import build_fit, build_system, optimize_system
 from ..pilot import pilot_start, pilot_wanted
 from ..optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
 from ..formula.safety import formula_environment
 from ..terms import CovarianceTemplate, RandomTerm, VarianceComponent, sorted_codes
+from . import likelihood
+from .data import ModelData
 from .params import MixedLMParams, VCSpec
+from .regularized import fit_regularized
 from .results import MixedLMResults
 
-__all__ = ["MixedLM"]
+__all__ = ["MixedLM", "UnusedArgumentWarning"]
 
 # statsmodels names the default random intercept of the array constructor "Group Var" everywhere
 # (cov_re labels, random_effects index, parameter name).
 DEFAULT_INTERCEPT_NAME = "Group Var"
+
+# The keywords statsmodels' fit passes on to scipy; any other keyword statsmodels warns about (FutureWarning:
+# it will raise), and so does sparsemix. Of these, sparsemix uses maxiter and gtol (and its own `progress`).
+STATSMODELS_FIT_KEYWORDS = {"gtol", "maxiter", "eps", "maxcor", "ftol", "tol", "disp", "maxls"}
+USED_FIT_KEYWORDS = {"maxiter", "gtol", "progress"}
+
+
+class UnusedArgumentWarning(IgnoredArgumentWarning, FutureWarning):
+    """A fit keyword neither statsmodels' MixedLM.fit nor sparsemix's uses: ignored now, an error in a future
+    version (statsmodels' FutureWarning says the same)."""
 
 
 class MixedLM:
@@ -49,10 +62,15 @@ class MixedLM:
                              "signature MixedLM(endog, exog, groups, exog_re, exog_vc, use_sqrt, missing).")
         if missing not in ("none", "drop", "raise"):
             raise InputError(f"missing={missing!r} is not one of 'none', 'drop', 'raise'.")
+        if isinstance(exog_vc, dict):
+            warnings.warn("Using deprecated variance components format (exog_vc as a dict of dicts), as "
+                          "statsmodels calls it: pass a VCSpec(names, colnames, mats), which statsmodels and "
+                          "sparsemix both accept.", FutureWarning, stacklevel=2)
         self.use_sqrt = bool(use_sqrt)
         self.missing = missing
         self.formula = kwargs.get("formula")
         self._design_info = kwargs.get("design_info")
+        self._init_fit_state()
         self._data_is_pandas = isinstance(endog, pd.Series) or isinstance(exog, (pd.DataFrame, pd.Series))
         self._row_index = endog.index if isinstance(endog, pd.Series) else None
 
@@ -95,8 +113,14 @@ class MixedLM:
             codes, labels, vcs = _regroup(codes[keep], labels, [_take_rows(vc, keep) for vc in vcs])
             checks.check_not_empty(y.shape[0], "the data after dropping incomplete rows")
         self._set_data(y, X, codes, labels, Zre, vcs, group_values)
+        self.data = ModelData(self, endog, exog)
 
     # -- construction helpers ------------------------------------------------------------------------
+
+    def _init_fit_state(self):
+        # statsmodels' model remembers the criterion of its last fit: loglike, score and hessian follow it.
+        self.reml = True
+        self._freepat = None
 
     def _set_data(self, y, X, codes, labels, Zre, vcs, group_values):
         checks.check_finite(y, "endog")
@@ -107,7 +131,11 @@ class MixedLM:
         for vc in vcs:
             checks.check_finite(vc.Z.data, f"exog_vc[{vc.name!r}]")
         checks.check_full_rank(X, self.exog_names)
-        self.endog, self.exog, self.groups = y, X, group_values
+        # One memory layout whatever the constructor (a DataFrame's to_numpy is column-major): BLAS rounds
+        # differently by layout, and the same model must give the same numbers from arrays and from formulas.
+        X = np.ascontiguousarray(X)
+        Zre = Zre if Zre is None or sp.issparse(Zre) else np.ascontiguousarray(Zre)
+        self.endog, self.exog, self.groups = np.ascontiguousarray(y), X, group_values
         self.exog_re = Zre
         self._group_codes = codes
         self.group_labels = list(labels)
@@ -119,6 +147,8 @@ class MixedLM:
         self._vcs = list(vcs)
         self.k_vc = len(self._vcs)
         self.row_indices = dict(zip(self.group_labels, _rows_of_group(codes, len(labels))))
+        self._group_sizes = np.bincount(codes, minlength=len(labels))
+        self._vc_names = [vc.name for vc in self._vcs]
         if self.k_re:
             checks.check_levels(self.n_groups, self.group_name, self.nobs)
         for vc in self._vcs:
@@ -205,8 +235,9 @@ class MixedLM:
         model._design_info, model._data_is_pandas, model._row_index = design_info, True, data.index
         model.endog_names, model.exog_names = str(endog.name), list(exog.columns)
         model.exog_re_names, model.group_name = list(re_names), group_name
-        model.data = data
+        model._init_fit_state()
         model._set_data(endog.to_numpy(float), exog.to_numpy(float), codes, labels, Zre, vcs, group_values)
+        model.data = ModelData(model, endog, exog, frame=data)
         return model
 
     # -- the engine's view ----------------------------------------------------------------------------
@@ -286,8 +317,13 @@ class MixedLM:
         iterations (scipy).
         """
         if fe_pen is not None or cov_pen is not None:
-            raise InputError("penalized fits (fe_pen, cov_pen) are not supported by sparsemix; fit without them.")
-        ignored = sorted(k for k in fit_kwargs if k not in {"maxiter", "gtol", "progress"})
+            raise InputError("penalized fits (fe_pen, cov_pen) are not supported by sparsemix; fit without them "
+                             "(fit_regularized penalizes the fixed effects).")
+        unknown = sorted(k for k in fit_kwargs if k not in STATSMODELS_FIT_KEYWORDS | USED_FIT_KEYWORDS)
+        if unknown:
+            warnings.warn(f"Argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} not used by MixedLM.fit. "
+                          "Future versions will raise on these arguments.", UnusedArgumentWarning, stacklevel=2)
+        ignored = sorted(k for k in fit_kwargs if k in STATSMODELS_FIT_KEYWORDS - USED_FIT_KEYWORDS)
         if niter_sa:
             ignored.append("niter_sa")
         if not do_cg:
@@ -300,6 +336,7 @@ class MixedLM:
         checks.check_progress(fit_kwargs.get("progress"))
         opt_method = self._optimizer(method)
         start = self._start_params(start_params)
+        self.reml, self._freepat = bool(reml), free
         theta0 = self._theta_from_params(start)
         free_mask = None if free is None else self._free_mask(free, start)
         system = self.build_system()
@@ -313,8 +350,28 @@ class MixedLM:
                               method=opt_method, progress=fit_kwargs.get("progress"), initial_step=step)
         fit = build_fit(system, opt, bool(reml), free_mask)
         results = MixedLMResults(self, fit, free)
-        warn_if_singular(fit, results._theta_names())
+        self._warn_if_singular(results)
         return results
+
+    def _warn_if_singular(self, results):
+        fit = results.fit_result
+        if not fit.is_singular:
+            return
+        names = results._theta_names()
+        which = ", ".join(names[i] for i in fit.singular)
+        in_cov_re = self.k_re and bool(np.any(fit.singular < self._re_template(False).n_theta))
+        # statsmodels' SingularMatrixWarning says "The random effects covariance matrix is singular."
+        lead = "The random effects covariance matrix is singular: " if in_cov_re else ""
+        warnings.warn(f"{lead}boundary (singular) fit: {which} estimated at zero. The model is overparameterized "
+                      "for these data; consider removing that random effect.", SingularFitWarning, stacklevel=3)
+
+    def fit_regularized(self, start_params=None, method="l1", alpha=0, ceps=1e-4, ptol=1e-6, maxit=200,
+                        **fit_kwargs):
+        """Penalized fixed effects with the dependence parameters held at the unpenalized fit (statsmodels'
+        semantics; see compat/regularized.py). method="l1" with `alpha` (a number or one weight per fixed
+        effect), or a smooth penalty object (func, deriv), such as statsmodels' L2()."""
+        return fit_regularized(self, start_params=start_params, method=method, alpha=alpha, ceps=ceps, ptol=ptol,
+                               maxit=maxit, **fit_kwargs)
 
     @staticmethod
     def _optimizer(method) -> str:
@@ -326,15 +383,176 @@ class MixedLM:
             return DEFAULT_OPTIMIZER
         return resolve_method(method)
 
-    def loglike(self, params, reml=True) -> float:
-        """Profile log-likelihood at packed covariance parameters (or a MixedLMParams), fe and scale profiled."""
-        pa = params if isinstance(params, MixedLMParams) else self._start_params(params)
-        system = self.build_system()
-        return -0.5 * system.deviance(self._theta_from_params(pa), reml)
+    # -- statsmodels' likelihood surface (compat/likelihood.py) ------------------------------------------
+
+    @cached_property
+    def _likelihood_system(self):
+        return self.build_system()
+
+    def _params_object(self, params, has_fe, use_sqrt=None) -> MixedLMParams:
+        if isinstance(params, MixedLMParams):
+            return params
+        use_sqrt = self.use_sqrt if use_sqrt is None else use_sqrt
+        packed = np.asarray(params, dtype=float).reshape(-1)
+        expected = self.k_re2 + self.k_vc + (self.k_fe if has_fe else 0)
+        if packed.shape[0] != expected:
+            what = "fixed effects, then " if has_fe else ""
+            raise InputError(f"params has length {packed.shape[0]}; expected {expected} ({what}the lower triangle of "
+                             f"cov_re / scale and vcomp / scale), or a MixedLMParams.")
+        return MixedLMParams.from_packed(packed, self.k_fe, self.k_re, use_sqrt, has_fe=has_fe)
+
+    def loglike(self, params, profile_fe=True, reml=None) -> float:
+        """statsmodels' log-likelihood: the REML or ML one as the model was last fitted (REML before any fit;
+        `reml` overrides), scale profiled out, the fixed effects profiled (their GLS estimates) or, with
+        profile_fe=False, those of `params`. `params` is a MixedLMParams (cov_re and vcomp relative to scale)
+        or the packed covariance parameters (use_sqrt as the model's). -inf where the covariance is not
+        positive semi-definite."""
+        pa = self._params_object(params, has_fe=False)
+        reml = self.reml if reml is None else bool(reml)
+        with self._likelihood_system.threads():
+            return likelihood.loglike_at(self, pa, reml, profile_fe)
+
+    def score(self, params, profile_fe=True) -> np.ndarray:
+        """Gradient of loglike in the packed parametrization (use_sqrt as the model's): [fe (if not
+        profile_fe), cov_re lower triangle, vcomp]; entries held fixed by the last fit's `free` are zero.
+        Central differences (compat/likelihood.py)."""
+        pa = self._params_object(params, has_fe=False)
+        has_fe = not profile_fe
+        if has_fe and np.asarray(pa.fe_params).shape[0] != self.k_fe:
+            raise InputError(f"profile_fe=False needs the {self.k_fe} fixed effects in params (a MixedLMParams "
+                             "with fe_params).")
+        x = pa.get_packed(use_sqrt=self.use_sqrt, has_fe=has_fe)
+
+        def f(v):
+            q = MixedLMParams.from_packed(v, self.k_fe, self.k_re, self.use_sqrt, has_fe=has_fe)
+            return likelihood.loglike_at(self, q, self.reml, profile_fe)
+
+        with self._likelihood_system.threads():
+            grad = likelihood.central_gradient(f, x)
+        if self._freepat is not None:
+            grad *= self._freepat.get_packed(use_sqrt=False, has_fe=has_fe) != 0
+        return grad
+
+    def hessian(self, params) -> tuple[np.ndarray, bool]:
+        """statsmodels' hessian: second derivatives of loglike (fixed effects given, scale profiled) in the
+        parametrization [fe, cov_re lower triangle, vcomp] without square roots, and whether cov_re is
+        singular there. `params` is a MixedLMParams or packed with fixed effects (use_sqrt as the model's).
+        Central differences; NaN where the stencil leaves the positive semi-definite cone."""
+        pa = self._params_object(params, has_fe=True)
+        x = pa.get_packed(use_sqrt=False, has_fe=True)
+
+        def f(v):
+            q = MixedLMParams.from_packed(v, self.k_fe, self.k_re, False, has_fe=True)
+            return likelihood.loglike_at(self, q, self.reml, profile_fe=False)
+
+        with self._likelihood_system.threads(), np.errstate(invalid="ignore"):
+            hess = likelihood.central_hessian(f, x)
+        return hess, self.k_re > 0 and likelihood.is_singular(pa.cov_re)
+
+    def get_fe_params(self, cov_re, vcomp, tol=1e-10) -> tuple[np.ndarray, bool]:
+        """GLS fixed effects at relative cov_re and vcomp, and whether the covariance is singular (an
+        eigenvalue of cov_re, or a vcomp, below tol)."""
+        cov_re = np.atleast_2d(np.asarray(cov_re, dtype=float)) if self.k_re else np.zeros((0, 0))
+        vcomp = np.asarray(vcomp, dtype=float).reshape(-1)
+        theta = likelihood.theta_of(self, cov_re, vcomp)
+        if theta is None:
+            raise InputError("cov_re is not positive semi-definite (or a vcomp is negative); pass covariance "
+                             "parameters relative to the scale, as in MixedLMParams.")
+        with self._likelihood_system.threads():
+            _, beta = likelihood.gls_at(self, theta, self.reml)
+        sing = bool((cov_re.size and np.linalg.eigvalsh(cov_re).min() < tol) or (vcomp.size and vcomp.min() < tol))
+        return beta, sing
+
+    def get_scale(self, fe_params, cov_re, vcomp) -> float:
+        """The residual variance profiled at the given fixed effects and relative covariance:
+        (y - X fe)' V_rel^-1 (y - X fe) / (n - k_fe) for REML, / n for ML."""
+        cov_re = np.atleast_2d(np.asarray(cov_re, dtype=float)) if self.k_re else np.zeros((0, 0))
+        theta = likelihood.theta_of(self, cov_re, vcomp)
+        if theta is None:
+            raise InputError("cov_re is not positive semi-definite (or a vcomp is negative).")
+        system = self._likelihood_system
+        with system.threads():
+            ev, beta_hat = likelihood.gls_at(self, theta, self.reml)
+        if ev is None:
+            raise InputError("the fixed effects are not estimable at this covariance (X'V^-1X is numerically "
+                             "singular).")
+        return likelihood.quadratic_form(ev, beta_hat, fe_params) / system.dof(self.reml)
+
+    def predict(self, params, exog=None) -> np.ndarray:
+        """exog @ fe_params: the fixed-effects mean only, as statsmodels. `params` is a MixedLMParams or a
+        vector that starts with the fixed effects (the packed parameters, or the fixed effects alone)."""
+        X = self.exog if exog is None else np.asarray(exog, dtype=float)
+        fe = params.fe_params if isinstance(params, MixedLMParams) else np.asarray(params, dtype=float)[:self.k_fe]
+        if X is None:
+            raise InputError("the model's data were removed (remove_data()); pass exog.")
+        if np.ndim(X) == 1:
+            X = X[:, None] if self.k_fe == 1 else X[None, :]
+        if X.shape[1] != self.k_fe or np.shape(fe)[0] != self.k_fe:
+            raise InputError(f"predict needs exog with {self.k_fe} columns and {self.k_fe} fixed effects "
+                             f"({', '.join(self.exog_names)}); got {X.shape[1]} columns and {np.shape(fe)[0]} values.")
+        return X @ np.asarray(fe, dtype=float)
+
+    def get_distribution(self, params, scale, exog=None) -> "MixedLMDistribution":
+        """Simulate from the model: `params` packed as results.params (fe, cov_re / scale, vcomp / scale)."""
+        return MixedLMDistribution(self, params, scale, exog)
+
+    def group_list(self, array):
+        """`array` split by group (statsmodels' helper): a list of its rows for each group label, in order."""
+        if array is None:
+            return None
+        array = np.asarray(array)
+        return [array[self.row_indices[g]] for g in self.group_labels]
+
+    def _remove_data(self):
+        """For results.remove_data(): drop the arrays, keep names and sizes."""
+        for name in ("endog", "exog", "exog_re", "groups", "_group_codes", "_vcs", "row_indices", "_row_index"):
+            setattr(self, name, None)
+        for name in ("_likelihood_system", "exog_vc"):
+            self.__dict__.pop(name, None)
+        self.data.frame = self.data.orig_endog = self.data.orig_exog = None
 
     def __repr__(self):
         return (f"MixedLM(nobs={self.nobs}, k_fe={self.k_fe}, k_re={self.k_re}, k_vc={self.k_vc}, "
                 f"n_groups={self.n_groups})")
+
+
+class MixedLMDistribution:
+    """statsmodels' _mixedlm_distribution: draws of endog from a MixedLM at given parameters. For the same
+    `rng` it makes the same draws, in the same order, as statsmodels (random effects by group, then each
+    variance component by group, then the residuals), so seeded simulations agree between the two."""
+
+    def __init__(self, model, params, scale, exog=None):
+        pa = MixedLMParams.from_packed(np.asarray(params, dtype=float), model.k_fe, model.k_re, False, True)
+        self.model = model
+        self.exog = model.exog if exog is None else np.asarray(exog, dtype=float)
+        self.fe_params = pa.fe_params
+        self.cov_re = scale * pa.cov_re
+        self.vcomp = scale * pa.vcomp
+        self.scale = float(scale)
+        if self.exog is None or model.endog is None:
+            raise InputError("the model's data were removed (remove_data()); simulate from a model that has them.")
+        if self.exog.shape[0] != model.nobs:
+            raise InputError(f"exog has {self.exog.shape[0]} rows; the model's random effects are for {model.nobs}.")
+        self._factor = likelihood.psd_factor(self.cov_re) if model.k_re else np.zeros((0, 0))
+        if self._factor is None:
+            raise InputError("cov_re in params is not positive semi-definite.")
+
+    def rvs(self, n=None, rng=None) -> np.ndarray:
+        """One draw of endog (n is ignored, as in statsmodels). `rng`: a seed, a numpy Generator or a
+        RandomState."""
+        model = self.model
+        if not isinstance(rng, (np.random.Generator, np.random.RandomState)):
+            rng = np.random.default_rng(rng)
+        y = self.exog @ self.fe_params
+        if model.k_re:
+            u = rng.normal(size=(model.n_groups, model.k_re)) @ self._factor.T
+            Zre = model.exog_re.toarray() if sp.issparse(model.exog_re) else model.exog_re
+            y = y + (u[model._group_codes] * Zre).sum(1)
+        for v, mats in zip(self.vcomp, model.exog_vc.mats):
+            for mat, label in zip(mats, model.group_labels):
+                rows = model.row_indices[label]
+                y[rows] += np.sqrt(v) * (mat @ rng.normal(size=mat.shape[1]))
+        return y + np.sqrt(self.scale) * rng.normal(size=y.shape[0])
 
 
 # -- input helpers (module level: they know arrays, not the model) ----------------------------------------

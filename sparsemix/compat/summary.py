@@ -1,5 +1,8 @@
 """statsmodels' "Mixed Linear Model Regression Results" table, laid out the way statsmodels lays it out.
 
+`tables` holds the two tables as DataFrames of strings, as statsmodels' Summary does (scripts read
+`summary().tables[1]`); `params` holds the parameter table's numbers.
+
 Two tables share one width W: the info block (four columns, left-aligned) and the parameter table (a stub
 column of names, centred headers, right-aligned numbers). The narrower one is widened by padding its column
 separators; statsmodels counts one separator fewer than the parameter table has, so when that table is
@@ -21,6 +24,17 @@ class MixedLMSummary:
         self.info = _info(results, yname)
         self.params = _param_table(results, xname_fe, xname_re, alpha)
         self.title = TITLE if title is None else title
+
+    @property
+    def tables(self) -> list[pd.DataFrame]:
+        """[the info block (6 rows of key, value, key, value), the parameter table], as statsmodels' Summary:
+        strings, numbers to three decimals, blank where a value is not finite."""
+        info = pd.DataFrame([[c for pair in row for c in pair] for row in _halves(self.info)])
+        params = self.params.apply(lambda column: column.map(_fmt))
+        return [info, params]
+
+    def as_html(self) -> str:
+        return "\n".join(table.to_html(header=i == 1, index=i == 1) for i, table in enumerate(self.tables))
 
     def as_text(self) -> str:
         info_rows = [[c for pair in row for c in pair] for row in _halves(self.info)]
@@ -55,7 +69,7 @@ class MixedLMSummary:
 
 def _info(results, yname) -> list[tuple[str, str]]:
     model = results.model
-    sizes = np.bincount(model._group_codes, minlength=model.n_groups)
+    sizes = model._group_sizes
     return [
         ("Model:", "MixedLM"),
         ("No. Observations:", str(results.nobs)),
@@ -94,7 +108,7 @@ def _param_table(results, xname_fe, xname_re, alpha) -> pd.DataFrame:
 
 
 def _fmt(v) -> str:
-    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+    return f"{v:.3f}" if v is not None and np.isfinite(v) else ""
 
 
 def _halves(info):
