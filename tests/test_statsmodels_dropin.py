@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 import sparsemix
 from sparsemix.compat.statsmodels import UnusedArgumentWarning
@@ -104,6 +105,20 @@ def test_score_and_hessian_equal_statsmodels_analytic_derivatives(use_sqrt, reml
     their_hess, their_sing = theirs.hessian(theirs_fit.params_object)
     assert not sing and not their_sing
     np.testing.assert_allclose(hess, their_hess, rtol=1e-4, atol=1e-4 * np.abs(their_hess).max())
+
+
+def test_score_is_zero_where_free_holds_a_parameter():
+    """After fit(free=...), as in statsmodels, the score of the parameters held fixed is zero (here the
+    covariance of the two random effects)."""
+    ours, theirs = _slopes_and_vc(True)
+    ours.fit(free=sparsemix.MixedLMParams.from_components(np.ones(3), np.eye(2), vcomp=np.ones(1)))
+    _quiet(theirs.fit, free=sm_lme.MixedLMParams.from_components(np.ones(3), np.eye(2), vcomp=np.ones(1)))
+    point = dict(fe_params=np.array([0.9, 0.4, -0.2]), cov_re=np.array([[1.2, 0.3], [0.3, 0.6]]), vcomp=np.array([0.4]))
+    for profile_fe in (True, False):
+        score = ours.score(sparsemix.MixedLMParams.from_components(**point), profile_fe=profile_fe)
+        their_score = theirs.score(sm_lme.MixedLMParams.from_components(**point), profile_fe=profile_fe)
+        np.testing.assert_allclose(score, their_score, rtol=1e-6, atol=1e-6)
+        assert score[1 if profile_fe else 4] == 0.0 and np.all(np.delete(score, 1 if profile_fe else 4) != 0)
 
 
 def test_get_fe_params_and_get_scale_equal_statsmodels():
@@ -304,7 +319,7 @@ def test_t_test_of_fixed_effects():
     np.testing.assert_allclose(ours_t.effect, their_t.effect, rtol=1e-6)
     np.testing.assert_allclose(ours_t.sd, np.sqrt(np.diag(R @ res.cov_params()[:3, :3] @ R.T)), rtol=1e-12)
     np.testing.assert_allclose(ours_t.sd, their_t.sd, rtol=2e-3)       # GLS vs statsmodels' Hessian
-    np.testing.assert_allclose(ours_t.pvalue, 2 * __import__("scipy").stats.norm.sf(np.abs(ours_t.tvalue)))
+    np.testing.assert_allclose(ours_t.pvalue, 2 * stats.norm.sf(np.abs(ours_t.tvalue)))
     t_ref = res.t_test(R, use_t=True)
     assert t_ref.df_denom == 297 and np.all(t_ref.pvalue > ours_t.pvalue)
     with pytest.raises(ValueError, match="should have 3 columns"):

@@ -93,7 +93,8 @@ def _outcomes(report: Path) -> dict[str, str]:
         elif problem is not None:
             text = problem.text or ""
             where = [line for line in text.splitlines() if re.match(r"\S+\.py:\d+", line)]
-            out[_node_id(case)] = (problem.get("message") or "").strip()[:1500] + (f"\n  at {where[-1]}" if where else "")
+            message = (problem.get("message") or "").strip()[:1500]
+            out[_node_id(case)] = message + (f"\n  at {where[-1]}" if where else "")
         else:
             out[_node_id(case)] = ""
     return out
@@ -129,7 +130,8 @@ def test_every_public_api_test_of_statsmodels_passes(suite_outcomes):
     assert len(public) >= 80, f"only {len(public)} public-API tests were collected: {sorted(public)}"
     failed = {k: v for k, v in public.items() if v}
     report = "\n\n".join(f"{k}:\n{v}" for k, v in failed.items())
-    assert not failed, f"{len(failed)} of {len(public)} of statsmodels' public-API tests fail with sparsemix:\n\n{report}"
+    assert not failed, (f"{len(failed)} of {len(public)} of statsmodels' public-API tests fail with sparsemix:"
+                        f"\n\n{report}")
 
 
 def test_left_out_list_names_existing_tests(suite_outcomes):

@@ -430,7 +430,11 @@ class MixedLM:
         with self._likelihood_system.threads():
             grad = likelihood.central_gradient(f, x)
         if self._freepat is not None:
-            grad *= self._freepat.get_packed(use_sqrt=False, has_fe=has_fe) != 0
+            free = self._freepat
+            mask = np.concatenate([np.asarray(free.fe_params, dtype=float) != 0 if has_fe and
+                                   np.shape(free.fe_params) == (self.k_fe,) else np.ones(self.k_fe * has_fe, bool),
+                                   free.get_packed(use_sqrt=False, has_fe=False) != 0])
+            grad *= mask
         return grad
 
     def hessian(self, params) -> tuple[np.ndarray, bool]:
