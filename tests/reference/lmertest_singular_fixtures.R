@@ -14,27 +14,9 @@ suppressPackageStartupMessages({
 })
 
 args <- commandArgs(trailingOnly = TRUE)
-out_dir <- if (length(args) >= 1) args[1] else {
-  file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
-  dirname(normalizePath(sub("^--file=", "", file_arg)))
-}
-
-# As lme4_fixtures.R: the shortest "%.{15,16,17}g" that reads back to the identical double, inserted verbatim
-# (jsonlite stops at 15 digits). Length-1 vectors become scalars unless wrapped in I().
-num_str <- function(v) vapply(v, function(x) {
-  if (is.na(x)) return("null")
-  for (d in 15:17) if (as.numeric(s <- sprintf("%.*g", d, x)) == x) break
-  s
-}, "")
-json_array <- function(items) paste0("[", paste(items, collapse = ", "), "]")
-exact_numbers <- function(x) {
-  if (is.list(x)) return(structure(lapply(x, exact_numbers), names = names(x)))
-  if (!is.numeric(x)) return(x)
-  txt <- if (is.matrix(x)) json_array(apply(x, 1, function(row) json_array(num_str(row))))
-         else if (length(x) == 1 && !inherits(x, "AsIs")) num_str(x)
-         else json_array(num_str(x))
-  structure(txt, class = "json")
-}
+file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
+source(file.path(dirname(normalizePath(sub("^--file=", "", file_arg))), "exact_json.R"))   # num_str, exact_numbers
+out_dir <- if (length(args) >= 1) args[1] else script_dir()
 
 fit_record <- function(name, formula, data, reml) {
   formula <- as.formula(formula)

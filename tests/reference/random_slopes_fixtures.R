@@ -5,7 +5,7 @@
 #   Writes random_slopes.json (OUT_DIR defaults to this script's directory): one entry per data set with the
 #   data under "data" and lme4's fits under "fits" ({name, formula, reml, logLik, theta, beta, isSingular, lme4_messages}).
 #   Needs lme4, mlmRev, nlme and jsonlite (Debian: r-cran-lme4 r-cran-mlmrev r-cran-nlme). A few seconds.
-# Numbers are written with 17 significant digits (enough to read back the double R computed).
+# Numbers are written exactly (exact_json.R).
 
 suppressPackageStartupMessages({
   library(lme4)
@@ -15,10 +15,9 @@ suppressPackageStartupMessages({
 })
 
 args <- commandArgs(trailingOnly = TRUE)
-out_dir <- if (length(args) >= 1) args[1] else {
-  file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
-  dirname(normalizePath(sub("^--file=", "", file_arg)))
-}
+file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
+source(file.path(dirname(normalizePath(sub("^--file=", "", file_arg))), "exact_json.R"))   # num_str, exact_numbers
+out_dir <- if (length(args) >= 1) args[1] else script_dir()
 
 plain <- function(df) {
   df <- as.data.frame(df)
@@ -58,5 +57,5 @@ out <- lapply(sets, function(s) {
 names(out) <- vapply(sets, function(s) sub(".*::", "", s$dataset), "")
 out$versions <- list(R = R.version.string, lme4 = as.character(packageVersion("lme4")),
                      mlmRev = as.character(packageVersion("mlmRev")), nlme = as.character(packageVersion("nlme")))
-writeLines(toJSON(out, auto_unbox = TRUE, digits = I(17), dataframe = "columns"),
-           file.path(out_dir, "random_slopes.json"))
+write_json(exact_numbers(out), file.path(out_dir, "random_slopes.json"), auto_unbox = TRUE, digits = NA,
+           na = "null", json_verbatim = TRUE, dataframe = "columns")
