@@ -1,33 +1,41 @@
 """The `sparsemix` command: fit lme4-style models to CSV or Parquet files from batch scripts.
 
-    sparsemix fit DATA --formula "y ~ x + (1 + x | g)" [--ml] [--weights COL] [--offset COL]
+    sparsemix fit DATA --formula "y ~ x + (1 + x | g)" [--ml] [--weights COL] [--offset COL] [--sep C]
                   [--format text|json|markdown] [--output FILE] [--quiet] [--debug]
     sparsemix anova DATA --formula F1 --formula F2 [...]
 
 Exit codes: 0 fitted (and converged), 1 fitted but the optimizer did not converge, 2 a usage or input error,
-reported as one line on standard error (with the traceback only under --debug). The JSON output is documented
-in docs/cli.md; its keys are stable.
+3 an internal error (a bug); 2 and 3 are one line on standard error, with the traceback only under --debug.
+The report never overwrites the input and is written atomically. The JSON output is documented in
+docs/cli.md; its keys are stable.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import io
 import json
 import math
 import os
+import secrets
+import stat
 import sys
 import time
+import traceback
 import warnings
 
 import numpy as np
 import pandas as pd
 
-from .errors import ConvergenceWarning, SparsemixError, require_extra
+from .errors import ConvergenceWarning, MissingExtraError, SparsemixError, require_extra
 from .progress import ProgressPrinter
 
 __all__ = ["main", "read_table", "fit_record", "markdown_report"]
 
-EXIT_OK, EXIT_NOT_CONVERGED, EXIT_INPUT = 0, 1, 2
+EXIT_OK, EXIT_NOT_CONVERGED, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 PARQUET_SUFFIXES = (".parquet", ".pq")
+TAB_SUFFIXES = (".tsv", ".tab")
+SEPARATOR_NAMES = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "vertical bars"}
 
 
 class CommandError(Exception):
@@ -40,12 +48,28 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")    # our own warnings are reported below, one line each
+            _check_output(args)                # before the fit: a refused --output costs no fitting time
             return args.run(args)
-    except (CommandError, SparsemixError, OSError) as exc:
-        if args.debug:
-            raise
-        print(f"sparsemix: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_INPUT
+    # Exit 1 means "fitted, not converged" to batch scripts, so no error may leave with Python's default 1.
+    except (CommandError, SparsemixError, MissingExtraError, OSError) as exc:
+        return _fail(args, EXIT_INPUT, _one_line(exc))
+    except RecursionError:
+        # The one unbounded nesting a user controls is the formula (patsy parses 'a + b + ...' recursively).
+        return _fail(args, EXIT_INPUT, "the formula is too long or too deeply nested to parse; use fewer terms "
+                     "(several hundred '+' terms exceed Python's recursion limit)")
+    except MemoryError:
+        return _fail(args, EXIT_INPUT, "out of memory building or fitting the model: the data or the model "
+                     "matrices the formula asks for are too large for this machine")
+    except Exception as exc:                 # a bug: its own code, so scripts can tell it from bad input
+        return _fail(args, EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {_one_line(exc)} (please report "
+                     "it" + ("" if args.debug else "; --debug shows the traceback") + ")")
+
+
+def _fail(args, code: int, message: str) -> int:
+    if args.debug:
+        traceback.print_exc()
+    print(f"sparsemix: error: {message}", file=sys.stderr)
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,12 +90,34 @@ def _parser() -> argparse.ArgumentParser:
     for p in (fit, anova):
         p.add_argument("data", metavar="DATA", help="a .csv or .parquet file, or - for CSV on standard input")
         p.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
-        p.add_argument("--maxiter", type=int, default=10_000, help="most deviance evaluations (default 10000)")
+        p.add_argument("--maxiter", type=_positive_int, default=10_000,
+                       help="most deviance evaluations (default 10000)")
+        p.add_argument("--sep", type=_separator, metavar="C",
+                       help="the CSV's field separator: ',' (default; tab for .tsv/.tab files), ';', tab, '|' ...")
+        p.add_argument("--encoding", default="utf-8", help="the CSV's text encoding (default utf-8), e.g. latin-1")
         p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
-        p.add_argument("--output", metavar="FILE", help="write the report here instead of standard output")
+        p.add_argument("--output", metavar="FILE", help="write the report here instead of standard output (never "
+                       "over the input; written to a temporary file renamed into place)")
         p.add_argument("--quiet", action="store_true", help="no progress and no warnings on standard error")
         p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number of evaluations, got {text!r}")
+    return value
+
+
+def _separator(text: str) -> str:
+    sep = {"tab": "\t", "\\t": "\t"}.get(text.lower(), text)     # a tab is hard to type in a shell
+    if len(sep) != 1:
+        raise argparse.ArgumentTypeError(f"must be one character (or 'tab'), got {text!r}")
+    return sep
 
 
 # -- commands --------------------------------------------------------------------------------------------
@@ -79,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run_fit(args) -> int:
     if args.dask:
         return _run_fit_dask(args)
-    fit, seconds = _fit(args, read_table(args.data))
+    fit, seconds = _fit(args, read_table(args.data, sep=args.sep, encoding=args.encoding))
     _write(_render(fit, seconds, args), args.output)
     return EXIT_OK if fit.converged else EXIT_NOT_CONVERGED
 
@@ -116,7 +162,8 @@ def _run_fit_dask(args) -> int:
     if path == "-":
         raise CommandError("--dask reads files (Parquet or CSV), not standard input")
     try:
-        data = dd.read_parquet(path) if not path.lower().endswith(".csv") else dd.read_csv(path)
+        data = dd.read_parquet(path) if not path.lower().endswith(".csv") else \
+            dd.read_csv(path, sep=args.sep or ",", encoding=args.encoding)
     except (OSError, ValueError) as exc:
         raise CommandError(f"cannot read {path} with Dask: {_one_line(exc)}") from None
     cluster = distributed.LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1) \
@@ -136,7 +183,7 @@ def _run_anova(args) -> int:
 
     if len(args.formula) < 2:
         raise CommandError("anova needs at least two --formula options to compare")
-    data = _complete_for(args.formula, read_table(args.data), args)
+    data = _complete_for(args.formula, read_table(args.data, sep=args.sep, encoding=args.encoding), args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fits = [lmer(f, data, reml=not args.ml, maxiter=args.maxiter, progress=_progress(args),
@@ -159,8 +206,9 @@ def _run_anova(args) -> int:
 
 # -- input -----------------------------------------------------------------------------------------------
 
-def read_table(path: str) -> pd.DataFrame:
-    """A CSV file, a Parquet file (by suffix), or CSV from standard input for '-'."""
+def read_table(path: str, sep: str | None = None, encoding: str = "utf-8") -> pd.DataFrame:
+    """A CSV file, a Parquet file (by suffix), or CSV from standard input for '-'. `sep` None: a comma, or a tab
+    for .tsv/.tab files."""
     if path != "-" and not os.path.exists(path):
         raise CommandError(f"no such file: {path}")
     if path.lower().endswith(PARQUET_SUFFIXES):
@@ -169,18 +217,48 @@ def read_table(path: str) -> pd.DataFrame:
             return pd.read_parquet(path)
         except Exception as exc:       # pyarrow's errors have no common base class
             raise CommandError(f"cannot read {path} as Parquet: {_one_line(exc)}") from None
-    source = sys.stdin if path == "-" else path
-    name = "standard input" if path == "-" else path
+    if sep is None:
+        sep = "\t" if path.lower().endswith(TAB_SUFFIXES) else ","
+    if path == "-":                    # the bytes, not sys.stdin's text: its decoding errors are not pandas'
+        raw = getattr(sys.stdin, "buffer", sys.stdin).read()
+        name, source = "standard input", io.BytesIO(raw if isinstance(raw, bytes) else raw.encode(encoding))
+    else:
+        name, source = path, path
     try:
-        data = pd.read_csv(source)
+        data = pd.read_csv(source, sep=sep, encoding=encoding)
+    except LookupError:
+        raise CommandError(f"unknown --encoding {encoding!r}; give a Python codec name such as utf-8, latin-1 or "
+                           "cp1252") from None
     except pd.errors.EmptyDataError:
         raise CommandError(f"{name} is empty: expected a CSV file with a header line and one row per "
                            "observation") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise CommandError(f"{name} is not a well-formed CSV file: {_one_line(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"{name} is not {encoding} text (it has the byte 0x{exc.object[exc.start]:02x}); give "
+                           "its encoding with --encoding (e.g. --encoding latin-1) or save it as UTF-8") from None
+    except pd.errors.ParserError as exc:
+        raise CommandError(f"{name} is not a well-formed CSV file: {_one_line(exc)}"
+                           f"{_separator_hint(_first_line(source), sep)}") from None
+    if data.shape[1] == 1 and (hint := _separator_hint(str(data.columns[0]), sep)):
+        raise CommandError(f"{name} has a single column, {str(data.columns[0])[:60]!r}{hint}")
     if data.shape[0] == 0:
         raise CommandError(f"{name} has a header but no rows")
     return data
+
+
+def _first_line(source) -> str:
+    if isinstance(source, io.BytesIO):
+        return source.getvalue().split(b"\n", 1)[0].decode("utf-8", "replace")
+    with open(source, encoding="utf-8", errors="replace") as f:
+        return f.readline()
+
+
+def _separator_hint(header: str, sep: str) -> str:
+    """'; the header looks separated by semicolons: give --sep ';'', or '' when no other separator is in sight."""
+    for other, what in SEPARATOR_NAMES.items():
+        if other != sep and other in header:
+            option = "tab" if other == "\t" else repr(other)
+            return f"; the header looks separated by {what}: give --sep {option}"
+    return ""
 
 
 def _complete_for(formulas, data: pd.DataFrame, args) -> pd.DataFrame:
@@ -214,12 +292,67 @@ def _report_warnings(caught, args):
         print(f"sparsemix: {kind}: {_one_line(w.message)}", file=sys.stderr)
 
 
+def _check_output(args) -> None:
+    """Refuse an --output that is a directory, sits in a missing directory, or is the input file itself under any
+    name (./data.csv, an absolute path, a symlink, a hard link: the same device and inode)."""
+    output = args.output
+    if output is None:
+        return
+    if os.path.isdir(output):
+        raise CommandError(f"--output {output} is a directory; give a file name, such as "
+                           f"{os.path.join(output, 'report.txt')}")
+    parent = os.path.dirname(os.path.realpath(output))
+    if not os.path.isdir(parent):
+        raise CommandError(f"cannot write --output {output}: the directory {parent} does not exist")
+    if not os.path.exists(output):
+        return                          # a file that does not exist yet cannot be the input
+    target = os.stat(output)
+    for source in _input_paths(args):
+        info = os.stat(source)
+        inside = stat.S_ISDIR(info.st_mode) and \
+            os.path.realpath(output).startswith(os.path.join(os.path.realpath(source), ""))
+        if inside or (info.st_dev, info.st_ino) == (target.st_dev, target.st_ino):
+            raise CommandError(f"--output {output} is the input file {source}; writing the report there would destroy "
+                               "the data. Give another file name")
+
+
+def _input_paths(args) -> list[str]:
+    """The input files as given: none for standard input; the files a --dask glob matches."""
+    if args.data == "-":
+        return []
+    if getattr(args, "dask", None):
+        return glob.glob(args.data) or [args.data]
+    return [args.data] if os.path.exists(args.data) else []
+
+
 def _write(text: str, output: str | None) -> None:
     if output is None:
         sys.stdout.write(text)
-    else:
-        with open(output, "w", encoding="utf-8") as f:
+        return
+    target = os.path.realpath(output)           # through a symlink: the link stays, its target gets the report
+    if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+        with open(target, "w", encoding="utf-8") as f:      # /dev/null, a pipe: nothing to rename over
             f.write(text)
+        return
+    # A temporary file in the same directory, renamed over the target: a crash leaves the old file or the new
+    # one, never half a report. O_EXCL with mode 0o666 honours the umask, as open(output, "w") would.
+    folder, base = os.path.split(target)
+    temp = os.path.join(folder, f".{base}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(fd, "w", encoding="utf-8") as f:
+            if os.path.exists(target):
+                os.chmod(fd, stat.S_IMODE(os.stat(target).st_mode))   # an existing report keeps its permissions
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, target)
+    except BaseException as exc:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        if isinstance(exc, OSError):
+            raise CommandError(f"cannot write --output {output}: {exc.strerror or _one_line(exc)}") from None
+        raise
 
 
 def _one_line(exc) -> str:

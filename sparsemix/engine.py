@@ -112,6 +112,30 @@ class PenalizedSystem:
         self._factor_factors = None
         self._last_evaluation = None
 
+    # -- pickling: the factorization is dropped and rebuilt on first use ------------------------------------
+
+    def __getstate__(self):
+        # CHOLMOD's factor cannot be pickled; its analysis is rebuilt from A (kept) in the same mode, and the
+        # next evaluation refactors at its theta, so the numbers are the ones before pickling.
+        state = dict(self.__dict__)
+        factor = state.pop("_factor", None)
+        if factor is not None:
+            state["_factor_rebuild"] = (factor.mode, getattr(factor, "update", None))
+        state.update(_factor_theta=None, _factor_factors=None, _last_evaluation=None)
+        return state
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails: after unpickling, `_factor` until its first use.
+        if name == "_factor" and "_factor_rebuild" in self.__dict__:
+            mode, update = self.__dict__.pop("_factor_rebuild")
+            with self.threads():
+                if mode == "schur":
+                    self._factor = SchurFactor(self._A, self.cross.ZtZ, self.relcov, update or "auto")
+                else:
+                    self._factor = CholmodFactor(self._A, mode)
+            return self._factor
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # -- structure, built once -------------------------------------------------------------------------
 
     def _block_structure(self) -> tuple[list[_BlockPair], sp.csc_matrix]:

@@ -163,6 +163,8 @@ def test_missing_file_and_usage_errors(capsys, tmp_path):
     assert code == 2
 
 
-def test_debug_shows_the_traceback(capsys, csv_path):
-    with pytest.raises(sparsemix.FormulaError):
-        main(["fit", str(csv_path), "--formula", "y ~ xx + (1 | g)", "--debug"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys, csv_path):
+    code, out, err = _run(capsys, "fit", csv_path, "--formula", "y ~ xx + (1 | g)", "--debug")
+    assert code == 2 and out == ""
+    assert err.startswith("Traceback (most recent call last):") and "FormulaError" in err
+    assert err.splitlines()[-1].startswith("sparsemix: error: formula 'y ~ xx' uses 'xx'")
