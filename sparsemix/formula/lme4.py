@@ -45,11 +45,18 @@ class ParsedFormula:
 def parse_formula(formula: str) -> ParsedFormula:
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string like 'y ~ x + (1 | g)'; got {type(formula).__name__}.")
+    # R quotes non-syntactic names with backticks (`my x`); patsy's way is Q("my x"). A quoted name may hold any
+    # character ('+', '|', '^', '~'): each is set aside under a plain placeholder while the structure is read.
+    formula, quoted = _hide_quoted(_backticks_to_q(formula))
     # In lme4's language '^' is a power, both inside I() (I(x^2)) and for terms ((a + b)^2); in Python (and
     # so in patsy) it is xor, which would silently give another model. Translate it.
     formula = formula.replace("^", "**")
-    # R quotes non-syntactic names with backticks (`my x`); patsy's way is Q("my x").
-    formula = _backticks_to_q(formula)
+    parsed = _parse(formula)
+    _check_repeated_terms(parsed.random)
+    return _restore_quoted(parsed, quoted)
+
+
+def _parse(formula: str) -> ParsedFormula:
     tilde = _top_level(formula, "~")
     if len(tilde) != 1:
         pos = tilde[1] if len(tilde) > 1 else len(formula)
@@ -102,26 +109,57 @@ def _expand(formula, offset, inner) -> list[RandomSpec]:
     return [RandomSpec(e, g, source) for g in groups for e in exprs]
 
 
+def _hide_quoted(formula: str) -> tuple[str, dict]:
+    """formula with every Q("name") replaced by a placeholder identifier, and placeholder -> name."""
+    prefix = "quotedname"
+    while prefix in formula:
+        prefix += "x"
+    quoted = {}
+
+    def hide(match):
+        double, single = match.groups()
+        key = f"{prefix}{len(quoted)}"
+        quoted[key] = json.loads(f'"{double}"') if double is not None else single
+        return key
+
+    return re.sub(r'Q\(\s*"((?:[^"\\]|\\.)*)"\s*\)|Q\(\s*\'([^\']*)\'\s*\)', hide, formula), quoted
+
+
+def _restore_quoted(parsed: ParsedFormula, quoted: dict) -> ParsedFormula:
+    """The placeholders back: Q("name") in expressions, the plain name as a grouping factor."""
+    if not quoted:
+        return parsed
+    pattern = re.compile("|".join(sorted(map(re.escape, quoted), key=len, reverse=True)))
+
+    def restore(text):
+        return pattern.sub(lambda m: "Q(" + json.dumps(quoted[m.group(0)], ensure_ascii=False) + ")", text)
+
+    random = tuple(RandomSpec(restore(r.expr), tuple(quoted.get(g, g) for g in r.group), restore(r.source))
+                   for r in parsed.random)
+    return ParsedFormula(restore(parsed.response), restore(parsed.fixed), random)
+
+
+def _check_repeated_terms(random) -> None:
+    """The same random-effects term twice gives two variances that the data cannot tell apart."""
+    seen = set()
+    for r in random:
+        key = ("".join(r.expr.split()), r.group)
+        if key in seen:
+            raise FormulaError(f"the random-effects term {r.source} appears more than once; repeated terms are "
+                               "unidentifiable (their variances cannot be told apart). Write it once.")
+        seen.add(key)
+
+
 def _backticks_to_q(formula: str) -> str:
     if formula.count("`") % 2:
         raise FormulaError(_pointed(formula, formula.rindex("`"), "unclosed backtick"))
-    return re.sub(r"`([^`]*)`", lambda m: "Q(" + json.dumps(m.group(1)) + ")", formula)
-
-
-_QUOTED = re.compile(r'Q\("((?:[^"\\]|\\.)*)"\)')
+    return re.sub(r"`([^`]*)`", lambda m: "Q(" + json.dumps(m.group(1), ensure_ascii=False) + ")", formula)
 
 
 def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
     """`a/b/c` -> a, b:a, c:b:a (lme4 writes the nested factor first, which sets its name and level labels);
-    `a:b` -> the interaction as written; names must be plain variables or quoted (`my group`)."""
-    quoted = {}
-
-    def hide(match):           # a quoted name may hold any character: set it aside during the checks
-        key = f"quoted{len(quoted)}"
-        quoted[key] = json.loads('"' + match.group(1) + '"')
-        return key
-
-    group = _QUOTED.sub(hide, group)
+    `a:b` -> the interaction as written; names must be plain variables or quoted (`my group`, set aside by
+    _hide_quoted)."""
     for bad in "+*-()":
         if bad in group:
             raise FormulaError(_pointed(formula, offset + group.index(bad),
@@ -136,7 +174,7 @@ def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
             if not n.isidentifier():
                 raise FormulaError(_pointed(formula, offset + group.find(n) if n else offset,
                                             f"{n!r} is not a variable name"))
-        out.append(tuple(quoted.get(n, n) for n in names))
+        out.append(names)
     return out
 
 

@@ -52,7 +52,11 @@ def formula_columns(formulas, columns) -> list:
                 if tok.type == tokenize.NAME:
                     names.add(tok.string)
                 elif tok.type == tokenize.STRING:         # Q("my column")
-                    names.add(ast.literal_eval(tok.string))
+                    try:
+                        names.add(ast.literal_eval(tok.string))
+                    except (ValueError, SyntaxError):
+                        raise FormulaError(f"formula {f!r}: {tok.string} is not a plain string (an f-string or "
+                                           "bytes); name a column as Q(\"my column\") or with backticks.") from None
         except (tokenize.TokenError, IndentationError) as exc:
             raise FormulaError(f"cannot read formula {f!r}: {exc}") from None
     return [c for c in columns if c in names]
@@ -149,6 +153,11 @@ def _patsy(fn, formula, data, eval_env):
         if m:
             raise FormulaError(_unknown_name_message(m.group(1), data, f"formula {formula!r}")) from None
         if "missing values" in text:
-            raise FormulaError(f"formula {formula!r}: a column it uses has missing values. Pass missing='drop' "
-                               "to drop incomplete rows, or fill them first.") from None
+            used = [c for c in formula_columns([formula], data.columns)]
+            if used and data[used].isna().any().any():
+                raise FormulaError(f"formula {formula!r}: a column it uses has missing values. Pass "
+                                   "missing='drop' to drop incomplete rows, or fill them first.") from None
+            raise FormulaError(f"formula {formula!r}: a term gives missing values (NaN) where the data have none: "
+                               "a function outside its domain, such as log or sqrt of values <= 0 or < 0. Transform "
+                               "the column first (log(x + c), or drop those rows).") from None
         raise FormulaError(f"cannot evaluate formula {formula!r}: {text}") from None

@@ -112,6 +112,8 @@ def readable_formula(formula: str, columns, role: str = "formula") -> patsy.Mode
         desc = patsy.ModelDesc.from_formula(formula)
     except patsy.PatsyError as exc:
         raise FormulaError(f"cannot read {role} {formula!r}: {exc}") from None
+    except (RecursionError, MemoryError):
+        raise FormulaError(_too_deep(f"{role} {formula!r}")) from None
     keywords = {str(c) for c in columns if keyword.iskeyword(str(c))}
     if not keywords:
         return desc
@@ -140,7 +142,7 @@ def _quoted_factor(factor, keywords):
     if not spans:
         return factor
     for start, end in reversed(spans):
-        code = code[:start] + "Q(" + json.dumps(code[start:end]) + ")" + code[end:]
+        code = code[:start] + "Q(" + json.dumps(code[start:end], ensure_ascii=False) + ")" + code[end:]
     return _QuotedFactor(code, factor.code, factor.origin)
 
 
@@ -156,8 +158,37 @@ def check_terms(codes, columns, env: patsy.EvalEnvironment, where: str) -> None:
             tree = ast.parse(code.strip(), mode="eval")
         except SyntaxError:
             raise FormulaError(_unreadable(code, columns, where)) from None
+        except (RecursionError, MemoryError):
+            raise FormulaError(_too_deep(where)) from None
         for node in ast.walk(tree):
             _check_node(node, code, columns, env, where)
+
+
+def _too_deep(where) -> str:
+    return (f"{where[:200]}{'...' if len(where) > 200 else ''}: the formula is too long or too deeply nested for "
+            "patsy's parser (it recurses once per operator: about 450 terms, or an expression of a few thousand "
+            "operators, is its limit). Compute such columns before fitting, or combine them.")
+
+
+def _constant_value(node) -> float | None:
+    """The value of a numeric constant or of arithmetic on constants (in floating point, so never slow), else
+    None."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _constant_value(node.operand)
+        return None if value is None else (-value if isinstance(node.op, ast.USub) else value)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Pow, ast.Mult, ast.Add, ast.Sub)):
+        left, right = _constant_value(node.left), _constant_value(node.right)
+        if left is None or right is None:
+            return None
+        try:
+            with np.errstate(all="ignore"):
+                return float({ast.Pow: np.power, ast.Mult: np.multiply, ast.Add: np.add,
+                              ast.Sub: np.subtract}[type(node.op)](np.float64(left), np.float64(right)))
+        except (OverflowError, ZeroDivisionError):
+            return float("inf")
+    return None
 
 
 def _unreadable(code, columns, where) -> str:
@@ -178,10 +209,19 @@ def _tokens(code):
         return []
 
 
+# Python computes an integer power exactly: 10**10**10 has ten billion digits and never finishes.
+MAX_CONSTANT_EXPONENT = 10_000
+
+
 def _check_node(node, code, columns, env, where):
     if not isinstance(node, _NODES):
         raise FormulaError(f"{where}: the term {code!r} uses Python syntax that formulas do not allow "
                            f"({type(node).__name__}). {_ALLOWED}")
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        exponent = _constant_value(node.right)
+        if exponent is not None and not abs(exponent) <= MAX_CONSTANT_EXPONENT:
+            raise FormulaError(f"{where}: the term {code!r} raises to the power {ast.unparse(node.right)}, which "
+                               f"cannot be computed (exponents up to {MAX_CONSTANT_EXPONENT:,} are accepted).")
     if isinstance(node, ast.Attribute):
         if not (isinstance(node.value, ast.Name) and node.value.id in _NUMPY_ALIASES
                 and node.attr in NUMPY_FUNCTIONS + NUMPY_CONSTANTS):
