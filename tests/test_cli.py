@@ -1,5 +1,8 @@
 """The `sparsemix` command: CSV, Parquet and standard input; text, JSON and markdown; exit codes and messages."""
+import errno
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -8,6 +11,7 @@ import pandas as pd
 import pytest
 
 import sparsemix
+from sparsemix import cli
 from sparsemix.cli import main
 
 JSON_KEYS = {"formula", "method", "nobs", "n_dropped", "ngroups", "llf", "aic", "bic", "converged", "singular",
@@ -31,6 +35,14 @@ def frame():
 def csv_path(frame, tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "data.csv"
     frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def complete_csv(frame, tmp_path_factory):
+    """No missing values: no note on standard error, so an error is its only line."""
+    path = tmp_path_factory.mktemp("cli") / "complete.csv"
+    frame.dropna().to_csv(path, index=False)
     return path
 
 
@@ -168,3 +180,224 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys, csv_path):
     assert code == 2 and out == ""
     assert err.startswith("Traceback (most recent call last):") and "FormulaError" in err
     assert err.splitlines()[-1].startswith("sparsemix: error: formula 'y ~ xx' uses 'xx'")
+
+
+# -- the input is never overwritten; the report is written atomically --------------------------------------
+
+SMALL = "y ~ x + (1 | g)"
+ANOVA = ["--formula", "y ~ 1 + (1 | g)", "--formula", SMALL]
+
+
+def _same_file_names(tmp_path):
+    """The input data.csv under every name that reaches it."""
+    (tmp_path / "link.csv").symlink_to("data.csv")
+    os.link(tmp_path / "data.csv", tmp_path / "hard.csv")
+    return {"same": "data.csv", "dot": "./data.csv", "absolute": str(tmp_path / "data.csv"),
+            "symlink": "link.csv", "hard link": "hard.csv", "dotdot": f"../{tmp_path.name}/data.csv"}
+
+
+@pytest.mark.parametrize("command", ["fit", "anova"])
+@pytest.mark.parametrize("name", ["same", "dot", "absolute", "symlink", "hard link", "dotdot"])
+def test_output_over_the_input_is_refused_and_the_input_is_unchanged(capsys, frame, tmp_path, monkeypatch,
+                                                                       command, name):
+    frame.to_csv(tmp_path / "data.csv", index=False)
+    before = (tmp_path / "data.csv").read_bytes()
+    output = _same_file_names(tmp_path)[name]
+    listing = sorted(os.listdir(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    models = ANOVA if command == "anova" else ["--formula", SMALL]
+    for data in ("data.csv", "link.csv"):                  # the input named directly or through its symlink
+        code, out, err = _run(capsys, command, data, *models, "--output", output)
+        assert code == 2 and out == ""
+        assert err.count("\n") == 1 and f"--output {output} is the input file {data}" in err
+    assert (tmp_path / "data.csv").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == listing        # no report, no temporary file
+
+
+def test_output_that_is_a_directory_or_in_a_missing_directory_is_refused(capsys, csv_path, tmp_path):
+    code, out, err = _run(capsys, "fit", csv_path, "--formula", SMALL, "--output", tmp_path)
+    assert code == 2 and out == "" and "is a directory; give a file name" in err
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = _run(capsys, "anova", csv_path, *ANOVA, "--output", tmp_path / "no" / "report.txt")
+    assert code == 2 and "the directory" in err and "does not exist" in err
+
+
+def test_output_through_a_symlink_writes_its_target_and_keeps_the_link(capsys, csv_path, tmp_path):
+    (tmp_path / "report.json").write_text("old")
+    (tmp_path / "latest.json").symlink_to("report.json")
+    code, _, _ = _run(capsys, "fit", csv_path, "--formula", SMALL, "--format", "json",
+                      "--output", tmp_path / "latest.json")
+    assert code == 0 and (tmp_path / "latest.json").is_symlink()
+    assert json.loads((tmp_path / "report.json").read_text())["nobs"] == 399
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "report.json"]
+
+
+def test_an_existing_report_keeps_its_permissions(capsys, csv_path, tmp_path):
+    target = tmp_path / "report.txt"
+    target.write_text("old")
+    target.chmod(0o640)
+    assert _run(capsys, "fit", csv_path, "--formula", SMALL, "--output", target)[0] == 0
+    assert "Linear mixed model fit by REML" in target.read_text()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("existing", [None, "the previous report\n"])
+@pytest.mark.parametrize("fail_in, exc", [("fsync", OSError(errno.ENOSPC, "No space left on device")),
+                                          ("replace", OSError(errno.EIO, "Input/output error")),
+                                          ("fsync", KeyboardInterrupt())])
+def test_a_failure_while_writing_leaves_no_partial_report_and_no_temporary_file(capsys, complete_csv, tmp_path,
+                                                                                monkeypatch, existing, fail_in, exc):
+    target = tmp_path / "report.txt"
+    if existing is not None:
+        target.write_text(existing)
+
+    def fail(*args):
+        raise exc
+    monkeypatch.setattr(os, fail_in, fail)
+    argv = ["fit", str(complete_csv), "--formula", SMALL, "--output", str(target)]
+    if isinstance(exc, OSError):
+        code, out, err = _run(capsys, *argv)
+        assert code == 2 and out == ""
+        assert err == f"sparsemix: error: cannot write --output {target}: {exc.strerror}\n"
+    else:                                          # an interrupt goes on up, after the clean-up
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if existing is None else ["report.txt"])
+    if existing is not None:
+        assert target.read_text() == existing
+
+
+def test_stdin_input_with_output_file_works(tmp_path, csv_path):
+    target = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "sparsemix", "fit", "-", "--formula", SMALL, "--format", "json",
+                           "--output", str(target)], input=csv_path.read_bytes(), capture_output=True)
+    assert proc.returncode == 0 and proc.stdout == b""
+    assert json.loads(target.read_text())["nobs"] == 399
+
+
+# -- exit codes: 2 for the user's input, 3 for a bug, 1 only for a fit that did not converge ----------------
+
+def test_non_utf8_input_is_exit_2_naming_the_encoding(tmp_path, frame):
+    latin = "y,x,g\n" + "".join(f"{y},{x},M\u00fcller{i % 6}\n" for i, (y, x) in
+                                 enumerate(zip(frame.y, frame.x.fillna(0))))
+    raw = latin.encode("latin-1")
+    proc = subprocess.run([sys.executable, "-m", "sparsemix", "fit", "-", "--formula", SMALL],
+                          input=raw, capture_output=True)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert proc.stderr.decode() == ("sparsemix: error: standard input is not utf-8 text (it has the byte 0xfc); give "
+                                    "its encoding with --encoding (e.g. --encoding latin-1) or save it as UTF-8\n")
+    path = tmp_path / "latin.csv"
+    path.write_bytes(raw)
+    for argv in (["fit", path, "--formula", SMALL], ["anova", path, *ANOVA]):
+        proc = subprocess.run([sys.executable, "-m", "sparsemix", *map(str, argv)], capture_output=True, text=True)
+        assert proc.returncode == 2 and "latin.csv is not utf-8 text (it has the byte 0xfc)" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "sparsemix", "fit", str(path), "--formula", SMALL, "--encoding",
+                           "latin-1", "--format", "json"], capture_output=True, text=True)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["ngroups"] == {"g": 6}
+    proc = subprocess.run([sys.executable, "-m", "sparsemix", "fit", str(path), "--formula", SMALL, "--encoding",
+                           "klingon"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown --encoding 'klingon'" in proc.stderr
+
+
+def test_parquet_without_pyarrow_is_exit_2_naming_the_extra(capsys, frame, tmp_path, monkeypatch):
+    path = tmp_path / "data.parquet"
+    frame.to_parquet(path)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)      # as if not installed: import raises ImportError
+    for argv in (["fit", path, "--formula", SMALL], ["anova", path, *ANOVA]):
+        code, out, err = _run(capsys, *argv)
+        assert code == 2 and out == ""
+        assert err == ("sparsemix: error: reading Parquet files needs pyarrow, which is not installed; install it "
+                       "with pip install 'sparsemix[parquet]'\n")
+
+
+@pytest.mark.parametrize("sep, option", [(";", "';'"), ("\t", "tab"), ("|", "'|'")])
+def test_a_file_separated_otherwise_than_by_commas_gets_a_sep_hint_and_fits_with_sep(capsys, frame, tmp_path,
+                                                                                     sep, option):
+    path = tmp_path / "data.csv"
+    frame.to_csv(path, index=False, sep=sep)
+    code, out, err = _run(capsys, "fit", path, "--formula", SMALL)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.rstrip().endswith(f"has a single column, {sep.join(frame.columns)!r}; the header looks separated by "
+                                 f"{cli.SEPARATOR_NAMES[sep]}: give --sep {option}")
+    code, out, _ = _run(capsys, "fit", path, "--formula", SMALL, "--sep", option.strip("'"), "--format", "json")
+    assert code == 0
+    assert json.loads(out)["llf"] == pytest.approx(sparsemix.lmer(SMALL, frame).llf, rel=1e-12)
+
+
+def test_decimal_commas_with_semicolons_get_the_hint_and_tsv_files_read_as_tabs(capsys, frame, tmp_path):
+    path = tmp_path / "european.csv"
+    path.write_text("y;x;g\n1,5;2,0;1\n2,5;1,0;2\n")
+    code, _, err = _run(capsys, "fit", path, "--formula", SMALL)
+    assert code == 2 and err.count("\n") == 1 and err.rstrip().endswith("give --sep ';'")
+    tsv = tmp_path / "data.tsv"
+    frame.to_csv(tsv, index=False, sep="\t")
+    code, out, _ = _run(capsys, "fit", tsv, "--formula", SMALL, "--format", "json")
+    assert code == 0 and json.loads(out)["nobs"] == 399
+
+
+@pytest.mark.parametrize("option, value", [("--maxiter", "0"), ("--maxiter", "-1"), ("--maxiter", "ten"),
+                                           ("--maxiter", "2.5"), ("--sep", ";;"), ("--sep", "")])
+def test_bad_option_values_are_usage_errors(capsys, csv_path, option, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", str(csv_path), "--formula", SMALL, f"{option}={value}"])
+    assert exc.value.code == 2
+    assert f"argument {option}: must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("formula", [
+    "y ~ " + " + ".join(["x"] * 490) + " + (1 | g)",
+    "y ~ x + (1 | g) + " + " + ".join(f"I(x ** {i})" for i in range(600)),
+])
+def test_a_formula_too_long_to_parse_is_exit_2(capsys, complete_csv, formula):
+    code, out, err = _run(capsys, "fit", complete_csv, "--formula", formula)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("sparsemix: error: ") and "too long or too deeply nested" in err
+
+
+@pytest.mark.parametrize("formula, message", [
+    ('y ~ f"{x}" + (1 | g)', "an f-string"),
+    ("y ~ x + (1 | f'{g}')", "is not a variable name"),
+    ("y ~ x + (1 | g) + I(10**10**10)", "cannot be computed"),
+    ("y ~ x + " + " + ".join(["(1 | g)"] * 500), "(1 | g)"),
+])
+def test_hostile_formulas_are_exit_2_with_one_line(capsys, complete_csv, formula, message):
+    code, out, err = _run(capsys, "fit", complete_csv, "--formula", formula)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("sparsemix: error: ") and message in err
+
+
+@pytest.mark.parametrize("exc, code, message", [
+    (IndexError("index 7 is out of bounds"), 3,
+     "internal error: IndexError: index 7 is out of bounds (please report it; --debug shows the traceback)"),
+    (np.linalg.LinAlgError("Singular matrix"), 3, "internal error: LinAlgError: Singular matrix"),
+    (MemoryError(), 2, "out of memory building or fitting the model"),
+    (RecursionError("maximum recursion depth exceeded"), 2, "the formula is too long or too deeply nested to parse"),
+    (sparsemix.InputError("bad input, fix it"), 2, "bad input, fix it"),
+])
+@pytest.mark.parametrize("command", ["fit", "anova"])
+def test_unexpected_errors_exit_3_with_one_line_and_the_traceback_under_debug(capsys, complete_csv, monkeypatch,
+                                                                              exc, code, message, command):
+    def broken(*args, **kwargs):
+        raise exc
+    monkeypatch.setattr(sys.modules["sparsemix.lmer"], "lmer", broken)
+    models = ANOVA if command == "anova" else ["--formula", SMALL]
+    got, out, err = _run(capsys, command, complete_csv, *models)
+    assert got == code and out == "" and err.count("\n") == 1 and err.startswith(f"sparsemix: error: {message}")
+    got, out, err = _run(capsys, command, complete_csv, *models, "--debug")
+    assert got == code and out == ""
+    assert err.startswith("Traceback (most recent call last):") and "in broken" in err
+    assert err.splitlines()[-1].startswith("sparsemix: error: ") and "--debug shows" not in err
+
+
+def test_an_internal_error_is_exit_3_from_the_installed_command(complete_csv):
+    script = ("import sys, sparsemix.lmer\n"
+              "m = sys.modules['sparsemix.lmer']\n"
+              "def broken(*a, **k): raise KeyError('theta')\n"
+              "m.lmer = broken\n"
+              "from sparsemix.cli import main\n"
+              f"sys.exit(main(['fit', {str(complete_csv)!r}, '--formula', 'y ~ x + (1 | g)']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert proc.stderr == ("sparsemix: error: internal error: KeyError: 'theta' (please report it; --debug shows "
+                           "the traceback)\n")
