@@ -16,24 +16,39 @@ import scipy.sparse as sp
 
 from .terms import RandomTerm
 
-__all__ = ["column_transform", "lower_factor", "transform_columns", "system_columns"]
+__all__ = ["column_transform", "column_moments", "transform_from_moments", "lower_factor", "transform_columns",
+           "system_columns"]
 
 
 def column_transform(term: RandomTerm) -> np.ndarray | None:
     """T for the term's k columns (z -> z T), or None where the columns are already indicators (all ones)."""
-    Z = term.Z.tocsc()
-    k = term.k
-    if Z.nnz == 0 or (k == 1 and np.all(Z.data == 1.0)):
-        return None
-    rows = np.unique(Z.indices)                 # the rows the term reaches
-    n_rows = rows.shape[0]
+    return transform_from_moments(column_moments(term.Z, term.k), term.template)
+
+
+def column_moments(Z: sp.spmatrix, k: int) -> np.ndarray:
+    """What T is made of, summed over rows (so partitions add): per column of a level, the sum, the sum of
+    squares, the number of entries and of entries equal to 1; and the number of rows the term reaches.
+    Shape (4, k + 1); the last column holds the row count."""
+    Z = sp.csc_matrix(Z)
     column_of_entry = np.repeat(np.arange(Z.shape[1]) % k, np.diff(Z.indptr))
-    total = np.bincount(column_of_entry, weights=Z.data, minlength=k)
-    squares = np.bincount(column_of_entry, weights=Z.data ** 2, minlength=k)
-    count = np.bincount(column_of_entry, minlength=k)
-    ones = np.bincount(column_of_entry, weights=(Z.data == 1.0), minlength=k)
+    out = np.zeros((4, k + 1))
+    out[0, :k] = np.bincount(column_of_entry, weights=Z.data, minlength=k)
+    out[1, :k] = np.bincount(column_of_entry, weights=Z.data ** 2, minlength=k)
+    out[2, :k] = np.bincount(column_of_entry, minlength=k)
+    out[3, :k] = np.bincount(column_of_entry, weights=(Z.data == 1.0), minlength=k)
+    out[0, k] = np.unique(Z.indices).shape[0]
+    return out
+
+
+def transform_from_moments(moments: np.ndarray, template) -> np.ndarray | None:
+    """T from column_moments (see the module docstring), None where it would be the identity."""
+    k = template.k
+    total, squares, count, ones = moments[:, :k]
+    n_rows = moments[0, k]
+    if n_rows == 0 or (k == 1 and ones[0] == count[0]):
+        return None
     intercept = np.flatnonzero((count == n_rows) & (ones == n_rows))
-    centre = intercept.size > 0 and not term.template.is_diagonal
+    centre = intercept.size > 0 and not template.is_diagonal
     mean = total / n_rows
     T = np.eye(k)
     for j in range(k):

@@ -5,8 +5,10 @@ whose size depends on the numbers of levels and fixed effects, never on the rows
 
 1. the distinct values of every grouping variable and every categorical column of the fixed part (so that all
    partitions code levels and design columns alike), and the count of complete rows;
-2. X'X and X'y (prior weights applied), to take the least-squares fit out of y as CrossProducts does in memory;
-3. Z'Z (sparse), Z'X, Z'r, X'r and r'r for r = y - offset - X beta_ols.
+2. X'X and X'y (prior weights applied), to take the least-squares fit out of y as CrossProducts does in memory,
+   and the random-effect columns' moments, for the centred and scaled columns the optimizer works on
+   (coordinates.py), as in memory;
+3. Z'Z (sparse), Z'X, Z'r, X'r and r'r for r = y - offset - X beta_ols, with Z in those columns.
 
 On a large crossed design (pilot.py) a fourth pass sums the same cross-products over the rows of a tenth of the
 smaller factors' levels, for the pilot fit that starts the optimizer near the optimum.
@@ -26,6 +28,7 @@ import patsy
 import scipy.sparse as sp
 
 from . import checks
+from .coordinates import column_moments, transform_columns, transform_from_moments
 from .design import CrossProducts, assemble_Z
 from .engine import PenalizedSystem
 from .errors import FormulaError, InputError, RankDeficientError, require_extra
@@ -65,6 +68,7 @@ class PartitionSpec:
     offset: str | None = None
     keep_columns: tuple[int, ...] | None = None  # fixed-effect columns kept after the aliasing check
     listed_levels_only: bool = False             # a pilot's subsample: rows of levels not in `random` left out
+    column_transforms: tuple = ()                # per term, None or T: the system's columns Z (I kron T)
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
         checks.check_levels(len(labels), r.group_name, n)
         checks.check_levels_below_observations(len(labels), r.group_name, n)
         columns_r = _term_columns(r, data._meta, categories)
+        checks.check_nobs_vs_n_random_effects(len(labels) * len(columns_r), n, r.source)
         random.append((r.expr, tuple(r.group), len(labels), len(columns_r), labels))
         infos.append(TermInfo(r, r.group_name, columns_r, labels, None, indicator_variable(r.expr)))
     order = sorted(range(len(random)), key=lambda i: -random[i][2])          # most levels first, as lmer
@@ -145,10 +150,13 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     infos = _unique_group_names([infos[i] for i in order])
     spec = PartitionSpec(parsed.fixed, tuple(used), categories, tuple(random), weights, offset)
 
-    # Pass 2: X'X and X'y; the aliased columns and the least-squares shift.
+    # Pass 2: X'X and X'y; the aliased columns and the least-squares shift; the working columns.
     fixed_names = _fixed_names(spec, data._meta)
     totals = _tree(data, _fixed_sums, _add, spec).compute()
     transferred += _nbytes(totals)
+    templates = [CovarianceTemplate.unstructured(k) for (_, _, _, k, _) in random]
+    transforms = tuple(transform_from_moments(totals[f"moments{t}"], template) for t, template in enumerate(templates))
+    spec = PartitionSpec(**{**spec.__dict__, "column_transforms": transforms})
     keep, dropped = _unaliased(totals["XtX"], fixed_names)
     XtX = totals["XtX"][np.ix_(keep, keep)]
     beta_ols = np.linalg.lstsq(XtX, totals["Xty"][keep], rcond=None)[0] if keep else np.zeros(0)
@@ -158,8 +166,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     sums = _tree(data, _cross_sums, _add, spec, beta_ols).compute()
     transferred += _nbytes(sums)
     cross = _cross_products(sums, XtX, beta_ols, totals["sum_log_weights"], n)
-    templates = [CovarianceTemplate.unstructured(k) for (_, _, _, k, _) in random]
-    relcov = RelativeCovariance([(nl, t) for (_, _, nl, _, _), t in zip(random, templates)])
+    relcov = RelativeCovariance([(nl, t) for (_, _, nl, _, _), t in zip(random, templates)], transforms)
     with blas_threads(single_threaded(relcov.q)):
         system = PenalizedSystem(cross, relcov)
     method, step = resolve_method(optimizer), None
@@ -195,7 +202,7 @@ def _pilot(data, spec, system, beta_ols, templates, reml):
     if not estimable(sums["XtX"], sums["n"]):
         return None
     cross = _cross_products(sums, sums["XtX"], beta_ols, sums["sum_log_weights"], sums["n"])
-    relcov = RelativeCovariance([(n, t) for (_, _, n, _, _), t in zip(random, templates)])
+    relcov = RelativeCovariance([(n, t) for (_, _, n, _, _), t in zip(random, templates)], spec.column_transforms)
     with blas_threads(single_threaded(relcov.q)):
         pilot_system = PenalizedSystem(cross, relcov, factorization="schur"
                                        if system.factorization_mode == "schur" else None)
@@ -391,10 +398,12 @@ def _rows(part, spec):
 
 
 def _fixed_sums(part, spec):
-    y, X, w, _ = _rows(part, spec)
+    y, X, w, frame = _rows(part, spec)
     sw = np.ones(len(y)) if w is None else np.sqrt(w)
     Xw, yw = X * sw[:, None], y * sw
-    return {"XtX": Xw.T @ Xw, "Xty": Xw.T @ yw, "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w)))}
+    moments = {f"moments{t}": column_moments(block.Z, block.k) for t, block in enumerate(_partition_terms(frame, spec))}
+    return {"XtX": Xw.T @ Xw, "Xty": Xw.T @ yw, "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w))),
+            **moments}
 
 
 def _as_categories(frame, spec):
@@ -414,9 +423,19 @@ def _design_matrix(part, spec) -> np.ndarray:
     return np.asarray(X, dtype=float)
 
 
-def _partition_Z(frame, spec, allow_new_levels=False) -> sp.csc_matrix:
+def _partition_Z(frame, spec, allow_new_levels=False, working=False) -> sp.csc_matrix:
     """Z for these rows in the fit's column layout; rows of levels the fit did not see get zero (population)
-    effects when allowed."""
+    effects when allowed. `working`: the system's centred, scaled columns (spec.column_transforms), for its
+    cross-products; otherwise the data's, for predictions from random effects in the data's columns."""
+    blocks = _partition_terms(frame, spec, allow_new_levels)
+    if working and spec.column_transforms:
+        return sp.hstack([transform_columns(b.Z, b.n_levels, T) for b, T in zip(blocks, spec.column_transforms)],
+                         format="csc")
+    return assemble_Z(blocks)
+
+
+def _partition_terms(frame, spec, allow_new_levels=False) -> list[RandomTerm]:
+    """Each random term's block of Z for these rows (see _partition_Z)."""
     frame = _as_categories(frame, spec)
     blocks = []
     for expr, group, n_levels, k, labels in spec.random:
@@ -435,7 +454,7 @@ def _partition_Z(frame, spec, allow_new_levels=False) -> sp.csc_matrix:
         template = CovarianceTemplate.unstructured(k)
         blocks.append(RandomTerm.from_codes("t", np.maximum(codes, 0), values, n_levels, template, range(n_levels),
                                             tuple(map(str, range(k)))))
-    return assemble_Z(blocks)
+    return blocks
 
 
 def _level_codes(frame, group, labels) -> np.ndarray:
@@ -449,7 +468,7 @@ def _cross_sums(part, spec, beta_ols):
     y, X, w, frame = _rows(part, spec)
     X = X[:, list(spec.keep_columns)]
     r = y - X @ beta_ols
-    Z = _partition_Z(frame, spec)
+    Z = _partition_Z(frame, spec, working=True)
     if w is not None:
         sw = np.sqrt(w)
         X, r, Z = X * sw[:, None], r * sw, sp.csc_matrix(sp.diags(sw) @ Z)

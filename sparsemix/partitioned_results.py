@@ -146,6 +146,7 @@ def _simulated_sums(part, spec, beta, B, sigma, entropy, spawn_keys):
         rng = np.random.default_rng(np.random.SeedSequence(e, spawn_key=tuple(key) + (first,)))
         noise = rng.standard_normal(len(frame))
         Y[:, j] = mean + sigma * (Z @ B[:, j] + (noise if w is None else noise / np.sqrt(w)))
+    Z = _partition_Z(frame, spec, working=True)        # the refit's cross-products are the system's
     if w is not None:
         sw = np.sqrt(w)
         X, Y, Z = X * sw[:, None], Y * sw[:, None], sp.csc_matrix(sp.diags(sw) @ Z)
