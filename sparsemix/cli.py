@@ -12,6 +12,7 @@ docs/cli.md; its keys are stable.
 from __future__ import annotations
 
 import argparse
+import codecs
 import glob
 import io
 import json
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="most deviance evaluations (default 10000)")
         p.add_argument("--sep", type=_separator, metavar="C",
                        help="the CSV's field separator: ',' (default; tab for .tsv/.tab files), ';', tab, '|' ...")
-        p.add_argument("--encoding", default="utf-8", help="the CSV's text encoding (default utf-8), e.g. latin-1")
+        p.add_argument("--encoding", type=_encoding, default="utf-8", help="the CSV's text encoding (default utf-8), e.g. latin-1")
         p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
         p.add_argument("--output", metavar="FILE", help="write the report here instead of standard output (never "
                        "over the input; written to a temporary file renamed into place)")
@@ -118,6 +119,14 @@ def _separator(text: str) -> str:
     if len(sep) != 1:
         raise argparse.ArgumentTypeError(f"must be one character (or 'tab'), got {text!r}")
     return sep
+
+
+def _encoding(text: str) -> str:
+    try:
+        return codecs.lookup(text).name
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown encoding {text!r}; give a Python codec name such as utf-8, "
+                                         "latin-1 or cp1252") from None
 
 
 # -- commands --------------------------------------------------------------------------------------------
@@ -226,9 +235,6 @@ def read_table(path: str, sep: str | None = None, encoding: str = "utf-8") -> pd
         name, source = path, path
     try:
         data = pd.read_csv(source, sep=sep, encoding=encoding)
-    except LookupError:
-        raise CommandError(f"unknown --encoding {encoding!r}; give a Python codec name such as utf-8, latin-1 or "
-                           "cp1252") from None
     except pd.errors.EmptyDataError:
         raise CommandError(f"{name} is empty: expected a CSV file with a header line and one row per "
                            "observation") from None
