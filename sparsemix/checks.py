@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import numbers
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,9 @@ from .errors import InputError, MissingDataError, RankDeficientError
 __all__ = [
     "require_columns", "as_numeric_vector", "as_numeric_matrix", "check_finite", "check_complete", "check_not_empty",
     "check_length", "check_full_rank", "check_levels", "check_levels_below_observations",
-    "require_numeric_column", "check_response_varies",
+    "require_numeric_column", "check_response_varies", "check_bool", "check_count", "check_positive_number",
+    "check_level", "check_seed", "check_start", "check_finite_start", "check_weights_scale", "check_nobs_vs_n_random_effects",
+    "check_groups", "check_fitted_models",
 ]
 
 
@@ -148,10 +151,171 @@ def check_levels_below_observations(n_levels: int, name: str, n_obs: int) -> Non
 
 
 def check_response_varies(y: np.ndarray, name: str) -> None:
-    """A constant response has no variance to split between random effects and residual."""
+    """A constant response has no variance to split between random effects and residual; a response whose
+    squares overflow or underflow cannot be fitted either (see RESPONSE_SCALE_LIMIT)."""
     if y.shape[0] and np.ptp(y) == 0:
         raise InputError(f"the response {name!r} is constant ({y[0]:g} in every row); there is nothing to model. "
                          "Check that the right column is used as the response.")
+    if not y.shape[0]:
+        return
+    big = float(np.max(np.abs(y)))
+    spread = float(np.std(y / big)) * big          # divided first: the std of values near 1e200 overflows
+    if big > RESPONSE_SCALE_LIMIT or spread < 1 / RESPONSE_SCALE_LIMIT:
+        what = f"values as large as {big:.3g}: their squares, which the fit sums, would overflow" \
+            if big > RESPONSE_SCALE_LIMIT else \
+            f"a standard deviation of only {spread:.3g}: its squares, which the fit sums, would underflow"
+        raise InputError(f"the response {name!r} has {what} double precision (responses between "
+                         f"1/{RESPONSE_SCALE_LIMIT:g} and "
+                         f"{RESPONSE_SCALE_LIMIT:g} in size and spread are fitted). Rescale it, e.g. fit "
+                         "(y - y.mean()) / y.std(), and scale the fixed effects, standard deviations and sigma "
+                         "back by the same factor.")
+
+
+# Responses are refused beyond 1e100 in size and below 1e-100 in spread: their squares (1e+-200) then leave
+# 1e100 of headroom for sums over rows, weights and covariates before double precision's 1e+-308 (measured:
+# the fit is scale-equivariant to 1e-9 from 1e-153 to 1e152; 1e-200 gave sigma 0 and 1e200 a NaN sigma).
+RESPONSE_SCALE_LIMIT = 1e100
+# Weights are relative (all of them times c changes only sigma, by 1/sqrt(c)); their typical size (geometric
+# mean) moves theta away from 1 by its square root, and beyond this BOBYQA's bounds and tolerances no longer fit
+# it (measured: 1e8 gave theta to 4e-8, 1e10 to 2e-4, 1e12 and 1e-16 wrong theta and converged=True).
+WEIGHTS_SCALE_LIMIT = 1e8
+
+
+def check_weights_scale(w: np.ndarray, name: str = "weights") -> None:
+    """Prior weights whose typical size is far from 1, or whose range would under/overflow the weighted squares."""
+    log_w = np.log(w)
+    typical = float(np.exp(np.mean(log_w)))
+    ratio = float(np.exp(np.max(log_w) - np.min(log_w)))
+    if not 1 / WEIGHTS_SCALE_LIMIT <= typical <= WEIGHTS_SCALE_LIMIT or ratio > RESPONSE_SCALE_LIMIT:
+        raise InputError(f"{name} range from {np.min(w):.3g} to {np.max(w):.3g} (typical size {typical:.3g}); "
+                         f"weights must have a typical size between 1/{WEIGHTS_SCALE_LIMIT:g} and "
+                         f"{WEIGHTS_SCALE_LIMIT:g} and span at most a factor {RESPONSE_SCALE_LIMIT:g}. Weights are "
+                         "relative: divide them by their mean (only sigma changes, by the square root of that "
+                         "mean).")
+
+
+# -- arguments (the numbers and switches users pass to the front doors) -----------------------------------------
+
+def check_bool(value, name: str) -> bool:
+    """A switch takes True or False (numpy's bools too), nothing else: reml="no" is truthy, reml=None falsy."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InputError(f"{name} must be True or False; got {value!r} ({type(value).__name__}). Strings, numbers and "
+                     f"None are not read as switches: pass {name}=True or {name}=False.")
+
+
+def check_count(value, name: str, minimum: int = 1) -> int:
+    """A whole number >= minimum (numpy integers and integral floats such as 1e4 too; not bools)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, numbers.Real)) or \
+            (isinstance(value, numbers.Real) and not (np.isfinite(value) and float(value).is_integer())):
+        raise InputError(f"{name} must be a whole number >= {minimum}; got {value!r} ({type(value).__name__}).")
+    if int(value) < minimum:
+        raise InputError(f"{name} must be a whole number >= {minimum}; got {value!r}.")
+    return int(value)
+
+
+def check_positive_number(value, name: str) -> float:
+    """A finite number > 0 (a tolerance, a step)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not np.isfinite(value) \
+            or value <= 0:
+        raise InputError(f"{name} must be a finite number > 0; got {value!r} ({type(value).__name__}).")
+    return float(value)
+
+
+def check_level(level, name: str = "level") -> float:
+    """A confidence level: a number strictly between 0 and 1 (0.95, not 95)."""
+    if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Real) or not 0 < level < 1:
+        hint = f" (for {level:g}% pass {level / 100:g})" if isinstance(level, numbers.Real) and 50 <= level < 100 else ""
+        raise InputError(f"{name} must be a number strictly between 0 and 1, such as 0.95; got {level!r}{hint}.")
+    return float(level)
+
+
+def check_seed(seed, name: str = "seed", generators: bool = True):
+    """None, a non-negative integer, or (where numpy accepts one) a SeedSequence or Generator."""
+    if seed is None or (generators and isinstance(seed, (np.random.Generator, np.random.SeedSequence))):
+        return seed
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)) and seed >= 0:
+        return int(seed)
+    kinds = "None, a non-negative integer, or a numpy Generator or SeedSequence" if generators else \
+        "None or a non-negative integer"
+    raise InputError(f"{name} must be {kinds}; got {seed!r} ({type(seed).__name__}).")
+
+
+def check_finite_start(arr: np.ndarray, name: str, label=None) -> None:
+    """Start values are finite numbers (named by position, or by `label(i)`)."""
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        where = f"{name}[{bad[0]}]" if label is None else label(bad[0])
+        raise InputError(f"{where} is {arr[bad[0]]}; every start value must be a finite number. Leave {name} out "
+                         "for the default start.")
+
+
+# A start farther out than this (a random effect's sd 1e10 times sigma's) only reaches rank-deficiency errors.
+START_LIMIT = 1e10
+
+
+def check_start(start, lower: np.ndarray, name: str = "start", names=None, limit: float | None = None
+                ) -> np.ndarray:
+    """The optimizer's start (theta): as many finite numbers as the model has, within their bounds. Checked
+    before any optimizer sees it: a NaN or inf reached nlopt's BOBYQA and corrupted the process's memory
+    (optimize._bobyqa)."""
+    n = len(lower)
+    label = (lambda i: f"{name}[{i}]") if names is None else (lambda i: f"{name}[{i}] ({names[i]})")
+    try:
+        arr = np.array(start, dtype=float).reshape(-1) if np.ndim(start) <= 1 else None
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None:
+        raise InputError(f"{name} must be a vector of {n} number(s) (theta: each random-effects term's relative "
+                         f"Cholesky factor); got {start!r}.")
+    if arr.shape[0] != n:
+        raise InputError(f"{name} has {arr.shape[0]} value(s) but the model has {n} theta parameter(s)"
+                         + (f" ({', '.join(names)})" if names is not None else "") + "; pass one per parameter, or "
+                         "leave it out for the default start.")
+    check_finite_start(arr, name, label)
+    below = np.flatnonzero(arr < lower)
+    if below.size:
+        i = below[0]
+        raise InputError(f"{label(i)} is {arr[i]:g}, below its lower bound {lower[i]:g}: a diagonal entry of a "
+                         "relative Cholesky factor (a standard deviation over sigma) cannot be negative. Use its "
+                         "absolute value.")
+    if limit is not None and np.any(np.abs(arr) > limit):
+        i = int(np.argmax(np.abs(arr)))
+        raise InputError(f"{label(i)} is {arr[i]:g}; theta is a standard deviation relative to sigma, and start "
+                         f"values beyond {limit:g} in size leave nothing to estimate. Start near 1 or leave {name} "
+                         "out.")
+    return arr
+
+
+def check_nobs_vs_n_random_effects(n_random: int, n_obs: int, term: str) -> None:
+    """lme4's check.nobs.vs.nRE (default "stop"): a term with at least as many random effects as observations
+    leaves its variance parameters and the residual's unidentifiable."""
+    if n_obs <= n_random:
+        raise InputError(f"number of observations (={n_obs}) <= number of random effects (={n_random}) for term "
+                         f"{term}; the random-effects parameters and the residual variance are probably "
+                         "unidentifiable (lme4 refuses this model too). Remove random slopes from that term, group "
+                         "by a coarser factor, or collect more observations per level.")
+
+
+def check_groups(groups, n: int) -> np.ndarray:
+    """statsmodels' `groups`: one label per row (a constant for crossed designs without a grouping)."""
+    if groups is None or np.ndim(groups) == 0:
+        raise InputError(f"groups must be one label per row (a column name, or an array of length {n}); got "
+                         f"{groups!r}. For crossed variance components without a grouping, pass a constant "
+                         "(e.g. groups=np.ones(len(data))).")
+    values = np.asarray(groups)
+    return values
+
+
+def check_fitted_models(models, door: str = "anova") -> None:
+    """Every argument is a model fitted by sparsemix.lmer (anova compares fits)."""
+    from .lmer_results import LmerResults
+
+    for i, m in enumerate(models):
+        if not isinstance(m, LmerResults):
+            raise InputError(f"{door}'s arguments must be models fitted by sparsemix.lmer; argument {i + 1} is "
+                             f"{type(m).__name__} ({m!r:.60}). Pass the fitted models, e.g. anova(m1, m2); name "
+                             "them with names=[...].")
 
 
 def _is_number(v) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from . import checks
 from .coordinates import column_transform, system_columns
 from .design import CrossProducts
 from .engine import PenalizedSystem
@@ -47,7 +48,11 @@ def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None
     final Newton step (optimize.newton_polish);
     `ftol`: BOBYQA's stopping rule (optimize.py)."""
     relcov = system.relcov
-    start = relcov.start() if start_theta is None else np.asarray(start_theta, dtype=float)
+    reml = checks.check_bool(reml, "reml")
+    maxiter = checks.check_count(maxiter, "maxiter")
+    # every door's start passes here before any optimizer sees it (a NaN reaching nlopt corrupted memory)
+    start = relcov.start() if start_theta is None else checks.check_start(start_theta, relcov.lower_bounds,
+                                                                           "start_theta")
     with system.threads():
         used = 0
         scoring = method in ("auto", "scoring") and free is None and system.supports_scoring

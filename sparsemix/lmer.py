@@ -89,6 +89,9 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     from .lmer_results import LmerResults   # results import this module's design types
 
     checks.check_progress(progress)
+    reml = checks.check_bool(reml, "reml")
+    verbose = checks.check_bool(verbose, "verbose")
+    maxiter = checks.check_count(maxiter, "maxiter")
     if verbose and progress is None:
         progress = ProgressPrinter()
     if not isinstance(data, pd.DataFrame):          # (importing partitioned.py costs a pandas frame 8 ms)
@@ -100,18 +103,33 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
                                    caller_env=caller)
     env = formula_environment(eval_env)      # the caller's functions, checked in formula/safety.py
     design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
-    system = design.system()
     method = resolve_method(optimizer)
+    if start is not None:   # before any optimizer: a NaN start once reached nlopt and corrupted memory
+        start = checks.check_start(start, _theta_lower_bounds(design.terms), "start", _theta_names(design),
+                                   limit=checks.START_LIMIT)
+    system = design.system()
     step = None
     if pilot_wanted(start, method):
         start, step = pilot_start(system, design.X, design.y - design.offset, list(design.terms), design.weights,
-                                  bool(reml)) or (None, None)
-    opt = optimize_system(system, reml=bool(reml), start_theta=start, method=method, maxiter=maxiter,
+                                  reml) or (None, None)
+    opt = optimize_system(system, reml=reml, start_theta=start, method=method, maxiter=maxiter,
                           progress=progress, initial_step=step)
-    fit = build_fit(system, opt, bool(reml))
+    fit = build_fit(system, opt, reml)
     results = LmerResults(design, fit)
     warn_if_singular(fit, results.theta_names)
     return results
+
+
+def _theta_lower_bounds(terms) -> np.ndarray:
+    """theta's bounds as RelativeCovariance.lower_bounds, from the terms alone (before the system is built)."""
+    return np.concatenate([[0.0 if i == j else -np.inf for i, j in t.template.positions] for t in terms])
+
+
+def _theta_names(design: "LmerDesign") -> list[str]:
+    """LmerResults.theta_names, from the design."""
+    return [f"{info.spec.group_name}.{info.columns[i]}" if i == j else
+            f"{info.spec.group_name}.{info.columns[i]}.{info.columns[j]}"
+            for info, term in zip(design.term_info, design.terms) for i, j in term.template.positions]
 
 
 def build_design(formula, data, weights=None, offset=None, eval_env=None) -> LmerDesign:
@@ -136,6 +154,8 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     off = np.zeros(len(frame)) if off is None else off[keep]
     if w is not None and np.any(w <= 0):
         raise InputError("weights must be positive; drop the rows with zero weight or fix the weights column.")
+    if w is not None:
+        checks.check_weights_scale(w)
 
     if parsed.response in frame.columns:       # before patsy, which would expand a text column into indicators
         checks.require_numeric_column(frame[parsed.response], f"response {parsed.response!r}")
@@ -151,6 +171,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     infos, terms = [], []
     for spec in parsed.random:
         term, info = _random_term(spec, frame, env)
+        checks.check_nobs_vs_n_random_effects(term.n_levels * term.k, len(frame), spec.source)
         terms.append(term)
         infos.append(info)
     order = sorted(range(len(terms)), key=lambda i: -terms[i].n_levels)   # lme4: most levels first (stable)

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from . import checks
 from .errors import InputError
 from .fitting import build_fit, optimize_system
 from .optimize import warm_step
@@ -169,6 +170,7 @@ class LmerResults:
         attrs["condsd"] is a DataFrame of conditional standard deviations and attrs["condvar"] the conditional
         covariance per level (levels x k x k), or, as lme4's postVar, a list of such arrays, one per term, when
         several terms share the factor (the two halves of (x || g))."""
+        condvar = checks.check_bool(condvar, "condvar")
         out = {}
         b = self.fit_result.b
         offset = 0
@@ -255,6 +257,7 @@ class LmerResults:
 
     def simulate(self, nsim: int = 1, seed=None) -> pd.DataFrame:
         """Responses simulated from the fitted model (new random effects and noise), one column per simulation."""
+        nsim, seed = checks.check_count(nsim, "nsim"), checks.check_seed(seed)
         d = self.design
         rng = np.random.default_rng(seed)
         sims = simulate_responses(d.X, self._Z, self.fit_result.system.relcov, self.fit_result.theta,
@@ -282,6 +285,7 @@ class LmerResults:
 
     def profile(self, which=None, level: float = 0.95) -> ProfileResult:
         """lme4's profile(): the ML deviance profiled over each parameter (a REML fit is refitted by ML)."""
+        level = checks.check_level(level)
         ml = self.refit_ml()
         with ml.fit_result.system.threads():
             return profile_fit(ml.fit_result, self.sdcor_names, list(self.design.fe_names), level=level,
@@ -292,6 +296,7 @@ class LmerResults:
         """Intervals for the sd/cor parameters, sigma and the fixed effects, as lme4's confint():
         "wald" (fixed effects only; NaN for the others), "profile", or "boot" (parametric bootstrap,
         percentile intervals, refits spread over all cores)."""
+        level = checks.check_level(level)
         names = self.sdcor_names + list(self.design.fe_names)
         if method == "wald":
             z = stats.norm.ppf(0.5 + level / 2)
@@ -311,6 +316,8 @@ class LmerResults:
 
     def bootstrap(self, nsim: int = 500, seed=None, n_jobs=None) -> pd.DataFrame:
         """Estimates of (sd, cor, sigma, fixed effects) from `nsim` parametric bootstrap refits."""
+        nsim, seed = checks.check_count(nsim, "nsim"), checks.check_seed(seed, generators=False)
+        n_jobs = None if n_jobs is None else checks.check_count(n_jobs, "n_jobs (None for all cores)")
         d = self.design
         draws = parametric_bootstrap(self.fit_result, d.X, d.terms, d.weights, nsim=nsim, seed=seed, n_jobs=n_jobs)
         return pd.DataFrame(draws, columns=self.sdcor_names + list(d.fe_names))

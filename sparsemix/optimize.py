@@ -284,6 +284,10 @@ BOBYQA_XTOL_ABS = 1e-8
 
 
 def _bobyqa(f, x0, lower, upper, maxeval, step=None, ftol=BOBYQA_FTOL_ABS, ftol_rel=0.0):
+    step = 0.75 * np.maximum(np.abs(x0), 1.0) if step is None else np.asarray(step, dtype=float)
+    room = np.maximum(x0 - lower, upper - x0)          # BOBYQA needs its first step inside the box
+    step = np.where(np.isfinite(room), np.minimum(step, 0.5 * room), step)
+    _check_bobyqa_arguments(x0, step)
     opt = nlopt.opt(nlopt.LN_BOBYQA, x0.shape[0])
     opt.set_min_objective(lambda x, grad: f(x))
     opt.set_lower_bounds(lower)
@@ -292,9 +296,7 @@ def _bobyqa(f, x0, lower, upper, maxeval, step=None, ftol=BOBYQA_FTOL_ABS, ftol_
     opt.set_ftol_rel(ftol_rel)
     opt.set_xtol_abs(BOBYQA_XTOL_ABS)
     opt.set_maxeval(int(maxeval))
-    step = 0.75 * np.maximum(np.abs(x0), 1.0) if step is None else step
-    room = np.maximum(x0 - lower, upper - x0)          # BOBYQA needs its first step inside the box
-    opt.set_initial_step(np.where(np.isfinite(room), np.minimum(step, 0.5 * room), step))
+    opt.set_initial_step(step)
     try:
         opt.optimize(x0)
     except nlopt.RoundoffLimited:
@@ -306,6 +308,25 @@ def _bobyqa(f, x0, lower, upper, maxeval, step=None, ftol=BOBYQA_FTOL_ABS, ftol_
                "xtol_abs", nlopt.MAXEVAL_REACHED: f"stopped after maxiter={maxeval} evaluations"}.get(code, f"nlopt "
                                                                                                      f"code {code}")
     return converged, message
+
+
+def _check_bobyqa_arguments(x0: np.ndarray, step: np.ndarray) -> None:
+    """Refuse what nlopt (2.7 to 2.11 at least) cannot take safely. Its BOBYQA rescales by the initial steps'
+    ratios to the first (step[j] / step[0]), and a ratio that is 0 or not finite (a NaN or inf start gives a NaN
+    step) returns "invalid arguments" through a path that writes past the end of x: in bobyqa.c the check
+    jumps to `done:` before `--x`, and `done:` does `++x; nlopt_unscale(n, s, x, x)`, one double beyond the
+    buffer. That corrupts the heap; glibc aborts the process later ("double free or corruption", "free():
+    invalid next size") at an unrelated free, the next fit or garbage collection. One entry never rescales
+    (n = 1), which is why only models with two or more parameters crashed. Users' starts are checked before
+    (checks.check_start); this is the last guard for any other route."""
+    ratio = step / step[0] if step.size else step
+    if not (np.all(np.isfinite(x0)) and np.all(np.isfinite(step)) and np.all(step > 0)
+            and np.all(np.isfinite(ratio)) and np.all(ratio > 0)):
+        from .errors import InputError
+
+        raise InputError(f"the optimizer cannot start from {x0.tolist()} with first steps {step.tolist()}: every "
+                         "start value must be a finite number, and the steps finite and positive. Pass a finite "
+                         "start, or leave it out for the default.")
 
 
 def _scipy_options(method: str, maxiter: int, gtol: float) -> dict:

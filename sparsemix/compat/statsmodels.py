@@ -66,7 +66,7 @@ class MixedLM:
             warnings.warn("Using deprecated variance components format (exog_vc as a dict of dicts), as "
                           "statsmodels calls it: pass a VCSpec(names, colnames, mats), which statsmodels and "
                           "sparsemix both accept.", FutureWarning, stacklevel=2)
-        self.use_sqrt = bool(use_sqrt)
+        self.use_sqrt = checks.check_bool(use_sqrt, "use_sqrt")
         self.missing = missing
         self.formula = kwargs.get("formula")
         self._design_info = kwargs.get("design_info")
@@ -83,7 +83,7 @@ class MixedLM:
         checks.check_length(X, n, "exog")
         self.endog_names = _series_name(endog, "y")
         self.exog_names = _exog_names(exog, X)
-        group_values = np.asarray(groups)
+        group_values = checks.check_groups(groups, n)
         if group_values.ndim != 1:
             group_values = group_values.reshape(-1) if group_values.size == n else group_values
         checks.check_length(group_values, n, "groups")
@@ -197,7 +197,8 @@ class MixedLM:
             raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
         eval_env = formula_environment(kwargs.pop("eval_env", None))   # the caller's functions, as patsy's
         groups = kwargs.pop("groups")
-        use_sqrt = kwargs.pop("use_sqrt", True)
+        use_sqrt = checks.check_bool(kwargs.pop("use_sqrt", True), "use_sqrt")
+        checks.check_bool(use_sparse, "use_sparse")
         if args or kwargs:
             raise InputError(f"unexpected argument(s) {sorted(kwargs) or args} for MixedLM.from_formula.")
         if subset is not None:
@@ -206,7 +207,7 @@ class MixedLM:
             checks.require_columns(data, [groups], "groups")
             group_name, group_values = groups, data[groups].to_numpy()
         else:
-            group_name, group_values = "Group", np.asarray(groups)
+            group_name, group_values = "Group", checks.check_groups(groups, len(data))
             checks.check_length(group_values, len(data), "groups", reference="data")
         if missing not in ("none", "drop", "raise"):
             raise InputError(f"missing={missing!r} is not one of 'none', 'drop', 'raise'.")
@@ -231,7 +232,7 @@ class MixedLM:
         vcs = [vc_from_formula(name, f, data, codes, len(labels), rows_of_group, eval_env)
                for name, f in vc_formula.items()]
         model = cls.__new__(cls)
-        model.use_sqrt, model.missing, model.formula = bool(use_sqrt), missing, formula
+        model.use_sqrt, model.missing, model.formula = use_sqrt, missing, formula
         model._design_info, model._data_is_pandas, model._row_index = design_info, True, data.index
         model.endog_names, model.exog_names = str(endog.name), list(exog.columns)
         model.exog_re_names, model.group_name = list(re_names), group_name
@@ -294,8 +295,13 @@ class MixedLM:
         if start_params is None:
             return MixedLMParams.from_components(np.zeros(self.k_fe), np.eye(self.k_re), vcomp=np.ones(self.k_vc))
         if isinstance(start_params, MixedLMParams):
+            for part, values in (("fe_params", start_params.fe_params), ("cov_re", start_params.cov_re),
+                                 ("vcomp", start_params.vcomp)):
+                if values is not None:
+                    checks.check_finite_start(np.asarray(values, dtype=float).reshape(-1), f"start_params.{part}")
             return start_params
-        sp_ = np.asarray(start_params, dtype=float)
+        sp_ = checks.as_numeric_vector(start_params, "start_params")
+        checks.check_finite_start(sp_, "start_params")
         if sp_.shape[0] == self.k_fe + self.k_re2 + self.k_vc:
             return MixedLMParams.from_packed(sp_, self.k_fe, self.k_re, self.use_sqrt, has_fe=True)
         if sp_.shape[0] == self.k_re2 + self.k_vc:
@@ -316,6 +322,10 @@ class MixedLM:
         lme4), or scipy's 'lbfgs', 'powell', 'nm'. `maxiter` bounds the deviance evaluations (BOBYQA) or
         iterations (scipy).
         """
+        reml = checks.check_bool(reml, "reml")
+        do_cg, full_output = checks.check_bool(do_cg, "do_cg"), checks.check_bool(full_output, "full_output")
+        maxiter = checks.check_count(fit_kwargs.get("maxiter", 10_000), "maxiter")
+        gtol = checks.check_positive_number(fit_kwargs.get("gtol", 1e-7), "gtol")
         if fe_pen is not None or cov_pen is not None:
             raise InputError("penalized fits (fe_pen, cov_pen) are not supported by sparsemix; fit without them "
                              "(fit_regularized penalizes the fixed effects).")
@@ -336,19 +346,18 @@ class MixedLM:
         checks.check_progress(fit_kwargs.get("progress"))
         opt_method = self._optimizer(method)
         start = self._start_params(start_params)
-        self.reml, self._freepat = bool(reml), free
+        self.reml, self._freepat = reml, free
         theta0 = self._theta_from_params(start)
         free_mask = None if free is None else self._free_mask(free, start)
         system = self.build_system()
         step = None
         if pilot_wanted(start_params, opt_method, free):
-            pilot = pilot_start(system, self.exog, self.endog, self._terms(), None, bool(reml))
+            pilot = pilot_start(system, self.exog, self.endog, self._terms(), None, reml)
             if pilot is not None:
                 theta0, step = pilot
-        opt = optimize_system(system, reml=bool(reml), start_theta=theta0, free=free_mask,
-                              maxiter=int(fit_kwargs.get("maxiter", 10_000)), gtol=float(fit_kwargs.get("gtol", 1e-7)),
+        opt = optimize_system(system, reml=reml, start_theta=theta0, free=free_mask, maxiter=maxiter, gtol=gtol,
                               method=opt_method, progress=fit_kwargs.get("progress"), initial_step=step)
-        fit = build_fit(system, opt, bool(reml), free_mask)
+        fit = build_fit(system, opt, reml, free_mask)
         results = MixedLMResults(self, fit, free)
         self._warn_if_singular(results)
         return results
@@ -408,7 +417,8 @@ class MixedLM:
         or the packed covariance parameters (use_sqrt as the model's). -inf where the covariance is not
         positive semi-definite."""
         pa = self._params_object(params, has_fe=False)
-        reml = self.reml if reml is None else bool(reml)
+        profile_fe = checks.check_bool(profile_fe, "profile_fe")
+        reml = self.reml if reml is None else checks.check_bool(reml, "reml")
         with self._likelihood_system.threads():
             return likelihood.loglike_at(self, pa, reml, profile_fe)
 
@@ -417,7 +427,7 @@ class MixedLM:
         profile_fe), cov_re lower triangle, vcomp]; entries held fixed by the last fit's `free` are zero.
         Central differences (compat/likelihood.py)."""
         pa = self._params_object(params, has_fe=False)
-        has_fe = not profile_fe
+        has_fe = not checks.check_bool(profile_fe, "profile_fe")
         if has_fe and np.asarray(pa.fe_params).shape[0] != self.k_fe:
             raise InputError(f"profile_fe=False needs the {self.k_fe} fixed effects in params (a MixedLMParams "
                              "with fe_params).")

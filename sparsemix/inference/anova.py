@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .. import checks
 from ..errors import InputError
 
 __all__ = ["anova"]
@@ -16,6 +17,7 @@ def anova(*models, names=None) -> pd.DataFrame:
     parameters; each row tests against the row above it."""
     if len(models) < 2:
         raise InputError("anova needs at least two fitted models to compare.")
+    checks.check_fitted_models(models)
     names = list(names) if names is not None else [f"m{i + 1}" for i in range(len(models))]
     if len(names) != len(models):
         raise InputError(f"{len(names)} names for {len(models)} models.")
