@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __all__ = [
     "SparsemixError", "InputError", "MissingDataError", "RankDeficientError", "FormulaError",
-    "SparsemixWarning", "ConvergenceWarning", "SingularFitWarning", "IgnoredArgumentWarning",
+    "SparsemixWarning", "ConvergenceWarning", "SingularFitWarning", "IgnoredArgumentWarning", "NewLevelWarning",
     "MissingExtraError", "require_extra",
 ]
 
@@ -42,6 +42,10 @@ class SingularFitWarning(SparsemixWarning):
 
 class IgnoredArgumentWarning(SparsemixWarning):
     """An argument accepted for compatibility has no effect in sparsemix."""
+
+
+class NewLevelWarning(SparsemixWarning):
+    """Rows of predict's newdata have a level of a grouping factor the fit did not see: population-level."""
 
 
 class MissingExtraError(ImportError):

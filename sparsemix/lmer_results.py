@@ -15,7 +15,9 @@ from .inference.bootstrap import parametric_bootstrap, simulate_responses
 from .inference.profile import ProfileResult, profile_fit
 from .inference.satterthwaite import satterthwaite_df
 from .inference.sdcor import sdcor_of
-from .lmer import LmerDesign, random_design_for
+from . import newdata as newdata_path
+from .lmer import LmerDesign, _lme4_name
+from .pickling import PicklableResults
 from .results import LmmFit
 
 __all__ = ["LmerResults"]
@@ -31,7 +33,7 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-class LmerResults:
+class LmerResults(PicklableResults):
     def __init__(self, design: LmerDesign, fit: LmmFit):
         self.design = design
         self.fit_result = fit
@@ -234,26 +236,33 @@ class LmerResults:
 
     def predict(self, newdata: pd.DataFrame | None = None, include_random: bool = True,
                 allow_new_levels: bool = True, offset=None) -> pd.Series:
-        """Predictions; new levels of a grouping factor get the population-level prediction when allowed."""
+        """Predictions; new levels of a grouping factor get the population-level prediction when allowed (with a
+        NewLevelWarning saying how many rows). Rows of newdata with a missing value in a column the model uses
+        predict NaN. Levels match by value (308, 308.0 and "308" are one level): see sparsemix/newdata.py."""
         if newdata is None:
             d = self.design
             pred = d.X @ self.fit_result.beta + d.offset
             if include_random:
                 pred = pred + self._Z @ self.fit_result.b
             return pd.Series(pred, index=d.row_index)
-        import patsy
-        (X,) = patsy.build_design_matrices([self.design.fixed_info], newdata, return_type="dataframe")
-        X = X.to_numpy(float)
-        if X.shape[1] != self.fit_result.beta.size:   # columns dropped as aliased at fit time
-            keep = [i for i, n in enumerate(self.design.fixed_info.column_names)
-                    if (n if n != "Intercept" else "(Intercept)") in self.design.fe_names]
-            X = X[:, keep]
-        pred = X @ self.fit_result.beta
-        if offset is not None:
-            pred = pred + (newdata[offset].to_numpy(float) if isinstance(offset, str) else np.asarray(offset, float))
-        if include_random:
-            pred = pred + random_design_for(self.design, newdata, allow_new_levels) @ self.fit_result.b
-        return pd.Series(pred, index=newdata.index)
+        frame = newdata_path.require_frame(newdata)
+        d = self.design
+        off = newdata_path.offset_values(frame, offset)
+        needs = newdata_path.lmer_columns(d, include_random)
+        newdata_path.require_model_columns(frame, needs)
+        keep = newdata_path.complete_rows(frame, [c for _, cols in needs for c in cols])
+        if off is not None:
+            keep &= ~np.isnan(off)
+        keep_names = [n for n in d.fixed_info.column_names if _lme4_name(n) in d.fe_names]   # aliased ones dropped
+        matchers = self.__dict__.setdefault("_level_matchers", {})
+
+        def compute(rows):
+            pred = newdata_path.fixed_matrix(rows, d.fixed_info, keep_names) @ self.fit_result.beta
+            if include_random:
+                pred = pred + newdata_path.lmer_random_matrix(d, rows, allow_new_levels, matchers) @ self.fit_result.b
+            return pred if off is None else pred + off[keep]
+
+        return newdata_path.predict_rows(frame, keep, compute)
 
     def simulate(self, nsim: int = 1, seed=None) -> pd.DataFrame:
         """Responses simulated from the fitted model (new random effects and noise), one column per simulation."""

@@ -15,12 +15,13 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-import patsy
 from scipy import stats
 
+from .. import newdata as newdata_path
 from ..design import assemble_Z
 from ..fitting import build_system, optimize_system
 from ..errors import InputError
+from ..pickling import PicklableResults
 from ..results import LmmFit
 from .params import MixedLMParams
 from .summary import MixedLMSummary
@@ -28,7 +29,7 @@ from .summary import MixedLMSummary
 __all__ = ["MixedLMResults"]
 
 
-class MixedLMResults:
+class MixedLMResults(PicklableResults):
     def __init__(self, model, fit: LmmFit, free: MixedLMParams | None = None):
         self.model = model
         self.fit_result = fit
@@ -306,9 +307,16 @@ class MixedLMResults:
         if exog is None:
             self._require_data()
             return self.model.exog @ self._fe
-        if isinstance(exog, pd.DataFrame) and self.model._design_info is not None:
-            (X,) = patsy.build_design_matrices([self.model._design_info], exog, return_type="dataframe")
-            return pd.Series(X.to_numpy(float) @ self._fe, index=X.index)
+        info = self.model._design_info
+        if info is not None and not isinstance(exog, np.ndarray):
+            # A formula model reads a data frame (statsmodels also takes a dict of columns); rows with a missing
+            # value predict NaN, as the shared new-data path does for every door.
+            frame = newdata_path.require_frame(exog, dict_of_columns=True)
+            needs = [("fixed effects", newdata_path.model_columns(info))]
+            newdata_path.require_model_columns(frame, needs)
+            keep = newdata_path.complete_rows(frame, needs[0][1])
+            return newdata_path.predict_rows(frame, keep,
+                                             lambda rows: newdata_path.fixed_matrix(rows, info) @ self._fe)
         X = np.asarray(exog, dtype=float)
         if X.ndim == 1:
             X = X[:, None] if self.k_fe == 1 else X[None, :]
@@ -388,10 +396,10 @@ class MixedLMResults:
         return MixedLMSummary(self, yname=yname, xname_fe=xname_fe, xname_re=xname_re, title=title, alpha=alpha)
 
     def remove_data(self):
-        """Drop the data and the fitted system (statsmodels' remove_data), so the results are small and, for
-        models built from arrays, can be pickled (patsy's formula information cannot). params, standard
-        errors, summary() and t_test() keep working; what needs the data (fittedvalues, resid, random_effects,
-        profile_re, predict() without exog) then raises an error saying so."""
+        """Drop the data and the fitted system (statsmodels' remove_data), so the results are small (they pickle
+        with or without it: sparsemix/pickling.py). params, standard errors, summary() and t_test() keep
+        working; what needs the data (fittedvalues, resid, random_effects, profile_re, predict() without exog)
+        then raises an error saying so."""
         _ = self._cov_params, self._bse_re           # computed now: they need the fitted system
         for name in ("_b", "_fitted", "random_effects", "random_effects_cov", "_columns_of_group",
                      "_names_of_group"):

@@ -19,6 +19,7 @@ from .. import checks
 from ..errors import IgnoredArgumentWarning, InputError, SingularFitWarning
 from ..fitting import build_fit, build_system, optimize_system
 from ..pilot import pilot_start, pilot_wanted
+from ..pickling import PicklableResults
 from ..optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
 from ..formula.safety import formula_environment
@@ -46,7 +47,7 @@ class UnusedArgumentWarning(IgnoredArgumentWarning, FutureWarning):
     version (statsmodels' FutureWarning says the same)."""
 
 
-class MixedLM:
+class MixedLM(PicklableResults):
     """Linear mixed model: endog = exog fe_params + exog_re gamma_group + sum of variance components + error.
 
     Parameters follow statsmodels.regression.mixed_linear_model.MixedLM. `exog_vc` is a VCSpec or
