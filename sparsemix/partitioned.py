@@ -458,10 +458,13 @@ def _partition_terms(frame, spec, allow_new_levels=False) -> list[RandomTerm]:
 
 
 def _level_codes(frame, group, labels) -> np.ndarray:
-    """Each row's position among `labels` (the fit's levels of `group`), -1 for a level not among them."""
+    """Each row's position among `labels` (the fit's levels of `group`), -1 for a level not among them; levels
+    match by value as in-memory predictions do (newdata.LevelMatcher: 308, 308.0 and "308" are one level)."""
+    from .newdata import LevelMatcher
+
     local_codes, local_labels = group_codes(frame, group)
-    index = {lab: i for i, lab in enumerate(labels)}
-    return np.array([index.get(lab, -1) for lab in local_labels], dtype=np.int64)[local_codes]
+    matcher = LevelMatcher(labels, ":".join(group))
+    return matcher.positions(np.asarray(local_labels, dtype=object))[local_codes]
 
 
 def _cross_sums(part, spec, beta_ols):

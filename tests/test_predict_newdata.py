@@ -339,4 +339,8 @@ def test_dask_results_pickle():
     fit = sm.lmer("Reaction ~ Days + (Days | Subject)", dd.from_pandas(SLEEP_INT, npartitions=3))
     back = _roundtrip(fit, None)
     np.testing.assert_array_equal(back.predict(SLEEP_INT), fit.predict(SLEEP_INT))
+    as_float = SLEEP_INT.assign(Subject=SLEEP_INT.Subject.astype(float))       # levels match by value here too
+    np.testing.assert_array_equal(fit.predict(as_float), fit.predict(SLEEP_INT))
+    np.testing.assert_array_equal(fit.predict(dd.from_pandas(as_float, npartitions=2)).compute(),
+                                  fit.predict(SLEEP_INT))
     assert str(back.summary()) == str(fit.summary())
