@@ -11,12 +11,19 @@ Cholesky calls. So a fit runs single-threaded, except
 * one big dense Cholesky at a time (`dense_threads`): it gets back the threads the caller had, 1.4x faster
   at 1,000 x 1,000 and 1.7x at 4,000 x 4,000 on two cores; and the compiled Schur update into such a
   matrix (`kernel_threads`, numba's own threads: 28.8 s -> 13.6 s on a MovieLens-sized design).
+
+Threads pay only on cores nobody else is using: a thread that waits for a core another process holds stalls the
+whole factorization while the others spin (InstEval fits beside one busy process took 3-19 s with two threads,
+0.8 s with one). So every multi-threaded stage takes at most the cores free at that moment (`free_cores`: the
+cores this process may use less the other tasks running, from /proc/loadavg), and never more threads than the
+caller's own setting (threadpoolctl, OPENBLAS_NUM_THREADS).
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager, nullcontext
 
-__all__ = ["blas_threads", "single_threaded", "dense_threads", "kernel_threads", "blas_libraries"]
+__all__ = ["blas_threads", "single_threaded", "dense_threads", "kernel_threads", "blas_libraries", "free_cores"]
 
 # Up to this many random-effect columns a supernodal system is "small": its fronts are too small for threads.
 SINGLE_THREAD_MAX_Q = 50_000
@@ -61,18 +68,38 @@ def _one_thread():
         _outer_threads[0] = saved
 
 
+def free_cores() -> int:
+    """The cores this process may use that no other task is running on now: /proc/loadavg's count of running
+    tasks (this one included) against the process's CPU set; all of them where that cannot be read."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return cores
+    return max(1, min(cores, cores - (running - 1)))
+
+
 def blas_threads(single: bool):
-    """A context limiting every BLAS library to one thread when `single`, else leaving them as they are."""
-    return _one_thread() if single else nullcontext()
+    """A context limiting every BLAS library to one thread when `single`, else to the cores free now."""
+    if single:
+        return _one_thread()
+    blas = blas_libraries()
+    current = max([lib.num_threads for lib in blas.lib_controllers], default=1)
+    free = free_cores()
+    return blas.limit(limits=free) if free < current else nullcontext()
 
 
 def dense_threads(order: int):
-    """Inside a single-threaded stage: the caller's BLAS threads back for one dense factorization of `order`."""
+    """Inside a single-threaded stage: the caller's BLAS threads back (as many as are free) for one dense
+    factorization of `order`."""
     if not DENSE_THREADS_MIN_ORDER <= order <= DENSE_THREADS_MAX_ORDER or _outer_threads[0] <= 1:
         return nullcontext()
-    return blas_libraries().limit(limits=_outer_threads[0])
+    threads = min(_outer_threads[0], free_cores())
+    return blas_libraries().limit(limits=threads) if threads > 1 else nullcontext()
 
 
 def kernel_threads(order: int) -> int:
-    """Threads for the compiled Schur update into an order x order matrix: the caller's, when it is big."""
-    return _outer_threads[0] if order >= KERNEL_THREADS_MIN_ORDER else 1
+    """Threads for the compiled Schur update into an order x order matrix: the caller's (as many as are free),
+    when it is big."""
+    return min(_outer_threads[0], free_cores()) if order >= KERNEL_THREADS_MIN_ORDER else 1

@@ -341,3 +341,45 @@ def test_blas_libraries_are_found_on_import_including_cholmods():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == ["True", "True"]
     assert int(out[2]) >= 2             # numpy's or scipy's bundled one, and the system one CHOLMOD links
+
+
+def test_threads_go_only_to_cores_nobody_else_is_running_on(monkeypatch):
+    """With as many CPU-bound processes as cores beside it, a fit's threaded stages take one thread (a thread
+    waiting for a held core stalls the others, issue 14); on an idle machine they take the caller's threads."""
+    import subprocess
+    import sys
+    import time
+
+    import sparsemix.threads as threads
+
+    cores = threads.os.sched_getaffinity(0)
+    monkeypatch.setattr(threads, "_outer_threads", [len(cores) + 3])
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in cores]
+    try:
+        time.sleep(0.5)
+        assert threads.free_cores() == 1
+        assert threads.kernel_threads(threads.KERNEL_THREADS_MIN_ORDER) == 1
+        assert isinstance(threads.dense_threads(threads.DENSE_THREADS_MIN_ORDER), type(threads.nullcontext()))
+    finally:
+        for p in loops:
+            p.kill()
+            p.wait()
+    monkeypatch.setattr(threads, "free_cores", lambda: len(cores))      # an idle machine
+    assert threads.kernel_threads(threads.KERNEL_THREADS_MIN_ORDER) == len(cores)
+
+
+def test_free_cores_reads_the_running_tasks(monkeypatch, tmp_path):
+    import builtins
+
+    import sparsemix.threads as threads
+
+    n = len(threads.os.sched_getaffinity(0))
+    real_open = builtins.open
+    for running, expected in [(1, n), (n, 1), (n + 5, 1), (2, max(1, n - 1))]:
+        fake = tmp_path / f"loadavg{running}"
+        fake.write_text(f"0.50 0.40 0.30 {running}/300 12345\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, fake=fake, **k:
+                            real_open(fake if path == "/proc/loadavg" else path, *a, **k))
+        assert threads.free_cores() == expected
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert threads.free_cores() == n
