@@ -8,7 +8,7 @@ from .compat.params import MixedLMParams, VCSpec
 from .compat.results import MixedLMResults
 from .compat.statsmodels import MixedLM
 from .errors import (ConvergenceWarning, FormulaError, IgnoredArgumentWarning, InputError, MissingDataError,
-                     RankDeficientError, SingularFitWarning, SparsemixError, SparsemixWarning)
+                     NewLevelWarning, RankDeficientError, SingularFitWarning, SparsemixError, SparsemixWarning)
 from .fitting import build_fit, build_system, fit_lmm, optimize_system
 from .inference.anova import anova
 from .lmer import RankDeficiencyWarning, lmer
@@ -24,6 +24,6 @@ __all__ = [
     "lmer", "LmerResults", "anova", "RankDeficiencyWarning",
     "build_system", "optimize_system", "build_fit", "fit_lmm",
     "SparsemixError", "InputError", "MissingDataError", "RankDeficientError", "FormulaError",
-    "SparsemixWarning", "ConvergenceWarning", "SingularFitWarning", "IgnoredArgumentWarning",
+    "SparsemixWarning", "ConvergenceWarning", "SingularFitWarning", "IgnoredArgumentWarning", "NewLevelWarning",
     "__version__",
 ]

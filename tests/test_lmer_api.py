@@ -27,7 +27,8 @@ def test_predict_on_the_fitted_rows_equals_fitted(fm1):
 def test_predict_new_levels_at_population_level(fm1):
     new = pd.DataFrame({"Days": [0.0, 5.0], "Subject": ["nobody", "nobody"]})
     population = fm1.fe_params["(Intercept)"] + fm1.fe_params["Days"] * new.Days
-    np.testing.assert_allclose(fm1.predict(new), population, rtol=1e-12)
+    with pytest.warns(sm.NewLevelWarning, match="2 of 2 row"):
+        np.testing.assert_allclose(fm1.predict(new), population, rtol=1e-12)
     np.testing.assert_allclose(fm1.predict(new, include_random=False), population, rtol=1e-12)
     with pytest.raises(sm.InputError, match="allow_new_levels"):
         fm1.predict(new, allow_new_levels=False)
