@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import patsy
-import scipy.sparse as sp
 
 from . import checks
 from .engine import PenalizedSystem
@@ -324,34 +323,3 @@ def _unique_group_names(infos):
         grp = info.grp if n == 0 else f"{info.grp}.{n}"
         out.append(TermInfo(info.spec, grp, info.columns, info.levels, info.design_info, info.indicator))
     return out
-
-
-def random_design_for(design: LmerDesign, frame: pd.DataFrame, allow_new_levels: bool) -> sp.csc_matrix:
-    """Z for new data, in the fitted model's column layout; rows of unseen levels get zero (population) effects."""
-    blocks = []
-    for term, info in zip(design.terms, design.term_info):
-        checks.require_columns(frame, info.spec.group, f"newdata (grouping factor of {info.spec.source})")
-        if info.indicator is not None:
-            checks.require_columns(frame, [info.indicator], f"newdata (columns of {info.spec.source})")
-        codes_new, labels_new = group_codes(frame, info.spec.group)
-        index = {lab: i for i, lab in enumerate(info.levels)}
-        mapped = np.array([index.get(labels_new[c], -1) for c in codes_new], dtype=np.int64)
-        if (mapped < 0).any() and not allow_new_levels:
-            new = sorted({labels_new[c] for c, m in zip(codes_new, mapped) if m < 0})[:3]
-            raise InputError(f"newdata has levels of {info.grp!r} not in the fitted data ({', '.join(map(str, new))}); "
-                             "pass allow_new_levels=True to predict them at the population level.")
-        if info.design_info is None:
-            c, lv, _ = factor_codes(frame[info.indicator])
-            position = {name: i for i, name in enumerate(info.columns)}
-            cols = np.array([position.get(f"{info.indicator}{level_name(v)}", -1) for v in lv], dtype=np.int64)[c]
-            values = np.zeros((len(frame), term.k))
-            ok = cols >= 0
-            values[np.flatnonzero(ok), cols[ok]] = 1.0
-        else:
-            (M,) = patsy.build_design_matrices([info.design_info], frame, return_type="dataframe")
-            values = np.array(M.to_numpy(dtype=float))
-        values[mapped < 0] = 0.0
-        safe = np.where(mapped < 0, 0, mapped)
-        blocks.append(RandomTerm.from_codes(term.name, safe, values, term.n_levels, term.template, term.level_labels,
-                                            term.column_names).Z)
-    return sp.hstack(blocks, format="csc")

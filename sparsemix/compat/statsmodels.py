@@ -12,7 +12,6 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-import patsy
 import scipy.sparse as sp
 
 from .. import checks
