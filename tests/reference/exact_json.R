@@ -1,4 +1,5 @@
-# Shared by the fixture scripts here: exact numbers in JSON, and the folder a script runs from.
+# Shared by the fixture scripts here: exact numbers in JSON, the folder a script runs from, and the fields every
+# fit record has.
 #
 # jsonlite prints at most 15 significant digits (even with digits = NA or I(17)), so numbers are
 # formatted here with the shortest "%.{15,16,17}g" form that reads back to the identical double and
@@ -22,4 +23,29 @@ exact_numbers <- function(x) {
 script_dir <- function() {
   file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
   dirname(normalizePath(sub("^--file=", "", file_arg)))
+}
+
+# VarCorr as rows {grp, var1, var2, vcov, sdcor}.
+varcorr_rows <- function(m) {
+  vc <- as.data.frame(VarCorr(m))
+  lapply(seq_len(nrow(vc)), function(i) list(
+    grp = vc$grp[i], var1 = vc$var1[i], var2 = vc$var2[i], vcov = vc$vcov[i], sdcor = vc$sdcor[i]
+  ))
+}
+
+# The estimates of an lme4 fit, as every fixture records them (fields: README.md).
+estimate_fields <- function(m, reml) {
+  theta <- getME(m, "theta")
+  list(
+    logLik = as.numeric(logLik(m)),
+    deviance_or_REMLcrit = if (reml) REMLcrit(m) else deviance(m),
+    nobs = nobs(m),
+    ngroups = as.list(ngrps(m)),
+    beta = as.list(fixef(m)),
+    se_beta = as.list(setNames(sqrt(diag(as.matrix(vcov(m)))), names(fixef(m)))),
+    theta = I(unname(theta)),
+    theta_names = I(names(theta)),
+    sigma = sigma(m),
+    varcorr = varcorr_rows(m)
+  )
 }

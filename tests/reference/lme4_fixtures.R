@@ -55,13 +55,6 @@ ranef_list <- function(m) {
   ))
 }
 
-varcorr_rows <- function(m) {
-  vc <- as.data.frame(VarCorr(m))
-  lapply(seq_len(nrow(vc)), function(i) list(
-    grp = vc$grp[i], var1 = vc$var1[i], var2 = vc$var2[i], vcov = vc$vcov[i], sdcor = vc$sdcor[i]
-  ))
-}
-
 # lmerTest::lmer refit of the same call; its summary()$coefficients (Satterthwaite df).
 lmertest_coefs <- function(formula, data, reml, weights, offset) {
   mt <- fit_lmer(formula, data, reml, weights, offset, fun = quote(lmerTest::lmer))
@@ -93,7 +86,6 @@ fit_record <- function(spec, data, with_ranef, with_profile) {
   name <- spec$name; reml <- spec$reml; weights <- spec$weights; offset <- spec$offset
   formula <- as.formula(spec$formula)
   m <- fit_lmer(formula, data, reml, weights, offset)
-  theta <- getME(m, "theta")
   rec <- list(
     name = name,
     formula = paste(deparse(formula, width.cutoff = 500L), collapse = " "),
@@ -101,18 +93,7 @@ fit_record <- function(spec, data, with_ranef, with_profile) {
   )
   if (!is.null(weights)) rec$weights <- weights
   if (!is.null(offset)) rec$offset <- offset
-  rec <- c(rec, list(
-    logLik = as.numeric(logLik(m)),
-    deviance_or_REMLcrit = if (reml) REMLcrit(m) else deviance(m),
-    nobs = nobs(m),
-    ngroups = as.list(ngrps(m)),
-    beta = as.list(fixef(m)),
-    se_beta = as.list(setNames(sqrt(diag(as.matrix(vcov(m)))), names(fixef(m)))),
-    theta = I(unname(theta)),
-    theta_names = I(names(theta)),
-    sigma = sigma(m),
-    varcorr = varcorr_rows(m)
-  ))
+  rec <- c(rec, estimate_fields(m, reml))
   if (with_ranef) rec$ranef <- ranef_list(m)
   rec$isSingular <- isSingular(m)
   rec$optimizer_feval <- m@optinfo$feval

@@ -21,7 +21,6 @@ out_dir <- if (length(args) >= 1) args[1] else script_dir()
 fit_record <- function(name, formula, data, reml) {
   formula <- as.formula(formula)
   m <- lme4::lmer(formula, data = data, REML = reml)
-  theta <- getME(m, "theta")
   # lmerTest's refit; its warnings (e.g. "Model failed to converge with 1 negative eigenvalue" on Early,
   # from the Hessian at the boundary) are recorded, not fatal.
   warns <- character(0)
@@ -31,22 +30,10 @@ fit_record <- function(name, formula, data, reml) {
                               invokeRestart("muffleWarning")
                             })
   coefs <- summary(mt)$coefficients
-  vc <- as.data.frame(VarCorr(m))
-  list(
+  c(list(
     name = name,
     formula = paste(deparse(formula, width.cutoff = 500L), collapse = " "),
-    reml = reml,
-    logLik = as.numeric(logLik(m)),
-    deviance_or_REMLcrit = if (reml) REMLcrit(m) else deviance(m),
-    nobs = nobs(m),
-    ngroups = as.list(ngrps(m)),
-    beta = as.list(fixef(m)),
-    se_beta = as.list(setNames(sqrt(diag(as.matrix(vcov(m)))), names(fixef(m)))),
-    theta = I(unname(theta)),
-    theta_names = I(names(theta)),
-    sigma = sigma(m),
-    varcorr = lapply(seq_len(nrow(vc)), function(i) list(
-      grp = vc$grp[i], var1 = vc$var1[i], var2 = vc$var2[i], vcov = vc$vcov[i], sdcor = vc$sdcor[i])),
+    reml = reml), estimate_fields(m, reml), list(
     isSingular = isSingular(m),
     satterthwaite_df = as.list(setNames(coefs[, "df"], rownames(coefs))),
     lmerTest = lapply(seq_len(nrow(coefs)), function(i) list(
@@ -54,7 +41,7 @@ fit_record <- function(name, formula, data, reml) {
       df = coefs[i, "df"], t = coefs[i, "t value"], p = coefs[i, "Pr(>|t|)"])),
     lmerTest_warnings = I(warns),
     lmerTest_vcov_varpar = unname(mt@vcov_varpar)
-  )
+  ))
 }
 
 write_fixture <- function(dataset, data, fits) {
