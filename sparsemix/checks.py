@@ -14,7 +14,7 @@ __all__ = [
     "check_length", "check_full_rank", "check_levels", "check_levels_below_observations",
     "require_numeric_column", "check_response_varies", "check_bool", "check_count", "check_positive_number",
     "check_level", "check_seed", "check_start", "check_finite_start", "check_weights_scale", "check_nobs_vs_n_random_effects",
-    "check_groups", "check_fitted_models",
+    "check_groups", "check_fitted_models", "check_column_types",
 ]
 
 
@@ -316,6 +316,97 @@ def check_fitted_models(models, door: str = "anova") -> None:
             raise InputError(f"{door}'s arguments must be models fitted by sparsemix.lmer; argument {i + 1} is "
                              f"{type(m).__name__} ({m!r:.60}). Pass the fitted models, e.g. anova(m1, m2); name "
                              "them with names=[...].")
+
+
+# -- column types (the data frame every front door takes) ---------------------------------------------------
+
+def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), other=()) -> pd.DataFrame:
+    """The columns a model uses, by role: `covariates` (mentioned in the fixed part or a random-effects
+    expression), `groups` (grouping factors only) and `other` (weights, offset). Returns `data`, with pandas'
+    nullable booleans as True/False/NaN objects (patsy then reads them as it reads bools, and the rows with NA
+    are dropped with the other incomplete rows); raises an InputError naming the column, its dtype and the fix
+    for duplicate names and for dtypes that have no single meaning as a covariate."""
+    names = list(dict.fromkeys([*covariates, *groups, *other]))
+    dup = [c for c in names if (data.columns == c).sum() > 1] if not data.columns.is_unique else []
+    if dup:
+        raise InputError(f"the data has {len(dup)} name(s) used by the model that label more than one column: "
+                         f"{', '.join(repr(c) for c in dup)}; a formula cannot tell them apart. Rename them, e.g. "
+                         "data.columns = [...] or pd.io.common.dedup_names, or drop the duplicates with "
+                         "data.loc[:, ~data.columns.duplicated()].")
+    covariates = set(covariates)
+    converted = {}
+    for name in names:
+        col = data[name]
+        dtype = col.dtype
+        as_covariate = name in covariates and not _only_inside_c(name, formulas)
+        where = f"column {name!r} (dtype {dtype})"
+        if pd.api.types.is_complex_dtype(dtype):
+            raise InputError(f"{where} holds complex numbers, which a linear mixed model cannot use. Pass the real "
+                             f"part (data[{name!r}].real), the modulus (abs(data[{name!r}])) or both as separate "
+                             "real columns.")
+        if pd.api.types.is_timedelta64_dtype(dtype):
+            raise InputError(f"{where} holds durations; convert them to a number, e.g. data[{name!r}] = "
+                             f"data[{name!r}].dt.total_seconds() / 86400 for days.")
+        if isinstance(dtype, pd.PeriodDtype):
+            if as_covariate or name in other:
+                raise InputError(f"{where} holds periods; convert them to a number, e.g. periods since the first: "
+                                 f"data[{name!r}] = (data[{name!r}] - data[{name!r}].min()).apply(lambda d: d.n), "
+                                 f"or to labels for a factor: data[{name!r}] = data[{name!r}].astype(str).")
+            converted[name] = col.astype(str).where(col.notna(), np.nan)   # a factor (C(p), a grouping): labels
+        elif pd.api.types.is_datetime64_any_dtype(dtype):
+            if as_covariate or name in other:
+                raise InputError(f"{where} holds dates, which a formula would read as a factor with a level per date "
+                                 "(lme4 fits one slope). Convert them to a number, e.g. days since a date: "
+                                 f"data[{name!r}] = (data[{name!r}] - pd.Timestamp('2020-01-01')).dt.days (or "
+                                 f".dt.total_seconds() / 86400); or, for one effect per date, write C({name}) in the "
+                                 "formula.")
+            if getattr(dtype, "tz", None) is not None:   # patsy cannot read time zones: dates as labels
+                converted[name] = col.astype(str).where(col.notna(), np.nan)
+        elif isinstance(dtype, pd.BooleanDtype):
+            converted[name] = col.astype(object).where(col.notna(), np.nan)
+        elif name in groups and dtype == object:
+            check_sortable_labels(col, name)
+    return data.assign(**converted) if converted else data
+
+
+def check_sortable_labels(values: pd.Series, name: str) -> None:
+    """A grouping factor's labels are sorted into levels (as R's factor): they must be comparable."""
+    labels = pd.unique(values.dropna())
+    try:
+        sorted(labels)
+    except TypeError:
+        kinds = sorted({type(v).__name__ for v in labels})
+        raise InputError(f"grouping factor {name!r} (dtype {values.dtype}) mixes label types that cannot be sorted "
+                         f"({', '.join(kinds)}); convert the labels to one type, e.g. data[{name!r}] = "
+                         f"data[{name!r}].astype(str).") from None
+
+
+def _only_inside_c(name: str, formulas) -> bool:
+    """Whether every mention of column `name` in the formulas is C(name) or C(Q("name")) (an explicit factor)."""
+    import io
+    import tokenize
+
+    seen = False
+    for f in formulas:
+        if not f:
+            continue
+        try:
+            toks = [t.string for t in tokenize.generate_tokens(io.StringIO(f).readline)
+                    if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+        except (tokenize.TokenError, IndentationError):
+            return False
+        for i, t in enumerate(toks):
+            if t == name or (t[:1] in "'\"" and t.strip("'\"") == name):
+                if i >= 2 and toks[i - 2:i] == ["Q", "("]:
+                    before, after = toks[max(i - 4, 0):i - 2], toks[i + 2:i + 3]
+                    if toks[i + 1:i + 2] != [")"]:
+                        return False
+                else:
+                    before, after = toks[max(i - 2, 0):i], toks[i + 1:i + 2]
+                if before != ["C", "("] or after not in ([")"], [","]):
+                    return False
+                seen = True
+    return seen
 
 
 def _is_number(v) -> bool:

@@ -140,6 +140,10 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     for spec in parsed.random:
         checks.require_columns(data, spec.group, f"grouping factor of {spec.source}")
         used += [g for g in spec.group if g not in used]
+    formulas = [parsed.fixed] + [s.expr for s in parsed.random]
+    data = checks.check_column_types(data, formula_columns(formulas, data.columns),
+                                     [g for s in parsed.random for g in s.group], formulas,
+                                     [v for v in (weights, offset) if isinstance(v, str) and v in data.columns])
     w = _column_or_array(data, weights, "weights")
     off = _column_or_array(data, offset, "offset")
     keep = np.array(data[used].notna().all(axis=1)) if used else np.ones(len(data), bool)

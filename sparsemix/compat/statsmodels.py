@@ -203,16 +203,19 @@ class MixedLM(PicklableResults):
             raise InputError(f"unexpected argument(s) {sorted(kwargs) or args} for MixedLM.from_formula.")
         if subset is not None:
             data = data.loc[subset]
+        vc_formula = dict(sorted((vc_formula or {}).items()))
+        formulas = [formula, re_formula, *vc_formula.values()]
         if isinstance(groups, str):
             checks.require_columns(data, [groups], "groups")
+        data = checks.check_column_types(data, formula_columns(formulas, data.columns),
+                                         [groups] if isinstance(groups, str) else [], formulas)
+        if isinstance(groups, str):
             group_name, group_values = groups, data[groups].to_numpy()
         else:
             group_name, group_values = "Group", checks.check_groups(groups, len(data))
             checks.check_length(group_values, len(data), "groups", reference="data")
         if missing not in ("none", "drop", "raise"):
             raise InputError(f"missing={missing!r} is not one of 'none', 'drop', 'raise'.")
-        vc_formula = dict(sorted((vc_formula or {}).items()))
-        formulas = [formula, re_formula, *vc_formula.values()]
         used = formula_columns(formulas, data.columns)
         if missing == "drop":
             keep = data[used].notna().all(axis=1).to_numpy() & pd.notna(group_values)

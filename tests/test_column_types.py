@@ -1,0 +1,189 @@
+"""Column dtypes every front door shares (issue 14): nullable booleans and numbers work; dates, periods,
+durations, complex numbers, unsortable grouping labels and duplicate column names are InputErrors that name the
+column, its dtype and the fix."""
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sparsemix
+from sparsemix.errors import InputError
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def frame(n_groups=12, per=10, seed=0):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n_groups), per)
+    n = g.size
+    x = rng.normal(size=n)
+    b = rng.random(n) > 0.5
+    y = x + 0.5 * b + rng.normal(size=n_groups)[g] + rng.normal(size=n)
+    d = pd.DataFrame({"y": y, "x": x, "g": g, "b": b})
+    d["t"] = pd.Timestamp("2020-01-01") + pd.to_timedelta(rng.integers(0, 4, n), "D")
+    return d
+
+
+def lmer(formula, data, **kw):
+    return sparsemix.lmer(formula, data, **kw)
+
+
+def mixedlm(formula, data, groups="g", **kw):
+    return sparsemix.MixedLM.from_formula(formula, data, groups=groups, **kw).fit()
+
+
+def both_refuse(data, lmer_formula, sm_formula, *fragments, sm_kw=None, groups="g"):
+    for fit in (lambda: lmer(lmer_formula, data), lambda: mixedlm(sm_formula, data, groups, **(sm_kw or {}))):
+        with pytest.raises(InputError) as err:
+            fit()
+        for text in fragments:
+            assert text in str(err.value)
+
+
+# -- nullable pandas dtypes: fitted as their numpy counterparts, NA rows dropped as lme4's na.omit -------------
+
+def test_nullable_boolean_fits_as_bool():
+    d = frame()
+    nb = d.assign(b=pd.array(d.b, dtype="boolean"))
+    ref, got = lmer("y ~ x + b + (1|g)", d), lmer("y ~ x + b + (1|g)", nb)
+    np.testing.assert_allclose(np.asarray(got.fe_params), np.asarray(ref.fe_params), rtol=1e-10)
+    assert list(got.fe_params.index) == list(ref.fe_params.index)
+    np.testing.assert_allclose(got.theta, ref.theta, rtol=1e-8)
+    sm_ref, sm_got = mixedlm("y ~ x + b", d), mixedlm("y ~ x + b", nb)
+    np.testing.assert_allclose(np.asarray(sm_got.fe_params), np.asarray(sm_ref.fe_params), rtol=1e-8)
+
+
+def test_nullable_boolean_with_na_drops_those_rows():
+    d = frame()
+    nb = d.assign(b=pd.array(d.b, dtype="boolean"))
+    nb.loc[[3, 40, 77], "b"] = pd.NA
+    ref = lmer("y ~ x + b + (1|g)", d.drop(index=[3, 40, 77]))
+    got = lmer("y ~ x + b + (1|g)", nb)
+    assert got.design.n_dropped == 3
+    np.testing.assert_allclose(np.asarray(got.fe_params), np.asarray(ref.fe_params), rtol=1e-10)
+    sm_ref = mixedlm("y ~ x + b", d.drop(index=[3, 40, 77]))
+    sm_got = mixedlm("y ~ x + b", nb, missing="drop")
+    np.testing.assert_allclose(np.asarray(sm_got.fe_params), np.asarray(sm_ref.fe_params), rtol=1e-8)
+
+
+def test_nullable_boolean_grouping_and_slope():
+    d = frame()
+    d["h"] = pd.array(np.arange(len(d)) % 2 == 0, dtype="boolean")
+    ref = lmer("y ~ x + (h | g)", d.assign(h=d.h.astype(bool)))
+    got = lmer("y ~ x + (h | g)", d)
+    np.testing.assert_allclose(np.asarray(got.fe_params), np.asarray(ref.fe_params), rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", ["Int64", "Float64"])
+def test_nullable_numbers_with_na(dtype):
+    d = frame()
+    x = np.round(d.x * 10) if dtype == "Int64" else d.x
+    nd = d.assign(x=pd.array(x.astype(int) if dtype == "Int64" else x, dtype=dtype))
+    nd.loc[[5, 60], "x"] = pd.NA
+    ref_data = d.assign(x=x.astype(float)).drop(index=[5, 60])
+    got, ref = lmer("y ~ x + (1|g)", nd), lmer("y ~ x + (1|g)", ref_data)
+    np.testing.assert_allclose(np.asarray(got.fe_params), np.asarray(ref.fe_params), rtol=1e-10)
+    sm_got, sm_ref = mixedlm("y ~ x", nd, missing="drop"), mixedlm("y ~ x", ref_data)
+    np.testing.assert_allclose(np.asarray(sm_got.fe_params), np.asarray(sm_ref.fe_params), rtol=1e-8)
+
+
+# -- dates: a covariate is an error naming the conversion; a grouping factor or C(date) is allowed ----------
+
+@pytest.mark.parametrize("tz", [None, "UTC", "Europe/Paris"])
+def test_datetime_covariate_is_refused(tz):
+    d = frame()
+    d["t"] = d.t.dt.tz_localize(tz) if tz else d.t
+    both_refuse(d, "y ~ t + (1|g)", "y ~ t", "'t'", "datetime64", "days since", "C(t)")
+    both_refuse(d, "y ~ x + t:x + (1|g)", "y ~ x + t:x", "'t'", "datetime64")
+    with pytest.raises(InputError, match="'t'.*datetime64.*days since"):
+        lmer("y ~ x + (t | g)", d)
+    with pytest.raises(InputError, match="'t'.*datetime64.*days since"):
+        mixedlm("y ~ x", d, re_formula="~t")
+    with pytest.raises(InputError, match="'t'.*datetime64"):
+        lmer("y ~ C(t) + t + (1|g)", d)
+
+
+@pytest.mark.parametrize("tz", [None, "UTC"])
+def test_datetime_as_factor_or_grouping_is_allowed(tz):
+    d = frame()
+    d["t"] = d.t.dt.tz_localize(tz) if tz else d.t
+    d["day"] = d.t
+    m = lmer("y ~ C(t) + (1|g)", d)
+    assert len(m.fe_params) == 4                      # intercept and three of the four dates
+    assert len(lmer("y ~ x + (1 | day)", d).fe_params) == 2
+    assert len(mixedlm("y ~ x", d, groups="day").fe_params) == 2
+    assert len(mixedlm("y ~ x", d, vc_formula={"t": "0 + C(t)"}).fe_params) == 2
+
+
+def test_datetime_weights_are_refused():
+    d = frame()
+    with pytest.raises(InputError, match="'w'.*datetime64"):
+        lmer("y ~ x + (1|g)", d.assign(w=d.t), weights="w")
+
+
+# -- periods, durations, complex numbers -----------------------------------------------------------------------
+
+def test_period_covariate_is_refused_grouping_allowed():
+    d = frame()
+    d["p"] = d.t.dt.to_period("D")
+    both_refuse(d, "y ~ p + (1|g)", "y ~ p", "'p'", "period[D]", "astype(str)")
+    both_refuse(d, "y ~ x + (p|g)", "y ~ x", "'p'", "period[D]", sm_kw={"re_formula": "~p"})
+    d["pg"] = pd.PeriodIndex([f"2020-{i % 12 + 1:02d}" for i in d.g], freq="M")
+    ref = lmer("y ~ x + (1|g)", d)
+    np.testing.assert_allclose(np.asarray(lmer("y ~ x + (1|pg)", d).fe_params), np.asarray(ref.fe_params),
+                               rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(mixedlm("y ~ x", d, groups="pg").fe_params),
+                               np.asarray(mixedlm("y ~ x", d).fe_params), rtol=1e-8)
+    assert len(lmer("y ~ C(p) + (1|g)", d).fe_params) == 4
+
+
+def test_timedelta_is_refused_with_the_conversion():
+    d = frame()
+    d["dt"] = d.t - pd.Timestamp("2019-12-25")
+    fix = "data['dt'].dt.total_seconds() / 86400"
+    both_refuse(d, "y ~ dt + (1|g)", "y ~ dt", "'dt'", "timedelta64", fix)
+    both_refuse(d, "y ~ x + (dt|g)", "y ~ x", "'dt'", "timedelta64", fix, sm_kw={"re_formula": "~dt"})
+    both_refuse(d, "dt ~ x + (1|g)", "dt ~ x", "'dt'", "timedelta64", fix)
+
+
+def test_complex_columns_are_refused():
+    d = frame()
+    for name, formula, sm in [("c", "y ~ c + (1|g)", "y ~ c"), ("y", "y ~ x + (1|g)", "y ~ x"),
+                              ("c", "y ~ x + (c|g)", "y ~ x")]:
+        data = d.assign(c=d.x + 1j) if name == "c" else d.assign(y=d.y + 0j)
+        both_refuse(data, formula, sm, f"'{name}'", "complex128", "real", sm_kw={"re_formula": "~c"}
+                    if "(c|g)" in formula else None)
+
+
+# -- labels that cannot be sorted, duplicate names ------------------------------------------------------------
+
+@pytest.mark.parametrize("labels", [lambda i: (1, 2) if i % 2 else 1.5,
+                                    lambda i: "a" if i % 3 else 7,
+                                    lambda i: (i % 4, ) if i % 2 else f"g{i % 5}"])
+def test_unsortable_grouping_labels(labels):
+    d = frame()
+    d["o"] = [labels(i) for i in range(len(d))]
+    d["o"] = d["o"].astype(object)
+    both_refuse(d, "y ~ x + (1|o)", "y ~ x", "grouping factor 'o'", "dtype object", "astype(str)", groups="o")
+    with pytest.raises(InputError, match="grouping factor 'o'"):
+        lmer("y ~ x + (1|g:o)", d)
+
+
+@pytest.mark.parametrize("dup", ["x", "g", "y"])
+def test_duplicate_column_names_are_named(dup):
+    d = frame()
+    d = pd.concat([d, d[[dup]]], axis=1)
+    both_refuse(d, "y ~ x + (1|g)", "y ~ x", f"'{dup}'", "more than one column", "Rename")
+
+
+def test_duplicate_names_the_model_does_not_use_are_fine():
+    d = frame()
+    d = pd.concat([d, d[["t"]], d[["t"]]], axis=1)
+    assert len(lmer("y ~ x + (1|g)", d).fe_params) == 2
+    assert len(mixedlm("y ~ x", d).fe_params) == 2
