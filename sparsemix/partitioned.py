@@ -155,7 +155,8 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     totals = _tree(data, _fixed_sums, _add, spec).compute()
     transferred += _nbytes(totals)
     templates = [CovarianceTemplate.unstructured(k) for (_, _, _, k, _) in random]
-    transforms = tuple(transform_from_moments(totals[f"moments{t}"], template) for t, template in enumerate(templates))
+    transforms = tuple(transform_from_moments(totals[f"moments{t}"], template) if f"moments{t}" in totals else None
+                       for t, template in enumerate(templates))
     spec = PartitionSpec(**{**spec.__dict__, "column_transforms": transforms})
     keep, dropped = _unaliased(totals["XtX"], fixed_names)
     XtX = totals["XtX"][np.ix_(keep, keep)]
@@ -401,7 +402,11 @@ def _fixed_sums(part, spec):
     y, X, w, frame = _rows(part, spec)
     sw = np.ones(len(y)) if w is None else np.sqrt(w)
     Xw, yw = X * sw[:, None], y * sw
-    moments = {f"moments{t}": column_moments(block.Z, block.k) for t, block in enumerate(_partition_terms(frame, spec))}
+    # a random intercept alone is its own working column: no moments, no Z for it in this pass
+    shaped = [t for t, (expr, _, _, k, _) in enumerate(spec.random) if not (k == 1 and expr.strip() == "1")]
+    only_shaped = PartitionSpec(**{**spec.__dict__, "random": tuple(spec.random[t] for t in shaped)})
+    blocks = _partition_terms(frame, only_shaped)
+    moments = {f"moments{t}": column_moments(block.Z, block.k) for t, block in zip(shaped, blocks)}
     return {"XtX": Xw.T @ Xw, "Xty": Xw.T @ yw, "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w))),
             **moments}
 
