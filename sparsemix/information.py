@@ -27,7 +27,8 @@ import numpy as np
 from .engine import PenalizedSystem
 from .optimize import SINGULAR_TOLERANCE
 
-__all__ = ["variance_parameters", "VarianceInformation", "theta_sigma_information", "variance_parameter_covariance"]
+__all__ = ["variance_parameters", "VarianceInformation", "theta_sigma_information", "variance_parameter_covariance",
+           "central_hessian"]
 
 # Relative step of the central differences. The deviance carries ~1e-13 relative rounding; with this step
 # the rounding error of a second difference stays near 1e-4 of the curvature and truncation near 1e-6.
@@ -101,14 +102,7 @@ def theta_sigma_information(system: PenalizedSystem, theta: np.ndarray, sigma2: 
         th[index] += delta[:-1]
         return system.deviance_at_sigma2(th, (sigma + delta[-1]) ** 2, reml)
 
-    f0 = crit(np.zeros(k))
-    H = np.empty((k, k))
-    E = np.diag(h)
-    for a in range(k):
-        H[a, a] = (crit(2 * E[a]) - 2 * f0 + crit(-2 * E[a])) / (4 * h[a] ** 2)
-        for b in range(a):
-            H[a, b] = H[b, a] = (crit(E[a] + E[b]) - crit(E[a] - E[b]) - crit(-E[a] + E[b])
-                                 + crit(-E[a] - E[b])) / (4 * h[a] * h[b])
+    H = central_hessian(crit, np.zeros(k), h)
     if not np.all(np.isfinite(H)):
         return VarianceInformation(index, scales, np.full((k, k), np.nan))
     # Eigenvalues compared on the scaled Hessian, whose coordinates are all of size one.
@@ -119,6 +113,21 @@ def theta_sigma_information(system: PenalizedSystem, theta: np.ndarray, sigma2: 
     scaled_inverse = (vectors[:, keep] / values[keep]) @ vectors[:, keep].T
     # criterion = -2 log L, so the information is H / 2 and the covariance is 2 H^+.
     return VarianceInformation(index, scales, 2.0 * scaled_inverse * np.outer(scales, scales))
+
+
+def central_hessian(f, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """The Hessian of f at x by central second differences with steps h (diagonal from x +- 2 h)."""
+    x = np.asarray(x, dtype=float)
+    k = x.shape[0]
+    E = np.diag(h)
+    f0 = f(x)
+    H = np.empty((k, k))
+    for a in range(k):
+        H[a, a] = (f(x + 2 * E[a]) - 2 * f0 + f(x - 2 * E[a])) / (4 * h[a] ** 2)
+        for b in range(a):
+            H[a, b] = H[b, a] = (f(x + E[a] + E[b]) - f(x + E[a] - E[b]) - f(x - E[a] + E[b])
+                                 + f(x - E[a] - E[b])) / (4 * h[a] * h[b])
+    return H
 
 
 def variance_parameter_covariance(system: PenalizedSystem, theta: np.ndarray, sigma2: float,

@@ -16,7 +16,9 @@ from dataclasses import replace
 import numpy as np
 import scipy.linalg as la
 
+from ..coordinates import lower_factor
 from ..errors import InputError
+from ..information import central_hessian as information_hessian
 
 __all__ = ["psd_factor", "loglike_at", "gls_at", "central_gradient", "central_hessian"]
 
@@ -37,10 +39,7 @@ def psd_factor(cov: np.ndarray) -> np.ndarray | None:
     w, V = np.linalg.eigh((cov + cov.T) / 2)
     if w.min() < -1e-10 * max(1.0, abs(w).max()):
         return None
-    B = V * np.sqrt(np.clip(w, 0.0, None))
-    R = np.linalg.qr(B.T, mode="r")           # cov = B B' = R' R
-    signs = np.where(np.diag(R) < 0, -1.0, 1.0)
-    return R.T * signs
+    return lower_factor(V * np.sqrt(np.clip(w, 0.0, None)))     # cov = B B'; B re-triangularized
 
 
 def theta_of(model, cov_re, vcomp) -> np.ndarray | None:
@@ -121,18 +120,10 @@ def central_gradient(f, x: np.ndarray) -> np.ndarray:
 
 
 def central_hessian(f, x: np.ndarray) -> np.ndarray:
-    """Central second differences; NaN in the entries whose stencil leaves the domain of f."""
+    """Central second differences (information.central_hessian) with statsmodels' steps; NaN in the entries
+    whose stencil leaves the domain of f."""
     x = np.asarray(x, dtype=float)
-    k = x.shape[0]
-    h = _steps(x, 4)
-    E = np.diag(h)
-    f0 = f(x)
-    H = np.empty((k, k))
-    for a in range(k):
-        H[a, a] = (f(x + 2 * E[a]) - 2 * f0 + f(x - 2 * E[a])) / (4 * h[a] ** 2)
-        for b in range(a):
-            H[a, b] = H[b, a] = (f(x + E[a] + E[b]) - f(x + E[a] - E[b]) - f(x - E[a] + E[b])
-                                 + f(x - E[a] - E[b])) / (4 * h[a] * h[b])
+    H = information_hessian(f, x, _steps(x, 4))
     H[~np.isfinite(H)] = np.nan
     return H
 
