@@ -13,8 +13,9 @@ __all__ = [
     "require_columns", "as_numeric_vector", "as_numeric_matrix", "check_finite", "check_complete", "check_not_empty",
     "check_length", "check_full_rank", "check_levels", "check_levels_below_observations",
     "require_numeric_column", "check_response_varies", "check_bool", "check_count", "check_positive_number",
-    "check_level", "check_seed", "check_start", "check_finite_start", "check_weights_scale", "check_nobs_vs_n_random_effects",
-    "check_groups", "check_fitted_models", "check_column_types",
+    "check_level", "check_alpha", "check_seed", "check_start", "check_finite_start", "check_weights_scale",
+    "check_nobs_vs_n_random_effects", "check_groups", "check_fitted_models", "check_column_types",
+    "readable_columns",
 ]
 
 
@@ -230,6 +231,14 @@ def check_level(level, name: str = "level") -> float:
     return float(level)
 
 
+def check_alpha(alpha, name: str = "alpha") -> float:
+    """A significance level: a number strictly between 0 and 1 (0.05 for 95% intervals)."""
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
+        raise InputError(f"{name} must be a number strictly between 0 and 1, such as 0.05 for 95% intervals; "
+                         f"got {alpha!r}.")
+    return float(alpha)
+
+
 def check_seed(seed, name: str = "seed", generators: bool = True):
     """None, a non-negative integer, or (where numpy accepts one) a SeedSequence or Generator."""
     if seed is None or (generators and isinstance(seed, (np.random.Generator, np.random.SeedSequence))):
@@ -352,7 +361,6 @@ def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), o
                 raise InputError(f"{where} holds periods; convert them to a number, e.g. periods since the first: "
                                  f"data[{name!r}] = (data[{name!r}] - data[{name!r}].min()).apply(lambda d: d.n), "
                                  f"or to labels for a factor: data[{name!r}] = data[{name!r}].astype(str).")
-            converted[name] = col.astype(str).where(col.notna(), np.nan)   # a factor (C(p), a grouping): labels
         elif pd.api.types.is_datetime64_any_dtype(dtype):
             if as_covariate or name in other:
                 raise InputError(f"{where} holds dates, which a formula would read as a factor with a level per date "
@@ -360,12 +368,34 @@ def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), o
                                  f"data[{name!r}] = (data[{name!r}] - pd.Timestamp('2020-01-01')).dt.days (or "
                                  f".dt.total_seconds() / 86400); or, for one effect per date, write C({name}) in the "
                                  "formula.")
-            if getattr(dtype, "tz", None) is not None:   # patsy cannot read time zones: dates as labels
-                converted[name] = col.astype(str).where(col.notna(), np.nan)
-        elif isinstance(dtype, pd.BooleanDtype):
-            converted[name] = col.astype(object).where(col.notna(), np.nan)
         elif name in groups and dtype == object:
             check_sortable_labels(col, name)
+        readable = readable_column(col)
+        if readable is not None:
+            converted[name] = readable
+    return data.assign(**converted) if converted else data
+
+
+def readable_column(col: pd.Series) -> pd.Series | None:
+    """The column as the formula reads it, where pandas' dtype is one patsy cannot read (None where it can):
+    nullable booleans as True/False/NaN objects; periods and dates with a time zone (a factor, a grouping) as
+    their labels. The fit's data and predict's newdata go through this one conversion, so their levels match."""
+    dtype = col.dtype
+    if isinstance(dtype, pd.PeriodDtype) or getattr(dtype, "tz", None) is not None:
+        return col.astype(str).where(col.notna(), np.nan)
+    if isinstance(dtype, pd.BooleanDtype):
+        return col.astype(object).where(col.notna(), np.nan)
+    return None
+
+
+def readable_columns(data: pd.DataFrame, names) -> pd.DataFrame:
+    """`data` with readable_column applied to the `names` it has (predict's newdata)."""
+    converted = {}
+    for name in dict.fromkeys(names):
+        if name in data.columns and isinstance(data[name], pd.Series):
+            readable = readable_column(data[name])
+            if readable is not None:
+                converted[name] = readable
     return data.assign(**converted) if converted else data
 
 

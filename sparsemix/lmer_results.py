@@ -239,6 +239,8 @@ class LmerResults(PicklableResults):
         """Predictions; new levels of a grouping factor get the population-level prediction when allowed (with a
         NewLevelWarning saying how many rows). Rows of newdata with a missing value in a column the model uses
         predict NaN. Levels match by value (308, 308.0 and "308" are one level): see sparsemix/newdata.py."""
+        include_random = checks.check_bool(include_random, "include_random")
+        allow_new_levels = checks.check_bool(allow_new_levels, "allow_new_levels")
         if newdata is None:
             d = self.design
             pred = d.X @ self.fit_result.beta + d.offset
@@ -249,7 +251,7 @@ class LmerResults(PicklableResults):
         d = self.design
         off = newdata_path.offset_values(frame, offset)
         needs = newdata_path.lmer_columns(d, include_random)
-        newdata_path.require_model_columns(frame, needs)
+        frame = newdata_path.model_frame(frame, needs)
         keep = newdata_path.complete_rows(frame, [c for _, cols in needs for c in cols])
         if off is not None:
             keep &= ~np.isnan(off)

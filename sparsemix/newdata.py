@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 import patsy
 
+from . import checks
 from .errors import InputError, NewLevelWarning
 from .formula.mixedlm import level_name
 
-__all__ = ["require_frame", "model_columns", "require_model_columns", "complete_rows", "fixed_matrix",
+__all__ = ["require_frame", "model_columns", "require_model_columns", "model_frame", "complete_rows", "fixed_matrix",
            "offset_values", "row_labels", "LevelMatcher", "predict_rows"]
 
 
@@ -77,6 +78,13 @@ def require_model_columns(frame: pd.DataFrame, needs: list[tuple[str, list]]) ->
         listed = ", ".join(f"{c!r} ({'; '.join(roles)})" for c, roles in missing.items())
         raise InputError(f"newdata has no column {listed}; add the column(s) the model was fitted with. "
                          f"newdata's columns: {', '.join(map(str, frame.columns[:20]))}.")
+
+
+def model_frame(frame: pd.DataFrame, needs: list[tuple[str, list]]) -> pd.DataFrame:
+    """newdata with every column the model uses (require_model_columns), read as the fit read its data
+    (checks.readable_columns: nullable booleans, periods, dates with a time zone)."""
+    require_model_columns(frame, needs)
+    return checks.readable_columns(frame, [c for _, cols in needs for c in cols])
 
 
 def complete_rows(frame: pd.DataFrame, columns) -> np.ndarray:

@@ -36,6 +36,7 @@ from .fitting import build_fit, optimize_system, warn_if_singular
 from .formula.lme4 import parse_formula
 from .formula.mixedlm import formula_columns, indicator_variable, level_name
 from .formula.safety import check_formula, readable_formula, safe_environment
+from .newdata import LevelMatcher, report_new_levels
 from .lmer import RankDeficiencyWarning, TermInfo, _lme4_name, _unique_group_names, group_codes
 from .optimize import DEFAULT_OPTIMIZER, resolve_method
 from .pilot import estimable, fit_pilot, pilot_levels, pilot_wanted
@@ -389,7 +390,7 @@ def _rows(part, spec):
     if spec.listed_levels_only:
         listed = np.ones(len(frame), dtype=bool)
         for _, group, _, _, labels in spec.random:
-            listed &= _level_codes(frame, group, labels) >= 0
+            listed &= _level_codes(frame, group, labels)[0] >= 0
         frame = frame.loc[listed]
     y_info, X_info = (m.design_info for m in _on_prototype(patsy.dmatrices, spec.fixed, frame, spec.categories))
     y, X = patsy.build_design_matrices([y_info, X_info], frame, NA_action="raise")
@@ -444,10 +445,8 @@ def _partition_terms(frame, spec, allow_new_levels=False) -> list[RandomTerm]:
     frame = _as_categories(frame, spec)
     blocks = []
     for expr, group, n_levels, k, labels in spec.random:
-        codes = _level_codes(frame, group, labels)
-        if (codes < 0).any() and not allow_new_levels:
-            raise InputError(f"newdata has levels of {':'.join(group)!r} not in the fitted data; pass "
-                             "allow_new_levels=True to predict them at the population level.")
+        codes, new_labels = _level_codes(frame, group, labels)
+        report_new_levels(int((codes < 0).sum()), len(codes), ":".join(group), new_labels, allow_new_levels)
         var = indicator_variable(expr)
         if var is not None:
             values = indicator_matrix(np.asarray(frame[var].cat.codes, dtype=np.int64), k).toarray()
@@ -462,14 +461,14 @@ def _partition_terms(frame, spec, allow_new_levels=False) -> list[RandomTerm]:
     return blocks
 
 
-def _level_codes(frame, group, labels) -> np.ndarray:
-    """Each row's position among `labels` (the fit's levels of `group`), -1 for a level not among them; levels
-    match by value as in-memory predictions do (newdata.LevelMatcher: 308, 308.0 and "308" are one level)."""
-    from .newdata import LevelMatcher
-
+def _level_codes(frame, group, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's position among `labels` (the fit's levels of `group`), -1 for a level not among them, and the
+    levels not among them; levels match by value as in-memory predictions do (newdata.LevelMatcher: 308, 308.0
+    and "308" are one level)."""
     local_codes, local_labels = group_codes(frame, group)
-    matcher = LevelMatcher(labels, ":".join(group))
-    return matcher.positions(np.asarray(local_labels, dtype=object))[local_codes]
+    local_labels = np.asarray(local_labels, dtype=object)
+    positions = LevelMatcher(labels, ":".join(group)).positions(local_labels)
+    return positions[local_codes], local_labels[positions < 0]
 
 
 def _cross_sums(part, spec, beta_ols):

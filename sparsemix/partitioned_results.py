@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import checks
 from .engine import PenalizedSystem
 from .errors import InputError
 from .fitting import optimize_system
@@ -37,6 +38,8 @@ class PartitionedLmerResults(LmerResults):
     def predict(self, newdata=None, include_random: bool = True, allow_new_levels: bool = True, offset=None):
         """Predictions for the fitted rows (newdata None) or new data: a Dask Series for a Dask DataFrame, a
         pandas Series for a pandas one. New levels get the population-level prediction when allowed."""
+        include_random = checks.check_bool(include_random, "include_random")
+        allow_new_levels = checks.check_bool(allow_new_levels, "allow_new_levels")
         if newdata is None:
             newdata = self.design.data
         if offset is not None and not isinstance(offset, str):

@@ -366,3 +366,25 @@ def test_lme4s_level_check_comes_first():
     d = _paired(18).assign(row=np.arange(36))
     with pytest.raises(InputError, match="'row' has 36 levels for 36 observations"):
         sparsemix.lmer("y ~ x + (1 | row)", d)
+
+
+@pytest.mark.parametrize("alpha", [0, 1, 1.5, -0.05, np.nan, "0.05", None, True])
+def test_statsmodels_alpha_is_between_0_and_1(frame, alpha):
+    """Before: conf_int(alpha=1.5) returned a table of NaN bounds."""
+    res = MixedLM.from_formula("y ~ x", groups="g", data=frame).fit()
+    for call in (lambda: res.conf_int(alpha=alpha), lambda: res.summary(alpha=alpha),
+                 lambda: res.t_test(np.eye(len(res.fe_params))[:1]).conf_int(alpha=alpha)):
+        with pytest.raises(InputError, match=rf"alpha must be a number strictly between 0 and 1, such as 0.05 for "
+                                             rf"95% intervals; got {re.escape(repr(alpha))}\."):
+            call()
+    np.testing.assert_allclose(res.conf_int(alpha=np.float64(0.1)), res.conf_int(alpha=0.1), rtol=0)
+
+
+@pytest.mark.parametrize("switch", ["include_random", "allow_new_levels"])
+@pytest.mark.parametrize("value", ["no", None, 0])
+def test_predict_switches_take_booleans_only(frame, fit, switch, value):
+    """Before: include_random="no" added the random effects (a truthy string)."""
+    with pytest.raises(InputError, match=rf"{switch} must be True or False; got {re.escape(repr(value))}"):
+        fit.predict(frame.iloc[:5], **{switch: value})
+    with pytest.raises(InputError, match=rf"{switch} must be True or False"):
+        fit.predict(**{switch: value})

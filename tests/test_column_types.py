@@ -187,3 +187,33 @@ def test_duplicate_names_the_model_does_not_use_are_fine():
     d = pd.concat([d, d[["t"]], d[["t"]]], axis=1)
     assert len(lmer("y ~ x + (1|g)", d).fe_params) == 2
     assert len(mixedlm("y ~ x", d).fe_params) == 2
+
+
+# -- predict's newdata is read as the fit's data was -------------------------------------------------------------
+
+def test_newdata_with_nullable_booleans_predicts_as_bool():
+    """Before: a nullable boolean newdata column gave patsy's error, although the fit took the same dtype."""
+    d = frame()
+    nb = d.assign(b=pd.array(d.b, dtype="boolean"))
+    ref, got = lmer("y ~ x + b + (b | g)", d), lmer("y ~ x + b + (b | g)", nb)
+    new = nb.iloc[:30].copy()
+    new.loc[new.index[[2, 5]], "b"] = pd.NA
+    pred = got.predict(new)
+    assert np.isnan(pred.iloc[[2, 5]]).all() and np.isfinite(pred.drop(index=new.index[[2, 5]])).all()
+    np.testing.assert_allclose(pred.drop(index=new.index[[2, 5]]), ref.predict(d.iloc[:30]).drop(index=new.index[[2, 5]]),
+                               rtol=1e-7)
+    np.testing.assert_allclose(got.predict(d.iloc[:30]), ref.predict(d.iloc[:30]), rtol=1e-7)   # plain bools too
+    sm_ref, sm_got = (sparsemix.MixedLM.from_formula("y ~ x + b", data, groups="g").fit() for data in (d, nb))
+    np.testing.assert_allclose(sm_got.predict(nb.iloc[:30]), sm_ref.predict(d.iloc[:30]), rtol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["period", "tz-date"])
+def test_newdata_with_periods_or_zoned_dates_as_grouping_matches_the_fitted_levels(kind):
+    d = frame()
+    d["pg"] = (pd.PeriodIndex([f"2020-{i % 12 + 1:02d}" for i in d.g], freq="M") if kind == "period" else
+               pd.DatetimeIndex(pd.Timestamp("2020-01-01", tz="UTC") + pd.to_timedelta(d.g, "D")))
+    m = lmer("y ~ x + (1 | pg)", d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparsemix.NewLevelWarning)     # every level must be found
+        pred = m.predict(d.iloc[::7])
+    np.testing.assert_allclose(pred, m.fitted.iloc[::7], rtol=1e-10)

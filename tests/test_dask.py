@@ -82,7 +82,9 @@ def test_rows_based_results_are_dask_collections_computed_on_the_cluster(client,
     with pytest.warns(sparsemix.NewLevelWarning, match="25 of 50 row"):
         in_memory = a.predict(new)
     np.testing.assert_allclose(pred.to_numpy(), in_memory.to_numpy(), rtol=1e-6, atol=1e-8)
-    with pytest.raises(sparsemix.InputError, match="not in the fitted data"):
+    with pytest.warns(sparsemix.NewLevelWarning, match="25 of 50 row"):    # pandas newdata: counted at once
+        np.testing.assert_allclose(b.predict(new).to_numpy(), in_memory.to_numpy(), rtol=1e-6, atol=1e-8)
+    with pytest.raises(sparsemix.InputError, match="25 of 50 row.*not in the fitted data"):
         b.predict(new, allow_new_levels=False)
     assert "Scaled residuals" in str(b.summary())
 

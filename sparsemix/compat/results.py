@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .. import checks
 from .. import newdata as newdata_path
 from ..design import assemble_Z
 from ..fitting import build_system, optimize_system
@@ -191,7 +192,7 @@ class MixedLMResults(PicklableResults):
         return self._series(2 * stats.norm.sf(np.abs(t)), self.model.param_names)
 
     def conf_int(self, alpha=0.05, cols=None):
-        q = stats.norm.ppf(1 - alpha / 2)
+        q = stats.norm.ppf(1 - checks.check_alpha(alpha) / 2)
         se = np.sqrt(np.diag(self._cov_params))
         ci = np.column_stack([self._params - q * se, self._params + q * se])
         if cols is not None:
@@ -313,7 +314,7 @@ class MixedLMResults(PicklableResults):
             # value predict NaN, as the shared new-data path does for every door.
             frame = newdata_path.require_frame(exog, dict_of_columns=True)
             needs = [("fixed effects", newdata_path.model_columns(info))]
-            newdata_path.require_model_columns(frame, needs)
+            frame = newdata_path.model_frame(frame, needs)
             keep = newdata_path.complete_rows(frame, needs[0][1])
             return newdata_path.predict_rows(frame, keep,
                                              lambda rows: newdata_path.fixed_matrix(rows, info) @ self._fe)
@@ -436,7 +437,7 @@ class ContrastResults:
         self.pvalue = 2 * self.dist.sf(np.abs(self.tvalue))
 
     def conf_int(self, alpha=0.05) -> np.ndarray:
-        q = self.dist.ppf(1 - alpha / 2)
+        q = self.dist.ppf(1 - checks.check_alpha(alpha) / 2)
         return np.column_stack([self.effect - q * self.sd, self.effect + q * self.sd])
 
     def summary_frame(self, alpha=0.05) -> pd.DataFrame:

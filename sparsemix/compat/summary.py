@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .. import checks
+
 __all__ = ["MixedLMSummary"]
 
 TITLE = "Mixed Linear Model Regression Results"
@@ -22,7 +24,7 @@ TITLE = "Mixed Linear Model Regression Results"
 class MixedLMSummary:
     def __init__(self, results, yname=None, xname_fe=None, xname_re=None, title=None, alpha=0.05):
         self.info = _info(results, yname)
-        self.params = _param_table(results, xname_fe, xname_re, alpha)
+        self.params = _param_table(results, xname_fe, xname_re, checks.check_alpha(alpha))
         self.title = TITLE if title is None else title
 
     @property
