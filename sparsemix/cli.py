@@ -5,7 +5,8 @@
     sparsemix anova DATA --formula F1 --formula F2 [...]
 
 Exit codes: 0 fitted (and converged), 1 fitted but the optimizer did not converge, 2 a usage or input error,
-3 an internal error (a bug); 2 and 3 are one line on standard error, with the traceback only under --debug.
+3 an internal error (a bug); 2 and 3 are one line on standard error, with the traceback only under --debug;
+141 (as for SIGPIPE) when the reader of standard output closed it.
 The report never overwrites the input and is written atomically. The JSON output is documented in
 docs/cli.md; its keys are stable.
 """
@@ -34,6 +35,7 @@ from .progress import ProgressPrinter
 __all__ = ["main", "read_table", "fit_record", "markdown_report"]
 
 EXIT_OK, EXIT_NOT_CONVERGED, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + 13      # the reader of standard output left: the shell's code for a SIGPIPE death
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TAB_SUFFIXES = (".tsv", ".tab")
 SEPARATOR_NAMES = {",": "commas", ";": "semicolons", "\t": "tabs", "|": "vertical bars"}
@@ -50,8 +52,14 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")    # our own warnings are reported below, one line each
             _check_output(args)                # before the fit: a refused --output costs no fitting time
-            return args.run(args)
+            code = args.run(args)
+            sys.stdout.flush()                 # here, not at exit: a closed pipe must be caught below
+            return code
     # Exit 1 means "fitted, not converged" to batch scripts, so no error may leave with Python's default 1.
+    except BrokenPipeError:
+        # `sparsemix fit ... | head`: the reader has what it wanted; no message, and exit as `yes | head` does.
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
     except (CommandError, SparsemixError, MissingExtraError, OSError) as exc:
         return _fail(args, EXIT_INPUT, _one_line(exc))
     except RecursionError:
@@ -64,6 +72,14 @@ def main(argv=None) -> int:
     except Exception as exc:                 # a bug: its own code, so scripts can tell it from bad input
         return _fail(args, EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {_one_line(exc)} (please report "
                      "it" + ("" if args.debug else "; --debug shows the traceback") + ")")
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit does not fail on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):     # not a file descriptor (a test's capture)
+        pass
 
 
 def _fail(args, code: int, message: str) -> int:

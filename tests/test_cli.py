@@ -400,3 +400,13 @@ def test_an_internal_error_is_exit_3_from_the_installed_command(complete_csv):
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert proc.stderr == ("sparsemix: error: internal error: KeyError: 'theta' (please report it; --debug shows "
                            "the traceback)\n")
+
+
+def test_a_closed_standard_output_exits_141_without_a_message(complete_csv):
+    """`sparsemix fit ... | true`: before, the BrokenPipeError exited 2 as if the input were bad."""
+    proc = subprocess.Popen([sys.executable, "-m", "sparsemix", "fit", str(complete_csv), "--formula", FORMULA],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                    # the reader leaves before the report is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == cli.EXIT_BROKEN_PIPE == 141
+    assert err == ""
