@@ -2,8 +2,8 @@
 
 Usage: python asv_bench/compare/load/run.py DATA_DIR [--busy 0 1 2] [--no-lme4] [--repeats 3]
 DATA_DIR holds insteval.csv (lme4's InstEval) and slopes1m.csv, written by asv_bench/compare/scale/export_data.sh;
-the seed designs come from sparsemix.datasets. Each row: the design, the number of busy processes, sparsemix's
-times for `repeats` fits in one fresh process (as a user's loop runs them) and lme4's for one fit. Busy processes
+the seed designs (sparsemix.datasets) are written there as CSV for both programs. Each row: the design, the
+number of busy processes, sparsemix's times for `repeats` fits in one fresh process (as a user's loop runs them) and lme4's for one fit. Busy processes
 are `while True: pass` loops, started before and killed after each measurement.
 """
 import argparse
@@ -18,19 +18,16 @@ LME4 = HERE.parent / "scale" / "lme4_fit.R"
 DESIGNS = {
     "insteval": ("insteval.csv", "y ~ 1 + service + (1 | s) + (1 | d) + (1 | dept:service)", "s,d,dept,service"),
     "slopes1m": ("slopes1m.csv", "y ~ 1 + x + (1 + x | a) + (1 | b)", ""),
-    "seed_crossed": (None, "y ~ 1 + (1 | group1) + (1 | group2)", ""),
-    "seed_nested": (None, "y ~ 1 + (1 | group1) + (1 | group1:group2)", ""),
+    "seed_crossed": ("seed_crossed.csv", "y ~ 1 + (1 | group1) + (1 | group2)", "group1,group2"),
+    "seed_nested": ("seed_nested.csv", "y ~ 1 + (1 | group1) + (1 | group1:group2)", "group1,group2"),
 }
+SEEDS = {"seed_nested": 0, "seed_crossed": 1}     # positions in sparsemix.datasets.seed_datasets()
 SPARSEMIX = """
 import json, sys, time
 import pandas as pd
 import sparsemix
-from sparsemix.datasets import seed_datasets
 path, formula, chars, repeats = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-if path == "seed_nested" or path == "seed_crossed":
-    data = seed_datasets()[0 if path == "seed_nested" else 1]
-else:
-    data = pd.read_csv(path, dtype={c: str for c in chars.split(",") if c})
+data = pd.read_csv(path, dtype={c: str for c in chars.split(",") if c})
 seconds = []
 for _ in range(repeats):
     t = time.perf_counter(); m = sparsemix.lmer(formula, data); seconds.append(time.perf_counter() - t)
@@ -64,11 +61,15 @@ def main():
     args = ap.parse_args()
     for name in args.designs:
         file, formula, chars = DESIGNS[name]
-        path = str(Path(args.data_dir) / file) if file else name
+        path = Path(args.data_dir) / file
+        if name in SEEDS and not path.exists():      # both programs read the same file, groups as labels
+            from sparsemix.datasets import seed_datasets
+            seed_datasets()[SEEDS[name]].to_csv(path, index=False)
+        path = str(path)
         for n_busy in args.busy:
             ours = measure([sys.executable, "-c", SPARSEMIX, path, formula, chars, str(args.repeats)], n_busy)
             row = {"design": name, "busy": n_busy, "sparsemix_seconds": [round(s, 3) for s in ours["seconds"]]}
-            if not args.no_lme4 and file:
+            if not args.no_lme4:
                 theirs = measure(["Rscript", str(LME4), path, formula] + ([chars] if chars else []), n_busy)
                 row["lme4_seconds"] = theirs["seconds"]
                 row["ratio_median"] = round(theirs["seconds"] / sorted(ours["seconds"])[len(ours["seconds"]) // 2], 1)
