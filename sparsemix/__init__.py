@@ -4,6 +4,8 @@ Front doors: a drop-in for statsmodels' MixedLM (`MixedLM`, `MixedLMParams`, `VC
 formula language (`lmer`, `anova`). The engine stages
 (`build_system`, `optimize_system`, `build_fit`, `fit_lmm`) are public for users who want the deviance.
 """
+from importlib import metadata as _metadata
+
 from .compat.params import MixedLMParams, VCSpec
 from .compat.results import MixedLMResults
 from .compat.statsmodels import MixedLM
@@ -17,7 +19,10 @@ from .threads import blas_libraries
 
 blas_libraries()        # after every import above (CHOLMOD's BLAS among them): see threads.blas_libraries
 
-__version__ = "0.1.0"
+try:        # written once, in pyproject.toml
+    __version__ = _metadata.version("sparsemix")
+except _metadata.PackageNotFoundError:        # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "MixedLM", "MixedLMParams", "MixedLMResults", "VCSpec",
