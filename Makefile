@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # supernodal factorization about 3.4x slower.
 DEBIAN_PACKAGES := libsuitesparse-dev libopenblas0-pthread
 
-.PHONY: demo test bench compare system-deps clean
+.PHONY: demo test bench compare docs system-deps clean
 
 demo: $(STAMP)
 	$(BIN)/python examples/variance_components.py
@@ -25,6 +25,11 @@ bench: $(STAMP)
 # Side by side with statsmodels (and lme4 through Rscript, when R and lme4 are installed): docs/performance.md
 compare: $(STAMP)
 	$(BIN)/python asv_bench/compare/compare.py --suite all --reps 7 --output docs/performance.md
+
+# API reference from the docstrings plus the pages of docs/, into site/; --strict fails on a broken link or reference.
+docs: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	$(BIN)/mkdocs build --strict --site-dir site
 
 system-deps:
 	@missing=""; \
@@ -45,4 +50,4 @@ $(STAMP): pyproject.toml | system-deps
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .pytest_cache asv_bench/.asv
+	rm -rf $(VENV) .pytest_cache asv_bench/.asv site
