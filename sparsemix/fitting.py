@@ -89,6 +89,9 @@ def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None
 
 
 def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None) -> LmmFit:
+    """The fit at the optimizer's theta: the penalized system solved there (fixed effects, conditional modes,
+    residual variance) as an LmmFit. `free`: which theta entries the optimizer moved (all by default). Warns
+    ConvergenceWarning when the optimizer stopped before converging."""
     free = np.ones(system.relcov.n_theta, bool) if free is None else np.asarray(free, bool)
     with system.threads():
         fit = LmmFit(system, system.solve(opt.theta, reml), opt, reml, free)
@@ -101,6 +104,10 @@ def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free
 
 def fit_lmm(X, y, terms, reml=True, weights=None, start_theta=None, free=None, maxiter=10_000, gtol=1e-7,
             method=DEFAULT_OPTIMIZER, progress=None) -> LmmFit:
+    """The three stages chained: build_system, optimize_system, build_fit. `X`: the n x p fixed-effects design;
+    `y`: the response; `terms`: the random-effect terms (RandomTerm, one block of Z each); `weights`: prior
+    weights; `start_theta`: the optimizer's start (lme4's by default); `free`: a boolean mask of the theta
+    entries to optimize, the others held at the start; `progress`: a callable(evaluation, deviance, seconds)."""
     system = build_system(X, y, terms, weights=weights)
     opt = optimize_system(system, reml=reml, start_theta=start_theta, free=free, maxiter=maxiter, gtol=gtol,
                           method=method, progress=progress)

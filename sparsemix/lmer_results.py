@@ -34,6 +34,10 @@ def _as_list(value) -> list:
 
 
 class LmerResults(PicklableResults):
+    """A model fitted by `sparsemix.lmer`: estimates, lme4's accessors (variance components, conditional
+    modes, predictions, simulation), lmerTest's Satterthwaite t-tests, profile and bootstrap intervals, and
+    the summary table. Picklable."""
+
     def __init__(self, design: LmerDesign, fit: LmmFit):
         self.design = design
         self.fit_result = fit

@@ -31,6 +31,9 @@ __all__ = ["MixedLMResults"]
 
 
 class MixedLMResults(PicklableResults):
+    """A model fitted by `MixedLM.fit`, with statsmodels' MixedLMResults attribute and method names
+    (fe_params, cov_re, vcomp, bse, random_effects, summary, ...). Picklable."""
+
     def __init__(self, model, fit: LmmFit, free: MixedLMParams | None = None):
         self.model = model
         self.fit_result = fit
