@@ -205,13 +205,21 @@ def check_bool(value, name: str) -> bool:
                      f"None are not read as switches: pass {name}=True or {name}=False.")
 
 
-def check_count(value, name: str, minimum: int = 1) -> int:
-    """A whole number >= minimum (numpy integers and integral floats such as 1e4 too; not bools)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, numbers.Real)) or \
-            (isinstance(value, numbers.Real) and not (np.isfinite(value) and float(value).is_integer())):
+# The largest count an argument may take: the C int that nlopt's maxeval and numpy's sizes are read into. A
+# larger Python int reached np.isfinite as an object (TypeError) and nlopt as an OverflowError.
+COUNT_LIMIT = 2 ** 31 - 1
+
+
+def check_count(value, name: str, minimum: int = 1, maximum: int = COUNT_LIMIT) -> int:
+    """A whole number from minimum to maximum (numpy integers and integral floats such as 1e4 too; not bools)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or \
+            (not isinstance(value, numbers.Integral) and not (np.isfinite(value) and float(value).is_integer())):
         raise InputError(f"{name} must be a whole number >= {minimum}; got {value!r} ({type(value).__name__}).")
     if int(value) < minimum:
         raise InputError(f"{name} must be a whole number >= {minimum}; got {value!r}.")
+    if int(value) > maximum:
+        raise InputError(f"{name} must be a whole number from {minimum} to {maximum:,}; got {value!r:.30}. Pass a "
+                         "smaller number.")
     return int(value)
 
 
@@ -306,6 +314,18 @@ def check_nobs_vs_n_random_effects(n_random: int, n_obs: int, term: str) -> None
                          "by a coarser factor, or collect more observations per level.")
 
 
+def check_fixed_columns_vs_nobs(n_columns: int, n_obs: int, names=()) -> None:
+    """At least one observation more than fixed-effect columns (after aliased ones are dropped): with as many
+    columns as rows the fixed effects reproduce y exactly, the residual variance is 0 (ML) or 0/0 (REML), and the
+    deviance was log(0) (a ZeroDivisionError deep in the engine, or a silent -inf)."""
+    if n_columns >= n_obs:
+        shown = ", ".join(list(names)[:6]) + (", ..." if len(names) > 6 else "")
+        raise InputError(f"the fixed effects have {n_columns} linearly independent column(s) ({shown}) for {n_obs} "
+                         "observation(s); they fit every observation exactly and leave no residual variance to "
+                         "estimate. Use fewer fixed-effect terms (a factor with a level per observation, such as "
+                         "C(x) of a continuous x, is a common cause), or collect more observations.")
+
+
 def check_groups(groups, n: int) -> np.ndarray:
     """statsmodels' `groups`: one label per row (a constant for crossed designs without a grouping)."""
     if groups is None or np.ndim(groups) == 0:
@@ -368,8 +388,15 @@ def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), o
                                  f"data[{name!r}] = (data[{name!r}] - pd.Timestamp('2020-01-01')).dt.days (or "
                                  f".dt.total_seconds() / 86400); or, for one effect per date, write C({name}) in the "
                                  "formula.")
-        elif name in groups and dtype == object:
-            check_sortable_labels(col, name)
+        elif dtype == object and (name in groups or (name in covariates and not as_covariate)):
+            check_sortable_labels(col, name, "grouping factor" if name in groups else "factor")
+        elif _is_masked_number(dtype) and name in covariates:
+            # patsy reads pandas' nullable Int64/Float64 as a covariate but not inside C() ("Cannot interpret
+            # 'Int64Dtype()' as a data type"): numpy's integers (floats where there is an NA, NA as NaN).
+            exact = dtype.kind in "iu" and not col.isna().any()
+            values = col.to_numpy(dtype=dtype.numpy_dtype) if exact else col.to_numpy(dtype=float, na_value=np.nan)
+            converted[name] = pd.Series(values, index=col.index)
+            continue
         readable = readable_column(col)
         if readable is not None:
             converted[name] = readable
@@ -399,14 +426,20 @@ def readable_columns(data: pd.DataFrame, names) -> pd.DataFrame:
     return data.assign(**converted) if converted else data
 
 
-def check_sortable_labels(values: pd.Series, name: str) -> None:
-    """A grouping factor's labels are sorted into levels (as R's factor): they must be comparable."""
+def _is_masked_number(dtype) -> bool:
+    """pandas' nullable integer and float dtypes (Int64, UInt8, Float64, ...)."""
+    return isinstance(dtype, pd.api.extensions.ExtensionDtype) and not isinstance(dtype, pd.BooleanDtype) and \
+        isinstance(getattr(dtype, "numpy_dtype", None), np.dtype) and dtype.numpy_dtype.kind in "iuf"
+
+
+def check_sortable_labels(values: pd.Series, name: str, role: str = "grouping factor") -> None:
+    """A factor's labels are sorted into levels (as R's factor): they must be comparable."""
     labels = pd.unique(values.dropna())
     try:
         sorted(labels)
     except TypeError:
         kinds = sorted({type(v).__name__ for v in labels})
-        raise InputError(f"grouping factor {name!r} (dtype {values.dtype}) mixes label types that cannot be sorted "
+        raise InputError(f"{role} {name!r} (dtype {values.dtype}) mixes label types that cannot be sorted "
                          f"({', '.join(kinds)}); convert the labels to one type, e.g. data[{name!r}] = "
                          f"data[{name!r}].astype(str).") from None
 

@@ -170,6 +170,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     checks.check_finite(X, "fixed-effects design", missing_hint=False)
     names = [_lme4_name(c) for c in exog.columns]
     X, names, dropped = _drop_aliased(X, names)
+    checks.check_fixed_columns_vs_nobs(X.shape[1], len(y), names)
 
     infos, terms = [], []
     for spec in parsed.random:

@@ -157,6 +157,23 @@ def test_maxiter_takes_numpy_integers_and_whole_floats(frame):
     assert sparsemix.lmer("y ~ x + (1 | g)", frame, maxiter=1e4).converged
 
 
+@pytest.mark.parametrize("maxiter", [10 ** 30, 2 ** 31, 1e30, np.uint64(2 ** 63)])
+def test_maxiter_beyond_a_c_int_is_an_input_error(frame, maxiter):
+    """Found by tests/test_fuzz.py: 10**30 reached np.isfinite as a Python object (TypeError: ufunc 'isfinite'
+    not supported); a count nlopt cannot hold would reach it as an OverflowError."""
+    with pytest.raises(InputError, match="maxiter must be a whole number from 1 to 2,147,483,647"):
+        sparsemix.lmer("y ~ x + (1 | g)", frame, maxiter=maxiter)
+    with pytest.raises(InputError, match="maxiter must be a whole number from 1 to 2,147,483,647"):
+        MixedLM.from_formula("y ~ x", groups="g", data=frame).fit(maxiter=maxiter)
+
+
+def test_huge_counts_elsewhere_are_input_errors(fit):
+    with pytest.raises(InputError, match="nsim must be a whole number from 1 to"):
+        fit.simulate(10 ** 40)
+    with pytest.raises(InputError, match="nsim must be a whole number from 1 to"):
+        fit.bootstrap(nsim=10 ** 20)
+
+
 @pytest.mark.parametrize("gtol", [0, -1e-7, np.nan, "1e-7"])
 def test_gtol_is_a_positive_number(frame, gtol):
     with pytest.raises(InputError, match="gtol must be a finite number > 0"):
@@ -359,6 +376,31 @@ def test_more_random_effects_than_observations_is_refused_too():
 def test_fewer_random_effects_than_observations_fit():
     d = _paired(12, per_group=3)                  # 36 observations, 24 random effects
     assert _quiet(sparsemix.lmer, "y ~ x + (x | g)", d).nobs == 36
+
+
+@pytest.mark.parametrize("formula, n, reml", [
+    ("y ~ C(z) + (1 | g)", 10, True),             # a level per observation: C() of a continuous column
+    ("y ~ C(z) + (1 | g)", 10, False),            # by ML the deviance was log(0) = -inf, returned as a fit
+    ("y ~ 0 + C(z) + (1 | g)", 10, True),
+    ("y ~ x + I(x**2) + I(x**3) + (1 | g)", 4, True),
+    ("y ~ C(z) + x + (1 | g)", 12, True),          # aliased columns dropped first: still one per observation
+])
+def test_as_many_fixed_effects_as_observations_is_refused(formula, n, reml):
+    """Found by tests/test_fuzz.py: a ZeroDivisionError in the engine (REML's n - p = 0), or (ML) a "fit" with an
+    infinite log-likelihood, when the fixed effects reproduce y exactly."""
+    rng = np.random.default_rng(n)
+    d = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n), "z": rng.normal(size=n),
+                      "g": np.arange(n) % 2})
+    with pytest.raises(InputError, match=r"the fixed effects have \d+ linearly independent column\(s\).*for "
+                                         rf"{n} observation\(s\).*no residual variance"):
+        _quiet(sparsemix.lmer, formula, d, reml=reml)
+
+
+def test_one_fixed_effect_fewer_than_observations_fits():
+    rng = np.random.default_rng(5)
+    d = pd.DataFrame({"y": rng.normal(size=12), "z": np.repeat(np.arange(6), 2) * 1.5, "g": np.arange(12) % 3})
+    m = _quiet(sparsemix.lmer, "y ~ C(z) + (1 | g)", d)
+    assert len(m.fe_params) == 6 and np.isfinite(m.llf)
 
 
 def test_lme4s_level_check_comes_first():

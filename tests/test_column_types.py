@@ -93,6 +93,29 @@ def test_nullable_numbers_with_na(dtype):
     np.testing.assert_allclose(np.asarray(sm_got.fe_params), np.asarray(sm_ref.fe_params), rtol=1e-8)
 
 
+@pytest.mark.parametrize("dtype, na", [("Int64", False), ("Int64", True), ("UInt8", False), ("Float64", True)])
+def test_nullable_numbers_as_factors(dtype, na):
+    """Found by tests/test_fuzz.py: C(h) of a nullable Int64 column raised patsy's TypeError "Cannot interpret
+    'Int64Dtype()' as a data type", through lmer and MixedLM's formulas (fixed part and vc_formula)."""
+    d = frame()
+    d["h"] = d.g % 4
+    nd = d.assign(h=pd.array(d.h, dtype=dtype))
+    ref_data = d.assign(h=d.h.astype(float) if dtype == "Float64" or na else d.h)
+    if na:
+        nd.loc[[4, 50], "h"] = pd.NA
+        ref_data = ref_data.drop(index=[4, 50])
+    got, ref = lmer("y ~ x + C(h) + (1|g)", nd), lmer("y ~ x + C(h) + (1|g)", ref_data)
+    assert len(got.fe_params) == 5
+    np.testing.assert_allclose(np.asarray(got.fe_params), np.asarray(ref.fe_params), rtol=1e-10)
+    assert lmer("y ~ x + (1|g) + (1|g:h)", nd).nobs == len(ref_data)           # a grouping too
+    sm_kw = {"missing": "drop"} if na else {}
+    sm_got = mixedlm("y ~ x + C(h)", nd, **sm_kw)
+    sm_ref = mixedlm("y ~ x + C(h)", ref_data)
+    np.testing.assert_allclose(np.asarray(sm_got.fe_params), np.asarray(sm_ref.fe_params), rtol=1e-8)
+    vc = mixedlm("y ~ x", nd, vc_formula={"h": "0 + C(h)"}, **sm_kw)
+    assert np.isfinite(vc.llf)
+
+
 # -- dates: a covariate is an error naming the conversion; a grouping factor or C(date) is allowed ----------
 
 @pytest.mark.parametrize("tz", [None, "UTC", "Europe/Paris"])
@@ -173,6 +196,23 @@ def test_unsortable_grouping_labels(labels):
     both_refuse(d, "y ~ x + (1|o)", "y ~ x", "grouping factor 'o'", "dtype object", "astype(str)", groups="o")
     with pytest.raises(InputError, match="grouping factor 'o'"):
         lmer("y ~ x + (1|g:o)", d)
+
+
+@pytest.mark.parametrize("labels", [lambda i: (1, 2) if i % 2 else 1.5,
+                                    lambda i: "a" if i % 3 else 7,
+                                    lambda i: (i % 4, ) if i % 2 else f"g{i % 5}"])
+def test_unsortable_labels_of_a_factor(labels):
+    """Found by tests/test_fuzz.py: vc_formula's C(o) of such labels raised pandas' "'<' not supported between
+    'tuple' and 'float'" (or "object of type 'float' has no len()"); C(o) in lmer's fixed part is the same check."""
+    d = frame()
+    d["o"] = [labels(i) for i in range(len(d))]
+    d["o"] = d["o"].astype(object)
+    with pytest.raises(InputError, match="factor 'o' \\(dtype object\\) mixes label types.*astype\\(str\\)"):
+        mixedlm("y ~ x", d, vc_formula={"o": "0 + C(o)"})
+    with pytest.raises(InputError, match="factor 'o' \\(dtype object\\) mixes label types"):
+        mixedlm("y ~ x", d, vc_formula={"o": "0 + C(o)"}, groups=np.ones(len(d)), missing="drop")
+    with pytest.raises(InputError, match="factor 'o' \\(dtype object\\) mixes label types"):
+        lmer("y ~ x + C(o) + (1|g)", d)
 
 
 @pytest.mark.parametrize("dup", ["x", "g", "y"])
