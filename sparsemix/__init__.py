@@ -6,16 +6,16 @@ formula language (`lmer`, `anova`). The engine stages
 """
 from importlib import metadata as _metadata
 
-from .compat.params import MixedLMParams, VCSpec
-from .compat.results import MixedLMResults
-from .compat.statsmodels import MixedLM
+from .statsmodels.params import MixedLMParams, VCSpec
+from .statsmodels.results import MixedLMResults
+from .statsmodels.model import MixedLM
 from .errors import (ConvergenceWarning, FormulaError, IgnoredArgumentWarning, InputError, MissingDataError,
                      NewLevelWarning, RankDeficientError, SingularFitWarning, SparsemixError, SparsemixWarning)
-from .fitting import build_fit, build_system, fit_lmm, optimize_system
-from .inference.anova import anova
-from .lmer import RankDeficiencyWarning, lmer
-from .lmer_results import LmerResults
-from .threads import blas_libraries
+from .fit.stages import build_fit, build_system, fit_lmm, optimize_system
+from .lme4.anova import anova
+from .lme4.lmer import RankDeficiencyWarning, lmer
+from .lme4.results import LmerResults
+from .core.threads import blas_libraries
 
 blas_libraries()        # after every import above (CHOLMOD's BLAS among them): see threads.blas_libraries
 

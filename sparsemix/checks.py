@@ -338,7 +338,7 @@ def check_groups(groups, n: int) -> np.ndarray:
 
 def check_fitted_models(models, door: str = "anova") -> None:
     """Every argument is a model fitted by sparsemix.lmer (anova compares fits)."""
-    from .lmer_results import LmerResults
+    from .lme4.results import LmerResults
 
     for i, m in enumerate(models):
         if not isinstance(m, LmerResults):

@@ -157,7 +157,7 @@ def _run_fit(args) -> int:
 
 def _fit(args, data):
     """lmer on `data` as the options ask; warnings go to standard error. Returns (fit, seconds)."""
-    from .lmer import lmer
+    from .lme4.lmer import lmer
 
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -203,8 +203,8 @@ def _run_fit_dask(args) -> int:
 
 
 def _run_anova(args) -> int:
-    from .inference.anova import anova
-    from .lmer import lmer
+    from .lme4.anova import anova
+    from .lme4.lmer import lmer
 
     if len(args.formula) < 2:
         raise CommandError("anova needs at least two --formula options to compare")

@@ -42,7 +42,7 @@ CHILD = textwrap.dedent("""
     import gc, warnings
     import numpy as np, pandas as pd
     import sparsemix
-    from sparsemix.optimize import _bobyqa
+    from sparsemix.fit.optimize import _bobyqa
     warnings.simplefilter("ignore")
     rng = np.random.default_rng(0)
     n = 200

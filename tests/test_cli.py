@@ -379,7 +379,7 @@ def test_unexpected_errors_exit_3_with_one_line_and_the_traceback_under_debug(ca
                                                                               exc, code, message, command):
     def broken(*args, **kwargs):
         raise exc
-    monkeypatch.setattr(sys.modules["sparsemix.lmer"], "lmer", broken)
+    monkeypatch.setattr(sys.modules["sparsemix.lme4.lmer"], "lmer", broken)
     models = ANOVA if command == "anova" else ["--formula", SMALL]
     got, out, err = _run(capsys, command, complete_csv, *models)
     assert got == code and out == "" and err.count("\n") == 1 and err.startswith(f"sparsemix: error: {message}")
@@ -390,8 +390,8 @@ def test_unexpected_errors_exit_3_with_one_line_and_the_traceback_under_debug(ca
 
 
 def test_an_internal_error_is_exit_3_from_the_installed_command(complete_csv):
-    script = ("import sys, sparsemix.lmer\n"
-              "m = sys.modules['sparsemix.lmer']\n"
+    script = ("import sys, sparsemix.lme4.lmer\n"
+              "m = sys.modules['sparsemix.lme4.lmer']\n"
               "def broken(*a, **k): raise KeyError('theta')\n"
               "m.lmer = broken\n"
               "from sparsemix.cli import main\n"

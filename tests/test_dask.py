@@ -167,7 +167,7 @@ def test_cli_fits_parquet_files_through_the_scheduler(client, parquet_dir, capsy
 
 def test_without_dask_the_message_names_the_extra(monkeypatch):
     from sparsemix.errors import MissingExtraError
-    from sparsemix.partitioned import fit_partitioned
+    from sparsemix.dask.fit import fit_partitioned
     monkeypatch.setitem(sys.modules, "dask", None)
     with pytest.raises(MissingExtraError, match=r"sparsemix\[dask\]"):
         fit_partitioned(FORMULA, object())

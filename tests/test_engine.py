@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-import sparsemix.engine
-from sparsemix.design import CrossProducts, assemble_Z
-from sparsemix.engine import PenalizedSystem
-from sparsemix.factor import PairOperator, SchurFactor
-from sparsemix.kernels import subtract_level_products
-from sparsemix.fitting import fit_lmm
-from sparsemix.relcov import RelativeCovariance
-from sparsemix.terms import CovarianceTemplate, RandomTerm, VarianceComponent
+import sparsemix.core.system
+from sparsemix.core.cross_products import CrossProducts, assemble_Z
+from sparsemix.core.system import PenalizedSystem
+from sparsemix.core.factor import PairOperator, SchurFactor
+from sparsemix.core.kernels import subtract_level_products
+from sparsemix.fit.stages import fit_lmm
+from sparsemix.core.relcov import RelativeCovariance
+from sparsemix.core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
 
 
 def _problem(seed=1, n=240):
@@ -237,13 +237,13 @@ def test_pair_operator_built_in_chunks_equals_one_pass(monkeypatch):
     level_rows = np.column_stack([level, rows])
     h = rng.normal(size=(400, 1))
     whole = PairOperator(level_rows, g, 30, 400).build().apply(h)
-    monkeypatch.setattr("sparsemix.factor.PAIR_CHUNK", 37)
+    monkeypatch.setattr("sparsemix.core.factor.PAIR_CHUNK", 37)
     np.testing.assert_array_equal(PairOperator(level_rows, g, 30, 400).build().apply(h), whole)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_batched_small_cholesky_and_solves_match_numpy(k):
-    from sparsemix.factor import _batched_cholesky, _batched_lower_solve
+    from sparsemix.core.factor import _batched_cholesky, _batched_lower_solve
     rng = np.random.default_rng(k)
     M = rng.normal(size=(50, k, k))
     M = M @ np.transpose(M, (0, 2, 1)) + np.eye(k)
@@ -256,7 +256,7 @@ def test_batched_small_cholesky_and_solves_match_numpy(k):
 
 
 def test_blocked_dense_cholesky_above_the_threaded_order(monkeypatch):
-    import sparsemix.factor as factor
+    import sparsemix.core.factor as factor
     rng = np.random.default_rng(12)
     B = rng.normal(size=(301, 40))
     S = B @ B.T + np.eye(301)
@@ -276,7 +276,7 @@ def test_densely_linked_designs_take_the_schur_form_untimed(monkeypatch):
     """Each level of a links ~10 of b's 150 levels: 300 levels x 55 pairs cover b's 11,325 twice over."""
     def no_trials(*args, **kwargs):
         raise AssertionError("a factorization was timed")
-    monkeypatch.setattr("sparsemix.engine._time_refactorization", no_trials)
+    monkeypatch.setattr("sparsemix.core.system._time_refactorization", no_trials)
     n = 3_000
     rng = np.random.default_rng(1)
     system, _, _ = _system(np.ones((n, 1)), rng.normal(size=n), _crossed_terms(300, 150, n))
@@ -286,8 +286,8 @@ def test_densely_linked_designs_take_the_schur_form_untimed(monkeypatch):
 def test_sparsely_linked_designs_are_timed(monkeypatch):
     """A nested design (each level of a in one level of b) fills nothing: the candidates race."""
     timed = []
-    original = sparsemix.engine._time_refactorization
-    monkeypatch.setattr("sparsemix.engine._time_refactorization",
+    original = sparsemix.core.system._time_refactorization
+    monkeypatch.setattr("sparsemix.core.system._time_refactorization",
                         lambda factor, *args: timed.append(factor.mode) or original(factor, *args))
     n_a, n_b, n = 2_000, 200, 6_000
     a = np.arange(n) % n_a
@@ -307,14 +307,14 @@ def test_a_trial_already_twice_as_slow_is_timed_once():
             calls.append(1)
             time.sleep(0.02)
 
-    assert sparsemix.engine._time_refactorization(Slow(), None, None, time_to_beat=0.005) >= 0.02
+    assert sparsemix.core.system._time_refactorization(Slow(), None, None, time_to_beat=0.005) >= 0.02
     assert len(calls) == 1
-    sparsemix.engine._time_refactorization(Slow(), None, None, time_to_beat=1.0)
+    sparsemix.core.system._time_refactorization(Slow(), None, None, time_to_beat=1.0)
     assert len(calls) == 3
 
 
 def test_complement_density_tells_crossed_from_nested():
-    from sparsemix.engine import _complement_density
+    from sparsemix.core.system import _complement_density
 
     rng = np.random.default_rng(3)
     n = 4_000
@@ -334,7 +334,7 @@ def test_blas_libraries_are_found_on_import_including_cholmods():
     every BLAS in the process then, CHOLMOD's among them, so single-threaded stages limit them all."""
     import subprocess
     import sys
-    code = ("import sparsemix, sparsemix.threads as t; from threadpoolctl import threadpool_info; "
+    code = ("import sparsemix, sparsemix.core.threads as t; from threadpoolctl import threadpool_info; "
             "print(t._controller is not None, sorted(c.filepath for c in t._controller.lib_controllers) == "
             "sorted(i['filepath'] for i in threadpool_info() if i['user_api'] == 'blas'), "
             "len(t._controller.lib_controllers))")
@@ -350,7 +350,7 @@ def test_threads_go_only_to_cores_nobody_else_is_running_on(monkeypatch):
     import sys
     import time
 
-    import sparsemix.threads as threads
+    import sparsemix.core.threads as threads
 
     cores = threads.os.sched_getaffinity(0)
     monkeypatch.setattr(threads, "_outer_threads", [len(cores) + 3])
@@ -371,7 +371,7 @@ def test_threads_go_only_to_cores_nobody_else_is_running_on(monkeypatch):
 def test_free_cores_reads_the_running_tasks(monkeypatch, tmp_path):
     import builtins
 
-    import sparsemix.threads as threads
+    import sparsemix.core.threads as threads
 
     n = len(threads.os.sched_getaffinity(0))
     real_open = builtins.open

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sparsemix.optimize import minimize_deviance, newton_polish
+from sparsemix.fit.optimize import minimize_deviance, newton_polish
 
 
 def _smooth(center, curvature):

@@ -1,4 +1,4 @@
-"""Starting values from a pilot fit on a level subsample (sparsemix/pilot.py): same optimum, fewer evaluations."""
+"""Starting values from a pilot fit on a level subsample (sparsemix/fit/pilot.py): same optimum, fewer evaluations."""
 import warnings
 
 import numpy as np
@@ -6,10 +6,10 @@ import pytest
 
 import sparsemix
 from sparsemix.datasets import generate_crossed_slopes, generate_insteval_like, seed_datasets
-from sparsemix.fitting import build_system
-from sparsemix.lmer import build_design
-from sparsemix.optimize import warm_step
-from sparsemix.pilot import pilot_start
+from sparsemix.fit.stages import build_system
+from sparsemix.lme4.lmer import build_design
+from sparsemix.fit.optimize import warm_step
+from sparsemix.fit.pilot import pilot_start
 
 CASES = {
     "insteval-like": (lambda: generate_insteval_like(1_500, 600, 10, 15),
@@ -34,7 +34,7 @@ def test_pilot_start_is_near_the_optimum_and_deterministic(case):
     theta, step = _pilot(design, system)
     again, _ = _pilot(design, system)
     assert np.array_equal(theta, again)                      # fixed seed: the same fit twice, bit for bit
-    optimum = sparsemix.fitting.optimize_system(system).theta
+    optimum = sparsemix.fit.stages.optimize_system(system).theta
     big = np.abs(optimum) > 0.1                              # (small entries: an absolute bound below)
     np.testing.assert_allclose(theta[big], optimum[big], rtol=0.25)
     np.testing.assert_allclose(theta[~big], optimum[~big], atol=0.05)

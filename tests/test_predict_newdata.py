@@ -16,7 +16,7 @@ import pytest
 
 import sparsemix as sm
 from sparsemix.errors import InputError, NewLevelWarning
-from sparsemix.newdata import value_key
+from sparsemix.formula.newdata import value_key
 
 SLEEP = pd.DataFrame(json.loads((Path(__file__).parent / "reference" / "sleepstudy.json").read_text())["data"])
 SLEEP_INT = SLEEP.assign(Subject=SLEEP.Subject.astype(int))

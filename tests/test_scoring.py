@@ -1,4 +1,4 @@
-"""Newton steps with the average information (sparsemix/scoring.py), checked against dense marginal formulas
+"""Newton steps with the average information (sparsemix/fit/scoring.py), checked against dense marginal formulas
 (V = sigma^2 W + sum_j phi_j Z_j Z_j' built as an n x n matrix) and against BOBYQA's optimum."""
 import warnings
 
@@ -7,14 +7,14 @@ import pytest
 
 import sparsemix
 from sparsemix.datasets import generate_insteval_like
-from sparsemix.design import CrossProducts, assemble_Z
-from sparsemix.engine import PenalizedSystem
-from sparsemix.factor import SchurFactor
-from sparsemix.fitting import build_system, optimize_system
-from sparsemix.lmer import build_design
-from sparsemix.relcov import RelativeCovariance
-from sparsemix.scoring import fit_by_scoring, scoring_point
-from sparsemix.terms import CovarianceTemplate, RandomTerm
+from sparsemix.core.cross_products import CrossProducts, assemble_Z
+from sparsemix.core.system import PenalizedSystem
+from sparsemix.core.factor import SchurFactor
+from sparsemix.fit.stages import build_system, optimize_system
+from sparsemix.lme4.lmer import build_design
+from sparsemix.core.relcov import RelativeCovariance
+from sparsemix.fit.scoring import fit_by_scoring, scoring_point
+from sparsemix.core.terms import CovarianceTemplate, RandomTerm
 
 SIZES = (40, 12, 5)          # levels of the three crossed scalar terms, most first (the Schur form's order)
 
@@ -101,7 +101,7 @@ def test_single_precision_far_points_leave_the_result_unchanged(monkeypatch):
     start = system.relcov.start()
     with system.threads():
         mixed, _, count = fit_by_scoring(system, start, True)
-        monkeypatch.setattr("sparsemix.scoring.SINGLE_MIN_STEP", np.inf)
+        monkeypatch.setattr("sparsemix.fit.scoring.SINGLE_MIN_STEP", np.inf)
         double, _, count_double = fit_by_scoring(system, start, True)
     assert mixed is not None and double is not None
     np.testing.assert_allclose(mixed.theta, double.theta, rtol=1e-9)

@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 
 import sparsemix
-from sparsemix.compat.statsmodels import UnusedArgumentWarning
+from sparsemix.statsmodels.model import UnusedArgumentWarning
 
 sm_lme = pytest.importorskip("statsmodels.regression.mixed_linear_model")
 from statsmodels.base import _penalties as penalties  # noqa: E402

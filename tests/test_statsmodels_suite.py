@@ -33,7 +33,7 @@ SWAPS = [
      "from statsmodels.regression.mixed_linear_model import _smw_logdet, _smw_solver",
      "the classes under test; the private helpers stay statsmodels' (their tests are left out below)"),
     (r"from statsmodels\.iolib\.summary2 import Summary\n",
-     "from sparsemix.compat.summary import MixedLMSummary as Summary\n",
+     "from sparsemix.statsmodels.summary import MixedLMSummary as Summary\n",
      "test_summary_after_remove_data checks that summary() returns the library's summary class"),
     (r"from statsmodels\.tools\.sm_exceptions import SingularMatrixWarning\n",
      "from sparsemix import SingularFitWarning as SingularMatrixWarning\n",

@@ -1,6 +1,6 @@
 """Fits beside other CPU-bound processes (issue 14): the InstEval-sized and the seed's crossed fit with 0, 1 and 2
 `while True: pass` loops running, started in setup and killed in teardown. The times should stay within ~1.5x of
-the quiet ones (threads go only to free cores: sparsemix/threads.py). Side by side with lme4:
+the quiet ones (threads go only to free cores: sparsemix/core/threads.py). Side by side with lme4:
 asv_bench/compare/load/run.py."""
 import subprocess
 import sys

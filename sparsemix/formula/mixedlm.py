@@ -18,7 +18,7 @@ import patsy
 import scipy.sparse as sp
 
 from ..errors import FormulaError
-from ..terms import VarianceComponent, indicator_matrix, sorted_codes
+from ..core.terms import VarianceComponent, indicator_matrix, sorted_codes
 from .safety import check_formula
 
 __all__ = ["fixed_design", "random_design", "vc_from_formula", "formula_columns", "factor_codes",

@@ -12,11 +12,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from ..coordinates import system_columns
-from ..design import assemble_Z
-from ..engine import PenalizedSystem
-from ..fitting import optimize_system
-from ..optimize import warm_step
+from ..core.coordinates import system_columns
+from ..core.cross_products import assemble_Z
+from ..core.system import PenalizedSystem
+from ..fit.stages import optimize_system
+from ..fit.optimize import warm_step
 from .sdcor import sdcor_of
 
 __all__ = ["parametric_bootstrap", "simulate_responses"]

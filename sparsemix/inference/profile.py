@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from ..engine import PenalizedSystem
-from ..fitting import optimize_system
-from ..optimize import minimize_deviance, warm_step
+from ..core.system import PenalizedSystem
+from ..fit.stages import optimize_system
+from ..fit.optimize import minimize_deviance, warm_step
 from .sdcor import sdcor_bounds, sdcor_of, theta_of_sdcor
 
 __all__ = ["ProfileResult", "profile_fit"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg as la
 
-from ..results import LmmFit
+from ..fit.lmm_fit import LmmFit
 
 __all__ = ["satterthwaite_df"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..relcov import RelativeCovariance
+from ..core.relcov import RelativeCovariance
 
 __all__ = ["sdcor_of", "theta_of_sdcor", "sdcor_bounds"]
 

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import patsy
 
-from . import checks
-from .errors import InputError, NewLevelWarning
-from .formula.mixedlm import level_name
+from .. import checks
+from ..errors import InputError, NewLevelWarning
+from .mixedlm import level_name
 
 __all__ = ["require_frame", "model_columns", "require_model_columns", "model_frame", "complete_rows", "fixed_matrix",
            "offset_values", "row_labels", "LevelMatcher", "predict_rows"]
@@ -163,7 +163,7 @@ def offset_values(frame: pd.DataFrame, offset) -> np.ndarray | None:
     """predict's offset: a column of newdata, or one value per row of newdata (NaN rows predict NaN)."""
     if offset is None:
         return None
-    from .checks import as_numeric_vector
+    from ..checks import as_numeric_vector
 
     if isinstance(offset, str):
         if offset not in frame.columns:
@@ -293,7 +293,7 @@ def lmer_random_matrix(design, frame: pd.DataFrame, allow_new_levels: bool, matc
     """Z for complete rows of newdata in the fit's column layout; rows of a new level get zero (population)
     effects for that term. `matchers`: a cache of LevelMatcher per term, kept by the results."""
     import scipy.sparse as sp
-    from .terms import RandomTerm
+    from ..core.terms import RandomTerm
 
     blocks = []
     for t, (term, info) in enumerate(zip(design.terms, design.term_info)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .optimize import warm_step
-from .terms import RandomTerm
+from ..core.terms import RandomTerm
 
 __all__ = ["pilot_wanted", "pilot_start", "pilot_levels", "fit_pilot", "estimable", "PILOT_MIN_DENSE_ORDER"]
 
@@ -39,7 +39,7 @@ def pilot_wanted(start, method: str, free=None) -> bool:
 def pilot_start(system, X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights, reml: bool):
     """(theta, first step) for the full fit from a pilot fit on a level subsample, or None where it cannot pay
     (a small block after the first term, nothing to subsample, or a pilot design that is not estimable)."""
-    from .fitting import build_system
+    from .stages import build_system
 
     kept = pilot_levels(system)
     if kept is None:
@@ -91,7 +91,7 @@ def estimable(XtX: np.ndarray, n_rows: int) -> bool:
 
 def fit_pilot(pilot_system, reml: bool):
     """(theta, first step) from a loose fit of the pilot's system, or None if it did not converge."""
-    from .fitting import optimize_system
+    from .stages import optimize_system
     from .scoring import fit_by_scoring
 
     opt = None

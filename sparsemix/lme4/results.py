@@ -7,18 +7,18 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from . import checks
-from .errors import InputError
-from .fitting import build_fit, optimize_system
-from .optimize import warm_step
-from .inference.bootstrap import parametric_bootstrap, simulate_responses
-from .inference.profile import ProfileResult, profile_fit
-from .inference.satterthwaite import satterthwaite_df
-from .inference.sdcor import sdcor_of
-from . import newdata as newdata_path
+from .. import checks
+from ..errors import InputError
+from ..fit.stages import build_fit, optimize_system
+from ..fit.optimize import warm_step
+from ..inference.bootstrap import parametric_bootstrap, simulate_responses
+from ..inference.profile import ProfileResult, profile_fit
+from ..inference.satterthwaite import satterthwaite_df
+from ..inference.sdcor import sdcor_of
+from ..formula import newdata as newdata_path
 from .lmer import LmerDesign, _lme4_name
-from .pickling import PicklableResults
-from .results import LmmFit
+from ..formula.pickling import PicklableResults
+from ..fit.lmm_fit import LmmFit
 
 __all__ = ["LmerResults"]
 
@@ -226,7 +226,7 @@ class LmerResults(PicklableResults):
 
     @cached_property
     def _Z(self):
-        from .design import assemble_Z
+        from ..core.cross_products import assemble_Z
         return assemble_Z(list(self.design.terms))
 
     @property
@@ -242,7 +242,7 @@ class LmerResults(PicklableResults):
                 allow_new_levels: bool = True, offset=None) -> pd.Series:
         """Predictions; new levels of a grouping factor get the population-level prediction when allowed (with a
         NewLevelWarning saying how many rows). Rows of newdata with a missing value in a column the model uses
-        predict NaN. Levels match by value (308, 308.0 and "308" are one level): see sparsemix/newdata.py."""
+        predict NaN. Levels match by value (308, 308.0 and "308" are one level): see sparsemix/formula/newdata.py."""
         include_random = checks.check_bool(include_random, "include_random")
         allow_new_levels = checks.check_bool(allow_new_levels, "allow_new_levels")
         if newdata is None:
@@ -345,7 +345,7 @@ class LmerResults(PicklableResults):
     # -- report ---------------------------------------------------------------------------------------------
 
     def summary(self):
-        from .lmer_summary import LmerSummary
+        from .summary import LmerSummary
         return LmerSummary(self)
 
     def __repr__(self):

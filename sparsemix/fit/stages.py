@@ -13,17 +13,17 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import checks
-from .coordinates import column_transform, system_columns
-from .design import CrossProducts
-from .engine import PenalizedSystem
-from .errors import ConvergenceWarning, SingularFitWarning
+from .. import checks
+from ..core.coordinates import column_transform, system_columns
+from ..core.cross_products import CrossProducts
+from ..core.system import PenalizedSystem
+from ..errors import ConvergenceWarning, SingularFitWarning
 from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance, warm_step
 from .scoring import SCORING_MAX_ITERATIONS, SCORING_REFIT_TOLERANCE, SCORING_THETA_TOLERANCE, fit_by_scoring
-from .relcov import RelativeCovariance
-from .results import LmmFit
-from .terms import RandomTerm
-from .threads import blas_threads, single_threaded
+from ..core.relcov import RelativeCovariance
+from .lmm_fit import LmmFit
+from ..core.terms import RandomTerm
+from ..core.threads import blas_threads, single_threaded
 
 __all__ = ["build_system", "optimize_system", "build_fit", "fit_lmm"]
 

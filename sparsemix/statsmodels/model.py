@@ -16,13 +16,13 @@ import scipy.sparse as sp
 
 from .. import checks
 from ..errors import IgnoredArgumentWarning, InputError, SingularFitWarning
-from ..fitting import build_fit, build_system, optimize_system
-from ..pilot import pilot_start, pilot_wanted
-from ..pickling import PicklableResults
-from ..optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
+from ..fit.stages import build_fit, build_system, optimize_system
+from ..fit.pilot import pilot_start, pilot_wanted
+from ..formula.pickling import PicklableResults
+from ..fit.optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
 from ..formula.safety import formula_environment
-from ..terms import CovarianceTemplate, RandomTerm, VarianceComponent, sorted_codes
+from ..core.terms import CovarianceTemplate, RandomTerm, VarianceComponent, sorted_codes
 from . import likelihood
 from .data import ModelData
 from .params import MixedLMParams, VCSpec
@@ -380,7 +380,7 @@ class MixedLM(PicklableResults):
     def fit_regularized(self, start_params=None, method="l1", alpha=0, ceps=1e-4, ptol=1e-6, maxit=200,
                         **fit_kwargs):
         """Penalized fixed effects with the dependence parameters held at the unpenalized fit (statsmodels'
-        semantics; see compat/regularized.py). method="l1" with `alpha` (a number or one weight per fixed
+        semantics; see statsmodels/regularized.py). method="l1" with `alpha` (a number or one weight per fixed
         effect), or a smooth penalty object (func, deriv), such as statsmodels' L2()."""
         return fit_regularized(self, start_params=start_params, method=method, alpha=alpha, ceps=ceps, ptol=ptol,
                                maxit=maxit, **fit_kwargs)
@@ -395,7 +395,7 @@ class MixedLM(PicklableResults):
             return DEFAULT_OPTIMIZER
         return resolve_method(method)
 
-    # -- statsmodels' likelihood surface (compat/likelihood.py) ------------------------------------------
+    # -- statsmodels' likelihood surface (statsmodels/likelihood.py) ------------------------------------------
 
     @cached_property
     def _likelihood_system(self):
@@ -428,7 +428,7 @@ class MixedLM(PicklableResults):
     def score(self, params, profile_fe=True) -> np.ndarray:
         """Gradient of loglike in the packed parametrization (use_sqrt as the model's): [fe (if not
         profile_fe), cov_re lower triangle, vcomp]; entries held fixed by the last fit's `free` are zero.
-        Central differences (compat/likelihood.py)."""
+        Central differences (statsmodels/likelihood.py)."""
         pa = self._params_object(params, has_fe=False)
         has_fe = not checks.check_bool(profile_fe, "profile_fe")
         if has_fe and np.asarray(pa.fe_params).shape[0] != self.k_fe:

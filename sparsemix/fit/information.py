@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engine import PenalizedSystem
+from ..core.system import PenalizedSystem
 from .optimize import SINGULAR_TOLERANCE
 
 __all__ = ["variance_parameters", "VarianceInformation", "theta_sigma_information", "variance_parameter_covariance",

@@ -11,7 +11,7 @@ from functools import cached_property
 import numpy as np
 import scipy.linalg as la
 
-from .engine import PenalizedSystem, Solution
+from ..core.system import PenalizedSystem, Solution
 from .information import (VarianceInformation, theta_sigma_information, variance_parameter_covariance,
                           variance_parameters)
 from .optimize import OptimizationResult, singular_entries

@@ -7,14 +7,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from . import checks
-from .engine import PenalizedSystem
-from .errors import InputError
-from .fitting import optimize_system
-from .inference.sdcor import sdcor_of
-from .lmer_results import LmerResults
-from .optimize import warm_step
-from .partitioned import _add, _partition_Z, _rows, _tree, _design_matrix
+from .. import checks
+from ..core.system import PenalizedSystem
+from ..errors import InputError
+from ..fit.stages import optimize_system
+from ..inference.sdcor import sdcor_of
+from ..lme4.results import LmerResults
+from ..fit.optimize import warm_step
+from .fit import _add, _partition_Z, _rows, _tree, _design_matrix
 
 __all__ = ["PartitionedLmerResults"]
 

@@ -16,9 +16,9 @@ from dataclasses import replace
 import numpy as np
 import scipy.linalg as la
 
-from ..coordinates import lower_factor
+from ..core.coordinates import lower_factor
 from ..errors import InputError
-from ..information import central_hessian as information_hessian
+from ..fit.information import central_hessian as information_hessian
 
 __all__ = ["psd_factor", "loglike_at", "gls_at", "central_gradient", "central_hessian"]
 

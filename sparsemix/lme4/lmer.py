@@ -15,17 +15,17 @@ import numpy as np
 import pandas as pd
 import patsy
 
-from . import checks
-from .engine import PenalizedSystem
-from .errors import FormulaError, InputError, SparsemixWarning
-from .fitting import build_fit, build_system, optimize_system, warn_if_singular
-from .pilot import pilot_start, pilot_wanted
-from .formula.lme4 import RandomSpec, parse_formula
-from .formula.safety import check_formula, formula_environment, safe_environment, used_environment
-from .formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
-from .optimize import DEFAULT_OPTIMIZER, resolve_method
-from .progress import ProgressPrinter
-from .terms import CovarianceTemplate, RandomTerm, indicator_matrix, sorted_codes
+from .. import checks
+from ..core.system import PenalizedSystem
+from ..errors import FormulaError, InputError, SparsemixWarning
+from ..fit.stages import build_fit, build_system, optimize_system, warn_if_singular
+from ..fit.pilot import pilot_start, pilot_wanted
+from ..formula.lme4 import RandomSpec, parse_formula
+from ..formula.safety import check_formula, formula_environment, safe_environment, used_environment
+from ..formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
+from ..fit.optimize import DEFAULT_OPTIMIZER, resolve_method
+from ..progress import ProgressPrinter
+from ..core.terms import CovarianceTemplate, RandomTerm, indicator_matrix, sorted_codes
 
 __all__ = ["lmer", "LmerDesign", "RankDeficiencyWarning"]
 
@@ -85,7 +85,7 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     eval_env: where the functions a formula calls besides the fixed list come from (docs/formulas.md): by
     default the caller's namespace, as patsy's eval_env=0; {} for the fixed list only.
     """
-    from .lmer_results import LmerResults   # results import this module's design types
+    from .results import LmerResults   # results import this module's design types
 
     checks.check_progress(progress)
     reml = checks.check_bool(reml, "reml")
@@ -94,7 +94,7 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     if verbose and progress is None:
         progress = ProgressPrinter()
     if not isinstance(data, pd.DataFrame):          # (importing partitioned.py costs a pandas frame 8 ms)
-        from .partitioned import fit_partitioned, is_dask_frame
+        from ..dask.fit import fit_partitioned, is_dask_frame
         if is_dask_frame(data):       # rows on a cluster: only level sets and cross-products come here
             caller = formula_environment(None) if eval_env is None else None
             return fit_partitioned(formula, data, reml=reml, weights=weights, offset=offset, start=start,

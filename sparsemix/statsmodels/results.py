@@ -18,12 +18,12 @@ import pandas as pd
 from scipy import stats
 
 from .. import checks
-from .. import newdata as newdata_path
-from ..design import assemble_Z
-from ..fitting import build_system, optimize_system
+from ..formula import newdata as newdata_path
+from ..core.cross_products import assemble_Z
+from ..fit.stages import build_system, optimize_system
 from ..errors import InputError
-from ..pickling import PicklableResults
-from ..results import LmmFit
+from ..formula.pickling import PicklableResults
+from ..fit.lmm_fit import LmmFit
 from .params import MixedLMParams
 from .summary import MixedLMSummary
 
@@ -401,7 +401,7 @@ class MixedLMResults(PicklableResults):
 
     def remove_data(self):
         """Drop the data and the fitted system (statsmodels' remove_data), so the results are small (they pickle
-        with or without it: sparsemix/pickling.py). params, standard errors, summary() and t_test() keep
+        with or without it: sparsemix/formula/pickling.py). params, standard errors, summary() and t_test() keep
         working; what needs the data (fittedvalues, resid, random_effects, profile_re, predict() without exog)
         then raises an error saying so."""
         _ = self._cov_params, self._bse_re           # computed now: they need the fitted system

@@ -35,7 +35,7 @@ def _new(cls):
 
 
 def _safe_function(name: str):
-    from .formula.safety import SAFE_FUNCTIONS, safe_environment
+    from .safety import SAFE_FUNCTIONS, safe_environment
 
     if name in SAFE_FUNCTIONS:
         return SAFE_FUNCTIONS[name]
@@ -45,7 +45,7 @@ def _safe_function(name: str):
 def _named_functions() -> dict[int, str]:
     """id -> name of the functions and namespaces that sparsemix's formula environment provides: several are
     closures (patsy's stateful transforms) or namespaces that pickle cannot find by module and name."""
-    from .formula.safety import SAFE_FUNCTIONS, safe_environment
+    from .safety import SAFE_FUNCTIONS, safe_environment
 
     pinned = safe_environment()._namespaces[0]
     return {id(v): k for k, v in {**SAFE_FUNCTIONS, **pinned}.items()}

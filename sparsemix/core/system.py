@@ -21,8 +21,8 @@ import scipy.linalg as la
 import scipy.sparse as sp
 from sksparse.cholmod import CholmodNotPositiveDefiniteError
 
-from .design import CrossProducts
-from .errors import RankDeficientError
+from .cross_products import CrossProducts
+from ..errors import RankDeficientError
 from .factor import CholmodFactor, SchurFactor, schur_applicable
 from .relcov import RelativeCovariance
 from .threads import DENSE_THREADS_MAX_ORDER, blas_threads, single_threaded

@@ -38,7 +38,7 @@ UNBOUNDED_METHODS = {"bfgs", "cg", "newton", "ncg", "basinhopping", "minimize"}
 
 def resolve_method(name) -> str:
     """The optimizer for a user's method name; unknown names raise an InputError listing the choices."""
-    from .errors import InputError
+    from ..errors import InputError
 
     if name is None:
         return DEFAULT_OPTIMIZER
@@ -322,7 +322,7 @@ def _check_bobyqa_arguments(x0: np.ndarray, step: np.ndarray) -> None:
     ratio = step / step[0] if step.size else step
     if not (np.all(np.isfinite(x0)) and np.all(np.isfinite(step)) and np.all(step > 0)
             and np.all(np.isfinite(ratio)) and np.all(ratio > 0)):
-        from .errors import InputError
+        from ..errors import InputError
 
         raise InputError(f"the optimizer cannot start from {x0.tolist()} with first steps {step.tolist()}: every "
                          "start value must be a finite number, and the steps finite and positive. Pass a finite "

@@ -27,22 +27,22 @@ import pandas as pd
 import patsy
 import scipy.sparse as sp
 
-from . import checks
-from .coordinates import column_moments, transform_columns, transform_from_moments
-from .design import CrossProducts, assemble_Z
-from .engine import PenalizedSystem
-from .errors import FormulaError, InputError, RankDeficientError, require_extra
-from .fitting import build_fit, optimize_system, warn_if_singular
-from .formula.lme4 import parse_formula
-from .formula.mixedlm import formula_columns, indicator_variable, level_name
-from .formula.safety import check_formula, readable_formula, safe_environment
-from .newdata import LevelMatcher, report_new_levels
-from .lmer import RankDeficiencyWarning, TermInfo, _lme4_name, _unique_group_names, group_codes
-from .optimize import DEFAULT_OPTIMIZER, resolve_method
-from .pilot import estimable, fit_pilot, pilot_levels, pilot_wanted
-from .relcov import RelativeCovariance
-from .terms import CovarianceTemplate, RandomTerm, indicator_matrix, sorted_codes
-from .threads import blas_threads, single_threaded
+from .. import checks
+from ..core.coordinates import column_moments, transform_columns, transform_from_moments
+from ..core.cross_products import CrossProducts, assemble_Z
+from ..core.system import PenalizedSystem
+from ..errors import FormulaError, InputError, RankDeficientError, require_extra
+from ..fit.stages import build_fit, optimize_system, warn_if_singular
+from ..formula.lme4 import parse_formula
+from ..formula.mixedlm import formula_columns, indicator_variable, level_name
+from ..formula.safety import check_formula, readable_formula, safe_environment
+from ..formula.newdata import LevelMatcher, report_new_levels
+from ..lme4.lmer import RankDeficiencyWarning, TermInfo, _lme4_name, _unique_group_names, group_codes
+from ..fit.optimize import DEFAULT_OPTIMIZER, resolve_method
+from ..fit.pilot import estimable, fit_pilot, pilot_levels, pilot_wanted
+from ..core.relcov import RelativeCovariance
+from ..core.terms import CovarianceTemplate, RandomTerm, indicator_matrix, sorted_codes
+from ..core.threads import blas_threads, single_threaded
 
 __all__ = ["is_dask_frame", "fit_partitioned", "PartitionedDesign"]
 
@@ -102,7 +102,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     """lmer() for a Dask DataFrame (see the module docstring). `caller_env`, the namespace lmer was called from,
     serves only to say so when a formula calls a function from it."""
     require_extra("dask", "dask", "fitting a Dask DataFrame")
-    from .partitioned_results import PartitionedLmerResults
+    from .results import PartitionedLmerResults
 
     if eval_env not in (None, {}):
         raise InputError("eval_env cannot travel to Dask workers; with a Dask DataFrame, formulas use the allowed "
