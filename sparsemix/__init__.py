@@ -10,10 +10,11 @@ from .statsmodels.params import MixedLMParams, VCSpec
 from .statsmodels.results import MixedLMResults
 from .statsmodels.model import MixedLM
 from .errors import (ConvergenceWarning, FormulaError, IgnoredArgumentWarning, InputError, MissingDataError,
-                     NewLevelWarning, RankDeficientError, SingularFitWarning, SparsemixError, SparsemixWarning)
-from .fit.stages import build_fit, build_system, fit_lmm, optimize_system
+                     NewLevelWarning, RankDeficiencyWarning, RankDeficientError, SingularFitWarning, SparsemixError, SparsemixWarning)
+from .fit.pipeline import fit_lmm
+from .fit.stages import build_fit, build_system, optimize_system
 from .lme4.anova import anova
-from .lme4.lmer import RankDeficiencyWarning, lmer
+from .lme4.lmer import lmer
 from .lme4.results import LmerResults
 from .core.threads import blas_libraries
 

@@ -14,7 +14,7 @@ __all__ = [
     "check_length", "check_full_rank", "check_levels", "check_levels_below_observations",
     "require_numeric_column", "check_response_varies", "check_bool", "check_count", "check_positive_number",
     "check_level", "check_alpha", "check_seed", "check_start", "check_finite_start", "check_weights_scale",
-    "check_nobs_vs_n_random_effects", "check_groups", "check_fitted_models", "check_column_types",
+    "check_nobs_vs_n_random_effects", "check_groups", "check_column_types",
     "readable_columns",
 ]
 
@@ -334,17 +334,6 @@ def check_groups(groups, n: int) -> np.ndarray:
                          "(e.g. groups=np.ones(len(data))).")
     values = np.asarray(groups)
     return values
-
-
-def check_fitted_models(models, door: str = "anova") -> None:
-    """Every argument is a model fitted by sparsemix.lmer (anova compares fits)."""
-    from .lme4.results import LmerResults
-
-    for i, m in enumerate(models):
-        if not isinstance(m, LmerResults):
-            raise InputError(f"{door}'s arguments must be models fitted by sparsemix.lmer; argument {i + 1} is "
-                             f"{type(m).__name__} ({m!r:.60}). Pass the fitted models, e.g. anova(m1, m2); name "
-                             "them with names=[...].")
 
 
 # -- column types (the data frame every front door takes) ---------------------------------------------------

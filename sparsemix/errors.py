@@ -4,7 +4,7 @@ from __future__ import annotations
 __all__ = [
     "SparsemixError", "InputError", "MissingDataError", "RankDeficientError", "FormulaError",
     "SparsemixWarning", "ConvergenceWarning", "SingularFitWarning", "IgnoredArgumentWarning", "NewLevelWarning",
-    "MissingExtraError", "require_extra",
+    "RankDeficiencyWarning", "MissingExtraError", "require_extra",
 ]
 
 
@@ -46,6 +46,10 @@ class IgnoredArgumentWarning(SparsemixWarning):
 
 class NewLevelWarning(SparsemixWarning):
     """Rows of predict's newdata have a level of a grouping factor the fit did not see: population-level."""
+
+
+class RankDeficiencyWarning(SparsemixWarning):
+    """Fixed-effect columns were dropped because they are linear combinations of the others (as lme4)."""
 
 
 class MissingExtraError(ImportError):

@@ -14,7 +14,7 @@ from sparsemix.core.cross_products import CrossProducts, assemble_Z
 from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.factor import PairOperator, SchurFactor
 from sparsemix.core.kernels import subtract_level_products
-from sparsemix.fit.stages import fit_lmm
+from sparsemix.fit.pipeline import fit_lmm
 from sparsemix.core.relcov import RelativeCovariance
 from sparsemix.core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
 

@@ -213,7 +213,7 @@ def test_optimizer_names_are_shared_with_mixedlm_and_checked(fm1):
 
 def test_text_columns_of_the_fixed_part_reach_patsy_as_categoricals():
     """Object and pandas' str dtype (the default for text from pandas 3 on) alike: patsy then reads codes."""
-    from sparsemix.lme4.lmer import _strings_as_categories
+    from sparsemix.lme4.design import _strings_as_categories
 
     data = SLEEP.assign(half=np.where(SLEEP.Days < 5, "early", "late"))
     as_str = data.assign(half=data.half.astype("str"))

@@ -7,7 +7,7 @@ import pytest
 import sparsemix
 from sparsemix.datasets import generate_crossed_slopes, generate_insteval_like, seed_datasets
 from sparsemix.fit.stages import build_system
-from sparsemix.lme4.lmer import build_design
+from sparsemix.lme4.design import build_design
 from sparsemix.fit.optimize import warm_step
 from sparsemix.fit.pilot import pilot_start
 

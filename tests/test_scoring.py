@@ -11,7 +11,7 @@ from sparsemix.core.cross_products import CrossProducts, assemble_Z
 from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.factor import SchurFactor
 from sparsemix.fit.stages import build_system, optimize_system
-from sparsemix.lme4.lmer import build_design
+from sparsemix.lme4.design import build_design
 from sparsemix.core.relcov import RelativeCovariance
 from sparsemix.fit.scoring import fit_by_scoring, scoring_point
 from sparsemix.core.terms import CovarianceTemplate, RandomTerm

@@ -58,6 +58,14 @@ class CrossProducts:
         Xw, Zw, _ = _weighted(np.asarray(X, dtype=float), Z, weights)
         return self._with_weighted_response(Xw, sp.csr_matrix(Zw.T), _scaled(y, weights))
 
+    def with_response_sums(self, Zty: np.ndarray, Xty: np.ndarray, yty: float) -> "CrossProducts":
+        """The same design with another response given by its sums Z'y, X'y and y'y (weighted as the design is;
+        a Dask fit has no rows): the least-squares shift taken out, as from rows. Applied to the sums of a
+        residual, it takes one more least-squares step (beta_ols is then that step)."""
+        beta = np.linalg.lstsq(self.XtX, Xty, rcond=None)[0] if self.p else np.zeros(0)
+        return replace(self, Zty=Zty - self.ZtX @ beta, Xty=Xty - self.XtX @ beta,
+                       yty=float(yty - 2 * beta @ Xty + beta @ self.XtX @ beta), beta_ols=beta)
+
     def _with_weighted_response(self, X, Zt, y) -> "CrossProducts":
         beta_ols = np.zeros(self.p)
         r = y

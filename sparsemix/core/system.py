@@ -12,6 +12,8 @@ T_t' (Z'Z)_{ab} T_s, with (Z'Z)_{ab} the dense k_t x k_s block of the cross-prod
 """
 from __future__ import annotations
 
+import copy
+
 import os
 import time
 from dataclasses import dataclass
@@ -123,6 +125,22 @@ class PenalizedSystem:
             state["_factor_rebuild"] = (factor.mode, getattr(factor, "update", None))
         state.update(_factor_theta=None, _factor_factors=None, _last_evaluation=None)
         return state
+
+    def with_response(self, cross: CrossProducts) -> "PenalizedSystem":
+        """The same model for another response (`cross`: the design's cross-products with it, as
+        CrossProducts.with_response gives them): the analysed factorization is handed over, so a refit costs
+        no symbolic analysis; this system rebuilds its own if it is evaluated again."""
+        if cross.ZtZ.shape != self.cross.ZtZ.shape or cross.p != self.cross.p:
+            raise ValueError("with_response needs the cross-products of the same design")
+        other = copy.copy(self)
+        other.cross = cross
+        other.n_evaluations = 0
+        other._factor_theta = other._factor_factors = other._last_evaluation = None
+        if "_factor" in self.__dict__:           # the factor goes with `other`; this one rebuilds on use
+            factor = self.__dict__.pop("_factor")
+            self._factor_rebuild = (factor.mode, getattr(factor, "update", None))
+            self._factor_theta = self._factor_factors = self._last_evaluation = None
+        return other
 
     def __getattr__(self, name):
         # Only reached when normal lookup fails: after unpickling, `_factor` until its first use.

@@ -20,7 +20,7 @@ same PenalizedSystem an in-memory fit builds, and optimizes there: evaluations n
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -28,48 +28,33 @@ import patsy
 import scipy.sparse as sp
 
 from .. import checks
-from ..core.coordinates import column_moments, transform_columns, transform_from_moments
-from ..core.cross_products import CrossProducts, assemble_Z
+from ..core.coordinates import transform_from_moments
+from ..core.cross_products import CrossProducts
+from ..core.relcov import RelativeCovariance
 from ..core.system import PenalizedSystem
-from ..errors import FormulaError, InputError, RankDeficientError, require_extra
-from ..fit.stages import build_fit, optimize_system, warn_if_singular
+from ..core.terms import CovarianceTemplate, RandomTerm
+from ..core.threads import blas_threads, single_threaded
+from ..errors import FormulaError, InputError, require_extra
+from ..fit.optimize import DEFAULT_OPTIMIZER, resolve_method
+from ..fit.pilot import estimable, fit_pilot, pilot_levels
+from ..fit.pipeline import fit_system
+from ..formula.design_rules import (TermInfo, group_codes, lme4_name, lme4_term_order, theta_names,
+                                    unaliased_from_gram, unique_group_names)
 from ..formula.lme4 import parse_formula
 from ..formula.mixedlm import formula_columns, indicator_variable, level_name
 from ..formula.safety import check_formula, readable_formula, safe_environment
-from ..formula.newdata import LevelMatcher, report_new_levels
-from ..lme4.lmer import RankDeficiencyWarning, TermInfo, _lme4_name, _unique_group_names, group_codes
-from ..fit.optimize import DEFAULT_OPTIMIZER, resolve_method
-from ..fit.pilot import estimable, fit_pilot, pilot_levels, pilot_wanted
-from ..core.relcov import RelativeCovariance
-from ..core.terms import CovarianceTemplate, RandomTerm, indicator_matrix, sorted_codes
-from ..core.threads import blas_threads, single_threaded
+from .partitions import (PartitionSpec, PartitionTerm, add_sums, cross_sums, fixed_sums, levels_of_partition,
+                         merge_levels, nbytes, on_prototype, tree)
+from .results import PartitionedLmerResults
 
 __all__ = ["is_dask_frame", "fit_partitioned", "PartitionedDesign"]
 
 # Stateful transforms learn from the whole column (a mean, a basis); a partition sees only its own rows.
 STATEFUL = ("center", "standardize", "scale", "poly")
-# lme4's rule, the same as _drop_aliased: a column whose residual on the earlier columns, relative to its
-# norm, is below this is aliased. On X'X the squared ratio is compared.
-ALIASED_RELATIVE_NORM = 1e-7
 
 
 def is_dask_frame(data) -> bool:
     return type(data).__module__.split(".")[0] in ("dask", "dask_expr") and hasattr(data, "npartitions")
-
-
-@dataclass(frozen=True)
-class PartitionSpec:
-    """What every partition needs to build its rows of X and Z alike; small and picklable (no patsy objects)."""
-
-    fixed: str                                   # patsy "response ~ rhs"
-    used: tuple[str, ...]
-    categories: dict = field(default_factory=dict)      # column -> global levels, for categorical columns
-    random: tuple = ()                           # (expr, group, n_levels, k, labels) per term, in fit order
-    weights: str | None = None
-    offset: str | None = None
-    keep_columns: tuple[int, ...] | None = None  # fixed-effect columns kept after the aliasing check
-    listed_levels_only: bool = False             # a pilot's subsample: rows of levels not in `random` left out
-    column_transforms: tuple = ()                # per term, None or T: the system's columns Z (I kron T)
 
 
 @dataclass(frozen=True)
@@ -102,8 +87,6 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     """lmer() for a Dask DataFrame (see the module docstring). `caller_env`, the namespace lmer was called from,
     serves only to say so when a formula calls a function from it."""
     require_extra("dask", "dask", "fitting a Dask DataFrame")
-    from .results import PartitionedLmerResults
-
     if eval_env not in (None, {}):
         raise InputError("eval_env cannot travel to Dask workers; with a Dask DataFrame, formulas use the allowed "
                          "functions only (docs/formulas.md).")
@@ -130,8 +113,8 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
 
     # Pass 1: levels, and the complete rows.
     groups = [tuple(r.group) for r in parsed.random]
-    found = _tree(data, _levels_of_partition, _merge_levels, base, categorical, groups).compute()
-    transferred = _nbytes(found)
+    found = tree(data, levels_of_partition, merge_levels, base, categorical, groups).compute()
+    transferred = nbytes(found)
     n, n_dropped = found["n"], found["dropped"]
     checks.check_not_empty(n, "data" if n_dropped == 0 else "data after dropping incomplete rows")
     categories = {c: found["columns"][c] for c in categorical}
@@ -144,83 +127,66 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
         checks.check_levels_below_observations(len(labels), r.group_name, n)
         columns_r = _term_columns(r, data._meta, categories)
         checks.check_nobs_vs_n_random_effects(len(labels) * len(columns_r), n, r.source)
-        random.append((r.expr, tuple(r.group), len(labels), len(columns_r), labels))
+        random.append(PartitionTerm(r.expr, tuple(r.group), len(labels), len(columns_r), labels))
         infos.append(TermInfo(r, r.group_name, columns_r, labels, None, indicator_variable(r.expr)))
-    order = sorted(range(len(random)), key=lambda i: -random[i][2])          # most levels first, as lmer
+    order = lme4_term_order([term.n_levels for term in random])
     random = [random[i] for i in order]
-    infos = _unique_group_names([infos[i] for i in order])
+    infos = unique_group_names([infos[i] for i in order])
     spec = PartitionSpec(parsed.fixed, tuple(used), categories, tuple(random), weights, offset)
 
     # Pass 2: X'X and X'y; the aliased columns and the least-squares shift; the working columns.
     fixed_names = _fixed_names(spec, data._meta)
-    totals = _tree(data, _fixed_sums, _add, spec).compute()
-    transferred += _nbytes(totals)
-    templates = [CovarianceTemplate.unstructured(k) for (_, _, _, k, _) in random]
+    totals = tree(data, fixed_sums, add_sums, spec).compute()
+    transferred += nbytes(totals)
+    templates = [CovarianceTemplate.unstructured(term.k) for term in random]
     transforms = tuple(transform_from_moments(totals[f"moments{t}"], template) if f"moments{t}" in totals else None
                        for t, template in enumerate(templates))
     spec = PartitionSpec(**{**spec.__dict__, "column_transforms": transforms})
-    keep, dropped = _unaliased(totals["XtX"], fixed_names)
+    keep, dropped = unaliased_from_gram(totals["XtX"], fixed_names)
     XtX = totals["XtX"][np.ix_(keep, keep)]
     beta_ols = np.linalg.lstsq(XtX, totals["Xty"][keep], rcond=None)[0] if keep else np.zeros(0)
     spec = PartitionSpec(**{**spec.__dict__, "keep_columns": tuple(keep)})
 
     # Pass 3: everything else, with y - X beta_ols.
-    sums = _tree(data, _cross_sums, _add, spec, beta_ols).compute()
-    transferred += _nbytes(sums)
+    sums = tree(data, cross_sums, add_sums, spec, beta_ols).compute()
+    transferred += nbytes(sums)
     cross = _cross_products(sums, XtX, beta_ols, totals["sum_log_weights"], n)
-    relcov = RelativeCovariance([(nl, t) for (_, _, nl, _, _), t in zip(random, templates)], transforms)
+    relcov = RelativeCovariance([(term.n_levels, t) for term, t in zip(random, templates)], transforms)
     with blas_threads(single_threaded(relcov.q)):
         system = PenalizedSystem(cross, relcov)
-    method, step = resolve_method(optimizer), None
-    if pilot_wanted(start, method):
-        pilot = _pilot(data, spec, system, beta_ols, templates, bool(reml))
-        if pilot is not None:
-            (start, step), pilot_bytes = pilot
-            transferred += pilot_bytes
-    opt = optimize_system(system, reml=bool(reml), start_theta=start, method=method, maxiter=maxiter,
-                          progress=progress, initial_step=step)
-    fit = build_fit(system, opt, bool(reml))
-    terms = tuple(RandomTerm(i.spec.group_name, sp.csc_matrix((0, nl * t.k)), nl, t, i.levels, i.columns)
-                  for i, (_, _, nl, _, _), t in zip(infos, random, templates))
+    pilot_bytes = []
+    pilot = None if start is not None else (lambda: _pilot(data, spec, system, beta_ols, templates, bool(reml),
+                                                           pilot_bytes))
+    terms = tuple(RandomTerm(i.spec.group_name, sp.csc_matrix((0, term.n_levels * t.k)), term.n_levels, t, i.levels,
+                             i.columns) for i, term, t in zip(infos, random, templates))
+    fit = fit_system(system, reml=bool(reml), start_theta=start, method=resolve_method(optimizer), maxiter=maxiter,
+                     progress=progress, pilot=pilot, singular_names=theta_names(infos, terms))
     design = PartitionedDesign(formula, "data", tuple(fixed_names[j] for j in keep), terms, tuple(infos),
-                               n_dropped, tuple(dropped), n, data, spec, transferred_bytes=transferred)
-    results = PartitionedLmerResults(design, fit)
-    warn_if_singular(fit, results.theta_names)
-    return results
+                               n_dropped, tuple(dropped), n, data, spec,
+                               transferred_bytes=transferred + sum(pilot_bytes))
+    return PartitionedLmerResults(design, fit)
 
 
 # -- client-side helpers ---------------------------------------------------------------------------------
 
-def _pilot(data, spec, system, beta_ols, templates, reml):
-    """The in-memory fit's pilot (pilot.py) from one more pass, over the rows of the kept levels only:
-    ((theta, first step), bytes transferred), or None where no pilot pays."""
+def _pilot(data, spec, system, beta_ols, templates, reml, transferred: list):
+    """The in-memory fit's pilot (pilot.py) from one more pass, over the rows of the kept levels only: (theta,
+    first step), or None where no pilot pays; the pass's bytes are appended to `transferred`."""
     kept = pilot_levels(system)
     if kept is None:
         return None
-    random = tuple(r if levels is None else (r[0], r[1], len(levels), r[3], tuple(r[4][i] for i in levels))
-                   for r, levels in zip(spec.random, kept))
+    random = tuple(term if levels is None else term.restricted(levels) for term, levels in zip(spec.random, kept))
     pilot_spec = PartitionSpec(**{**spec.__dict__, "random": random, "listed_levels_only": True})
-    sums = _tree(data, _cross_sums, _add, pilot_spec, beta_ols).compute()
+    sums = tree(data, cross_sums, add_sums, pilot_spec, beta_ols).compute()
+    transferred.append(nbytes(sums))
     if not estimable(sums["XtX"], sums["n"]):
         return None
     cross = _cross_products(sums, sums["XtX"], beta_ols, sums["sum_log_weights"], sums["n"])
-    relcov = RelativeCovariance([(n, t) for (_, _, n, _, _), t in zip(random, templates)], spec.column_transforms)
+    relcov = RelativeCovariance([(term.n_levels, t) for term, t in zip(random, templates)], spec.column_transforms)
     with blas_threads(single_threaded(relcov.q)):
         pilot_system = PenalizedSystem(cross, relcov, factorization="schur"
                                        if system.factorization_mode == "schur" else None)
-    result = fit_pilot(pilot_system, reml)
-    return None if result is None else (result, _nbytes(sums))
-
-
-def _tree(data, per_partition, combine, *args):
-    """per_partition(partition, *args) on every partition, combined pairwise in a tree: one Delayed."""
-    from dask import delayed
-
-    level = [delayed(per_partition)(part, *args) for part in data.to_delayed()]
-    while len(level) > 1:
-        level = [delayed(combine)(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
-                 for i in range(0, len(level), 2)]
-    return level[0]
+    return fit_pilot(pilot_system, reml)
 
 
 def _check_formulas(formulas, columns, caller_env):
@@ -284,203 +250,22 @@ def _term_columns(r, meta, categories) -> tuple[str, ...]:
     var = indicator_variable(r.expr)
     if var is not None:
         return tuple(f"{var}{level_name(v)}" for v in categories[var])
-    M = _on_prototype(patsy.dmatrix, "~ " + r.expr, meta, categories, return_type="dataframe")
-    return tuple(_lme4_name(c) for c in M.columns)
+    M = on_prototype(patsy.dmatrix, "~ " + r.expr, meta, categories, return_type="dataframe")
+    return tuple(lme4_name(c) for c in M.columns)
 
 
 def _fixed_names(spec, meta) -> list[str]:
-    _, X = _on_prototype(patsy.dmatrices, spec.fixed, meta, spec.categories, return_type="dataframe")
-    return [_lme4_name(c) for c in X.columns]
-
-
-def _unaliased(XtX: np.ndarray, names: list[str]):
-    """Columns kept in order, as _drop_aliased decides it on X, here from X'X: a column whose squared
-    residual norm on the kept ones is below ALIASED_RELATIVE_NORM^2 of its own is dropped."""
-    keep = []
-    for j in range(XtX.shape[0]):
-        if XtX[j, j] <= 0:
-            continue
-        resid = XtX[j, j]
-        if keep:
-            K = np.array(keep)
-            resid -= XtX[j, K] @ np.linalg.solve(XtX[np.ix_(K, K)], XtX[K, j])
-        if resid > ALIASED_RELATIVE_NORM ** 2 * XtX[j, j]:
-            keep.append(j)
-    dropped = [names[j] for j in range(len(names)) if j not in keep]
-    if dropped:
-        import warnings
-        warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s): "
-                      f"{', '.join(dropped)}", RankDeficiencyWarning, stacklevel=4)
-    if not keep and names:
-        raise RankDeficientError("every fixed-effect column is zero in the data.")
-    return keep, dropped
+    _, X = on_prototype(patsy.dmatrices, spec.fixed, meta, spec.categories, return_type="dataframe")
+    return [lme4_name(c) for c in X.columns]
 
 
 def _cross_products(sums, XtX, beta_ols, sum_log_weights, n) -> CrossProducts:
-    """The in-memory CrossProducts, with one more least-squares step taken from X'r (as its second pass)."""
-    Ztr, Xtr, rtr, ZtX = sums["Ztr"], sums["Xtr"], sums["rtr"], sums["ZtX"]
-    if XtX.size:
-        delta = np.linalg.lstsq(XtX, Xtr, rcond=None)[0]
-        Ztr, rtr = Ztr - ZtX @ delta, float(rtr - 2 * delta @ Xtr + delta @ XtX @ delta)
-        Xtr, beta_ols = Xtr - XtX @ delta, beta_ols + delta
+    """The in-memory CrossProducts from a pass's sums of the residual r = y - X beta_ols, with one more
+    least-squares step taken from X'r (as the in-memory second pass takes it from the rows)."""
     ZtZ = sp.csc_matrix(sums["ZtZ"])
     ZtZ.sort_indices()
-    return CrossProducts(ZtZ=ZtZ, ZtX=ZtX, Zty=Ztr, XtX=XtX, Xty=Xtr, yty=rtr, n=n, p=XtX.shape[0],
-                         beta_ols=beta_ols, sum_log_weights=sum_log_weights)
-
-
-def _nbytes(obj) -> int:
-    """Bytes of the arrays in a pass result (dicts of numpy arrays, scipy sparse matrices and numbers)."""
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if sp.issparse(obj):
-        obj = obj.tocsc()
-        return obj.data.nbytes + obj.indices.nbytes + obj.indptr.nbytes
-    return int(getattr(obj, "nbytes", 8))
-
-
-def _add(a: dict, b: dict) -> dict:
-    return {k: a[k] + b[k] for k in a}
-
-
-# -- what runs on the workers ----------------------------------------------------------------------------
-
-def _prototype(frame: pd.DataFrame, categories: dict) -> pd.DataFrame:
-    """No rows, the partition's dtypes, and the global levels of the categorical columns: patsy learns the
-    same columns from it in every partition."""
-    proto = frame.iloc[:0].copy()
-    for c, levels in categories.items():
-        proto[c] = pd.Categorical([], categories=levels)
-    return proto
-
-
-def _on_prototype(fn, formula, frame, categories, **kwargs):
-    """patsy's `fn` (dmatrix, dmatrices) on the prototype of `frame`, the formula read as the fit read it."""
-    proto = _prototype(frame, categories)
-    return fn(readable_formula(formula, proto.columns), proto, eval_env=safe_environment(), **kwargs)
-
-
-def _complete(part: pd.DataFrame, spec: PartitionSpec):
-    frame = part[list(spec.used)]
-    keep = np.array(frame.notna().all(axis=1), dtype=bool)
-    for c in (spec.weights, spec.offset):
-        if c is not None:
-            keep &= np.isfinite(frame[c].to_numpy(dtype=float))
-    return frame.loc[keep], int((~keep).sum())
-
-
-def _levels_of_partition(part, spec, categorical, groups):
-    frame, dropped = _complete(part, spec)
-    return {"n": len(frame), "dropped": dropped,
-            "columns": {c: sorted_codes(frame[c].to_numpy())[1] for c in categorical},
-            "groups": {g: frame[list(g)].drop_duplicates().to_numpy() for g in groups}}
-
-
-def _merge_levels(a, b):
-    return {"n": a["n"] + b["n"], "dropped": a["dropped"] + b["dropped"],
-            "columns": {c: sorted_codes(np.concatenate([a["columns"][c], b["columns"][c]]))[1] for c in a["columns"]},
-            "groups": {g: pd.DataFrame(np.concatenate([a["groups"][g], b["groups"][g]])).drop_duplicates().to_numpy()
-                       for g in a["groups"]}}
-
-
-def _rows(part, spec):
-    """This partition's complete rows as arrays: y, X (all columns), weights, offset, and the frame."""
-    frame, _ = _complete(part, spec)
-    frame = _as_categories(frame, spec)
-    if spec.listed_levels_only:
-        listed = np.ones(len(frame), dtype=bool)
-        for _, group, _, _, labels in spec.random:
-            listed &= _level_codes(frame, group, labels)[0] >= 0
-        frame = frame.loc[listed]
-    y_info, X_info = (m.design_info for m in _on_prototype(patsy.dmatrices, spec.fixed, frame, spec.categories))
-    y, X = patsy.build_design_matrices([y_info, X_info], frame, NA_action="raise")
-    w = None if spec.weights is None else frame[spec.weights].to_numpy(dtype=float)
-    off = np.zeros(len(frame)) if spec.offset is None else frame[spec.offset].to_numpy(dtype=float)
-    return np.asarray(y, dtype=float)[:, 0] - off, np.asarray(X, dtype=float), w, frame
-
-
-def _fixed_sums(part, spec):
-    y, X, w, frame = _rows(part, spec)
-    sw = np.ones(len(y)) if w is None else np.sqrt(w)
-    Xw, yw = X * sw[:, None], y * sw
-    # a random intercept alone is its own working column: no moments, no Z for it in this pass
-    shaped = [t for t, (expr, _, _, k, _) in enumerate(spec.random) if not (k == 1 and expr.strip() == "1")]
-    only_shaped = PartitionSpec(**{**spec.__dict__, "random": tuple(spec.random[t] for t in shaped)})
-    blocks = _partition_terms(frame, only_shaped)
-    moments = {f"moments{t}": column_moments(block.Z, block.k) for t, block in zip(shaped, blocks)}
-    return {"XtX": Xw.T @ Xw, "Xty": Xw.T @ yw, "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w))),
-            **moments}
-
-
-def _as_categories(frame, spec):
-    for c, levels in spec.categories.items():
-        if c in frame.columns:
-            frame = frame.assign(**{c: pd.Categorical(frame[c], categories=levels)})
-    return frame
-
-
-def _design_matrix(part, spec) -> np.ndarray:
-    """The fixed-effects columns of new data (no response needed), all columns before the aliasing check."""
-    frame = _as_categories(part, spec)
-    proto = _prototype(frame, spec.categories)
-    rhs = patsy.ModelDesc([], readable_formula(spec.fixed, proto.columns).rhs_termlist)
-    info = patsy.dmatrix(rhs, proto, eval_env=safe_environment()).design_info
-    (X,) = patsy.build_design_matrices([info], frame, NA_action="raise")
-    return np.asarray(X, dtype=float)
-
-
-def _partition_Z(frame, spec, allow_new_levels=False, working=False) -> sp.csc_matrix:
-    """Z for these rows in the fit's column layout; rows of levels the fit did not see get zero (population)
-    effects when allowed. `working`: the system's centred, scaled columns (spec.column_transforms), for its
-    cross-products; otherwise the data's, for predictions from random effects in the data's columns."""
-    blocks = _partition_terms(frame, spec, allow_new_levels)
-    if working and spec.column_transforms:
-        return sp.hstack([transform_columns(b.Z, b.n_levels, T) for b, T in zip(blocks, spec.column_transforms)],
-                         format="csc")
-    return assemble_Z(blocks)
-
-
-def _partition_terms(frame, spec, allow_new_levels=False) -> list[RandomTerm]:
-    """Each random term's block of Z for these rows (see _partition_Z)."""
-    frame = _as_categories(frame, spec)
-    blocks = []
-    for expr, group, n_levels, k, labels in spec.random:
-        codes, new_labels = _level_codes(frame, group, labels)
-        report_new_levels(int((codes < 0).sum()), len(codes), ":".join(group), new_labels, allow_new_levels)
-        var = indicator_variable(expr)
-        if var is not None:
-            values = indicator_matrix(np.asarray(frame[var].cat.codes, dtype=np.int64), k).toarray()
-        else:
-            info = _on_prototype(patsy.dmatrix, "~ " + expr, frame, spec.categories).design_info
-            (values,) = patsy.build_design_matrices([info], frame, NA_action="raise")
-            values = np.array(values, dtype=float)
-        values[codes < 0] = 0.0
-        template = CovarianceTemplate.unstructured(k)
-        blocks.append(RandomTerm.from_codes("t", np.maximum(codes, 0), values, n_levels, template, range(n_levels),
-                                            tuple(map(str, range(k)))))
-    return blocks
-
-
-def _level_codes(frame, group, labels) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's position among `labels` (the fit's levels of `group`), -1 for a level not among them, and the
-    levels not among them; levels match by value as in-memory predictions do (newdata.LevelMatcher: 308, 308.0
-    and "308" are one level)."""
-    local_codes, local_labels = group_codes(frame, group)
-    local_labels = np.asarray(local_labels, dtype=object)
-    positions = LevelMatcher(labels, ":".join(group)).positions(local_labels)
-    return positions[local_codes], local_labels[positions < 0]
-
-
-def _cross_sums(part, spec, beta_ols):
-    y, X, w, frame = _rows(part, spec)
-    X = X[:, list(spec.keep_columns)]
-    r = y - X @ beta_ols
-    Z = _partition_Z(frame, spec, working=True)
-    if w is not None:
-        sw = np.sqrt(w)
-        X, r, Z = X * sw[:, None], r * sw, sp.csc_matrix(sp.diags(sw) @ Z)
-    Zt = sp.csr_matrix(Z.T)
-    # X'X, the row count and sum(log w) again: a pilot's rows are not pass 2's.
-    return {"ZtZ": sp.csc_matrix(Zt @ Z), "ZtX": np.asarray(Zt @ X), "Ztr": np.asarray(Zt @ r).ravel(),
-            "Xtr": X.T @ r, "rtr": float(r @ r), "XtX": X.T @ X, "n": len(r),
-            "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w)))}
+    p = XtX.shape[0]
+    design = CrossProducts(ZtZ=ZtZ, ZtX=sums["ZtX"], Zty=sums["Ztr"], XtX=XtX, Xty=sums["Xtr"], yty=sums["rtr"],
+                           n=n, p=p, beta_ols=np.zeros(p), sum_log_weights=sum_log_weights)
+    cross = design.with_response_sums(sums["Ztr"], sums["Xtr"], sums["rtr"])
+    return replace(cross, beta_ols=beta_ols + cross.beta_ols)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .optimize import warm_step
 from ..core.terms import RandomTerm
+from .optimize import warm_step
+from .scoring import fit_by_scoring
+from .stages import build_system, optimize_system
 
 __all__ = ["pilot_wanted", "pilot_start", "pilot_levels", "fit_pilot", "estimable", "PILOT_MIN_DENSE_ORDER"]
 
@@ -30,17 +32,15 @@ PILOT_TOLERANCE = 1e-2      # the same for the Newton steps (scoring.py): theta 
 PILOT_SEED = 20261128     # fixed: the same data give the same pilot, and bit-identical fits
 
 
-def pilot_wanted(start, method: str, free=None) -> bool:
-    """A fit from the default start with a method that uses one (not the scipy optimizers, not a fit with fixed
-    entries): the gate of every front door."""
-    return start is None and free is None and method in ("auto", "bobyqa")
+def pilot_wanted(method: str, free=None) -> bool:
+    """A method that uses a start (not the scipy optimizers) and no entries held fixed: pipeline.fit_system's
+    gate, for fits from the default start (the doors offer a pilot only then)."""
+    return free is None and method in ("auto", "bobyqa")
 
 
 def pilot_start(system, X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights, reml: bool):
     """(theta, first step) for the full fit from a pilot fit on a level subsample, or None where it cannot pay
     (a small block after the first term, nothing to subsample, or a pilot design that is not estimable)."""
-    from .stages import build_system
-
     kept = pilot_levels(system)
     if kept is None:
         return None
@@ -91,9 +91,6 @@ def estimable(XtX: np.ndarray, n_rows: int) -> bool:
 
 def fit_pilot(pilot_system, reml: bool):
     """(theta, first step) from a loose fit of the pilot's system, or None if it did not converge."""
-    from .stages import optimize_system
-    from .scoring import fit_by_scoring
-
     opt = None
     if pilot_system.supports_scoring:     # 3-4 Newton steps instead of ~35 BOBYQA evaluations (InstEval)
         with pilot_system.threads():

@@ -1,10 +1,10 @@
-"""The fitting pipeline as public stages, shared by every front door.
+"""The stages of a fit, public for users who want the deviance surface or another optimizer:
 
     build_system(X, y, terms)  ->  PenalizedSystem   (the deviance function: system.deviance(theta, reml))
     optimize_system(system, ...) -> OptimizationResult
     build_fit(system, opt, ...)  -> LmmFit
 
-`fit_lmm` chains the three. A user who wants the deviance surface, or another optimizer, takes the stages.
+pipeline.py chains them (with the pilot start) for every front door.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from .lmm_fit import LmmFit
 from ..core.terms import RandomTerm
 from ..core.threads import blas_threads, single_threaded
 
-__all__ = ["build_system", "optimize_system", "build_fit", "fit_lmm"]
+__all__ = ["build_system", "optimize_system", "build_fit", "warn_if_singular"]
 
 
 def build_system(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=None,
@@ -100,18 +100,6 @@ def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free
                       f"evaluations: {opt.message}. Try a larger maxiter, or other start_params.",
                       ConvergenceWarning, stacklevel=3)
     return fit
-
-
-def fit_lmm(X, y, terms, reml=True, weights=None, start_theta=None, free=None, maxiter=10_000, gtol=1e-7,
-            method=DEFAULT_OPTIMIZER, progress=None) -> LmmFit:
-    """The three stages chained: build_system, optimize_system, build_fit. `X`: the n x p fixed-effects design;
-    `y`: the response; `terms`: the random-effect terms (RandomTerm, one block of Z each); `weights`: prior
-    weights; `start_theta`: the optimizer's start (lme4's by default); `free`: a boolean mask of the theta
-    entries to optimize, the others held at the start; `progress`: a callable(evaluation, deviance, seconds)."""
-    system = build_system(X, y, terms, weights=weights)
-    opt = optimize_system(system, reml=reml, start_theta=start_theta, free=free, maxiter=maxiter, gtol=gtol,
-                          method=method, progress=progress)
-    return build_fit(system, opt, reml, free)
 
 
 def warn_if_singular(fit: LmmFit, names: list[str]) -> None:

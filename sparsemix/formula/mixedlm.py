@@ -18,10 +18,10 @@ import patsy
 import scipy.sparse as sp
 
 from ..errors import FormulaError
-from ..core.terms import VarianceComponent, indicator_matrix, sorted_codes
+from ..core.terms import VarianceComponent, indicator_matrix
 from .safety import check_formula
 
-__all__ = ["fixed_design", "random_design", "vc_from_formula", "formula_columns", "factor_codes",
+__all__ = ["fixed_design", "random_design", "vc_from_formula", "formula_columns", "factor_codes", "sorted_codes",
            "indicator_variable"]
 
 _NAME = r"([A-Za-z_]\w*)"
@@ -31,6 +31,18 @@ _INDICATOR_FORMS = [
     re.compile(rf"^\s*-\s*1\s*\+\s*C\(\s*{_NAME}\s*\)\s*$"),
 ]
 
+
+
+def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, levels): levels sorted, codes[i] the position of values[i] among them (np.unique's result).
+
+    pandas' hash-based factorize, sorting only the distinct values: 0.2 ms where np.unique's full sort took
+    1.8 ms on 40,000 rows. A pandas Series goes in as it is: text read by pandas 3 (Arrow-backed `str`) is
+    factorized by Arrow, 2 ms a column on InstEval where its object array took 11. Values must have no missing
+    entries (callers drop or reject them first).
+    """
+    codes, levels = pd.factorize(values if isinstance(values, pd.Series) else np.asarray(values), sort=True)
+    return codes.astype(np.int64, copy=False), np.asarray(levels)
 
 def indicator_variable(formula: str) -> str | None:
     """The factor's name if `formula` is a plain indicator of one factor (`0 + C(g)`), else None."""

@@ -25,6 +25,7 @@ import patsy
 
 from .. import checks
 from ..errors import InputError, NewLevelWarning
+from .design_rules import complete_rows
 from .mixedlm import level_name
 
 __all__ = ["require_frame", "model_columns", "require_model_columns", "model_frame", "complete_rows", "fixed_matrix",
@@ -85,12 +86,6 @@ def model_frame(frame: pd.DataFrame, needs: list[tuple[str, list]]) -> pd.DataFr
     (checks.readable_columns: nullable booleans, periods, dates with a time zone)."""
     require_model_columns(frame, needs)
     return checks.readable_columns(frame, [c for _, cols in needs for c in cols])
-
-
-def complete_rows(frame: pd.DataFrame, columns) -> np.ndarray:
-    """Rows with a value in every one of `columns` (the others are predicted as NaN)."""
-    columns = list(dict.fromkeys(columns))
-    return np.array(frame[columns].notna().all(axis=1), dtype=bool) if columns else np.ones(len(frame), bool)
 
 
 def predict_rows(frame: pd.DataFrame, keep: np.ndarray, compute) -> pd.Series:

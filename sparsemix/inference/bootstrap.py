@@ -19,7 +19,7 @@ from ..fit.stages import optimize_system
 from ..fit.optimize import warm_step
 from .sdcor import sdcor_of
 
-__all__ = ["parametric_bootstrap", "simulate_responses"]
+__all__ = ["parametric_bootstrap", "simulate_responses", "refit_estimates"]
 
 _WORKER = {}
 
@@ -38,6 +38,14 @@ def simulate_responses(X, Z, relcov, theta, beta, sigma, weights, rng, nsim) -> 
     return out
 
 
+def refit_estimates(system: PenalizedSystem, theta: np.ndarray, reml: bool) -> np.ndarray:
+    """One bootstrap replicate's estimates (sd, cor, sigma, beta) from the system of its simulated response,
+    refitted from the fit's theta (BOBYQA's precision: no polish). Shared by the in-memory and Dask doors."""
+    opt = optimize_system(system, reml=reml, start_theta=theta, initial_step=warm_step(theta), polish=False)
+    sol = system.solve(opt.theta, reml)
+    return np.concatenate([sdcor_of(system.relcov, opt.theta, np.sqrt(sol.sigma2)), sol.beta])
+
+
 def _init_worker(state, single_threaded=False):
     _WORKER.clear()
     if single_threaded:
@@ -54,12 +62,9 @@ def _replicate(seed_seq) -> np.ndarray:
     w = _WORKER
     rng = np.random.default_rng(seed_seq)
     y = simulate_responses(w["X"], w["Z"], w["relcov"], w["theta"], w["beta"], w["sigma"], w["weights"], rng, 1)[:, 0]
-    system = w["system"]
-    system.cross = w["cross"].with_response(w["X"], w["system_Z"], y, w["weights"])
-    opt = optimize_system(system, reml=w["reml"], start_theta=w["theta"], initial_step=warm_step(w["theta"]),
-                          polish=False)
-    sol = system.solve(opt.theta, w["reml"])
-    return np.concatenate([sdcor_of(w["relcov"], opt.theta, np.sqrt(sol.sigma2)), sol.beta])
+    # each replicate's system takes over the previous one's factorization (one symbolic analysis per worker)
+    w["system"] = w["system"].with_response(w["cross"].with_response(w["X"], w["system_Z"], y, w["weights"]))
+    return refit_estimates(w["system"], w["theta"], w["reml"])
 
 
 def parametric_bootstrap(fit, X, terms, weights, nsim=500, seed=None, n_jobs=None) -> np.ndarray:

@@ -74,13 +74,13 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
     for j, name in enumerate(fe_names):
         if name not in wanted:
             continue
-        fixed_system = _system_without(system, j)
+        latest = {"system": _system_without(system, j)}       # each b's system takes over the last's factor
         beta_hat = ml_fit.beta[j]
 
-        def dev_at(b, start, j=j, fixed_system=fixed_system):
-            fixed_system.cross = _offset_cross(system, j, b)
-            opt = optimize_system(fixed_system, reml=False, start_theta=start[:-1], initial_step=warm_step(start[:-1]),
-                                  polish=False)
+        def dev_at(b, start, j=j, latest=latest):
+            latest["system"] = latest["system"].with_response(_offset_cross(system, j, b))
+            opt = optimize_system(latest["system"], reml=False, start_theta=start[:-1],
+                                  initial_step=warm_step(start[:-1]), polish=False)
             return opt.deviance, np.append(opt.theta, 0.0)
 
         start = np.append(ml_fit.theta, 0.0)

@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .. import checks
 from ..errors import InputError
+from .results import LmerResults
 
 __all__ = ["anova"]
 
@@ -17,7 +17,7 @@ def anova(*models, names=None) -> pd.DataFrame:
     parameters; each row tests against the row above it."""
     if len(models) < 2:
         raise InputError("anova needs at least two fitted models to compare.")
-    checks.check_fitted_models(models)
+    check_fitted_models(models)
     names = list(names) if names is not None else [f"m{i + 1}" for i in range(len(models))]
     if len(names) != len(models):
         raise InputError(f"{len(names)} names for {len(models)} models.")
@@ -43,3 +43,12 @@ def anova(*models, names=None) -> pd.DataFrame:
     table["Df"] = table["Df"].astype("Int64")      # whole numbers; missing on the first row
     table.attrs["refit"] = any(m.reml for m in models)
     return table
+
+
+def check_fitted_models(models, door: str = "anova") -> None:
+    """Every argument is a model fitted by sparsemix.lmer (anova compares fits)."""
+    for i, m in enumerate(models):
+        if not isinstance(m, LmerResults):
+            raise InputError(f"{door}'s arguments must be models fitted by sparsemix.lmer; argument {i + 1} is "
+                             f"{type(m).__name__} ({m!r:.60}). Pass the fitted models, e.g. anova(m1, m2); name "
+                             "them with names=[...].")

@@ -16,7 +16,8 @@ from ..inference.profile import ProfileResult, profile_fit
 from ..inference.satterthwaite import satterthwaite_df
 from ..inference.sdcor import sdcor_of
 from ..formula import newdata as newdata_path
-from .lmer import LmerDesign, _lme4_name
+from ..formula.design_rules import lme4_name, theta_names
+from .design import LmerDesign
 from ..formula.pickling import PicklableResults
 from ..fit.lmm_fit import LmmFit
 
@@ -101,11 +102,7 @@ class LmerResults(PicklableResults):
     @cached_property
     def theta_names(self) -> list[str]:
         """lme4's names of theta: factor.column, factor.column_i.column_j (by factor, as getME(m, "theta"))."""
-        out = []
-        for info, term in zip(self.design.term_info, self.design.terms):
-            g, c = info.spec.group_name, info.columns
-            out += [f"{g}.{c[i]}" if i == j else f"{g}.{c[i]}.{c[j]}" for i, j in term.template.positions]
-        return out
+        return theta_names(self.design.term_info, self.design.terms)
 
     @property
     def ngroups(self) -> dict:
@@ -259,7 +256,7 @@ class LmerResults(PicklableResults):
         keep = newdata_path.complete_rows(frame, [c for _, cols in needs for c in cols])
         if off is not None:
             keep &= ~np.isnan(off)
-        keep_names = [n for n in d.fixed_info.column_names if _lme4_name(n) in d.fe_names]   # aliased ones dropped
+        keep_names = [n for n in d.fixed_info.column_names if lme4_name(n) in d.fe_names]   # aliased ones dropped
         matchers = self.__dict__.setdefault("_level_matchers", {})
 
         def compute(rows):

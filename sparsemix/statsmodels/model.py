@@ -16,13 +16,15 @@ import scipy.sparse as sp
 
 from .. import checks
 from ..errors import IgnoredArgumentWarning, InputError, SingularFitWarning
-from ..fit.stages import build_fit, build_system, optimize_system
-from ..fit.pilot import pilot_start, pilot_wanted
+from ..fit.pilot import pilot_start
+from ..fit.pipeline import fit_system
+from ..fit.stages import build_system
 from ..formula.pickling import PicklableResults
 from ..fit.optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
 from ..formula.safety import formula_environment
-from ..core.terms import CovarianceTemplate, RandomTerm, VarianceComponent, sorted_codes
+from ..core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
+from ..formula.mixedlm import sorted_codes
 from . import likelihood
 from .data import ModelData
 from .params import MixedLMParams, VCSpec
@@ -353,14 +355,10 @@ class MixedLM(PicklableResults):
         theta0 = self._theta_from_params(start)
         free_mask = None if free is None else self._free_mask(free, start)
         system = self.build_system()
-        step = None
-        if pilot_wanted(start_params, opt_method, free):
-            pilot = pilot_start(system, self.exog, self.endog, self._terms(), None, reml)
-            if pilot is not None:
-                theta0, step = pilot
-        opt = optimize_system(system, reml=reml, start_theta=theta0, free=free_mask, maxiter=maxiter, gtol=gtol,
-                              method=opt_method, progress=fit_kwargs.get("progress"), initial_step=step)
-        fit = build_fit(system, opt, reml, free_mask)
+        pilot = None if start_params is not None else \
+            (lambda: pilot_start(system, self.exog, self.endog, self._terms(), None, reml))
+        fit = fit_system(system, reml=reml, start_theta=theta0, free=free_mask, maxiter=maxiter, gtol=gtol,
+                         method=opt_method, progress=fit_kwargs.get("progress"), pilot=pilot)
         results = MixedLMResults(self, fit, free)
         self._warn_if_singular(results)
         return results

@@ -1,0 +1,168 @@
+"""lme4's design rules, shared by the in-memory door (lme4/) and the Dask door (dask/), which evaluate them
+on rows and on summed cross-products respectively: column names as R writes them, grouping factors' codes and
+labels, the order of the random terms, unique group names, and the aliased fixed-effect columns dropped."""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..errors import RankDeficiencyWarning, RankDeficientError
+from .lme4 import RandomSpec
+from .mixedlm import factor_codes, level_name, sorted_codes
+
+__all__ = ["TermInfo", "lme4_name", "group_codes", "lme4_term_order", "unique_group_names", "drop_aliased",
+           "unaliased_from_gram", "complete_rows", "theta_names", "level_names", "r_name", "ALIASED_RELATIVE_NORM"]
+
+# lme4's rule: a fixed-effect column whose residual on the earlier kept columns, relative to its norm, is below
+# this is aliased (a linear combination of them) and dropped.
+ALIASED_RELATIVE_NORM = 1e-7
+
+
+@dataclass(frozen=True)
+class TermInfo:
+    """What a fitted random-effect term needs to be described and to predict for new data."""
+
+    spec: RandomSpec
+    grp: str                          # VarCorr's group name (made unique: "Subject", "Subject.1")
+    columns: tuple[str, ...]
+    levels: tuple                     # level labels in code order
+    design_info: object = field(repr=False)   # patsy design of the columns, None for a sparse indicator
+    indicator: str | None = None      # the factor of a sparse indicator term
+
+
+def lme4_name(name: str) -> str:
+    """patsy's column name as R writes it: (Intercept), and for Q("my x") the name, in backticks where R
+    needs them (`my x`, `if`; yield for Q("yield"))."""
+    if name == "Intercept":
+        return "(Intercept)"
+    return re.sub(r'Q\("((?:[^"\\]|\\.)*)"\)', lambda m: r_name(json.loads('"' + m.group(1) + '"')), name)
+
+
+# R's syntactic names: a letter, or a dot not followed by a digit, then letters, digits, dots and underscores;
+# not a reserved word (?Reserved).
+_R_SYNTACTIC = re.compile(r"(?:[^\W\d_]|\.(?!\d))[\w.]*")
+_R_RESERVED = frozenset("if else repeat while function for in next break TRUE FALSE NULL Inf NaN NA NA_integer_ "
+                        "NA_real_ NA_character_ NA_complex_ ...".split())
+
+
+def r_name(name: str) -> str:
+    syntactic = _R_SYNTACTIC.fullmatch(name) and name not in _R_RESERVED and not re.fullmatch(r"\.\.\d+", name)
+    return name if syntactic else "`" + name + "`"
+
+
+def drop_aliased(X, names):
+    """lme4: drop fixed-effect columns that are linear combinations of earlier ones (Gram-Schmidt on the
+    normalized columns of X), and say which."""
+    if X.shape[1] == 0:
+        return X, names, []
+    norms = np.linalg.norm(X, axis=0)
+    keep, basis = [], np.zeros((X.shape[0], 0))
+    for j in range(X.shape[1]):
+        if norms[j] == 0:
+            continue
+        col = X[:, j] / norms[j]
+        resid = col - basis @ (basis.T @ col) if basis.shape[1] else col
+        if np.linalg.norm(resid) > ALIASED_RELATIVE_NORM:
+            keep.append(j)
+            basis = np.column_stack([basis, resid / np.linalg.norm(resid)])
+    dropped = _report_aliased(keep, names)
+    return X[:, keep], [names[j] for j in keep], dropped
+
+
+def unaliased_from_gram(XtX: np.ndarray, names: list[str]):
+    """(columns kept, names dropped) by drop_aliased's rule, decided from X'X (the Dask door has no rows): a
+    column whose squared residual norm on the kept ones is below ALIASED_RELATIVE_NORM^2 of its own is dropped."""
+    keep = []
+    for j in range(XtX.shape[0]):
+        if XtX[j, j] <= 0:
+            continue
+        resid = XtX[j, j]
+        if keep:
+            K = np.array(keep)
+            resid -= XtX[j, K] @ np.linalg.solve(XtX[np.ix_(K, K)], XtX[K, j])
+        if resid > ALIASED_RELATIVE_NORM ** 2 * XtX[j, j]:
+            keep.append(j)
+    dropped = _report_aliased(keep, names)
+    if not keep and names:
+        raise RankDeficientError("every fixed-effect column is zero in the data.")
+    return keep, dropped
+
+
+def _report_aliased(keep: list[int], names: list[str]) -> list[str]:
+    dropped = [names[j] for j in range(len(names)) if j not in keep]
+    if dropped:
+        warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s): "
+                      f"{', '.join(dropped)}", RankDeficiencyWarning, stacklevel=5)    # the door's caller
+    return dropped
+
+
+def theta_names(term_info, terms) -> list[str]:
+    """lme4's names of theta's entries ("Subject.(Intercept)", "Subject.Days.(Intercept)"), per term in order."""
+    return [f"{info.spec.group_name}.{info.columns[i]}" if i == j else
+            f"{info.spec.group_name}.{info.columns[i]}.{info.columns[j]}"
+            for info, term in zip(term_info, terms) for i, j in term.template.positions]
+
+
+def complete_rows(frame: pd.DataFrame, columns, finite=()) -> np.ndarray:
+    """lme4's na.omit (and predict's NaN rows): the rows with a value in every one of `columns` and a finite value
+    in every array of `finite` (weights, offset)."""
+    columns = list(dict.fromkeys(columns))
+    keep = np.array(frame[columns].notna().all(axis=1), dtype=bool) if columns else np.ones(len(frame), bool)
+    for values in finite:
+        keep &= np.isfinite(values)
+    return keep
+
+
+def lme4_term_order(n_levels: list[int]) -> list[int]:
+    """lme4's order of the random terms: most levels first (a stable sort)."""
+    return sorted(range(len(n_levels)), key=lambda i: -n_levels[i])
+
+
+def group_codes(frame: pd.DataFrame, group: tuple[str, ...], check_count=None):
+    """Integer codes and labels of a grouping factor (an interaction when several variables, levels
+    ordered as R's factor(a:b): by a, then b). `check_count(n_levels)` runs before the labels are made, so a
+    factor refused for its size costs its codes only. Vectorized: a 10,000,000-level factor took 31 s with
+    one Python str() per level."""
+    parts, compact = [], len(group) > 1
+    for name in group:
+        c, levels, categorical = factor_codes(frame[name])
+        parts.append((c, levels))
+        compact |= categorical                  # unused categories: renumber the levels that occur
+    if not compact:
+        codes, levels = parts[0]
+        if check_count is not None:
+            check_count(len(levels))
+        return codes, tuple(level_names(levels).tolist())
+    sizes = [len(levels) for _, levels in parts]
+    codes, present = sorted_codes(np.ravel_multi_index([c for c, _ in parts], sizes))
+    if check_count is not None:
+        check_count(len(present))
+    which = np.unravel_index(present, sizes)
+    labels = level_names(parts[0][1])[which[0]]
+    for (_, levels), idx in zip(parts[1:], which[1:]):
+        labels = np.char.add(np.char.add(labels, ":"), level_names(levels)[idx])
+    return codes, tuple(labels.tolist())
+
+
+def level_names(levels) -> np.ndarray:
+    """level_name of every level, as an array of str (at numpy speed for integer, bool and text levels)."""
+    arr = np.asarray(levels)
+    if arr.dtype.kind in "iubU":
+        return arr.astype(str)
+    return np.array([level_name(v) for v in levels], dtype=str)
+
+
+def unique_group_names(infos):
+    """R's make.unique on the group names: the second 'Subject' becomes 'Subject.1'."""
+    seen, out = {}, []
+    for info in infos:
+        n = seen.get(info.grp, 0)
+        seen[info.grp] = n + 1
+        grp = info.grp if n == 0 else f"{info.grp}.{n}"
+        out.append(TermInfo(info.spec, grp, info.columns, info.levels, info.design_info, info.indicator))
+    return out
