@@ -9,13 +9,24 @@ STAMP  := $(VENV)/.installed
 # supernodal factorization about 3.4x slower.
 DEBIAN_PACKAGES := libsuitesparse-dev libopenblas0-pthread
 
-.PHONY: demo test bench compare docs system-deps clean
+.PHONY: demo test test-fast lint docs bench compare system-deps clean
 
 demo: $(STAMP)
 	$(BIN)/python examples/variance_components.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The inner loop: the suite without the tests marked slow (each over ~3 s); CI runs the whole suite.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# ruff (lint, and the format check) on everything; mypy on core/ and fit/ (pyproject.toml's [tool.mypy]).
+lint: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[lint]"
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"

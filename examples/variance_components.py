@@ -4,6 +4,7 @@ Only the imports differ from the notebook: `import sparsemix as sm` and `from sp
 The data are the notebook's (numpy's generator seeded with 3123), so the printed numbers can be compared
 with the notebook's output line by line.
 """
+
 import time
 
 import numpy as np
@@ -18,8 +19,9 @@ np.random.seed(3123)
 df = generate_nested(rng=np.random.mtrand._rand)
 
 t0 = time.perf_counter()
-model1 = sm.MixedLM.from_formula("y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"},
-                                 groups="group1", data=df)
+model1 = sm.MixedLM.from_formula(
+    "y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"}, groups="group1", data=df
+)
 result1 = model1.fit()
 print(result1.summary())
 print(f"(nested, formula route: {time.perf_counter() - t0:.3f} s)\n")

@@ -4,32 +4,61 @@ Front doors: a drop-in for statsmodels' MixedLM (`MixedLM`, `MixedLMParams`, `VC
 formula language (`lmer`, `anova`). The engine stages
 (`build_system`, `optimize_system`, `build_fit`, `fit_lmm`) are public for users who want the deviance.
 """
+
 from importlib import metadata as _metadata
 
-from .statsmodels.params import MixedLMParams, VCSpec
-from .statsmodels.results import MixedLMResults
-from .statsmodels.model import MixedLM
-from .errors import (ConvergenceWarning, FormulaError, IgnoredArgumentWarning, InputError, MissingDataError,
-                     NewLevelWarning, RankDeficiencyWarning, RankDeficientError, SingularFitWarning, SparsemixError, SparsemixWarning)
+from .core.threads import blas_libraries
+from .errors import (
+    ConvergenceWarning,
+    FormulaError,
+    IgnoredArgumentWarning,
+    InputError,
+    MissingDataError,
+    NewLevelWarning,
+    RankDeficiencyWarning,
+    RankDeficientError,
+    SingularFitWarning,
+    SparsemixError,
+    SparsemixWarning,
+)
 from .fit.pipeline import fit_lmm
 from .fit.stages import build_fit, build_system, optimize_system
 from .lme4.anova import anova
 from .lme4.lmer import lmer
 from .lme4.results import LmerResults
-from .core.threads import blas_libraries
+from .statsmodels.model import MixedLM
+from .statsmodels.params import MixedLMParams, VCSpec
+from .statsmodels.results import MixedLMResults
 
-blas_libraries()        # after every import above (CHOLMOD's BLAS among them): see threads.blas_libraries
+blas_libraries()  # after every import above (CHOLMOD's BLAS among them): see threads.blas_libraries
 
-try:        # written once, in pyproject.toml
+try:  # written once, in pyproject.toml
     __version__ = _metadata.version("sparsemix")
-except _metadata.PackageNotFoundError:        # a source tree on sys.path that was never installed
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
     __version__ = "0+unknown"
 
 __all__ = [
-    "MixedLM", "MixedLMParams", "MixedLMResults", "VCSpec",
-    "lmer", "LmerResults", "anova", "RankDeficiencyWarning",
-    "build_system", "optimize_system", "build_fit", "fit_lmm",
-    "SparsemixError", "InputError", "MissingDataError", "RankDeficientError", "FormulaError",
-    "SparsemixWarning", "ConvergenceWarning", "SingularFitWarning", "IgnoredArgumentWarning", "NewLevelWarning",
+    "MixedLM",
+    "MixedLMParams",
+    "MixedLMResults",
+    "VCSpec",
+    "lmer",
+    "LmerResults",
+    "anova",
+    "RankDeficiencyWarning",
+    "build_system",
+    "optimize_system",
+    "build_fit",
+    "fit_lmm",
+    "SparsemixError",
+    "InputError",
+    "MissingDataError",
+    "RankDeficientError",
+    "FormulaError",
+    "SparsemixWarning",
+    "ConvergenceWarning",
+    "SingularFitWarning",
+    "IgnoredArgumentWarning",
+    "NewLevelWarning",
     "__version__",
 ]

@@ -1,4 +1,5 @@
 """`python -m sparsemix`: the command line (see sparsemix/cli.py)."""
+
 import sys
 
 from .cli import main

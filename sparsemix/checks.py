@@ -1,4 +1,5 @@
 """Input checks: small named functions, each raising an InputError that names the problem and the fix."""
+
 from __future__ import annotations
 
 import difflib
@@ -10,11 +11,30 @@ import pandas as pd
 from .errors import InputError, MissingDataError, RankDeficientError
 
 __all__ = [
-    "require_columns", "as_numeric_vector", "as_numeric_matrix", "check_finite", "check_complete", "check_not_empty",
-    "check_length", "check_full_rank", "check_levels", "check_levels_below_observations",
-    "require_numeric_column", "check_response_varies", "check_bool", "check_count", "check_positive_number",
-    "check_level", "check_alpha", "check_seed", "check_start", "check_finite_start", "check_weights_scale",
-    "check_nobs_vs_n_random_effects", "check_groups", "check_column_types",
+    "require_columns",
+    "as_numeric_vector",
+    "as_numeric_matrix",
+    "check_finite",
+    "check_complete",
+    "check_not_empty",
+    "check_length",
+    "check_full_rank",
+    "check_levels",
+    "check_levels_below_observations",
+    "require_numeric_column",
+    "check_response_varies",
+    "check_bool",
+    "check_count",
+    "check_positive_number",
+    "check_level",
+    "check_alpha",
+    "check_seed",
+    "check_start",
+    "check_finite_start",
+    "check_weights_scale",
+    "check_nobs_vs_n_random_effects",
+    "check_groups",
+    "check_column_types",
     "readable_columns",
 ]
 
@@ -25,8 +45,10 @@ def require_columns(data: pd.DataFrame, names, role: str) -> None:
         if name not in data.columns:
             close = difflib.get_close_matches(str(name), [str(c) for c in data.columns], n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise InputError(f"{role} refers to column {name!r}, which is not in the data.{hint} "
-                             f"Available columns: {', '.join(map(str, data.columns[:20]))}.")
+            raise InputError(
+                f"{role} refers to column {name!r}, which is not in the data.{hint} "
+                f"Available columns: {', '.join(map(str, data.columns[:20]))}."
+            )
 
 
 def check_not_empty(n: int, what: str = "the data") -> None:
@@ -55,7 +77,7 @@ def as_numeric_matrix(values, name: str) -> np.ndarray:
 
 def _as_float(arr: np.ndarray, name: str, fix: str) -> np.ndarray:
     if arr.dtype == bool or np.issubdtype(arr.dtype, np.number):
-        return np.array(arr, dtype=float)   # an owned, writable copy: pandas and patsy hand out read-only views
+        return np.array(arr, dtype=float)  # an owned, writable copy: pandas and patsy hand out read-only views
     try:
         return arr.astype(float)
     except (TypeError, ValueError):
@@ -68,18 +90,22 @@ def check_finite(arr: np.ndarray, name: str, missing_hint: bool = True) -> None:
     if bad.any():
         rows = np.flatnonzero(bad.reshape(arr.shape[0], -1).any(axis=1))
         kind = "NaN" if np.isnan(arr).any() else "infinite"
-        hint = (" Pass missing='drop' to drop incomplete rows, or clean the data first."
-                if missing_hint else " Remove or replace those values.")
-        raise MissingDataError(f"{name} contains {kind} values in {rows.size} row(s) (first at row "
-                               f"{rows[0]}).{hint}")
+        hint = (
+            " Pass missing='drop' to drop incomplete rows, or clean the data first."
+            if missing_hint
+            else " Remove or replace those values."
+        )
+        raise MissingDataError(f"{name} contains {kind} values in {rows.size} row(s) (first at row {rows[0]}).{hint}")
 
 
 def check_complete(values: pd.Series, name: str) -> None:
     """A data column used by a formula: no missing values; numeric columns also no infinities."""
     missing = np.flatnonzero(values.isna().to_numpy())
     if missing.size:
-        raise MissingDataError(f"{name} contains missing values in {missing.size} row(s) (first at row "
-                               f"{missing[0]}). Pass missing='drop' to drop incomplete rows, or fill them first.")
+        raise MissingDataError(
+            f"{name} contains missing values in {missing.size} row(s) (first at row "
+            f"{missing[0]}). Pass missing='drop' to drop incomplete rows, or fill them first."
+        )
     if pd.api.types.is_numeric_dtype(values):
         check_finite(values.to_numpy(dtype=float), name, missing_hint=False)
 
@@ -87,8 +113,9 @@ def check_complete(values: pd.Series, name: str) -> None:
 def check_length(arr, n: int, name: str, reference: str = "endog") -> None:
     rows = arr.shape[0] if hasattr(arr, "shape") else len(arr)
     if rows != n:
-        raise InputError(f"{name} has {rows} rows but {reference} has {n}; they must describe the same "
-                         "observations, one row each.")
+        raise InputError(
+            f"{name} has {rows} rows but {reference} has {n}; they must describe the same observations, one row each."
+        )
 
 
 def check_full_rank(X: np.ndarray, names: list[str]) -> None:
@@ -96,8 +123,9 @@ def check_full_rank(X: np.ndarray, names: list[str]) -> None:
     if X.shape[1] == 0:
         return
     if X.shape[0] < X.shape[1]:
-        raise RankDeficientError(f"the fixed-effects design has {X.shape[1]} columns but only {X.shape[0]} "
-                                 "rows; remove fixed-effect terms.")
+        raise RankDeficientError(
+            f"the fixed-effects design has {X.shape[1]} columns but only {X.shape[0]} rows; remove fixed-effect terms."
+        )
     # Scale columns so the rank decision does not depend on units.
     norms = np.linalg.norm(X, axis=0)
     zero = np.flatnonzero(norms == 0)
@@ -115,22 +143,27 @@ def check_full_rank(X: np.ndarray, names: list[str]) -> None:
                 raise RankDeficientError(
                     f"the fixed-effects design is rank deficient (rank {rank} < {X.shape[1]} columns): column "
                     f"{names[j - 1]!r} is a linear combination of the columns before it. Drop it or the "
-                    "columns it duplicates.")
+                    "columns it duplicates."
+                )
 
 
 def check_progress(progress) -> None:
     """`progress` is None or a function of (evaluation, deviance, seconds), called after each evaluation."""
     if progress is not None and not callable(progress):
-        raise InputError(f"progress must be a function called as progress(evaluation, deviance, seconds), or None; "
-                         f"got {progress!r}. To have the progress printed, pass verbose=True to lmer, or "
-                         "progress=sparsemix.progress.ProgressPrinter().")
+        raise InputError(
+            f"progress must be a function called as progress(evaluation, deviance, seconds), or None; "
+            f"got {progress!r}. To have the progress printed, pass verbose=True to lmer, or "
+            "progress=sparsemix.progress.ProgressPrinter()."
+        )
 
 
 def check_levels(n_levels: int, name: str, n_obs: int) -> None:
     if n_levels < 2:
-        raise InputError(f"grouping factor {name!r} has only {n_levels} level; a variance between groups "
-                         "cannot be estimated from one group. Remove that random effect or use a factor with "
-                         "more levels.")
+        raise InputError(
+            f"grouping factor {name!r} has only {n_levels} level; a variance between groups "
+            "cannot be estimated from one group. Remove that random effect or use a factor with "
+            "more levels."
+        )
 
 
 def require_numeric_column(values: pd.Series, name: str) -> None:
@@ -138,38 +171,48 @@ def require_numeric_column(values: pd.Series, name: str) -> None:
     if pd.api.types.is_numeric_dtype(values.dtype) or pd.api.types.is_bool_dtype(values.dtype):
         return
     sample = next((v for v in values if not _is_number(v)), values.iloc[0] if len(values) else None)
-    raise InputError(f"{name} must be numeric; its column holds text (dtype {values.dtype}) such as {sample!r}. "
-                     "Convert it (e.g. pd.to_numeric(..., errors='coerce') to turn stray text into missing "
-                     "values) or choose a numeric column.")
+    raise InputError(
+        f"{name} must be numeric; its column holds text (dtype {values.dtype}) such as {sample!r}. "
+        "Convert it (e.g. pd.to_numeric(..., errors='coerce') to turn stray text into missing "
+        "values) or choose a numeric column."
+    )
 
 
 def check_levels_below_observations(n_levels: int, name: str, n_obs: int) -> None:
     """lme4's check.nobs.vs.nlev: one observation per level confounds the random effect with the residual."""
     if n_levels >= n_obs:
-        raise InputError(f"grouping factor {name!r} has {n_levels} levels for {n_obs} observations; with (at "
-                         "most) one observation per level its variance cannot be told apart from the residual "
-                         "variance. Remove that random effect, or group by a coarser factor.")
+        raise InputError(
+            f"grouping factor {name!r} has {n_levels} levels for {n_obs} observations; with (at "
+            "most) one observation per level its variance cannot be told apart from the residual "
+            "variance. Remove that random effect, or group by a coarser factor."
+        )
 
 
 def check_response_varies(y: np.ndarray, name: str) -> None:
     """A constant response has no variance to split between random effects and residual; a response whose
     squares overflow or underflow cannot be fitted either (see RESPONSE_SCALE_LIMIT)."""
     if y.shape[0] and np.ptp(y) == 0:
-        raise InputError(f"the response {name!r} is constant ({y[0]:g} in every row); there is nothing to model. "
-                         "Check that the right column is used as the response.")
+        raise InputError(
+            f"the response {name!r} is constant ({y[0]:g} in every row); there is nothing to model. "
+            "Check that the right column is used as the response."
+        )
     if not y.shape[0]:
         return
     big = float(np.max(np.abs(y)))
-    spread = float(np.std(y / big)) * big          # divided first: the std of values near 1e200 overflows
+    spread = float(np.std(y / big)) * big  # divided first: the std of values near 1e200 overflows
     if big > RESPONSE_SCALE_LIMIT or spread < 1 / RESPONSE_SCALE_LIMIT:
-        what = f"values as large as {big:.3g}: their squares, which the fit sums, would overflow" \
-            if big > RESPONSE_SCALE_LIMIT else \
-            f"a standard deviation of only {spread:.3g}: its squares, which the fit sums, would underflow"
-        raise InputError(f"the response {name!r} has {what} double precision (responses between "
-                         f"1/{RESPONSE_SCALE_LIMIT:g} and "
-                         f"{RESPONSE_SCALE_LIMIT:g} in size and spread are fitted). Rescale it, e.g. fit "
-                         "(y - y.mean()) / y.std(), and scale the fixed effects, standard deviations and sigma "
-                         "back by the same factor.")
+        what = (
+            f"values as large as {big:.3g}: their squares, which the fit sums, would overflow"
+            if big > RESPONSE_SCALE_LIMIT
+            else f"a standard deviation of only {spread:.3g}: its squares, which the fit sums, would underflow"
+        )
+        raise InputError(
+            f"the response {name!r} has {what} double precision (responses between "
+            f"1/{RESPONSE_SCALE_LIMIT:g} and "
+            f"{RESPONSE_SCALE_LIMIT:g} in size and spread are fitted). Rescale it, e.g. fit "
+            "(y - y.mean()) / y.std(), and scale the fixed effects, standard deviations and sigma "
+            "back by the same factor."
+        )
 
 
 # Responses are refused beyond 1e100 in size and below 1e-100 in spread: their squares (1e+-200) then leave
@@ -188,45 +231,58 @@ def check_weights_scale(w: np.ndarray, name: str = "weights") -> None:
     typical = float(np.exp(np.mean(log_w)))
     ratio = float(np.exp(np.max(log_w) - np.min(log_w)))
     if not 1 / WEIGHTS_SCALE_LIMIT <= typical <= WEIGHTS_SCALE_LIMIT or ratio > RESPONSE_SCALE_LIMIT:
-        raise InputError(f"{name} range from {np.min(w):.3g} to {np.max(w):.3g} (typical size {typical:.3g}); "
-                         f"weights must have a typical size between 1/{WEIGHTS_SCALE_LIMIT:g} and "
-                         f"{WEIGHTS_SCALE_LIMIT:g} and span at most a factor {RESPONSE_SCALE_LIMIT:g}. Weights are "
-                         "relative: divide them by their mean (only sigma changes, by the square root of that "
-                         "mean).")
+        raise InputError(
+            f"{name} range from {np.min(w):.3g} to {np.max(w):.3g} (typical size {typical:.3g}); "
+            f"weights must have a typical size between 1/{WEIGHTS_SCALE_LIMIT:g} and "
+            f"{WEIGHTS_SCALE_LIMIT:g} and span at most a factor {RESPONSE_SCALE_LIMIT:g}. Weights are "
+            "relative: divide them by their mean (only sigma changes, by the square root of that "
+            "mean)."
+        )
 
 
 # -- arguments (the numbers and switches users pass to the front doors) -----------------------------------------
+
 
 def check_bool(value, name: str) -> bool:
     """A switch takes True or False (numpy's bools too), nothing else: reml="no" is truthy, reml=None falsy."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    raise InputError(f"{name} must be True or False; got {value!r} ({type(value).__name__}). Strings, numbers and "
-                     f"None are not read as switches: pass {name}=True or {name}=False.")
+    raise InputError(
+        f"{name} must be True or False; got {value!r} ({type(value).__name__}). Strings, numbers and "
+        f"None are not read as switches: pass {name}=True or {name}=False."
+    )
 
 
 # The largest count an argument may take: the C int that nlopt's maxeval and numpy's sizes are read into. A
 # larger Python int reached np.isfinite as an object (TypeError) and nlopt as an OverflowError.
-COUNT_LIMIT = 2 ** 31 - 1
+COUNT_LIMIT = 2**31 - 1
 
 
 def check_count(value, name: str, minimum: int = 1, maximum: int = COUNT_LIMIT) -> int:
     """A whole number from minimum to maximum (numpy integers and integral floats such as 1e4 too; not bools)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or \
-            (not isinstance(value, numbers.Integral) and not (np.isfinite(value) and float(value).is_integer())):
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or (not isinstance(value, numbers.Integral) and not (np.isfinite(value) and float(value).is_integer()))
+    ):
         raise InputError(f"{name} must be a whole number >= {minimum}; got {value!r} ({type(value).__name__}).")
     if int(value) < minimum:
         raise InputError(f"{name} must be a whole number >= {minimum}; got {value!r}.")
     if int(value) > maximum:
-        raise InputError(f"{name} must be a whole number from {minimum} to {maximum:,}; got {value!r:.30}. Pass a "
-                         "smaller number.")
+        raise InputError(
+            f"{name} must be a whole number from {minimum} to {maximum:,}; got {value!r:.30}. Pass a smaller number."
+        )
     return int(value)
 
 
 def check_positive_number(value, name: str) -> float:
     """A finite number > 0 (a tolerance, a step)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not np.isfinite(value) \
-            or value <= 0:
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, numbers.Real)
+        or not np.isfinite(value)
+        or value <= 0
+    ):
         raise InputError(f"{name} must be a finite number > 0; got {value!r} ({type(value).__name__}).")
     return float(value)
 
@@ -234,7 +290,9 @@ def check_positive_number(value, name: str) -> float:
 def check_level(level, name: str = "level") -> float:
     """A confidence level: a number strictly between 0 and 1 (0.95, not 95)."""
     if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Real) or not 0 < level < 1:
-        hint = f" (for {level:g}% pass {level / 100:g})" if isinstance(level, numbers.Real) and 50 <= level < 100 else ""
+        hint = (
+            f" (for {level:g}% pass {level / 100:g})" if isinstance(level, numbers.Real) and 50 <= level < 100 else ""
+        )
         raise InputError(f"{name} must be a number strictly between 0 and 1, such as 0.95; got {level!r}{hint}.")
     return float(level)
 
@@ -242,8 +300,9 @@ def check_level(level, name: str = "level") -> float:
 def check_alpha(alpha, name: str = "alpha") -> float:
     """A significance level: a number strictly between 0 and 1 (0.05 for 95% intervals)."""
     if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
-        raise InputError(f"{name} must be a number strictly between 0 and 1, such as 0.05 for 95% intervals; "
-                         f"got {alpha!r}.")
+        raise InputError(
+            f"{name} must be a number strictly between 0 and 1, such as 0.05 for 95% intervals; got {alpha!r}."
+        )
     return float(alpha)
 
 
@@ -253,8 +312,11 @@ def check_seed(seed, name: str = "seed", generators: bool = True):
         return seed
     if isinstance(seed, numbers.Integral) and not isinstance(seed, (bool, np.bool_)) and seed >= 0:
         return int(seed)
-    kinds = "None, a non-negative integer, or a numpy Generator or SeedSequence" if generators else \
-        "None or a non-negative integer"
+    kinds = (
+        "None, a non-negative integer, or a numpy Generator or SeedSequence"
+        if generators
+        else "None or a non-negative integer"
+    )
     raise InputError(f"{name} must be {kinds}; got {seed!r} ({type(seed).__name__}).")
 
 
@@ -263,16 +325,17 @@ def check_finite_start(arr: np.ndarray, name: str, label=None) -> None:
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         where = f"{name}[{bad[0]}]" if label is None else label(bad[0])
-        raise InputError(f"{where} is {arr[bad[0]]}; every start value must be a finite number. Leave {name} out "
-                         "for the default start.")
+        raise InputError(
+            f"{where} is {arr[bad[0]]}; every start value must be a finite number. Leave {name} out "
+            "for the default start."
+        )
 
 
 # A start farther out than this (a random effect's sd 1e10 times sigma's) only reaches rank-deficiency errors.
 START_LIMIT = 1e10
 
 
-def check_start(start, lower: np.ndarray, name: str = "start", names=None, limit: float | None = None
-                ) -> np.ndarray:
+def check_start(start, lower: np.ndarray, name: str = "start", names=None, limit: float | None = None) -> np.ndarray:
     """The optimizer's start (theta): as many finite numbers as the model has, within their bounds. Checked
     before any optimizer sees it: a NaN or inf reached nlopt's BOBYQA and corrupted the process's memory
     (optimize._bobyqa)."""
@@ -283,24 +346,33 @@ def check_start(start, lower: np.ndarray, name: str = "start", names=None, limit
     except (TypeError, ValueError):
         arr = None
     if arr is None:
-        raise InputError(f"{name} must be a vector of {n} number(s) (theta: each random-effects term's relative "
-                         f"Cholesky factor); got {start!r}.")
+        raise InputError(
+            f"{name} must be a vector of {n} number(s) (theta: each random-effects term's relative "
+            f"Cholesky factor); got {start!r}."
+        )
     if arr.shape[0] != n:
-        raise InputError(f"{name} has {arr.shape[0]} value(s) but the model has {n} theta parameter(s)"
-                         + (f" ({', '.join(names)})" if names is not None else "") + "; pass one per parameter, or "
-                         "leave it out for the default start.")
+        raise InputError(
+            f"{name} has {arr.shape[0]} value(s) but the model has {n} theta parameter(s)"
+            + (f" ({', '.join(names)})" if names is not None else "")
+            + "; pass one per parameter, or "
+            "leave it out for the default start."
+        )
     check_finite_start(arr, name, label)
     below = np.flatnonzero(arr < lower)
     if below.size:
         i = below[0]
-        raise InputError(f"{label(i)} is {arr[i]:g}, below its lower bound {lower[i]:g}: a diagonal entry of a "
-                         "relative Cholesky factor (a standard deviation over sigma) cannot be negative. Use its "
-                         "absolute value.")
+        raise InputError(
+            f"{label(i)} is {arr[i]:g}, below its lower bound {lower[i]:g}: a diagonal entry of a "
+            "relative Cholesky factor (a standard deviation over sigma) cannot be negative. Use its "
+            "absolute value."
+        )
     if limit is not None and np.any(np.abs(arr) > limit):
         i = int(np.argmax(np.abs(arr)))
-        raise InputError(f"{label(i)} is {arr[i]:g}; theta is a standard deviation relative to sigma, and start "
-                         f"values beyond {limit:g} in size leave nothing to estimate. Start near 1 or leave {name} "
-                         "out.")
+        raise InputError(
+            f"{label(i)} is {arr[i]:g}; theta is a standard deviation relative to sigma, and start "
+            f"values beyond {limit:g} in size leave nothing to estimate. Start near 1 or leave {name} "
+            "out."
+        )
     return arr
 
 
@@ -308,10 +380,12 @@ def check_nobs_vs_n_random_effects(n_random: int, n_obs: int, term: str) -> None
     """lme4's check.nobs.vs.nRE (default "stop"): a term with at least as many random effects as observations
     leaves its variance parameters and the residual's unidentifiable."""
     if n_obs <= n_random:
-        raise InputError(f"number of observations (={n_obs}) <= number of random effects (={n_random}) for term "
-                         f"{term}; the random-effects parameters and the residual variance are probably "
-                         "unidentifiable (lme4 refuses this model too). Remove random slopes from that term, group "
-                         "by a coarser factor, or collect more observations per level.")
+        raise InputError(
+            f"number of observations (={n_obs}) <= number of random effects (={n_random}) for term "
+            f"{term}; the random-effects parameters and the residual variance are probably "
+            "unidentifiable (lme4 refuses this model too). Remove random slopes from that term, group "
+            "by a coarser factor, or collect more observations per level."
+        )
 
 
 def check_fixed_columns_vs_nobs(n_columns: int, n_obs: int, names=()) -> None:
@@ -320,23 +394,28 @@ def check_fixed_columns_vs_nobs(n_columns: int, n_obs: int, names=()) -> None:
     deviance was log(0) (a ZeroDivisionError deep in the engine, or a silent -inf)."""
     if n_columns >= n_obs:
         shown = ", ".join(list(names)[:6]) + (", ..." if len(names) > 6 else "")
-        raise InputError(f"the fixed effects have {n_columns} linearly independent column(s) ({shown}) for {n_obs} "
-                         "observation(s); they fit every observation exactly and leave no residual variance to "
-                         "estimate. Use fewer fixed-effect terms (a factor with a level per observation, such as "
-                         "C(x) of a continuous x, is a common cause), or collect more observations.")
+        raise InputError(
+            f"the fixed effects have {n_columns} linearly independent column(s) ({shown}) for {n_obs} "
+            "observation(s); they fit every observation exactly and leave no residual variance to "
+            "estimate. Use fewer fixed-effect terms (a factor with a level per observation, such as "
+            "C(x) of a continuous x, is a common cause), or collect more observations."
+        )
 
 
 def check_groups(groups, n: int) -> np.ndarray:
     """statsmodels' `groups`: one label per row (a constant for crossed designs without a grouping)."""
     if groups is None or np.ndim(groups) == 0:
-        raise InputError(f"groups must be one label per row (a column name, or an array of length {n}); got "
-                         f"{groups!r}. For crossed variance components without a grouping, pass a constant "
-                         "(e.g. groups=np.ones(len(data))).")
+        raise InputError(
+            f"groups must be one label per row (a column name, or an array of length {n}); got "
+            f"{groups!r}. For crossed variance components without a grouping, pass a constant "
+            "(e.g. groups=np.ones(len(data)))."
+        )
     values = np.asarray(groups)
     return values
 
 
 # -- column types (the data frame every front door takes) ---------------------------------------------------
+
 
 def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), other=()) -> pd.DataFrame:
     """The columns a model uses, by role: `covariates` (mentioned in the fixed part or a random-effects
@@ -347,10 +426,12 @@ def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), o
     names = list(dict.fromkeys([*covariates, *groups, *other]))
     dup = [c for c in names if (data.columns == c).sum() > 1] if not data.columns.is_unique else []
     if dup:
-        raise InputError(f"the data has {len(dup)} name(s) used by the model that label more than one column: "
-                         f"{', '.join(repr(c) for c in dup)}; a formula cannot tell them apart. Rename them, e.g. "
-                         "data.columns = [...] or pd.io.common.dedup_names, or drop the duplicates with "
-                         "data.loc[:, ~data.columns.duplicated()].")
+        raise InputError(
+            f"the data has {len(dup)} name(s) used by the model that label more than one column: "
+            f"{', '.join(repr(c) for c in dup)}; a formula cannot tell them apart. Rename them, e.g. "
+            "data.columns = [...] or pd.io.common.dedup_names, or drop the duplicates with "
+            "data.loc[:, ~data.columns.duplicated()]."
+        )
     covariates = set(covariates)
     converted = {}
     for name in names:
@@ -359,25 +440,33 @@ def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), o
         as_covariate = name in covariates and not _only_inside_c(name, formulas)
         where = f"column {name!r} (dtype {dtype})"
         if pd.api.types.is_complex_dtype(dtype):
-            raise InputError(f"{where} holds complex numbers, which a linear mixed model cannot use. Pass the real "
-                             f"part (data[{name!r}].real), the modulus (abs(data[{name!r}])) or both as separate "
-                             "real columns.")
+            raise InputError(
+                f"{where} holds complex numbers, which a linear mixed model cannot use. Pass the real "
+                f"part (data[{name!r}].real), the modulus (abs(data[{name!r}])) or both as separate "
+                "real columns."
+            )
         if pd.api.types.is_timedelta64_dtype(dtype):
-            raise InputError(f"{where} holds durations; convert them to a number, e.g. data[{name!r}] = "
-                             f"data[{name!r}].dt.total_seconds() / 86400 for days.")
+            raise InputError(
+                f"{where} holds durations; convert them to a number, e.g. data[{name!r}] = "
+                f"data[{name!r}].dt.total_seconds() / 86400 for days."
+            )
         if isinstance(dtype, pd.PeriodDtype):
             if as_covariate or name in other:
-                raise InputError(f"{where} holds periods; convert them to a number, e.g. periods since the first: "
-                                 f"data[{name!r}] = (data[{name!r}] - data[{name!r}].min()).apply(lambda d: d.n), "
-                                 f"or to labels for a factor: data[{name!r}] = data[{name!r}].astype(str).")
+                raise InputError(
+                    f"{where} holds periods; convert them to a number, e.g. periods since the first: "
+                    f"data[{name!r}] = (data[{name!r}] - data[{name!r}].min()).apply(lambda d: d.n), "
+                    f"or to labels for a factor: data[{name!r}] = data[{name!r}].astype(str)."
+                )
         elif pd.api.types.is_datetime64_any_dtype(dtype):
             if as_covariate or name in other:
-                raise InputError(f"{where} holds dates, which a formula would read as a factor with a level per date "
-                                 "(lme4 fits one slope). Convert them to a number, e.g. days since a date: "
-                                 f"data[{name!r}] = (data[{name!r}] - pd.Timestamp('2020-01-01')).dt.days (or "
-                                 f".dt.total_seconds() / 86400); or, for one effect per date, write C({name}) in the "
-                                 "formula.")
-        elif dtype == object and (name in groups or (name in covariates and not as_covariate)):
+                raise InputError(
+                    f"{where} holds dates, which a formula would read as a factor with a level per date "
+                    "(lme4 fits one slope). Convert them to a number, e.g. days since a date: "
+                    f"data[{name!r}] = (data[{name!r}] - pd.Timestamp('2020-01-01')).dt.days (or "
+                    f".dt.total_seconds() / 86400); or, for one effect per date, write C({name}) in the "
+                    "formula."
+                )
+        elif dtype == object and (name in groups or (name in covariates and not as_covariate)):  # noqa: E721
             check_sortable_labels(col, name, "grouping factor" if name in groups else "factor")
         elif _is_masked_number(dtype) and name in covariates:
             # patsy reads pandas' nullable Int64/Float64 as a covariate but not inside C() ("Cannot interpret
@@ -417,8 +506,12 @@ def readable_columns(data: pd.DataFrame, names) -> pd.DataFrame:
 
 def _is_masked_number(dtype) -> bool:
     """pandas' nullable integer and float dtypes (Int64, UInt8, Float64, ...)."""
-    return isinstance(dtype, pd.api.extensions.ExtensionDtype) and not isinstance(dtype, pd.BooleanDtype) and \
-        isinstance(getattr(dtype, "numpy_dtype", None), np.dtype) and dtype.numpy_dtype.kind in "iuf"
+    return (
+        isinstance(dtype, pd.api.extensions.ExtensionDtype)
+        and not isinstance(dtype, pd.BooleanDtype)
+        and isinstance(getattr(dtype, "numpy_dtype", None), np.dtype)
+        and dtype.numpy_dtype.kind in "iuf"
+    )
 
 
 def check_sortable_labels(values: pd.Series, name: str, role: str = "grouping factor") -> None:
@@ -428,9 +521,11 @@ def check_sortable_labels(values: pd.Series, name: str, role: str = "grouping fa
         sorted(labels)
     except TypeError:
         kinds = sorted({type(v).__name__ for v in labels})
-        raise InputError(f"{role} {name!r} (dtype {values.dtype}) mixes label types that cannot be sorted "
-                         f"({', '.join(kinds)}); convert the labels to one type, e.g. data[{name!r}] = "
-                         f"data[{name!r}].astype(str).") from None
+        raise InputError(
+            f"{role} {name!r} (dtype {values.dtype}) mixes label types that cannot be sorted "
+            f"({', '.join(kinds)}); convert the labels to one type, e.g. data[{name!r}] = "
+            f"data[{name!r}].astype(str)."
+        ) from None
 
 
 def _only_inside_c(name: str, formulas) -> bool:
@@ -443,18 +538,21 @@ def _only_inside_c(name: str, formulas) -> bool:
         if not f:
             continue
         try:
-            toks = [t.string for t in tokenize.generate_tokens(io.StringIO(f).readline)
-                    if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+            toks = [
+                t.string
+                for t in tokenize.generate_tokens(io.StringIO(f).readline)
+                if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)
+            ]
         except (tokenize.TokenError, IndentationError):
             return False
         for i, t in enumerate(toks):
             if t == name or (t[:1] in "'\"" and t.strip("'\"") == name):
-                if i >= 2 and toks[i - 2:i] == ["Q", "("]:
-                    before, after = toks[max(i - 4, 0):i - 2], toks[i + 2:i + 3]
-                    if toks[i + 1:i + 2] != [")"]:
+                if i >= 2 and toks[i - 2 : i] == ["Q", "("]:
+                    before, after = toks[max(i - 4, 0) : i - 2], toks[i + 2 : i + 3]
+                    if toks[i + 1 : i + 2] != [")"]:
                         return False
                 else:
-                    before, after = toks[max(i - 2, 0):i], toks[i + 1:i + 2]
+                    before, after = toks[max(i - 2, 0) : i], toks[i + 1 : i + 2]
                 if before != ["C", "("] or after not in ([")"], [","]):
                     return False
                 seen = True

@@ -4,6 +4,7 @@ The notebook seeds numpy's global generator with 3123 and then draws the nested 
 crossed one. `seed_datasets()` replays that stream with a private RandomState, so the data (and therefore
 the fitted numbers quoted in the notebook) are reproduced without touching global state.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ def _as_random_state(rng) -> np.random.RandomState:
     return np.random.RandomState(rng)
 
 
-def generate_nested(n_group1=200, n_group2=20, n_rep=10, group1_sd=2.0, group2_sd=3.0, unexplained_sd=4.0,
-                    rng=None) -> pd.DataFrame:
+def generate_nested(
+    n_group1=200, n_group2=20, n_rep=10, group1_sd=2.0, group2_sd=3.0, unexplained_sd=4.0, rng=None
+) -> pd.DataFrame:
     """Group 2 nested within group 1; columns y, group1, group2 (group2 labels repeat across group 1)."""
     rng = _as_random_state(rng)
     per_group1 = n_group2 * n_rep
@@ -33,8 +35,9 @@ def generate_nested(n_group1=200, n_group2=20, n_rep=10, group1_sd=2.0, group2_s
     return pd.DataFrame({"y": effects1 + effects2 + e, "group1": group1, "group2": group2})
 
 
-def generate_crossed(n_group1=100, n_group2=100, n_rep=4, group1_sd=2.0, group2_sd=3.0, unexplained_sd=4.0,
-                     rng=None) -> pd.DataFrame:
+def generate_crossed(
+    n_group1=100, n_group2=100, n_rep=4, group1_sd=2.0, group2_sd=3.0, unexplained_sd=4.0, rng=None
+) -> pd.DataFrame:
     """Two crossed factors with random level assignment; columns y, group1, group2 (integers)."""
     rng = _as_random_state(rng)
     n = n_group1 * n_group2 * n_rep
@@ -73,8 +76,14 @@ def generate_crossed_slopes(n: int = 1_000_000, n_a: int = 50_000, n_b: int = 1_
     return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})
 
 
-def generate_ratings(n: int = 32_000_000, n_users: int = 200_000, n_items: int = 16_000, min_user: int = 20,
-                     min_item: int = 50, seed: int = 2026) -> pd.DataFrame:
+def generate_ratings(
+    n: int = 32_000_000,
+    n_users: int = 200_000,
+    n_items: int = 16_000,
+    min_user: int = 20,
+    min_item: int = 50,
+    seed: int = 2026,
+) -> pd.DataFrame:
     """A synthetic ratings table sized like MovieLens ml-32m restricted to movies with at least 50 ratings, for
     y ~ 1 + (1 | user) + (1 | item).
 
@@ -90,12 +99,20 @@ def generate_ratings(n: int = 32_000_000, n_users: int = 200_000, n_items: int =
     activity = rng.lognormal(0.0, 1.2, n_users)
     popularity = (np.arange(n_items) + 20.0) ** -1.1
     rest = n - n_users * min_user - n_items * min_item
-    user = np.concatenate([np.repeat(np.arange(n_users, dtype=np.int32), min_user),
-                           rng.integers(0, n_users, n_items * min_item, dtype=np.int32),
-                           _draw(rng, activity, rest)])
-    item = np.concatenate([rng.integers(0, n_items, n_users * min_user, dtype=np.int32),
-                           np.repeat(np.arange(n_items, dtype=np.int32), min_item),
-                           _draw(rng, popularity, rest)])
+    user = np.concatenate(
+        [
+            np.repeat(np.arange(n_users, dtype=np.int32), min_user),
+            rng.integers(0, n_users, n_items * min_item, dtype=np.int32),
+            _draw(rng, activity, rest),
+        ]
+    )
+    item = np.concatenate(
+        [
+            rng.integers(0, n_items, n_users * min_user, dtype=np.int32),
+            np.repeat(np.arange(n_items, dtype=np.int32), min_item),
+            _draw(rng, popularity, rest),
+        ]
+    )
     y = 3.5 + 0.45 * rng.normal(size=n_users)[user] + 0.55 * rng.normal(size=n_items)[item] + 0.9 * rng.normal(size=n)
     return pd.DataFrame({"y": y, "user": user, "item": item})
 
@@ -106,8 +123,13 @@ def _draw(rng, weights: np.ndarray, size: int) -> np.ndarray:
     return np.searchsorted(cdf, rng.random(size) * cdf[-1], side="right").astype(np.int32)
 
 
-def generate_insteval_like(n_students: int = 2_972, n_lecturers: int = 1_128, n_depts: int = 14,
-                           ratings_per_student: float = 24.7, seed: int = 2026) -> pd.DataFrame:
+def generate_insteval_like(
+    n_students: int = 2_972,
+    n_lecturers: int = 1_128,
+    n_depts: int = 14,
+    ratings_per_student: float = 24.7,
+    seed: int = 2026,
+) -> pd.DataFrame:
     """A synthetic design sized like lme4's InstEval (73,421 ratings of 1,128 lecturers by 2,972 students, 14
     departments, a lecture given as a service course or not), for y ~ 1 + service + (1|s) + (1|d) +
     (1|dept:service). Each lecturer belongs to one department; students rate a Poisson number of lecturers
@@ -122,6 +144,12 @@ def generate_insteval_like(n_students: int = 2_972, n_lecturers: int = 1_128, n_
     dept_of = rng.integers(0, n_depts, n_lecturers)
     service = rng.integers(0, 2, s.shape[0])
     dept = dept_of[d]
-    y = (3.2 - 0.07 * service + 0.33 * rng.normal(size=n_students)[s] + 0.52 * rng.normal(size=n_lecturers)[d]
-         + 0.11 * rng.normal(size=(n_depts, 2))[dept, service] + 1.18 * rng.normal(size=s.shape[0]))
+    y = (
+        3.2
+        - 0.07 * service
+        + 0.33 * rng.normal(size=n_students)[s]
+        + 0.52 * rng.normal(size=n_lecturers)[d]
+        + 0.11 * rng.normal(size=(n_depts, 2))[dept, service]
+        + 1.18 * rng.normal(size=s.shape[0])
+    )
     return pd.DataFrame({"y": y, "s": s, "d": d, "dept": dept, "service": service.astype(str)})

@@ -1,10 +1,21 @@
 """Errors and warnings. Every error is a ValueError subclass whose message names the problem and the fix."""
+
 from __future__ import annotations
 
 __all__ = [
-    "SparsemixError", "InputError", "MissingDataError", "RankDeficientError", "FormulaError",
-    "SparsemixWarning", "ConvergenceWarning", "SingularFitWarning", "IgnoredArgumentWarning", "NewLevelWarning",
-    "RankDeficiencyWarning", "MissingExtraError", "require_extra",
+    "SparsemixError",
+    "InputError",
+    "MissingDataError",
+    "RankDeficientError",
+    "FormulaError",
+    "SparsemixWarning",
+    "ConvergenceWarning",
+    "SingularFitWarning",
+    "IgnoredArgumentWarning",
+    "NewLevelWarning",
+    "RankDeficiencyWarning",
+    "MissingExtraError",
+    "require_extra",
 ]
 
 
@@ -63,5 +74,7 @@ def require_extra(module: str, extra: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise MissingExtraError(f"{purpose} needs {module.split('.')[0]}, which is not installed; install it with "
-                                f"pip install 'sparsemix[{extra}]'") from None
+        raise MissingExtraError(
+            f"{purpose} needs {module.split('.')[0]}, which is not installed; install it with "
+            f"pip install 'sparsemix[{extra}]'"
+        ) from None

@@ -2,6 +2,7 @@
 
 matplotlib is an optional extra (`pip install 'sparsemix[plot]'`); without it these raise MissingExtraError.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,9 @@ def caterpillar(results, level: float = 0.95, groups=None):
             continue
         for col in frame.columns:
             panels.append((grp, col, frame[col], frame.attrs["condsd"][col]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 0.5 + 0.18 * max(len(p[2]) for p in panels)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.2 * len(panels), 0.5 + 0.18 * max(len(p[2]) for p in panels)), squeeze=False
+    )
     for ax, (grp, col, mode, sd) in zip(axes[0], panels):
         order = np.argsort(mode.to_numpy())
         y = np.arange(len(order))

@@ -3,6 +3,7 @@
 Off by default in the API (`lmer(..., verbose=True)` or `progress=callable` turns it on); the fit's whole log is
 always kept (`results.fit_log`).
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,5 +24,8 @@ class ProgressPrinter:
         now = time.perf_counter()
         if now - self._last >= self.every:
             self._last = now
-            print(f"sparsemix: evaluation {evaluation:5d}  deviance {deviance:.6f}  {seconds:8.2f} s",
-                  file=self.stream, flush=True)
+            print(
+                f"sparsemix: evaluation {evaluation:5d}  deviance {deviance:.6f}  {seconds:8.2f} s",
+                file=self.stream,
+                flush=True,
+            )

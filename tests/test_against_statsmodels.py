@@ -12,6 +12,7 @@ results attribute by attribute. The tolerances follow from how the two fits diff
 The data are generated here with fixed seeds (a few hundred rows per case); the whole module runs in a few
 seconds.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,7 +41,7 @@ def make_grouped(seed, n_groups=40, per_group=12, sd_int=1.0, sd_slope=0.5, corr
     g = np.repeat(np.arange(n_groups), per_group)
     x = rng.normal(size=n)
     sub = np.tile(np.arange(per_group) % 3, n_groups)
-    cov = np.array([[sd_int ** 2, corr * sd_int * sd_slope], [corr * sd_int * sd_slope, sd_slope ** 2]])
+    cov = np.array([[sd_int**2, corr * sd_int * sd_slope], [corr * sd_int * sd_slope, sd_slope**2]])
     b = rng.multivariate_normal([0.0, 0.0], cov, size=n_groups)
     s = rng.normal(scale=sd_sub, size=(n_groups, 3))
     y = 1.0 + 2.0 * x + b[g, 0] + b[g, 1] * x + s[g, sub] + rng.normal(scale=sd_e, size=n)
@@ -53,8 +54,7 @@ def make_crossed(seed, n=600, n_a=20, n_b=15):
     a = rng.integers(0, n_a, n)
     b = rng.integers(0, n_b, n)
     x = rng.normal(size=n)
-    y = 1.0 + 2.0 * x + rng.normal(scale=1.0, size=n_a)[a] + rng.normal(scale=0.6, size=n_b)[b] \
-        + rng.normal(size=n)
+    y = 1.0 + 2.0 * x + rng.normal(scale=1.0, size=n_a)[a] + rng.normal(scale=0.6, size=n_b)[b] + rng.normal(size=n)
     return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})
 
 
@@ -67,7 +67,7 @@ def vc_spec(cls, groups, factor, n_levels, name="sub"):
 
 
 NEW_X = np.linspace(-2.0, 2.0, 7)
-NEW_FRAME = pd.DataFrame({"x": NEW_X}, index=np.arange(100, 107))   # a new index: predict must keep it
+NEW_FRAME = pd.DataFrame({"x": NEW_X}, index=np.arange(100, 107))  # a new index: predict must keep it
 NEW_ARRAY = np.column_stack([np.ones(NEW_X.size), NEW_X])
 
 
@@ -76,16 +76,16 @@ NEW_ARRAY = np.column_stack([np.ones(NEW_X.size), NEW_X])
 
 @dataclass
 class Pair:
-    sm: object                        # statsmodels MixedLMResults (wrapper)
+    sm: object  # statsmodels MixedLMResults (wrapper)
     ours: sparsemix.MixedLMResults
     reml: bool
-    new_exog: object                  # for predict(): a DataFrame (formula models) or an ndarray
+    new_exog: object  # for predict(): a DataFrame (formula models) or an ndarray
     our_warnings: list = field(default_factory=list)
 
 
 def _fit_sm(make_model, **fit_kwargs):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # statsmodels' ConvergenceWarning / FutureWarning chatter
+        warnings.simplefilter("ignore")  # statsmodels' ConvergenceWarning / FutureWarning chatter
         return make_model().fit(**fit_kwargs)
 
 
@@ -103,8 +103,12 @@ def _pair(sm_model, our_model, new_exog, reml=True, sm_fit=None, our_fit=None):
 
 
 def _formula_pair(df, reml, formula="y ~ x", **kwargs):
-    return _pair(lambda: sm.MixedLM.from_formula(formula, df, **kwargs),
-                 lambda: sparsemix.MixedLM.from_formula(formula, df, **kwargs), NEW_FRAME, reml)
+    return _pair(
+        lambda: sm.MixedLM.from_formula(formula, df, **kwargs),
+        lambda: sparsemix.MixedLM.from_formula(formula, df, **kwargs),
+        NEW_FRAME,
+        reml,
+    )
 
 
 def case_random_intercept(reml):
@@ -130,9 +134,12 @@ def case_array_vcspec(reml):
     y, g, sub = df.y.to_numpy(), df.g.to_numpy(), df["sub"].to_numpy()
     X = sm.add_constant(df.x.to_numpy())
     Z = np.column_stack([np.ones(len(df)), df.x.to_numpy()])
-    return _pair(lambda: sm.MixedLM(y, X, g, exog_re=Z, exog_vc=vc_spec(SmVCSpec, g, sub, 3)),
-                 lambda: sparsemix.MixedLM(y, X, g, exog_re=Z, exog_vc=vc_spec(VCSpec, g, sub, 3)),
-                 NEW_ARRAY, reml)
+    return _pair(
+        lambda: sm.MixedLM(y, X, g, exog_re=Z, exog_vc=vc_spec(SmVCSpec, g, sub, 3)),
+        lambda: sparsemix.MixedLM(y, X, g, exog_re=Z, exog_vc=vc_spec(VCSpec, g, sub, 3)),
+        NEW_ARRAY,
+        reml,
+    )
 
 
 def case_array_dict_vc(reml):
@@ -142,9 +149,11 @@ def case_array_dict_vc(reml):
     y, g, sub = df.y.to_numpy(), df.g.to_numpy(), df["sub"].to_numpy()
     X = sm.add_constant(df.x.to_numpy())
     rows = {lab: np.flatnonzero(g == lab) for lab in sorted(set(g.tolist()))}
-    exog_vc = {"zsub": {lab: np.eye(3)[sub[r]] for lab, r in rows.items()},
-               "half": {lab: np.eye(2)[r % 2] for lab, r in rows.items()}}
-    with pytest.warns(FutureWarning, match="deprecated variance components format"):   # as statsmodels warns
+    exog_vc = {
+        "zsub": {lab: np.eye(3)[sub[r]] for lab, r in rows.items()},
+        "half": {lab: np.eye(2)[r % 2] for lab, r in rows.items()},
+    }
+    with pytest.warns(FutureWarning, match="deprecated variance components format"):  # as statsmodels warns
         ours = sparsemix.MixedLM(y, X, g, exog_vc=exog_vc)
     return _pair(lambda: sm.MixedLM(y, X, g, exog_vc=exog_vc), lambda: ours, NEW_ARRAY, reml)
 
@@ -185,8 +194,12 @@ def case_array_drop(reml):
     """missing='drop' through the array constructor. statsmodels' constructor cannot do this (its groups are
     not filtered), so statsmodels is fitted on the already-dropped data."""
     y, X, g, Z, keep = arrays_with_missing()
-    return _pair(lambda: sm.MixedLM(y[keep], X[keep], g[keep], exog_re=Z[keep]),
-                 lambda: sparsemix.MixedLM(y, X, g, exog_re=Z, missing="drop"), NEW_ARRAY, reml)
+    return _pair(
+        lambda: sm.MixedLM(y[keep], X[keep], g[keep], exog_re=Z[keep]),
+        lambda: sparsemix.MixedLM(y, X, g, exog_re=Z, missing="drop"),
+        NEW_ARRAY,
+        reml,
+    )
 
 
 def arrays_with_missing_group():
@@ -203,19 +216,25 @@ def arrays_with_missing_group():
 
 def case_array_drop_vc(reml):
     y, X, g, sub, keep = arrays_with_missing_group()
-    return _pair(lambda: sm.MixedLM(y[keep], X[keep], g[keep], exog_vc=vc_spec(SmVCSpec, g[keep], sub[keep], 3)),
-                 lambda: sparsemix.MixedLM(y, X, g, exog_vc=vc_spec(VCSpec, g, sub, 3), missing="drop"),
-                 NEW_ARRAY, reml)
+    return _pair(
+        lambda: sm.MixedLM(y[keep], X[keep], g[keep], exog_vc=vc_spec(SmVCSpec, g[keep], sub[keep], 3)),
+        lambda: sparsemix.MixedLM(y, X, g, exog_vc=vc_spec(VCSpec, g, sub, 3), missing="drop"),
+        NEW_ARRAY,
+        reml,
+    )
 
 
 def case_free(reml):
     """Independent random effects: `free` holds the Cholesky factor's off-diagonal at its start value 0."""
     df = make_grouped(5)
-    return _pair(lambda: sm.MixedLM.from_formula("y ~ x", df, groups="g", re_formula="1 + x"),
-                 lambda: sparsemix.MixedLM.from_formula("y ~ x", df, groups="g", re_formula="1 + x"),
-                 NEW_FRAME, reml,
-                 sm_fit={"free": SmMixedLMParams.from_components(np.ones(2), np.eye(2))},
-                 our_fit={"free": MixedLMParams.from_components(np.ones(2), np.eye(2))})
+    return _pair(
+        lambda: sm.MixedLM.from_formula("y ~ x", df, groups="g", re_formula="1 + x"),
+        lambda: sparsemix.MixedLM.from_formula("y ~ x", df, groups="g", re_formula="1 + x"),
+        NEW_FRAME,
+        reml,
+        sm_fit={"free": SmMixedLMParams.from_components(np.ones(2), np.eye(2))},
+        our_fit={"free": MixedLMParams.from_components(np.ones(2), np.eye(2))},
+    )
 
 
 CASES = {
@@ -261,14 +280,20 @@ def arr(x):
 def sm_names(res):
     """statsmodels keeps the names on model.data."""
     d = res.model.data
-    return {"param_names": list(d.param_names), "exog_names": list(res.model.exog_names),
-            "exog_re_names": list(d.exog_re_names)}
+    return {
+        "param_names": list(d.param_names),
+        "exog_names": list(res.model.exog_names),
+        "exog_re_names": list(d.exog_re_names),
+    }
 
 
 def our_names(res):
     m = res.model
-    return {"param_names": list(m.param_names), "exog_names": list(m.exog_names),
-            "exog_re_names": list(m.exog_re_names)}
+    return {
+        "param_names": list(m.param_names),
+        "exog_names": list(m.exog_names),
+        "exog_re_names": list(m.exog_re_names),
+    }
 
 
 # -- the generic comparisons, for every case -------------------------------------------------------------------
@@ -277,7 +302,7 @@ def our_names(res):
 def test_our_fit_converged_without_warnings(pair):
     assert pair.ours.converged
     assert pair.our_warnings == []
-    assert pair.sm.converged       # otherwise the comparison below is against a non-answer
+    assert pair.sm.converged  # otherwise the comparison below is against a non-answer
 
 
 def test_llf_at_least_as_good_and_same_model(pair):
@@ -292,8 +317,12 @@ def test_nobs_and_groups(pair):
     assert pair.ours.model.n_groups == pair.sm.model.n_groups
     assert list(pair.ours.model.group_labels) == list(pair.sm.model.group_labels)
     assert pair.ours.method == pair.sm.method == ("REML" if pair.reml else "ML")
-    assert (pair.ours.k_fe, pair.ours.k_re, pair.ours.k_re2, pair.ours.k_vc) == \
-           (pair.sm.k_fe, pair.sm.k_re, pair.sm.k_re2, pair.sm.k_vc)
+    assert (pair.ours.k_fe, pair.ours.k_re, pair.ours.k_re2, pair.ours.k_vc) == (
+        pair.sm.k_fe,
+        pair.sm.k_re,
+        pair.sm.k_re2,
+        pair.sm.k_vc,
+    )
 
 
 def test_names(pair):
@@ -339,8 +368,12 @@ def test_cov_re(pair):
     if t.size:
         # Relative to the variances: a covariance of (near) zero has no meaningful relative error.
         np.testing.assert_allclose(arr(ours), t, rtol=1e-3, atol=1e-3 * np.abs(np.diag(t)).max())
-        np.testing.assert_allclose(arr(pair.ours.cov_re_unscaled), arr(pair.sm.cov_re_unscaled),
-                                   rtol=1e-3, atol=1e-3 * np.abs(np.diag(t)).max() / pair.sm.scale)
+        np.testing.assert_allclose(
+            arr(pair.ours.cov_re_unscaled),
+            arr(pair.sm.cov_re_unscaled),
+            rtol=1e-3,
+            atol=1e-3 * np.abs(np.diag(t)).max() / pair.sm.scale,
+        )
 
 
 def test_vcomp(pair):
@@ -358,7 +391,7 @@ def test_params_vector(pair):
     o, t = arr(ours), arr(theirs)
     assert o.shape == t.shape
     np.testing.assert_allclose(o[:k], t[:k], rtol=1e-4, atol=1e-4 * np.abs(t[:k]).max())
-    if t.size > k:   # unscaled variance parameters
+    if t.size > k:  # unscaled variance parameters
         np.testing.assert_allclose(o[k:], t[k:], rtol=1e-3, atol=1e-3 * np.abs(t[k:]).max())
 
 
@@ -369,8 +402,9 @@ def test_random_effects(pair):
     for label in theirs:
         assert isinstance(ours[label], pd.Series)
         assert list(ours[label].index) == list(theirs[label].index), label
-        np.testing.assert_allclose(arr(ours[label]), arr(theirs[label]), rtol=1e-3,
-                                   atol=1e-3 * scale_of_effects, err_msg=str(label))
+        np.testing.assert_allclose(
+            arr(ours[label]), arr(theirs[label]), rtol=1e-3, atol=1e-3 * scale_of_effects, err_msg=str(label)
+        )
 
 
 def test_fittedvalues_and_resid(pair):
@@ -392,8 +426,7 @@ def test_predict(pair):
     t = arr(theirs)
     np.testing.assert_allclose(arr(ours), t, rtol=1e-4, atol=1e-4 * np.abs(t).max())
     # predict() without data: the fixed part on the model's rows
-    np.testing.assert_allclose(arr(pair.ours.predict()), arr(pair.sm.predict()), rtol=1e-4,
-                               atol=1e-4 * np.abs(t).max())
+    np.testing.assert_allclose(arr(pair.ours.predict()), arr(pair.sm.predict()), rtol=1e-4, atol=1e-4 * np.abs(t).max())
 
 
 def test_aic_bic(pair):
@@ -425,9 +458,10 @@ def summary_parts(res):
     rules = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
     assert len(rules) == 2
     end = max(i for i, line in enumerate(lines) if line and set(line) == {"="})
-    names = sm_names(res)["param_names"] if not isinstance(res, sparsemix.MixedLMResults) \
-        else our_names(res)["param_names"]
-    body = lines[rules[1] + 1:end]
+    names = (
+        sm_names(res)["param_names"] if not isinstance(res, sparsemix.MixedLMResults) else our_names(res)["param_names"]
+    )
+    body = lines[rules[1] + 1 : end]
     assert len(body) == len(names)
     rows = {}
     for name, line in zip(names, body):
@@ -439,7 +473,7 @@ def summary_parts(res):
 def mask_variance_stderr(line, label):
     """Blank the Std.Err. cell of a variance-parameter row (the numbers that are meant to differ)."""
     numbers = list(NUMBER.finditer(line, len(label)))
-    assert len(numbers) == 2, line                 # Coef. and Std.Err. only; z, P and the CI are empty
+    assert len(numbers) == 2, line  # Coef. and Std.Err. only; z, P and the CI are empty
     a, b = numbers[1].span()
     return line[:a] + " " * (b - a) + line[b:]
 
@@ -449,7 +483,7 @@ def test_summary_layout(pair):
     sm_lines, sm_rows = summary_parts(pair.sm)
     assert list(ours_rows) == list(sm_rows)
     assert [len(line) for line in ours_lines] == [len(line) for line in sm_lines]
-    var_labels = list(sm_rows)[pair.sm.k_fe:]
+    var_labels = list(sm_rows)[pair.sm.k_fe :]
 
     def masked(lines):
         out = []
@@ -515,8 +549,9 @@ def test_free_keeps_the_covariance_at_zero():
         assert p.ours.bse_re["g x x Cov"] == 0.0
         assert (arr(p.ours.bse_re)[[0, 2]] > 0).all()
         # and the constrained fit is worse than the unconstrained one (the data have correlation 0.4)
-        unconstrained = sparsemix.MixedLM.from_formula("y ~ x", make_grouped(5), groups="g",
-                                                       re_formula="1 + x").fit(reml=p.reml)
+        unconstrained = sparsemix.MixedLM.from_formula("y ~ x", make_grouped(5), groups="g", re_formula="1 + x").fit(
+            reml=p.reml
+        )
         assert unconstrained.llf > p.ours.llf
 
 
@@ -535,8 +570,12 @@ def noisy_pair(re_formula, reml):
     """Residual sd 4 (scale ~ 16), so that the factor sqrt(scale) ~ 4 between the two conventions is clear."""
     df = make_grouped(9, n_groups=60, sd_int=3.0, sd_slope=1.5, sd_e=4.0)
     kwargs = {"groups": "g"} if re_formula is None else {"groups": "g", "re_formula": re_formula}
-    p = _pair(lambda: sm.MixedLM.from_formula("y ~ x", df, **kwargs),
-              lambda: sparsemix.MixedLM.from_formula("y ~ x", df, **kwargs), NEW_FRAME, reml)
+    p = _pair(
+        lambda: sm.MixedLM.from_formula("y ~ x", df, **kwargs),
+        lambda: sparsemix.MixedLM.from_formula("y ~ x", df, **kwargs),
+        NEW_FRAME,
+        reml,
+    )
     return p, df
 
 
@@ -545,8 +584,9 @@ def noisy_pair(re_formula, reml):
 def test_bse_re_is_statsmodels_times_sqrt_scale(re_formula, reml):
     p, _ = noisy_pair(re_formula, reml)
     assert p.ours.llf >= p.sm.llf - 1e-6 * abs(p.sm.llf)
-    np.testing.assert_allclose(arr(p.ours.cov_re), arr(p.sm.cov_re), rtol=1e-3,
-                               atol=1e-3 * np.abs(np.diag(arr(p.sm.cov_re))).max())
+    np.testing.assert_allclose(
+        arr(p.ours.cov_re), arr(p.sm.cov_re), rtol=1e-3, atol=1e-3 * np.abs(np.diag(arr(p.sm.cov_re))).max()
+    )
     root_scale = np.sqrt(p.ours.scale)
     assert 3.5 < root_scale < 4.5
     ours, theirs = p.ours.bse_re, p.sm.bse_re
@@ -558,9 +598,9 @@ def test_bse_re_is_statsmodels_times_sqrt_scale(re_formula, reml):
     # The summary's Std.Err. column of the variance rows shows these numbers in both libraries.
     _, ours_rows = summary_parts(p.ours)
     _, sm_rows = summary_parts(p.sm)
-    for j, label in enumerate(list(sm_rows)[p.sm.k_fe:]):
-        assert float(NUMBER.findall(ours_rows[label][len(label):])[1]) == pytest.approx(arr(ours)[j], abs=6e-4)
-        assert float(NUMBER.findall(sm_rows[label][len(label):])[1]) == pytest.approx(arr(theirs)[j], abs=6e-4)
+    for j, label in enumerate(list(sm_rows)[p.sm.k_fe :]):
+        assert float(NUMBER.findall(ours_rows[label][len(label) :])[1]) == pytest.approx(arr(ours)[j], abs=6e-4)
+        assert float(NUMBER.findall(sm_rows[label][len(label) :])[1]) == pytest.approx(arr(theirs)[j], abs=6e-4)
 
 
 def dense_loglike(y, X, groups, sigma_b2, sigma2, reml):
@@ -591,15 +631,16 @@ def test_bse_re_is_the_observed_information_on_the_variance_scale(reml):
     y, g = df.y.to_numpy(), df.g.to_numpy()
     X = np.column_stack([np.ones(len(df)), df.x.to_numpy()])
     theta = np.array([arr(p.ours.cov_re)[0, 0], p.ours.scale])
-    f = lambda t: dense_loglike(y, X, g, t[0], t[1], reml)[0]   # noqa: E731
+    f = lambda t: dense_loglike(y, X, g, t[0], t[1], reml)[0]  # noqa: E731
     assert f(theta) == pytest.approx(p.ours.llf, rel=1e-10)
     h = 1e-3 * theta
     H = np.empty((2, 2))
     for i in range(2):
         for j in range(2):
             ei, ej = np.eye(2)[i] * h[i], np.eye(2)[j] * h[j]
-            H[i, j] = (f(theta + ei + ej) - f(theta + ei - ej) - f(theta - ei + ej) + f(theta - ei - ej)) \
-                / (4 * h[i] * h[j])
+            H[i, j] = (f(theta + ei + ej) - f(theta + ei - ej) - f(theta - ei + ej) + f(theta - ei - ej)) / (
+                4 * h[i] * h[j]
+            )
     se = np.sqrt(np.diag(np.linalg.inv(-H)))
     assert arr(p.ours.bse_re)[0] == pytest.approx(se[0], rel=1e-4)
     assert p.ours.scale_se == pytest.approx(se[1], rel=1e-4)
@@ -625,7 +666,7 @@ def test_default_random_intercept_name_in_array_constructor():
     X = np.column_stack([np.ones(len(df)), df.x.to_numpy()])
     theirs = _fit_sm(lambda: sm.MixedLM(y, X, g))
     ours = sparsemix.MixedLM(y, X, g).fit()
-    assert list(ours.model.param_names) == list(theirs.model.data.param_names)   # passes: 'Group Var'
+    assert list(ours.model.param_names) == list(theirs.model.data.param_names)  # passes: 'Group Var'
     assert list(ours.random_effects[0].index) == list(theirs.random_effects[0].index) == ["Group Var"]
     assert list(ours.model.exog_re_names) == list(theirs.model.data.exog_re_names)
 
@@ -650,9 +691,10 @@ def test_loglike_at_a_huge_theta_is_infeasible_not_an_error(reml):
     """The same model: at theta = sqrt(vcomp / scale) = 1e8, X'V^-1X is numerically singular. The
     log-likelihood there is -inf (or finite), so an optimizer stepping there is pushed back; at dc5e06d it
     raised RankDeficientError and ended the fit."""
-    model = sparsemix.MixedLM.from_formula("y ~ x", make_grouped(3), groups="g",
-                                           vc_formula={"sub": "0 + C(sub)", "xs": "0 + x"})
-    value = model.loglike(np.array([1e8, 1e8]), reml=reml)   # packed sqrt(vcomp), as use_sqrt=True
+    model = sparsemix.MixedLM.from_formula(
+        "y ~ x", make_grouped(3), groups="g", vc_formula={"sub": "0 + C(sub)", "xs": "0 + x"}
+    )
+    value = model.loglike(np.array([1e8, 1e8]), reml=reml)  # packed sqrt(vcomp), as use_sqrt=True
     assert value == -np.inf or np.isfinite(value)
     assert model.loglike(np.array([1e8, 1e8]), reml=reml) < model.loglike(np.array([1.0, 0.5]), reml=reml)
 
@@ -661,7 +703,7 @@ def test_categorical_vc_levels_absent_from_a_group():
     df = make_grouped(5)
     rng = np.random.default_rng(0)
     lev = rng.integers(0, 4, len(df))
-    lev[df.g.to_numpy() < 5] %= 2          # groups 0-4 only have levels 0 and 1
+    lev[df.g.to_numpy() < 5] %= 2  # groups 0-4 only have levels 0 and 1
     df["lev"] = pd.Categorical(lev)
     kwargs = {"groups": "g", "re_formula": "1", "vc_formula": {"lev": "0 + C(lev)"}}
     theirs = _fit_sm(lambda: sm.MixedLM.from_formula("y ~ x", df, **kwargs))

@@ -1,4 +1,5 @@
 """Bad input: each case raises a sparsemix error (a ValueError) that names the problem and the fix."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,8 +13,9 @@ def df():
     n = 60
     g = np.repeat(np.arange(6), 10)
     x = rng.normal(size=n)
-    return pd.DataFrame({"y": 1 + x + rng.normal(size=6)[g] + rng.normal(size=n), "x": x, "g": g,
-                         "label": ["a", "b"] * 30})
+    return pd.DataFrame(
+        {"y": 1 + x + rng.normal(size=6)[g] + rng.normal(size=n), "x": x, "g": g, "label": ["a", "b"] * 30}
+    )
 
 
 def _arrays(df):
@@ -174,5 +176,5 @@ def test_progress_function_is_called_with_evaluation_deviance_seconds(df):
     evaluations = [c[0] for c in calls]
     assert len(calls) >= 2 and evaluations[0] == 1 and np.all(np.diff(evaluations) > 0)
     assert evaluations[-1] <= fit.n_evaluations
-    assert np.all(np.diff([c[1] for c in calls]) <= 0)          # reported when the deviance improves
+    assert np.all(np.diff([c[1] for c in calls]) <= 0)  # reported when the deviance improves
     assert calls[-1][1] == pytest.approx(fit.deviance, abs=1e-6) and all(c[2] >= 0 for c in calls)

@@ -3,7 +3,7 @@ the user names, and whatever the origin and units of a random slope's covariate.
 
 References: lme4's fits of published data sets (tests/reference/random_slopes.json, written by
 random_slopes_fixtures.R), statsmodels' fit, and the best of several starts."""
-import json
+
 import sys
 import warnings
 from pathlib import Path
@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_reference, reference_data
 
 import sparsemix
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_against_statsmodels import make_grouped  # noqa: E402
 
-REFERENCE = json.loads((Path(__file__).parent / "reference" / "random_slopes.json").read_text())
+REFERENCE = load_reference("random_slopes")
 LME4_FITS = [(key, fit["name"]) for key, entry in REFERENCE.items() if key != "versions" for fit in entry["fits"]]
-SLEEPSTUDY = pd.DataFrame(json.loads((Path(__file__).parent / "reference" / "sleepstudy.json").read_text())["data"])
+SLEEPSTUDY = reference_data("sleepstudy")
 METHODS = ["auto", "nm", "lbfgs", "powell"]
 
 
@@ -42,10 +43,12 @@ def test_at_least_lme4s_optimum_on_published_data(key, name):
     m = _lmer(ref["formula"], data, reml=ref["reml"])
     assert m.fit_result.converged
     assert m.llf >= ref["logLik"] - 1e-7 * abs(ref["logLik"])
-    assert m.llf <= ref["logLik"] + 1e-3          # the same optimum (lme4 stops short by up to 1e-4 here)
+    assert m.llf <= ref["logLik"] + 1e-3  # the same optimum (lme4 stops short by up to 1e-4 here)
     assert m.is_singular == ref["isSingular"]
-    ours = {name.replace("[T.", "").replace("]", "").replace("I(age ** 2)", "I(age^2)"): value
-            for name, value in m.fe_params.items()}          # patsy's names in R's spelling
+    ours = {
+        name.replace("[T.", "").replace("]", "").replace("I(age ** 2)", "I(age^2)"): value
+        for name, value in m.fe_params.items()
+    }  # patsy's names in R's spelling
     assert set(ours) == set(ref["beta"])
     np.testing.assert_allclose([ours[n] for n in ref["beta"]], list(ref["beta"].values()), rtol=1e-3, atol=1e-4)
 
@@ -67,8 +70,11 @@ def _key_of(name):
 
 def test_singular_warning_names_the_rank_of_a_correlated_term():
     data, ref = _lme4("Exam", "exam_reml")
-    with pytest.warns(sparsemix.SingularFitWarning, match=r"covariance matrix of school\..* is singular \(rank 2 of "
-                                                          r"3\)"):
+    with pytest.warns(
+        sparsemix.SingularFitWarning,
+        match=r"covariance matrix of school\..* is singular \(rank 2 of "
+        r"3\)",
+    ):
         sparsemix.lmer(ref["formula"], data)
 
 
@@ -80,14 +86,15 @@ def test_statsmodels_methods_from_boundary_starts(method, start):
     df = make_grouped(3)
     model = sparsemix.MixedLM.from_formula("y ~ x", df, groups="g", vc_formula={"sub": "0 + C(sub)", "xs": "0 + x"})
     best = model.fit()
-    params = sparsemix.MixedLMParams.from_components(fe_params=np.zeros(2), cov_re=np.zeros((0, 0)),
-                                                     vcomp=np.array(start))
+    params = sparsemix.MixedLMParams.from_components(
+        fe_params=np.zeros(2), cov_re=np.zeros((0, 0)), vcomp=np.array(start)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = model.fit(method=method, start_params=params)
     assert result.converged
     assert result.llf == pytest.approx(best.llf, rel=1e-10)
-    assert best.llf == pytest.approx(-825.6510698, abs=1e-6)      # statsmodels' optimum (test_against_statsmodels)
+    assert best.llf == pytest.approx(-825.6510698, abs=1e-6)  # statsmodels' optimum (test_against_statsmodels)
     np.testing.assert_allclose(result.vcomp, best.vcomp, rtol=1e-5)
 
 
@@ -123,7 +130,8 @@ def test_a_random_slopes_origin_and_units_do_not_change_the_fit(sleep_fits, shif
     got = m.fit_result.covariances()[0]
     np.testing.assert_allclose(np.sqrt(np.diag(got)), np.sqrt(np.diag(expected)), rtol=1e-2 if rel > 1e-10 else 1e-5)
     assert got[0, 1] / np.sqrt(got[0, 0] * got[1, 1]) == pytest.approx(
-        expected[0, 1] / np.sqrt(expected[0, 0] * expected[1, 1]), abs=1e-6)
+        expected[0, 1] / np.sqrt(expected[0, 0] * expected[1, 1]), abs=1e-6
+    )
     # conditional modes in the data's units: the same predictions
     np.testing.assert_allclose(m.fitted, base.fitted, rtol=1e-7 if rel == 1e-10 else 1e-3)
 
@@ -134,7 +142,7 @@ def _random_slopes_design(seed, k, zero):
     rng = np.random.default_rng(seed)
     n_groups, per = 60, 12
     g = np.repeat(np.arange(n_groups), per)
-    x = rng.normal(loc=3.0, scale=[1.0, 10.0][:k - 1], size=(n_groups * per, k - 1))
+    x = rng.normal(loc=3.0, scale=[1.0, 10.0][: k - 1], size=(n_groups * per, k - 1))
     sd = np.array([1.0, 0.5, 0.05][:k])
     if zero:
         sd[-1] = 0.0
@@ -159,6 +167,6 @@ def test_default_fit_is_the_best_of_several_starts(k, zero, seed):
     best = -np.inf
     for _ in range(4):
         start = np.where(on_diagonal, rng.uniform(0.0, 2.0, n_theta), rng.normal(0.0, 0.5, n_theta))
-        start[on_diagonal & (rng.uniform(size=n_theta) < 0.3)] = 0.0     # some starts on the boundary
+        start[on_diagonal & (rng.uniform(size=n_theta) < 0.3)] = 0.0  # some starts on the boundary
         best = max(best, _lmer(formula, data, reml=False, start=start).llf)
     assert default.llf >= best - 1e-8 * abs(best)

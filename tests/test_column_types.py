@@ -1,6 +1,7 @@
 """Column dtypes every front door shares (issue 14): nullable booleans and numbers work; dates, periods,
 durations, complex numbers, unsortable grouping labels and duplicate column names are InputErrors that name the
 column, its dtype and the fix."""
+
 import warnings
 
 import numpy as np
@@ -47,6 +48,7 @@ def both_refuse(data, lmer_formula, sm_formula, *fragments, sm_kw=None, groups="
 
 
 # -- nullable pandas dtypes: fitted as their numpy counterparts, NA rows dropped as lme4's na.omit -------------
+
 
 def test_nullable_boolean_fits_as_bool():
     d = frame()
@@ -107,7 +109,7 @@ def test_nullable_numbers_as_factors(dtype, na):
     got, ref = lmer("y ~ x + C(h) + (1|g)", nd), lmer("y ~ x + C(h) + (1|g)", ref_data)
     assert len(got.fe_params) == 5
     np.testing.assert_allclose(np.asarray(got.fe_params), np.asarray(ref.fe_params), rtol=1e-10)
-    assert lmer("y ~ x + (1|g) + (1|g:h)", nd).nobs == len(ref_data)           # a grouping too
+    assert lmer("y ~ x + (1|g) + (1|g:h)", nd).nobs == len(ref_data)  # a grouping too
     sm_kw = {"missing": "drop"} if na else {}
     sm_got = mixedlm("y ~ x + C(h)", nd, **sm_kw)
     sm_ref = mixedlm("y ~ x + C(h)", ref_data)
@@ -117,6 +119,7 @@ def test_nullable_numbers_as_factors(dtype, na):
 
 
 # -- dates: a covariate is an error naming the conversion; a grouping factor or C(date) is allowed ----------
+
 
 @pytest.mark.parametrize("tz", [None, "UTC", "Europe/Paris"])
 def test_datetime_covariate_is_refused(tz):
@@ -138,7 +141,7 @@ def test_datetime_as_factor_or_grouping_is_allowed(tz):
     d["t"] = d.t.dt.tz_localize(tz) if tz else d.t
     d["day"] = d.t
     m = lmer("y ~ C(t) + (1|g)", d)
-    assert len(m.fe_params) == 4                      # intercept and three of the four dates
+    assert len(m.fe_params) == 4  # intercept and three of the four dates
     assert len(lmer("y ~ x + (1 | day)", d).fe_params) == 2
     assert len(mixedlm("y ~ x", d, groups="day").fe_params) == 2
     assert len(mixedlm("y ~ x", d, vc_formula={"t": "0 + C(t)"}).fe_params) == 2
@@ -152,6 +155,7 @@ def test_datetime_weights_are_refused():
 
 # -- periods, durations, complex numbers -----------------------------------------------------------------------
 
+
 def test_period_covariate_is_refused_grouping_allowed():
     d = frame()
     d["p"] = d.t.dt.to_period("D")
@@ -159,10 +163,10 @@ def test_period_covariate_is_refused_grouping_allowed():
     both_refuse(d, "y ~ x + (p|g)", "y ~ x", "'p'", "period[D]", sm_kw={"re_formula": "~p"})
     d["pg"] = pd.PeriodIndex([f"2020-{i % 12 + 1:02d}" for i in d.g], freq="M")
     ref = lmer("y ~ x + (1|g)", d)
-    np.testing.assert_allclose(np.asarray(lmer("y ~ x + (1|pg)", d).fe_params), np.asarray(ref.fe_params),
-                               rtol=1e-8)
-    np.testing.assert_allclose(np.asarray(mixedlm("y ~ x", d, groups="pg").fe_params),
-                               np.asarray(mixedlm("y ~ x", d).fe_params), rtol=1e-8)
+    np.testing.assert_allclose(np.asarray(lmer("y ~ x + (1|pg)", d).fe_params), np.asarray(ref.fe_params), rtol=1e-8)
+    np.testing.assert_allclose(
+        np.asarray(mixedlm("y ~ x", d, groups="pg").fe_params), np.asarray(mixedlm("y ~ x", d).fe_params), rtol=1e-8
+    )
     assert len(lmer("y ~ C(p) + (1|g)", d).fe_params) == 4
 
 
@@ -177,18 +181,30 @@ def test_timedelta_is_refused_with_the_conversion():
 
 def test_complex_columns_are_refused():
     d = frame()
-    for name, formula, sm in [("c", "y ~ c + (1|g)", "y ~ c"), ("y", "y ~ x + (1|g)", "y ~ x"),
-                              ("c", "y ~ x + (c|g)", "y ~ x")]:
+    for name, formula, sm in [
+        ("c", "y ~ c + (1|g)", "y ~ c"),
+        ("y", "y ~ x + (1|g)", "y ~ x"),
+        ("c", "y ~ x + (c|g)", "y ~ x"),
+    ]:
         data = d.assign(c=d.x + 1j) if name == "c" else d.assign(y=d.y + 0j)
-        both_refuse(data, formula, sm, f"'{name}'", "complex128", "real", sm_kw={"re_formula": "~c"}
-                    if "(c|g)" in formula else None)
+        both_refuse(
+            data,
+            formula,
+            sm,
+            f"'{name}'",
+            "complex128",
+            "real",
+            sm_kw={"re_formula": "~c"} if "(c|g)" in formula else None,
+        )
 
 
 # -- labels that cannot be sorted, duplicate names ------------------------------------------------------------
 
-@pytest.mark.parametrize("labels", [lambda i: (1, 2) if i % 2 else 1.5,
-                                    lambda i: "a" if i % 3 else 7,
-                                    lambda i: (i % 4, ) if i % 2 else f"g{i % 5}"])
+
+@pytest.mark.parametrize(
+    "labels",
+    [lambda i: (1, 2) if i % 2 else 1.5, lambda i: "a" if i % 3 else 7, lambda i: (i % 4,) if i % 2 else f"g{i % 5}"],
+)
 def test_unsortable_grouping_labels(labels):
     d = frame()
     d["o"] = [labels(i) for i in range(len(d))]
@@ -198,9 +214,10 @@ def test_unsortable_grouping_labels(labels):
         lmer("y ~ x + (1|g:o)", d)
 
 
-@pytest.mark.parametrize("labels", [lambda i: (1, 2) if i % 2 else 1.5,
-                                    lambda i: "a" if i % 3 else 7,
-                                    lambda i: (i % 4, ) if i % 2 else f"g{i % 5}"])
+@pytest.mark.parametrize(
+    "labels",
+    [lambda i: (1, 2) if i % 2 else 1.5, lambda i: "a" if i % 3 else 7, lambda i: (i % 4,) if i % 2 else f"g{i % 5}"],
+)
 def test_unsortable_labels_of_a_factor(labels):
     """Found by tests/test_fuzz.py: vc_formula's C(o) of such labels raised pandas' "'<' not supported between
     'tuple' and 'float'" (or "object of type 'float' has no len()"); C(o) in lmer's fixed part is the same check."""
@@ -231,6 +248,7 @@ def test_duplicate_names_the_model_does_not_use_are_fine():
 
 # -- predict's newdata is read as the fit's data was -------------------------------------------------------------
 
+
 def test_newdata_with_nullable_booleans_predicts_as_bool():
     """Before: a nullable boolean newdata column gave patsy's error, although the fit took the same dtype."""
     d = frame()
@@ -240,9 +258,10 @@ def test_newdata_with_nullable_booleans_predicts_as_bool():
     new.loc[new.index[[2, 5]], "b"] = pd.NA
     pred = got.predict(new)
     assert np.isnan(pred.iloc[[2, 5]]).all() and np.isfinite(pred.drop(index=new.index[[2, 5]])).all()
-    np.testing.assert_allclose(pred.drop(index=new.index[[2, 5]]), ref.predict(d.iloc[:30]).drop(index=new.index[[2, 5]]),
-                               rtol=1e-7)
-    np.testing.assert_allclose(got.predict(d.iloc[:30]), ref.predict(d.iloc[:30]), rtol=1e-7)   # plain bools too
+    np.testing.assert_allclose(
+        pred.drop(index=new.index[[2, 5]]), ref.predict(d.iloc[:30]).drop(index=new.index[[2, 5]]), rtol=1e-7
+    )
+    np.testing.assert_allclose(got.predict(d.iloc[:30]), ref.predict(d.iloc[:30]), rtol=1e-7)  # plain bools too
     sm_ref, sm_got = (sparsemix.MixedLM.from_formula("y ~ x + b", data, groups="g").fit() for data in (d, nb))
     np.testing.assert_allclose(sm_got.predict(nb.iloc[:30]), sm_ref.predict(d.iloc[:30]), rtol=1e-7)
 
@@ -250,10 +269,13 @@ def test_newdata_with_nullable_booleans_predicts_as_bool():
 @pytest.mark.parametrize("kind", ["period", "tz-date"])
 def test_newdata_with_periods_or_zoned_dates_as_grouping_matches_the_fitted_levels(kind):
     d = frame()
-    d["pg"] = (pd.PeriodIndex([f"2020-{i % 12 + 1:02d}" for i in d.g], freq="M") if kind == "period" else
-               pd.DatetimeIndex(pd.Timestamp("2020-01-01", tz="UTC") + pd.to_timedelta(d.g, "D")))
+    d["pg"] = (
+        pd.PeriodIndex([f"2020-{i % 12 + 1:02d}" for i in d.g], freq="M")
+        if kind == "period"
+        else pd.DatetimeIndex(pd.Timestamp("2020-01-01", tz="UTC") + pd.to_timedelta(d.g, "D"))
+    )
     m = lmer("y ~ x + (1 | pg)", d)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", sparsemix.NewLevelWarning)     # every level must be found
+        warnings.simplefilter("error", sparsemix.NewLevelWarning)  # every level must be found
         pred = m.predict(d.iloc[::7])
     np.testing.assert_allclose(pred, m.fitted.iloc[::7], rtol=1e-10)

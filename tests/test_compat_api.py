@@ -1,4 +1,5 @@
 """The statsmodels-shaped surface: parameter packing, profiles, predictions, conditional covariances."""
+
 import warnings
 
 import numpy as np
@@ -22,8 +23,9 @@ def slopes_df():
 
 @pytest.fixture(scope="module")
 def slopes_fit(slopes_df):
-    return sm.MixedLM.from_formula("y ~ x", re_formula="1 + x", vc_formula={"sub": "0 + C(sub)"}, groups="g",
-                                   data=slopes_df).fit()
+    return sm.MixedLM.from_formula(
+        "y ~ x", re_formula="1 + x", vc_formula={"sub": "0 + C(sub)"}, groups="g", data=slopes_df
+    ).fit()
 
 
 def test_from_packed_follows_statsmodels_layout():
@@ -65,8 +67,9 @@ def test_delta_method_links_bse_and_bse_re(slopes_fit):
 
 
 def test_default_optimizer_is_at_least_as_good_as_the_alternatives(slopes_df, slopes_fit):
-    model = sm.MixedLM.from_formula("y ~ x", re_formula="1 + x", vc_formula={"sub": "0 + C(sub)"}, groups="g",
-                                    data=slopes_df)
+    model = sm.MixedLM.from_formula(
+        "y ~ x", re_formula="1 + x", vc_formula={"sub": "0 + C(sub)"}, groups="g", data=slopes_df
+    )
     restarted = model.fit(start_params=slopes_fit.params_object)
     assert restarted.llf == pytest.approx(slopes_fit.llf, abs=1e-6)
     for method in ("lbfgs", ["powell"], "nm"):
@@ -78,8 +81,9 @@ def test_default_optimizer_is_at_least_as_good_as_the_alternatives(slopes_df, sl
 
 
 def test_unbounded_methods_warn_and_use_bobyqa(slopes_df, slopes_fit):
-    model = sm.MixedLM.from_formula("y ~ x", re_formula="1 + x", vc_formula={"sub": "0 + C(sub)"}, groups="g",
-                                    data=slopes_df)
+    model = sm.MixedLM.from_formula(
+        "y ~ x", re_formula="1 + x", vc_formula={"sub": "0 + C(sub)"}, groups="g", data=slopes_df
+    )
     with pytest.warns(sm.IgnoredArgumentWarning, match="BOBYQA"):
         r = model.fit(method="bfgs")
     assert r.llf == pytest.approx(slopes_fit.llf, abs=1e-8)
@@ -95,8 +99,13 @@ def test_predict_and_fitted_values(slopes_df, slopes_fit):
     manual = []
     for _, row in slopes_df.iterrows():
         re = r.random_effects[row.g]
-        manual.append(r.fe_params["Intercept"] + r.fe_params["x"] * row.x + re["g"] + re["x"] * row.x
-                      + re[f"sub[C(sub)[{int(row['sub'])}]]"])
+        manual.append(
+            r.fe_params["Intercept"]
+            + r.fe_params["x"] * row.x
+            + re["g"]
+            + re["x"] * row.x
+            + re[f"sub[C(sub)[{int(row['sub'])}]]"]
+        )
     np.testing.assert_allclose(r.fittedvalues, manual, rtol=1e-10)
     np.testing.assert_allclose(r.resid, slopes_df.y - np.asarray(manual), rtol=1e-8)
 
@@ -128,8 +137,14 @@ def profile_data():
     g = np.repeat(np.arange(30), 12)
     sub = np.tile(np.repeat(np.arange(3), 4), 30)
     x = rng.normal(size=g.size)
-    y = (1 + 0.5 * x + 2 * rng.normal(size=30)[g] + x * rng.normal(size=30)[g] + 1.5 * rng.normal(size=(30, 3))[g, sub]
-         + 2 * rng.normal(size=g.size))
+    y = (
+        1
+        + 0.5 * x
+        + 2 * rng.normal(size=30)[g]
+        + x * rng.normal(size=30)[g]
+        + 1.5 * rng.normal(size=(30, 3))[g, sub]
+        + 2 * rng.normal(size=g.size)
+    )
     return pd.DataFrame({"y": y, "x": x, "g": g, "sub": sub})
 
 
@@ -137,12 +152,14 @@ def profile_data():
 def test_profile_re_against_statsmodels(profile_data, vtype, re_ix):
     smf = pytest.importorskip("statsmodels.api")
     spec = PROFILE_CASES[vtype]
-    ours_fit = sm.MixedLM.from_formula(spec["formula"], re_formula=spec["re_formula"], vc_formula=spec["vc_formula"],
-                                       groups="g", data=profile_data).fit()
+    ours_fit = sm.MixedLM.from_formula(
+        spec["formula"], re_formula=spec["re_formula"], vc_formula=spec["vc_formula"], groups="g", data=profile_data
+    ).fit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref_fit = smf.MixedLM.from_formula(spec["formula"], re_formula=spec["re_formula"],
-                                           vc_formula=spec["vc_formula"], groups="g", data=profile_data).fit()
+        ref_fit = smf.MixedLM.from_formula(
+            spec["formula"], re_formula=spec["re_formula"], vc_formula=spec["vc_formula"], groups="g", data=profile_data
+        ).fit()
         # Only a fair comparison where statsmodels reaches the same optimum.
         assert ref_fit.llf == pytest.approx(ours_fit.llf, abs=1e-3)
         kw = dict(num_low=2, dist_low=0.2, num_high=2, dist_high=0.2)

@@ -1,4 +1,5 @@
 """Fits from data partitioned on a Dask cluster (a distributed.LocalCluster with worker processes)."""
+
 import json
 import sys
 import time
@@ -21,8 +22,15 @@ def _frame(n: int, seed: int = 0, n_g: int = 40, n_h: int = 25) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     g, h, x = rng.integers(0, n_g, n), rng.integers(0, n_h, n), rng.normal(size=n)
     f = np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
-    y = 1 + 0.5 * x + (f == "b") + rng.normal(size=n_g)[g] + 0.4 * x * rng.normal(size=n_g)[g] \
-        + 0.7 * rng.normal(size=n_h)[h] + rng.normal(size=n)
+    y = (
+        1
+        + 0.5 * x
+        + (f == "b")
+        + rng.normal(size=n_g)[g]
+        + 0.4 * x * rng.normal(size=n_g)[g]
+        + 0.7 * rng.normal(size=n_h)[h]
+        + rng.normal(size=n)
+    )
     return pd.DataFrame({"y": y, "x": x, "g": g, "h": h, "f": f, "w": rng.uniform(0.5, 2.0, n)})
 
 
@@ -48,12 +56,12 @@ def parquet_dir(tmp_path_factory):
 def _assert_equal_fits(a, b, rtol=1e-8):
     assert b.llf == pytest.approx(a.llf, rel=rtol)
     np.testing.assert_allclose(b.fe_params.to_numpy(), a.fe_params.to_numpy(), rtol=rtol, atol=1e-10)
-    np.testing.assert_allclose(b.variance_components()["vcov"], a.variance_components()["vcov"], rtol=rtol,
-                               atol=1e-10)
+    np.testing.assert_allclose(b.variance_components()["vcov"], a.variance_components()["vcov"], rtol=rtol, atol=1e-10)
     assert list(b.fe_params.index) == list(a.fe_params.index)
     assert b.ngroups == a.ngroups and b.nobs == a.nobs
 
 
+@pytest.mark.slow
 def test_fit_from_parquet_files_equals_the_in_memory_fit(client, parquet_dir):
     root, data = parquet_dir
     ddf = dd.read_parquet(str(root / "*.parquet"))
@@ -64,8 +72,9 @@ def test_fit_from_parquet_files_equals_the_in_memory_fit(client, parquet_dir):
         _assert_equal_fits(a, b)
         assert b.design.n_dropped == a.design.n_dropped == 1
     # Conditional modes come from the cross-products: the same on the client.
-    np.testing.assert_allclose(b.ranef()["g"].to_numpy(dtype=float), a.ranef()["g"].to_numpy(dtype=float),
-                               rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        b.ranef()["g"].to_numpy(dtype=float), a.ranef()["g"].to_numpy(dtype=float), rtol=1e-8, atol=1e-10
+    )
 
 
 def test_rows_based_results_are_dask_collections_computed_on_the_cluster(client, parquet_dir):
@@ -77,12 +86,12 @@ def test_rows_based_results_are_dask_collections_computed_on_the_cluster(client,
     complete = data.dropna()
     np.testing.assert_allclose(fitted.compute().to_numpy(), a.fitted.to_numpy(), rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(b.resid.compute().to_numpy(), a.resid.to_numpy(), rtol=1e-6, atol=1e-7)
-    new = complete.iloc[:50].assign(g=np.r_[np.full(25, 999), complete.g.iloc[25:50]])   # 25 rows of a new level
+    new = complete.iloc[:50].assign(g=np.r_[np.full(25, 999), complete.g.iloc[25:50]])  # 25 rows of a new level
     pred = b.predict(dd.from_pandas(new, npartitions=2)).compute()
     with pytest.warns(sparsemix.NewLevelWarning, match="25 of 50 row"):
         in_memory = a.predict(new)
     np.testing.assert_allclose(pred.to_numpy(), in_memory.to_numpy(), rtol=1e-6, atol=1e-8)
-    with pytest.warns(sparsemix.NewLevelWarning, match="25 of 50 row"):    # pandas newdata: counted at once
+    with pytest.warns(sparsemix.NewLevelWarning, match="25 of 50 row"):  # pandas newdata: counted at once
         np.testing.assert_allclose(b.predict(new).to_numpy(), in_memory.to_numpy(), rtol=1e-6, atol=1e-8)
     with pytest.raises(sparsemix.InputError, match="25 of 50 row.*not in the fitted data"):
         b.predict(new, allow_new_levels=False)
@@ -99,6 +108,7 @@ def test_what_reaches_the_client_does_not_grow_with_the_rows(client):
     assert fits[1].design.data is not None and not isinstance(fits[1].design.data, pd.DataFrame)
 
 
+@pytest.mark.slow
 def test_large_crossed_design_starts_from_a_pilot_pass_and_equals_the_in_memory_fit(client):
     # 600 levels of b after the first term: the in-memory fit starts from a pilot (pilot.py); so does this one,
     # from one more pass over the rows of the kept levels of b (weights too: the pilot's sums carry them).
@@ -116,13 +126,14 @@ def test_large_crossed_design_starts_from_a_pilot_pass_and_equals_the_in_memory_
         assert b.llf == pytest.approx(cold.llf, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_a_worker_lost_mid_fit_does_not_change_the_answer(client, parquet_dir):
     _, data = parquet_dir
     expected = sparsemix.lmer(FORMULA, data)
     pieces = np.array_split(np.arange(len(data)), 24)
 
     def slow_piece(rows):
-        time.sleep(0.25)                 # keeps the passes running long enough to lose a worker in one
+        time.sleep(0.25)  # keeps the passes running long enough to lose a worker in one
         return data.iloc[rows]
 
     ddf = dd.from_delayed([delayed(slow_piece)(rows) for rows in pieces], meta=data.iloc[:0])
@@ -131,9 +142,9 @@ def test_a_worker_lost_mid_fit_does_not_change_the_answer(client, parquet_dir):
         time.sleep(1.0)
         victim = list(client.scheduler_info()["workers"])[0]
         try:
-            client.run(lambda: __import__("os")._exit(1), workers=[victim])     # the worker process dies
+            client.run(lambda: __import__("os")._exit(1), workers=[victim])  # the worker process dies
         except (distributed.comm.core.CommClosedError, OSError):
-            pass                                                                # as it should: it is gone
+            pass  # as it should: it is gone
         got = future.result(timeout=300)
     _assert_equal_fits(expected, got)
 
@@ -156,9 +167,11 @@ def test_bootstrap_runs_on_the_cluster_and_is_reproducible(client, parquet_dir):
 
 def test_cli_fits_parquet_files_through_the_scheduler(client, parquet_dir, capsys):
     from sparsemix.cli import main
+
     root, data = parquet_dir
-    code = main(["fit", str(root / "*.parquet"), "--formula", FORMULA, "--dask", client.scheduler.address,
-                 "--format", "json"])
+    code = main(
+        ["fit", str(root / "*.parquet"), "--formula", FORMULA, "--dask", client.scheduler.address, "--format", "json"]
+    )
     assert code == 0
     record = json.loads(capsys.readouterr().out)
     assert record["llf"] == pytest.approx(sparsemix.lmer(FORMULA, data).llf, rel=1e-8)
@@ -166,8 +179,9 @@ def test_cli_fits_parquet_files_through_the_scheduler(client, parquet_dir, capsy
 
 
 def test_without_dask_the_message_names_the_extra(monkeypatch):
-    from sparsemix.errors import MissingExtraError
     from sparsemix.dask.fit import fit_partitioned
+    from sparsemix.errors import MissingExtraError
+
     monkeypatch.setitem(sys.modules, "dask", None)
     with pytest.raises(MissingExtraError, match=r"sparsemix\[dask\]"):
         fit_partitioned(FORMULA, object())

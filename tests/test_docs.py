@@ -3,6 +3,7 @@
 Needs no mkdocs: `make docs` builds the site with `mkdocs build --strict`, which checks the same links and more
 (anchors, cross-references); this test keeps the two promises that a pull request breaks most easily.
 """
+
 import re
 from pathlib import Path
 
@@ -36,10 +37,11 @@ def _api_directives() -> dict[str, list[str]]:
 
 def test_every_public_name_has_a_reference_entry():
     documented = _api_directives()
-    missing = [name for name in sparsemix.__all__
-               if name not in OMITTED and f"sparsemix.{name}" not in documented]
-    assert not missing, (f"public names without a `::: sparsemix.<name>` line in docs/api/*.md: {missing}; "
-                         "add one, or list the name in OMITTED with the reason")
+    missing = [name for name in sparsemix.__all__ if name not in OMITTED and f"sparsemix.{name}" not in documented]
+    assert not missing, (
+        f"public names without a `::: sparsemix.<name>` line in docs/api/*.md: {missing}; "
+        "add one, or list the name in OMITTED with the reason"
+    )
 
 
 def test_omitted_names_are_public():
@@ -51,7 +53,8 @@ def test_reference_uses_top_level_names_only():
     for identifier, pages in _api_directives().items():
         package, _, name = identifier.partition(".")
         assert package == "sparsemix" and name in sparsemix.__all__, (
-            f"{pages}: `::: {identifier}` is not a name of sparsemix.__all__ (no submodule paths)")
+            f"{pages}: `::: {identifier}` is not a name of sparsemix.__all__ (no submodule paths)"
+        )
         assert len(pages) == 1, f"`::: {identifier}` is rendered on several pages: {pages}"
 
 
@@ -64,21 +67,22 @@ def _relative_links(text: str) -> list[str]:
     links = []
     for target in LINK.findall(text):
         if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith(("#", "/")):
-            continue                       # http:, mailto:, anchors within the page; absolute paths checked below
+            continue  # http:, mailto:, anchors within the page; absolute paths checked below
         links.append(target)
     return links
 
 
 def test_link_pattern_finds_links():
-    sample = "See [a](b.md#c), ![img](img/x.png \"t\"), [w](https://x.org), `[no](code.md)`, [self](#here)."
+    sample = 'See [a](b.md#c), ![img](img/x.png "t"), [w](https://x.org), `[no](code.md)`, [self](#here).'
     assert _relative_links(sample) == ["b.md#c", "img/x.png"]
 
 
 @pytest.mark.parametrize("page", _markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_point_at_existing_files(page):
     text = page.read_text(encoding="utf-8")
-    assert not re.search(r"\]\(/", CODE_SPAN.sub("", FENCE.sub("", text))), \
+    assert not re.search(r"\]\(/", CODE_SPAN.sub("", FENCE.sub("", text))), (
         f"{page.name}: absolute link; link relative to the page"
+    )
     broken = []
     for target in _relative_links(text):
         path = target.split("#", 1)[0].split("?", 1)[0]
@@ -87,6 +91,9 @@ def test_relative_links_point_at_existing_files(page):
     assert not broken, f"{page.relative_to(ROOT)}: links to missing files: {broken}"
     if page.is_relative_to(DOCS):
         # The site is built from docs/ alone: a page must not link outside it.
-        outside = [t for t in _relative_links(text)
-                   if t.split("#", 1)[0] and not (page.parent / t.split("#", 1)[0]).resolve().is_relative_to(DOCS)]
+        outside = [
+            t
+            for t in _relative_links(text)
+            if t.split("#", 1)[0] and not (page.parent / t.split("#", 1)[0]).resolve().is_relative_to(DOCS)
+        ]
         assert not outside, f"{page.relative_to(ROOT)}: links outside docs/ (the site has no such page): {outside}"

@@ -3,6 +3,7 @@
 The dense reference uses the marginal model y ~ N(X beta, sigma^2 (I + Z Lambda Lambda' Z')), written out
 independently of the penalized least-squares formulation the engine uses.
 """
+
 import time
 
 import numpy as np
@@ -11,12 +12,12 @@ import scipy.sparse as sp
 
 import sparsemix.core.system
 from sparsemix.core.cross_products import CrossProducts, assemble_Z
-from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.factor import PairOperator, SchurFactor
 from sparsemix.core.kernels import subtract_level_products
-from sparsemix.fit.pipeline import fit_lmm
 from sparsemix.core.relcov import RelativeCovariance
+from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
+from sparsemix.fit.pipeline import fit_lmm
 
 
 def _problem(seed=1, n=240):
@@ -25,14 +26,22 @@ def _problem(seed=1, n=240):
     b = rng.integers(0, 6, n)
     x = rng.normal(size=n)
     X = np.column_stack([np.ones(n), x, rng.normal(size=n)])
-    y = 1.0 + 0.5 * x + rng.normal(size=11)[a] * 0.8 + rng.normal(size=6)[b] + x * rng.normal(size=11)[a] * 0.3 \
+    y = (
+        1.0
+        + 0.5 * x
+        + rng.normal(size=11)[a] * 0.8
+        + rng.normal(size=6)[b]
+        + x * rng.normal(size=11)[a] * 0.3
         + rng.normal(size=n)
+    )
     terms = [
-        RandomTerm.from_codes("a", a, np.column_stack([np.ones(n), x]), 11, CovarianceTemplate.unstructured(2),
-                              range(11), ("1", "x")),
+        RandomTerm.from_codes(
+            "a", a, np.column_stack([np.ones(n), x]), 11, CovarianceTemplate.unstructured(2), range(11), ("1", "x")
+        ),
         RandomTerm.from_codes("b", b, np.ones(n), 6, CovarianceTemplate.scalar(), range(6), ("1",)),
-        RandomTerm.from_codes("c", b, np.column_stack([x, x ** 2]), 6, CovarianceTemplate.diagonal(2), range(6),
-                              ("x", "x2")),
+        RandomTerm.from_codes(
+            "c", b, np.column_stack([x, x**2]), 6, CovarianceTemplate.diagonal(2), range(6), ("x", "x2")
+        ),
     ]
     return X, y, terms
 
@@ -51,9 +60,9 @@ def _dense(X, y, Zd, rc, theta, reml, weights=None):
     """Deviance, beta, sigma^2, conditional modes b and Var(b|y)/sigma^2 from dense marginal formulas."""
     n, p = X.shape
     Lam = sp.block_diag([sp.kron(sp.eye(nl), T) for (nl, _), T in zip(rc.blocks, rc.factors(theta))]).toarray()
-    G = Lam @ Lam.T                                            # Var(b) / sigma^2
+    G = Lam @ Lam.T  # Var(b) / sigma^2
     W = np.eye(n) if weights is None else np.diag(1.0 / weights)
-    V = W + Zd @ G @ Zd.T                                      # Var(y) / sigma^2
+    V = W + Zd @ G @ Zd.T  # Var(y) / sigma^2
     Vi = np.linalg.inv(V)
     XtViX = X.T @ Vi @ X
     beta = np.linalg.solve(XtViX, X.T @ Vi @ y)
@@ -69,10 +78,10 @@ def _dense(X, y, Zd, rc, theta, reml, weights=None):
 
 
 THETAS = [
-    None,                                                    # lme4's start: identity templates
+    None,  # lme4's start: identity templates
     np.array([0.5, -0.3, 0.8, 1.2, 0.4, 0.7]),
-    np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),                # every variance on the boundary
-    np.array([2.0, 1.5, 0.0, 0.3, 0.0, 2.5]),                # singular slope, zero diagonal entry
+    np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),  # every variance on the boundary
+    np.array([2.0, 1.5, 0.0, 0.3, 0.0, 2.5]),  # singular slope, zero diagonal entry
 ]
 
 
@@ -99,8 +108,9 @@ def test_solution_matches_dense_gls_and_blup(reml, factorization):
     np.testing.assert_allclose(sol.b, b, rtol=1e-8, atol=1e-11)
     assert sol.sigma2 == pytest.approx(sigma2, rel=1e-10)
     cols = np.array([0, 1, 5, 22, 23, 30, 33])
-    np.testing.assert_allclose(system.conditional_covariance(theta, cols), condcov[np.ix_(cols, cols)],
-                               rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(
+        system.conditional_covariance(theta, cols), condcov[np.ix_(cols, cols)], rtol=1e-8, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("factorization", FACTORIZATIONS)
@@ -167,8 +177,9 @@ def test_schur_is_refused_when_the_first_term_links_levels():
     Z[np.arange(n), rng.integers(0, 6, n)] = 1.0
     Z[np.arange(n), rng.integers(0, 6, n)] += rng.normal(size=n)
     term = RandomTerm("v", sp.csc_matrix(Z), 6, CovarianceTemplate.scalar(), tuple(range(6)), ("v",))
-    other = RandomTerm.from_codes("g", rng.integers(0, 4, n), np.ones(n), 4, CovarianceTemplate.scalar(), range(4),
-                                  ("1",))
+    other = RandomTerm.from_codes(
+        "g", rng.integers(0, 4, n), np.ones(n), 4, CovarianceTemplate.scalar(), range(4), ("1",)
+    )
     with pytest.raises(ValueError, match="schur"):
         _system(np.ones((n, 1)), rng.normal(size=n), [term, other], factorization="schur")
 
@@ -196,15 +207,14 @@ def test_every_schur_update_gives_cholmods_factor(order, update):
         # L differs from CHOLMOD's by its permutation only: compare L^{-1} P B through its Gram matrix.
         h, h_ref = schur.half_solve(B), reference.half_solve(B)
         np.testing.assert_allclose(h.T @ h, h_ref.T @ h_ref, rtol=1e-9)
-        np.testing.assert_allclose(schur.half_solve_t(schur.half_solve(B)), reference.solve(B), rtol=1e-9,
-                                   atol=1e-12)
+        np.testing.assert_allclose(schur.half_solve_t(schur.half_solve(B)), reference.solve(B), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("k", [1, 2])
 def test_kernel_subtracts_g_h_g_transpose(k, threads):
     rng = np.random.default_rng(6 + k)
-    n1, q2 = 40, 150                      # rows beyond one 64-row band, so threads split the rows
+    n1, q2 = 40, 150  # rows beyond one 64-row band, so threads split the rows
     G = sp.random(q2, n1 * k, density=0.1, random_state=7, format="csc")
     H = rng.normal(size=(n1, k, k))
     H = H @ np.transpose(H, (0, 2, 1))
@@ -244,23 +254,26 @@ def test_pair_operator_built_in_chunks_equals_one_pass(monkeypatch):
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_batched_small_cholesky_and_solves_match_numpy(k):
     from sparsemix.core.factor import _batched_cholesky, _batched_lower_solve
+
     rng = np.random.default_rng(k)
     M = rng.normal(size=(50, k, k))
     M = M @ np.transpose(M, (0, 2, 1)) + np.eye(k)
-    L = _batched_cholesky(np.tril(M))           # only the lower triangle is read
+    L = _batched_cholesky(np.tril(M))  # only the lower triangle is read
     np.testing.assert_allclose(L, np.linalg.cholesky(M), rtol=1e-12, atol=1e-14)
     B = rng.normal(size=(50, k, 3))
     np.testing.assert_allclose(_batched_lower_solve(L, B), np.linalg.solve(L, B), rtol=1e-10)
-    np.testing.assert_allclose(_batched_lower_solve(L, B, transpose=True),
-                               np.linalg.solve(np.transpose(L, (0, 2, 1)), B), rtol=1e-10)
+    np.testing.assert_allclose(
+        _batched_lower_solve(L, B, transpose=True), np.linalg.solve(np.transpose(L, (0, 2, 1)), B), rtol=1e-10
+    )
 
 
 def test_blocked_dense_cholesky_above_the_threaded_order(monkeypatch):
     import sparsemix.core.factor as factor
+
     rng = np.random.default_rng(12)
     B = rng.normal(size=(301, 40))
     S = B @ B.T + np.eye(301)
-    monkeypatch.setattr(factor, "DENSE_THREADS_MAX_ORDER", 70)      # so that 301 takes 2 levels of blocks
+    monkeypatch.setattr(factor, "DENSE_THREADS_MAX_ORDER", 70)  # so that 301 takes 2 levels of blocks
     L = factor.dense_cholesky(np.tril(S))
     np.testing.assert_allclose(L, np.linalg.cholesky(S), rtol=1e-10, atol=1e-12)
 
@@ -268,14 +281,18 @@ def test_blocked_dense_cholesky_above_the_threaded_order(monkeypatch):
 def _crossed_terms(n_a, n_b, n, seed=0):
     rng = np.random.default_rng(seed)
     a, b = rng.integers(0, n_a, n), rng.integers(0, n_b, n)
-    return [RandomTerm.from_codes(name, codes, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
-            for name, codes, k in (("a", a, n_a), ("b", b, n_b))]
+    return [
+        RandomTerm.from_codes(name, codes, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
+        for name, codes, k in (("a", a, n_a), ("b", b, n_b))
+    ]
 
 
 def test_densely_linked_designs_take_the_schur_form_untimed(monkeypatch):
     """Each level of a links ~10 of b's 150 levels: 300 levels x 55 pairs cover b's 11,325 twice over."""
+
     def no_trials(*args, **kwargs):
         raise AssertionError("a factorization was timed")
+
     monkeypatch.setattr("sparsemix.core.system._time_refactorization", no_trials)
     n = 3_000
     rng = np.random.default_rng(1)
@@ -287,13 +304,17 @@ def test_sparsely_linked_designs_are_timed(monkeypatch):
     """A nested design (each level of a in one level of b) fills nothing: the candidates race."""
     timed = []
     original = sparsemix.core.system._time_refactorization
-    monkeypatch.setattr("sparsemix.core.system._time_refactorization",
-                        lambda factor, *args: timed.append(factor.mode) or original(factor, *args))
+    monkeypatch.setattr(
+        "sparsemix.core.system._time_refactorization",
+        lambda factor, *args: timed.append(factor.mode) or original(factor, *args),
+    )
     n_a, n_b, n = 2_000, 200, 6_000
     a = np.arange(n) % n_a
     b = a % n_b
-    terms = [RandomTerm.from_codes(name, codes, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
-             for name, codes, k in (("a", a, n_a), ("b", b, n_b))]
+    terms = [
+        RandomTerm.from_codes(name, codes, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
+        for name, codes, k in (("a", a, n_a), ("b", b, n_b))
+    ]
     system, _, _ = _system(np.ones((n, 1)), np.random.default_rng(2).normal(size=n), terms)
     assert "simplicial" in timed
     assert system.factorization_mode != "schur"
@@ -320,12 +341,14 @@ def test_complement_density_tells_crossed_from_nested():
     n = 4_000
     crossed, _, _ = _system(np.ones((n, 1)), rng.normal(size=n), _crossed_terms(400, 200, n))
     inner = np.arange(n) % 1_000
-    nested_terms = [RandomTerm.from_codes(name, codes, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
-                    for name, codes, k in (("inner", inner, 1_000), ("outer", inner % 200, 200))]
+    nested_terms = [
+        RandomTerm.from_codes(name, codes, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
+        for name, codes, k in (("inner", inner, 1_000), ("outer", inner % 200, 200))
+    ]
     nested, _, _ = _system(np.ones((n, 1)), rng.normal(size=n), nested_terms)
     # crossed: each of 400 levels links ~10 of 200 columns, so a column meets ~20 x 9 others: about 60% filled
     assert 0.4 < _complement_density(crossed._A, 400) < 0.8
-    assert _complement_density(nested._A, 1_000) == pytest.approx(1 / 200)     # the diagonal only
+    assert _complement_density(nested._A, 1_000) == pytest.approx(1 / 200)  # the diagonal only
     assert crossed.factorization_mode == "schur" and nested.factorization_mode != "schur"
 
 
@@ -334,13 +357,16 @@ def test_blas_libraries_are_found_on_import_including_cholmods():
     every BLAS in the process then, CHOLMOD's among them, so single-threaded stages limit them all."""
     import subprocess
     import sys
-    code = ("import sparsemix, sparsemix.core.threads as t; from threadpoolctl import threadpool_info; "
-            "print(t._controller is not None, sorted(c.filepath for c in t._controller.lib_controllers) == "
-            "sorted(i['filepath'] for i in threadpool_info() if i['user_api'] == 'blas'), "
-            "len(t._controller.lib_controllers))")
+
+    code = (
+        "import sparsemix, sparsemix.core.threads as t; from threadpoolctl import threadpool_info; "
+        "print(t._controller is not None, sorted(c.filepath for c in t._controller.lib_controllers) == "
+        "sorted(i['filepath'] for i in threadpool_info() if i['user_api'] == 'blas'), "
+        "len(t._controller.lib_controllers))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[:2] == ["True", "True"]
-    assert int(out[2]) >= 2             # numpy's or scipy's bundled one, and the system one CHOLMOD links
+    assert int(out[2]) >= 2  # numpy's or scipy's bundled one, and the system one CHOLMOD links
 
 
 def test_threads_go_only_to_cores_nobody_else_is_running_on(monkeypatch):
@@ -364,7 +390,7 @@ def test_threads_go_only_to_cores_nobody_else_is_running_on(monkeypatch):
         for p in loops:
             p.kill()
             p.wait()
-    monkeypatch.setattr(threads, "free_cores", lambda: len(cores))      # an idle machine
+    monkeypatch.setattr(threads, "free_cores", lambda: len(cores))  # an idle machine
     assert threads.kernel_threads(threads.KERNEL_THREADS_MIN_ORDER) == len(cores)
 
 
@@ -378,8 +404,11 @@ def test_free_cores_reads_the_running_tasks(monkeypatch, tmp_path):
     for running, expected in [(1, n), (n, 1), (n + 5, 1), (2, max(1, n - 1))]:
         fake = tmp_path / f"loadavg{running}"
         fake.write_text(f"0.50 0.40 0.30 {running}/300 12345\n")
-        monkeypatch.setattr(builtins, "open", lambda path, *a, fake=fake, **k:
-                            real_open(fake if path == "/proc/loadavg" else path, *a, **k))
+        monkeypatch.setattr(
+            builtins,
+            "open",
+            lambda path, *a, fake=fake, **k: real_open(fake if path == "/proc/loadavg" else path, *a, **k),
+        )
         assert threads.free_cores() == expected
     monkeypatch.setattr(builtins, "open", lambda path, *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     assert threads.free_cores() == n

@@ -1,5 +1,6 @@
 """Names in formulas: columns named by Python keywords and builtins, written bare in every front door, and the
 functions of the calling code (as patsy's eval_env), with Python's builtins, dunders and attributes refused."""
+
 import json
 import re
 from types import SimpleNamespace
@@ -27,8 +28,16 @@ def _frame(n=300, seed=3):
     g, h = rng.integers(0, 15, n), rng.integers(0, 4, n)
     x, f = rng.normal(size=n), np.array(["a", "b", "c"])[rng.integers(0, 3, n)]
     z = rng.uniform(1, 3, n)
-    y = 10 + x + (f == "b") + rng.normal(size=15)[g] + 0.3 * x * rng.normal(size=15)[g] \
-        + 0.8 * rng.normal(size=(15, 4))[g, h] + 0.5 * z * rng.normal(size=15)[g] + rng.normal(size=n)
+    y = (
+        10
+        + x
+        + (f == "b")
+        + rng.normal(size=15)[g]
+        + 0.3 * x * rng.normal(size=15)[g]
+        + 0.8 * rng.normal(size=(15, 4))[g, h]
+        + 0.5 * z * rng.normal(size=15)[g]
+        + rng.normal(size=n)
+    )
     return pd.DataFrame({"resp": y, "dose": x, "kind": f, "size": z, "site": g.astype(str), "plot": h})
 
 
@@ -78,16 +87,26 @@ def test_backticks_give_the_names_r_gives(frame, plain_fit):
     assert fit.llf == plain_fit.llf
     # R writes `yield`, `class`, `lambda` bare and reserved words (in, if) in backticks, as lme4 1.1-31 names
     # `if` and `yield` in coefficient names.
-    assert list(fit.fe_params.index) == ["(Intercept)", "`in`[T.b]", "`in`[T.c]", "class", "class:`in`[T.b]",
-                                         "class:`in`[T.c]", "log(lambda)", "I(class ** 2)"]
+    assert list(fit.fe_params.index) == [
+        "(Intercept)",
+        "`in`[T.b]",
+        "`in`[T.c]",
+        "class",
+        "class:`in`[T.b]",
+        "class:`in`[T.c]",
+        "log(lambda)",
+        "I(class ** 2)",
+    ]
 
 
 def test_from_formula_reads_keyword_columns_in_every_formula(frame):
     kw = dict(re_formula="~{x}", vc_formula={"v": "0 + C({h})", "w": "0 + {z}"}, groups="{g}")
 
     def fit(names, data):
-        args = {k: v.format(**names) if isinstance(v, str) else {n: f.format(**names) for n, f in v.items()}
-                for k, v in kw.items()}
+        args = {
+            k: v.format(**names) if isinstance(v, str) else {n: f.format(**names) for n, f in v.items()}
+            for k, v in kw.items()
+        }
         return sparsemix.MixedLM.from_formula("{y} ~ {x} * {f} + log({z})".format(**names), data, **args).fit()
 
     plain = fit(PLAIN, frame)
@@ -99,12 +118,12 @@ def test_from_formula_reads_keyword_columns_in_every_formula(frame):
 
 
 def test_a_column_wins_over_a_function_of_the_same_name(data, plain_fit):
-    def x(v):      # noqa: F811 - the caller's function must not replace the column x
+    def x(v):  # noqa: F811 - the caller's function must not replace the column x
         return 100 * v
 
     fit = sparsemix.lmer("y ~ x * f + log(z) + I(x^2) + (1 + x | g) + (1 | g:h)", data)
     assert fit.llf == plain_fit.llf and x(1) == 100
-    d = data.rename(columns={"z": "log"})     # a column called log: the column; np.log the function
+    d = data.rename(columns={"z": "log"})  # a column called log: the column; np.log the function
     fit = sparsemix.lmer("y ~ x * f + np.log(log) + I(x^2) + (1 + x | g) + (1 | g:h)", d)
     assert fit.llf == plain_fit.llf
     with pytest.raises(FormulaError, match="calls the column 'log' as a function"):
@@ -119,15 +138,14 @@ def test_the_command_line_reads_keyword_columns(capsys, frame, plain_fit, tmp_pa
     record = json.loads(capsys.readouterr().out)
     assert code == 0
     assert record["llf"] == pytest.approx(plain_fit.llf, rel=1e-10)
-    assert [r["name"] for r in record["fixed_effects"]] == \
-        [_rename_terms(c, names) for c in plain_fit.fe_params.index]
+    assert [r["name"] for r in record["fixed_effects"]] == [_rename_terms(c, names) for c in plain_fit.fe_params.index]
     # (through the CSV's decimal text, which is not always the same double)
     np.testing.assert_allclose([r["estimate"] for r in record["fixed_effects"]], plain_fit.fe_params, rtol=1e-9)
 
 
 def test_dask_reads_keyword_columns(frame, plain_fit):
     dd = pytest.importorskip("dask.dataframe")
-    names = RENAMINGS[0]     # `in` is a text column: its levels are gathered across partitions
+    names = RENAMINGS[0]  # `in` is a text column: its levels are gathered across partitions
     fit = sparsemix.lmer(LMER.format(**names), dd.from_pandas(_renamed(frame, names), npartitions=3))
     assert fit.llf == pytest.approx(plain_fit.llf, rel=1e-9)
     np.testing.assert_allclose(fit.fe_params.to_numpy(), plain_fit.fe_params.to_numpy(), rtol=1e-7)
@@ -143,6 +161,7 @@ def test_a_keyword_that_is_not_a_column_says_so(data):
 
 # -- the functions of the calling code ----------------------------------------------------------------
 
+
 def shifted(v):
     return v - 2.0
 
@@ -156,9 +175,10 @@ def test_lmer_and_from_formula_call_the_callers_functions(data):
     fit = sparsemix.lmer("y ~ times_two(x) + (1 + times_two(x) | g)", data, reml=False)
     assert fit.llf == pytest.approx(plain.llf, rel=1e-9)
     assert fit.fe_params["times_two(x)"] == pytest.approx(plain.fe_params["x"] / 2, rel=1e-6)
-    fit = sparsemix.lmer("y ~ shifted(x) + (1 | g)", data, reml=False)      # a module-level function
-    assert fit.fe_params["shifted(x)"] == pytest.approx(sparsemix.lmer("y ~ x + (1 | g)", data,
-                                                                       reml=False).fe_params["x"], rel=1e-9)
+    fit = sparsemix.lmer("y ~ shifted(x) + (1 | g)", data, reml=False)  # a module-level function
+    assert fit.fe_params["shifted(x)"] == pytest.approx(
+        sparsemix.lmer("y ~ x + (1 | g)", data, reml=False).fe_params["x"], rel=1e-9
+    )
 
     # statsmodels' test_formulas: the function in the fixed part and in re_formula.
     model = sparsemix.MixedLM.from_formula("y ~ times_two(x)", data, groups="g", re_formula="~times_two(x)")
@@ -168,8 +188,9 @@ def test_lmer_and_from_formula_call_the_callers_functions(data):
     np.testing.assert_allclose(result.params.to_numpy(), reference.params.to_numpy(), rtol=1e-6)
     assert list(result.params.index)[:2] == ["Intercept", "times_two(x)"]
     vc = sparsemix.MixedLM.from_formula("y ~ x", data, groups="g", vc_formula={"t": "0 + times_two(x)"}).fit()
-    ref = sparsemix.MixedLM.from_formula("y ~ x", data.assign(x2=2 * data.x), groups="g",
-                                         vc_formula={"t": "0 + x2"}).fit()
+    ref = sparsemix.MixedLM.from_formula(
+        "y ~ x", data.assign(x2=2 * data.x), groups="g", vc_formula={"t": "0 + x2"}
+    ).fit()
     assert vc.llf == pytest.approx(ref.llf, rel=1e-10)
 
 
@@ -184,7 +205,7 @@ def test_eval_env_chooses_the_namespace(data):
     plain = sparsemix.lmer("y ~ x + (1 | g)", data, reml=False)
     assert _fit_through("y ~ halved(x) + (1 | g)", data, 1).llf == pytest.approx(plain.llf, rel=1e-9)
     with pytest.raises(FormulaError, match="'halved', which is not a column"):
-        _fit_through("y ~ halved(x) + (1 | g)", data, 0)       # the wrapper's frame has no halved
+        _fit_through("y ~ halved(x) + (1 | g)", data, 0)  # the wrapper's frame has no halved
     for empty in ({}, -1):
         with pytest.raises(FormulaError, match="'halved', which is not a column"):
             sparsemix.lmer("y ~ halved(x) + (1 | g)", data, eval_env=empty)
@@ -197,11 +218,11 @@ def test_eval_env_chooses_the_namespace(data):
 
 
 def test_the_formulas_own_names_are_not_the_callers(data, plain_fit):
-    np = SimpleNamespace(log=lambda v: 0 * v)       # noqa: F841 - np.log in a formula is numpy's log
-    Q = None                                        # noqa: F841 - Q (and backticks) stay patsy's
+    np = SimpleNamespace(log=lambda v: 0 * v)  # noqa: F841 - np.log in a formula is numpy's log
+    Q = None  # noqa: F841 - Q (and backticks) stay patsy's
     fit = sparsemix.lmer("y ~ x * f + np.log(`z`) + I(x^2) + (1 + x | g) + (1 | g:h)", data)
     assert fit.llf == plain_fit.llf
-    C = 0.5                                          # noqa: F841
+    C = 0.5  # noqa: F841
     with pytest.raises(FormulaError, match=r"it hides the formula function C\(\)"):
         sparsemix.lmer("y ~ C(f) + (1 | g)", data)
 
@@ -211,21 +232,21 @@ def test_builtins_dunders_attributes_and_values_stay_refused(data, tmp_path):
     import os
 
     marker = tmp_path / "ran"
-    run = exec                                       # noqa: F841 - a builtin under another name
-    mu = 3.0                                         # noqa: F841 - a value, not a function
+    run = exec  # noqa: F841 - a builtin under another name
+    mu = 3.0  # noqa: F841 - a value, not a function
 
     def _private(v):
         return v
 
     refused = {
-        f'y ~ exec("open(\'{marker}\', \'w\')")': "one of Python's builtins",
+        f"y ~ exec(\"open('{marker}', 'w')\")": "one of Python's builtins",
         f'y ~ open("{marker}", "w")': "one of Python's builtins",
         'y ~ getattr(x, "real")': "one of Python's builtins",
         "y ~ sum(x)": "one of Python's builtins",
         "y ~ type(x)": "one of Python's builtins",
-        f'y ~ run("open(\'{marker}\', \'w\')")': "held in the calling code as one of Python's builtins",
+        f"y ~ run(\"open('{marker}', 'w')\")": "held in the calling code as one of Python's builtins",
         f'y ~ __import__("pathlib").Path("{marker}").touch()': "uses an attribute",
-        f'y ~ __import__("pathlib")': "names starting with '_'",
+        'y ~ __import__("pathlib")': "names starting with '_'",
         "y ~ _private(x)": "names starting with '_'",
         "y ~ math.log(z)": r"attribute \(math.log\)",
         f'y ~ os.system("touch {marker}")': r"attribute \(os.system\)",
@@ -241,9 +262,10 @@ def test_builtins_dunders_attributes_and_values_stay_refused(data, tmp_path):
         with pytest.raises(FormulaError, match=message):
             sparsemix.MixedLM.from_formula("y ~ x", data, groups="g", re_formula=formula.split("~")[1])
     assert not marker.exists() and math.pi and os.sep
-    d = data.rename(columns={"x": "sum", "z": "type"})     # as columns, builtins' names are the columns
-    assert sparsemix.lmer("y ~ sum + log(type) + (1 | g)", d).llf == \
-        sparsemix.lmer("y ~ x + log(z) + (1 | g)", data).llf
+    d = data.rename(columns={"x": "sum", "z": "type"})  # as columns, builtins' names are the columns
+    assert (
+        sparsemix.lmer("y ~ sum + log(type) + (1 | g)", d).llf == sparsemix.lmer("y ~ x + log(z) + (1 | g)", data).llf
+    )
 
 
 def test_the_command_line_keeps_its_list(capsys, data, tmp_path):

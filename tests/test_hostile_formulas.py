@@ -1,5 +1,6 @@
 """Formulas a hostile but fair user writes (issue 14): each is a fit or a FormulaError that names the cause,
 never a RecursionError, a hang or another library's exception."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,18 +25,28 @@ def test_f_strings_are_formula_errors(data, formula):
         sparsemix.lmer(formula, data)
 
 
-@pytest.mark.parametrize("formula", [
-    "y ~ " + " + ".join(f"I(x + {i})" for i in range(600)) + " + (1 | g)",
-    "y ~ I(" + " + ".join(["x"] * 5000) + ") + (1 | g)",
-    "y ~ x + (1 + " + " + ".join(f"I(x * {i})" for i in range(600)) + " | g)",
-])
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "y ~ " + " + ".join(f"I(x + {i})" for i in range(600)) + " + (1 | g)",
+        "y ~ I(" + " + ".join(["x"] * 5000) + ") + (1 | g)",
+        "y ~ x + (1 + " + " + ".join(f"I(x * {i})" for i in range(600)) + " | g)",
+    ],
+)
 def test_formulas_beyond_patsys_parser_say_so(data, formula):
     with pytest.raises(FormulaError, match="too long or too deeply nested"):
         sparsemix.lmer(formula, data)
 
 
-@pytest.mark.parametrize("formula", ["y ~ I(10**10**10) + (1 | g)", "y ~ I(x**10**10) + (1 | g)",
-                                     "y ~ I(2**(3*10**5)) + (1 | g)", "y ~ I(x**-(10**6)) + (1 | g)"])
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "y ~ I(10**10**10) + (1 | g)",
+        "y ~ I(x**10**10) + (1 | g)",
+        "y ~ I(2**(3*10**5)) + (1 | g)",
+        "y ~ I(x**-(10**6)) + (1 | g)",
+    ],
+)
 def test_exponents_that_cannot_be_computed_are_refused_at_once(data, formula):
     with pytest.raises(FormulaError, match="cannot be computed"):
         sparsemix.lmer(formula, data)
@@ -43,12 +54,19 @@ def test_exponents_that_cannot_be_computed_are_refused_at_once(data, formula):
 
 def test_a_reasonable_constant_power_still_fits(data):
     written = sparsemix.lmer("y ~ I(x**2**2) + (1 | g)", data)
-    computed = sparsemix.lmer("y ~ x4 + (1 | g)", data.assign(x4=data.x ** 4))
+    computed = sparsemix.lmer("y ~ x4 + (1 | g)", data.assign(x4=data.x**4))
     assert written.llf == pytest.approx(computed.llf, rel=1e-12)
 
 
-@pytest.mark.parametrize("formula", ["y ~ x + (1 | g) + (1 | g)", "y ~ x + (1|g) + ( 1 | g )",
-                                     "y ~ x + (1 + x | g) + (1+x|g)", "y ~ x + " + " + ".join(["(1 | g)"] * 500)])
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "y ~ x + (1 | g) + (1 | g)",
+        "y ~ x + (1|g) + ( 1 | g )",
+        "y ~ x + (1 + x | g) + (1+x|g)",
+        "y ~ x + " + " + ".join(["(1 | g)"] * 500),
+    ],
+)
 def test_a_repeated_random_term_is_unidentifiable(data, formula):
     """500 copies of (1 | g) used to hang."""
     with pytest.raises(FormulaError, match="appears more than once"):
@@ -56,7 +74,7 @@ def test_a_repeated_random_term_is_unidentifiable(data, formula):
 
 
 def test_distinct_terms_on_one_factor_still_fit(data):
-    with pytest.warns(sparsemix.SingularFitWarning, match="g.x estimated at zero"):   # no slope variance simulated
+    with pytest.warns(sparsemix.SingularFitWarning, match="g.x estimated at zero"):  # no slope variance simulated
         assert np.isfinite(sparsemix.lmer("y ~ x + (1 | g) + (0 + x | g)", data).llf)
 
 
@@ -71,10 +89,10 @@ def test_backticks_quote_any_name(data, name):
     np.testing.assert_allclose(quoted.fe_params.to_numpy(), plain.fe_params.to_numpy(), rtol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")     # numpy's, from the term itself
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's, from the term itself
 @pytest.mark.parametrize("response, column", [("log(z)", "z"), ("sqrt(z)", "z"), ("np.log(z - 1)", "z")])
 def test_a_function_outside_its_domain_is_named_not_blamed_on_missing_data(data, response, column):
-    frame = data.assign(z=data.x)          # negative values
+    frame = data.assign(z=data.x)  # negative values
     with pytest.raises(FormulaError, match="outside its domain") as info:
         sparsemix.lmer(f"{response} ~ 1 + (1 | g)", frame)
     assert "missing='drop'" not in str(info.value)

@@ -1,5 +1,6 @@
 """Inputs real data brings, through lmer (the CLI shares this path): each gives a correct fit or a sparsemix
 error that names the problem and the fix."""
+
 import resource
 import warnings
 
@@ -104,7 +105,7 @@ def test_extreme_scales_give_the_rescaled_fit(frame, scale, shift):
     np.testing.assert_allclose(fit.theta, base.theta, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(fit.fe_params, scale * base.fe_params + np.array([shift, 0.0]), rtol=1e-6)
     assert fit.sigma == pytest.approx(scale * base.sigma, rel=1e-6)
-    nu = base.nobs - len(base.fe_params)             # REML: the criterion shifts by nu log(scale)
+    nu = base.nobs - len(base.fe_params)  # REML: the criterion shifts by nu log(scale)
     assert fit.llf == pytest.approx(base.llf - nu * np.log(scale), rel=1e-9)
 
 
@@ -128,11 +129,13 @@ def test_empty_data(frame):
 
 def test_a_formula_cannot_run_code(frame, tmp_path):
     marker = tmp_path / "ran"
-    for formula in (f'y ~ __import__("pathlib").Path("{marker}").touch() + (1 | g)',
-                    f'y ~ x + (1 + __import__("pathlib").Path("{marker}").touch() | g)',
-                    f'y ~ exec("open(\'{marker}\', \'w\')") + (1 | g)',
-                    'y ~ (lambda v: v)(x) + (1 | g)',
-                    'y ~ x.__class__ + (1 | g)'):
+    for formula in (
+        f'y ~ __import__("pathlib").Path("{marker}").touch() + (1 | g)',
+        f'y ~ x + (1 + __import__("pathlib").Path("{marker}").touch() | g)',
+        f"y ~ exec(\"open('{marker}', 'w')\") + (1 | g)",
+        "y ~ (lambda v: v)(x) + (1 | g)",
+        "y ~ x.__class__ + (1 | g)",
+    ):
         with pytest.raises(FormulaError, match="not (allowed|a column)|attribute|syntax|cannot read"):
             sparsemix.lmer(formula, frame)
     assert not marker.exists()
@@ -148,11 +151,11 @@ def test_allowed_functions_work_without_numpy_in_scope(frame):
     # (ML below: the REML criterion depends on the scale of X's columns, the likelihood does not)
     # Own functions come in through eval_env, a choice made in code.
     import patsy
+
     env = patsy.EvalEnvironment([{"double": lambda v: 2 * v}])
     fit2 = sparsemix.lmer("y ~ double(x) + (1 | g) + (1 | h)", frame, eval_env=env, reml=False)
     assert fit2.llf == pytest.approx(sparsemix.lmer(F, frame, reml=False).llf, rel=1e-10)
-    assert fit2.fe_params.iloc[1] == pytest.approx(sparsemix.lmer(F, frame, reml=False).fe_params["x"] / 2,
-                                                   rel=1e-6)
+    assert fit2.fe_params.iloc[1] == pytest.approx(sparsemix.lmer(F, frame, reml=False).fe_params["x"] / 2, rel=1e-6)
 
 
 def test_poly_matches_the_raw_polynomial_fit(frame):
@@ -161,20 +164,22 @@ def test_poly_matches_the_raw_polynomial_fit(frame):
     raw = sparsemix.lmer("y ~ x + I(x**2) + I(x**3) + (1 | g) + (1 | h)", frame, reml=False)
     assert fit.llf == pytest.approx(raw.llf, rel=1e-10)
     P = fit.design.X[:, 1:]
-    np.testing.assert_allclose(P.T @ P, np.eye(3), atol=1e-10)     # orthonormal columns, as R's poly
+    np.testing.assert_allclose(P.T @ P, np.eye(3), atol=1e-10)  # orthonormal columns, as R's poly
     np.testing.assert_allclose(P.sum(axis=0), 0.0, atol=1e-10)
     # New data goes through the training data's recurrence: the same rows give the same columns.
     new = frame.iloc[:5].copy()
-    np.testing.assert_allclose(fit.predict(new, include_random=False), P[:5] @ fit.fe_params.to_numpy()[1:]
-                               + fit.fe_params.iloc[0], rtol=1e-10)
+    np.testing.assert_allclose(
+        fit.predict(new, include_random=False), P[:5] @ fit.fe_params.to_numpy()[1:] + fit.fe_params.iloc[0], rtol=1e-10
+    )
 
 
+@pytest.mark.slow
 def test_ten_million_level_factor_is_refused_before_the_model_is_built():
     n = 10_000_000
     data = pd.DataFrame({"y": np.random.default_rng(0).normal(size=n), "g": np.arange(n, dtype=np.int64)})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(InputError, match="10000000 levels for 10000000 observations"):
         sparsemix.lmer("y ~ 1 + (1 | g)", data)
-    grown_gb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 20
+    grown_gb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
     # Z alone would take 240 MB and Z'Z and the factor more; the check costs the codes and the fixed part.
     assert grown_gb < 1.5

@@ -1,8 +1,10 @@
 """The package's shape: the version written once (pyproject.toml); the layers of shared/DESIGN.md section 3 (core
 knows arrays, the doors know names and frames) with no import cycles and no door reading another's private names."""
+
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import sparsemix
 
@@ -20,12 +22,27 @@ PACKAGE = ROOT / "sparsemix"
 # Each module's layer; a module may import its own layer and the ones below, never above (shared/DESIGN.md
 # section 3: core knows arrays, the doors know names and frames). errors/checks/progress are leaves every layer
 # may use.
-RANK = {"errors": 0, "checks": 1, "progress": 1, "core": 2, "fit": 3, "inference": 4, "formula": 5, "lme4": 6,
-        "statsmodels": 6, "dask": 6, "cli": 7, "plots": 7, "datasets": 7, "__main__": 8, "__init__": 8}
+RANK = {
+    "errors": 0,
+    "checks": 1,
+    "progress": 1,
+    "core": 2,
+    "fit": 3,
+    "inference": 4,
+    "formula": 5,
+    "lme4": 6,
+    "statsmodels": 6,
+    "dask": 6,
+    "cli": 7,
+    "plots": 7,
+    "datasets": 7,
+    "__main__": 8,
+    "__init__": 8,
+}
 # The imports allowed against the layer order, each with its reason.
 ALLOWED_LAZY = {
     ("lme4.lmer", "dask.fit"): "lmer() on a Dask DataFrame hands over to the Dask door (imported only then: dask "
-                                "is an optional extra, and importing it cost a pandas fit 8 ms)",
+    "is an optional extra, and importing it cost a pandas fit 8 ms)",
 }
 DOORS = {"lme4", "statsmodels", "dask"}
 
@@ -44,9 +61,9 @@ def _imports(path: Path) -> list[tuple[str, list[str], bool]]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
-            base = package[:len(package) - node.level + 1]
+            base = package[: len(package) - node.level + 1]
             target = ".".join(base + ([node.module] if node.module else []))
-            if node.module is None:          # from . import checks
+            if node.module is None:  # from . import checks
                 for alias in node.names:
                     found.append(((target + "." if target else "") + alias.name, [], id(node) in top))
             else:
@@ -85,7 +102,7 @@ def test_no_import_cycles():
             if (m, t) in ALLOWED_LAZY:
                 continue
             if state.get(t) == 1:
-                cycles.append(stack[stack.index(t):] + [t])
+                cycles.append(stack[stack.index(t) :] + [t])
             elif t not in state:
                 visit(t)
         stack.pop()
@@ -100,8 +117,12 @@ def test_no_import_cycles():
 def test_every_module_imports_only_its_layer_and_below():
     modules, edges = _graph()
     assert set(_layer(m) for m in modules) <= set(RANK), sorted(set(_layer(m) for m in modules) - set(RANK))
-    upward = [(m, t) for m, targets in edges.items() for t in targets
-              if RANK[_layer(t)] > RANK[_layer(m)] and (m, t) not in ALLOWED_LAZY]
+    upward = [
+        (m, t)
+        for m, targets in edges.items()
+        for t in targets
+        if RANK[_layer(t)] > RANK[_layer(m)] and (m, t) not in ALLOWED_LAZY
+    ]
     assert not upward, "imports against the layer order: " + ", ".join(f"{m} -> {t}" for m, t in sorted(upward))
 
 
@@ -112,8 +133,11 @@ def test_no_door_imports_another_doors_private_names():
         for target, names, _ in _imports(path):
             if _layer(target) in DOORS and _layer(target) != _layer(name):
                 offenders += [f"{name} imports {target}.{n}" for n in names if n.startswith("_")]
-            if _layer(target) in DOORS and _layer(target) != _layer(name) and \
-                    any(part.startswith("_") for part in target.split(".")):
+            if (
+                _layer(target) in DOORS
+                and _layer(target) != _layer(name)
+                and any(part.startswith("_") for part in target.split("."))
+            ):
                 offenders.append(f"{name} imports the private module {target}")
     assert not offenders, offenders
 
@@ -123,16 +147,26 @@ def test_the_core_knows_arrays_only():
     for path in (PACKAGE / "core").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             assert not any(m.split(".")[0] in ("pandas", "patsy") for m in mods), (path.name, mods)
 
 
 def test_submodules_are_not_shadowed_by_public_names():
     """`import sparsemix.x as m` must give the module, not a function that __init__ rebinds (as `lmer` was)."""
     import importlib
-    for sub in [p for p in PACKAGE.iterdir() if (p.suffix == ".py" and p.stem not in ("__init__", "__main__")) or
-                (p.is_dir() and (p / "__init__.py").exists())]:
+
+    for sub in [
+        p
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" and p.stem not in ("__init__", "__main__"))
+        or (p.is_dir() and (p / "__init__.py").exists())
+    ]:
         name = sub.stem if sub.suffix else sub.name
         module = importlib.import_module(f"sparsemix.{name}")
         attr = getattr(sparsemix, name, module)

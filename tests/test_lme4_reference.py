@@ -4,27 +4,19 @@ Each lme4 model is written in statsmodels' vocabulary: a nested random intercept
 variance component within groups; crossed factors are variance components in one group; `(Days || Subject)`
 is `re_formula="1 + Days"` with `free` fixing the correlation at zero.
 """
-import json
+
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_reference, reference_fit
 
 import sparsemix as sm
 from sparsemix.datasets import seed_datasets
 
-REFERENCE = Path(__file__).parent / "reference"
-
-
-def _fixture(name):
-    return json.loads((REFERENCE / f"{name}.json").read_text())
-
-
-def _fit_record(name, fit_name):
-    doc = _fixture(name)
-    return doc, next(f for f in doc["fits"] if f["name"] == fit_name)
+_fixture = load_reference
+_fit_record = reference_fit
 
 
 def _frame(doc):
@@ -62,8 +54,9 @@ def _fit(model, reml, **kw):
 @pytest.mark.parametrize("fit_name", ["reml", "ml"])
 def test_seed_nested(seed, fit_name):
     _, record = _fit_record("seed_nested", fit_name)
-    model = sm.MixedLM.from_formula("y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"},
-                                    groups="group1", data=seed[0])
+    model = sm.MixedLM.from_formula(
+        "y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"}, groups="group1", data=seed[0]
+    )
     res = _fit(model, fit_name == "reml")
     _check_common(res, record, ["(Intercept)"])
     assert res.cov_re.iloc[0, 0] == pytest.approx(_varcorr(record, "group1", "(Intercept)"), rel=1e-3)
@@ -74,12 +67,14 @@ def test_seed_nested(seed, fit_name):
 def test_seed_crossed(seed, fit_name):
     _, record = _fit_record("seed_crossed", fit_name)
     df = seed[1]
-    model = sm.MixedLM.from_formula("y ~ 1", groups=np.ones(len(df)),
-                                    vc_formula={"group1": "0 + C(group1)", "group2": "0 + C(group2)"}, data=df)
+    model = sm.MixedLM.from_formula(
+        "y ~ 1", groups=np.ones(len(df)), vc_formula={"group1": "0 + C(group1)", "group2": "0 + C(group2)"}, data=df
+    )
     res = _fit(model, fit_name == "reml")
     _check_common(res, record, ["(Intercept)"])
-    np.testing.assert_allclose(res.vcomp, [_varcorr(record, "group1", "(Intercept)"),
-                                           _varcorr(record, "group2", "(Intercept)")], rtol=1e-3)
+    np.testing.assert_allclose(
+        res.vcomp, [_varcorr(record, "group1", "(Intercept)"), _varcorr(record, "group2", "(Intercept)")], rtol=1e-3
+    )
 
 
 def _sleepstudy_model(doc):
@@ -91,8 +86,9 @@ def _check_ranef(res, record, factor, names, group_of_level=lambda level: level)
     values = np.array(ref["values"])
     condsd = np.array(ref["condsd"])
     ours = np.array([[res.random_effects[group_of_level(lv)][n] for n in names(lv)] for lv in ref["levels"]])
-    sd = np.array([[np.sqrt(res.random_effects_cov[group_of_level(lv)].loc[n, n]) for n in names(lv)]
-                   for lv in ref["levels"]])
+    sd = np.array(
+        [[np.sqrt(res.random_effects_cov[group_of_level(lv)].loc[n, n]) for n in names(lv)] for lv in ref["levels"]]
+    )
     np.testing.assert_allclose(ours, values, rtol=1e-3, atol=1e-3 * np.abs(values).max())
     np.testing.assert_allclose(sd, condsd, rtol=1e-3)
 
@@ -103,9 +99,15 @@ def test_sleepstudy_correlated_slopes(fit_name):
     res = _fit(_sleepstudy_model(doc), fit_name.startswith("reml"))
     _check_common(res, record, ["(Intercept)", "Days"])
     cov = res.cov_re.to_numpy()
-    np.testing.assert_allclose([cov[0, 0], cov[1, 1], cov[1, 0]],
-                               [_varcorr(record, "Subject", "(Intercept)"), _varcorr(record, "Subject", "Days"),
-                                _varcorr(record, "Subject", "(Intercept)", "Days")], rtol=1e-3)
+    np.testing.assert_allclose(
+        [cov[0, 0], cov[1, 1], cov[1, 0]],
+        [
+            _varcorr(record, "Subject", "(Intercept)"),
+            _varcorr(record, "Subject", "Days"),
+            _varcorr(record, "Subject", "(Intercept)", "Days"),
+        ],
+        rtol=1e-3,
+    )
     _check_ranef(res, record, "Subject", lambda lv: ["Subject", "Days"])
 
 
@@ -117,8 +119,11 @@ def test_sleepstudy_independent_slopes_via_free(fit_name):
     _check_common(res, record, ["(Intercept)", "Days"])
     cov = res.cov_re.to_numpy()
     assert cov[1, 0] == 0.0
-    np.testing.assert_allclose([cov[0, 0], cov[1, 1]], [_varcorr(record, "Subject", "(Intercept)"),
-                                                        _varcorr(record, "Subject.1", "Days")], rtol=1e-3)
+    np.testing.assert_allclose(
+        [cov[0, 0], cov[1, 1]],
+        [_varcorr(record, "Subject", "(Intercept)"), _varcorr(record, "Subject.1", "Days")],
+        rtol=1e-3,
+    )
     _check_ranef(res, record, "Subject", lambda lv: ["Subject", "Days"])
     # A parameter held fixed has standard error 0, as in statsmodels.
     assert res.bse["Subject x Days Cov"] == 0.0
@@ -128,12 +133,17 @@ def test_sleepstudy_independent_slopes_via_free(fit_name):
 def test_penicillin_crossed(fit_name):
     doc, record = _fit_record("penicillin", fit_name)
     df = _frame(doc)
-    model = sm.MixedLM.from_formula("diameter ~ 1", groups=np.ones(len(df)),
-                                    vc_formula={"plate": "0 + C(plate)", "sample": "0 + C(sample)"}, data=df)
+    model = sm.MixedLM.from_formula(
+        "diameter ~ 1",
+        groups=np.ones(len(df)),
+        vc_formula={"plate": "0 + C(plate)", "sample": "0 + C(sample)"},
+        data=df,
+    )
     res = _fit(model, fit_name == "reml")
     _check_common(res, record, ["(Intercept)"])
-    np.testing.assert_allclose(res.vcomp, [_varcorr(record, "plate", "(Intercept)"),
-                                           _varcorr(record, "sample", "(Intercept)")], rtol=1e-3)
+    np.testing.assert_allclose(
+        res.vcomp, [_varcorr(record, "plate", "(Intercept)"), _varcorr(record, "sample", "(Intercept)")], rtol=1e-3
+    )
     for factor in ("plate", "sample"):
         _check_ranef(res, record, factor, lambda lv, f=factor: [f"{f}[C({f})[{lv}]]"], group_of_level=lambda lv: 1.0)
 

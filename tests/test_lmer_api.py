@@ -1,16 +1,16 @@
 """The lme4-style interface: predictions, simulation, bootstrap, anova, weights, missing rows, errors."""
-import json
+
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import reference_data
 
 import sparsemix as sm
 from sparsemix.errors import MissingExtraError
 
-SLEEP = pd.DataFrame(json.loads((Path(__file__).parent / "reference" / "sleepstudy.json").read_text())["data"])
+SLEEP = reference_data("sleepstudy")
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +73,15 @@ def test_bootstrap_intervals_bracket_the_estimates(fm1):
 def test_wald_intervals(fm1):
     ci = fm1.confint("wald")
     assert ci.loc["sigma"].isna().all()
-    np.testing.assert_allclose(ci.loc["Days"], fm1.fe_params["Days"] + np.array([-1, 1]) * 1.959963984540054
-                               * fm1.bse_fe["Days"], rtol=1e-12)
+    np.testing.assert_allclose(
+        ci.loc["Days"], fm1.fe_params["Days"] + np.array([-1, 1]) * 1.959963984540054 * fm1.bse_fe["Days"], rtol=1e-12
+    )
 
 
 def test_anova_refits_by_ml_and_tests_the_difference(fm1):
     fm0 = sm.lmer("Reaction ~ Days + (Days || Subject)", SLEEP)
     table = sm.anova(fm1, fm0, names=["corr", "uncorr"])
-    assert list(table.index) == ["uncorr", "corr"]          # ordered by number of parameters
+    assert list(table.index) == ["uncorr", "corr"]  # ordered by number of parameters
     assert table.attrs["refit"]
     ml1, ml0 = fm1.refit_ml(), fm0.refit_ml()
     assert table.loc["corr", "Chisq"] == pytest.approx(2 * (ml1.llf - ml0.llf), rel=1e-10)
@@ -136,11 +137,14 @@ def test_offset_shifts_the_intercept():
     np.testing.assert_allclose(m2.fitted, m1.fitted, rtol=1e-10)
 
 
-@pytest.mark.parametrize("formula, error, message", [
-    ("Reaction ~ Days", sm.FormulaError, "no random-effects term"),
-    ("Reaction ~ Days + (1 | Subjct)", sm.InputError, "Did you mean 'Subject'"),
-    ("Reaction ~ Dayz + (1 | Subject)", sm.FormulaError, "Did you mean 'Days'"),
-])
+@pytest.mark.parametrize(
+    "formula, error, message",
+    [
+        ("Reaction ~ Days", sm.FormulaError, "no random-effects term"),
+        ("Reaction ~ Days + (1 | Subjct)", sm.InputError, "Did you mean 'Subject'"),
+        ("Reaction ~ Dayz + (1 | Subject)", sm.FormulaError, "Did you mean 'Days'"),
+    ],
+)
 def test_bad_formulas(formula, error, message):
     with pytest.raises(error, match=message):
         sm.lmer(formula, SLEEP)
@@ -148,6 +152,7 @@ def test_bad_formulas(formula, error, message):
 
 def test_plots_name_the_extra_when_matplotlib_is_missing(fm1, monkeypatch):
     import builtins
+
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -157,6 +162,7 @@ def test_plots_name_the_extra_when_matplotlib_is_missing(fm1, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     from sparsemix.plots import caterpillar
+
     with pytest.raises(MissingExtraError, match=r"pip install 'sparsemix\[plot\]'"):
         caterpillar(fm1)
 
@@ -164,17 +170,22 @@ def test_plots_name_the_extra_when_matplotlib_is_missing(fm1, monkeypatch):
 def test_plots_draw_one_panel_per_column(fm1):
     pytest.importorskip("matplotlib")
     import matplotlib
+
     matplotlib.use("Agg")
     from sparsemix.plots import caterpillar, profile_plot
+
     assert len(caterpillar(fm1).axes) == 2
     prof = fm1.profile(which=["sigma", "Days"])
     assert len(profile_plot(prof).axes) == 2
 
 
-@pytest.mark.parametrize("formula, re_formula", [
-    ("y ~ x + (0 + C(f) | g)", "0 + C(f)"),      # sparse indicator path
-    ("y ~ x + (f | g)", "1 + C(f)"),             # patsy path: intercept and treatment contrasts
-])
+@pytest.mark.parametrize(
+    "formula, re_formula",
+    [
+        ("y ~ x + (0 + C(f) | g)", "0 + C(f)"),  # sparse indicator path
+        ("y ~ x + (f | g)", "1 + C(f)"),  # patsy path: intercept and treatment contrasts
+    ],
+)
 def test_factor_slopes_match_statsmodels(formula, re_formula):
     smf = pytest.importorskip("statsmodels.api")
     rng = np.random.default_rng(4)
@@ -208,7 +219,10 @@ def test_optimizer_names_are_shared_with_mixedlm_and_checked(fm1):
         assert m.llf <= fm1.llf + 1e-6
     with pytest.raises(sm.InputError, match="optimizer 'newuoa' is not available"):
         sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP, optimizer="newuoa")
-    assert sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP, optimizer="nm").refit_ml().fit_result.optimization.method == "Nelder-Mead"
+    assert (
+        sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP, optimizer="nm").refit_ml().fit_result.optimization.method
+        == "Nelder-Mead"
+    )
 
 
 def test_text_columns_of_the_fixed_part_reach_patsy_as_categoricals():

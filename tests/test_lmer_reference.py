@@ -3,25 +3,32 @@
 Tolerances (relative): log-likelihood at least lme4's minus 1e-6; beta 1e-4; SE(beta) 1e-3; variance
 components 1e-3; conditional modes and SDs 1e-3; Satterthwaite df 1e-2; profile intervals 1e-2.
 """
-import json
+
 import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_reference
 
 import sparsemix as sm
 from sparsemix.datasets import seed_datasets
 
-REFERENCE = Path(__file__).parent / "reference"
-DATASETS = ["sleepstudy", "penicillin", "pastes", "dyestuff", "dyestuff2", "cake", "oats", "seed_nested",
-            "seed_crossed"]
+DATASETS = [
+    "sleepstudy",
+    "penicillin",
+    "pastes",
+    "dyestuff",
+    "dyestuff2",
+    "cake",
+    "oats",
+    "seed_nested",
+    "seed_crossed",
+]
 
 
-def _doc(name):
-    return json.loads((REFERENCE / f"{name}.json").read_text())
+_doc = load_reference
 
 
 def _data(name, doc):
@@ -73,8 +80,10 @@ def test_variance_components(name, fit_name):
     # near-zero correlations are flat directions of the likelihood (sleepstudy with weights: correlation -0.037,
     # our log-likelihood 2e-7 higher than lme4's, covariances 1.4e-3 apart relative to themselves).
     variance = {(g, v): c for g, v, w, c in zip(ref.grp, ref.var1, ref.var2, ref.vcov) if pd.isna(w)}
-    tol = [1e-3 * abs(c) + 1e-9 * ref.vcov.max() if pd.isna(w) else 1e-3 * np.sqrt(variance[g, v] * variance[g, w])
-           for g, v, w, c in zip(ref.grp, ref.var1, ref.var2, ref.vcov)]
+    tol = [
+        1e-3 * abs(c) + 1e-9 * ref.vcov.max() if pd.isna(w) else 1e-3 * np.sqrt(variance[g, v] * variance[g, w])
+        for g, v, w, c in zip(ref.grp, ref.var1, ref.var2, ref.vcov)
+    ]
     assert np.all(np.abs(ours.vcov.to_numpy() - ref.vcov.to_numpy()) <= np.array(tol))
 
 
@@ -107,8 +116,7 @@ def test_satterthwaite_table(name, fit_name):
     np.testing.assert_allclose(ours["p"].to_numpy()[big], ref["p"].to_numpy()[big], rtol=2e-2)
 
 
-PROFILE_CASES = [c for c in CASES
-                 if next(f for f in _doc(c[0])["fits"] if f["name"] == c[1]).get("confint_profile")]
+PROFILE_CASES = [c for c in CASES if next(f for f in _doc(c[0])["fits"] if f["name"] == c[1]).get("confint_profile")]
 
 
 @pytest.mark.parametrize("name, fit_name", PROFILE_CASES)
@@ -118,7 +126,7 @@ def test_profile_intervals(name, fit_name):
     names = {row["name"]: row["param"] for row in r["profile_param_names"]}
     for row in r["confint_profile"]:
         param = names[row["name"]]
-        if param not in ours.index:      # fixed effects are named by position (patsy's vs R's names)
+        if param not in ours.index:  # fixed effects are named by position (patsy's vs R's names)
             param = ours.index[len(m.sdcor_names) + list(r["beta"]).index(param)]
         got = ours.loc[param]
         for side in ("lower", "upper"):

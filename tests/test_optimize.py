@@ -1,4 +1,5 @@
 """The deviance minimiser: BOBYQA's end point and the Newton polish that pins theta down."""
+
 import numpy as np
 import pytest
 
@@ -11,11 +12,12 @@ def _smooth(center, curvature):
 
     def f(x):
         d = np.asarray(x, float) - center
-        return float(1e3 + d @ curvature @ d + 0.3 * np.sum(d ** 3) + np.sum(d ** 4))
+        return float(1e3 + d @ curvature @ d + 0.3 * np.sum(d**3) + np.sum(d**4))
+
     return f
 
 
-CURVATURE = np.array([[4.0, 1.0, 0.5], [1.0, 2.0, 0.3], [0.5, 0.3, 0.2]])   # eigenvalues 4.7, 1.5, 0.1
+CURVATURE = np.array([[4.0, 1.0, 0.5], [1.0, 2.0, 0.3], [0.5, 0.3, 0.2]])  # eigenvalues 4.7, 1.5, 0.1
 
 
 def test_polish_moves_bobyqas_end_points_to_one_point_at_the_minimum():
@@ -40,6 +42,7 @@ def test_entries_at_a_bound_stay_there():
 
     def f(x):
         return bowl(x[1:]) + 5.0 * x[0]
+
     start = np.array([0.0, 0.4 + 3e-6, 1.0 - 2e-5])
     x, fx = newton_polish(f, start, f(start), np.zeros(3), np.full(3, np.inf))
     assert x[0] == 0.0
@@ -47,10 +50,13 @@ def test_entries_at_a_bound_stay_there():
     assert fx < f(start)
 
 
-@pytest.mark.parametrize("f, why", [
-    (lambda x: float(-np.sum(np.asarray(x) ** 2)), "a maximum: the Hessian is not positive definite"),
-    (lambda x: float(np.sum(np.abs(np.asarray(x) - 0.5))), "not smooth: the Newton step is far too long"),
-])
+@pytest.mark.parametrize(
+    "f, why",
+    [
+        (lambda x: float(-np.sum(np.asarray(x) ** 2)), "a maximum: the Hessian is not positive definite"),
+        (lambda x: float(np.sum(np.abs(np.asarray(x) - 0.5))), "not smooth: the Newton step is far too long"),
+    ],
+)
 def test_polish_leaves_points_it_cannot_improve(f, why):
     x0 = np.array([0.5 + 1e-3, 0.7])
     x, fx = newton_polish(f, x0, f(x0), np.full(2, -np.inf), np.full(2, np.inf))
@@ -66,6 +72,7 @@ def test_entries_left_just_above_a_bound_go_onto_it_only_if_that_is_no_worse(opt
 
     def f(x):
         return bowl(x[1:]) + 50.0 * (x[0] - optimum) ** 2
+
     start = np.array([optimum + 7e-6, 0.4, 1.0])
     x, fx = newton_polish(f, start, f(start), np.zeros(3), np.full(3, np.inf))
     assert x[0] == pytest.approx(expected, abs=1e-5) and (x[0] == 0.0) == (expected == 0.0)

@@ -1,4 +1,5 @@
 """Starting values from a pilot fit on a level subsample (sparsemix/fit/pilot.py): same optimum, fewer evaluations."""
+
 import warnings
 
 import numpy as np
@@ -6,14 +7,16 @@ import pytest
 
 import sparsemix
 from sparsemix.datasets import generate_crossed_slopes, generate_insteval_like, seed_datasets
-from sparsemix.fit.stages import build_system
-from sparsemix.lme4.design import build_design
 from sparsemix.fit.optimize import warm_step
 from sparsemix.fit.pilot import pilot_start
+from sparsemix.fit.stages import build_system
+from sparsemix.lme4.design import build_design
 
 CASES = {
-    "insteval-like": (lambda: generate_insteval_like(1_500, 600, 10, 15),
-                      "y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)"),
+    "insteval-like": (
+        lambda: generate_insteval_like(1_500, 600, 10, 15),
+        "y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)",
+    ),
     "crossed slopes": (lambda: generate_crossed_slopes(30_000, 1_500, 600), "y ~ 1 + x + (1 + x | a) + (1 | b)"),
 }
 
@@ -33,9 +36,9 @@ def test_pilot_start_is_near_the_optimum_and_deterministic(case):
     system = build_system(design.X, design.y, list(design.terms), factorization="schur")
     theta, step = _pilot(design, system)
     again, _ = _pilot(design, system)
-    assert np.array_equal(theta, again)                      # fixed seed: the same fit twice, bit for bit
+    assert np.array_equal(theta, again)  # fixed seed: the same fit twice, bit for bit
     optimum = sparsemix.fit.stages.optimize_system(system).theta
-    big = np.abs(optimum) > 0.1                              # (small entries: an absolute bound below)
+    big = np.abs(optimum) > 0.1  # (small entries: an absolute bound below)
     np.testing.assert_allclose(theta[big], optimum[big], rtol=0.25)
     np.testing.assert_allclose(theta[~big], optimum[~big], atol=0.05)
     np.testing.assert_array_equal(step, warm_step(theta))
@@ -73,6 +76,8 @@ def test_no_pilot_where_it_cannot_pay():
 def test_the_pilot_does_not_depend_on_the_factorization():
     # The factorization is chosen by timing (a loaded machine may pick another): the pilot must not care.
     design, _ = _design("insteval-like")
-    starts = [_pilot(design, build_system(design.X, design.y, list(design.terms), factorization=mode))[0]
-              for mode in ("schur", "simplicial")]
+    starts = [
+        _pilot(design, build_system(design.X, design.y, list(design.terms), factorization=mode))[0]
+        for mode in ("schur", "simplicial")
+    ]
     np.testing.assert_allclose(starts[0], starts[1], rtol=1e-3)

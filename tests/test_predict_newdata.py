@@ -4,21 +4,21 @@ Levels of a grouping factor match by value (308, 308.0 and "308" are one level),
 count, NaN rows predict NaN, bad newdata or offsets are InputErrors naming the problem; results of every front
 door pickle and give the same numbers after.
 """
+
 import io
-import json
 import pickle
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import reference_data
 
 import sparsemix as sm
 from sparsemix.errors import InputError, NewLevelWarning
 from sparsemix.formula.newdata import value_key
 
-SLEEP = pd.DataFrame(json.loads((Path(__file__).parent / "reference" / "sleepstudy.json").read_text())["data"])
+SLEEP = reference_data("sleepstudy")
 SLEEP_INT = SLEEP.assign(Subject=SLEEP.Subject.astype(int))
 
 
@@ -36,28 +36,33 @@ def fm_text():
 
 def _quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
-        warnings.simplefilter("error", NewLevelWarning)        # a match by value must not warn
+        warnings.simplefilter("error", NewLevelWarning)  # a match by value must not warn
         return fn(*args, **kwargs)
 
 
 # -- levels match by value ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("subject", [
-    lambda s: s.astype(float),                                  # what an NA in a CSV column makes
-    lambda s: s.astype(str),
-    lambda s: s.astype(np.int32),
-    lambda s: s.astype("category"),
-    lambda s: s.astype(float).astype(str),                       # "308.0"
-    lambda s: pd.Series([v if i % 2 else str(v) for i, v in enumerate(s)], dtype=object),   # 308 and "308"
-])
+
+@pytest.mark.parametrize(
+    "subject",
+    [
+        lambda s: s.astype(float),  # what an NA in a CSV column makes
+        lambda s: s.astype(str),
+        lambda s: s.astype(np.int32),
+        lambda s: s.astype("category"),
+        lambda s: s.astype(float).astype(str),  # "308.0"
+        lambda s: pd.Series([v if i % 2 else str(v) for i, v in enumerate(s)], dtype=object),  # 308 and "308"
+    ],
+)
 def test_integer_levels_match_by_value(fm_int, subject):
     expected = fm_int.predict(SLEEP_INT)
     got = _quiet(fm_int.predict, SLEEP_INT.assign(Subject=subject(SLEEP_INT.Subject).to_numpy()))
     np.testing.assert_array_equal(got.to_numpy(), expected.to_numpy())
 
 
-@pytest.mark.parametrize("subject", [lambda s: s.astype(int), lambda s: s.astype(float),
-                                     lambda s: s.astype(int).astype("Int64")])
+@pytest.mark.parametrize(
+    "subject", [lambda s: s.astype(int), lambda s: s.astype(float), lambda s: s.astype(int).astype("Int64")]
+)
 def test_text_levels_match_numbers_by_value(fm_text, subject):
     got = _quiet(fm_text.predict, SLEEP.assign(Subject=subject(SLEEP.Subject)))
     np.testing.assert_array_equal(got.to_numpy(), fm_text.predict(SLEEP).to_numpy())
@@ -72,10 +77,10 @@ def test_float_fit_matches_integer_newdata():
 
 def test_interaction_levels_match_by_value():
     rng = np.random.default_rng(3)
-    frame = pd.DataFrame({"a": np.repeat(np.arange(6), 20), "b": np.tile(np.arange(4), 30),
-                          "x": rng.normal(size=120)})
-    frame["y"] = frame.x + rng.normal(size=6)[frame.a] + rng.normal(size=24)[frame.a * 4 + frame.b] + \
-        rng.normal(size=120)
+    frame = pd.DataFrame({"a": np.repeat(np.arange(6), 20), "b": np.tile(np.arange(4), 30), "x": rng.normal(size=120)})
+    frame["y"] = (
+        frame.x + rng.normal(size=6)[frame.a] + rng.normal(size=24)[frame.a * 4 + frame.b] + rng.normal(size=120)
+    )
     fit = sm.lmer("y ~ x + (1 | a) + (1 | a:b)", frame)
     other = frame.assign(a=frame.a.astype(float), b=frame.b.astype(str))
     np.testing.assert_array_equal(_quiet(fit.predict, other).to_numpy(), fit.predict(frame).to_numpy())
@@ -85,7 +90,7 @@ def test_a_csv_column_with_an_na_reads_as_float_and_still_matches(fm_int):
     text = SLEEP_INT.iloc[:12].to_csv(index=False).splitlines()
     header, rows = text[0], text[1:]
     cells = rows[4].split(",")
-    cells[header.split(",").index("Subject")] = ""                # one missing Subject: the column is float
+    cells[header.split(",").index("Subject")] = ""  # one missing Subject: the column is float
     rows[4] = ",".join(cells)
     frame = pd.read_csv(io.StringIO("\n".join([header] + rows)))
     assert frame.Subject.dtype == float
@@ -95,10 +100,23 @@ def test_a_csv_column_with_an_na_reads_as_float_and_still_matches(fm_int):
     np.testing.assert_array_equal(np.delete(got.to_numpy(), 4), np.delete(expected, 4))
 
 
-@pytest.mark.parametrize("label, key", [("308", "308"), ("308.0", "308"), ("0308", "308"), ("+308", "308"),
-                                        ("0.50", "0.5"), ("3e2", "300"), ("a", "a"), ("A", "A"),
-                                        ("1.5:02", "1.5:2"), ("9007199254740993", "9007199254740993"),
-                                        ("-0", "0"), ("nan", "nan")])
+@pytest.mark.parametrize(
+    "label, key",
+    [
+        ("308", "308"),
+        ("308.0", "308"),
+        ("0308", "308"),
+        ("+308", "308"),
+        ("0.50", "0.5"),
+        ("3e2", "300"),
+        ("a", "a"),
+        ("A", "A"),
+        ("1.5:02", "1.5:2"),
+        ("9007199254740993", "9007199254740993"),
+        ("-0", "0"),
+        ("nan", "nan"),
+    ],
+)
 def test_value_key(label, key):
     assert value_key(label) == key
 
@@ -115,6 +133,7 @@ def test_a_label_matching_two_fitted_levels_by_value_is_an_error():
 
 
 # -- new levels: population level, with a warning that counts them ------------------------------------------
+
 
 @pytest.mark.parametrize("n_new", [1, 5, 180])
 def test_new_levels_warn_with_their_row_count(fm_int, n_new):
@@ -137,6 +156,7 @@ def test_no_warning_without_random_effects(fm_int):
 
 # -- offsets ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [0, 1, 3, 179, 181])
 def test_offset_of_the_wrong_length_is_an_error(fm_int, n):
     with pytest.raises(InputError, match=rf"offset has {n} value\(s\) but newdata has 180 row\(s\)"):
@@ -154,11 +174,14 @@ def test_offset_by_values_and_by_column(fm_int):
     assert np.isnan(got.iloc[7]) and np.isfinite(np.delete(got.to_numpy(), 7)).all()
 
 
-@pytest.mark.parametrize("offset, message", [
-    ("nope", r"offset='nope' is not a column of newdata"),
-    (np.ones((180, 2)), r"offset must be one-dimensional"),
-    (["a"] * 180, r"offset must be numeric"),
-])
+@pytest.mark.parametrize(
+    "offset, message",
+    [
+        ("nope", r"offset='nope' is not a column of newdata"),
+        (np.ones((180, 2)), r"offset must be one-dimensional"),
+        (["a"] * 180, r"offset must be numeric"),
+    ],
+)
 def test_bad_offsets_are_errors(fm_int, offset, message):
     with pytest.raises(InputError, match=message):
         fm_int.predict(SLEEP_INT, offset=offset)
@@ -166,15 +189,21 @@ def test_bad_offsets_are_errors(fm_int, offset, message):
 
 # -- newdata itself -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("newdata", [SLEEP_INT.to_dict("list"), [1.0, 2.0], np.ones((3, 2)), "Days"])
 def test_newdata_must_be_a_frame(fm_int, newdata):
     with pytest.raises(InputError, match=rf"newdata must be a pandas DataFrame.*got a {type(newdata).__name__}"):
         fm_int.predict(newdata)
 
 
-@pytest.mark.parametrize("drop, named", [(["Days"], r"'Days' \(fixed effects; random-effects term"),
-                                         (["Subject"], r"'Subject' \(random-effects term \(Days \| Subject\)\)"),
-                                         (["Days", "Subject"], r"'Days' .*'Subject'")])
+@pytest.mark.parametrize(
+    "drop, named",
+    [
+        (["Days"], r"'Days' \(fixed effects; random-effects term"),
+        (["Subject"], r"'Subject' \(random-effects term \(Days \| Subject\)\)"),
+        (["Days", "Subject"], r"'Days' .*'Subject'"),
+    ],
+)
 def test_missing_columns_are_named(fm_int, drop, named):
     with pytest.raises(InputError, match=rf"newdata has no column {named}"):
         fm_int.predict(SLEEP_INT.drop(columns=drop))
@@ -198,12 +227,12 @@ def test_rows_with_missing_values_predict_nan(fm_int, column, rows):
 
 def test_the_fit_frame_with_missing_rows():
     frame = SLEEP_INT.astype({"Days": float})
-    frame.loc[[2, 40], "Reaction"] = np.nan              # the response: not needed to predict
+    frame.loc[[2, 40], "Reaction"] = np.nan  # the response: not needed to predict
     frame.loc[[7], "Days"] = np.nan
     fit = sm.lmer("Reaction ~ Days + (Days | Subject)", frame)
     got = fit.predict(frame)
     assert len(got) == 180 and np.isnan(got.iloc[7]) and np.isnan(got).sum() == 1
-    np.testing.assert_allclose(got.drop(index=[2, 7, 40]), fit.fitted, rtol=1e-12)   # rows fitted
+    np.testing.assert_allclose(got.drop(index=[2, 7, 40]), fit.fitted, rtol=1e-12)  # rows fitted
 
 
 def test_a_transform_of_a_bad_value_predicts_nan():
@@ -211,7 +240,7 @@ def test_a_transform_of_a_bad_value_predicts_nan():
     frame = SLEEP_INT.astype({"Days": float}).iloc[:4].copy()
     frame.loc[1, "Days"] = -3.0
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)        # numpy's "invalid value encountered in log"
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's "invalid value encountered in log"
         got = fit.predict(frame)
     assert np.isnan(got.iloc[1]) and np.isfinite(got.drop(index=1)).all()
 
@@ -222,12 +251,16 @@ def test_unseen_level_of_a_fixed_factor_is_an_error(formula, new_f, shown):
     frame = SLEEP_INT.assign(f=np.where(SLEEP_INT.Days % 2 == 0, "a", "b"))
     fit = sm.lmer(formula, frame)
     new = pd.DataFrame({"Days": [1.0] * len(new_f), "Subject": [308] * len(new_f), "f": new_f})
-    with pytest.raises(InputError, match=rf"column 'f' has level\(s\) the fit did not see: {shown}.*"
-                                         r"fitted levels: 'a', 'b'"):
+    with pytest.raises(
+        InputError,
+        match=rf"column 'f' has level\(s\) the fit did not see: {shown}.*"
+        r"fitted levels: 'a', 'b'",
+    ):
         fit.predict(new)
 
 
 # -- MixedLM (statsmodels' door) -------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def md():
@@ -238,7 +271,7 @@ def md():
 def test_mixedlm_predict_newdata(md):
     res, frame = md
     expected = res.predict(frame)
-    np.testing.assert_array_equal(res.predict(frame.to_dict("list")), expected)       # statsmodels takes a dict
+    np.testing.assert_array_equal(res.predict(frame.to_dict("list")), expected)  # statsmodels takes a dict
     nan = frame.astype({"Days": float})
     nan.loc[[5, 6], "Days"] = np.nan
     got = res.predict(nan)
@@ -254,6 +287,7 @@ def test_mixedlm_predict_newdata(md):
 
 # -- pickling -----------------------------------------------------------------------------------------------------
 
+
 def double(x):
     """A caller's function a formula uses: pickled by reference."""
     return 2 * x
@@ -267,16 +301,21 @@ def _roundtrip(obj, protocol):
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-@pytest.mark.parametrize("formula", ["Reaction ~ Days + (Days | Subject)",
-                                     "Reaction ~ center(Days) + f + double(Days) + (1 | Subject) + (0 + f | Subject)",
-                                     "Reaction ~ poly(Days, 2) + (1 | Subject) + (1 | f)"])
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "Reaction ~ Days + (Days | Subject)",
+        "Reaction ~ center(Days) + f + double(Days) + (1 | Subject) + (0 + f | Subject)",
+        "Reaction ~ poly(Days, 2) + (1 | Subject) + (1 | f)",
+    ],
+)
 def test_lmer_results_pickle(protocol, formula):
     frame = SLEEP_INT.assign(f=np.where(SLEEP_INT.Days % 3 == 0, "a", "b"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = sm.lmer(formula, frame)
     back = _roundtrip(fit, protocol)
-    assert "_factor" not in back.fit_result.system.__dict__          # dropped; rebuilt on first use
+    assert "_factor" not in back.fit_result.system.__dict__  # dropped; rebuilt on first use
     new = frame.iloc[::7].assign(Subject=frame.Subject.iloc[::7].astype(float))
     np.testing.assert_array_equal(back.predict(new), fit.predict(new))
     np.testing.assert_array_equal(back.predict(), fit.predict())
@@ -288,14 +327,15 @@ def test_lmer_results_pickle(protocol, formula):
 
 
 def test_lmer_results_pickle_before_and_after_a_prediction(fm_int):
-    fm_int.predict(SLEEP_INT.assign(Subject=SLEEP_INT.Subject.astype(float)))     # caches level matchers
+    fm_int.predict(SLEEP_INT.assign(Subject=SLEEP_INT.Subject.astype(float)))  # caches level matchers
     back = _roundtrip(_roundtrip(fm_int, None), 2)
-    np.testing.assert_array_equal(back.predict(SLEEP_INT.assign(Subject=SLEEP_INT.Subject.astype(str))),
-                                  fm_int.predict(SLEEP_INT))
+    np.testing.assert_array_equal(
+        back.predict(SLEEP_INT.assign(Subject=SLEEP_INT.Subject.astype(str))), fm_int.predict(SLEEP_INT)
+    )
 
 
 def test_a_formula_function_that_cannot_be_pickled_is_named():
-    local = lambda x: x + 1        # noqa: E731
+    local = lambda x: x + 1  # noqa: F841 (the formula calls it from this frame)
     fit = sm.lmer("Reaction ~ local(Days) + (1 | Subject)", SLEEP_INT)
     with pytest.raises(pickle.PicklingError, match="defined at the top level of a module"):
         pickle.dumps(fit)
@@ -312,7 +352,7 @@ def test_mixedlm_formula_results_pickle(md, protocol):
     for key, value in res.random_effects.items():
         pd.testing.assert_series_equal(back.random_effects[key], value, check_exact=True)
     pd.testing.assert_frame_equal(back.random_effects_cov[308], res.random_effects_cov[308], check_exact=True)
-    model = _roundtrip(res.model, protocol)                         # the model alone, refitted after
+    model = _roundtrip(res.model, protocol)  # the model alone, refitted after
     np.testing.assert_allclose(model.fit().params, res.params, rtol=1e-6)
 
 
@@ -339,8 +379,9 @@ def test_dask_results_pickle():
     fit = sm.lmer("Reaction ~ Days + (Days | Subject)", dd.from_pandas(SLEEP_INT, npartitions=3))
     back = _roundtrip(fit, None)
     np.testing.assert_array_equal(back.predict(SLEEP_INT), fit.predict(SLEEP_INT))
-    as_float = SLEEP_INT.assign(Subject=SLEEP_INT.Subject.astype(float))       # levels match by value here too
+    as_float = SLEEP_INT.assign(Subject=SLEEP_INT.Subject.astype(float))  # levels match by value here too
     np.testing.assert_array_equal(fit.predict(as_float), fit.predict(SLEEP_INT))
-    np.testing.assert_array_equal(fit.predict(dd.from_pandas(as_float, npartitions=2)).compute(),
-                                  fit.predict(SLEEP_INT))
+    np.testing.assert_array_equal(
+        fit.predict(dd.from_pandas(as_float, npartitions=2)).compute(), fit.predict(SLEEP_INT)
+    )
     assert str(back.summary()) == str(fit.summary())

@@ -1,5 +1,6 @@
 """Properties every fit must have, over data that hypothesis draws: invariance under row order and level labels,
 the exact effect of an affine change of the response, determinism, and thread safety."""
+
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,15 +20,22 @@ def _data(seed: int, n: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     n_g, n_h = 8 + seed % 7, 5 + seed % 4
     g, h, x = rng.integers(0, n_g, n), rng.integers(0, n_h, n), rng.normal(size=n)
-    y = 1.0 + 0.5 * x + rng.normal(size=n_g)[g] + 0.6 * x * rng.normal(size=n_g)[g] \
-        + 0.8 * rng.normal(size=n_h)[h] + rng.normal(size=n)
+    y = (
+        1.0
+        + 0.5 * x
+        + rng.normal(size=n_g)[g]
+        + 0.6 * x * rng.normal(size=n_g)[g]
+        + 0.8 * rng.normal(size=n_h)[h]
+        + rng.normal(size=n)
+    )
     return pd.DataFrame({"y": y, "x": x, "g": g, "h": h})
 
 
 def _fit(data, formula=FORMULA, **kw):
     import warnings
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # singular fits are fine here: the properties hold for them too
+        warnings.simplefilter("ignore")  # singular fits are fine here: the properties hold for them too
         return sparsemix.lmer(formula, data, **kw)
 
 
@@ -49,16 +57,18 @@ def test_row_order_and_level_labels_do_not_change_the_fit(seed, n):
     base = _fit(data)
     rng = np.random.default_rng(seed + 1)
     shuffled = data.iloc[rng.permutation(n)].reset_index(drop=True)
-    names = {v: f"level-{w}" for v, w in zip(range(20), rng.permutation(20))}   # new labels, new level order
+    names = {v: f"level-{w}" for v, w in zip(range(20), rng.permutation(20))}  # new labels, new level order
     shuffled["g"] = shuffled["g"].map(names)
     shuffled["h"] = 100 - shuffled["h"]
     _assert_same_fit(base, _fit(shuffled))
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10_000),
-       scale=st.one_of(st.floats(1e-3, 1e3), st.floats(-1e3, -1e-3)),
-       shift=st.floats(-1e3, 1e3))
+@given(
+    seed=st.integers(0, 10_000),
+    scale=st.one_of(st.floats(1e-3, 1e3), st.floats(-1e3, -1e-3)),
+    shift=st.floats(-1e3, 1e3),
+)
 def test_affine_response_changes_the_fit_exactly_as_it_should(seed, scale, shift):
     data = _data(seed, 150)
     base = _fit(data, reml=False)
@@ -69,9 +79,12 @@ def test_affine_response_changes_the_fit_exactly_as_it_should(seed, scale, shift
     assert moved.sigma == pytest.approx(abs(scale) * base.sigma, rel=1e-8)
     vc_base, vc_moved = base.variance_components(), moved.variance_components()
     variances = vc_base["var2"].isna().to_numpy()
-    np.testing.assert_allclose(vc_moved["vcov"].to_numpy()[variances],
-                               scale ** 2 * vc_base["vcov"].to_numpy()[variances], rtol=1e-8,
-                               atol=1e-10 * scale ** 2)
+    np.testing.assert_allclose(
+        vc_moved["vcov"].to_numpy()[variances],
+        scale**2 * vc_base["vcov"].to_numpy()[variances],
+        rtol=1e-8,
+        atol=1e-10 * scale**2,
+    )
     assert moved.llf == pytest.approx(base.llf - base.nobs * np.log(abs(scale)), rel=1e-9, abs=1e-7)
 
 
@@ -88,8 +101,11 @@ def test_the_same_input_gives_bit_identical_output(seed):
 
 
 def test_models_fitted_in_parallel_threads_equal_fits_one_by_one():
-    jobs = [(_data(s, 200), f, reml) for s in (1, 2, 3) for f, reml in
-            ((FORMULA, True), ("y ~ x + (1 | g) + (1 | h)", False), ("y ~ 1 + (x || g)", True))]
+    jobs = [
+        (_data(s, 200), f, reml)
+        for s in (1, 2, 3)
+        for f, reml in ((FORMULA, True), ("y ~ x + (1 | g) + (1 | h)", False), ("y ~ 1 + (x || g)", True))
+    ]
     one_by_one = [_fit(d, f, reml=r) for d, f, r in jobs]
     with ThreadPoolExecutor(max_workers=4) as pool:
         parallel = list(pool.map(lambda job: _fit(job[0], job[1], reml=job[2]), jobs))

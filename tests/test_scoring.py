@@ -1,22 +1,23 @@
 """Newton steps with the average information (sparsemix/fit/scoring.py), checked against dense marginal formulas
 (V = sigma^2 W + sum_j phi_j Z_j Z_j' built as an n x n matrix) and against BOBYQA's optimum."""
+
 import warnings
 
 import numpy as np
 import pytest
 
 import sparsemix
-from sparsemix.datasets import generate_insteval_like
 from sparsemix.core.cross_products import CrossProducts, assemble_Z
-from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.factor import SchurFactor
+from sparsemix.core.relcov import RelativeCovariance
+from sparsemix.core.system import PenalizedSystem
+from sparsemix.core.terms import CovarianceTemplate, RandomTerm
+from sparsemix.datasets import generate_insteval_like
+from sparsemix.fit.scoring import fit_by_scoring, scoring_point
 from sparsemix.fit.stages import build_system, optimize_system
 from sparsemix.lme4.design import build_design
-from sparsemix.core.relcov import RelativeCovariance
-from sparsemix.fit.scoring import fit_by_scoring, scoring_point
-from sparsemix.core.terms import CovarianceTemplate, RandomTerm
 
-SIZES = (40, 12, 5)          # levels of the three crossed scalar terms, most first (the Schur form's order)
+SIZES = (40, 12, 5)  # levels of the three crossed scalar terms, most first (the Schur form's order)
 
 
 def _problem(seed=3, n=300, sds=(0.8, 1.2, 0.6), p=2):
@@ -25,15 +26,16 @@ def _problem(seed=3, n=300, sds=(0.8, 1.2, 0.6), p=2):
     x = rng.normal(size=n)
     X = np.column_stack([np.ones(n), x])[:, :p]
     y = 1.0 + 0.5 * x + sum(sd * rng.normal(size=k)[c] for sd, k, c in zip(sds, SIZES, codes)) + rng.normal(size=n)
-    terms = [RandomTerm.from_codes(name, c, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
-             for name, c, k in zip("abc", codes, SIZES)]
+    terms = [
+        RandomTerm.from_codes(name, c, np.ones(n), k, CovarianceTemplate.scalar(), range(k), ("1",))
+        for name, c, k in zip("abc", codes, SIZES)
+    ]
     return X, y, terms
 
 
 def _schur_system(X, y, terms, weights=None, update="auto"):
     rc = RelativeCovariance([(t.n_levels, t.template) for t in terms])
-    system = PenalizedSystem(CrossProducts.compute(X, y, assemble_Z(terms), weights=weights), rc,
-                             factorization="schur")
+    system = PenalizedSystem(CrossProducts.compute(X, y, assemble_Z(terms), weights=weights), rc, factorization="schur")
     if update != "auto":
         system._factor = SchurFactor(system._A, system.cross.ZtZ, rc, update=update)
     return system
@@ -45,7 +47,7 @@ def _dense(X, y, terms, theta, reml, weights=None):
     n = y.shape[0]
     Zs = [t.Z.toarray() for t in terms]
     W = np.diag(1.0 / weights) if weights is not None else np.eye(n)
-    V1 = W + sum(th ** 2 * Z @ Z.T for th, Z in zip(theta, Zs))
+    V1 = W + sum(th**2 * Z @ Z.T for th, Z in zip(theta, Zs))
     V1i = np.linalg.inv(V1)
     traces = np.array([np.trace(Z.T @ V1i @ Z) for Z in Zs])
     XtViX = X.T @ V1i @ X
@@ -88,7 +90,7 @@ def test_single_precision_traces_are_close_but_not_exact(update):
     with system.threads():
         single = system.variance_traces(theta, single=True)
     np.testing.assert_allclose(single, traces, rtol=1e-5)
-    assert np.max(np.abs(single / traces - 1)) > 1e-12         # really computed in float32
+    assert np.max(np.abs(single / traces - 1)) > 1e-12  # really computed in float32
 
 
 def test_single_precision_far_points_leave_the_result_unchanged(monkeypatch):
@@ -114,7 +116,7 @@ def test_a_single_precision_start_at_the_optimum_is_scored_again_in_double():
     with system.threads():
         first, _, _ = fit_by_scoring(system, system.relcov.start(), True)
         again, _, count = fit_by_scoring(system, first.theta, True)
-    assert count == 1                                   # no step: the double score says it is converged
+    assert count == 1  # no step: the double score says it is converged
     np.testing.assert_array_equal(again.theta, first.theta)
 
 
@@ -145,7 +147,7 @@ def test_score_without_fixed_effects():
 def test_no_traces_where_the_formulas_do_not_apply():
     X, y, terms = _problem()
     system = _schur_system(X, y, terms)
-    assert system.variance_traces(np.array([0.5, 0.0, 0.3])) is None        # divides by theta_j
+    assert system.variance_traces(np.array([0.5, 0.0, 0.3])) is None  # divides by theta_j
     assert build_system(X, y, terms, factorization="simplicial").variance_traces(np.ones(3)) is None
     assert not build_system(X, y, terms, factorization="simplicial").supports_scoring
 
@@ -162,14 +164,14 @@ def test_scoring_reaches_bobyqas_optimum_from_lme4s_start(reml):
     assert bobyqa.fit_result.optimization.method == "bobyqa"
     assert scored.n_evaluations < bobyqa.n_evaluations / 3
     assert scored.deviance <= bobyqa.deviance + 1e-12 * abs(bobyqa.deviance)
-    np.testing.assert_allclose(scored.theta, bobyqa.theta, rtol=1e-5)       # the polish's own accuracy
+    np.testing.assert_allclose(scored.theta, bobyqa.theta, rtol=1e-5)  # the polish's own accuracy
     np.testing.assert_allclose(scored.fe_params, bobyqa.fe_params, rtol=1e-8)
 
 
 def test_scoring_stops_at_the_stationary_point():
     """A central-difference gradient of the profiled deviance vanishes at the result (to its rounding)."""
     X, y, terms = _problem()
-    system = build_system(X, y, terms, factorization="schur")     # (so small a system would pick simplicial)
+    system = build_system(X, y, terms, factorization="schur")  # (so small a system would pick simplicial)
     assert system.supports_scoring
     opt = optimize_system(system)
     assert opt.method == "scoring"
@@ -184,7 +186,7 @@ def test_scoring_stops_at_the_stationary_point():
 
 
 def test_a_zero_variance_hands_the_fit_to_bobyqa():
-    X, y, terms = _problem(sds=(0.8, 1.2, 0.0), seed=0)     # c's variance is estimated at 0 (a boundary fit)
+    X, y, terms = _problem(sds=(0.8, 1.2, 0.0), seed=0)  # c's variance is estimated at 0 (a boundary fit)
     system = build_system(X, y, terms, factorization="schur")
     with system.threads():
         gave_up, best, used = fit_by_scoring(system, np.ones(3), True)
@@ -205,7 +207,7 @@ def test_the_scored_fit_does_not_depend_on_row_order_or_level_labels():
     data = generate_insteval_like(1_500, 600, 10, 15)
     formula = "y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)"
     shuffled = data.sample(frac=1.0, random_state=7).reset_index(drop=True)
-    shuffled["s"] = "student " + shuffled["s"].astype(str)          # other labels, another level order
+    shuffled["s"] = "student " + shuffled["s"].astype(str)  # other labels, another level order
     fits = [sparsemix.lmer(formula, frame) for frame in (data, shuffled)]
     assert [f.fit_result.optimization.method for f in fits] == ["scoring", "scoring"]
     np.testing.assert_allclose(fits[1].theta, fits[0].theta, rtol=1e-8)
@@ -261,18 +263,29 @@ def test_never_worse_than_bobyqa_on_random_crossed_designs():
 
     rng = np.random.default_rng(123)
     for trial in range(8):
-        n, na, nb, nc = int(rng.integers(2_000, 6_000)), int(rng.integers(150, 800)), int(rng.integers(100, 300)), \
-            int(rng.integers(3, 40))
+        n, na, nb, nc = (
+            int(rng.integers(2_000, 6_000)),
+            int(rng.integers(150, 800)),
+            int(rng.integers(100, 300)),
+            int(rng.integers(3, 40)),
+        )
         a, b, c = rng.integers(0, na, n), rng.integers(0, nb, n), rng.integers(0, nc, n)
         sd = rng.uniform(0, 1.5, 3) * (rng.uniform(size=3) > 0.2)
         x = rng.normal(size=n)
-        y = 1 + 0.3 * x + sd[0] * rng.normal(size=na)[a] + sd[1] * rng.normal(size=nb)[b] \
-            + sd[2] * rng.normal(size=nc)[c] + rng.normal(size=n)
+        y = (
+            1
+            + 0.3 * x
+            + sd[0] * rng.normal(size=na)[a]
+            + sd[1] * rng.normal(size=nb)[b]
+            + sd[2] * rng.normal(size=nc)[c]
+            + rng.normal(size=n)
+        )
         data = pd.DataFrame({"y": y, "x": x, "a": a, "b": b, "c": c})
         weights = rng.uniform(0.3, 3, n) if trial % 3 == 0 else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             auto = sparsemix.lmer("y ~ x + (1|a) + (1|b) + (1|c)", data, reml=bool(trial % 2), weights=weights)
-            bobyqa = sparsemix.lmer("y ~ x + (1|a) + (1|b) + (1|c)", data, reml=bool(trial % 2), weights=weights,
-                                    optimizer="bobyqa")
+            bobyqa = sparsemix.lmer(
+                "y ~ x + (1|a) + (1|b) + (1|c)", data, reml=bool(trial % 2), weights=weights, optimizer="bobyqa"
+            )
         assert auto.deviance <= bobyqa.deviance + 1e-9 * abs(bobyqa.deviance), trial

@@ -4,6 +4,7 @@ The reference summaries are the notebook's own output (tests/reference/notebook_
 numbers differ from the notebook it is because statsmodels stopped short of the optimum: the tests check
 that those lines differ only in digits and that our log-likelihood is at least the notebook's.
 """
+
 import re
 from pathlib import Path
 
@@ -33,14 +34,16 @@ def fits():
     nested, crossed = seed_datasets()
     out = {}
     out["nested_formula"] = sm.MixedLM.from_formula(
-        "y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"}, groups="group1", data=nested).fit()
+        "y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"}, groups="group1", data=nested
+    ).fit()
     per_group = [_dense_indicator(g.group2) for _, g in nested.groupby("group1")]
     vcs = VCSpec(["group2"], [[c for _, c in per_group]], [[m for m, _ in per_group]])
     oo = np.ones(len(nested))
     out["nested_vcspec"] = sm.MixedLM(nested.y, oo, exog_re=oo, groups=nested.group1, exog_vc=vcs).fit()
     oo = np.ones(len(crossed))
     out["crossed_formula"] = sm.MixedLM.from_formula(
-        "y ~ 1", groups=oo, vc_formula={"g1": "0 + C(group1)", "g2": "0 + C(group2)"}, data=crossed).fit()
+        "y ~ 1", groups=oo, vc_formula={"g1": "0 + C(group1)", "g2": "0 + C(group2)"}, data=crossed
+    ).fit()
     m1, c1 = _dense_indicator(crossed.group1)
     m2, c2 = _dense_indicator(crossed.group2)
     vcs = VCSpec(["group1", "group2"], [[c1], [c2]], [[m1], [m2]])
@@ -77,7 +80,9 @@ def test_vcspec_route_equals_formula_route(fits, design):
     assert b.scale == pytest.approx(a.scale, rel=1e-9)
 
 
-@pytest.mark.parametrize("k, name", list(enumerate(["nested_formula", "nested_vcspec", "crossed_formula", "crossed_vcspec"])))
+@pytest.mark.parametrize(
+    "k, name", list(enumerate(["nested_formula", "nested_vcspec", "crossed_formula", "crossed_vcspec"]))
+)
 def test_summary_layout_matches_the_notebook(fits, k, name):
     ours = [line.rstrip() for line in str(fits[name].summary()).splitlines()]
     theirs = _notebook_summaries()[k].splitlines()

@@ -7,24 +7,22 @@ df = inf (normal p-values: 0.0367 for Early's age:trtY where lmerTest has 0.0381
 
 Tolerances (relative): df 1e-2, t 1e-3, p 2e-2, beta 1e-4, SE(beta) 1e-3.
 """
-import json
+
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_reference
 
 import sparsemix as sm
-
-REFERENCE = Path(__file__).parent / "reference"
 
 # R's fixed-effect names -> patsy's.
 FIXED_NAMES = {"trtY": "trt[T.Y]", "age:trtY": "age:trt[T.Y]", "sexM": "sex[T.M]", "typeSngl": "type[T.Sngl]"}
 
 
 def _record(name):
-    doc = json.loads((REFERENCE / f"{name}.json").read_text())
+    doc = load_reference(name)
     return pd.DataFrame(doc["data"]), doc["fits"][0]
 
 
@@ -36,13 +34,13 @@ def _lower_factor(S):
         d = S[j, j] - L[j, :j] @ L[j, :j]
         L[j, j] = np.sqrt(max(d, 0.0))
         if L[j, j] > 0:
-            L[j + 1:, j] = (S[j + 1:, j] - L[j + 1:, :j] @ L[j, :j]) / L[j, j]
+            L[j + 1 :, j] = (S[j + 1 :, j] - L[j + 1 :, :j] @ L[j, :j]) / L[j, j]
     return L
 
 
 def _exam_start(record):
     """lme4's theta for columns ((Intercept), standLRT, sexM) in our column order ((Intercept), sex, standLRT)."""
-    pos = [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (2, 2)]      # lme4's order: lower triangle by column
+    pos = [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (2, 2)]  # lme4's order: lower triangle by column
     L = np.zeros((3, 3))
     for v, (i, j) in zip(record["theta"], pos):
         L[i, j] = v
@@ -64,9 +62,14 @@ def _fit(name):
             warnings.simplefilter("ignore", sm.SingularFitWarning)
             m = sm.lmer(r["formula"], data, reml=r["reml"], **kwargs)
         if name == "exam":
-            assert m.theta_names == ["school.(Intercept)", "school.sex[T.M].(Intercept)",
-                                     "school.standLRT.(Intercept)", "school.sex[T.M]",
-                                     "school.standLRT.sex[T.M]", "school.standLRT"]
+            assert m.theta_names == [
+                "school.(Intercept)",
+                "school.sex[T.M].(Intercept)",
+                "school.standLRT.(Intercept)",
+                "school.sex[T.M]",
+                "school.standLRT.sex[T.M]",
+                "school.standLRT",
+            ]
         _FITS[name] = (m, r)
     return _FITS[name]
 

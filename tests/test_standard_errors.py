@@ -4,6 +4,7 @@ Simulate replicated data sets from a known nested model, fit each, and compare t
 with the standard errors the fits report. statsmodels' convention (sqrt(scale) x SE of the parameter divided
 by scale) is computed from the same fits to show that it is off by about sqrt(scale) here.
 """
+
 import numpy as np
 import pytest
 
@@ -18,16 +19,16 @@ def replicated_fits():
     rng = np.random.RandomState(20261122)
     estimates, ses, statsmodels_ses, scale_est, scale_se = [], [], [], [], []
     for _ in range(N_REPLICATES):
-        df = generate_nested(n_group1=100, n_group2=5, n_rep=4, rng=rng)   # true: 4, 9 and scale 16
-        res = sm.MixedLM.from_formula("y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"},
-                                      groups="group1", data=df).fit()
+        df = generate_nested(n_group1=100, n_group2=5, n_rep=4, rng=rng)  # true: 4, 9 and scale 16
+        res = sm.MixedLM.from_formula(
+            "y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"}, groups="group1", data=df
+        ).fit()
         estimates.append([res.cov_re.iloc[0, 0], res.vcomp[0]])
         ses.append(np.asarray(res.bse_re))
         statsmodels_ses.append(np.sqrt(res.scale) * np.asarray(res.bse)[1:])
         scale_est.append(res.scale)
         scale_se.append(res.scale_se)
-    return (np.array(estimates), np.array(ses), np.array(statsmodels_ses), np.array(scale_est),
-            np.array(scale_se))
+    return (np.array(estimates), np.array(ses), np.array(statsmodels_ses), np.array(scale_est), np.array(scale_se))
 
 
 def test_reported_se_matches_spread_of_estimates(replicated_fits):
@@ -69,13 +70,14 @@ def test_balanced_nested_design_matches_anova_closed_form():
     msb = K * np.sum((m_ij - m_i[:, None]) ** 2) / (I * (J - 1))
     mse = np.sum((y - m_ij[:, :, None]) ** 2) / (I * J * (K - 1))
     va, vb = (msa - msb) / (J * K), (msb - mse) / K
-    assert va > 0 and vb > 0      # interior: REML coincides with ANOVA
-    var_va = (2 * msa ** 2 / (I - 1) + 2 * msb ** 2 / (I * (J - 1))) / (J * K) ** 2
-    var_vb = (2 * msb ** 2 / (I * (J - 1)) + 2 * mse ** 2 / (I * J * (K - 1))) / K ** 2
-    var_e = 2 * mse ** 2 / (I * J * (K - 1))
+    assert va > 0 and vb > 0  # interior: REML coincides with ANOVA
+    var_va = (2 * msa**2 / (I - 1) + 2 * msb**2 / (I * (J - 1))) / (J * K) ** 2
+    var_vb = (2 * msb**2 / (I * (J - 1)) + 2 * mse**2 / (I * J * (K - 1))) / K**2
+    var_e = 2 * mse**2 / (I * J * (K - 1))
 
-    res = sm.MixedLM.from_formula("y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"},
-                                  groups="group1", data=df).fit()
+    res = sm.MixedLM.from_formula(
+        "y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"}, groups="group1", data=df
+    ).fit()
     np.testing.assert_allclose([res.cov_re.iloc[0, 0], res.vcomp[0], res.scale], [va, vb, mse], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(res.bse_re), np.sqrt([var_va, var_vb]), rtol=1e-4)
     assert res.scale_se == pytest.approx(np.sqrt(var_e), rel=1e-4)

@@ -3,6 +3,7 @@ here against statsmodels' numbers, lme4's, or closed forms: model.data, summary 
 (loglike following the last fit, score, hessian), fit_regularized, the warnings, t_test, get_distribution,
 remove_data and summary_col.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -31,8 +32,9 @@ def _quiet(fn, *args, **kwargs):
 
 
 def _ours(pa) -> sparsemix.MixedLMParams:
-    return sparsemix.MixedLMParams.from_components(np.asarray(pa.fe_params, dtype=float), np.asarray(pa.cov_re),
-                                                   vcomp=np.asarray(pa.vcomp, dtype=float))
+    return sparsemix.MixedLMParams.from_components(
+        np.asarray(pa.fe_params, dtype=float), np.asarray(pa.cov_re), vcomp=np.asarray(pa.vcomp, dtype=float)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +49,15 @@ def test_loglike_follows_the_method_of_the_last_fit(dietox):
     """Issue 13: after fit(reml=False), model.loglike returned the REML value (-2404.778, not lme4's -2402.932)."""
     model = sparsemix.MixedLM.from_formula("Weight ~ Time", groups="Pig", data=dietox)
     theirs = sm_lme.MixedLM.from_formula("Weight ~ Time", groups="Pig", data=dietox)
-    assert model.reml is True                                   # statsmodels' default before any fit
+    assert model.reml is True  # statsmodels' default before any fit
     reml_fit = model.fit()
-    assert model.loglike(reml_fit.params_object) == pytest.approx(-2404.775, rel=1e-6)     # lme4's logLik (REML)
+    assert model.loglike(reml_fit.params_object) == pytest.approx(-2404.775, rel=1e-6)  # lme4's logLik (REML)
     ml_fit = model.fit(reml=False)
     assert model.reml is False
     pa = ml_fit.params_object
-    assert model.loglike(pa) == pytest.approx(-2402.932, rel=1e-6)                         # lme4's logLik (ML)
+    assert model.loglike(pa) == pytest.approx(-2402.932, rel=1e-6)  # lme4's logLik (ML)
     assert model.loglike(pa) == pytest.approx(ml_fit.llf, rel=1e-12)
-    assert model.loglike(pa, profile_fe=False) == pytest.approx(ml_fit.llf, rel=1e-12)    # fe at the optimum
+    assert model.loglike(pa, profile_fe=False) == pytest.approx(ml_fit.llf, rel=1e-12)  # fe at the optimum
     _quiet(theirs.fit, reml=False)
     their_pa = sm_lme.MixedLMParams.from_components(pa.fe_params, pa.cov_re, vcomp=pa.vcomp)
     assert model.loglike(pa) == pytest.approx(theirs.loglike(their_pa), rel=1e-11)
@@ -74,8 +76,12 @@ def _slopes_and_vc(use_sqrt):
     g = np.repeat(np.arange(n_groups), size)
     slopes = rs.normal(size=(n_groups, 2)) * [1.0, 0.5]
     z_vc = rs.normal(size=n)
-    y = X @ [1, 0.5, -0.3] + (slopes[g] * Z).sum(1) + 0.7 * z_vc * np.repeat(rs.normal(size=n_groups), size) \
+    y = (
+        X @ [1, 0.5, -0.3]
+        + (slopes[g] * Z).sum(1)
+        + 0.7 * z_vc * np.repeat(rs.normal(size=n_groups), size)
         + rs.normal(size=n)
+    )
     mats = [[z_vc[g == k][:, None] for k in range(n_groups)]]
     names = [[["v"] for _ in range(n_groups)]]
     ours = sparsemix.MixedLM(y, X, g, exog_re=Z, exog_vc=sparsemix.VCSpec(["v"], names, mats), use_sqrt=use_sqrt)
@@ -92,14 +98,21 @@ def test_score_and_hessian_equal_statsmodels_analytic_derivatives(use_sqrt, reml
     theirs_fit = _quiet(theirs.fit, reml=reml)
 
     def point():
-        return sm_lme.MixedLMParams.from_components(np.array([0.9, 0.4, -0.2]), cov_re=np.array([[1.2, 0.3],
-                                                    [0.3, 0.6]]), vcomp=np.array([0.4]))
+        return sm_lme.MixedLMParams.from_components(
+            np.array([0.9, 0.4, -0.2]), cov_re=np.array([[1.2, 0.3], [0.3, 0.6]]), vcomp=np.array([0.4])
+        )
+
     for profile_fe in (True, False):
         # (statsmodels' score overwrites fe_params of its argument when profiling: a fresh point each call)
-        assert ours.loglike(_ours(point()), profile_fe=profile_fe) == \
-            pytest.approx(theirs.loglike(point(), profile_fe=profile_fe), rel=1e-12)
-        np.testing.assert_allclose(ours.score(_ours(point()), profile_fe=profile_fe),
-                                   theirs.score(point(), profile_fe=profile_fe), rtol=1e-6, atol=1e-6)
+        assert ours.loglike(_ours(point()), profile_fe=profile_fe) == pytest.approx(
+            theirs.loglike(point(), profile_fe=profile_fe), rel=1e-12
+        )
+        np.testing.assert_allclose(
+            ours.score(_ours(point()), profile_fe=profile_fe),
+            theirs.score(point(), profile_fe=profile_fe),
+            rtol=1e-6,
+            atol=1e-6,
+        )
     # statsmodels' Hessian is that of loglike only where the fixed effects are the GLS ones: at its estimate
     hess, sing = ours.hessian(_ours(theirs_fit.params_object))
     their_hess, their_sing = theirs.hessian(theirs_fit.params_object)
@@ -130,8 +143,9 @@ def test_get_fe_params_and_get_scale_equal_statsmodels():
     their_fe, their_sing = theirs.get_fe_params(cov_re, vcomp)
     np.testing.assert_allclose(fe, their_fe, rtol=1e-10)
     assert sing == their_sing is False
-    assert ours.get_scale(fe + 0.1, cov_re, vcomp) == pytest.approx(theirs.get_scale(fe + 0.1, cov_re, vcomp),
-                                                                    rel=1e-10)
+    assert ours.get_scale(fe + 0.1, cov_re, vcomp) == pytest.approx(
+        theirs.get_scale(fe + 0.1, cov_re, vcomp), rel=1e-10
+    )
 
 
 # -- model.data and the summary's tables ------------------------------------------------------------------
@@ -162,14 +176,14 @@ def test_summary_tables_as_statsmodels(dietox):
     theirs = _quiet(sm_lme.MixedLM.from_formula("Weight ~ Time", groups="Pig", data=dietox).fit)
     ts, tt = ours.summary().tables, theirs.summary().tables
     assert ts[0].shape == tt[0].shape == (6, 4)
-    assert ts[0][0].tolist() == tt[0][0].tolist() and ts[0][2].tolist() == tt[0][2].tolist()   # the keys
+    assert ts[0][0].tolist() == tt[0][0].tolist() and ts[0][2].tolist() == tt[0][2].tolist()  # the keys
     assert ts[0][1].tolist()[:3] == ["MixedLM", "861", "72"]
     assert list(ts[1].index) == list(tt[1].index) == ["Intercept", "Time", "Pig Var"]
     assert list(ts[1].columns) == list(tt[1].columns)
     # fixed-effect rows agree with statsmodels (and lme4) to the printed 3 decimals
     assert ts[1].loc[["Intercept", "Time"]].values.tolist() == tt[1].loc[["Intercept", "Time"]].values.tolist()
-    assert ts[1].loc["Pig Var", "Coef."] == tt[1].loc["Pig Var", "Coef."] == "40.394"    # lme4: 40.39395
-    assert ts[1].loc["Pig Var", "z"] == ""                                               # blank, as statsmodels
+    assert ts[1].loc["Pig Var", "Coef."] == tt[1].loc["Pig Var", "Coef."] == "40.394"  # lme4: 40.39395
+    assert ts[1].loc["Pig Var", "z"] == ""  # blank, as statsmodels
     html = ours.summary().as_html()
     assert html.count("<table") == 2 and "<th>Pig Var</th>" in html and "40.394" in html
 
@@ -216,8 +230,9 @@ def test_l1_solution_satisfies_the_lasso_optimality_conditions(lasso_data):
     np.testing.assert_allclose(grad[nonzero], -alpha[nonzero] * np.sign(result.fe_params[nonzero]), rtol=1e-8)
     assert np.all(np.abs(grad[~nonzero]) <= alpha[~nonzero])
     # the scale is re-estimated at the penalized coefficients, the covariance held (statsmodels' get_scale)
-    assert result.scale == pytest.approx(model.get_scale(result.fe_params, unpenalized.cov_re_unscaled,
-                                                         unpenalized.vcomp / unpenalized.scale), rel=1e-12)
+    assert result.scale == pytest.approx(
+        model.get_scale(result.fe_params, unpenalized.cov_re_unscaled, unpenalized.vcomp / unpenalized.scale), rel=1e-12
+    )
     np.testing.assert_allclose(result.cov_re, unpenalized.cov_re)
 
 
@@ -238,7 +253,7 @@ def test_smooth_penalty_maximizes_the_penalized_likelihood(lasso_data):
     unpenalized = model.fit()
     penalty = penalties.L2()
     result = model.fit_regularized(method=penalty, alpha=10.0)
-    assert penalty.alpha == 10.0                                   # statsmodels sets the weight the same way
+    assert penalty.alpha == 10.0  # statsmodels sets the weight the same way
     beta, beta_hat = result.fe_params, unpenalized.fe_params
     assert np.linalg.norm(beta) < 0.97 * np.linalg.norm(beta_hat)
     G_rel = np.linalg.inv(unpenalized.fit_result.cov_beta) * unpenalized.scale
@@ -274,12 +289,14 @@ def test_fit_keywords_statsmodels_never_used_warn_as_statsmodels():
     rs = np.random.RandomState(456)
     g = np.repeat(np.arange(5), 10)
     x = rs.normal(size=50)
-    model = sparsemix.MixedLM.from_formula("y ~ x", pd.DataFrame({"y": x + rs.normal(size=50), "x": x, "g": g}),
-                                           groups="g")
+    model = sparsemix.MixedLM.from_formula(
+        "y ~ x", pd.DataFrame({"y": x + rs.normal(size=50), "x": x, "g": g}), groups="g"
+    )
     with pytest.warns(UnusedArgumentWarning, match="Argument cov_type not used by MixedLM.fit") as caught:
         result = model.fit(cov_type="hc1")
-    assert issubclass(caught[0].category, FutureWarning) and issubclass(caught[0].category,
-                                                                        sparsemix.IgnoredArgumentWarning)
+    assert issubclass(caught[0].category, FutureWarning) and issubclass(
+        caught[0].category, sparsemix.IgnoredArgumentWarning
+    )
     assert result.converged and result.fe_params.shape == (2,)
     # a keyword statsmodels passes to scipy: accepted by both, unused by sparsemix, no FutureWarning
     with warnings.catch_warnings(record=True) as caught:
@@ -296,8 +313,11 @@ def test_singular_covariance_warns():
     groups = np.kron(np.arange(100), [1, 1, 1])
     endog = exog.sum(1) + exog_re * np.kron(rs.normal(size=100), [1, 1, 1]) + rs.normal(size=300)
     model = sparsemix.MixedLM(endog, exog, groups, np.ones(300))
-    with pytest.warns(sparsemix.SingularFitWarning, match=r"The random effects covariance matrix is singular: "
-                                                          r"boundary \(singular\) fit: x_re1 estimated at zero"):
+    with pytest.warns(
+        sparsemix.SingularFitWarning,
+        match=r"The random effects covariance matrix is singular: "
+        r"boundary \(singular\) fit: x_re1 estimated at zero",
+    ):
         result = model.fit()
     assert result.cov_re[0, 0] == 0.0
     hess, sing = model.hessian(result.params_object)
@@ -318,7 +338,7 @@ def test_t_test_of_fixed_effects():
     ours_t, their_t = res.t_test(R), theirs.t_test(R)
     np.testing.assert_allclose(ours_t.effect, their_t.effect, rtol=1e-6)
     np.testing.assert_allclose(ours_t.sd, np.sqrt(np.diag(R @ res.cov_params()[:3, :3] @ R.T)), rtol=1e-12)
-    np.testing.assert_allclose(ours_t.sd, their_t.sd, rtol=2e-3)       # GLS vs statsmodels' Hessian
+    np.testing.assert_allclose(ours_t.sd, their_t.sd, rtol=2e-3)  # GLS vs statsmodels' Hessian
     np.testing.assert_allclose(ours_t.pvalue, 2 * stats.norm.sf(np.abs(ours_t.tvalue)))
     t_ref = res.t_test(R, use_t=True)
     assert t_ref.df_denom == 297 and np.all(t_ref.pvalue > ours_t.pvalue)
@@ -380,8 +400,7 @@ def test_summary_col_with_lme4_standard_errors():
     statsmodels' own fixed-effect standard errors). Here the standard errors are lme4's: vcov() gives 1.485426,
     0.164687 (Y ~ X) and 1.439755, 0.131773 (X ~ Y); the coefficients and Group Var (0.80559 / 4.12139 and
     2.7751 / 2.0031) are lme4's and statsmodels'."""
-    y = [1.727, -1.037, 2.904, 3.569, 4.629, 5.736, 6.747, 7.020, 5.624, 10.155, 10.400, 17.164, 17.276, 14.988,
-         14.453]
+    y = [1.727, -1.037, 2.904, 3.569, 4.629, 5.736, 6.747, 7.020, 5.624, 10.155, 10.400, 17.164, 17.276, 14.988, 14.453]
     d = pd.DataFrame({"Y": y, "X": np.arange(1, 16), "IDS": [1] * 5 + [2] * 4 + [3] * 6})
     results = [sparsemix.MixedLM.from_formula(f, d, groups=d["IDS"]).fit() for f in ("Y ~ X", "X ~ Y")]
     out = summary_col(results, stars=True, regressor_order=["Group Var", "Intercept", "X", "Y"])
@@ -392,4 +411,5 @@ def test_summary_col_with_lme4_standard_errors():
         "          (1.4854)  (1.4398) \nX         1.1618***          \n"
         "          (0.1647)           \nY                   0.5529***\n"
         "                    (0.1318) \n=============================\n"
-        "Standard errors in\nparentheses.\n* p<.1, ** p<.05, ***p<.01")
+        "Standard errors in\nparentheses.\n* p<.1, ** p<.05, ***p<.01"
+    )

@@ -7,6 +7,7 @@ sparsemix's, runs the copy with pytest in a subprocess, and requires every test 
 LEFT_OUT, each with its reason (they run, but their outcome is not counted). Cost: one pytest run of 123
 tests, ~13 s.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,21 +28,29 @@ PACKAGE = "statsmodels_lme_suite"
 # (pattern, replacement, why). Each pattern must match the installed file, so a statsmodels release that
 # rewrites these imports makes this test fail with a message saying which swap no longer applies.
 SWAPS = [
-    (r"from statsmodels\.regression\.mixed_linear_model import \(\s*MixedLM,\s*MixedLMParams,\s*"
-     r"_smw_logdet,\s*_smw_solver,?\s*\)",
-     "from sparsemix import MixedLM, MixedLMParams\n"
-     "from statsmodels.regression.mixed_linear_model import _smw_logdet, _smw_solver",
-     "the classes under test; the private helpers stay statsmodels' (their tests are left out below)"),
-    (r"from statsmodels\.iolib\.summary2 import Summary\n",
-     "from sparsemix.statsmodels.summary import MixedLMSummary as Summary\n",
-     "test_summary_after_remove_data checks that summary() returns the library's summary class"),
-    (r"from statsmodels\.tools\.sm_exceptions import SingularMatrixWarning\n",
-     "from sparsemix import SingularFitWarning as SingularMatrixWarning\n",
-     "sparsemix's warning for a singular random-effects covariance (it cannot raise statsmodels' class "
-     "without importing statsmodels)"),
-    (r"from statsmodels\.formula\.api import mixedlm\n",
-     "mixedlm = MixedLM.from_formula\n",
-     "test_formulas compares the array and formula constructors of the same library"),
+    (
+        r"from statsmodels\.regression\.mixed_linear_model import \(\s*MixedLM,\s*MixedLMParams,\s*"
+        r"_smw_logdet,\s*_smw_solver,?\s*\)",
+        "from sparsemix import MixedLM, MixedLMParams\n"
+        "from statsmodels.regression.mixed_linear_model import _smw_logdet, _smw_solver",
+        "the classes under test; the private helpers stay statsmodels' (their tests are left out below)",
+    ),
+    (
+        r"from statsmodels\.iolib\.summary2 import Summary\n",
+        "from sparsemix.statsmodels.summary import MixedLMSummary as Summary\n",
+        "test_summary_after_remove_data checks that summary() returns the library's summary class",
+    ),
+    (
+        r"from statsmodels\.tools\.sm_exceptions import SingularMatrixWarning\n",
+        "from sparsemix import SingularFitWarning as SingularMatrixWarning\n",
+        "sparsemix's warning for a singular random-effects covariance (it cannot raise statsmodels' class "
+        "without importing statsmodels)",
+    ),
+    (
+        r"from statsmodels\.formula\.api import mixedlm\n",
+        "mixedlm = MixedLM.from_formula\n",
+        "test_formulas compares the array and formula constructors of the same library",
+    ),
 ]
 
 # Tests not run against sparsemix: statsmodels-node-id prefix -> why.
@@ -69,15 +78,17 @@ LEFT_OUT = {
 def _patched_source(source: str) -> str:
     for pattern, replacement, why in SWAPS:
         source, n = re.subn(pattern, lambda _m, r=replacement: r, source)
-        assert n == 1, (f"statsmodels {statsmodels.__version__}'s test_lme.py no longer matches the swap for "
-                        f"{why!r} (pattern {pattern!r}); update SWAPS in {__file__}")
+        assert n == 1, (
+            f"statsmodels {statsmodels.__version__}'s test_lme.py no longer matches the swap for "
+            f"{why!r} (pattern {pattern!r}); update SWAPS in {__file__}"
+        )
     return source
 
 
 def _node_id(case: ET.Element) -> str:
     classname = case.get("classname", "")
     prefix = f"{PACKAGE}.test_lme"
-    cls = classname[len(prefix) + 1:] if classname.startswith(prefix + ".") else ""
+    cls = classname[len(prefix) + 1 :] if classname.startswith(prefix + ".") else ""
     return f"{cls}::{case.get('name')}" if cls else case.get("name")
 
 
@@ -113,28 +124,49 @@ def suite_outcomes(tmp_path_factory) -> dict[str, str]:
     shutil.copytree(SUITE_DIR / "results", package / "results")
     source = (SUITE_DIR / "test_lme.py").read_text(encoding="utf-8")
     (package / "test_lme.py").write_text(_patched_source(source), encoding="utf-8")
-    (root / "pytest.ini").write_text("[pytest]\n")      # keep this repository's pytest settings out
+    (root / "pytest.ini").write_text("[pytest]\n")  # keep this repository's pytest settings out
     report = root / "report.xml"
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(root / "pytest.ini"),
-         "--rootdir", str(root), f"--junitxml={report}", "-W", "ignore::pytest.PytestUnknownMarkWarning",
-         str(package / "test_lme.py")],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-c",
+            str(root / "pytest.ini"),
+            "--rootdir",
+            str(root),
+            f"--junitxml={report}",
+            "-W",
+            "ignore::pytest.PytestUnknownMarkWarning",
+            str(package / "test_lme.py"),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert report.exists(), f"pytest did not run statsmodels' suite:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return _outcomes(report)
 
 
+@pytest.mark.slow
 def test_every_public_api_test_of_statsmodels_passes(suite_outcomes):
     public = {k: v for k, v in suite_outcomes.items() if not _left_out(k)}
     assert len(public) >= 80, f"only {len(public)} public-API tests were collected: {sorted(public)}"
     failed = {k: v for k, v in public.items() if v}
     report = "\n\n".join(f"{k}:\n{v}" for k, v in failed.items())
-    assert not failed, (f"{len(failed)} of {len(public)} of statsmodels' public-API tests fail with sparsemix:"
-                        f"\n\n{report}")
+    assert not failed, (
+        f"{len(failed)} of {len(public)} of statsmodels' public-API tests fail with sparsemix:\n\n{report}"
+    )
 
 
 def test_left_out_list_names_existing_tests(suite_outcomes):
     for prefix in LEFT_OUT:
-        assert any(k == prefix or k.startswith(prefix + "[") for k in suite_outcomes), \
+        assert any(k == prefix or k.startswith(prefix + "[") for k in suite_outcomes), (
             f"LEFT_OUT names {prefix!r}, which statsmodels' suite no longer has"
+        )

@@ -4,6 +4,7 @@ The cost of an evaluation must not depend on n once the cross-products exist: `D
 levels fixed and multiplies the rows by 10. The 1,000,000-row fit of the performance issue is slow (tens of
 seconds) and runs only when SPARSEMIX_BENCH_SLOW=1 is set.
 """
+
 import os
 
 import numpy as np

@@ -7,6 +7,7 @@
 The data are `sparsemix.datasets.seed_datasets()`, the notebook's draws. Every benchmark is parameterized by
 design and by criterion (REML, ML).
 """
+
 import numpy as np
 
 import sparsemix
@@ -19,12 +20,13 @@ METHODS = ["REML", "ML"]
 def make_model(design, data):
     """The notebook's formula-route model for `design`, from its data frame."""
     if design == "nested":
-        return sparsemix.MixedLM.from_formula("y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"},
-                                              groups="group1", data=data)
+        return sparsemix.MixedLM.from_formula(
+            "y ~ 1", re_formula="1", vc_formula={"group2": "0 + C(group2)"}, groups="group1", data=data
+        )
     if design == "crossed":
-        return sparsemix.MixedLM.from_formula("y ~ 1", groups=np.ones(len(data)),
-                                              vc_formula={"g1": "0 + C(group1)", "g2": "0 + C(group2)"},
-                                              data=data)
+        return sparsemix.MixedLM.from_formula(
+            "y ~ 1", groups=np.ones(len(data)), vc_formula={"g1": "0 + C(group1)", "g2": "0 + C(group2)"}, data=data
+        )
     raise ValueError(f"unknown design {design!r}")
 
 
@@ -70,8 +72,11 @@ class SeedDeviance:
         """theta at the optimum for every (design, method): fitted once and shared by all setups."""
         nested, crossed = seed_datasets()
         frames = {"nested": nested, "crossed": crossed}
-        return {(design, method): make_model(design, frames[design]).fit(reml=method == "REML").fit_result.theta
-                for design in DESIGNS for method in METHODS}
+        return {
+            (design, method): make_model(design, frames[design]).fit(reml=method == "REML").fit_result.theta
+            for design in DESIGNS
+            for method in METHODS
+        }
 
     def setup(self, thetas, design, method):
         model = make_model(design, seed_frame(design))

@@ -2,6 +2,7 @@
 `while True: pass` loops running, started in setup and killed in teardown. The times should stay within ~1.5x of
 the quiet ones (threads go only to free cores: sparsemix/core/threads.py). Side by side with lme4:
 asv_bench/compare/load/run.py."""
+
 import subprocess
 import sys
 import time

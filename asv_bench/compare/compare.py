@@ -7,6 +7,7 @@ log-likelihoods.
 
     python asv_bench/compare/compare.py [--reps 5] [--skip-statsmodels]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ class Case:
     name: str
     data: object
     formula: str
-    groups: object          # column name, or "ones" for a single group
+    groups: object  # column name, or "ones" for a single group
     re_formula: str | None
     vc_formula: dict | None
     lme4_formula: str
@@ -48,10 +49,24 @@ class Case:
 def seed_cases():
     nested, crossed = seed_datasets()
     return [
-        Case("seed nested (40,000 rows, 200 + 4,000 levels)", nested, "y ~ 1", "group1", "1",
-             {"group2": "0 + C(group2)"}, "y ~ 1 + (1|group1) + (1|group1:group2)"),
-        Case("seed crossed (40,000 rows, 100 x 100 levels)", crossed, "y ~ 1", "ones", None,
-             {"g1": "0 + C(group1)", "g2": "0 + C(group2)"}, "y ~ 1 + (1|group1) + (1|group2)"),
+        Case(
+            "seed nested (40,000 rows, 200 + 4,000 levels)",
+            nested,
+            "y ~ 1",
+            "group1",
+            "1",
+            {"group2": "0 + C(group2)"},
+            "y ~ 1 + (1|group1) + (1|group1:group2)",
+        ),
+        Case(
+            "seed crossed (40,000 rows, 100 x 100 levels)",
+            crossed,
+            "y ~ 1",
+            "ones",
+            None,
+            {"g1": "0 + C(group1)", "g2": "0 + C(group2)"},
+            "y ~ 1 + (1|group1) + (1|group2)",
+        ),
     ]
 
 
@@ -100,24 +115,39 @@ def time_lme4_lmer(case, reps, workdir):
     csv = Path(workdir) / "data.csv"
     case.data.to_csv(csv, index=False, float_format="%.17g")
     factors = ",".join(c for c in case.data.columns if not pd.api.types.is_numeric_dtype(case.data[c]))
-    args = ["Rscript", str(HERE / "lme4_fit.R"), str(csv), case.formula, "TRUE" if case.reml else "FALSE", str(reps),
-            factors, case.weights or "", case.offset or ""]
+    args = [
+        "Rscript",
+        str(HERE / "lme4_fit.R"),
+        str(csv),
+        case.formula,
+        "TRUE" if case.reml else "FALSE",
+        str(reps),
+        factors,
+        case.weights or "",
+        case.offset or "",
+    ]
     out = subprocess.run(args, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_reference(reps):
-    lines = ["| model | sparsemix s | lme4 s | lme4 / sparsemix | log-lik sparsemix | log-lik lme4 | difference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | sparsemix s | lme4 s | lme4 / sparsemix | log-lik sparsemix | log-lik lme4 | difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as workdir:
         for case in reference_cases():
             ours_t, ours_llf = time_lmer(case, reps)
             ref = time_lme4_lmer(case, reps, workdir)
-            lines.append(f"| {case.name} | {ours_t:.4f} | {ref['seconds']:.4f} | {ref['seconds'] / ours_t:.1f} | "
-                         f"{ours_llf:.6f} | {ref['logLik']:.6f} | {ours_llf - ref['logLik']:+.1e} |")
+            lines.append(
+                f"| {case.name} | {ours_t:.4f} | {ref['seconds']:.4f} | {ref['seconds'] / ours_t:.1f} | "
+                f"{ours_llf:.6f} | {ref['logLik']:.6f} | {ours_llf - ref['logLik']:+.1e} |"
+            )
     lines.append("")
-    lines.append(f"Times are medians of {reps} fits, from a data frame in memory to a fitted model; same formula in "
-                 "both (`sparsemix.lmer`, `lme4::lmer`), factors converted inside each fit.")
+    lines.append(
+        f"Times are medians of {reps} fits, from a data frame in memory to a fitted model; same formula in "
+        "both (`sparsemix.lmer`, `lme4::lmer`), factors converted inside each fit."
+    )
     return "\n".join(lines)
 
 
@@ -135,8 +165,12 @@ def time_python(module, case, reps):
 def time_lme4(case, reps, workdir):
     csv = Path(workdir) / "data.csv"
     case.data.to_csv(csv, index=False, float_format="%.17g")
-    out = subprocess.run(["Rscript", str(HERE / "lme4_fit.R"), str(csv), case.lme4_formula, "TRUE", str(reps)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["Rscript", str(HERE / "lme4_fit.R"), str(csv), case.lme4_formula, "TRUE", str(reps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -144,8 +178,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--skip-statsmodels", action="store_true")
-    ap.add_argument("--suite", choices=["seed", "reference", "all"], default="seed",
-                    help="seed: the notebook designs with three libraries; reference: every lme4 fixture model")
+    ap.add_argument(
+        "--suite",
+        choices=["seed", "reference", "all"],
+        default="seed",
+        help="seed: the notebook designs with three libraries; reference: every lme4 fixture model",
+    )
     ap.add_argument("--output", help="also write the tables, with the machine and versions, to this Markdown file")
     args = ap.parse_args(argv)
     sections = []
@@ -175,15 +213,20 @@ def _report(sections) -> str:
             return sp_.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
         except OSError:
             return "n/a"
-    head = ["# Performance", "",
-            "Written by `make compare` (`asv_bench/compare/compare.py --suite all`): every library fits the same "
-            "models from the same data frame, side by side in one run on the same machine; ratios are what to "
-            "read, since the machines are shared and absolute seconds move from run to run.", "",
-            f"* date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {version(['git', 'rev-parse', '--short', 'HEAD'])}",
-            f"* machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            f"* python {platform.python_version()}; sparsemix {sparsemix.__version__}; "
-            f"R and lme4: {version(R_VERSION) or 'n/a'}",
-            ""]
+
+    head = [
+        "# Performance",
+        "",
+        "Written by `make compare` (`asv_bench/compare/compare.py --suite all`): every library fits the same "
+        "models from the same data frame, side by side in one run on the same machine; ratios are what to "
+        "read, since the machines are shared and absolute seconds move from run to run.",
+        "",
+        f"* date: {time.strftime('%Y-%m-%d %H:%M %Z')}; commit {version(['git', 'rev-parse', '--short', 'HEAD'])}",
+        f"* machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        f"* python {platform.python_version()}; sparsemix {sparsemix.__version__}; "
+        f"R and lme4: {version(R_VERSION) or 'n/a'}",
+        "",
+    ]
     body = [f"## {title}\n\n{table}\n" for title, table in sections]
     return "\n".join(head + body + [_recorded_runs()])
 
@@ -191,14 +234,22 @@ def _report(sections) -> str:
 def _recorded_runs() -> str:
     """The larger designs' last recorded runs (recorded.json): they take minutes to a quarter of an hour each."""
     recorded = json.loads((Path(__file__).parent / "recorded.json").read_text())
-    lines = ["## Larger designs: recorded runs", "", recorded["note"], "",
-             "| design | lme4 | sparsemix | lme4 / sparsemix | script, date, commit |", "|" + "---|" * 5]
-    cell = lambda text: str(text).replace("|", "\\|")          # formulas' bars are not column breaks
+    lines = [
+        "## Larger designs: recorded runs",
+        "",
+        recorded["note"],
+        "",
+        "| design | lme4 | sparsemix | lme4 / sparsemix | script, date, commit |",
+        "|" + "---|" * 5,
+    ]
+    cell = lambda text: str(text).replace("|", "\\|")  # formulas' bars are not column breaks
     for run in recorded["runs"]:
         ratio = run["lme4_over_sparsemix"]
-        lines.append(f"| {cell(run['design'])} | {cell(run['lme4'])} | {cell(run['sparsemix'])} | "
-                     f"{'n/a' if ratio is None else format(ratio, '.1f')} | "
-                     f"`{run['script']}`, {run['date']}, {run['commit']} |")
+        lines.append(
+            f"| {cell(run['design'])} | {cell(run['lme4'])} | {cell(run['sparsemix'])} | "
+            f"{'n/a' if ratio is None else format(ratio, '.1f')} | "
+            f"`{run['script']}`, {run['date']}, {run['commit']} |"
+        )
     lines += [""] + [f"* {cell(run['spread'])}" for run in recorded["runs"] if "spread" in run]
     return "\n".join(lines) + "\n"
 
@@ -230,19 +281,25 @@ def run_seed(args):
 
 
 def render(rows, reps, notes):
-    head = ("| model | sparsemix s | statsmodels s | lme4 s | statsmodels / sparsemix | lme4 / sparsemix | "
-            "log-lik sparsemix | statsmodels | lme4 |")
+    head = (
+        "| model | sparsemix s | statsmodels s | lme4 s | statsmodels / sparsemix | lme4 / sparsemix | "
+        "log-lik sparsemix | statsmodels | lme4 |"
+    )
     lines = [head, "|" + "---|" * 9]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)
     for r in rows:
         sm_t, r_t = r.get("statsmodels_s"), r.get("lme4_s")
-        lines.append(f"| {r['case']} | {r['sparsemix_s']:.3f} | {fmt(sm_t, '.3f')} | {fmt(r_t, '.3f')} | "
-                     f"{fmt(sm_t and sm_t / r['sparsemix_s'], '.1f')} | {fmt(r_t and r_t / r['sparsemix_s'], '.1f')} | "
-                     f"{r['sparsemix_llf']:.4f} | {fmt(r.get('statsmodels_llf'), '.4f')} | {fmt(r.get('lme4_llf'), '.4f')} |")
+        lines.append(
+            f"| {r['case']} | {r['sparsemix_s']:.3f} | {fmt(sm_t, '.3f')} | {fmt(r_t, '.3f')} | "
+            f"{fmt(sm_t and sm_t / r['sparsemix_s'], '.1f')} | {fmt(r_t and r_t / r['sparsemix_s'], '.1f')} | "
+            f"{r['sparsemix_llf']:.4f} | {fmt(r.get('statsmodels_llf'), '.4f')} | {fmt(r.get('lme4_llf'), '.4f')} |"
+        )
     blas = {r.get("lme4_blas") for r in rows} - {None}
     lines.append("")
-    lines.append(f"REML fits; times are medians of {reps} fits (statsmodels: 1), from a data frame in memory to a "
-                 f"fitted model. lme4 linked against {', '.join(blas) or 'n/a'}.")
+    lines.append(
+        f"REML fits; times are medians of {reps} fits (statsmodels: 1), from a data frame in memory to a "
+        f"fitted model. lme4 linked against {', '.join(blas) or 'n/a'}."
+    )
     lines.extend(notes)
     return "\n".join(lines)
 

@@ -9,6 +9,7 @@ deviation (by its root mean square where it is not centred). The system is built
 working parameter theta_w is the Cholesky factor of Var(T^{-1} b) / sigma^2, and the reported theta that of
 Var(b) / sigma^2 = T (...) T'. Both describe the same model and the same likelihood.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,14 @@ import scipy.sparse as sp
 
 from .terms import RandomTerm
 
-__all__ = ["column_transform", "column_moments", "transform_from_moments", "lower_factor", "transform_columns",
-           "system_columns"]
+__all__ = [
+    "column_transform",
+    "column_moments",
+    "transform_from_moments",
+    "lower_factor",
+    "transform_columns",
+    "system_columns",
+]
 
 
 def column_transform(term: RandomTerm) -> np.ndarray | None:
@@ -33,10 +40,10 @@ def column_moments(Z: sp.spmatrix, k: int) -> np.ndarray:
     column_of_entry = np.repeat(np.arange(Z.shape[1]) % k, np.diff(Z.indptr))
     out = np.zeros((4, k + 1))
     out[0, :k] = np.bincount(column_of_entry, weights=Z.data, minlength=k)
-    out[1, :k] = np.bincount(column_of_entry, weights=Z.data ** 2, minlength=k)
+    out[1, :k] = np.bincount(column_of_entry, weights=Z.data**2, minlength=k)
     out[2, :k] = np.bincount(column_of_entry, minlength=k)
     out[3, :k] = np.bincount(column_of_entry, weights=(Z.data == 1.0), minlength=k)
-    touched = np.zeros(Z.shape[0], dtype=bool)     # a mask, not np.unique: 0.1 s against 30 s at 32M entries
+    touched = np.zeros(Z.shape[0], dtype=bool)  # a mask, not np.unique: 0.1 s against 30 s at 32M entries
     touched[Z.indices] = True
     out[0, k] = np.count_nonzero(touched)
     return out
@@ -58,7 +65,7 @@ def transform_from_moments(moments: np.ndarray, template) -> np.ndarray | None:
             continue
         if centre:
             spread = np.sqrt(max(squares[j] / n_rows - mean[j] ** 2, 0.0))
-            if spread > 1e-12 * np.sqrt(squares[j] / n_rows):     # a column constant within the term stays put
+            if spread > 1e-12 * np.sqrt(squares[j] / n_rows):  # a column constant within the term stays put
                 T[intercept[0], j] = -mean[j] / spread
                 T[j, j] = 1.0 / spread
                 continue
@@ -88,9 +95,9 @@ def lower_factor(M: np.ndarray) -> np.ndarray:
     k = M.shape[0]
     if k == 1:
         return np.abs(M)
-    R = np.linalg.qr(M.T, mode="r")
+    R = np.asarray(np.linalg.qr(M.T, mode="r"))
     L = R.T * np.where(np.diag(R) < 0, -1.0, 1.0)[None, :]
-    row_norms = np.sqrt(np.sum(L ** 2, axis=1))
+    row_norms = np.sqrt(np.sum(L**2, axis=1))
     at_rounding = np.abs(np.diag(L)) <= 1e-10 * row_norms
     L[np.arange(k), np.arange(k)] = np.where(at_rounding, 0.0, np.diag(L))
     return L

@@ -3,6 +3,7 @@
 After `CrossProducts.compute` nothing downstream touches the n rows again: every deviance evaluation works
 on Z'Z, Z'X, Z'y, X'X, X'y and y'y, whose sizes depend on the number of levels, not on n.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -29,31 +30,42 @@ class CrossProducts:
     swamping the penalized residual sum of squares when y has a large mean (y around 1e9, say).
     """
 
-    ZtZ: sp.csc_matrix      # q x q, symmetric, both triangles stored
-    ZtX: np.ndarray         # q x p
-    Zty: np.ndarray         # q
-    XtX: np.ndarray         # p x p
-    Xty: np.ndarray         # p
+    ZtZ: sp.csc_matrix  # q x q, symmetric, both triangles stored
+    ZtX: np.ndarray  # q x p
+    Zty: np.ndarray  # q
+    XtX: np.ndarray  # p x p
+    Xty: np.ndarray  # p
     yty: float
     n: int
     p: int
-    beta_ols: np.ndarray    # the shift that was taken out of y
+    beta_ols: np.ndarray  # the shift that was taken out of y
     sum_log_weights: float  # enters the ML deviance when prior weights are given
 
     @classmethod
-    def compute(cls, X: np.ndarray, y: np.ndarray, Z: sp.csc_matrix, weights: np.ndarray | None = None
-                ) -> "CrossProducts":
+    def compute(
+        cls, X: np.ndarray, y: np.ndarray, Z: sp.csc_matrix, weights: np.ndarray | None = None
+    ) -> "CrossProducts":
         X, Z, sum_log_weights = _weighted(np.asarray(X, dtype=float), Z, weights)
         Zt = sp.csr_matrix(Z.T)
         ZtZ = sp.csc_matrix(Zt @ Z)
         ZtZ.sort_indices()
-        fixed = cls(ZtZ=ZtZ, ZtX=np.asarray(Zt @ X), Zty=np.zeros(Z.shape[1]), XtX=X.T @ X, Xty=np.zeros(X.shape[1]),
-                    yty=0.0, n=X.shape[0], p=X.shape[1], beta_ols=np.zeros(X.shape[1]),
-                    sum_log_weights=sum_log_weights)
+        fixed = cls(
+            ZtZ=ZtZ,
+            ZtX=np.asarray(Zt @ X),
+            Zty=np.zeros(Z.shape[1]),
+            XtX=X.T @ X,
+            Xty=np.zeros(X.shape[1]),
+            yty=0.0,
+            n=X.shape[0],
+            p=X.shape[1],
+            beta_ols=np.zeros(X.shape[1]),
+            sum_log_weights=sum_log_weights,
+        )
         return fixed._with_weighted_response(X, Zt, _scaled(y, weights))
 
-    def with_response(self, X: np.ndarray, Z: sp.csc_matrix, y: np.ndarray, weights: np.ndarray | None = None
-                      ) -> "CrossProducts":
+    def with_response(
+        self, X: np.ndarray, Z: sp.csc_matrix, y: np.ndarray, weights: np.ndarray | None = None
+    ) -> "CrossProducts":
         """The same design with another response: only Z'y, X'y and y'y are recomputed (O(nnz(Z)))."""
         Xw, Zw, _ = _weighted(np.asarray(X, dtype=float), Z, weights)
         return self._with_weighted_response(Xw, sp.csr_matrix(Zw.T), _scaled(y, weights))
@@ -63,13 +75,18 @@ class CrossProducts:
         a Dask fit has no rows): the least-squares shift taken out, as from rows. Applied to the sums of a
         residual, it takes one more least-squares step (beta_ols is then that step)."""
         beta = np.linalg.lstsq(self.XtX, Xty, rcond=None)[0] if self.p else np.zeros(0)
-        return replace(self, Zty=Zty - self.ZtX @ beta, Xty=Xty - self.XtX @ beta,
-                       yty=float(yty - 2 * beta @ Xty + beta @ self.XtX @ beta), beta_ols=beta)
+        return replace(
+            self,
+            Zty=Zty - self.ZtX @ beta,
+            Xty=Xty - self.XtX @ beta,
+            yty=float(yty - 2 * beta @ Xty + beta @ self.XtX @ beta),
+            beta_ols=beta,
+        )
 
     def _with_weighted_response(self, X, Zt, y) -> "CrossProducts":
         beta_ols = np.zeros(self.p)
         r = y
-        for _ in range(2 if self.p else 0):   # a second pass removes what rounding left of X's span in r
+        for _ in range(2 if self.p else 0):  # a second pass removes what rounding left of X's span in r
             beta_ols = beta_ols + np.linalg.lstsq(X, r, rcond=None)[0]
             r = y - X @ beta_ols
         return replace(self, Zty=np.asarray(Zt @ r).ravel(), Xty=X.T @ r, yty=float(r @ r), beta_ols=beta_ols)

@@ -14,25 +14,29 @@ eliminated exactly, level by level, and only the Schur complement of the remaini
 dense, by LAPACK. On crossed designs the Schur complement is dense anyway (fill), so this skips CHOLMOD's
 symbolic bookkeeping; it is offered when q2 is small enough for a dense q2 x q2 matrix.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import scipy.linalg as la
-from scipy.linalg import blas, lapack
 import scipy.sparse as sp
+from scipy.linalg import blas, lapack
 from sksparse.cholmod import analyze
 
 from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
 
 __all__ = ["CholmodFactor", "SchurFactor", "schur_applicable"]
 
-DENSE_FILL = 0.2                  # A21 at least this full is handled as a dense matrix ...
+DENSE_FILL = 0.2  # A21 at least this full is handled as a dense matrix ...
 DENSE_W_MAX_ENTRIES = 20_000_000  # ... when it has at most this many entries (160 MB)
 PAIR_OPERATOR_MAX_ENTRIES = 60_000_000  # the precomputed Schur update map: 8-12 bytes each (under 600 MB)
-PAIR_CHUNK = 65_536                     # pairs enumerated at a time while building it (see PairOperator.build)
+PAIR_CHUNK = 65_536  # pairs enumerated at a time while building it (see PairOperator.build)
 
 
 class CholmodFactor:
+    """CHOLMOD's factor of A + I (A = Lambda' Z'Z Lambda, lower triangle), analysed once in the given mode
+    ("simplicial" or "supernodal") and refactored in place for each theta."""
+
     def __init__(self, A: sp.csc_matrix, mode: str):
         self.mode = mode
         self._f = analyze(A, mode=mode)
@@ -81,7 +85,7 @@ class SchurFactor:
         self.k1 = k1 = template1.k
         self.q1 = q1 = n1 * k1
         self.q2 = q - q1
-        self._rest = relcov.__class__(relcov.blocks[1:])          # Lambda_2: the terms after the first
+        self._rest = relcov.__class__(relcov.blocks[1:])  # Lambda_2: the terms after the first
         rows, cols = _coordinates(A)
         in11 = (rows < q1) & (cols < q1)
         in21 = (rows >= q1) & (cols < q1)
@@ -94,12 +98,13 @@ class SchurFactor:
         self._cols21 = cols[in21]
         counts = np.bincount(cols[in21], minlength=q1)
         self._indptr21 = np.concatenate([[0], np.cumsum(counts)])
-        self._G11 = np.asarray(ZtZ.diagonal())[:q1] if k1 == 1 else None      # (Z'Z)_ll of a scalar first term
+        self._G11 = np.asarray(ZtZ.diagonal())[:q1] if k1 == 1 else None  # (Z'Z)_ll of a scalar first term
         self._pos22 = np.flatnonzero(in22)
         self._r22, self._c22 = rows[in22] - q1, cols[in22] - q1
         # Once the score's traces have been asked for (a Newton-step fit), each refactorization computes their
         # pair product along with the update's.
-        self._score_wanted, self._score_products = False, None
+        self._score_wanted = False
+        self._score_products: np.ndarray | None = None
         if update not in ("auto", "dense", "pairs", "kernel"):
             raise ValueError(f"unknown Schur update {update!r}: use auto, dense, pairs or kernel")
         # A dense W' = A21 L11^{-T} when A21 is mostly filled (crossed designs) and small: BLAS's syrk then forms
@@ -126,10 +131,10 @@ class SchurFactor:
         blocks = np.zeros((n1, k1, k1))
         blocks[self._lvl11, self._i11, self._j11] = d[self._pos11]
         blocks[:, np.arange(k1), np.arange(k1)] += 1.0
-        self._L11 = _batched_cholesky(blocks)                       # (n1, k1, k1), lower
+        self._L11 = _batched_cholesky(blocks)  # (n1, k1, k1), lower
         self._A21 = sp.csc_matrix((d[self._pos21], self._rows21, self._indptr21), shape=(q2, self.q1))
         S = np.zeros((q2, q2))
-        S[self._r22, self._c22] = d[self._pos22]                    # lower triangle: all LAPACK reads
+        S[self._r22, self._c22] = d[self._pos22]  # lower triangle: all LAPACK reads
         S[np.diag_indices(q2)] += 1.0
         self._Wt = None
         if self.update == "dense":
@@ -137,8 +142,9 @@ class SchurFactor:
             if k1 == 1:
                 self._Wt = dense21 / self._L11[:, 0, 0][None, :]
             else:
-                self._Wt = np.einsum("rnj,nji->rni", dense21.reshape(q2, -1, k1),
-                                     self._inverse_transposes()).reshape(q2, self.q1)
+                self._Wt = np.einsum("rnj,nji->rni", dense21.reshape(q2, -1, k1), self._inverse_transposes()).reshape(
+                    q2, self.q1
+                )
             S -= self._Wt @ self._Wt.T
         else:
             self._subtract_update(S, factors)
@@ -151,11 +157,11 @@ class SchurFactor:
         if self.k1 == 1:
             H = ((T1[0, 0] / self._L11[:, 0, 0]) ** 2)[:, None, None]
         else:
-            half = _batched_lower_solve(self._L11, np.broadcast_to(T1.T, self._L11.shape))   # L11_l^{-1} T1'
+            half = _batched_lower_solve(self._L11, np.broadcast_to(T1.T, self._L11.shape))  # L11_l^{-1} T1'
             H = np.matmul(np.transpose(half, (0, 2, 1)), half)
         rest = factors[1:]
-        lam = None
-        if all(T.shape == (1, 1) for T in rest):        # Lambda_2 diagonal: one scale per row of S
+        lam: np.ndarray | None = None
+        if all(T.shape == (1, 1) for T in rest):  # Lambda_2 diagonal: one scale per row of S
             lam = np.concatenate([np.full(n, T[0, 0]) for (n, _), T in zip(self._rest.blocks, rest)])
         if self.update == "pairs":
             if lam is not None:
@@ -191,7 +197,8 @@ class SchurFactor:
     def _kernel_update(self, H, lam, S):
         """The kernel writes -G H G' straight into S when Lambda_2 is diagonal (its scales folded into G);
         otherwise it returns -G H G' (full) for the caller to transform."""
-        from .kernels import subtract_level_products     # numba: imported (1 s) only by fits that need it
+        from .kernels import subtract_level_products  # numba: imported (1 s) only by fits that need it
+
         g = self._g if lam is None else self._g * lam[self._entry_rows][:, None]
         # v_i = H_l g_i for entry i of level l, one column at a time (numpy's batched matmul over a million
         # 2 x 2 products took 30 ms on the 1,000,000-row slopes design)
@@ -217,8 +224,8 @@ class SchurFactor:
         E_j / theta_j^2 (Woodbury). The first term, eliminated level by level (K11_l = 1 + theta_1^2 G_ll):
         sum_l G_ll / K11_l - tr(S^{-1} Lambda_2 G diag(1 / K11_l^2) G' Lambda_2), no division by theta_1.
         Each later term j: (q_j - sum of its entries of diag(S^{-1})) / theta_j^2. S^{-1} costs a LAPACK
-        potri, about 1.5 factorizations; `single`: in single precision, at half that (InstEval: 8 ms instead
-        of 17), for a Newton direction far from the optimum (scoring.py).
+        potri, about 1.5 factorizations; `single`: in single precision, at about half that, for a Newton
+        direction far from the optimum (fit/scoring.py).
         """
         if self.k1 != 1 or any(T.shape != (1, 1) for T in factors):
             return None
@@ -232,16 +239,16 @@ class SchurFactor:
             if single:
                 upper, info = lapack.spotri(self._LS.T.astype(np.float32), lower=0)
             else:
-                upper, info = lapack.dpotri(self._LS.T, lower=0)     # Fortran order, as dense_cholesky
+                upper, info = lapack.dpotri(self._LS.T, lower=0)  # Fortran order, as dense_cholesky
         if info != 0:
             return None
-        inverse = upper.T                                           # lower triangle of S^{-1}, C order
+        inverse = upper.T  # lower triangle of S^{-1}, C order
         trace = self._level_trace(inverse, lam, factors[0][0, 0])
         if trace is None:
             return None
-        first = float(np.sum(self._G11 / self._L11[:, 0, 0] ** 2) - trace)      # K11_l = L11_l^2
+        first = float(np.sum(self._G11 / self._L11[:, 0, 0] ** 2) - trace)  # K11_l = L11_l^2
         ends = np.cumsum(sizes)
-        rest = (sizes - np.add.reduceat(np.diag(inverse).astype(float), ends - sizes)) / lam_terms ** 2
+        rest = (sizes - np.add.reduceat(np.diag(inverse).astype(float), ends - sizes)) / lam_terms**2
         return np.concatenate([[first], rest])
 
     def _trace_weights(self) -> np.ndarray:
@@ -254,7 +261,7 @@ class SchurFactor:
         h = _trace_weights() (whose pair product the refactorization may have formed already) and Lambda_2 =
         diag(lam). Both triangles count: an off-diagonal entry twice."""
         h = self._trace_weights()
-        if self.update == "pairs":      # only the entries the pair map reaches
+        if self.update == "pairs":  # only the entries the pair map reaches
             products = self._score_products
             if products is None:
                 products = self._pair_products(h[:, None, None], lam)
@@ -269,11 +276,11 @@ class SchurFactor:
         the dense route at theta_1 = 0 (it keeps only A21 = theta_1 Lambda_2 G)."""
         if self.update == "kernel":
             U = np.zeros((self.q2, self.q2))
-            self._kernel_update(h[:, None, None], lam, U)          # writes -Lambda_2 G diag(h) G' Lambda_2
+            self._kernel_update(h[:, None, None], lam, U)  # writes -Lambda_2 G diag(h) G' Lambda_2
             return -U
         if theta1 == 0.0:
             return None
-        scaled = self._Wt * (h * self._L11[:, 0, 0] ** 2 / theta1 ** 2)[None, :]     # W' = A21 L11^{-T}
+        scaled = self._Wt * (h * self._L11[:, 0, 0] ** 2 / theta1**2)[None, :]  # W' = A21 L11^{-T}
         return np.tril(scaled @ self._Wt.T)
 
     def _inverse_transposes(self) -> np.ndarray:
@@ -303,8 +310,8 @@ class SchurFactor:
         B = np.asarray(B, dtype=float)
         vec = B.ndim == 1
         B2 = B.reshape(B.shape[0], -1)
-        y1 = self._l11_solve(B2[:self.q1])
-        y2 = la.solve_triangular(self._LS, B2[self.q1:] - self._wt_times(y1), lower=True, check_finite=False)
+        y1 = self._l11_solve(B2[: self.q1])
+        y2 = la.solve_triangular(self._LS, B2[self.q1 :] - self._wt_times(y1), lower=True, check_finite=False)
         out = np.vstack([y1, y2])
         return out.ravel() if vec else out
 
@@ -312,8 +319,8 @@ class SchurFactor:
         C = np.asarray(C, dtype=float)
         vec = C.ndim == 1
         C2 = C.reshape(C.shape[0], -1)
-        x2 = la.solve_triangular(self._LS, C2[self.q1:], lower=True, trans="T", check_finite=False)
-        x1 = self._l11_solve(C2[:self.q1] - self._w_times(x2), transpose=True)
+        x2 = la.solve_triangular(self._LS, C2[self.q1 :], lower=True, trans="T", check_finite=False)
+        x1 = self._l11_solve(C2[: self.q1] - self._w_times(x2), transpose=True)
         out = np.vstack([x1, x2])
         return out.ravel() if vec else out
 
@@ -329,9 +336,8 @@ class PairOperator:
     distinct entries of H_l, of H_l[a, b] times a product of two entries of G. Those products do not depend on
     theta, so they are stored once, one sparse matrix per entry (a, b), with the flat index r q2 + c as row:
     an evaluation is then k(k+1)/2 compiled sparse matrix-vector products, with no Python loop over levels.
-    On InstEval this replaced a 14 ms sparse matrix product (and its conversion to dense) by 3 ms, where the
-    compiled loop (kernels.py) takes 6 ms; it costs memory (8-12 bytes per stored product), so it is used up to
-    PAIR_OPERATOR_MAX_ENTRIES.
+    Faster than a sparse matrix product (and its conversion to dense) and than the compiled loop (kernels.py)
+    where it fits in memory (8-12 bytes per stored product): it is used up to PAIR_OPERATOR_MAX_ENTRIES.
 
     Construction only counts (`stored_entries`, to decide whether to build); `build()` fills the matrices.
     """
@@ -341,7 +347,7 @@ class PairOperator:
         self.q2, self.n1, self.k = q2, n1, g.shape[1]
         self._level_rows, self._g = level_rows, g
         self._per_level = np.bincount(self._level_rows[:, 0], minlength=n1).astype(np.int64)
-        self._matrices = None
+        self._matrices: list[sp.csc_matrix] = []  # one per entry of H_l, filled by build()
 
     @property
     def stored_entries(self) -> int:
@@ -349,12 +355,12 @@ class PairOperator:
 
     def build(self) -> "PairOperator":
         q2, k = self.q2, self.k
-        index_dtype = np.int32 if q2 * q2 < 2 ** 31 else np.int64
+        index_dtype = np.int32 if q2 * q2 < 2**31 else np.int64
         rows = self._level_rows[:, 1].astype(np.intp)
-        columns = [np.ascontiguousarray(self._g[:, a]) for a in range(k)]     # contiguous gathers
+        columns = [np.ascontiguousarray(self._g[:, a]) for a in range(k)]  # contiguous gathers
         pair_ptr = np.concatenate([[0], np.cumsum(self._per_level * (self._per_level + 1) // 2)])
         entry_ptr = np.concatenate([[0], np.cumsum(self._per_level)])
-        dest = np.empty(pair_ptr[-1], dtype=index_dtype)        # flat destinations r q2 + c in S
+        dest = np.empty(pair_ptr[-1], dtype=index_dtype)  # flat destinations r q2 + c in S
         upper = list(zip(*np.triu_indices(k)))
         coefs = [np.empty(pair_ptr[-1]) for _ in upper]
         # Rows are then renumbered to the entries of S the update reaches (145,400 of InstEval's 668,168
@@ -367,8 +373,9 @@ class PairOperator:
         # the heap chunk after chunk (in one chunk, InstEval's 1M pairs took ~70 MB of fresh pages: 0.17 s of a
         # process's first fit against 0.03 s later). Marks and renumbering index with the chunk's intp values:
         # numpy converts int32 fancy indices first (6.6 and 4.8 ms instead of 3.7 and 3.2 on InstEval).
-        bounds = np.unique(np.concatenate([np.searchsorted(pair_ptr, np.arange(0, pair_ptr[-1], PAIR_CHUNK)),
-                                           [self.n1]]))
+        bounds = np.unique(
+            np.concatenate([np.searchsorted(pair_ptr, np.arange(0, pair_ptr[-1], PAIR_CHUNK)), [self.n1]])
+        )
         chunks = list(zip(bounds[:-1], bounds[1:]))
         for lo, hi in chunks:
             e0, e1 = entry_ptr[lo], entry_ptr[hi]
@@ -376,14 +383,14 @@ class PairOperator:
             first += e0
             second += e0
             out = slice(pair_ptr[lo], pair_ptr[hi])
-            flat = rows[first] * q2 + rows[second]           # rows sorted within a level: first's row >= second's
+            flat = rows[first] * q2 + rows[second]  # rows sorted within a level: first's row >= second's
             touched[flat] = True
             dest[out] = flat
             for coef, (a, b) in zip(coefs, upper):
                 np.multiply(columns[a][first], columns[b][second], out=coef[out])
                 if a != b:
                     coef[out] += columns[b][first] * columns[a][second]
-        self.destinations = np.flatnonzero(touched)          # flat indices r q2 + c of S, r >= c, ascending
+        self.destinations = np.flatnonzero(touched)  # flat indices r q2 + c of S, r >= c, ascending
         del touched
         rank = np.empty(q2 * q2, dtype=index_dtype)
         rank[self.destinations] = np.arange(self.destinations.shape[0], dtype=index_dtype)
@@ -392,14 +399,14 @@ class PairOperator:
             dest[out] = rank[dest[out].astype(np.intp)]
         del rank
         self.rows, self.columns = np.divmod(self.destinations, q2)
-        self.multiplicity = np.where(self.rows == self.columns, 1.0, 2.0)     # in both triangles of S
+        self.multiplicity = np.where(self.rows == self.columns, 1.0, 2.0)  # in both triangles of S
         indptr = pair_ptr.astype(index_dtype)
         # CSC with one column per level: the entries of a column are that level's pairs, already in order.
         # (built in order, so scipy's format check is skipped: it took a quarter of the build)
         shape = (self.destinations.shape[0], self.n1)
         self._matrices = [_trusted_csc(coef, dest, indptr, shape) for coef in coefs]
         for m in self._matrices[1:]:
-            m.indices, m.indptr = self._matrices[0].indices, self._matrices[0].indptr    # one copy of the indices
+            m.indices, m.indptr = self._matrices[0].indices, self._matrices[0].indptr  # one copy of the indices
         del self._level_rows, self._g
         return self
 
@@ -420,8 +427,6 @@ class PairOperator:
         out = np.zeros(self.q2 * self.q2)
         out[self.destinations] = self.apply_compact(H)
         return out.reshape(self.q2, self.q2)
-
-
 
 
 def _trusted_csc(data, indices, indptr, shape) -> sp.csc_matrix:
@@ -445,13 +450,11 @@ def _level_rows(G: sp.csc_matrix, k: int):
 def _pairs_within_levels(level: np.ndarray):
     """For entries sorted by level: every (i, j) with j <= i in the same level, as index arrays."""
     n = level.shape[0]
-    starts = np.searchsorted(level, level, side="left")         # first entry of each entry's level
-    repeat = np.arange(n) - starts + 1                            # entry i pairs with itself and those before it
+    starts = np.searchsorted(level, level, side="left")  # first entry of each entry's level
+    repeat = np.arange(n) - starts + 1  # entry i pairs with itself and those before it
     first = np.repeat(np.arange(n), repeat)
     second = np.arange(first.shape[0]) - np.repeat(np.cumsum(repeat) - repeat - starts, repeat)
     return first, second
-
-
 
 
 def dense_cholesky(S: np.ndarray) -> np.ndarray:
@@ -509,8 +512,8 @@ def _batched_lower_solve(L: np.ndarray, B: np.ndarray, transpose: bool = False) 
     if k > SMALL_BLOCK:
         return np.linalg.solve(np.transpose(L, (0, 2, 1)) if transpose else L, B)
     X = np.empty(B.shape)
-    solved = []
-    for i in (range(k - 1, -1, -1) if transpose else range(k)):
+    solved: list[int] = []
+    for i in range(k - 1, -1, -1) if transpose else range(k):
         r = np.array(B[:, i, :])
         for p in solved:
             r -= (L[:, p, i] if transpose else L[:, i, p])[:, None] * X[:, p, :]

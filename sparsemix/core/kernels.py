@@ -2,9 +2,10 @@
 
 The Schur complement update of the first term, sum over its levels l of G_l H_l G_l' (see SchurFactor), is a
 scatter of many small dense products into a dense q2 x q2 matrix: on a MovieLens-sized design 4e9 products
-per evaluation. scipy's sparse product builds it as a sparse matrix (3 GB there) and CHOLMOD spent about 90 s
-per factorization on it; this loop takes 14 s on two cores there, 1 ms on InstEval.
+per evaluation. scipy's sparse product builds it as a sparse matrix (gigabytes there), and CHOLMOD's
+factorization of it is far slower than this loop (docs/performance-scale.md, "MovieLens scale").
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,14 +18,15 @@ __all__ = ["subtract_level_products"]
 _BAND_SHIFT = 6
 
 
-def subtract_level_products(level_ptr: np.ndarray, rows: np.ndarray, g: np.ndarray, v: np.ndarray,
-                            out: np.ndarray, n_threads: int = 1) -> None:
+def subtract_level_products(
+    level_ptr: np.ndarray, rows: np.ndarray, g: np.ndarray, v: np.ndarray, out: np.ndarray, n_threads: int = 1
+) -> None:
     """out[rows[i], rows[j]] -= g[i] . v[j] for every pair j <= i within a level (lower triangle only).
 
     level_ptr (n_levels + 1): the entries of level l are level_ptr[l]:level_ptr[l + 1], sorted by row;
     rows (m,) int32; g, v (m, k) float64 (v_i = H_l g_i); out (q2, q2) C-contiguous float64, updated in place.
     With n_threads > 1, numba's threads share the rows; with 1 no thread pool is involved at all (its idle
-    threads slowed the BLAS threads of the Cholesky that follows: 24.5 -> 30.8 ms per InstEval factorization).
+    threads slow the BLAS threads of the Cholesky that follows).
     """
     n_threads = max(int(n_threads), 1)
     if g.shape[1] == 1:

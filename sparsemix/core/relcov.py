@@ -8,6 +8,7 @@ columns Z (I kron T) (coordinates.py). `factors(theta)` are the reported templat
 the same covariance for the system's columns (T^{-1} times them), and a working theta (`working_theta`) is
 the lower-triangular template of the system's columns, the optimizer's coordinates.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,6 +29,10 @@ RANK_PROBE_STEPS = (-1e-2, 1e-2, -1e-1, 1e-1)
 
 
 class RelativeCovariance:
+    """The relative covariance factor Lambda(theta) of all random terms: one covariance template per term
+    (blocks: (levels, template)), theta laid out term by term, applied blockwise (Lambda is never formed); and
+    the working coordinates the optimizer uses (column_transforms, coordinates.py)."""
+
     def __init__(self, blocks: list[tuple[int, CovarianceTemplate]], column_transforms=None):
         """`column_transforms`: per term, None or the k x k T of the system's columns Z (I kron T)."""
         self.blocks = list(blocks)
@@ -76,15 +81,17 @@ class RelativeCovariance:
         """The optimizer's coordinates of a reported theta."""
         if not self.transformed:
             return np.asarray(theta, dtype=float)
-        return self.theta_of([F if T is None else lower_factor(F) for F, T in
-                              zip(self.system_factors(theta), self.column_transforms)])
+        return self.theta_of(
+            [F if T is None else lower_factor(F) for F, T in zip(self.system_factors(theta), self.column_transforms)]
+        )
 
     def reported_theta(self, working: np.ndarray) -> np.ndarray:
         """The reported theta of working coordinates (inverse of working_theta)."""
         if not self.transformed:
             return np.asarray(working, dtype=float)
-        return self.theta_of([F if T is None else lower_factor(T @ F) for F, T in
-                              zip(self.factors(working), self.column_transforms)])
+        return self.theta_of(
+            [F if T is None else lower_factor(T @ F) for F, T in zip(self.factors(working), self.column_transforms)]
+        )
 
     def to_data_columns(self, b: np.ndarray, transpose: bool = False) -> np.ndarray:
         """Random effects (q,) or (q, m) for the system's columns, carried to the data's: b_level = T b_level
@@ -116,13 +123,17 @@ class RelativeCovariance:
             probes.append(probe)
 
         for (_, template), F, sl in zip(self.blocks, self.factors(theta), self.theta_slices):
-            if template.is_diagonal:       # stays diagonal: only a variance can grow
+            if template.is_diagonal:  # stays diagonal: only a variance can grow
                 null = np.eye(template.k)[:, np.abs(np.diag(F)) <= RANK_PROBE_NULL]
             else:
                 U, singular_values, _ = np.linalg.svd(F)
                 null = U[:, singular_values <= RANK_PROBE_NULL]
-            directions = list(null.T) + [(null[:, a] + sign * null[:, c]) / np.sqrt(2)
-                                         for a in range(null.shape[1]) for c in range(a) for sign in (1, -1)]
+            directions = list(null.T) + [
+                (null[:, a] + sign * null[:, c]) / np.sqrt(2)
+                for a in range(null.shape[1])
+                for c in range(a)
+                for sign in (1, -1)
+            ]
             for v in directions:
                 for eps in RANK_PROBE_SIZES:
                     probe_with(sl, template, np.column_stack([F, np.sqrt(eps) * v]))

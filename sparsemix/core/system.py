@@ -10,21 +10,21 @@ reducing permutation, supernodal structure) and each evaluation only recomputes 
 place. The values are recomputed block by block: for terms t, s and levels a, b the block is
 T_t' (Z'Z)_{ab} T_s, with (Z'Z)_{ab} the dense k_t x k_s block of the cross-products.
 """
+
 from __future__ import annotations
 
 import copy
-
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
 from sksparse.cholmod import CholmodNotPositiveDefiniteError
 
-from .cross_products import CrossProducts
 from ..errors import RankDeficientError
+from .cross_products import CrossProducts
 from .factor import CholmodFactor, SchurFactor, schur_applicable
 from .relcov import RelativeCovariance
 from .threads import DENSE_THREADS_MAX_ORDER, blas_threads, single_threaded
@@ -49,29 +49,42 @@ SCHUR_ALONE_MIN_DENSITY = 0.1
 
 
 @dataclass(frozen=True)
+class _PairTargets:
+    """The (Z'Z) blocks between terms t and s, and the entries of A (rows, cols) their products land in,
+    before A's storage order (and so the positions) is known."""
+
+    t: int
+    s: int
+    blocks: np.ndarray
+    keep: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+
+
+@dataclass(frozen=True)
 class _BlockPair:
     """The (Z'Z) blocks between term t (rows) and term s (columns), and where their products land in A."""
 
     t: int
     s: int
-    blocks: np.ndarray      # (m, k_t, k_s) dense blocks of Z'Z, one per level pair present
-    keep: np.ndarray        # flat indices into the (m, k_t, k_s) product that fall in A's lower triangle
-    positions: np.ndarray   # A.data positions of those entries
+    blocks: np.ndarray  # (m, k_t, k_s) dense blocks of Z'Z, one per level pair present
+    keep: np.ndarray  # flat indices into the (m, k_t, k_s) product that fall in A's lower triangle
+    positions: np.ndarray  # A.data positions of those entries
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """Everything one evaluation at theta produces; enough for the deviance and for the solution."""
 
-    theta: np.ndarray
-    logdet_L2: float        # log |L|^2
-    logdet_RX2: float       # log |R_X|^2
+    theta: np.ndarray | None  # None for the optimizer's evaluations in working coordinates (evaluate_working)
+    logdet_L2: float  # log |L|^2
+    logdet_RX2: float  # log |R_X|^2
     RZX: np.ndarray
     cu: np.ndarray
-    RX: np.ndarray          # upper triangular p x p
+    RX: np.ndarray  # upper triangular p x p
     cbeta: np.ndarray
-    r2: float               # penalized residual sum of squares
-    factors: list = None    # the templates applied to the system's columns (relcov.system_factors)
+    r2: float  # penalized residual sum of squares
+    factors: list = field(default_factory=list)  # the templates applied to the system's columns (relcov.system_factors)
 
     @property
     def feasible(self) -> bool:
@@ -103,16 +116,16 @@ class PenalizedSystem:
         self.relcov = relcov
         self.n_evaluations = 0
         self._pairs, self._A = self._block_structure()
-        self._densely_linked = None
+        self._densely_linked: bool | None = None
         # Small systems run single-threaded (see threads.py): the timed choice below must see that setting too.
         self.single_threaded = single_threaded(relcov.q)
         with self.threads():
             self._factor = self._choose_factorization() if factorization is None else self._forced(factorization)
-        self.factorization_mode = self._factor.mode    # "simplicial", "supernodal" or "schur"
+        self.factorization_mode = self._factor.mode  # "simplicial", "supernodal" or "schur"
         self.single_threaded = single_threaded(relcov.q, self.factorization_mode)
-        self._factor_theta = None
-        self._factor_factors = None
-        self._last_evaluation = None
+        self._factor_theta: np.ndarray | None = None
+        self._factor_factors: list[np.ndarray] | None = None
+        self._last_evaluation: Evaluation | None = None
 
     # -- pickling: the factorization is dropped and rebuilt on first use ------------------------------------
 
@@ -136,7 +149,7 @@ class PenalizedSystem:
         other.cross = cross
         other.n_evaluations = 0
         other._factor_theta = other._factor_factors = other._last_evaluation = None
-        if "_factor" in self.__dict__:           # the factor goes with `other`; this one rebuilds on use
+        if "_factor" in self.__dict__:  # the factor goes with `other`; this one rebuilds on use
             factor = self.__dict__.pop("_factor")
             self._factor_rebuild = (factor.mode, getattr(factor, "update", None))
             self._factor_theta = self._factor_factors = self._last_evaluation = None
@@ -159,14 +172,25 @@ class PenalizedSystem:
     def _block_structure(self) -> tuple[list[_BlockPair], sp.csc_matrix]:
         ZtZ = self.cross.ZtZ
         rc = self.relcov
-        raw = []            # (t, s, blocks, keep, rows, cols) before positions are known
+        raw: list[_PairTargets] = []
         for t, ((n_t, tmpl_t), cols_t) in enumerate(zip(rc.blocks, rc.column_slices)):
             for s in range(t + 1):
                 (n_s, tmpl_s), cols_s = rc.blocks[s], rc.column_slices[s]
-                raw.append(_pair_blocks(ZtZ[cols_t, :][:, cols_s].tocoo(), t, s, n_t, tmpl_t.k, n_s, tmpl_s.k,
-                                        cols_t.start, cols_s.start))
-        rows = np.concatenate([r[4] for r in raw])
-        cols = np.concatenate([r[5] for r in raw])
+                raw.append(
+                    _pair_blocks(
+                        ZtZ[cols_t, :][:, cols_s].tocoo(),
+                        t,
+                        s,
+                        n_t,
+                        tmpl_t.k,
+                        n_s,
+                        tmpl_s.k,
+                        cols_t.start,
+                        cols_s.start,
+                    )
+                )
+        rows = np.concatenate([r.rows for r in raw])
+        cols = np.concatenate([r.cols for r in raw])
         n_targets = rows.shape[0]
         # Number the targets, let scipy sort them into CSC order, and read back where each one went.
         marker = sp.csc_matrix((np.arange(1, n_targets + 1, dtype=float), (rows, cols)), shape=ZtZ.shape)
@@ -174,9 +198,9 @@ class PenalizedSystem:
         position_of = np.empty(n_targets, dtype=np.int64)
         position_of[marker.data.astype(np.int64) - 1] = np.arange(n_targets)
         pairs, start = [], 0
-        for t, s, blocks, keep, r, _ in raw:
-            pairs.append(_BlockPair(t, s, blocks, keep, position_of[start:start + r.shape[0]]))
-            start += r.shape[0]
+        for r in raw:
+            pairs.append(_BlockPair(r.t, r.s, r.blocks, r.keep, position_of[start : start + r.rows.shape[0]]))
+            start += r.rows.shape[0]
         A = sp.csc_matrix((np.zeros(n_targets), marker.indices, marker.indptr), shape=ZtZ.shape)
         return pairs, A
 
@@ -190,19 +214,20 @@ class PenalizedSystem:
         n1, template1 = self.relcov.blocks[0]
         if name == "schur" and schur_applicable(self._A, n1 * template1.k, template1.k):
             return SchurFactor(self._A, self.cross.ZtZ, self.relcov)
-        raise ValueError(f"factorization {name!r} is not available for this model (choose simplicial, supernodal"
-                         ", or schur when the first term's block is block diagonal)")
+        raise ValueError(
+            f"factorization {name!r} is not available for this model (choose simplicial, supernodal"
+            ", or schur when the first term's block is block diagonal)"
+        )
 
     def _choose_factorization(self):
         """The fastest factorization of A + I for this pattern, measured rather than guessed where it is close.
 
         CHOLMOD's own rule (supernodal when flops / nnz(L) >= 40) misjudges crossed designs whose first factor
-        has many small supernodes that each update a dense block: on the seed's crossed design simplicial took
-        0.6 ms and supernodal 5-8 ms per factorization, and on InstEval the Schur form took 24 ms where
-        supernodal took 47 and simplicial 88. So: time simplicial (small systems), the exact elimination of the
+        has many small supernodes that each update a dense block (docs/performance-scale.md, "Choosing the
+        factorization", has the timings). So: time simplicial (small systems), the exact elimination of the
         first term with a dense Schur complement (SchurFactor) where that applies and could win, and supernodal
         unless simplicial is already fast. Where the first term's levels link the other columns densely (see
-        `_schur_alone`) the Schur form is taken without trials: they cost 0.4 s of a 2.8 s InstEval fit.
+        `_schur_alone`) the Schur form is taken without trials, which would cost more than they save.
         """
         factors = self._write_values(self.relcov.factors(self.relcov.start()))
         schur_alone = self._schur_alone()
@@ -214,16 +239,14 @@ class PenalizedSystem:
         schur = self._schur_candidate(timings[0] if small else np.inf)
         if schur is not None:
             candidates.append(schur)
-            if small:        # a race against simplicial; a large system has no other candidate (see below)
-                with blas_threads(True):      # as it will run (threads.py): BLAS threads only for its big Cholesky
+            if small:  # a race against simplicial; a large system has no other candidate (see below)
+                with blas_threads(True):  # as it will run (threads.py): BLAS threads only for its big Cholesky
                     timings.append(_time_refactorization(schur, self._A, factors, min(timings)))
-        # On large systems the Schur form beats supernodal wherever we measured (1,000,000-row slopes design:
-        # 82 vs 230 ms per factorization; MovieLens-sized: about 30 vs 90 s), and supernodal's analysis alone
-        # took 3.5 s on the first; a lone candidate is not timed (on MovieLens the trial's two factorizations
-        # cost ~100 s).
+        # On large systems the Schur form beat supernodal wherever it was measured (docs/performance-scale.md),
+        # and a trial there costs two large factorizations: a lone candidate is not timed.
         if (not small and schur is None) or (small and timings[0] >= FAST_FACTORIZATION_SECONDS):
             candidates.append(CholmodFactor(self._A, "supernodal"))
-            if len(candidates) > 1:     # a lone candidate needs no trial (a large one costs seconds)
+            if len(candidates) > 1:  # a lone candidate needs no trial (a large one costs seconds)
                 timings.append(_time_refactorization(candidates[-1], self._A, factors, min(timings)))
         return candidates[int(np.argmin(timings))] if len(candidates) > 1 else candidates[0]
 
@@ -252,9 +275,12 @@ class PenalizedSystem:
         if self._densely_linked is None:
             n1, template1 = self.relcov.blocks[0]
             q1 = n1 * template1.k
-            self._densely_linked = bool(q1 < self.relcov.q and schur_applicable(self._A, q1, template1.k)
-                                        and _complement_density(self._A, q1) >= SCHUR_ALONE_MIN_DENSITY)
-        return self._densely_linked
+            self._densely_linked = bool(
+                q1 < self.relcov.q
+                and schur_applicable(self._A, q1, template1.k)
+                and _complement_density(self._A, q1) >= SCHUR_ALONE_MIN_DENSITY
+            )
+        return bool(self._densely_linked)
 
     def _schur_candidate(self, time_to_beat: float):
         """A SchurFactor worth a trial, or None: its dense q2 x q2 Cholesky must be able to beat `time_to_beat`
@@ -262,15 +288,15 @@ class PenalizedSystem:
         n1, template1 = self.relcov.blocks[0]
         q1 = n1 * template1.k
         q2 = self.relcov.q - q1
-        if not 0 < q2 or 2 * 8 * q2 ** 2 > SCHUR_MEMORY_FRACTION * physical_memory():
+        if not 0 < q2 or 2 * 8 * q2**2 > SCHUR_MEMORY_FRACTION * physical_memory():
             return None
-        if q2 ** 3 / 3 / DENSE_FLOPS_PER_SECOND >= time_to_beat or not schur_applicable(self._A, q1, template1.k):
+        if q2**3 / 3 / DENSE_FLOPS_PER_SECOND >= time_to_beat or not schur_applicable(self._A, q1, template1.k):
             return None
         return SchurFactor(self._A, self.cross.ZtZ, self.relcov)
 
     # -- evaluation --------------------------------------------------------------------------------------
 
-    def _refactor(self, theta: np.ndarray, factors: list[np.ndarray]) -> list[np.ndarray]:
+    def _refactor(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> list[np.ndarray]:
         """Refactor with the system's templates `factors`, which report as `theta`."""
         self._write_values(factors)
         self._factor.refactor(self._A, factors)
@@ -281,8 +307,8 @@ class PenalizedSystem:
     def _factor_at(self, theta) -> list[np.ndarray]:
         """The system's templates at theta, with the factor refactored there unless it already is."""
         theta = np.asarray(theta, dtype=float)
-        if self._factor_theta is None or not np.array_equal(self._factor_theta, theta):
-            self._refactor(theta, self.relcov.system_factors(theta))
+        if self._factor_theta is None or self._factor_factors is None or not np.array_equal(self._factor_theta, theta):
+            return self._refactor(theta, self.relcov.system_factors(theta))
         return self._factor_factors
 
     def _write_values(self, factors: list[np.ndarray]) -> list[np.ndarray]:
@@ -314,7 +340,7 @@ class PenalizedSystem:
         """`deviance` in the optimizer's coordinates."""
         return self.profiled_deviance(self.evaluate_working(working, reported=False), reml)
 
-    def _evaluate(self, theta: np.ndarray, factors: list[np.ndarray]) -> Evaluation:
+    def _evaluate(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> Evaluation:
         c = self.cross
 
         def infeasible(RZX=None, cu=None):
@@ -323,9 +349,17 @@ class PenalizedSystem:
             # optimum: no deviance, no solution.
             self._last_evaluation = None
             nan = np.nan
-            return Evaluation(theta, np.inf, np.inf, np.full((self.relcov.q, c.p), nan) if RZX is None else RZX,
-                              np.full(self.relcov.q, nan) if cu is None else cu, np.full((c.p, c.p), nan),
-                              np.full(c.p, nan), nan, factors)
+            return Evaluation(
+                theta,
+                np.inf,
+                np.inf,
+                np.full((self.relcov.q, c.p), nan) if RZX is None else RZX,
+                np.full(self.relcov.q, nan) if cu is None else cu,
+                np.full((c.p, c.p), nan),
+                np.full(c.p, nan),
+                nan,
+                factors,
+            )
 
         with np.errstate(over="ignore", invalid="ignore"):
             try:
@@ -336,7 +370,7 @@ class PenalizedSystem:
             self.n_evaluations += 1
             rhs = self.relcov.apply_transpose(factors, np.column_stack([c.ZtX, c.Zty]))
             C = self._factor.half_solve(rhs)
-        RZX, cu = C[:, :c.p], C[:, c.p]
+        RZX, cu = C[:, : c.p], C[:, c.p]
         if not np.all(np.isfinite(C)):
             return infeasible(RZX, cu)
         RX = np.zeros((0, 0))
@@ -350,16 +384,22 @@ class PenalizedSystem:
             cbeta = la.solve_triangular(RX, c.Xty - RZX.T @ cu, trans="T", lower=False)
             logdet_RX2 = 2.0 * float(np.sum(np.log(np.abs(np.diag(RX)))))
         r2 = float(c.yty - cu @ cu - cbeta @ cbeta)
-        self._last_evaluation = Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2,
-                                           factors)
-        return self._last_evaluation
+        evaluation = Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2, factors)
+        self._last_evaluation = evaluation
+        return evaluation
 
     def evaluation_at(self, theta) -> Evaluation:
         """The last evaluation if it was at theta (and the factor still is), else a new one: the solution at the
         optimum then costs no second factorization."""
         theta = np.asarray(theta, dtype=float)
         last = self._last_evaluation
-        if last is not None and np.array_equal(last.theta, theta) and np.array_equal(self._factor_theta, theta):
+        if (
+            last is not None
+            and last.theta is not None
+            and self._factor_theta is not None
+            and np.array_equal(last.theta, theta)
+            and np.array_equal(self._factor_theta, theta)
+        ):
             return last
         return self.evaluate(theta)
 
@@ -389,14 +429,17 @@ class PenalizedSystem:
 
     def solve(self, theta, reml: bool) -> Solution:
         """Fixed effects, conditional modes and sigma^2 at theta."""
+        theta = np.asarray(theta, dtype=float)
         ev = self.evaluation_at(theta)
         if not ev.feasible:
-            raise RankDeficientError("the fixed effects are not estimable at this theta (X'V^{-1}X is numerically "
-                                     "singular); check exog for collinear columns or refit from other start values")
+            raise RankDeficientError(
+                "the fixed effects are not estimable at this theta (X'V^{-1}X is numerically "
+                "singular); check exog for collinear columns or refit from other start values"
+            )
         beta_work, u = self.modes(ev)
         b = self.relcov.to_data_columns(self.relcov.apply(ev.factors, u))
         sigma2 = max(ev.r2, 0.0) / self.dof(reml)
-        return Solution(ev.theta, beta_work + self.cross.beta_ols, u, b, sigma2, self.profiled_deviance(ev, reml), ev)
+        return Solution(theta, beta_work + self.cross.beta_ols, u, b, sigma2, self.profiled_deviance(ev, reml), ev)
 
     def modes(self, ev: Evaluation) -> tuple[np.ndarray, np.ndarray]:
         """beta (relative to cross.beta_ols) and the spherical conditional modes u at the evaluation's theta,
@@ -424,8 +467,12 @@ class PenalizedSystem:
         4,000 crossed: 5 evaluations, 7.6 s, where BOBYQA took 25 and 11.8 s); above the threaded order the
         MovieLens-sized fit keeps BOBYQA (an inverse there costs about two of its 17 s factorizations). Indicator
         columns only: the traces are those of the data's columns."""
-        return (self.scalar_terms and not self.relcov.transformed and isinstance(self._factor, SchurFactor)
-                and self._factor.q2 <= DENSE_THREADS_MAX_ORDER)
+        return (
+            self.scalar_terms
+            and not self.relcov.transformed
+            and isinstance(self._factor, SchurFactor)
+            and self._factor.q2 <= DENSE_THREADS_MAX_ORDER
+        )
 
     def variance_traces(self, theta, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' (I + Z Lambda Lambda' Z')^{-1} Z_j) per term j at theta, for a variance-components model in
@@ -461,7 +508,7 @@ def physical_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
-        return 16 * 2 ** 30
+        return 16 * 2**30
 
 
 def _complement_density(A: sp.csc_matrix, q1: int, sample: int = 256, budget: float = 2e6) -> float:
@@ -472,8 +519,8 @@ def _complement_density(A: sp.csc_matrix, q1: int, sample: int = 256, budget: fl
     B.data = np.ones_like(B.data)
     q2 = B.shape[0]
     rows = np.unique(np.linspace(0, q2 - 1, min(sample, q2)).astype(np.int64))
-    work = B[rows] @ np.asarray(B.sum(axis=0)).ravel()        # products B_r B' costs for each sampled row
-    rows = rows[:max(8, int(np.searchsorted(np.cumsum(work), budget)))]
+    work = B[rows] @ np.asarray(B.sum(axis=0)).ravel()  # products B_r B' costs for each sampled row
+    rows = rows[: max(8, int(np.searchsorted(np.cumsum(work), budget)))]
     return (B[rows] @ B.T).nnz / (rows.shape[0] * q2)
 
 
@@ -501,16 +548,16 @@ def _pair_blocks(sub: sp.coo_matrix, t, s, n_t, k_t, n_s, k_s, row_offset, col_o
         if t == s:
             lower = a >= b
             a, b, vals = a[lower], b[lower], vals[lower]
-        return t, s, vals[:, None, None], np.arange(a.shape[0]), row_offset + a, col_offset + b
+        return _PairTargets(t, s, vals[:, None, None], np.arange(a.shape[0]), row_offset + a, col_offset + b)
     if t == s:
-        lower = a >= b              # the diagonal term block: keep level pairs on or below the diagonal
+        lower = a >= b  # the diagonal term block: keep level pairs on or below the diagonal
         a, b, i, j, vals = a[lower], b[lower], i[lower], j[lower], vals[lower]
-        diag = np.arange(n_t, dtype=np.int64)   # every level's own block, even if Z'Z has no entry there
+        diag = np.arange(n_t, dtype=np.int64)  # every level's own block, even if Z'Z has no entry there
         key_all = np.concatenate([a * n_s + b, diag * n_s + diag])
     else:
         key_all = a * n_s + b
     keys, inverse = np.unique(key_all, return_inverse=True)
-    inverse = inverse[:a.shape[0]]
+    inverse = inverse[: a.shape[0]]
     m = keys.shape[0]
     blocks = np.zeros((m, k_t, k_s))
     blocks[inverse, i, j] = vals
@@ -519,4 +566,4 @@ def _pair_blocks(sub: sp.coo_matrix, t, s, n_t, k_t, n_s, k_s, row_offset, col_o
     rows = (row_offset + la_[:, None, None] * k_t + ii[None]).reshape(-1)
     cols = (col_offset + lb[:, None, None] * k_s + jj[None]).reshape(-1)
     keep = np.flatnonzero(rows >= cols) if t == s else np.arange(rows.shape[0])
-    return t, s, blocks, keep, rows[keep], cols[keep]
+    return _PairTargets(t, s, blocks, keep, rows[keep], cols[keep])

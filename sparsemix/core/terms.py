@@ -6,6 +6,7 @@ lower-triangular k x k template T for every level, so Var(b_level) = sigma^2 T T
 free is the template's business: all of the lower triangle (unstructured), or the diagonal only
 (independent columns; a variance component is the k = 1 case).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -93,7 +94,8 @@ class RandomTerm:
         if self.Z.shape[1] != self.n_levels * self.template.k:
             raise ValueError(
                 f"term {self.name!r}: Z has {self.Z.shape[1]} columns, expected n_levels * k = "
-                f"{self.n_levels} * {self.template.k}")
+                f"{self.n_levels} * {self.template.k}"
+            )
         if len(self.level_labels) != self.n_levels:
             raise ValueError(f"term {self.name!r}: {len(self.level_labels)} level labels for {self.n_levels} levels")
         if len(self.column_names) != self.template.k:
@@ -118,7 +120,7 @@ class RandomTerm:
             indices = codes[rows_of_entries] * k + V.indices
             Z = sp.csr_matrix((V.data.astype(float), indices, V.indptr), shape=(n, n_levels * k))
         else:
-            V = np.array(values, dtype=float).reshape(n, k)   # a copy: the caller's array may be read-only
+            V = np.array(values, dtype=float).reshape(n, k)  # a copy: the caller's array may be read-only
             indices = (codes[:, None] * k + np.arange(k)[None, :]).ravel()
             Z = sp.csr_matrix((V.ravel(), indices, np.arange(0, n * k + 1, k)), shape=(n, n_levels * k))
         Z.eliminate_zeros()
@@ -141,8 +143,8 @@ class VarianceComponent:
     """
 
     name: str
-    Z: sp.csc_matrix              # n x m
-    column_group: np.ndarray      # m group codes
+    Z: sp.csc_matrix  # n x m
+    column_group: np.ndarray  # m group codes
     column_names: tuple[str, ...]  # m names, unique within a group
 
     def to_term(self, group_labels) -> RandomTerm:
@@ -156,19 +158,25 @@ class VarianceComponent:
         `blocks` is a list over groups of (matrix n_g x m_g, column names m_g).
         """
         n = sum(len(r) for r in rows_of_group)
-        rows, cols, vals, groups, names = [], [], [], [], []
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        vals: list[np.ndarray] = []
+        groups: list[np.ndarray] = []
+        names: list[str] = []
         offset = 0
         for g, ((mat, colnames), row_idx) in enumerate(zip(blocks, rows_of_group)):
             M = sp.coo_matrix(mat) if sp.issparse(mat) else sp.coo_matrix(np.asarray(mat, dtype=float))
             if M.shape[0] != len(row_idx):
-                raise ValueError(f"variance component {name!r}: the matrix of group {g} has {M.shape[0]} rows "
-                                 f"but the group has {len(row_idx)} observations")
+                raise ValueError(
+                    f"variance component {name!r}: the matrix of group {g} has {M.shape[0]} rows "
+                    f"but the group has {len(row_idx)} observations"
+                )
             rows.append(np.asarray(row_idx)[M.row])
             cols.append(M.col + offset)
             vals.append(M.data)
             groups.append(np.full(M.shape[1], g, dtype=np.int64))
             names.extend(str(c) for c in colnames)
             offset += M.shape[1]
-        cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
+        cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)
         Z = sp.csc_matrix((cat(vals, float), (cat(rows, np.int64), cat(cols, np.int64))), shape=(n, offset))
         return cls(name, Z, cat(groups, np.int64), tuple(names))

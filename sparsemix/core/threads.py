@@ -18,6 +18,7 @@ whole factorization while the others spin (InstEval fits beside one busy process
 cores this process may use less the other tasks running, from /proc/loadavg), and never more threads than the
 caller's own setting (threadpoolctl, OPENBLAS_NUM_THREADS).
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,7 @@ DENSE_THREADS_MAX_ORDER = 14_000
 KERNEL_THREADS_MIN_ORDER = 4_000
 
 _controller = None
-_outer_threads = [1]        # BLAS threads the caller had when the current single-threaded stage began
+_outer_threads = [1]  # BLAS threads the caller had when the current single-threaded stage began
 
 
 def single_threaded(q: int, factorization: str | None = None) -> bool:
@@ -52,6 +53,7 @@ def blas_libraries():
     global _controller
     if _controller is None:
         from threadpoolctl import ThreadpoolController
+
         _controller = ThreadpoolController().select(user_api="blas")
     return _controller
 

@@ -17,6 +17,7 @@ Each pass maps a function over the partitions (`dask.delayed`, so a lost worker'
 sums the partial results pairwise in a tree; only the root reaches the client. The client then builds the
 same PenalizedSystem an in-memory fit builds, and optimizes there: evaluations never touch the rows.
 """
+
 from __future__ import annotations
 
 import ast
@@ -38,13 +39,30 @@ from ..errors import FormulaError, InputError, require_extra
 from ..fit.optimize import DEFAULT_OPTIMIZER, resolve_method
 from ..fit.pilot import estimable, fit_pilot, pilot_levels
 from ..fit.pipeline import fit_system
-from ..formula.design_rules import (TermInfo, group_codes, lme4_name, lme4_term_order, theta_names,
-                                    unaliased_from_gram, unique_group_names)
+from ..formula.design_rules import (
+    TermInfo,
+    group_codes,
+    lme4_name,
+    lme4_term_order,
+    theta_names,
+    unaliased_from_gram,
+    unique_group_names,
+)
 from ..formula.lme4 import parse_formula
 from ..formula.mixedlm import formula_columns, indicator_variable, level_name
 from ..formula.safety import check_formula, readable_formula, safe_environment
-from .partitions import (PartitionSpec, PartitionTerm, add_sums, cross_sums, fixed_sums, levels_of_partition,
-                         merge_levels, nbytes, on_prototype, tree)
+from .partitions import (
+    PartitionSpec,
+    PartitionTerm,
+    add_sums,
+    cross_sums,
+    fixed_sums,
+    levels_of_partition,
+    merge_levels,
+    nbytes,
+    on_prototype,
+    tree,
+)
 from .results import PartitionedLmerResults
 
 __all__ = ["is_dask_frame", "fit_partitioned", "PartitionedDesign"]
@@ -71,7 +89,7 @@ class PartitionedDesign:
     nobs: int
     data: object = field(repr=False)
     spec: PartitionSpec = field(repr=False)
-    transferred_bytes: int = 0      # what the passes brought to the client (the roots of their trees)
+    transferred_bytes: int = 0  # what the passes brought to the client (the roots of their trees)
     fixed_info: object = field(default=None, repr=False)
     weights: None = None
     offset: None = None
@@ -81,22 +99,37 @@ class PartitionedDesign:
     y: None = None
 
 
-def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=None, start=None,
-                    optimizer: str = DEFAULT_OPTIMIZER, maxiter: int = 10_000, progress=None, eval_env=None,
-                    caller_env=None):
+def fit_partitioned(
+    formula: str,
+    data,
+    reml: bool = True,
+    weights=None,
+    offset=None,
+    start=None,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    maxiter: int = 10_000,
+    progress=None,
+    eval_env=None,
+    caller_env=None,
+):
     """lmer() for a Dask DataFrame (see the module docstring). `caller_env`, the namespace lmer was called from,
     serves only to say so when a formula calls a function from it."""
     require_extra("dask", "dask", "fitting a Dask DataFrame")
     if eval_env not in (None, {}):
-        raise InputError("eval_env cannot travel to Dask workers; with a Dask DataFrame, formulas use the allowed "
-                         "functions only (docs/formulas.md).")
+        raise InputError(
+            "eval_env cannot travel to Dask workers; with a Dask DataFrame, formulas use the allowed "
+            "functions only (docs/formulas.md)."
+        )
     for role, value in (("weights", weights), ("offset", offset)):
         if value is not None and not isinstance(value, str):
             raise InputError(f"with a Dask DataFrame, {role} must be a column name; got {type(value).__name__}.")
     parsed = parse_formula(formula)
     columns = list(data.columns)
-    _check_formulas([(parsed.fixed, "formula")] + [("~ " + r.expr, f"random-effects term {r.source}")
-                                                   for r in parsed.random], columns, caller_env)
+    _check_formulas(
+        [(parsed.fixed, "formula")] + [("~ " + r.expr, f"random-effects term {r.source}") for r in parsed.random],
+        columns,
+        caller_env,
+    )
     for r in parsed.random:
         checks.require_columns(data._meta, r.group, f"grouping factor of {r.source}")
     _refuse_stateful(parsed)
@@ -104,8 +137,11 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
         if name is not None:
             checks.require_columns(data._meta, [name], role)
     used = formula_columns([parsed.fixed] + [r.expr for r in parsed.random], columns)
-    used = list(dict.fromkeys(used + [g for r in parsed.random for g in r.group]
-                              + [c for c in (weights, offset) if c is not None]))
+    used = list(
+        dict.fromkeys(
+            used + [g for r in parsed.random for g in r.group] + [c for c in (weights, offset) if c is not None]
+        )
+    )
     if parsed.response in columns:
         checks.require_numeric_column(data._meta[parsed.response], f"response {parsed.response!r}")
     categorical = _categorical_columns(parsed, data._meta)
@@ -122,7 +158,7 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     for r in parsed.random:
         combos = found["groups"][tuple(r.group)]
         frame = pd.DataFrame({g: combos[:, i] for i, g in enumerate(r.group)})
-        _, labels = group_codes(frame, tuple(r.group))       # the in-memory fit's labels and level order
+        _, labels = group_codes(frame, tuple(r.group))  # the in-memory fit's labels and level order
         checks.check_levels(len(labels), r.group_name, n)
         checks.check_levels_below_observations(len(labels), r.group_name, n)
         columns_r = _term_columns(r, data._meta, categories)
@@ -139,8 +175,10 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     totals = tree(data, fixed_sums, add_sums, spec).compute()
     transferred += nbytes(totals)
     templates = [CovarianceTemplate.unstructured(term.k) for term in random]
-    transforms = tuple(transform_from_moments(totals[f"moments{t}"], template) if f"moments{t}" in totals else None
-                       for t, template in enumerate(templates))
+    transforms = tuple(
+        transform_from_moments(totals[f"moments{t}"], template) if f"moments{t}" in totals else None
+        for t, template in enumerate(templates)
+    )
     spec = PartitionSpec(**{**spec.__dict__, "column_transforms": transforms})
     keep, dropped = unaliased_from_gram(totals["XtX"], fixed_names)
     XtX = totals["XtX"][np.ix_(keep, keep)]
@@ -155,19 +193,43 @@ def fit_partitioned(formula: str, data, reml: bool = True, weights=None, offset=
     with blas_threads(single_threaded(relcov.q)):
         system = PenalizedSystem(cross, relcov)
     pilot_bytes = []
-    pilot = None if start is not None else (lambda: _pilot(data, spec, system, beta_ols, templates, bool(reml),
-                                                           pilot_bytes))
-    terms = tuple(RandomTerm(i.spec.group_name, sp.csc_matrix((0, term.n_levels * t.k)), term.n_levels, t, i.levels,
-                             i.columns) for i, term, t in zip(infos, random, templates))
-    fit = fit_system(system, reml=bool(reml), start_theta=start, method=resolve_method(optimizer), maxiter=maxiter,
-                     progress=progress, pilot=pilot, singular_names=theta_names(infos, terms))
-    design = PartitionedDesign(formula, "data", tuple(fixed_names[j] for j in keep), terms, tuple(infos),
-                               n_dropped, tuple(dropped), n, data, spec,
-                               transferred_bytes=transferred + sum(pilot_bytes))
+    pilot = (
+        None
+        if start is not None
+        else (lambda: _pilot(data, spec, system, beta_ols, templates, bool(reml), pilot_bytes))
+    )
+    terms = tuple(
+        RandomTerm(i.spec.group_name, sp.csc_matrix((0, term.n_levels * t.k)), term.n_levels, t, i.levels, i.columns)
+        for i, term, t in zip(infos, random, templates)
+    )
+    fit = fit_system(
+        system,
+        reml=bool(reml),
+        start_theta=start,
+        method=resolve_method(optimizer),
+        maxiter=maxiter,
+        progress=progress,
+        pilot=pilot,
+        singular_names=theta_names(infos, terms),
+    )
+    design = PartitionedDesign(
+        formula,
+        "data",
+        tuple(fixed_names[j] for j in keep),
+        terms,
+        tuple(infos),
+        n_dropped,
+        tuple(dropped),
+        n,
+        data,
+        spec,
+        transferred_bytes=transferred + sum(pilot_bytes),
+    )
     return PartitionedLmerResults(design, fit)
 
 
 # -- client-side helpers ---------------------------------------------------------------------------------
+
 
 def _pilot(data, spec, system, beta_ols, templates, reml, transferred: list):
     """The in-memory fit's pilot (pilot.py) from one more pass, over the rows of the kept levels only: (theta,
@@ -184,8 +246,9 @@ def _pilot(data, spec, system, beta_ols, templates, reml, transferred: list):
     cross = _cross_products(sums, sums["XtX"], beta_ols, sums["sum_log_weights"], sums["n"])
     relcov = RelativeCovariance([(term.n_levels, t) for term, t in zip(random, templates)], spec.column_transforms)
     with blas_threads(single_threaded(relcov.q)):
-        pilot_system = PenalizedSystem(cross, relcov, factorization="schur"
-                                       if system.factorization_mode == "schur" else None)
+        pilot_system = PenalizedSystem(
+            cross, relcov, factorization="schur" if system.factorization_mode == "schur" else None
+        )
     return fit_pilot(pilot_system, reml)
 
 
@@ -197,18 +260,22 @@ def _check_formulas(formulas, columns, caller_env):
         except FormulaError:
             if caller_env is None:
                 raise
-            check_formula(text, columns, caller_env, role)      # its own error where the caller's names fail too
-            raise FormulaError(f"{role} {text!r} calls a function of your code; with a Dask DataFrame, formulas "
-                               "call only the fixed list of docs/formulas.md (functions cannot travel to the "
-                               "workers). Compute the column first (ddf['x2'] = f(ddf['x'])) and use it.") from None
+            check_formula(text, columns, caller_env, role)  # its own error where the caller's names fail too
+            raise FormulaError(
+                f"{role} {text!r} calls a function of your code; with a Dask DataFrame, formulas "
+                "call only the fixed list of docs/formulas.md (functions cannot travel to the "
+                "workers). Compute the column first (ddf['x2'] = f(ddf['x'])) and use it."
+            ) from None
 
 
 def _refuse_stateful(parsed):
     for code in [parsed.fixed] + [r.expr for r in parsed.random]:
         for name in STATEFUL:
             if f"{name}(" in code:
-                raise FormulaError(f"{name}() learns from a whole column, which a Dask partition does not see; "
-                                   "compute it first (e.g. ddf['x_c'] = ddf.x - ddf.x.mean()) and use that column.")
+                raise FormulaError(
+                    f"{name}() learns from a whole column, which a Dask partition does not see; "
+                    "compute it first (e.g. ddf['x_c'] = ddf.x - ddf.x.mean()) and use that column."
+                )
 
 
 def _categorical_columns(parsed, meta: pd.DataFrame) -> list[str]:
@@ -240,8 +307,14 @@ def _column_of(node, columns):
     """The column an expression node names: `x`, or `Q("x")` (backticks, keyword-named columns)."""
     if isinstance(node, ast.Name) and node.id in columns:
         return node.id
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Q" and node.args
-            and isinstance(node.args[0], ast.Constant) and node.args[0].value in columns):
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "Q"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and node.args[0].value in columns
+    ):
         return node.args[0].value
     return None
 
@@ -265,7 +338,17 @@ def _cross_products(sums, XtX, beta_ols, sum_log_weights, n) -> CrossProducts:
     ZtZ = sp.csc_matrix(sums["ZtZ"])
     ZtZ.sort_indices()
     p = XtX.shape[0]
-    design = CrossProducts(ZtZ=ZtZ, ZtX=sums["ZtX"], Zty=sums["Ztr"], XtX=XtX, Xty=sums["Xtr"], yty=sums["rtr"],
-                           n=n, p=p, beta_ols=np.zeros(p), sum_log_weights=sum_log_weights)
+    design = CrossProducts(
+        ZtZ=ZtZ,
+        ZtX=sums["ZtX"],
+        Zty=sums["Ztr"],
+        XtX=XtX,
+        Xty=sums["Xtr"],
+        yty=sums["rtr"],
+        n=n,
+        p=p,
+        beta_ols=np.zeros(p),
+        sum_log_weights=sum_log_weights,
+    )
     cross = design.with_response_sums(sums["Ztr"], sums["Xtr"], sums["rtr"])
     return replace(cross, beta_ols=beta_ols + cross.beta_ols)

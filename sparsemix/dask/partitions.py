@@ -1,5 +1,6 @@
 """What runs on the Dask workers, partition by partition: the complete rows, X and Z built alike in every
 partition (from a prototype with the global levels), and the sums the client combines in a tree."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,20 +18,36 @@ from ..formula.mixedlm import indicator_variable, sorted_codes
 from ..formula.newdata import LevelMatcher, report_new_levels
 from ..formula.safety import readable_formula, safe_environment
 
-__all__ = ["PartitionTerm", "PartitionSpec", "tree", "add_sums", "nbytes", "on_prototype", "partition_rows",
-           "levels_of_partition", "merge_levels", "fixed_sums", "cross_sums", "design_matrix", "partition_Z",
-           "fitted_partition", "scaled_residual_partition", "predict_partition", "simulated_sums"]
+__all__ = [
+    "PartitionTerm",
+    "PartitionSpec",
+    "tree",
+    "add_sums",
+    "nbytes",
+    "on_prototype",
+    "partition_rows",
+    "levels_of_partition",
+    "merge_levels",
+    "fixed_sums",
+    "cross_sums",
+    "design_matrix",
+    "partition_Z",
+    "fitted_partition",
+    "scaled_residual_partition",
+    "predict_partition",
+    "simulated_sums",
+]
 
 
 @dataclass(frozen=True)
 class PartitionTerm:
     """A random term as the workers build it: its columns' expression, grouping variables and the fit's levels."""
 
-    expr: str                       # the columns, as patsy reads them ("1", "x", "0 + f")
-    group: tuple[str, ...]          # grouping variables (several for an interaction g:h)
+    expr: str  # the columns, as patsy reads them ("1", "x", "0 + f")
+    group: tuple[str, ...]  # grouping variables (several for an interaction g:h)
     n_levels: int
-    k: int                          # columns per level
-    labels: tuple                   # the fit's level labels, in code order
+    k: int  # columns per level
+    labels: tuple  # the fit's level labels, in code order
 
     @property
     def intercept_only(self) -> bool:
@@ -45,15 +62,15 @@ class PartitionTerm:
 class PartitionSpec:
     """What every partition needs to build its rows of X and Z alike; small and picklable (no patsy objects)."""
 
-    fixed: str                                   # patsy "response ~ rhs"
+    fixed: str  # patsy "response ~ rhs"
     used: tuple[str, ...]
-    categories: dict = field(default_factory=dict)      # column -> global levels, for categorical columns
-    random: tuple[PartitionTerm, ...] = ()        # in the fit's order
+    categories: dict = field(default_factory=dict)  # column -> global levels, for categorical columns
+    random: tuple[PartitionTerm, ...] = ()  # in the fit's order
     weights: str | None = None
     offset: str | None = None
     keep_columns: tuple[int, ...] | None = None  # fixed-effect columns kept after the aliasing check
-    listed_levels_only: bool = False             # a pilot's subsample: rows of levels not in `random` left out
-    column_transforms: tuple = ()                # per term, None or T: the system's columns Z (I kron T)
+    listed_levels_only: bool = False  # a pilot's subsample: rows of levels not in `random` left out
+    column_transforms: tuple = ()  # per term, None or T: the system's columns Z (I kron T)
 
 
 def tree(data, per_partition, combine, *args):
@@ -62,8 +79,10 @@ def tree(data, per_partition, combine, *args):
 
     level = [delayed(per_partition)(part, *args) for part in data.to_delayed()]
     while len(level) > 1:
-        level = [delayed(combine)(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
-                 for i in range(0, len(level), 2)]
+        level = [
+            delayed(combine)(level[i], level[i + 1]) if i + 1 < len(level) else level[i]
+            for i in range(0, len(level), 2)
+        ]
     return level[0]
 
 
@@ -99,23 +118,32 @@ def on_prototype(fn, formula, frame, categories, **kwargs):
 def complete_partition(part: pd.DataFrame, spec: PartitionSpec):
     """The partition's complete rows (design_rules.complete_rows, as in memory) and how many were dropped."""
     frame = part[list(spec.used)]
-    keep = complete_rows(frame, spec.used, [frame[c].to_numpy(dtype=float) for c in (spec.weights, spec.offset)
-                                            if c is not None])
+    keep = complete_rows(
+        frame, spec.used, [frame[c].to_numpy(dtype=float) for c in (spec.weights, spec.offset) if c is not None]
+    )
     return frame.loc[keep], int((~keep).sum())
 
 
 def levels_of_partition(part, spec, categorical, groups):
     frame, dropped = complete_partition(part, spec)
-    return {"n": len(frame), "dropped": dropped,
-            "columns": {c: sorted_codes(frame[c].to_numpy())[1] for c in categorical},
-            "groups": {g: frame[list(g)].drop_duplicates().to_numpy() for g in groups}}
+    return {
+        "n": len(frame),
+        "dropped": dropped,
+        "columns": {c: sorted_codes(frame[c].to_numpy())[1] for c in categorical},
+        "groups": {g: frame[list(g)].drop_duplicates().to_numpy() for g in groups},
+    }
 
 
 def merge_levels(a, b):
-    return {"n": a["n"] + b["n"], "dropped": a["dropped"] + b["dropped"],
-            "columns": {c: sorted_codes(np.concatenate([a["columns"][c], b["columns"][c]]))[1] for c in a["columns"]},
-            "groups": {g: pd.DataFrame(np.concatenate([a["groups"][g], b["groups"][g]])).drop_duplicates().to_numpy()
-                       for g in a["groups"]}}
+    return {
+        "n": a["n"] + b["n"],
+        "dropped": a["dropped"] + b["dropped"],
+        "columns": {c: sorted_codes(np.concatenate([a["columns"][c], b["columns"][c]]))[1] for c in a["columns"]},
+        "groups": {
+            g: pd.DataFrame(np.concatenate([a["groups"][g], b["groups"][g]])).drop_duplicates().to_numpy()
+            for g in a["groups"]
+        },
+    }
 
 
 def partition_rows(part, spec):
@@ -143,8 +171,12 @@ def fixed_sums(part, spec):
     only_shaped = PartitionSpec(**{**spec.__dict__, "random": tuple(spec.random[t] for t in shaped)})
     blocks = partition_terms(frame, only_shaped)
     moments = {f"moments{t}": column_moments(block.Z, block.k) for t, block in zip(shaped, blocks)}
-    return {"XtX": Xw.T @ Xw, "Xty": Xw.T @ yw, "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w))),
-            **moments}
+    return {
+        "XtX": Xw.T @ Xw,
+        "Xty": Xw.T @ yw,
+        "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w))),
+        **moments,
+    }
 
 
 def as_categories(frame, spec):
@@ -170,8 +202,9 @@ def partition_Z(frame, spec, allow_new_levels=False, working=False) -> sp.csc_ma
     cross-products; otherwise the data's, for predictions from random effects in the data's columns."""
     blocks = partition_terms(frame, spec, allow_new_levels)
     if working and spec.column_transforms:
-        return sp.hstack([transform_columns(b.Z, b.n_levels, T) for b, T in zip(blocks, spec.column_transforms)],
-                         format="csc")
+        return sp.hstack(
+            [transform_columns(b.Z, b.n_levels, T) for b, T in zip(blocks, spec.column_transforms)], format="csc"
+        )
     return assemble_Z(blocks)
 
 
@@ -191,8 +224,17 @@ def partition_terms(frame, spec, allow_new_levels=False) -> list[RandomTerm]:
             values = np.array(values, dtype=float)
         values[codes < 0] = 0.0
         template = CovarianceTemplate.unstructured(term.k)
-        blocks.append(RandomTerm.from_codes("t", np.maximum(codes, 0), values, term.n_levels, template,
-                                            range(term.n_levels), tuple(map(str, range(term.k)))))
+        blocks.append(
+            RandomTerm.from_codes(
+                "t",
+                np.maximum(codes, 0),
+                values,
+                term.n_levels,
+                template,
+                range(term.n_levels),
+                tuple(map(str, range(term.k))),
+            )
+        )
     return blocks
 
 
@@ -216,9 +258,16 @@ def cross_sums(part, spec, beta_ols):
         X, r, Z = X * sw[:, None], r * sw, sp.csc_matrix(sp.diags(sw) @ Z)
     Zt = sp.csr_matrix(Z.T)
     # X'X, the row count and sum(log w) again: a pilot's rows are not pass 2's.
-    return {"ZtZ": sp.csc_matrix(Zt @ Z), "ZtX": np.asarray(Zt @ X), "Ztr": np.asarray(Zt @ r).ravel(),
-            "Xtr": X.T @ r, "rtr": float(r @ r), "XtX": X.T @ X, "n": len(r),
-            "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w)))}
+    return {
+        "ZtZ": sp.csc_matrix(Zt @ Z),
+        "ZtX": np.asarray(Zt @ X),
+        "Ztr": np.asarray(Zt @ r).ravel(),
+        "Xtr": X.T @ r,
+        "rtr": float(r @ r),
+        "XtX": X.T @ X,
+        "n": len(r),
+        "sum_log_weights": 0.0 if w is None else float(np.sum(np.log(w))),
+    }
 
 
 def fitted_partition(part, spec, beta, b, residual):
@@ -258,7 +307,7 @@ def simulated_sums(part, spec, beta, B, sigma, entropy, spawn_keys):
         rng = np.random.default_rng(np.random.SeedSequence(e, spawn_key=tuple(key) + (first,)))
         noise = rng.standard_normal(len(frame))
         Y[:, j] = mean + sigma * (Z @ B[:, j] + (noise if w is None else noise / np.sqrt(w)))
-    Z = partition_Z(frame, spec, working=True)        # the refit's cross-products are the system's
+    Z = partition_Z(frame, spec, working=True)  # the refit's cross-products are the system's
     if w is not None:
         sw = np.sqrt(w)
         X, Y, Z = X * sw[:, None], Y * sw[:, None], sp.csc_matrix(sp.diags(sw) @ Z)

@@ -18,6 +18,7 @@ statsmodels instead reports sqrt(scale) times the standard error of Psi / scale:
 method (which would use scale) nor does it account for the uncertainty in scale. docs/statsmodels.md says
 where the numbers differ.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,13 @@ import numpy as np
 from ..core.system import PenalizedSystem
 from .optimize import SINGULAR_TOLERANCE
 
-__all__ = ["variance_parameters", "VarianceInformation", "theta_sigma_information", "variance_parameter_covariance",
-           "central_hessian"]
+__all__ = [
+    "variance_parameters",
+    "VarianceInformation",
+    "theta_sigma_information",
+    "variance_parameter_covariance",
+    "central_hessian",
+]
 
 # Relative step of the central differences. The deviance carries ~1e-13 relative rounding; with this step
 # the rounding error of a second difference stays near 1e-4 of the curvature and truncation near 1e-6.
@@ -56,6 +62,7 @@ class VarianceInformation:
     fractions of them): for T[i, j] the relative standard deviation of column i, sqrt((T T')[i, i]); for
     sigma, sigma.
     """
+
     theta_index: np.ndarray
     scales: np.ndarray
     cov: np.ndarray
@@ -66,11 +73,10 @@ def _boundary_even(system: PenalizedSystem, theta: np.ndarray, boundary: set) ->
     entry below judged against its row's size (the covariate's units don't matter)."""
     even = np.zeros(theta.shape[0], bool)
     for (_, template), sl, T in zip(system.relcov.blocks, system.relcov.theta_slices, system.relcov.factors(theta)):
-        rows = np.sqrt(np.sum(T ** 2, axis=1))
+        rows = np.sqrt(np.sum(T**2, axis=1))
         for a, (i, j) in enumerate(template.positions):
             if sl.start + a in boundary:
-                even[sl.start + a] = all(abs(T[r, j]) <= SINGULAR_TOLERANCE * rows[r]
-                                         for r in range(j + 1, template.k))
+                even[sl.start + a] = all(abs(T[r, j]) <= SINGULAR_TOLERANCE * rows[r] for r in range(j + 1, template.k))
     return even
 
 
@@ -78,14 +84,15 @@ def _theta_scales(system: PenalizedSystem, theta: np.ndarray) -> np.ndarray:
     """Row i's size for T[i, j] (so a covariate's units don't matter); a row at zero takes its term's largest."""
     scales = np.ones(theta.shape[0])
     for (_, template), sl, T in zip(system.relcov.blocks, system.relcov.theta_slices, system.relcov.factors(theta)):
-        rows = np.sqrt(np.sum(T ** 2, axis=1))
+        rows = np.sqrt(np.sum(T**2, axis=1))
         fallback = rows.max() if rows.max() > 0 else 1.0
         scales[sl] = [rows[i] if rows[i] > 1e-8 * fallback else fallback for i, _ in template.positions]
     return scales
 
 
-def theta_sigma_information(system: PenalizedSystem, theta: np.ndarray, sigma2: float, reml: bool,
-                            free: np.ndarray, boundary=()) -> VarianceInformation:
+def theta_sigma_information(
+    system: PenalizedSystem, theta: np.ndarray, sigma2: float, reml: bool, free: np.ndarray, boundary=()
+) -> VarianceInformation:
     """Covariance of (theta, sigma) over the `free` theta entries, less the `boundary` ones (diagonal entries
     estimated at zero) that the criterion is even in (see the module notes): 2 H^+ with H the numerical
     Hessian of the criterion."""
@@ -125,13 +132,15 @@ def central_hessian(f, x: np.ndarray, h: np.ndarray) -> np.ndarray:
     for a in range(k):
         H[a, a] = (f(x + 2 * E[a]) - 2 * f0 + f(x - 2 * E[a])) / (4 * h[a] ** 2)
         for b in range(a):
-            H[a, b] = H[b, a] = (f(x + E[a] + E[b]) - f(x + E[a] - E[b]) - f(x - E[a] + E[b])
-                                 + f(x - E[a] - E[b])) / (4 * h[a] * h[b])
+            H[a, b] = H[b, a] = (f(x + E[a] + E[b]) - f(x + E[a] - E[b]) - f(x - E[a] + E[b]) + f(x - E[a] - E[b])) / (
+                4 * h[a] * h[b]
+            )
     return H
 
 
-def variance_parameter_covariance(system: PenalizedSystem, theta: np.ndarray, sigma2: float,
-                                  estimable: np.ndarray, information: VarianceInformation) -> np.ndarray:
+def variance_parameter_covariance(
+    system: PenalizedSystem, theta: np.ndarray, sigma2: float, estimable: np.ndarray, information: VarianceInformation
+) -> np.ndarray:
     """Covariance of phi by the delta method from the covariance of (theta, sigma).
 
     Entries that are not `estimable` (a variance on the boundary makes its whole term so, and a parameter

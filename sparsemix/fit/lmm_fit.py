@@ -3,6 +3,7 @@
 `LmmFit` knows arrays only (theta, beta, covariances, random effects in Z's column order); the API layers
 (compat.statsmodels, and later the lme4-style interface) attach names and frames to it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,8 +13,12 @@ import numpy as np
 import scipy.linalg as la
 
 from ..core.system import PenalizedSystem, Solution
-from .information import (VarianceInformation, theta_sigma_information, variance_parameter_covariance,
-                          variance_parameters)
+from .information import (
+    VarianceInformation,
+    theta_sigma_information,
+    variance_parameter_covariance,
+    variance_parameters,
+)
 from .optimize import OptimizationResult, singular_entries
 
 __all__ = ["LmmFit"]
@@ -21,11 +26,16 @@ __all__ = ["LmmFit"]
 
 @dataclass(frozen=True)
 class LmmFit:
+    """A fitted linear mixed model in array form, as every door's results read it: the system (the deviance
+    function), the solution at the optimum (theta, beta, conditional modes, sigma^2), the optimizer's record,
+    the criterion (REML or ML) and which entries of theta were free; the covariances and the singularity check
+    are derived on demand."""
+
     system: PenalizedSystem = field(repr=False)
     solution: Solution = field(repr=False)
     optimization: OptimizationResult
     reml: bool
-    free: np.ndarray            # which theta entries the optimizer moved
+    free: np.ndarray  # which theta entries the optimizer moved
 
     # -- the estimates --------------------------------------------------------------------------------
 
@@ -71,12 +81,13 @@ class LmmFit:
     def fit_log(self):
         """The optimizer's improvements: a DataFrame of evaluation, deviance and elapsed seconds."""
         import pandas as pd
+
         return pd.DataFrame(list(self.optimization.log), columns=["evaluation", "deviance", "seconds"])
 
     @cached_property
     def singular(self) -> np.ndarray:
         """theta indices of template diagonal entries estimated at zero (lme4's isSingular)."""
-        relcov = self.system.relcov       # judged on centred, scaled columns: a covariate's units don't matter
+        relcov = self.system.relcov  # judged on centred, scaled columns: a covariate's units don't matter
         return singular_entries(relcov.working_theta(self.theta), relcov.on_diagonal)
 
     @property
@@ -113,7 +124,7 @@ class LmmFit:
         ok = np.append(self.free.copy(), True)
         for (_, template), sl in zip(relcov.blocks, relcov.theta_slices):
             if np.intersect1d(self.singular, np.arange(sl.start, sl.stop)).size:
-                ok[sl] = False      # a zero variance makes the whole term's Psi singular
+                ok[sl] = False  # a zero variance makes the whole term's Psi singular
         return ok
 
     @cached_property
@@ -121,14 +132,14 @@ class LmmFit:
         """Covariance of (theta, sigma) from the observed information, over the free theta entries off the
         boundary (lmerTest's coordinates; finite on singular fits too)."""
         with self.system.threads():
-            return theta_sigma_information(self.system, self.theta, self.sigma2, self.reml, self.free,
-                                           self.singular)
+            return theta_sigma_information(self.system, self.theta, self.sigma2, self.reml, self.free, self.singular)
 
     @cached_property
     def cov_variance_parameters(self) -> np.ndarray:
         """Covariance of phi by the delta method from `variance_information` (NaN where not estimable)."""
-        return variance_parameter_covariance(self.system, self.theta, self.sigma2,
-                                             self.estimable_variance_parameters, self.variance_information)
+        return variance_parameter_covariance(
+            self.system, self.theta, self.sigma2, self.estimable_variance_parameters, self.variance_information
+        )
 
     def conditional_covariance(self, columns: np.ndarray) -> np.ndarray:
         """Var(b | y) for the given Z columns, at the estimates."""

@@ -13,6 +13,7 @@ along flat directions, at a point that depends on its path; the steps put it at 
 An end point on the boundary is then checked to be a minimum there (release_bounds), and scipy's methods are
 always followed by BOBYQA: each of them was seen to stop at a worse boundary point and report success.
 """
+
 from __future__ import annotations
 
 import time
@@ -30,8 +31,18 @@ __all__ = ["OptimizationResult", "minimize_deviance", "SINGULAR_TOLERANCE", "OPT
 DEFAULT_OPTIMIZER = "auto"
 OPTIMIZERS = ("auto", "bobyqa", "L-BFGS-B", "Powell", "Nelder-Mead")
 # Accepted spellings (statsmodels', scipy's, lme4's) of the optimizers above.
-_METHOD_NAMES = {"auto": "auto", "scoring": "auto", "bobyqa": "bobyqa", "nloptwrap": "bobyqa", "lbfgs": "L-BFGS-B", "l-bfgs-b": "L-BFGS-B",
-                 "powell": "Powell", "nm": "Nelder-Mead", "nelder-mead": "Nelder-Mead", "nelder_mead": "Nelder-Mead"}
+_METHOD_NAMES = {
+    "auto": "auto",
+    "scoring": "auto",
+    "bobyqa": "bobyqa",
+    "nloptwrap": "bobyqa",
+    "lbfgs": "L-BFGS-B",
+    "l-bfgs-b": "L-BFGS-B",
+    "powell": "Powell",
+    "nm": "Nelder-Mead",
+    "nelder-mead": "Nelder-Mead",
+    "nelder_mead": "Nelder-Mead",
+}
 # Unbounded methods statsmodels offers: they cannot keep variances >= 0, so BOBYQA is used instead.
 UNBOUNDED_METHODS = {"bfgs", "cg", "newton", "ncg", "basinhopping", "minimize"}
 
@@ -45,14 +56,14 @@ def resolve_method(name) -> str:
     key = str(name).lower()
     if key in _METHOD_NAMES:
         return _METHOD_NAMES[key]
-    raise InputError(f"optimizer {name!r} is not available; use 'auto' (default), 'bobyqa', 'lbfgs', 'powell' or "
-                     "'nm'.")
+    raise InputError(f"optimizer {name!r} is not available; use 'auto' (default), 'bobyqa', 'lbfgs', 'powell' or 'nm'.")
 
 
 def warm_step(theta: np.ndarray) -> np.ndarray:
     """BOBYQA's first step when starting near an optimum (a refit, a profile point): 10% of each entry.
     From the REML optimum of sleepstudy, the ML refit took 38 evaluations with it and 96 with the cold step."""
     return 0.1 * np.maximum(np.abs(np.asarray(theta, dtype=float)), 0.1)
+
 
 # lme4's isSingular() tolerance: a diagonal template entry below this counts as a zero variance.
 SINGULAR_TOLERANCE = 1e-4
@@ -67,15 +78,24 @@ class OptimizationResult:
     message: str
     method: str
     seconds: float
-    log: tuple = field(default=(), repr=False)   # (evaluation, deviance, elapsed seconds) per improvement
+    log: tuple = field(default=(), repr=False)  # (evaluation, deviance, elapsed seconds) per improvement
 
 
-def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarray, lower: np.ndarray,
-                      free: np.ndarray | None = None, maxiter: int = 10_000, gtol: float = 1e-7,
-                      method: str = DEFAULT_OPTIMIZER, progress: Callable[[int, float, float], None] | None = None,
-                      upper: np.ndarray | None = None, initial_step: np.ndarray | None = None,
-                      polish: bool = False, ftol: float | None = None,
-                      boundary_probes: Callable[[np.ndarray], list] | None = None) -> OptimizationResult:
+def minimize_deviance(
+    objective: Callable[[np.ndarray], float],
+    start: np.ndarray,
+    lower: np.ndarray,
+    free: np.ndarray | None = None,
+    maxiter: int = 10_000,
+    gtol: float = 1e-7,
+    method: str = DEFAULT_OPTIMIZER,
+    progress: Callable[[int, float, float], None] | None = None,
+    upper: np.ndarray | None = None,
+    initial_step: np.ndarray | None = None,
+    polish: bool = False,
+    ftol: float | None = None,
+    boundary_probes: Callable[[np.ndarray], list] | None = None,
+) -> OptimizationResult:
     """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start.
 
     `initial_step` (BOBYQA's first trust-region radius per entry) defaults to 0.75 max(|start|, 1), right for
@@ -116,8 +136,9 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
     x0 = np.clip(start[free], lower[free], upper[free])
     if x0.size == 0:
         value = f(x0)
-        return OptimizationResult(full(x0), value, count[0], True, "no free parameters", method,
-                                  time.perf_counter() - t0, tuple(log))
+        return OptimizationResult(
+            full(x0), value, count[0], True, "no free parameters", method, time.perf_counter() - t0, tuple(log)
+        )
     if ftol is None:
         ftol = BOBYQA_FTOL_ABS_BEFORE_POLISH if polish else BOBYQA_FTOL_ABS
     ftol_rel = BOBYQA_FTOL_REL_BEFORE_POLISH if polish else 0.0
@@ -126,13 +147,17 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
     def bobyqa_from(x, step):
         """BOBYQA from x: (converged, message, best point so far, its value)."""
         left = maxiter - count[0]
-        converged, message = _bobyqa(f, x, lo, hi, left, step, ftol, ftol_rel) if left >= 1 else \
-            (False, f"stopped after maxiter={maxiter} evaluations")
+        converged, message = (
+            _bobyqa(f, x, lo, hi, left, step, ftol, ftol_rel)
+            if left >= 1
+            else (False, f"stopped after maxiter={maxiter} evaluations")
+        )
         return converged, message, np.clip(best_x[0], lo, hi), best[0]
 
-    if method in ("bobyqa", "auto"):       # "auto" reaches here where the scoring steps do not apply
+    if method in ("bobyqa", "auto"):  # "auto" reaches here where the scoring steps do not apply
         converged, message, x, value = bobyqa_from(
-            x0, None if initial_step is None else np.asarray(initial_step, float)[free])
+            x0, None if initial_step is None else np.asarray(initial_step, float)[free]
+        )
     else:
         bounds = [(a if np.isfinite(a) else None, b if np.isfinite(b) else None) for a, b in zip(lo, hi)]
         res = minimize(f, x0, method=method, bounds=bounds, options=_scipy_options(method, maxiter, gtol))
@@ -142,10 +167,12 @@ def minimize_deviance(objective: Callable[[np.ndarray], float], start: np.ndarra
     if polish and converged:
         x, value = newton_polish(f, x, value, lo, hi)
     if boundary_probes is not None and converged and np.all(free):
-        x, value, converged, message = release_bounds(f, x, value, boundary_probes, bobyqa_from, polish, lo, hi,
-                                                       message)
-    return OptimizationResult(full(x), value, count[0], converged, message, method, time.perf_counter() - t0,
-                              tuple(log))
+        x, value, converged, message = release_bounds(
+            f, x, value, boundary_probes, bobyqa_from, polish, lo, hi, message
+        )
+    return OptimizationResult(
+        full(x), value, count[0], converged, message, method, time.perf_counter() - t0, tuple(log)
+    )
 
 
 def release_bounds(f, x, fx, boundary_probes, bobyqa_from, polish, lower, upper, message):
@@ -217,7 +244,7 @@ def newton_polish(f, x, fx, lower, upper):
     def central(point, f_point):
         plus = np.array([shifted(point, (a, 1)) for a in range(moving.size)])
         minus = np.array([shifted(point, (a, -1)) for a in range(moving.size)])
-        return (plus - minus) / (2 * hm), (plus - 2 * f_point + minus) / hm ** 2, plus
+        return (plus - minus) / (2 * hm), (plus - 2 * f_point + minus) / hm**2, plus
 
     grad, diagonal, plus = central(x, fx)
     hess = np.diag(diagonal)
@@ -227,7 +254,7 @@ def newton_polish(f, x, fx, lower, upper):
     try:
         hess_factor = la.cho_factor(hess)
     except la.LinAlgError:
-        return x, fx                     # not a strict local minimum in these coordinates: leave it
+        return x, fx  # not a strict local minimum in these coordinates: leave it
     for _ in range(POLISH_MAX_NEWTON_STEPS):
         step = -la.cho_solve(hess_factor, grad)
         if not np.all(np.isfinite(step)) or np.any(np.abs(step) > POLISH_MAX_STEPS * hm):
@@ -253,7 +280,7 @@ def _snap_to_lower_bounds(f, x, fx, lower):
     """Entries BOBYQA left just above their bound (a zero variance approached but not reached: the deviance is
     flat there, so where it stops depends on the path) are set on the bound where that is not measurably worse."""
     near = np.flatnonzero((x > lower) & (x - lower <= SNAP_DISTANCE))
-    for group in ([near] if near.size > 1 else []) + [near[i:i + 1] for i in range(near.size)]:
+    for group in ([near] if near.size > 1 else []) + [near[i : i + 1] for i in range(near.size)]:
         if np.all(x[group] == lower[group]):
             continue
         y = x.copy()
@@ -285,7 +312,7 @@ BOBYQA_XTOL_ABS = 1e-8
 
 def _bobyqa(f, x0, lower, upper, maxeval, step=None, ftol=BOBYQA_FTOL_ABS, ftol_rel=0.0):
     step = 0.75 * np.maximum(np.abs(x0), 1.0) if step is None else np.asarray(step, dtype=float)
-    room = np.maximum(x0 - lower, upper - x0)          # BOBYQA needs its first step inside the box
+    room = np.maximum(x0 - lower, upper - x0)  # BOBYQA needs its first step inside the box
     step = np.where(np.isfinite(room), np.minimum(step, 0.5 * room), step)
     _check_bobyqa_arguments(x0, step)
     opt = nlopt.opt(nlopt.LN_BOBYQA, x0.shape[0])
@@ -304,9 +331,11 @@ def _bobyqa(f, x0, lower, upper, maxeval, step=None, ftol=BOBYQA_FTOL_ABS, ftol_
         return True, "stopped at rounding level"
     code = opt.last_optimize_result()
     converged = code in (nlopt.FTOL_REACHED, nlopt.XTOL_REACHED, nlopt.SUCCESS, nlopt.STOPVAL_REACHED)
-    message = {nlopt.FTOL_REACHED: "deviance change below ftol", nlopt.XTOL_REACHED: "theta change below "
-               "xtol_abs", nlopt.MAXEVAL_REACHED: f"stopped after maxiter={maxeval} evaluations"}.get(code, f"nlopt "
-                                                                                                     f"code {code}")
+    message = {
+        nlopt.FTOL_REACHED: "deviance change below ftol",
+        nlopt.XTOL_REACHED: "theta change below xtol_abs",
+        nlopt.MAXEVAL_REACHED: f"stopped after maxiter={maxeval} evaluations",
+    }.get(code, f"nlopt code {code}")
     return converged, message
 
 
@@ -320,13 +349,20 @@ def _check_bobyqa_arguments(x0: np.ndarray, step: np.ndarray) -> None:
     (n = 1), which is why only models with two or more parameters crashed. Users' starts are checked before
     (checks.check_start); this is the last guard for any other route."""
     ratio = step / step[0] if step.size else step
-    if not (np.all(np.isfinite(x0)) and np.all(np.isfinite(step)) and np.all(step > 0)
-            and np.all(np.isfinite(ratio)) and np.all(ratio > 0)):
+    if not (
+        np.all(np.isfinite(x0))
+        and np.all(np.isfinite(step))
+        and np.all(step > 0)
+        and np.all(np.isfinite(ratio))
+        and np.all(ratio > 0)
+    ):
         from ..errors import InputError
 
-        raise InputError(f"the optimizer cannot start from {x0.tolist()} with first steps {step.tolist()}: every "
-                         "start value must be a finite number, and the steps finite and positive. Pass a finite "
-                         "start, or leave it out for the default.")
+        raise InputError(
+            f"the optimizer cannot start from {x0.tolist()} with first steps {step.tolist()}: every "
+            "start value must be a finite number, and the steps finite and positive. Pass a finite "
+            "start, or leave it out for the default."
+        )
 
 
 def _scipy_options(method: str, maxiter: int, gtol: float) -> dict:

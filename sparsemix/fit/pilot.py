@@ -4,9 +4,10 @@ On a crossed design the cost of one deviance evaluation is set by the dense bloc
 (order q2, Cholesky ~q2^3/3) and by the level pairs of the rows; BOBYQA from lme4's start spends 130-180 of them.
 A fit on the rows of a tenth of those factors' levels estimates the same variance parameters (to ~1/sqrt(2 x
 levels kept), 5-10%) at a small fraction of the cost per evaluation (InstEval-sized: q2 1,156 -> ~140), and from
-a start that close, with a first step of 10%, the full fit needs far fewer evaluations (measured: InstEval-sized
-41 instead of 137, the 1,000,000-row slopes design 65-70 instead of 119, MovieLens-sized 21 instead of 68).
+a start that close, with a first step of 10%, the full fit needs far fewer evaluations (docs/performance-scale.md
+has the counts).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,8 +29,8 @@ PILOT_FRACTION = 0.1
 PILOT_MIN_KEPT_LEVELS = 120
 # The pilot's result only has to start the full fit within ~10%: no polish, and a loose stopping rule.
 PILOT_FTOL = 1e-2
-PILOT_TOLERANCE = 1e-2      # the same for the Newton steps (scoring.py): theta within ~1% of the pilot's optimum
-PILOT_SEED = 20261128     # fixed: the same data give the same pilot, and bit-identical fits
+PILOT_TOLERANCE = 1e-2  # the same for the Newton steps (scoring.py): theta within ~1% of the pilot's optimum
+PILOT_SEED = 20261128  # fixed: the same data give the same pilot, and bit-identical fits
 
 
 def pilot_wanted(method: str, free=None) -> bool:
@@ -58,8 +59,13 @@ def pilot_start(system, X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], w
         return None
     # The Schur form suits the pilot's smaller copy of a system that uses it (timing the candidates cost 0.9 s
     # of 2.1 s); otherwise the pilot's system picks its own.
-    pilot = build_system(Xp, y[rows], pilot_terms, weights=None if weights is None else weights[rows],
-                         factorization="schur" if system.factorization_mode == "schur" else None)
+    pilot = build_system(
+        Xp,
+        y[rows],
+        pilot_terms,
+        weights=None if weights is None else weights[rows],
+        factorization="schur" if system.factorization_mode == "schur" else None,
+    )
     return fit_pilot(pilot, reml)
 
 
@@ -92,7 +98,7 @@ def estimable(XtX: np.ndarray, n_rows: int) -> bool:
 def fit_pilot(pilot_system, reml: bool):
     """(theta, first step) from a loose fit of the pilot's system, or None if it did not converge."""
     opt = None
-    if pilot_system.supports_scoring:     # 3-4 Newton steps instead of ~35 BOBYQA evaluations (InstEval)
+    if pilot_system.supports_scoring:  # 3-4 Newton steps instead of ~35 BOBYQA evaluations (InstEval)
         with pilot_system.threads():
             opt, _, _ = fit_by_scoring(pilot_system, pilot_system.relcov.start(), reml, tolerance=PILOT_TOLERANCE)
     if opt is None:
@@ -114,10 +120,12 @@ def _row_levels(term: RandomTerm, n: int) -> np.ndarray:
 def _restricted(term: RandomTerm, rows: np.ndarray) -> RandomTerm:
     """The term on the kept rows, with the levels that no kept row has removed."""
     Z = term.Z.tocsr()[rows].tocsc()
-    per_level = np.add.reduceat(np.diff(Z.indptr), np.arange(0, Z.shape[1], term.k)) \
-        if Z.shape[1] else np.zeros(0, dtype=np.int64)
+    per_level = (
+        np.add.reduceat(np.diff(Z.indptr), np.arange(0, Z.shape[1], term.k))
+        if Z.shape[1]
+        else np.zeros(0, dtype=np.int64)
+    )
     present = np.flatnonzero(per_level > 0)
     columns = (present[:, None] * term.k + np.arange(term.k)[None, :]).ravel()
     labels = [term.level_labels[i] for i in present]
-    return RandomTerm(term.name, Z[:, columns], int(present.shape[0]), term.template, tuple(labels),
-                      term.column_names)
+    return RandomTerm(term.name, Z[:, columns], int(present.shape[0]), term.template, tuple(labels), term.column_names)

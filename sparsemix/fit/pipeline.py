@@ -7,6 +7,7 @@
 The doors differ only in how they build the system (rows in memory, cross-products summed on a Dask cluster)
 and in the pilot they offer (pilot.pilot_start on rows; dask/ sums a pilot's cross-products on the cluster).
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -26,29 +27,68 @@ __all__ = ["fit_system", "fit_lmm"]
 Pilot = Callable[[], "tuple[np.ndarray, np.ndarray] | None"]
 
 
-def fit_system(system: PenalizedSystem, reml: bool = True, start_theta=None, free=None, maxiter: int = 10_000,
-               gtol: float = 1e-7, method: str = DEFAULT_OPTIMIZER, progress=None, pilot: Pilot | None = None,
-               singular_names: list[str] | None = None) -> LmmFit:
+def fit_system(
+    system: PenalizedSystem,
+    reml: bool = True,
+    start_theta=None,
+    free=None,
+    maxiter: int = 10_000,
+    gtol: float = 1e-7,
+    method: str = DEFAULT_OPTIMIZER,
+    progress=None,
+    pilot: Pilot | None = None,
+    singular_names: list[str] | None = None,
+) -> LmmFit:
     """Fit the model whose deviance `system` evaluates. `pilot`: offered by the door for a fit from the default
     start (None otherwise); run where the method uses a start and no entry is held fixed (pilot.pilot_wanted).
     `singular_names`: theta's names, for lme4's singular-fit warning (None: the door words its own)."""
     step = None
     if pilot is not None and pilot_wanted(method, free):
         start_theta, step = pilot() or (start_theta, None)
-    opt = optimize_system(system, reml=reml, start_theta=start_theta, free=free, maxiter=maxiter, gtol=gtol,
-                          method=method, progress=progress, initial_step=step)
+    opt = optimize_system(
+        system,
+        reml=reml,
+        start_theta=start_theta,
+        free=free,
+        maxiter=maxiter,
+        gtol=gtol,
+        method=method,
+        progress=progress,
+        initial_step=step,
+    )
     fit = build_fit(system, opt, reml, free)
     if singular_names is not None:
         warn_if_singular(fit, singular_names)
     return fit
 
 
-def fit_lmm(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], reml: bool = True, weights=None,
-            start_theta=None, free=None, maxiter: int = 10_000, gtol: float = 1e-7, method: str = DEFAULT_OPTIMIZER,
-            progress=None, singular_names: list[str] | None = None) -> LmmFit:
+def fit_lmm(
+    X: np.ndarray,
+    y: np.ndarray,
+    terms: list[RandomTerm],
+    reml: bool = True,
+    weights=None,
+    start_theta=None,
+    free=None,
+    maxiter: int = 10_000,
+    gtol: float = 1e-7,
+    method: str = DEFAULT_OPTIMIZER,
+    progress=None,
+    singular_names: list[str] | None = None,
+) -> LmmFit:
     """A linear mixed model from arrays: fixed effects X, response y, random-effect terms (core.terms), prior
     weights. From the default start, large crossed designs start from a pilot fit (pilot.py), as in every door."""
     system = build_system(X, y, terms, weights=weights)
     pilot = None if start_theta is not None else (lambda: pilot_start(system, X, y, list(terms), weights, reml))
-    return fit_system(system, reml=reml, start_theta=start_theta, free=free, maxiter=maxiter, gtol=gtol,
-                      method=method, progress=progress, pilot=pilot, singular_names=singular_names)
+    return fit_system(
+        system,
+        reml=reml,
+        start_theta=start_theta,
+        free=free,
+        maxiter=maxiter,
+        gtol=gtol,
+        method=method,
+        progress=progress,
+        pilot=pilot,
+        singular_names=singular_names,
+    )

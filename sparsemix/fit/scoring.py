@@ -18,6 +18,7 @@ From a start within ~10% (the pilot's) the steps reach the optimum in 5-8 evalua
 56 (InstEval). A step is kept only if it lowers the profiled deviance; anything unexpected (a variance
 heading to zero, a step that does not help, an indefinite AI) hands the fit back to BOBYQA (`None`).
 """
+
 from __future__ import annotations
 
 import time
@@ -63,9 +64,9 @@ class ScoringPoint:
     theta: np.ndarray
     deviance: float
     psi: np.ndarray
-    score: np.ndarray           # d loglik / d psi
-    information: np.ndarray     # the average information, (m + 1) x (m + 1)
-    single: bool = False        # the score's traces in single precision
+    score: np.ndarray  # d loglik / d psi
+    information: np.ndarray  # the average information, (m + 1) x (m + 1)
+    single: bool = False  # the score's traces in single precision
 
 
 def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool = False) -> ScoringPoint | None:
@@ -80,34 +81,34 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
         return None
     c, rc = system.cross, system.relcov
     sizes = np.array([n for n, _ in rc.blocks])
-    lam = np.repeat(theta, sizes)                       # Lambda's diagonal
+    lam = np.repeat(theta, sizes)  # Lambda's diagonal
     p = c.p
     beta, u = system.modes(ev)
     b = lam * u
-    Zte = c.Zty - c.ZtX @ beta - c.ZtZ @ b              # Z'e
-    ee = ev.r2 - u @ u                                  # e'e
+    Zte = c.Zty - c.ZtX @ beta - c.ZtZ @ b  # Z'e
+    ee = ev.r2 - u @ u  # e'e
     nu = system.dof(reml)
     sigma2 = ev.r2 / nu
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
     # tr(P_1) and tr(Z_j' P_1 Z_j) with P_1 = sigma^2 P (V at sigma^2 = 1)
-    trace_P = c.n - float(np.sum(traces * theta ** 2))
+    trace_P = c.n - float(np.sum(traces * theta**2))
     trace_ZPZ = traces.copy()
     if reml and p:
-        C = system.half_solve_t(ev.RZX)                 # K^{-1} Lambda' Z'X
-        CR = la.solve_triangular(ev.RX, C.T, trans="T", lower=False).T          # C R_X^{-1}
-        trace_P -= p - float(np.sum(CR ** 2))
-        T = c.ZtX - c.ZtZ @ (lam[:, None] * C)          # Z'V^{-1}X
+        C = system.half_solve_t(ev.RZX)  # K^{-1} Lambda' Z'X
+        CR = la.solve_triangular(ev.RX, C.T, trans="T", lower=False).T  # C R_X^{-1}
+        trace_P -= p - float(np.sum(CR**2))
+        T = c.ZtX - c.ZtZ @ (lam[:, None] * C)  # Z'V^{-1}X
         TR = la.solve_triangular(ev.RX, T.T, trans="T", lower=False).T
-        trace_ZPZ -= np.add.reduceat(np.sum(TR ** 2, axis=1), starts)
-    v2 = np.add.reduceat(Zte ** 2, starts)              # |Z_j'e|^2
-    score = -0.5 * np.concatenate([[trace_P / sigma2 - ee / sigma2 ** 2], trace_ZPZ / sigma2 - v2 / sigma2 ** 2])
+        trace_ZPZ -= np.add.reduceat(np.sum(TR**2, axis=1), starts)
+    v2 = np.add.reduceat(Zte**2, starts)  # |Z_j'e|^2
+    score = -0.5 * np.concatenate([[trace_P / sigma2 - ee / sigma2**2], trace_ZPZ / sigma2 - v2 / sigma2**2])
 
     # w_0 = e, w_j = Z_j Z_j'e: their Z'w, X'w and Gram matrix, then w_a' P_1 w_b
     m = sizes.shape[0]
     Vj = np.zeros((rc.q, m))
     for j, (s0, n) in enumerate(zip(starts, sizes)):
-        Vj[s0:s0 + n, j] = Zte[s0:s0 + n]
+        Vj[s0 : s0 + n, j] = Zte[s0 : s0 + n]
     GV = c.ZtZ @ Vj
     Zw = np.column_stack([Zte, GV])
     Xw = np.column_stack([c.Xty - c.XtX @ beta - c.ZtX.T @ b, c.ZtX.T @ Vj]) if p else np.zeros((0, m + 1))
@@ -120,14 +121,19 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
     if reml and p:
         Cb = la.solve_triangular(ev.RX, Xw - ev.RZX.T @ Cu, trans="T", lower=False)
         quad -= Cb.T @ Cb
-    information = 0.5 * quad / sigma2 ** 3
-    psi = sigma2 * np.concatenate([[1.0], theta ** 2])
+    information = 0.5 * quad / sigma2**3
+    psi = sigma2 * np.concatenate([[1.0], theta**2])
     return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, score, information, single)
 
 
-def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING_MAX_ITERATIONS,
-                   progress=None, tolerance: float = SCORING_THETA_TOLERANCE
-                   ) -> tuple[OptimizationResult | None, np.ndarray, int]:
+def fit_by_scoring(
+    system,
+    start: np.ndarray,
+    reml: bool,
+    maxiter: int = SCORING_MAX_ITERATIONS,
+    progress=None,
+    tolerance: float = SCORING_THETA_TOLERANCE,
+) -> tuple[OptimizationResult | None, np.ndarray, int]:
     """(result, best theta, evaluations): the result is None where the steps gave up, and the fit goes on from
     the best theta they reached (never worse than `start`).
 
@@ -156,7 +162,7 @@ def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING
         if not np.all(np.isfinite(log_step)):
             return None, point.theta, count
         length = _theta_change(log_step)
-        if point.single and length < SINGLE_MIN_STEP:      # near the optimum: the same point in double
+        if point.single and length < SINGLE_MIN_STEP:  # near the optimum: the same point in double
             theta = point.theta
             point = scoring_point(system, theta, reml, system.evaluation_at(theta))
             if point is None:
@@ -164,7 +170,7 @@ def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING
             continue
         if length < tolerance:
             return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
-        if length < SCORING_LAST_STEP:      # the last step: checked by its deviance, no score needed after it
+        if length < SCORING_LAST_STEP:  # the last step: checked by its deviance, no score needed after it
             psi = D * np.exp(log_step)
             theta = np.sqrt(psi[1:] / psi[0])
             deviance = system.profiled_deviance(system.evaluate(theta), reml)
@@ -174,7 +180,7 @@ def fit_by_scoring(system, start: np.ndarray, reml: bool, maxiter: int = SCORING
                 return _converged(theta, deviance, count, log, t0), theta, count
             return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
         longest = np.max(np.abs(log_step))
-        if longest > SCORING_MAX_LOG_STEP:     # far from the optimum the quadratic model is not to be trusted
+        if longest > SCORING_MAX_LOG_STEP:  # far from the optimum the quadratic model is not to be trusted
             log_step = log_step * (SCORING_MAX_LOG_STEP / longest)
         accepted, full_step = None, True
         for _ in range(SCORING_MAX_HALVINGS):
@@ -209,8 +215,16 @@ def _theta_change(log_step: np.ndarray) -> float:
 
 
 def _converged(theta, deviance, count, log, t0) -> OptimizationResult:
-    return OptimizationResult(np.asarray(theta, dtype=float), float(deviance), count, True,
-                              "Newton step below tolerance", "scoring", time.perf_counter() - t0, tuple(log))
+    return OptimizationResult(
+        np.asarray(theta, dtype=float),
+        float(deviance),
+        count,
+        True,
+        "Newton step below tolerance",
+        "scoring",
+        time.perf_counter() - t0,
+        tuple(log),
+    )
 
 
 def _secant_corrected(point: ScoringPoint, previous: ScoringPoint | None) -> np.ndarray:
@@ -219,7 +233,7 @@ def _secant_corrected(point: ScoringPoint, previous: ScoringPoint | None) -> np.
     if previous is None:
         return B
     delta = point.psi - previous.psi
-    change = previous.score - point.score          # the change of the gradient of -loglik
+    change = previous.score - point.score  # the change of the gradient of -loglik
     curvature = float(delta @ change)
     Bd = B @ delta
     if curvature <= 1e-12 * float(delta @ Bd) or not np.isfinite(curvature):

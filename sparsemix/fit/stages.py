@@ -6,6 +6,7 @@
 
 pipeline.py chains them (with the pilot start) for every front door.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -16,31 +17,42 @@ import numpy as np
 from .. import checks
 from ..core.coordinates import column_transform, system_columns
 from ..core.cross_products import CrossProducts
-from ..core.system import PenalizedSystem
-from ..errors import ConvergenceWarning, SingularFitWarning
-from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance, warm_step
-from .scoring import SCORING_MAX_ITERATIONS, SCORING_REFIT_TOLERANCE, SCORING_THETA_TOLERANCE, fit_by_scoring
 from ..core.relcov import RelativeCovariance
-from .lmm_fit import LmmFit
+from ..core.system import PenalizedSystem
 from ..core.terms import RandomTerm
 from ..core.threads import blas_threads, single_threaded
+from ..errors import ConvergenceWarning, SingularFitWarning
+from .lmm_fit import LmmFit
+from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance, warm_step
+from .scoring import SCORING_MAX_ITERATIONS, SCORING_REFIT_TOLERANCE, SCORING_THETA_TOLERANCE, fit_by_scoring
 
 __all__ = ["build_system", "optimize_system", "build_fit", "warn_if_singular"]
 
 
-def build_system(X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=None,
-                 factorization: str | None = None) -> PenalizedSystem:
+def build_system(
+    X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=None, factorization: str | None = None
+) -> PenalizedSystem:
     """`factorization`: None to time the candidates and pick, or one of PenalizedSystem's modes."""
-    transforms = [column_transform(t) for t in terms]      # centred, scaled columns (coordinates.py)
+    transforms = [column_transform(t) for t in terms]  # centred, scaled columns (coordinates.py)
     relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms], transforms)
     with blas_threads(single_threaded(relcov.q)):
         cross = CrossProducts.compute(X, y, system_columns(terms, transforms), weights=weights)
         return PenalizedSystem(cross, relcov, factorization=factorization)
 
 
-def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None, free=None, maxiter=10_000,
-                    gtol=1e-7, method=DEFAULT_OPTIMIZER, progress=None, initial_step=None,
-                    polish=True, ftol=None) -> OptimizationResult:
+def optimize_system(
+    system: PenalizedSystem,
+    reml: bool = True,
+    start_theta=None,
+    free=None,
+    maxiter=10_000,
+    gtol=1e-7,
+    method=DEFAULT_OPTIMIZER,
+    progress=None,
+    initial_step=None,
+    polish=True,
+    ftol=None,
+) -> OptimizationResult:
     """Minimise system.deviance(theta, reml) from `start_theta` (lme4's start by default). `initial_step`: BOBYQA's
     first step per entry (optimize.warm_step for a start near the optimum); `polish`: the optimum to full
     precision (bootstrap refits and profiles skip it): with method "auto", Newton steps with the average
@@ -51,41 +63,65 @@ def optimize_system(system: PenalizedSystem, reml: bool = True, start_theta=None
     reml = checks.check_bool(reml, "reml")
     maxiter = checks.check_count(maxiter, "maxiter")
     # every door's start passes here before any optimizer sees it (a NaN reaching nlopt corrupted memory)
-    start = relcov.start() if start_theta is None else checks.check_start(start_theta, relcov.lower_bounds,
-                                                                           "start_theta")
+    start = (
+        relcov.start() if start_theta is None else checks.check_start(start_theta, relcov.lower_bounds, "start_theta")
+    )
     with system.threads():
         used = 0
         scoring = method in ("auto", "scoring") and free is None and system.supports_scoring
         if method in ("auto", "scoring"):
-            method = "bobyqa"                       # where the steps do not apply, or give up
+            method = "bobyqa"  # where the steps do not apply, or give up
         if scoring:
             # without the polish (bootstrap refits) BOBYQA's own precision, ~1e-5, is all that is asked
-            result, best, used = fit_by_scoring(system, start, reml, maxiter=min(maxiter, SCORING_MAX_ITERATIONS),
-                                                progress=progress,
-                                                tolerance=SCORING_THETA_TOLERANCE if polish else SCORING_REFIT_TOLERANCE)
+            result, best, used = fit_by_scoring(
+                system,
+                start,
+                reml,
+                maxiter=min(maxiter, SCORING_MAX_ITERATIONS),
+                progress=progress,
+                tolerance=SCORING_THETA_TOLERANCE if polish else SCORING_REFIT_TOLERANCE,
+            )
             if result is not None:
                 return result
-            if not np.array_equal(best, start):     # BOBYQA goes on from where the steps stopped
+            if not np.array_equal(best, start):  # BOBYQA goes on from where the steps stopped
                 start, initial_step = best, warm_step(best)
         # BOBYQA after steps that gave up: its evaluations are numbered on from theirs, in the log and progress
-        numbered = progress if not used or progress is None else \
-            (lambda evaluation, deviance, seconds: progress(evaluation + used, deviance, seconds))
+        numbered = (
+            progress
+            if not used or progress is None
+            else (lambda evaluation, deviance, seconds: progress(evaluation + used, deviance, seconds))
+        )
         # The optimizer works on centred and scaled columns (coordinates.py), except where entries of theta are
         # held fixed: those are fixed in the reported coordinates.
         working = relcov.transformed and free is None
         if working:
             start = relcov.start() if start_theta is None else relcov.working_theta(start)
             initial_step = None if initial_step is None else warm_step(start)
-        opt = minimize_deviance(lambda th: system.working_deviance(th, reml) if working else system.deviance(th, reml),
-                                start, relcov.lower_bounds, free=free, maxiter=max(maxiter - used, 1), gtol=gtol,
-                                method=method, progress=numbered, initial_step=initial_step, polish=polish,
-                                ftol=ftol, boundary_probes=relcov.rank_probes)
-        if working:     # the solution at the optimum is read off an evaluation in the working coordinates
-            opt = replace(opt, theta=system.evaluate_working(opt.theta).theta)
+        opt = minimize_deviance(
+            lambda th: system.working_deviance(th, reml) if working else system.deviance(th, reml),
+            start,
+            relcov.lower_bounds,
+            free=free,
+            maxiter=max(maxiter - used, 1),
+            gtol=gtol,
+            method=method,
+            progress=numbered,
+            initial_step=initial_step,
+            polish=polish,
+            ftol=ftol,
+            boundary_probes=relcov.rank_probes,
+        )
+        if working:  # the solution at the optimum is read off an evaluation in the working coordinates
+            reported = system.evaluate_working(opt.theta).theta
+            assert reported is not None  # evaluate_working reports theta unless told not to
+            opt = replace(opt, theta=reported)
     if not used:
         return opt
-    return replace(opt, n_evaluations=opt.n_evaluations + used,
-                   log=tuple((evaluation + used, deviance, seconds) for evaluation, deviance, seconds in opt.log))
+    return replace(
+        opt,
+        n_evaluations=opt.n_evaluations + used,
+        log=tuple((evaluation + used, deviance, seconds) for evaluation, deviance, seconds in opt.log),
+    )
 
 
 def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None) -> LmmFit:
@@ -96,9 +132,12 @@ def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free
     with system.threads():
         fit = LmmFit(system, system.solve(opt.theta, reml), opt, reml, free)
     if not fit.converged:
-        warnings.warn(f"the optimizer ({opt.method}) did not converge after {opt.n_evaluations} deviance "
-                      f"evaluations: {opt.message}. Try a larger maxiter, or other start_params.",
-                      ConvergenceWarning, stacklevel=3)
+        warnings.warn(
+            f"the optimizer ({opt.method}) did not converge after {opt.n_evaluations} deviance "
+            f"evaluations: {opt.message}. Try a larger maxiter, or other start_params.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
     return fit
 
 
@@ -117,7 +156,13 @@ def warn_if_singular(fit: LmmFit, names: list[str]) -> None:
             parts.append(", ".join(names[i] for i in zero) + " estimated at zero")
         else:
             diagonal = [sl.start + a for a, (i, j) in enumerate(template.positions) if i == j]
-            parts.append(f"the covariance matrix of {', '.join(names[i] for i in diagonal)} is singular (rank "
-                         f"{template.k - len(zero)} of {template.k})")
-    warnings.warn(f"boundary (singular) fit: {'; '.join(parts)}. The model is overparameterized for these data; "
-                  "consider removing that random effect (or its correlations).", SingularFitWarning, stacklevel=3)
+            parts.append(
+                f"the covariance matrix of {', '.join(names[i] for i in diagonal)} is singular (rank "
+                f"{template.k - len(zero)} of {template.k})"
+            )
+    warnings.warn(
+        f"boundary (singular) fit: {'; '.join(parts)}. The model is overparameterized for these data; "
+        "consider removing that random effect (or its correlations).",
+        SingularFitWarning,
+        stacklevel=3,
+    )

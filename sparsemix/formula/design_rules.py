@@ -1,6 +1,7 @@
 """lme4's design rules, shared by the in-memory door (lme4/) and the Dask door (dask/), which evaluate them
 on rows and on summed cross-products respectively: column names as R writes them, grouping factors' codes and
 labels, the order of the random terms, unique group names, and the aliased fixed-effect columns dropped."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,20 @@ from ..errors import RankDeficiencyWarning, RankDeficientError
 from .lme4 import RandomSpec
 from .mixedlm import factor_codes, level_name, sorted_codes
 
-__all__ = ["TermInfo", "lme4_name", "group_codes", "lme4_term_order", "unique_group_names", "drop_aliased",
-           "unaliased_from_gram", "complete_rows", "theta_names", "level_names", "r_name", "ALIASED_RELATIVE_NORM"]
+__all__ = [
+    "TermInfo",
+    "lme4_name",
+    "group_codes",
+    "lme4_term_order",
+    "unique_group_names",
+    "drop_aliased",
+    "unaliased_from_gram",
+    "complete_rows",
+    "theta_names",
+    "level_names",
+    "r_name",
+    "ALIASED_RELATIVE_NORM",
+]
 
 # lme4's rule: a fixed-effect column whose residual on the earlier kept columns, relative to its norm, is below
 # this is aliased (a linear combination of them) and dropped.
@@ -28,11 +41,11 @@ class TermInfo:
     """What a fitted random-effect term needs to be described and to predict for new data."""
 
     spec: RandomSpec
-    grp: str                          # VarCorr's group name (made unique: "Subject", "Subject.1")
+    grp: str  # VarCorr's group name (made unique: "Subject", "Subject.1")
     columns: tuple[str, ...]
-    levels: tuple                     # level labels in code order
-    design_info: object = field(repr=False)   # patsy design of the columns, None for a sparse indicator
-    indicator: str | None = None      # the factor of a sparse indicator term
+    levels: tuple  # level labels in code order
+    design_info: object = field(repr=False)  # patsy design of the columns, None for a sparse indicator
+    indicator: str | None = None  # the factor of a sparse indicator term
 
 
 def lme4_name(name: str) -> str:
@@ -46,8 +59,10 @@ def lme4_name(name: str) -> str:
 # R's syntactic names: a letter, or a dot not followed by a digit, then letters, digits, dots and underscores;
 # not a reserved word (?Reserved).
 _R_SYNTACTIC = re.compile(r"(?:[^\W\d_]|\.(?!\d))[\w.]*")
-_R_RESERVED = frozenset("if else repeat while function for in next break TRUE FALSE NULL Inf NaN NA NA_integer_ "
-                        "NA_real_ NA_character_ NA_complex_ ...".split())
+_R_RESERVED = frozenset(
+    "if else repeat while function for in next break TRUE FALSE NULL Inf NaN NA NA_integer_ "
+    "NA_real_ NA_character_ NA_complex_ ...".split()
+)
 
 
 def r_name(name: str) -> str:
@@ -85,7 +100,7 @@ def unaliased_from_gram(XtX: np.ndarray, names: list[str]):
         if keep:
             K = np.array(keep)
             resid -= XtX[j, K] @ np.linalg.solve(XtX[np.ix_(K, K)], XtX[K, j])
-        if resid > ALIASED_RELATIVE_NORM ** 2 * XtX[j, j]:
+        if resid > ALIASED_RELATIVE_NORM**2 * XtX[j, j]:
             keep.append(j)
     dropped = _report_aliased(keep, names)
     if not keep and names:
@@ -96,16 +111,23 @@ def unaliased_from_gram(XtX: np.ndarray, names: list[str]):
 def _report_aliased(keep: list[int], names: list[str]) -> list[str]:
     dropped = [names[j] for j in range(len(names)) if j not in keep]
     if dropped:
-        warnings.warn(f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s): "
-                      f"{', '.join(dropped)}", RankDeficiencyWarning, stacklevel=5)    # the door's caller
+        warnings.warn(
+            f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} column(s): {', '.join(dropped)}",
+            RankDeficiencyWarning,
+            stacklevel=5,
+        )  # the door's caller
     return dropped
 
 
 def theta_names(term_info, terms) -> list[str]:
     """lme4's names of theta's entries ("Subject.(Intercept)", "Subject.Days.(Intercept)"), per term in order."""
-    return [f"{info.spec.group_name}.{info.columns[i]}" if i == j else
-            f"{info.spec.group_name}.{info.columns[i]}.{info.columns[j]}"
-            for info, term in zip(term_info, terms) for i, j in term.template.positions]
+    return [
+        f"{info.spec.group_name}.{info.columns[i]}"
+        if i == j
+        else f"{info.spec.group_name}.{info.columns[i]}.{info.columns[j]}"
+        for info, term in zip(term_info, terms)
+        for i, j in term.template.positions
+    ]
 
 
 def complete_rows(frame: pd.DataFrame, columns, finite=()) -> np.ndarray:
@@ -132,7 +154,7 @@ def group_codes(frame: pd.DataFrame, group: tuple[str, ...], check_count=None):
     for name in group:
         c, levels, categorical = factor_codes(frame[name])
         parts.append((c, levels))
-        compact |= categorical                  # unused categories: renumber the levels that occur
+        compact |= categorical  # unused categories: renumber the levels that occur
     if not compact:
         codes, levels = parts[0]
         if check_count is not None:

@@ -9,6 +9,7 @@ The bar terms are found and removed here; the fixed part that remains goes to pa
 A syntax error raises FormulaError with the formula and a caret under the offending character. '^' means a
 power, as in R ('I(x^2)', '(a + b)^2'); it is rewritten to patsy's and Python's '**'.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,9 @@ __all__ = ["RandomSpec", "ParsedFormula", "parse_formula"]
 class RandomSpec:
     """One random-effects term after expansion: columns `expr` varying by the factor `group`."""
 
-    expr: str                 # patsy right-hand side for the columns, e.g. "1 + Days", "0 + Days"
-    group: tuple[str, ...]    # the grouping factor: one variable, or several for an interaction a:b
-    source: str               # the bar term as written, for messages
+    expr: str  # patsy right-hand side for the columns, e.g. "1 + Days", "0 + Days"
+    group: tuple[str, ...]  # the grouping factor: one variable, or several for an interaction a:b
+    source: str  # the bar term as written, for messages
 
     @property
     def group_name(self) -> str:
@@ -38,7 +39,7 @@ class RandomSpec:
 @dataclass(frozen=True)
 class ParsedFormula:
     response: str
-    fixed: str                # patsy formula "response ~ rhs"
+    fixed: str  # patsy formula "response ~ rhs"
     random: tuple[RandomSpec, ...]
 
 
@@ -61,13 +62,13 @@ def _parse(formula: str) -> ParsedFormula:
     if len(tilde) != 1:
         pos = tilde[1] if len(tilde) > 1 else len(formula)
         raise FormulaError(_pointed(formula, pos, "a formula needs exactly one '~' between response and terms"))
-    response = formula[:tilde[0]].strip()
+    response = formula[: tilde[0]].strip()
     if not response:
         raise FormulaError(_pointed(formula, 0, "the formula has no response before '~'"))
     rhs_start = tilde[0] + 1
     rhs = formula[rhs_start:]
     _check_parentheses(formula)
-    bars = []            # (start, end) of each bar term in formula coordinates
+    bars = []  # (start, end) of each bar term in formula coordinates
     random = []
     depth, open_at = 0, None
     for i, ch in enumerate(rhs):
@@ -79,13 +80,12 @@ def _parse(formula: str) -> ParsedFormula:
         elif ch == ")":
             depth -= 1
             if depth == 0:
-                inner = formula[open_at + 1:pos]
+                inner = formula[open_at + 1 : pos]
                 if _top_level(inner, "|"):
                     bars.append((open_at, pos + 1))
                     random.extend(_expand(formula, open_at + 1, inner))
         elif ch == "|" and depth == 0:
-            raise FormulaError(_pointed(formula, pos, "a random-effects term must be in parentheses, e.g. "
-                                                       "'(1 | g)'"))
+            raise FormulaError(_pointed(formula, pos, "a random-effects term must be in parentheses, e.g. '(1 | g)'"))
     fixed_rhs = _remove_spans(formula, bars, rhs_start)
     return ParsedFormula(response, f"{response} ~ {fixed_rhs}", tuple(random))
 
@@ -97,11 +97,12 @@ def _expand(formula, offset, inner) -> list[RandomSpec]:
     if len(bars) > (2 if double else 1):
         raise FormulaError(_pointed(formula, offset + bars[2 if double else 1], "one '|' (or '||') per term"))
     expr = inner[:first].strip()
-    group = inner[first + (2 if double else 1):].strip()
+    group = inner[first + (2 if double else 1) :].strip()
     source = f"({inner.strip()})"
     if not expr:
-        raise FormulaError(_pointed(formula, offset + first, "nothing before '|': write '(1 | g)' for a random "
-                                                              "intercept"))
+        raise FormulaError(
+            _pointed(formula, offset + first, "nothing before '|': write '(1 | g)' for a random intercept")
+        )
     if not group:
         raise FormulaError(_pointed(formula, offset + first, "no grouping factor after '|'"))
     groups = _expand_groups(formula, offset + inner.index(group), group)
@@ -134,8 +135,9 @@ def _restore_quoted(parsed: ParsedFormula, quoted: dict) -> ParsedFormula:
     def restore(text):
         return pattern.sub(lambda m: "Q(" + json.dumps(quoted[m.group(0)], ensure_ascii=False) + ")", text)
 
-    random = tuple(RandomSpec(restore(r.expr), tuple(quoted.get(g, g) for g in r.group), restore(r.source))
-                   for r in parsed.random)
+    random = tuple(
+        RandomSpec(restore(r.expr), tuple(quoted.get(g, g) for g in r.group), restore(r.source)) for r in parsed.random
+    )
     return ParsedFormula(restore(parsed.response), restore(parsed.fixed), random)
 
 
@@ -145,8 +147,10 @@ def _check_repeated_terms(random) -> None:
     for r in random:
         key = ("".join(r.expr.split()), r.group)
         if key in seen:
-            raise FormulaError(f"the random-effects term {r.source} appears more than once; repeated terms are "
-                               "unidentifiable (their variances cannot be told apart). Write it once.")
+            raise FormulaError(
+                f"the random-effects term {r.source} appears more than once; repeated terms are "
+                "unidentifiable (their variances cannot be told apart). Write it once."
+            )
         seen.add(key)
 
 
@@ -162,18 +166,24 @@ def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
     _hide_quoted)."""
     for bad in "+*-()":
         if bad in group:
-            raise FormulaError(_pointed(formula, offset + group.index(bad),
-                                        f"'{bad}' is not allowed in a grouping factor; use '/' for nesting "
-                                        "('a/b') or ':' for an interaction ('a:b'), and separate crossed "
-                                        "factors into their own terms ('(1 | a) + (1 | b)')"))
+            raise FormulaError(
+                _pointed(
+                    formula,
+                    offset + group.index(bad),
+                    f"'{bad}' is not allowed in a grouping factor; use '/' for nesting "
+                    "('a/b') or ':' for an interaction ('a:b'), and separate crossed "
+                    "factors into their own terms ('(1 | a) + (1 | b)')",
+                )
+            )
     levels = [part.strip() for part in group.split("/")]
     out = []
     for k in range(1, len(levels) + 1):
         names = tuple(n.strip() for lv in reversed(levels[:k]) for n in lv.split(":"))
         for n in names:
             if not n.isidentifier():
-                raise FormulaError(_pointed(formula, offset + group.find(n) if n else offset,
-                                            f"{n!r} is not a variable name"))
+                raise FormulaError(
+                    _pointed(formula, offset + group.find(n) if n else offset, f"{n!r} is not a variable name")
+                )
         out.append(names)
     return out
 

@@ -4,6 +4,7 @@ patsy does the fixed part and any general random-effects expression. Indicators 
 (`0 + C(g)`, `C(g) - 1`) are recognised and built directly as sparse matrices from the factor's codes:
 patsy would materialise them dense (n x levels), which is what makes statsmodels slow on crossed designs.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,12 +18,19 @@ import pandas as pd
 import patsy
 import scipy.sparse as sp
 
-from ..errors import FormulaError
 from ..core.terms import VarianceComponent, indicator_matrix
+from ..errors import FormulaError
 from .safety import check_formula
 
-__all__ = ["fixed_design", "random_design", "vc_from_formula", "formula_columns", "factor_codes", "sorted_codes",
-           "indicator_variable"]
+__all__ = [
+    "fixed_design",
+    "random_design",
+    "vc_from_formula",
+    "formula_columns",
+    "factor_codes",
+    "sorted_codes",
+    "indicator_variable",
+]
 
 _NAME = r"([A-Za-z_]\w*)"
 _INDICATOR_FORMS = [
@@ -30,7 +38,6 @@ _INDICATOR_FORMS = [
     re.compile(rf"^\s*C\(\s*{_NAME}\s*\)\s*-\s*1\s*$"),
     re.compile(rf"^\s*-\s*1\s*\+\s*C\(\s*{_NAME}\s*\)\s*$"),
 ]
-
 
 
 def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +50,7 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
     """
     codes, levels = pd.factorize(values if isinstance(values, pd.Series) else np.asarray(values), sort=True)
     return codes.astype(np.int64, copy=False), np.asarray(levels)
+
 
 def indicator_variable(formula: str) -> str | None:
     """The factor's name if `formula` is a plain indicator of one factor (`0 + C(g)`), else None."""
@@ -63,12 +71,14 @@ def formula_columns(formulas, columns) -> list:
             for tok in tokenize.generate_tokens(io.StringIO(f).readline):
                 if tok.type == tokenize.NAME:
                     names.add(tok.string)
-                elif tok.type == tokenize.STRING:         # Q("my column")
+                elif tok.type == tokenize.STRING:  # Q("my column")
                     try:
                         names.add(ast.literal_eval(tok.string))
                     except (ValueError, SyntaxError):
-                        raise FormulaError(f"formula {f!r}: {tok.string} is not a plain string (an f-string or "
-                                           "bytes); name a column as Q(\"my column\") or with backticks.") from None
+                        raise FormulaError(
+                            f"formula {f!r}: {tok.string} is not a plain string (an f-string or "
+                            'bytes); name a column as Q("my column") or with backticks.'
+                        ) from None
         except (tokenize.TokenError, IndentationError) as exc:
             raise FormulaError(f"cannot read formula {f!r}: {exc}") from None
     return [c for c in columns if c in names]
@@ -95,8 +105,10 @@ def fixed_design(formula: str, data: pd.DataFrame, eval_env):
     """(endog Series, exog DataFrame, design_info of the right-hand side)."""
     y, X = _patsy(patsy.dmatrices, formula, data, eval_env)
     if y.shape[1] != 1:
-        raise FormulaError(f"the response of {formula!r} expands to {y.shape[1]} columns ({list(y.columns)}); "
-                           "it must be one numeric column. Convert a categorical response to numbers first.")
+        raise FormulaError(
+            f"the response of {formula!r} expands to {y.shape[1]} columns ({list(y.columns)}); "
+            "it must be one numeric column. Convert a categorical response to numbers first."
+        )
     return y.iloc[:, 0], X, X.design_info
 
 
@@ -114,8 +126,9 @@ def random_design(re_formula: str, data: pd.DataFrame, group_name: str, eval_env
     return M.to_numpy(dtype=float), [c.replace("Intercept", group_name) for c in M.columns]
 
 
-def vc_from_formula(name: str, formula: str, data: pd.DataFrame, group_codes: np.ndarray, n_groups: int,
-                    rows_of_group, eval_env) -> VarianceComponent:
+def vc_from_formula(
+    name: str, formula: str, data: pd.DataFrame, group_codes: np.ndarray, n_groups: int, rows_of_group, eval_env
+) -> VarianceComponent:
     """One variance component, realised separately within each group (statsmodels' semantics)."""
     var = indicator_variable(formula)
     if var is not None:
@@ -132,7 +145,7 @@ def vc_from_formula(name: str, formula: str, data: pd.DataFrame, group_codes: np
         Z = sp.csc_matrix((np.ones(n), (np.arange(n), column.ravel())), shape=(n, present.size))
         column_group, level_of_column = np.divmod(present, n_levels)
         level_names = np.array([f"C({var})[{level_name(v)}]" for v in levels] or [f"C({var})[]"], dtype=object)
-        names = tuple(level_names[level_of_column])      # one name per level, then indexed: 4,000 columns
+        names = tuple(level_names[level_of_column])  # one name per level, then indexed: 4,000 columns
         return VarianceComponent(name, Z, column_group, names)
     rhs = formula if formula.lstrip().startswith("~") else "~" + formula
     blocks = []
@@ -156,7 +169,7 @@ def _unknown_name_message(name, data, role) -> str:
 
 
 def _patsy(fn, formula, data, eval_env):
-    desc = check_formula(formula, data.columns, eval_env)      # nothing in a formula runs before this check
+    desc = check_formula(formula, data.columns, eval_env)  # nothing in a formula runs before this check
     try:
         return fn(desc, data, return_type="dataframe", NA_action="raise", eval_env=eval_env)
     except patsy.PatsyError as exc:
@@ -167,9 +180,13 @@ def _patsy(fn, formula, data, eval_env):
         if "missing values" in text:
             used = [c for c in formula_columns([formula], data.columns)]
             if used and data[used].isna().any().any():
-                raise FormulaError(f"formula {formula!r}: a column it uses has missing values. Pass "
-                                   "missing='drop' to drop incomplete rows, or fill them first.") from None
-            raise FormulaError(f"formula {formula!r}: a term gives missing values (NaN) where the data have none: "
-                               "a function outside its domain, such as log or sqrt of values <= 0 or < 0. Transform "
-                               "the column first (log(x + c), or drop those rows).") from None
+                raise FormulaError(
+                    f"formula {formula!r}: a column it uses has missing values. Pass "
+                    "missing='drop' to drop incomplete rows, or fill them first."
+                ) from None
+            raise FormulaError(
+                f"formula {formula!r}: a term gives missing values (NaN) where the data have none: "
+                "a function outside its domain, such as log or sqrt of values <= 0 or < 0. Transform "
+                "the column first (log(x + c), or drop those rows)."
+            ) from None
         raise FormulaError(f"cannot evaluate formula {formula!r}: {text}") from None

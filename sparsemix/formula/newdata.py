@@ -13,6 +13,7 @@ matches only the same text ("a" is not "A"). The fitted labels match exactly fir
 are matched by value. Rows whose level is still new get the population-level prediction (no random effects of
 that term) when allow_new_levels, with a NewLevelWarning saying how many rows; otherwise an InputError.
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,8 +29,18 @@ from ..errors import InputError, NewLevelWarning
 from .design_rules import complete_rows
 from .mixedlm import level_name
 
-__all__ = ["require_frame", "model_columns", "require_model_columns", "model_frame", "complete_rows", "fixed_matrix",
-           "offset_values", "row_labels", "LevelMatcher", "predict_rows"]
+__all__ = [
+    "require_frame",
+    "model_columns",
+    "require_model_columns",
+    "model_frame",
+    "complete_rows",
+    "fixed_matrix",
+    "offset_values",
+    "row_labels",
+    "LevelMatcher",
+    "predict_rows",
+]
 
 
 def require_frame(newdata, dict_of_columns: bool = False) -> pd.DataFrame:
@@ -48,6 +59,7 @@ def require_frame(newdata, dict_of_columns: bool = False) -> pd.DataFrame:
 
 # -- which columns the model reads ------------------------------------------------------------------------
 
+
 def model_columns(design_info) -> list[str]:
     """The names a patsy design reads from the data: names in its factors' code that its environment does not
     provide (the functions), and the columns named with Q("...")."""
@@ -58,8 +70,13 @@ def model_columns(design_info) -> list[str]:
         for node in ast.walk(ast.parse(factor.code.strip(), mode="eval")):
             if isinstance(node, ast.Name) and node.id not in provided:
                 name = node.id
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Q"
-                  and node.args and isinstance(node.args[0], ast.Constant)):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "Q"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
                 name = node.args[0].value
             else:
                 continue
@@ -77,8 +94,10 @@ def require_model_columns(frame: pd.DataFrame, needs: list[tuple[str, list]]) ->
                 missing[c].append(role)
     if missing:
         listed = ", ".join(f"{c!r} ({'; '.join(roles)})" for c, roles in missing.items())
-        raise InputError(f"newdata has no column {listed}; add the column(s) the model was fitted with. "
-                         f"newdata's columns: {', '.join(map(str, frame.columns[:20]))}.")
+        raise InputError(
+            f"newdata has no column {listed}; add the column(s) the model was fitted with. "
+            f"newdata's columns: {', '.join(map(str, frame.columns[:20]))}."
+        )
 
 
 def model_frame(frame: pd.DataFrame, needs: list[tuple[str, list]]) -> pd.DataFrame:
@@ -98,6 +117,7 @@ def predict_rows(frame: pd.DataFrame, keep: np.ndarray, compute) -> pd.Series:
 
 # -- fixed effects ------------------------------------------------------------------------------------------
 
+
 def fixed_matrix(frame: pd.DataFrame, design_info, keep_names=None) -> np.ndarray:
     """The fixed-effect columns of complete rows of newdata, through the fit's patsy design (its levels,
     contrasts and transforms). `keep_names`: the fitted columns (patsy's names) when some were dropped."""
@@ -107,8 +127,10 @@ def fixed_matrix(frame: pd.DataFrame, design_info, keep_names=None) -> np.ndarra
         (X,) = patsy.build_design_matrices([design_info], frame, NA_action=patsy.NAAction(NA_types=[]))
     except patsy.PatsyError as exc:
         first = str(exc).splitlines()[0]
-        raise InputError(f"cannot build the fixed-effect columns of newdata: {first}. Give newdata the columns "
-                         "and types the model was fitted with.") from None
+        raise InputError(
+            f"cannot build the fixed-effect columns of newdata: {first}. Give newdata the columns "
+            "and types the model was fitted with."
+        ) from None
     X = np.asarray(X, dtype=float)
     if keep_names is not None and len(keep_names) != X.shape[1]:
         X = X[:, [i for i, n in enumerate(design_info.column_names) if n in keep_names]]
@@ -122,7 +144,7 @@ def _check_fixed_levels(frame: pd.DataFrame, design_info) -> None:
             continue
         column = _factor_column(factor.code)
         if column is None or column not in frame.columns:
-            continue            # an expression: patsy's own check (translated in fixed_matrix) applies
+            continue  # an expression: patsy's own check (translated in fixed_matrix) applies
         values = frame[column]
         seen = set(fi.categories)
         uniques = pd.unique(values.astype(object) if isinstance(values.dtype, pd.CategoricalDtype) else values)
@@ -132,9 +154,11 @@ def _check_fixed_levels(frame: pd.DataFrame, design_info) -> None:
             shown = ", ".join(repr(level_name(v)) for v in new[:5]) + (", ..." if len(new) > 5 else "")
             fitted = ", ".join(repr(level_name(v)) for v in fi.categories[:10])
             more = ", ..." if len(fi.categories) > 10 else ""
-            raise InputError(f"newdata's column {column!r} has level(s) the fit did not see: {shown} ({rows} "
-                             f"row(s)); a fixed-effect factor has no coefficient for a new level. Its fitted "
-                             f"levels: {fitted}{more}. Drop those rows or map them to a fitted level.")
+            raise InputError(
+                f"newdata's column {column!r} has level(s) the fit did not see: {shown} ({rows} "
+                f"row(s)); a fixed-effect factor has no coefficient for a new level. Its fitted "
+                f"levels: {fitted}{more}. Drop those rows or map them to a fitted level."
+            )
 
 
 def _factor_column(code: str):
@@ -154,6 +178,7 @@ def _factor_column(code: str):
 
 # -- offset ------------------------------------------------------------------------------------------------
 
+
 def offset_values(frame: pd.DataFrame, offset) -> np.ndarray | None:
     """predict's offset: a column of newdata, or one value per row of newdata (NaN rows predict NaN)."""
     if offset is None:
@@ -162,18 +187,23 @@ def offset_values(frame: pd.DataFrame, offset) -> np.ndarray | None:
 
     if isinstance(offset, str):
         if offset not in frame.columns:
-            raise InputError(f"offset={offset!r} is not a column of newdata; add the column or pass the offset "
-                             f"values (one per row). newdata's columns: {', '.join(map(str, frame.columns[:20]))}.")
+            raise InputError(
+                f"offset={offset!r} is not a column of newdata; add the column or pass the offset "
+                f"values (one per row). newdata's columns: {', '.join(map(str, frame.columns[:20]))}."
+            )
         values = as_numeric_vector(frame[offset].to_numpy(), f"offset column {offset!r}")
     else:
         values = as_numeric_vector(offset, "offset")
     if values.shape[0] != len(frame):
-        raise InputError(f"offset has {values.shape[0]} value(s) but newdata has {len(frame)} row(s); pass one "
-                         "offset per row of newdata (or the name of its offset column).")
+        raise InputError(
+            f"offset has {values.shape[0]} value(s) but newdata has {len(frame)} row(s); pass one "
+            "offset per row of newdata (or the name of its offset column)."
+        )
     return values
 
 
 # -- levels of grouping factors -------------------------------------------------------------------------
+
 
 def row_labels(frame: pd.DataFrame, group) -> tuple[np.ndarray, np.ndarray]:
     """(codes, labels): each row's level of `group` (columns joined with ':' as R's a:b) as the fit writes
@@ -184,7 +214,7 @@ def row_labels(frame: pd.DataFrame, group) -> tuple[np.ndarray, np.ndarray]:
         text = np.array([level_name(u) for u in uniques], dtype=object)
         if codes is None:
             codes, labels = c.astype(np.int64), text
-        else:       # pairwise: the combined key stays below rows x rows
+        else:  # pairwise: the combined key stays below rows x rows
             combined, first = pd.factorize(codes * len(text) + c, sort=False)
             labels = np.array([f"{labels[k // len(text)]}:{text[k % len(text)]}" for k in first], dtype=object)
             codes = combined.astype(np.int64)
@@ -207,7 +237,7 @@ def _part_key(part: str) -> str:
         return str(int(part))
     if _NUMBER.fullmatch(part):
         v = float(part)
-        return str(int(v)) if v.is_integer() and abs(v) < 2 ** 53 else repr(v)
+        return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
     return part
 
 
@@ -217,7 +247,7 @@ class LevelMatcher:
     def __init__(self, levels, group_name: str):
         self.group_name = group_name
         self._index = pd.Index(list(levels), dtype=object)
-        self._by_value = None            # value key -> position; built on the first label that needs it
+        self._by_value = None  # value key -> position; built on the first label that needs it
 
     def __getstate__(self):
         return {"group_name": self.group_name, "_index": self._index, "_by_value": None}
@@ -248,8 +278,10 @@ class LevelMatcher:
                     found.append(int(exact))
                 if len(found) > 1:
                     names = ", ".join(repr(self._index[i]) for i in found)
-                    raise InputError(f"newdata's level {labels[j]!r} of {self.group_name!r} matches the fitted "
-                                     f"levels {names} by value; write it exactly as one of them.")
+                    raise InputError(
+                        f"newdata's level {labels[j]!r} of {self.group_name!r} matches the fitted "
+                        f"levels {names} by value; write it exactly as one of them."
+                    )
                 if found:
                     pos[j] = found[0]
         return pos
@@ -261,16 +293,22 @@ def report_new_levels(n_new: int, n_rows: int, group_name: str, examples, allow_
         return
     shown = ", ".join(map(repr, list(examples)[:3])) + (", ..." if len(examples) > 3 else "")
     if not allow_new_levels:
-        raise InputError(f"newdata has {n_new} of {n_rows} row(s) with levels of {group_name!r} not in the fitted "
-                         f"data ({shown}); pass allow_new_levels=True to predict them at the population level.")
-    warnings.warn(f"{n_new} of {n_rows} row(s) of newdata have levels of {group_name!r} not in the fitted data "
-                  f"({shown}): they are predicted without the random effects of {group_name!r} (the population level). "
-                  "If those levels were fitted, check that the column holds the same values (a level matches by "
-                  "value: 308, 308.0 and '308' are one level); allow_new_levels=False makes this an error.",
-                  NewLevelWarning, stacklevel=6)   # the caller of predict
+        raise InputError(
+            f"newdata has {n_new} of {n_rows} row(s) with levels of {group_name!r} not in the fitted "
+            f"data ({shown}); pass allow_new_levels=True to predict them at the population level."
+        )
+    warnings.warn(
+        f"{n_new} of {n_rows} row(s) of newdata have levels of {group_name!r} not in the fitted data "
+        f"({shown}): they are predicted without the random effects of {group_name!r} (the population level). "
+        "If those levels were fitted, check that the column holds the same values (a level matches by "
+        "value: 308, 308.0 and '308' are one level); allow_new_levels=False makes this an error.",
+        NewLevelWarning,
+        stacklevel=6,
+    )  # the caller of predict
 
 
 # -- lmer's random effects ------------------------------------------------------------------------------
+
 
 def lmer_columns(design, include_random: bool) -> list[tuple[str, list]]:
     """(role, columns) of everything an lmer design reads from newdata (the response excluded)."""
@@ -288,6 +326,7 @@ def lmer_random_matrix(design, frame: pd.DataFrame, allow_new_levels: bool, matc
     """Z for complete rows of newdata in the fit's column layout; rows of a new level get zero (population)
     effects for that term. `matchers`: a cache of LevelMatcher per term, kept by the results."""
     import scipy.sparse as sp
+
     from ..core.terms import RandomTerm
 
     blocks = []
@@ -299,7 +338,7 @@ def lmer_random_matrix(design, frame: pd.DataFrame, allow_new_levels: bool, matc
         mapped = level_pos[codes]
         new = mapped < 0
         report_new_levels(int(new.sum()), len(frame), info.grp, labels[np.unique(codes[new])], allow_new_levels)
-        if info.design_info is None:            # a sparse indicator term: (0 + f | g)
+        if info.design_info is None:  # a sparse indicator term: (0 + f | g)
             prefix = len(info.indicator)
             if ("indicator", t) not in matchers:
                 matchers[("indicator", t)] = LevelMatcher([c[prefix:] for c in info.columns], info.indicator)
@@ -311,6 +350,15 @@ def lmer_random_matrix(design, frame: pd.DataFrame, allow_new_levels: bool, matc
         else:
             values = np.array(fixed_matrix(frame, info.design_info))
         values[new] = 0.0
-        blocks.append(RandomTerm.from_codes(term.name, np.where(new, 0, mapped), values, term.n_levels,
-                                            term.template, term.level_labels, term.column_names).Z)
+        blocks.append(
+            RandomTerm.from_codes(
+                term.name,
+                np.where(new, 0, mapped),
+                values,
+                term.n_levels,
+                term.template,
+                term.level_labels,
+                term.column_names,
+            ).Z
+        )
     return sp.hstack(blocks, format="csc")

@@ -9,6 +9,7 @@ functions sparsemix provides by name, and modules by name (`PicklableResults`). 
 usual, so a function of the caller's that a formula calls must be importable where the results are loaded, as
 pickle requires of any function.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,7 +40,7 @@ def _safe_function(name: str):
 
     if name in SAFE_FUNCTIONS:
         return SAFE_FUNCTIONS[name]
-    return safe_environment().namespace[name]          # the pinned names: Q, np, numpy
+    return safe_environment().namespace[name]  # the pinned names: Q, np, numpy
 
 
 def _named_functions() -> dict[int, str]:
@@ -59,15 +60,15 @@ class _Pickler(pickle.Pickler):
     def reducer_override(self, obj):
         cls = type(obj)
         if cls is type or isinstance(obj, type):
-            return NotImplemented                      # classes pickle by reference
+            return NotImplemented  # classes pickle by reference
         name = self._named.get(id(obj))
         if name is not None:
             return _safe_function, (name,)
         if isinstance(obj, types.ModuleType):
             return importlib.import_module, (obj.__name__,)
-        if cls.__module__.split(".")[0] == "patsy" and hasattr(obj, "__dict__"):    # patsy refuses by design
+        if cls.__module__.split(".")[0] == "patsy" and hasattr(obj, "__dict__"):  # patsy refuses by design
             return _new, (cls,), obj.__dict__
-        if isinstance(obj, PicklableResults):          # one blob, not a blob inside a blob
+        if isinstance(obj, PicklableResults):  # one blob, not a blob inside a blob
             return _new, (cls,), obj.__dict__
         return NotImplemented
 
@@ -80,5 +81,6 @@ def _dumps(state, protocol) -> bytes:
         raise pickle.PicklingError(
             f"these results cannot be pickled: {exc}. A function that the formula calls is kept with the fit "
             "to predict; it must be defined at the top level of a module (not a lambda or a nested function) "
-            "for pickle to store it by name.") from exc
+            "for pickle to store it by name."
+        ) from exc
     return buffer.getvalue()

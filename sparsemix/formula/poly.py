@@ -1,5 +1,6 @@
 """R's poly(x, degree): orthogonal polynomials, as a patsy stateful transform (new data reuses the training
 data's recurrence, so predictions see the same columns)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,8 +45,8 @@ class _Poly:
         xc = x - center
         Q, R = np.linalg.qr(np.vander(xc, degree + 1, increasing=True))
         z = Q * np.diag(R)
-        norm2 = np.sum(z ** 2, axis=0)
-        self.alpha = np.sum(xc[:, None] * z ** 2, axis=0)[:degree] / norm2[:degree] + center
+        norm2 = np.sum(z**2, axis=0)
+        self.alpha = np.sum(xc[:, None] * z**2, axis=0)[:degree] / norm2[:degree] + center
         self.norm2 = np.concatenate([[1.0], norm2])
 
 

@@ -10,6 +10,7 @@ other than `np.<function>`, subscripts and lambdas are refused with a FormulaErr
 Columns named by Python keywords (`yield`, `class`, `True`) are syntax to Python, so `readable_formula` has
 patsy evaluate such terms as `Q("yield")` while they keep the name written (`log(yield)`).
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,16 +29,44 @@ import patsy.builtins
 from ..errors import FormulaError
 from .poly import poly
 
-__all__ = ["SAFE_FUNCTIONS", "safe_environment", "formula_environment", "check_formula", "check_terms",
-           "readable_formula", "used_environment"]
+__all__ = [
+    "SAFE_FUNCTIONS",
+    "safe_environment",
+    "formula_environment",
+    "check_formula",
+    "check_terms",
+    "readable_formula",
+    "used_environment",
+]
 
-NUMPY_FUNCTIONS = ("log", "log2", "log10", "log1p", "exp", "expm1", "sqrt", "abs", "sin", "cos", "tan",
-                   "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "floor", "ceil", "sign")
-PATSY_FUNCTIONS = ("C", "I", "Q", "Treatment", "Sum", "Diff", "Helmert", "Poly", "center", "standardize",
-                   "scale")
-SAFE_FUNCTIONS = {**{name: getattr(np, name) for name in NUMPY_FUNCTIONS},
-                  **{name: getattr(patsy.builtins, name) for name in PATSY_FUNCTIONS},
-                  "poly": poly}
+NUMPY_FUNCTIONS = (
+    "log",
+    "log2",
+    "log10",
+    "log1p",
+    "exp",
+    "expm1",
+    "sqrt",
+    "abs",
+    "sin",
+    "cos",
+    "tan",
+    "arcsin",
+    "arccos",
+    "arctan",
+    "sinh",
+    "cosh",
+    "tanh",
+    "floor",
+    "ceil",
+    "sign",
+)
+PATSY_FUNCTIONS = ("C", "I", "Q", "Treatment", "Sum", "Diff", "Helmert", "Poly", "center", "standardize", "scale")
+SAFE_FUNCTIONS = {
+    **{name: getattr(np, name) for name in NUMPY_FUNCTIONS},
+    **{name: getattr(patsy.builtins, name) for name in PATSY_FUNCTIONS},
+    "poly": poly,
+}
 # `np.log(x)` and `numpy.log(x)` keep working: these names hold only the numpy functions above.
 _NUMPY_ALIASES = ("np", "numpy")
 # ... and numpy's constants (`sin(2 * np.pi * Time)`, nlme's Ovary model).
@@ -48,10 +77,41 @@ _NUMPY_SUBSET = SimpleNamespace(**{name: getattr(np, name) for name in NUMPY_FUN
 _BUILTIN_NAMES = frozenset(vars(builtins))
 _BUILTIN_IDS = frozenset(id(v) for v in vars(builtins).values() if callable(v))
 
-_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.UAdd, ast.USub, ast.Not,
-              ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.And, ast.Or, ast.Load)
-_NODES = (ast.Expression, ast.Name, ast.Constant, ast.Call, ast.keyword, ast.BinOp, ast.UnaryOp, ast.Compare,
-          ast.BoolOp, ast.Attribute, ast.Tuple, ast.List) + _OPERATORS
+_OPERATORS = (
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.FloorDiv,
+    ast.Mod,
+    ast.Pow,
+    ast.UAdd,
+    ast.USub,
+    ast.Not,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+    ast.And,
+    ast.Or,
+    ast.Load,
+)
+_NODES = (
+    ast.Expression,
+    ast.Name,
+    ast.Constant,
+    ast.Call,
+    ast.keyword,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.Compare,
+    ast.BoolOp,
+    ast.Attribute,
+    ast.Tuple,
+    ast.List,
+) + _OPERATORS
 
 
 def safe_environment(eval_env=None) -> patsy.EvalEnvironment:
@@ -79,8 +139,10 @@ def formula_environment(eval_env, reference: int = 1) -> patsy.EvalEnvironment:
         if eval_env == -1:
             return safe_environment()
         if eval_env < 0:
-            raise FormulaError(f"eval_env={eval_env} is not a frame depth: pass 0 (the caller's names), a positive "
-                               "depth, -1 or {} (the allowed functions only), a dict or a patsy.EvalEnvironment.")
+            raise FormulaError(
+                f"eval_env={eval_env} is not a frame depth: pass 0 (the caller's names), a positive "
+                "depth, -1 or {} (the allowed functions only), a dict or a patsy.EvalEnvironment."
+            )
         try:
             eval_env = patsy.EvalEnvironment.capture(eval_env, reference=reference + 1)
         except ValueError:
@@ -165,9 +227,11 @@ def check_terms(codes, columns, env: patsy.EvalEnvironment, where: str) -> None:
 
 
 def _too_deep(where) -> str:
-    return (f"{where[:200]}{'...' if len(where) > 200 else ''}: the formula is too long or too deeply nested for "
-            "patsy's parser (it recurses once per operator: about 450 terms, or an expression of a few thousand "
-            "operators, is its limit). Compute such columns before fitting, or combine them.")
+    return (
+        f"{where[:200]}{'...' if len(where) > 200 else ''}: the formula is too long or too deeply nested for "
+        "patsy's parser (it recurses once per operator: about 450 terms, or an expression of a few thousand "
+        "operators, is its limit). Compute such columns before fitting, or combine them."
+    )
 
 
 def _constant_value(node) -> float | None:
@@ -184,8 +248,11 @@ def _constant_value(node) -> float | None:
             return None
         try:
             with np.errstate(all="ignore"):
-                return float({ast.Pow: np.power, ast.Mult: np.multiply, ast.Add: np.add,
-                              ast.Sub: np.subtract}[type(node.op)](np.float64(left), np.float64(right)))
+                return float(
+                    {ast.Pow: np.power, ast.Mult: np.multiply, ast.Add: np.add, ast.Sub: np.subtract}[type(node.op)](
+                        np.float64(left), np.float64(right)
+                    )
+                )
         except (OverflowError, ZeroDivisionError):
             return float("inf")
     return None
@@ -196,10 +263,14 @@ def _unreadable(code, columns, where) -> str:
     if words:
         close = difflib.get_close_matches(words[0], sorted(columns), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        return (f"{where}: cannot read the term {code!r}: {words[0]!r} is a Python keyword and not a column of "
-                f"the data; a column of that name may be written bare.{hint}")
-    return (f"{where}: cannot read the term {code!r} as an expression; write a column whose name is not a "
-            "Python name with backticks (`dose (mg)`) or as Q(\"dose (mg)\").")
+        return (
+            f"{where}: cannot read the term {code!r}: {words[0]!r} is a Python keyword and not a column of "
+            f"the data; a column of that name may be written bare.{hint}"
+        )
+    return (
+        f"{where}: cannot read the term {code!r} as an expression; write a column whose name is not a "
+        'Python name with backticks (`dose (mg)`) or as Q("dose (mg)").'
+    )
 
 
 def _tokens(code):
@@ -215,25 +286,36 @@ MAX_CONSTANT_EXPONENT = 10_000
 
 def _check_node(node, code, columns, env, where):
     if not isinstance(node, _NODES):
-        raise FormulaError(f"{where}: the term {code!r} uses Python syntax that formulas do not allow "
-                           f"({type(node).__name__}). {_ALLOWED}")
+        raise FormulaError(
+            f"{where}: the term {code!r} uses Python syntax that formulas do not allow "
+            f"({type(node).__name__}). {_ALLOWED}"
+        )
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
         exponent = _constant_value(node.right)
         if exponent is not None and not abs(exponent) <= MAX_CONSTANT_EXPONENT:
-            raise FormulaError(f"{where}: the term {code!r} raises to the power {ast.unparse(node.right)}, which "
-                               f"cannot be computed (exponents up to {MAX_CONSTANT_EXPONENT:,} are accepted).")
+            raise FormulaError(
+                f"{where}: the term {code!r} raises to the power {ast.unparse(node.right)}, which "
+                f"cannot be computed (exponents up to {MAX_CONSTANT_EXPONENT:,} are accepted)."
+            )
     if isinstance(node, ast.Attribute):
-        if not (isinstance(node.value, ast.Name) and node.value.id in _NUMPY_ALIASES
-                and node.attr in NUMPY_FUNCTIONS + NUMPY_CONSTANTS):
-            raise FormulaError(f"{where}: the term {code!r} uses an attribute ({ast.unparse(node)}); only "
-                               f"np.<function> of the allowed numpy functions (and np.pi, np.e) is accepted (import another "
-                               f"function by name in your code: from scipy.special import expit). {_ALLOWED}")
+        if not (
+            isinstance(node.value, ast.Name)
+            and node.value.id in _NUMPY_ALIASES
+            and node.attr in NUMPY_FUNCTIONS + NUMPY_CONSTANTS
+        ):
+            raise FormulaError(
+                f"{where}: the term {code!r} uses an attribute ({ast.unparse(node)}); only "
+                f"np.<function> of the allowed numpy functions (and np.pi, np.e) is accepted (import another "
+                f"function by name in your code: from scipy.special import expit). {_ALLOWED}"
+            )
     elif isinstance(node, ast.Call):
         if isinstance(node.func, ast.Name) and node.func.id in columns:
             raise FormulaError(f"{where}: the term {code!r} calls the column {node.func.id!r} as a function.")
         if not isinstance(node.func, (ast.Name, ast.Attribute)):
-            raise FormulaError(f"{where}: the term {code!r} calls {ast.unparse(node.func)}, which is not an "
-                               f"allowed function. {_ALLOWED}")
+            raise FormulaError(
+                f"{where}: the term {code!r} calls {ast.unparse(node.func)}, which is not an "
+                f"allowed function. {_ALLOWED}"
+            )
         if isinstance(node.func, ast.Name) and node.func.id == "Q":
             _check_quoted(node, code, columns, where)
     elif isinstance(node, ast.Name) and node.id not in columns:
@@ -244,8 +326,10 @@ def _check_quoted(node, code, columns, where):
     """patsy's Q looks its argument up in the caller's namespace too: here it names a column, nothing else."""
     arg = node.args[0] if len(node.args) == 1 and not node.keywords else None
     if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
-        raise FormulaError(f"{where}: the term {code!r} calls Q with {ast.unparse(node)[2:-1]!r}; Q takes the "
-                           "name of a column as a string: Q(\"dose (mg)\").")
+        raise FormulaError(
+            f"{where}: the term {code!r} calls Q with {ast.unparse(node)[2:-1]!r}; Q takes the "
+            'name of a column as a string: Q("dose (mg)").'
+        )
     if arg.value not in columns:
         close = difflib.get_close_matches(arg.value, sorted(columns), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -255,23 +339,30 @@ def _check_quoted(node, code, columns, where):
 def _check_name(name, code, columns, env, where):
     """A name that is not a column: a function of the table or of eval_env, never one of Python's builtins."""
     if name.startswith("_"):
-        raise FormulaError(f"{where}: the term {code!r} uses {name!r}; names starting with '_' are not "
-                           f"allowed in formulas. {_ALLOWED}")
+        raise FormulaError(
+            f"{where}: the term {code!r} uses {name!r}; names starting with '_' are not allowed in formulas. {_ALLOWED}"
+        )
     value = _lookup(env, name)
     if name in _BUILTIN_NAMES and value is not SAFE_FUNCTIONS.get(name) or id(value) in _BUILTIN_IDS:
-        raise FormulaError(f"{where}: the term {code!r} uses {name!r}, which is not a column of the data and "
-                           f"is {'one of' if name in _BUILTIN_NAMES else 'held in the calling code as one of'} "
-                           f"Python's builtins; formulas do not call those. {_ALLOWED}")
+        raise FormulaError(
+            f"{where}: the term {code!r} uses {name!r}, which is not a column of the data and "
+            f"is {'one of' if name in _BUILTIN_NAMES else 'held in the calling code as one of'} "
+            f"Python's builtins; formulas do not call those. {_ALLOWED}"
+        )
     if value is _MISSING:
         close = difflib.get_close_matches(name, sorted(columns), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else f" {_ALLOWED}"
-        raise FormulaError(f"{where} uses {name!r}, which is not a column of the data nor an allowed "
-                           f"function.{hint}")
+        raise FormulaError(f"{where} uses {name!r}, which is not a column of the data nor an allowed function.{hint}")
     if not callable(value) and name not in _NUMPY_ALIASES:
-        hides = (f"; it hides the formula function {name}(), so rename it or pass eval_env={{}}"
-                 if name in SAFE_FUNCTIONS else "; formulas take values from the data's columns (add it as one)")
-        raise FormulaError(f"{where} uses {name!r}, which is not a column of the data; in the calling code it is a "
-                           f"{type(value).__name__}, not a function{hides}.")
+        hides = (
+            f"; it hides the formula function {name}(), so rename it or pass eval_env={{}}"
+            if name in SAFE_FUNCTIONS
+            else "; formulas take values from the data's columns (add it as one)"
+        )
+        raise FormulaError(
+            f"{where} uses {name!r}, which is not a column of the data; in the calling code it is a "
+            f"{type(value).__name__}, not a function{hides}."
+        )
 
 
 _MISSING = object()
@@ -284,6 +375,9 @@ def _lookup(env, name):
         return _MISSING
 
 
-_ALLOWED = ("Formulas may use the data's columns, arithmetic, comparisons, these functions: "
-            + ", ".join(sorted(SAFE_FUNCTIONS)) + ", and in Python the functions of the calling code "
-            "(docs/formulas.md).")
+_ALLOWED = (
+    "Formulas may use the data's columns, arithmetic, comparisons, these functions: "
+    + ", ".join(sorted(SAFE_FUNCTIONS))
+    + ", and in Python the functions of the calling code "
+    "(docs/formulas.md)."
+)

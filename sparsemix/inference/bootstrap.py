@@ -5,6 +5,7 @@ and CHOLMOD's symbolic analysis; Z'y*, X'y*, y*'y* cost one pass over the non-ze
 worker processes, one per core by default; each replicate draws from its own seed (spawned from `seed`),
 so the result does not depend on how replicates are spread over workers.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,8 @@ import numpy as np
 from ..core.coordinates import system_columns
 from ..core.cross_products import assemble_Z
 from ..core.system import PenalizedSystem
-from ..fit.stages import optimize_system
 from ..fit.optimize import warm_step
+from ..fit.stages import optimize_system
 from .sdcor import sdcor_of
 
 __all__ = ["parametric_bootstrap", "simulate_responses", "refit_estimates"]
@@ -53,6 +54,7 @@ def _init_worker(state, single_threaded=False):
         # oversubscribe the cores (on 2 cores, the crossed seed model's 40 refits took 1.35 s with 2 workers
         # and 0.97 s in one process before this limit).
         from threadpoolctl import threadpool_limits
+
         _WORKER["limits"] = threadpool_limits(1)
     _WORKER.update(state)
     _WORKER["system"] = PenalizedSystem(state["cross"], state["relcov"])
@@ -70,10 +72,18 @@ def _replicate(seed_seq) -> np.ndarray:
 def parametric_bootstrap(fit, X, terms, weights, nsim=500, seed=None, n_jobs=None) -> np.ndarray:
     """nsim x (n_sdcor + p) array of estimates from data simulated at `fit`'s estimates."""
     relcov = fit.system.relcov
-    state = {"X": X, "Z": assemble_Z(list(terms)), "system_Z": system_columns(list(terms), relcov.column_transforms),
-             "relcov": relcov, "cross": fit.system.cross,
-             "theta": fit.theta, "beta": fit.beta, "sigma": float(np.sqrt(fit.sigma2)), "weights": weights,
-             "reml": fit.reml}
+    state = {
+        "X": X,
+        "Z": assemble_Z(list(terms)),
+        "system_Z": system_columns(list(terms), relcov.column_transforms),
+        "relcov": relcov,
+        "cross": fit.system.cross,
+        "theta": fit.theta,
+        "beta": fit.beta,
+        "sigma": float(np.sqrt(fit.sigma2)),
+        "weights": weights,
+        "reml": fit.reml,
+    }
     seeds = np.random.SeedSequence(seed).spawn(nsim)
     n_jobs = (os.cpu_count() or 1) if n_jobs is None else int(n_jobs)
     if n_jobs <= 1 or nsim < 2 * n_jobs:

@@ -6,6 +6,7 @@ holding it at a value (an offset) and re-optimising everything else. The signed 
 zeta(x) = sign(x - x_hat) sqrt(dev(x) - dev_min) is followed outward from the estimate until |zeta| reaches
 the normal quantile of the level; the interval ends are where it does (or a bound, e.g. sd = 0).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -15,8 +16,8 @@ import pandas as pd
 from scipy import optimize, stats
 
 from ..core.system import PenalizedSystem
-from ..fit.stages import optimize_system
 from ..fit.optimize import minimize_deviance, warm_step
+from ..fit.stages import optimize_system
 from .sdcor import sdcor_bounds, sdcor_of, theta_of_sdcor
 
 __all__ = ["ProfileResult", "profile_fit"]
@@ -45,7 +46,7 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
     dev_min = ml_fit.deviance
     v_hat = sdcor_of(relcov, ml_fit.theta, np.sqrt(ml_fit.sigma2))
     lower, upper = sdcor_bounds(relcov)
-    lower[-1] = 1e-6 * v_hat[-1]                       # sigma > 0: the deviance is infinite at sigma = 0
+    lower[-1] = 1e-6 * v_hat[-1]  # sigma > 0: the deviance is infinite at sigma = 0
     step_scale = np.where(v_hat != 0, 0.2 * np.abs(v_hat), 0.05)
     all_names = list(names) + list(fe_names)
     wanted = all_names if which is None else list(which)
@@ -74,13 +75,14 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
     for j, name in enumerate(fe_names):
         if name not in wanted:
             continue
-        latest = {"system": _system_without(system, j)}       # each b's system takes over the last's factor
+        latest = {"system": _system_without(system, j)}  # each b's system takes over the last's factor
         beta_hat = ml_fit.beta[j]
 
         def dev_at(b, start, j=j, latest=latest):
             latest["system"] = latest["system"].with_response(_offset_cross(system, j, b))
-            opt = optimize_system(latest["system"], reml=False, start_theta=start[:-1],
-                                  initial_step=warm_step(start[:-1]), polish=False)
+            opt = optimize_system(
+                latest["system"], reml=False, start_theta=start[:-1], initial_step=warm_step(start[:-1]), polish=False
+            )
             return opt.deviance, np.append(opt.theta, 0.0)
 
         start = np.append(ml_fit.theta, 0.0)
@@ -88,7 +90,8 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
 
     est = pd.Series(np.concatenate([v_hat, ml_fit.beta]), index=all_names)
     intervals = pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"]).reindex(
-        [n for n in all_names if n in rows])
+        [n for n in all_names if n in rows]
+    )
     return ProfileResult(est, traces, intervals, level)
 
 
@@ -125,8 +128,13 @@ def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z):
                 x_new = lo if direction < 0 else hi
             zeta, opt = zeta_at(x_new, cur_start)
             if abs(zeta) >= z:
-                end = optimize.brentq(lambda t: zeta_at(t, opt, record=False)[0] - direction * z, x, x_new,
-                                      xtol=1e-6 * max(abs(x_hat), 1e-3), rtol=1e-8)
+                end = optimize.brentq(
+                    lambda t: zeta_at(t, opt, record=False)[0] - direction * z,
+                    x,
+                    x_new,
+                    xtol=1e-6 * max(abs(x_hat), 1e-3),
+                    rtol=1e-8,
+                )
                 trace.append((end, direction * z))
                 break
             if at_bound:
@@ -146,7 +154,14 @@ def _offset_cross(system: PenalizedSystem, j: int, b: float):
     """Cross-products of the model with beta_j held at b: column j leaves X, x_j b moves into an offset."""
     c = system.cross
     keep = np.array([i for i in range(c.p) if i != j], dtype=np.int64)
-    d = c.beta_ols[j] - b          # y' = r + x_j (beta_ols_j - b), r the stored OLS residual
-    return replace(c, ZtX=c.ZtX[:, keep], Zty=c.Zty + c.ZtX[:, j] * d, XtX=c.XtX[np.ix_(keep, keep)],
-                   Xty=c.Xty[keep] + c.XtX[keep, j] * d, yty=c.yty + 2 * d * c.Xty[j] + d * d * c.XtX[j, j],
-                   p=c.p - 1, beta_ols=c.beta_ols[keep])
+    d = c.beta_ols[j] - b  # y' = r + x_j (beta_ols_j - b), r the stored OLS residual
+    return replace(
+        c,
+        ZtX=c.ZtX[:, keep],
+        Zty=c.Zty + c.ZtX[:, j] * d,
+        XtX=c.XtX[np.ix_(keep, keep)],
+        Xty=c.Xty[keep] + c.XtX[keep, j] * d,
+        yty=c.yty + 2 * d * c.Xty[j] + d * d * c.XtX[j, j],
+        p=c.p - 1,
+        beta_ols=c.beta_ols[keep],
+    )

@@ -5,6 +5,7 @@ and A their covariance. Both are taken in lme4's coordinates (theta, sigma), as 
 optimum the result does not depend on that choice, since g and A transform together, and on a boundary these
 coordinates are the ones in which the criterion stays smooth (information.py), so singular fits get finite df.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +38,7 @@ def satterthwaite_df(fit: LmmFit, contrasts: np.ndarray) -> np.ndarray:
         down[a] -= h
         dV = (_cov_beta(fit, up) - _cov_beta(fit, down)) / (2 * h)
         grads[col] = np.einsum("ki,ij,kj->k", C, dV, C)
-    grads[-1] = 2 * v / np.sqrt(fit.sigma2)      # Var(beta) = sigma^2 (R_X' R_X)^{-1}
+    grads[-1] = 2 * v / np.sqrt(fit.sigma2)  # Var(beta) = sigma^2 (R_X' R_X)^{-1}
     denom = np.einsum("ak,ab,bk->k", grads, info.cov, grads)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(denom > 0, 2 * v ** 2 / denom, np.inf)
+        return np.where(denom > 0, 2 * v**2 / denom, np.inf)

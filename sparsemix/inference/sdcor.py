@@ -4,6 +4,7 @@ Per term, in theta's order (lme4's: the lower triangle column by column), a diag
 standard deviation of column i and an off-diagonal position (i, j) the correlation of columns i and j;
 sigma comes last. These map to (theta, sigma^2) by Psi = D R D, T = chol(Psi / sigma^2).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,7 @@ __all__ = ["sdcor_of", "theta_of_sdcor", "sdcor_bounds"]
 def sdcor_of(relcov: RelativeCovariance, theta: np.ndarray, sigma: float) -> np.ndarray:
     out = []
     for (_, template), T in zip(relcov.blocks, relcov.factors(theta)):
-        psi = sigma ** 2 * (T @ T.T)
+        psi = sigma**2 * (T @ T.T)
         sd = np.sqrt(np.diag(psi))
         for i, j in template.positions:
             if i == j:
@@ -36,7 +37,7 @@ def theta_of_sdcor(relcov: RelativeCovariance, values: np.ndarray) -> tuple[np.n
     for _, template in relcov.blocks:
         k = template.k
         sd, cor = np.zeros(k), np.eye(k)
-        for (i, j), v in zip(template.positions, values[start:start + template.n_theta]):
+        for (i, j), v in zip(template.positions, values[start : start + template.n_theta]):
             if i == j:
                 sd[i] = v
             else:
@@ -44,7 +45,7 @@ def theta_of_sdcor(relcov: RelativeCovariance, values: np.ndarray) -> tuple[np.n
         start += template.n_theta
         if np.any(sd < 0) or np.any(np.abs(cor) > 1):
             return None
-        rel = (sd[:, None] * cor * sd[None, :]) / sigma ** 2
+        rel = (sd[:, None] * cor * sd[None, :]) / sigma**2
         if k == 1 or template.is_diagonal:
             factors.append(np.diag(np.sqrt(np.diag(rel))))
             continue
@@ -55,7 +56,7 @@ def theta_of_sdcor(relcov: RelativeCovariance, values: np.ndarray) -> tuple[np.n
             factors.append(_semidefinite_factor(rel))
             if factors[-1] is None:
                 return None
-    return relcov.theta_of(factors), sigma ** 2
+    return relcov.theta_of(factors), sigma**2
 
 
 def _semidefinite_factor(M):

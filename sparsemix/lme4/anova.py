@@ -1,4 +1,5 @@
 """Likelihood-ratio tests between nested models, as lme4's anova(m1, m2, ...)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,15 +25,25 @@ def anova(*models, names=None) -> pd.DataFrame:
     first = models[0]
     for name, m in zip(names, models):
         if m.nobs != first.nobs or not np.array_equal(m.design.y, first.design.y):
-            raise InputError(f"model {name!r} was fitted to other data (nobs {m.nobs} vs {first.nobs}, or another "
-                             "response); models must share their data to be compared.")
+            raise InputError(
+                f"model {name!r} was fitted to other data (nobs {m.nobs} vs {first.nobs}, or another "
+                "response); models must share their data to be compared."
+            )
     ml = [m if not m.reml else m.refit_ml() for m in models]
     order = sorted(range(len(ml)), key=lambda i: ml[i].npar)
     rows, prev = [], None
     for i in order:
         m = ml[i]
-        row = {"npar": m.npar, "AIC": m.aic, "BIC": m.bic, "logLik": m.llf, "deviance": -2 * m.llf,
-               "Chisq": np.nan, "Df": np.nan, "Pr(>Chisq)": np.nan}
+        row = {
+            "npar": m.npar,
+            "AIC": m.aic,
+            "BIC": m.bic,
+            "logLik": m.llf,
+            "deviance": -2 * m.llf,
+            "Chisq": np.nan,
+            "Df": np.nan,
+            "Pr(>Chisq)": np.nan,
+        }
         if prev is not None:
             chisq = max(2 * (m.llf - prev.llf), 0.0)
             df = m.npar - prev.npar
@@ -40,7 +51,7 @@ def anova(*models, names=None) -> pd.DataFrame:
         rows.append(row)
         prev = m
     table = pd.DataFrame(rows, index=[names[i] for i in order])
-    table["Df"] = table["Df"].astype("Int64")      # whole numbers; missing on the first row
+    table["Df"] = table["Df"].astype("Int64")  # whole numbers; missing on the first row
     table.attrs["refit"] = any(m.reml for m in models)
     return table
 
@@ -49,6 +60,8 @@ def check_fitted_models(models, door: str = "anova") -> None:
     """Every argument is a model fitted by sparsemix.lmer (anova compares fits)."""
     for i, m in enumerate(models):
         if not isinstance(m, LmerResults):
-            raise InputError(f"{door}'s arguments must be models fitted by sparsemix.lmer; argument {i + 1} is "
-                             f"{type(m).__name__} ({m!r:.60}). Pass the fitted models, e.g. anova(m1, m2); name "
-                             "them with names=[...].")
+            raise InputError(
+                f"{door}'s arguments must be models fitted by sparsemix.lmer; argument {i + 1} is "
+                f"{type(m).__name__} ({m!r:.60}). Pass the fitted models, e.g. anova(m1, m2); name "
+                "them with names=[...]."
+            )

@@ -1,6 +1,7 @@
 """The lme4 door's design: a formula and a data frame turned into the engine's inputs (X, y, random-effect
 terms, prior weights, offset) by lme4's rules (formula/design_rules.py), with what the results need to describe
 the model and to predict for new data."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,8 +15,15 @@ from ..core.system import PenalizedSystem
 from ..core.terms import CovarianceTemplate, RandomTerm, indicator_matrix
 from ..errors import FormulaError, InputError
 from ..fit.stages import build_system
-from ..formula.design_rules import (TermInfo, complete_rows, drop_aliased, group_codes, lme4_name, lme4_term_order,
-                                    unique_group_names)
+from ..formula.design_rules import (
+    TermInfo,
+    complete_rows,
+    drop_aliased,
+    group_codes,
+    lme4_name,
+    lme4_term_order,
+    unique_group_names,
+)
 from ..formula.lme4 import RandomSpec, parse_formula
 from ..formula.mixedlm import factor_codes, fixed_design, formula_columns, indicator_variable, level_name
 from ..formula.safety import check_formula, safe_environment, used_environment
@@ -67,9 +75,13 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
         checks.require_columns(data, spec.group, f"grouping factor of {spec.source}")
         used += [g for g in spec.group if g not in used]
     formulas = [parsed.fixed] + [s.expr for s in parsed.random]
-    data = checks.check_column_types(data, formula_columns(formulas, data.columns),
-                                     [g for s in parsed.random for g in s.group], formulas,
-                                     [v for v in (weights, offset) if isinstance(v, str) and v in data.columns])
+    data = checks.check_column_types(
+        data,
+        formula_columns(formulas, data.columns),
+        [g for s in parsed.random for g in s.group],
+        formulas,
+        [v for v in (weights, offset) if isinstance(v, str) and v in data.columns],
+    )
     w = _column_or_array(data, weights, "weights")
     off = _column_or_array(data, offset, "offset")
     keep = complete_rows(data, used, [arr for arr in (w, off) if arr is not None])
@@ -83,7 +95,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     if w is not None:
         checks.check_weights_scale(w)
 
-    if parsed.response in frame.columns:       # before patsy, which would expand a text column into indicators
+    if parsed.response in frame.columns:  # before patsy, which would expand a text column into indicators
         checks.require_numeric_column(frame[parsed.response], f"response {parsed.response!r}")
     endog, exog, fixed_info = fixed_design(parsed.fixed, _strings_as_categories(frame, parsed.fixed), env)
     y = checks.as_numeric_vector(endog.to_numpy(), "response")
@@ -106,18 +118,34 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     infos = unique_group_names([infos[i] for i in order])
     if not terms:
         raise FormulaError(f"{formula!r} has no random-effects term; add one such as '(1 | g)'.")
-    return LmerDesign(formula, getattr(data, "name", "data"), y, X, tuple(names), fixed_info, tuple(terms),
-                      tuple(infos), w, off, frame.index, n_dropped, tuple(dropped),
-                      used_environment(env, [parsed.fixed] + [s.expr for s in parsed.random]))
+    return LmerDesign(
+        formula,
+        getattr(data, "name", "data"),
+        y,
+        X,
+        tuple(names),
+        fixed_info,
+        tuple(terms),
+        tuple(infos),
+        w,
+        off,
+        frame.index,
+        n_dropped,
+        tuple(dropped),
+        used_environment(env, [parsed.fixed] + [s.expr for s in parsed.random]),
+    )
 
 
 def _strings_as_categories(frame: pd.DataFrame, fixed: str) -> pd.DataFrame:
     """Text columns of the fixed part as pandas Categoricals with their sorted levels, which is what patsy makes
     of them: patsy then reads the codes instead of sniffing every value in Python (InstEval's `service`: 0.4 s
     of a 2.2 s fit)."""
-    text = [c for c in formula_columns([fixed], frame.columns)      # object dtype, or pandas 3's str dtype
-            if (frame[c].dtype == object or isinstance(frame[c].dtype, pd.StringDtype))
-            and pd.api.types.infer_dtype(frame[c], skipna=False) == "string"]
+    text = [
+        c
+        for c in formula_columns([fixed], frame.columns)  # object dtype, or pandas 3's str dtype
+        if (frame[c].dtype == object or isinstance(frame[c].dtype, pd.StringDtype))
+        and pd.api.types.infer_dtype(frame[c], skipna=False) == "string"
+    ]
     return frame.assign(**{c: pd.Categorical(frame[c]) for c in text}) if text else frame
 
 
@@ -152,8 +180,9 @@ def _random_term(spec: RandomSpec, frame, env):
         # A random intercept is a column of ones: patsy builds its design from one row (5 ms a term on InstEval)
         intercept = spec.expr.strip() == "1"
         try:
-            M = patsy.dmatrix(desc, frame.iloc[:1] if intercept else frame, return_type="dataframe",
-                              NA_action="raise", eval_env=env)
+            M = patsy.dmatrix(
+                desc, frame.iloc[:1] if intercept else frame, return_type="dataframe", NA_action="raise", eval_env=env
+            )
         except patsy.PatsyError as exc:
             raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
         values = np.ones((len(frame), 1)) if intercept else M.to_numpy(dtype=float)
@@ -162,8 +191,7 @@ def _random_term(spec: RandomSpec, frame, env):
     k = len(columns)
     if k == 0:
         raise FormulaError(f"{spec.source} has no columns; write '(1 | g)' for a random intercept.")
-    term = RandomTerm.from_codes(spec.group_name, codes, values, len(levels), CovarianceTemplate.unstructured(k),
-                                 levels, columns)
+    term = RandomTerm.from_codes(
+        spec.group_name, codes, values, len(levels), CovarianceTemplate.unstructured(k), levels, columns
+    )
     return term, TermInfo(spec, spec.group_name, columns, levels, design_info, var)
-
-

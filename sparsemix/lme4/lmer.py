@@ -1,6 +1,7 @@
 """`sparsemix.lmer(formula, data)`: lme4's formula language on the sparse engine. The design (design.py) goes
 through the one pipeline (fit/pipeline.py); the results keep the design and the deviance function, so that they
 refit by ML, profile and bootstrap without touching the data again."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -8,18 +9,28 @@ import pandas as pd
 from .. import checks
 from ..fit.optimize import DEFAULT_OPTIMIZER, resolve_method
 from ..fit.pipeline import fit_lmm
+from ..formula.design_rules import theta_names
 from ..formula.safety import formula_environment
 from ..progress import ProgressPrinter
-from ..formula.design_rules import theta_names
 from .design import build_design, theta_lower_bounds
 from .results import LmerResults
 
 __all__ = ["lmer"]
 
 
-def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offset=None, start=None,
-         optimizer: str = DEFAULT_OPTIMIZER, maxiter: int = 10_000, progress=None, verbose: bool = False,
-         eval_env=None) -> LmerResults:
+def lmer(
+    formula: str,
+    data: pd.DataFrame,
+    reml: bool = True,
+    weights=None,
+    offset=None,
+    start=None,
+    optimizer: str = DEFAULT_OPTIMIZER,
+    maxiter: int = 10_000,
+    progress=None,
+    verbose: bool = False,
+    eval_env=None,
+) -> LmerResults:
     """Fit a linear mixed model written in lme4's formula language.
 
     weights: prior weights (a column name or an array), as lme4's `weights`: residual variance sigma^2 / w.
@@ -42,17 +53,38 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
         # The one import against the layer order (tests/test_layout.py): the Dask door, loaded only for a Dask
         # frame (dask is an optional extra, and loading it cost a pandas fit 8 ms).
         from ..dask.fit import fit_partitioned, is_dask_frame
-        if is_dask_frame(data):       # rows on a cluster: only level sets and cross-products come here
+
+        if is_dask_frame(data):  # rows on a cluster: only level sets and cross-products come here
             caller = formula_environment(None) if eval_env is None else None
-            return fit_partitioned(formula, data, reml=reml, weights=weights, offset=offset, start=start,
-                                   optimizer=optimizer, maxiter=maxiter, progress=progress, eval_env=eval_env,
-                                   caller_env=caller)
-    env = formula_environment(eval_env)      # the caller's functions, checked in formula/safety.py
+            return fit_partitioned(
+                formula,
+                data,
+                reml=reml,
+                weights=weights,
+                offset=offset,
+                start=start,
+                optimizer=optimizer,
+                maxiter=maxiter,
+                progress=progress,
+                eval_env=eval_env,
+                caller_env=caller,
+            )
+    env = formula_environment(eval_env)  # the caller's functions, checked in formula/safety.py
     design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
     method = resolve_method(optimizer)
     names = theta_names(design.term_info, design.terms)
-    if start is not None:   # before any optimizer: a NaN start once reached nlopt and corrupted memory
+    if start is not None:  # before any optimizer: a NaN start once reached nlopt and corrupted memory
         start = checks.check_start(start, theta_lower_bounds(design.terms), "start", names, limit=checks.START_LIMIT)
-    fit = fit_lmm(design.X, design.y - design.offset, list(design.terms), reml=reml, weights=design.weights,
-                  start_theta=start, method=method, maxiter=maxiter, progress=progress, singular_names=names)
+    fit = fit_lmm(
+        design.X,
+        design.y - design.offset,
+        list(design.terms),
+        reml=reml,
+        weights=design.weights,
+        start_theta=start,
+        method=method,
+        maxiter=maxiter,
+        progress=progress,
+        singular_names=names,
+    )
     return LmerResults(design, fit)

@@ -1,4 +1,5 @@
 """`LmerResults`: lme4's view of a fitted model (VarCorr, ranef, confint, anova), over one `LmmFit`."""
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -9,17 +10,17 @@ from scipy import stats
 
 from .. import checks
 from ..errors import InputError
-from ..fit.stages import build_fit, optimize_system
+from ..fit.lmm_fit import LmmFit
 from ..fit.optimize import warm_step
+from ..fit.stages import build_fit, optimize_system
+from ..formula import newdata as newdata_path
+from ..formula.design_rules import lme4_name, theta_names
+from ..formula.pickling import PicklableResults
 from ..inference.bootstrap import parametric_bootstrap, simulate_responses
 from ..inference.profile import ProfileResult, profile_fit
 from ..inference.satterthwaite import satterthwaite_df
 from ..inference.sdcor import sdcor_of
-from ..formula import newdata as newdata_path
-from ..formula.design_rules import lme4_name, theta_names
 from .design import LmerDesign
-from ..formula.pickling import PicklableResults
-from ..fit.lmm_fit import LmmFit
 
 __all__ = ["LmerResults"]
 
@@ -136,8 +137,10 @@ class LmerResults(PicklableResults):
         else:
             raise InputError(f"ddf={ddf!r}: use 'satterthwaite' or 'asymptotic'.")
         t = est / se
-        return pd.DataFrame({"estimate": est, "std_error": se, "df": df, "t": t, "p": 2 * stats.t.sf(np.abs(t), df)},
-                            index=list(self.design.fe_names))
+        return pd.DataFrame(
+            {"estimate": est, "std_error": se, "df": df, "t": t, "p": 2 * stats.t.sf(np.abs(t), df)},
+            index=list(self.design.fe_names),
+        )
 
     @cached_property
     def sdcor_names(self) -> list[str]:
@@ -164,7 +167,7 @@ class LmerResults(PicklableResults):
                     rows.append((info.grp, info.columns[j], info.columns[i], psi[i, j], cor))
         rows.append(("Residual", None, None, self.scale, self.sigma))
         frame = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
-        for col in ("grp", "var1", "var2"):   # None (not NaN) marks a name that does not apply, as lme4's NA
+        for col in ("grp", "var1", "var2"):  # None (not NaN) marks a name that does not apply, as lme4's NA
             frame[col] = pd.Series([v for v in frame[col]], dtype=object).where(frame[col].notna(), None)
         return frame
 
@@ -179,15 +182,16 @@ class LmerResults(PicklableResults):
         offset = 0
         for info, term in zip(self.design.term_info, self.design.terms):
             width = term.n_levels * term.k
-            values = b[offset:offset + width].reshape(term.n_levels, term.k)
+            values = b[offset : offset + width].reshape(term.n_levels, term.k)
             frame = pd.DataFrame(values, index=list(term.level_labels), columns=list(info.columns))
             if condvar:
                 cv = self._level_blocks(offset, term.n_levels, term.k)
                 frame.attrs["condvar"] = cv
-                frame.attrs["condsd"] = pd.DataFrame(np.sqrt(np.einsum("lii->li", cv)), index=frame.index,
-                                                     columns=frame.columns)
+                frame.attrs["condsd"] = pd.DataFrame(
+                    np.sqrt(np.einsum("lii->li", cv)), index=frame.index, columns=frame.columns
+                )
             name = info.spec.group_name
-            if name in out:   # lme4 merges terms of the same factor, e.g. the two halves of (x || g)
+            if name in out:  # lme4 merges terms of the same factor, e.g. the two halves of (x || g)
                 prev = out[name]
                 merged = pd.concat([_bare(prev), _bare(frame)], axis=1)
                 if condvar:
@@ -224,6 +228,7 @@ class LmerResults(PicklableResults):
     @cached_property
     def _Z(self):
         from ..core.cross_products import assemble_Z
+
         return assemble_Z(list(self.design.terms))
 
     @property
@@ -235,8 +240,13 @@ class LmerResults(PicklableResults):
     def resid(self) -> pd.Series:
         return pd.Series(self.design.y, index=self.design.row_index) - self.fitted
 
-    def predict(self, newdata: pd.DataFrame | None = None, include_random: bool = True,
-                allow_new_levels: bool = True, offset=None) -> pd.Series:
+    def predict(
+        self,
+        newdata: pd.DataFrame | None = None,
+        include_random: bool = True,
+        allow_new_levels: bool = True,
+        offset=None,
+    ) -> pd.Series:
         """Predictions; new levels of a grouping factor get the population-level prediction when allowed (with a
         NewLevelWarning saying how many rows). Rows of newdata with a missing value in a column the model uses
         predict NaN. Levels match by value (308, 308.0 and "308" are one level): see sparsemix/formula/newdata.py."""
@@ -256,7 +266,7 @@ class LmerResults(PicklableResults):
         keep = newdata_path.complete_rows(frame, [c for _, cols in needs for c in cols])
         if off is not None:
             keep &= ~np.isnan(off)
-        keep_names = [n for n in d.fixed_info.column_names if lme4_name(n) in d.fe_names]   # aliased ones dropped
+        keep_names = [n for n in d.fixed_info.column_names if lme4_name(n) in d.fe_names]  # aliased ones dropped
         matchers = self.__dict__.setdefault("_level_matchers", {})
 
         def compute(rows):
@@ -272,8 +282,17 @@ class LmerResults(PicklableResults):
         nsim, seed = checks.check_count(nsim, "nsim"), checks.check_seed(seed)
         d = self.design
         rng = np.random.default_rng(seed)
-        sims = simulate_responses(d.X, self._Z, self.fit_result.system.relcov, self.fit_result.theta,
-                                  self.fit_result.beta, self.sigma, d.weights, rng, int(nsim))
+        sims = simulate_responses(
+            d.X,
+            self._Z,
+            self.fit_result.system.relcov,
+            self.fit_result.theta,
+            self.fit_result.beta,
+            self.sigma,
+            d.weights,
+            rng,
+            int(nsim),
+        )
         sims = sims + d.offset[:, None]
         return pd.DataFrame(sims, index=d.row_index, columns=[f"sim_{i + 1}" for i in range(int(nsim))])
 
@@ -291,8 +310,13 @@ class LmerResults(PicklableResults):
         if not self.reml:
             return self
         system, theta = self.fit_result.system, self.fit_result.theta
-        opt = optimize_system(system, reml=False, start_theta=theta, method=self.fit_result.optimization.method,
-                              initial_step=warm_step(theta))
+        opt = optimize_system(
+            system,
+            reml=False,
+            start_theta=theta,
+            method=self.fit_result.optimization.method,
+            initial_step=warm_step(theta),
+        )
         return LmerResults(self.design, build_fit(system, opt, False))
 
     def profile(self, which=None, level: float = 0.95) -> ProfileResult:
@@ -300,11 +324,11 @@ class LmerResults(PicklableResults):
         level = checks.check_level(level)
         ml = self.refit_ml()
         with ml.fit_result.system.threads():
-            return profile_fit(ml.fit_result, self.sdcor_names, list(self.design.fe_names), level=level,
-                               which=which)
+            return profile_fit(ml.fit_result, self.sdcor_names, list(self.design.fe_names), level=level, which=which)
 
-    def confint(self, method: str = "profile", level: float = 0.95, nsim: int = 500, seed=None, n_jobs=None,
-                which=None) -> pd.DataFrame:
+    def confint(
+        self, method: str = "profile", level: float = 0.95, nsim: int = 500, seed=None, n_jobs=None, which=None
+    ) -> pd.DataFrame:
         """Intervals for the sd/cor parameters, sigma and the fixed effects, as lme4's confint():
         "wald" (fixed effects only; NaN for the others), "profile", or "boot" (parametric bootstrap,
         percentile intervals, refits spread over all cores)."""
@@ -336,13 +360,15 @@ class LmerResults(PicklableResults):
 
     @property
     def sdcor(self) -> pd.Series:
-        return pd.Series(sdcor_of(self.fit_result.system.relcov, self.fit_result.theta, self.sigma),
-                         index=self.sdcor_names)
+        return pd.Series(
+            sdcor_of(self.fit_result.system.relcov, self.fit_result.theta, self.sigma), index=self.sdcor_names
+        )
 
     # -- report ---------------------------------------------------------------------------------------------
 
     def summary(self):
         from .summary import LmerSummary
+
         return LmerSummary(self)
 
     def __repr__(self):

@@ -1,4 +1,5 @@
 """lme4's summary layout for `LmerResults`, with lmerTest's df and p-value columns."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,17 +12,26 @@ class LmerSummary:
     def as_text(self) -> str:
         r = self.results
         d = r.design
-        lines = [f"Linear mixed model fit by {'REML' if r.reml else 'maximum likelihood'}"
-                 + (" (t-tests use Satterthwaite's method)" if r.design.fe_names else ""),
-                 f"Formula: {d.formula}", ""]
+        lines = [
+            f"Linear mixed model fit by {'REML' if r.reml else 'maximum likelihood'}"
+            + (" (t-tests use Satterthwaite's method)" if r.design.fe_names else ""),
+            f"Formula: {d.formula}",
+            "",
+        ]
         if r.reml:
             lines.append(f"REML criterion at convergence: {_r_round1(r.deviance)}")
         else:
             lines.append(f"{'AIC':>9} {'BIC':>9} {'logLik':>9} {'deviance':>9} {'df.resid':>9}")
             lines.append(f"{r.aic:9.1f} {r.bic:9.1f} {r.llf:9.1f} {-2 * r.llf:9.1f} {r.nobs - r.npar:9d}")
         q = r._scaled_residual_quantiles()
-        lines += ["", "Scaled residuals: ", "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
-                  "    ".join(f"{v:7.4f}" for v in q), "", "Random effects:"]
+        lines += [
+            "",
+            "Scaled residuals: ",
+            "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
+            "    ".join(f"{v:7.4f}" for v in q),
+            "",
+            "Random effects:",
+        ]
         lines += _random_table(r)
         groups = "; ".join(f"{g}, {n}" for g, n in r.ngroups.items())
         lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
@@ -31,13 +41,19 @@ class LmerSummary:
             lines += ["", "Fixed effects:"]
             fe = r.fixed_effects()
             name_w = max(len(n) for n in fe.index)
-            lines.append(" " * name_w + f" {'Estimate':>10} {'Std. Error':>10} {'df':>8} {'t value':>8} {'Pr(>|t|)':>9}")
+            lines.append(
+                " " * name_w + f" {'Estimate':>10} {'Std. Error':>10} {'df':>8} {'t value':>8} {'Pr(>|t|)':>9}"
+            )
             for name, row in fe.iterrows():
-                lines.append(f"{name:<{name_w}} {row.estimate:10.3f} {row.std_error:10.3f} {row.df:8.2f} "
-                             f"{row.t:8.3f} {_p(row.p):>9}")
+                lines.append(
+                    f"{name:<{name_w}} {row.estimate:10.3f} {row.std_error:10.3f} {row.df:8.2f} "
+                    f"{row.t:8.3f} {_p(row.p):>9}"
+                )
         if d.dropped_columns:
-            lines.append(f"fixed-effect model matrix is rank deficient so dropping {len(d.dropped_columns)} "
-                         f"column(s): {', '.join(d.dropped_columns)}")
+            lines.append(
+                f"fixed-effect model matrix is rank deficient so dropping {len(d.dropped_columns)} "
+                f"column(s): {', '.join(d.dropped_columns)}"
+            )
         if r.is_singular:
             lines.append("boundary (singular) fit: see help('isSingular')")
         if not r.converged:
@@ -60,7 +76,8 @@ def _random_table(r) -> list[str]:
     rows.append(("Residual", "", r.scale, r.sigma, []))
     gw = max(len("Groups"), *(len(x[0]) for x in rows))
     nw = max(len("Name"), *(len(x[1]) for x in rows))
-    out = [f" {'Groups':<{gw}} {'Name':<{nw}} {'Variance':>10} {'Std.Dev.':>9} {'Corr' if any(x[4] for x in rows) else ''}".rstrip()]
+    corr = "Corr" if any(x[4] for x in rows) else ""
+    out = [f" {'Groups':<{gw}} {'Name':<{nw}} {'Variance':>10} {'Std.Dev.':>9} {corr}".rstrip()]
     for g, n, v, s, c in rows:
         corr = " ".join(f"{x:5.2f}" for x in c)
         out.append(f" {g:<{gw}} {n:<{nw}} {v:10.4g} {s:9.4g} {corr}".rstrip())

@@ -4,6 +4,7 @@ statsmodels users read `model.data.xnames`, `ynames`, `param_names`, `exog_re_na
 data frame), `orig_endog` / `orig_exog` (the inputs as given, pandas objects included) and `row_labels`.
 This holds the same attributes; it is built from the model and copies nothing large.
 """
+
 from __future__ import annotations
 
 __all__ = ["ModelData"]

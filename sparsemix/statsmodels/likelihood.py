@@ -9,6 +9,7 @@ so one evaluation of the engine at theta serves any beta.
 The score and the Hessian are central differences of the log-likelihood (statsmodels derives them
 analytically for its dense per-group algebra; sparsemix's own fits need neither).
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -39,7 +40,7 @@ def psd_factor(cov: np.ndarray) -> np.ndarray | None:
     w, V = np.linalg.eigh((cov + cov.T) / 2)
     if w.min() < -1e-10 * max(1.0, abs(w).max()):
         return None
-    return lower_factor(V * np.sqrt(np.clip(w, 0.0, None)))     # cov = B B'; B re-triangularized
+    return lower_factor(V * np.sqrt(np.clip(w, 0.0, None)))  # cov = B B'; B re-triangularized
 
 
 def theta_of(model, cov_re, vcomp) -> np.ndarray | None:
@@ -87,8 +88,10 @@ def loglike_at(model, pa, reml: bool, profile_fe: bool) -> float:
     if not profile_fe:
         fe = np.asarray(pa.fe_params, dtype=float).reshape(-1)
         if fe.shape[0] != model.k_fe:
-            raise InputError(f"params has {fe.shape[0]} fixed effects but the model has {model.k_fe}; pass "
-                             "profile_fe=True to use the GLS estimates instead.")
+            raise InputError(
+                f"params has {fe.shape[0]} fixed effects but the model has {model.k_fe}; pass "
+                "profile_fe=True to use the GLS estimates instead."
+            )
         ev = replace(ev, r2=quadratic_form(ev, beta_hat, fe))
     return -0.5 * model._likelihood_system.profiled_deviance(ev, reml)
 

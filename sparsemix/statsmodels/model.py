@@ -5,6 +5,7 @@ components vcomp realised within each group) and translates it into random-effec
 engine: one term for exog_re with one level per group, and one scalar term per variance component with
 one level per column. Nothing here is n x q dense.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -15,16 +16,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .. import checks
+from ..core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
 from ..errors import IgnoredArgumentWarning, InputError, SingularFitWarning
+from ..fit.optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..fit.pilot import pilot_start
 from ..fit.pipeline import fit_system
 from ..fit.stages import build_system
+from ..formula.mixedlm import fixed_design, formula_columns, random_design, sorted_codes, vc_from_formula
 from ..formula.pickling import PicklableResults
-from ..fit.optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
-from ..formula.mixedlm import fixed_design, formula_columns, random_design, vc_from_formula
 from ..formula.safety import formula_environment
-from ..core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
-from ..formula.mixedlm import sorted_codes
 from . import likelihood
 from .data import ModelData
 from .params import MixedLMParams, VCSpec
@@ -56,18 +56,23 @@ class MixedLM(PicklableResults):
     error) or 'drop' (rows with a NaN or inf in any input are dropped).
     """
 
-    def __init__(self, endog, exog, groups, exog_re=None, exog_vc=None, use_sqrt=True, missing="none",
-                 **kwargs):
+    def __init__(self, endog, exog, groups, exog_re=None, exog_vc=None, use_sqrt=True, missing="none", **kwargs):
         unknown = set(kwargs) - {"formula", "design_info", "group_name"}
         if unknown:
-            raise InputError(f"unexpected argument(s) {sorted(unknown)} for MixedLM; see the statsmodels "
-                             "signature MixedLM(endog, exog, groups, exog_re, exog_vc, use_sqrt, missing).")
+            raise InputError(
+                f"unexpected argument(s) {sorted(unknown)} for MixedLM; see the statsmodels "
+                "signature MixedLM(endog, exog, groups, exog_re, exog_vc, use_sqrt, missing)."
+            )
         if missing not in ("none", "drop", "raise"):
             raise InputError(f"missing={missing!r} is not one of 'none', 'drop', 'raise'.")
         if isinstance(exog_vc, dict):
-            warnings.warn("Using deprecated variance components format (exog_vc as a dict of dicts), as "
-                          "statsmodels calls it: pass a VCSpec(names, colnames, mats), which statsmodels and "
-                          "sparsemix both accept.", FutureWarning, stacklevel=2)
+            warnings.warn(
+                "Using deprecated variance components format (exog_vc as a dict of dicts), as "
+                "statsmodels calls it: pass a VCSpec(names, colnames, mats), which statsmodels and "
+                "sparsemix both accept.",
+                FutureWarning,
+                stacklevel=2,
+            )
         self.use_sqrt = checks.check_bool(use_sqrt, "use_sqrt")
         self.missing = missing
         self.formula = kwargs.get("formula")
@@ -189,15 +194,27 @@ class MixedLM(PicklableResults):
         return out
 
     @classmethod
-    def from_formula(cls, formula, data, re_formula=None, vc_formula=None, subset=None, use_sparse=False,
-                     missing="none", *args, **kwargs):
+    def from_formula(
+        cls,
+        formula,
+        data,
+        re_formula=None,
+        vc_formula=None,
+        subset=None,
+        use_sparse=False,
+        missing="none",
+        *args,
+        **kwargs,
+    ):
         """statsmodels' formula interface: `groups` (a column name or an array) is a required keyword."""
         if "groups" not in kwargs:
-            raise InputError("'groups' is a required keyword argument of MixedLM.from_formula: a column name "
-                             "or an array with one group label per row (use a constant for crossed designs).")
+            raise InputError(
+                "'groups' is a required keyword argument of MixedLM.from_formula: a column name "
+                "or an array with one group label per row (use a constant for crossed designs)."
+            )
         if not isinstance(data, pd.DataFrame):
             raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
-        eval_env = formula_environment(kwargs.pop("eval_env", None))   # the caller's functions, as patsy's
+        eval_env = formula_environment(kwargs.pop("eval_env", None))  # the caller's functions, as patsy's
         groups = kwargs.pop("groups")
         use_sqrt = checks.check_bool(kwargs.pop("use_sqrt", True), "use_sqrt")
         checks.check_bool(use_sparse, "use_sparse")
@@ -209,8 +226,9 @@ class MixedLM(PicklableResults):
         formulas = [formula, re_formula, *vc_formula.values()]
         if isinstance(groups, str):
             checks.require_columns(data, [groups], "groups")
-        data = checks.check_column_types(data, formula_columns(formulas, data.columns),
-                                         [groups] if isinstance(groups, str) else [], formulas)
+        data = checks.check_column_types(
+            data, formula_columns(formulas, data.columns), [groups] if isinstance(groups, str) else [], formulas
+        )
         if isinstance(groups, str):
             group_name, group_values = groups, data[groups].to_numpy()
         else:
@@ -234,8 +252,10 @@ class MixedLM(PicklableResults):
             Zre, re_names = None, []
         else:
             Zre, re_names = random_design(re_formula, data, group_name, eval_env)
-        vcs = [vc_from_formula(name, f, data, codes, len(labels), rows_of_group, eval_env)
-               for name, f in vc_formula.items()]
+        vcs = [
+            vc_from_formula(name, f, data, codes, len(labels), rows_of_group, eval_env)
+            for name, f in vc_formula.items()
+        ]
         model = cls.__new__(cls)
         model.use_sqrt, model.missing, model.formula = use_sqrt, missing, formula
         model._design_info, model._data_is_pandas, model._row_index = design_info, True, data.index
@@ -258,8 +278,11 @@ class MixedLM(PicklableResults):
             order = list(range(self.k_re)) if re_order is None else list(re_order)
             values = self.exog_re[:, order]
             names = [self.exog_re_names[j] for j in order]
-            terms.append(RandomTerm.from_codes("re", self._group_codes, values, self.n_groups,
-                                               self._re_template(False), self.group_labels, names))
+            terms.append(
+                RandomTerm.from_codes(
+                    "re", self._group_codes, values, self.n_groups, self._re_template(False), self.group_labels, names
+                )
+            )
         terms.extend(vc.to_term(self.group_labels) for vc in self._vcs)
         return terms
 
@@ -278,9 +301,11 @@ class MixedLM(PicklableResults):
         """statsmodels' `free`: a 0 entry holds that parameter (of the Cholesky factor when use_sqrt) at its
         start value."""
         if free.k_re != self.k_re or free.k_vc != self.k_vc:
-            raise InputError(f"free has k_re={free.k_re}, k_vc={free.k_vc} but the model has k_re={self.k_re}, "
-                             f"k_vc={self.k_vc}; build it with MixedLMParams.from_components(fe_params, cov_re, "
-                             "vcomp=...) using 1 for free and 0 for fixed entries.")
+            raise InputError(
+                f"free has k_re={free.k_re}, k_vc={free.k_vc} but the model has k_re={self.k_re}, "
+                f"k_vc={self.k_vc}; build it with MixedLMParams.from_components(fe_params, cov_re, "
+                "vcomp=...) using 1 for free and 0 for fixed entries."
+            )
         parts = []
         if self.k_re:
             tmpl = self._re_template(False)
@@ -289,9 +314,12 @@ class MixedLM(PicklableResults):
             if not self.use_sqrt and fixed_off_diag:
                 start_cov = np.asarray(start.cov_re, dtype=float)
                 if any(start_cov[i, j] != 0 for i, j in fixed_off_diag) or (
-                        self.k_re > 2 and len(fixed_off_diag) < self.k_re2 - self.k_re):
-                    raise InputError("with use_sqrt=False, free can only fix covariances at zero (all of them, "
-                                     "or k_re = 2); use use_sqrt=True to fix entries of the Cholesky factor.")
+                    self.k_re > 2 and len(fixed_off_diag) < self.k_re2 - self.k_re
+                ):
+                    raise InputError(
+                        "with use_sqrt=False, free can only fix covariances at zero (all of them, "
+                        "or k_re = 2); use use_sqrt=True to fix entries of the Cholesky factor."
+                    )
             parts.append(np.array([mask[i, j] for i, j in tmpl.positions]))
         parts.append(np.asarray(free.vcomp, dtype=float) != 0)
         return np.concatenate(parts).astype(bool)
@@ -300,8 +328,11 @@ class MixedLM(PicklableResults):
         if start_params is None:
             return MixedLMParams.from_components(np.zeros(self.k_fe), np.eye(self.k_re), vcomp=np.ones(self.k_vc))
         if isinstance(start_params, MixedLMParams):
-            for part, values in (("fe_params", start_params.fe_params), ("cov_re", start_params.cov_re),
-                                 ("vcomp", start_params.vcomp)):
+            for part, values in (
+                ("fe_params", start_params.fe_params),
+                ("cov_re", start_params.cov_re),
+                ("vcomp", start_params.vcomp),
+            ):
                 if values is not None:
                     checks.check_finite_start(np.asarray(values, dtype=float).reshape(-1), f"start_params.{part}")
             return start_params
@@ -311,14 +342,27 @@ class MixedLM(PicklableResults):
             return MixedLMParams.from_packed(sp_, self.k_fe, self.k_re, self.use_sqrt, has_fe=True)
         if sp_.shape[0] == self.k_re2 + self.k_vc:
             return MixedLMParams.from_packed(sp_, self.k_fe, self.k_re, self.use_sqrt, has_fe=False)
-        raise InputError(f"start_params has length {sp_.shape[0]}; expected {self.k_fe + self.k_re2 + self.k_vc} "
-                         f"(with fixed effects) or {self.k_re2 + self.k_vc} (covariance parameters only), or a "
-                         "MixedLMParams.")
+        raise InputError(
+            f"start_params has length {sp_.shape[0]}; expected {self.k_fe + self.k_re2 + self.k_vc} "
+            f"(with fixed effects) or {self.k_re2 + self.k_vc} (covariance parameters only), or a "
+            "MixedLMParams."
+        )
 
     # -- fitting ----------------------------------------------------------------------------------------
 
-    def fit(self, start_params=None, reml=True, niter_sa=0, do_cg=True, fe_pen=None, cov_pen=None, free=None,
-            full_output=False, method=None, **fit_kwargs) -> MixedLMResults:
+    def fit(
+        self,
+        start_params=None,
+        reml=True,
+        niter_sa=0,
+        do_cg=True,
+        fe_pen=None,
+        cov_pen=None,
+        free=None,
+        full_output=False,
+        method=None,
+        **fit_kwargs,
+    ) -> MixedLMResults:
         """Fit by REML (default) or ML. statsmodels' keywords are accepted; those that have no effect here
         warn (IgnoredArgumentWarning).
 
@@ -332,12 +376,18 @@ class MixedLM(PicklableResults):
         maxiter = checks.check_count(fit_kwargs.get("maxiter", 10_000), "maxiter")
         gtol = checks.check_positive_number(fit_kwargs.get("gtol", 1e-7), "gtol")
         if fe_pen is not None or cov_pen is not None:
-            raise InputError("penalized fits (fe_pen, cov_pen) are not supported by sparsemix; fit without them "
-                             "(fit_regularized penalizes the fixed effects).")
+            raise InputError(
+                "penalized fits (fe_pen, cov_pen) are not supported by sparsemix; fit without them "
+                "(fit_regularized penalizes the fixed effects)."
+            )
         unknown = sorted(k for k in fit_kwargs if k not in STATSMODELS_FIT_KEYWORDS | USED_FIT_KEYWORDS)
         if unknown:
-            warnings.warn(f"Argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} not used by MixedLM.fit. "
-                          "Future versions will raise on these arguments.", UnusedArgumentWarning, stacklevel=2)
+            warnings.warn(
+                f"Argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} not used by MixedLM.fit. "
+                "Future versions will raise on these arguments.",
+                UnusedArgumentWarning,
+                stacklevel=2,
+            )
         ignored = sorted(k for k in fit_kwargs if k in STATSMODELS_FIT_KEYWORDS - USED_FIT_KEYWORDS)
         if niter_sa:
             ignored.append("niter_sa")
@@ -346,8 +396,11 @@ class MixedLM(PicklableResults):
         if full_output:
             ignored.append("full_output")
         if ignored:
-            warnings.warn(f"argument(s) {', '.join(ignored)} have no effect in sparsemix's MixedLM.fit.",
-                          IgnoredArgumentWarning, stacklevel=2)
+            warnings.warn(
+                f"argument(s) {', '.join(ignored)} have no effect in sparsemix's MixedLM.fit.",
+                IgnoredArgumentWarning,
+                stacklevel=2,
+            )
         checks.check_progress(fit_kwargs.get("progress"))
         opt_method = self._optimizer(method)
         start = self._start_params(start_params)
@@ -355,10 +408,22 @@ class MixedLM(PicklableResults):
         theta0 = self._theta_from_params(start)
         free_mask = None if free is None else self._free_mask(free, start)
         system = self.build_system()
-        pilot = None if start_params is not None else \
-            (lambda: pilot_start(system, self.exog, self.endog, self._terms(), None, reml))
-        fit = fit_system(system, reml=reml, start_theta=theta0, free=free_mask, maxiter=maxiter, gtol=gtol,
-                         method=opt_method, progress=fit_kwargs.get("progress"), pilot=pilot)
+        pilot = (
+            None
+            if start_params is not None
+            else (lambda: pilot_start(system, self.exog, self.endog, self._terms(), None, reml))
+        )
+        fit = fit_system(
+            system,
+            reml=reml,
+            start_theta=theta0,
+            free=free_mask,
+            maxiter=maxiter,
+            gtol=gtol,
+            method=opt_method,
+            progress=fit_kwargs.get("progress"),
+            pilot=pilot,
+        )
         results = MixedLMResults(self, fit, free)
         self._warn_if_singular(results)
         return results
@@ -372,24 +437,31 @@ class MixedLM(PicklableResults):
         in_cov_re = self.k_re and bool(np.any(fit.singular < self._re_template(False).n_theta))
         # statsmodels' SingularMatrixWarning says "The random effects covariance matrix is singular."
         lead = "The random effects covariance matrix is singular: " if in_cov_re else ""
-        warnings.warn(f"{lead}boundary (singular) fit: {which} estimated at zero. The model is overparameterized "
-                      "for these data; consider removing that random effect.", SingularFitWarning, stacklevel=3)
+        warnings.warn(
+            f"{lead}boundary (singular) fit: {which} estimated at zero. The model is overparameterized "
+            "for these data; consider removing that random effect.",
+            SingularFitWarning,
+            stacklevel=3,
+        )
 
-    def fit_regularized(self, start_params=None, method="l1", alpha=0, ceps=1e-4, ptol=1e-6, maxit=200,
-                        **fit_kwargs):
+    def fit_regularized(self, start_params=None, method="l1", alpha=0, ceps=1e-4, ptol=1e-6, maxit=200, **fit_kwargs):
         """Penalized fixed effects with the dependence parameters held at the unpenalized fit (statsmodels'
         semantics; see statsmodels/regularized.py). method="l1" with `alpha` (a number or one weight per fixed
         effect), or a smooth penalty object (func, deriv), such as statsmodels' L2()."""
-        return fit_regularized(self, start_params=start_params, method=method, alpha=alpha, ceps=ceps, ptol=ptol,
-                               maxit=maxit, **fit_kwargs)
+        return fit_regularized(
+            self, start_params=start_params, method=method, alpha=alpha, ceps=ceps, ptol=ptol, maxit=maxit, **fit_kwargs
+        )
 
     @staticmethod
     def _optimizer(method) -> str:
         if isinstance(method, (list, tuple)):
             return MixedLM._optimizer(method[0] if method else None)
         if method is not None and str(method).lower() in UNBOUNDED_METHODS:
-            warnings.warn(f"method={method!r} cannot keep variances >= 0; sparsemix uses BOBYQA instead.",
-                          IgnoredArgumentWarning, stacklevel=3)
+            warnings.warn(
+                f"method={method!r} cannot keep variances >= 0; sparsemix uses BOBYQA instead.",
+                IgnoredArgumentWarning,
+                stacklevel=3,
+            )
             return DEFAULT_OPTIMIZER
         return resolve_method(method)
 
@@ -407,8 +479,10 @@ class MixedLM(PicklableResults):
         expected = self.k_re2 + self.k_vc + (self.k_fe if has_fe else 0)
         if packed.shape[0] != expected:
             what = "fixed effects, then " if has_fe else ""
-            raise InputError(f"params has length {packed.shape[0]}; expected {expected} ({what}the lower triangle of "
-                             f"cov_re / scale and vcomp / scale), or a MixedLMParams.")
+            raise InputError(
+                f"params has length {packed.shape[0]}; expected {expected} ({what}the lower triangle of "
+                f"cov_re / scale and vcomp / scale), or a MixedLMParams."
+            )
         return MixedLMParams.from_packed(packed, self.k_fe, self.k_re, use_sqrt, has_fe=has_fe)
 
     def loglike(self, params, profile_fe=True, reml=None) -> float:
@@ -430,8 +504,9 @@ class MixedLM(PicklableResults):
         pa = self._params_object(params, has_fe=False)
         has_fe = not checks.check_bool(profile_fe, "profile_fe")
         if has_fe and np.asarray(pa.fe_params).shape[0] != self.k_fe:
-            raise InputError(f"profile_fe=False needs the {self.k_fe} fixed effects in params (a MixedLMParams "
-                             "with fe_params).")
+            raise InputError(
+                f"profile_fe=False needs the {self.k_fe} fixed effects in params (a MixedLMParams with fe_params)."
+            )
         x = pa.get_packed(use_sqrt=self.use_sqrt, has_fe=has_fe)
 
         def f(v):
@@ -442,9 +517,14 @@ class MixedLM(PicklableResults):
             grad = likelihood.central_gradient(f, x)
         if self._freepat is not None:
             free = self._freepat
-            mask = np.concatenate([np.asarray(free.fe_params, dtype=float) != 0 if has_fe and
-                                   np.shape(free.fe_params) == (self.k_fe,) else np.ones(self.k_fe * has_fe, bool),
-                                   free.get_packed(use_sqrt=False, has_fe=False) != 0])
+            mask = np.concatenate(
+                [
+                    np.asarray(free.fe_params, dtype=float) != 0
+                    if has_fe and np.shape(free.fe_params) == (self.k_fe,)
+                    else np.ones(self.k_fe * has_fe, bool),
+                    free.get_packed(use_sqrt=False, has_fe=False) != 0,
+                ]
+            )
             grad *= mask
         return grad
 
@@ -471,8 +551,10 @@ class MixedLM(PicklableResults):
         vcomp = np.asarray(vcomp, dtype=float).reshape(-1)
         theta = likelihood.theta_of(self, cov_re, vcomp)
         if theta is None:
-            raise InputError("cov_re is not positive semi-definite (or a vcomp is negative); pass covariance "
-                             "parameters relative to the scale, as in MixedLMParams.")
+            raise InputError(
+                "cov_re is not positive semi-definite (or a vcomp is negative); pass covariance "
+                "parameters relative to the scale, as in MixedLMParams."
+            )
         with self._likelihood_system.threads():
             _, beta = likelihood.gls_at(self, theta, self.reml)
         sing = bool((cov_re.size and np.linalg.eigvalsh(cov_re).min() < tol) or (vcomp.size and vcomp.min() < tol))
@@ -489,22 +571,25 @@ class MixedLM(PicklableResults):
         with system.threads():
             ev, beta_hat = likelihood.gls_at(self, theta, self.reml)
         if ev is None:
-            raise InputError("the fixed effects are not estimable at this covariance (X'V^-1X is numerically "
-                             "singular).")
+            raise InputError(
+                "the fixed effects are not estimable at this covariance (X'V^-1X is numerically singular)."
+            )
         return likelihood.quadratic_form(ev, beta_hat, fe_params) / system.dof(self.reml)
 
     def predict(self, params, exog=None) -> np.ndarray:
         """exog @ fe_params: the fixed-effects mean only, as statsmodels. `params` is a MixedLMParams or a
         vector that starts with the fixed effects (the packed parameters, or the fixed effects alone)."""
         X = self.exog if exog is None else np.asarray(exog, dtype=float)
-        fe = params.fe_params if isinstance(params, MixedLMParams) else np.asarray(params, dtype=float)[:self.k_fe]
+        fe = params.fe_params if isinstance(params, MixedLMParams) else np.asarray(params, dtype=float)[: self.k_fe]
         if X is None:
             raise InputError("the model's data were removed (remove_data()); pass exog.")
         if np.ndim(X) == 1:
             X = X[:, None] if self.k_fe == 1 else X[None, :]
         if X.shape[1] != self.k_fe or np.shape(fe)[0] != self.k_fe:
-            raise InputError(f"predict needs exog with {self.k_fe} columns and {self.k_fe} fixed effects "
-                             f"({', '.join(self.exog_names)}); got {X.shape[1]} columns and {np.shape(fe)[0]} values.")
+            raise InputError(
+                f"predict needs exog with {self.k_fe} columns and {self.k_fe} fixed effects "
+                f"({', '.join(self.exog_names)}); got {X.shape[1]} columns and {np.shape(fe)[0]} values."
+            )
         return X @ np.asarray(fe, dtype=float)
 
     def get_distribution(self, params, scale, exog=None) -> "MixedLMDistribution":
@@ -527,8 +612,9 @@ class MixedLM(PicklableResults):
         self.data.frame = self.data.orig_endog = self.data.orig_exog = None
 
     def __repr__(self):
-        return (f"MixedLM(nobs={self.nobs}, k_fe={self.k_fe}, k_re={self.k_re}, k_vc={self.k_vc}, "
-                f"n_groups={self.n_groups})")
+        return (
+            f"MixedLM(nobs={self.nobs}, k_fe={self.k_fe}, k_re={self.k_re}, k_vc={self.k_vc}, n_groups={self.n_groups})"
+        )
 
 
 class MixedLMDistribution:
@@ -572,6 +658,7 @@ class MixedLMDistribution:
 
 # -- input helpers (module level: they know arrays, not the model) ----------------------------------------
 
+
 def _series_name(obj, default):
     name = getattr(obj, "name", None)
     return str(name) if name is not None else default
@@ -608,7 +695,7 @@ def _group_codes(values, missing):
         bad = ~np.isfinite(values)
         if bad.any():
             if missing == "drop":
-                values = np.where(bad, np.inf, values)   # coded last, dropped with the other incomplete rows
+                values = np.where(bad, np.inf, values)  # coded last, dropped with the other incomplete rows
             else:
                 checks.check_finite(values, "groups")
     elif values.dtype == object and pd.isna(values).any():
@@ -618,8 +705,10 @@ def _group_codes(values, missing):
     try:
         codes, labels = sorted_codes(values)
     except TypeError:
-        raise InputError("groups mixes label types that cannot be sorted (e.g. strings and numbers); convert "
-                         "the labels to one type, e.g. groups.astype(str).") from None
+        raise InputError(
+            "groups mixes label types that cannot be sorted (e.g. strings and numbers); convert "
+            "the labels to one type, e.g. groups.astype(str)."
+        ) from None
     return codes, list(labels)
 
 
@@ -641,27 +730,37 @@ def _variance_components(exog_vc, labels, rows_of_group) -> list[VarianceCompone
             per_group = exog_vc[name]
             missing_groups = [g for g in labels if g not in per_group]
             if missing_groups:
-                raise InputError(f"exog_vc[{name!r}] has no matrix for group {missing_groups[0]!r}; give one "
-                                 "(n_g x m) matrix per group label.")
+                raise InputError(
+                    f"exog_vc[{name!r}] has no matrix for group {missing_groups[0]!r}; give one "
+                    "(n_g x m) matrix per group label."
+                )
             mats.append([per_group[g] for g in labels])
-            colnames.append([[str(c) for c in getattr(per_group[g], "columns", range(np.shape(per_group[g])[1]))]
-                             for g in labels])
+            colnames.append(
+                [[str(c) for c in getattr(per_group[g], "columns", range(np.shape(per_group[g])[1]))] for g in labels]
+            )
         spec = VCSpec(names, colnames, mats)
     else:
-        raise InputError(f"exog_vc must be a VCSpec or a dict {{name: {{group: matrix}}}}; got {type(exog_vc).__name__}.")
+        raise InputError(
+            f"exog_vc must be a VCSpec or a dict {{name: {{group: matrix}}}}; got {type(exog_vc).__name__}."
+        )
     out = []
     for name, cols, mats in zip(spec.names, spec.colnames, spec.mats):
         if len(mats) != len(labels):
-            raise InputError(f"variance component {name!r} has matrices for {len(mats)} groups but groups has "
-                             f"{len(labels)} labels; give one matrix per group, in sorted label order.")
+            raise InputError(
+                f"variance component {name!r} has matrices for {len(mats)} groups but groups has "
+                f"{len(labels)} labels; give one matrix per group, in sorted label order."
+            )
         blocks = [(_vc_matrix(m, name), c) for m, c in zip(mats, cols)]
         for (m, c), rows, lab in zip(blocks, rows_of_group, labels):
             if m.shape[0] != len(rows):
-                raise InputError(f"variance component {name!r}: the matrix for group {lab!r} has {m.shape[0]} rows "
-                                 f"but that group has {len(rows)} observations.")
+                raise InputError(
+                    f"variance component {name!r}: the matrix for group {lab!r} has {m.shape[0]} rows "
+                    f"but that group has {len(rows)} observations."
+                )
             if len(c) != m.shape[1]:
-                raise InputError(f"variance component {name!r}: group {lab!r} has {m.shape[1]} columns but "
-                                 f"{len(c)} column names.")
+                raise InputError(
+                    f"variance component {name!r}: group {lab!r} has {m.shape[1]} columns but {len(c)} column names."
+                )
         out.append(VarianceComponent.from_group_blocks(name, blocks, rows_of_group))
     return out
 
@@ -709,8 +808,14 @@ def _regroup(codes, labels, vcs):
     out = []
     for vc in vcs:
         cols = np.flatnonzero(new_code[vc.column_group] >= 0)
-        out.append(VarianceComponent(vc.name, sp.csc_matrix(vc.Z[:, cols]), new_code[vc.column_group[cols]],
-                                     tuple(vc.column_names[c] for c in cols)))
+        out.append(
+            VarianceComponent(
+                vc.name,
+                sp.csc_matrix(vc.Z[:, cols]),
+                new_code[vc.column_group[cols]],
+                tuple(vc.column_names[c] for c in cols),
+            )
+        )
     return new_code[codes], [labels[i] for i in present], out
 
 

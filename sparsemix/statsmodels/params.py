@@ -4,6 +4,7 @@ Packing (as statsmodels): [fe_params (if has_fe), lower triangle of cov_re in ro
 tril_indices), vcomp]. With use_sqrt the covariance block holds the lower Cholesky factor of cov_re and the
 vcomp block holds square roots.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,10 @@ class VCSpec:
         self.colnames = colnames
         self.mats = mats
         if not (len(self.names) == len(colnames) == len(mats)):
-            raise InputError(f"VCSpec needs one entry per component in names, colnames and mats; got "
-                             f"{len(self.names)}, {len(colnames)} and {len(mats)}.")
+            raise InputError(
+                f"VCSpec needs one entry per component in names, colnames and mats; got "
+                f"{len(self.names)}, {len(colnames)} and {len(mats)}."
+            )
 
     def __repr__(self):
         return f"VCSpec(names={self.names!r})"
@@ -50,20 +53,22 @@ class MixedLMParams:
         k_re2 = int(k_re * (k_re + 1) // 2)
         k_vc = params.shape[0] - k_re2 - (k_fe if has_fe else 0)
         if k_vc < 0:
-            raise InputError(f"packed parameters of length {params.shape[0]} are too short for k_fe={k_fe}, "
-                             f"k_re={k_re} (has_fe={has_fe}).")
+            raise InputError(
+                f"packed parameters of length {params.shape[0]} are too short for k_fe={k_fe}, "
+                f"k_re={k_re} (has_fe={has_fe})."
+            )
         pa = MixedLMParams(k_fe, k_re, k_vc)
         start = 0
         if has_fe:
             pa.fe_params = params[:k_fe].copy()
             start = k_fe
-        block = params[start:start + k_re2]
-        vc = params[start + k_re2:]
+        block = params[start : start + k_re2]
+        vc = params[start + k_re2 :]
         M = np.zeros((k_re, k_re))
         M[pa._ix] = block
         if use_sqrt:
             pa.cov_re = M @ M.T
-            pa.vcomp = vc ** 2
+            pa.vcomp = vc**2
         else:
             pa.cov_re = M + M.T - np.diag(np.diag(M))
             pa.vcomp = vc.copy()
@@ -104,9 +109,11 @@ class MixedLMParams:
         return np.concatenate(parts)
 
     def copy(self) -> "MixedLMParams":
-        return MixedLMParams.from_components(np.array(self.fe_params, dtype=float, copy=True),
-                                             np.array(self.cov_re, dtype=float, copy=True),
-                                             vcomp=np.array(self.vcomp, dtype=float, copy=True))
+        return MixedLMParams.from_components(
+            np.array(self.fe_params, dtype=float, copy=True),
+            np.array(self.cov_re, dtype=float, copy=True),
+            vcomp=np.array(self.vcomp, dtype=float, copy=True),
+        )
 
     def __repr__(self):
         return f"MixedLMParams(k_fe={self.k_fe}, k_re={self.k_re}, k_vc={self.k_vc})"

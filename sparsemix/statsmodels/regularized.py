@@ -15,6 +15,7 @@ the held V (scale profiled) minus `penalty.func(beta)` is maximized over beta by
 such a penalty to `fit(fe_pen=...)`, which leaves the fixed effects at their unpenalized GLS values (see
 docs/statsmodels.md).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -32,27 +33,37 @@ from .results import MixedLMResults
 __all__ = ["fit_regularized"]
 
 
-def fit_regularized(model, start_params=None, method="l1", alpha=0, ceps=1e-4, ptol=1e-6, maxit=200,
-                    **fit_kwargs) -> "RegularizedResults":
+def fit_regularized(
+    model, start_params=None, method="l1", alpha=0, ceps=1e-4, ptol=1e-6, maxit=200, **fit_kwargs
+) -> "RegularizedResults":
     smooth = not isinstance(method, str)
     if smooth and not (callable(getattr(method, "func", None)) and callable(getattr(method, "deriv", None))):
-        raise InputError(f"method={method!r} is neither 'l1' nor a penalty object with func(params) and "
-                         "deriv(params) methods (such as statsmodels.base._penalties.L2()).")
+        raise InputError(
+            f"method={method!r} is neither 'l1' nor a penalty object with func(params) and "
+            "deriv(params) methods (such as statsmodels.base._penalties.L2())."
+        )
     if not smooth and method.lower() != "l1":
-        raise InputError(f"Invalid regularization method {method!r}: use 'l1', or a smooth penalty object "
-                         "with func(params) and deriv(params).")
-    weights = np.broadcast_to(np.asarray(alpha, dtype=float), (model.k_fe,)) if np.ndim(alpha) == 0 else \
-        np.asarray(alpha, dtype=float)
+        raise InputError(
+            f"Invalid regularization method {method!r}: use 'l1', or a smooth penalty object "
+            "with func(params) and deriv(params)."
+        )
+    weights = (
+        np.broadcast_to(np.asarray(alpha, dtype=float), (model.k_fe,))
+        if np.ndim(alpha) == 0
+        else np.asarray(alpha, dtype=float)
+    )
     if not smooth and (weights.shape != (model.k_fe,) or np.any(weights < 0) or not np.all(np.isfinite(weights))):
-        raise InputError(f"alpha must be a non-negative number or a vector of {model.k_fe} non-negative weights "
-                         f"(one per fixed effect); got shape {np.shape(alpha)}.")
+        raise InputError(
+            f"alpha must be a non-negative number or a vector of {model.k_fe} non-negative weights "
+            f"(one per fixed effect); got shape {np.shape(alpha)}."
+        )
     if not (ceps >= 0 and ptol > 0 and int(maxit) >= 1):
         raise InputError(f"need ceps >= 0, ptol > 0 and maxit >= 1; got ceps={ceps}, ptol={ptol}, maxit={maxit}.")
 
     unpenalized = model.fit(start_params=start_params, **fit_kwargs)
     fit = unpenalized.fit_result
     ev, beta_hat = fit.solution.evaluation, fit.beta
-    G_rel = ev.RX.T @ ev.RX                               # X' V_rel^-1 X at theta-hat
+    G_rel = ev.RX.T @ ev.RX  # X' V_rel^-1 X at theta-hat
     if smooth:
         method.alpha = alpha
         beta, converged = _smooth(model, ev, beta_hat, G_rel, method)
@@ -61,8 +72,12 @@ def fit_regularized(model, start_params=None, method="l1", alpha=0, ceps=1e-4, p
         beta, converged = _shooting(G_rel / unpenalized.scale, beta_hat, weights, ceps, ptol, int(maxit))
         nonzero = np.abs(beta) > ceps
         if not converged:
-            warnings.warn(f"the L1 coordinate descent did not converge in maxit={maxit} sweeps (largest change "
-                          f"above ptol={ptol}); raise maxit.", ConvergenceWarning, stacklevel=3)
+            warnings.warn(
+                f"the L1 coordinate descent did not converge in maxit={maxit} sweeps (largest change "
+                f"above ptol={ptol}); raise maxit.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
     return RegularizedResults(unpenalized, beta, nonzero, converged and unpenalized.converged)
 
 
@@ -70,7 +85,7 @@ def _shooting(G, beta_hat, alpha, ceps, ptol, maxit) -> tuple[np.ndarray, bool]:
     """statsmodels' coordinate descent on (beta - beta_hat)' G (beta - beta_hat) + sum alpha |beta|: for each
     coordinate the loss is a x^2 + b x + alpha_j |x| with a = G_jj, b = -2 (G beta_hat - G_-j beta_-j)_j."""
     beta = beta_hat.copy()
-    h = G @ beta_hat                                       # X'V^-1 y (the GLS normal equations)
+    h = G @ beta_hat  # X'V^-1 y (the GLS normal equations)
     for _ in range(maxit):
         previous = beta.copy()
         for j in range(beta.shape[0]):
@@ -98,8 +113,9 @@ def _smooth(model, ev, beta_hat, G_rel, penalty) -> tuple[np.ndarray, bool]:
         grad = dof * (G_rel @ (beta - beta_hat)) / qf + np.asarray(penalty.deriv(beta), dtype=float)
         return value, grad
 
-    opt = optimize.minimize(objective, beta_hat.copy(), jac=True, method="L-BFGS-B",
-                            options={"maxiter": 1000, "gtol": 1e-10, "ftol": 1e-15})
+    opt = optimize.minimize(
+        objective, beta_hat.copy(), jac=True, method="L-BFGS-B", options={"maxiter": 1000, "gtol": 1e-10, "ftol": 1e-15}
+    )
     return opt.x, bool(opt.success)
 
 
@@ -118,7 +134,7 @@ class RegularizedResults(MixedLMResults):
         system = fit.system
         ev = fit.solution.evaluation
         qf = quadratic_form(ev, fit.beta, self._fe)
-        self.scale = qf / system.dof(self.reml)        # statsmodels' get_scale at the penalized fe
+        self.scale = qf / system.dof(self.reml)  # statsmodels' get_scale at the penalized fe
         self.llf = -0.5 * system.profiled_deviance(replace(ev, r2=qf), self.reml)
 
     @cached_property

@@ -9,6 +9,7 @@ information on the variance scale, with the uncertainty of `scale` included (`bs
 Std.Err. for "Var"/"Cov" rows, and the delta method for `bse` of the unscaled parameters). statsmodels
 reports sqrt(scale) x SE(parameter / scale) instead, which understates them by about a factor sqrt(scale).
 """
+
 from __future__ import annotations
 
 from functools import cached_property
@@ -18,12 +19,12 @@ import pandas as pd
 from scipy import stats
 
 from .. import checks
-from ..formula import newdata as newdata_path
 from ..core.cross_products import assemble_Z
-from ..fit.stages import build_system, optimize_system
 from ..errors import InputError
-from ..formula.pickling import PicklableResults
 from ..fit.lmm_fit import LmmFit
+from ..fit.stages import build_system, optimize_system
+from ..formula import newdata as newdata_path
+from ..formula.pickling import PicklableResults
 from .params import MixedLMParams
 from .summary import MixedLMSummary
 
@@ -50,7 +51,7 @@ class MixedLMResults(PicklableResults):
         self.hist = None
         psi = fit.covariances()
         self._cov_re = psi[0] if self.k_re else np.zeros((0, 0))
-        self._vcomp = np.array([p[0, 0] for p in psi[1 if self.k_re else 0:]])
+        self._vcomp = np.array([p[0, 0] for p in psi[1 if self.k_re else 0 :]])
         self._fe = fit.beta.copy()
 
     # -- labelling ----------------------------------------------------------------------------------------
@@ -63,8 +64,10 @@ class MixedLMResults(PicklableResults):
 
     def _theta_names(self) -> list[str]:
         """A name per theta entry (engine order), for messages."""
-        names = [f"{self.model.exog_re_names[i]}" + ("" if i == j else f" x {self.model.exog_re_names[j]}")
-                 for i, j in (self.model._re_template(False).positions if self.k_re else [])]
+        names = [
+            f"{self.model.exog_re_names[i]}" + ("" if i == j else f" x {self.model.exog_re_names[j]}")
+            for i, j in (self.model._re_template(False).positions if self.k_re else [])
+        ]
         return names + list(self.model._vc_names)
 
     @cached_property
@@ -145,7 +148,7 @@ class MixedLMResults(PicklableResults):
         Cz = np.where(np.isnan(C), 0.0, C)
         J = np.zeros((m, phi.shape[0]))
         J[np.arange(m), self._phi_index] = 1.0 / s2
-        J[:, last] = -phi[self._phi_index] / s2 ** 2
+        J[:, last] = -phi[self._phi_index] / s2**2
         cu = J @ Cz @ J.T
         unknown = bad[self._phi_index] & ~self._fixed_variance_parameters
         cu[unknown, :] = np.nan
@@ -166,7 +169,7 @@ class MixedLMResults(PicklableResults):
 
     @property
     def bse_fe(self):
-        return self._series(np.sqrt(np.diag(self._cov_params)[:self.k_fe]), self.model.exog_names)
+        return self._series(np.sqrt(np.diag(self._cov_params)[: self.k_fe]), self.model.exog_names)
 
     @cached_property
     def _bse_re(self) -> np.ndarray:
@@ -177,7 +180,7 @@ class MixedLMResults(PicklableResults):
     @property
     def bse_re(self):
         """Standard errors of cov_re's lower triangle (row-major) and vcomp, on the variance scale."""
-        return self._series(self._bse_re, self.model.param_names[self.k_fe:])
+        return self._series(self._bse_re, self.model.param_names[self.k_fe :])
 
     @property
     def scale_se(self) -> float:
@@ -224,7 +227,7 @@ class MixedLMResults(PicklableResults):
 
     def _require_data(self):
         if isinstance(self.fit_result, _RemovedData):
-            self.fit_result.data       # raises the error that says remove_data() removed it
+            self.fit_result.data  # raises the error that says remove_data() removed it
 
     @cached_property
     def _columns_of_group(self) -> list[np.ndarray]:
@@ -272,8 +275,10 @@ class MixedLMResults(PicklableResults):
     def random_effects(self) -> dict:
         """Conditional modes of the random effects, {group label: Series}, on the scale of the data."""
         b = self._b
-        return {label: pd.Series(b[cols], index=names)
-                for label, cols, names in zip(self.model.group_labels, self._columns_of_group, self._names_of_group)}
+        return {
+            label: pd.Series(b[cols], index=names)
+            for label, cols, names in zip(self.model.group_labels, self._columns_of_group, self._names_of_group)
+        }
 
     @cached_property
     def random_effects_cov(self) -> dict:
@@ -281,8 +286,11 @@ class MixedLMResults(PicklableResults):
         out = {}
         for label, cols, names in zip(self.model.group_labels, self._columns_of_group, self._names_of_group):
             # Var(b | y) = scale x (relative conditional covariance at theta)
-            cov = (self.fit_result.conditional_covariance(cols) * (self.scale / self.fit_result.sigma2)
-                   if cols.size else np.zeros((0, 0)))
+            cov = (
+                self.fit_result.conditional_covariance(cols) * (self.scale / self.fit_result.sigma2)
+                if cols.size
+                else np.zeros((0, 0))
+            )
             out[label] = pd.DataFrame(cov, index=names, columns=names)
         return out
 
@@ -319,14 +327,15 @@ class MixedLMResults(PicklableResults):
             needs = [("fixed effects", newdata_path.model_columns(info))]
             frame = newdata_path.model_frame(frame, needs)
             keep = newdata_path.complete_rows(frame, needs[0][1])
-            return newdata_path.predict_rows(frame, keep,
-                                             lambda rows: newdata_path.fixed_matrix(rows, info) @ self._fe)
+            return newdata_path.predict_rows(frame, keep, lambda rows: newdata_path.fixed_matrix(rows, info) @ self._fe)
         X = np.asarray(exog, dtype=float)
         if X.ndim == 1:
             X = X[:, None] if self.k_fe == 1 else X[None, :]
         if X.shape[1] != self.k_fe:
-            raise InputError(f"exog has {X.shape[1]} columns but the model has {self.k_fe} fixed effects "
-                             f"({', '.join(self.model.exog_names)}).")
+            raise InputError(
+                f"exog has {X.shape[1]} columns but the model has {self.k_fe} fixed effects "
+                f"({', '.join(self.model.exog_names)})."
+            )
         return X @ self._fe
 
     # -- profile -----------------------------------------------------------------------------------------
@@ -346,7 +355,7 @@ class MixedLMResults(PicklableResults):
                 raise InputError(f"re_ix={re_ix} is out of range for k_re={self.k_re}.")
             v = self._cov_re[ix, ix]
             order = [ix] + [j for j in range(self.k_re) if j != ix]
-            position = 0                           # T[0, 0] after moving column ix first
+            position = 0  # T[0, 0] after moving column ix first
         elif vtype == "vc":
             names = [vc.name for vc in model._vcs]
             if re_ix not in names:
@@ -363,7 +372,7 @@ class MixedLMResults(PicklableResults):
         v_u = v / self.scale
         grid = np.r_[np.linspace(low, v_u, num_low + 1), np.linspace(v_u, high, num_high + 1)[1:]]
 
-        system = build_system(model.exog, model.endog, model._terms(re_order=order))   # exog_re column ix first
+        system = build_system(model.exog, model.endog, model._terms(re_order=order))  # exog_re column ix first
         cov_u = self._cov_re[np.ix_(order, order)] / self.scale
         start = model._theta_from_params(MixedLMParams.from_components(cov_re=cov_u, vcomp=self._vcomp / self.scale))
         free = np.ones(start.shape[0], dtype=bool)
@@ -373,8 +382,9 @@ class MixedLMResults(PicklableResults):
         rows = []
         for x in grid:
             start[position] = np.sqrt(x)
-            opt = optimize_system(system, reml=self.reml, start_theta=start, free=free,
-                                  maxiter=int(fit_kwargs.get("maxiter", 10_000)))
+            opt = optimize_system(
+                system, reml=self.reml, start_theta=start, free=free, maxiter=int(fit_kwargs.get("maxiter", 10_000))
+            )
             sol = system.solve(opt.theta, self.reml)
             rows.append((x * sol.sigma2, -0.5 * sol.deviance))
             start = opt.theta.copy()
@@ -388,9 +398,11 @@ class MixedLMResults(PicklableResults):
         the t distribution with nobs - rank(exog) degrees of freedom."""
         R = np.atleast_2d(np.asarray(r_matrix, dtype=float))
         if R.shape[1] != self.k_fe:
-            raise InputError(f"r_matrix for t-test should have {self.k_fe:d} columns (one per fixed effect: "
-                             f"{', '.join(self.model.exog_names)}); got {R.shape[1]}.")
-        cov = self._cov_params[:self.k_fe, :self.k_fe]
+            raise InputError(
+                f"r_matrix for t-test should have {self.k_fe:d} columns (one per fixed effect: "
+                f"{', '.join(self.model.exog_names)}); got {R.shape[1]}."
+            )
+        cov = self._cov_params[: self.k_fe, : self.k_fe]
         df = self.nobs - self.k_fe if use_t else None
         return ContrastResults(R @ self._fe, np.sqrt(np.diag(R @ cov @ R.T)), df)
 
@@ -404,9 +416,8 @@ class MixedLMResults(PicklableResults):
         with or without it: sparsemix/formula/pickling.py). params, standard errors, summary() and t_test() keep
         working; what needs the data (fittedvalues, resid, random_effects, profile_re, predict() without exog)
         then raises an error saying so."""
-        _ = self._cov_params, self._bse_re           # computed now: they need the fitted system
-        for name in ("_b", "_fitted", "random_effects", "random_effects_cov", "_columns_of_group",
-                     "_names_of_group"):
+        _ = self._cov_params, self._bse_re  # computed now: they need the fitted system
+        for name in ("_b", "_fitted", "random_effects", "random_effects_cov", "_columns_of_group", "_names_of_group"):
             self.__dict__.pop(name, None)
         self.fit_result = _RemovedData()
         self.model._remove_data()
@@ -420,9 +431,10 @@ class _RemovedData:
 
     def __getattr__(self, name):
         if name.startswith("__"):
-            raise AttributeError(name)          # pickle and copy probe for optional dunders
-        raise InputError("remove_data() has removed the data and the fitted system this needs; fit the model "
-                         "again to compute it.")
+            raise AttributeError(name)  # pickle and copy probe for optional dunders
+        raise InputError(
+            "remove_data() has removed the data and the fitted system this needs; fit the model again to compute it."
+        )
 
 
 class ContrastResults:
@@ -446,9 +458,17 @@ class ContrastResults:
     def summary_frame(self, alpha=0.05) -> pd.DataFrame:
         ci = self.conf_int(alpha)
         stat = "z" if self.df_denom is None else "t"
-        return pd.DataFrame({"coef": self.effect, "std err": self.sd, stat: self.tvalue,
-                             f"P>|{stat}|": self.pvalue, "Conf. Int. Low": ci[:, 0], "Conf. Int. Upp.": ci[:, 1]},
-                            index=[f"c{i}" for i in range(self.effect.shape[0])])
+        return pd.DataFrame(
+            {
+                "coef": self.effect,
+                "std err": self.sd,
+                stat: self.tvalue,
+                f"P>|{stat}|": self.pvalue,
+                "Conf. Int. Low": ci[:, 0],
+                "Conf. Int. Upp.": ci[:, 1],
+            },
+            index=[f"c{i}" for i in range(self.effect.shape[0])],
+        )
 
     def __repr__(self):
         return repr(self.summary_frame())

@@ -8,6 +8,7 @@ column of names, centred headers, right-aligned numbers). The narrower one is wi
 separators; statsmodels counts one separator fewer than the parameter table has, so when that table is
 padded it comes out `pad` characters wider than the '=' rules. We reproduce that so output compares equal.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -2,6 +2,7 @@
 
 Used only to regenerate the lme4 reference fixtures; see README.md in this directory.
 """
+
 import sys
 from pathlib import Path
 

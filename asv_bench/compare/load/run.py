@@ -3,9 +3,11 @@
 Usage: python asv_bench/compare/load/run.py DATA_DIR [--busy 0 1 2] [--no-lme4] [--repeats 3]
 DATA_DIR holds insteval.csv (lme4's InstEval) and slopes1m.csv, written by asv_bench/compare/scale/export_data.sh;
 the seed designs (sparsemix.datasets) are written there as CSV for both programs. Each row: the design, the
-number of busy processes, sparsemix's times for `repeats` fits in one fresh process (as a user's loop runs them) and lme4's for one fit. Busy processes
-are `while True: pass` loops, started before and killed after each measurement.
+number of busy processes, sparsemix's times for `repeats` fits in one fresh process (as a user's loop runs
+them) and lme4's for one fit. Busy processes are `while True: pass` loops, started before and killed after each
+measurement.
 """
+
 import argparse
 import json
 import subprocess
@@ -21,7 +23,7 @@ DESIGNS = {
     "seed_crossed": ("seed_crossed.csv", "y ~ 1 + (1 | group1) + (1 | group2)", "group1,group2"),
     "seed_nested": ("seed_nested.csv", "y ~ 1 + (1 | group1) + (1 | group1:group2)", "group1,group2"),
 }
-SEEDS = {"seed_nested": 0, "seed_crossed": 1}     # positions in sparsemix.datasets.seed_datasets()
+SEEDS = {"seed_nested": 0, "seed_crossed": 1}  # positions in sparsemix.datasets.seed_datasets()
 SPARSEMIX = """
 import json, sys, time
 import pandas as pd
@@ -42,7 +44,7 @@ def busy(n):
 def measure(command, n_busy):
     loops = busy(n_busy)
     try:
-        time.sleep(1.0)            # let the scheduler see them
+        time.sleep(1.0)  # let the scheduler see them
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
     finally:
@@ -62,8 +64,9 @@ def main():
     for name in args.designs:
         file, formula, chars = DESIGNS[name]
         path = Path(args.data_dir) / file
-        if name in SEEDS and not path.exists():      # both programs read the same file, groups as labels
+        if name in SEEDS and not path.exists():  # both programs read the same file, groups as labels
             from sparsemix.datasets import seed_datasets
+
             seed_datasets()[SEEDS[name]].to_csv(path, index=False)
         path = str(path)
         for n_busy in args.busy:
