@@ -50,7 +50,7 @@ from ..formula.design_rules import (
 )
 from ..formula.lme4 import parse_formula
 from ..formula.mixedlm import formula_columns, indicator_variable, level_name
-from ..formula.safety import check_formula, readable_formula, safe_environment
+from ..formula.safety import check_formula, quoted_name, readable_formula, safe_environment
 from .partitions import (
     PartitionSpec,
     PartitionTerm,
@@ -307,15 +307,9 @@ def _column_of(node, columns):
     """The column an expression node names: `x`, or `Q("x")` (backticks, keyword-named columns)."""
     if isinstance(node, ast.Name) and node.id in columns:
         return node.id
-    if (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Name)
-        and node.func.id == "Q"
-        and node.args
-        and isinstance(node.args[0], ast.Constant)
-        and node.args[0].value in columns
-    ):
-        return node.args[0].value
+    quoted = quoted_name(node)
+    if quoted in columns:
+        return quoted
     return None
 
 

@@ -28,6 +28,7 @@ from .. import checks
 from ..errors import InputError, NewLevelWarning
 from .design_rules import complete_rows
 from .mixedlm import level_name
+from .safety import quoted_name
 
 __all__ = [
     "require_frame",
@@ -70,14 +71,8 @@ def model_columns(design_info) -> list[str]:
         for node in ast.walk(ast.parse(factor.code.strip(), mode="eval")):
             if isinstance(node, ast.Name) and node.id not in provided:
                 name = node.id
-            elif (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Name)
-                and node.func.id == "Q"
-                and node.args
-                and isinstance(node.args[0], ast.Constant)
-            ):
-                name = node.args[0].value
+            elif quoted_name(node) is not None:
+                name = quoted_name(node)
             else:
                 continue
             if name not in names:
@@ -168,8 +163,8 @@ def _factor_column(code: str):
     except SyntaxError:
         return None
     while isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args:
-        if node.func.id == "Q" and isinstance(node.args[0], ast.Constant):
-            return node.args[0].value
+        if quoted_name(node) is not None:
+            return quoted_name(node)
         if node.func.id != "C":
             return None
         node = node.args[0]

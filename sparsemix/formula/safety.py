@@ -37,6 +37,7 @@ __all__ = [
     "check_terms",
     "readable_formula",
     "used_environment",
+    "quoted_name",
 ]
 
 NUMPY_FUNCTIONS = (
@@ -155,6 +156,20 @@ def used_environment(env: patsy.EvalEnvironment, formulas) -> patsy.EvalEnvironm
     designs keep such subsets too)."""
     names = {t.string for f in formulas for t in _tokens(f) if t.type == tokenize.NAME}
     return env.subset(sorted(n for n in names if n in env.namespace))
+
+
+def quoted_name(node: ast.AST) -> str | None:
+    """The column an expression node quotes as Q("name") (how backticked and keyword-named columns reach patsy),
+    or None for any other node."""
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "Q"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    ):
+        return node.args[0].value
+    return None
 
 
 def check_formula(formula: str, columns, env: patsy.EvalEnvironment, role: str = "formula") -> patsy.ModelDesc:
