@@ -23,7 +23,7 @@ from .errors import (
 )
 from .fit.pipeline import fit_lmm
 from .fit.stages import build_fit, build_system, optimize_system
-from .lme4.anova import anova
+from .inference.anova import anova
 from .lme4.lmer import lmer
 from .lme4.results import LmerResults
 from .statsmodels.model import MixedLM

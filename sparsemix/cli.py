@@ -247,7 +247,7 @@ def _run_fit_dask(args) -> int:
 
 
 def _run_anova(args) -> int:
-    from .lme4.anova import anova
+    from .inference.anova import anova
     from .lme4.lmer import lmer
 
     if len(args.formula) < 2:

@@ -1,4 +1,5 @@
-"""Likelihood-ratio tests between nested models, as lme4's anova(m1, m2, ...)."""
+"""Likelihood-ratio tests between nested models, as lme4's anova(m1, m2, ...), for any door's results that
+offer what the test reads (COMPARABLE): today lmer's and the Dask door's."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import pandas as pd
 from scipy import stats
 
 from ..errors import InputError
-from .results import LmerResults
 
-__all__ = ["anova"]
+__all__ = ["anova", "check_fitted_models"]
+
+# What anova reads from a fitted model: its log-likelihood and parameter count, the criterion, the data (the
+# response) and an ML refit.
+COMPARABLE = ("llf", "npar", "reml", "nobs", "aic", "bic", "refit_ml", "design")
 
 
 def anova(*models, names=None) -> pd.DataFrame:
@@ -59,7 +63,7 @@ def anova(*models, names=None) -> pd.DataFrame:
 def check_fitted_models(models, door: str = "anova") -> None:
     """Every argument is a model fitted by sparsemix.lmer (anova compares fits)."""
     for i, m in enumerate(models):
-        if not isinstance(m, LmerResults):
+        if not all(hasattr(m, name) for name in COMPARABLE):
             raise InputError(
                 f"{door}'s arguments must be models fitted by sparsemix.lmer; argument {i + 1} is "
                 f"{type(m).__name__} ({m!r:.60}). Pass the fitted models, e.g. anova(m1, m2); name "
