@@ -91,12 +91,15 @@ def reference_cases():
     out = []
     for path in sorted(REFERENCE.glob("*.json")):
         doc = json.loads(path.read_text())
-        data = {"seed_nested": nested, "seed_crossed": crossed}.get(doc["dataset"])
-        if data is None:
-            data = pd.DataFrame(doc["data"])
-        for fit in doc["fits"]:
-            extra = {"weights": "w", "offset": "off"} if fit["name"] == "reml_weights_offset" else {}
-            out.append(LmerCase(f"{doc['dataset']} {fit['name']}", data, fit["formula"], fit["reml"], **extra))
+        # one data set per file, or (random_slopes.json) several keyed by name, each with its data and fits
+        entries = [doc] if "fits" in doc else [v for k, v in doc.items() if k != "versions"]
+        for entry in entries:
+            data = {"seed_nested": nested, "seed_crossed": crossed}.get(entry["dataset"])
+            if data is None:
+                data = pd.DataFrame(entry["data"])
+            for fit in entry["fits"]:
+                extra = {"weights": "w", "offset": "off"} if fit["name"] == "reml_weights_offset" else {}
+                out.append(LmerCase(f"{entry['dataset']} {fit['name']}", data, fit["formula"], fit["reml"], **extra))
     return out
 
 
