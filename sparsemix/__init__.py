@@ -2,7 +2,8 @@
 
 Front doors: a drop-in for statsmodels' MixedLM (`MixedLM`, `MixedLMParams`, `VCSpec`), and lme4's
 formula language (`lmer`, `anova`). The engine stages
-(`build_system`, `optimize_system`, `build_fit`, `fit_lmm`) are public for users who want the deviance.
+(`build_system`, `optimize_system`, `build_fit`) and the pipeline that chains them for every door (`fit_system`,
+`fit_lmm`) are public for users who want the deviance.
 """
 
 from importlib import metadata as _metadata
@@ -21,7 +22,7 @@ from .errors import (
     SparsemixError,
     SparsemixWarning,
 )
-from .fit.pipeline import fit_lmm
+from .fit.pipeline import fit_lmm, fit_system
 from .fit.stages import build_fit, build_system, optimize_system
 from .inference.anova import anova
 from .lme4.lmer import lmer
@@ -49,6 +50,7 @@ __all__ = [
     "build_system",
     "optimize_system",
     "build_fit",
+    "fit_system",
     "fit_lmm",
     "SparsemixError",
     "InputError",
