@@ -385,3 +385,27 @@ def test_dask_results_pickle():
         fit.predict(dd.from_pandas(as_float, npartitions=2)).compute(), fit.predict(SLEEP_INT)
     )
     assert str(back.summary()) == str(fit.summary())
+
+
+def plus_square(v):
+    """A function of the test's module that formulas call (top level: the fit pickles with it)."""
+    return v + v**2
+
+
+def test_a_callers_variable_does_not_stand_in_for_a_missing_column():
+    """Before: with a variable `x` in the caller's namespace, predict(newdata without x) read that variable
+    (patsy looks in the formula's environment) and returned numbers; the fit itself refuses such values."""
+    rng = np.random.default_rng(5)
+    n = 120
+    data = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n), "g": rng.integers(0, 10, n)})
+    x = np.zeros(n)  # noqa: F841 (the caller's variable the formula must not read)
+    fits = [
+        sm.lmer("y ~ x + plus_square(x) + np.log(x + 5) + (np.log(x + 5) | g)", data),
+        sm.MixedLM.from_formula("y ~ x + plus_square(x)", data, groups="g").fit(),
+    ]
+    for fit in fits:
+        with pytest.raises(InputError, match="newdata has no column 'x'"):
+            fit.predict(data.drop(columns="x"))
+        restored = pickle.loads(pickle.dumps(fit))
+        np.testing.assert_allclose(np.asarray(restored.predict(data)), np.asarray(fit.predict(data)), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(fits[0].predict(data)), np.asarray(fits[0].fitted), rtol=1e-10)

@@ -17,6 +17,7 @@ that term) when allow_new_levels, with a NewLevelWarning saying how many rows; o
 from __future__ import annotations
 
 import ast
+import numbers
 import re
 import warnings
 
@@ -67,9 +68,11 @@ def model_columns(design_info) -> list[str]:
     names = []
     for factor, fi in design_info.factor_infos.items():
         env = fi.state.get("eval_env") if isinstance(fi.state, dict) else None
-        provided = env.namespace if env is not None else {}
+        # only functions come from the environment: a caller's variable named like a missing column must not
+        # stand in for it (formulas take values from the data)
+        namespace = env.namespace if env is not None else {}
         for node in ast.walk(ast.parse(factor.code.strip(), mode="eval")):
-            if isinstance(node, ast.Name) and node.id not in provided:
+            if isinstance(node, ast.Name) and not _is_function(namespace, node.id):
                 name = node.id
             elif quoted_name(node) is not None:
                 name = quoted_name(node)
@@ -78,6 +81,15 @@ def model_columns(design_info) -> list[str]:
             if name not in names:
                 names.append(name)
     return names
+
+
+def _is_function(namespace, name: str) -> bool:
+    """A name the environment provides as code (a function, np of np.log), not as data: a caller's array or
+    number named like a column must not stand in for a column missing from newdata."""
+    if name not in namespace:
+        return False
+    value = namespace[name]
+    return not isinstance(value, (np.ndarray, pd.Series, pd.Index, pd.DataFrame, list, tuple, numbers.Number, str))
 
 
 def require_model_columns(frame: pd.DataFrame, needs: list[tuple[str, list]]) -> None:

@@ -152,10 +152,12 @@ def formula_environment(eval_env, reference: int = 1) -> patsy.EvalEnvironment:
 
 
 def used_environment(env: patsy.EvalEnvironment, formulas) -> patsy.EvalEnvironment:
-    """The names of `env` the formulas use, to keep with a fit: not the whole of the caller's namespace (patsy's
-    designs keep such subsets too)."""
+    """The functions of `env` the formulas use, to keep with a fit: not the whole of the caller's namespace
+    (patsy's designs keep such subsets too), and no values: formulas take values from the data only, so that
+    predict's newdata without a column is an error, not a silent read of a caller's variable of that name."""
     names = {t.string for f in formulas for t in _tokens(f) if t.type == tokenize.NAME}
-    return env.subset(sorted(n for n in names if n in env.namespace))
+    namespace = env.namespace
+    return env.subset(sorted(n for n in names if n in namespace and callable(namespace[n])))
 
 
 def quoted_name(node: ast.AST) -> str | None:
