@@ -96,3 +96,28 @@ def test_a_function_outside_its_domain_is_named_not_blamed_on_missing_data(data,
     with pytest.raises(FormulaError, match="outside its domain") as info:
         sparsemix.lmer(f"{response} ~ 1 + (1 | g)", frame)
     assert "missing='drop'" not in str(info.value)
+
+
+def _five_factor_frame(n_combos: int, repeats: int, seed: int = 0) -> pd.DataFrame:
+    """Five grouping variables with n_combos levels each, in n_combos combinations that each occur `repeats`
+    times: the product of the level counts (n_combos^5) passes 2^63 for n_combos >= 6,200."""
+    rng = np.random.default_rng(seed)
+    combos = pd.DataFrame({k: rng.permutation(n_combos) for k in "abcde"})
+    frame = pd.concat([combos] * repeats, ignore_index=True)
+    effect = rng.normal(size=n_combos)
+    frame["x"] = rng.normal(size=len(frame))
+    frame["y"] = frame.x + np.tile(effect, repeats) + rng.normal(size=len(frame))
+    return frame
+
+
+def test_an_interaction_whose_level_product_passes_2_to_the_63_is_coded():
+    """Before: (1 | a:b:c:d:e) on five 7,000-level variables raised numpy's 'invalid dims' ValueError."""
+    with pytest.raises(sparsemix.InputError, match="7000 levels for 7000 observations"):
+        sparsemix.lmer("y ~ x + (1 | a:b:c:d:e)", _five_factor_frame(7000, 1))
+    frame = _five_factor_frame(7000, 2)
+    fit = sparsemix.lmer("y ~ x + (1 | a:b:c:d:e)", frame)
+    assert fit.ngroups == {"a:b:c:d:e": 7000}
+    # the levels in R's order for factor(a:b:c:d:e): by a, then b, ...
+    expected = frame[list("abcde")].drop_duplicates().sort_values(list("abcde"))
+    labels = [":".join(map(str, row)) for row in expected.itertuples(index=False)]
+    assert list(fit.ranef()["a:b:c:d:e"].index) == labels

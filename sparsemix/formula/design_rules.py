@@ -160,11 +160,16 @@ def group_codes(frame: pd.DataFrame, group: tuple[str, ...], check_count=None):
         if check_count is not None:
             check_count(len(levels))
         return codes, tuple(level_names(levels).tolist())
-    sizes = [len(levels) for _, levels in parts]
-    codes, present = sorted_codes(np.ravel_multi_index([c for c, _ in parts], sizes))
+    # One variable at a time, renumbering the combinations that occur after each: the codes stay below
+    # rows x levels (the product of all level counts, which np.ravel_multi_index needs, passed 2^63 for
+    # (1 | a:b:c:d:e) on five 7,000-level factors).
+    codes, first = sorted_codes(parts[0][0])
+    which = [first]  # per combination present: each variable's level
+    for c, levels in parts[1:]:
+        codes, present = sorted_codes(codes * len(levels) + c)
+        which = [w[present // len(levels)] for w in which] + [present % len(levels)]
     if check_count is not None:
-        check_count(len(present))
-    which = np.unravel_index(present, sizes)
+        check_count(len(which[0]))
     labels = level_names(parts[0][1])[which[0]]
     for (_, levels), idx in zip(parts[1:], which[1:]):
         labels = np.char.add(np.char.add(labels, ":"), level_names(levels)[idx])
