@@ -225,6 +225,22 @@ RESPONSE_SCALE_LIMIT = 1e100
 WEIGHTS_SCALE_LIMIT = 1e8
 
 
+def check_random_columns(values: np.ndarray, columns, term: str) -> None:
+    """The columns of a random-effects term (its slopes' covariates): finite, and no larger than the response may
+    be, since the fit sums their squares and products with theta (a slope on a covariate of size 1e200 overflowed
+    to a singular relative covariance: numpy's LinAlgError)."""
+    check_finite(values, f"the columns of random-effects term {term}", missing_hint=False)
+    big = np.abs(values).max(axis=0, initial=0.0) if values.size else np.zeros(len(columns))
+    if np.any(big > RESPONSE_SCALE_LIMIT):
+        j = int(np.argmax(big))
+        raise InputError(
+            f"the column {columns[j]!r} of random-effects term {term} has values as large as "
+            f"{big[j]:.3g}; their squares, which the fit sums, overflow double precision (columns up to "
+            f"{RESPONSE_SCALE_LIMIT:g} in size are fitted). Rescale the covariate, e.g. divide it by "
+            "a power of ten, and scale its variance and fixed effect back by the same factor."
+        )
+
+
 def check_weights_scale(w: np.ndarray, name: str = "weights") -> None:
     """Prior weights whose typical size is far from 1, or whose range would under/overflow the weighted squares."""
     log_w = np.log(w)
@@ -402,6 +418,58 @@ def check_fixed_columns_vs_nobs(n_columns: int, n_obs: int, names=()) -> None:
         )
 
 
+def check_statsmodels_formulas(formula, re_formula, vc_formula) -> dict:
+    """MixedLM.from_formula's formulas: `formula` a string, `re_formula` a string or None, `vc_formula` None or a
+    dict of name -> string (a number in vc_formula reached Python's tokenizer as a TypeError). Returns vc_formula
+    as a dict sorted by name, as statsmodels orders the components."""
+    from .errors import FormulaError
+
+    if not isinstance(formula, str):
+        raise FormulaError(f"formula must be a string like 'y ~ x'; got {formula!r:.60} ({type(formula).__name__}).")
+    if re_formula is not None and not isinstance(re_formula, str):
+        raise FormulaError(
+            f"re_formula must be a string such as '1' or '1 + x', or None for a random intercept; "
+            f"got {re_formula!r:.60} ({type(re_formula).__name__})."
+        )
+    if vc_formula is None:
+        return {}
+    if not isinstance(vc_formula, dict):
+        raise FormulaError(
+            f"vc_formula must be a dict of variance-component names to formulas, such as "
+            f"{{'classroom': '0 + C(classroom)'}}; got {type(vc_formula).__name__}."
+        )
+    for name, f in vc_formula.items():
+        if not isinstance(name, str):
+            raise FormulaError(
+                f"vc_formula's names must be strings (they name the variance components, as "
+                f"'{name} Var'); got {name!r} ({type(name).__name__}). Write {{'{name}': ...}}."
+            )
+        if not isinstance(f, str):
+            raise FormulaError(
+                f"vc_formula[{name!r}] must be a formula string such as '0 + C({name})'; got "
+                f"{f!r:.60} ({type(f).__name__})."
+            )
+        if not f.strip():
+            raise FormulaError(
+                f"vc_formula[{name!r}] is empty; give a formula such as '0 + C({name})', or leave the component out."
+            )
+    return dict(sorted(vc_formula.items()))
+
+
+def check_residual_variance(sigma2: float, n_obs: int) -> None:
+    """A fit whose residual variance is exactly 0: the fixed and random effects reproduce every observation (more
+    random effects than the data can tell from the residual). Its standard errors divide by sigma^2 (statsmodels'
+    parametrization is relative to it): a ZeroDivisionError in the results before this check."""
+    if not sigma2 > 0:
+        raise InputError(
+            f"the fitted model reproduces all {n_obs} observations exactly (residual variance "
+            f"{sigma2:g}): its fixed and random effects have as many columns as the data have "
+            "observations, so no variance can be estimated. Use fewer random slopes (lme4 refuses "
+            "models with as many random effects as observations), group by a coarser factor, or "
+            "collect more observations."
+        )
+
+
 def check_groups(groups, n: int) -> np.ndarray:
     """statsmodels' `groups`: one label per row (a constant for crossed designs without a grouping)."""
     if groups is None or np.ndim(groups) == 0:
@@ -489,6 +557,18 @@ def readable_column(col: pd.Series) -> pd.Series | None:
     if isinstance(dtype, pd.PeriodDtype) or getattr(dtype, "tz", None) is not None:
         return col.astype(str).where(col.notna(), np.nan)
     if isinstance(dtype, pd.BooleanDtype):
+        return col.astype(object).where(col.notna(), np.nan)
+    if isinstance(dtype, pd.ArrowDtype):
+        # Arrow-backed columns (pd.ArrowDtype, read_csv(dtype_backend="pyarrow")): patsy cannot interpret the
+        # dtype ("Cannot interpret 'string[pyarrow]' as a data type"). Numbers as numpy's (floats where there is
+        # an NA, NA as NaN), text and booleans as Python objects; dates and durations are left to the checks above.
+        kind = dtype.numpy_dtype.kind if isinstance(getattr(dtype, "numpy_dtype", None), np.dtype) else "O"
+        if kind in "mM":
+            return None
+        if kind in "iu" and not col.isna().any():
+            return pd.Series(col.to_numpy(dtype=dtype.numpy_dtype), index=col.index, name=col.name)
+        if kind in "iuf":
+            return pd.Series(col.to_numpy(dtype=float, na_value=np.nan), index=col.index, name=col.name)
         return col.astype(object).where(col.notna(), np.nan)
     return None
 

@@ -218,3 +218,69 @@ def test_build_system_is_the_deviance_function(slopes_fit):
     system = slopes_fit.model.build_system()
     assert system.factorization_mode in ("simplicial", "supernodal")
     assert -0.5 * system.deviance(slopes_fit.fit_result.theta, True) == pytest.approx(slopes_fit.llf, rel=1e-13)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"vc_formula": {"sub": 3}}, r"vc_formula\['sub'\] must be a formula string such as '0 \+ C\(sub\)'; got 3"),
+        ({"vc_formula": {"sub": None}}, r"vc_formula\['sub'\] must be a formula string"),
+        ({"vc_formula": {"sub": "  "}}, r"vc_formula\['sub'\] is empty"),
+        ({"vc_formula": "0 + C(sub)"}, r"vc_formula must be a dict .*got str"),
+        ({"vc_formula": [("sub", "0 + C(sub)")]}, r"vc_formula must be a dict .*got list"),
+        ({"vc_formula": {"sub": "0 + C(sub)", 1: "0 + x"}}, r"vc_formula's names must be strings .*got 1 \(int\)"),
+        ({"vc_formula": {("a", "b"): "0 + C(sub)"}}, r"vc_formula's names must be strings"),
+        ({"re_formula": 1}, r"re_formula must be a string .*got 1 \(int\)"),
+        ({"re_formula": ["1"]}, r"re_formula must be a string"),
+    ],
+)
+def test_from_formula_takes_formula_strings_only(slopes_df, kwargs, message):
+    """Found by tests/test_fuzz.py: vc_formula={'sub': 3} raised Python's tokenizer's TypeError ("initial_value
+    must be str or None, not int"); a name 1 raised str.join's TypeError in the singular-fit warning, or sorted()'s
+    beside a string name."""
+    with pytest.raises(sm.FormulaError, match=message):
+        sm.MixedLM.from_formula("y ~ x", slopes_df, groups="g", **kwargs)
+
+
+@pytest.mark.parametrize("formula", [3, None, b"y ~ x", ["y ~ x"]])
+def test_from_formula_needs_a_formula_string(slopes_df, formula):
+    with pytest.raises(sm.FormulaError, match="formula must be a string like 'y ~ x'"):
+        sm.MixedLM.from_formula(formula, slopes_df, groups="g")
+
+
+@pytest.mark.parametrize(
+    "formula, n", [("y ~ x", 2), ("y ~ C(z)", 8), ("y ~ x + I(x**2) + I(x**3)", 4), ("y ~ 0 + C(z)", 8)]
+)
+def test_as_many_fixed_effects_as_observations_is_refused(formula, n):
+    """Found by tests/test_fuzz.py: a ZeroDivisionError in the engine (REML's n - p = 0, or ML's sigma of 0 in the
+    standard errors) when the fixed effects reproduce y exactly; lmer refuses the same designs."""
+    rng = np.random.default_rng(n)
+    d = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n), "z": rng.normal(size=n), "g": np.arange(n) % 2})
+    for reml in (True, False):
+        with pytest.raises(
+            sm.InputError,
+            match=rf"fixed effects have {n} linearly independent column\(s\) .*for "
+            rf"{n} observation\(s\)",
+        ):
+            sm.MixedLM.from_formula(formula, d, groups="g").fit(reml=reml)
+    with pytest.raises(sm.InputError, match="no residual variance"):
+        sm.MixedLM(
+            d.y.to_numpy(),
+            np.column_stack([np.ones(n)] + [rng.normal(size=n)] * 0 + [rng.normal(size=n) for _ in range(n - 1)]),
+            d.g.to_numpy(),
+        )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 5])
+def test_a_fit_that_reproduces_every_observation_is_refused(seed):
+    """Found by tests/test_fuzz.py: three rows, a random intercept and slope on a covariate of size ~7e18 in two
+    groups: the residual variance is exactly 0 and summary()'s standard errors raised ZeroDivisionError (1 / scale).
+    lmer refuses the same model before fitting (number of observations <= number of random effects)."""
+    rng = np.random.default_rng(seed)
+    d = pd.DataFrame({"y": rng.normal(size=3), "x": rng.integers(2**62, 2**63 - 1, 3), "h": [100, 100, 107]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(sm.InputError, match=r"reproduces all 3 observations exactly \(residual variance 0\)"):
+            sm.MixedLM.from_formula("y ~ x", d, groups="h", re_formula="1 + x").fit()
+        with pytest.raises(sm.InputError, match=r"number of observations \(=3\) <= number of random effects"):
+            sm.lmer("y ~ x + (x | h)", d)

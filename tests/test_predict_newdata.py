@@ -409,3 +409,33 @@ def test_a_callers_variable_does_not_stand_in_for_a_missing_column():
         restored = pickle.loads(pickle.dumps(fit))
         np.testing.assert_allclose(np.asarray(restored.predict(data)), np.asarray(fit.predict(data)), rtol=1e-12)
     np.testing.assert_allclose(np.asarray(fits[0].predict(data)), np.asarray(fits[0].fitted), rtol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        lambda days: days.astype(str) + " days",
+        lambda days: pd.Timestamp("2020-01-01") + pd.to_timedelta(days, "D"),
+        lambda days: pd.to_timedelta(days, "D"),
+        lambda days: days + 0j,
+        lambda days: pd.Categorical(days),
+    ],
+)
+def test_newdata_with_other_values_where_the_fit_read_numbers(fm_int, values):
+    """Before: text, dates, durations or complex numbers in newdata's covariate reached patsy's AttributeError
+    or numpy's UFuncTypeError (found by the fuzz test)."""
+    new = SLEEP_INT.iloc[:20].assign(Days=values(SLEEP_INT.Days.iloc[:20]))
+    with pytest.raises(InputError, match="newdata's column 'Days' holds .* values, where the fit read numbers"):
+        fm_int.predict(new)
+
+
+def test_a_column_aliased_with_itself_is_dropped_from_predictions_too():
+    """Before: lmer('y ~ x + `x` + (1|g)') dropped the aliased copy from the fit, but predict kept it by its lme4
+    name (x for both) and multiplied one column too many: a ValueError from matmul (found by the fuzz test)."""
+    rng = np.random.default_rng(3)
+    data = pd.DataFrame({"y": rng.normal(size=60), "x": rng.normal(size=60), "g": rng.integers(0, 6, 60)})
+    with pytest.warns(sm.RankDeficiencyWarning, match="dropping 1 column"):
+        fit = sm.lmer("y ~ x + `x` + (1 | g)", data)
+    np.testing.assert_allclose(fit.predict(data), fit.fitted, rtol=1e-12)
+    reference = sm.lmer("y ~ x + (1 | g)", data)
+    np.testing.assert_allclose(fit.predict(data.iloc[:7]), reference.predict(data.iloc[:7]), rtol=1e-9)

@@ -251,6 +251,8 @@ def newton_polish(f, x, fx, lower, upper):
     for a in range(moving.size):
         for b in range(a):
             hess[a, b] = hess[b, a] = (shifted(x, (a, 1), (b, 1)) - plus[a] - plus[b] + fx) / (hm[a] * hm[b])
+    if not (np.all(np.isfinite(hess)) and np.all(np.isfinite(grad))):
+        return x, fx  # a deviance that is not finite near x (a residual variance near 0): nothing to polish
     try:
         hess_factor = la.cho_factor(hess)
     except la.LinAlgError:

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import checks
 from ..core.system import PenalizedSystem
 from ..core.terms import RandomTerm
 from .lmm_fit import LmmFit
@@ -57,6 +58,7 @@ def fit_system(
         initial_step=step,
     )
     fit = build_fit(system, opt, reml, free)
+    checks.check_residual_variance(fit.sigma2, system.cross.n)
     if singular_names is not None:
         warn_if_singular(fit, singular_names)
     return fit

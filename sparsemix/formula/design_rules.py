@@ -70,13 +70,12 @@ def r_name(name: str) -> str:
     return name if syntactic else "`" + name + "`"
 
 
-def drop_aliased(X, names):
-    """lme4: drop fixed-effect columns that are linear combinations of earlier ones (Gram-Schmidt on the
-    normalized columns of X), and say which."""
-    if X.shape[1] == 0:
-        return X, names, []
+def drop_aliased(X, names) -> tuple[list[int], list[str]]:
+    """lme4: (columns kept, names dropped), dropping the fixed-effect columns that are linear combinations of
+    earlier ones (Gram-Schmidt on the normalized columns of X), and saying which."""
     norms = np.linalg.norm(X, axis=0)
-    keep, basis = [], np.zeros((X.shape[0], 0))
+    keep: list[int] = []
+    basis = np.zeros((X.shape[0], 0))
     for j in range(X.shape[1]):
         if norms[j] == 0:
             continue
@@ -85,8 +84,7 @@ def drop_aliased(X, names):
         if np.linalg.norm(resid) > ALIASED_RELATIVE_NORM:
             keep.append(j)
             basis = np.column_stack([basis, resid / np.linalg.norm(resid)])
-    dropped = _report_aliased(keep, names)
-    return X[:, keep], [names[j] for j in keep], dropped
+    return keep, _report_aliased(keep, names)
 
 
 def unaliased_from_gram(XtX: np.ndarray, names: list[str]):

@@ -125,10 +125,11 @@ def predict_rows(frame: pd.DataFrame, keep: np.ndarray, compute) -> pd.Series:
 # -- fixed effects ------------------------------------------------------------------------------------------
 
 
-def fixed_matrix(frame: pd.DataFrame, design_info, keep_names=None) -> np.ndarray:
+def fixed_matrix(frame: pd.DataFrame, design_info, keep=None) -> np.ndarray:
     """The fixed-effect columns of complete rows of newdata, through the fit's patsy design (its levels,
-    contrasts and transforms). `keep_names`: the fitted columns (patsy's names) when some were dropped."""
+    contrasts and transforms). `keep`: the positions of the fitted columns when some were dropped."""
     _check_fixed_levels(frame, design_info)
+    _check_numeric_columns(frame, design_info)
     try:
         # No rows dropped here: a transform's NaN (log of a negative) is that row's NaN prediction.
         (X,) = patsy.build_design_matrices([design_info], frame, NA_action=patsy.NAAction(NA_types=[]))
@@ -139,9 +140,37 @@ def fixed_matrix(frame: pd.DataFrame, design_info, keep_names=None) -> np.ndarra
             "and types the model was fitted with."
         ) from None
     X = np.asarray(X, dtype=float)
-    if keep_names is not None and len(keep_names) != X.shape[1]:
-        X = X[:, [i for i, n in enumerate(design_info.column_names) if n in keep_names]]
-    return X
+    return X if keep is None or len(keep) == X.shape[1] else X[:, list(keep)]
+
+
+def _check_numeric_columns(frame: pd.DataFrame, design_info) -> None:
+    """A column the fit read as numbers (a covariate) holds numbers in newdata too: text, dates, durations or
+    complex numbers there reached patsy's and numpy's errors."""
+    for factor, fi in design_info.factor_infos.items():
+        if fi.type != "numerical":
+            continue
+        for name in _names_in(factor.code):
+            if name in frame.columns and isinstance(frame[name], pd.Series):
+                dtype = frame[name].dtype
+                numeric = pd.api.types.is_bool_dtype(dtype) or (
+                    pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
+                )
+                if not numeric or dtype.kind in "mM":
+                    raise InputError(
+                        f"newdata's column {name!r} holds {dtype} values, where the fit read numbers; give it "
+                        f"numbers as in the fitted data (e.g. newdata[{name!r}] = "
+                        f"pd.to_numeric(newdata[{name!r}]))."
+                    )
+
+
+def _names_in(code: str) -> list[str]:
+    """The plain and Q("...")-quoted names an expression reads."""
+    names = []
+    for node in ast.walk(ast.parse(code.strip(), mode="eval")):
+        name = node.id if isinstance(node, ast.Name) else quoted_name(node)
+        if name is not None:
+            names.append(name)
+    return names
 
 
 def _check_fixed_levels(frame: pd.DataFrame, design_info) -> None:

@@ -9,6 +9,7 @@ the normal quantile of the level; the interval ends are where it does (or a boun
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -16,6 +17,7 @@ import pandas as pd
 from scipy import optimize, stats
 
 from ..core.system import PenalizedSystem
+from ..errors import SparsemixWarning
 from ..fit.optimize import minimize_deviance, warm_step
 from ..fit.stages import optimize_system
 from .sdcor import sdcor_bounds, sdcor_of, theta_of_sdcor
@@ -69,7 +71,7 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
             return opt.deviance, opt.theta
 
         step = 0.25 * abs(v_hat[k]) if names[k].startswith(("sd", "sigma")) and v_hat[k] > 0 else 0.1
-        rows[name], traces[name] = _follow(dev_at, v_hat, k, v_hat[k], step, lower[k], upper[k], dev_min, z)
+        rows[name], traces[name] = _follow(dev_at, v_hat, k, v_hat[k], step, lower[k], upper[k], dev_min, z, name)
 
     se = np.sqrt(np.diag(ml_fit.cov_beta))
     for j, name in enumerate(fe_names):
@@ -86,7 +88,7 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
             return opt.deviance, np.append(opt.theta, 0.0)
 
         start = np.append(ml_fit.theta, 0.0)
-        rows[name], traces[name] = _follow(dev_at, start, None, beta_hat, se[j], -np.inf, np.inf, dev_min, z)
+        rows[name], traces[name] = _follow(dev_at, start, None, beta_hat, se[j], -np.inf, np.inf, dev_min, z, name)
 
     est = pd.Series(np.concatenate([v_hat, ml_fit.beta]), index=all_names)
     intervals = pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"]).reindex(
@@ -95,7 +97,7 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
     return ProfileResult(est, traces, intervals, level)
 
 
-def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z):
+def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z, name):
     """Walk out from x_hat in both directions until |zeta| >= z; root-find the crossing.
 
     `step` is a scale guess; a first small trial step measures the local slope of zeta, so that the walk takes
@@ -128,14 +130,24 @@ def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z):
                 x_new = lo if direction < 0 else hi
             zeta, opt = zeta_at(x_new, cur_start)
             if abs(zeta) >= z:
-                end = optimize.brentq(
-                    lambda t: zeta_at(t, opt, record=False)[0] - direction * z,
-                    x,
-                    x_new,
-                    xtol=1e-6 * max(abs(x_hat), 1e-3),
-                    rtol=1e-8,
-                )
-                trace.append((end, direction * z))
+                try:
+                    end = optimize.brentq(
+                        lambda t: zeta_at(t, opt, record=False)[0] - direction * z,
+                        x,
+                        x_new,
+                        xtol=1e-6 * max(abs(x_hat), 1e-3),
+                        rtol=1e-8,
+                    )
+                    trace.append((end, direction * z))
+                except ValueError:  # no sign change: refitted from `opt`, zeta at x is past z too
+                    # lme4: "non-monotonic profile", and NA for that bound
+                    warnings.warn(
+                        f"non-monotonic profile for {name!r}: the {'lower' if direction < 0 else 'upper'} bound "
+                        "is not defined (NaN), as in lme4. The fit may be singular or the model overparameterized.",
+                        SparsemixWarning,
+                        stacklevel=4,
+                    )
+                    end = np.nan
                 break
             if at_bound:
                 end = x_new

@@ -51,6 +51,7 @@ class LmerDesign:
     n_dropped: int
     dropped_columns: tuple[str, ...]
     eval_env: object = field(repr=False)
+    fixed_columns: tuple[int, ...] = ()  # the columns of fixed_info's design kept (aliased ones dropped)
 
     @property
     def nobs(self) -> int:
@@ -104,7 +105,8 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
     X = exog.to_numpy(dtype=float)
     checks.check_finite(X, "fixed-effects design", missing_hint=False)
     names = [lme4_name(c) for c in exog.columns]
-    X, names, dropped = drop_aliased(X, names)
+    kept, dropped = drop_aliased(X, names)
+    X, names = X[:, kept], [names[j] for j in kept]
     checks.check_fixed_columns_vs_nobs(X.shape[1], len(y), names)
 
     infos, terms = [], []
@@ -133,6 +135,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
         n_dropped,
         tuple(dropped),
         used_environment(env, [parsed.fixed] + [s.expr for s in parsed.random]),
+        tuple(kept),
     )
 
 
@@ -187,6 +190,8 @@ def _random_term(spec: RandomSpec, frame, env):
             raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
         values = np.ones((len(frame), 1)) if intercept else M.to_numpy(dtype=float)
         columns = tuple(lme4_name(c) for c in M.columns)
+        if not intercept:
+            checks.check_random_columns(values, columns, spec.source)
         design_info = M.design_info
     k = len(columns)
     if k == 0:

@@ -14,7 +14,7 @@ from ..fit.lmm_fit import LmmFit
 from ..fit.optimize import warm_step
 from ..fit.stages import build_fit, optimize_system
 from ..formula import newdata as newdata_path
-from ..formula.design_rules import lme4_name, theta_names
+from ..formula.design_rules import theta_names
 from ..formula.pickling import PicklableResults
 from ..inference.bootstrap import parametric_bootstrap, simulate_responses
 from ..inference.profile import ProfileResult, profile_fit
@@ -266,11 +266,10 @@ class LmerResults(PicklableResults):
         keep = newdata_path.complete_rows(frame, [c for _, cols in needs for c in cols])
         if off is not None:
             keep &= ~np.isnan(off)
-        keep_names = [n for n in d.fixed_info.column_names if lme4_name(n) in d.fe_names]  # aliased ones dropped
         matchers = self.__dict__.setdefault("_level_matchers", {})
 
         def compute(rows):
-            pred = newdata_path.fixed_matrix(rows, d.fixed_info, keep_names) @ self.fit_result.beta
+            pred = newdata_path.fixed_matrix(rows, d.fixed_info, d.fixed_columns) @ self.fit_result.beta
             if include_random:
                 pred = pred + newdata_path.lmer_random_matrix(d, rows, allow_new_levels, matchers) @ self.fit_result.b
             return pred if off is None else pred + off[keep]

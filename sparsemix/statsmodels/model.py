@@ -138,6 +138,7 @@ class MixedLM(PicklableResults):
         for vc in vcs:
             checks.check_finite(vc.Z.data, f"exog_vc[{vc.name!r}]")
         checks.check_full_rank(X, self.exog_names)
+        checks.check_fixed_columns_vs_nobs(X.shape[1], y.shape[0], self.exog_names)
         # One memory layout whatever the constructor (a DataFrame's to_numpy is column-major): BLAS rounds
         # differently by layout, and the same model must give the same numbers from arrays and from formulas.
         X = np.ascontiguousarray(X)
@@ -222,7 +223,7 @@ class MixedLM(PicklableResults):
             raise InputError(f"unexpected argument(s) {sorted(kwargs) or args} for MixedLM.from_formula.")
         if subset is not None:
             data = data.loc[subset]
-        vc_formula = dict(sorted((vc_formula or {}).items()))
+        vc_formula = checks.check_statsmodels_formulas(formula, re_formula, vc_formula)
         formulas = [formula, re_formula, *vc_formula.values()]
         if isinstance(groups, str):
             checks.require_columns(data, [groups], "groups")
