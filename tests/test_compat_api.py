@@ -284,3 +284,15 @@ def test_a_fit_that_reproduces_every_observation_is_refused(seed):
             sm.MixedLM.from_formula("y ~ x", d, groups="h", re_formula="1 + x").fit()
         with pytest.raises(sm.InputError, match=r"number of observations \(=3\) <= number of random effects"):
             sm.lmer("y ~ x + (x | h)", d)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_model_that_reproduces_every_observation_is_an_input_error(seed):
+    """Found by tests/test_fuzz.py: 3 rows, two groups, re_formula '1 + x' with x near 5e18: the deviance is not
+    finite near the optimum and the polish handed a non-finite Hessian to scipy's cho_factor (a ValueError)."""
+    rng = np.random.default_rng(seed)
+    data = pd.DataFrame({"y": rng.normal(size=3), "x": rng.integers(2**62, 2**63 - 1, 3), "h": [100, 100, 107]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sm.SparsemixWarning)
+        with pytest.raises(sm.InputError, match="reproduces all 3 observations exactly"):
+            sm.MixedLM.from_formula("y ~ x", data, groups="h", re_formula="1 + x").fit()

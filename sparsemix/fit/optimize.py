@@ -246,11 +246,12 @@ def newton_polish(f, x, fx, lower, upper):
         minus = np.array([shifted(point, (a, -1)) for a in range(moving.size)])
         return (plus - minus) / (2 * hm), (plus - 2 * f_point + minus) / hm**2, plus
 
-    grad, diagonal, plus = central(x, fx)
-    hess = np.diag(diagonal)
-    for a in range(moving.size):
-        for b in range(a):
-            hess[a, b] = hess[b, a] = (shifted(x, (a, 1), (b, 1)) - plus[a] - plus[b] + fx) / (hm[a] * hm[b])
+    with np.errstate(invalid="ignore", over="ignore"):  # an infinite deviance nearby: checked below
+        grad, diagonal, plus = central(x, fx)
+        hess = np.diag(diagonal)
+        for a in range(moving.size):
+            for b in range(a):
+                hess[a, b] = hess[b, a] = (shifted(x, (a, 1), (b, 1)) - plus[a] - plus[b] + fx) / (hm[a] * hm[b])
     if not (np.all(np.isfinite(hess)) and np.all(np.isfinite(grad))):
         return x, fx  # a deviance that is not finite near x (a residual variance near 0): nothing to polish
     try:
