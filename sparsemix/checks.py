@@ -182,6 +182,20 @@ RESPONSE_SCALE_LIMIT = 1e100
 WEIGHTS_SCALE_LIMIT = 1e8
 
 
+def check_random_columns(values: np.ndarray, columns, term: str) -> None:
+    """The columns of a random-effects term (its slopes' covariates): finite, and no larger than the response may
+    be, since the fit sums their squares and products with theta (a slope on a covariate of size 1e200 overflowed
+    to a singular relative covariance: numpy's LinAlgError)."""
+    check_finite(values, f"the columns of random-effects term {term}", missing_hint=False)
+    big = np.abs(values).max(axis=0, initial=0.0) if values.size else np.zeros(len(columns))
+    if np.any(big > RESPONSE_SCALE_LIMIT):
+        j = int(np.argmax(big))
+        raise InputError(f"the column {columns[j]!r} of random-effects term {term} has values as large as "
+                         f"{big[j]:.3g}; their squares, which the fit sums, overflow double precision (columns up to "
+                         f"{RESPONSE_SCALE_LIMIT:g} in size are fitted). Rescale the covariate, e.g. divide it by "
+                         "a power of ten, and scale its variance and fixed effect back by the same factor.")
+
+
 def check_weights_scale(w: np.ndarray, name: str = "weights") -> None:
     """Prior weights whose typical size is far from 1, or whose range would under/overflow the weighted squares."""
     log_w = np.log(w)

@@ -310,6 +310,8 @@ def _random_term(spec: RandomSpec, frame, env):
             raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
         values = np.ones((len(frame), 1)) if intercept else M.to_numpy(dtype=float)
         columns = tuple(_lme4_name(c) for c in M.columns)
+        if not intercept:
+            checks.check_random_columns(values, columns, spec.source)
         design_info = M.design_info
     k = len(columns)
     if k == 0:

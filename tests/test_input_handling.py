@@ -178,3 +178,27 @@ def test_ten_million_level_factor_is_refused_before_the_model_is_built():
     grown_gb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 20
     # Z alone would take 240 MB and Z'Z and the factor more; the check costs the codes and the fixed part.
     assert grown_gb < 1.5
+
+
+@pytest.mark.parametrize("formula, scale", [("y ~ (0 + x | g)", 1e200), ("y ~ x + (x | g)", 1e120),
+                                            ("y ~ x + (1 | g) + (0 + z | h)", -1e150),
+                                            ("y ~ x + (1 + I(x * 1e90) | g)", 1e20)])
+def test_a_random_slope_on_a_covariate_whose_squares_overflow_is_refused(frame, formula, scale):
+    """Found by tests/test_fuzz.py: a slope on a covariate of size 1e200 reached numpy's LinAlgError (singular
+    matrix) in the relative covariance."""
+    d = frame.assign(x=frame.x * scale, z=frame.x * scale)
+    with pytest.raises(InputError, match=r"random-effects term .* has values as large as .*overflow.*Rescale"):
+        _quiet_fit(formula, d)
+
+
+@pytest.mark.parametrize("formula", ["y ~ x + (0 + x | g)", "y ~ x + (x | g)"])
+def test_an_infinite_value_of_a_random_slope_is_named(frame, formula):
+    d = frame.assign(x=frame.x.where(frame.index != 7, np.inf))
+    with pytest.raises(InputError, match=r"contains infinite values in 1 row\(s\) \(first at row 7\)"):
+        _quiet_fit(formula, d)
+
+
+def test_a_slope_on_a_covariate_of_size_1e90_still_fits(frame):
+    base = _quiet_fit("y ~ x + (0 + x | g)", frame, reml=False)
+    big = _quiet_fit("y ~ x + (0 + x | g)", frame.assign(x=frame.x * 1e90), reml=False)
+    assert big.llf == pytest.approx(base.llf, rel=1e-6)
