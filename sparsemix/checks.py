@@ -340,6 +340,32 @@ def check_fixed_columns_vs_nobs(n_columns: int, n_obs: int, names=()) -> None:
                          "C(x) of a continuous x, is a common cause), or collect more observations.")
 
 
+def check_statsmodels_formulas(formula, re_formula, vc_formula) -> dict:
+    """MixedLM.from_formula's formulas: `formula` a string, `re_formula` a string or None, `vc_formula` None or a
+    dict of name -> string (a number in vc_formula reached Python's tokenizer as a TypeError). Returns vc_formula
+    as a dict sorted by name, as statsmodels orders the components."""
+    from .errors import FormulaError
+
+    if not isinstance(formula, str):
+        raise FormulaError(f"formula must be a string like 'y ~ x'; got {formula!r:.60} ({type(formula).__name__}).")
+    if re_formula is not None and not isinstance(re_formula, str):
+        raise FormulaError(f"re_formula must be a string such as '1' or '1 + x', or None for a random intercept; "
+                           f"got {re_formula!r:.60} ({type(re_formula).__name__}).")
+    if vc_formula is None:
+        return {}
+    if not isinstance(vc_formula, dict):
+        raise FormulaError(f"vc_formula must be a dict of variance-component names to formulas, such as "
+                           f"{{'classroom': '0 + C(classroom)'}}; got {type(vc_formula).__name__}.")
+    for name, f in vc_formula.items():
+        if not isinstance(f, str):
+            raise FormulaError(f"vc_formula[{name!r}] must be a formula string such as '0 + C({name})'; got "
+                               f"{f!r:.60} ({type(f).__name__}).")
+        if not f.strip():
+            raise FormulaError(f"vc_formula[{name!r}] is empty; give a formula such as '0 + C({name})', or leave "
+                               "the component out.")
+    return dict(sorted(vc_formula.items(), key=lambda item: str(item[0])))
+
+
 def check_groups(groups, n: int) -> np.ndarray:
     """statsmodels' `groups`: one label per row (a constant for crossed designs without a grouping)."""
     if groups is None or np.ndim(groups) == 0:

@@ -201,3 +201,25 @@ def test_build_system_is_the_deviance_function(slopes_fit):
     system = slopes_fit.model.build_system()
     assert system.factorization_mode in ("simplicial", "supernodal")
     assert -0.5 * system.deviance(slopes_fit.fit_result.theta, True) == pytest.approx(slopes_fit.llf, rel=1e-13)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"vc_formula": {"sub": 3}}, r"vc_formula\['sub'\] must be a formula string such as '0 \+ C\(sub\)'; got 3"),
+    ({"vc_formula": {"sub": None}}, r"vc_formula\['sub'\] must be a formula string"),
+    ({"vc_formula": {"sub": "  "}}, r"vc_formula\['sub'\] is empty"),
+    ({"vc_formula": "0 + C(sub)"}, r"vc_formula must be a dict .*got str"),
+    ({"vc_formula": [("sub", "0 + C(sub)")]}, r"vc_formula must be a dict .*got list"),
+    ({"re_formula": 1}, r"re_formula must be a string .*got 1 \(int\)"),
+    ({"re_formula": ["1"]}, r"re_formula must be a string"),
+])
+def test_from_formula_takes_formula_strings_only(slopes_df, kwargs, message):
+    """Found by tests/test_fuzz.py: vc_formula={'sub': 3} raised Python's tokenizer's TypeError ("initial_value
+    must be str or None, not int")."""
+    with pytest.raises(sm.FormulaError, match=message):
+        sm.MixedLM.from_formula("y ~ x", slopes_df, groups="g", **kwargs)
+
+
+@pytest.mark.parametrize("formula", [3, None, b"y ~ x", ["y ~ x"]])
+def test_from_formula_needs_a_formula_string(slopes_df, formula):
+    with pytest.raises(sm.FormulaError, match="formula must be a string like 'y ~ x'"):
+        sm.MixedLM.from_formula(formula, slopes_df, groups="g")

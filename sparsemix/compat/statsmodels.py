@@ -203,7 +203,7 @@ class MixedLM(PicklableResults):
             raise InputError(f"unexpected argument(s) {sorted(kwargs) or args} for MixedLM.from_formula.")
         if subset is not None:
             data = data.loc[subset]
-        vc_formula = dict(sorted((vc_formula or {}).items()))
+        vc_formula = checks.check_statsmodels_formulas(formula, re_formula, vc_formula)
         formulas = [formula, re_formula, *vc_formula.values()]
         if isinstance(groups, str):
             checks.require_columns(data, [groups], "groups")
