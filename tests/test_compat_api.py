@@ -223,3 +223,20 @@ def test_from_formula_takes_formula_strings_only(slopes_df, kwargs, message):
 def test_from_formula_needs_a_formula_string(slopes_df, formula):
     with pytest.raises(sm.FormulaError, match="formula must be a string like 'y ~ x'"):
         sm.MixedLM.from_formula(formula, slopes_df, groups="g")
+
+
+@pytest.mark.parametrize("formula, n", [("y ~ x", 2), ("y ~ C(z)", 8), ("y ~ x + I(x**2) + I(x**3)", 4),
+                                        ("y ~ 0 + C(z)", 8)])
+def test_as_many_fixed_effects_as_observations_is_refused(formula, n):
+    """Found by tests/test_fuzz.py: a ZeroDivisionError in the engine (REML's n - p = 0, or ML's sigma of 0 in the
+    standard errors) when the fixed effects reproduce y exactly; lmer refuses the same designs."""
+    rng = np.random.default_rng(n)
+    d = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n), "z": rng.normal(size=n),
+                      "g": np.arange(n) % 2})
+    for reml in (True, False):
+        with pytest.raises(sm.InputError, match=rf"fixed effects have {n} linearly independent column\(s\) .*for "
+                                                rf"{n} observation\(s\)"):
+            sm.MixedLM.from_formula(formula, d, groups="g").fit(reml=reml)
+    with pytest.raises(sm.InputError, match="no residual variance"):
+        sm.MixedLM(d.y.to_numpy(), np.column_stack([np.ones(n)] + [rng.normal(size=n)] * 0 +
+                                                   [rng.normal(size=n) for _ in range(n - 1)]), d.g.to_numpy())

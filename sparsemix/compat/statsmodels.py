@@ -131,6 +131,7 @@ class MixedLM(PicklableResults):
         for vc in vcs:
             checks.check_finite(vc.Z.data, f"exog_vc[{vc.name!r}]")
         checks.check_full_rank(X, self.exog_names)
+        checks.check_fixed_columns_vs_nobs(X.shape[1], y.shape[0], self.exog_names)
         # One memory layout whatever the constructor (a DataFrame's to_numpy is column-major): BLAS rounds
         # differently by layout, and the same model must give the same numbers from arrays and from formulas.
         X = np.ascontiguousarray(X)
