@@ -357,13 +357,16 @@ def check_statsmodels_formulas(formula, re_formula, vc_formula) -> dict:
         raise FormulaError(f"vc_formula must be a dict of variance-component names to formulas, such as "
                            f"{{'classroom': '0 + C(classroom)'}}; got {type(vc_formula).__name__}.")
     for name, f in vc_formula.items():
+        if not isinstance(name, str):
+            raise FormulaError(f"vc_formula's names must be strings (they name the variance components, as "
+                               f"'{name} Var'); got {name!r} ({type(name).__name__}). Write {{'{name}': ...}}.")
         if not isinstance(f, str):
             raise FormulaError(f"vc_formula[{name!r}] must be a formula string such as '0 + C({name})'; got "
                                f"{f!r:.60} ({type(f).__name__}).")
         if not f.strip():
             raise FormulaError(f"vc_formula[{name!r}] is empty; give a formula such as '0 + C({name})', or leave "
                                "the component out.")
-    return dict(sorted(vc_formula.items(), key=lambda item: str(item[0])))
+    return dict(sorted(vc_formula.items()))
 
 
 def check_groups(groups, n: int) -> np.ndarray:

@@ -209,12 +209,15 @@ def test_build_system_is_the_deviance_function(slopes_fit):
     ({"vc_formula": {"sub": "  "}}, r"vc_formula\['sub'\] is empty"),
     ({"vc_formula": "0 + C(sub)"}, r"vc_formula must be a dict .*got str"),
     ({"vc_formula": [("sub", "0 + C(sub)")]}, r"vc_formula must be a dict .*got list"),
+    ({"vc_formula": {"sub": "0 + C(sub)", 1: "0 + x"}}, r"vc_formula's names must be strings .*got 1 \(int\)"),
+    ({"vc_formula": {("a", "b"): "0 + C(sub)"}}, r"vc_formula's names must be strings"),
     ({"re_formula": 1}, r"re_formula must be a string .*got 1 \(int\)"),
     ({"re_formula": ["1"]}, r"re_formula must be a string"),
 ])
 def test_from_formula_takes_formula_strings_only(slopes_df, kwargs, message):
     """Found by tests/test_fuzz.py: vc_formula={'sub': 3} raised Python's tokenizer's TypeError ("initial_value
-    must be str or None, not int")."""
+    must be str or None, not int"); a name 1 raised str.join's TypeError in the singular-fit warning, or sorted()'s
+    beside a string name."""
     with pytest.raises(sm.FormulaError, match=message):
         sm.MixedLM.from_formula("y ~ x", slopes_df, groups="g", **kwargs)
 
