@@ -455,6 +455,18 @@ def readable_column(col: pd.Series) -> pd.Series | None:
         return col.astype(str).where(col.notna(), np.nan)
     if isinstance(dtype, pd.BooleanDtype):
         return col.astype(object).where(col.notna(), np.nan)
+    if isinstance(dtype, pd.ArrowDtype):
+        # Arrow-backed columns (pd.ArrowDtype, read_csv(dtype_backend="pyarrow")): patsy cannot interpret the
+        # dtype ("Cannot interpret 'string[pyarrow]' as a data type"). Numbers as numpy's (floats where there is
+        # an NA, NA as NaN), text and booleans as Python objects; dates and durations are left to the checks above.
+        kind = dtype.numpy_dtype.kind if isinstance(getattr(dtype, "numpy_dtype", None), np.dtype) else "O"
+        if kind in "mM":
+            return None
+        if kind in "iu" and not col.isna().any():
+            return pd.Series(col.to_numpy(dtype=dtype.numpy_dtype), index=col.index, name=col.name)
+        if kind in "iuf":
+            return pd.Series(col.to_numpy(dtype=float, na_value=np.nan), index=col.index, name=col.name)
+        return col.astype(object).where(col.notna(), np.nan)
     return None
 
 

@@ -116,6 +116,40 @@ def test_nullable_numbers_as_factors(dtype, na):
     assert np.isfinite(vc.llf)
 
 
+@pytest.mark.parametrize("convert", [
+    lambda d: d.assign(s=pd.array(d.s, dtype=pd.ArrowDtype(__import__("pyarrow").string()))),
+    lambda d: d.convert_dtypes(dtype_backend="pyarrow"),             # every column Arrow-backed
+    lambda d: d.assign(x=pd.array(d.x, dtype="float64[pyarrow]"), h=pd.array(d.h, dtype="int64[pyarrow]")),
+    lambda d: d.assign(b=pd.array(d.b, dtype="bool[pyarrow]")),
+])
+def test_arrow_backed_columns_fit_and_predict_as_numpy_ones(convert):
+    """Found by tests/test_fuzz.py: patsy's TypeError "Cannot interpret 'string[pyarrow]' as a data type" for
+    Arrow-backed text (a response, a factor) in the fit and in predict's newdata."""
+    pytest.importorskip("pyarrow")
+    d = frame()
+    d["s"] = np.array(["lo", "mid", "hi"])[np.arange(len(d)) % 3]
+    d["h"] = d.g % 3
+    arrow = convert(d)
+    f = "y ~ x + s + b + C(h) + (1|g)"
+    ref, got = lmer(f, d), lmer(f, arrow)
+    assert list(got.fe_params.index) == list(ref.fe_params.index)
+    np.testing.assert_allclose(np.asarray(got.fe_params), np.asarray(ref.fe_params), rtol=1e-10)
+    np.testing.assert_allclose(got.predict(arrow.iloc[:20]), ref.predict(d.iloc[:20]), rtol=1e-10)
+    sm_ref, sm_got = mixedlm("y ~ x + s + b", d), mixedlm("y ~ x + s + b", arrow)
+    np.testing.assert_allclose(np.asarray(sm_got.fe_params), np.asarray(sm_ref.fe_params), rtol=1e-8)
+    np.testing.assert_allclose(sm_got.predict(arrow.iloc[:20]), sm_ref.predict(d.iloc[:20]), rtol=1e-8)
+
+
+def test_arrow_backed_text_response_is_refused_as_text():
+    pytest.importorskip("pyarrow")
+    d = frame()
+    d["s"] = pd.array(np.array(["lo", "hi"])[np.arange(len(d)) % 2], dtype="string[pyarrow]")
+    with pytest.raises(InputError):
+        lmer("s ~ x + (1|g)", d)
+    with pytest.raises(InputError):
+        mixedlm("s ~ x", d)
+
+
 # -- dates: a covariate is an error naming the conversion; a grouping factor or C(date) is allowed ----------
 
 @pytest.mark.parametrize("tz", [None, "UTC", "Europe/Paris"])
