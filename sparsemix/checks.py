@@ -369,6 +369,18 @@ def check_statsmodels_formulas(formula, re_formula, vc_formula) -> dict:
     return dict(sorted(vc_formula.items()))
 
 
+def check_residual_variance(sigma2: float, n_obs: int) -> None:
+    """A fit whose residual variance is exactly 0: the fixed and random effects reproduce every observation (more
+    random effects than the data can tell from the residual). Its standard errors divide by sigma^2 (statsmodels'
+    parametrization is relative to it): a ZeroDivisionError in the results before this check."""
+    if not sigma2 > 0:
+        raise InputError(f"the fitted model reproduces all {n_obs} observations exactly (residual variance "
+                         f"{sigma2:g}): its fixed and random effects have as many columns as the data have "
+                         "observations, so no variance can be estimated. Use fewer random slopes (lme4 refuses "
+                         "models with as many random effects as observations), group by a coarser factor, or "
+                         "collect more observations.")
+
+
 def check_groups(groups, n: int) -> np.ndarray:
     """statsmodels' `groups`: one label per row (a constant for crossed designs without a grouping)."""
     if groups is None or np.ndim(groups) == 0:

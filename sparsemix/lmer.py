@@ -114,6 +114,7 @@ def lmer(formula: str, data: pd.DataFrame, reml: bool = True, weights=None, offs
     opt = optimize_system(system, reml=reml, start_theta=start, method=method, maxiter=maxiter,
                           progress=progress, initial_step=step)
     fit = build_fit(system, opt, reml)
+    checks.check_residual_variance(fit.sigma2, design.nobs)
     results = LmerResults(design, fit)
     warn_if_singular(fit, results.theta_names)
     return results

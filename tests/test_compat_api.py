@@ -243,3 +243,18 @@ def test_as_many_fixed_effects_as_observations_is_refused(formula, n):
     with pytest.raises(sm.InputError, match="no residual variance"):
         sm.MixedLM(d.y.to_numpy(), np.column_stack([np.ones(n)] + [rng.normal(size=n)] * 0 +
                                                    [rng.normal(size=n) for _ in range(n - 1)]), d.g.to_numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 5])
+def test_a_fit_that_reproduces_every_observation_is_refused(seed):
+    """Found by tests/test_fuzz.py: three rows, a random intercept and slope on a covariate of size ~7e18 in two
+    groups: the residual variance is exactly 0 and summary()'s standard errors raised ZeroDivisionError (1 / scale).
+    lmer refuses the same model before fitting (number of observations <= number of random effects)."""
+    rng = np.random.default_rng(seed)
+    d = pd.DataFrame({"y": rng.normal(size=3), "x": rng.integers(2 ** 62, 2 ** 63 - 1, 3), "h": [100, 100, 107]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(sm.InputError, match=r"reproduces all 3 observations exactly \(residual variance 0\)"):
+            sm.MixedLM.from_formula("y ~ x", d, groups="h", re_formula="1 + x").fit()
+        with pytest.raises(sm.InputError, match=r"number of observations \(=3\) <= number of random effects"):
+            sm.lmer("y ~ x + (x | h)", d)

@@ -362,6 +362,7 @@ class MixedLM(PicklableResults):
         opt = optimize_system(system, reml=reml, start_theta=theta0, free=free_mask, maxiter=maxiter, gtol=gtol,
                               method=opt_method, progress=fit_kwargs.get("progress"), initial_step=step)
         fit = build_fit(system, opt, reml, free_mask)
+        checks.check_residual_variance(fit.sigma2, self.nobs)
         results = MixedLMResults(self, fit, free)
         self._warn_if_singular(results)
         return results
