@@ -445,13 +445,8 @@ def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), o
                                  "formula.")
         elif dtype == object and (name in groups or (name in covariates and not as_covariate)):
             check_sortable_labels(col, name, "grouping factor" if name in groups else "factor")
-        elif _is_masked_number(dtype) and name in covariates:
-            # patsy reads pandas' nullable Int64/Float64 as a covariate but not inside C() ("Cannot interpret
-            # 'Int64Dtype()' as a data type"): numpy's integers (floats where there is an NA, NA as NaN).
-            exact = dtype.kind in "iu" and not col.isna().any()
-            values = col.to_numpy(dtype=dtype.numpy_dtype) if exact else col.to_numpy(dtype=float, na_value=np.nan)
-            converted[name] = pd.Series(values, index=col.index)
-            continue
+        elif _is_masked_number(dtype) and name not in covariates:
+            continue        # a grouping factor only: its codes come from the nullable values, labels as written
         readable = readable_column(col)
         if readable is not None:
             converted[name] = readable
@@ -467,6 +462,12 @@ def readable_column(col: pd.Series) -> pd.Series | None:
         return col.astype(str).where(col.notna(), np.nan)
     if isinstance(dtype, pd.BooleanDtype):
         return col.astype(object).where(col.notna(), np.nan)
+    if _is_masked_number(dtype) and not isinstance(dtype, pd.ArrowDtype):
+        # pandas' nullable Int64/Float64: patsy reads them as covariates but not inside C() ("Cannot interpret
+        # 'Int64Dtype()' as a data type"). numpy's integers, or floats where there is an NA (NA as NaN).
+        if dtype.numpy_dtype.kind in "iu" and not col.isna().any():
+            return pd.Series(col.to_numpy(dtype=dtype.numpy_dtype), index=col.index, name=col.name)
+        return pd.Series(col.to_numpy(dtype=float, na_value=np.nan), index=col.index, name=col.name)
     if isinstance(dtype, pd.ArrowDtype):
         # Arrow-backed columns (pd.ArrowDtype, read_csv(dtype_backend="pyarrow")): patsy cannot interpret the
         # dtype ("Cannot interpret 'string[pyarrow]' as a data type"). Numbers as numpy's (floats where there is

@@ -107,6 +107,9 @@ def test_nullable_numbers_as_factors(dtype, na):
     got, ref = lmer("y ~ x + C(h) + (1|g)", nd), lmer("y ~ x + C(h) + (1|g)", ref_data)
     assert len(got.fe_params) == 5
     np.testing.assert_allclose(np.asarray(got.fe_params), np.asarray(ref.fe_params), rtol=1e-10)
+    pred = got.predict(nd)                   # predict's newdata reads them the same way (NA rows predict NaN)
+    assert pred.isna().sum() == (2 if na else 0)
+    np.testing.assert_allclose(pred.dropna(), ref.predict(ref_data), rtol=1e-10)
     assert lmer("y ~ x + (1|g) + (1|g:h)", nd).nobs == len(ref_data)           # a grouping too
     sm_kw = {"missing": "drop"} if na else {}
     sm_got = mixedlm("y ~ x + C(h)", nd, **sm_kw)
