@@ -412,3 +412,29 @@ def test_free_cores_reads_the_running_tasks(monkeypatch, tmp_path):
         assert threads.free_cores() == expected
     monkeypatch.setattr(builtins, "open", lambda path, *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     assert threads.free_cores() == n
+
+
+def test_a_fit_runs_on_one_blas_thread_and_its_threaded_stages_take_back_the_callers(monkeypatch):
+    """numpy's products between the engine's stages ran with the caller's BLAS threads, whose spinning threads
+    made the seed's crossed fit 2.6x slower beside two busy processes (issue 14); a fit is now one
+    single-threaded scope, in which the threaded stages take back the caller's threads, as many as are free."""
+    from threadpoolctl import threadpool_limits
+
+    import sparsemix.core.threads as threads
+
+    def threads_now():
+        return max(lib.num_threads for lib in threads.blas_libraries().lib_controllers)
+
+    with threadpool_limits(limits=2, user_api="blas"):  # the caller's setting
+        with threads.fit_threads():
+            assert threads_now() == 1
+            with threads.blas_threads(True):  # a stage's own single-threaded scope, nested
+                assert threads_now() == 1 and threads._outer_threads[0] == 2
+            monkeypatch.setattr(threads, "free_cores", lambda: 2)
+            with threads.blas_threads(False):  # a threaded stage on an idle machine: the caller's 2
+                assert threads_now() == 2
+            assert threads.kernel_threads(threads.KERNEL_THREADS_MIN_ORDER) == 2
+            monkeypatch.setattr(threads, "free_cores", lambda: 1)
+            with threads.blas_threads(False):  # ... and on a busy one: 1
+                assert threads_now() == 1
+        assert threads_now() == 2 and threads._depth[0] == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .. import checks
+from ..core.threads import fit_threads
 from ..fit.optimize import DEFAULT_OPTIMIZER, resolve_method
 from ..fit.pipeline import fit_lmm
 from ..formula.design_rules import theta_names
@@ -70,21 +71,24 @@ def lmer(
                 caller_env=caller,
             )
     env = formula_environment(eval_env)  # the caller's functions, checked in formula/safety.py
-    design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
-    method = resolve_method(optimizer)
-    names = theta_names(design.term_info, design.terms)
-    if start is not None:  # before any optimizer: a NaN start once reached nlopt and corrupted memory
-        start = checks.check_start(start, theta_lower_bounds(design.terms), "start", names, limit=checks.START_LIMIT)
-    fit = fit_lmm(
-        design.X,
-        design.y - design.offset,
-        list(design.terms),
-        reml=reml,
-        weights=design.weights,
-        start_theta=start,
-        method=method,
-        maxiter=maxiter,
-        progress=progress,
-        singular_names=names,
-    )
+    with fit_threads():  # one BLAS thread but where a stage pays for more (core/threads.py)
+        design = build_design(formula, data, weights=weights, offset=offset, eval_env=env)
+        method = resolve_method(optimizer)
+        names = theta_names(design.term_info, design.terms)
+        if start is not None:  # before any optimizer: a NaN start once reached nlopt and corrupted memory
+            start = checks.check_start(
+                start, theta_lower_bounds(design.terms), "start", names, limit=checks.START_LIMIT
+            )
+        fit = fit_lmm(
+            design.X,
+            design.y - design.offset,
+            list(design.terms),
+            reml=reml,
+            weights=design.weights,
+            start_theta=start,
+            method=method,
+            maxiter=maxiter,
+            progress=progress,
+            singular_names=names,
+        )
     return LmerResults(design, fit)

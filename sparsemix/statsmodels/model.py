@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from .. import checks
 from ..core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
+from ..core.threads import fit_threads
 from ..errors import IgnoredArgumentWarning, InputError, SingularFitWarning
 from ..fit.optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
 from ..fit.pilot import pilot_start
@@ -408,23 +409,24 @@ class MixedLM(PicklableResults):
         self.reml, self._freepat = reml, free
         theta0 = self._theta_from_params(start)
         free_mask = None if free is None else self._free_mask(free, start)
-        system = self.build_system()
-        pilot = (
-            None
-            if start_params is not None
-            else (lambda: pilot_start(system, self.exog, self.endog, self._terms(), None, reml))
-        )
-        fit = fit_system(
-            system,
-            reml=reml,
-            start_theta=theta0,
-            free=free_mask,
-            maxiter=maxiter,
-            gtol=gtol,
-            method=opt_method,
-            progress=fit_kwargs.get("progress"),
-            pilot=pilot,
-        )
+        with fit_threads():  # one BLAS thread but where a stage pays for more (core/threads.py)
+            system = self.build_system()
+            pilot = (
+                None
+                if start_params is not None
+                else (lambda: pilot_start(system, self.exog, self.endog, self._terms(), None, reml))
+            )
+            fit = fit_system(
+                system,
+                reml=reml,
+                start_theta=theta0,
+                free=free_mask,
+                maxiter=maxiter,
+                gtol=gtol,
+                method=opt_method,
+                progress=fit_kwargs.get("progress"),
+                pilot=pilot,
+            )
         results = MixedLMResults(self, fit, free)
         self._warn_if_singular(results)
         return results
