@@ -25,6 +25,8 @@ from sksparse.cholmod import analyze
 
 from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
 
+_potrf, _trtrs = lapack.dpotrf, lapack.dtrtrs
+
 __all__ = ["CholmodFactor", "SchurFactor", "schur_applicable"]
 
 DENSE_FILL = 0.2  # A21 at least this full is handled as a dense matrix ...
@@ -55,6 +57,50 @@ class CholmodFactor:
 
     def solve(self, B):
         return self._f.solve_A(B)
+
+
+class DenseFactor:
+    """A + I held dense and factored by LAPACK: for small systems, where CHOLMOD's and scipy's per-call costs
+    outweigh the arithmetic (q up to DENSE_MAX_Q, see PenalizedSystem._choose_factorization)."""
+
+    mode = "dense"
+
+    def __init__(self, A: sp.csc_matrix):
+        rows, cols = _coordinates(A)
+        self.q = q = A.shape[0]
+        self._flat = rows * q + cols  # where A's stored entries (lower triangle) go in the dense matrix
+        self._L = np.eye(q)
+
+    def refactor(self, A, factors=None):
+        q = self.q
+        M = np.zeros((q, q), order="F")
+        M.flat[self._flat] = A.data
+        M.flat[:: q + 1] += 1.0
+        L, info = _potrf(M, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            raise la.LinAlgError("A + I is not positive definite at this theta")
+        self._L = L
+
+    def logdet(self) -> float:
+        return 2.0 * float(np.sum(np.log(np.diagonal(self._L))))
+
+    def half_solve(self, B):
+        return _triangular(self._L, B, trans=0)
+
+    def half_solve_t(self, C):
+        return _triangular(self._L, C, trans=1)
+
+    def solve(self, B):
+        return _triangular(self._L, _triangular(self._L, B, trans=0), trans=1)
+
+
+def _triangular(L: np.ndarray, B: np.ndarray, trans: int) -> np.ndarray:
+    """L^{-1} B (trans 0) or L^{-T} B (trans 1), L lower triangular: LAPACK's trtrs without scipy's checks."""
+    B = np.asarray(B, dtype=float)
+    X, info = _trtrs(L, B.reshape(B.shape[0], -1), lower=1, trans=trans)
+    if info != 0:
+        raise la.LinAlgError("singular triangular factor")
+    return X.reshape(B.shape)
 
 
 def schur_applicable(A: sp.csc_matrix, q1: int, k1: int) -> bool:

@@ -25,7 +25,7 @@ from sksparse.cholmod import CholmodNotPositiveDefiniteError
 
 from ..errors import RankDeficientError
 from .cross_products import CrossProducts
-from .factor import CholmodFactor, SchurFactor, schur_applicable
+from .factor import CholmodFactor, DenseFactor, SchurFactor, schur_applicable
 from .relcov import RelativeCovariance
 from .threads import DENSE_THREADS_MAX_ORDER, blas_threads, single_threaded
 
@@ -46,6 +46,9 @@ SCHUR_MEMORY_FRACTION = 1 / 3
 # to the Schur form untimed (engine._schur_alone).
 SCHUR_ALONE_MIN_ORDER = 100
 SCHUR_ALONE_MIN_DENSITY = 0.1
+# Up to this order A + I is held dense (DenseFactor): a LAPACK Cholesky of it costs less than CHOLMOD's and
+# scipy's fixed costs per call.
+DENSE_MAX_Q = 120
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ class PenalizedSystem:
             with self.threads():
                 if mode == "schur":
                     self._factor = SchurFactor(self._A, self.cross.ZtZ, self.relcov, update or "auto")
+                elif mode == "dense":
+                    self._factor = DenseFactor(self._A)
                 else:
                     self._factor = CholmodFactor(self._A, mode)
             return self._factor
@@ -211,12 +216,14 @@ class PenalizedSystem:
     def _forced(self, name: str):
         if name in ("simplicial", "supernodal"):
             return CholmodFactor(self._A, name)
+        if name == "dense":
+            return DenseFactor(self._A)
         n1, template1 = self.relcov.blocks[0]
         if name == "schur" and schur_applicable(self._A, n1 * template1.k, template1.k):
             return SchurFactor(self._A, self.cross.ZtZ, self.relcov)
         raise ValueError(
             f"factorization {name!r} is not available for this model (choose simplicial, supernodal"
-            ", or schur when the first term's block is block diagonal)"
+            ", dense, or schur when the first term's block is block diagonal)"
         )
 
     def _choose_factorization(self):
@@ -229,6 +236,8 @@ class PenalizedSystem:
         unless simplicial is already fast. Where the first term's levels link the other columns densely (see
         `_schur_alone`) the Schur form is taken without trials, which would cost more than they save.
         """
+        if self.relcov.q <= DENSE_MAX_Q:
+            return DenseFactor(self._A)
         factors = self._write_values(self.relcov.factors(self.relcov.start()))
         schur_alone = self._schur_alone()
         if schur_alone is not None:
