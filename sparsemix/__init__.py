@@ -26,6 +26,7 @@ from .fit.pipeline import fit_lmm, fit_system
 from .fit.stages import build_fit, build_system, optimize_system
 from .inference.anova import anova
 from .lme4.lmer import lmer
+from .lme4.many import lmer_many
 from .lme4.results import LmerResults
 from .statsmodels.model import MixedLM
 from .statsmodels.params import MixedLMParams, VCSpec
@@ -44,6 +45,7 @@ __all__ = [
     "MixedLMResults",
     "VCSpec",
     "lmer",
+    "lmer_many",
     "LmerResults",
     "anova",
     "RankDeficiencyWarning",

@@ -263,3 +263,134 @@ def test_fit_log_and_verbose_progress(capsys):
     assert err.startswith("sparsemix: evaluation     1  deviance")
     quiet = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP)
     assert capsys.readouterr().err == "" and len(quiet.fit_log) == len(log)
+
+
+# -- one model, many responses: refit(y) and lmer_many (issue 16) -----------------------------------------------
+
+PENICILLIN = reference_data("penicillin")
+_RNG = np.random.default_rng(16)
+_SLEEP_WEIGHTED = SLEEP.assign(w=_RNG.uniform(0.5, 2.0, len(SLEEP)), off=_RNG.normal(0.0, 20.0, len(SLEEP)))
+REFIT_MODELS = {
+    "slopes": ("Reaction ~ Days + (Days | Subject)", SLEEP, {}),
+    "crossed": ("diameter ~ 1 + (1 | plate) + (1 | sample)", PENICILLIN, {}),
+    "weighted": ("Reaction ~ Days + (Days | Subject)", _SLEEP_WEIGHTED, {"weights": "w"}),
+    "offset ML": ("Reaction ~ Days + (1 | Subject)", _SLEEP_WEIGHTED, {"offset": "off", "reml": False}),
+}
+
+
+def _assert_same_fit(a, b, theta_tol=1e-7):
+    assert a.llf == pytest.approx(b.llf, rel=1e-10)
+    np.testing.assert_allclose(a.fe_params, b.fe_params, rtol=1e-8, atol=1e-8 * np.abs(b.fe_params).max())
+    np.testing.assert_allclose(a.theta, b.theta, rtol=theta_tol, atol=theta_tol)
+    assert a.scale == pytest.approx(b.scale, rel=1e-7)
+
+
+@pytest.mark.parametrize("name", list(REFIT_MODELS))
+def test_refit_equals_a_fresh_fit_of_the_new_response(name):
+    formula, data, kwargs = REFIT_MODELS[name]
+    m = sm.lmer(formula, data, **kwargs)
+    response = formula.split("~")[0].strip()
+    for column in m.simulate(3, seed=7):
+        y = m.simulate(3, seed=7)[column].to_numpy()
+        refitted = m.refit(y)
+        fresh = sm.lmer(formula, data.assign(**{response: y}), **kwargs)
+        _assert_same_fit(refitted, fresh)
+        np.testing.assert_allclose(refitted.fitted, fresh.fitted, rtol=1e-8)
+        assert refitted.reml == m.reml and refitted.nobs == m.nobs
+        np.testing.assert_array_equal(refitted.design.y, y)
+
+
+@pytest.mark.parametrize("name", list(REFIT_MODELS))
+def test_refit_of_the_fitted_response_reproduces_the_fit(name):
+    formula, data, kwargs = REFIT_MODELS[name]
+    m = sm.lmer(formula, data, **kwargs)
+    _assert_same_fit(m.refit(m.design.y), m, theta_tol=1e-8)
+
+
+def test_refits_hand_the_factorization_on_and_leave_earlier_results_usable(fm1):
+    sims = fm1.simulate(3, seed=1)
+    first = fm1.refit(sims["sim_1"])
+    llf, ranef = first.llf, first.ranef()["Subject"]
+    later = [fm1.refit(sims[c]) for c in sims]  # each takes the analysed factor over from the one before
+    assert later[0].llf == pytest.approx(llf, rel=1e-12)
+    # the earlier results rebuild their factorization on use: the same numbers
+    pd.testing.assert_frame_equal(first.ranef()["Subject"], ranef, rtol=1e-10)
+    np.testing.assert_allclose(fm1.ranef()["Subject"], sm.lmer(fm1.design.formula, SLEEP).ranef()["Subject"])
+
+
+@pytest.mark.parametrize(
+    "y, message",
+    [
+        (np.ones(10), "10 values but the model was fitted to 180 rows"),
+        (np.r_[np.nan, np.arange(179.0)], "NaN"),
+        (np.r_[np.inf, np.arange(179.0)], "infinite"),
+        (np.array(["a"] * 180), "must hold numbers"),
+        (np.full(180, 3.0), "constant"),
+        (np.ones((180, 2)), "one-dimensional"),
+        (5.0, "vector of 180 numbers"),
+        ("Reaction", "vector of 180 numbers"),
+    ],
+)
+def test_refit_checks_the_response(fm1, y, message):
+    with pytest.raises(sm.InputError, match=message):
+        fm1.refit(y)
+
+
+def test_lmer_many_equals_lmer_per_response():
+    sims = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP).simulate(3, seed=4)
+    for responses in (sims, sims.to_numpy(), [sims[c].to_numpy() for c in sims]):
+        fits = sm.lmer_many("y ~ Days + (Days | Subject)", SLEEP, responses)
+        assert len(fits) == 3
+        for fit, column in zip(fits, sims):
+            _assert_same_fit(fit, sm.lmer("y ~ Days + (Days | Subject)", SLEEP.assign(y=sims[column].to_numpy())))
+            assert list(fit.fe_params.index) == ["(Intercept)", "Days"]
+
+
+def test_lmer_many_drops_the_rows_lmer_drops():
+    df = SLEEP.copy()
+    df.loc[[3, 40], "Days"] = np.nan
+    sims = sm.lmer("Reaction ~ Days + (1 | Subject)", SLEEP).simulate(2, seed=9)
+    fits = sm.lmer_many("y ~ Days + (1 | Subject)", df, sims, reml=False)
+    for fit, column in zip(fits, sims):
+        assert fit.nobs == 178
+        _assert_same_fit(fit, sm.lmer("y ~ Days + (1 | Subject)", df.assign(y=sims[column]), reml=False))
+
+
+@pytest.mark.parametrize(
+    "formula, responses, message",
+    [
+        ("y ~ Days + (1 | Subject)", np.ones((10, 2)), "10 rows but data has 180"),
+        ("y ~ Days + (1 | Subject)", "y", "list of vectors"),
+        ("y ~ Days + (1 | Subject)", [], "empty"),
+        ("y ~ Days + (1 | Subject)", [np.arange(180.0), np.arange(5.0)], "response 1 has shape"),
+        ("y ~ Days + (1 | Subject)", [np.r_[np.nan, np.arange(179.0)]], "response 0 has missing"),
+        ("y ~ Days + (1 | Subject)", [np.arange(180.0), np.r_[np.nan, np.arange(179.0)]], "response 1"),
+        ("log(y) ~ Days + (1 | Subject)", [np.arange(1.0, 181.0)], "not a plain name"),
+    ],
+)
+def test_lmer_many_checks_the_responses(formula, responses, message):
+    with pytest.raises(sm.InputError, match=message):
+        sm.lmer_many(formula, SLEEP, responses)
+
+
+def test_bootstrap_estimates_match_fresh_fits_of_the_simulated_responses(fm1):
+    """Bootstrap refits stop at BOBYQA's precision (no polish): within ~1e-5 of full fits of the same responses,
+    rebuilt here from the replicates' seeds as parametric_bootstrap draws them."""
+    from sparsemix.inference.bootstrap import simulate_responses
+
+    draws = fm1.bootstrap(nsim=4, seed=21, n_jobs=1)
+    for seed_seq, (_, row) in zip(np.random.SeedSequence(21).spawn(4), draws.iterrows()):
+        y = simulate_responses(
+            fm1.design.X,
+            fm1._Z,
+            fm1.fit_result.system.relcov,
+            fm1.theta,
+            fm1.fit_result.beta,
+            fm1.sigma,
+            None,
+            np.random.default_rng(seed_seq),
+            1,
+        )[:, 0]
+        fresh = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP.assign(Reaction=y))
+        expected = pd.concat([fresh.sdcor, fresh.fe_params])
+        np.testing.assert_allclose(row[expected.index], expected, rtol=2e-5, atol=2e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import replace
 from functools import cached_property
 
 import numpy as np
@@ -9,9 +11,13 @@ import pandas as pd
 from scipy import stats
 
 from .. import checks
+from ..core.coordinates import system_columns
+from ..core.system import PenalizedSystem
+from ..core.threads import fit_threads
 from ..errors import InputError
 from ..fit.lmm_fit import LmmFit
 from ..fit.optimize import warm_step
+from ..fit.pipeline import fit_system
 from ..fit.stages import build_fit, optimize_system
 from ..formula import newdata as newdata_path
 from ..formula.design_rules import theta_names
@@ -22,7 +28,7 @@ from ..inference.satterthwaite import satterthwaite_df
 from ..inference.sdcor import sdcor_of
 from .design import LmerDesign
 
-__all__ = ["LmerResults"]
+__all__ = ["LmerResults", "response_vector"]
 
 
 def _bare(frame: pd.DataFrame) -> pd.DataFrame:
@@ -318,6 +324,13 @@ class LmerResults(PicklableResults):
         )
         return LmerResults(self.design, build_fit(system, opt, False))
 
+    def refit(self, y) -> "LmerResults":
+        """The same model fitted to another response `y` (lme4's `refit(object, newresp)`): one value per fitted
+        row, in the order of `fitted`, on the response's scale (the offset, if any, is taken off as in the fit).
+        Reuses the design, the cross-products' fixed part and the factorization, and starts from this fit's
+        theta; the result is the fit `lmer` gives on data holding `y`, to the optimizer's precision."""
+        return _refit_response(self, y)
+
     def profile(self, which=None, level: float = 0.95) -> ProfileResult:
         """lme4's profile(): the ML deviance profiled over each parameter (a REML fit is refitted by ML)."""
         level = checks.check_level(level)
@@ -372,3 +385,58 @@ class LmerResults(PicklableResults):
 
     def __repr__(self):
         return f"<sparsemix LmerResults: {self.design.formula}, {self.method}, llf={self.llf:.4f}>"
+
+
+# results -> [system columns, the system that holds the analysed factor now]: each refit takes the factor over
+# from the previous one (weakly keyed: nothing is added to the results or their pickle)
+_REFITTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def response_vector(y, n: int, name: str = "y") -> np.ndarray:
+    """A new response for the fitted rows: numeric, finite, n values, not constant (InputErrors say which)."""
+    if isinstance(y, (pd.Series, pd.DataFrame)):
+        y = y.to_numpy()
+    if isinstance(y, (str, bytes)) or np.ndim(y) == 0:
+        raise InputError(f"{name} must be a vector of {n} numbers, one per fitted row; got {type(y).__name__}.")
+    arr = np.asarray(y)
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == object):
+        raise InputError(f"{name} must hold numbers; got values of type {arr.dtype}.")
+    arr = checks.as_numeric_vector(arr, name)
+    if arr.shape[0] != n:
+        raise InputError(
+            f"{name} has {arr.shape[0]} values but the model was fitted to {n} rows; give one value per fitted row "
+            "(in the order of results.fitted)."
+        )
+    checks.check_finite(arr, name, missing_hint=False)
+    checks.check_response_varies(arr, name)
+    return arr
+
+
+def _refit_response(results, y):
+    """`results`' model fitted to the response `y` (the fitted rows' length): a new LmerResults."""
+    design = results.design
+    if not isinstance(design, LmerDesign):
+        raise InputError("refit(y) needs the model's rows in memory; fit the data as a pandas DataFrame to refit it.")
+    y = response_vector(y, design.nobs)
+    fit = results.fit_result
+    with fit_threads():
+        state = _REFITTERS.get(results)
+        if state is None:
+            state = [system_columns(list(design.terms), fit.system.relcov.column_transforms), fit.system]
+            _REFITTERS[results] = state
+        columns, donor = state
+        donor_system: PenalizedSystem = donor
+        cross = fit.system.cross.with_response(design.X, columns, y - design.offset, design.weights)
+        system = donor_system.with_response(cross)
+        theta = fit.theta
+        method = fit.optimization.method
+        new = fit_system(
+            system,
+            reml=fit.reml,
+            start_theta=theta,
+            method=method,
+            pilot=lambda: (theta, warm_step(theta)),  # from the fitted theta, with a first step that close
+            singular_names=results.theta_names,
+        )
+        state[1] = system
+    return LmerResults(replace(design, y=y), new)
