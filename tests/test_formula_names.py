@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import reference_data
 
 import sparsemix
 from sparsemix import FormulaError
@@ -300,3 +301,90 @@ def test_numpys_constants_are_allowed_in_formulas(data):
     np.testing.assert_allclose(written.fe_params.to_numpy(), computed.fe_params.to_numpy(), rtol=1e-10)
     with pytest.raises(FormulaError, match="attribute"):
         sparsemix.lmer("y ~ np.linalg.norm(t) + (1 | g)", frame)
+
+
+# -- the design's fixed cost: cached parsing, numeric columns as arrays (issue 16) -------------------------
+
+
+SLEEP = reference_data("sleepstudy")
+
+
+def _design(formula, data, eval_env=None):
+    from sparsemix.formula.safety import safe_environment
+    from sparsemix.lme4.design import build_design
+
+    return build_design(formula, data, eval_env=safe_environment(eval_env))
+
+
+def test_the_same_formula_text_on_other_data_gives_that_datas_design():
+    # the caches are keyed by text only where the result is a function of the text; the design is the data's
+    a = SLEEP.copy()
+    b = SLEEP.assign(Days=SLEEP.Days * 2.0, Reaction=SLEEP.Reaction[::-1].to_numpy())
+    c = SLEEP.rename(columns={"Days": "days"})
+    for _ in range(2):
+        da = _design("Reaction ~ Days + I(Days**2) + (Days | Subject)", a)
+        db = _design("Reaction ~ Days + I(Days**2) + (Days | Subject)", b)
+        np.testing.assert_array_equal(da.X[:, 1], a.Days)
+        np.testing.assert_array_equal(db.X[:, 1], b.Days)
+        np.testing.assert_array_equal(db.X[:, 2], b.Days**2)
+        np.testing.assert_array_equal(db.y, b.Reaction)
+        with pytest.raises(FormulaError, match="'Days'"):
+            _design("Reaction ~ Days + I(Days**2) + (Days | Subject)", c)
+        dc = _design("Reaction ~ days + (days | Subject)", c)
+        assert dc.fe_names == ("(Intercept)", "days")
+        np.testing.assert_array_equal(dc.X, da.X[:, :2])
+
+
+def test_a_formula_read_again_is_checked_again_against_the_namespace():
+    data = SLEEP.assign(x=SLEEP.Days + 1.0)
+    f = "Reaction ~ twice(x) + (1 | Subject)"
+    d = _design(f, data, {"twice": lambda v: 2 * v})
+    np.testing.assert_array_equal(d.X[:, 1], 2 * data.x)
+    with pytest.raises(FormulaError, match="twice"):
+        _design(f, data, {})  # the cached reading of the text does not carry the earlier namespace
+    with pytest.raises(FormulaError, match="not a function"):
+        _design(f, data, {"twice": 2.0})
+
+
+def test_a_callers_function_gets_the_columns_series_and_c_its_levels_as_before():
+    seen = []
+
+    def record(v):
+        seen.append(type(v))
+        return v * 1.0
+
+    data = SLEEP.assign(k=(SLEEP.Days % 3).astype(np.int64))
+    d = _design("Reaction ~ record(Days) + C(k) + (1 | Subject)", data, {"record": record})
+    assert seen and all(t is pd.Series for t in seen)  # a caller's function may use the Series' methods
+    assert sorted(d.fe_names) == ["(Intercept)", "C(k)[T.1]", "C(k)[T.2]", "record(Days)"]
+    (c_k,) = [info for f, info in d.fixed_info.factor_infos.items() if f.name() == "C(k)"]
+    assert c_k.categories == (0, 1, 2) and all(
+        type(v) is int for v in c_k.categories
+    )  # Python's, as patsy reads a Series
+
+
+def test_numeric_columns_read_as_arrays_give_the_frames_design():
+    from sparsemix.formula.mixedlm import fixed_arrays, fixed_design
+    from sparsemix.formula.safety import safe_environment
+
+    env = safe_environment()
+    data = SLEEP.assign(z=np.arange(len(SLEEP)) % 7, s=np.where(SLEEP.Days > 4, "hi", "lo"))
+    data.index = np.arange(len(data))[::-1] * 3  # not a default index
+    for f in [
+        "Reaction ~ Days + I(Days**2) + np.log(Days + 1) + center(z) + poly(Days, 2) + s + (Days > 3)",
+        "Reaction ~ Days * s + scale(z)",
+    ]:
+        y, X, names, info = fixed_arrays(f, data, env)
+        endog, exog, info_frame = fixed_design(f, data, env)
+        np.testing.assert_array_equal(y, endog.to_numpy())
+        np.testing.assert_array_equal(X, exog.to_numpy(dtype=float))
+        assert names == list(exog.columns) == info.column_names == info_frame.column_names
+
+
+def test_random_intercepts_share_one_design_and_other_terms_their_own():
+    d = _design("Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)", SLEEP)
+    e = _design("Reaction ~ 1 + (1 | Subject)", SLEEP.assign(Reaction=SLEEP.Reaction + 1))
+    assert d.term_info[0].design_info is e.term_info[0].design_info
+    assert d.term_info[0].design_info.column_names == ["Intercept"]
+    assert d.term_info[1].columns == ("Days",)
+    np.testing.assert_array_equal(e.y, SLEEP.Reaction + 1)

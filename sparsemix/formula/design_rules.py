@@ -132,7 +132,10 @@ def complete_rows(frame: pd.DataFrame, columns, finite=()) -> np.ndarray:
     """lme4's na.omit (and predict's NaN rows): the rows with a value in every one of `columns` and a finite value
     in every array of `finite` (weights, offset)."""
     columns = list(dict.fromkeys(columns))
-    keep = np.array(frame[columns].notna().all(axis=1), dtype=bool) if columns else np.ones(len(frame), bool)
+    keep = np.ones(len(frame), bool)
+    for c in columns:  # a column at a time: frame[columns].notna() built a frame (1 ms on a small model)
+        present = frame[c].notna()  # a frame where the label names several columns (predict's newdata)
+        keep &= (present.all(axis=1) if isinstance(present, pd.DataFrame) else present).to_numpy(dtype=bool)
     for values in finite:
         keep &= np.isfinite(values)
     return keep

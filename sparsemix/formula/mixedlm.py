@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import io
 import re
 import tokenize
@@ -20,10 +21,12 @@ import scipy.sparse as sp
 
 from ..core.terms import VarianceComponent, indicator_matrix
 from ..errors import FormulaError
-from .safety import check_formula
+from .safety import check_formula, numpy_functions_only
 
 __all__ = [
     "fixed_design",
+    "fixed_arrays",
+    "patsy_data",
     "random_design",
     "vc_from_formula",
     "formula_columns",
@@ -63,25 +66,39 @@ def indicator_variable(formula: str) -> str | None:
 
 def formula_columns(formulas, columns) -> list:
     """Columns of the data that the formulas mention (as statsmodels' missing='drop' decides it)."""
-    names = set()
+    names: set = set()
     for f in formulas:
-        if f is None:
-            continue
-        try:
-            for tok in tokenize.generate_tokens(io.StringIO(f).readline):
-                if tok.type == tokenize.NAME:
-                    names.add(tok.string)
-                elif tok.type == tokenize.STRING:  # Q("my column")
-                    try:
-                        names.add(ast.literal_eval(tok.string))
-                    except (ValueError, SyntaxError):
-                        raise FormulaError(
-                            f"formula {f!r}: {tok.string} is not a plain string (an f-string or "
-                            'bytes); name a column as Q("my column") or with backticks.'
-                        ) from None
-        except (tokenize.TokenError, IndentationError) as exc:
-            raise FormulaError(f"cannot read formula {f!r}: {exc}") from None
+        if f is not None:
+            names.update(_formula_names(f))
     return [c for c in columns if c in names]
+
+
+def _read_names(f) -> frozenset:
+    """The names and quoted strings of one formula's text."""
+    names = set()
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(f).readline):
+            if tok.type == tokenize.NAME:
+                names.add(tok.string)
+            elif tok.type == tokenize.STRING:  # Q("my column")
+                try:
+                    names.add(ast.literal_eval(tok.string))
+                except (ValueError, SyntaxError):
+                    raise FormulaError(
+                        f"formula {f!r}: {tok.string} is not a plain string (an f-string or "
+                        'bytes); name a column as Q("my column") or with backticks.'
+                    ) from None
+    except (tokenize.TokenError, IndentationError) as exc:
+        raise FormulaError(f"cannot read formula {f!r}: {exc}") from None
+    return frozenset(names)
+
+
+# A function of the text alone, kept for the next fit of the same formula (an error is raised again each time).
+_cached_names = functools.lru_cache(maxsize=512)(_read_names)
+
+
+def _formula_names(f) -> frozenset:
+    return _cached_names(f) if type(f) is str else _read_names(f)
 
 
 def factor_codes(values) -> tuple[np.ndarray, list, bool]:
@@ -110,6 +127,21 @@ def fixed_design(formula: str, data: pd.DataFrame, eval_env):
             "it must be one numeric column. Convert a categorical response to numbers first."
         )
     return y.iloc[:, 0], X, X.design_info
+
+
+def fixed_arrays(formula: str, data: pd.DataFrame, eval_env):
+    """fixed_design's response, matrix and design for the lme4 door, as numpy arrays: (y, X, X's column names,
+    design_info). patsy reads the plain numeric columns as arrays where that cannot change the design
+    (`patsy_data`) and returns its matrices without wrapping them in frames (the data's row labels are not
+    needed here)."""
+    y, X = _patsy(patsy.dmatrices, formula, data, eval_env, numeric_arrays=True, return_type="matrix")
+    if y.shape[1] != 1:
+        names = list(y.design_info.column_names)
+        raise FormulaError(
+            f"the response of {formula!r} expands to {y.shape[1]} columns ({names}); "
+            "it must be one numeric column. Convert a categorical response to numbers first."
+        )
+    return np.asarray(y)[:, 0], np.asarray(X, dtype=float), list(X.design_info.column_names), X.design_info
 
 
 def random_design(re_formula: str, data: pd.DataFrame, group_name: str, eval_env):
@@ -168,10 +200,52 @@ def _unknown_name_message(name, data, role) -> str:
     return f"{role} uses {name!r}, which is not a column of the data.{hint}"
 
 
-def _patsy(fn, formula, data, eval_env):
-    desc = check_formula(formula, data.columns, eval_env)  # nothing in a formula runs before this check
+class _NumericColumns:
+    """The data as patsy looks names up in it, a column of a plain numpy number dtype as its numpy array (the
+    same values patsy takes from the Series, without pandas' dispatch on every operation and NA check: ~0.7 ms
+    a factor, half of a small model's design); any other column as its Series."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self._frame = frame
+
+    def __getitem__(self, key):
+        col = self._frame[key]  # KeyError for a name that is not a column: patsy goes on to eval_env
+        if isinstance(col, pd.Series) and isinstance(col.dtype, np.dtype) and col.dtype.kind in "fiu":
+            return col.to_numpy()
+        return col
+
+
+def patsy_data(frame: pd.DataFrame, desc: patsy.ModelDesc, eval_env):
+    """What patsy evaluates `desc` on: `frame`, or its numeric columns as numpy arrays (_NumericColumns) when the
+    terms call only the numpy functions, I, Q and patsy's/poly's stateful transforms (which read their argument
+    through np.asarray, so a Series and its array give the same values), and have a factor to give the number of
+    rows. Not with C() or contrasts (their levels would be numpy scalars, not Python's) or a caller's function
+    (which may use the Series' methods)."""
+    codes = [factor.code for term in desc.lhs_termlist + desc.rhs_termlist for factor in term.factors]
+    if not codes:
+        return frame
+    columns = frame.columns
+    names = {t.string for code in codes for t in _name_tokens(code)}
+    for name in names:
+        if name in columns:
+            continue
+        if not numpy_functions_only(name, eval_env):
+            return frame
+    return _NumericColumns(frame)
+
+
+def _name_tokens(code):
     try:
-        return fn(desc, data, return_type="dataframe", NA_action="raise", eval_env=eval_env)
+        return [t for t in tokenize.generate_tokens(io.StringIO(code).readline) if t.type == tokenize.NAME]
+    except (tokenize.TokenError, IndentationError):
+        return [tokenize.TokenInfo(tokenize.NAME, "", (0, 0), (0, 0), "")]  # unreadable: not the array path
+
+
+def _patsy(fn, formula, data, eval_env, numeric_arrays=False, return_type="dataframe"):
+    desc = check_formula(formula, data.columns, eval_env)  # nothing in a formula runs before this check
+    source = patsy_data(data, desc, eval_env) if numeric_arrays else data
+    try:
+        return fn(desc, source, return_type=return_type, NA_action="raise", eval_env=eval_env)
     except patsy.PatsyError as exc:
         text = str(exc)
         m = re.search(r"NameError: name '([^']+)' is not defined", text)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import builtins
 import difflib
+import functools
 import io
 import json
 import keyword
@@ -38,6 +39,7 @@ __all__ = [
     "readable_formula",
     "used_environment",
     "quoted_name",
+    "numpy_functions_only",
 ]
 
 NUMPY_FUNCTIONS = (
@@ -151,6 +153,19 @@ def formula_environment(eval_env, reference: int = 1) -> patsy.EvalEnvironment:
     return safe_environment(eval_env)
 
 
+# The functions that read their argument as np.asarray does: a column's Series or its numpy array give them the
+# same values (mixedlm.patsy_data).
+_ARRAY_FUNCTIONS = frozenset(NUMPY_FUNCTIONS) | {"I", "Q", "center", "standardize", "scale", "poly"}
+
+
+def numpy_functions_only(name: str, env: patsy.EvalEnvironment) -> bool:
+    """Whether `name`, a name of a formula that is not a column, means np/numpy (the pinned numpy subset) or one of
+    the formula functions that read a column as an array, as SAFE_FUNCTIONS holds it (not a caller's own)."""
+    if name in _NUMPY_ALIASES:
+        return _lookup(env, name) is _NUMPY_SUBSET
+    return name in _ARRAY_FUNCTIONS and _lookup(env, name) is SAFE_FUNCTIONS[name]
+
+
 def used_environment(env: patsy.EvalEnvironment, formulas) -> patsy.EvalEnvironment:
     """The functions of `env` the formulas use, to keep with a fit: not the whole of the caller's namespace
     (patsy's designs keep such subsets too), and no values: formulas take values from the data only, so that
@@ -188,7 +203,7 @@ def readable_formula(formula: str, columns, role: str = "formula") -> patsy.Mode
     `True`; patsy would run it as Python syntax, or as the constant) is evaluated with `Q("yield")` in its place
     and keeps the name written: `log(yield)`, as lme4 names it."""
     try:
-        desc = patsy.ModelDesc.from_formula(formula)
+        desc = _model_desc(formula) if type(formula) is str else patsy.ModelDesc.from_formula(formula)
     except patsy.PatsyError as exc:
         raise FormulaError(f"cannot read {role} {formula!r}: {exc}") from None
     except (RecursionError, MemoryError):
@@ -201,6 +216,18 @@ def readable_formula(formula: str, columns, role: str = "formula") -> patsy.Mode
         return patsy.Term([_quoted_factor(f, keywords) for f in t.factors])
 
     return patsy.ModelDesc([term(t) for t in desc.lhs_termlist], [term(t) for t in desc.rhs_termlist])
+
+
+# patsy's reading of a formula's text and Python's of a term's code are functions of the text alone (patsy's
+# ModelDesc and Python's syntax trees are read, never changed): kept for the next fit of the same formula, 0.5 ms
+# of a small model's design. What the names mean (columns, eval_env) is checked on every fit; an error is raised
+# again every time (lru_cache keeps results only).
+_model_desc = functools.lru_cache(maxsize=256)(patsy.ModelDesc.from_formula)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_term(code: str) -> ast.Expression:
+    return ast.parse(code, mode="eval")
 
 
 class _QuotedFactor(patsy.EvalFactor):
@@ -234,7 +261,7 @@ def check_terms(codes, columns, env: patsy.EvalEnvironment, where: str) -> None:
     columns = {str(c) for c in columns}
     for code in codes:
         try:
-            tree = ast.parse(code.strip(), mode="eval")
+            tree = _parse_term(code.strip()) if type(code) is str else ast.parse(code.strip(), mode="eval")
         except SyntaxError:
             raise FormulaError(_unreadable(code, columns, where)) from None
         except (RecursionError, MemoryError):
