@@ -394,3 +394,13 @@ def test_bootstrap_estimates_match_fresh_fits_of_the_simulated_responses(fm1):
         fresh = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP.assign(Reaction=y))
         expected = pd.concat([fresh.sdcor, fresh.fe_params])
         np.testing.assert_allclose(row[expected.index], expected, rtol=2e-5, atol=2e-5)
+
+
+def test_refitted_results_and_their_source_pickle(fm1):
+    import pickle
+
+    refitted = fm1.refit(fm1.simulate(1, seed=3)["sim_1"])
+    for results in (refitted, fm1):
+        back = pickle.loads(pickle.dumps(results))
+        assert back.llf == pytest.approx(results.llf, rel=1e-12)
+        np.testing.assert_allclose(back.ranef()["Subject"], results.ranef()["Subject"], rtol=1e-10)
