@@ -388,3 +388,34 @@ def test_random_intercepts_share_one_design_and_other_terms_their_own():
     assert d.term_info[0].design_info.column_names == ["Intercept"]
     assert d.term_info[1].columns == ("Days",)
     np.testing.assert_array_equal(e.y, SLEEP.Reaction + 1)
+
+
+def test_a_kept_numeric_design_is_only_reused_for_the_same_columns_and_dtypes():
+    from sparsemix.formula import mixedlm
+
+    f = "Reaction ~ Days + np.log(Days + 1) + (Days | Subject)"
+    a = _design(f, SLEEP)
+    keys = [k for k in mixedlm._NUMERIC_DESIGNS if k[1] == f.split(" + (")[0] or k[1] == "~ Days"]
+    assert keys  # the fixed part's and the random term's designs are kept
+    b = _design(f, SLEEP.assign(Days=SLEEP.Days * 3))  # same dtypes: the design reused, the values the data's
+    np.testing.assert_array_equal(b.X[:, 1], SLEEP.Days * 3)
+    np.testing.assert_array_equal(b.X[:, 2], np.log(SLEEP.Days * 3 + 1))
+    assert b.fixed_info is a.fixed_info
+    e = _design(f, SLEEP.assign(Days=SLEEP.Days * 3.0))  # float, not int: a design of its own, the same values
+    assert e.fixed_info is not a.fixed_info
+    np.testing.assert_array_equal(e.X, b.X)
+    # another dtype (text): another design, patsy's levels as before
+    c = _design("Reaction ~ Days + (1 | Subject)", SLEEP.assign(Days=SLEEP.Days.map(lambda d: f"d{d}")))
+    assert c.fe_names[1:3] == ("Days[T.d1]", "Days[T.d2]") and len(c.fe_names) == 10
+    # extra columns: another key (which names are columns can change); the same design content
+    d = _design(f, SLEEP.assign(extra=1.0))
+    np.testing.assert_array_equal(d.X, a.X)
+
+
+def test_a_stateful_transform_is_fitted_to_each_data_set():
+    f = "Reaction ~ center(Days) + scale(Days) + poly(Days, 2) + (1 | Subject)"
+    a = _design(f, SLEEP)
+    b = _design(f, SLEEP.assign(Days=SLEEP.Days + 10.0))
+    np.testing.assert_allclose(a.X, b.X, atol=1e-9)  # centred on each data set's own mean
+    np.testing.assert_allclose(a.X[:, 1], SLEEP.Days - SLEEP.Days.mean())
+    assert a.fixed_info is not b.fixed_info

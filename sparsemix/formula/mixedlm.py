@@ -27,6 +27,7 @@ __all__ = [
     "fixed_design",
     "fixed_arrays",
     "patsy_data",
+    "numeric_design",
     "random_design",
     "vc_from_formula",
     "formula_columns",
@@ -241,11 +242,67 @@ def _name_tokens(code):
         return [tokenize.TokenInfo(tokenize.NAME, "", (0, 0), (0, 0), "")]  # unreadable: not the array path
 
 
+# patsy's designs of numeric-only formulas, by _design_key: a design whose every factor is a plain numeric
+# expression of columns (no levels, no stateful transform: nothing read from the data's values) and whose names
+# resolve to the data's columns or to SAFE_FUNCTIONS, so that it is the same for every data set with those
+# columns and dtypes. Reused, patsy only evaluates the factors (its design_matrix_builders: 0.5 ms a formula).
+_NUMERIC_DESIGNS: dict = {}
+_NUMERIC_DESIGNS_MAX = 256
+_STATEFUL = frozenset({"center", "standardize", "scale", "poly"})
+
+
+def _design_key(fn, formula, desc, data, source, eval_env):
+    """The key of a numeric-only design for this formula on these data, or None where none may be kept: the
+    formula's text, the data's column names (which names are columns, which are Python keywords), the dtypes of
+    the columns it uses, and the namespace's compile flags. Not where a name is stateful or a column name is also
+    a name of the namespace (patsy would keep that value in the design)."""
+    if not isinstance(source, _NumericColumns) or type(formula) is not str:
+        return None
+    names = {
+        t.string for term in desc.lhs_termlist + desc.rhs_termlist for f in term.factors for t in _name_tokens(f.code)
+    }
+    if names & _STATEFUL:
+        return None
+    namespace = eval_env.namespace
+    used = [c for c in data.columns if c in names]
+    if any(c in namespace for c in used):
+        return None
+    try:
+        dtypes = tuple(data.dtypes[c] for c in used)
+        key = (fn, formula, tuple(data.columns), tuple(used), dtypes, eval_env.flags)
+        hash(key)
+    except TypeError:  # unhashable labels or dtypes: no reuse
+        return None
+    return key
+
+
+def _numeric_only(infos) -> bool:
+    return all(fi.type == "numerical" for info in infos for fi in info.factor_infos.values())
+
+
+def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_type="matrix"):
+    """patsy's `fn` (dmatrix or dmatrices) of `desc` (check_formula's reading of `formula`) on `data` as
+    patsy_data gives it, reusing the design of an earlier call where _design_key allows. Raises patsy's errors."""
+    source = patsy_data(data, desc, eval_env)
+    key = _design_key(fn, formula, desc, data, source, eval_env)
+    infos = _NUMERIC_DESIGNS.get(key) if key is not None else None
+    if infos is not None:
+        built = patsy.build_design_matrices(list(infos), source, NA_action="raise", return_type=return_type)
+        return tuple(built) if fn is patsy.dmatrices else built[0]
+    result = fn(desc, source, return_type=return_type, NA_action="raise", eval_env=eval_env)
+    if key is not None:
+        infos = tuple(m.design_info for m in result) if fn is patsy.dmatrices else (result.design_info,)
+        if _numeric_only(infos) and len(_NUMERIC_DESIGNS) < _NUMERIC_DESIGNS_MAX:
+            _NUMERIC_DESIGNS[key] = infos
+    return result
+
+
 def _patsy(fn, formula, data, eval_env, numeric_arrays=False, return_type="dataframe"):
     desc = check_formula(formula, data.columns, eval_env)  # nothing in a formula runs before this check
-    source = patsy_data(data, desc, eval_env) if numeric_arrays else data
     try:
-        return fn(desc, source, return_type=return_type, NA_action="raise", eval_env=eval_env)
+        if numeric_arrays:
+            return numeric_design(fn, formula, desc, data, eval_env, return_type)
+        return fn(desc, data, return_type=return_type, NA_action="raise", eval_env=eval_env)
     except patsy.PatsyError as exc:
         text = str(exc)
         m = re.search(r"NameError: name '([^']+)' is not defined", text)

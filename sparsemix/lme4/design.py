@@ -31,7 +31,7 @@ from ..formula.mixedlm import (
     formula_columns,
     indicator_variable,
     level_name,
-    patsy_data,
+    numeric_design,
 )
 from ..formula.safety import check_formula, safe_environment, used_environment
 
@@ -191,9 +191,10 @@ def _random_term(spec: RandomSpec, frame, env):
             values = np.ones((len(frame), 1))
             columns, design_info = _intercept_design()
             return _make_term(spec, codes, values, levels, columns, design_info, var)
-        desc = check_formula("~ " + spec.expr, frame.columns, env, f"random-effects term {spec.source}")
+        rhs = "~ " + spec.expr
+        desc = check_formula(rhs, frame.columns, env, f"random-effects term {spec.source}")
         try:
-            M = patsy.dmatrix(desc, patsy_data(frame, desc, env), return_type="matrix", NA_action="raise", eval_env=env)
+            M = numeric_design(patsy.dmatrix, rhs, desc, frame, env)
         except patsy.PatsyError as exc:
             raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
         values = np.asarray(M, dtype=float)
