@@ -438,3 +438,84 @@ def test_a_fit_runs_on_one_blas_thread_and_its_threaded_stages_take_back_the_cal
             with threads.blas_threads(False):  # ... and on a busy one: 1
                 assert threads_now() == 1
         assert threads_now() == 2 and threads._depth[0] == 0
+
+
+def _small_problems():
+    """Small models for the dense path: one unstructured term; the engine's three terms (a diagonal and a scalar
+    term after the first); two scalar terms; p = 0."""
+    rng = np.random.default_rng(11)
+    n = 90
+    g = rng.integers(0, 9, n)
+    h = rng.integers(0, 4, n)
+    x = rng.normal(size=n)
+    X = np.column_stack([np.ones(n), x])
+    y = 1.0 + x + rng.normal(size=9)[g] + x * rng.normal(size=9)[g] * 0.5 + rng.normal(size=4)[h] + rng.normal(size=n)
+    slope = RandomTerm.from_codes(
+        "g", g, np.column_stack([np.ones(n), x]), 9, CovarianceTemplate.unstructured(2), range(9), ("1", "x")
+    )
+    scalar_g = RandomTerm.from_codes("g", g, np.ones(n), 9, CovarianceTemplate.scalar(), range(9), ("1",))
+    scalar_h = RandomTerm.from_codes("h", h, np.ones(n), 4, CovarianceTemplate.scalar(), range(4), ("1",))
+    X3, y3, terms3 = _problem(seed=4)
+    return [
+        (X, y, [slope], [np.array([0.7, -0.2, 0.4]), np.array([1.0, 0.5, 0.0]), np.array([0.0, 0.0, 0.0])]),
+        (X3, y3, terms3, [t for t in THETAS if t is not None]),
+        (X, y, [scalar_g, scalar_h], [np.array([0.6, 1.3]), np.array([0.0, 2.0]), np.array([0.0, 0.0])]),
+        (np.zeros((n, 0)), y, [slope, scalar_h], [np.array([0.7, -0.2, 0.4, 1.1])]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_dense_path_equals_cholmod(case):
+    X, y, terms, thetas = _small_problems()[case]
+    dense, _, _ = _system(X, y, terms, factorization="dense")
+    sparse, _, _ = _system(X, y, terms, factorization="simplicial")
+    assert dense.factorization_mode == "dense" and sparse.factorization_mode == "simplicial"
+    for theta in thetas:
+        for reml in (False, True):
+            a, b = dense.solve(theta, reml), sparse.solve(theta, reml)
+            assert a.deviance == pytest.approx(b.deviance, rel=1e-10, abs=1e-10)
+            assert a.evaluation.logdet_L2 == pytest.approx(b.evaluation.logdet_L2, rel=1e-10, abs=1e-10)
+            assert a.evaluation.logdet_RX2 == pytest.approx(b.evaluation.logdet_RX2, rel=1e-10, abs=1e-10)
+            np.testing.assert_allclose(a.beta, b.beta, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(a.b, b.b, rtol=1e-10, atol=1e-10)
+            assert a.sigma2 == pytest.approx(b.sigma2, rel=1e-10)
+            # R_ZX and c_u depend on CHOLMOD's permutation; their products do not
+            ea, eb = a.evaluation, b.evaluation
+            np.testing.assert_allclose(ea.RZX.T @ ea.RZX, eb.RZX.T @ eb.RZX, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(ea.RZX.T @ ea.cu, eb.RZX.T @ eb.cu, rtol=1e-10, atol=1e-10)
+            assert ea.cu @ ea.cu == pytest.approx(eb.cu @ eb.cu, rel=1e-10)
+            np.testing.assert_allclose(ea.RX, eb.RX, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(ea.cbeta, eb.cbeta, rtol=1e-10, atol=1e-10)
+        columns = np.arange(0, dense.relcov.q, 3)
+        np.testing.assert_allclose(
+            dense.conditional_covariance(theta, columns), sparse.conditional_covariance(theta, columns), atol=1e-10
+        )
+
+
+def test_dense_path_survives_pickling_and_new_responses():
+    import pickle
+
+    X, y, terms, thetas = _small_problems()[1]
+    system, _, _ = _system(X, y, terms, factorization="dense")
+    theta = thetas[0]
+    before = system.deviance(theta, True)
+    again = pickle.loads(pickle.dumps(system))
+    assert again.deviance(theta, True) == before
+    y2 = y[::-1].copy()
+    other = system.with_response(CrossProducts.compute(X, y2, assemble_Z(terms)))
+    reference, _, _ = _system(X, y2, terms, factorization="simplicial")
+    assert other.deviance(theta, True) == pytest.approx(reference.deviance(theta, True), rel=1e-10)
+    assert system.deviance(theta, True) == before
+
+
+def test_dense_path_infeasible_points_give_inf():
+    # the random terms span X: at a huge theta X'V^{-1}X is lost to cancellation, at 1e200 A + I to overflow
+    for case, theta in ((0, np.array([1.0, 0.0, 1.0])), (2, np.array([1.0, 1.0]))):
+        X, y, terms, _ = _small_problems()[case]
+        dense, _, _ = _system(X, y, terms, factorization="dense")
+        sparse, _, _ = _system(X, y, terms, factorization="simplicial")
+        for scale in (1e9, 1e200):
+            for reml in (False, True):
+                assert dense.deviance(scale * theta, reml) == sparse.deviance(scale * theta, reml) == np.inf
+            assert not dense.evaluate(scale * theta).feasible
+        assert np.isfinite(dense.deviance(theta, True))  # and back at a finite point

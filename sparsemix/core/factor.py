@@ -27,7 +27,7 @@ from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
 
 _potrf, _trtrs = lapack.dpotrf, lapack.dtrtrs
 
-__all__ = ["CholmodFactor", "SchurFactor", "schur_applicable"]
+__all__ = ["CholmodFactor", "DenseFactor", "SchurFactor", "schur_applicable"]
 
 DENSE_FILL = 0.2  # A21 at least this full is handled as a dense matrix ...
 DENSE_W_MAX_ENTRIES = 20_000_000  # ... when it has at most this many entries (160 MB)
@@ -60,38 +60,149 @@ class CholmodFactor:
 
 
 class DenseFactor:
-    """A + I held dense and factored by LAPACK: for small systems, where CHOLMOD's and scipy's per-call costs
-    outweigh the arithmetic (q up to DENSE_MAX_Q, see PenalizedSystem._choose_factorization)."""
+    """A small system held dense: the first term eliminated level by level (its block of A + I is block
+    diagonal: k1 x k1 Cholesky factors, batched) and the rest, with X and y appended, as one dense matrix
+
+        S = [[A22 + I, (Lambda' Z'X)_2, (Lambda' Z'y)_2], [., X'X, X'y], [., ., y'y]] - W'W,
+        W = L11^{-1} [A12, (Lambda' Z'X)_1, (Lambda' Z'y)_1]
+
+    whose one LAPACK Cholesky holds L22, R_ZX's last rows, R_X', c_u's last entries, c_beta and sqrt(r^2) (the
+    augmented factor of Bates et al. 2015, as MixedModels.jl uses it). Each evaluation is a few whole-array
+    operations and one dpotrf: for small q, CHOLMOD's and scipy's fixed costs per call and the engine's
+    block-pair loop dominated the arithmetic. Where the first term's block is not block diagonal (q1 = 0),
+    everything is in S. `refactor` takes the templates (A's values are not read); the evaluation's arrays
+    follow from `parts()`; L (q x q, no permutation) is formed only when a solve asks for it.
+    """
 
     mode = "dense"
 
-    def __init__(self, A: sp.csc_matrix):
-        rows, cols = _coordinates(A)
-        self.q = q = A.shape[0]
-        self._flat = rows * q + cols  # where A's stored entries (lower triangle) go in the dense matrix
-        self._L = np.eye(q)
+    def __init__(self, cross, relcov, eliminate_first: bool = True):
+        q, p = relcov.q, cross.p
+        blocks = list(relcov.blocks)
+        n1, k1 = (blocks[0][0], blocks[0][1].k) if eliminate_first and blocks else (0, 1)
+        self.q, self.p, self.n1, self.k1 = q, p, n1, k1
+        self.q1 = q1 = n1 * k1
+        self.q2 = q2 = q - q1
+        self.first = 1 if q1 else 0  # templates before the rest's
+        aug = np.empty((q + p + 1, q + p + 1))
+        aug[:q, :q] = cross.ZtZ.toarray()
+        aug[:q, q : q + p] = cross.ZtX
+        aug[:q, q + p] = cross.Zty
+        aug[q:, :q] = aug[:q, q:].T
+        aug[q : q + p, q : q + p] = cross.XtX
+        aug[q : q + p, q + p] = aug[q + p, q : q + p] = cross.Xty
+        aug[q + p, q + p] = cross.yty
+        levels = np.arange(n1)
+        self._G11 = aug[:q1, :q1].reshape(n1, k1, n1, k1)[levels, :, levels, :].copy()  # (n1, k1, k1)
+        self._g11 = self._G11[:, 0, 0].copy()
+        self._G1R = aug[:q1, q1:].reshape(n1, k1, q - q1 + p + 1).copy()  # (n1, k1, N2)
+        self._GRR = aug[q1:, q1:].copy()  # (N2, N2)
+        rest = blocks[self.first :]
+        self._rest_ks = [t.k for _, t in rest]
+        self._rest_scalar = all(k == 1 for k in self._rest_ks)
+        # each column of S: the index of its rest term, or len(rest) for X's and y's columns (scale 1)
+        self._column_term = np.concatenate(
+            [np.full(n * t.k, j, dtype=np.intp) for j, (n, t) in enumerate(rest)] + [np.full(p + 1, len(rest))]
+        )
+        self._rest_slices = [slice(int(s.start) - q1, int(s.stop) - q1) for s in relcov.column_slices[self.first :]]
+        self._diag2 = np.arange(q2) * (q2 + p + 2)  # flat positions of S's first q2 diagonal entries
+        self._L: np.ndarray | None = None
 
-    def refactor(self, A, factors=None):
-        q = self.q
-        M = np.zeros((q, q), order="F")
-        M.flat[self._flat] = A.data
-        M.flat[:: q + 1] += 1.0
-        L, info = _potrf(M, lower=1, clean=1, overwrite_a=1)
-        if info != 0:
-            raise la.LinAlgError("A + I is not positive definite at this theta")
-        self._L = L
+    def _schur(self, factors):
+        """S (N2 x N2, symmetric), W (q1 x N2) and log |A11 + I| at the templates `factors`."""
+        rest = factors[self.first :]
+        if self._rest_scalar:
+            scales = np.array([T[0, 0] for T in rest] + [1.0])[self._column_term]
+            B = self._G1R * scales
+            S = self._GRR * scales * scales[:, None]
+        else:
+            B = self._right_rest(self._G1R.reshape(self.q1, -1), rest).reshape(self._G1R.shape)
+            S = self._right_rest(self._right_rest(self._GRR, rest).T, rest)
+        if not self.q1:
+            self._L11 = np.zeros((0, 1, 1))
+            return S, np.zeros((0, S.shape[0])), 0.0
+        T1 = factors[0]
+        if self.k1 == 1:
+            t = T1[0, 0]
+            m = (t * t) * self._g11 + 1.0
+            root = np.sqrt(m)
+            self._L11 = root[:, None, None]
+            W = B[:, 0, :] * (t / root)[:, None]
+            logdet1 = float(np.sum(np.log(m)))
+        else:
+            M = np.matmul(np.matmul(T1.T, self._G11), T1)
+            M[:, np.arange(self.k1), np.arange(self.k1)] += 1.0
+            self._L11 = L11 = np.linalg.cholesky(M)  # LinAlgError where not positive definite
+            W = np.linalg.solve(L11, np.matmul(T1.T, B)).reshape(self.q1, -1)
+            logdet1 = 2.0 * float(np.sum(np.log(np.diagonal(L11, axis1=1, axis2=2))))
+        S -= W.T @ W
+        return S, W, logdet1
+
+    def _right_rest(self, M, rest):
+        """M times blockdiag(Lambda_2, I) on the right (M: rows x N2)."""
+        out = np.array(M, dtype=float, order="C")
+        for T, k, cols in zip(rest, self._rest_ks, self._rest_slices):
+            if k == 1:
+                out[:, cols] *= T[0, 0]
+            else:
+                out[:, cols] = (out[:, cols].reshape(-1, k) @ T).reshape(out.shape[0], -1)
+        return out
+
+    def refactor(self, A, factors):
+        q2, N2 = self.q2, self.q2 + self.p + 1
+        self._L = None
+        S, W, logdet1 = self._schur(factors)
+        S.reshape(-1)[self._diag2] += 1.0
+        LS, info = _potrf(S.T, lower=0, clean=1, overwrite_a=1)  # S.T's upper triangle is S's lower: LS' in C
+        LS = LS.T
+        if 0 < info < N2:
+            raise la.LinAlgError("A + I or X'V^{-1}X is not positive definite at this theta")
+        if info == N2:  # r^2 <= 0 by rounding (an interpolating fit): factor without y's row, r^2 from it
+            S, W, logdet1 = self._schur(factors)
+            S.reshape(-1)[self._diag2] += 1.0
+            head, info = _potrf(np.array(S[:-1, :-1].T), lower=0, clean=1)
+            if info != 0:
+                raise la.LinAlgError("A + I or X'V^{-1}X is not positive definite at this theta")
+            LS = np.zeros((N2, N2))
+            LS[:-1, :-1] = head.T
+            LS[-1, :-1] = _triangular(LS[:-1, :-1], S[-1, :-1], trans=0)
+            self._r2 = float(S[-1, -1] - LS[-1, :-1] @ LS[-1, :-1])
+        else:
+            self._r2 = float(LS[-1, -1]) ** 2
+        self._LS, self._W = LS, W
+        log_diagonal = 2.0 * np.log(np.diagonal(LS)[: N2 - 1])
+        self._logdet = logdet1 + float(np.sum(log_diagonal[:q2]))
+        self._logdet_RX2 = float(np.sum(log_diagonal[q2:]))
+
+    def parts(self):
+        """(RZX, cu, RX, cbeta, r2, log |R_X|^2) at the last refactorization."""
+        q2, p, LS, W = self.q2, self.p, self._LS, self._W
+        RZX = np.concatenate([W[:, q2 : q2 + p], LS[q2 : q2 + p, :q2].T])
+        cu = np.concatenate([W[:, -1], LS[-1, :q2]])
+        return RZX, cu, LS[q2 : q2 + p, q2 : q2 + p].T, LS[-1, q2 : q2 + p], self._r2, self._logdet_RX2
 
     def logdet(self) -> float:
-        return 2.0 * float(np.sum(np.log(np.diagonal(self._L))))
+        return self._logdet
+
+    def _lower(self) -> np.ndarray:
+        if self._L is None:
+            q1, k1 = self.q1, self.k1
+            L = np.zeros((self.q, self.q), order="F")
+            first = np.arange(self.n1)[:, None, None] * k1
+            L[first + np.arange(k1)[None, :, None], first + np.arange(k1)[None, None, :]] = self._L11
+            L[q1:, :q1] = self._W[:, : self.q2].T
+            L[q1:, q1:] = self._LS[: self.q2, : self.q2]
+            self._L = L
+        return self._L
 
     def half_solve(self, B):
-        return _triangular(self._L, B, trans=0)
+        return _triangular(self._lower(), B, trans=0)
 
     def half_solve_t(self, C):
-        return _triangular(self._L, C, trans=1)
+        return _triangular(self._lower(), C, trans=1)
 
     def solve(self, B):
-        return _triangular(self._L, _triangular(self._L, B, trans=0), trans=1)
+        return self.half_solve_t(self.half_solve(B))
 
 
 def _triangular(L: np.ndarray, B: np.ndarray, trans: int) -> np.ndarray:
