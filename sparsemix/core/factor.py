@@ -116,25 +116,26 @@ class DenseFactor:
             B = self._G1R * scales
             S = self._GRR * scales * scales[:, None]
         else:
-            B = self._right_rest(self._G1R.reshape(self.q1, -1), rest).reshape(self._G1R.shape)
             S = self._right_rest(self._right_rest(self._GRR, rest).T, rest)
         if not self.q1:
             self._L11 = np.zeros((0, 1, 1))
             return S, np.zeros((0, S.shape[0])), 0.0
         T1 = factors[0]
+        if not self._rest_scalar:
+            B = self._right_rest(self._G1R.reshape(self.q1, self._GRR.shape[0]), rest).reshape(self._G1R.shape)
         if self.k1 == 1:
             t = T1[0, 0]
             m = (t * t) * self._g11 + 1.0
             root = np.sqrt(m)
             self._L11 = root[:, None, None]
             W = B[:, 0, :] * (t / root)[:, None]
-            logdet1 = float(np.sum(np.log(m)))
+            logdet1 = float(np.log(m).sum())
         else:
             M = np.matmul(np.matmul(T1.T, self._G11), T1)
             M[:, np.arange(self.k1), np.arange(self.k1)] += 1.0
             self._L11 = L11 = np.linalg.cholesky(M)  # LinAlgError where not positive definite
             W = np.linalg.solve(L11, np.matmul(T1.T, B)).reshape(self.q1, -1)
-            logdet1 = 2.0 * float(np.sum(np.log(np.diagonal(L11, axis1=1, axis2=2))))
+            logdet1 = 2.0 * float(np.log(np.diagonal(L11, axis1=1, axis2=2)).sum())
         S -= W.T @ W
         return S, W, logdet1
 
@@ -145,7 +146,7 @@ class DenseFactor:
             if k == 1:
                 out[:, cols] *= T[0, 0]
             else:
-                out[:, cols] = (out[:, cols].reshape(-1, k) @ T).reshape(out.shape[0], -1)
+                out[:, cols] = (out[:, cols].reshape(-1, k) @ T).reshape(out.shape[0], cols.stop - cols.start)
         return out
 
     def refactor(self, A, factors):
@@ -171,8 +172,9 @@ class DenseFactor:
             self._r2 = float(LS[-1, -1]) ** 2
         self._LS, self._W = LS, W
         log_diagonal = 2.0 * np.log(np.diagonal(LS)[: N2 - 1])
-        self._logdet = logdet1 + float(np.sum(log_diagonal[:q2]))
-        self._logdet_RX2 = float(np.sum(log_diagonal[q2:]))
+        self._logdet = logdet1 + float(log_diagonal[:q2].sum())
+        self._logdet_RX2 = float(log_diagonal[q2:].sum())
+        self.finite = bool(np.isfinite(LS).all() and np.isfinite(W).all() and np.isfinite(self._logdet))
 
     def parts(self):
         """(RZX, cu, RX, cbeta, r2, log |R_X|^2) at the last refactorization."""

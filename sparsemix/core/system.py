@@ -269,13 +269,14 @@ class PenalizedSystem:
         return candidates[int(np.argmin(timings))] if len(candidates) > 1 else candidates[0]
 
     def _dense_factor(self, forced: bool = False) -> DenseFactor | None:
-        """The DenseFactor, eliminating the first term where its block is block diagonal; None where the system
-        is too large for it (unless `forced`)."""
+        """The DenseFactor, eliminating the first term where the whole system is above DENSE_MAX_ORDER and the
+        term's block is block diagonal; None where the system is too large for it (unless `forced`)."""
         rc = self.relcov
-        eliminate = bool(rc.blocks) and schur_applicable(
-            self._A, rc.blocks[0][0] * rc.blocks[0][1].k, rc.blocks[0][1].k
-        )
-        q1 = rc.blocks[0][0] * rc.blocks[0][1].k if eliminate else 0
+        q1 = rc.blocks[0][0] * rc.blocks[0][1].k if rc.blocks else 0
+        # below that order one dense matrix costs less: numpy's batched per-level Cholesky and solve cost more per
+        # call than the flops they save (sleepstudy, q = 36: 46 us per evaluation against 65)
+        eliminate = rc.q + self.cross.p + 1 > DENSE_MAX_ORDER and schur_applicable(self._A, q1, rc.blocks[0][1].k)
+        q1 = q1 if eliminate else 0
         if not forced and (rc.q > DENSE_MAX_Q or rc.q - q1 + self.cross.p + 1 > DENSE_MAX_ORDER):
             return None
         return DenseFactor(self.cross, rc, eliminate)
@@ -434,12 +435,9 @@ class PenalizedSystem:
             self._factor_factors = factors
             self.n_evaluations += 1
             RZX, cu, RX, cbeta, r2, logdet_RX2 = factor.parts()
-        if not (np.isfinite(RZX).all() and np.isfinite(cu).all()):
+        if not factor.finite:  # overflow or rounding lost A + I's or X'V^{-1}X's positive definiteness
             return infeasible(RZX, cu)
-        logdet = factor.logdet()
-        if not (np.isfinite(logdet) and np.isfinite(logdet_RX2) and np.isfinite(RX).all()):
-            return infeasible(RZX, cu)
-        evaluation = Evaluation(theta, logdet, logdet_RX2, RZX, cu, RX, cbeta, r2, factors)
+        evaluation = Evaluation(theta, factor.logdet(), logdet_RX2, RZX, cu, RX, cbeta, r2, factors)
         self._last_evaluation = evaluation
         return evaluation
 

@@ -10,6 +10,7 @@ free is the template's business: all of the lower triangle (unstructured), or th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -68,7 +69,7 @@ class CovarianceTemplate:
         rows, cols = self._index
         return np.asarray(T, dtype=float)[rows, cols]
 
-    @property
+    @cached_property  # once per template: factor() runs at every deviance evaluation
     def _index(self) -> tuple[np.ndarray, np.ndarray]:
         rows = np.array([i for i, _ in self.positions], dtype=np.intp)
         cols = np.array([j for _, j in self.positions], dtype=np.intp)
