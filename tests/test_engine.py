@@ -437,7 +437,7 @@ def test_a_fit_runs_on_one_blas_thread_and_its_threaded_stages_take_back_the_cal
             monkeypatch.setattr(threads, "free_cores", lambda: 1)
             with threads.blas_threads(False):  # ... and on a busy one: 1
                 assert threads_now() == 1
-        assert threads_now() == 2 and threads._depth[0] == 0
+        assert threads_now() == 2 and threads._depth[0] == 0 and threads._outer_threads[0] == 1
 
 
 def _small_problems():

@@ -22,6 +22,7 @@ caller's own setting (threadpoolctl, OPENBLAS_NUM_THREADS).
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager, nullcontext
 
 __all__ = [
@@ -48,6 +49,7 @@ KERNEL_THREADS_MIN_ORDER = 4_000
 _controller = None
 _outer_threads = [1]  # BLAS threads the caller had when the outermost single-threaded scope began
 _depth = [0]  # single-threaded scopes open (a whole fit is one; the engine's stages nest inside it)
+_lock = threading.Lock()
 
 
 def single_threaded(q: int, factorization: str | None = None) -> bool:
@@ -70,16 +72,18 @@ def blas_libraries():
 @contextmanager
 def _one_thread():
     blas = blas_libraries()
-    saved = _outer_threads[0]
-    if _depth[0] == 0:  # nested scopes keep the caller's setting, read when the outermost one began
-        _outer_threads[0] = max([lib.num_threads for lib in blas.lib_controllers], default=1)
-    _depth[0] += 1
+    with _lock:  # fits in several Python threads share these counters (and BLAS's process-wide setting)
+        if _depth[0] == 0:  # nested scopes keep the caller's setting, read when the outermost one began
+            _outer_threads[0] = max([lib.num_threads for lib in blas.lib_controllers], default=1)
+        _depth[0] += 1
     try:
         with blas.limit(limits=1):
             yield
     finally:
-        _depth[0] -= 1
-        _outer_threads[0] = saved
+        with _lock:
+            _depth[0] -= 1
+            if _depth[0] == 0:
+                _outer_threads[0] = 1  # outside any scope the stages run with the threads set now
 
 
 def fit_threads():
