@@ -17,7 +17,6 @@ that term) when allow_new_levels, with a NewLevelWarning saying how many rows; o
 from __future__ import annotations
 
 import ast
-import numbers
 import re
 import warnings
 
@@ -29,7 +28,7 @@ from .. import checks
 from ..errors import InputError, NewLevelWarning
 from .design_rules import complete_rows
 from .mixedlm import level_name
-from .safety import quoted_name
+from .safety import provides_code, quoted_name
 
 __all__ = [
     "require_frame",
@@ -72,7 +71,7 @@ def model_columns(design_info) -> list[str]:
         # stand in for it (formulas take values from the data)
         namespace = env.namespace if env is not None else {}
         for node in ast.walk(ast.parse(factor.code.strip(), mode="eval")):
-            if isinstance(node, ast.Name) and not _is_function(namespace, node.id):
+            if isinstance(node, ast.Name) and not (node.id in namespace and provides_code(node.id, namespace[node.id])):
                 name = node.id
             elif quoted_name(node) is not None:
                 name = quoted_name(node)
@@ -81,15 +80,6 @@ def model_columns(design_info) -> list[str]:
             if name not in names:
                 names.append(name)
     return names
-
-
-def _is_function(namespace, name: str) -> bool:
-    """A name the environment provides as code (a function, np of np.log), not as data: a caller's array or
-    number named like a column must not stand in for a column missing from newdata."""
-    if name not in namespace:
-        return False
-    value = namespace[name]
-    return not isinstance(value, (np.ndarray, pd.Series, pd.Index, pd.DataFrame, list, tuple, numbers.Number, str))
 
 
 def require_model_columns(frame: pd.DataFrame, needs: list[tuple[str, list]]) -> None:

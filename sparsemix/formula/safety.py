@@ -40,6 +40,7 @@ __all__ = [
     "used_environment",
     "quoted_name",
     "numpy_functions_only",
+    "provides_code",
 ]
 
 NUMPY_FUNCTIONS = (
@@ -172,7 +173,14 @@ def used_environment(env: patsy.EvalEnvironment, formulas) -> patsy.EvalEnvironm
     predict's newdata without a column is an error, not a silent read of a caller's variable of that name."""
     names = {t.string for f in formulas for t in _tokens(f) if t.type == tokenize.NAME}
     namespace = env.namespace
-    return env.subset(sorted(n for n in names if n in namespace and callable(namespace[n])))
+    return env.subset(sorted(n for n in names if n in namespace and provides_code(n, namespace[n])))
+
+
+def provides_code(name: str, value) -> bool:
+    """Whether a name a formula reads from its environment is code (a function, or numpy's np / numpy), not a
+    value: formulas take values from the data only. The one rule for the fit's check, the environment kept with
+    a fit, and the columns predict's newdata must have."""
+    return callable(value) or name in _NUMPY_ALIASES
 
 
 def quoted_name(node: ast.AST) -> str | None:
@@ -397,7 +405,7 @@ def _check_name(name, code, columns, env, where):
         close = difflib.get_close_matches(name, sorted(columns), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else f" {_ALLOWED}"
         raise FormulaError(f"{where} uses {name!r}, which is not a column of the data nor an allowed function.{hint}")
-    if not callable(value) and name not in _NUMPY_ALIASES:
+    if not provides_code(name, value):
         hides = (
             f"; it hides the formula function {name}(), so rename it or pass eval_env={{}}"
             if name in SAFE_FUNCTIONS
