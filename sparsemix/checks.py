@@ -456,14 +456,21 @@ def check_statsmodels_formulas(formula, re_formula, vc_formula) -> dict:
     return dict(sorted(vc_formula.items()))
 
 
-def check_residual_variance(sigma2: float, n_obs: int) -> None:
-    """A fit whose residual variance is exactly 0: the fixed and random effects reproduce every observation (more
-    random effects than the data can tell from the residual). Its standard errors divide by sigma^2 (statsmodels'
-    parametrization is relative to it): a ZeroDivisionError in the results before this check."""
-    if not sigma2 > 0:
+# A residual variance below this share of the response's own (about it least-squares fit) is zero to rounding.
+ZERO_RESIDUAL_SHARE = 1e-12
+
+
+def check_residual_variance(sigma2: float, n_obs: int, response_variance: float = 0.0) -> None:
+    """A fit whose residual variance is 0 (to rounding: below ZERO_RESIDUAL_SHARE of `response_variance`): the
+    fixed and random effects reproduce every observation (more random effects than the data can tell from the
+    residual; the deviance falls without bound towards that point, so where an optimizer stops is arbitrary). Its
+    standard errors divide by sigma^2 (statsmodels' parametrization is relative to it): a ZeroDivisionError in
+    the results before this check."""
+    if not sigma2 > ZERO_RESIDUAL_SHARE * response_variance:
         raise InputError(
             f"the fitted model reproduces all {n_obs} observations exactly (residual variance "
-            f"{sigma2:g}): its fixed and random effects have as many columns as the data have "
+            f"{sigma2:g}{', zero to rounding' if sigma2 > 0 else ''}): its fixed and random effects have as "
+            "many columns as the data have "
             "observations, so no variance can be estimated. Use fewer random slopes (lme4 refuses "
             "models with as many random effects as observations), group by a coarser factor, or "
             "collect more observations."

@@ -93,8 +93,8 @@ def lower_factor(M: np.ndarray) -> np.ndarray:
     A diagonal entry at rounding level relative to its row (a covariance that is singular in any coordinates)
     is set to zero, so that a boundary fit stays on the boundary when its factor is carried across."""
     k = M.shape[0]
-    if k == 1:
-        return np.abs(M)
+    if k == 1:  # M may have more columns than rows (a rank probe appends one): the root of the row's squares
+        return np.sqrt(np.sum(np.square(M), axis=1, keepdims=True))
     R = np.asarray(np.linalg.qr(M.T, mode="r"))
     L = R.T * np.where(np.diag(R) < 0, -1.0, 1.0)[None, :]
     row_norms = np.sqrt(np.sum(L**2, axis=1))

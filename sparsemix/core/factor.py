@@ -71,7 +71,8 @@ class DenseFactor:
     operations and one dpotrf: for small q, CHOLMOD's and scipy's fixed costs per call and the engine's
     block-pair loop dominated the arithmetic. Where the first term's block is not block diagonal (q1 = 0),
     everything is in S. `refactor` takes the templates (A's values are not read); the evaluation's arrays
-    follow from `parts()`; L (q x q, no permutation) is formed only when a solve asks for it.
+    follow from `parts()`; solves go block by block (L, with no permutation, is never formed), and
+    core/gradient.py reads the blocks (L11, W, LS and the cross-products G11, G1R, GRR) for the exact gradient.
     """
 
     mode = "dense"
@@ -93,47 +94,46 @@ class DenseFactor:
         aug[q : q + p, q + p] = aug[q + p, q : q + p] = cross.Xty
         aug[q + p, q + p] = cross.yty
         levels = np.arange(n1)
-        self._G11 = aug[:q1, :q1].reshape(n1, k1, n1, k1)[levels, :, levels, :].copy()  # (n1, k1, k1)
-        self._g11 = self._G11[:, 0, 0].copy()
-        self._G1R = aug[:q1, q1:].reshape(n1, k1, q - q1 + p + 1).copy()  # (n1, k1, N2)
-        self._GRR = aug[q1:, q1:].copy()  # (N2, N2)
+        self.G11 = aug[:q1, :q1].reshape(n1, k1, n1, k1)[levels, :, levels, :].copy()  # (n1, k1, k1)
+        self._g11 = self.G11[:, 0, 0].copy()
+        self.G1R = aug[:q1, q1:].reshape(n1, k1, q - q1 + p + 1).copy()  # (n1, k1, N2)
+        self.GRR = aug[q1:, q1:].copy()  # (N2, N2)
         rest = blocks[self.first :]
-        self._rest_ks = [t.k for _, t in rest]
-        self._rest_scalar = all(k == 1 for k in self._rest_ks)
+        self.rest_ks = [t.k for _, t in rest]
+        self._rest_scalar = all(k == 1 for k in self.rest_ks)
         # each column of S: the index of its rest term, or len(rest) for X's and y's columns (scale 1)
         self._column_term = np.concatenate(
             [np.full(n * t.k, j, dtype=np.intp) for j, (n, t) in enumerate(rest)] + [np.full(p + 1, len(rest))]
         )
-        self._rest_slices = [slice(int(s.start) - q1, int(s.stop) - q1) for s in relcov.column_slices[self.first :]]
+        self.rest_slices = [slice(int(s.start) - q1, int(s.stop) - q1) for s in relcov.column_slices[self.first :]]
         self._diag2 = np.arange(q2) * (q2 + p + 2)  # flat positions of S's first q2 diagonal entries
-        self._L: np.ndarray | None = None
 
     def _schur(self, factors):
         """S (N2 x N2, symmetric), W (q1 x N2) and log |A11 + I| at the templates `factors`."""
         rest = factors[self.first :]
         if self._rest_scalar:
             scales = np.array([T[0, 0] for T in rest] + [1.0])[self._column_term]
-            B = self._G1R * scales
-            S = self._GRR * scales * scales[:, None]
+            B = self.G1R * scales
+            S = self.GRR * scales * scales[:, None]
         else:
-            S = self._right_rest(self._right_rest(self._GRR, rest).T, rest)
+            S = self._right_rest(self._right_rest(self.GRR, rest).T, rest)
         if not self.q1:
-            self._L11 = np.zeros((0, 1, 1))
+            self.L11 = np.zeros((0, 1, 1))
             return S, np.zeros((0, S.shape[0])), 0.0
         T1 = factors[0]
         if not self._rest_scalar:
-            B = self._right_rest(self._G1R.reshape(self.q1, self._GRR.shape[0]), rest).reshape(self._G1R.shape)
+            B = self._right_rest(self.G1R.reshape(self.q1, self.GRR.shape[0]), rest).reshape(self.G1R.shape)
         if self.k1 == 1:
             t = T1[0, 0]
             m = (t * t) * self._g11 + 1.0
             root = np.sqrt(m)
-            self._L11 = root[:, None, None]
+            self.L11 = root[:, None, None]
             W = B[:, 0, :] * (t / root)[:, None]
             logdet1 = float(np.log(m).sum())
         else:
-            M = np.matmul(np.matmul(T1.T, self._G11), T1)
+            M = np.matmul(np.matmul(T1.T, self.G11), T1)
             M[:, np.arange(self.k1), np.arange(self.k1)] += 1.0
-            self._L11 = L11 = np.linalg.cholesky(M)  # LinAlgError where not positive definite
+            self.L11 = L11 = np.linalg.cholesky(M)  # LinAlgError where not positive definite
             W = np.linalg.solve(L11, np.matmul(T1.T, B)).reshape(self.q1, -1)
             logdet1 = 2.0 * float(np.log(np.diagonal(L11, axis1=1, axis2=2)).sum())
         S -= W.T @ W
@@ -142,7 +142,7 @@ class DenseFactor:
     def _right_rest(self, M, rest):
         """M times blockdiag(Lambda_2, I) on the right (M: rows x N2)."""
         out = np.array(M, dtype=float, order="C")
-        for T, k, cols in zip(rest, self._rest_ks, self._rest_slices):
+        for T, k, cols in zip(rest, self.rest_ks, self.rest_slices):
             if k == 1:
                 out[:, cols] *= T[0, 0]
             else:
@@ -151,7 +151,6 @@ class DenseFactor:
 
     def refactor(self, A, factors):
         q2, N2 = self.q2, self.q2 + self.p + 1
-        self._L = None
         S, W, logdet1 = self._schur(factors)
         S.reshape(-1)[self._diag2] += 1.0
         LS, info = _potrf(S.T, lower=0, clean=1, overwrite_a=1)  # S.T's upper triangle is S's lower: LS' in C
@@ -170,7 +169,7 @@ class DenseFactor:
             self._r2 = float(S[-1, -1] - LS[-1, :-1] @ LS[-1, :-1])
         else:
             self._r2 = float(LS[-1, -1]) ** 2
-        self._LS, self._W = LS, W
+        self.LS, self.W = LS, W
         log_diagonal = 2.0 * np.log(np.diagonal(LS)[: N2 - 1])
         self._logdet = logdet1 + float(log_diagonal[:q2].sum())
         self._logdet_RX2 = float(log_diagonal[q2:].sum())
@@ -178,7 +177,7 @@ class DenseFactor:
 
     def parts(self):
         """(RZX, cu, RX, cbeta, r2, log |R_X|^2) at the last refactorization."""
-        q2, p, LS, W = self.q2, self.p, self._LS, self._W
+        q2, p, LS, W = self.q2, self.p, self.LS, self.W
         RZX = np.concatenate([W[:, q2 : q2 + p], LS[q2 : q2 + p, :q2].T])
         cu = np.concatenate([W[:, -1], LS[-1, :q2]])
         return RZX, cu, LS[q2 : q2 + p, q2 : q2 + p].T, LS[-1, q2 : q2 + p], self._r2, self._logdet_RX2
@@ -186,22 +185,35 @@ class DenseFactor:
     def logdet(self) -> float:
         return self._logdet
 
-    def _lower(self) -> np.ndarray:
-        if self._L is None:
-            q1, k1 = self.q1, self.k1
-            L = np.zeros((self.q, self.q), order="F")
-            first = np.arange(self.n1)[:, None, None] * k1
-            L[first + np.arange(k1)[None, :, None], first + np.arange(k1)[None, None, :]] = self._L11
-            L[q1:, :q1] = self._W[:, : self.q2].T
-            L[q1:, q1:] = self._LS[: self.q2, : self.q2]
-            self._L = L
-        return self._L
+    @property
+    def r2(self) -> float:
+        return self._r2
+
+    @property
+    def logdet_RX2(self) -> float:
+        return self._logdet_RX2
 
     def half_solve(self, B):
-        return _triangular(self._lower(), B, trans=0)
+        """L^{-1} B by blocks: the first term's levels, then L22 (L is never formed)."""
+        B = np.asarray(B, dtype=float)
+        B2 = B.reshape(self.q, -1)
+        q1, q2 = self.q1, self.q2
+        m = B2.shape[1]
+        X1 = _batched_lower_solve(self.L11, B2[:q1].reshape(self.n1, self.k1, m)).reshape(q1, m)
+        rhs = B2[q1:] - self.W[:, :q2].T @ X1 if q1 else B2[q1:]
+        X2 = _triangular(self.LS[:q2, :q2], rhs, trans=0) if q2 else rhs
+        return np.concatenate([X1, X2]).reshape(B.shape)
 
     def half_solve_t(self, C):
-        return _triangular(self._lower(), C, trans=1)
+        """L^{-T} C by blocks: L22 first, then the first term's levels."""
+        C = np.asarray(C, dtype=float)
+        C2 = C.reshape(self.q, -1)
+        q1, q2 = self.q1, self.q2
+        X2 = _triangular(self.LS[:q2, :q2], C2[q1:], trans=1) if q2 else C2[q1:]
+        rhs = C2[:q1] - self.W[:, :q2] @ X2 if q2 else C2[:q1]
+        m = C2.shape[1]
+        X1 = _batched_lower_solve(self.L11, rhs.reshape(self.n1, self.k1, m), transpose=True).reshape(q1, m)
+        return np.concatenate([X1, X2]).reshape(C.shape)
 
     def solve(self, B):
         return self.half_solve_t(self.half_solve(B))

@@ -26,6 +26,7 @@ from sksparse.cholmod import CholmodNotPositiveDefiniteError
 from ..errors import RankDeficientError
 from .cross_products import CrossProducts
 from .factor import CholmodFactor, DenseFactor, SchurFactor, schur_applicable
+from .gradient import ProfiledGradient
 from .relcov import RelativeCovariance
 from .threads import DENSE_THREADS_MAX_ORDER, blas_threads, single_threaded
 
@@ -52,7 +53,7 @@ SCHUR_ALONE_MIN_DENSITY = 0.1
 # deviances move the optimizer's end points within their tolerance, and five tests that compare two fits
 # tighter than that tolerance (issue 16) fail; factorization="dense" forces it. The crossed seed design
 # (order 102) keeps the Schur form and its Newton steps either way.
-DENSE_BY_DEFAULT = False
+DENSE_BY_DEFAULT = True
 DENSE_MAX_Q = 1000
 DENSE_MAX_ORDER = 64
 
@@ -124,7 +125,6 @@ class PenalizedSystem:
         self.cross = cross
         self.relcov = relcov
         self.n_evaluations = 0
-        self._pairs, self._A = self._block_structure()
         self._densely_linked: bool | None = None
         # Small systems run single-threaded (see threads.py): the timed choice below must see that setting too.
         self.single_threaded = single_threaded(relcov.q)
@@ -135,6 +135,7 @@ class PenalizedSystem:
         self._factor_theta: np.ndarray | None = None
         self._factor_factors: list[np.ndarray] | None = None
         self._last_evaluation: Evaluation | None = None
+        self._gradient: ProfiledGradient | None = None
 
     # -- pickling: the factorization is dropped and rebuilt on first use ------------------------------------
 
@@ -145,7 +146,7 @@ class PenalizedSystem:
         factor = state.pop("_factor", None)
         if factor is not None:
             state["_factor_rebuild"] = (factor.mode, getattr(factor, "update", None))
-        state.update(_factor_theta=None, _factor_factors=None, _last_evaluation=None)
+        state.update(_factor_theta=None, _factor_factors=None, _last_evaluation=None, _gradient=None)
         return state
 
     def with_response(self, cross: CrossProducts) -> "PenalizedSystem":
@@ -157,7 +158,7 @@ class PenalizedSystem:
         other = copy.copy(self)
         other.cross = cross
         other.n_evaluations = 0
-        other._factor_theta = other._factor_factors = other._last_evaluation = None
+        other._factor_theta = other._factor_factors = other._last_evaluation = other._gradient = None
         if self.factorization_mode == "dense":  # the dense factor holds the response's sums: a new one, cheap
             other._factor = other._dense_factor(forced=True)
         elif "_factor" in self.__dict__:  # the factor goes with `other`; this one rebuilds on use
@@ -181,6 +182,23 @@ class PenalizedSystem:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- structure, built once -------------------------------------------------------------------------
+
+    @property
+    def _pairs(self) -> list[_BlockPair]:
+        return self._structure[0]
+
+    @property
+    def _A(self) -> sp.csc_matrix:
+        return self._structure[1]
+
+    @property
+    def _structure(self) -> tuple[list[_BlockPair], sp.csc_matrix]:
+        """A's pattern and the block pairs that fill it, built on first use (a system held dense never needs
+        them: for sleepstudy they were half of building the system)."""
+        structure = self.__dict__.get("_structure_built")
+        if structure is None:
+            structure = self.__dict__["_structure_built"] = self._block_structure()
+        return structure
 
     def _block_structure(self) -> tuple[list[_BlockPair], sp.csc_matrix]:
         ZtZ = self.cross.ZtZ
@@ -275,7 +293,8 @@ class PenalizedSystem:
         q1 = rc.blocks[0][0] * rc.blocks[0][1].k if rc.blocks else 0
         # below that order one dense matrix costs less: numpy's batched per-level Cholesky and solve cost more per
         # call than the flops they save (sleepstudy, q = 36: 46 us per evaluation against 65)
-        eliminate = rc.q + self.cross.p + 1 > DENSE_MAX_ORDER and schur_applicable(self._A, q1, rc.blocks[0][1].k)
+        k1 = rc.blocks[0][1].k
+        eliminate = rc.q + self.cross.p + 1 > DENSE_MAX_ORDER and schur_applicable(self.cross.ZtZ, q1, k1)
         q1 = q1 if eliminate else 0
         if not forced and (rc.q > DENSE_MAX_Q or rc.q - q1 + self.cross.p + 1 > DENSE_MAX_ORDER):
             return None
@@ -372,6 +391,40 @@ class PenalizedSystem:
         """`deviance` in the optimizer's coordinates."""
         return self.profiled_deviance(self.evaluate_working(working, reported=False), reml)
 
+    @property
+    def supports_gradient(self) -> bool:
+        """Whether `working_deviance_gradient` is available: the system held dense (core/gradient.py)."""
+        return isinstance(self._factor, DenseFactor)
+
+    def working_deviance_gradient(self, working, reml: bool) -> tuple[float, np.ndarray]:
+        """The deviance and its exact gradient in the optimizer's coordinates (`supports_gradient` systems);
+        where the deviance is not finite, (inf, zeros)."""
+        factor = self._factor
+        if self._gradient is None:
+            self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
+        if factor.q1 == 0:  # the whole system in one dense factor: no Evaluation, no solves (gradient.compact)
+            factors = self.relcov.factors(np.asarray(working, dtype=float))
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                try:
+                    factor.refactor(None, factors)
+                except (la.LinAlgError, ValueError):
+                    factor.finite = False
+                self._factor_theta, self._factor_factors, self._last_evaluation = None, factors, None
+                self.n_evaluations += 1
+                if not factor.finite:
+                    return np.inf, np.zeros(self.relcov.n_theta)
+                gradient = self._gradient.compact(factors, reml, self.dof(reml))
+            if gradient is not None:
+                return self._deviance(factor.logdet(), factor.logdet_RX2, factor.r2, reml), gradient
+        ev = self.evaluate_working(working, reported=False)
+        deviance = self.profiled_deviance(ev, reml)
+        if not np.isfinite(deviance):
+            return deviance, np.zeros(self.relcov.n_theta)
+        beta, u = self.modes(ev)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            gradient = self._gradient(ev, beta, u, reml, self.dof(reml))
+        return deviance, gradient
+
     def _evaluate(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> Evaluation:
         c = self.cross
 
@@ -466,10 +519,13 @@ class PenalizedSystem:
     def profiled_deviance(self, ev: Evaluation, reml: bool) -> float:
         if not ev.feasible:
             return np.inf
+        return self._deviance(ev.logdet_L2, ev.logdet_RX2, ev.r2, reml)
+
+    def _deviance(self, logdet_L2: float, logdet_RX2: float, r2: float, reml: bool) -> float:
         nu = self.dof(reml)
-        r2 = ev.r2 if ev.r2 > 0 else np.finfo(float).tiny  # an interpolating fit: r2 underflows, deviance -> -inf
-        dev = ev.logdet_L2 + nu * (1.0 + LOG_2PI + np.log(r2 / nu)) - self.cross.sum_log_weights
-        return float(dev + ev.logdet_RX2) if reml else float(dev)
+        r2 = r2 if r2 > 0 else np.finfo(float).tiny  # an interpolating fit: r2 underflows, deviance -> -inf
+        dev = logdet_L2 + nu * (1.0 + LOG_2PI + np.log(r2 / nu)) - self.cross.sum_log_weights
+        return float(dev + logdet_RX2) if reml else float(dev)
 
     def deviance_at_sigma2(self, theta, sigma2: float, reml: bool) -> float:
         """The same criterion with sigma^2 given rather than profiled (beta still profiled)."""

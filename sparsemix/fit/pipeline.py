@@ -58,7 +58,7 @@ def fit_system(
         initial_step=step,
     )
     fit = build_fit(system, opt, reml, free)
-    checks.check_residual_variance(fit.sigma2, system.cross.n)
+    checks.check_residual_variance(fit.sigma2, system.cross.n, system.cross.yty / max(system.cross.n, 1))
     if singular_names is not None:
         warn_if_singular(fit, singular_names)
     return fit

@@ -23,7 +23,7 @@ from ..core.terms import RandomTerm
 from ..core.threads import blas_threads, single_threaded
 from ..errors import ConvergenceWarning, SingularFitWarning
 from .lmm_fit import LmmFit
-from .optimize import DEFAULT_OPTIMIZER, OptimizationResult, minimize_deviance, warm_step
+from .optimize import DEFAULT_OPTIMIZER, GRADIENT_METHOD, OptimizationResult, minimize_deviance, warm_step
 from .scoring import SCORING_MAX_ITERATIONS, SCORING_REFIT_TOLERANCE, SCORING_THETA_TOLERANCE, fit_by_scoring
 
 __all__ = ["build_system", "optimize_system", "build_fit", "warn_if_singular"]
@@ -68,8 +68,9 @@ def optimize_system(
     )
     with system.threads():
         used = 0
-        scoring = method in ("auto", "scoring") and free is None and system.supports_scoring
-        if method in ("auto", "scoring"):
+        auto = method in ("auto", "scoring", GRADIENT_METHOD)
+        scoring = auto and free is None and system.supports_scoring
+        if auto:
             method = "bobyqa"  # where the steps do not apply, or give up
         if scoring:
             # without the polish (bootstrap refits) BOBYQA's own precision, ~1e-5, is all that is asked
@@ -110,6 +111,12 @@ def optimize_system(
             polish=polish,
             ftol=ftol,
             boundary_probes=relcov.rank_probes,
+            # the exact gradient (core/gradient.py) of small systems held dense, in the optimizer's coordinates
+            deviance_gradient=(
+                (lambda th: system.working_deviance_gradient(th, reml))
+                if auto and free is None and system.supports_gradient
+                else None
+            ),
         )
         if working:  # the solution at the optimum is read off an evaluation in the working coordinates
             reported = system.evaluate_working(opt.theta).theta

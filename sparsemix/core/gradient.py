@@ -1,0 +1,169 @@
+"""The exact gradient of the profiled deviance in theta, for every covariance template, from a dense factor.
+
+With Lambda linear in theta (each entry theta_i sits at template positions (a, b), repeated per level: E_i =
+dLambda / dtheta_i), M = Lambda' Z'Z Lambda + I = L L', and Omega the leading (q + p) block of the augmented
+system [[M, Lambda' Z'X], [., X'X]] (log |Omega| = log |L|^2 + log |R_X|^2):
+
+    d log |M| / dtheta_i     = 2 tr(M^{-1} B E_i),                 B = Lambda' Z'Z
+    d log |Omega| / dtheta_i = 2 tr(G E_i),    G = (M^{-1} + Y Y') B - Y R_X^{-T} X'Z,   Y = L^{-T} R_ZX R_X^{-1}
+    d r^2 / dtheta_i         = -2 e'Z E_i u                        (envelope theorem; e = y - X beta - Z Lambda u)
+
+and the deviance, log |M| + n log r^2 (ML) or log |Omega| + (n - p) log r^2 (REML) plus constants, has gradient
+d log|.| + (dof / r^2) d r^2. Each trace reads only the diagonal k x k blocks of G. DenseFactor's L is
+[[L11, 0], [L21, L22]] with L11 block diagonal (the first term, eliminated level by level) and L22 of order
+q2 <= DENSE_MAX_ORDER, so those blocks cost O(q1 q2^2 + q2^3), never a q x q inverse.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg import lapack
+
+__all__ = ["ProfiledGradient"]
+
+_TINY = float(np.finfo(float).tiny)  # r^2 of an interpolating fit, as the deviance takes it (system.py)
+
+
+class ProfiledGradient:
+    """d deviance / d theta for one system held dense (a DenseFactor), at the factor's last refactorization."""
+
+    def __init__(self, factor, cross, relcov):
+        self.factor, self.cross, self.relcov = factor, cross, relcov
+        f = factor
+        self._ZtZ22 = f.GRR[: f.q2, : f.q2]
+        self._ZtZ12 = f.G1R[:, :, : f.q2].reshape(f.q1, f.q2)
+        self._XtZ = np.ascontiguousarray(cross.ZtX.T)
+        # For each theta entry of the rest's terms, the flat positions (b, a) of G's rest block and (a, b) of
+        # Ze u' over the term's levels, concatenated; entry i's sum is np.add.reduceat at starts[i].
+        transposed, straight, starts = [], [], []
+        self._first_positions = np.zeros((2, 0), dtype=np.intp)
+        for j, ((n, template), cols) in enumerate(zip(relcov.blocks, relcov.column_slices)):
+            positions = np.array(template.positions, dtype=np.intp).reshape(-1, 2).T
+            if j < f.first:
+                self._first_positions = positions
+                continue
+            base = cols.start - f.q1 + np.arange(n)[:, None] * template.k  # each level's first row, in the rest
+            for a, b in positions.T:
+                rows, columns = (base + a).ravel(), (base + b).ravel()
+                starts.append(sum(len(t) for t in transposed))
+                transposed.append(columns * f.q2 + rows)
+                straight.append(rows * f.q2 + columns)
+        empty = np.zeros(0, dtype=np.intp)
+        self._transposed = np.concatenate(transposed) if transposed else empty
+        self._straight = np.concatenate(straight) if straight else empty
+        self._starts = np.array(starts, dtype=np.intp)
+        self._n_first = self._first_positions.shape[1]
+
+    def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
+        """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
+        augmented factor): one inverse of LS gives u and beta from its last row ((-u, -beta, 1) / r) and
+        Omega's inverse from its leading block. None where r^2 was not in LS (an interpolating fit)."""
+        f, q, p = self.factor, self.relcov.q, self.cross.p
+        LS = f.LS
+        r = LS[-1, -1]
+        if r <= 0:
+            return None
+        Linv, info = lapack.dtrtri(LS, lower=1)
+        if info != 0:
+            return None
+        last = -r * Linv[-1]
+        u, beta = last[:q], last[q : q + p]
+        Sigma = f.GRR  # [Z X y]'[Z X y] in the system's columns
+        B = self._rest_transpose(factors, Sigma[:q, :q])
+        head = np.tril(Linv[: q + p, : q + p]) if reml and p else np.tril(Linv[:q, :q])
+        right = np.concatenate([B, Sigma[q : q + p, :q]]) if reml and p else B
+        G = head[:, :q].T @ (head @ right)
+        v = np.empty(q + p + 1)
+        v[:q] = self.relcov.apply(factors, u)
+        v[q : q + p] = beta
+        v[-1] = -1.0
+        Ze = -(Sigma[:q] @ v)
+        return self._combine(np.zeros((0, 1, 1)), G, Ze, u, dof / max(f.r2, _TINY))
+
+    def __call__(self, ev, beta: np.ndarray, u: np.ndarray, reml: bool, dof: int) -> np.ndarray:
+        """The gradient at evaluation `ev` (the factor's last: its templates, R_ZX, R_X, r^2), with beta
+        (relative to cross.beta_ols) and u the conditional modes there."""
+        f, c, relcov = self.factor, self.cross, self.relcov
+        n1, k1, q1, q2, p = f.n1, f.k1, f.q1, f.q2, c.p
+        factors = ev.factors
+        first = q1 > 0
+        T1 = factors[0] if first else np.eye(1)
+
+        L22inv, info = lapack.dtrtri(f.LS[:q2, :q2], lower=1) if q2 else (np.zeros((0, 0)), 0)
+        if info != 0:
+            return np.full(relcov.n_theta, np.nan)
+        L22inv = np.tril(L22inv)
+        Minv22 = L22inv.T @ L22inv
+        B22 = self._rest_transpose(factors, self._ZtZ22)  # Lambda_2' (Z'Z)_22
+        v = relcov.apply(factors, u)  # Lambda u
+        ZtZv = self._ZtZ22 @ v[q1:]  # (Z'Z Lambda u), rest rows
+        if first:
+            # L^{-1}'s block Linv21 = -L22^{-1} L21 L11^{-1}; M^{-1}'s first-term diagonal blocks D and rows Minv21
+            L11inv = 1.0 / f.L11 if k1 == 1 else np.linalg.inv(f.L11)
+            L21 = f.W[:, :q2].T.reshape(q2, n1, k1)
+            Linv21 = -L22inv @ np.matmul(L21.transpose(1, 0, 2), L11inv).transpose(1, 0, 2).reshape(q2, q1)
+            Minv21 = L22inv.T @ Linv21
+            Linv21_3 = Linv21.reshape(q2, n1, k1)
+            D = np.matmul(L11inv.transpose(0, 2, 1), L11inv) + np.einsum("jla,jlc->lac", Linv21_3, Linv21_3)
+            B11 = np.matmul(T1.T, f.G11)  # Lambda_1' (Z'Z)_11, per level
+            B12 = np.matmul(T1.T, self._ZtZ12.reshape(n1, k1, q2)).reshape(q1, q2)
+            B21 = self._rest_transpose(factors, self._ZtZ12.T)
+            G_first = np.matmul(D, B11) + np.einsum("jla,jlb->lab", Minv21.reshape(q2, n1, k1), B21.reshape(q2, n1, k1))
+            G_rest = Minv21 @ B12 + Minv22 @ B22
+            v1 = v[:q1]
+            ZtZv = ZtZv + self._ZtZ12.T @ v1
+            ZtZv1 = np.matmul(f.G11, v1.reshape(n1, k1, 1)).reshape(q1) + self._ZtZ12 @ v[q1:]
+            ZtZv = np.concatenate([ZtZv1, ZtZv])
+        else:
+            G_rest = Minv22 @ B22
+        if reml and p:
+            K = lapack.dtrtrs(ev.RX, ev.RZX.T, lower=0, trans=1)[0].T  # R_ZX R_X^{-1}
+            Y2 = L22inv.T @ K[q1:]
+            Y = Y2
+            if first:
+                Y1 = np.matmul(L11inv.transpose(0, 2, 1), K[:q1].reshape(n1, k1, p)).reshape(q1, p) + Linv21.T @ K[q1:]
+                Y = np.concatenate([Y1, Y2])
+            YRt = lapack.dtrtrs(ev.RX, Y.T, lower=0, trans=0)[0].T  # Y R_X^{-T}
+            W = relcov.apply(factors, Y)  # Lambda Y: (Y' B)' = Z'Z Lambda Y
+            YtB_rest = (W[q1:].T @ self._ZtZ22) + (W[:q1].T @ self._ZtZ12 if first else 0.0)
+            G_rest = G_rest + Y2 @ YtB_rest - YRt[q1:] @ self._XtZ[:, q1:]
+            if first:
+                YtB_first = W[:q1].T.reshape(p, n1, k1)  # (Z'Z Lambda Y)' on the first term's columns:
+                YtB_first = np.einsum("plb,lbc->plc", YtB_first, f.G11) + (W[q1:].T @ self._ZtZ12.T).reshape(p, n1, k1)
+                Y1_3 = Y[:q1].reshape(n1, k1, p)
+                G_first = G_first + np.einsum("lap,plb->lab", Y1_3, YtB_first)
+                XtZ1 = self._XtZ[:, :q1].reshape(p, n1, k1)
+                G_first = G_first - np.einsum("lap,plb->lab", YRt[:q1].reshape(n1, k1, p), XtZ1)
+
+        Ze = c.Zty - ZtZv - c.ZtX @ beta  # Z'e
+        return self._combine(G_first if first else np.zeros((0, 1, 1)), G_rest, Ze, u, dof / max(ev.r2, _TINY))
+
+    def _combine(self, G_first, G_rest, Ze, u, scale) -> np.ndarray:
+        """2 tr(G E_i) - 2 (dof / r^2) e'Z E_i u for every theta entry i, from G's diagonal blocks: the first
+        term's per level (n1, k1, k1), the rest's as one q2 x q2 block."""
+        f = self.factor
+        q1 = f.q1
+        gradient = np.empty(self.relcov.n_theta)
+        if self._n_first:
+            a, b = self._first_positions
+            blocks = G_first.sum(axis=0)
+            modes = Ze[:q1].reshape(f.n1, f.k1).T @ u[:q1].reshape(f.n1, f.k1)
+            gradient[: self._n_first] = 2.0 * blocks[b, a] - 2.0 * scale * modes[a, b]
+        if self._starts.size:
+            Ze2, u2 = Ze[q1:], u[q1:]
+            traces = np.add.reduceat(G_rest.ravel()[self._transposed], self._starts)
+            products = np.add.reduceat(np.multiply.outer(Ze2, u2).ravel()[self._straight], self._starts)
+            gradient[self._n_first :] = 2.0 * traces - 2.0 * scale * products
+        return gradient
+
+    def _rest_transpose(self, factors, M: np.ndarray) -> np.ndarray:
+        """Lambda_2' M for M with q2 rows (the terms after the eliminated one)."""
+        f = self.factor
+        out = np.array(M, dtype=float)
+        for T, k, cols in zip(factors[f.first :], f.rest_ks, f.rest_slices):
+            if k == 1:
+                out[cols] *= T[0, 0]
+            else:
+                size = cols.stop - cols.start
+                out[cols] = np.matmul(T.T, out[cols].reshape(size // k, k, out.shape[1])).reshape(size, out.shape[1])
+        return out
