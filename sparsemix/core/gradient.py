@@ -33,6 +33,8 @@ class ProfiledGradient:
         self._ZtZ22 = f.GRR[: f.q2, : f.q2]
         self._ZtZ12 = f.G1R[:, :, : f.q2].reshape(f.q1, f.q2)
         self._XtZ = np.ascontiguousarray(cross.ZtX.T)
+        self._ZtX3 = cross.ZtX[: f.q1].reshape(f.n1, f.k1, cross.p)  # the first term's, per level
+        self._Zty3 = cross.Zty[: f.q1].reshape(f.n1, f.k1, 1)
         # For each theta entry of the rest's terms, the flat positions (b, a) of G's rest block and (a, b) of
         # Ze u' over the term's levels, concatenated; entry i's sum is np.add.reduceat at starts[i].
         transposed, straight, starts = [], [], []
@@ -79,6 +81,41 @@ class ProfiledGradient:
         v[-1] = -1.0
         Ze = -(Sigma[:q] @ v)
         return self._combine(np.zeros((0, 1, 1)), G, Ze, u, dof / max(f.r2, _TINY))
+
+    def single_term(self, factors, reml: bool, dof: int) -> np.ndarray | None:
+        """The gradient at the factor's last refactorization where the eliminated first term is all there is (q2 = 0:
+        one term with many levels, a growth curve's): M is block diagonal, so everything is per level, k x k.
+        With C = R_X^{-T} (LS's inverse's leading block: LS = [[R_X', 0], [c_beta', r]]) and Y_l = L_l^{-T} R_ZX,l
+        C', the blocks are G_l = (M_l^{-1} + Y_l Y_l') B_l - Y_l C X'Z_l. None where r^2 was not in LS."""
+        f, p = self.factor, self.cross.p
+        n, k = f.n1, f.k1
+        LS = f.LS
+        r = LS[-1, -1]
+        if r <= 0:
+            return None
+        Linv, info = lapack.dtrtri(LS, lower=1)
+        if info != 0:
+            return None
+        beta = -r * Linv[-1, :p]
+        W3 = f.W.reshape(n, k, p + 1)
+        L11inv = 1.0 / f.L11 if k == 1 else np.linalg.inv(f.L11)
+        L11inv_t = L11inv.transpose(0, 2, 1)
+        u3 = np.matmul(L11inv_t, W3 @ np.append(-beta, 1.0)[:, None])  # L^{-T} (c_u - R_ZX beta), (n, k, 1)
+        T = factors[0]
+        B11 = np.matmul(T.T, f.G11)  # Lambda' Z'Z, per level
+        P = np.matmul(L11inv_t, L11inv)  # M^{-1}, per level
+        ZtX3 = self._ZtX3
+        if reml and p:
+            C = np.tril(Linv[:p, :p])
+            Y3 = np.matmul(L11inv_t, W3[:, :, :p] @ C.T)
+            P = P + np.matmul(Y3, Y3.transpose(0, 2, 1))
+            G = np.matmul(P, B11) - np.matmul(Y3 @ C, ZtX3.transpose(0, 2, 1))
+        else:
+            G = np.matmul(P, B11)
+        Ze = self._Zty3 - np.matmul(f.G11, np.matmul(T, u3)) - ZtX3 @ beta[:, None]  # Z'e, (n, k, 1)
+        modes = Ze[:, :, 0].T @ u3[:, :, 0]
+        a, b = self._first_positions
+        return 2.0 * G.sum(axis=0)[b, a] - 2.0 * (dof / max(f.r2, _TINY)) * modes[a, b]
 
     def __call__(self, ev, beta: np.ndarray, u: np.ndarray, reml: bool, dof: int) -> np.ndarray:
         """The gradient at evaluation `ev` (the factor's last: its templates, R_ZX, R_X, r^2), with beta

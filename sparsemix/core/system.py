@@ -402,7 +402,7 @@ class PenalizedSystem:
         factor = self._factor
         if self._gradient is None:
             self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
-        if factor.q1 == 0:  # the whole system in one dense factor: no Evaluation, no solves (gradient.compact)
+        if factor.q1 == 0 or factor.q2 == 0:  # one dense factor, or one term by levels: no Evaluation, no solves
             factors = self.relcov.factors(np.asarray(working, dtype=float))
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 try:
@@ -413,7 +413,8 @@ class PenalizedSystem:
                 self.n_evaluations += 1
                 if not factor.finite:
                     return np.inf, np.zeros(self.relcov.n_theta)
-                gradient = self._gradient.compact(factors, reml, self.dof(reml))
+                compact = self._gradient.compact if factor.q1 == 0 else self._gradient.single_term
+                gradient = compact(factors, reml, self.dof(reml))
             if gradient is not None:
                 return self._deviance(factor.logdet(), factor.logdet_RX2, factor.r2, reml), gradient
         ev = self.evaluate_working(working, reported=False)
