@@ -1,14 +1,18 @@
-"""Small models: the cost of one deviance evaluation, where Python's fixed costs per call outweigh the arithmetic
-(issue 16). sleepstudy (`Reaction ~ Days + (Days | Subject)`, q = 36) and mlmRev's Exam (three correlated
-slopes per school, q = 195), from the committed lme4 fixtures, in each factorization a small system can take:
-the one chosen by default, CHOLMOD's simplicial factor, and the dense path (core/factor.py, DenseFactor).
+"""Small models (issue 16): whole fits from a data frame, the evaluations they take, and the cost of one deviance
+evaluation (with its exact gradient, core/gradient.py), where Python's fixed costs per call outweigh the arithmetic.
+sleepstudy (`Reaction ~ Days + (Days | Subject)`, q = 36), mlmRev's Exam (three correlated slopes per school,
+q = 195) and nlme's Oxboys (a quadratic growth curve with a 3 x 3 covariance per boy), from the committed lme4
+fixtures; one evaluation in each factorization a small system can take: the one chosen by default, CHOLMOD's
+simplicial factor, and the dense path (core/factor.py, DenseFactor).
 """
 
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
+import sparsemix
 from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.threads import fit_threads
 from sparsemix.lme4.design import build_design
@@ -17,17 +21,20 @@ REFERENCE = Path(__file__).resolve().parents[2] / "tests" / "reference"
 MODELS = {
     "sleepstudy": ("sleepstudy.json", None, "Reaction ~ Days + (Days | Subject)"),
     "exam": ("random_slopes.json", "Exam", "normexam ~ standLRT + sex + (standLRT + sex | school)"),
+    "oxboys": ("random_slopes.json", "Oxboys", "height ~ age + I(age^2) + (age + I(age^2) | Subject)"),
 }
+
+
+def model_data(model) -> pd.DataFrame:
+    file, key, _ = MODELS[model]
+    fixture = json.loads((REFERENCE / file).read_text())
+    return pd.DataFrame((fixture if key is None else fixture[key])["data"])
 
 
 def small_system(model, factorization):
     """The model's penalized system (factorization None: the default choice) and lme4's start, in the optimizer's
     coordinates."""
-    file, key, formula = MODELS[model]
-    fixture = json.loads((REFERENCE / file).read_text())
-    if key is not None:
-        fixture = fixture[key]
-    system = build_design(formula, pd.DataFrame(fixture["data"])).system()
+    system = build_design(MODELS[model][2], model_data(model)).system()
     if factorization is not None:
         system = PenalizedSystem(system.cross, system.relcov, factorization=factorization)
     return system, system.relcov.working_theta(system.relcov.start())
@@ -49,3 +56,26 @@ class SmallDeviance:
 
     def time_deviance(self, model, factorization):
         self.system.working_deviance(self.working, True)
+
+    def time_deviance_and_gradient(self, model, factorization):
+        if self.system.supports_gradient:
+            self.system.working_deviance_gradient(self.working, True)
+
+
+class SmallFit:
+    """A whole REML fit, `lmer(formula, data)`, as a user calls it; and the deviance evaluations it takes."""
+
+    params = [list(MODELS)]
+    param_names = ["model"]
+
+    def setup(self, model):
+        self.data = model_data(model)
+        warnings.simplefilter("ignore", sparsemix.SparsemixWarning)  # Exam and Oxboys fit singular
+
+    def time_lmer(self, model):
+        sparsemix.lmer(MODELS[model][2], self.data)
+
+    def track_evaluations(self, model):
+        return sparsemix.lmer(MODELS[model][2], self.data).n_evaluations
+
+    track_evaluations.unit = "evaluations"

@@ -114,9 +114,11 @@ class DenseFactor:
         if self._rest_scalar:
             scales = np.array([T[0, 0] for T in rest] + [1.0])[self._column_term]
             B = self.G1R * scales
-            S = self.GRR * scales * scales[:, None]
+            self.half = self.GRR * scales[:, None]
+            S = self.half * scales
         else:
-            S = self._right_rest(self._right_rest(self.GRR, rest).T, rest)
+            self.half = self._right_rest(self.GRR, rest).T  # blockdiag(Lambda_2, I)' GRR, which the gradient reads
+            S = self._right_rest(self.half, rest)
         if not self.q1:
             self.L11 = np.zeros((0, 1, 1))
             return S, np.zeros((0, S.shape[0])), 0.0

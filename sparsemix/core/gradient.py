@@ -58,29 +58,24 @@ class ProfiledGradient:
 
     def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
-        augmented factor): one inverse of LS gives u and beta from its last row ((-u, -beta, 1) / r) and
-        Omega's inverse from its leading block. None where r^2 was not in LS (an interpolating fit)."""
+        augmented factor): one inverse of LS gives u and beta from its last row ((-u, -beta, 1) / r) and Omega's
+        inverse from its leading block; the refactorization's half product Lambda' Sigma (Sigma = [Z X y]'[Z X y])
+        gives B and Z'e. None where r^2 was not in LS (an interpolating fit)."""
         f, q, p = self.factor, self.relcov.q, self.cross.p
         LS = f.LS
         r = LS[-1, -1]
         if r <= 0:
             return None
-        Linv, info = lapack.dtrtri(LS, lower=1)
+        Linv, info = lapack.dtrtri(LS, lower=1)  # LS's upper triangle is 0, and so is Linv's
         if info != 0:
             return None
-        last = -r * Linv[-1]
-        u, beta = last[:q], last[q : q + p]
-        Sigma = f.GRR  # [Z X y]'[Z X y] in the system's columns
-        B = self._rest_transpose(factors, Sigma[:q, :q])
-        head = np.tril(Linv[: q + p, : q + p]) if reml and p else np.tril(Linv[:q, :q])
-        right = np.concatenate([B, Sigma[q : q + p, :q]]) if reml and p else B
-        G = head[:, :q].T @ (head @ right)
-        v = np.empty(q + p + 1)
-        v[:q] = self.relcov.apply(factors, u)
-        v[q : q + p] = beta
-        v[-1] = -1.0
-        Ze = -(Sigma[:q] @ v)
-        return self._combine(np.zeros((0, 1, 1)), G, Ze, u, dof / max(f.r2, _TINY))
+        last = -r * Linv[-1]  # (u, beta, -1)
+        m = q + p if reml and p else q
+        head = Linv[:m, :m]
+        half = f.half[:, :q]  # Lambda' Z'Z over X'Z over y'Z
+        G = head[:, :q].T @ (head @ half[:m])
+        Ze = -(half.T @ last)
+        return self._combine(np.zeros((0, 1, 1)), G, Ze, last[:q], dof / max(f.r2, _TINY))
 
     def single_term(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where the eliminated first term is all there is (q2 = 0:
