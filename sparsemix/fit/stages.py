@@ -56,7 +56,8 @@ def optimize_system(
     """Minimise system.deviance(theta, reml) from `start_theta` (lme4's start by default). `initial_step`: BOBYQA's
     first step per entry (optimize.warm_step for a start near the optimum); `polish`: the optimum to full
     precision (bootstrap refits and profiles skip it): with method "auto", Newton steps with the average
-    information (scoring.py) where they apply (to 1e-9, or to 1e-6 without `polish`), otherwise BOBYQA and a
+    information (scoring.py) where they apply (to 1e-9, or to 1e-6 without `polish`), L-BFGS-B with the exact
+    gradient for systems held dense (system.supports_gradient; Newton steps with it to finish), otherwise BOBYQA and a
     final Newton step (optimize.newton_polish);
     `ftol`: BOBYQA's stopping rule (optimize.py)."""
     relcov = system.relcov
