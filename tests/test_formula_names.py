@@ -419,3 +419,24 @@ def test_a_stateful_transform_is_fitted_to_each_data_set():
     np.testing.assert_allclose(a.X, b.X, atol=1e-9)  # centred on each data set's own mean
     np.testing.assert_allclose(a.X[:, 1], SLEEP.Days - SLEEP.Days.mean())
     assert a.fixed_info is not b.fixed_info
+
+
+def test_rs_dotted_column_names_are_columns_in_every_part_of_a_formula():
+    """R's data sets name columns with dots (mlmRev's bdf: `IQ.verb`, `langPOST`); to Python `IQ.verb` is the
+    attribute `verb` of `IQ`, and the fit was a FormulaError. The dotted model fits as the one on renamed columns,
+    keeps the names as written, drops rows missing a dotted column and predicts from newdata."""
+    plain = SLEEP.assign(g=SLEEP.Subject)
+    dotted = SLEEP.rename(columns={"Days": "Days.n"}).assign(**{"subject.id": SLEEP.Subject})
+    m = sparsemix.lmer("Reaction ~ Days + np.log(Days + 1) + (Days | g)", plain)
+    d = sparsemix.lmer("Reaction ~ Days.n + np.log(Days.n + 1) + (Days.n | subject.id)", dotted)
+    assert d.llf == pytest.approx(m.llf, rel=1e-12)
+    assert list(d.fe_params.index) == ["(Intercept)", "Days.n", "np.log(Days.n + 1)"]
+    np.testing.assert_allclose(d.fe_params.to_numpy(), m.fe_params.to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(d.predict(dotted.head(5)), m.predict(plain.head(5)), rtol=1e-10)
+    missing = dotted.copy()
+    missing.loc[:9, "Days.n"] = np.nan
+    assert sparsemix.lmer("Reaction ~ Days.n + (1 | subject.id)", missing).design.n_dropped == 10
+    # statsmodels' door reads the same formulas
+    sm_dotted = sparsemix.MixedLM.from_formula("Reaction ~ Days.n", dotted, groups="subject.id", re_formula="~Days.n")
+    sm_plain = sparsemix.MixedLM.from_formula("Reaction ~ Days", plain, groups="g", re_formula="~Days")
+    assert sm_dotted.fit().llf == pytest.approx(sm_plain.fit().llf, rel=1e-12)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import patsy
 
 from ..errors import FormulaError
+from .safety import is_dotted_name
 
 __all__ = ["RandomSpec", "ParsedFormula", "parse_formula"]
 
@@ -180,7 +181,7 @@ def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
     for k in range(1, len(levels) + 1):
         names = tuple(n.strip() for lv in reversed(levels[:k]) for n in lv.split(":"))
         for n in names:
-            if not n.isidentifier():
+            if not (n.isidentifier() or is_dotted_name(n)):  # R's dotted names (school.id) are names too
                 raise FormulaError(
                     _pointed(formula, offset + group.find(n) if n else offset, f"{n!r} is not a variable name")
                 )

@@ -82,13 +82,18 @@ def formula_columns(formulas, columns) -> list:
 
 
 def _read_names(f) -> frozenset:
-    """The names and quoted strings of one formula's text."""
+    """The names and quoted strings of one formula's text, and its dotted chains of names (R's `IQ.verb`)."""
     names = set()
+    chain = ""  # the dotted chain of names ending at the last token
     try:
         for tok in tokenize.generate_tokens(io.StringIO(f).readline):
             if tok.type == tokenize.NAME:
+                chain = chain + tok.string if chain.endswith(".") else tok.string
+                names.add(chain)
                 names.add(tok.string)
-            elif tok.type == tokenize.STRING:  # Q("my column")
+                continue
+            chain = chain + "." if tok.string == "." and chain and not chain.endswith(".") else ""
+            if tok.type == tokenize.STRING:  # Q("my column")
                 try:
                     names.add(ast.literal_eval(tok.string))
                 except (ValueError, SyntaxError):

@@ -7,8 +7,9 @@ numpy's) or of functions in `eval_env`. The Python front doors pass the caller's
 (`formula_environment`); the command line passes none. Python's builtins, names starting with '_', attributes
 other than `np.<function>`, subscripts and lambdas are refused with a FormulaError that names what was refused.
 
-Columns named by Python keywords (`yield`, `class`, `True`) are syntax to Python, so `readable_formula` has
-patsy evaluate such terms as `Q("yield")` while they keep the name written (`log(yield)`).
+Columns named by Python keywords (`yield`, `class`, `True`) are syntax to Python, and R's dotted names (`IQ.verb`,
+mlmRev's bdf) an attribute, so `readable_formula` has patsy evaluate such terms as `Q("yield")`, `Q("IQ.verb")`
+while they keep the name written (`log(yield)`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "check_formula",
     "check_terms",
     "readable_formula",
+    "is_dotted_name",
     "used_environment",
     "quoted_name",
     "numpy_functions_only",
@@ -208,15 +210,16 @@ def check_formula(formula: str, columns, env: patsy.EvalEnvironment, role: str =
 
 def readable_formula(formula: str, columns, role: str = "formula") -> patsy.ModelDesc:
     """patsy's reading of `formula`, where a term that names a column by a Python keyword (`yield`, `class`,
-    `True`; patsy would run it as Python syntax, or as the constant) is evaluated with `Q("yield")` in its place
-    and keeps the name written: `log(yield)`, as lme4 names it."""
+    `True`; patsy would run it as Python syntax, or as the constant) or by R's dotted name (`IQ.verb`: to Python
+    the attribute `verb` of `IQ`) is evaluated with `Q("yield")` in its place and keeps the name written:
+    `log(yield)`, as lme4 names it."""
     try:
         desc = _model_desc(formula) if type(formula) is str else patsy.ModelDesc.from_formula(formula)
     except patsy.PatsyError as exc:
         raise FormulaError(f"cannot read {role} {formula!r}: {exc}") from None
     except (RecursionError, MemoryError):
         raise FormulaError(_too_deep(f"{role} {formula!r}")) from None
-    keywords = {str(c) for c in columns if keyword.iskeyword(str(c))}
+    keywords = {str(c) for c in columns if keyword.iskeyword(str(c)) or is_dotted_name(str(c))}
     if not keywords:
         return desc
 
@@ -260,9 +263,36 @@ def _quoted_factor(factor, keywords):
     return _QuotedFactor(code, factor.code, factor.origin)
 
 
+def is_dotted_name(name: str) -> bool:
+    """R's syntactic names with dots between Python identifiers (`IQ.verb`), which Python reads as an attribute."""
+    parts = name.split(".")
+    return len(parts) > 1 and all(part.isidentifier() for part in parts)
+
+
 def _keyword_spans(code, keywords) -> list[tuple[int, int]]:
-    """(start, end) of the tokens of a one-line term that are keyword-named columns."""
-    return [(t.start[1], t.end[1]) for t in _tokens(code) if t.type == tokenize.NAME and t.string in keywords]
+    """(start, end) of the names of a one-line term that are keyword-named or dotted columns: a keyword token, or
+    the longest chain `a.b.c` of names and dots that is a column (not after a dot: `np.log` stays)."""
+    tokens = _tokens(code)
+    spans: list[tuple[int, int]] = []
+    i = 0
+    while i < len(tokens):
+        t = tokens[i]
+        after_dot = i > 0 and tokens[i - 1].string == "."
+        if t.type != tokenize.NAME or after_dot:
+            i += 1
+            continue
+        end = i  # the longest chain name(.name)* from here that is a column
+        best = i if t.string in keywords else None
+        while end + 2 < len(tokens) and tokens[end + 1].string == "." and tokens[end + 2].type == tokenize.NAME:
+            end += 2
+            if code[t.start[1] : tokens[end].end[1]] in keywords:
+                best = end
+        if best is None:
+            i += 1
+            continue
+        spans.append((t.start[1], tokens[best].end[1]))
+        i = best + 1
+    return spans
 
 
 def check_terms(codes, columns, env: patsy.EvalEnvironment, where: str) -> None:
