@@ -440,3 +440,27 @@ def test_rs_dotted_column_names_are_columns_in_every_part_of_a_formula():
     sm_dotted = sparsemix.MixedLM.from_formula("Reaction ~ Days.n", dotted, groups="subject.id", re_formula="~Days.n")
     sm_plain = sparsemix.MixedLM.from_formula("Reaction ~ Days", plain, groups="g", re_formula="~Days")
     assert sm_dotted.fit().llf == pytest.approx(sm_plain.fit().llf, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "formula", ["Reaction ~ Days", "Reaction ~ 0 + Days + w", "Reaction ~ Days * w + Days:off", "Reaction ~ 1"]
+)
+def test_a_kept_plain_column_design_is_built_as_patsy_builds_it(formula):
+    """Designs whose factors are all bare numeric columns are built without patsy's machinery once kept
+    (mixedlm._plain_columns): the same matrices, names and design as patsy.dmatrices gives."""
+    import patsy
+
+    from sparsemix.formula.mixedlm import fixed_arrays
+    from sparsemix.formula.safety import safe_environment
+
+    data = SLEEP.assign(Days=SLEEP.Days.astype("int32"))  # an integer column is read as float, as patsy does
+    env = safe_environment()
+    fixed_arrays(formula, data, env)  # kept
+    y, X, names, info = fixed_arrays(formula, data, env)
+    py, pX = patsy.dmatrices(formula, data, return_type="matrix")
+    np.testing.assert_array_equal(y, np.asarray(py)[:, 0])
+    np.testing.assert_array_equal(X, np.asarray(pX))
+    assert names == pX.design_info.column_names and X.dtype == np.float64
+    # a missing value goes to patsy, which finds it
+    with pytest.raises(FormulaError, match="missing values"):
+        fixed_arrays(formula.replace("Reaction", "w"), data.assign(w=np.r_[np.nan, data.w.to_numpy()[1:]]), env)

@@ -227,6 +227,17 @@ class _NumericColumns:
             return col.to_numpy()
         return col
 
+    @property
+    def n_rows(self) -> int:
+        return len(self._frame)
+
+    def plain(self, name) -> np.ndarray | None:
+        """Column `name` as float numbers where it is one column of a numpy number dtype, else None."""
+        if name not in self._frame.columns:
+            return None
+        col = self[name]
+        return col.astype(float, copy=False) if isinstance(col, np.ndarray) and col.ndim == 1 else None
+
 
 def patsy_data(frame: pd.DataFrame, desc: patsy.ModelDesc, eval_env):
     """What patsy evaluates `desc` on: `frame`, or its numeric columns as numpy arrays (_NumericColumns) when the
@@ -294,6 +305,30 @@ def _numeric_only(infos) -> bool:
     return all(fi.type == "numerical" for info in infos for fi in info.factor_infos.values())
 
 
+def _plain_columns(infos, source: "_NumericColumns") -> list | None:
+    """The matrices of kept numeric designs whose every factor is a column named bare (`y ~ Days + Days:x`), built
+    as patsy builds them (an intercept of ones, a term the product of its factors' columns, in the designs'
+    column order) without its per-factor machinery; None where a factor is anything else, or a column has a
+    missing value (patsy's NA_action="raise" reports it)."""
+    columns: dict = {}
+    out = []
+    for info in infos:
+        matrix = np.empty((source.n_rows, len(info.column_names)))
+        for term, where in info.term_slices.items():
+            value = np.ones(source.n_rows)
+            for factor in term.factors:
+                code = getattr(factor, "code", None)
+                if code not in columns:
+                    col = source.plain(code) if type(code) is str and code.isidentifier() else None
+                    if col is None or np.isnan(col).any():
+                        return None
+                    columns[code] = col
+                value = value * columns[code]
+            matrix[:, where] = value[:, None]
+        out.append(patsy.DesignMatrix(matrix, info))
+    return out
+
+
 def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_type="matrix"):
     """patsy's `fn` (dmatrix or dmatrices) of `desc` (check_formula's reading of `formula`) on `data` as
     patsy_data gives it, reusing the design of an earlier call where _design_key allows. Raises patsy's errors."""
@@ -301,7 +336,9 @@ def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_
     key = _design_key(fn, formula, desc, data, source, eval_env)
     infos = _NUMERIC_DESIGNS.get(key) if key is not None else None
     if infos is not None:
-        built = patsy.build_design_matrices(list(infos), source, NA_action="raise", return_type=return_type)
+        built = _plain_columns(infos, source) if return_type == "matrix" else None
+        if built is None:
+            built = patsy.build_design_matrices(list(infos), source, NA_action="raise", return_type=return_type)
         return tuple(built) if fn is patsy.dmatrices else built[0]
     result = fn(desc, source, return_type=return_type, NA_action="raise", eval_env=eval_env)
     if key is not None:
