@@ -64,8 +64,13 @@ class LmerDesign:
     def nobs(self) -> int:
         return self.y.shape[0]
 
+    @property
+    def response(self) -> np.ndarray:
+        """What the engine fits: the response less the offset."""
+        return self.y - self.offset
+
     def system(self) -> PenalizedSystem:
-        return build_system(self.X, self.y - self.offset, list(self.terms), weights=self.weights)
+        return build_system(self.X, self.response, list(self.terms), weights=self.weights)
 
 
 def theta_lower_bounds(terms) -> np.ndarray:

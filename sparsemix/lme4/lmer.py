@@ -81,7 +81,7 @@ def lmer(
             )
         fit = fit_lmm(
             design.X,
-            design.y - design.offset,
+            design.response,
             list(design.terms),
             reml=reml,
             weights=design.weights,
