@@ -114,3 +114,51 @@ def test_a_scalar_variance_at_zero_is_probed_into_the_interior():
     assert fit.fit_result.optimization.method == "gradient"
     # statsmodels' and lme4's Group Var relative to the residual's (test_summary_col_with_lme4_standard_errors)
     assert fit.theta[0] ** 2 == pytest.approx(0.1955, abs=5e-5)
+
+
+SCHUR_CASES = [
+    "y ~ 1 + x + (1 + x | a) + (1 | b)",
+    "y ~ 1 + x + (1 | a) + (1 | b) + (1 | c)",
+    "y ~ 1 + x + (1 + x || a) + (1 | b)",
+]
+
+
+def _schur_system(formula) -> PenalizedSystem:
+    from sparsemix.datasets import generate_crossed_slopes
+
+    data = generate_crossed_slopes(n=20_000, n_a=1_500, n_b=120, seed=3)
+    system = build_design(formula, data.assign(c=data.b % 7)).system()
+    return PenalizedSystem(system.cross, system.relcov, factorization="schur")
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("formula", SCHUR_CASES)
+def test_the_schur_forms_gradient_equals_differences_of_the_deviance(formula, reml):
+    """The Schur form with the pair map (core/gradient.py, SchurGradient): a correlated first term (k = 2), a
+    scalar one with two scalar terms after it, and lme4's || (a scalar term of x's values after the first)."""
+    system = _schur_system(formula)
+    assert system.factorization_mode == "schur" and system.supports_gradient
+    rng = np.random.default_rng(7)
+    start = system.relcov.working_theta(system.relcov.start())
+    theta = start + 0.3 * rng.standard_normal(start.size)
+    theta = np.where(system.relcov.lower_bounds == 0, np.abs(theta), theta)
+    deviance, gradient = system.working_deviance_gradient(theta, reml)
+    assert deviance == pytest.approx(system.working_deviance(theta, reml), rel=1e-12)
+    h = 1e-6
+    differences = np.array(
+        [
+            (system.working_deviance(theta + h * e, reml) - system.working_deviance(theta - h * e, reml)) / (2 * h)
+            for e in np.eye(theta.size)
+        ]
+    )
+    assert np.max(np.abs(gradient - differences)) <= 1e-6 * max(1.0, np.max(np.abs(differences)))
+
+
+def test_random_slopes_in_the_schur_form_are_fitted_with_the_gradient_to_bobyqas_optimum():
+    system = _schur_system(SCHUR_CASES[0])
+    by_gradient = optimize_system(system, reml=True)
+    by_bobyqa = optimize_system(system, reml=True, method="bobyqa")
+    assert by_gradient.method == "gradient" and by_gradient.converged
+    assert by_gradient.deviance <= by_bobyqa.deviance + 1e-9 * abs(by_bobyqa.deviance)
+    np.testing.assert_allclose(by_gradient.theta, by_bobyqa.theta, rtol=1e-5, atol=1e-7)
+    assert by_gradient.n_evaluations < by_bobyqa.n_evaluations

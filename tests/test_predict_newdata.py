@@ -419,6 +419,9 @@ def test_a_callers_variable_does_not_stand_in_for_a_missing_column():
         lambda days: pd.to_timedelta(days, "D"),
         lambda days: days + 0j,
         lambda days: pd.Categorical(days),
+        # booleans are no numbers to patsy, whose error message then raised AttributeError (the long fuzz run)
+        lambda days: days > 4,
+        lambda days: pd.array(days > 4, dtype="boolean"),
     ],
 )
 def test_newdata_with_other_values_where_the_fit_read_numbers(fm_int, values):

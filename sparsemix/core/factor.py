@@ -278,6 +278,7 @@ class SchurFactor:
         # pair product along with the update's.
         self._score_wanted = False
         self._score_products: np.ndarray | None = None
+        self.unscaled_update: np.ndarray | None = None  # G H G' at the pair map's destinations, the last update's
         if update not in ("auto", "dense", "pairs", "kernel"):
             raise ValueError(f"unknown Schur update {update!r}: use auto, dense, pairs or kernel")
         # A dense W' = A21 L11^{-T} when A21 is mostly filled (crossed designs) and small: BLAS's syrk then forms
@@ -361,11 +362,12 @@ class SchurFactor:
         or for a scalar first term (n1, c), c weightings at once (a column of products each)."""
         scale = lam[self._pairs.rows] * lam[self._pairs.columns]
         if H.ndim == 2:
-            return self._pairs.apply_scalar(H) * scale[:, None]
+            products = self._pairs.apply_scalar(H)
+            self.unscaled_update = products[:, 0]  # the update's column (the score's trace product may follow)
+            return products * scale[:, None]
         upper = np.triu_indices(self.k1)
-        products = self._pairs.apply_compact(H[:, upper[0], upper[1]])
-        products *= scale
-        return products
+        self.unscaled_update = self._pairs.apply_compact(H[:, upper[0], upper[1]])  # G H G' (core/gradient.py)
+        return self.unscaled_update * scale
 
     def _kernel_update(self, H, lam, S):
         """The kernel writes -G H G' straight into S when Lambda_2 is diagonal (its scales folded into G);
@@ -455,6 +457,48 @@ class SchurFactor:
             return None
         scaled = self._Wt * (h * self._L11[:, 0, 0] ** 2 / theta1**2)[None, :]  # W' = A21 L11^{-T}
         return np.tril(scaled @ self._Wt.T)
+
+    def schur_inverse(self) -> np.ndarray | None:
+        """S^{-1} (q2 x q2, both triangles) at the last refactorization, or None where LAPACK fails."""
+        with dense_threads(self.q2):
+            upper, info = lapack.dpotri(self._LS.T, lower=0)  # Fortran order, as dense_cholesky
+        if info != 0:
+            return None
+        inverse = upper.T  # lower triangle of S^{-1}, C order
+        return np.tril(inverse) + np.tril(inverse, -1).T
+
+    @property
+    def supports_gradient(self) -> bool:
+        """The pair map's update (its unscaled products and its adjoint are what core/gradient.py reads), every
+        term after the first a scalar, and a dense block whose inverse runs (as variance_traces)."""
+        return (
+            self.update == "pairs"
+            and all(t.k == 1 for _, t in self._rest.blocks)
+            and self.q2 <= DENSE_THREADS_MAX_ORDER
+        )
+
+    def destination_rows_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, columns) in S of the pair map's destinations (r >= c)."""
+        return self._pairs.rows, self._pairs.columns
+
+    def cholesky_blocks(self) -> np.ndarray:
+        """The first term's per-level Cholesky factors L_l (M_l = L_l L_l'), (n1, k1, k1)."""
+        return self._L11
+
+    def level_sums(self, values: np.ndarray) -> np.ndarray:
+        """The pair map's adjoint: for X symmetric, given at the destinations (lower triangle), G_l' X G_l for
+        every level l of the first term, (n1, k1, k1)."""
+        pairs = self._pairs
+        weighted = values * pairs.multiplicity
+        k = self.k1
+        out = np.empty((self.q1 // k, k, k))
+        for j, (a, b) in enumerate(zip(*np.triu_indices(k))):
+            column = pairs.transpose_apply(j, weighted)
+            if a == b:
+                out[:, a, a] = column
+            else:
+                out[:, a, b] = out[:, b, a] = column / 2.0
+        return out
 
     def _inverse_transposes(self) -> np.ndarray:
         """L11_l^{-T} for every level l: (n1, k1, k1)."""
@@ -590,6 +634,10 @@ class PairOperator:
         for j in range(1, H.shape[1]):
             out += self._matrices[j] @ H[:, j]
         return out
+
+    def transpose_apply(self, j: int, values: np.ndarray) -> np.ndarray:
+        """The j-th stored map's transpose applied to values at the destinations: one number per level."""
+        return self._matrices[j].T @ values
 
     def apply_scalar(self, weights: np.ndarray) -> np.ndarray:
         """For k = 1, G diag(w) G' at `destinations` for each column w of weights (n1, c): one pass over the map."""

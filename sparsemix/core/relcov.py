@@ -163,6 +163,6 @@ class RelativeCovariance:
             op = T.T if transpose else T
             if k == 1:
                 out[cols] = (op[0, 0] * blk).reshape(n_levels, -1)
-            else:
-                out[cols] = np.einsum("ij,ajm->aim", op, blk).reshape(n_levels * k, -1)
+            else:  # a batched matmul: einsum took 5 ms for 50,000 levels of 2 x 2
+                out[cols] = np.matmul(op, blk).reshape(n_levels * k, -1)
         return out.ravel() if vector else out

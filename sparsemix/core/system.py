@@ -26,7 +26,7 @@ from sksparse.cholmod import CholmodNotPositiveDefiniteError
 from ..errors import RankDeficientError
 from .cross_products import CrossProducts
 from .factor import CholmodFactor, DenseFactor, SchurFactor, schur_applicable
-from .gradient import ProfiledGradient
+from .gradient import ProfiledGradient, SchurGradient
 from .relcov import RelativeCovariance
 from .threads import DENSE_THREADS_MAX_ORDER, blas_threads, single_threaded
 
@@ -134,7 +134,7 @@ class PenalizedSystem:
         self._factor_theta: np.ndarray | None = None
         self._factor_factors: list[np.ndarray] | None = None
         self._last_evaluation: Evaluation | None = None
-        self._gradient: ProfiledGradient | None = None
+        self._gradient: ProfiledGradient | SchurGradient | None = None
 
     # -- pickling: the factorization is dropped and rebuilt on first use ------------------------------------
 
@@ -392,16 +392,21 @@ class PenalizedSystem:
 
     @property
     def supports_gradient(self) -> bool:
-        """Whether `working_deviance_gradient` is available: the system held dense (core/gradient.py)."""
-        return isinstance(self._factor, DenseFactor)
+        """Whether `working_deviance_gradient` is available (core/gradient.py): the system held dense, or in the
+        Schur form with the pair map and scalar terms after the first."""
+        factor = self._factor
+        return isinstance(factor, DenseFactor) or (isinstance(factor, SchurFactor) and factor.supports_gradient)
 
     def working_deviance_gradient(self, working, reml: bool) -> tuple[float, np.ndarray]:
         """The deviance and its exact gradient in the optimizer's coordinates (`supports_gradient` systems);
         where the deviance is not finite, (inf, zeros)."""
         factor = self._factor
         if self._gradient is None:
-            self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
-        if factor.q1 == 0 or factor.q2 == 0:  # one dense factor, or one term by levels: no Evaluation, no solves
+            kind = ProfiledGradient if isinstance(factor, DenseFactor) else SchurGradient
+            self._gradient = kind(factor, self.cross, self.relcov)
+        gradient_of = self._gradient
+        # one dense factor, or one term by levels: no Evaluation, no solves
+        if isinstance(gradient_of, ProfiledGradient) and (factor.q1 == 0 or factor.q2 == 0):
             factors = self.relcov.factors(np.asarray(working, dtype=float))
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 try:
@@ -412,7 +417,7 @@ class PenalizedSystem:
                 self.n_evaluations += 1
                 if not factor.finite:
                     return np.inf, np.zeros(self.relcov.n_theta)
-                compact = self._gradient.compact if factor.q1 == 0 else self._gradient.single_term
+                compact = gradient_of.compact if factor.q1 == 0 else gradient_of.single_term
                 gradient = compact(factors, reml, self.dof(reml))
             if gradient is not None:
                 return self._deviance(factor.logdet(), factor.logdet_RX2, factor.r2, reml), gradient
@@ -422,7 +427,7 @@ class PenalizedSystem:
             return deviance, np.zeros(self.relcov.n_theta)
         beta, u = self.modes(ev)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            gradient = self._gradient(ev, beta, u, reml, self.dof(reml))
+            gradient = gradient_of(ev, beta, u, reml, self.dof(reml))
         return deviance, gradient
 
     def _evaluate(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> Evaluation:

@@ -178,7 +178,7 @@ def minimize_deviance(
         """L-BFGS-B with the exact gradient from x; BOBYQA from its best point where it does not converge."""
         for _ in range(LBFGS_RESTARTS):
             converged, message, end_value, slope = _lbfgs(fg, x, lo, hi, maxiter - count[0], polish)
-            if not converged or (_no_worse(end_value, best[0]) and slope <= LBFGS_RESTART_SLOPE):
+            if not converged or (_no_worse(end_value, best[0]) and slope <= _rounding_slope(end_value)):
                 break
             # Again from the best point, with a fresh memory: it stopped at a stationary point worse than one it
             # passed (a zero variance, where the deviance is even in theta and its gradient 0, reached by a step cut
@@ -407,8 +407,14 @@ LBFGS_FTOL = 1e-12
 LBFGS_RESTARTS = 4
 
 
-# ... and where it stopped with a projected gradient above this (the deviance's change per unit of theta).
+# ... and where it stopped with a projected gradient above this (the deviance's change per unit of theta), or above
+# LBFGS_ROUNDING_SLOPE times the deviance, which is where the gradient's rounding lies (a deviance of 3e6: 2e-3).
 LBFGS_RESTART_SLOPE = 1e-3
+LBFGS_ROUNDING_SLOPE = 1e-8
+
+
+def _rounding_slope(deviance: float) -> float:
+    return max(LBFGS_RESTART_SLOPE, LBFGS_ROUNDING_SLOPE * abs(deviance))
 
 
 def _lbfgs(fg, x0, lower, upper, maxeval, polish):
@@ -430,7 +436,8 @@ def _lbfgs(fg, x0, lower, upper, maxeval, polish):
     message = f"L-BFGS-B: {res.message}"
     projected = np.where((res.x <= lower) & (res.jac > 0) | (res.x >= upper) & (res.jac < 0), 0.0, res.jac)
     slope = float(np.max(np.abs(projected), initial=0.0))
-    return bool(res.status == 0 or (res.status == 2 and slope <= 100 * gtol)), message, float(res.fun), slope
+    settled = slope <= max(100 * gtol, LBFGS_ROUNDING_SLOPE * abs(float(res.fun)))
+    return bool(res.status == 0 or (res.status == 2 and settled)), message, float(res.fun), slope
 
 
 # Entries this close to their lower bound (theta relative to sigma: an sd below 0.1% of the residual's) are

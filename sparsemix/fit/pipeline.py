@@ -44,7 +44,7 @@ def fit_system(
     start (None otherwise); run where the method uses a start and no entry is held fixed (pilot.pilot_wanted).
     `singular_names`: theta's names, for lme4's singular-fit warning (None: the door words its own)."""
     step = None
-    if pilot is not None and pilot_wanted(method, free):
+    if pilot is not None and pilot_wanted(method, free, system):
         start_theta, step = pilot() or (start_theta, None)
     opt = optimize_system(
         system,

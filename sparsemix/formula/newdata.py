@@ -142,8 +142,11 @@ def _check_numeric_columns(frame: pd.DataFrame, design_info) -> None:
         for name in _names_in(factor.code):
             if name in frame.columns and isinstance(frame[name], pd.Series):
                 dtype = frame[name].dtype
-                numeric = pd.api.types.is_bool_dtype(dtype) or (
-                    pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype)
+                # (booleans are no numbers to patsy: its own error message then failed on a frame's dtype)
+                numeric = (
+                    pd.api.types.is_numeric_dtype(dtype)
+                    and not pd.api.types.is_complex_dtype(dtype)
+                    and not pd.api.types.is_bool_dtype(dtype)
                 )
                 if not numeric or dtype.kind in "mM":
                     raise InputError(
