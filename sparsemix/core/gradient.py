@@ -11,7 +11,8 @@ system [[M, Lambda' Z'X], [., X'X]] (log |Omega| = log |L|^2 + log |R_X|^2):
 and the deviance, log |M| + n log r^2 (ML) or log |Omega| + (n - p) log r^2 (REML) plus constants, has gradient
 d log|.| + (dof / r^2) d r^2. Each trace reads only the diagonal k x k blocks of G. DenseFactor's L is
 [[L11, 0], [L21, L22]] with L11 block diagonal (the first term, eliminated level by level) and L22 of order
-q2 <= DENSE_MAX_ORDER, so those blocks cost O(q1 q2^2 + q2^3), never a q x q inverse.
+q2 <= DENSE_MAX_ORDER, so those blocks cost O(q1 q2^2 + q2^3), never a q x q inverse (ProfiledGradient). In the
+Schur form (large crossed designs) the same blocks come from S^{-1} and the pair map (SchurGradient).
 """
 
 from __future__ import annotations
