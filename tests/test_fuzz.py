@@ -290,7 +290,7 @@ def frames(draw, max_rows: int = 60):
                 warnings.simplefilter("ignore")
                 g = pd.factorize(data["g"].astype(str))[0]
                 x = pd.to_numeric(data["x"], errors="coerce").astype(float).to_numpy()
-            effects = rng.normal(size=g.max() + 1)
+            effects = rng.normal(size=max(g.max() + 1, 1))  # (every label missing: codes all -1)
             data["y"] = np.nan_to_num(x) + effects[g] + rng.normal(size=n)
         except (TypeError, ValueError):
             pass
