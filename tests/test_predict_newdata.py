@@ -442,3 +442,23 @@ def test_a_column_aliased_with_itself_is_dropped_from_predictions_too():
     np.testing.assert_allclose(fit.predict(data), fit.fitted, rtol=1e-12)
     reference = sm.lmer("y ~ x + (1 | g)", data)
     np.testing.assert_allclose(fit.predict(data.iloc[:7]), reference.predict(data.iloc[:7]), rtol=1e-9)
+
+
+@pytest.mark.parametrize("door", ["lmer", "MixedLM"])
+def test_newdata_numbers_against_boolean_levels_and_repeated_columns_are_input_errors(door):
+    """Found by the long fuzz run: a fit whose fixed factor is boolean, and newdata with numbers there (pandas'
+    isin raised TypeError 'No matching signature found') or with the column twice (AttributeError on a frame's
+    dtype)."""
+    x = [False, False, False, True, True, False]
+    data = pd.DataFrame({"y": [0.13, -0.13, 0.64, 0.10, 0.30, 0.20], "x": x, "g": [1, 1, 2, 2, 3, 3]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = (
+            sm.lmer("y ~ x + (1 | g)", data)
+            if door == "lmer"
+            else sm.MixedLM.from_formula("y ~ x", data, groups="g").fit()
+        )
+    with pytest.raises(InputError, match=r"level\(s\) the fit did not see: '-132.125' \(1 row\(s\)\)"):
+        fit.predict(pd.DataFrame({"y": [0.1], "x": [-132.125], "g": [1]}))
+    with pytest.raises(InputError, match="more than one column named 'x'"):
+        fit.predict(pd.DataFrame([[0.1, True, False, 1]], columns=["y", "x", "x", "g"]))

@@ -95,6 +95,13 @@ def require_model_columns(frame: pd.DataFrame, needs: list[tuple[str, list]]) ->
             f"newdata has no column {listed}; add the column(s) the model was fitted with. "
             f"newdata's columns: {', '.join(map(str, frame.columns[:20]))}."
         )
+    used = {c for _, cols in needs for c in cols}
+    twice = sorted({str(c) for c in frame.columns[frame.columns.duplicated()] if c in used})
+    if twice:
+        raise InputError(
+            f"newdata has more than one column named {', '.join(map(repr, twice))}, which the model reads; "
+            "keep one of each (newdata.loc[:, ~newdata.columns.duplicated()])."
+        )
 
 
 def model_frame(frame: pd.DataFrame, needs: list[tuple[str, list]]) -> pd.DataFrame:
@@ -179,7 +186,7 @@ def _check_fixed_levels(frame: pd.DataFrame, design_info) -> None:
         uniques = pd.unique(values.astype(object) if isinstance(values.dtype, pd.CategoricalDtype) else values)
         new = [v for v in uniques if v not in seen]
         if new:
-            rows = int(values.isin(new).sum())
+            rows = int(values.astype(object).isin(new).sum())  # (objects: numbers against boolean levels)
             shown = ", ".join(repr(level_name(v)) for v in new[:5]) + (", ..." if len(new) > 5 else "")
             fitted = ", ".join(repr(level_name(v)) for v in fi.categories[:10])
             more = ", ..." if len(fi.categories) > 10 else ""
