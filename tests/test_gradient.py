@@ -64,20 +64,26 @@ def _dense_system(name, formula, weights) -> PenalizedSystem:
 def test_the_gradient_equals_differences_of_the_deviance(name, formula, weights, reml):
     system = _dense_system(name, formula, weights)
     rng = np.random.default_rng(len(formula))
-    start = system.relcov.working_theta(system.relcov.start())
     for _ in range(2):
-        theta = start + 0.3 * rng.standard_normal(start.size)
-        theta = np.where(system.relcov.lower_bounds == 0, np.abs(theta), theta)
-        deviance, gradient = system.working_deviance_gradient(theta, reml)
-        assert deviance == pytest.approx(system.working_deviance(theta, reml), rel=1e-12)
-        h = 1e-6
-        differences = np.array(
-            [
-                (system.working_deviance(theta + h * e, reml) - system.working_deviance(theta - h * e, reml)) / (2 * h)
-                for e in np.eye(theta.size)
-            ]
-        )
-        assert np.max(np.abs(gradient - differences)) <= 1e-6 * max(1.0, np.max(np.abs(differences)))
+        _check_against_differences(system, reml, rng)
+
+
+def _check_against_differences(system, reml, rng):
+    """At a random theta near lme4's start: the deviance as working_deviance gives it, and the gradient equal to
+    central differences of it to 1e-6 (relative to the largest entry)."""
+    start = system.relcov.working_theta(system.relcov.start())
+    theta = start + 0.3 * rng.standard_normal(start.size)
+    theta = np.where(system.relcov.lower_bounds == 0, np.abs(theta), theta)
+    deviance, gradient = system.working_deviance_gradient(theta, reml)
+    assert deviance == pytest.approx(system.working_deviance(theta, reml), rel=1e-12)
+    h = 1e-6
+    differences = np.array(
+        [
+            (system.working_deviance(theta + h * e, reml) - system.working_deviance(theta - h * e, reml)) / (2 * h)
+            for e in np.eye(theta.size)
+        ]
+    )
+    assert np.max(np.abs(gradient - differences)) <= 1e-6 * max(1.0, np.max(np.abs(differences)))
 
 
 def test_the_first_term_is_eliminated_where_the_system_is_large():
@@ -138,20 +144,7 @@ def test_the_schur_forms_gradient_equals_differences_of_the_deviance(formula, re
     scalar one with two scalar terms after it, and lme4's || (a scalar term of x's values after the first)."""
     system = _schur_system(formula)
     assert system.factorization_mode == "schur" and system.supports_gradient
-    rng = np.random.default_rng(7)
-    start = system.relcov.working_theta(system.relcov.start())
-    theta = start + 0.3 * rng.standard_normal(start.size)
-    theta = np.where(system.relcov.lower_bounds == 0, np.abs(theta), theta)
-    deviance, gradient = system.working_deviance_gradient(theta, reml)
-    assert deviance == pytest.approx(system.working_deviance(theta, reml), rel=1e-12)
-    h = 1e-6
-    differences = np.array(
-        [
-            (system.working_deviance(theta + h * e, reml) - system.working_deviance(theta - h * e, reml)) / (2 * h)
-            for e in np.eye(theta.size)
-        ]
-    )
-    assert np.max(np.abs(gradient - differences)) <= 1e-6 * max(1.0, np.max(np.abs(differences)))
+    _check_against_differences(system, reml, np.random.default_rng(7))
 
 
 def test_random_slopes_in_the_schur_form_are_fitted_with_the_gradient_to_bobyqas_optimum():
