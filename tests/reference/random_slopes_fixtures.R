@@ -47,7 +47,23 @@ sets <- list(
                    c("early_ml", "cog ~ age * trt + (age | id)", FALSE))),
   list(dataset = "nlme::BodyWeight", data = plain(nlme::BodyWeight[, c("weight", "Time", "Rat", "Diet")]),
        fits = list(c("bodyweight_reml", "weight ~ Time * Diet + (Time | Rat)", TRUE),
-                   c("bodyweight_ml", "weight ~ Time * Diet + (Time | Rat)", FALSE)))
+                   c("bodyweight_ml", "weight ~ Time * Diet + (Time | Rat)", FALSE))),
+  # More published data sets, fitted as users fit them (issue 16: the optimizer's checks on data nobody tuned to)
+  list(dataset = "nlme::Machines", data = plain(nlme::Machines[, c("score", "Machine", "Worker")]),
+       fits = list(c("machines_nested_reml", "score ~ Machine + (1 | Worker) + (1 | Worker:Machine)", TRUE),
+                   c("machines_slopes_ml", "score ~ Machine + (Machine | Worker)", FALSE))),
+  list(dataset = "nlme::Pixel", data = plain(nlme::Pixel[, c("pixel", "day", "Dog", "Side")]),
+       fits = list(c("pixel_reml", "pixel ~ day + I(day^2) + (day | Dog) + (1 | Side:Dog)", TRUE))),
+  list(dataset = "nlme::Dialyzer", data = plain(nlme::Dialyzer[, c("rate", "pressure", "QB", "Subject")]),
+       fits = list(c("dialyzer_ml", "rate ~ pressure + I(pressure^2) + QB + (pressure + I(pressure^2) | Subject)",
+                     FALSE))),
+  list(dataset = "mlmRev::Hsb82", data = plain(Hsb82[, c("mAch", "meanses", "sx", "cses", "school")]),
+       fits = list(c("hsb82_reml", "mAch ~ meanses + sx * cses + (1 + cses | school)", TRUE))),
+  list(dataset = "mlmRev::bdf", data = plain(bdf[, c("langPOST", "IQ.verb", "sex", "ses", "schoolNR")]),
+       fits = list(c("bdf_ml", "langPOST ~ IQ.verb + sex + ses + (IQ.verb | schoolNR)", FALSE))),
+  list(dataset = "mlmRev::egsingle", data = plain(egsingle[, c("math", "year", "size", "female", "childid",
+                                                               "schoolid")]),
+       fits = list(c("egsingle_reml", "math ~ year * size + female + (year | childid) + (year | schoolid)", TRUE)))
 )
 
 out <- lapply(sets, function(s) {
