@@ -46,8 +46,7 @@ def test_at_least_lme4s_optimum_on_published_data(key, name):
     assert m.llf <= ref["logLik"] + 1e-3  # the same optimum (lme4 stops short by up to 1e-4 here)
     assert m.is_singular == ref["isSingular"]
     ours = {
-        name.replace("[T.", "").replace("]", "").replace(" ** ", "^"): value
-        for name, value in m.fe_params.items()
+        name.replace("[T.", "").replace("]", "").replace(" ** ", "^"): value for name, value in m.fe_params.items()
     }  # patsy's names in R's spelling
     assert set(ours) == set(ref["beta"])
     np.testing.assert_allclose([ours[n] for n in ref["beta"]], list(ref["beta"].values()), rtol=1e-3, atol=1e-4)
