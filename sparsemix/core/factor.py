@@ -334,9 +334,7 @@ class SchurFactor:
             half = _batched_lower_solve(self._L11, np.broadcast_to(T1.T, self._L11.shape))  # L11_l^{-1} T1'
             H = np.matmul(np.transpose(half, (0, 2, 1)), half)
         rest = factors[1:]
-        lam: np.ndarray | None = None
-        if all(T.shape == (1, 1) for T in rest):  # Lambda_2 diagonal: one scale per row of S
-            lam = np.concatenate([np.full(n, T[0, 0]) for (n, _), T in zip(self._rest.blocks, rest)])
+        lam = self.rest_scales(factors)  # Lambda_2 diagonal: one scale per row of S
         if self.update == "pairs":
             if lam is not None:
                 if self.k1 == 1 and self._score_wanted:
@@ -410,14 +408,9 @@ class SchurFactor:
             return None
         lam = np.repeat(lam_terms, sizes)
         self._score_wanted = True
-        with dense_threads(self.q2):
-            if single:
-                upper, info = lapack.spotri(self._LS.T.astype(np.float32), lower=0)
-            else:
-                upper, info = lapack.dpotri(self._LS.T, lower=0)  # Fortran order, as dense_cholesky
-        if info != 0:
+        inverse = self._inverse_lower(single)
+        if inverse is None:
             return None
-        inverse = upper.T  # lower triangle of S^{-1}, C order
         trace = self._level_trace(inverse, lam, factors[0][0, 0])
         if trace is None:
             return None
@@ -458,14 +451,27 @@ class SchurFactor:
         scaled = self._Wt * (h * self._L11[:, 0, 0] ** 2 / theta1**2)[None, :]  # W' = A21 L11^{-T}
         return np.tril(scaled @ self._Wt.T)
 
+    def _inverse_lower(self, single: bool = False) -> np.ndarray | None:
+        """The lower triangle of S^{-1} (C order; the upper holds what LAPACK left) at the last refactorization,
+        by one potri (`single`: in single precision), or None where LAPACK fails."""
+        with dense_threads(self.q2):
+            if single:
+                upper, info = lapack.spotri(self._LS.T.astype(np.float32), lower=0)
+            else:
+                upper, info = lapack.dpotri(self._LS.T, lower=0)  # Fortran order, as dense_cholesky
+        return upper.T if info == 0 else None
+
     def schur_inverse(self) -> np.ndarray | None:
         """S^{-1} (q2 x q2, both triangles) at the last refactorization, or None where LAPACK fails."""
-        with dense_threads(self.q2):
-            upper, info = lapack.dpotri(self._LS.T, lower=0)  # Fortran order, as dense_cholesky
-        if info != 0:
+        inverse = self._inverse_lower()
+        return None if inverse is None else np.tril(inverse) + np.tril(inverse, -1).T
+
+    def rest_scales(self, factors) -> np.ndarray | None:
+        """Lambda_2's diagonal (one scale per column after the first term) where every later term is scalar."""
+        rest = factors[1:]
+        if not all(T.shape == (1, 1) for T in rest):
             return None
-        inverse = upper.T  # lower triangle of S^{-1}, C order
-        return np.tril(inverse) + np.tril(inverse, -1).T
+        return np.concatenate([np.full(n, T[0, 0]) for (n, _), T in zip(self._rest.blocks, rest)])
 
     @property
     def supports_gradient(self) -> bool:

@@ -32,6 +32,7 @@ class ProfiledGradient:
     def __init__(self, factor, cross, relcov):
         self.factor, self.cross, self.relcov = factor, cross, relcov
         f = factor
+        self._rest = relcov.__class__(relcov.blocks[f.first :])  # Lambda_2: the terms after the eliminated one
         self._ZtZ22 = f.GRR[: f.q2, : f.q2]
         self._ZtZ12 = f.G1R[:, :, : f.q2].reshape(f.q1, f.q2)
         self._XtZ = np.ascontiguousarray(cross.ZtX.T)
@@ -95,7 +96,7 @@ class ProfiledGradient:
             return None
         beta = -r * Linv[-1, :p]
         W3 = f.W.reshape(n, k, p + 1)
-        L11inv = 1.0 / f.L11 if k == 1 else np.linalg.inv(f.L11)
+        L11inv = _lower_inverses(f.L11)
         L11inv_t = L11inv.transpose(0, 2, 1)
         u3 = np.matmul(L11inv_t, W3 @ np.append(-beta, 1.0)[:, None])  # L^{-T} (c_u - R_ZX beta), (n, k, 1)
         T = factors[0]
@@ -128,12 +129,12 @@ class ProfiledGradient:
             return np.full(relcov.n_theta, np.nan)
         L22inv = np.tril(L22inv)
         Minv22 = L22inv.T @ L22inv
-        B22 = self._rest_transpose(factors, self._ZtZ22)  # Lambda_2' (Z'Z)_22
+        B22 = self._rest.apply_transpose(factors[f.first :], self._ZtZ22)  # Lambda_2' (Z'Z)_22
         v = relcov.apply(factors, u)  # Lambda u
         ZtZv = self._ZtZ22 @ v[q1:]  # (Z'Z Lambda u), rest rows
         if first:
             # L^{-1}'s block Linv21 = -L22^{-1} L21 L11^{-1}; M^{-1}'s first-term diagonal blocks D and rows Minv21
-            L11inv = 1.0 / f.L11 if k1 == 1 else np.linalg.inv(f.L11)
+            L11inv = _lower_inverses(f.L11)
             L21 = f.W[:, :q2].T.reshape(q2, n1, k1)
             Linv21 = -L22inv @ np.matmul(L21.transpose(1, 0, 2), L11inv).transpose(1, 0, 2).reshape(q2, q1)
             Minv21 = L22inv.T @ Linv21
@@ -141,7 +142,7 @@ class ProfiledGradient:
             D = np.matmul(L11inv.transpose(0, 2, 1), L11inv) + np.einsum("jla,jlc->lac", Linv21_3, Linv21_3)
             B11 = np.matmul(T1.T, f.G11)  # Lambda_1' (Z'Z)_11, per level
             B12 = np.matmul(T1.T, self._ZtZ12.reshape(n1, k1, q2)).reshape(q1, q2)
-            B21 = self._rest_transpose(factors, self._ZtZ12.T)
+            B21 = self._rest.apply_transpose(factors[f.first :], self._ZtZ12.T)
             G_first = np.matmul(D, B11) + np.einsum("jla,jlb->lab", Minv21.reshape(q2, n1, k1), B21.reshape(q2, n1, k1))
             G_rest = Minv21 @ B12 + Minv22 @ B22
             v1 = v[:q1]
@@ -190,18 +191,6 @@ class ProfiledGradient:
             gradient[self._n_first :] = 2.0 * traces - 2.0 * scale * products
         return gradient
 
-    def _rest_transpose(self, factors, M: np.ndarray) -> np.ndarray:
-        """Lambda_2' M for M with q2 rows (the terms after the eliminated one)."""
-        f = self.factor
-        out = np.array(M, dtype=float)
-        for T, k, cols in zip(factors[f.first :], f.rest_ks, f.rest_slices):
-            if k == 1:
-                out[cols] *= T[0, 0]
-            else:
-                size = cols.stop - cols.start
-                out[cols] = np.matmul(T.T, out[cols].reshape(size // k, k, out.shape[1])).reshape(size, out.shape[1])
-        return out
-
 
 class SchurGradient:
     """d deviance / d theta for a system in the Schur form (core/factor.py, SchurFactor with the pair map): the
@@ -235,9 +224,9 @@ class SchurGradient:
         n1 = q1 // k
         factors = ev.factors
         T = factors[0]
-        lam = np.concatenate([np.full(n, F[0, 0]) for (n, _), F in zip(relcov.blocks[1:], factors[1:])])
+        lam = f.rest_scales(factors)
         P = f.schur_inverse()
-        if P is None or f.unscaled_update is None:
+        if lam is None or P is None or f.unscaled_update is None:
             return np.full(relcov.n_theta, np.nan)
         rows, cols = f.destination_rows_columns()
         Pd = P[rows, cols]

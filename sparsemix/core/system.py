@@ -408,14 +408,9 @@ class PenalizedSystem:
         # one dense factor, or one term by levels: no Evaluation, no solves
         if isinstance(gradient_of, ProfiledGradient) and (factor.q1 == 0 or factor.q2 == 0):
             factors = self.relcov.factors(np.asarray(working, dtype=float))
+            self._last_evaluation = None
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                try:
-                    factor.refactor(None, factors)
-                except (la.LinAlgError, ValueError):
-                    factor.finite = False
-                self._factor_theta, self._factor_factors, self._last_evaluation = None, factors, None
-                self.n_evaluations += 1
-                if not factor.finite:
+                if not self._refactor_dense(None, factors) or not factor.finite:
                     return np.inf, np.zeros(self.relcov.n_theta)
                 compact = gradient_of.compact if factor.q1 == 0 else gradient_of.single_term
                 gradient = compact(factors, reml, self.dof(reml))
@@ -480,18 +475,25 @@ class PenalizedSystem:
         self._last_evaluation = evaluation
         return evaluation
 
+    def _refactor_dense(self, theta, factors) -> bool:
+        """Refactor the DenseFactor at the templates `factors` (reporting as `theta`); False where LAPACK found
+        the system not positive definite (the caller's evaluation is infeasible)."""
+        try:
+            self._factor.refactor(None, factors)
+        except (la.LinAlgError, ValueError):
+            self._factor_theta = None
+            return False
+        self._factor_theta = None if theta is None else np.array(theta, dtype=float)
+        self._factor_factors = factors
+        self.n_evaluations += 1
+        return True
+
     def _evaluate_dense(self, theta, factors, infeasible) -> Evaluation:
         """_evaluate's steps, all in DenseFactor's one factorization of the augmented matrix."""
         factor = self._factor
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            try:
-                factor.refactor(None, factors)
-            except (la.LinAlgError, ValueError):
-                self._factor_theta = None
+            if not self._refactor_dense(theta, factors):
                 return infeasible()
-            self._factor_theta = None if theta is None else np.array(theta, dtype=float)
-            self._factor_factors = factors
-            self.n_evaluations += 1
             RZX, cu, RX, cbeta, r2, logdet_RX2 = factor.parts()
         if not factor.finite:  # overflow or rounding lost A + I's or X'V^{-1}X's positive definiteness
             return infeasible(RZX, cu)

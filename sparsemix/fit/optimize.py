@@ -336,23 +336,33 @@ def newton_polish(f, x, fx, lower, upper):
                 hess[a, b] = hess[b, a] = (shifted(x, (a, 1), (b, 1)) - plus[a] - plus[b] + fx) / (hm[a] * hm[b])
     if not (np.all(np.isfinite(hess)) and np.all(np.isfinite(grad))):
         return x, fx  # a deviance that is not finite near x (a residual variance near 0): nothing to polish
+    return _newton_steps(
+        x, fx, grad, hess, moving, hm, lower, upper, lambda y: (f(y), None), lambda y, fy, _: central(y, fy)[0]
+    )
+
+
+def _newton_steps(x, fx, grad, hess, moving, h, lower, upper, evaluate, gradient_at):
+    """Up to POLISH_MAX_NEWTON_STEPS Newton steps on the `moving` entries with one Hessian: each kept only if it
+    is finite, shorter than POLISH_MAX_STEPS difference steps `h` and not worse; repeated while it moves theta by
+    more than POLISH_REPEAT_ABOVE. `evaluate(y)` -> (deviance, what gradient_at may reuse), `gradient_at(y, fy,
+    that)` -> the gradient's moving entries, asked only before a repeat."""
     try:
         hess_factor = la.cho_factor(hess)
     except la.LinAlgError:
         return x, fx  # not a strict local minimum in these coordinates: leave it
     for _ in range(POLISH_MAX_NEWTON_STEPS):
         step = -la.cho_solve(hess_factor, grad)
-        if not np.all(np.isfinite(step)) or np.any(np.abs(step) > POLISH_MAX_STEPS * hm):
+        if not np.all(np.isfinite(step)) or np.any(np.abs(step) > POLISH_MAX_STEPS * h):
             return x, fx
         y = x.copy()
         y[moving] = np.clip(x[moving] + step, lower[moving], upper[moving])
-        fy = f(y)
+        fy, extra = evaluate(y)
         if not _no_worse(fy, fx):
             return x, fx
         x, fx = y, fy
         if np.all(np.abs(step) <= POLISH_REPEAT_ABOVE * np.maximum(np.abs(x[moving]), 1.0)):
             break
-        grad = central(x, fx)[0]
+        grad = gradient_at(x, fx, extra)
     return x, fx
 
 
@@ -373,24 +383,7 @@ def gradient_polish(fg, x, fx, lower, upper):
     hess = (hess + hess.T) / 2
     if not np.all(np.isfinite(hess)):
         return x, fx
-    try:
-        hess_factor = la.cho_factor(hess)
-    except la.LinAlgError:
-        return x, fx  # not a strict local minimum in these coordinates: leave it
-    grad = gx[moving]
-    for _ in range(POLISH_MAX_NEWTON_STEPS):
-        step = -la.cho_solve(hess_factor, grad)
-        if not np.all(np.isfinite(step)) or np.any(np.abs(step) > POLISH_MAX_STEPS * h[moving]):
-            return x, fx
-        y = x.copy()
-        y[moving] = np.clip(x[moving] + step, lower[moving], upper[moving])
-        fy, gy = fg(y)
-        if not _no_worse(fy, fx):
-            return x, fx
-        x, fx, grad = y, fy, gy[moving]
-        if np.all(np.abs(step) <= POLISH_REPEAT_ABOVE * np.maximum(np.abs(x[moving]), 1.0)):
-            break
-    return x, fx
+    return _newton_steps(x, fx, gx[moving], hess, moving, h[moving], lower, upper, fg, lambda y, fy, gy: gy[moving])
 
 
 # L-BFGS-B stops where every entry of the projected gradient is below this (deviance units per unit of theta in
