@@ -83,13 +83,29 @@ class CrossProducts:
             beta_ols=beta,
         )
 
+    def response_sums(
+        self, X: np.ndarray, Z: sp.csc_matrix, Y: np.ndarray, weights: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Many responses (the columns of Y, n x R) at once, as with_response holds one: (Z'y: q x R, X'y: p x R,
+        y'y: R, beta_ols: p x R), least-squares shifted."""
+        Xw, Zw, _ = _weighted(np.asarray(X, dtype=float), Z, weights)
+        Yw = np.asarray(Y, dtype=float)
+        Yw = Yw if weights is None else Yw * np.sqrt(np.asarray(weights, dtype=float))[:, None]
+        return _shifted_sums(Xw, sp.csr_matrix(Zw.T), Yw, self.p)
+
     def _with_weighted_response(self, X, Zt, y) -> "CrossProducts":
-        beta_ols = np.zeros(self.p)
-        r = y
-        for _ in range(2 if self.p else 0):  # a second pass removes what rounding left of X's span in r
-            beta_ols = beta_ols + np.linalg.lstsq(X, r, rcond=None)[0]
-            r = y - X @ beta_ols
-        return replace(self, Zty=np.asarray(Zt @ r).ravel(), Xty=X.T @ r, yty=float(r @ r), beta_ols=beta_ols)
+        Zty, Xty, yty, beta_ols = _shifted_sums(X, Zt, y[:, None], self.p)
+        return replace(self, Zty=Zty[:, 0], Xty=Xty[:, 0], yty=float(yty[0]), beta_ols=beta_ols[:, 0])
+
+
+def _shifted_sums(X, Zt, Y, p):
+    """Z'r, X'r, r'r and beta_ols for the residuals r = Y - X beta_ols of each column of Y from least squares on X."""
+    beta_ols = np.zeros((p, Y.shape[1]))
+    r = Y
+    for _ in range(2 if p else 0):  # a second pass removes what rounding left of X's span in r
+        beta_ols = beta_ols + np.linalg.lstsq(X, r, rcond=None)[0]
+        r = Y - X @ beta_ols
+    return np.asarray(Zt @ r), X.T @ r, np.einsum("ij,ij->j", r, r), beta_ols
 
 
 def _weighted(X, Z, weights):

@@ -81,6 +81,13 @@ class _BlockPair:
     positions: np.ndarray  # A.data positions of those entries
 
 
+def profiled_deviance_value(logdet_L2, logdet_RX2, r2, nu: int, sum_log_weights: float, reml: bool):
+    """The profiled deviance from an evaluation's log-determinants and r^2 (numbers, or arrays of them), with
+    nu = n (ML) or n - p (REML) degrees of freedom."""
+    dev = logdet_L2 + nu * (1.0 + LOG_2PI + np.log(r2 / nu)) - sum_log_weights
+    return dev + logdet_RX2 if reml else dev
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """Everything one evaluation at theta produces; enough for the deviance and for the solution."""
@@ -529,10 +536,10 @@ class PenalizedSystem:
         return self._deviance(ev.logdet_L2, ev.logdet_RX2, ev.r2, reml)
 
     def _deviance(self, logdet_L2: float, logdet_RX2: float, r2: float, reml: bool) -> float:
-        nu = self.dof(reml)
         r2 = r2 if r2 > 0 else np.finfo(float).tiny  # an interpolating fit: r2 underflows, deviance -> -inf
-        dev = logdet_L2 + nu * (1.0 + LOG_2PI + np.log(r2 / nu)) - self.cross.sum_log_weights
-        return float(dev + logdet_RX2) if reml else float(dev)
+        return float(
+            profiled_deviance_value(logdet_L2, logdet_RX2, r2, self.dof(reml), self.cross.sum_log_weights, reml)
+        )
 
     def deviance_at_sigma2(self, theta, sigma2: float, reml: bool) -> float:
         """The same criterion with sigma^2 given rather than profiled (beta still profiled)."""

@@ -178,7 +178,7 @@ def minimize_deviance(
         """L-BFGS-B with the exact gradient from x; BOBYQA from its best point where it does not converge."""
         for _ in range(LBFGS_RESTARTS):
             converged, message, end_value, slope = _lbfgs(fg, x, lo, hi, maxiter - count[0], polish)
-            if not converged or (_no_worse(end_value, best[0]) and slope <= _rounding_slope(end_value)):
+            if not converged or (no_worse(end_value, best[0]) and slope <= _rounding_slope(end_value)):
                 break
             # Again from the best point, with a fresh memory: it stopped at a stationary point worse than one it
             # passed (a zero variance, where the deviance is even in theta and its gradient 0, reached by a step cut
@@ -357,7 +357,7 @@ def _newton_steps(x, fx, grad, hess, moving, h, lower, upper, evaluate, gradient
         y = x.copy()
         y[moving] = np.clip(x[moving] + step, lower[moving], upper[moving])
         fy, extra = evaluate(y)
-        if not _no_worse(fy, fx):
+        if not no_worse(fy, fx):
             return x, fx
         x, fx = y, fy
         if np.all(np.abs(step) <= POLISH_REPEAT_ABOVE * np.maximum(np.abs(x[moving]), 1.0)):
@@ -448,15 +448,15 @@ def _snap_to_lower_bounds(f, x, fx, lower):
         y = x.copy()
         y[group] = lower[group]
         fy = f(y)
-        if _no_worse(fy, fx):
+        if no_worse(fy, fx):
             x, fx = y, fy
     return x, fx
 
 
-def _no_worse(fy: float, fx: float) -> bool:
+def no_worse(fy, fx):
     """Whether fy is not measurably worse than fx: near BOBYQA's end point the polish's gains and the snap's
-    losses are at rounding level, so they are compared with a relative 1e-12."""
-    return fy <= fx + 1e-12 * max(1.0, abs(fx))
+    losses are at rounding level, so they are compared with a relative 1e-12 (numbers, or arrays of them)."""
+    return fy <= fx + 1e-12 * np.maximum(1.0, np.abs(fx))
 
 
 # Stopping rule for BOBYQA: a change of the deviance (-2 log L) below 1e-10, or of every theta entry below

@@ -22,7 +22,7 @@ from .optimize import DEFAULT_OPTIMIZER
 from .pilot import pilot_start, pilot_wanted
 from .stages import build_fit, build_system, optimize_system, warn_if_singular
 
-__all__ = ["fit_system", "fit_lmm"]
+__all__ = ["fit_system", "fit_lmm", "finish_fit"]
 
 # (theta, BOBYQA's first step) for the full fit, or None where no pilot pays
 Pilot = Callable[[], "tuple[np.ndarray, np.ndarray] | None"]
@@ -57,6 +57,13 @@ def fit_system(
         progress=progress,
         initial_step=step,
     )
+    return finish_fit(system, opt, reml, free, singular_names)
+
+
+def finish_fit(system: PenalizedSystem, opt, reml: bool, free=None, singular_names: list[str] | None = None) -> LmmFit:
+    """The fit at the optimizer's end point `opt` (an OptimizationResult, however it was found: fit_system's
+    optimizer, or fit/many.py's batched steps): solved there, a residual variance of zero refused, lme4's
+    singular-fit warning given."""
     fit = build_fit(system, opt, reml, free)
     checks.check_residual_variance(fit.sigma2, system.cross.n, system.cross.yty / max(system.cross.n, 1))
     if singular_names is not None:

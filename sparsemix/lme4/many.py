@@ -1,26 +1,41 @@
-"""One model, many responses: `lmer_many(formula, data, responses)`, the first response fitted by `lmer`
-and each further one by `LmerResults.refit(y)` (lme4's `refit(object, newresp)`, results.py).
+"""One model, many responses: `lmer_many(formula, data, responses)`, the first response fitted by `lmer`, the
+others together from its theta.
 
-Only the response changes between the fits, so each refit reuses the design (X, Z and the terms, read once by
-build_design), the cross-products' fixed part Z'Z, Z'X, X'X (CrossProducts.with_response recomputes Z'y, X'y,
-y'y only) and CHOLMOD's symbolic analysis (PenalizedSystem.with_response hands the analysed factor on from fit
-to fit), and starts the optimizer from the fitted theta with a warm first step. Each fit then goes through the
-one pipeline (fit.pipeline.fit_system) with the full-precision polish: the result is the fit a fresh `lmer` on
-data holding that response gives, to the optimizer's precision (~1e-8 in theta).
+Only the response changes between the fits, so they share the design (X, Z and the terms, read once by
+build_design) and the cross-products' fixed part Z'Z, Z'X, X'X; each response adds only its sums Z'y, X'y,
+y'y (CrossProducts.response_sums, one sparse product for all). Where the first fit's system is held dense (small
+designs), every response's optimum is found at once by batched Newton steps (fit/many.py over
+core/batched.py: the deviance of all responses in whole-array operations); a response those steps do not settle
+(an optimum near a boundary, or no convergence) is fitted by `LmerResults.refit(y)` (lme4's
+`refit(object, newresp)`, results.py), which goes through the one pipeline with its boundary checks, as every
+response does where the system is not held dense. Either way the result is the fit a fresh `lmer` on data
+holding that response gives, to the optimizer's precision (~1e-8 in theta).
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from .. import checks
+from ..core.batched import ManyResponses
+from ..core.coordinates import system_columns
+from ..core.cross_products import CrossProducts
+from ..core.threads import fit_threads
 from ..errors import InputError
+from ..fit.many import fixed_effects_many, minimize_many
+from ..fit.optimize import GRADIENT_METHOD, OptimizationResult
+from ..fit.pipeline import finish_fit
 from ..formula.lme4 import parse_formula
+from ..inference.sdcor import sdcor_of
 from .lmer import lmer
-from .results import response_vector
+from .results import LmerResults, _refit_response, response_vector
 
-__all__ = ["lmer_many"]
+__all__ = ["lmer_many", "ManyFits"]
 
 
 def _response_columns(responses, n_rows: int) -> list[np.ndarray]:
@@ -50,13 +65,15 @@ def _response_columns(responses, n_rows: int) -> list[np.ndarray]:
     return columns
 
 
-def lmer_many(formula: str, data: pd.DataFrame, responses, **kwargs) -> list:
+def lmer_many(formula: str, data: pd.DataFrame, responses, **kwargs) -> "ManyFits":
     """Fit `formula` to each of `responses` (a list of vectors, a 2-D array with one column per response, or a
-    DataFrame, each with one value per row of `data`): a list of LmerResults, in order. The formula's left-hand
-    side names the response in the results (it need not be a column of `data`). The design is read once and
-    the first response fitted as `lmer(formula, data, **kwargs)` would; every further response is a
-    `refit(y)` of that fit. Rows that `lmer` drops for missing values in the model's other variables are
-    dropped from every response; the responses must be complete in the rows kept."""
+    DataFrame, each with one value per row of `data`): a ManyFits, a sequence of LmerResults in order, with
+    every response's estimates as one table (`ManyFits.estimates`). The formula's left-hand side names the
+    response in the results (it need not be a column of `data`). The design is read once and the first response
+    fitted as `lmer(formula, data, **kwargs)` would; the others are fitted together from its theta (batched Newton
+    steps, fit/many.py) where the system is small enough to be held dense, and as `refit(y)` of the first fit
+    where not, or where a response's optimum is near a boundary. Rows that `lmer` drops for missing values in the
+    model's other variables are dropped from every response; the responses must be complete in the rows kept."""
     if not isinstance(data, pd.DataFrame):
         raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
     columns = _response_columns(responses, len(data))
@@ -73,13 +90,119 @@ def lmer_many(formula: str, data: pd.DataFrame, responses, **kwargs) -> list:
             "...); lmer_many fits every response to the same rows: drop those rows from data and responses first."
         )
     first = lmer(formula, data.assign(**{response: first_values}), **kwargs)
-    if len(columns) == 1:
-        return [first]
     rows = _fitted_positions(data, first)
-    out = [first]
-    for i, column in enumerate(columns[1:], start=1):
-        out.append(first.refit(response_vector(column[rows], first.nobs, f"response {i}")))
-    return out
+    others = [response_vector(c[rows], first.nobs, f"response {i}") for i, c in enumerate(columns[1:], start=1)]
+    names = list(responses.columns) if isinstance(responses, pd.DataFrame) else list(range(len(columns)))
+    return ManyFits(first, others, names)
+
+
+@dataclass(frozen=True)
+class _Batched:
+    """A response the batched steps fitted: its working theta, deviance, cross-products, fixed effects, sigma^2."""
+
+    working: np.ndarray
+    deviance: float
+    cross: CrossProducts
+    beta: np.ndarray
+    sigma2: float
+
+
+class ManyFits(Sequence):
+    """lmer_many's result: one LmerResults per response, in order (those the batched steps fitted are built on
+    first use: the estimates are known, the rest of a results object costs a solve), and `estimates`, every
+    response's sd/cor parameters, sigma, fixed effects and log-likelihood as one DataFrame."""
+
+    def __init__(self, first: LmerResults, others: list[np.ndarray], names: list):
+        self.names = names
+        self._first = first
+        self._ys = [first.design.y] + others
+        self._fits: list[LmerResults | None] = [first] + [None] * len(others)
+        self._batched: dict[int, _Batched] = {}
+        self._starts: dict[int, np.ndarray | None] = {}
+        fit = first.fit_result
+        system = fit.system
+        with fit_threads():
+            if others and system.factorization_mode == "dense" and fit.optimization.method == GRADIENT_METHOD:
+                self._fit_batched(others)
+            for i in range(1, len(self._ys)):
+                if i not in self._batched:  # from where the batched steps stopped, if they ran (no worse a start)
+                    self._fits[i] = _refit_response(first, self._ys[i], self._starts.get(i))
+
+    def _fit_batched(self, others: list[np.ndarray]) -> None:
+        first, design = self._first, self._first.design
+        fit = first.fit_result
+        system, relcov, reml = fit.system, fit.system.relcov, fit.reml
+        Y = np.column_stack(others) - design.offset[:, None]
+        columns = system_columns(list(design.terms), relcov.column_transforms)
+        Zty, Xty, yty, beta_ols = system.cross.response_sums(design.X, columns, Y, design.weights)
+        many = ManyResponses(system.cross, relcov, Zty, Xty, yty)
+        t0 = time.perf_counter()
+        found = minimize_many(many, relcov.working_theta(fit.theta), relcov.lower_bounds, reml)
+        seconds = (time.perf_counter() - t0) / len(others)
+        beta, sigma2 = fixed_effects_many(many, found.working, reml)
+        for j in range(len(others)):
+            if not found.settled[j]:
+                self._starts[j + 1] = (
+                    relcov.reported_theta(found.working[j]) if np.isfinite(found.deviance[j]) else None
+                )
+                continue
+            cross = replace(system.cross, Zty=Zty[:, j], Xty=Xty[:, j], yty=float(yty[j]), beta_ols=beta_ols[:, j])
+            deviance = float(found.deviance[j])
+            self._batched[j + 1] = _Batched(found.working[j], deviance, cross, beta[j] + beta_ols[:, j], sigma2[j])
+        self._seconds = seconds
+
+    def _build(self, i: int) -> LmerResults:
+        found = self._batched[i]
+        first = self._first
+        fit = first.fit_result
+        opt = OptimizationResult(
+            fit.system.relcov.reported_theta(found.working),
+            found.deviance,
+            0,
+            True,
+            "batched Newton steps (lmer_many)",
+            GRADIENT_METHOD,
+            self._seconds,
+        )
+        with fit_threads():
+            new = finish_fit(fit.system.with_response(found.cross), opt, fit.reml, None, first.theta_names)
+        return LmerResults(replace(first.design, y=self._ys[i]), new)
+
+    def __len__(self) -> int:
+        return len(self._ys)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = range(len(self))[index]  # IndexError, negative indices
+        if self._fits[i] is None:
+            self._fits[i] = self._build(i)
+        return self._fits[i]
+
+    @property
+    def batched(self) -> np.ndarray:
+        """Which responses the batched Newton steps fitted (the others went through refit)."""
+        return np.array([i in self._batched for i in range(len(self))])
+
+    @property
+    def estimates(self) -> pd.DataFrame:
+        """One row per response (indexed by the responses' names): lme4's sd/cor parameters and sigma
+        (sdcor_names), the fixed effects, the log-likelihood (REML or ML, as fitted) and whether it converged."""
+        first = self._first
+        relcov = first.fit_result.system.relcov
+        rows = []
+        for i in range(len(self)):
+            found = self._batched.get(i) if self._fits[i] is None else None
+            if found is not None:  # not built: the batched steps' own numbers
+                theta = relcov.reported_theta(found.working)
+                beta, sigma2, llf, converged = found.beta, found.sigma2, -0.5 * found.deviance, True
+            else:
+                fit = self[i].fit_result
+                theta, beta, sigma2, llf, converged = fit.theta, fit.beta, fit.sigma2, fit.llf, fit.converged
+            rows.append(np.concatenate([sdcor_of(relcov, theta, float(np.sqrt(sigma2))), beta, [llf, converged]]))
+        columns = first.sdcor_names + list(first.design.fe_names) + ["llf", "converged"]
+        out = pd.DataFrame(np.array(rows), index=self.names, columns=columns)
+        return out.astype({"converged": bool})
 
 
 def _fitted_positions(data: pd.DataFrame, results) -> np.ndarray:

@@ -1,0 +1,179 @@
+"""Many responses, one design: the batched deviance (core/batched.py), the batched Newton steps (fit/many.py) and
+lmer_many's results, each against the one-response pipeline."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import reference_data
+
+import sparsemix as sm
+from sparsemix.core.batched import ManyResponses, _cholesky
+from sparsemix.core.coordinates import system_columns
+from sparsemix.fit.many import minimize_many
+
+SLEEP = reference_data("sleepstudy")
+PENICILLIN = reference_data("penicillin")
+PASTES = reference_data("pastes")
+_RNG = np.random.default_rng(17)
+_SLEEP_EXTRA = SLEEP.assign(
+    w=_RNG.uniform(0.5, 2.0, len(SLEEP)),
+    off=_RNG.normal(0.0, 20.0, len(SLEEP)),
+    Days2=SLEEP.Days**2 / 9,
+)
+
+# every layout: the first term's template 1 x 1, 2 x 2, 3 x 3, diagonal; scalar and non-scalar terms after it
+MODELS = {
+    "slopes": ("Reaction ~ Days + (Days | Subject)", SLEEP, {}),
+    "slopes ML": ("Reaction ~ Days + (Days | Subject)", SLEEP, {"reml": False}),
+    "uncorrelated": ("Reaction ~ Days + (Days || Subject)", SLEEP, {}),
+    "quadratic": ("Reaction ~ Days + Days2 + (Days + Days2 | Subject)", _SLEEP_EXTRA, {}),
+    "crossed": ("diameter ~ 1 + (1 | plate) + (1 | sample)", PENICILLIN, {}),
+    "nested": ("strength ~ 1 + (1 | batch/cask)", PASTES, {}),
+    "weights and offset": ("Reaction ~ Days + (Days | Subject)", _SLEEP_EXTRA, {"weights": "w", "offset": "off"}),
+}
+
+
+def _responses(model, nsim, seed):
+    """Responses simulated from the model (theta scaled so that some land near a boundary, some far inside)."""
+    return model.simulate(nsim, seed=seed).to_numpy()
+
+
+def _many(model, Y):
+    d, system = model.design, model.fit_result.system
+    columns = system_columns(list(d.terms), system.relcov.column_transforms)
+    Zty, Xty, yty, beta_ols = system.cross.response_sums(d.X, columns, Y - d.offset[:, None], d.weights)
+    return ManyResponses(system.cross, system.relcov, Zty, Xty, yty), (Zty, Xty, yty, beta_ols)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batched_deviance_equals_the_one_response_deviance(name):
+    formula, data, kwargs = MODELS[name]
+    model = sm.lmer(formula, data, **kwargs)
+    system, relcov = model.fit_result.system, model.fit_result.system.relcov
+    Y = _responses(model, 12, seed=1)
+    many, (Zty, Xty, yty, beta_ols) = _many(model, Y)
+    rng = np.random.default_rng(2)
+    start = relcov.working_theta(model.fit_result.theta)
+    working = start * (1 + 0.5 * rng.standard_normal((12, start.size))) + 0.1 * rng.standard_normal((12, start.size))
+    working = np.where(relcov.on_diagonal, np.abs(working), working)
+    reml = model.reml
+    batched = many.deviance(working, reml)
+    d = model.design
+    columns = system_columns(list(d.terms), relcov.column_transforms)
+    for j in range(12):
+        cross = system.cross.with_response(d.X, columns, Y[:, j] - d.offset, d.weights)
+        np.testing.assert_allclose(cross.Zty, Zty[:, j], rtol=1e-12, atol=1e-9 * np.abs(Zty).max())
+        np.testing.assert_allclose(cross.beta_ols, beta_ols[:, j], rtol=1e-12)
+        assert cross.yty == pytest.approx(yty[j], rel=1e-12)
+        one = system.with_response(cross).working_deviance(working[j], reml)
+        assert batched[j] == pytest.approx(one, rel=1e-12)
+    # a subset of responses, each at its own theta, in another order
+    which = np.array([5, 0, 5])
+    np.testing.assert_allclose(
+        many.deviance(working[[1, 2, 3]], reml, which),
+        [
+            system.with_response(
+                system.cross.with_response(d.X, columns, Y[:, j] - d.offset, d.weights)
+            ).working_deviance(working[i], reml)
+            for i, j in zip([1, 2, 3], which)
+        ],
+        rtol=1e-12,
+    )
+
+
+def test_a_stack_with_one_matrix_not_positive_definite_factors_the_others():
+    good = np.array([[4.0, 2.0], [2.0, 3.0]])
+    stack = np.array([good, [[1.0, 2.0], [2.0, 1.0]], 2 * good])
+    L, ok = _cholesky(stack)
+    assert ok.tolist() == [True, False, True]
+    np.testing.assert_allclose(L[0] @ L[0].T, good)
+    np.testing.assert_allclose(L[2] @ L[2].T, 2 * good)
+
+
+@pytest.mark.parametrize("name", ["slopes", "crossed", "quadratic"])
+def test_batched_newton_steps_land_where_each_fit_does(name):
+    formula, data, kwargs = MODELS[name]
+    model = sm.lmer(formula, data, **kwargs)
+    relcov = model.fit_result.system.relcov
+    Y = _responses(model, 40, seed=3)
+    many, _ = _many(model, Y)
+    found = minimize_many(many, relcov.working_theta(model.fit_result.theta), relcov.lower_bounds, model.reml)
+    assert found.settled.sum() >= 20
+    response = formula.split("~")[0].strip()
+    for j in np.flatnonzero(found.settled)[:8]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sm.SparsemixWarning)
+            one = sm.lmer(formula, data.assign(**{response: Y[:, j]}), **kwargs)
+        np.testing.assert_allclose(found.working[j], relcov.working_theta(one.fit_result.theta), atol=1e-6)
+        assert found.deviance[j] <= one.deviance + 1e-9 * abs(one.deviance)
+    # not settled: near a boundary (the one-response pipeline decides there), never a worse point than the start
+    start = many.deviance(np.tile(relcov.working_theta(model.fit_result.theta), (many.R, 1)), model.reml)
+    assert np.all(found.deviance <= start)
+
+
+def _assert_same_fit(a, b):
+    assert a.llf == pytest.approx(b.llf, rel=1e-10)
+    np.testing.assert_allclose(a.fe_params, b.fe_params, rtol=1e-7, atol=1e-7 * np.abs(b.fe_params).max())
+    np.testing.assert_allclose(a.theta, b.theta, rtol=1e-6, atol=1e-6)
+    assert a.scale == pytest.approx(b.scale, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["slopes ML", "uncorrelated", "nested", "weights and offset"])
+def test_lmer_many_equals_lmer_per_response_batched_or_not(name):
+    formula, data, kwargs = MODELS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sm.SparsemixWarning)
+        model = sm.lmer(formula, data, **kwargs)
+        sims = model.simulate(30, seed=5)
+        response = formula.split("~")[0].strip()
+        fits = sm.lmer_many(formula.replace(response, "y", 1), data, sims, **kwargs)
+        assert len(fits) == 30 and fits.batched[0] is np.False_ and fits.batched.sum() >= 10
+        estimates = fits.estimates  # before any result is built: the batched steps' own numbers
+        for i in range(0, 30, 3):
+            one = sm.lmer(formula.replace(response, "y", 1), data.assign(y=sims.iloc[:, i].to_numpy()), **kwargs)
+            _assert_same_fit(fits[i], one)
+            row = estimates.iloc[i]
+            expected = np.r_[one.sdcor.to_numpy(), one.fe_params.to_numpy(), one.llf]
+            np.testing.assert_allclose(row.iloc[:-1].to_numpy(float), expected, rtol=1e-6, atol=1e-6)
+            assert row["converged"]
+    assert list(estimates.index) == list(sims.columns)
+    assert list(estimates.columns) == model.sdcor_names + list(model.design.fe_names) + ["llf", "converged"]
+
+
+def test_lmer_many_is_a_sequence_of_results():
+    sims = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP).simulate(4, seed=8).to_numpy()
+    fits = sm.lmer_many("y ~ Days + (Days | Subject)", SLEEP, sims)
+    assert [f.llf for f in fits] == [fits[i].llf for i in range(4)]
+    assert fits[-1] is fits[3] and [f.llf for f in fits[1:3]] == [fits[1].llf, fits[2].llf]
+    with pytest.raises(IndexError):
+        fits[4]
+    np.testing.assert_array_equal(fits[2].design.y, sims[:, 2])
+    assert list(fits.estimates.index) == [0, 1, 2, 3]
+    # a batched fit's results are a whole LmerResults: its summary, ranef, refits
+    assert fits.batched[2]
+    assert "Random effects" in str(fits[2].summary())
+    _assert_same_fit(fits[2].refit_ml(), sm.lmer("y ~ Days + (Days | Subject)", SLEEP.assign(y=sims[:, 2]), reml=False))
+
+
+def test_lmer_many_where_the_system_is_not_held_dense_refits_each_response():
+    sims = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP).simulate(3, seed=9)
+    fits = sm.lmer_many("y ~ Days + (Days | Subject)", SLEEP, sims, optimizer="bobyqa")
+    assert not fits.batched.any()
+    one = sm.lmer("y ~ Days + (Days | Subject)", SLEEP.assign(y=sims.iloc[:, 2].to_numpy()), optimizer="bobyqa")
+    assert fits[2].llf == pytest.approx(one.llf, rel=1e-10)
+
+
+def test_lmer_many_over_many_responses_at_a_boundary_matches_each_fit():
+    """Responses with no subject effect at all: most optima are singular, which the one-response pipeline
+    decides; the table holds every response either way."""
+    rng = np.random.default_rng(11)
+    Y = 250 + 10 * SLEEP.Days.to_numpy()[:, None] + 30 * rng.standard_normal((len(SLEEP), 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sm.SparsemixWarning)
+        fits = sm.lmer_many("y ~ Days + (Days | Subject)", SLEEP, Y)
+        for i in (1, 4, 7, 11):
+            _assert_same_fit(fits[i], sm.lmer("y ~ Days + (Days | Subject)", SLEEP.assign(y=Y[:, i])))
+    assert len(fits.estimates) == 12 and fits.estimates["converged"].all()
+    assert pd.api.types.is_bool_dtype(fits.estimates["converged"])
