@@ -375,8 +375,8 @@ def test_lmer_many_checks_the_responses(formula, responses, message):
 
 
 def test_bootstrap_estimates_match_fresh_fits_of_the_simulated_responses(fm1):
-    """Bootstrap refits stop at BOBYQA's precision (no polish): within ~1e-5 of full fits of the same responses,
-    rebuilt here from the replicates' seeds as parametric_bootstrap draws them."""
+    """Bootstrap refits (fitted together, or one at a time without the final Newton steps: ~1e-5) agree with full
+    fits of the same responses, rebuilt here from the replicates' seeds as parametric_bootstrap draws them."""
     from sparsemix.inference.bootstrap import simulate_responses
 
     draws = fm1.bootstrap(nsim=4, seed=21, n_jobs=1)

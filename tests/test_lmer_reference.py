@@ -175,25 +175,30 @@ def test_summary_shares_lme4s_lines(name, fit_name):
     assert re.search(r"^Random effects:$", "\n".join(ours), flags=re.M)
 
 
-# (seeds whose profiles are not monotone; which are depends on the optimizers' last digits: 0 and 4 were while BOBYQA
-# found the optimum and the profile's points, and are not with the gradient path; the optimum is the same to 2e-9)
-@pytest.mark.parametrize("seed", [2, 3, 5])
-def test_a_non_monotonic_profile_gives_nan_for_that_bound_with_a_warning(seed):
+def test_a_non_monotonic_profile_gives_nan_for_that_bound_with_a_warning():
     """Before: scipy's brentq raised 'f(a) and f(b) must have different signs' out of confint(method='profile')
-    where the profile of a singular fit is not monotone (found by the fuzz test); lme4 warns and gives NA."""
-    rng = np.random.default_rng(seed)
-    n = 12
-    data = pd.DataFrame(
-        {"y": rng.normal(size=n), "x": rng.normal(size=n), "z": rng.normal(size=n), "g": rng.integers(0, 2, n)}
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", sm.SingularFitWarning)
-        fit = sm.lmer("y ~ (0 + x | g) + (1 + x + z | g)", data)
-    with pytest.warns(sm.SparsemixWarning, match="non-monotonic profile for") as record:
-        ci = fit.confint(method="profile")
-    named = [str(w.message).split("'")[1] for w in record if "non-monotonic" in str(w.message)]
-    assert set(named) == set(ci.index[ci.isna().any(axis=1)])
-    estimates = pd.concat([fit.sdcor, fit.fe_params]).reindex(ci.index).to_numpy()
-    lower, upper = ci.lower.to_numpy(), ci.upper.to_numpy()
-    assert np.all((lower <= estimates + 1e-8) | np.isnan(lower))
-    assert np.all((upper >= estimates - 1e-8) | np.isnan(upper))
+    where the profile of a singular fit is not monotone (found by the fuzz test); lme4 warns and gives NA. Which
+    small random data sets give such a profile depends on the optimizer's last digits (the seeds picked by hand
+    changed twice), so seeds are tried until two did; every one tried must keep the rules."""
+    found = 0
+    for seed in [3, 5, *range(60)]:  # (3 and 5 did when this was written)
+        rng = np.random.default_rng(seed)
+        n = 12
+        data = pd.DataFrame(
+            {"y": rng.normal(size=n), "x": rng.normal(size=n), "z": rng.normal(size=n), "g": rng.integers(0, 2, n)}
+        )
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always", sm.SparsemixWarning)
+            warnings.simplefilter("ignore", sm.SingularFitWarning)
+            fit = sm.lmer("y ~ (0 + x | g) + (1 + x + z | g)", data)
+            ci = fit.confint(method="profile")
+        named = [str(w.message).split("'")[1] for w in record if "non-monotonic" in str(w.message)]
+        assert set(named) == set(ci.index[ci.isna().any(axis=1)])
+        estimates = pd.concat([fit.sdcor, fit.fe_params]).reindex(ci.index).to_numpy()
+        lower, upper = ci.lower.to_numpy(), ci.upper.to_numpy()
+        assert np.all((lower <= estimates + 1e-8) | np.isnan(lower))
+        assert np.all((upper >= estimates - 1e-8) | np.isnan(upper))
+        found += bool(named)
+        if found == 2:
+            break
+    assert found == 2

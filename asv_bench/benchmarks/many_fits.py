@@ -1,5 +1,6 @@
 """Many fits of one model (issue 16, "many fits"): `refit(y)` against `lmer` on a data frame holding the new
-response, and the parametric bootstrap's throughput, on sleepstudy's `Reaction ~ Days + (Days | Subject)`
+response, `lmer_many` over many responses, and the parametric bootstrap's throughput, on sleepstudy's
+`Reaction ~ Days + (Days | Subject)`
 (the data of tests/reference/sleepstudy.json, lme4's).
 
 The bootstrap runs in this process (n_jobs=1): its cost per replicate, which the workers of a parallel run
@@ -47,6 +48,33 @@ class Refit:
 
     def time_lmer_many_20(self):
         sparsemix.lmer_many("y ~ Days + (Days | Subject)", self.data, self.model.simulate(20, seed=2))
+
+
+class ManyResponses:
+    """lmer_many over 1,000 responses (the batched Newton steps, fit/many.py: divide by 1,000 for a fit), and
+    how many of them the batched steps settled (the others are refitted one at a time)."""
+
+    timeout = 300
+
+    def setup(self):
+        self.data = sleepstudy()
+        self.sims = sparsemix.lmer(FORMULA, self.data).simulate(1000, seed=3)
+
+    def _fit(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sparsemix.lmer_many("y ~ Days + (Days | Subject)", self.data, self.sims)
+
+    def time_lmer_many_1000(self):
+        self._fit()
+
+    def time_lmer_many_1000_estimates(self):
+        self._fit().estimates
+
+    def track_batched_share(self):
+        return float(self._fit().batched.mean())
+
+    track_batched_share.unit = "share"
 
 
 class Bootstrap:

@@ -144,6 +144,28 @@ class RelativeCovariance:
                         probe_with(sl, template, F + np.outer(h * v, np.eye(template.k)[i]))
         return probes
 
+    def boundary_probes(self, theta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """rank_probes(theta), each with the theta equal to `theta` in Lambda Lambda' that lies nearest it: (start,
+        probe) pairs. A template column whose diagonal entry is 0 can change sign without changing the covariance,
+        and the probes (built from the covariance) can lie close to one sign and far from the other: a slope
+        into the interior means something only along a short way (a 2 x 2 term at [0, -0.197, 0] showed no
+        descent towards a probe at [0.01, 0.197, 0], which is 1e-4 from [0, 0.197, 0] along its way down)."""
+        theta = np.asarray(theta, dtype=float)
+        variants = [theta]
+        for (_, template), sl in zip(self.blocks, self.theta_slices):
+            for j in range(template.k):
+                column = [sl.start + a for a, (_, c) in enumerate(template.positions) if c == j]
+                diagonal = sl.start + template.positions.index((j, j)) if (j, j) in template.positions else None
+                if diagonal is None or theta[diagonal] != 0 or not np.any(theta[column]):
+                    continue
+                flipped = [v.copy() for v in variants]
+                for v in flipped:
+                    v[column] = -v[column]
+                variants += flipped
+        return [
+            (min(variants, key=lambda v: float(np.linalg.norm(probe - v))), probe) for probe in self.rank_probes(theta)
+        ]
+
     def apply_transpose(self, factors: list[np.ndarray], M: np.ndarray) -> np.ndarray:
         """Lambda' M for M of shape (q,) or (q, m)."""
         return self._apply(factors, M, transpose=True)

@@ -101,7 +101,7 @@ def minimize_deviance(
     initial_step: np.ndarray | None = None,
     polish: bool = False,
     ftol: float | None = None,
-    boundary_probes: Callable[[np.ndarray], list] | None = None,
+    boundary_probes: Callable[[np.ndarray], list[tuple[np.ndarray, np.ndarray]]] | None = None,
     deviance_gradient: Callable[[np.ndarray], tuple[float, np.ndarray]] | None = None,
 ) -> OptimizationResult:
     """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start.
@@ -247,7 +247,8 @@ def release_bounds(f, x, fx, boundary_probes, go_on, polish, message, slope=None
     """Leave a boundary end point that is not a minimum there (lme4's and MixedModels.jl's boundary checks).
 
     `boundary_probes(x)` gives points a small step into the interior from each zero variance (a covariance
-    that gains a direction it lacks at x: RelativeCovariance.rank_probes). If one is lower than x, the optimizer
+    that gains a direction it lacks at x: RelativeCovariance.boundary_probes), each with the representative of x
+    it is a small step from: (start, probe) pairs. If one is lower than x, the optimizer
     goes on from it (`go_on(x, step)`; then `polish(x, fx)`, if given), and its end point is checked again.
     `slope(point, direction)` (with the exact gradient): where no probe is lower, a point RELEASE_NEAR of the way
     to each probe where the deviance still falls along it counts too; the probes overshoot a minimum close to the
@@ -255,14 +256,14 @@ def release_bounds(f, x, fx, boundary_probes, go_on, polish, message, slope=None
     for _ in range(RELEASE_MAX_ROUNDS):
         best, best_value = None, fx - RELEASE_MIN_GAIN * max(1.0, abs(fx))
         probes = boundary_probes(x)
-        for probe in probes:
+        for _, probe in probes:
             value = f(probe)
             if value < best_value:
                 best, best_value = probe, value
         if best is None and slope is not None:
-            for probe in probes:
-                near = x + RELEASE_NEAR * (probe - x)
-                if slope(near, probe - x) < -RELEASE_MIN_SLOPE:
+            for start, probe in probes:
+                near = start + RELEASE_NEAR * (probe - start)
+                if slope(near, probe - start) < -RELEASE_MIN_SLOPE:
                     best = near
                     break
         if best is None:

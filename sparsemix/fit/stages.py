@@ -111,7 +111,7 @@ def optimize_system(
             initial_step=initial_step,
             polish=polish,
             ftol=ftol,
-            boundary_probes=relcov.rank_probes,
+            boundary_probes=relcov.boundary_probes,
             # the exact gradient (core/gradient.py) of small systems held dense, in the optimizer's coordinates
             deviance_gradient=(
                 (lambda th: system.working_deviance_gradient(th, reml))

@@ -16,6 +16,7 @@ import numpy as np
 from ..core.coordinates import system_columns
 from ..core.cross_products import assemble_Z
 from ..core.system import PenalizedSystem
+from ..fit.many import batched_applies, fit_responses
 from ..fit.optimize import warm_step
 from ..fit.stages import optimize_system
 from .sdcor import sdcor_of
@@ -60,13 +61,48 @@ def _init_worker(state, single_threaded=False):
     _WORKER["system"] = PenalizedSystem(state["cross"], state["relcov"])
 
 
-def _replicate(seed_seq) -> np.ndarray:
+def _replicates(seed_seqs) -> np.ndarray:
+    """The estimates of a chunk of replicates, each simulated from its own seed. Small systems fit the chunk's
+    responses together (fit/many.py), the others (and any response those steps leave) one at a time."""
     w = _WORKER
-    rng = np.random.default_rng(seed_seq)
-    y = simulate_responses(w["X"], w["Z"], w["relcov"], w["theta"], w["beta"], w["sigma"], w["weights"], rng, 1)[:, 0]
-    # each replicate's system takes over the previous one's factorization (one symbolic analysis per worker)
-    w["system"] = w["system"].with_response(w["cross"].with_response(w["X"], w["system_Z"], y, w["weights"]))
-    return refit_estimates(w["system"], w["theta"], w["reml"])
+    Y = np.column_stack(
+        [
+            simulate_responses(
+                w["X"],
+                w["Z"],
+                w["relcov"],
+                w["theta"],
+                w["beta"],
+                w["sigma"],
+                w["weights"],
+                np.random.default_rng(s),
+                1,
+            )[:, 0]
+            for s in seed_seqs
+        ]
+    )
+    system, relcov, reml = w["system"], w["relcov"], w["reml"]
+    out = np.empty((Y.shape[1], relcov.n_theta + 1 + w["X"].shape[1]))
+    starts: list = [w["theta"]] * Y.shape[1]
+    left = range(Y.shape[1])
+    if Y.shape[1] > 1 and batched_applies(system):
+        found = fit_responses(
+            system, w["cross"].response_sums(w["X"], w["system_Z"], Y, w["weights"]), w["theta"], reml
+        )
+        for j in np.flatnonzero(found.settled):
+            out[j] = np.concatenate([sdcor_of(relcov, found.theta[j], np.sqrt(found.sigma2[j])), found.beta[j]])
+        left = np.flatnonzero(~found.settled)
+        starts = [w["theta"] if t is None else t for t in found.theta]
+    for j in left:
+        # each replicate's system takes over the previous one's factorization (one symbolic analysis per worker)
+        w["system"] = w["system"].with_response(w["cross"].with_response(w["X"], w["system_Z"], Y[:, j], w["weights"]))
+        out[j] = refit_estimates(w["system"], starts[j], reml)
+    return out
+
+
+# Replicates simulated and fitted together (fit/many.py): large enough to amortize numpy's per-call costs, small
+# enough that the workers share the replicates evenly.
+REPLICATES_PER_CHUNK = 250
 
 
 def parametric_bootstrap(fit, X, terms, weights, nsim=500, seed=None, n_jobs=None) -> np.ndarray:
@@ -86,9 +122,11 @@ def parametric_bootstrap(fit, X, terms, weights, nsim=500, seed=None, n_jobs=Non
     }
     seeds = np.random.SeedSequence(seed).spawn(nsim)
     n_jobs = (os.cpu_count() or 1) if n_jobs is None else int(n_jobs)
-    if n_jobs <= 1 or nsim < 2 * n_jobs:
+    size = max(1, min(REPLICATES_PER_CHUNK, -(-nsim // max(n_jobs, 1))))
+    chunks = [seeds[i : i + size] for i in range(0, nsim, size)]
+    if n_jobs <= 1 or len(chunks) < 2:
         _init_worker(state)
         with fit.system.threads():
-            return np.array([_replicate(s) for s in seeds])
+            return np.concatenate([_replicates(c) for c in chunks])
     with ProcessPoolExecutor(max_workers=n_jobs, initializer=_init_worker, initargs=(state, True)) as pool:
-        return np.array(list(pool.map(_replicate, seeds, chunksize=max(1, nsim // (4 * n_jobs)))))
+        return np.concatenate(list(pool.map(_replicates, chunks)))

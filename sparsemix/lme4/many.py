@@ -14,20 +14,17 @@ holding that response gives, to the optimizer's precision (~1e-8 in theta).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
 from .. import checks
-from ..core.batched import ManyResponses
 from ..core.coordinates import system_columns
-from ..core.cross_products import CrossProducts
 from ..core.threads import fit_threads
 from ..errors import InputError
-from ..fit.many import fixed_effects_many, minimize_many
+from ..fit.many import batched_applies, fit_responses
 from ..fit.optimize import GRADIENT_METHOD, OptimizationResult
 from ..fit.pipeline import finish_fit
 from ..formula.lme4 import parse_formula
@@ -96,17 +93,6 @@ def lmer_many(formula: str, data: pd.DataFrame, responses, **kwargs) -> "ManyFit
     return ManyFits(first, others, names)
 
 
-@dataclass(frozen=True)
-class _Batched:
-    """A response the batched steps fitted: its working theta, deviance, cross-products, fixed effects, sigma^2."""
-
-    working: np.ndarray
-    deviance: float
-    cross: CrossProducts
-    beta: np.ndarray
-    sigma2: float
-
-
 class ManyFits(Sequence):
     """lmer_many's result: one LmerResults per response, in order (those the batched steps fitted are built on
     first use: the estimates are known, the rest of a results object costs a solve), and `estimates`, every
@@ -117,55 +103,39 @@ class ManyFits(Sequence):
         self._first = first
         self._ys = [first.design.y] + others
         self._fits: list[LmerResults | None] = [first] + [None] * len(others)
-        self._batched: dict[int, _Batched] = {}
-        self._starts: dict[int, np.ndarray | None] = {}
+        self._batched: dict[int, int] = {}  # response -> its column in the batched fit
         fit = first.fit_result
         system = fit.system
         with fit_threads():
-            if others and system.factorization_mode == "dense" and fit.optimization.method == GRADIENT_METHOD:
-                self._fit_batched(others)
+            starts: list = [None] * len(self._ys)
+            if others and batched_applies(system, fit.optimization.method):
+                design = first.design
+                columns = system_columns(list(design.terms), system.relcov.column_transforms)
+                Y = np.column_stack(others) - design.offset[:, None]
+                sums = system.cross.response_sums(design.X, columns, Y, design.weights)
+                found = fit_responses(system, sums, fit.theta, fit.reml)
+                self._found, self._sums = found, sums
+                for j in range(len(others)):
+                    if found.settled[j]:
+                        self._batched[j + 1] = j
+                    else:  # from where the batched steps stopped (no worse a start than the first fit's theta)
+                        starts[j + 1] = found.theta[j]
             for i in range(1, len(self._ys)):
-                if i not in self._batched:  # from where the batched steps stopped, if they ran (no worse a start)
-                    self._fits[i] = _refit_response(first, self._ys[i], self._starts.get(i))
-
-    def _fit_batched(self, others: list[np.ndarray]) -> None:
-        first, design = self._first, self._first.design
-        fit = first.fit_result
-        system, relcov, reml = fit.system, fit.system.relcov, fit.reml
-        Y = np.column_stack(others) - design.offset[:, None]
-        columns = system_columns(list(design.terms), relcov.column_transforms)
-        Zty, Xty, yty, beta_ols = system.cross.response_sums(design.X, columns, Y, design.weights)
-        many = ManyResponses(system.cross, relcov, Zty, Xty, yty)
-        t0 = time.perf_counter()
-        found = minimize_many(many, relcov.working_theta(fit.theta), relcov.lower_bounds, reml)
-        seconds = (time.perf_counter() - t0) / len(others)
-        beta, sigma2 = fixed_effects_many(many, found.working, reml)
-        for j in range(len(others)):
-            if not found.settled[j]:
-                self._starts[j + 1] = (
-                    relcov.reported_theta(found.working[j]) if np.isfinite(found.deviance[j]) else None
-                )
-                continue
-            cross = replace(system.cross, Zty=Zty[:, j], Xty=Xty[:, j], yty=float(yty[j]), beta_ols=beta_ols[:, j])
-            deviance = float(found.deviance[j])
-            self._batched[j + 1] = _Batched(found.working[j], deviance, cross, beta[j] + beta_ols[:, j], sigma2[j])
-        self._seconds = seconds
+                if i not in self._batched:
+                    self._fits[i] = _refit_response(first, self._ys[i], starts[i])
 
     def _build(self, i: int) -> LmerResults:
-        found = self._batched[i]
+        """The results of a response the batched steps fitted: solved at their theta by the one pipeline's end."""
+        j, found, (Zty, Xty, yty, beta_ols) = self._batched[i], self._found, self._sums
         first = self._first
         fit = first.fit_result
+        cross = replace(fit.system.cross, Zty=Zty[:, j], Xty=Xty[:, j], yty=float(yty[j]), beta_ols=beta_ols[:, j])
+        message = "batched Newton steps (lmer_many)"
         opt = OptimizationResult(
-            fit.system.relcov.reported_theta(found.working),
-            found.deviance,
-            0,
-            True,
-            "batched Newton steps (lmer_many)",
-            GRADIENT_METHOD,
-            self._seconds,
+            found.theta[j], float(found.deviance[j]), 0, True, message, GRADIENT_METHOD, found.seconds
         )
         with fit_threads():
-            new = finish_fit(fit.system.with_response(found.cross), opt, fit.reml, None, first.theta_names)
+            new = finish_fit(fit.system.with_response(cross), opt, fit.reml, None, first.theta_names)
         return LmerResults(replace(first.design, y=self._ys[i]), new)
 
     def __len__(self) -> int:
@@ -192,10 +162,10 @@ class ManyFits(Sequence):
         relcov = first.fit_result.system.relcov
         rows = []
         for i in range(len(self)):
-            found = self._batched.get(i) if self._fits[i] is None else None
-            if found is not None:  # not built: the batched steps' own numbers
-                theta = relcov.reported_theta(found.working)
-                beta, sigma2, llf, converged = found.beta, found.sigma2, -0.5 * found.deviance, True
+            if self._fits[i] is None:  # not built: the batched steps' own numbers
+                j, found = self._batched[i], self._found
+                theta, beta, sigma2 = found.theta[j], found.beta[j], found.sigma2[j]
+                llf, converged = -0.5 * found.deviance[j], True
             else:
                 fit = self[i].fit_result
                 theta, beta, sigma2, llf, converged = fit.theta, fit.beta, fit.sigma2, fit.llf, fit.converged
