@@ -186,14 +186,14 @@ def test_singular_optima_are_fitted_together_and_match_each_fit():
         warnings.simplefilter("ignore", sm.SparsemixWarning)
         fits = sm.lmer_many("y ~ Days + (Days | Subject)", SLEEP, Y)
         singular = [i for i in range(1, 30) if fits.batched[i] and fits[i].is_singular]
-        assert len(singular) >= 5  # zero variances held at their bound, checked as release_bounds checks them
+        assert len(singular) >= 15  # zero variances held at their bound, checked as release_bounds checks them
         for i in singular[:5]:
             _assert_same_fit(fits[i], sm.lmer("y ~ Days + (Days | Subject)", SLEEP.assign(y=Y[:, i])))
 
 
 def test_from_a_singular_first_fit_the_others_leave_the_boundary():
-    """The first response's optimum is singular, so every other response starts on that boundary, where the
-    deviance's slope into the interior is zero: the release check sends those whose optimum is inside on."""
+    """The first response's optimum is singular (theta = 0), where the deviance's slope into the interior is zero:
+    started there, no response would leave."""
     rng = np.random.default_rng(12)
     # noise with each subject's own intercept and slope taken out: no subject effect at all, theta = 0
     e = 30 * rng.standard_normal(len(SLEEP))
@@ -207,6 +207,7 @@ def test_from_a_singular_first_fit_the_others_leave_the_boundary():
         warnings.simplefilter("ignore", sm.SparsemixWarning)
         fits = sm.lmer_many("y ~ Days + (Days | Subject)", SLEEP, Y)
         np.testing.assert_allclose(fits[0].theta, 0.0, atol=1e-12)
+        assert fits.batched[1:].sum() >= 6  # the batched steps start a little inside, not on the zero variances
         for i in range(1, 9):
             one = sm.lmer("y ~ Days + (Days | Subject)", SLEEP.assign(y=Y[:, i]))
             assert not one.is_singular

@@ -4,8 +4,9 @@
 optimizer here moves all of them together: per response, the gradient and Hessian from central differences (all
 difference points of all responses in one batched evaluation), a Newton step (on |eigenvalues| where the
 Hessian is not positive definite), halved until the deviance falls. Zero variances are handled as the
-one-response pipeline handles them: an entry stepping below its bound is held there, one ending just above it
-goes onto it where that is no worse, and the end point must pass optimize.release_bounds' checks. A response that
+one-response pipeline handles them: steps stop short of a bound, an entry within optimize.SNAP_DISTANCE of it
+goes onto it where that is no worse (and is held there), and the end point must pass optimize.release_bounds'
+checks. A response that
 fails them, or does not settle in NEWTON_MAX_ITERATIONS, is left to the one-response pipeline. Newton's method
 lands on the stationary point to ~1e-9, as the single fit's polish does.
 """
@@ -24,6 +25,7 @@ from .optimize import (
     GRADIENT_METHOD,
     POLISH_REPEAT_ABOVE,
     POLISH_STEP,
+    RELEASE_MAX_ROUNDS,
     RELEASE_MIN_GAIN,
     RELEASE_MIN_SLOPE,
     RELEASE_NEAR,
@@ -34,6 +36,9 @@ from .optimize import (
 __all__ = ["minimize_many", "ManyMinimum", "fixed_effects_many", "fit_responses", "ResponsesFit", "batched_applies"]
 
 NEWTON_MAX_ITERATIONS = 40
+# a response with a zero variance held that has not settled after this many more iterations stops for the release
+# check (Exam's 3 x 3 term: 39 of 300 responses ran all 40 iterations on the wrong sign of a column)
+HELD_MAX_ITERATIONS = 6
 # a step halved this many times without the deviance falling: that response goes to the one-response pipeline
 MAX_HALVINGS = 12
 # sufficient decrease: the deviance must fall by this share of what the gradient predicts (Armijo)
@@ -41,6 +46,10 @@ ARMIJO = 1e-4
 # the release check's difference step along a probe's direction (units of theta): its slopes are compared with
 # RELEASE_MIN_SLOPE (1e-4), far above this step's rounding error (~1e-16 |f| / 1e-6)
 SLOPE_STEP = 1e-6
+# the start's diagonal entries at least this far inside their bound (a relative sd of 10% of the residual's)
+START_INSIDE = 0.1
+# a step goes at most this share of the way to a bound (fraction to the boundary, as interior-point methods do)
+BOUNDARY_FRACTION = 0.9
 # eigenvalues of the difference Hessian floored at this share of the largest one (a saddle or a flat direction)
 EIGEN_FLOOR = 1e-8
 
@@ -93,12 +102,16 @@ def minimize_many(
 ) -> ManyMinimum:
     """Minimise every response's deviance from `start` (working theta, one row per response or one for all).
 
-    A diagonal entry a step would take below its bound is held there (a zero variance), and so is one that ends
-    within optimize.SNAP_DISTANCE of it where the bound is no worse (as the one-response polish snaps); the
-    other entries go on. `boundary_probes` (relcov.boundary_probes): an end point is then checked as
-    optimize.release_bounds checks one (no probe lower, no descent a hundredth of the way to one); a response
-    that fails the check is left unsettled, for the one-response pipeline to leave that boundary."""
+    Steps stop short of a bound; a diagonal entry within optimize.SNAP_DISTANCE of it goes onto it where that is no
+    worse (as the one-response polish snaps) and is held there (a zero variance); the other entries go on.
+    `boundary_probes` (relcov.boundary_probes): each end point is then checked as optimize.release_bounds checks
+    one (no probe lower, no descent a hundredth of the way to one), and a response that fails goes on from there,
+    up to RELEASE_MAX_ROUNDS times; one still failing is left unsettled, for the one-response pipeline."""
     R, m = many.R, lower.size
+    on_diagonal = np.isfinite(lower)
+    # a zero variance in the start (a singular first fit) would hold every response there (the deviance is even in
+    # that entry: its slope is zero); from a little inside, each goes back to the bound only if its own optimum is
+    start = np.where(on_diagonal, np.maximum(start, lower + START_INSIDE), start)
     x = np.array(np.broadcast_to(start, (R, m)), dtype=float)
     f = many.deviance(x, reml)
     evaluations = [1]
@@ -109,8 +122,30 @@ def minimize_many(
 
     active = np.isfinite(f)
     settled = np.zeros(R, dtype=bool)
-    on_diagonal = np.isfinite(lower)
     held = np.zeros((R, m), dtype=bool)  # entries held at their bound
+    for round_ in range(RELEASE_MAX_ROUNDS + 1):
+        rows = np.flatnonzero(active)
+        _newton(deviance, x, f, active, settled, held, lower, on_diagonal)
+        if boundary_probes is None:
+            break
+        # the settled, and those stuck with a zero variance held (its column's sign may be the wrong one to go on)
+        rows = rows[settled[rows] | (held[rows].any(axis=1) & np.isfinite(f[rows]))]
+        leave = _release_points(deviance, x, f, rows, boundary_probes)
+        if not leave:
+            break
+        for j, point in leave.items():
+            settled[j] = False
+            if round_ < RELEASE_MAX_ROUNDS:
+                x[j], held[j], active[j] = point, False, True
+                f[j] = deviance(point[None], np.array([j]))[0]
+    return ManyMinimum(x, f, settled, evaluations[0])
+
+
+def _newton(deviance, x, f, active, settled, held, lower, on_diagonal) -> None:
+    """Newton steps on the `active` responses until each settles or fails (x, f, active, settled, held updated in
+    place)."""
+    m = lower.size
+    held_for = np.zeros(x.shape[0], dtype=int)  # iterations with an entry held, per response
     for _ in range(NEWTON_MAX_ITERATIONS):
         idx = np.flatnonzero(active)
         if idx.size == 0:
@@ -131,21 +166,24 @@ def minimize_many(
         floor = EIGEN_FLOOR * np.abs(eigenvalues).max(axis=1, keepdims=True)
         magnitudes = np.maximum(np.abs(eigenvalues), np.maximum(floor, 1e-300))
         step = -np.einsum("rij,rj->ri", vectors, np.einsum("rji,rj->ri", vectors, g) / magnitudes)
+        # at most BOUNDARY_FRACTION of the way to a bound: a long first step can cross one that the optimum is far
+        # from, and on a zero variance the deviance's slope is zero (even in that entry): nothing would bring it back
+        room = np.where(on_diagonal & (step < 0), (xa - lower) / np.maximum(-step, 1e-300), np.inf)
+        step *= np.minimum(1.0, BOUNDARY_FRACTION * room.min(axis=1))[:, None]
         slope = np.einsum("ri,ri->r", g, step)
         trial_x, trial_f, accepted = _line_search(deviance, idx, xa, fa, step, slope, lower, ok)
         moved = np.abs(trial_x - xa)
         small = np.all(moved <= POLISH_REPEAT_ABOVE * np.maximum(np.abs(trial_x), 1.0), axis=1)
-        held[idx] |= on_diagonal & (trial_x <= lower) & (step < 0) & accepted[:, None]
         x[idx], f[idx] = trial_x, trial_f
         done = accepted & small & positive
-        # at the end, entries just above their bound go onto it where that is no worse: then go on from there
-        snapped = _snap(deviance, idx[done], x, f, held, lower, on_diagonal)
+        # entries just above their bound go onto it where that is no worse (and stay there): then go on from there
+        snapped = _snap(deviance, idx[accepted], x, f, held, lower, on_diagonal)
         done[np.isin(idx, snapped)] = False
         settled[idx[done]] = True
-        active[idx[done | ~accepted]] = False
-    if boundary_probes is not None:
-        settled &= _no_release(deviance, x, f, settled, boundary_probes)
-    return ManyMinimum(x, f, settled, evaluations[0])
+        # held and not settling: the zero variance's column may have the wrong sign (the release check decides)
+        held_for[idx] += held[idx].any(axis=1)
+        active[idx[done | ~accepted | (held_for[idx] > HELD_MAX_ITERATIONS)]] = False
+    active[:] = False
 
 
 def _line_search(deviance, idx, xa, fa, step, slope, lower, ok):
@@ -189,22 +227,22 @@ def _snap(deviance, rows, x, f, held, lower, on_diagonal) -> np.ndarray:
     return rows[better]
 
 
-def _no_release(deviance, x, f, settled, boundary_probes) -> np.ndarray:
-    """False for the settled responses whose end point optimize.release_bounds would leave: a probe into the
-    interior lower by RELEASE_MIN_GAIN, or a slope below -RELEASE_MIN_SLOPE RELEASE_NEAR of the way to one (here
-    by central differences along it)."""
-    keep = np.ones(x.shape[0], dtype=bool)
+def _release_points(deviance, x, f, rows, boundary_probes) -> dict:
+    """For the responses `rows` whose end point optimize.release_bounds would leave, where it would go on from: the
+    lowest probe into the interior lower by RELEASE_MIN_GAIN, or else the first point RELEASE_NEAR of the way to
+    a probe where the slope along it is below -RELEASE_MIN_SLOPE (here by central differences)."""
     owners, starts, probes = [], [], []
-    for j in np.flatnonzero(settled):
+    for j in rows:
         for start, probe in boundary_probes(x[j]):
             owners.append(j)
             starts.append(start)
             probes.append(probe)
     if not probes:
-        return keep
+        return {}
     owners_a, starts_a, probes_a = np.array(owners), np.array(starts), np.array(probes)
     gain = RELEASE_MIN_GAIN * np.maximum(1.0, np.abs(f[owners_a]))
-    lower_probe = ~(deviance(probes_a, owners_a) >= f[owners_a] - gain)
+    at_probe = deviance(probes_a, owners_a)
+    lower_probe = at_probe < f[owners_a] - gain
     direction = probes_a - starts_a
     length = np.linalg.norm(direction, axis=1, keepdims=True)
     unit = np.divide(direction, length, out=np.zeros_like(direction), where=length > 0)
@@ -212,9 +250,15 @@ def _no_release(deviance, x, f, settled, boundary_probes) -> np.ndarray:
     both = np.concatenate([near + SLOPE_STEP * unit, near - SLOPE_STEP * unit])
     values = deviance(both, np.concatenate([owners_a, owners_a]))
     slope = (values[: len(owners)] - values[len(owners) :]) / (2 * SLOPE_STEP)
-    falling = (length[:, 0] > 0) & ~(slope >= -RELEASE_MIN_SLOPE)
-    keep[owners_a[lower_probe | falling]] = False
-    return keep
+    falling = (length[:, 0] > 0) & (slope < -RELEASE_MIN_SLOPE)
+    out: dict = {}
+    for a in np.argsort(np.where(lower_probe, at_probe, np.inf), kind="stable"):
+        if lower_probe[a] and owners_a[a] not in out:
+            out[owners_a[a]] = probes_a[a]
+    for a in np.flatnonzero(falling):
+        if owners_a[a] not in out:
+            out[owners_a[a]] = near[a]
+    return out
 
 
 def fixed_effects_many(many: ManyResponses, working: np.ndarray, reml: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -235,9 +279,9 @@ def batched_applies(system: PenalizedSystem, method: str = DEFAULT_OPTIMIZER) ->
 
 @dataclass
 class ResponsesFit:
-    """fit_responses' results, per response (R): whether the batched steps settled it, its reported theta (where
-    they stopped: the start for the one-response pipeline where not settled; None where the deviance was never
-    finite), deviance, fixed effects (beta_ols added back) and sigma^2; seconds per response."""
+    """fit_responses' results, per response (R): whether the batched steps settled it (the others are for the
+    one-response pipeline), its reported theta where they stopped (None where the deviance was never finite),
+    deviance, fixed effects (beta_ols added back) and sigma^2; seconds per response."""
 
     settled: np.ndarray
     theta: list

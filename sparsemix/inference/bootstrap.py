@@ -83,7 +83,6 @@ def _replicates(seed_seqs) -> np.ndarray:
     )
     system, relcov, reml = w["system"], w["relcov"], w["reml"]
     out = np.empty((Y.shape[1], relcov.n_theta + 1 + w["X"].shape[1]))
-    starts: list = [w["theta"]] * Y.shape[1]
     left = range(Y.shape[1])
     if Y.shape[1] > 1 and batched_applies(system):
         found = fit_responses(
@@ -92,11 +91,10 @@ def _replicates(seed_seqs) -> np.ndarray:
         for j in np.flatnonzero(found.settled):
             out[j] = np.concatenate([sdcor_of(relcov, found.theta[j], np.sqrt(found.sigma2[j])), found.beta[j]])
         left = np.flatnonzero(~found.settled)
-        starts = [w["theta"] if t is None else t for t in found.theta]
     for j in left:
         # each replicate's system takes over the previous one's factorization (one symbolic analysis per worker)
         w["system"] = w["system"].with_response(w["cross"].with_response(w["X"], w["system_Z"], Y[:, j], w["weights"]))
-        out[j] = refit_estimates(w["system"], starts[j], reml)
+        out[j] = refit_estimates(w["system"], w["theta"], reml)
     return out
 
 

@@ -30,7 +30,7 @@ from ..fit.pipeline import finish_fit
 from ..formula.lme4 import parse_formula
 from ..inference.sdcor import sdcor_of
 from .lmer import lmer
-from .results import LmerResults, _refit_response, response_vector
+from .results import LmerResults, response_vector
 
 __all__ = ["lmer_many", "ManyFits"]
 
@@ -107,7 +107,6 @@ class ManyFits(Sequence):
         fit = first.fit_result
         system = fit.system
         with fit_threads():
-            starts: list = [None] * len(self._ys)
             if others and batched_applies(system, fit.optimization.method):
                 design = first.design
                 columns = system_columns(list(design.terms), system.relcov.column_transforms)
@@ -115,14 +114,12 @@ class ManyFits(Sequence):
                 sums = system.cross.response_sums(design.X, columns, Y, design.weights)
                 found = fit_responses(system, sums, fit.theta, fit.reml)
                 self._found, self._sums = found, sums
-                for j in range(len(others)):
-                    if found.settled[j]:
-                        self._batched[j + 1] = j
-                    else:  # from where the batched steps stopped (no worse a start than the first fit's theta)
-                        starts[j + 1] = found.theta[j]
+                self._batched = {j + 1: j for j in np.flatnonzero(found.settled)}
+            # the others as refit(y) gives them (from the first fit's theta: a start where the batched steps
+            # stopped, near a boundary, once led L-BFGS-B to a flat point 1e-5 below the optimum)
             for i in range(1, len(self._ys)):
                 if i not in self._batched:
-                    self._fits[i] = _refit_response(first, self._ys[i], starts[i])
+                    self._fits[i] = first.refit(self._ys[i])
 
     def _build(self, i: int) -> LmerResults:
         """The results of a response the batched steps fitted: solved at their theta by the one pipeline's end."""

@@ -412,9 +412,8 @@ def response_vector(y, n: int, name: str = "y") -> np.ndarray:
     return arr
 
 
-def _refit_response(results, y, start=None):
-    """`results`' model fitted to the response `y` (the fitted rows' length): a new LmerResults. `start`: the
-    optimizer's start (reported theta), results' theta by default."""
+def _refit_response(results, y):
+    """`results`' model fitted to the response `y` (the fitted rows' length): a new LmerResults."""
     design = results.design
     if not isinstance(design, LmerDesign):
         raise InputError("refit(y) needs the model's rows in memory; fit the data as a pandas DataFrame to refit it.")
@@ -429,7 +428,7 @@ def _refit_response(results, y, start=None):
         donor_system: PenalizedSystem = donor
         cross = fit.system.cross.with_response(design.X, columns, y - design.offset, design.weights)
         system = donor_system.with_response(cross)
-        theta = fit.theta if start is None else start
+        theta = fit.theta
         method = fit.optimization.method
         new = fit_system(
             system,
