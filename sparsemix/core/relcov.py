@@ -162,9 +162,9 @@ class RelativeCovariance:
                 for v in flipped:
                     v[column] = -v[column]
                 variants += flipped
-        return [
-            (min(variants, key=lambda v: float(np.linalg.norm(probe - v))), probe) for probe in self.rank_probes(theta)
-        ]
+        # (with several null directions, or a zero column, some probes coincide: each is evaluated once)
+        unique = {probe.tobytes(): probe for probe in self.rank_probes(theta)}
+        return [(min(variants, key=lambda v: float(np.linalg.norm(p - v))), p) for p in unique.values()]
 
     def apply_transpose(self, factors: list[np.ndarray], M: np.ndarray) -> np.ndarray:
         """Lambda' M for M of shape (q,) or (q, m)."""
