@@ -8,6 +8,7 @@ formula language (`lmer`, `anova`). The engine stages
 
 from importlib import metadata as _metadata
 
+from . import families
 from .core.threads import blas_libraries
 from .errors import (
     ConvergenceWarning,
@@ -25,6 +26,7 @@ from .errors import (
 from .fit.pipeline import fit_lmm, fit_system
 from .fit.stages import build_fit, build_system, optimize_system
 from .inference.anova import anova
+from .lme4.glmer import GlmerResults, glmer
 from .lme4.lmer import lmer
 from .lme4.many import lmer_many
 from .lme4.results import LmerResults
@@ -46,6 +48,9 @@ __all__ = [
     "VCSpec",
     "lmer",
     "lmer_many",
+    "glmer",
+    "GlmerResults",
+    "families",
     "LmerResults",
     "anova",
     "RankDeficiencyWarning",

@@ -36,6 +36,7 @@ RANK = {
     "cli": 7,
     "plots": 7,
     "datasets": 7,
+    "families": 7,
     "__main__": 8,
     "__init__": 8,
 }

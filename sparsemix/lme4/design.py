@@ -78,7 +78,10 @@ def theta_lower_bounds(terms) -> np.ndarray:
     return np.concatenate([[0.0 if i == j else -np.inf for i, j in t.template.positions] for t in terms])
 
 
-def build_design(formula, data, weights=None, offset=None, eval_env=None) -> LmerDesign:
+def build_design(formula, data, weights=None, offset=None, eval_env=None, linear: bool = True) -> LmerDesign:
+    """The design of `formula` on `data`. `linear`: lme4's checks that a term's levels (or random effects) stay
+    below the number of observations (a residual variance to tell them from); glmer has none, and an
+    observation-level random effect is how a count model takes overdispersion."""
     if not isinstance(data, pd.DataFrame):
         raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
     parsed = parse_formula(formula)
@@ -122,8 +125,9 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None) -> Lme
 
     infos, terms = [], []
     for spec in parsed.random:
-        term, info = _random_term(spec, frame, env)
-        checks.check_nobs_vs_n_random_effects(term.n_levels * term.k, len(frame), spec.source)
+        term, info = _random_term(spec, frame, env, linear)
+        if linear:
+            checks.check_nobs_vs_n_random_effects(term.n_levels * term.k, len(frame), spec.source)
         terms.append(term)
         infos.append(info)
     order = lme4_term_order([t.n_levels for t in terms])
@@ -174,12 +178,13 @@ def _column_or_array(data, value, role):
     return arr
 
 
-def _random_term(spec: RandomSpec, frame, env):
+def _random_term(spec: RandomSpec, frame, env, linear: bool = True):
     def check_count(n_levels):
         # Before any n x k or q-sized allocation: a factor with a level per row is refused at the cost of its
         # codes only (80 MB for a 10,000,000-level factor of 10,000,000 rows), not of the model's matrices.
         checks.check_levels(n_levels, spec.group_name, len(frame))
-        checks.check_levels_below_observations(n_levels, spec.group_name, len(frame))
+        if linear:
+            checks.check_levels_below_observations(n_levels, spec.group_name, len(frame))
 
     codes, levels = group_codes(frame, spec.group, check_count)
     var = indicator_variable(spec.expr)

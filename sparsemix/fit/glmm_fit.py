@@ -1,0 +1,134 @@
+"""Fitting a generalized linear mixed model: the Laplace objective (core/glmm.py) minimised as lme4's glmer does.
+
+nAGQ = 0: theta only, beta inside PIRLS (MixedModels.jl's fast=true). nAGQ = 1 (the default): from there, theta
+and beta together with PIRLS over u only, then Newton steps from finite differences (optimize.newton_polish).
+The covariance of beta is lme4's default for glmer: the inverse of half the finite-difference Hessian of the
+objective in (theta, beta), its beta block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..core.glmm import LaplaceSystem, PirlsResult
+from .optimize import OptimizationResult, minimize_deviance
+
+__all__ = ["GlmmFit", "fit_glmm"]
+
+# The finite-difference step of the Hessian for the covariance of beta (lme4's deriv12 uses 1e-4).
+HESSIAN_STEP = 1e-4
+
+
+@dataclass
+class GlmmFit:
+    """A fitted GLMM in array form: theta, beta, the mode there, the objective (-2 log L by Laplace), the
+    covariance of beta, and the optimizer's record."""
+
+    system: LaplaceSystem
+    theta: np.ndarray
+    beta: np.ndarray
+    mode: PirlsResult
+    cov_beta: np.ndarray
+    optimization: OptimizationResult
+    nAGQ: int
+
+    @property
+    def deviance(self) -> float:
+        return self.mode.objective
+
+    @property
+    def llf(self) -> float:
+        return -0.5 * self.mode.objective
+
+    @property
+    def converged(self) -> bool:
+        return bool(self.optimization.converged and self.mode.converged)
+
+
+def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> GlmmFit:
+    t0 = time.perf_counter()
+    relcov, p = system.relcov, system.p
+    lower_theta = relcov.lower_bounds
+    beta_now = [system.start_beta()]
+
+    def joint_objective(theta):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                r = system.pirls(theta, beta_now[0], joint=True)
+            except (np.linalg.LinAlgError, ValueError):
+                return np.inf
+        if np.isfinite(r.objective):
+            beta_now[0] = r.beta
+            return r.objective
+        return np.inf
+
+    stage0 = minimize_deviance(
+        joint_objective, relcov.start(), lower_theta, maxiter=maxiter, method="bobyqa", polish=nAGQ == 0
+    )
+    theta = stage0.theta
+    mode = system.pirls(theta, beta_now[0], joint=True)
+    beta, opt = mode.beta, stage0
+    if nAGQ >= 1:
+        start = np.concatenate([theta, beta])
+        lower = np.concatenate([lower_theta, np.full(p, -np.inf)])
+        m = relcov.n_theta
+        step = np.concatenate([0.1 * np.maximum(np.abs(theta), 0.1), 0.1 * np.maximum(np.abs(beta), 0.1)])
+        opt = minimize_deviance(
+            lambda x: system.objective(x[:m], x[m:]),
+            start,
+            lower,
+            maxiter=maxiter,
+            method="bobyqa",
+            initial_step=step,
+            polish=True,
+        )
+        theta, beta = opt.theta[:m], opt.theta[m:]
+        mode = system.pirls(theta, beta)
+        opt = OptimizationResult(
+            opt.theta,
+            opt.deviance,
+            stage0.n_evaluations + opt.n_evaluations,
+            opt.converged,
+            opt.message,
+            opt.method,
+            time.perf_counter() - t0,
+            opt.log,
+        )
+    cov_beta = _beta_covariance(system, theta, beta) if nAGQ >= 1 else system.fixed_covariance(theta, beta)
+    system.pirls(theta, beta, joint=nAGQ == 0)  # leave the system at the fit's mode
+    return GlmmFit(system, theta, beta, mode, cov_beta, opt, nAGQ)
+
+
+def _beta_covariance(system: LaplaceSystem, theta, beta) -> np.ndarray:
+    """2 H^{-1}'s beta block, H the central-difference Hessian of the objective in (theta, beta)."""
+    x = np.concatenate([theta, beta])
+    m = theta.shape[0]
+    f = lambda y: system.objective(y[:m], y[m:])  # noqa: E731
+    H = _hessian(f, x)
+    try:
+        return 2.0 * np.linalg.inv(H)[m:, m:]
+    except np.linalg.LinAlgError:
+        return np.full((beta.shape[0], beta.shape[0]), np.nan)
+
+
+def _hessian(f, x: np.ndarray) -> np.ndarray:
+    h = HESSIAN_STEP * np.maximum(np.abs(x), 1.0)
+    n = x.shape[0]
+    f0 = f(x)
+    H = np.empty((n, n))
+    plus, minus = np.empty(n), np.empty(n)
+    for i in range(n):
+        e = np.zeros(n)
+        e[i] = h[i]
+        plus[i], minus[i] = f(x + e), f(x - e)
+        H[i, i] = (plus[i] - 2 * f0 + minus[i]) / h[i] ** 2
+    for i in range(n):
+        for j in range(i):
+            ei, ej = np.zeros(n), np.zeros(n)
+            ei[i], ej[j] = h[i], h[j]
+            value = (f(x + ei + ej) - f(x + ei - ej) - f(x - ei + ej) + f(x - ei - ej)) / (4 * h[i] * h[j])
+            H[i, j] = H[j, i] = value
+    return H

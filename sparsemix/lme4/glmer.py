@@ -1,0 +1,158 @@
+"""`sparsemix.glmer(formula, data, family)`: generalized linear mixed models in lme4's formula language, by the
+Laplace approximation over the sparse engine (core/glmm.py, fit/glmm_fit.py). The design is lmer's
+(design.py); the results (GlmerResults) mirror LmerResults' estimates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from .. import checks
+from ..core.cross_products import assemble_Z
+from ..core.families import family_of
+from ..core.glmm import LaplaceSystem
+from ..core.relcov import RelativeCovariance
+from ..core.threads import fit_threads
+from ..errors import ConvergenceWarning, InputError
+from ..fit.glmm_fit import GlmmFit, fit_glmm
+from ..formula.design_rules import theta_names
+from ..formula.safety import formula_environment
+from ..inference.sdcor import sdcor_of
+from .design import LmerDesign, build_design
+
+__all__ = ["glmer", "GlmerResults"]
+
+
+def glmer(
+    formula: str,
+    data: pd.DataFrame,
+    family="binomial",
+    weights=None,
+    offset=None,
+    nAGQ: int = 1,
+    maxiter: int = 10_000,
+    eval_env=None,
+) -> "GlmerResults":
+    """Fit a generalized linear mixed model written in lme4's formula language (lme4's glmer).
+
+    family: "binomial" or "poisson", or a family object (sparsemix.families.Binomial(link="probit")).
+    weights: prior weights; for the binomial, the numbers of trials, the response then the proportion of
+    successes (lme4's `weights` with a proportion). offset: a column name or an array added to the linear
+    predictor. nAGQ: 1 (the Laplace approximation, the default) or 0 (beta inside PIRLS, theta alone optimized).
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
+    fam = family_of(family)
+    nAGQ = checks.check_count(nAGQ + 1, "nAGQ + 1") - 1 if isinstance(nAGQ, (int, np.integer)) else nAGQ
+    if nAGQ not in (0, 1):
+        raise InputError(
+            f"nAGQ={nAGQ!r}: this version fits nAGQ=1 (the Laplace approximation) and nAGQ=0; adaptive "
+            "Gauss-Hermite quadrature (nAGQ > 1) is not available yet."
+        )
+    maxiter = checks.check_count(maxiter, "maxiter")
+    env = formula_environment(eval_env)
+    with fit_threads():
+        design = build_design(formula, data, weights=weights, offset=offset, eval_env=env, linear=False)
+        terms = list(design.terms)
+        relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms])
+        system = LaplaceSystem(
+            design.X, design.y, assemble_Z(terms), relcov, fam, prior_weights=design.weights, offset=design.offset
+        )
+        fit = fit_glmm(system, nAGQ=nAGQ, maxiter=maxiter)
+    if not fit.converged:
+        import warnings
+
+        warnings.warn(
+            f"the fit did not converge after {fit.optimization.n_evaluations} evaluations: {fit.optimization.message}",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return GlmerResults(design, fit, fam)
+
+
+class GlmerResults:
+    """A model fitted by `sparsemix.glmer`: the estimates, as LmerResults names them."""
+
+    def __init__(self, design: LmerDesign, fit: GlmmFit, family):
+        self.design, self.fit_result, self.family = design, fit, family
+        self.nobs = design.nobs
+        self.nAGQ = fit.nAGQ
+        self.converged = fit.converged
+        self.n_evaluations = fit.optimization.n_evaluations
+
+    @property
+    def llf(self) -> float:
+        """lme4's logLik for the approximation used (Laplace for nAGQ = 1)."""
+        return float(self.fit_result.llf)
+
+    @property
+    def deviance(self) -> float:
+        """-2 llf."""
+        return -2.0 * self.llf
+
+    @property
+    def npar(self) -> int:
+        return len(self.design.fe_names) + self.fit_result.system.relcov.n_theta
+
+    @property
+    def aic(self) -> float:
+        return -2 * self.llf + 2 * self.npar
+
+    @property
+    def bic(self) -> float:
+        return -2 * self.llf + np.log(self.nobs) * self.npar
+
+    @property
+    def fe_params(self) -> pd.Series:
+        return pd.Series(self.fit_result.beta, index=list(self.design.fe_names))
+
+    @property
+    def bse_fe(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self.fit_result.cov_beta)), index=list(self.design.fe_names))
+
+    def fixed_effects(self) -> pd.DataFrame:
+        """Estimate, standard error, z and its two-sided p (lme4's glmer summary)."""
+        est, se = self.fe_params, self.bse_fe
+        z = est / se
+        return pd.DataFrame({"estimate": est, "std_error": se, "z": z, "p": 2 * stats.norm.sf(np.abs(z))})
+
+    @property
+    def theta(self) -> np.ndarray:
+        return self.fit_result.theta
+
+    @property
+    def theta_names(self) -> list[str]:
+        return theta_names(self.design.term_info, self.design.terms)
+
+    @property
+    def sdcor(self) -> pd.Series:
+        """Standard deviations and correlations of the random effects (the scale is 1: no sigma)."""
+        values = sdcor_of(self.fit_result.system.relcov, self.theta, 1.0)[:-1]
+        return pd.Series(values, index=self.theta_names)
+
+    @property
+    def is_singular(self) -> bool:
+        relcov = self.fit_result.system.relcov
+        return bool(np.any(relcov.on_diagonal & (np.abs(self.theta) < 1e-4)))
+
+    def ranef(self) -> dict:
+        """The conditional modes of the random effects, per grouping factor: DataFrames by level."""
+        relcov = self.fit_result.system.relcov
+        b = relcov.apply(relcov.factors(self.theta), self.fit_result.mode.u)
+        out = {}
+        for term, info, sl in zip(self.design.terms, self.design.term_info, relcov.column_slices):
+            frame = pd.DataFrame(
+                b[sl].reshape(term.n_levels, term.k), index=list(term.level_labels), columns=list(info.columns)
+            )
+            name = info.spec.group_name
+            out[name] = frame if name not in out else pd.concat([out[name], frame], axis=1)
+        return out
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """The conditional means mu (the response's scale)."""
+        return self.fit_result.mode.mu
+
+    def __repr__(self):
+        return f"<sparsemix GlmerResults: {self.design.formula}, {self.family!r}, llf={self.llf:.4f}>"

@@ -1,0 +1,90 @@
+# lme4 reference fits of generalized linear mixed models (glmer), for issue 17's tests.
+#
+# Usage: setarch -R Rscript glmer_fixtures.R [OUT_DIR]
+#   Writes glmer.json (OUT_DIR defaults to this script's directory): one entry per data set with the data under
+#   "data" and lme4's fits under "fits" ({name, formula, family, link, nAGQ, weights, logLik, theta, beta, se,
+#   sdcor, ranef}). Every fit with tight PIRLS (tolPwrss = 1e-12: lme4's default 1e-7 stops its inner iterations
+#   early, which biases the log-likelihood low) and BOBYQA with a high evaluation limit.
+#   Needs lme4 and jsonlite (Debian: r-cran-lme4 r-cran-jsonlite). A few seconds.
+# The formulas here are lme4's; sparsemix's tests fit the same model from the same columns ("ours" gives the
+# formula they use where lme4's left-hand side is cbind(), written as a proportion with weights).
+
+suppressPackageStartupMessages({
+  library(lme4)
+  library(jsonlite)
+})
+
+args <- commandArgs(trailingOnly = TRUE)
+file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
+source(file.path(dirname(normalizePath(sub("^--file=", "", file_arg))), "exact_json.R"))
+out_dir <- if (length(args) >= 1) args[1] else script_dir()
+
+plain <- function(df) {
+  df <- as.data.frame(df)
+  for (col in names(df)) if (is.factor(df[[col]])) df[[col]] <- as.character(df[[col]])
+  df
+}
+
+control <- glmerControl(optimizer = "bobyqa", tolPwrss = 1e-12, optCtrl = list(maxfun = 1e5))
+
+fit_record <- function(name, formula, ours, data, family, nAGQ = 1, weights = NULL) {
+  m <- if (is.null(weights)) {
+    glmer(as.formula(formula), data = data, family = family, nAGQ = nAGQ, control = control)
+  } else {
+    data$.w <- data[[weights]]
+    glmer(as.formula(formula), data = data, family = family, nAGQ = nAGQ, control = control, weights = .w)
+  }
+  vc <- as.data.frame(VarCorr(m))
+  re <- ranef(m)
+  list(name = name, formula = formula, ours = ours, family = family$family, link = family$link, nAGQ = nAGQ,
+       weights = if (is.null(weights)) NULL else weights,
+       logLik = as.numeric(logLik(m)), deviance = deviance(m), theta = I(unname(getME(m, "theta"))),
+       beta = as.list(fixef(m)), se = as.list(sqrt(diag(as.matrix(vcov(m))))),
+       sdcor = I(vc$sdcor), isSingular = isSingular(m),
+       ranef = lapply(re, function(r) c(list(levels = I(rownames(r))), lapply(as.list(r), unname))),
+       lme4_messages = I(as.character(unlist(m@optinfo$conv$lme4$messages))))
+}
+
+cb <- plain(cbpp)
+cb$prop <- cb$incidence / cb$size
+gt <- plain(grouseticks[, c("TICKS", "YEAR", "HEIGHT", "BROOD", "INDEX", "LOCATION")])
+gt$cHEIGHT <- gt$HEIGHT - mean(gt$HEIGHT)
+va <- plain(VerbAgg[, c("r2", "Anger", "Gender", "btype", "situ", "id", "item")])
+va$y <- as.integer(va$r2 == "Y")
+# a binary response with a correlated random slope (simulated; the seed fixes it)
+set.seed(17)
+n_g <- 40; per <- 15
+g <- rep(seq_len(n_g), each = per); x <- rnorm(n_g * per)
+b0 <- rnorm(n_g, sd = 0.8); b1 <- 0.5 * b0 + rnorm(n_g, sd = 0.4)
+sl <- data.frame(y = rbinom(n_g * per, 1, plogis(-0.3 + 0.7 * x + b0[g] + b1[g] * x)), x = x, g = as.character(g))
+# crossed counts with an offset (simulated)
+set.seed(171)
+s <- rep(seq_len(60), each = 20); it <- sample(rep(seq_len(30), 40)); ex <- runif(1200, 0.5, 2)
+cr <- data.frame(count = rpois(1200, ex * exp(0.4 + rnorm(60, sd = 0.5)[s] + rnorm(30, sd = 0.3)[it])),
+                 logex = log(ex), subj = as.character(s), item = as.character(it))
+
+sets <- list(
+  cbpp = list(dataset = "lme4::cbpp", data = cb, fits = list(
+    fit_record("cbpp_laplace", "cbind(incidence, size - incidence) ~ period + (1 | herd)",
+               "prop ~ period + (1 | herd)", cb, binomial(), weights = NULL),
+    fit_record("cbpp_agq9", "cbind(incidence, size - incidence) ~ period + (1 | herd)",
+               "prop ~ period + (1 | herd)", cb, binomial(), nAGQ = 9),
+    fit_record("cbpp_nagq0", "cbind(incidence, size - incidence) ~ period + (1 | herd)",
+               "prop ~ period + (1 | herd)", cb, binomial(), nAGQ = 0),
+    fit_record("cbpp_probit", "cbind(incidence, size - incidence) ~ period + (1 | herd)",
+               "prop ~ period + (1 | herd)", cb, binomial(link = "probit")))),
+  grouseticks = list(dataset = "lme4::grouseticks", data = gt, fits = list(
+    fit_record("grouseticks", "TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)",
+               "TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)", gt, poisson()))),
+  VerbAgg = list(dataset = "lme4::VerbAgg", data = va[, c("y", "Anger", "Gender", "btype", "situ", "id", "item")],
+    fits = list(fit_record("verbagg", "y ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)",
+                           "y ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)", va, binomial()))),
+  slopes = list(dataset = "simulated binary, (1 + x | g)", data = sl, fits = list(
+    fit_record("binary_slopes", "y ~ x + (1 + x | g)", "y ~ x + (1 + x | g)", sl, binomial()))),
+  crossed_counts = list(dataset = "simulated crossed counts with an offset", data = cr, fits = list(
+    fit_record("poisson_offset", "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)",
+               "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)", cr, poisson())))
+)
+sets$versions <- list(R = R.version.string, lme4 = as.character(packageVersion("lme4")))
+write_json(exact_numbers(sets), file.path(out_dir, "glmer.json"), auto_unbox = TRUE, digits = NA,
+           na = "null", json_verbatim = TRUE, dataframe = "columns")
