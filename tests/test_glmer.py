@@ -153,3 +153,50 @@ def test_bad_arguments_are_input_errors(kwargs, message):
 def test_a_link_the_family_does_not_have_is_an_input_error():
     with pytest.raises(sm.InputError, match="the poisson family takes the link 'log'"):
         sm.families.Poisson(link="logit")
+
+
+# -- lme4's ways of writing the response and the offset -------------------------------------------------------------
+
+
+def test_cbind_a_proportion_with_weights_and_arithmetic_on_the_left_give_one_fit():
+    data = pd.DataFrame(FIXTURES["cbpp"]["data"])
+    ref = FIXTURES["cbpp"]["fits"][0]
+    fits = [
+        sm.glmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", data, family="binomial"),
+        sm.glmer("prop ~ period + (1 | herd)", data, family="binomial", weights="size"),
+        sm.glmer("incidence / size ~ period + (1 | herd)", data, family="binomial", weights="size"),
+    ]
+    for m in fits:
+        assert m.llf == pytest.approx(ref["logLik"], rel=1e-8)
+        np.testing.assert_allclose(m.fe_params, fits[0].fe_params, rtol=1e-6)
+    assert fits[0].design.formula == "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+
+
+def test_cbind_checks_what_it_is_given():
+    data = pd.DataFrame(FIXTURES["cbpp"]["data"])
+    with pytest.raises(sm.FormulaError, match="two expressions"):
+        sm.glmer("cbind(incidence) ~ period + (1 | herd)", data)
+    with pytest.raises(sm.InputError, match="binomial family"):
+        sm.glmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", data, family="poisson")
+    with pytest.raises(sm.InputError, match="cannot be negative"):
+        sm.glmer("cbind(incidence, incidence - size) ~ period + (1 | herd)", data)
+    with pytest.raises(sm.FormulaError, match="for glmer's binomial family"):
+        sm.lmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", data)
+    with pytest.raises(sm.FormulaError, match="attribute"):  # nothing runs before the formula check
+        sm.glmer('cbind(__import__("os").getcwd(), size) ~ period + (1 | herd)', data)
+
+
+def test_an_offset_in_the_formula_is_the_offset_argument():
+    data = pd.DataFrame(FIXTURES["crossed_counts"]["data"])
+    ref = FIXTURES["crossed_counts"]["fits"][0]
+    a = sm.glmer("count ~ 1 + offset(logex) + (1 | subj) + (1 | item)", data, family="poisson")
+    b = sm.glmer("count ~ 1 + (1 | subj) + (1 | item)", data, family="poisson", offset="logex")
+    assert a.llf == pytest.approx(ref["logLik"], rel=1e-9) and a.llf == pytest.approx(b.llf, rel=1e-12)
+    assert list(a.fe_params.index) == ["(Intercept)"]
+
+
+def test_a_boolean_response_is_zero_one():
+    data = pd.DataFrame(FIXTURES["slopes"]["data"])
+    a = sm.glmer("y ~ x + (1 + x | g)", data)
+    b = sm.glmer("y ~ x + (1 + x | g)", data.assign(y=data.y.astype(bool)))
+    assert a.llf == b.llf

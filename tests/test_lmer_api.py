@@ -405,3 +405,25 @@ def test_refitted_results_and_their_source_pickle(fm1):
         back = pickle.loads(pickle.dumps(results))
         assert back.llf == pytest.approx(results.llf, rel=1e-12)
         np.testing.assert_allclose(back.ranef()["Subject"], results.ranef()["Subject"], rtol=1e-10)
+
+
+# -- lme4's response arithmetic and offset() terms (issue 17 asked for them in lmer too) -------------------------------
+
+
+def test_arithmetic_on_the_left_hand_side_is_evaluated_as_r_does():
+    halved = sm.lmer("Reaction / 2 ~ Days + (Days | Subject)", SLEEP)
+    direct = sm.lmer("y ~ Days + (Days | Subject)", SLEEP.assign(y=SLEEP.Reaction / 2))
+    assert halved.llf == pytest.approx(direct.llf, rel=1e-12)
+    np.testing.assert_allclose(halved.fe_params, direct.fe_params, rtol=1e-10)
+
+
+def test_an_offset_term_in_the_formula_is_the_offset_argument():
+    data = SLEEP.assign(off=0.5 * SLEEP.Days**2)
+    a = sm.lmer("Reaction ~ Days + offset(off) + (Days | Subject)", data)
+    b = sm.lmer("Reaction ~ Days + (Days | Subject)", data, offset="off")
+    assert a.llf == pytest.approx(b.llf, rel=1e-12)
+    assert list(a.fe_params.index) == ["(Intercept)", "Days"]
+    np.testing.assert_allclose(a.fe_params, b.fe_params, rtol=1e-10)
+    new = data.iloc[[0, 11, 50]]
+    np.testing.assert_allclose(a.predict(new), b.predict(new, offset=new.off), rtol=1e-12)
+    np.testing.assert_allclose(a.predict(), b.predict(), rtol=1e-12)

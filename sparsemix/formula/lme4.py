@@ -42,6 +42,7 @@ class ParsedFormula:
     response: str
     fixed: str  # patsy formula "response ~ rhs"
     random: tuple[RandomSpec, ...]
+    offsets: tuple[str, ...] = ()  # the fixed formula's I(expr) terms that are offset(expr) terms of the formula
 
 
 def parse_formula(formula: str) -> ParsedFormula:
@@ -88,7 +89,39 @@ def _parse(formula: str) -> ParsedFormula:
         elif ch == "|" and depth == 0:
             raise FormulaError(_pointed(formula, pos, "a random-effects term must be in parentheses, e.g. '(1 | g)'"))
     fixed_rhs = _remove_spans(formula, bars, rhs_start)
-    return ParsedFormula(response, f"{response} ~ {fixed_rhs}", tuple(random))
+    fixed_rhs, offsets = _offset_terms(fixed_rhs)
+    if response.startswith("cbind(") and response.endswith(")"):
+        raise FormulaError(
+            f"{response!r}: a cbind(successes, failures) response is for glmer's binomial family; lmer takes one "
+            "numeric response."
+        )
+    # arithmetic on the left-hand side (incidence/size, Reaction/2) is evaluated as R does: patsy would read it
+    # as a formula of terms
+    lhs = f"I({response})" if any(_top_level(response, op) for op in "+-*/") else response
+    return ParsedFormula(response, f"{lhs} ~ {fixed_rhs}", tuple(random), offsets)
+
+
+def _offset_terms(rhs: str) -> tuple[str, tuple[str, ...]]:
+    """The fixed right-hand side with each top-level offset(expr) term written I(expr), and those I() terms:
+    the design takes them out of the fixed effects and adds them to the offset (R's offset() in a formula)."""
+    out, offsets, i, depth = [], [], 0, 0
+    while i < len(rhs):
+        ch = rhs[i]
+        if depth == 0 and rhs.startswith("offset(", i) and (i == 0 or not (rhs[i - 1].isalnum() or rhs[i - 1] in "._")):
+            end = i + len("offset(")
+            level = 1
+            while end < len(rhs) and level:
+                level += {"(": 1, ")": -1}.get(rhs[end], 0)
+                end += 1
+            term = f"I({rhs[i + len('offset(') : end - 1].strip()})"
+            offsets.append(term)
+            out.append(term)
+            i = end
+            continue
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        out.append(ch)
+        i += 1
+    return "".join(out), tuple(offsets)
 
 
 def _expand(formula, offset, inner) -> list[RandomSpec]:
@@ -139,7 +172,9 @@ def _restore_quoted(parsed: ParsedFormula, quoted: dict) -> ParsedFormula:
     random = tuple(
         RandomSpec(restore(r.expr), tuple(quoted.get(g, g) for g in r.group), restore(r.source)) for r in parsed.random
     )
-    return ParsedFormula(restore(parsed.response), restore(parsed.fixed), random)
+    return ParsedFormula(
+        restore(parsed.response), restore(parsed.fixed), random, tuple(restore(o) for o in parsed.offsets)
+    )
 
 
 def _check_repeated_terms(random) -> None:

@@ -59,6 +59,7 @@ class LmerDesign:
     dropped_columns: tuple[str, ...]
     eval_env: object = field(repr=False)
     fixed_columns: tuple[int, ...] = ()  # the columns of fixed_info's design kept (aliased ones dropped)
+    offset_columns: tuple[int, ...] = ()  # the columns of fixed_info's design that are offset() terms
 
     @property
     def nobs(self) -> int:
@@ -113,14 +114,25 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
 
     if parsed.response in frame.columns:  # before patsy, which would expand a text column into indicators
         checks.require_numeric_column(frame[parsed.response], f"response {parsed.response!r}")
+        if pd.api.types.is_bool_dtype(frame[parsed.response].dtype):  # TRUE/FALSE as 1/0, as R reads them
+            frame = frame.assign(**{parsed.response: frame[parsed.response].to_numpy(dtype=float)})
     endog, X, exog_names, fixed_info = fixed_arrays(parsed.fixed, _strings_as_categories(frame, parsed.fixed), env)
     y = checks.as_numeric_vector(endog, "response")
     checks.check_finite(y, f"response {parsed.response!r}", missing_hint=False)
     checks.check_response_varies(y, parsed.response)
     checks.check_finite(X, "fixed-effects design", missing_hint=False)
+    # offset(expr) terms of the formula came through patsy as I(expr) columns: into the offset, out of X
+    offset_columns = _offset_columns(parsed.offsets, exog_names)
+    if offset_columns:
+        off = off + X[:, offset_columns].sum(axis=1)
+        others = [j for j in range(X.shape[1]) if j not in offset_columns]
+        X, exog_names = X[:, others], [exog_names[j] for j in others]
+    else:
+        others = list(range(X.shape[1]))
     names = [lme4_name(c) for c in exog_names]
     kept, dropped = drop_aliased(X, names)
     X, names = X[:, kept], [names[j] for j in kept]
+    kept = [others[j] for j in kept]  # in patsy's design's columns
     checks.check_fixed_columns_vs_nobs(X.shape[1], len(y), names)
 
     infos, terms = [], []
@@ -151,7 +163,20 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
         tuple(dropped),
         used_environment(env, [parsed.fixed] + [s.expr for s in parsed.random]),
         tuple(kept),
+        tuple(offset_columns),
     )
+
+
+def _offset_columns(offsets: tuple[str, ...], exog_names: list[str]) -> list[int]:
+    """The columns of patsy's fixed design that are the formula's offset(expr) terms (written I(expr))."""
+    spaced = {name.replace(" ", ""): j for j, name in enumerate(exog_names)}
+    out = []
+    for term in offsets:
+        j = spaced.get(term.replace(" ", ""))
+        if j is None:
+            raise FormulaError(f"offset term {term[2:-1]!r} must be one numeric column (a number per row).")
+        out.append(j)
+    return out
 
 
 def _strings_as_categories(frame: pd.DataFrame, formula: str) -> pd.DataFrame:

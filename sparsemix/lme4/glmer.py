@@ -4,20 +4,23 @@ Laplace approximation over the sparse engine (core/glmm.py, fit/glmm_fit.py). Th
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
+import patsy
 from scipy import stats
 
 from .. import checks
 from ..core.cross_products import assemble_Z
-from ..core.families import family_of
+from ..core.families import Binomial, family_of
 from ..core.glmm import LaplaceSystem
 from ..core.relcov import RelativeCovariance
 from ..core.threads import fit_threads
-from ..errors import ConvergenceWarning, InputError
+from ..errors import ConvergenceWarning, FormulaError, InputError
 from ..fit.glmm_fit import GlmmFit, fit_glmm
 from ..formula.design_rules import theta_names
-from ..formula.safety import formula_environment
+from ..formula.safety import check_formula, formula_environment
 from ..inference.sdcor import sdcor_of
 from .design import LmerDesign, build_design
 
@@ -52,8 +55,11 @@ def glmer(
         )
     maxiter = checks.check_count(maxiter, "maxiter")
     env = formula_environment(eval_env)
+    written = formula
+    formula, data, weights = _cbind_response(formula, data, weights, fam, env)
     with fit_threads():
         design = build_design(formula, data, weights=weights, offset=offset, eval_env=env, linear=False)
+        design = replace(design, formula=written)
         terms = list(design.terms)
         relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms])
         system = LaplaceSystem(
@@ -69,6 +75,50 @@ def glmer(
             stacklevel=2,
         )
     return GlmerResults(design, fit, fam)
+
+
+def _cbind_response(formula: str, data: pd.DataFrame, weights, family, env):
+    """lme4's cbind(successes, failures) response for the binomial: the proportion of successes, with the trials
+    (times any prior weights) as weights. (formula, data, weights) unchanged for any other response."""
+    response = formula.split("~", 1)[0].strip()
+    if not (response.startswith("cbind(") and response.endswith(")")):
+        return formula, data, weights
+    if not isinstance(family, Binomial):
+        raise InputError(f"a cbind(successes, failures) response is for the binomial family; this is {family!r}.")
+    inner = response[len("cbind(") : -1]
+    depth, comma = 0, None
+    for i, ch in enumerate(inner):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            if comma is not None:
+                comma = -1
+                break
+            comma = i
+    if comma is None or comma < 0:
+        raise FormulaError(f"{response!r}: write cbind(successes, failures), two expressions.")
+    successes, failures = (_column_values(data, e.strip(), env) for e in (inner[:comma], inner[comma + 1 :]))
+    trials = successes + failures
+    with np.errstate(invalid="ignore", divide="ignore"):
+        proportion = np.where(trials > 0, successes / np.where(trials > 0, trials, 1.0), np.nan)
+    if np.any((successes < 0) | (failures < 0)):
+        raise InputError(f"{response!r}: numbers of successes and failures cannot be negative.")
+    name = "cbind_response"
+    while name in data.columns:
+        name += "_"
+    prior = np.ones(len(data)) if weights is None else np.asarray(
+        data[weights] if isinstance(weights, str) else weights, dtype=float
+    )
+    rest = formula.split("~", 1)[1]
+    # a row with no trials says nothing: dropped as a missing value would be (R drops it from the likelihood)
+    return f"{name} ~{rest}", data.assign(**{name: proportion}), prior * trials
+
+
+def _column_values(data: pd.DataFrame, expr: str, env) -> np.ndarray:
+    """One expression of the data's columns, a number per row (NaN where a value is missing)."""
+    formula = f"0 + I({expr})"
+    check_formula(formula, data.columns, env, "cbind() response")  # nothing in a formula runs before this check
+    matrix = patsy.dmatrix(formula, data, eval_env=env, NA_action=patsy.NAAction(NA_types=[]))
+    return np.asarray(matrix, dtype=float)[:, 0]
 
 
 class GlmerResults:

@@ -276,6 +276,8 @@ class LmerResults(PicklableResults):
 
         def compute(rows):
             pred = newdata_path.fixed_matrix(rows, d.fixed_info, d.fixed_columns) @ self.fit_result.beta
+            if d.offset_columns:  # the formula's offset() terms, read from newdata
+                pred = pred + newdata_path.fixed_matrix(rows, d.fixed_info, d.offset_columns).sum(axis=1)
             if include_random:
                 pred = pred + newdata_path.lmer_random_matrix(d, rows, allow_new_levels, matchers) @ self.fit_result.b
             return pred if off is None else pred + off[keep]
