@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg as la
 import scipy.sparse as sp
 
 from ..errors import InputError
@@ -53,6 +54,153 @@ class PirlsResult:
     iterations: int
 
 
+# The first term eliminated level by level and the rest held dense (BlockFactor) where the rest has at most this
+# many columns and the first-term-by-rest block at most this many entries; CHOLMOD otherwise.
+BLOCK_MAX_REST = 2000
+BLOCK_MAX_ENTRIES = 20_000_000
+
+
+class BlockFactor:
+    """Lambda' Z' W Z Lambda + I for PIRLS's changing weights W without forming it sparse: the weighted
+    cross-products accumulated from the rows by level codes (the first term's k1 x k1 blocks, its block against
+    the rest's q2 columns, the rest's q2 x q2 block: each a bincount over index arrays built once), then the first
+    term eliminated level by level and the q2 x q2 Schur complement factored dense (as DenseFactor does for the
+    linear model). Offers CholmodFactor's logdet, half_solve and solve."""
+
+    def __init__(self, Z: sp.csc_matrix, relcov: RelativeCovariance):
+        n1, first = relcov.blocks[0]
+        self.n1, self.k1 = n1, first.k
+        self.q1 = q1 = n1 * first.k
+        self.q = relcov.q
+        self.q2 = q2 = relcov.q - q1
+        self.relcov = relcov
+        Zr = sp.csr_matrix(Z)
+        Z1, ZR = Zr[:, :q1].tocoo(), Zr[:, q1:].tocsr()
+        self.n_rows = Z.shape[0]
+        # the first term: each stored entry's level and column a within the level; slots[row, s] = the row's s-th
+        # entry (-1 past its last), for pairs of entries within a row
+        e_level, e_a = np.divmod(Z1.col.astype(np.int64), self.k1)
+        e_val = Z1.data
+        slots = _row_slots(Z1.row, self.n_rows)
+        rows, idx, val = [], [], []
+        for s1 in range(slots.shape[1]):
+            for s2 in range(slots.shape[1]):
+                ok = (slots[:, s1] >= 0) & (slots[:, s2] >= 0)
+                e1, e2 = slots[ok, s1], slots[ok, s2]
+                rows.append(np.flatnonzero(ok))
+                idx.append((e_level[e1] * self.k1 + e_a[e1]) * self.k1 + e_a[e2])
+                val.append(e_val[e1] * e_val[e2])
+        self._g11 = (np.concatenate(rows), np.concatenate(idx), np.concatenate(val)) if rows else None
+        # G1R: a first-term entry against each rest entry of its row
+        R = ZR.tocoo()
+        rows, idx, val = [], [], []
+        for s1 in range(slots.shape[1]):
+            ok = slots[R.row, s1] >= 0
+            e1 = slots[R.row[ok], s1]
+            rows.append(R.row[ok])
+            idx.append((e_level[e1] * self.k1 + e_a[e1]) * q2 + R.col[ok])
+            val.append(e_val[e1] * R.data[ok])
+        self._g1r = (np.concatenate(rows), np.concatenate(idx), np.concatenate(val)) if rows else None
+        # GRR: pairs of rest entries in one row
+        R_rows = R.row
+        slots_r = _row_slots(R_rows, self.n_rows)
+        rows, idx, val = [], [], []
+        for s1 in range(slots_r.shape[1]):
+            for s2 in range(slots_r.shape[1]):
+                ok = (slots_r[:, s1] >= 0) & (slots_r[:, s2] >= 0)
+                e1, e2 = slots_r[ok, s1], slots_r[ok, s2]
+                rows.append(np.flatnonzero(ok))
+                idx.append(R.col[e1] * q2 + R.col[e2])
+                val.append(R.data[e1] * R.data[e2])
+        self._grr = (np.concatenate(rows), np.concatenate(idx), np.concatenate(val)) if rows else None
+        rest = list(relcov.blocks[1:])
+        self._rest_slices = [slice(int(sl.start) - q1, int(sl.stop) - q1) for sl in relcov.column_slices[1:]]
+        self._rest_ks = [t.k for _, t in rest]
+
+    @classmethod
+    def applicable(cls, Z: sp.csc_matrix, relcov: RelativeCovariance) -> bool:
+        from .factor import schur_applicable
+
+        if not relcov.blocks:
+            return False
+        n1, first = relcov.blocks[0]
+        q1 = n1 * first.k
+        q2 = relcov.q - q1
+        if q2 > BLOCK_MAX_REST or q1 * q2 > BLOCK_MAX_ENTRIES:
+            return False
+        ZtZ = sp.csc_matrix(Z.T @ Z)
+        return schur_applicable(ZtZ, q1, first.k)
+
+    @staticmethod
+    def _sum(parts, w, size):
+        if parts is None:
+            return np.zeros(size)
+        rows, idx, val = parts
+        return np.bincount(idx, weights=w[rows] * val, minlength=size)
+
+    def _right_rest(self, M: np.ndarray, rest) -> np.ndarray:
+        out = np.array(M, dtype=float)
+        for T, k, cols in zip(rest, self._rest_ks, self._rest_slices):
+            if k == 1:
+                out[..., cols] *= T[0, 0]
+            else:
+                shape = out[..., cols].shape
+                out[..., cols] = (out[..., cols].reshape(shape[:-1] + (-1, k)) @ T).reshape(shape)
+        return out
+
+    def refactor(self, w: np.ndarray, factors) -> "BlockFactor":
+        n1, k1, q2 = self.n1, self.k1, self.q2
+        G11 = self._sum(self._g11, w, n1 * k1 * k1).reshape(n1, k1, k1)
+        G1R = self._sum(self._g1r, w, n1 * k1 * q2).reshape(n1, k1, q2)
+        GRR = self._sum(self._grr, w, q2 * q2).reshape(q2, q2)
+        T1, rest = factors[0], factors[1:]
+        M11 = np.matmul(np.matmul(T1.T, G11), T1)
+        M11[:, np.arange(k1), np.arange(k1)] += 1.0
+        self.L11 = np.linalg.cholesky(M11)
+        B = self._right_rest(np.matmul(T1.T, G1R), rest)  # (Lambda_1' G1R Lambda_2), per level
+        self.W = _solve_levels(self.L11, B).reshape(n1 * k1, q2)
+        S = self._right_rest(self._right_rest(GRR, rest).T, rest) - self.W.T @ self.W
+        S[np.arange(q2), np.arange(q2)] += 1.0
+        self.LS = np.linalg.cholesky(S) if q2 else np.zeros((0, 0))
+        return self
+
+    def logdet(self) -> float:
+        d1 = np.log(np.diagonal(self.L11, axis1=1, axis2=2)).sum()
+        return float(2.0 * (d1 + np.log(np.diagonal(self.LS)).sum()))
+
+    def half_solve(self, B):
+        """L^{-1} B, L = [[L11, 0], [W', LS]]."""
+        B = np.asarray(B, dtype=float)
+        B2 = B.reshape(self.q, -1)
+        y1 = _solve_levels(self.L11, B2[: self.q1].reshape(self.n1, self.k1, -1)).reshape(self.q1, -1)
+        y2 = la.solve_triangular(self.LS, B2[self.q1 :] - self.W.T @ y1, lower=True) if self.q2 else B2[self.q1 :]
+        return np.concatenate([y1, y2]).reshape(B.shape)
+
+    def solve(self, B):
+        B = np.asarray(B, dtype=float)
+        Y = self.half_solve(B).reshape(self.q, -1)
+        x2 = la.solve_triangular(self.LS, Y[self.q1 :], lower=True, trans="T") if self.q2 else Y[self.q1 :]
+        r1 = (Y[: self.q1] - self.W @ x2).reshape(self.n1, self.k1, -1)
+        x1 = _solve_levels(self.L11, r1, transpose=True).reshape(self.q1, -1)
+        return np.concatenate([x1, x2]).reshape(B.shape)
+
+
+def _row_slots(rows: np.ndarray, n_rows: int) -> np.ndarray:
+    """(n_rows, most entries in a row): the indices of each row's entries (`rows` sorted), -1 past the last."""
+    counts = np.bincount(rows, minlength=n_rows)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slots = np.full((n_rows, max(int(counts.max(initial=0)), 1)), -1, dtype=np.int64)
+    slots[rows, np.arange(rows.size) - starts[rows]] = np.arange(rows.size)
+    return slots
+
+
+def _solve_levels(L: np.ndarray, B: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """L_l^{-1} B_l (L_l^{-T} B_l) for the first term's levels: L (n1, k1, k1), B (n1, k1, m)."""
+    if L.shape[1] == 1:
+        return B / L
+    return np.linalg.solve(np.transpose(L, (0, 2, 1)) if transpose else L, B)
+
+
 class LaplaceSystem:
     """The Laplace objective of one model as a function of (theta, beta), PIRLS warm-started from the last mode."""
 
@@ -74,7 +222,12 @@ class LaplaceSystem:
         self.prior_weights = np.ones(n) if prior_weights is None else np.asarray(prior_weights, dtype=float)
         self.offset = np.zeros(n) if offset is None else np.asarray(offset, dtype=float)
         family.check_response(self.y, self.prior_weights)
-        self._pattern(sp.csc_matrix(Z))
+        self._loglik_constant = family.loglik_constant(self.y, self.prior_weights)
+        self._kernel_terms = family.kernel_terms(self.y, self.prior_weights)
+        self.Z = sp.csc_matrix(Z)
+        self._block = BlockFactor(self.Z, relcov) if BlockFactor.applicable(self.Z, relcov) else None
+        if self._block is None:
+            self._pattern(self.Z)
         self._factor: CholmodFactor | None = None
         self._u = np.zeros(self.q)
         self.n_pirls = 0
@@ -121,6 +274,13 @@ class LaplaceSystem:
 
     # -- PIRLS ---------------------------------------------------------------------------------------------
 
+    def operator(self, theta: np.ndarray) -> "_ZLambda":
+        """Z Lambda(theta) as PIRLS uses it: products with it and its transpose, and the factor of
+        Lambda' Z' W Z Lambda + I for weights W (BlockFactor where it applies, else CHOLMOD)."""
+        if self._block is not None:
+            return _BlockZLambda(self, self.relcov.factors(np.asarray(theta, dtype=float)))
+        return _SparseZLambda(self, self.z_lambda(theta))
+
     def _refactor(self, ZL: sp.csc_matrix, w: np.ndarray) -> CholmodFactor:
         A = sp.csc_matrix(ZL.T @ sp.diags(w) @ ZL)
         A = sp.tril(A, format="csc")
@@ -131,19 +291,19 @@ class LaplaceSystem:
 
     def _weights(self, eta):
         fam = self.family
-        mu = fam.linkinv(eta)
-        dmu = fam.mu_eta(eta)
+        mu, dmu = fam.mu_and_dmu(eta)
         w = self.prior_weights * dmu**2 / fam.variance(mu)
         return mu, dmu, w
 
     def _pdev(self, mu, u) -> float:
-        return float(np.sum(self.family.dev_resid(self.y, mu, self.prior_weights)) + u @ u)
+        """The penalized deviance less its constant: -2 (the log-likelihood's kernel) + |u|^2."""
+        return float(-2.0 * self.family.kernel_of(self._kernel_terms, mu) + u @ u)
 
     def pirls(self, theta: np.ndarray, beta: np.ndarray, joint: bool = False, u0=None) -> PirlsResult:
         """The conditional mode at (theta, beta) (joint: beta moved too, from `beta`), from the last mode."""
         theta = np.asarray(theta, dtype=float)
         beta = np.asarray(beta, dtype=float).copy()
-        ZL = self.z_lambda(theta)
+        ZL = self.operator(theta)
         u = (self._u if u0 is None else np.asarray(u0, dtype=float)).copy()
         fixed = self.offset + self.X @ beta
         eta = fixed + ZL @ u
@@ -153,13 +313,13 @@ class LaplaceSystem:
         iterations = 0
         for iterations in range(1, PIRLS_MAX_ITERATIONS + 1):
             self.n_pirls += 1
-            factor = self._refactor(ZL, w)
+            factor = ZL.factor(w)
             resid = (self.y - mu) / dmu  # working residual
-            rhs_u = ZL.T @ (w * resid) - u
+            rhs_u = ZL.t(w * resid) - u
             if joint and self.p:
                 # the Newton step on (u, beta): [[ZL'WZL + I, ZL'WX], [X'WZL, X'WX]] (du, dbeta) = (rhs_u, X'W r)
                 WX = w[:, None] * self.X
-                C = factor.half_solve(np.asarray(ZL.T @ WX))  # L^{-1} ZL'WX
+                C = factor.half_solve(ZL.t(WX))  # L^{-1} ZL'WX
                 cu = factor.half_solve(rhs_u)
                 RXtRX = self.X.T @ WX - C.T @ C
                 rhs_b = self.X.T @ (w * resid) - C.T @ cu
@@ -167,7 +327,7 @@ class LaplaceSystem:
                     dbeta = np.linalg.solve(RXtRX, rhs_b)
                 except np.linalg.LinAlgError:
                     raise InputError("the fixed effects are not estimable (X'WX is singular at this theta)") from None
-                du = factor.solve(rhs_u - np.asarray(ZL.T @ (WX @ dbeta)))
+                du = factor.solve(rhs_u - ZL.t(WX @ dbeta))
             else:
                 dbeta = np.zeros(self.p)
                 du = factor.solve(rhs_u)
@@ -194,9 +354,9 @@ class LaplaceSystem:
         if iterations and not converged:
             # stopped by the halvings at rounding level: converged too, if the last full step was tiny
             converged = bool(np.max(np.abs(du), initial=0.0) <= 1e-6 * max(1.0, np.max(np.abs(u), initial=0.0)))
-        logdet = self._refactor(ZL, w).logdet()  # log |L|^2 at the mode's weights
+        logdet = ZL.factor(w).logdet()  # log |L|^2 at the mode's weights
         self._u = u
-        objective = -2.0 * self.family.loglik(self.y, mu, self.prior_weights) + float(u @ u) + logdet
+        objective = -2.0 * self._loglik_constant + pdev + logdet
         return PirlsResult(u, beta, eta, mu, objective, pdev, logdet, converged, iterations)
 
     def fixed_covariance(self, theta: np.ndarray, beta: np.ndarray) -> np.ndarray:
@@ -204,9 +364,9 @@ class LaplaceSystem:
         (lme4's for nAGQ = 0, where the objective's Hessian in beta is not used)."""
         r = self.pirls(theta, beta, joint=True)
         _, _, w = self._weights(r.eta)
-        ZL = self.z_lambda(theta)
+        ZL = self.operator(theta)
         WX = w[:, None] * self.X
-        C = self._refactor(ZL, w).half_solve(np.asarray(ZL.T @ WX))
+        C = ZL.factor(w).half_solve(ZL.t(WX))
         return np.linalg.inv(self.X.T @ WX - C.T @ C)
 
     def objective(self, theta: np.ndarray, beta: np.ndarray) -> float:
@@ -238,3 +398,36 @@ class LaplaceSystem:
                 break
             beta = new
         return beta
+
+
+class _SparseZLambda:
+    """Z Lambda as a sparse matrix (fixed pattern), its factor by CHOLMOD."""
+
+    def __init__(self, system: LaplaceSystem, ZL: sp.csc_matrix):
+        self.system, self.ZL = system, ZL
+
+    def __matmul__(self, u):
+        return self.ZL @ u
+
+    def t(self, v):
+        return np.asarray(self.ZL.T @ v)
+
+    def factor(self, w):
+        return self.system._refactor(self.ZL, w)
+
+
+class _BlockZLambda:
+    """Z Lambda applied as Z (Lambda u), Lambda' (Z' v); its factor a BlockFactor."""
+
+    def __init__(self, system: LaplaceSystem, factors):
+        self.system, self.factors = system, factors
+
+    def __matmul__(self, u):
+        return self.system.Z @ self.system.relcov.apply(self.factors, u)
+
+    def t(self, v):
+        return self.system.relcov.apply_transpose(self.factors, np.asarray(self.system.Z.T @ v))
+
+    def factor(self, w):
+        assert self.system._block is not None
+        return self.system._block.refactor(w, self.factors)

@@ -105,8 +105,10 @@ def _cbind_response(formula: str, data: pd.DataFrame, weights, family, env):
     name = "cbind_response"
     while name in data.columns:
         name += "_"
-    prior = np.ones(len(data)) if weights is None else np.asarray(
-        data[weights] if isinstance(weights, str) else weights, dtype=float
+    prior = (
+        np.ones(len(data))
+        if weights is None
+        else np.asarray(data[weights] if isinstance(weights, str) else weights, dtype=float)
     )
     rest = formula.split("~", 1)[1]
     # a row with no trials says nothing: dropped as a missing value would be (R drops it from the likelihood)
