@@ -129,6 +129,12 @@ class Family:
     def mu_start(self, y, prior_weights):
         raise NotImplementedError
 
+    @property
+    def canonical(self) -> bool:
+        """Whether the link is the family's canonical one: PIRLS's steps (with the expected weights) are then
+        Newton's, and converge quadratically; with another link, Fisher scoring's, linearly."""
+        return self.link.name == self.default_link
+
     def linkinv(self, eta):
         return self.link.inverse(eta)
 

@@ -31,9 +31,13 @@ from .relcov import RelativeCovariance
 
 __all__ = ["LaplaceSystem", "PirlsResult"]
 
-# PIRLS stops after a full Newton step shorter than this, relative to u (lme4's tolPwrss, 1e-7 on the penalized
-# deviance by default, leaves its log-likelihood up to ~1e-2 low on large designs: here the mode to rounding).
-PIRLS_TOLERANCE = 1e-10
+# PIRLS stops after a full step shorter than this, relative to u: with the canonical link its steps are Newton's
+# and converge quadratically, so the mode is then within ~its square, 1e-12; with another link (Fisher scoring,
+# linear convergence) after one shorter than PIRLS_TOLERANCE_SCORING. (lme4's tolPwrss, 1e-7 on the penalized
+# deviance by default, leaves its log-likelihood up to ~1e-2 low on large designs.) The objective's second
+# differences (beta's covariance, steps of 1e-4) need the mode that close: at 1e-6 they were noise.
+PIRLS_TOLERANCE = 1e-6
+PIRLS_TOLERANCE_SCORING = 1e-11
 PIRLS_MAX_ITERATIONS = 100
 PIRLS_MAX_HALVINGS = 30
 
@@ -274,7 +278,7 @@ class LaplaceSystem:
 
     # -- PIRLS ---------------------------------------------------------------------------------------------
 
-    def operator(self, theta: np.ndarray) -> "_ZLambda":
+    def operator(self, theta: np.ndarray) -> "_SparseZLambda | _BlockZLambda":
         """Z Lambda(theta) as PIRLS uses it: products with it and its transpose, and the factor of
         Lambda' Z' W Z Lambda + I for weights W (BlockFactor where it applies, else CHOLMOD)."""
         if self._block is not None:
@@ -311,6 +315,7 @@ class LaplaceSystem:
         pdev = self._pdev(mu, u)
         converged = False
         iterations = 0
+        tolerance = PIRLS_TOLERANCE if self.family.canonical else PIRLS_TOLERANCE_SCORING
         for iterations in range(1, PIRLS_MAX_ITERATIONS + 1):
             self.n_pirls += 1
             factor = ZL.factor(w)
@@ -343,10 +348,8 @@ class LaplaceSystem:
             else:
                 break  # no step lowers the penalized deviance: u is the mode to rounding
             u, beta, eta, mu, dmu, w, pdev = u_new, beta_new, eta_new, mu_new, dmu_new, w_new, pdev_new
-            # Newton's steps converge quadratically: a full step this short leaves the mode to rounding, which
-            # the objective's second differences (the covariance of beta) need
             size = max(np.max(np.abs(du), initial=0.0), np.max(np.abs(dbeta), initial=0.0))
-            if step == 1.0 and size <= PIRLS_TOLERANCE * max(1.0, np.max(np.abs(u), initial=0.0)):
+            if step == 1.0 and size <= tolerance * max(1.0, np.max(np.abs(u), initial=0.0)):
                 converged = True
                 break
         else:
