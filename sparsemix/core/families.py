@@ -115,6 +115,14 @@ class Family:
     def kernel_of(self, terms, mu) -> float:
         raise NotImplementedError
 
+    def row_kernel(self, terms, mu) -> np.ndarray:
+        """kernel_of's terms row by row."""
+        raise NotImplementedError
+
+    def saturated_kernel(self, terms, y) -> float:
+        """The kernel at mu = y (the saturated model: deviance residuals are 2 (this - the kernel) row by row)."""
+        return float(np.sum(self.row_kernel(terms, y)))
+
     def loglik_constant(self, y, prior_weights) -> float:
         raise NotImplementedError
 
@@ -176,6 +184,10 @@ class Binomial(Family):
         mu = np.clip(mu, _EPS, 1 - _EPS)
         return float(successes @ np.log(mu) + failures @ np.log1p(-mu))
 
+    def row_kernel(self, terms, mu):
+        successes, failures = terms
+        return special.xlogy(successes, mu) + special.xlog1py(failures, -mu)
+
     def check_response(self, y, prior_weights):
         if np.any((y < 0) | (y > 1)):
             bad = np.flatnonzero((y < 0) | (y > 1))
@@ -225,6 +237,10 @@ class Poisson(Family):
     def kernel_of(self, terms, mu):
         counts, weights = terms
         return float(counts @ np.log(np.maximum(mu, _EPS)) - weights @ mu)
+
+    def row_kernel(self, terms, mu):
+        counts, weights = terms
+        return special.xlogy(counts, mu) - weights * mu
 
     def check_response(self, y, prior_weights):
         if np.any(y < 0):

@@ -37,14 +37,18 @@ class GlmmFit:
     cov_beta: np.ndarray
     optimization: OptimizationResult
     nAGQ: int
+    objective: float = np.nan  # the minimised objective: Laplace (nAGQ <= 1) or quadrature's -2 log L
 
     @property
     def deviance(self) -> float:
-        return self.mode.objective
+        return self.objective
 
     @property
     def llf(self) -> float:
-        return -0.5 * self.mode.objective
+        """-objective / 2; with quadrature (nAGQ > 1), lme4's logLik for it (see quadrature_log_likelihood_shift)."""
+        if self.nAGQ > 1:
+            return -0.5 * (self.objective + self.system.quadrature_log_likelihood_shift)
+        return -0.5 * self.objective
 
     @property
     def converged(self) -> bool:
@@ -86,7 +90,7 @@ def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> Glm
         start = np.concatenate([theta, beta])
         lower = np.concatenate([lower_theta, np.full(p, -np.inf)])
         m = relcov.n_theta
-        objective = lambda x: system.objective(x[:m], x[m:])  # noqa: E731
+        objective = lambda x: system.objective(x[:m], x[m:], nAGQ)  # noqa: E731
         # Newton steps from the nAGQ = 0 fit, which lies close; BOBYQA where they do not settle
         probes = lambda x: [(np.r_[a, x[m:]], np.r_[b, x[m:]]) for a, b in relcov.boundary_probes(x[:m])]  # noqa: E731
         found = minimize_one(objective, start, lower, probes)
@@ -120,16 +124,17 @@ def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> Glm
         # the last Newton step's difference Hessian (1e-5 of theta and beta away at most: steps as _hessian's)
         cov_beta = _covariance_from(hessian, relcov.n_theta)
     else:
-        cov_beta = _beta_covariance(system, theta, beta)
+        cov_beta = _beta_covariance(system, theta, beta, nAGQ)
+    value = system.objective(theta, beta, nAGQ) if nAGQ >= 1 else mode.objective
     system.pirls(theta, beta, joint=nAGQ == 0)  # leave the system at the fit's mode
-    return GlmmFit(system, theta, beta, mode, cov_beta, opt, nAGQ)
+    return GlmmFit(system, theta, beta, mode, cov_beta, opt, nAGQ, value)
 
 
-def _beta_covariance(system: LaplaceSystem, theta, beta) -> np.ndarray:
-    """2 H^{-1}'s beta block, H the central-difference Hessian of the objective in (theta, beta)."""
+def _beta_covariance(system: LaplaceSystem, theta, beta, nAGQ: int = 1) -> np.ndarray:
+    """2 H^{-1}'s beta block, H the difference Hessian of the objective in (theta, beta)."""
     x = np.concatenate([theta, beta])
     m = theta.shape[0]
-    f = lambda y: system.objective(y[:m], y[m:])  # noqa: E731
+    f = lambda y: system.objective(y[:m], y[m:], nAGQ)  # noqa: E731
     return _covariance_from(_hessian(f, x), m)
 
 

@@ -26,6 +26,8 @@ from .design import LmerDesign, build_design
 
 __all__ = ["glmer", "GlmerResults"]
 
+MAX_NAGQ = 100  # lme4's limit on Gauss-Hermite nodes
+
 
 def glmer(
     formula: str,
@@ -42,16 +44,17 @@ def glmer(
     family: "binomial" or "poisson", or a family object (sparsemix.families.Binomial(link="probit")).
     weights: prior weights; for the binomial, the numbers of trials, the response then the proportion of
     successes (lme4's `weights` with a proportion). offset: a column name or an array added to the linear
-    predictor. nAGQ: 1 (the Laplace approximation, the default) or 0 (beta inside PIRLS, theta alone optimized).
+    predictor. nAGQ: 1 (the Laplace approximation, the default), 0 (beta inside PIRLS, theta alone optimized),
+    or more: adaptive Gauss-Hermite quadrature with that many nodes, for one scalar random-effect term (as
+    lme4; its logLik then integrates the deviance residuals, and so does `llf`).
     """
     if not isinstance(data, pd.DataFrame):
         raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
     fam = family_of(family)
-    nAGQ = checks.check_count(nAGQ + 1, "nAGQ + 1") - 1 if isinstance(nAGQ, (int, np.integer)) else nAGQ
-    if nAGQ not in (0, 1):
+    if not isinstance(nAGQ, (int, np.integer)) or isinstance(nAGQ, bool) or not 0 <= nAGQ <= MAX_NAGQ:
         raise InputError(
-            f"nAGQ={nAGQ!r}: this version fits nAGQ=1 (the Laplace approximation) and nAGQ=0; adaptive "
-            "Gauss-Hermite quadrature (nAGQ > 1) is not available yet."
+            f"nAGQ={nAGQ!r}: give 0 (theta only optimized, beta inside PIRLS), 1 (the Laplace approximation, the "
+            f"default) or up to {MAX_NAGQ} Gauss-Hermite nodes (one scalar random-effect term only)."
         )
     maxiter = checks.check_count(maxiter, "maxiter")
     env = formula_environment(eval_env)
@@ -65,7 +68,13 @@ def glmer(
         system = LaplaceSystem(
             design.X, design.y, assemble_Z(terms), relcov, fam, prior_weights=design.weights, offset=design.offset
         )
-        fit = fit_glmm(system, nAGQ=nAGQ, maxiter=maxiter)
+        if nAGQ > 1 and not system.quadrature_applies:
+            raise InputError(
+                f"nAGQ={nAGQ}: adaptive Gauss-Hermite quadrature needs a single scalar random-effect term such as "
+                f"(1 | g) (as lme4); this model has {len(terms)} term(s) with "
+                f"{[t.k for t in terms]} column(s). Use nAGQ=1 (the Laplace approximation)."
+            )
+        fit = fit_glmm(system, nAGQ=int(nAGQ), maxiter=maxiter)
     if not fit.converged:
         import warnings
 
