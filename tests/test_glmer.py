@@ -214,3 +214,19 @@ def test_more_quadrature_nodes_converge_to_the_integral():
     assert values[1] == pytest.approx(laplace, rel=1e-12)
     assert abs(values[9] - values[25]) < 1e-6 * abs(values[25])
     assert abs(values[3] - values[25]) > abs(values[9] - values[25])
+
+
+def test_complete_separation_is_a_warning_naming_the_predictor():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=200)
+    data = pd.DataFrame({"y": (x > 0).astype(float), "x": x, "g": rng.integers(0, 10, 200)})
+    with pytest.warns(sm.ConvergenceWarning, match="complete separation: the fixed effect 'x' runs off"):
+        m = sm.glmer("y ~ x + (1 | g)", data)
+    assert not m.converged
+    # a group whose responses are all 1 is no separation: its mode stays finite under the penalty
+    y = rng.integers(0, 2, 200).astype(float)
+    y[data.g == 3] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sm.ConvergenceWarning)
+        m = sm.glmer("y ~ x + (1 | g)", data.assign(y=y))
+    assert m.converged and np.all(np.isfinite(m.ranef()["g"].to_numpy()))

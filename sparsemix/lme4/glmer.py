@@ -75,6 +75,7 @@ def glmer(
                 f"{[t.k for t in terms]} column(s). Use nAGQ=1 (the Laplace approximation)."
             )
         fit = fit_glmm(system, nAGQ=int(nAGQ), maxiter=maxiter)
+    _warn_if_separated(design, fit, fam)
     if not fit.converged:
         import warnings
 
@@ -84,6 +85,38 @@ def glmer(
             stacklevel=2,
         )
     return GlmerResults(design, fit, fam)
+
+
+# A fitted probability this close to 0 or 1, in a row whose response it matches, is perfectly predicted; a fixed
+# effect moving the linear predictor by more than SEPARATION_SPREAD over one standard deviation of its column,
+# with such rows, is running off to infinity (complete or quasi-complete separation), as R's glm warns.
+SEPARATION_PROBABILITY = 1e-8
+SEPARATION_SPREAD = 15.0
+
+
+def _warn_if_separated(design, fit: GlmmFit, family) -> None:
+    """The binomial's complete separation: warn naming the fixed effect that runs off, and the rows it decides."""
+    if not isinstance(family, Binomial):
+        return
+    mu, y = fit.mode.mu, design.y
+    decided = ((mu < SEPARATION_PROBABILITY) & (y == 0)) | ((mu > 1 - SEPARATION_PROBABILITY) & (y == 1))
+    if not decided.any() or design.X.shape[1] == 0:
+        return
+    spread = np.abs(fit.beta) * design.X.std(axis=0)
+    j = int(np.argmax(spread))
+    if spread[j] <= SEPARATION_SPREAD:
+        return
+    import warnings
+
+    warnings.warn(
+        f"complete separation: the fixed effect {design.fe_names[j]!r} runs off (estimate {fit.beta[j]:.4g}, "
+        f"moving the linear predictor by {spread[j]:.3g} over one standard deviation of its column), and "
+        f"{int(decided.sum())} of {len(y)} rows are predicted exactly (fitted probability 0 or 1). Its estimate "
+        "and standard error mean nothing; remove that predictor, merge its levels, or use a penalized fit.",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
+    fit.optimization = replace(fit.optimization, converged=False, message="complete separation")
 
 
 def _cbind_response(formula: str, data: pd.DataFrame, weights, family, env):
