@@ -230,3 +230,51 @@ def test_complete_separation_is_a_warning_naming_the_predictor():
         warnings.simplefilter("error", sm.ConvergenceWarning)
         m = sm.glmer("y ~ x + (1 | g)", data.assign(y=y))
     assert m.converged and np.all(np.isfinite(m.ranef()["g"].to_numpy()))
+
+
+# -- results -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cbpp_fit():
+    data = pd.DataFrame(FIXTURES["cbpp"]["data"])
+    return sm.glmer("cbind(incidence, size - incidence) ~ period + (1 | herd)", data, family="binomial"), data
+
+
+def test_predictions_on_both_scales(cbpp_fit):
+    m, data = cbpp_fit
+    eta = m.predict(data, type="link")
+    np.testing.assert_allclose(m.predict(data, type="response"), 1 / (1 + np.exp(-eta)), rtol=1e-12)
+    np.testing.assert_allclose(m.predict(data, type="response"), m.fitted, rtol=1e-10)
+    np.testing.assert_allclose(m.predict(type="link"), eta, rtol=1e-12)
+    population = m.predict(data, include_random=False)
+    np.testing.assert_allclose(population, m.design.X @ m.fe_params.to_numpy(), rtol=1e-12)
+    new = pd.DataFrame({"period": ["1", "4"], "herd": ["no such herd", "no such herd"]})
+    with pytest.warns(sm.NewLevelWarning):
+        np.testing.assert_allclose(m.predict(new), [m.fe_params.iloc[0], m.fe_params.iloc[0] + m.fe_params.iloc[3]])
+    with pytest.raises(sm.InputError, match="type='mean'"):
+        m.predict(data, type="mean")
+
+
+def test_residuals_as_r_defines_them(cbpp_fit):
+    m, data = cbpp_fit
+    y, mu, n = (data.incidence / data["size"]).to_numpy(), m.fitted.to_numpy(), data["size"].to_numpy()
+    np.testing.assert_allclose(m.resid("response"), y - mu, rtol=1e-12)
+    np.testing.assert_allclose(m.resid("pearson"), (y - mu) * np.sqrt(n / (mu * (1 - mu))), rtol=1e-10)
+    unit = 2 * n * (np.where(y > 0, y * np.log(np.where(y > 0, y, 1) / mu), 0) + (1 - y) * np.log((1 - y) / (1 - mu)))
+    np.testing.assert_allclose(m.resid("deviance") ** 2, unit, rtol=1e-10)
+    assert np.all(np.sign(m.resid("deviance")) == np.sign(y - mu))
+
+
+def test_variance_components_summary_and_anova(cbpp_fit):
+    m, data = cbpp_fit
+    vc = m.variance_components()
+    assert list(vc.grp) == ["herd"] and vc.sdcor.iloc[0] == pytest.approx(m.theta[0], rel=1e-12)
+    text = str(m.summary())
+    for line in ("Family: binomial  ( logit )", "Number of obs: 56, groups:  herd, 15", "Pr(>|z|)"):
+        assert line in text
+    assert f"{m.llf:9.1f}" in text
+    m0 = sm.glmer("cbind(incidence, size - incidence) ~ 1 + (1 | herd)", data, family="binomial")
+    table = sm.anova(m0, m)
+    assert table["Chisq"].iloc[1] == pytest.approx(2 * (m.llf - m0.llf), rel=1e-10)
+    assert table["Df"].iloc[1] == 3

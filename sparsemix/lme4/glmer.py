@@ -23,6 +23,7 @@ from ..formula.design_rules import theta_names
 from ..formula.safety import check_formula, formula_environment
 from ..inference.sdcor import sdcor_of
 from .design import LmerDesign, build_design
+from .results import linear_predictor, variance_rows
 
 __all__ = ["glmer", "GlmerResults"]
 
@@ -244,9 +245,76 @@ class GlmerResults:
         return out
 
     @property
-    def fitted(self) -> np.ndarray:
-        """The conditional means mu (the response's scale)."""
-        return self.fit_result.mode.mu
+    def fitted(self) -> pd.Series:
+        """The conditional means mu (the response's scale), by row of the fitted data."""
+        return pd.Series(self.fit_result.mode.mu, index=self.design.row_index)
+
+    # -- lme4's accessors ---------------------------------------------------------------------------------
+
+    reml = False  # a GLMM's likelihood has no REML form (anova compares the fits as they are)
+
+    def refit_ml(self) -> "GlmerResults":
+        return self
+
+    @property
+    def ngroups(self) -> dict:
+        """Levels of each grouping factor (lme4's ngrps), by factor name."""
+        out = {}
+        for info, term in zip(self.design.term_info, self.design.terms):
+            out.setdefault(info.spec.group_name, term.n_levels)
+        return out
+
+    def covariances(self) -> list[np.ndarray]:
+        """Psi_t = T_t T_t' for every term (a GLMM's scale is 1)."""
+        return [T @ T.T for T in self.fit_result.system.relcov.factors(self.theta)]
+
+    def variance_components(self) -> pd.DataFrame:
+        """lme4's as.data.frame(VarCorr(m)): grp, var1, var2, vcov, sdcor (no residual row: the scale is 1)."""
+        return variance_rows(self.design.term_info, self.covariances(), residual=None)
+
+    @property
+    def _Z(self):
+        return self.fit_result.system.Z
+
+    @property
+    def b(self) -> np.ndarray:
+        """The random effects' conditional modes, Lambda u, in Z's column order."""
+        relcov = self.fit_result.system.relcov
+        return relcov.apply(relcov.factors(self.theta), self.fit_result.mode.u)
+
+    def predict(
+        self,
+        newdata: pd.DataFrame | None = None,
+        type: str = "link",
+        include_random: bool = True,
+        allow_new_levels: bool = True,
+        offset=None,
+    ) -> pd.Series:
+        """Predictions on the linear predictor's scale (type="link") or the response's (type="response"); new
+        levels of a grouping factor get the population-level prediction when allowed, as LmerResults.predict."""
+        if type not in ("link", "response"):
+            raise InputError(f"type={type!r}: use 'link' (the linear predictor) or 'response' (the mean).")
+        eta = linear_predictor(self, newdata, include_random, allow_new_levels, offset)
+        return eta if type == "link" else pd.Series(self.family.linkinv(eta.to_numpy()), index=eta.index)
+
+    def resid(self, type: str = "deviance") -> pd.Series:
+        """Residuals (lme4's residuals(type=)): "deviance" (the default), "pearson" or "response"."""
+        y, mu = self.design.y, self.fit_result.mode.mu
+        w = self.fit_result.system.prior_weights
+        if type == "response":
+            values = y - mu
+        elif type == "pearson":
+            values = (y - mu) * np.sqrt(w / self.family.variance(mu))
+        elif type == "deviance":
+            values = np.sign(y - mu) * np.sqrt(np.maximum(self.family.dev_resid(y, mu, w), 0.0))
+        else:
+            raise InputError(f"type={type!r}: use 'deviance', 'pearson' or 'response'.")
+        return pd.Series(values, index=self.design.row_index)
+
+    def summary(self):
+        from .summary import GlmerSummary
+
+        return GlmerSummary(self)
 
     def __repr__(self):
         return f"<sparsemix GlmerResults: {self.design.formula}, {self.family!r}, llf={self.llf:.4f}>"

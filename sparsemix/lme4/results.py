@@ -28,7 +28,61 @@ from ..inference.satterthwaite import satterthwaite_df
 from ..inference.sdcor import sdcor_of
 from .design import LmerDesign
 
-__all__ = ["LmerResults", "response_vector"]
+__all__ = ["LmerResults", "response_vector", "linear_predictor", "variance_rows"]
+
+
+def variance_rows(term_info, covariances, residual) -> pd.DataFrame:
+    """lme4's as.data.frame(VarCorr(m)) from each term's covariance: grp, var1, var2, vcov, sdcor; `residual`:
+    (variance, sd) for the Residual row, or None (a GLMM's scale is 1)."""
+    rows = []
+    for info, psi in zip(term_info, covariances):
+        sd = np.sqrt(np.diag(psi))
+        k = len(info.columns)
+        rows += [(info.grp, info.columns[i], None, psi[i, i], sd[i]) for i in range(k)]
+        for j in range(k):
+            for i in range(j + 1, k):
+                cor = psi[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
+                rows.append((info.grp, info.columns[j], info.columns[i], psi[i, j], cor))
+    if residual is not None:
+        rows.append(("Residual", None, None, residual[0], residual[1]))
+    frame = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+    for col in ("grp", "var1", "var2"):  # None (not NaN) marks a name that does not apply, as lme4's NA
+        frame[col] = pd.Series([v for v in frame[col]], dtype=object).where(frame[col].notna(), None)
+    return frame
+
+
+def linear_predictor(results, newdata, include_random, allow_new_levels, offset) -> pd.Series:
+    """X beta + offset (+ Z b with `include_random`) on the fitted rows (newdata None) or on newdata: lmer's
+    predict, and glmer's on the link scale. New levels of a grouping factor get the population-level prediction
+    when allowed (with a NewLevelWarning saying how many rows); rows of newdata with a missing value in a column
+    the model uses predict NaN; levels match by value (sparsemix/formula/newdata.py)."""
+    include_random = checks.check_bool(include_random, "include_random")
+    allow_new_levels = checks.check_bool(allow_new_levels, "allow_new_levels")
+    d = results.design
+    beta, b = results.fit_result.beta, results.b
+    if newdata is None:
+        pred = d.X @ beta + d.offset
+        if include_random:
+            pred = pred + results._Z @ b
+        return pd.Series(pred, index=d.row_index)
+    frame = newdata_path.require_frame(newdata)
+    off = newdata_path.offset_values(frame, offset)
+    needs = newdata_path.lmer_columns(d, include_random)
+    frame = newdata_path.model_frame(frame, needs)
+    keep = newdata_path.complete_rows(frame, [c for _, cols in needs for c in cols])
+    if off is not None:
+        keep &= ~np.isnan(off)
+    matchers = results.__dict__.setdefault("_level_matchers", {})
+
+    def compute(rows):
+        pred = newdata_path.fixed_matrix(rows, d.fixed_info, d.fixed_columns) @ beta
+        if d.offset_columns:  # the formula's offset() terms, read from newdata
+            pred = pred + newdata_path.fixed_matrix(rows, d.fixed_info, d.offset_columns).sum(axis=1)
+        if include_random:
+            pred = pred + newdata_path.lmer_random_matrix(d, rows, allow_new_levels, matchers) @ b
+        return pred if off is None else pred + off[keep]
+
+    return newdata_path.predict_rows(frame, keep, compute)
 
 
 def _bare(frame: pd.DataFrame) -> pd.DataFrame:
@@ -162,20 +216,12 @@ class LmerResults(PicklableResults):
 
     def variance_components(self) -> pd.DataFrame:
         """lme4's as.data.frame(VarCorr(m)): grp, var1, var2, vcov, sdcor."""
-        rows = []
-        for info, psi in zip(self.design.term_info, self.fit_result.covariances()):
-            sd = np.sqrt(np.diag(psi))
-            k = len(info.columns)
-            rows += [(info.grp, info.columns[i], None, psi[i, i], sd[i]) for i in range(k)]
-            for j in range(k):
-                for i in range(j + 1, k):
-                    cor = psi[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan
-                    rows.append((info.grp, info.columns[j], info.columns[i], psi[i, j], cor))
-        rows.append(("Residual", None, None, self.scale, self.sigma))
-        frame = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
-        for col in ("grp", "var1", "var2"):  # None (not NaN) marks a name that does not apply, as lme4's NA
-            frame[col] = pd.Series([v for v in frame[col]], dtype=object).where(frame[col].notna(), None)
-        return frame
+        return variance_rows(self.design.term_info, self.fit_result.covariances(), (self.scale, self.sigma))
+
+    @property
+    def b(self) -> np.ndarray:
+        """The random effects' conditional modes in Z's column order."""
+        return self.fit_result.b
 
     def ranef(self, condvar: bool = True) -> dict:
         """Conditional modes per grouping factor: {factor: DataFrame levels x columns}. With condvar, each frame's
@@ -256,33 +302,7 @@ class LmerResults(PicklableResults):
         """Predictions; new levels of a grouping factor get the population-level prediction when allowed (with a
         NewLevelWarning saying how many rows). Rows of newdata with a missing value in a column the model uses
         predict NaN. Levels match by value (308, 308.0 and "308" are one level): see sparsemix/formula/newdata.py."""
-        include_random = checks.check_bool(include_random, "include_random")
-        allow_new_levels = checks.check_bool(allow_new_levels, "allow_new_levels")
-        if newdata is None:
-            d = self.design
-            pred = d.X @ self.fit_result.beta + d.offset
-            if include_random:
-                pred = pred + self._Z @ self.fit_result.b
-            return pd.Series(pred, index=d.row_index)
-        frame = newdata_path.require_frame(newdata)
-        d = self.design
-        off = newdata_path.offset_values(frame, offset)
-        needs = newdata_path.lmer_columns(d, include_random)
-        frame = newdata_path.model_frame(frame, needs)
-        keep = newdata_path.complete_rows(frame, [c for _, cols in needs for c in cols])
-        if off is not None:
-            keep &= ~np.isnan(off)
-        matchers = self.__dict__.setdefault("_level_matchers", {})
-
-        def compute(rows):
-            pred = newdata_path.fixed_matrix(rows, d.fixed_info, d.fixed_columns) @ self.fit_result.beta
-            if d.offset_columns:  # the formula's offset() terms, read from newdata
-                pred = pred + newdata_path.fixed_matrix(rows, d.fixed_info, d.offset_columns).sum(axis=1)
-            if include_random:
-                pred = pred + newdata_path.lmer_random_matrix(d, rows, allow_new_levels, matchers) @ self.fit_result.b
-            return pred if off is None else pred + off[keep]
-
-        return newdata_path.predict_rows(frame, keep, compute)
+        return linear_predictor(self, newdata, include_random, allow_new_levels, offset)
 
     def simulate(self, nsim: int = 1, seed=None) -> pd.DataFrame:
         """Responses simulated from the fitted model (new random effects and noise), one column per simulation."""

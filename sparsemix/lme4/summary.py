@@ -66,14 +66,16 @@ class LmerSummary:
     __repr__ = __str__
 
 
-def _random_table(r) -> list[str]:
+def _random_table(r, covariances=None, residual=True) -> list[str]:
     rows = []
-    for info, psi in zip(r.design.term_info, r.fit_result.covariances()):
+    covariances = r.fit_result.covariances() if covariances is None else covariances
+    for info, psi in zip(r.design.term_info, covariances):
         sd = np.sqrt(np.diag(psi))
         for i, col in enumerate(info.columns):
             corr = [psi[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan for j in range(i)]
             rows.append((info.grp if i == 0 else "", col, psi[i, i], sd[i], corr))
-    rows.append(("Residual", "", r.scale, r.sigma, []))
+    if residual:
+        rows.append(("Residual", "", r.scale, r.sigma, []))
     gw = max(len("Groups"), *(len(x[0]) for x in rows))
     nw = max(len("Name"), *(len(x[1]) for x in rows))
     corr = "Corr" if any(x[4] for x in rows) else ""
@@ -92,3 +94,53 @@ def _r_round1(x: float) -> str:
 
 def _p(p) -> str:
     return "<2e-16" if p < 2e-16 else f"{p:.3g}"
+
+
+class GlmerSummary:
+    """lme4's summary layout for a glmer fit (GlmerResults)."""
+
+    def __init__(self, results):
+        self.results = results
+
+    def as_text(self) -> str:
+        r = self.results
+        d = r.design
+        approximation = (
+            "Laplace Approximation" if r.nAGQ == 1 else f"Adaptive Gauss-Hermite Quadrature, nAGQ = {r.nAGQ}"
+        )
+        lines = [
+            f"Generalized linear mixed model fit by maximum likelihood ({approximation}) ['glmerMod']",
+            f" Family: {r.family.name}  ( {r.family.link.name} )",
+            f"Formula: {d.formula}",
+            "",
+            f"{'AIC':>9} {'BIC':>9} {'logLik':>9} {'deviance':>9} {'df.resid':>9}",
+            f"{r.aic:9.1f} {r.bic:9.1f} {r.llf:9.1f} {r.deviance:9.1f} {r.nobs - r.npar:9d}",
+            "",
+            "Scaled residuals: ",
+            "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
+            "    ".join(f"{v:7.4f}" for v in np.quantile(r.resid("pearson").to_numpy(), [0, 0.25, 0.5, 0.75, 1])),
+            "",
+            "Random effects:",
+        ]
+        lines += _random_table(r, r.covariances(), residual=False)
+        groups = "; ".join(f"{g}, {n}" for g, n in r.ngroups.items())
+        lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
+        if d.n_dropped:
+            lines.append(f"({d.n_dropped} observation(s) deleted due to missingness)")
+        if d.fe_names:
+            lines += ["", "Fixed effects:"]
+            fe = r.fixed_effects()
+            name_w = max(len(n) for n in fe.index)
+            lines.append(" " * name_w + f" {'Estimate':>10} {'Std. Error':>10} {'z value':>8} {'Pr(>|z|)':>9}")
+            for name, row in fe.iterrows():
+                lines.append(f"{name:<{name_w}} {row.estimate:10.4f} {row.std_error:10.4f} {row.z:8.3f} {_p(row.p):>9}")
+        if r.is_singular:
+            lines.append("boundary (singular) fit: see help('isSingular')")
+        if not r.converged:
+            lines.append("the optimizer did not converge")
+        return "\n".join(lines) + "\n"
+
+    def __str__(self):
+        return self.as_text()
+
+    __repr__ = __str__
