@@ -278,3 +278,26 @@ def test_variance_components_summary_and_anova(cbpp_fit):
     table = sm.anova(m0, m)
     assert table["Chisq"].iloc[1] == pytest.approx(2 * (m.llf - m0.llf), rel=1e-10)
     assert table["Df"].iloc[1] == 3
+
+
+def test_simulated_responses_refit_near_the_model(cbpp_fit):
+    m, data = cbpp_fit
+    sims = m.simulate(40, seed=3)
+    assert sims.shape == (56, 40)
+    trials = data["size"].to_numpy()
+    np.testing.assert_allclose((sims.to_numpy() * trials[:, None]) % 1, 0, atol=1e-9)  # whole numbers of successes
+    # the simulations' mean proportion is the model's marginal mean, near the fitted means overall
+    assert abs(np.average(sims.to_numpy().mean(axis=1), weights=trials) - np.average(m.fitted, weights=trials)) < 0.03
+    refit = sm.glmer("y ~ period + (1 | herd)", data.assign(y=sims["sim_1"]), family="binomial", weights="size")
+    assert refit.converged
+    np.testing.assert_array_equal(m.simulate(2, seed=5), m.simulate(2, seed=5))
+
+
+def test_wald_intervals(cbpp_fit):
+    m, _ = cbpp_fit
+    ci = m.confint()
+    assert np.isnan(ci.iloc[0].to_numpy()).all()  # the random effect's sd: no Wald interval
+    fe = ci.iloc[1:]
+    np.testing.assert_allclose(fe.upper - fe.lower, 2 * 1.959963984540054 * m.bse_fe, rtol=1e-12)
+    with pytest.raises(sm.InputError, match="method='profile'"):
+        m.confint(method="profile")

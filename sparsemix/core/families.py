@@ -137,6 +137,10 @@ class Family:
     def mu_start(self, y, prior_weights):
         raise NotImplementedError
 
+    def draw(self, rng, mu, prior_weights) -> np.ndarray:
+        """Responses drawn from the family at mu (simulate)."""
+        raise NotImplementedError
+
     @property
     def canonical(self) -> bool:
         """Whether the link is the family's canonical one: PIRLS's steps (with the expected weights) are then
@@ -211,6 +215,11 @@ class Binomial(Family):
     def mu_start(self, y, prior_weights):
         return (prior_weights * y + 0.5) / (prior_weights + 1)
 
+    def draw(self, rng, mu, prior_weights):
+        """Responses drawn at mu: proportions of round(prior weights) trials (0/1 with weights 1)."""
+        n = np.maximum(np.round(prior_weights), 1).astype(np.int64)
+        return rng.binomial(n, mu) / n
+
 
 class Poisson(Family):
     """Poisson counts."""
@@ -260,6 +269,9 @@ class Poisson(Family):
 
     def mu_start(self, y, prior_weights):
         return y + 0.1
+
+    def draw(self, rng, mu, prior_weights):
+        return rng.poisson(mu).astype(float)
 
 
 _FAMILIES = {"binomial": Binomial, "poisson": Poisson}

@@ -311,6 +311,32 @@ class GlmerResults:
             raise InputError(f"type={type!r}: use 'deviance', 'pearson' or 'response'.")
         return pd.Series(values, index=self.design.row_index)
 
+    def simulate(self, nsim: int = 1, seed=None) -> pd.DataFrame:
+        """Responses simulated from the fitted model (new random effects, then the family's draws), one column per
+        simulation: for the binomial the proportion of successes out of the prior weights' trials."""
+        nsim, seed = checks.check_count(nsim, "nsim"), checks.check_seed(seed)
+        rng = np.random.default_rng(seed)
+        relcov, d = self.fit_result.system.relcov, self.design
+        factors = relcov.factors(self.theta)
+        fixed = d.X @ self.fit_result.beta + d.offset
+        trials = self.fit_result.system.prior_weights
+        out = np.empty((self.nobs, int(nsim)))
+        for s in range(int(nsim)):
+            mu = self.family.linkinv(fixed + self._Z @ relcov.apply(factors, rng.standard_normal(relcov.q)))
+            out[:, s] = self.family.draw(rng, mu, trials)
+        return pd.DataFrame(out, index=d.row_index, columns=[f"sim_{i + 1}" for i in range(int(nsim))])
+
+    def confint(self, method: str = "wald", level: float = 0.95) -> pd.DataFrame:
+        """Wald intervals for the fixed effects (lme4's method = "Wald"; NaN for the random effects' sd/cor)."""
+        level = checks.check_level(level)
+        if method != "wald":
+            raise InputError(f"method={method!r}: glmer's intervals are 'wald' for now.")
+        z = stats.norm.ppf(0.5 + level / 2)
+        est, se = self.fe_params, self.bse_fe
+        names = self.theta_names + list(est.index)
+        nan = np.full(len(self.theta_names), np.nan)
+        return pd.DataFrame({"lower": np.r_[nan, est - z * se], "upper": np.r_[nan, est + z * se]}, index=names)
+
     def summary(self):
         from .summary import GlmerSummary
 
