@@ -112,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--weights", metavar="COL", help="column of prior weights")
     fit.add_argument("--offset", metavar="COL", help="column added to the linear predictor")
     fit.add_argument(
+        "--family",
+        choices=("gaussian", "binomial", "poisson"),
+        default="gaussian",
+        help="the response's distribution: gaussian (lmer, the default), binomial or poisson (glmer)",
+    )
+    fit.add_argument("--link", help="glmer's link: logit (default), probit or cloglog for binomial; log for poisson")
+    fit.add_argument(
+        "--nAGQ", type=int, default=1, help="glmer: 1 (Laplace, the default), 0, or Gauss-Hermite nodes (one term)"
+    )
+    fit.add_argument(
         "--dask",
         metavar="SCHEDULER",
         nargs="?",
@@ -192,18 +202,38 @@ def _fit(args, data):
     from .lme4.lmer import lmer
 
     t0 = time.perf_counter()
+    family = getattr(args, "family", "gaussian")
+    if family == "gaussian" and (getattr(args, "link", None) or getattr(args, "nAGQ", 1) != 1):
+        raise CommandError("--link and --nAGQ are for --family binomial or poisson (glmer)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = lmer(
-            args.formula,
-            data,
-            reml=not args.ml,
-            weights=args.weights,
-            offset=args.offset,
-            maxiter=args.maxiter,
-            progress=_progress(args),
-            eval_env={},
-        )  # the fixed list only
+        if family == "gaussian":
+            fit = lmer(
+                args.formula,
+                data,
+                reml=not args.ml,
+                weights=args.weights,
+                offset=args.offset,
+                maxiter=args.maxiter,
+                progress=_progress(args),
+                eval_env={},
+            )  # the fixed list only
+        else:
+            from .core.families import family_of
+            from .lme4.glmer import glmer
+
+            if getattr(args, "dask", None):
+                raise CommandError("--dask fits linear models only; drop --family or --dask")
+            fit = glmer(
+                args.formula,
+                data,
+                family=family_of(family, args.link),
+                weights=args.weights,
+                offset=args.offset,
+                nAGQ=args.nAGQ,
+                maxiter=args.maxiter,
+                eval_env={},
+            )
     seconds = time.perf_counter() - t0
     _report_warnings(caught, args)
     return fit, seconds
@@ -453,9 +483,12 @@ def fit_record(fit, seconds: float) -> dict:
 
     fe = fit.fixed_effects()
     vc = fit.variance_components()
+    glmm = hasattr(fit, "family")
+    extra = {"family": fit.family.name, "link": fit.family.link.name, "nAGQ": int(fit.nAGQ)} if glmm else {}
     return {
         "formula": fit.design.formula,
         "method": "REML" if fit.reml else "ML",
+        **extra,
         "nobs": int(fit.nobs),
         "n_dropped": int(fit.design.n_dropped),
         "ngroups": {k: int(v) for k, v in fit.ngroups.items()},
@@ -469,8 +502,7 @@ def fit_record(fit, seconds: float) -> dict:
                 "name": name,
                 "estimate": _number(r.estimate),
                 "std_error": _number(r.std_error),
-                "df": _number(r.df),
-                "t": _number(r.t),
+                **({"z": _number(r.z)} if glmm else {"df": _number(r.df), "t": _number(r.t)}),
                 "p": _number(r.p),
             }
             for name, r in fe.iterrows()

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -535,3 +536,42 @@ def test_a_closed_standard_output_exits_141_without_a_message(complete_csv):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == cli.EXIT_BROKEN_PIPE == 141
     assert err == ""
+
+
+# -- glmer on the command line (issue 17) ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cbpp_csv(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "cbpp.csv"
+    pd.DataFrame(json.loads((Path(__file__).parent / "reference" / "glmer.json").read_text())["cbpp"]["data"]).to_csv(
+        path, index=False
+    )
+    return path
+
+
+def test_family_fits_glmer_and_json_says_which(capsys, cbpp_csv):
+    formula = "cbind(incidence, size - incidence) ~ C(period) + (1 | herd)"
+    code, out, _ = _run(capsys, "fit", cbpp_csv, "--formula", formula, "--family", "binomial", "--format", "json")
+    assert code == 0
+    record = json.loads(out)
+    assert (record["family"], record["link"], record["nAGQ"], record["method"]) == ("binomial", "logit", 1, "ML")
+    direct = sparsemix.glmer(formula, pd.read_csv(cbpp_csv), family="binomial")
+    assert record["llf"] == pytest.approx(direct.llf, rel=1e-10)
+    np.testing.assert_allclose([r["z"] for r in record["fixed_effects"]], direct.fixed_effects()["z"], rtol=1e-8)
+    code, out, _ = _run(capsys, "fit", cbpp_csv, "--formula", formula, "--family", "binomial", "--link", "probit")
+    assert code == 0 and "( probit )" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--link", "probit"], "--link and --nAGQ are for --family binomial or poisson"),
+        (["--family", "poisson", "--link", "logit"], "the poisson family takes the link 'log'"),
+        (["--family", "binomial", "--nAGQ", "5"], "single scalar random-effect term"),
+    ],
+)
+def test_glmer_options_that_do_not_fit_exit_2(capsys, cbpp_csv, extra, message):
+    formula = "prop ~ C(period) + (1 | herd) + (1 | period)"
+    code, _, err = _run(capsys, "fit", cbpp_csv, "--formula", formula, *extra)
+    assert code == 2 and message in err
