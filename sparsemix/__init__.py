@@ -26,7 +26,7 @@ from .errors import (
 from .fit.pipeline import fit_lmm, fit_system
 from .fit.stages import build_fit, build_system, optimize_system
 from .inference.anova import anova
-from .lme4.glmer import GlmerResults, glmer
+from .lme4.glmer import GlmerResults, glmer, glmer_nb
 from .lme4.lmer import lmer
 from .lme4.many import lmer_many
 from .lme4.results import LmerResults
@@ -49,6 +49,7 @@ __all__ = [
     "lmer",
     "lmer_many",
     "glmer",
+    "glmer_nb",
     "GlmerResults",
     "families",
     "LmerResults",

@@ -1,6 +1,7 @@
 """Families for `sparsemix.glmer` (R's family objects): `Binomial(link="logit" | "probit" | "cloglog")` and
-`Poisson(link="log")`; the implementation is core/families.py."""
+`Poisson(link="log")`, `NegativeBinomial(theta)` (theta fixed; `sparsemix.glmer_nb` estimates it); the
+implementation is core/families.py."""
 
-from .core.families import Binomial, Family, Poisson
+from .core.families import Binomial, Family, NegativeBinomial, Poisson
 
-__all__ = ["Binomial", "Poisson", "Family"]
+__all__ = ["Binomial", "Poisson", "NegativeBinomial", "Family"]

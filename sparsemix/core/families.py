@@ -13,7 +13,7 @@ from scipy import special, stats
 
 from ..errors import InputError
 
-__all__ = ["Family", "Binomial", "Poisson", "family_of"]
+__all__ = ["Family", "Binomial", "Poisson", "NegativeBinomial", "family_of"]
 
 _EPS = np.finfo(float).eps
 
@@ -272,6 +272,69 @@ class Poisson(Family):
 
     def draw(self, rng, mu, prior_weights):
         return rng.poisson(mu).astype(float)
+
+
+class NegativeBinomial(Family):
+    """Negative binomial counts with dispersion theta (R's MASS::negative.binomial(theta)): variance mu + mu^2 /
+    theta. glmer_nb estimates theta; a family object with theta given fixes it."""
+
+    name = "negative_binomial"
+    links = ("log",)
+    default_link = "log"
+
+    def __init__(self, theta: float, link: str | None = None):
+        if not (isinstance(theta, (int, float, np.floating)) and np.isfinite(theta) and theta > 0):
+            raise InputError(f"the negative binomial's theta must be a positive number; got {theta!r}.")
+        super().__init__(link)
+        self.theta = float(theta)
+
+    def __repr__(self):
+        return f"NegativeBinomial(theta={self.theta:.6g})"
+
+    def __eq__(self, other):
+        return isinstance(other, NegativeBinomial) and self.theta == other.theta
+
+    def __hash__(self):
+        return hash(("NegativeBinomial", self.theta))
+
+    @property
+    def canonical(self) -> bool:
+        return False  # the log link is not the negative binomial's canonical link: PIRLS is Fisher scoring
+
+    def variance(self, mu):
+        return mu + mu**2 / self.theta
+
+    def dev_resid(self, y, mu, prior_weights):
+        t = self.theta
+        return 2 * prior_weights * (special.xlogy(y, y / mu) - (y + t) * np.log((y + t) / (mu + t)))
+
+    def loglik(self, y, mu, prior_weights):
+        return self.loglik_constant(y, prior_weights) + self.kernel(y, mu, prior_weights)
+
+    def loglik_constant(self, y, prior_weights):
+        t = self.theta
+        terms = special.gammaln(y + t) - special.gammaln(t) - special.gammaln(y + 1) + t * np.log(t)
+        return float(np.sum(prior_weights * terms))
+
+    def kernel_terms(self, y, prior_weights):
+        return prior_weights * y, prior_weights * (y + self.theta)
+
+    def kernel_of(self, terms, mu):
+        counts, totals = terms
+        return float(counts @ np.log(np.maximum(mu, _EPS)) - totals @ np.log(mu + self.theta))
+
+    def row_kernel(self, terms, mu):
+        counts, totals = terms
+        return special.xlogy(counts, mu) - totals * np.log(mu + self.theta)
+
+    def check_response(self, y, prior_weights):
+        Poisson.check_response(self, y, prior_weights)
+
+    def mu_start(self, y, prior_weights):
+        return y + (y == 0) / 6.0  # R's negative.binomial()$initialize
+
+    def draw(self, rng, mu, prior_weights):
+        return rng.negative_binomial(self.theta, self.theta / (self.theta + mu)).astype(float)
 
 
 _FAMILIES = {"binomial": Binomial, "poisson": Poisson}

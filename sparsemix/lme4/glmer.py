@@ -9,11 +9,11 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import patsy
-from scipy import stats
+from scipy import optimize, stats
 
 from .. import checks
 from ..core.cross_products import assemble_Z
-from ..core.families import Binomial, family_of
+from ..core.families import Binomial, NegativeBinomial, Poisson, family_of
 from ..core.glmm import LaplaceSystem
 from ..core.relcov import RelativeCovariance
 from ..core.threads import fit_threads
@@ -25,7 +25,7 @@ from ..inference.sdcor import sdcor_of
 from .design import LmerDesign, build_design
 from .results import linear_predictor, variance_rows
 
-__all__ = ["glmer", "GlmerResults"]
+__all__ = ["glmer", "glmer_nb", "GlmerResults"]
 
 MAX_NAGQ = 100  # lme4's limit on Gauss-Hermite nodes
 
@@ -64,28 +64,91 @@ def glmer(
     with fit_threads():
         design = build_design(formula, data, weights=weights, offset=offset, eval_env=env, linear=False)
         design = replace(design, formula=written)
-        terms = list(design.terms)
-        relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms])
-        system = LaplaceSystem(
-            design.X, design.y, assemble_Z(terms), relcov, fam, prior_weights=design.weights, offset=design.offset
-        )
-        if nAGQ > 1 and not system.quadrature_applies:
-            raise InputError(
-                f"nAGQ={nAGQ}: adaptive Gauss-Hermite quadrature needs a single scalar random-effect term such as "
-                f"(1 | g) (as lme4); this model has {len(terms)} term(s) with "
-                f"{[t.k for t in terms]} column(s). Use nAGQ=1 (the Laplace approximation)."
-            )
-        fit = fit_glmm(system, nAGQ=int(nAGQ), maxiter=maxiter)
-    _warn_if_separated(design, fit, fam)
-    if not fit.converged:
-        import warnings
+        fit = _fit_design(design, fam, int(nAGQ), maxiter)
+    _warn_about(design, fit, fam)
+    return GlmerResults(design, fit, fam)
 
+
+def _fit_design(design: LmerDesign, family, nAGQ: int, maxiter: int) -> GlmmFit:
+    """The GLMM of `design` with `family`, by fit_glmm."""
+    terms = list(design.terms)
+    relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms])
+    system = LaplaceSystem(
+        design.X, design.y, assemble_Z(terms), relcov, family, prior_weights=design.weights, offset=design.offset
+    )
+    if nAGQ > 1 and not system.quadrature_applies:
+        raise InputError(
+            f"nAGQ={nAGQ}: adaptive Gauss-Hermite quadrature needs a single scalar random-effect term such as "
+            f"(1 | g) (as lme4); this model has {len(terms)} term(s) with "
+            f"{[t.k for t in terms]} column(s). Use nAGQ=1 (the Laplace approximation)."
+        )
+    return fit_glmm(system, nAGQ=nAGQ, maxiter=maxiter)
+
+
+def _warn_about(design, fit: GlmmFit, family) -> None:
+    import warnings
+
+    _warn_if_separated(design, fit, family)
+    if not fit.converged:
         warnings.warn(
             f"the fit did not converge after {fit.optimization.n_evaluations} evaluations: {fit.optimization.message}",
             ConvergenceWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return GlmerResults(design, fit, fam)
+
+
+def glmer_nb(
+    formula: str, data: pd.DataFrame, weights=None, offset=None, nAGQ: int = 1, maxiter: int = 10_000, eval_env=None
+) -> "GlmerResults":
+    """Negative binomial counts with the dispersion theta estimated (lme4's glmer.nb): a Poisson fit first, theta
+    from its means (maximum likelihood), then theta chosen to maximise the GLMM's log-likelihood, each value a
+    glmer fit with NegativeBinomial(theta). The results' family holds the estimate; `npar` counts it."""
+    if not isinstance(data, pd.DataFrame):
+        raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
+    maxiter = checks.check_count(maxiter, "maxiter")
+    env = formula_environment(eval_env)
+    with fit_threads():
+        design = build_design(formula, data, weights=weights, offset=offset, eval_env=env, linear=False)
+        poisson = _fit_design(design, Poisson(), int(nAGQ), maxiter)
+        prior = np.ones(design.nobs) if design.weights is None else design.weights
+        start = _theta_from_means(design.y, poisson.mode.mu, prior)
+        fits: dict = {}
+
+        def minus_llf(log_theta):
+            key = float(log_theta)
+            if key not in fits:
+                fits[key] = _fit_design(design, NegativeBinomial(float(np.exp(key))), int(nAGQ), maxiter)
+            return -fits[key].llf
+
+        found = optimize.minimize_scalar(
+            minus_llf,
+            bounds=(np.log(start) - NB_LOG_THETA_RANGE, np.log(start) + NB_LOG_THETA_RANGE),
+            method="bounded",
+            options={"xatol": NB_LOG_THETA_TOLERANCE},
+        )
+        best = min(fits, key=lambda k: -fits[k].llf)
+        fit, family = fits[best], NegativeBinomial(float(np.exp(best)))
+    if not found.success:
+        fit.optimization = replace(fit.optimization, converged=False, message=f"theta: {found.message}")
+    _warn_about(design, fit, family)
+    return GlmerResults(design, fit, family)
+
+
+# theta is searched within this many e-folds of the value its Poisson fit's means give, to this precision (in
+# log theta: 1e-5 relative in theta, far below its standard error)
+NB_LOG_THETA_RANGE = 5.0
+NB_LOG_THETA_TOLERANCE = 1e-5
+
+
+def _theta_from_means(y, mu, weights) -> float:
+    """The negative binomial's theta by maximum likelihood given the means mu (MASS's theta.ml)."""
+
+    def minus_loglik(log_theta):
+        family = NegativeBinomial(float(np.exp(log_theta)))
+        return -family.loglik(y, mu, weights)
+
+    found = optimize.minimize_scalar(minus_loglik, bounds=(-10.0, 15.0), method="bounded")
+    return float(np.exp(found.x))
 
 
 # A fitted probability this close to 0 or 1, in a row whose response it matches, is perfectly predicted; a fixed
@@ -188,7 +251,9 @@ class GlmerResults:
 
     @property
     def npar(self) -> int:
-        return len(self.design.fe_names) + self.fit_result.system.relcov.n_theta
+        """Fixed effects, theta's entries, and the negative binomial's dispersion where it was estimated."""
+        extra = 1 if isinstance(self.family, NegativeBinomial) else 0
+        return len(self.design.fe_names) + self.fit_result.system.relcov.n_theta + extra
 
     @property
     def aic(self) -> float:

@@ -3,7 +3,7 @@
 # Usage: setarch -R Rscript glmer_fixtures.R [OUT_DIR]
 #   Writes glmer.json (OUT_DIR defaults to this script's directory): one entry per data set with the data under
 #   "data" and lme4's fits under "fits" ({name, formula, family, link, nAGQ, weights, logLik, theta, beta, se,
-#   sdcor, ranef}). Every fit with tight PIRLS (tolPwrss = 1e-12: lme4's default 1e-7 stops its inner iterations
+#   sdcor, ranef}), and one glmer.nb fit (negative_binomial$glmer_nb, with the dispersion nb_theta). Every fit with tight PIRLS (tolPwrss = 1e-12: lme4's default 1e-7 stops its inner iterations
 #   early, which biases the log-likelihood low) and BOBYQA with a high evaluation limit.
 #   Needs lme4 and jsonlite (Debian: r-cran-lme4 r-cran-jsonlite). A few seconds.
 # The formulas here are lme4's; sparsemix's tests fit the same model from the same columns ("ours" gives the
@@ -63,6 +63,18 @@ s <- rep(seq_len(60), each = 20); it <- sample(rep(seq_len(30), 40)); ex <- runi
 cr <- data.frame(count = rpois(1200, ex * exp(0.4 + rnorm(60, sd = 0.5)[s] + rnorm(30, sd = 0.3)[it])),
                  logex = log(ex), subj = as.character(s), item = as.character(it))
 
+# negative binomial counts (simulated), for glmer.nb
+set.seed(172)
+s_nb <- rep(seq_len(50), each = 12); x_nb <- rnorm(600)
+mu_nb <- exp(0.5 + 0.3 * x_nb + rnorm(50, sd = 0.4)[s_nb])
+nb <- data.frame(y = rnbinom(600, size = 2.5, mu = mu_nb), x = x_nb, g = as.character(s_nb))
+nb_fit <- glmer.nb(y ~ x + (1 | g), nb, control = control)
+nb_record <- list(name = "negative_binomial", formula = "y ~ x + (1 | g)", ours = "y ~ x + (1 | g)",
+                  family = "negative_binomial", link = "log", nAGQ = 1,
+                  logLik = as.numeric(logLik(nb_fit)), nb_theta = getME(nb_fit, "glmer.nb.theta"),
+                  theta = I(unname(getME(nb_fit, "theta"))), beta = as.list(fixef(nb_fit)),
+                  se = as.list(sqrt(diag(as.matrix(vcov(nb_fit))))), df = attr(logLik(nb_fit), "df"))
+
 sets <- list(
   cbpp = list(dataset = "lme4::cbpp", data = cb, fits = list(
     fit_record("cbpp_laplace", "cbind(incidence, size - incidence) ~ period + (1 | herd)",
@@ -85,6 +97,8 @@ sets <- list(
     fit_record("poisson_offset", "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)",
                "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)", cr, poisson())))
 )
+sets$negative_binomial <- list(dataset = "simulated negative binomial counts", data = nb, fits = list(),
+                               glmer_nb = nb_record)
 sets$versions <- list(R = R.version.string, lme4 = as.character(packageVersion("lme4")))
 write_json(exact_numbers(sets), file.path(out_dir, "glmer.json"), auto_unbox = TRUE, digits = NA,
            na = "null", json_verbatim = TRUE, dataframe = "columns")
