@@ -327,3 +327,15 @@ def test_glmer_nb_estimates_the_dispersion_as_lme4():
 def test_negative_binomial_theta_must_be_positive():
     with pytest.raises(sm.InputError, match="theta must be a positive number"):
         sm.families.NegativeBinomial(0.0)
+
+
+def test_a_factor_response_is_failure_for_its_first_level_as_r_reads_it():
+    data = pd.DataFrame(FIXTURES["VerbAgg"]["data"])
+    ref = next(f for f in FIXTURES["VerbAgg"]["fits"])
+    text = data.assign(y=np.where(data.y == 1, "Y", "N"))
+    m = sm.glmer(ref["ours"], text)
+    assert m.llf == pytest.approx(ref["logLik"], rel=1e-9)
+    flipped = data.assign(y=pd.Categorical(np.where(data.y == 1, "Y", "N"), categories=["Y", "N"]))
+    assert sm.glmer(ref["ours"], flipped).fe_params.iloc[0] == pytest.approx(-m.fe_params.iloc[0], rel=1e-5)
+    with pytest.raises(sm.InputError, match="has 1 level"):
+        sm.glmer(ref["ours"], data.assign(y="Y"))

@@ -42,7 +42,9 @@ def glmer(
 ) -> "GlmerResults":
     """Fit a generalized linear mixed model written in lme4's formula language (lme4's glmer).
 
-    family: "binomial" or "poisson", or a family object (sparsemix.families.Binomial(link="probit")).
+    family: "binomial" or "poisson", or a family object (sparsemix.families.Binomial(link="probit")). A binomial
+    response is 0/1 (numbers or booleans), a factor (text or categorical: its first level failure, as R reads it),
+    a proportion with `weights` the trials, or cbind(successes, failures).
     weights: prior weights; for the binomial, the numbers of trials, the response then the proportion of
     successes (lme4's `weights` with a proportion). offset: a column name or an array added to the linear
     predictor. nAGQ: 1 (the Laplace approximation, the default), 0 (beta inside PIRLS, theta alone optimized),
@@ -61,6 +63,7 @@ def glmer(
     env = formula_environment(eval_env)
     written = formula
     formula, data, weights = _cbind_response(formula, data, weights, fam, env)
+    data = _factor_response(formula, data, fam)
     with fit_threads():
         design = build_design(formula, data, weights=weights, offset=offset, eval_env=env, linear=False)
         design = replace(design, formula=written)
@@ -181,6 +184,27 @@ def _warn_if_separated(design, fit: GlmmFit, family) -> None:
         stacklevel=3,
     )
     fit.optimization = replace(fit.optimization, converged=False, message="complete separation")
+
+
+def _factor_response(formula: str, data: pd.DataFrame, family) -> pd.DataFrame:
+    """A binomial response given as a factor (text or categorical column), as R reads it: the first level (the
+    categorical's first, or the first in sorted order) is failure, every other level success."""
+    name = formula.split("~", 1)[0].strip()
+    if not isinstance(family, Binomial) or name not in data.columns:
+        return data
+    column = data[name]
+    if pd.api.types.is_numeric_dtype(column.dtype) or pd.api.types.is_bool_dtype(column.dtype):
+        return data
+    levels = (
+        list(column.cat.categories)
+        if isinstance(column.dtype, pd.CategoricalDtype)
+        else sorted(column.dropna().unique(), key=str)
+    )
+    if len(levels) < 2:
+        raise InputError(f"the binomial response {name!r} has {len(levels)} level(s); it needs two or more.")
+    failure = levels[0]
+    values = np.where(column.isna(), np.nan, (column != failure).to_numpy(dtype=float))
+    return data.assign(**{name: values})
 
 
 def _cbind_response(formula: str, data: pd.DataFrame, weights, family, env):
