@@ -62,6 +62,8 @@ class PirlsResult:
 # many columns and the first-term-by-rest block at most this many entries; CHOLMOD otherwise.
 BLOCK_MAX_REST = 2000
 BLOCK_MAX_ENTRIES = 20_000_000
+# From this many entries of the first-term-by-rest block (one column per level of each term), it is held sparse.
+SPARSE_BLOCK_FROM = 1_000_000
 
 
 class BlockFactor:
@@ -105,6 +107,24 @@ class BlockFactor:
             idx.append((e_level[e1] * self.k1 + e_a[e1]) * q2 + R.col[ok])
             val.append(e_val[e1] * R.data[ok])
         self._g1r = (np.concatenate(rows), np.concatenate(idx), np.concatenate(val)) if rows else None
+        # a large first-term-by-rest block with one column per level is mostly empty (a subject sees few items):
+        # held sparse, its pattern the pairs that occur, so that W'W costs the pairs, not n1 q2 q2
+        self._sparse = (
+            self.k1 == 1
+            and all(t.k == 1 for _, t in relcov.blocks[1:])
+            and q1 * q2 >= SPARSE_BLOCK_FROM
+            and self._g1r is not None
+        )
+        if self._sparse:
+            assert self._g1r is not None
+            rows_, idx_, val_ = self._g1r
+            pairs, slot = np.unique(idx_, return_inverse=True)
+            self._g1r = (rows_, slot, val_)
+            self._pattern1r = sp.csr_matrix((np.ones(pairs.size), (pairs // q2, pairs % q2)), shape=(n1, q2))
+            self._pattern1r.sort_indices()
+            self._pair_rows = np.repeat(np.arange(n1), np.diff(self._pattern1r.indptr))
+            # csr_matrix's (data, (row, col)) orders the stored entries by row, then column: as np.unique's
+            self._n_pairs = pairs.size
         # GRR: pairs of rest entries in one row
         R_rows = R.row
         slots_r = _row_slots(R_rows, self.n_rows)
@@ -130,7 +150,8 @@ class BlockFactor:
         n1, first = relcov.blocks[0]
         q1 = n1 * first.k
         q2 = relcov.q - q1
-        if q2 > BLOCK_MAX_REST or q1 * q2 > BLOCK_MAX_ENTRIES:
+        scalar = first.k == 1 and all(t.k == 1 for _, t in relcov.blocks[1:])
+        if q2 > BLOCK_MAX_REST or (q1 * q2 > BLOCK_MAX_ENTRIES and not scalar):
             return False
         ZtZ = sp.csc_matrix(Z.T @ Z)
         return schur_applicable(ZtZ, q1, first.k)
@@ -153,6 +174,8 @@ class BlockFactor:
         return out
 
     def refactor(self, w: np.ndarray, factors) -> "BlockFactor":
+        if self._sparse:
+            return self._refactor_sparse(w, factors)
         n1, k1, q2 = self.n1, self.k1, self.q2
         G11 = self._sum(self._g11, w, n1 * k1 * k1).reshape(n1, k1, k1)
         G1R = self._sum(self._g1r, w, n1 * k1 * q2).reshape(n1, k1, q2)
@@ -168,6 +191,26 @@ class BlockFactor:
         self.LS = np.linalg.cholesky(S) if q2 else np.zeros((0, 0))
         return self
 
+    def _refactor_sparse(self, w: np.ndarray, factors) -> "BlockFactor":
+        """refactor for one scalar first term and scalar terms after it, the first-by-rest block sparse."""
+        n1, q2 = self.n1, self.q2
+        t = float(factors[0][0, 0])
+        scales = np.zeros(q2)
+        for T, cols in zip(factors[1:], self._rest_slices):
+            scales[cols] = T[0, 0]
+        g11 = self._sum(self._g11, w, n1)
+        m = t * t * g11 + 1.0
+        self.L11 = np.sqrt(m).reshape(n1, 1, 1)
+        # W = diag(t / sqrt(m)) G1R diag(lambda_2), its values written into the fixed pattern
+        W = self._pattern1r
+        W.data = self._sum(self._g1r, w, self._n_pairs) * (t / np.sqrt(m))[self._pair_rows] * scales[W.indices]
+        self.W = W
+        GRR = self._sum(self._grr, w, q2 * q2).reshape(q2, q2)
+        S = (scales[:, None] * GRR * scales[None, :]) - np.asarray((self.W.T @ self.W).todense())
+        S[np.arange(q2), np.arange(q2)] += 1.0
+        self.LS = np.linalg.cholesky(S) if q2 else np.zeros((0, 0))
+        return self
+
     def logdet(self) -> float:
         d1 = np.log(np.diagonal(self.L11, axis1=1, axis2=2)).sum()
         return float(2.0 * (d1 + np.log(np.diagonal(self.LS)).sum()))
@@ -177,14 +220,18 @@ class BlockFactor:
         B = np.asarray(B, dtype=float)
         B2 = B.reshape(self.q, -1)
         y1 = _solve_levels(self.L11, B2[: self.q1].reshape(self.n1, self.k1, -1)).reshape(self.q1, -1)
-        y2 = la.solve_triangular(self.LS, B2[self.q1 :] - self.W.T @ y1, lower=True) if self.q2 else B2[self.q1 :]
+        y2 = (
+            la.solve_triangular(self.LS, B2[self.q1 :] - np.asarray(self.W.T @ y1), lower=True)
+            if self.q2
+            else B2[self.q1 :]
+        )
         return np.concatenate([y1, y2]).reshape(B.shape)
 
     def solve(self, B):
         B = np.asarray(B, dtype=float)
         Y = self.half_solve(B).reshape(self.q, -1)
         x2 = la.solve_triangular(self.LS, Y[self.q1 :], lower=True, trans="T") if self.q2 else Y[self.q1 :]
-        r1 = (Y[: self.q1] - self.W @ x2).reshape(self.n1, self.k1, -1)
+        r1 = (Y[: self.q1] - np.asarray(self.W @ x2)).reshape(self.n1, self.k1, -1)
         x1 = _solve_levels(self.L11, r1, transpose=True).reshape(self.q1, -1)
         return np.concatenate([x1, x2]).reshape(B.shape)
 
