@@ -339,3 +339,33 @@ def test_a_factor_response_is_failure_for_its_first_level_as_r_reads_it():
     assert sm.glmer(ref["ours"], flipped).fe_params.iloc[0] == pytest.approx(-m.fe_params.iloc[0], rel=1e-5)
     with pytest.raises(sm.InputError, match="has 1 level"):
         sm.glmer(ref["ours"], data.assign(y="Y"))
+
+
+def test_the_sparse_and_dense_first_by_rest_blocks_give_one_fit(monkeypatch):
+    """Large crossed designs hold the first term's block against the rest sparse (core/glmm.py); forced on a small
+    one, the fit is the dense block's."""
+    import sparsemix.core.glmm as glmm
+
+    data = pd.DataFrame(FIXTURES["VerbAgg"]["data"])
+    formula = "y ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)"
+    dense = sm.glmer(formula, data)
+    assert not dense.fit_result.system._block._sparse
+    monkeypatch.setattr(glmm, "SPARSE_BLOCK_FROM", 0)
+    sparse = sm.glmer(formula, data)
+    assert sparse.fit_result.system._block._sparse
+    assert sparse.llf == pytest.approx(dense.llf, rel=1e-12)
+    np.testing.assert_allclose(sparse.fe_params, dense.fe_params, rtol=1e-7)
+    np.testing.assert_allclose(sparse.bse_fe, dense.bse_fe, rtol=1e-4)  # (difference Hessians: ~1e-5)
+
+
+def test_the_block_factor_and_cholmod_give_one_fit(monkeypatch):
+    """Designs the block factor does not take (a large block after the first term) go to CHOLMOD: the same fit."""
+    import sparsemix.core.glmm as glmm
+
+    data = pd.DataFrame(FIXTURES["slopes"]["data"])
+    block = sm.glmer("y ~ x + (1 + x | g)", data)
+    monkeypatch.setattr(glmm.BlockFactor, "applicable", classmethod(lambda cls, Z, relcov: False))
+    cholmod = sm.glmer("y ~ x + (1 + x | g)", data)
+    assert cholmod.fit_result.system._block is None
+    assert cholmod.llf == pytest.approx(block.llf, rel=1e-11)
+    np.testing.assert_allclose(cholmod.fe_params, block.fe_params, rtol=1e-6)
