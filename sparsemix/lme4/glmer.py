@@ -23,7 +23,7 @@ from ..formula.design_rules import theta_names
 from ..formula.safety import check_formula, formula_environment
 from ..inference.sdcor import sdcor_of
 from .design import LmerDesign, build_design
-from .results import linear_predictor, variance_rows
+from .results import ModelAccessors, linear_predictor, variance_rows
 
 __all__ = ["glmer", "glmer_nb", "GlmerResults"]
 
@@ -253,7 +253,7 @@ def _column_values(data: pd.DataFrame, expr: str, env) -> np.ndarray:
     return np.asarray(matrix, dtype=float)[:, 0]
 
 
-class GlmerResults:
+class GlmerResults(ModelAccessors):
     """A model fitted by `sparsemix.glmer`: the estimates, as LmerResults names them."""
 
     def __init__(self, design: LmerDesign, fit: GlmmFit, family):
@@ -278,18 +278,6 @@ class GlmerResults:
         """Fixed effects, theta's entries, and the negative binomial's dispersion where it was estimated."""
         extra = 1 if isinstance(self.family, NegativeBinomial) else 0
         return len(self.design.fe_names) + self.fit_result.system.relcov.n_theta + extra
-
-    @property
-    def aic(self) -> float:
-        return -2 * self.llf + 2 * self.npar
-
-    @property
-    def bic(self) -> float:
-        return -2 * self.llf + np.log(self.nobs) * self.npar
-
-    @property
-    def fe_params(self) -> pd.Series:
-        return pd.Series(self.fit_result.beta, index=list(self.design.fe_names))
 
     @property
     def bse_fe(self) -> pd.Series:
@@ -344,14 +332,6 @@ class GlmerResults:
 
     def refit_ml(self) -> "GlmerResults":
         return self
-
-    @property
-    def ngroups(self) -> dict:
-        """Levels of each grouping factor (lme4's ngrps), by factor name."""
-        out = {}
-        for info, term in zip(self.design.term_info, self.design.terms):
-            out.setdefault(info.spec.group_name, term.n_levels)
-        return out
 
     def covariances(self) -> list[np.ndarray]:
         """Psi_t = T_t T_t' for every term (a GLMM's scale is 1)."""

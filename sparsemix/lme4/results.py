@@ -28,7 +28,7 @@ from ..inference.satterthwaite import satterthwaite_df
 from ..inference.sdcor import sdcor_of
 from .design import LmerDesign
 
-__all__ = ["LmerResults", "response_vector", "linear_predictor", "variance_rows"]
+__all__ = ["LmerResults", "ModelAccessors", "response_vector", "linear_predictor", "variance_rows"]
 
 
 def variance_rows(term_info, covariances, residual) -> pd.DataFrame:
@@ -95,7 +95,32 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-class LmerResults(PicklableResults):
+class ModelAccessors:
+    """What lme4's fits share (lmer's and glmer's results): AIC, BIC from llf and npar, the fixed effects by name,
+    the number of levels of each grouping factor."""
+
+    @property
+    def aic(self) -> float:
+        return -2 * self.llf + 2 * self.npar
+
+    @property
+    def bic(self) -> float:
+        return -2 * self.llf + np.log(self.nobs) * self.npar
+
+    @property
+    def fe_params(self) -> pd.Series:
+        return pd.Series(self.fit_result.beta, index=list(self.design.fe_names))
+
+    @property
+    def ngroups(self) -> dict:
+        """Levels of each grouping factor (lme4's ngrps), by factor name."""
+        out = {}
+        for info, term in zip(self.design.term_info, self.design.terms):
+            out.setdefault(info.spec.group_name, term.n_levels)
+        return out
+
+
+class LmerResults(ModelAccessors, PicklableResults):
     """A model fitted by `sparsemix.lmer`: estimates, lme4's accessors (variance components, conditional
     modes, predictions, simulation), lmerTest's Satterthwaite t-tests, profile and bootstrap intervals, and
     the summary table. Picklable."""
@@ -126,18 +151,6 @@ class LmerResults(PicklableResults):
         return len(self.design.fe_names) + self.fit_result.system.relcov.n_theta + 1
 
     @property
-    def aic(self) -> float:
-        return -2 * self.llf + 2 * self.npar
-
-    @property
-    def bic(self) -> float:
-        return -2 * self.llf + np.log(self.nobs) * self.npar
-
-    @property
-    def fe_params(self) -> pd.Series:
-        return pd.Series(self.fit_result.beta, index=list(self.design.fe_names))
-
-    @property
     def cov_fe(self) -> pd.DataFrame:
         names = list(self.design.fe_names)
         return pd.DataFrame(self.fit_result.cov_beta, index=names, columns=names)
@@ -164,14 +177,6 @@ class LmerResults(PicklableResults):
     def theta_names(self) -> list[str]:
         """lme4's names of theta: factor.column, factor.column_i.column_j (by factor, as getME(m, "theta"))."""
         return theta_names(self.design.term_info, self.design.terms)
-
-    @property
-    def ngroups(self) -> dict:
-        """Levels of each grouping factor (lme4's ngrps), by factor name."""
-        out = {}
-        for info, term in zip(self.design.term_info, self.design.terms):
-            out.setdefault(info.spec.group_name, term.n_levels)
-        return out
 
     @property
     def fit_log(self):

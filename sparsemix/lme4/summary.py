@@ -30,13 +30,8 @@ class LmerSummary:
             "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
             "    ".join(f"{v:7.4f}" for v in q),
             "",
-            "Random effects:",
         ]
-        lines += _random_table(r)
-        groups = "; ".join(f"{g}, {n}" for g, n in r.ngroups.items())
-        lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
-        if d.n_dropped:
-            lines.append(f"({d.n_dropped} observation(s) deleted due to missingness)")
+        lines += _random_section(r, _random_table(r))
         if d.fe_names:
             lines += ["", "Fixed effects:"]
             fe = r.fixed_effects()
@@ -54,16 +49,28 @@ class LmerSummary:
                 f"fixed-effect model matrix is rank deficient so dropping {len(d.dropped_columns)} "
                 f"column(s): {', '.join(d.dropped_columns)}"
             )
-        if r.is_singular:
-            lines.append("boundary (singular) fit: see help('isSingular')")
-        if not r.converged:
-            lines.append("the optimizer did not converge")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + _closing_lines(r)) + "\n"
 
     def __str__(self):
         return self.as_text()
 
     __repr__ = __str__
+
+
+def _random_section(r, table: list[str]) -> list[str]:
+    """ "Random effects:", its table, the numbers of observations and levels, and the rows dropped."""
+    d = r.design
+    groups = "; ".join(f"{g}, {n}" for g, n in r.ngroups.items())
+    lines = ["Random effects:", *table, f"Number of obs: {r.nobs}, groups:  {groups}"]
+    if d.n_dropped:
+        lines.append(f"({d.n_dropped} observation(s) deleted due to missingness)")
+    return lines
+
+
+def _closing_lines(r) -> list[str]:
+    return (["boundary (singular) fit: see help('isSingular')"] if r.is_singular else []) + (
+        ["the optimizer did not converge"] if not r.converged else []
+    )
 
 
 def _random_table(r, covariances=None, residual=True) -> list[str]:
@@ -120,13 +127,8 @@ class GlmerSummary:
             "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
             "    ".join(f"{v:7.4f}" for v in np.quantile(r.resid("pearson").to_numpy(), [0, 0.25, 0.5, 0.75, 1])),
             "",
-            "Random effects:",
         ]
-        lines += _random_table(r, r.covariances(), residual=False)
-        groups = "; ".join(f"{g}, {n}" for g, n in r.ngroups.items())
-        lines.append(f"Number of obs: {r.nobs}, groups:  {groups}")
-        if d.n_dropped:
-            lines.append(f"({d.n_dropped} observation(s) deleted due to missingness)")
+        lines += _random_section(r, _random_table(r, r.covariances(), residual=False))
         if d.fe_names:
             lines += ["", "Fixed effects:"]
             fe = r.fixed_effects()
@@ -134,11 +136,7 @@ class GlmerSummary:
             lines.append(" " * name_w + f" {'Estimate':>10} {'Std. Error':>10} {'z value':>8} {'Pr(>|z|)':>9}")
             for name, row in fe.iterrows():
                 lines.append(f"{name:<{name_w}} {row.estimate:10.4f} {row.std_error:10.4f} {row.z:8.3f} {_p(row.p):>9}")
-        if r.is_singular:
-            lines.append("boundary (singular) fit: see help('isSingular')")
-        if not r.converged:
-            lines.append("the optimizer did not converge")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + _closing_lines(r)) + "\n"
 
     def __str__(self):
         return self.as_text()
