@@ -81,12 +81,15 @@ def test_theta_and_conditional_modes_are_lme4s(fitted):
         if (i == j) == diagonal
     ]
     np.testing.assert_allclose(m.sdcor.to_numpy()[order], ref["sdcor"], rtol=1e-3, atol=1e-5)
-    ours = m.ranef()
+    ours = m.ranef(condvar=True)
     for group, recorded in ref["ranef"].items():
         columns = dict(recorded)
         levels = columns.pop("levels")
-        for column, values in columns.items():
+        for j, (column, values) in enumerate(columns.items()):
             np.testing.assert_allclose(ours[group].loc[levels, column].to_numpy(), values, rtol=1e-3, atol=1e-4)
+            # lme4's condVar: the conditional sd's of the modes (levels in lme4's order, as the modes)
+            condsd = ours[group].attrs["condsd"].loc[levels, column].to_numpy()
+            np.testing.assert_allclose(condsd, ref["condsd"][group][j], rtol=1e-3)
 
 
 def test_the_laplace_objective_is_minus_twice_the_log_likelihood():

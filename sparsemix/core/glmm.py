@@ -409,6 +409,17 @@ class LaplaceSystem:
         objective = -2.0 * self._loglik_constant + pdev + logdet
         return PirlsResult(u, beta, eta, mu, objective, pdev, logdet, converged, iterations)
 
+    def conditional_covariance(self, theta: np.ndarray, mode: PirlsResult, columns: np.ndarray) -> np.ndarray:
+        """Var(b | y) at the mode by the Laplace approximation, Lambda (L L')^{-1} Lambda' (lme4's condVar), on
+        `columns` of b (len(columns) x len(columns))."""
+        factors = self.relcov.factors(np.asarray(theta, dtype=float))
+        _, _, w = self._weights(mode.eta)
+        factor = self.operator(theta).factor(w)
+        E = np.zeros((self.q, len(columns)))
+        E[columns, np.arange(len(columns))] = 1.0
+        X = factor.solve(self.relcov.apply_transpose(factors, E))  # (L L')^{-1} Lambda' E
+        return self.relcov.apply(factors, X)[columns]
+
     def fixed_covariance(self, theta: np.ndarray, beta: np.ndarray) -> np.ndarray:
         """beta's covariance from the joint PIRLS system at the mode, (X'WX - C'C)^{-1} with C = L^{-1} Lambda'Z'WX
         (lme4's for nAGQ = 0, where the objective's Hessian in beta is not used)."""

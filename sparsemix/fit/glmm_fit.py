@@ -54,6 +54,16 @@ class GlmmFit:
     def converged(self) -> bool:
         return bool(self.optimization.converged and self.mode.converged)
 
+    @property
+    def b(self) -> np.ndarray:
+        """The random effects' conditional modes, Lambda u, in Z's column order."""
+        relcov = self.system.relcov
+        return relcov.apply(relcov.factors(self.theta), self.mode.u)
+
+    def conditional_covariance(self, columns: np.ndarray) -> np.ndarray:
+        """Var(b | y) on `columns` of b (the Laplace approximation at the mode)."""
+        return self.system.conditional_covariance(self.theta, self.mode, columns)
+
 
 def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> GlmmFit:
     t0 = time.perf_counter()

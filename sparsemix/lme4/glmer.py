@@ -308,19 +308,6 @@ class GlmerResults(ModelAccessors):
         relcov = self.fit_result.system.relcov
         return bool(np.any(relcov.on_diagonal & (np.abs(self.theta) < 1e-4)))
 
-    def ranef(self) -> dict:
-        """The conditional modes of the random effects, per grouping factor: DataFrames by level."""
-        relcov = self.fit_result.system.relcov
-        b = relcov.apply(relcov.factors(self.theta), self.fit_result.mode.u)
-        out = {}
-        for term, info, sl in zip(self.design.terms, self.design.term_info, relcov.column_slices):
-            frame = pd.DataFrame(
-                b[sl].reshape(term.n_levels, term.k), index=list(term.level_labels), columns=list(info.columns)
-            )
-            name = info.spec.group_name
-            out[name] = frame if name not in out else pd.concat([out[name], frame], axis=1)
-        return out
-
     @property
     def fitted(self) -> pd.Series:
         """The conditional means mu (the response's scale), by row of the fitted data."""
@@ -344,12 +331,6 @@ class GlmerResults(ModelAccessors):
     @property
     def _Z(self):
         return self.fit_result.system.Z
-
-    @property
-    def b(self) -> np.ndarray:
-        """The random effects' conditional modes, Lambda u, in Z's column order."""
-        relcov = self.fit_result.system.relcov
-        return relcov.apply(relcov.factors(self.theta), self.fit_result.mode.u)
 
     def predict(
         self,

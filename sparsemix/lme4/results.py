@@ -119,6 +119,63 @@ class ModelAccessors:
             out.setdefault(info.spec.group_name, term.n_levels)
         return out
 
+    @property
+    def b(self) -> np.ndarray:
+        """The random effects' conditional modes in Z's column order (lmer's; glmer's at the mode)."""
+        return self.fit_result.b
+
+    def ranef(self, condvar: bool = True) -> dict:
+        """Conditional modes per grouping factor: {factor: DataFrame levels x columns}. With condvar, each frame's
+        attrs["condsd"] is a DataFrame of conditional standard deviations and attrs["condvar"] the conditional
+        covariance per level (levels x k x k), or, as lme4's postVar, a list of such arrays, one per term, when
+        several terms share the factor (the two halves of (x || g))."""
+        condvar = checks.check_bool(condvar, "condvar")
+        out = {}
+        b = self.fit_result.b
+        offset = 0
+        for info, term in zip(self.design.term_info, self.design.terms):
+            width = term.n_levels * term.k
+            values = b[offset : offset + width].reshape(term.n_levels, term.k)
+            frame = pd.DataFrame(values, index=list(term.level_labels), columns=list(info.columns))
+            if condvar:
+                cv = self._level_blocks(offset, term.n_levels, term.k)
+                frame.attrs["condvar"] = cv
+                frame.attrs["condsd"] = pd.DataFrame(
+                    np.sqrt(np.einsum("lii->li", cv)), index=frame.index, columns=frame.columns
+                )
+            name = info.spec.group_name
+            if name in out:  # lme4 merges terms of the same factor, e.g. the two halves of (x || g)
+                prev = out[name]
+                merged = pd.concat([_bare(prev), _bare(frame)], axis=1)
+                if condvar:
+                    merged.attrs["condsd"] = pd.concat([prev.attrs["condsd"], frame.attrs["condsd"]], axis=1)
+                    merged.attrs["condvar"] = _as_list(prev.attrs["condvar"]) + [frame.attrs["condvar"]]
+                frame = merged
+            out[name] = frame
+            offset += width
+        return out
+
+    def _level_blocks(self, offset: int, n_levels: int, k: int, chunk: int = 512) -> np.ndarray:
+        """Var(b | y) of each level's k columns (levels x k x k), solving for `chunk` levels at a time."""
+        out = np.empty((n_levels, k, k))
+        for start in range(0, n_levels, chunk):
+            stop = min(start + chunk, n_levels)
+            cov = self.fit_result.conditional_covariance(offset + np.arange(start * k, stop * k))
+            m = stop - start
+            blocks = cov.reshape(m, k, m, k)
+            out[start:stop] = blocks[np.arange(m), :, np.arange(m), :]
+        return out
+
+    def ranef_frame(self) -> pd.DataFrame:
+        """Long form, as lme4's as.data.frame(ranef(m, condVar=TRUE)): grpvar, term, grp, condval, condsd."""
+        rows = []
+        for grpvar, frame in self.ranef(condvar=True).items():
+            sd = frame.attrs["condsd"]
+            for term in frame.columns:
+                for level in frame.index:
+                    rows.append((grpvar, term, level, frame.loc[level, term], sd.loc[level, term]))
+        return pd.DataFrame(rows, columns=["grpvar", "term", "grp", "condval", "condsd"])
+
 
 class LmerResults(ModelAccessors, PicklableResults):
     """A model fitted by `sparsemix.lmer`: estimates, lme4's accessors (variance components, conditional
@@ -222,63 +279,6 @@ class LmerResults(ModelAccessors, PicklableResults):
     def variance_components(self) -> pd.DataFrame:
         """lme4's as.data.frame(VarCorr(m)): grp, var1, var2, vcov, sdcor."""
         return variance_rows(self.design.term_info, self.fit_result.covariances(), (self.scale, self.sigma))
-
-    @property
-    def b(self) -> np.ndarray:
-        """The random effects' conditional modes in Z's column order."""
-        return self.fit_result.b
-
-    def ranef(self, condvar: bool = True) -> dict:
-        """Conditional modes per grouping factor: {factor: DataFrame levels x columns}. With condvar, each frame's
-        attrs["condsd"] is a DataFrame of conditional standard deviations and attrs["condvar"] the conditional
-        covariance per level (levels x k x k), or, as lme4's postVar, a list of such arrays, one per term, when
-        several terms share the factor (the two halves of (x || g))."""
-        condvar = checks.check_bool(condvar, "condvar")
-        out = {}
-        b = self.fit_result.b
-        offset = 0
-        for info, term in zip(self.design.term_info, self.design.terms):
-            width = term.n_levels * term.k
-            values = b[offset : offset + width].reshape(term.n_levels, term.k)
-            frame = pd.DataFrame(values, index=list(term.level_labels), columns=list(info.columns))
-            if condvar:
-                cv = self._level_blocks(offset, term.n_levels, term.k)
-                frame.attrs["condvar"] = cv
-                frame.attrs["condsd"] = pd.DataFrame(
-                    np.sqrt(np.einsum("lii->li", cv)), index=frame.index, columns=frame.columns
-                )
-            name = info.spec.group_name
-            if name in out:  # lme4 merges terms of the same factor, e.g. the two halves of (x || g)
-                prev = out[name]
-                merged = pd.concat([_bare(prev), _bare(frame)], axis=1)
-                if condvar:
-                    merged.attrs["condsd"] = pd.concat([prev.attrs["condsd"], frame.attrs["condsd"]], axis=1)
-                    merged.attrs["condvar"] = _as_list(prev.attrs["condvar"]) + [frame.attrs["condvar"]]
-                frame = merged
-            out[name] = frame
-            offset += width
-        return out
-
-    def _level_blocks(self, offset: int, n_levels: int, k: int, chunk: int = 512) -> np.ndarray:
-        """Var(b | y) of each level's k columns (levels x k x k), solving for `chunk` levels at a time."""
-        out = np.empty((n_levels, k, k))
-        for start in range(0, n_levels, chunk):
-            stop = min(start + chunk, n_levels)
-            cov = self.fit_result.conditional_covariance(offset + np.arange(start * k, stop * k))
-            m = stop - start
-            blocks = cov.reshape(m, k, m, k)
-            out[start:stop] = blocks[np.arange(m), :, np.arange(m), :]
-        return out
-
-    def ranef_frame(self) -> pd.DataFrame:
-        """Long form, as lme4's as.data.frame(ranef(m, condVar=TRUE)): grpvar, term, grp, condval, condsd."""
-        rows = []
-        for grpvar, frame in self.ranef(condvar=True).items():
-            sd = frame.attrs["condsd"]
-            for term in frame.columns:
-                for level in frame.index:
-                    rows.append((grpvar, term, level, frame.loc[level, term], sd.loc[level, term]))
-        return pd.DataFrame(rows, columns=["grpvar", "term", "grp", "condval", "condsd"])
 
     # -- predictions ------------------------------------------------------------------------------------
 

@@ -42,6 +42,12 @@ fit_record <- function(name, formula, ours, data, family, nAGQ = 1, weights = NU
        beta = as.list(fixef(m)), se = as.list(sqrt(diag(as.matrix(vcov(m))))),
        sdcor = I(vc$sdcor), isSingular = isSingular(m),
        ranef = lapply(re, function(r) c(list(levels = I(rownames(r))), lapply(as.list(r), unname))),
+       condsd = lapply(ranef(m, condVar = TRUE), function(r) {
+         v <- attr(r, "postVar")
+         k <- dim(v)[1]
+         sd <- sapply(seq_len(dim(v)[3]), function(l) sqrt(diag(matrix(v[, , l], k, k))))
+         lapply(seq_len(k), function(j) if (k == 1) unname(sd) else unname(sd[j, ]))
+       }),
        lme4_messages = I(as.character(unlist(m@optinfo$conv$lme4$messages))))
 }
 
