@@ -372,3 +372,17 @@ def test_the_block_factor_and_cholmod_give_one_fit(monkeypatch):
     assert cholmod.fit_result.system._block is None
     assert cholmod.llf == pytest.approx(block.llf, rel=1e-11)
     np.testing.assert_allclose(cholmod.fe_params, block.fe_params, rtol=1e-6)
+
+
+def test_the_caterpillar_plot_draws_a_glmer_fit(cbpp_fit):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sparsemix.plots import caterpillar
+
+    m, _ = cbpp_fit
+    figure = caterpillar(m)
+    assert len(figure.axes) == 1
+    modes = figure.axes[0].lines[0].get_xdata()  # the points, sorted by mode
+    np.testing.assert_allclose(modes, np.sort(m.ranef()["herd"]["(Intercept)"].to_numpy()))
