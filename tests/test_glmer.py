@@ -386,3 +386,17 @@ def test_the_caterpillar_plot_draws_a_glmer_fit(cbpp_fit):
     assert len(figure.axes) == 1
     modes = figure.axes[0].lines[0].get_xdata()  # the points, sorted by mode
     np.testing.assert_allclose(modes, np.sort(m.ranef()["herd"]["(Intercept)"].to_numpy()))
+
+
+def test_bootstrap_replicates_are_glmer_fits_of_the_simulations(cbpp_fit):
+    m, data = cbpp_fit
+    draws = m.bootstrap(nsim=6, seed=11)
+    sims = m.simulate(6, seed=11)
+    for i, column in enumerate(sims):
+        fresh = sm.glmer("y ~ period + (1 | herd)", data.assign(y=sims[column]), family="binomial", weights="size")
+        np.testing.assert_allclose(draws.iloc[i], np.r_[fresh.sdcor.to_numpy(), fresh.fe_params.to_numpy()], rtol=1e-5)
+    ci = m.confint(method="boot", nsim=40, seed=3)
+    assert list(ci.index) == list(draws.columns)
+    assert np.all(ci.lower < ci.upper)
+    estimates = np.r_[m.sdcor.to_numpy(), m.fe_params.to_numpy()]
+    assert np.all((ci.lower.to_numpy() < estimates) & (estimates < ci.upper.to_numpy()))

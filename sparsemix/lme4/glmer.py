@@ -376,11 +376,33 @@ class GlmerResults(ModelAccessors):
             out[:, s] = self.family.draw(rng, mu, trials)
         return pd.DataFrame(out, index=d.row_index, columns=[f"sim_{i + 1}" for i in range(int(nsim))])
 
-    def confint(self, method: str = "wald", level: float = 0.95) -> pd.DataFrame:
-        """Wald intervals for the fixed effects (lme4's method = "Wald"; NaN for the random effects' sd/cor)."""
+    def bootstrap(self, nsim: int = 500, seed=None) -> pd.DataFrame:
+        """Estimates (sd/cor, fixed effects) from `nsim` parametric bootstrap refits: responses simulated from the
+        fit (simulate), each fitted as glmer fits (the same design, family, weights and offset)."""
+        nsim, seed = checks.check_count(nsim, "nsim"), checks.check_seed(seed)
+        sims = self.simulate(nsim, seed)
+        system, d = self.fit_result.system, self.design
+        rows = []
+        with fit_threads():
+            for column in sims:
+                replicate = LaplaceSystem(
+                    d.X, sims[column].to_numpy(), system.Z, system.relcov, self.family, system.prior_weights, d.offset
+                )
+                fit = fit_glmm(replicate, nAGQ=self.nAGQ)
+                rows.append(np.r_[sdcor_of(system.relcov, fit.theta, 1.0)[:-1], fit.beta])
+        return pd.DataFrame(rows, columns=self.theta_names + list(d.fe_names))
+
+    def confint(self, method: str = "wald", level: float = 0.95, nsim: int = 500, seed=None) -> pd.DataFrame:
+        """Wald intervals for the fixed effects (lme4's method = "Wald"; NaN for the random effects' sd/cor), or
+        "boot": percentile intervals from `nsim` parametric bootstrap refits, for every parameter."""
         level = checks.check_level(level)
+        if method == "boot":
+            draws = self.bootstrap(nsim=nsim, seed=seed)
+            q = [(1 - level) / 2, (1 + level) / 2]
+            bounds = np.nanquantile(draws.to_numpy(), q, axis=0).T
+            return pd.DataFrame(bounds, index=draws.columns, columns=["lower", "upper"])
         if method != "wald":
-            raise InputError(f"method={method!r}: glmer's intervals are 'wald' for now.")
+            raise InputError(f"method={method!r}: glmer's intervals are 'wald' or 'boot'.")
         z = stats.norm.ppf(0.5 + level / 2)
         est, se = self.fe_params, self.bse_fe
         names = self.theta_names + list(est.index)
