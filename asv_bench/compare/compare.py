@@ -16,6 +16,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -197,6 +198,10 @@ def main(argv=None):
             sections.append(("lme4 reference models", "lme4 not available (Rscript not found): skipped."))
         else:
             sections.append(("lme4 reference models: sparsemix.lmer and lme4::lmer", run_reference(args.reps)))
+            sys.path.insert(0, str(HERE / "glmm"))
+            import glmer_fits  # the GLMM side by side (asv_bench/compare/glmm)
+
+            sections.append(("GLMMs: sparsemix.glmer and lme4::glmer", glmer_fits.table()))
     for title, table in sections:
         print(f"## {title}\n\n{table}\n")
     if args.output:
