@@ -28,6 +28,7 @@ from ..errors import InputError
 from .factor import CholmodFactor
 from .families import Family
 from .relcov import RelativeCovariance
+from .threads import dense_threads
 
 __all__ = ["LaplaceSystem", "PirlsResult"]
 
@@ -188,7 +189,8 @@ class BlockFactor:
         self.W = _solve_levels(self.L11, B).reshape(n1 * k1, q2)
         S = self._right_rest(self._right_rest(GRR, rest).T, rest) - self.W.T @ self.W
         S[np.arange(q2), np.arange(q2)] += 1.0
-        self.LS = np.linalg.cholesky(S) if q2 else np.zeros((0, 0))
+        with dense_threads(q2):  # the BLAS threads the fit set aside, for a big Schur complement
+            self.LS = np.linalg.cholesky(S) if q2 else np.zeros((0, 0))
         return self
 
     def _refactor_sparse(self, w: np.ndarray, factors) -> "BlockFactor":
@@ -208,7 +210,8 @@ class BlockFactor:
         GRR = self._sum(self._grr, w, q2 * q2).reshape(q2, q2)
         S = (scales[:, None] * GRR * scales[None, :]) - np.asarray((self.W.T @ self.W).todense())
         S[np.arange(q2), np.arange(q2)] += 1.0
-        self.LS = np.linalg.cholesky(S) if q2 else np.zeros((0, 0))
+        with dense_threads(q2):  # the BLAS threads the fit set aside, for a big Schur complement
+            self.LS = np.linalg.cholesky(S) if q2 else np.zeros((0, 0))
         return self
 
     def logdet(self) -> float:
