@@ -400,3 +400,11 @@ def test_bootstrap_replicates_are_glmer_fits_of_the_simulations(cbpp_fit):
     assert np.all(ci.lower < ci.upper)
     estimates = np.r_[m.sdcor.to_numpy(), m.fe_params.to_numpy()]
     assert np.all((ci.lower.to_numpy() < estimates) & (estimates < ci.upper.to_numpy()))
+
+
+def test_maxiter_bounds_every_stage_together():
+    data = pd.DataFrame(FIXTURES["cbpp"]["data"])
+    with pytest.warns(sm.ConvergenceWarning, match="maxiter=5"):
+        m = sm.glmer("prop ~ period + (1 | herd)", data, weights="size", maxiter=5)
+    assert not m.converged
+    assert sm.glmer("prop ~ period + (1 | herd)", data, weights="size").converged

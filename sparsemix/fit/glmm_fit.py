@@ -105,23 +105,26 @@ def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> Glm
         probes = lambda x: [(np.r_[a, x[m:]], np.r_[b, x[m:]]) for a, b in relcov.boundary_probes(x[:m])]  # noqa: E731
         found = minimize_one(objective, start, lower, probes)
         hessian = None
+        used = stage0.n_evaluations + found.n_evaluations
         if found.settled[0]:
             x = found.working[0]
             hessian = found.hessian[0] if found.hessian is not None else None
+            within = used <= maxiter  # maxiter bounds the evaluations of every stage together
+            message = "Newton steps" if within else f"Newton steps past maxiter={maxiter} evaluations"
             opt = OptimizationResult(
-                x, float(found.deviance[0]), found.n_evaluations, True, "Newton steps", "newton", 0.0, ()
+                x, float(found.deviance[0]), found.n_evaluations, within, message, "newton", 0.0, ()
             )
         else:
             step = np.concatenate([0.1 * np.maximum(np.abs(theta), 0.1), 0.1 * np.maximum(np.abs(beta), 0.1)])
             opt = minimize_deviance(
-                objective, start, lower, maxiter=maxiter, method="bobyqa", initial_step=step, polish=True
+                objective, start, lower, maxiter=max(maxiter - used, 1), method="bobyqa", initial_step=step, polish=True
             )
         theta, beta = opt.theta[:m], opt.theta[m:]
         mode = system.pirls(theta, beta)
         opt = OptimizationResult(
             opt.theta,
             opt.deviance,
-            stage0.n_evaluations + opt.n_evaluations,
+            stage0.n_evaluations + opt.n_evaluations + (0 if found.settled[0] else found.n_evaluations),
             opt.converged,
             opt.message,
             opt.method,
