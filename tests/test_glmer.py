@@ -302,8 +302,8 @@ def test_wald_intervals(cbpp_fit):
     assert np.isnan(ci.iloc[0].to_numpy()).all()  # the random effect's sd: no Wald interval
     fe = ci.iloc[1:]
     np.testing.assert_allclose(fe.upper - fe.lower, 2 * 1.959963984540054 * m.bse_fe, rtol=1e-12)
-    with pytest.raises(sm.InputError, match="method='profile'"):
-        m.confint(method="profile")
+    with pytest.raises(sm.InputError, match="method='likelihood'"):
+        m.confint(method="likelihood")
 
 
 # -- negative binomial (lme4's glmer.nb) ------------------------------------------------------------------------
@@ -408,3 +408,16 @@ def test_maxiter_bounds_every_stage_together():
         m = sm.glmer("prop ~ period + (1 | herd)", data, weights="size", maxiter=5)
     assert not m.converged
     assert sm.glmer("prop ~ period + (1 | herd)", data, weights="size").converged
+
+
+def test_profile_intervals_are_lme4s(cbpp_fit):
+    m, _ = cbpp_fit
+    ref = FIXTURES["cbpp"]["profile"]
+    ci = m.confint(method="profile")
+    assert list(ci.index[:1]) == ["sd_(Intercept)|herd"] and ref["names"][0] == "sd_(Intercept)|herd"
+    # (lme4 interpolates its profile with splines: ~1e-4)
+    np.testing.assert_allclose(ci.lower, ref["lower"], rtol=1e-3)
+    np.testing.assert_allclose(ci.upper, ref["upper"], rtol=1e-3)
+    slopes = sm.glmer("y ~ x + (1 + x | g)", pd.DataFrame(FIXTURES["slopes"]["data"]))
+    with pytest.raises(sm.InputError, match="correlated random effects"):
+        slopes.confint(method="profile")

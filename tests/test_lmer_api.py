@@ -161,6 +161,10 @@ def test_plots_name_the_extra_when_matplotlib_is_missing(fm1, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    import sys
+
+    for name in [m for m in sys.modules if m.startswith("matplotlib")]:  # imported by an earlier test
+        monkeypatch.delitem(sys.modules, name)
     from sparsemix.plots import caterpillar
 
     with pytest.raises(MissingExtraError, match=r"pip install 'sparsemix\[plot\]'"):

@@ -18,7 +18,7 @@ from ..core.glmm import LaplaceSystem
 from ..core.relcov import RelativeCovariance
 from ..core.threads import fit_threads
 from ..errors import ConvergenceWarning, FormulaError, InputError
-from ..fit.glmm_fit import GlmmFit, fit_glmm
+from ..fit.glmm_fit import GlmmFit, fit_glmm, profile_interval
 from ..formula.design_rules import theta_names
 from ..formula.safety import check_formula, formula_environment
 from ..inference.sdcor import sdcor_of
@@ -256,6 +256,8 @@ def _column_values(data: pd.DataFrame, expr: str, env) -> np.ndarray:
 class GlmerResults(ModelAccessors):
     """A model fitted by `sparsemix.glmer`: the estimates, as LmerResults names them."""
 
+    residual_names = ()  # a GLMM has no residual scale to name
+
     def __init__(self, design: LmerDesign, fit: GlmmFit, family):
         self.design, self.fit_result, self.family = design, fit, family
         self.nobs = design.nobs
@@ -301,7 +303,7 @@ class GlmerResults(ModelAccessors):
     def sdcor(self) -> pd.Series:
         """Standard deviations and correlations of the random effects (the scale is 1: no sigma)."""
         values = sdcor_of(self.fit_result.system.relcov, self.theta, 1.0)[:-1]
-        return pd.Series(values, index=self.theta_names)
+        return pd.Series(values, index=self.sdcor_names)
 
     @property
     def is_singular(self) -> bool:
@@ -390,23 +392,35 @@ class GlmerResults(ModelAccessors):
                 )
                 fit = fit_glmm(replicate, nAGQ=self.nAGQ)
                 rows.append(np.r_[sdcor_of(system.relcov, fit.theta, 1.0)[:-1], fit.beta])
-        return pd.DataFrame(rows, columns=self.theta_names + list(d.fe_names))
+        return pd.DataFrame(rows, columns=self.sdcor_names + list(d.fe_names))
 
     def confint(self, method: str = "wald", level: float = 0.95, nsim: int = 500, seed=None) -> pd.DataFrame:
-        """Wald intervals for the fixed effects (lme4's method = "Wald"; NaN for the random effects' sd/cor), or
-        "boot": percentile intervals from `nsim` parametric bootstrap refits, for every parameter."""
+        """Wald intervals for the fixed effects (lme4's method = "Wald"; NaN for the random effects' sd/cor);
+        "profile": profile-likelihood intervals for every parameter (theta's entries are the sd's and, for a
+        correlated term, the template's other entries); "boot": percentile intervals from `nsim` parametric
+        bootstrap refits."""
         level = checks.check_level(level)
+        if method == "profile":
+            if not all(t.template.is_diagonal for t in self.design.terms):
+                raise InputError(
+                    "profile intervals of a glmer fit with correlated random effects are not available yet (theta's "
+                    "entries there are not the sd's and correlations); use method='boot' or 'wald'."
+                )
+            z = stats.norm.ppf(0.5 + level / 2)
+            with fit_threads():
+                ends = [profile_interval(self.fit_result, i, z) for i in range(len(self.theta) + len(self.fe_params))]
+            return pd.DataFrame(ends, index=self.sdcor_names + list(self.fe_params.index), columns=["lower", "upper"])
         if method == "boot":
             draws = self.bootstrap(nsim=nsim, seed=seed)
             q = [(1 - level) / 2, (1 + level) / 2]
             bounds = np.nanquantile(draws.to_numpy(), q, axis=0).T
             return pd.DataFrame(bounds, index=draws.columns, columns=["lower", "upper"])
         if method != "wald":
-            raise InputError(f"method={method!r}: glmer's intervals are 'wald' or 'boot'.")
+            raise InputError(f"method={method!r}: glmer's intervals are 'wald', 'profile' or 'boot'.")
         z = stats.norm.ppf(0.5 + level / 2)
         est, se = self.fe_params, self.bse_fe
-        names = self.theta_names + list(est.index)
-        nan = np.full(len(self.theta_names), np.nan)
+        names = self.sdcor_names + list(est.index)
+        nan = np.full(len(self.sdcor_names), np.nan)
         return pd.DataFrame({"lower": np.r_[nan, est - z * se], "upper": np.r_[nan, est + z * se]}, index=names)
 
     def summary(self):

@@ -111,6 +111,20 @@ class ModelAccessors:
     def fe_params(self) -> pd.Series:
         return pd.Series(self.fit_result.beta, index=list(self.design.fe_names))
 
+    residual_names: tuple[str, ...] = ("sigma",)  # the scale's name after the random effects' (none for a GLMM)
+
+    @property
+    def sdcor_names(self) -> list[str]:
+        """lme4's parameter names with oldNames=FALSE: sd_(Intercept)|Subject, cor_Days.(Intercept)|Subject, sigma
+        (named by the grouping factor, so both halves of (x || g) say |g)."""
+        out = []
+        for info, term in zip(self.design.term_info, self.design.terms):
+            g = info.spec.group_name
+            for i, j in term.template.positions:
+                c = info.columns
+                out.append(f"sd_{c[i]}|{g}" if i == j else f"cor_{c[i]}.{c[j]}|{g}")
+        return out + list(self.residual_names)
+
     @property
     def ngroups(self) -> dict:
         """Levels of each grouping factor (lme4's ngrps), by factor name."""
@@ -263,18 +277,6 @@ class LmerResults(ModelAccessors, PicklableResults):
             {"estimate": est, "std_error": se, "df": df, "t": t, "p": 2 * stats.t.sf(np.abs(t), df)},
             index=list(self.design.fe_names),
         )
-
-    @cached_property
-    def sdcor_names(self) -> list[str]:
-        """lme4's parameter names with oldNames=FALSE: sd_(Intercept)|Subject, cor_Days.(Intercept)|Subject, sigma
-        (named by the grouping factor, so both halves of (x || g) say |g)."""
-        out = []
-        for info, term in zip(self.design.term_info, self.design.terms):
-            g = info.spec.group_name
-            for i, j in term.template.positions:
-                c = info.columns
-                out.append(f"sd_{c[i]}|{g}" if i == j else f"cor_{c[i]}.{c[j]}|{g}")
-        return out + ["sigma"]
 
     def variance_components(self) -> pd.DataFrame:
         """lme4's as.data.frame(VarCorr(m)): grp, var1, var2, vcov, sdcor."""

@@ -103,6 +103,10 @@ sets <- list(
     fit_record("poisson_offset", "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)",
                "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)", cr, poisson())))
 )
+# profile intervals of cbpp's Laplace fit (lme4's confint(method = "profile"): .sig01 then the fixed effects)
+cb_fit <- glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cb, binomial, control = control)
+cb_ci <- suppressWarnings(confint(cb_fit, method = "profile", oldNames = FALSE))
+sets$cbpp$profile <- list(names = I(rownames(cb_ci)), lower = I(unname(cb_ci[, 1])), upper = I(unname(cb_ci[, 2])))
 sets$negative_binomial <- list(dataset = "simulated negative binomial counts", data = nb, fits = list(),
                                glmer_nb = nb_record)
 sets$versions <- list(R = R.version.string, lme4 = as.character(packageVersion("lme4")))
