@@ -127,8 +127,7 @@ class BlockFactor:
             # csr_matrix's (data, (row, col)) orders the stored entries by row, then column: as np.unique's
             self._n_pairs = pairs.size
         # GRR: pairs of rest entries in one row
-        R_rows = R.row
-        slots_r = _row_slots(R_rows, self.n_rows)
+        slots_r = _row_slots(R.row, self.n_rows)
         rows, idx, val = [], [], []
         for s1 in range(slots_r.shape[1]):
             for s2 in range(slots_r.shape[1]):
