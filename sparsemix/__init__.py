@@ -28,7 +28,7 @@ from .fit.stages import build_fit, build_system, optimize_system
 from .inference.anova import anova
 from .lme4.glmer import GlmerResults, glmer, glmer_nb
 from .lme4.lmer import lmer
-from .lme4.many import lmer_many
+from .lme4.many import ManyFits, lmer_many
 from .lme4.results import LmerResults
 from .statsmodels.model import MixedLM
 from .statsmodels.params import MixedLMParams, VCSpec
@@ -48,6 +48,7 @@ __all__ = [
     "VCSpec",
     "lmer",
     "lmer_many",
+    "ManyFits",
     "glmer",
     "glmer_nb",
     "GlmerResults",
