@@ -421,3 +421,10 @@ def test_profile_intervals_are_lme4s(cbpp_fit):
     slopes = sm.glmer("y ~ x + (1 + x | g)", pd.DataFrame(FIXTURES["slopes"]["data"]))
     with pytest.raises(sm.InputError, match="correlated random effects"):
         slopes.confint(method="profile")
+
+
+def test_anova_refuses_models_of_different_families(cbpp_fit):
+    m, data = cbpp_fit
+    linear = sm.lmer("y ~ period + (1 | herd)", data.assign(y=data.incidence / data["size"]))
+    with pytest.raises(sm.InputError, match="different response distributions"):
+        sm.anova(linear, m)

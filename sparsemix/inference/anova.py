@@ -26,6 +26,13 @@ def anova(*models, names=None) -> pd.DataFrame:
     names = list(names) if names is not None else [f"m{i + 1}" for i in range(len(models))]
     if len(names) != len(models):
         raise InputError(f"{len(names)} names for {len(models)} models.")
+    families = {getattr(getattr(m, "family", None), "name", "gaussian") for m in models}
+    if len(families) > 1:
+        raise InputError(
+            f"the models have different response distributions ({', '.join(sorted(families))}): their likelihoods "
+            "are of different things, and a likelihood-ratio test between them means nothing. Compare models of "
+            "one family (lmer fits with lmer fits, binomial glmer fits with binomial ones)."
+        )
     first = models[0]
     for name, m in zip(names, models):
         if m.nobs != first.nobs or not np.array_equal(m.design.y, first.design.y):
