@@ -428,3 +428,19 @@ def test_anova_refuses_models_of_different_families(cbpp_fit):
     linear = sm.lmer("y ~ period + (1 | herd)", data.assign(y=data.incidence / data["size"]))
     with pytest.raises(sm.InputError, match="different response distributions"):
         sm.anova(linear, m)
+
+
+def test_glmer_results_pickle(cbpp_fit, monkeypatch):
+    import pickle
+
+    m, data = cbpp_fit
+    back = pickle.loads(pickle.dumps(m))
+    assert back.llf == m.llf
+    np.testing.assert_array_equal(back.predict(data), m.predict(data))
+    # a fit over CHOLMOD (which cannot be pickled) rebuilds its factor on use: the same conditional variances
+    import sparsemix.core.glmm as glmm
+
+    monkeypatch.setattr(glmm.BlockFactor, "applicable", classmethod(lambda cls, Z, relcov: False))
+    slopes = sm.glmer("y ~ x + (1 + x | g)", pd.DataFrame(FIXTURES["slopes"]["data"]))
+    again = pickle.loads(pickle.dumps(slopes))
+    pd.testing.assert_frame_equal(again.ranef()["g"].attrs["condsd"], slopes.ranef()["g"].attrs["condsd"], rtol=1e-10)

@@ -285,6 +285,12 @@ class LaplaceSystem:
         self._u = np.zeros(self.q)
         self.n_pirls = 0
 
+    def __getstate__(self):
+        # CHOLMOD's factor cannot be pickled: it is analysed again on first use (its pattern is fixed)
+        state = dict(self.__dict__)
+        state["_factor"] = None
+        return state
+
     # -- Z Lambda with a fixed pattern ---------------------------------------------------------------------
 
     def _pattern(self, Z: sp.csc_matrix) -> None:

@@ -20,6 +20,7 @@ from ..core.threads import fit_threads
 from ..errors import ConvergenceWarning, FormulaError, InputError
 from ..fit.glmm_fit import GlmmFit, fit_glmm, profile_interval
 from ..formula.design_rules import theta_names
+from ..formula.pickling import PicklableResults
 from ..formula.safety import check_formula, formula_environment
 from ..inference.sdcor import sdcor_of
 from .design import LmerDesign, build_design
@@ -253,7 +254,7 @@ def _column_values(data: pd.DataFrame, expr: str, env) -> np.ndarray:
     return np.asarray(matrix, dtype=float)[:, 0]
 
 
-class GlmerResults(ModelAccessors):
+class GlmerResults(ModelAccessors, PicklableResults):
     """A model fitted by `sparsemix.glmer`: the estimates, as LmerResults names them."""
 
     residual_names = ()  # a GLMM has no residual scale to name
