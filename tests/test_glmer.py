@@ -390,7 +390,9 @@ def test_the_caterpillar_plot_draws_a_glmer_fit(cbpp_fit):
 
 def test_bootstrap_replicates_are_glmer_fits_of_the_simulations(cbpp_fit):
     m, data = cbpp_fit
-    draws = m.bootstrap(nsim=6, seed=11)
+    draws = m.bootstrap(nsim=6, seed=11, n_jobs=1)
+    # spread over two worker processes: the same draws (each replicate is its own simulated response)
+    pd.testing.assert_frame_equal(m.bootstrap(nsim=6, seed=11, n_jobs=2), draws, rtol=1e-10)
     sims = m.simulate(6, seed=11)
     for i, column in enumerate(sims):
         fresh = sm.glmer("y ~ period + (1 | herd)", data.assign(y=sims[column]), family="binomial", weights="size")

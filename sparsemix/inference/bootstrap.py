@@ -21,7 +21,7 @@ from ..fit.optimize import warm_step
 from ..fit.stages import optimize_system
 from .sdcor import sdcor_of
 
-__all__ = ["parametric_bootstrap", "simulate_responses", "refit_estimates"]
+__all__ = ["parametric_bootstrap", "simulate_responses", "refit_estimates", "glmm_bootstrap"]
 
 _WORKER = {}
 
@@ -128,3 +128,45 @@ def parametric_bootstrap(fit, X, terms, weights, nsim=500, seed=None, n_jobs=Non
             return np.concatenate([_replicates(c) for c in chunks])
     with ProcessPoolExecutor(max_workers=n_jobs, initializer=_init_worker, initargs=(state, True)) as pool:
         return np.concatenate(list(pool.map(_replicates, chunks)))
+
+
+# -- GLMMs (glmer) --------------------------------------------------------------------------------------------
+
+
+def _init_glmm_worker(template, nAGQ, single_threaded=False):
+    _WORKER.clear()
+    if single_threaded:  # one process per core (see _init_worker)
+        from threadpoolctl import threadpool_limits
+
+        _WORKER["limits"] = threadpool_limits(1)
+    _WORKER.update(template=template, nAGQ=nAGQ)
+
+
+def _glmm_replicates(Y: np.ndarray) -> np.ndarray:
+    """Each column of Y fitted as the template's GLMM (its design, family, weights and offset)."""
+    from ..core.glmm import LaplaceSystem
+    from ..fit.glmm_fit import fit_glmm
+
+    t = _WORKER["template"]
+    out = []
+    for y in Y.T:
+        system = LaplaceSystem(t.X, y, t.Z, t.relcov, t.family, t.prior_weights, t.offset)
+        fit = fit_glmm(system, nAGQ=_WORKER["nAGQ"])
+        out.append(np.r_[sdcor_of(t.relcov, fit.theta, 1.0)[:-1], fit.beta])
+    return np.array(out).reshape(len(out), -1)
+
+
+def glmm_bootstrap(template, Y: np.ndarray, nAGQ: int, n_jobs=None) -> np.ndarray:
+    """(sd/cor, beta) of GLMM refits of the simulated responses Y (n x nsim), spread over `n_jobs` worker processes
+    (all cores by default); `template`: the fitted LaplaceSystem, whose design every replicate shares."""
+    n_jobs = (os.cpu_count() or 1) if n_jobs is None else int(n_jobs)
+    nsim = Y.shape[1]
+    if n_jobs <= 1 or nsim < 2 * n_jobs:
+        _init_glmm_worker(template, nAGQ)
+        return _glmm_replicates(Y)
+    size = max(1, -(-nsim // (4 * n_jobs)))
+    chunks = [Y[:, i : i + size] for i in range(0, nsim, size)]
+    with ProcessPoolExecutor(
+        max_workers=n_jobs, initializer=_init_glmm_worker, initargs=(template, nAGQ, True)
+    ) as pool:
+        return np.concatenate(list(pool.map(_glmm_replicates, chunks)))

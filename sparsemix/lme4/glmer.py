@@ -22,6 +22,7 @@ from ..fit.glmm_fit import GlmmFit, fit_glmm, profile_interval
 from ..formula.design_rules import theta_names
 from ..formula.pickling import PicklableResults
 from ..formula.safety import check_formula, formula_environment
+from ..inference.bootstrap import glmm_bootstrap
 from ..inference.sdcor import sdcor_of
 from .design import LmerDesign, build_design
 from .results import ModelAccessors, linear_predictor, variance_rows
@@ -379,23 +380,20 @@ class GlmerResults(ModelAccessors, PicklableResults):
             out[:, s] = self.family.draw(rng, mu, trials)
         return pd.DataFrame(out, index=d.row_index, columns=[f"sim_{i + 1}" for i in range(int(nsim))])
 
-    def bootstrap(self, nsim: int = 500, seed=None) -> pd.DataFrame:
+    def bootstrap(self, nsim: int = 500, seed=None, n_jobs=None) -> pd.DataFrame:
         """Estimates (sd/cor, fixed effects) from `nsim` parametric bootstrap refits: responses simulated from the
-        fit (simulate), each fitted as glmer fits (the same design, family, weights and offset)."""
+        fit (simulate), each fitted as glmer fits (the same design, family, weights and offset), spread over
+        `n_jobs` worker processes (all cores by default)."""
         nsim, seed = checks.check_count(nsim, "nsim"), checks.check_seed(seed)
-        sims = self.simulate(nsim, seed)
-        system, d = self.fit_result.system, self.design
-        rows = []
+        n_jobs = None if n_jobs is None else checks.check_count(n_jobs, "n_jobs (None for all cores)")
+        sims = self.simulate(nsim, seed).to_numpy()
         with fit_threads():
-            for column in sims:
-                replicate = LaplaceSystem(
-                    d.X, sims[column].to_numpy(), system.Z, system.relcov, self.family, system.prior_weights, d.offset
-                )
-                fit = fit_glmm(replicate, nAGQ=self.nAGQ)
-                rows.append(np.r_[sdcor_of(system.relcov, fit.theta, 1.0)[:-1], fit.beta])
-        return pd.DataFrame(rows, columns=self.sdcor_names + list(d.fe_names))
+            draws = glmm_bootstrap(self.fit_result.system, sims, self.nAGQ, n_jobs)
+        return pd.DataFrame(draws, columns=self.sdcor_names + list(self.design.fe_names))
 
-    def confint(self, method: str = "wald", level: float = 0.95, nsim: int = 500, seed=None) -> pd.DataFrame:
+    def confint(
+        self, method: str = "wald", level: float = 0.95, nsim: int = 500, seed=None, n_jobs=None
+    ) -> pd.DataFrame:
         """Wald intervals for the fixed effects (lme4's method = "Wald"; NaN for the random effects' sd/cor);
         "profile": profile-likelihood intervals for every parameter (theta's entries are the sd's and, for a
         correlated term, the template's other entries); "boot": percentile intervals from `nsim` parametric
@@ -412,7 +410,7 @@ class GlmerResults(ModelAccessors, PicklableResults):
                 ends = [profile_interval(self.fit_result, i, z) for i in range(len(self.theta) + len(self.fe_params))]
             return pd.DataFrame(ends, index=self.sdcor_names + list(self.fe_params.index), columns=["lower", "upper"])
         if method == "boot":
-            draws = self.bootstrap(nsim=nsim, seed=seed)
+            draws = self.bootstrap(nsim=nsim, seed=seed, n_jobs=n_jobs)
             q = [(1 - level) / 2, (1 + level) / 2]
             bounds = np.nanquantile(draws.to_numpy(), q, axis=0).T
             return pd.DataFrame(bounds, index=draws.columns, columns=["lower", "upper"])
