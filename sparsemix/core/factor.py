@@ -143,13 +143,7 @@ class DenseFactor:
 
     def _right_rest(self, M, rest):
         """M times blockdiag(Lambda_2, I) on the right (M: rows x N2)."""
-        out = np.array(M, dtype=float, order="C")
-        for T, k, cols in zip(rest, self.rest_ks, self.rest_slices):
-            if k == 1:
-                out[:, cols] *= T[0, 0]
-            else:
-                out[:, cols] = (out[:, cols].reshape(-1, k) @ T).reshape(out.shape[0], cols.stop - cols.start)
-        return out
+        return right_multiply_rest(M, rest, self.rest_ks, self.rest_slices)
 
     def refactor(self, A, factors):
         q2, N2 = self.q2, self.q2 + self.p + 1
@@ -219,6 +213,19 @@ class DenseFactor:
 
     def solve(self, B):
         return self.half_solve_t(self.half_solve(B))
+
+
+def right_multiply_rest(M: np.ndarray, templates, ks, slices) -> np.ndarray:
+    """M (..., columns) times blockdiag(Lambda_2, I) on the right: the terms after the first, their templates
+    `templates` (k x k each), `ks` columns per level and column `slices` (relative to M's last axis)."""
+    out = np.array(M, dtype=float, order="C")
+    for T, k, cols in zip(templates, ks, slices):
+        if k == 1:
+            out[..., cols] *= T[0, 0]
+        else:
+            shape = out[..., cols].shape
+            out[..., cols] = (out[..., cols].reshape(shape[:-1] + (-1, k)) @ T).reshape(shape)
+    return out
 
 
 def _triangular(L: np.ndarray, B: np.ndarray, trans: int) -> np.ndarray:

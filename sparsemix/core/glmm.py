@@ -25,7 +25,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 
 from ..errors import InputError
-from .factor import CholmodFactor
+from .factor import CholmodFactor, _batched_lower_solve, right_multiply_rest
 from .families import Family
 from .relcov import RelativeCovariance
 from .threads import dense_threads
@@ -80,63 +80,33 @@ class BlockFactor:
         self.q1 = q1 = n1 * first.k
         self.q = relcov.q
         self.q2 = q2 = relcov.q - q1
-        self.relcov = relcov
         Zr = sp.csr_matrix(Z)
         Z1, ZR = Zr[:, :q1].tocoo(), Zr[:, q1:].tocsr()
         self.n_rows = Z.shape[0]
-        # the first term: each stored entry's level and column a within the level; slots[row, s] = the row's s-th
-        # entry (-1 past its last), for pairs of entries within a row
+        # each stored entry's level and column a within it (the first term), and, per row, the pairs of entries
+        # that meet in it: the cross-products' terms
         e_level, e_a = np.divmod(Z1.col.astype(np.int64), self.k1)
         e_val = Z1.data
-        slots = _row_slots(Z1.row, self.n_rows)
-        rows, idx, val = [], [], []
-        for s1 in range(slots.shape[1]):
-            for s2 in range(slots.shape[1]):
-                ok = (slots[:, s1] >= 0) & (slots[:, s2] >= 0)
-                e1, e2 = slots[ok, s1], slots[ok, s2]
-                rows.append(np.flatnonzero(ok))
-                idx.append((e_level[e1] * self.k1 + e_a[e1]) * self.k1 + e_a[e2])
-                val.append(e_val[e1] * e_val[e2])
-        self._g11 = (np.concatenate(rows), np.concatenate(idx), np.concatenate(val)) if rows else None
-        # G1R: a first-term entry against each rest entry of its row
         R = ZR.tocoo()
-        rows, idx, val = [], [], []
-        for s1 in range(slots.shape[1]):
-            ok = slots[R.row, s1] >= 0
-            e1 = slots[R.row[ok], s1]
-            rows.append(R.row[ok])
-            idx.append((e_level[e1] * self.k1 + e_a[e1]) * q2 + R.col[ok])
-            val.append(e_val[e1] * R.data[ok])
-        self._g1r = (np.concatenate(rows), np.concatenate(idx), np.concatenate(val)) if rows else None
+        slots, slots_r = _row_slots(Z1.row, self.n_rows), _row_slots(R.row, self.n_rows)
+        rows, e1, e2 = _row_pairs(slots, slots)
+        self._g11 = (rows, (e_level[e1] * self.k1 + e_a[e1]) * self.k1 + e_a[e2], e_val[e1] * e_val[e2])
+        rows, e1, e2 = _row_pairs(slots, slots_r)  # a first-term entry against each rest entry of its row
+        self._g1r = (rows, (e_level[e1] * self.k1 + e_a[e1]) * q2 + R.col[e2], e_val[e1] * R.data[e2])
+        rows, e1, e2 = _row_pairs(slots_r, slots_r)
+        self._grr = (rows, R.col[e1] * q2 + R.col[e2], R.data[e1] * R.data[e2])
         # a large first-term-by-rest block with one column per level is mostly empty (a subject sees few items):
         # held sparse, its pattern the pairs that occur, so that W'W costs the pairs, not n1 q2 q2
-        self._sparse = (
-            self.k1 == 1
-            and all(t.k == 1 for _, t in relcov.blocks[1:])
-            and q1 * q2 >= SPARSE_BLOCK_FROM
-            and self._g1r is not None
-        )
+        self._sparse = self.k1 == 1 and all(t.k == 1 for _, t in relcov.blocks[1:]) and q1 * q2 >= SPARSE_BLOCK_FROM
         if self._sparse:
-            assert self._g1r is not None
             rows_, idx_, val_ = self._g1r
             pairs, slot = np.unique(idx_, return_inverse=True)
             self._g1r = (rows_, slot, val_)
+            # csr_matrix's (data, (row, col)) orders the stored entries by row, then column: as np.unique's
             self._pattern1r = sp.csr_matrix((np.ones(pairs.size), (pairs // q2, pairs % q2)), shape=(n1, q2))
             self._pattern1r.sort_indices()
             self._pair_rows = np.repeat(np.arange(n1), np.diff(self._pattern1r.indptr))
-            # csr_matrix's (data, (row, col)) orders the stored entries by row, then column: as np.unique's
             self._n_pairs = pairs.size
-        # GRR: pairs of rest entries in one row
-        slots_r = _row_slots(R.row, self.n_rows)
-        rows, idx, val = [], [], []
-        for s1 in range(slots_r.shape[1]):
-            for s2 in range(slots_r.shape[1]):
-                ok = (slots_r[:, s1] >= 0) & (slots_r[:, s2] >= 0)
-                e1, e2 = slots_r[ok, s1], slots_r[ok, s2]
-                rows.append(np.flatnonzero(ok))
-                idx.append(R.col[e1] * q2 + R.col[e2])
-                val.append(R.data[e1] * R.data[e2])
-        self._grr = (np.concatenate(rows), np.concatenate(idx), np.concatenate(val)) if rows else None
         rest = list(relcov.blocks[1:])
         self._rest_slices = [slice(int(sl.start) - q1, int(sl.stop) - q1) for sl in relcov.column_slices[1:]]
         self._rest_ks = [t.k for _, t in rest]
@@ -158,20 +128,11 @@ class BlockFactor:
 
     @staticmethod
     def _sum(parts, w, size):
-        if parts is None:
-            return np.zeros(size)
         rows, idx, val = parts
         return np.bincount(idx, weights=w[rows] * val, minlength=size)
 
     def _right_rest(self, M: np.ndarray, rest) -> np.ndarray:
-        out = np.array(M, dtype=float)
-        for T, k, cols in zip(rest, self._rest_ks, self._rest_slices):
-            if k == 1:
-                out[..., cols] *= T[0, 0]
-            else:
-                shape = out[..., cols].shape
-                out[..., cols] = (out[..., cols].reshape(shape[:-1] + (-1, k)) @ T).reshape(shape)
-        return out
+        return right_multiply_rest(M, rest, self._rest_ks, self._rest_slices)
 
     def refactor(self, w: np.ndarray, factors) -> "BlockFactor":
         if self._sparse:
@@ -185,7 +146,7 @@ class BlockFactor:
         M11[:, np.arange(k1), np.arange(k1)] += 1.0
         self.L11 = np.linalg.cholesky(M11)
         B = self._right_rest(np.matmul(T1.T, G1R), rest)  # (Lambda_1' G1R Lambda_2), per level
-        self.W = _solve_levels(self.L11, B).reshape(n1 * k1, q2)
+        self.W = _batched_lower_solve(self.L11, B).reshape(n1 * k1, q2)
         S = self._right_rest(self._right_rest(GRR, rest).T, rest) - self.W.T @ self.W
         S[np.arange(q2), np.arange(q2)] += 1.0
         with dense_threads(q2):  # the BLAS threads the fit set aside, for a big Schur complement
@@ -221,7 +182,7 @@ class BlockFactor:
         """L^{-1} B, L = [[L11, 0], [W', LS]]."""
         B = np.asarray(B, dtype=float)
         B2 = B.reshape(self.q, -1)
-        y1 = _solve_levels(self.L11, B2[: self.q1].reshape(self.n1, self.k1, -1)).reshape(self.q1, -1)
+        y1 = _batched_lower_solve(self.L11, B2[: self.q1].reshape(self.n1, self.k1, -1)).reshape(self.q1, -1)
         y2 = (
             la.solve_triangular(self.LS, B2[self.q1 :] - np.asarray(self.W.T @ y1), lower=True)
             if self.q2
@@ -234,8 +195,21 @@ class BlockFactor:
         Y = self.half_solve(B).reshape(self.q, -1)
         x2 = la.solve_triangular(self.LS, Y[self.q1 :], lower=True, trans="T") if self.q2 else Y[self.q1 :]
         r1 = (Y[: self.q1] - np.asarray(self.W @ x2)).reshape(self.n1, self.k1, -1)
-        x1 = _solve_levels(self.L11, r1, transpose=True).reshape(self.q1, -1)
+        x1 = _batched_lower_solve(self.L11, r1, transpose=True).reshape(self.q1, -1)
         return np.concatenate([x1, x2]).reshape(B.shape)
+
+
+def _row_pairs(slots_a: np.ndarray, slots_b: np.ndarray):
+    """(row, entry a, entry b) for every pair of an entry of slots_a and one of slots_b in the same row
+    (_row_slots' layout)."""
+    rows, first, second = [], [], []
+    for s1 in range(slots_a.shape[1]):
+        for s2 in range(slots_b.shape[1]):
+            ok = (slots_a[:, s1] >= 0) & (slots_b[:, s2] >= 0)
+            rows.append(np.flatnonzero(ok))
+            first.append(slots_a[ok, s1])
+            second.append(slots_b[ok, s2])
+    return np.concatenate(rows), np.concatenate(first), np.concatenate(second)
 
 
 def _row_slots(rows: np.ndarray, n_rows: int) -> np.ndarray:
@@ -245,13 +219,6 @@ def _row_slots(rows: np.ndarray, n_rows: int) -> np.ndarray:
     slots = np.full((n_rows, max(int(counts.max(initial=0)), 1)), -1, dtype=np.int64)
     slots[rows, np.arange(rows.size) - starts[rows]] = np.arange(rows.size)
     return slots
-
-
-def _solve_levels(L: np.ndarray, B: np.ndarray, transpose: bool = False) -> np.ndarray:
-    """L_l^{-1} B_l (L_l^{-T} B_l) for the first term's levels: L (n1, k1, k1), B (n1, k1, m)."""
-    if L.shape[1] == 1:
-        return B / L
-    return np.linalg.solve(np.transpose(L, (0, 2, 1)) if transpose else L, B)
 
 
 class LaplaceSystem:
@@ -442,14 +409,23 @@ class LaplaceSystem:
     def objective(self, theta: np.ndarray, beta: np.ndarray, nAGQ: int = 1) -> float:
         """The Laplace objective (nAGQ = 1) or the adaptive Gauss-Hermite one (nAGQ > 1, one scalar term) at
         (theta, beta): inf where PIRLS did not reach a finite mode."""
+        r = self.mode_or_none(theta, beta)
+        if r is None:
+            return np.inf
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            value = r.objective if nAGQ <= 1 else self._quadrature(theta, beta, r, nAGQ)
+        return value if np.isfinite(value) else np.inf
+
+    def mode_or_none(self, theta: np.ndarray, beta: np.ndarray, joint: bool = False) -> PirlsResult | None:
+        """pirls, for an optimizer's objective: None where its objective is not finite, or where it fails (a
+        factor not positive definite: theta far out; the next call then starts from u = 0)."""
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             try:
-                r = self.pirls(theta, beta)
-                value = r.objective if nAGQ <= 1 else self._quadrature(theta, beta, r, nAGQ)
+                r = self.pirls(theta, beta, joint=joint)
             except (np.linalg.LinAlgError, ValueError):
                 self._u = np.zeros(self.q)
-                return np.inf
-        return value if np.isfinite(value) else np.inf
+                return None
+        return r if np.isfinite(r.objective) else None
 
     @property
     def quadrature_log_likelihood_shift(self) -> float:
@@ -476,7 +452,6 @@ class LaplaceSystem:
         M = 1.0 + lam**2 * np.bincount(level, weights=w * z**2, minlength=self.q)
         scale = 1.0 / np.sqrt(M)
         fixed = self.offset + self.X @ beta
-        successes, failures = self._kernel_terms
         g = np.empty((nAGQ, self.q))
         for k, node in enumerate(nodes):
             u = mode.u + scale * node
@@ -514,12 +489,13 @@ class _SparseZLambda:
 
     def __init__(self, system: LaplaceSystem, ZL: sp.csc_matrix):
         self.system, self.ZL = system, ZL
+        self.ZLt = ZL.T  # once per theta, as the block path's Z' (a view: it sees the values z_lambda writes)
 
     def __matmul__(self, u):
         return self.ZL @ u
 
     def t(self, v):
-        return np.asarray(self.ZL.T @ v)
+        return np.asarray(self.ZLt @ v)
 
     def factor(self, w):
         return self.system._refactor(self.ZL, w)

@@ -73,15 +73,11 @@ def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> Glm
     beta_now = [system.start_beta()]
 
     def joint_objective(theta):
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            try:
-                r = system.pirls(theta, beta_now[0], joint=True)
-            except (np.linalg.LinAlgError, ValueError):
-                return np.inf
-        if np.isfinite(r.objective):
-            beta_now[0] = r.beta
-            return r.objective
-        return np.inf
+        r = system.mode_or_none(theta, beta_now[0], joint=True)
+        if r is None:
+            return np.inf
+        beta_now[0] = r.beta
+        return r.objective
 
     # for nAGQ = 1 the nAGQ = 0 fit is only the Newton steps' start: to STAGE0_FTOL (VerbAgg: 24 evaluations
     # instead of 41, and the same Newton steps after)
