@@ -1,7 +1,8 @@
 """Fitting a generalized linear mixed model: the Laplace objective (core/glmm.py) minimised as lme4's glmer does.
 
 nAGQ = 0: theta only, beta inside PIRLS (MixedModels.jl's fast=true). nAGQ = 1 (the default): from there, theta
-and beta together with PIRLS over u only, then Newton steps from finite differences (optimize.newton_polish).
+and beta together with PIRLS over u only, by Newton steps from finite differences (fit/many.py's minimize_one;
+BOBYQA where they do not settle).
 The covariance of beta is lme4's default for glmer: the inverse of half the finite-difference Hessian of the
 objective in (theta, beta), its beta block.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from scipy import optimize
 
 from ..core.glmm import LaplaceSystem, PirlsResult
-from .many import minimize_one
+from .many import difference_hessian, minimize_one
 from .optimize import OptimizationResult, minimize_deviance
 
 __all__ = ["GlmmFit", "fit_glmm"]
@@ -39,6 +40,7 @@ class GlmmFit:
     optimization: OptimizationResult
     nAGQ: int
     objective: float = np.nan  # the minimised objective: Laplace (nAGQ <= 1) or quadrature's -2 log L
+    cov_params: np.ndarray | None = None  # (theta, beta)'s 2 H^{-1}, where the fit computed H (nAGQ >= 1)
 
     @property
     def deviance(self) -> float:
@@ -60,6 +62,14 @@ class GlmmFit:
         """The random effects' conditional modes, Lambda u, in Z's column order."""
         relcov = self.system.relcov
         return relcov.apply(relcov.factors(self.theta), self.mode.u)
+
+    def params_covariance(self) -> np.ndarray:
+        """2 H^{-1} of (theta, beta), H the objective's difference Hessian: the fit's, or computed once here."""
+        if self.cov_params is None:
+            x, m = np.concatenate([self.theta, self.beta]), self.theta.shape[0]
+            f = lambda y: self.system.objective(y[:m], y[m:], self.nAGQ)  # noqa: E731
+            self.cov_params = _inverse_half(_hessian(f, x))
+        return self.cov_params
 
     def conditional_covariance(self, columns: np.ndarray) -> np.ndarray:
         """Var(b | y) on `columns` of b (the Laplace approximation at the mode)."""
@@ -128,53 +138,30 @@ def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> Glm
             time.perf_counter() - t0,
             opt.log,
         )
-    if nAGQ == 0:
-        cov_beta = system.fixed_covariance(theta, beta)
-    elif hessian is not None and np.all(np.isfinite(hessian)):
-        # the last Newton step's difference Hessian (1e-5 of theta and beta away at most: steps as _hessian's)
-        cov_beta = _covariance_from(hessian, relcov.n_theta)
-    else:
-        cov_beta = _beta_covariance(system, theta, beta, nAGQ)
     value = system.objective(theta, beta, nAGQ) if nAGQ >= 1 else mode.objective
+    fit = GlmmFit(system, theta, beta, mode, np.empty((0, 0)), opt, nAGQ, value)
+    if nAGQ == 0:
+        fit.cov_beta = system.fixed_covariance(theta, beta)
+    else:
+        if hessian is not None and np.all(np.isfinite(hessian)):
+            # the last Newton step's difference Hessian (1e-5 of theta and beta away at most: steps as _hessian's)
+            fit.cov_params = _inverse_half(hessian)
+        fit.cov_beta = fit.params_covariance()[relcov.n_theta :, relcov.n_theta :]
     system.pirls(theta, beta, joint=nAGQ == 0)  # leave the system at the fit's mode
-    return GlmmFit(system, theta, beta, mode, cov_beta, opt, nAGQ, value)
+    return fit
 
 
-def _beta_covariance(system: LaplaceSystem, theta, beta, nAGQ: int = 1) -> np.ndarray:
-    """2 H^{-1}'s beta block, H the difference Hessian of the objective in (theta, beta)."""
-    x = np.concatenate([theta, beta])
-    m = theta.shape[0]
-    f = lambda y: system.objective(y[:m], y[m:], nAGQ)  # noqa: E731
-    return _covariance_from(_hessian(f, x), m)
-
-
-def _covariance_from(H: np.ndarray, m: int) -> np.ndarray:
-    """2 H^{-1}'s beta block (the entries after theta's m)."""
+def _inverse_half(H: np.ndarray) -> np.ndarray:
+    """2 H^{-1} (NaN where H is singular)."""
     try:
-        return 2.0 * np.linalg.inv(H)[m:, m:]
+        return 2.0 * np.linalg.inv(H)
     except np.linalg.LinAlgError:
-        n = H.shape[0] - m
-        return np.full((n, n), np.nan)
+        return np.full(H.shape, np.nan)
 
 
 def _hessian(f, x: np.ndarray) -> np.ndarray:
-    """The Hessian of f at x by finite differences (steps HESSIAN_STEP relative): central on the diagonal."""
-    h = HESSIAN_STEP * np.maximum(np.abs(x), 1.0)
-    n = x.shape[0]
-    f0 = f(x)
-    H = np.empty((n, n))
-    plus, minus = np.empty(n), np.empty(n)
-    for i in range(n):
-        e = np.zeros(n)
-        e[i] = h[i]
-        plus[i], minus[i] = f(x + e), f(x - e)
-        H[i, i] = (plus[i] - 2 * f0 + minus[i]) / h[i] ** 2
-    for i in range(n):  # off the diagonal forward differences (one evaluation each, not four): error O(h)
-        for j in range(i):
-            e = np.zeros(n)
-            e[i], e[j] = h[i], h[j]
-            H[i, j] = H[j, i] = (f(x + e) - plus[i] - plus[j] + f0) / (h[i] * h[j])
-    return H
+    """The Hessian of f at x by finite differences (steps HESSIAN_STEP relative, as the Newton steps')."""
+    return difference_hessian(f, x, HESSIAN_STEP * np.maximum(np.abs(x), 1.0))
 
 
 # A profile's trace steps out from the estimate by this share of the parameter's standard error (the difference
@@ -193,8 +180,7 @@ def profile_interval(fit: GlmmFit, index: int, z: float) -> tuple[float, float]:
     lower = np.concatenate([system.relcov.lower_bounds, np.full(fit.beta.shape[0], -np.inf)])
     others = np.flatnonzero(np.arange(x_hat.size) != index)
     best = fit.objective
-    hessian_inverse = np.linalg.inv(_hessian(lambda x: system.objective(x[:m], x[m:], fit.nAGQ), x_hat) / 2)
-    se = float(np.sqrt(max(hessian_inverse[index, index], 1e-12)))
+    se = float(np.sqrt(max(fit.params_covariance()[index, index], 1e-12)))
     start = {"x": x_hat.copy()}
 
     def zeta(v: float) -> float:

@@ -34,6 +34,7 @@ from .optimize import (
 )
 
 __all__ = [
+    "difference_hessian",
     "minimize_one",
     "minimize_many",
     "ManyMinimum",
@@ -104,6 +105,14 @@ def _gradient_hessian(f0, values, h):
             H[:, i, j] = H[:, j, i] = (values[:, a] - plus[:, i] - plus[:, j] + f0) / (h[:, i] * h[:, j])
             a += 1
     return g, H
+
+
+def difference_hessian(f, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """The Hessian of one function f at x by minimize_many's differences (steps h: central on the diagonal,
+    forward off it)."""
+    points = _difference_points(x[None], h[None])[0]
+    values = np.array([f(point) for point in points])[None]
+    return _gradient_hessian(np.array([f(x)]), values, h[None])[1][0]
 
 
 def minimize_many(
