@@ -19,7 +19,7 @@ from ..core.relcov import RelativeCovariance
 from ..core.threads import fit_threads
 from ..errors import ConvergenceWarning, FormulaError, InputError
 from ..fit.glmm_fit import GlmmFit, fit_glmm, profile_interval
-from ..formula.design_rules import theta_names
+from ..fit.optimize import singular_entries
 from ..formula.pickling import PicklableResults
 from ..formula.safety import check_formula, formula_environment
 from ..inference.bootstrap import glmm_bootstrap
@@ -283,10 +283,6 @@ class GlmerResults(ModelAccessors, PicklableResults):
         extra = 1 if isinstance(self.family, NegativeBinomial) else 0
         return len(self.design.fe_names) + self.fit_result.system.relcov.n_theta + extra
 
-    @property
-    def bse_fe(self) -> pd.Series:
-        return pd.Series(np.sqrt(np.diag(self.fit_result.cov_beta)), index=list(self.design.fe_names))
-
     def fixed_effects(self) -> pd.DataFrame:
         """Estimate, standard error, z and its two-sided p (lme4's glmer summary)."""
         est, se = self.fe_params, self.bse_fe
@@ -298,10 +294,6 @@ class GlmerResults(ModelAccessors, PicklableResults):
         return self.fit_result.theta
 
     @property
-    def theta_names(self) -> list[str]:
-        return theta_names(self.design.term_info, self.design.terms)
-
-    @property
     def sdcor(self) -> pd.Series:
         """Standard deviations and correlations of the random effects (the scale is 1: no sigma)."""
         values = sdcor_of(self.fit_result.system.relcov, self.theta, 1.0)[:-1]
@@ -309,8 +301,8 @@ class GlmerResults(ModelAccessors, PicklableResults):
 
     @property
     def is_singular(self) -> bool:
-        relcov = self.fit_result.system.relcov
-        return bool(np.any(relcov.on_diagonal & (np.abs(self.theta) < 1e-4)))
+        """lme4's isSingular: a diagonal template entry below its tolerance (as an lmer fit's)."""
+        return singular_entries(self.theta, self.fit_result.system.relcov.on_diagonal).size > 0
 
     @property
     def fitted(self) -> pd.Series:
@@ -410,17 +402,10 @@ class GlmerResults(ModelAccessors, PicklableResults):
                 ends = [profile_interval(self.fit_result, i, z) for i in range(len(self.theta) + len(self.fe_params))]
             return pd.DataFrame(ends, index=self.sdcor_names + list(self.fe_params.index), columns=["lower", "upper"])
         if method == "boot":
-            draws = self.bootstrap(nsim=nsim, seed=seed, n_jobs=n_jobs)
-            q = [(1 - level) / 2, (1 + level) / 2]
-            bounds = np.nanquantile(draws.to_numpy(), q, axis=0).T
-            return pd.DataFrame(bounds, index=draws.columns, columns=["lower", "upper"])
+            return self._percentile_intervals(self.bootstrap(nsim=nsim, seed=seed, n_jobs=n_jobs), level)
         if method != "wald":
             raise InputError(f"method={method!r}: glmer's intervals are 'wald', 'profile' or 'boot'.")
-        z = stats.norm.ppf(0.5 + level / 2)
-        est, se = self.fe_params, self.bse_fe
-        names = self.sdcor_names + list(est.index)
-        nan = np.full(len(self.sdcor_names), np.nan)
-        return pd.DataFrame({"lower": np.r_[nan, est - z * se], "upper": np.r_[nan, est + z * se]}, index=names)
+        return self._wald_intervals(level)
 
     def summary(self):
         from .summary import GlmerSummary

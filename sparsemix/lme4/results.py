@@ -111,6 +111,32 @@ class ModelAccessors:
     def fe_params(self) -> pd.Series:
         return pd.Series(self.fit_result.beta, index=list(self.design.fe_names))
 
+    @property
+    def bse_fe(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self.fit_result.cov_beta)), index=list(self.design.fe_names))
+
+    @cached_property
+    def theta_names(self) -> list[str]:
+        """lme4's names of theta: factor.column, factor.column_i.column_j (by factor, as getME(m, "theta"))."""
+        return theta_names(self.design.term_info, self.design.terms)
+
+    def _wald_intervals(self, level: float) -> pd.DataFrame:
+        """lme4's confint(method = "Wald"): the fixed effects +- z SE, NaN for the sd/cor parameters."""
+        z = stats.norm.ppf(0.5 + level / 2)
+        nan = np.full(len(self.sdcor_names), np.nan)
+        beta, se = self.fit_result.beta, self.bse_fe.to_numpy()
+        return pd.DataFrame(
+            {"lower": np.r_[nan, beta - z * se], "upper": np.r_[nan, beta + z * se]},
+            index=self.sdcor_names + list(self.design.fe_names),
+        )
+
+    @staticmethod
+    def _percentile_intervals(draws: pd.DataFrame, level: float) -> pd.DataFrame:
+        """Bootstrap percentile intervals, one row per column of `draws`."""
+        q = [(1 - level) / 2, (1 + level) / 2]
+        bounds = np.nanquantile(draws.to_numpy(), q, axis=0).T
+        return pd.DataFrame(bounds, index=draws.columns, columns=["lower", "upper"])
+
     residual_names: tuple[str, ...] = ("sigma",)  # the scale's name after the random effects' (none for a GLMM)
 
     @property
@@ -227,10 +253,6 @@ class LmerResults(ModelAccessors, PicklableResults):
         return pd.DataFrame(self.fit_result.cov_beta, index=names, columns=names)
 
     @property
-    def bse_fe(self) -> pd.Series:
-        return pd.Series(np.sqrt(np.diag(self.fit_result.cov_beta)), index=list(self.design.fe_names))
-
-    @property
     def scale(self) -> float:
         return float(self.fit_result.sigma2)
 
@@ -243,11 +265,6 @@ class LmerResults(ModelAccessors, PicklableResults):
         """lme4's theta: each term's relative Cholesky factor, lower triangle column by column, terms ordered
         by decreasing number of levels."""
         return self.fit_result.theta.copy()
-
-    @cached_property
-    def theta_names(self) -> list[str]:
-        """lme4's names of theta: factor.column, factor.column_i.column_j (by factor, as getME(m, "theta"))."""
-        return theta_names(self.design.term_info, self.design.terms)
 
     @property
     def fit_log(self):
@@ -376,17 +393,11 @@ class LmerResults(ModelAccessors, PicklableResults):
         level = checks.check_level(level)
         names = self.sdcor_names + list(self.design.fe_names)
         if method == "wald":
-            z = stats.norm.ppf(0.5 + level / 2)
-            se = np.sqrt(np.diag(self.fit_result.cov_beta))
-            lower = np.r_[np.full(len(self.sdcor_names), np.nan), self.fit_result.beta - z * se]
-            upper = np.r_[np.full(len(self.sdcor_names), np.nan), self.fit_result.beta + z * se]
-            out = pd.DataFrame({"lower": lower, "upper": upper}, index=names)
+            out = self._wald_intervals(level)
         elif method == "profile":
             out = self.profile(which=which, level=level).intervals
         elif method == "boot":
-            draws = self.bootstrap(nsim=nsim, seed=seed, n_jobs=n_jobs)
-            q = [(1 - level) / 2, (1 + level) / 2]
-            out = pd.DataFrame(np.nanquantile(draws.to_numpy(), q, axis=0).T, index=names, columns=["lower", "upper"])
+            out = self._percentile_intervals(self.bootstrap(nsim=nsim, seed=seed, n_jobs=n_jobs), level)
         else:
             raise InputError(f"method={method!r}: use 'wald', 'profile' or 'boot'.")
         return out if which is None else out.loc[[n for n in names if n in set(which)]]
