@@ -98,7 +98,8 @@ class Family:
         raise NotImplementedError
 
     def loglik(self, y, mu, prior_weights) -> float:
-        raise NotImplementedError
+        """The conditional log-likelihood, R's -aic()/2 (its constant, then the kernel in mu)."""
+        return self.loglik_constant(y, prior_weights) + self.kernel(y, mu, prior_weights)
 
     def check_response(self, y, prior_weights) -> None:
         raise NotImplementedError
@@ -171,11 +172,9 @@ class Binomial(Family):
         """2 w (y log(y/mu) + (1-y) log((1-y)/(1-mu)))."""
         return 2 * prior_weights * (special.xlogy(y, y / mu) + special.xlogy(1 - y, (1 - y) / (1 - mu)))
 
-    def loglik(self, y, mu, prior_weights):
-        """sum of log dbinom(round(w y); round(w), mu), as R's binomial()$aic counts it."""
-        return self.loglik_constant(y, prior_weights) + self.kernel(y, mu, prior_weights)
-
     def loglik_constant(self, y, prior_weights):
+        """log choose(round(w), round(w y)) summed: loglik is then log dbinom(round(w y); round(w), mu), as R's
+        binomial()$aic counts it."""
         n, k = np.round(prior_weights), np.round(prior_weights * y)
         return float(np.sum(special.gammaln(n + 1) - special.gammaln(k + 1) - special.gammaln(n - k + 1)))
 
@@ -233,9 +232,6 @@ class Poisson(Family):
 
     def dev_resid(self, y, mu, prior_weights):
         return 2 * prior_weights * (special.xlogy(y, y / mu) - (y - mu))
-
-    def loglik(self, y, mu, prior_weights):
-        return self.loglik_constant(y, prior_weights) + self.kernel(y, mu, prior_weights)
 
     def loglik_constant(self, y, prior_weights):
         return float(-np.sum(prior_weights * special.gammaln(y + 1)))
@@ -307,9 +303,6 @@ class NegativeBinomial(Family):
     def dev_resid(self, y, mu, prior_weights):
         t = self.theta
         return 2 * prior_weights * (special.xlogy(y, y / mu) - (y + t) * np.log((y + t) / (mu + t)))
-
-    def loglik(self, y, mu, prior_weights):
-        return self.loglik_constant(y, prior_weights) + self.kernel(y, mu, prior_weights)
 
     def loglik_constant(self, y, prior_weights):
         t = self.theta
