@@ -5,10 +5,22 @@ from __future__ import annotations
 import numpy as np
 
 
-class LmerSummary:
+class _Summary:
+    """A results object's summary: its text on str() and repr()."""
+
     def __init__(self, results):
         self.results = results
 
+    def as_text(self) -> str:
+        raise NotImplementedError
+
+    def __str__(self):
+        return self.as_text()
+
+    __repr__ = __str__
+
+
+class LmerSummary(_Summary):
     def as_text(self) -> str:
         r = self.results
         d = r.design
@@ -21,17 +33,9 @@ class LmerSummary:
         if r.reml:
             lines.append(f"REML criterion at convergence: {_r_round1(r.deviance)}")
         else:
-            lines.append(f"{'AIC':>9} {'BIC':>9} {'logLik':>9} {'deviance':>9} {'df.resid':>9}")
-            lines.append(f"{r.aic:9.1f} {r.bic:9.1f} {r.llf:9.1f} {-2 * r.llf:9.1f} {r.nobs - r.npar:9d}")
-        q = r._scaled_residual_quantiles()
-        lines += [
-            "",
-            "Scaled residuals: ",
-            "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
-            "    ".join(f"{v:7.4f}" for v in q),
-            "",
-        ]
-        lines += _random_section(r, _random_table(r))
+            lines += _statistics_lines(r)
+        lines += _residual_lines(r._scaled_residual_quantiles())
+        lines += _random_section(r, _random_table(r, r.fit_result.covariances(), (r.scale, r.sigma)))
         if d.fe_names:
             lines += ["", "Fixed effects:"]
             fe = r.fixed_effects()
@@ -51,10 +55,22 @@ class LmerSummary:
             )
         return "\n".join(lines + _closing_lines(r)) + "\n"
 
-    def __str__(self):
-        return self.as_text()
 
-    __repr__ = __str__
+def _statistics_lines(r) -> list[str]:
+    return [
+        f"{'AIC':>9} {'BIC':>9} {'logLik':>9} {'deviance':>9} {'df.resid':>9}",
+        f"{r.aic:9.1f} {r.bic:9.1f} {r.llf:9.1f} {-2 * r.llf:9.1f} {r.nobs - r.npar:9d}",
+    ]
+
+
+def _residual_lines(quantiles) -> list[str]:
+    return [
+        "",
+        "Scaled residuals: ",
+        "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
+        "    ".join(f"{v:7.4f}" for v in quantiles),
+        "",
+    ]
 
 
 def _random_section(r, table: list[str]) -> list[str]:
@@ -73,16 +89,17 @@ def _closing_lines(r) -> list[str]:
     )
 
 
-def _random_table(r, covariances=None, residual=True) -> list[str]:
+def _random_table(r, covariances, residual) -> list[str]:
+    """lme4's random-effects table from each term's covariance; `residual`: (variance, sd) for the Residual row,
+    or None (a GLMM's scale is 1)."""
     rows = []
-    covariances = r.fit_result.covariances() if covariances is None else covariances
     for info, psi in zip(r.design.term_info, covariances):
         sd = np.sqrt(np.diag(psi))
         for i, col in enumerate(info.columns):
             corr = [psi[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else np.nan for j in range(i)]
             rows.append((info.grp if i == 0 else "", col, psi[i, i], sd[i], corr))
-    if residual:
-        rows.append(("Residual", "", r.scale, r.sigma, []))
+    if residual is not None:
+        rows.append(("Residual", "", residual[0], residual[1], []))
     gw = max(len("Groups"), *(len(x[0]) for x in rows))
     nw = max(len("Name"), *(len(x[1]) for x in rows))
     corr = "Corr" if any(x[4] for x in rows) else ""
@@ -103,11 +120,8 @@ def _p(p) -> str:
     return "<2e-16" if p < 2e-16 else f"{p:.3g}"
 
 
-class GlmerSummary:
+class GlmerSummary(_Summary):
     """lme4's summary layout for a glmer fit (GlmerResults)."""
-
-    def __init__(self, results):
-        self.results = results
 
     def as_text(self) -> str:
         r = self.results
@@ -120,15 +134,10 @@ class GlmerSummary:
             f" Family: {r.family.name}  ( {r.family.link.name} )",
             f"Formula: {d.formula}",
             "",
-            f"{'AIC':>9} {'BIC':>9} {'logLik':>9} {'deviance':>9} {'df.resid':>9}",
-            f"{r.aic:9.1f} {r.bic:9.1f} {r.llf:9.1f} {r.deviance:9.1f} {r.nobs - r.npar:9d}",
-            "",
-            "Scaled residuals: ",
-            "    ".join(f"{h:>7}" for h in ("Min", "1Q", "Median", "3Q", "Max")),
-            "    ".join(f"{v:7.4f}" for v in np.quantile(r.resid("pearson").to_numpy(), [0, 0.25, 0.5, 0.75, 1])),
-            "",
+            *_statistics_lines(r),
+            *_residual_lines(np.quantile(r.resid("pearson").to_numpy(), [0, 0.25, 0.5, 0.75, 1])),
         ]
-        lines += _random_section(r, _random_table(r, r.covariances(), residual=False))
+        lines += _random_section(r, _random_table(r, r.covariances(), None))
         if d.fe_names:
             lines += ["", "Fixed effects:"]
             fe = r.fixed_effects()
@@ -137,8 +146,3 @@ class GlmerSummary:
             for name, row in fe.iterrows():
                 lines.append(f"{name:<{name_w}} {row.estimate:10.4f} {row.std_error:10.4f} {row.z:8.3f} {_p(row.p):>9}")
         return "\n".join(lines + _closing_lines(r)) + "\n"
-
-    def __str__(self):
-        return self.as_text()
-
-    __repr__ = __str__
