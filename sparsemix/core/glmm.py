@@ -18,6 +18,7 @@ inside PIRLS too: the same steps on (u, beta), beta unpenalized.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,6 +253,18 @@ class LaplaceSystem:
         self._factor: CholmodFactor | None = None
         self._u = np.zeros(self.q)
         self.n_pirls = 0
+
+    def with_response(self, y: np.ndarray) -> "LaplaceSystem":
+        """The same model for another response (a bootstrap replicate): the design's index arrays, Z Lambda's
+        pattern and CHOLMOD's analysis are shared, only what depends on y is new."""
+        other = copy.copy(self)
+        other.y = np.asarray(y, dtype=float)
+        self.family.check_response(other.y, self.prior_weights)
+        other._loglik_constant = self.family.loglik_constant(other.y, self.prior_weights)
+        other._kernel_terms = self.family.kernel_terms(other.y, self.prior_weights)
+        other._u = np.zeros(self.q)
+        other.n_pirls = 0
+        return other
 
     def __getstate__(self):
         # CHOLMOD's factor cannot be pickled: it is analysed again on first use (its pattern is fixed)

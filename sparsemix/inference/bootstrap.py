@@ -144,14 +144,12 @@ def _init_glmm_worker(template, nAGQ, single_threaded=False):
 
 def _glmm_replicates(Y: np.ndarray) -> np.ndarray:
     """Each column of Y fitted as the template's GLMM (its design, family, weights and offset)."""
-    from ..core.glmm import LaplaceSystem
     from ..fit.glmm_fit import fit_glmm
 
     t = _WORKER["template"]
     out = []
     for y in Y.T:
-        system = LaplaceSystem(t.X, y, t.Z, t.relcov, t.family, t.prior_weights, t.offset)
-        fit = fit_glmm(system, nAGQ=_WORKER["nAGQ"])
+        fit = fit_glmm(t.with_response(y), nAGQ=_WORKER["nAGQ"])
         out.append(np.r_[sdcor_of(t.relcov, fit.theta, 1.0)[:-1], fit.beta])
     return np.array(out).reshape(len(out), -1)
 
