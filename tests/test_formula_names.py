@@ -395,7 +395,7 @@ def test_a_kept_numeric_design_is_only_reused_for_the_same_columns_and_dtypes():
 
     f = "Reaction ~ Days + np.log(Days + 1) + (Days | Subject)"
     a = _design(f, SLEEP)
-    keys = [k for k in mixedlm._NUMERIC_DESIGNS if k[1] == f.split(" + (")[0] or k[1] == "~ Days"]
+    keys = [k for k in mixedlm._KEPT_DESIGNS if k[1] == f.split(" + (")[0] or k[1] == "~ Days"]
     assert keys  # the fixed part's and the random term's designs are kept
     b = _design(f, SLEEP.assign(Days=SLEEP.Days * 3))  # same dtypes: the design reused, the values the data's
     np.testing.assert_array_equal(b.X[:, 1], SLEEP.Days * 3)
@@ -464,3 +464,45 @@ def test_a_kept_plain_column_design_is_built_as_patsy_builds_it(formula):
     # a missing value goes to patsy, which finds it
     with pytest.raises(FormulaError, match="missing values"):
         fixed_arrays(formula.replace("Reaction", "w"), data.assign(w=np.r_[np.nan, data.w.to_numpy()[1:]]), env)
+
+
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "angle ~ recipe * temperature",
+        "angle ~ 0 + recipe + temperature:x",
+        "angle ~ x * recipe + hot + recipe:hot",
+        "angle ~ recipe:temperature",
+    ],
+)
+def test_a_kept_design_with_factors_is_built_as_patsy_builds_it(formula):
+    """Designs whose factors are bare columns that carry their levels (Categoricals, booleans) are kept as well and
+    built from the factors' codes and patsy's contrast matrices: the same matrices and names as patsy gives, a
+    Categorical with other categories (or another order) gets its own design, and a missing level goes to patsy."""
+    import patsy
+
+    from sparsemix.formula.mixedlm import fixed_arrays
+    from sparsemix.formula.safety import safe_environment
+
+    rng = np.random.default_rng(5)
+    n = 60
+    data = pd.DataFrame(
+        {
+            "angle": rng.normal(size=n),
+            "recipe": pd.Categorical(rng.choice(["C", "A", "B"], n), categories=["A", "B", "C"]),
+            "temperature": pd.Categorical(rng.choice(["175", "185", "195", "205"], n)),
+            "x": rng.normal(size=n),
+            "hot": rng.random(n) > 0.5,
+        }
+    )
+    env = safe_environment()
+    for frame in (data, data.assign(recipe=data.recipe.cat.reorder_categories(["C", "A", "B"]))):
+        fixed_arrays(formula, frame, env)  # kept
+        y, X, names, info = fixed_arrays(formula, frame, env)
+        py, pX = patsy.dmatrices(formula, frame, return_type="matrix")
+        np.testing.assert_array_equal(X, np.asarray(pX))
+        np.testing.assert_array_equal(y, np.asarray(py)[:, 0])
+        assert names == pX.design_info.column_names
+    missing = data.assign(recipe=data.recipe.astype(object).where(np.arange(n) > 0).astype("category"))
+    with pytest.raises(FormulaError, match="missing values"):
+        fixed_arrays(formula, missing, env)
