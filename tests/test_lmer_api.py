@@ -230,16 +230,21 @@ def test_optimizer_names_are_shared_with_mixedlm_and_checked(fm1):
 
 
 def test_text_columns_of_the_fixed_part_reach_patsy_as_categoricals():
-    """Object and pandas' str dtype (the default for text from pandas 3 on) alike: patsy then reads codes."""
-    from sparsemix.lme4.design import _strings_as_categories
+    """Object and pandas' str dtype (the default for text from pandas 3 on) alike: patsy then reads codes, from the
+    frame (where a caller's function reads it) or from the columns patsy is given otherwise."""
+    from sparsemix.formula.mixedlm import _Columns, strings_as_categories
 
     data = SLEEP.assign(half=np.where(SLEEP.Days < 5, "early", "late"))
     as_str = data.assign(half=data.half.astype("str"))
     as_object = data.assign(half=data.half.astype(object))
     for frame in (as_str, as_object):
-        converted = _strings_as_categories(frame, "Reaction ~ half")
-        assert isinstance(converted.half.dtype, pd.CategoricalDtype)
-        assert list(converted.half.cat.categories) == ["early", "late"]
+        for column in (strings_as_categories(frame, "Reaction ~ half").half, _Columns(frame)["half"]):
+            assert isinstance(column.dtype, pd.CategoricalDtype)
+            assert list(column.categories if hasattr(column, "categories") else column.cat.categories) == [
+                "early",
+                "late",
+            ]
+            np.testing.assert_array_equal(np.asarray(column), frame.half.to_numpy(dtype=object))
     fits = [sm.lmer("Reaction ~ half + (1 | Subject)", frame) for frame in (as_str, as_object)]
     assert list(fits[0].fe_params.index) == ["(Intercept)", "half[T.late]"]
     np.testing.assert_array_equal(fits[0].fe_params, fits[1].fe_params)
