@@ -155,3 +155,35 @@ def test_random_slopes_in_the_schur_form_are_fitted_with_the_gradient_to_bobyqas
     assert by_gradient.deviance <= by_bobyqa.deviance + 1e-9 * abs(by_bobyqa.deviance)
     np.testing.assert_allclose(by_gradient.theta, by_bobyqa.theta, rtol=1e-5, atol=1e-7)
     assert by_gradient.n_evaluations < by_bobyqa.n_evaluations
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize(
+    "name, formula, weights",
+    [
+        ("sleepstudy", "Reaction ~ Days + (Days | Subject)", "w"),
+        ("exam", "normexam ~ standLRT + sex + (standLRT + sex | school)", None),
+        ("synthetic", "y ~ 0 + (x + z | g)", None),  # no fixed effects
+        ("synthetic", "y ~ x + (x + z + w | g)", None),  # 4 x 4
+    ],
+)
+def test_the_compiled_growth_curve_evaluation_is_numpys(name, formula, weights, reml):
+    """One k x k term eliminated level by level (k > 1) is evaluated in one compiled pass (core/kernels.py): its
+    deviance and gradient equal the numpy path's (the factor's refactorization and single_term) to rounding."""
+    system = _dense_system(name, formula, weights)
+    factor = system._factor
+    if factor.q2:  # sleepstudy's is small enough to be held whole: eliminate its term as a larger design would
+        system = PenalizedSystem(system.cross, system.relcov, factorization="dense")
+        factor = system._factor
+    rng = np.random.default_rng(3)
+    start = system.relcov.working_theta(system.relcov.start())
+    for _ in range(3):
+        theta = start + 0.3 * rng.standard_normal(start.size)
+        theta = np.where(system.relcov.lower_bounds == 0, np.abs(theta), theta)
+        deviance, gradient = system.working_deviance_gradient(theta, reml)
+        factors = system.relcov.factors(theta)
+        expected = system.profiled_deviance(system.evaluate_working(theta, reported=False), reml)
+        expected_gradient = system._gradient.single_term(factors, reml, system.dof(reml))
+        assert factor.q2 == 0 and factor.k1 > 1
+        assert deviance == pytest.approx(expected, rel=1e-12)
+        np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-9, atol=1e-9 * np.max(np.abs(gradient)))

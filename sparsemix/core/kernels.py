@@ -1,9 +1,12 @@
-"""Compiled loops (numba) for the one step numpy and scipy cannot do at memory speed.
+"""Compiled loops (numba) for the steps numpy and scipy cannot do at speed.
 
-The Schur complement update of the first term, sum over its levels l of G_l H_l G_l' (see SchurFactor), is a
-scatter of many small dense products into a dense q2 x q2 matrix: on a MovieLens-sized design 4e9 products
-per evaluation. scipy's sparse product builds it as a sparse matrix (gigabytes there), and CHOLMOD's
-factorization of it is far slower than this loop (docs/performance-scale.md, "MovieLens scale").
+subtract_level_products: the Schur complement update of the first term, sum over its levels l of G_l H_l G_l'
+(see SchurFactor), is a scatter of many small dense products into a dense q2 x q2 matrix: on a MovieLens-sized
+design 4e9 products per evaluation. scipy's sparse product builds it as a sparse matrix (gigabytes there), and
+CHOLMOD's factorization of it is far slower than this loop (docs/performance-scale.md, "MovieLens scale").
+
+single_term_deviance_parts: a growth curve's evaluation (one k x k term, k > 1, level by level) and its gradient,
+where numpy's batched k x k operations cost a few microseconds a call, tens of calls an evaluation.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["subtract_level_products"]
+__all__ = ["subtract_level_products", "single_term_deviance_parts"]
 
 # Rows are dealt to threads in bands of 64, so two threads never write the same row and each thread's rows
 # spread over the whole matrix (levels' rows are not uniform: popular items come first in some codings).
@@ -80,3 +83,193 @@ def _scalar_parallel(level_ptr, rows, g, v, out, n_threads):
 def _vector_parallel(level_ptr, rows, g, v, out, n_threads):
     for t in prange(n_threads):
         _vector_part(level_ptr, rows, g, v, out, n_threads, t)
+
+
+@njit(cache=True, nogil=True)
+def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient):
+    """The profiled deviance's parts and exact gradient for one random-effects term (every column of Z in one
+    k x k template T, eliminated level by level: DenseFactor with q2 = 0), in one pass over the levels.
+
+    G11 (n, k, k): each level's Z'Z block; G1R (n, k, p + 1): its [Z'X, Z'y]; GRR (p + 1, p + 1): [X y]'[X y];
+    rows, cols: T's entries in theta's order. Returns (status, log |L|^2, log |R_X|^2, r^2): status 0; 1 where a
+    level's block or X'V^{-1}X is not positive definite or a value is not finite; 2 where r^2 is not in the
+    factor (an interpolating fit: the caller's numpy path handles both). `gradient` (n_theta) is filled with
+    core/gradient.py's single_term gradient, the same algebra per level: M_l = T'G_l T + I = L_l L_l',
+    W_l = L_l^{-1} T'[Z'X Z'y]_l, S = GRR - sum W_l'W_l = LS LS'; with C = R_X^{-T} and
+    Y_l = L_l^{-T} W_l[:, :p] C', G_l = (M_l^{-1} + Y_l Y_l') T'G_l - Y_l C X'Z_l (REML), and the modes
+    u_l = L_l^{-T} W_l (-beta, 1)."""
+    n, k = G11.shape[0], G11.shape[1]
+    N2 = GRR.shape[0]
+    p = N2 - 1
+    L11 = np.zeros((n, k, k))
+    W = np.zeros((n, k, N2))
+    S = GRR.copy()
+    logdet1 = 0.0
+    H = np.zeros((k, k))
+    M = np.zeros((k, k))
+    B = np.zeros((k, N2))
+    for lvl in range(n):
+        for i in range(k):  # H = G_l T, M = T'H + I, B = T'[Z'X Z'y]_l
+            for b in range(k):
+                s = 0.0
+                for j in range(b, k):
+                    s += G11[lvl, i, j] * T[j, b]
+                H[i, b] = s
+        for a in range(k):
+            for b in range(k):
+                s = 1.0 if a == b else 0.0
+                for i in range(a, k):
+                    s += T[i, a] * H[i, b]
+                M[a, b] = s
+            for c in range(N2):
+                s = 0.0
+                for i in range(a, k):
+                    s += T[i, a] * G1R[lvl, i, c]
+                B[a, c] = s
+        L = L11[lvl]
+        for j in range(k):  # Cholesky of M
+            d = M[j, j]
+            for m in range(j):
+                d -= L[j, m] * L[j, m]
+            if not d > 0.0:
+                return 1, 0.0, 0.0, 0.0
+            L[j, j] = np.sqrt(d)
+            logdet1 += np.log(d)
+            for i in range(j + 1, k):
+                s = M[i, j]
+                for m in range(j):
+                    s -= L[i, m] * L[j, m]
+                L[i, j] = s / L[j, j]
+        Wl = W[lvl]
+        for a in range(k):  # W_l = L^{-1} B
+            for c in range(N2):
+                s = B[a, c]
+                for m in range(a):
+                    s -= L[a, m] * Wl[m, c]
+                Wl[a, c] = s / L[a, a]
+        for c in range(N2):  # S -= W_l'W_l (lower triangle)
+            for d in range(c + 1):
+                s = 0.0
+                for a in range(k):
+                    s += Wl[a, c] * Wl[a, d]
+                S[c, d] -= s
+    LS = np.zeros((N2, N2))
+    for j in range(N2):  # Cholesky of S
+        d = S[j, j]
+        for m in range(j):
+            d -= LS[j, m] * LS[j, m]
+        if not d > 0.0:
+            return (2 if j == p else 1), 0.0, 0.0, 0.0
+        LS[j, j] = np.sqrt(d)
+        for i in range(j + 1, N2):
+            s = S[i, j]
+            for m in range(j):
+                s -= LS[i, m] * LS[j, m]
+            LS[i, j] = s / LS[j, j]
+    logdet_RX2 = 0.0
+    for j in range(p):
+        logdet_RX2 += 2.0 * np.log(LS[j, j])
+    r2 = LS[p, p] * LS[p, p]
+    Linv = np.zeros((N2, N2))
+    _lower_inverse(LS, Linv)
+    r = LS[p, p]
+    ext = np.empty(N2)  # (-beta, 1): beta = -r Linv[p, :p]
+    for c in range(p):
+        ext[c] = r * Linv[p, c]
+    ext[p] = 1.0
+    Gsum = np.zeros((k, k))
+    modes = np.zeros((k, k))
+    Y = np.zeros((k, p))
+    YC = np.zeros((k, p))
+    u = np.zeros(k)
+    w = np.zeros(k)
+    Tu = np.zeros(k)
+    P = np.zeros((k, k))
+    G = np.zeros((k, k))
+    Li = np.zeros((k, k))
+    with_reml = reml and p > 0
+    for lvl in range(n):
+        _lower_inverse(L11[lvl], Li)
+        Wl = W[lvl]
+        for a in range(k):
+            s = 0.0
+            for c in range(N2):
+                s += Wl[a, c] * ext[c]
+            w[a] = s
+        for a in range(k):  # u = Li' w; P = Li' Li
+            s = 0.0
+            for m in range(a, k):
+                s += Li[m, a] * w[m]
+            u[a] = s
+            for b in range(k):
+                s = 0.0
+                for m in range(max(a, b), k):
+                    s += Li[m, a] * Li[m, b]
+                P[a, b] = s
+        if with_reml:
+            for a in range(k):  # Y = Li' (W_l[:, :p] C'), C = Linv[:p, :p] (lower)
+                for c in range(p):
+                    s = 0.0
+                    for m in range(a, k):
+                        t = 0.0
+                        for e in range(c + 1):
+                            t += Wl[m, e] * Linv[c, e]
+                        s += Li[m, a] * t
+                    Y[a, c] = s
+            for a in range(k):
+                for b in range(k):
+                    s = 0.0
+                    for c in range(p):
+                        s += Y[a, c] * Y[b, c]
+                    P[a, b] += s
+                for c in range(p):  # YC = Y C
+                    s = 0.0
+                    for e in range(c, p):
+                        s += Y[a, e] * Linv[e, c]
+                    YC[a, c] = s
+        for a in range(k):  # G = P T'G_l - YC X'Z_l (accumulated)
+            for b in range(k):
+                s = 0.0
+                for m in range(k):
+                    t = 0.0
+                    for i in range(m, k):
+                        t += T[i, m] * G11[lvl, i, b]
+                    s += P[a, m] * t
+                if with_reml:
+                    for c in range(p):
+                        s -= YC[a, c] * G1R[lvl, b, c]
+                G[a, b] = s
+                Gsum[a, b] += s
+        for i in range(k):  # T u
+            s = 0.0
+            for j in range(i + 1):
+                s += T[i, j] * u[j]
+            Tu[i] = s
+        for i in range(k):  # Z'e_l = Z'y_l - G_l T u - Z'X_l beta; modes += Z'e_l u'
+            s = G1R[lvl, i, p]
+            for j in range(k):
+                s -= G11[lvl, i, j] * Tu[j]
+            for c in range(p):
+                s += G1R[lvl, i, c] * ext[c]
+            for b in range(k):
+                modes[i, b] += s * u[b]
+    scale = dof / max(r2, 2.2250738585072014e-308)  # r^2 of an interpolating fit, as gradient.py takes it
+    finite = np.isfinite(logdet1) and np.isfinite(logdet_RX2) and np.isfinite(r2)
+    for t in range(rows.shape[0]):
+        a, b = rows[t], cols[t]
+        gradient[t] = 2.0 * Gsum[b, a] - 2.0 * scale * modes[a, b]
+        finite = finite and np.isfinite(gradient[t])
+    return (0 if finite else 1), logdet1, logdet_RX2, r2
+
+
+@njit(cache=True, nogil=True)
+def _lower_inverse(L, out):
+    """out = L^{-1} for lower-triangular L (its upper triangle left as it is: zero), by forward substitution."""
+    k = L.shape[0]
+    for j in range(k):
+        out[j, j] = 1.0 / L[j, j]
+        for i in range(j + 1, k):
+            s = 0.0
+            for m in range(j, i):
+                s += L[i, m] * out[m, j]
+            out[i, j] = -s / L[i, i]

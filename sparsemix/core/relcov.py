@@ -177,7 +177,7 @@ class RelativeCovariance:
     def _apply(self, factors, M, transpose):
         M = np.asarray(M, dtype=float)
         vector = M.ndim == 1
-        M2 = M.reshape(M.shape[0], -1)
+        M2 = M.reshape(M.shape[0], int(np.prod(M.shape[1:])))  # (-1 cannot be inferred for an empty M)
         out = np.empty_like(M2)
         for (n_levels, template), T, cols in zip(self.blocks, factors, self.column_slices):
             k = template.k

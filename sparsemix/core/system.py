@@ -298,9 +298,11 @@ class PenalizedSystem:
         rc = self.relcov
         q1 = rc.blocks[0][0] * rc.blocks[0][1].k if rc.blocks else 0
         # below that order one dense matrix costs less: numpy's batched per-level Cholesky and solve cost more per
-        # call than the flops they save (sleepstudy, q = 36: 46 us per evaluation against 65)
+        # call than the flops they save (sleepstudy, q = 36: 46 us per evaluation against 65); but one k x k term
+        # (k > 1) alone is evaluated level by level in compiled code (kernels.py; sleepstudy: 8 us)
         k1 = rc.blocks[0][1].k
-        eliminate = rc.q + self.cross.p + 1 > DENSE_MAX_ORDER and schur_applicable(self.cross.ZtZ, q1, k1)
+        compiled = len(rc.blocks) == 1 and k1 > 1
+        eliminate = (compiled or rc.q + self.cross.p + 1 > DENSE_MAX_ORDER) and schur_applicable(self.cross.ZtZ, q1, k1)
         q1 = q1 if eliminate else 0
         if not forced and (rc.q > DENSE_MAX_Q or rc.q - q1 + self.cross.p + 1 > DENSE_MAX_ORDER):
             return None
@@ -395,7 +397,29 @@ class PenalizedSystem:
 
     def working_deviance(self, working, reml: bool) -> float:
         """`deviance` in the optimizer's coordinates."""
+        compiled = self._compiled_single_term(working, reml)
+        if compiled is not None:
+            return compiled[0]
         return self.profiled_deviance(self.evaluate_working(working, reported=False), reml)
+
+    def _compiled_single_term(self, working, reml: bool) -> tuple[float, np.ndarray] | None:
+        """(deviance, gradient) in one compiled pass where the system is one k x k term (k > 1) eliminated level
+        by level (a growth curve's: ProfiledGradient.single_term_compiled), the factor left as it was; else None."""
+        factor = self._factor
+        if not (isinstance(factor, DenseFactor) and factor.q2 == 0 and factor.k1 > 1):
+            return None
+        if self._gradient is None:
+            self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
+        assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
+        factors = self.relcov.factors(np.asarray(working, dtype=float))
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            parts = self._gradient.single_term_compiled(factors, reml, self.dof(reml))
+        if parts is None:
+            return None
+        self._factor_theta = self._last_evaluation = None
+        self.n_evaluations += 1
+        logdet, logdet_RX2, r2, gradient = parts
+        return self._deviance(logdet, logdet_RX2, r2, reml), gradient
 
     @property
     def supports_gradient(self) -> bool:
@@ -407,6 +431,9 @@ class PenalizedSystem:
     def working_deviance_gradient(self, working, reml: bool) -> tuple[float, np.ndarray]:
         """The deviance and its exact gradient in the optimizer's coordinates (`supports_gradient` systems);
         where the deviance is not finite, (inf, zeros)."""
+        compiled = self._compiled_single_term(working, reml)
+        if compiled is not None:
+            return compiled
         factor = self._factor
         if self._gradient is None:
             kind = ProfiledGradient if isinstance(factor, DenseFactor) else SchurGradient
