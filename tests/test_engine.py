@@ -519,3 +519,32 @@ def test_dense_path_infeasible_points_give_inf():
                 assert dense.deviance(scale * theta, reml) == sparse.deviance(scale * theta, reml) == np.inf
             assert not dense.evaluate(scale * theta).feasible
         assert np.isfinite(dense.deviance(theta, True))  # and back at a finite point
+
+
+def test_a_one_thread_scope_inside_another_sets_nothing_unless_threads_were_given_back(monkeypatch):
+    """Nested one-thread scopes skip threadpoolctl (20 us each, several a fit) where BLAS already runs one thread;
+    inside a stage that gave threads back (dense_threads), a one-thread scope sets one thread again, and every
+    exit restores what was there."""
+    import sparsemix.core.threads as threads
+
+    blas = threads.blas_libraries()
+    now = lambda: max(lib.num_threads for lib in blas.lib_controllers)
+    calls = []
+    limit = type(blas).limit
+    monkeypatch.setattr(type(blas), "limit", lambda self, **kw: calls.append(kw["limits"]) or limit(self, **kw))
+    monkeypatch.setattr(threads, "free_cores", lambda: 2)
+    with blas.limit(limits=2):
+        calls.clear()
+        with threads.fit_threads():
+            assert now() == 1
+            with threads.blas_threads(True):
+                assert now() == 1
+            assert calls == [1]  # the nested scope set nothing
+            with threads.dense_threads(threads.DENSE_THREADS_MIN_ORDER):
+                assert now() == 2
+                with threads.blas_threads(True):
+                    assert now() == 1
+                assert now() == 2
+            assert calls == [1, 2, 1]
+            assert now() == 1
+        assert now() == 2

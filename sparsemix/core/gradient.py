@@ -58,6 +58,7 @@ class ProfiledGradient:
         self._straight = np.concatenate(straight) if straight else empty
         self._starts = np.array(starts, dtype=np.intp)
         self._n_first = self._first_positions.shape[1]
+        self._kernel = None  # single_term_compiled's, imported on first use
 
     def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
@@ -120,13 +121,15 @@ class ProfiledGradient:
         (core/kernels.py: 10-50 us where numpy's batched k x k operations took 130-300 us on lme4's growth-curve
         models); the factor itself is not updated. (log |L|^2, log |R_X|^2, r^2, gradient), or None where the
         numpy path must decide (not positive definite, r^2 not in the factor, a value not finite)."""
-        from .kernels import single_term_deviance_parts  # numba: loaded (0.2-0.5 s) by the first such fit
+        kernel = self._kernel
+        if kernel is None:
+            from .kernels import single_term_deviance_parts  # numba: loaded (0.2-0.5 s) by the first such fit
 
+            kernel = self._kernel = single_term_deviance_parts
         f = self.factor
         gradient = np.empty(self.relcov.n_theta)
         a, b = self._first_positions
-        T = np.ascontiguousarray(factors[0], dtype=float)
-        status, logdet, logdet_RX2, r2 = single_term_deviance_parts(f.G11, f.G1R, f.GRR, T, a, b, reml, dof, gradient)
+        status, logdet, logdet_RX2, r2 = kernel(f.G11, f.G1R, f.GRR, factors[0], a, b, reml, dof, gradient)
         if status != 0:
             return None
         return logdet, logdet_RX2, r2, gradient

@@ -411,9 +411,7 @@ class PenalizedSystem:
         if self._gradient is None:
             self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
         assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
-        factors = self.relcov.factors(np.asarray(working, dtype=float))
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            parts = self._gradient.single_term_compiled(factors, reml, self.dof(reml))
+        parts = self._gradient.single_term_compiled(self.relcov.factors(working), reml, self.dof(reml))
         if parts is None:
             return None
         self._factor_theta = self._last_evaluation = None

@@ -49,6 +49,7 @@ KERNEL_THREADS_MIN_ORDER = 4_000
 _controller = None
 _outer_threads = [1]  # BLAS threads the caller had when the outermost single-threaded scope began
 _depth = [0]  # single-threaded scopes open (a whole fit is one; the engine's stages nest inside it)
+_raised = [0]  # scopes open that gave BLAS more threads (blas_threads(False), dense_threads)
 _lock = threading.Lock()
 
 
@@ -75,9 +76,12 @@ def _one_thread():
     with _lock:  # fits in several Python threads share these counters (and BLAS's process-wide setting)
         if _depth[0] == 0:  # nested scopes keep the caller's setting, read when the outermost one began
             _outer_threads[0] = max([lib.num_threads for lib in blas.lib_controllers], default=1)
+        # inside a one-thread scope that no stage has given threads back to, BLAS already runs one thread:
+        # threadpoolctl's limit (20 us, several a fit) would set what is set
+        already = _depth[0] > 0 and _raised[0] == 0
         _depth[0] += 1
     try:
-        with blas.limit(limits=1):
+        with nullcontext() if already else blas.limit(limits=1):
             yield
     finally:
         with _lock:
@@ -114,7 +118,7 @@ def blas_threads(single: bool):
     blas = blas_libraries()
     current = max([lib.num_threads for lib in blas.lib_controllers], default=1)
     wanted = min(_outer_threads[0] if _depth[0] else current, free_cores())
-    return blas.limit(limits=wanted) if wanted != current else nullcontext()
+    return _raised_to(wanted) if wanted != current else nullcontext()
 
 
 def dense_threads(order: int):
@@ -123,7 +127,20 @@ def dense_threads(order: int):
     if not DENSE_THREADS_MIN_ORDER <= order <= DENSE_THREADS_MAX_ORDER or _outer_threads[0] <= 1:
         return nullcontext()
     threads = min(_outer_threads[0], free_cores())
-    return blas_libraries().limit(limits=threads) if threads > 1 else nullcontext()
+    return _raised_to(threads) if threads > 1 else nullcontext()
+
+
+@contextmanager
+def _raised_to(threads: int):
+    """BLAS with `threads` threads inside (a one-thread scope opened in here must set its one thread again)."""
+    with _lock:
+        _raised[0] += 1
+    try:
+        with blas_libraries().limit(limits=threads):
+            yield
+    finally:
+        with _lock:
+            _raised[0] -= 1
 
 
 def kernel_threads(order: int) -> int:
