@@ -96,7 +96,7 @@ def test_backticks_give_the_names_r_gives(frame, plain_fit):
         "class:`in`[T.b]",
         "class:`in`[T.c]",
         "log(lambda)",
-        "I(class ** 2)",
+        "I(class^2)",
     ]
 
 

@@ -63,7 +63,9 @@ def test_fixed_effects_and_standard_errors_are_lme4s(fitted):
         np.abs(np.array([beta[n] for n in names]) - list(ref["beta"].values()))
         <= np.maximum(1e-4 * np.abs(list(ref["beta"].values())), 1e-3 * ses)
     )
-    np.testing.assert_allclose([se[n] for n in names], [ref["se"][n] for n in names], rtol=1e-3)
+    # (both are difference Hessians: ours with steps of 0.002 of each standard error, glmm_fit.HESSIAN_SE_STEP,
+    # within 1e-4 of lme4's on every fixture; with relative steps alone Contraception's age^2 was 2.7e-3 off)
+    np.testing.assert_allclose([se[n] for n in names], [ref["se"][n] for n in names], rtol=2e-4)
 
 
 def test_theta_and_conditional_modes_are_lme4s(fitted):

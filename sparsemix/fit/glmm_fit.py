@@ -16,15 +16,20 @@ import numpy as np
 from scipy import optimize
 
 from ..core.glmm import LaplaceSystem, PirlsResult
-from .many import difference_hessian, minimize_one
+from .many import difference_hessian, minimize_one, standard_errors
 from .optimize import OptimizationResult, minimize_deviance
 
 __all__ = ["GlmmFit", "fit_glmm"]
 
 # The deviance change that ends the nAGQ = 0 stage when it only starts the nAGQ = 1 fit.
 STAGE0_FTOL = 1e-3
-# The finite-difference step of the Hessian for the covariance of beta (lme4's deriv12 uses 1e-4).
+# The finite-difference step of the Hessian for the covariance of beta (lme4's deriv12 uses 1e-4) ...
 HESSIAN_STEP = 1e-4
+# ... at most this share of each parameter's standard error (from a first Hessian): the difference Hessian's
+# off-diagonal entries (forward differences) are off by about this share, relative. With the relative step alone,
+# a poorly scaled parameter's step was half its standard error (Contraception's age^2: its SE 0.27% off lme4's;
+# with 0.002 of the SE, all seven within 3e-5 of a central-difference Hessian's).
+HESSIAN_SE_STEP = 0.002
 
 
 @dataclass
@@ -68,7 +73,7 @@ class GlmmFit:
         if self.cov_params is None:
             x, m = np.concatenate([self.theta, self.beta]), self.theta.shape[0]
             f = lambda y: self.system.objective(y[:m], y[m:], self.nAGQ)  # noqa: E731
-            self.cov_params = _inverse_half(_hessian(f, x))
+            self.cov_params = _inverse_half(covariance_hessian(f, x))
         return self.cov_params
 
     def conditional_covariance(self, columns: np.ndarray) -> np.ndarray:
@@ -110,12 +115,13 @@ def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> Glm
         objective = lambda x: system.objective(x[:m], x[m:], nAGQ)  # noqa: E731
         # Newton steps from the nAGQ = 0 fit, which lies close; BOBYQA where they do not settle
         probes = lambda x: [(np.r_[a, x[m:]], np.r_[b, x[m:]]) for a, b in relcov.boundary_probes(x[:m])]  # noqa: E731
-        found = minimize_one(objective, start, lower, probes)
+        found = minimize_one(objective, start, lower, probes, se_step=HESSIAN_SE_STEP)
         hessian = None
         used = stage0.n_evaluations + found.n_evaluations
         if found.settled[0]:
             x = found.working[0]
-            hessian = found.hessian[0] if found.hessian is not None else None
+            if found.hessian is not None and found.steps is not None:
+                hessian = covariance_hessian(objective, x, found.hessian[0], found.steps[0])
             within = used <= maxiter  # maxiter bounds the evaluations of every stage together
             message = "Newton steps" if within else f"Newton steps past maxiter={maxiter} evaluations"
             opt = OptimizationResult(
@@ -144,7 +150,8 @@ def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> Glm
         fit.cov_beta = system.fixed_covariance(theta, beta)
     else:
         if hessian is not None and np.all(np.isfinite(hessian)):
-            # the last Newton step's difference Hessian (1e-5 of theta and beta away at most: steps as _hessian's)
+            # the last Newton step's difference Hessian (1e-5 of theta and beta away at most), where its steps were
+            # covariance_hessian's
             fit.cov_params = _inverse_half(hessian)
         fit.cov_beta = fit.params_covariance()[relcov.n_theta :, relcov.n_theta :]
     system.pirls(theta, beta, joint=nAGQ == 0)  # leave the system at the fit's mode
@@ -159,9 +166,17 @@ def _inverse_half(H: np.ndarray) -> np.ndarray:
         return np.full(H.shape, np.nan)
 
 
-def _hessian(f, x: np.ndarray) -> np.ndarray:
-    """The Hessian of f at x by finite differences (steps HESSIAN_STEP relative, as the Newton steps')."""
-    return difference_hessian(f, x, HESSIAN_STEP * np.maximum(np.abs(x), 1.0))
+def covariance_hessian(f, x: np.ndarray, hessian: np.ndarray | None = None, steps: np.ndarray | None = None):
+    """The Hessian of f at x by finite differences for the covariance: steps HESSIAN_STEP relative, at most
+    HESSIAN_SE_STEP of each standard error that a first Hessian gives (`hessian`, taken with `steps`, where one
+    is at hand: reused where its steps were already that fine)."""
+    default = HESSIAN_STEP * np.maximum(np.abs(x), 1.0)
+    if hessian is None or steps is None:
+        hessian, steps = difference_hessian(f, x, default), default
+    wanted = np.minimum(default, HESSIAN_SE_STEP * standard_errors(hessian[None])[0])
+    if np.all(steps <= 2.0 * wanted):
+        return hessian
+    return difference_hessian(f, x, wanted)
 
 
 # A profile's trace steps out from the estimate by this share of the parameter's standard error (the difference

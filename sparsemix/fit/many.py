@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg as la
 
 from ..core.batched import ManyResponses
 from ..core.system import PenalizedSystem
@@ -73,6 +74,7 @@ class ManyMinimum:
     settled: np.ndarray
     n_evaluations: int
     hessian: np.ndarray | None = None  # each response's last difference Hessian (R x n x n), as computed
+    steps: np.ndarray | None = None  # ... and its difference steps (R x n)
 
 
 def _difference_points(x: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -107,6 +109,19 @@ def _gradient_hessian(f0, values, h):
     return g, H
 
 
+def standard_errors(H: np.ndarray) -> np.ndarray:
+    """sqrt(diag(2 H^{-1})) of each Hessian of a deviance (-2 log L) in the stack H (R, m, m); inf where H is not
+    finite and positive definite (no bound on a step)."""
+    out = np.full(H.shape[:2], np.inf)
+    for r in range(H.shape[0]):
+        if np.all(np.isfinite(H[r])):
+            try:
+                out[r] = np.sqrt(2.0 * np.diag(la.cho_solve(la.cho_factor(H[r]), np.eye(H.shape[1]))))
+            except la.LinAlgError:
+                pass
+    return out
+
+
 def difference_hessian(f, x: np.ndarray, h: np.ndarray) -> np.ndarray:
     """The Hessian of one function f at x by minimize_many's differences (steps h: central on the diagonal,
     forward off it)."""
@@ -116,7 +131,12 @@ def difference_hessian(f, x: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 
 def minimize_many(
-    many: "ManyResponses | _OneFunction", start: np.ndarray, lower: np.ndarray, reml: bool, boundary_probes=None
+    many: "ManyResponses | _OneFunction",
+    start: np.ndarray,
+    lower: np.ndarray,
+    reml: bool,
+    boundary_probes=None,
+    se_step: float | None = None,
 ) -> ManyMinimum:
     """Minimise every response's deviance from `start` (working theta, one row per response or one for all).
 
@@ -124,7 +144,10 @@ def minimize_many(
     worse (as the one-response polish snaps) and is held there (a zero variance); the other entries go on.
     `boundary_probes` (relcov.boundary_probes): each end point is then checked as optimize.release_bounds checks
     one (no probe lower, no descent a hundredth of the way to one), and a response that fails goes on from there,
-    up to RELEASE_MAX_ROUNDS times; one still failing is left unsettled, for the one-response pipeline."""
+    up to RELEASE_MAX_ROUNDS times; one still failing is left unsettled, for the one-response pipeline.
+    `se_step`: after the first Hessian, each difference step at most this share of the entry's standard error (from
+    the last Hessian, 2 H^{-1}): the last Hessian then gives standard errors to its truncation error, se_step
+    relative (see glmm_fit.HESSIAN_SE_STEP), however the parameters are scaled."""
     R, m = many.R, lower.size
     on_diagonal = np.isfinite(lower)
     # a zero variance in the start (a singular first fit) would hold every response there (the deviance is even in
@@ -142,9 +165,10 @@ def minimize_many(
     settled = np.zeros(R, dtype=bool)
     held = np.zeros((R, m), dtype=bool)  # entries held at their bound
     hessians = np.full((R, m, m), np.nan)
+    steps = np.full((R, m), np.nan)
     for round_ in range(RELEASE_MAX_ROUNDS + 1):
         rows = np.flatnonzero(active)
-        _newton(deviance, x, f, active, settled, held, lower, on_diagonal, hessians)
+        _newton(deviance, x, f, active, settled, held, lower, on_diagonal, (hessians, steps), se_step)
         if boundary_probes is None:
             break
         # the settled, and those stuck with a zero variance held (its column's sign may be the wrong one to go on)
@@ -157,13 +181,14 @@ def minimize_many(
             if round_ < RELEASE_MAX_ROUNDS:
                 x[j], held[j], active[j] = point, False, True
                 f[j] = deviance(point[None], np.array([j]))[0]
-    return ManyMinimum(x, f, settled, evaluations[0], hessians)
+    return ManyMinimum(x, f, settled, evaluations[0], hessians, steps)
 
 
-def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, hessians) -> None:
-    """Newton steps on the `active` responses until each settles or fails (x, f, active, settled, held and their
-    last difference Hessians updated in place)."""
+def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_step=None) -> None:
+    """Newton steps on the `active` responses until each settles or fails (x, f, active, settled, held and `last`,
+    their last difference Hessians and its steps, updated in place); `se_step` as minimize_many's."""
     m = lower.size
+    hessians, steps = last
     held_for = np.zeros(x.shape[0], dtype=int)  # iterations with an entry held, per response
     for _ in range(NEWTON_MAX_ITERATIONS):
         idx = np.flatnonzero(active)
@@ -171,10 +196,12 @@ def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, hessians)
             break
         xa, fa, hold = x[idx], f[idx], held[idx]
         h = POLISH_STEP * np.maximum(np.abs(xa), 1.0)
+        if se_step is not None:
+            h = np.minimum(h, se_step * standard_errors(hessians[idx]))
         points = _difference_points(xa, h)
         values = deviance(points.reshape(-1, m), np.repeat(idx, points.shape[1])).reshape(idx.size, -1)
         g, H = _gradient_hessian(fa, values, h)
-        hessians[idx] = H
+        hessians[idx], steps[idx] = H, h
         ok = np.isfinite(values).all(axis=1) & np.isfinite(H).all(axis=(1, 2))
         H[~ok] = np.eye(m)
         # held entries: no gradient, identity curvature (so they do not move)
@@ -340,11 +367,11 @@ class _OneFunction:
         return np.array([self.f(point) for point in points])
 
 
-def minimize_one(f, start: np.ndarray, lower: np.ndarray, boundary_probes=None) -> ManyMinimum:
+def minimize_one(f, start: np.ndarray, lower: np.ndarray, boundary_probes=None, se_step=None) -> ManyMinimum:
     """minimize_many's Newton steps (central differences, zero variances held at their bound, the release check)
     on one smooth objective f(x) of a few parameters, from a start near its minimum (glmer's (theta, beta) from
     the nAGQ = 0 fit: 181 evaluations where BOBYQA and its polish took 264)."""
     one = _OneFunction(f)
-    found = minimize_many(one, np.asarray(start, dtype=float), lower, True, boundary_probes)
+    found = minimize_many(one, np.asarray(start, dtype=float), lower, True, boundary_probes, se_step)
     found.n_evaluations = one.count
     return found

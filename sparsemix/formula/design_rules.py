@@ -49,10 +49,12 @@ class TermInfo:
 
 
 def lme4_name(name: str) -> str:
-    """patsy's column name as R writes it: (Intercept), and for Q("my x") the name, in backticks where R
-    needs them (`my x`, `if`; yield for Q("yield"))."""
+    """patsy's column name as R writes it: (Intercept), powers as R deparses them (`I(age^2)`, which patsy reads
+    and names as `I(age ** 2)`), and for Q("my x") the name, in backticks where R needs them (`my x`, `if`;
+    yield for Q("yield"))."""
     if name == "Intercept":
         return "(Intercept)"
+    name = name.replace(" ** ", "^")
     return re.sub(r'Q\("((?:[^"\\]|\\.)*)"\)', lambda m: r_name(json.loads('"' + m.group(1) + '"')), name)
 
 

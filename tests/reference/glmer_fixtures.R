@@ -5,13 +5,14 @@
 #   "data" and lme4's fits under "fits" ({name, formula, family, link, nAGQ, weights, logLik, theta, beta, se,
 #   sdcor, ranef}), and one glmer.nb fit (negative_binomial$glmer_nb, with the dispersion nb_theta). Every fit with tight PIRLS (tolPwrss = 1e-12: lme4's default 1e-7 stops its inner iterations
 #   early, which biases the log-likelihood low) and BOBYQA with a high evaluation limit.
-#   Needs lme4 and jsonlite (Debian: r-cran-lme4 r-cran-jsonlite). A few seconds.
+#   Needs lme4, mlmRev and jsonlite (Debian: r-cran-lme4 r-cran-mlmrev r-cran-jsonlite). A few seconds.
 # The formulas here are lme4's; sparsemix's tests fit the same model from the same columns ("ours" gives the
 # formula they use where lme4's left-hand side is cbind(), written as a proportion with weights).
 
 suppressPackageStartupMessages({
   library(lme4)
   library(jsonlite)
+  library(mlmRev)
 })
 
 args <- commandArgs(trailingOnly = TRUE)
@@ -57,6 +58,10 @@ gt <- plain(grouseticks[, c("TICKS", "YEAR", "HEIGHT", "BROOD", "INDEX", "LOCATI
 gt$cHEIGHT <- gt$HEIGHT - mean(gt$HEIGHT)
 va <- plain(VerbAgg[, c("r2", "Anger", "Gender", "btype", "situ", "id", "item")])
 va$y <- as.integer(va$r2 == "Y")
+# mlmRev's Contraception: a poorly scaled quadratic in age (its coefficient's standard error 7e-4)
+ct <- plain(Contraception[, c("use", "age", "urban", "livch", "district")])
+ct$use01 <- as.integer(ct$use == "Y")
+ct <- ct[, c("use01", "age", "urban", "livch", "district")]
 # a binary response with a correlated random slope (simulated; the seed fixes it)
 set.seed(17)
 n_g <- 40; per <- 15
@@ -101,6 +106,9 @@ sets <- list(
   VerbAgg = list(dataset = "lme4::VerbAgg", data = va[, c("y", "Anger", "Gender", "btype", "situ", "id", "item")],
     fits = list(fit_record("verbagg", "y ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)",
                            "y ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)", va, binomial()))),
+  Contraception = list(dataset = "mlmRev::Contraception", data = ct, fits = list(
+    fit_record("contraception", "use01 ~ age + I(age^2) + urban + livch + (1 | district)",
+               "use01 ~ age + I(age^2) + urban + livch + (1 | district)", ct, binomial()))),
   slopes = list(dataset = "simulated binary, (1 + x | g)", data = sl, fits = list(
     fit_record("binary_slopes", "y ~ x + (1 + x | g)", "y ~ x + (1 + x | g)", sl, binomial()))),
   crossed_counts = list(dataset = "simulated crossed counts with an offset", data = cr, fits = list(
