@@ -98,7 +98,14 @@ class BlockFactor:
         self._grr = (rows, R.col[e1] * q2 + R.col[e2], R.data[e1] * R.data[e2])
         # a large first-term-by-rest block with one column per level is mostly empty (a subject sees few items):
         # held sparse, its pattern the pairs that occur, so that W'W costs the pairs, not n1 q2 q2
-        self._sparse = self.k1 == 1 and all(t.k == 1 for _, t in relcov.blocks[1:]) and q1 * q2 >= SPARSE_BLOCK_FROM
+        self._scalar = self.k1 == 1 and all(t.k == 1 for _, t in relcov.blocks[1:])
+        self._sparse = self._scalar and q1 * q2 >= SPARSE_BLOCK_FROM
+        if self._scalar and not self._sparse:  # the three sums as one bincount (one gather of w, one call)
+            parts = [self._g11, self._g1r, self._grr]
+            offsets = np.cumsum([0, n1, n1 * q2])
+            self._all = tuple(
+                np.concatenate([p[j] + (o if j == 1 else 0) for p, o in zip(parts, offsets)]) for j in range(3)
+            )
         if self._sparse:
             rows_, idx_, val_ = self._g1r
             pairs, slot = np.unique(idx_, return_inverse=True)
@@ -137,7 +144,8 @@ class BlockFactor:
     @staticmethod
     def _sum(parts, w, size):
         rows, idx, val = parts
-        return np.bincount(idx, weights=w[rows] * val, minlength=size)
+        # (float even where there is nothing to sum: numpy's bincount of no entries is an integer array)
+        return np.bincount(idx, weights=w[rows] * val, minlength=size).astype(float, copy=False)
 
     def _right_rest(self, M: np.ndarray, rest) -> np.ndarray:
         return right_multiply_rest(M, rest, self._rest_ks, self._rest_slices)
@@ -145,6 +153,8 @@ class BlockFactor:
     def refactor(self, w: np.ndarray, factors) -> "BlockFactor":
         if self._sparse:
             return self._refactor_sparse(w, factors)
+        if self._scalar:
+            return self._refactor_scalar(w, factors)
         n1, k1, q2 = self.n1, self.k1, self.q2
         G11 = self._sum(self._g11, w, n1 * k1 * k1).reshape(n1, k1, k1)
         G1R = self._sum(self._g1r, w, n1 * k1 * q2).reshape(n1, k1, q2)
@@ -161,13 +171,41 @@ class BlockFactor:
             self.LS = np.linalg.cholesky(S) if q2 else np.zeros((0, 0))
         return self
 
+    def _refactor_scalar(self, w: np.ndarray, factors) -> "BlockFactor":
+        """refactor where every term is scalar (VerbAgg's crossed intercepts): Lambda is a diagonal of scales, so
+        the first term's levels need square roots, not a stack of 1 x 1 Choleskys and solves (a third of a PIRLS
+        iteration there)."""
+        n1, q2 = self.n1, self.q2
+        t = float(factors[0][0, 0])
+        scales = self._rest_scales(factors)
+        sums = self._sum(self._all, w, n1 + n1 * q2 + q2 * q2)
+        root = np.sqrt(t * t * sums[:n1] + 1.0)
+        self.L11 = root.reshape(n1, 1, 1)
+        W = sums[n1 : n1 + n1 * q2].reshape(n1, q2)
+        W *= (t / root)[:, None]
+        W *= scales[None, :]
+        self.W = W
+        S = sums[n1 + n1 * q2 :].reshape(q2, q2)
+        S *= scales[:, None]
+        S *= scales[None, :]
+        S -= W.T @ W
+        S[np.arange(q2), np.arange(q2)] += 1.0
+        with dense_threads(q2):  # the BLAS threads the fit set aside, for a big Schur complement
+            self.LS = _lower_cholesky(S) if q2 else np.zeros((0, 0))
+        return self
+
+    def _rest_scales(self, factors) -> np.ndarray:
+        """Lambda_2's diagonal where the terms after the first are scalar."""
+        scales = np.zeros(self.q2)
+        for T, cols in zip(factors[1:], self._rest_slices):
+            scales[cols] = T[0, 0]
+        return scales
+
     def _refactor_sparse(self, w: np.ndarray, factors) -> "BlockFactor":
         """refactor for one scalar first term and scalar terms after it, the first-by-rest block sparse."""
         n1, q2 = self.n1, self.q2
         t = float(factors[0][0, 0])
-        scales = np.zeros(q2)
-        for T, cols in zip(factors[1:], self._rest_slices):
-            scales[cols] = T[0, 0]
+        scales = self._rest_scales(factors)
         g11 = self._sum(self._g11, w, n1)
         m = t * t * g11 + 1.0
         self.L11 = np.sqrt(m).reshape(n1, 1, 1)
@@ -543,11 +581,24 @@ class _BlockZLambda:
 
     def __init__(self, system: LaplaceSystem, factors):
         self.system, self.factors = system, factors
+        relcov = system.relcov
+        # every term scalar: Lambda is the diagonal of its scales (a product per entry, not a loop over terms)
+        self._diagonal = (
+            np.repeat([T[0, 0] for T in factors], [n for n, _ in relcov.blocks])
+            if all(T.shape == (1, 1) for T in factors)
+            else None
+        )
 
     def __matmul__(self, u):
+        if self._diagonal is not None:
+            u = np.asarray(u)
+            return self.system.Z @ (self._diagonal * u if u.ndim == 1 else self._diagonal[:, None] * u)
         return self.system.Z @ self.system.relcov.apply(self.factors, u)
 
     def t(self, v):
+        if self._diagonal is not None:
+            product = np.asarray(self.system.Zt @ v)
+            return product * (self._diagonal if product.ndim == 1 else self._diagonal[:, None])
         return self.system.relcov.apply_transpose(self.factors, np.asarray(self.system.Zt @ v))
 
     def factor(self, w):
