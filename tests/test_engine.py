@@ -210,6 +210,24 @@ def test_every_schur_update_gives_cholmods_factor(order, update):
         np.testing.assert_allclose(schur.half_solve_t(schur.half_solve(B)), reference.solve(B), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_subtracts_the_lower_triangle_of_w_transpose_w(threads):
+    """glmer's W'W update (kernels.subtract_gram_lower): W given by rows and by columns, the lower triangle of
+    out - W'W written, the upper triangle untouched, in one thread or shared among numba's."""
+    from sparsemix.core.kernels import subtract_gram_lower
+
+    W = sp.random(300, 120, density=0.08, random_state=9, format="csr")
+    W.sort_indices()
+    positions = sp.csr_matrix((np.arange(W.nnz, dtype=float), W.indices, W.indptr), shape=W.shape).tocsc()
+    out = np.arange(120.0 * 120).reshape(120, 120)
+    expected = out - (W.T @ W).toarray()
+    subtract_gram_lower(
+        positions.indptr, positions.indices, positions.data.astype(np.int64), W.indptr, W.indices, W.data, out, threads
+    )
+    np.testing.assert_allclose(np.tril(out), np.tril(expected), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.triu(out, 1), np.triu(np.arange(120.0 * 120).reshape(120, 120), 1))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("k", [1, 2])
 def test_kernel_subtracts_g_h_g_transpose(k, threads):

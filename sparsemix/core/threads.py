@@ -143,7 +143,7 @@ def _raised_to(threads: int):
             _raised[0] -= 1
 
 
-def kernel_threads(order: int) -> int:
-    """Threads for the compiled Schur update into an order x order matrix: the caller's (as many as are free),
-    when it is big."""
-    return min(_outer_threads[0], free_cores()) if order >= KERNEL_THREADS_MIN_ORDER else 1
+def kernel_threads(order: int, min_order: int = KERNEL_THREADS_MIN_ORDER) -> int:
+    """Threads for a compiled update into an order x order matrix: the caller's (as many as are free), from
+    `min_order` on (the LMM's Schur update: KERNEL_THREADS_MIN_ORDER)."""
+    return min(_outer_threads[0], free_cores()) if order >= min_order else 1
