@@ -422,9 +422,17 @@ def test_profile_intervals_are_lme4s(cbpp_fit):
     # (lme4 interpolates its profile with splines: ~1e-4)
     np.testing.assert_allclose(ci.lower, ref["lower"], rtol=1e-3)
     np.testing.assert_allclose(ci.upper, ref["upper"], rtol=1e-3)
-    slopes = sm.glmer("y ~ x + (1 + x | g)", pd.DataFrame(FIXTURES["slopes"]["data"]))
-    with pytest.raises(sm.InputError, match="correlated random effects"):
-        slopes.confint(method="profile")
+
+
+def test_profile_intervals_of_a_correlated_term_are_lme4s_on_the_sd_cor_scale():
+    """A correlated random slope is profiled as lme4 profiles it: its two sd's and the correlation, each held while
+    everything else is re-optimised, and the fixed effects."""
+    m, _ = _fit("correlated", "binary_correlated")
+    ref = FIXTURES["correlated"]["profile"]
+    ci = m.confint(method="profile")
+    assert list(ci.index) == ref["names"]
+    np.testing.assert_allclose(ci.lower, ref["lower"], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(ci.upper, ref["upper"], rtol=1e-3, atol=1e-4)
 
 
 def test_anova_refuses_models_of_different_families(cbpp_fit):

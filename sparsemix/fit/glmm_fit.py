@@ -13,13 +13,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize
 
 from ..core.glmm import LaplaceSystem, PirlsResult
 from .many import difference_hessian, minimize_one, standard_errors
 from .optimize import OptimizationResult, minimize_deviance
 
-__all__ = ["GlmmFit", "fit_glmm"]
+__all__ = ["GlmmFit", "fit_glmm", "covariance_hessian"]
 
 # The deviance change that ends the nAGQ = 0 stage when it only starts the nAGQ = 1 fit.
 STAGE0_FTOL = 1e-3
@@ -177,52 +176,3 @@ def covariance_hessian(f, x: np.ndarray, hessian: np.ndarray | None = None, step
     if np.all(steps <= 2.0 * wanted):
         return hessian
     return difference_hessian(f, x, wanted)
-
-
-# A profile's trace steps out from the estimate by this share of the parameter's standard error (the difference
-# Hessian's) until zeta passes the quantile, at most PROFILE_MAX_STEPS times, then solves for the crossing.
-PROFILE_STEP = 0.5
-PROFILE_MAX_STEPS = 40
-
-
-def profile_interval(fit: GlmmFit, index: int, z: float) -> tuple[float, float]:
-    """The profile-likelihood interval of parameter `index` of (theta, beta) at normal quantile z: where
-    zeta(v) = sign(v - v_hat) sqrt(objective(v, others minimised) - objective_min) crosses -z and z (lme4's
-    profile for a GLMM: theta's entries are the sd's, the scale being 1). A side that reaches theta's bound (an sd
-    of 0) before the crossing ends there."""
-    system, m = fit.system, fit.theta.shape[0]
-    x_hat = np.concatenate([fit.theta, fit.beta])
-    lower = np.concatenate([system.relcov.lower_bounds, np.full(fit.beta.shape[0], -np.inf)])
-    others = np.flatnonzero(np.arange(x_hat.size) != index)
-    best = fit.objective
-    se = float(np.sqrt(max(fit.params_covariance()[index, index], 1e-12)))
-    start = {"x": x_hat.copy()}
-
-    def zeta(v: float) -> float:
-        def objective(rest):
-            x = start["x"].copy()
-            x[index], x[others] = v, rest
-            return system.objective(x[:m], x[m:], fit.nAGQ)
-
-        found = minimize_one(objective, start["x"][others], lower[others])
-        start["x"][others] = found.working[0]
-        start["x"][index] = v
-        return float(np.sign(v - x_hat[index]) * np.sqrt(max(found.deviance[0] - best, 0.0)))
-
-    ends = []
-    for direction in (-1.0, 1.0):
-        start["x"] = x_hat.copy()
-        v, previous, value = x_hat[index], x_hat[index], 0.0
-        end = np.nan
-        for _ in range(PROFILE_MAX_STEPS):
-            previous = v
-            v = v + direction * PROFILE_STEP * se
-            if v < lower[index]:
-                end = lower[index] if zeta(lower[index]) * direction < z else np.nan
-                break
-            value = zeta(v)
-            if abs(value) >= z:
-                end = optimize.brentq(lambda t: zeta(t) - direction * z, min(previous, v), max(previous, v), xtol=1e-8)
-                break
-        ends.append(float(end))
-    return ends[0], ends[1]

@@ -18,11 +18,12 @@ from scipy import optimize, stats
 
 from ..core.system import PenalizedSystem
 from ..errors import SparsemixWarning
+from ..fit.many import minimize_one
 from ..fit.optimize import minimize_deviance, warm_step
 from ..fit.stages import optimize_system
 from .sdcor import sdcor_bounds, sdcor_of, theta_of_sdcor
 
-__all__ = ["ProfileResult", "profile_fit"]
+__all__ = ["ProfileResult", "profile_fit", "glmm_profile_intervals"]
 
 MAX_STEPS = 40
 
@@ -95,6 +96,58 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
         [n for n in all_names if n in rows]
     )
     return ProfileResult(est, traces, intervals, level)
+
+
+def glmm_profile_intervals(fit, names, level: float = 0.95) -> pd.DataFrame:
+    """Profile-likelihood intervals of a glmer fit (a GlmmFit), as lme4's confint(method = "profile"): every
+    parameter on the (sd, cor) scale of the random effects (the scale is 1) and the fixed effects, each held at a
+    value while the others are re-optimised (Newton steps, fit/many.py), followed by _follow as the linear
+    model's profile is. `names` name the sd/cor entries, then the fixed effects."""
+    system, m = fit.system, fit.theta.shape[0]
+    relcov = system.relcov
+    z = stats.norm.ppf(0.5 + level / 2)
+    lower, upper = (bound[:-1] for bound in sdcor_bounds(relcov))  # without sigma's
+    p = fit.beta.shape[0]
+    x_hat = np.concatenate([sdcor_of(relcov, fit.theta, 1.0)[:-1], fit.beta])
+    lo, hi = np.concatenate([lower, np.full(p, -np.inf)]), np.concatenate([upper, np.full(p, np.inf)])
+    # the inner fits hold the sd's at or above 0; a correlation past +-1 is no covariance: an infinite objective
+    inner_lower = np.where(lo == 0.0, 0.0, -np.inf)
+
+    def objective(x):
+        mapped = theta_of_sdcor(relcov, np.append(x[:m], 1.0))
+        return np.inf if mapped is None else system.objective(mapped[0], x[m:], fit.nAGQ)
+
+    se = _glmm_standard_errors(fit, relcov)
+    rows = {}
+    for index, name in enumerate(names):
+        others = np.flatnonzero(np.arange(x_hat.size) != index)
+
+        def dev_at(v, start, index=index, others=others):
+            def rest_objective(rest):
+                x = start.copy()
+                x[index], x[others] = v, rest
+                return objective(x)
+
+            found = minimize_one(rest_objective, start[others], inner_lower[others])
+            x = start.copy()
+            x[index], x[others] = v, found.working[0]
+            return float(found.deviance[0]), x
+
+        step = se[index] if np.isfinite(se[index]) and se[index] > 0 else 0.1
+        rows[name], _ = _follow(dev_at, x_hat, None, x_hat[index], step, lo[index], hi[index], fit.objective, z, name)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
+
+
+def _glmm_standard_errors(fit, relcov) -> np.ndarray:
+    """Standard errors of (sd/cor, beta) by the delta method from the fit's covariance of (theta, beta): a scale
+    for the profile's first steps."""
+    m = fit.theta.shape[0]
+    cov = fit.params_covariance()
+    v = lambda theta: sdcor_of(relcov, theta, 1.0)[:-1]  # noqa: E731
+    h = 1e-6 * np.maximum(np.abs(fit.theta), 1e-3)
+    J = np.column_stack([(v(fit.theta + h[j] * np.eye(m)[j]) - v(fit.theta)) / h[j] for j in range(m)])
+    cov_v = J @ cov[:m, :m] @ J.T
+    return np.sqrt(np.abs(np.concatenate([np.diag(cov_v), np.diag(cov)[m:]])))
 
 
 def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z, name):

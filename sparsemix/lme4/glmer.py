@@ -18,11 +18,12 @@ from ..core.glmm import LaplaceSystem
 from ..core.relcov import RelativeCovariance
 from ..core.threads import fit_threads
 from ..errors import ConvergenceWarning, FormulaError, InputError
-from ..fit.glmm_fit import GlmmFit, fit_glmm, profile_interval
+from ..fit.glmm_fit import GlmmFit, fit_glmm
 from ..fit.optimize import singular_entries
 from ..formula.pickling import PicklableResults
 from ..formula.safety import check_formula, formula_environment
 from ..inference.bootstrap import glmm_bootstrap
+from ..inference.profile import glmm_profile_intervals
 from ..inference.sdcor import sdcor_of
 from .design import LmerDesign, build_design
 from .results import ModelAccessors, linear_predictor, variance_rows
@@ -387,20 +388,13 @@ class GlmerResults(ModelAccessors, PicklableResults):
         self, method: str = "wald", level: float = 0.95, nsim: int = 500, seed=None, n_jobs=None
     ) -> pd.DataFrame:
         """Wald intervals for the fixed effects (lme4's method = "Wald"; NaN for the random effects' sd/cor);
-        "profile": profile-likelihood intervals for every parameter (theta's entries are the sd's and, for a
-        correlated term, the template's other entries); "boot": percentile intervals from `nsim` parametric
+        "profile": profile-likelihood intervals for every parameter, the random effects' on the sd/cor scale, as
+        lme4's; "boot": percentile intervals from `nsim` parametric
         bootstrap refits."""
         level = checks.check_level(level)
         if method == "profile":
-            if not all(t.template.is_diagonal for t in self.design.terms):
-                raise InputError(
-                    "profile intervals of a glmer fit with correlated random effects are not available yet (theta's "
-                    "entries there are not the sd's and correlations); use method='boot' or 'wald'."
-                )
-            z = stats.norm.ppf(0.5 + level / 2)
             with fit_threads():
-                ends = [profile_interval(self.fit_result, i, z) for i in range(len(self.theta) + len(self.fe_params))]
-            return pd.DataFrame(ends, index=self.sdcor_names + list(self.fe_params.index), columns=["lower", "upper"])
+                return glmm_profile_intervals(self.fit_result, self.sdcor_names + list(self.fe_params.index), level)
         if method == "boot":
             return self._percentile_intervals(self.bootstrap(nsim=nsim, seed=seed, n_jobs=n_jobs), level)
         if method != "wald":

@@ -5,7 +5,7 @@
 #   "data" and lme4's fits under "fits" ({name, formula, family, link, nAGQ, weights, logLik, theta, beta, se,
 #   sdcor, ranef}), and one glmer.nb fit (negative_binomial$glmer_nb, with the dispersion nb_theta). Every fit with tight PIRLS (tolPwrss = 1e-12: lme4's default 1e-7 stops its inner iterations
 #   early, which biases the log-likelihood low) and BOBYQA with a high evaluation limit.
-#   Needs lme4, mlmRev and jsonlite (Debian: r-cran-lme4 r-cran-mlmrev r-cran-jsonlite). A few seconds.
+#   Needs lme4, mlmRev and jsonlite (Debian: r-cran-lme4 r-cran-mlmrev r-cran-jsonlite). About half a minute.
 # The formulas here are lme4's; sparsemix's tests fit the same model from the same columns ("ours" gives the
 # formula they use where lme4's left-hand side is cbind(), written as a proportion with weights).
 
@@ -68,6 +68,14 @@ n_g <- 40; per <- 15
 g <- rep(seq_len(n_g), each = per); x <- rnorm(n_g * per)
 b0 <- rnorm(n_g, sd = 0.8); b1 <- 0.5 * b0 + rnorm(n_g, sd = 0.4)
 sl <- data.frame(y = rbinom(n_g * per, 1, plogis(-0.3 + 0.7 * x + b0[g] + b1[g] * x)), x = x, g = as.character(g))
+# a binary response with a correlated random slope that is not singular (simulated), for the profile on the sd/cor
+# scale
+set.seed(173)
+n_c <- 60; per_c <- 20
+g_c <- rep(seq_len(n_c), each = per_c); x_c <- rnorm(n_c * per_c)
+c0 <- rnorm(n_c, sd = 1); c1 <- 0.3 * c0 + rnorm(n_c, sd = 0.6)
+co <- data.frame(y = rbinom(n_c * per_c, 1, plogis(-0.2 + 0.8 * x_c + c0[g_c] + c1[g_c] * x_c)), x = x_c,
+                 g = as.character(g_c))
 # crossed counts with an offset (simulated)
 set.seed(171)
 s <- rep(seq_len(60), each = 20); it <- sample(rep(seq_len(30), 40)); ex <- runif(1200, 0.5, 2)
@@ -111,14 +119,21 @@ sets <- list(
                "use01 ~ age + I(age^2) + urban + livch + (1 | district)", ct, binomial()))),
   slopes = list(dataset = "simulated binary, (1 + x | g)", data = sl, fits = list(
     fit_record("binary_slopes", "y ~ x + (1 + x | g)", "y ~ x + (1 + x | g)", sl, binomial()))),
+  correlated = list(dataset = "simulated binary, (1 + x | g), not singular", data = co, fits = list(
+    fit_record("binary_correlated", "y ~ x + (1 + x | g)", "y ~ x + (1 + x | g)", co, binomial()))),
   crossed_counts = list(dataset = "simulated crossed counts with an offset", data = cr, fits = list(
     fit_record("poisson_offset", "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)",
                "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)", cr, poisson())))
 )
-# profile intervals of cbpp's Laplace fit (lme4's confint(method = "profile"): .sig01 then the fixed effects)
+# profile intervals of cbpp's Laplace fit (lme4's confint(method = "profile"): .sig01 then the fixed effects), and
+# of the correlated slopes' (sd, cor, sd, then the fixed effects)
 cb_fit <- glmer(cbind(incidence, size - incidence) ~ period + (1 | herd), cb, binomial, control = control)
 cb_ci <- suppressWarnings(confint(cb_fit, method = "profile", oldNames = FALSE))
 sets$cbpp$profile <- list(names = I(rownames(cb_ci)), lower = I(unname(cb_ci[, 1])), upper = I(unname(cb_ci[, 2])))
+co_fit <- glmer(y ~ x + (1 + x | g), co, binomial, control = control)
+co_ci <- suppressWarnings(confint(co_fit, method = "profile", oldNames = FALSE))
+sets$correlated$profile <- list(names = I(rownames(co_ci)), lower = I(unname(co_ci[, 1])),
+                                upper = I(unname(co_ci[, 2])))
 sets$negative_binomial <- list(dataset = "simulated negative binomial counts", data = nb, fits = list(),
                                glmer_nb = nb_record)
 sets$versions <- list(R = R.version.string, lme4 = as.character(packageVersion("lme4")))
