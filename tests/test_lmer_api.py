@@ -376,6 +376,18 @@ def test_lmer_many_drops_the_rows_lmer_drops():
         # (response 0 is not one the model reproduces exactly, as np.arange(180) is: that fit is refused first)
         ("y ~ Days + (1 | Subject)", [np.sin(np.arange(180.0)), np.r_[np.nan, np.arange(179.0)]], "response 1"),
         ("log(y) ~ Days + (1 | Subject)", [np.arange(1.0, 181.0)], "not a plain name"),
+        # checked together as one matrix: the column that fails is named, with what is wrong with it
+        (
+            "y ~ Days + (1 | Subject)",
+            [np.sin(np.arange(180.0)), np.cos(np.arange(180.0)), np.full(180, 3.0)],
+            "response 2' is constant",
+        ),
+        ("y ~ Days + (1 | Subject)", [np.sin(np.arange(180.0)), 1e150 * np.cos(np.arange(180.0))], "would overflow"),
+        (
+            "y ~ Days + (1 | Subject)",
+            pd.DataFrame({"a": np.sin(np.arange(180.0)), "b": ["x"] * 180}),
+            "response 1 must be numeric",
+        ),
     ],
 )
 def test_lmer_many_checks_the_responses(formula, responses, message):

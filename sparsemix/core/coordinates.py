@@ -24,6 +24,7 @@ __all__ = [
     "lower_factor",
     "transform_columns",
     "system_columns",
+    "lower_factors",
 ]
 
 
@@ -101,12 +102,18 @@ def lower_factor(M: np.ndarray) -> np.ndarray:
 
     A diagonal entry at rounding level relative to its row (a covariance that is singular in any coordinates)
     is set to zero, so that a boundary fit stays on the boundary when its factor is carried across."""
-    k = M.shape[0]
+    return lower_factors(np.asarray(M, dtype=float)[None])[0]
+
+
+def lower_factors(M: np.ndarray) -> np.ndarray:
+    """lower_factor of each matrix of the stack M (R x k x c, c >= k), in one batched QR."""
+    k = M.shape[1]
     if k == 1:  # M may have more columns than rows (a rank probe appends one): the root of the row's squares
-        return np.sqrt(np.sum(np.square(M), axis=1, keepdims=True))
-    R = np.asarray(np.linalg.qr(M.T, mode="r"))
-    L = R.T * np.where(np.diag(R) < 0, -1.0, 1.0)[None, :]
-    row_norms = np.sqrt(np.sum(L**2, axis=1))
-    at_rounding = np.abs(np.diag(L)) <= 1e-10 * row_norms
-    L[np.arange(k), np.arange(k)] = np.where(at_rounding, 0.0, np.diag(L))
+        return np.sqrt(np.sum(np.square(M), axis=2, keepdims=True))
+    R = np.linalg.qr(np.transpose(M, (0, 2, 1)), mode="r")
+    diagonal = np.diagonal(R, axis1=1, axis2=2)
+    L = np.transpose(R, (0, 2, 1)) * np.where(diagonal < 0, -1.0, 1.0)[:, None, :]
+    row_norms = np.sqrt(np.sum(L**2, axis=2))
+    diagonal = np.diagonal(L, axis1=1, axis2=2)
+    L[:, np.arange(k), np.arange(k)] = np.where(np.abs(diagonal) <= 1e-10 * row_norms, 0.0, diagonal)
     return L

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .coordinates import lower_factor
+from .coordinates import lower_factor, lower_factors
 from .terms import CovarianceTemplate
 
 __all__ = ["RelativeCovariance"]
@@ -92,6 +92,38 @@ class RelativeCovariance:
         return self.theta_of(
             [F if T is None else lower_factor(T @ F) for F, T in zip(self.factors(working), self.column_transforms)]
         )
+
+    def reported_thetas(self, working: np.ndarray) -> np.ndarray:
+        """reported_theta of every row of `working` (R x n_theta) at once: the templates as stacks, lower_factor's
+        QR batched (a QR per response and term took most of lmer_many's time outside the deviance)."""
+        working = np.asarray(working, dtype=float)
+        if not self.transformed:
+            return working.copy()
+        out = working.copy()
+        for (_, template), T, sl in zip(self.blocks, self.column_transforms, self.theta_slices):
+            if T is None:
+                continue
+            rows, cols = template._index
+            F = np.zeros((working.shape[0], template.k, template.k))
+            F[:, rows, cols] = working[:, sl]
+            out[:, sl] = lower_factors(np.matmul(T, F))[:, rows, cols]
+        return out
+
+    def near_singular(self, thetas: np.ndarray) -> np.ndarray:
+        """For every row of `thetas` (R x n_theta), whether some term's factor has a singular value at or below
+        RANK_PROBE_NULL: the rows that rank_probes gives probes for (the others need no release check)."""
+        thetas = np.atleast_2d(np.asarray(thetas, dtype=float))
+        out = np.zeros(thetas.shape[0], dtype=bool)
+        for (_, template), sl in zip(self.blocks, self.theta_slices):
+            rows, cols = template._index
+            F = np.zeros((thetas.shape[0], template.k, template.k))
+            F[:, rows, cols] = thetas[:, sl]
+            if template.is_diagonal:
+                smallest = np.abs(np.diagonal(F, axis1=1, axis2=2)).min(axis=1)
+            else:
+                smallest = np.linalg.svd(F, compute_uv=False).min(axis=1)
+            out |= smallest <= RANK_PROBE_NULL
+        return out
 
     def to_data_columns(self, b: np.ndarray, transpose: bool = False) -> np.ndarray:
         """Random effects (q,) or (q, m) for the system's columns, carried to the data's: b_level = T b_level

@@ -137,6 +137,7 @@ def minimize_many(
     reml: bool,
     boundary_probes=None,
     se_step: float | None = None,
+    near_singular=None,
 ) -> ManyMinimum:
     """Minimise every response's deviance from `start` (working theta, one row per response or one for all).
 
@@ -147,7 +148,8 @@ def minimize_many(
     up to RELEASE_MAX_ROUNDS times; one still failing is left unsettled, for the one-response pipeline.
     `se_step`: after the first Hessian, each difference step at most this share of the entry's standard error (from
     the last Hessian, 2 H^{-1}): the last Hessian then gives standard errors to its truncation error, se_step
-    relative (see glmm_fit.HESSIAN_SE_STEP), however the parameters are scaled."""
+    relative (see glmm_fit.HESSIAN_SE_STEP), however the parameters are scaled. `near_singular` (R x m points ->
+    bools; relcov.near_singular): which end points can have probes at all, the others' release check skipped."""
     R, m = many.R, lower.size
     on_diagonal = np.isfinite(lower)
     # a zero variance in the start (a singular first fit) would hold every response there (the deviance is even in
@@ -173,6 +175,8 @@ def minimize_many(
             break
         # the settled, and those stuck with a zero variance held (its column's sign may be the wrong one to go on)
         rows = rows[settled[rows] | (held[rows].any(axis=1) & np.isfinite(f[rows]))]
+        if near_singular is not None and rows.size:
+            rows = rows[near_singular(x[rows])]
         leave = _release_points(deviance, x, f, rows, boundary_probes)
         if not leave:
             break
@@ -345,9 +349,17 @@ def fit_responses(system: PenalizedSystem, sums, start_theta: np.ndarray, reml: 
     relcov = system.relcov
     Zty, Xty, yty, beta_ols = sums
     many = ManyResponses(system.cross, relcov, Zty, Xty, yty)
-    found = minimize_many(many, relcov.working_theta(start_theta), relcov.lower_bounds, reml, relcov.boundary_probes)
+    found = minimize_many(
+        many,
+        relcov.working_theta(start_theta),
+        relcov.lower_bounds,
+        reml,
+        relcov.boundary_probes,
+        near_singular=relcov.near_singular,
+    )
     beta, sigma2 = fixed_effects_many(many, found.working, reml)
-    theta = [relcov.reported_theta(w) if np.isfinite(f) else None for w, f in zip(found.working, found.deviance)]
+    reported = relcov.reported_thetas(found.working)
+    theta = [t if np.isfinite(f) else None for t, f in zip(reported, found.deviance)]
     seconds = (time.perf_counter() - t0) / max(many.R, 1)
     return ResponsesFit(found.settled, theta, found.deviance, beta + beta_ols.T, sigma2, seconds)
 
