@@ -29,3 +29,51 @@ class Glmer:
         return sparsemix.glmer("y ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)", self.verbagg).n_evaluations
 
     track_verbagg_evaluations.unit = "evaluations"
+
+
+class GlmerPirls:
+    """One PIRLS solve (warm-started, to convergence) of a crossed binary design large enough for the sparse
+    first-by-rest block and its compiled W'W update (core/glmm.py BlockFactor): 200,000 rows, 4,000 x 1,000
+    levels, the design of asv_bench/compare/glmm/glmer_scale.py."""
+
+    timeout = 300
+
+    def setup(self):
+        import sys
+
+        import numpy as np
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "compare" / "glmm"))
+        from glmer_scale import simulate
+
+        from sparsemix.core.cross_products import assemble_Z
+        from sparsemix.core.glmm import LaplaceSystem
+        from sparsemix.core.relcov import RelativeCovariance
+        from sparsemix.families import Binomial
+        from sparsemix.lme4.design import build_design
+
+        data, formula, _ = simulate("binary", 200_000, 4_000, 1_000)
+        design = build_design(formula, data, linear=False)
+        terms = list(design.terms)
+        relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms])
+        self.system = LaplaceSystem(design.X, design.y, assemble_Z(terms), relcov, Binomial())
+        self.theta, self.beta = np.array([0.8, 0.5]), np.array([-0.3, 0.5])
+        self.system.pirls(self.theta, self.beta)
+        self.step = 0
+
+    def time_pirls(self):
+        self.step += 1  # a nearby point each time, as a difference Hessian's evaluations are
+        self.system.pirls(self.theta * (1 + 1e-4 * (self.step % 7)), self.beta)
+
+
+class GlmerProfile:
+    """confint(method="profile") of a correlated random slope on lme4's sd/cor scale (the fixture's binary model)."""
+
+    timeout = 300
+
+    def setup(self):
+        doc = json.loads(FIXTURES.read_text())
+        self.model = sparsemix.glmer("y ~ x + (1 + x | g)", pd.DataFrame(doc["correlated"]["data"]))
+
+    def time_profile(self):
+        self.model.confint(method="profile")
