@@ -26,7 +26,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 
 from ..errors import InputError
-from .factor import CholmodFactor, _batched_lower_solve, right_multiply_rest
+from .factor import CholmodFactor, _batched_lower_solve, _triangular, right_multiply_rest
 from .families import Family
 from .relcov import RelativeCovariance
 from .threads import dense_threads, kernel_threads
@@ -251,17 +251,13 @@ class BlockFactor:
         B = np.asarray(B, dtype=float)
         B2 = B.reshape(self.q, -1)
         y1 = _batched_lower_solve(self.L11, B2[: self.q1].reshape(self.n1, self.k1, -1)).reshape(self.q1, -1)
-        y2 = (
-            la.solve_triangular(self.LS, B2[self.q1 :] - np.asarray(self.W.T @ y1), lower=True)
-            if self.q2
-            else B2[self.q1 :]
-        )
+        y2 = _triangular(self.LS, B2[self.q1 :] - np.asarray(self.W.T @ y1), trans=0) if self.q2 else B2[self.q1 :]
         return np.concatenate([y1, y2]).reshape(B.shape)
 
     def solve(self, B):
         B = np.asarray(B, dtype=float)
         Y = self.half_solve(B).reshape(self.q, -1)
-        x2 = la.solve_triangular(self.LS, Y[self.q1 :], lower=True, trans="T") if self.q2 else Y[self.q1 :]
+        x2 = _triangular(self.LS, Y[self.q1 :], trans=1) if self.q2 else Y[self.q1 :]
         r1 = (Y[: self.q1] - np.asarray(self.W @ x2)).reshape(self.n1, self.k1, -1)
         x1 = _batched_lower_solve(self.L11, r1, transpose=True).reshape(self.q1, -1)
         return np.concatenate([x1, x2]).reshape(B.shape)
