@@ -47,15 +47,18 @@ def profile_plot(profile, params=None):
     """zeta against each parameter's value (lme4's xyplot of a profile): straight lines mean a quadratic
     log-likelihood, where Wald intervals would be accurate. Returns the matplotlib Figure."""
     plt = _pyplot()
-    names = [n for n in profile.traces if params is None or n in params]
+    # the traces and the intervals' rows in the same order (a repeated name's trace key has R's .1 suffix)
+    panels = [
+        (name, trace, row)
+        for (name, trace), row in zip(profile.traces.items(), profile.intervals.itertuples(index=False))
+        if params is None or name in params
+    ]
     z = stats.norm.ppf(0.5 + profile.level / 2)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 2.8), squeeze=False, sharey=True)
-    for ax, name in zip(axes[0], names):
-        trace = profile.traces[name]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), squeeze=False, sharey=True)
+    for ax, (name, trace, (lo, hi)) in zip(axes[0], panels):
         ax.plot(trace["value"], trace["zeta"], "-o", ms=2.5, lw=1)
         for level in (-z, z):
             ax.axhline(level, color="0.6", lw=0.8, ls=":")
-        lo, hi = profile.intervals.loc[name]
         ax.axvline(lo, color="C3", lw=0.8)
         ax.axvline(hi, color="C3", lw=0.8)
         ax.set_xlabel(name, fontsize=8)

@@ -566,3 +566,28 @@ def test_a_one_thread_scope_inside_another_sets_nothing_unless_threads_were_give
             assert calls == [1, 2, 1]
             assert now() == 1
         assert now() == 2
+
+
+@pytest.mark.parametrize("zeros", [False, True])
+def test_transform_columns_is_z_times_the_levels_transform(zeros):
+    """Z (I kron T) for a term's working columns: the direct path (every row k entries of one level, as
+    RandomTerm.from_codes lays them out) and the general one (a stored zero dropped leaves a row short) both
+    equal scipy's product, with no zero stored."""
+    from sparsemix.core.coordinates import column_transform, transform_columns
+
+    rng = np.random.default_rng(3)
+    n, levels, k = 400, 25, 3
+    codes = rng.integers(0, levels, n)
+    values = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 3, n).astype(float)])
+    if zeros:
+        values[:40, 2] = 0.0
+    values[40, 1] = values[:, 1].mean()  # lands on 0 once centred
+    term = RandomTerm.from_codes(
+        "g", codes, values, levels, CovarianceTemplate.unstructured(k), tuple(range(levels)), ("a", "b", "c")
+    )
+    T = column_transform(term)
+    got = transform_columns(term.Z, levels, T)
+    expected = sp.csc_matrix(term.Z @ sp.kron(sp.eye(levels), sp.csr_matrix(T)))
+    expected.eliminate_zeros()
+    assert abs(got - expected).max() < 1e-12
+    assert got.nnz == expected.nnz and np.all(got.data != 0)

@@ -194,7 +194,10 @@ def test_a_non_monotonic_profile_gives_nan_for_that_bound_with_a_warning():
             ci = fit.confint(method="profile")
         named = [str(w.message).split("'")[1] for w in record if "non-monotonic" in str(w.message)]
         assert set(named) == set(ci.index[ci.isna().any(axis=1)])
-        estimates = pd.concat([fit.sdcor, fit.fe_params]).reindex(ci.index).to_numpy()
+        # by position: lme4's names repeat here (sd_x|g for both terms), and each row is its own parameter's
+        estimates = pd.concat([fit.sdcor, fit.fe_params])
+        assert list(ci.index) == list(estimates.index)
+        estimates = estimates.to_numpy()
         lower, upper = ci.lower.to_numpy(), ci.upper.to_numpy()
         assert np.all((lower <= estimates + 1e-8) | np.isnan(lower))
         assert np.all((upper >= estimates - 1e-8) | np.isnan(upper))

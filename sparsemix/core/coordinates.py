@@ -82,8 +82,19 @@ def transform_columns(Z: sp.spmatrix, n_levels: int, T: np.ndarray | None) -> sp
     sparse product did the same with a dozen conversions: half the cost of building sleepstudy's system)."""
     if T is None:
         return sp.csc_matrix(Z)
-    coo = sp.coo_matrix(Z)
     k = T.shape[0]
+    by_rows = sp.csr_matrix(Z)
+    n = by_rows.shape[0]
+    if by_rows.nnz == n * k and np.array_equal(by_rows.indptr, np.arange(0, n * k + 1, k)):
+        # every row k entries, its level's columns in order (RandomTerm.from_codes' layout, no zero stored): each
+        # row's values times T, in the same places (the general path below sorts n k^2 entries: 1 ms at 7,000 rows)
+        start = by_rows.indices[::k]
+        if np.array_equal(by_rows.indices.reshape(n, k), start[:, None] + np.arange(k)) and np.all(start % k == 0):
+            values = by_rows.data.reshape(n, k) @ T
+            out = sp.csr_matrix((values.ravel(), by_rows.indices, by_rows.indptr), shape=Z.shape)
+            out.eliminate_zeros()  # as the general path stores none (a value at its column's mean becomes 0)
+            return out.tocsc()
+    coo = by_rows.tocoo()
     level, a = np.divmod(coo.col.astype(np.int64), k)
     values = (coo.data[:, None] * T[a, :]).ravel()
     columns = (level[:, None] * k + np.arange(k)).ravel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import scipy.linalg as la
 import scipy.sparse as sp
 
 from .terms import RandomTerm
@@ -102,10 +103,24 @@ def _shifted_sums(X, Zt, Y, p):
     """Z'r, X'r, r'r and beta_ols for the residuals r = Y - X beta_ols of each column of Y from least squares on X."""
     beta_ols = np.zeros((p, Y.shape[1]))
     r = Y
+    solve = _least_squares(X) if p else None
     for _ in range(2 if p else 0):  # a second pass removes what rounding left of X's span in r
-        beta_ols = beta_ols + np.linalg.lstsq(X, r, rcond=None)[0]
+        beta_ols = beta_ols + solve(r)
         r = Y - X @ beta_ols
     return np.asarray(Zt @ r), X.T @ r, np.einsum("ij,ij->j", r, r), beta_ols
+
+
+def _least_squares(X):
+    """b -> the least-squares solution of X beta = b: from one QR of X, used for both passes (numpy's lstsq, an SVD
+    each time, took 0.25 ms of a 7,000-row system's 1.9 ms), or lstsq's where X is (nearly) rank deficient."""
+    by_svd = lambda b: np.linalg.lstsq(X, b, rcond=None)[0]  # noqa: E731
+    if X.shape[0] < X.shape[1]:
+        return by_svd
+    Q, R = np.linalg.qr(X)
+    diagonal = np.abs(np.diag(R))
+    if not diagonal.min() > 1e-10 * diagonal.max():
+        return by_svd
+    return lambda b: la.solve_triangular(R, Q.T @ b, check_finite=False)
 
 
 def _weighted(X, Z, weights):

@@ -30,7 +30,9 @@ MAX_STEPS = 40
 
 @dataclass(frozen=True)
 class ProfileResult:
-    """Traces (value, zeta) per parameter, and the intervals at `level`."""
+    """Traces (value, zeta) per parameter, and the intervals at `level`: both in the parameters' order, the
+    intervals under lme4's names (which repeat where two terms of one factor share a column, as lme4's do), the
+    traces keyed by them with R's make.unique suffix on a repeat (sd_x|g.1)."""
 
     estimates: pd.Series
     traces: dict
@@ -53,7 +55,9 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
     step_scale = np.where(v_hat != 0, 0.2 * np.abs(v_hat), 0.05)
     all_names = list(names) + list(fe_names)
     wanted = all_names if which is None else list(which)
+    # by position: lme4's names repeat where two terms of one factor share a column ((0 + x | g) + (1 + x | g))
     rows, traces = {}, {}
+    keys = _unique_keys(all_names)
 
     def full_deviance(v):
         mapped = theta_of_sdcor(relcov, v)
@@ -72,7 +76,7 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
             return opt.deviance, opt.theta
 
         step = 0.25 * abs(v_hat[k]) if names[k].startswith(("sd", "sigma")) and v_hat[k] > 0 else 0.1
-        rows[name], traces[name] = _follow(dev_at, v_hat, k, v_hat[k], step, lower[k], upper[k], dev_min, z, name)
+        rows[k], traces[keys[k]] = _follow(dev_at, v_hat, k, v_hat[k], step, lower[k], upper[k], dev_min, z, name)
 
     se = np.sqrt(np.diag(ml_fit.cov_beta))
     for j, name in enumerate(fe_names):
@@ -89,13 +93,30 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
             return opt.deviance, np.append(opt.theta, 0.0)
 
         start = np.append(ml_fit.theta, 0.0)
-        rows[name], traces[name] = _follow(dev_at, start, None, beta_hat, se[j], -np.inf, np.inf, dev_min, z, name)
+        position = len(names) + j
+        rows[position], traces[keys[position]] = _follow(
+            dev_at, start, None, beta_hat, se[j], -np.inf, np.inf, dev_min, z, name
+        )
 
     est = pd.Series(np.concatenate([v_hat, ml_fit.beta]), index=all_names)
-    intervals = pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"]).reindex(
-        [n for n in all_names if n in rows]
-    )
-    return ProfileResult(est, traces, intervals, level)
+    return ProfileResult(est, traces, _intervals(rows, all_names), level)
+
+
+def _unique_keys(names: list[str]) -> list[str]:
+    """The names, a repeated one suffixed as R's make.unique does (sd_x|g, sd_x|g.1): the traces' keys."""
+    seen: dict = {}
+    out = []
+    for name in names:
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        out.append(name if n == 0 else f"{name}.{n}")
+    return out
+
+
+def _intervals(rows: dict, names: list[str]) -> pd.DataFrame:
+    """The profiled parameters' (lower, upper), by position, in order, under lme4's names (repeats kept)."""
+    order = sorted(rows)
+    return pd.DataFrame([rows[i] for i in order], index=[names[i] for i in order], columns=["lower", "upper"])
 
 
 def glmm_profile_intervals(fit, names, level: float = 0.95) -> pd.DataFrame:
@@ -118,7 +139,7 @@ def glmm_profile_intervals(fit, names, level: float = 0.95) -> pd.DataFrame:
         return np.inf if mapped is None else system.objective(mapped[0], x[m:], fit.nAGQ)
 
     se = _glmm_standard_errors(fit, relcov)
-    rows = {}
+    rows: dict = {}
     for index, name in enumerate(names):
         others = np.flatnonzero(np.arange(x_hat.size) != index)
 
@@ -134,8 +155,8 @@ def glmm_profile_intervals(fit, names, level: float = 0.95) -> pd.DataFrame:
             return float(found.deviance[0]), x
 
         step = se[index] if np.isfinite(se[index]) and se[index] > 0 else 0.1
-        rows[name], _ = _follow(dev_at, x_hat, None, x_hat[index], step, lo[index], hi[index], fit.objective, z, name)
-    return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
+        rows[index], _ = _follow(dev_at, x_hat, None, x_hat[index], step, lo[index], hi[index], fit.objective, z, name)
+    return _intervals(rows, list(names))
 
 
 def _glmm_standard_errors(fit, relcov) -> np.ndarray:
