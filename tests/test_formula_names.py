@@ -88,15 +88,16 @@ def test_backticks_give_the_names_r_gives(frame, plain_fit):
     assert fit.llf == plain_fit.llf
     # R writes `yield`, `class`, `lambda` bare and reserved words (in, if) in backticks, as lme4 1.1-31 names
     # `if` and `yield` in coefficient names.
+    # (in R's order: main effects as written, then the interaction; patsy puts factor-only terms first)
     assert list(fit.fe_params.index) == [
         "(Intercept)",
+        "class",
         "`in`[T.b]",
         "`in`[T.c]",
-        "class",
-        "class:`in`[T.b]",
-        "class:`in`[T.c]",
         "log(lambda)",
         "I(class^2)",
+        "class:`in`[T.b]",
+        "class:`in`[T.c]",
     ]
 
 

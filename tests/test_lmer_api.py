@@ -250,6 +250,21 @@ def test_text_columns_of_the_fixed_part_reach_patsy_as_categoricals():
     np.testing.assert_array_equal(fits[0].fe_params, fits[1].fe_params)
 
 
+def test_fixed_effects_come_in_rs_order_and_predict_reads_them_so():
+    """R's model.matrix order (terms by their number of factors, then as written), not patsy's (terms without
+    numeric factors first); predictions from newdata put their columns in the same order; an aliased column is
+    dropped where lme4 drops it: the later one in R's order."""
+    data = SLEEP.assign(half=np.where(SLEEP.Days < 5, "early", "late"), late=(SLEEP.Days >= 5).astype(float))
+    m = sm.lmer("Reaction ~ Days + half + Days:half + (1 | Subject)", data)
+    assert list(m.fe_params.index) == ["(Intercept)", "Days", "half[T.late]", "Days:half[T.late]"]
+    np.testing.assert_allclose(m.predict(data), m.fitted, rtol=1e-12)
+    # late is half's indicator: lme4 keeps the first written (late) and drops half (patsy's order dropped late)
+    with pytest.warns(sm.RankDeficiencyWarning, match=r"half\[T.late\]"):
+        aliased = sm.lmer("Reaction ~ Days + late + half + (1 | Subject)", data)
+    assert list(aliased.fe_params.index) == ["(Intercept)", "Days", "late"]
+    np.testing.assert_allclose(aliased.predict(data), aliased.fitted, rtol=1e-12)
+
+
 def test_theta_names_follow_lme4_for_split_terms():
     m = sm.lmer("Reaction ~ Days + (Days || Subject)", SLEEP)
     assert m.theta_names == ["Subject.(Intercept)", "Subject.Days"]

@@ -44,6 +44,7 @@ from ..formula.design_rules import (
     group_codes,
     lme4_name,
     lme4_term_order,
+    r_column_order,
     theta_names,
     unaliased_from_gram,
     unique_group_names,
@@ -171,7 +172,7 @@ def fit_partitioned(
     spec = PartitionSpec(parsed.fixed, tuple(used), categories, tuple(random), weights, offset)
 
     # Pass 2: X'X and X'y; the aliased columns and the least-squares shift; the working columns.
-    fixed_names = _fixed_names(spec, data._meta)
+    fixed_names, column_order = _fixed_columns(spec, data._meta)
     totals = tree(data, fixed_sums, add_sums, spec).compute()
     transferred += nbytes(totals)
     templates = [CovarianceTemplate.unstructured(term.k) for term in random]
@@ -180,7 +181,11 @@ def fit_partitioned(
         for t, template in enumerate(templates)
     )
     spec = PartitionSpec(**{**spec.__dict__, "column_transforms": transforms})
-    keep, dropped = unaliased_from_gram(totals["XtX"], fixed_names)
+    # decided in R's column order, as the in-memory door decides it; `keep`: patsy's columns, in that order
+    keep, dropped = unaliased_from_gram(
+        totals["XtX"][np.ix_(column_order, column_order)], [fixed_names[j] for j in column_order]
+    )
+    keep = [column_order[j] for j in keep]
     XtX = totals["XtX"][np.ix_(keep, keep)]
     beta_ols = np.linalg.lstsq(XtX, totals["Xty"][keep], rcond=None)[0] if keep else np.zeros(0)
     spec = PartitionSpec(**{**spec.__dict__, "keep_columns": tuple(keep)})
@@ -321,9 +326,11 @@ def _term_columns(r, meta, categories) -> tuple[str, ...]:
     return tuple(lme4_name(c) for c in M.columns)
 
 
-def _fixed_names(spec, meta) -> list[str]:
+def _fixed_columns(spec, meta) -> tuple[list[str], list[int]]:
+    """The fixed design's column names (patsy's order) and its columns in R's order (design_rules.r_column_order)."""
     _, X = on_prototype(patsy.dmatrices, spec.fixed, meta, spec.categories, return_type="dataframe")
-    return [lme4_name(c) for c in X.columns]
+    order = r_column_order(X.design_info, readable_formula(spec.fixed, meta.columns))
+    return [lme4_name(c) for c in X.columns], order
 
 
 def _cross_products(sums, XtX, beta_ols, sum_log_weights, n) -> CrossProducts:

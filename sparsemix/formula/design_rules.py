@@ -72,6 +72,19 @@ def r_name(name: str) -> str:
     return name if syntactic else "`" + name + "`"
 
 
+def r_column_order(design_info, desc) -> list[int]:
+    """patsy's columns of the fixed design in R's model.matrix order: terms by their number of factors (the
+    intercept, main effects, two-way interactions, ...), each as the formula writes them (`desc`: patsy's reading of
+    it, terms in the formula's order). patsy puts the terms without numeric factors first (`a + u` gives u's
+    columns before a's); lme4 users compare tables in R's order, and lme4 drops aliased columns in it."""
+    slices = design_info.term_slices
+    terms = [t for t in desc.rhs_termlist if t in slices]
+    if len(terms) != len(slices):  # (a term patsy built that the formula's reading lacks: keep patsy's order)
+        return list(range(design_info.shape[1] if hasattr(design_info, "shape") else len(design_info.column_names)))
+    ordered = sorted(range(len(terms)), key=lambda i: (len(terms[i].factors), i))
+    return [j for i in ordered for j in range(slices[terms[i]].start, slices[terms[i]].stop)]
+
+
 def drop_aliased(X, names) -> tuple[list[int], list[str]]:
     """lme4: (columns kept, names dropped), dropping the fixed-effect columns that are linear combinations of
     earlier ones (Gram-Schmidt on the normalized columns of X), and saying which."""

@@ -124,7 +124,8 @@ def predict_rows(frame: pd.DataFrame, keep: np.ndarray, compute) -> pd.Series:
 
 def fixed_matrix(frame: pd.DataFrame, design_info, keep=None) -> np.ndarray:
     """The fixed-effect columns of complete rows of newdata, through the fit's patsy design (its levels,
-    contrasts and transforms). `keep`: the positions of the fitted columns when some were dropped."""
+    contrasts and transforms). `keep`: the positions of the fitted columns in the fit's order (R's, where patsy's
+    differs), without the dropped ones."""
     _check_fixed_levels(frame, design_info)
     _check_numeric_columns(frame, design_info)
     try:
@@ -137,7 +138,7 @@ def fixed_matrix(frame: pd.DataFrame, design_info, keep=None) -> np.ndarray:
             "and types the model was fitted with."
         ) from None
     X = np.asarray(X, dtype=float)
-    return X if keep is None or len(keep) == X.shape[1] else X[:, list(keep)]
+    return X if keep is None or list(keep) == list(range(X.shape[1])) else X[:, list(keep)]
 
 
 def _check_numeric_columns(frame: pd.DataFrame, design_info) -> None:

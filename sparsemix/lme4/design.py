@@ -22,6 +22,7 @@ from ..formula.design_rules import (
     group_codes,
     lme4_name,
     lme4_term_order,
+    r_column_order,
     unique_group_names,
 )
 from ..formula.lme4 import RandomSpec, parse_formula
@@ -33,7 +34,7 @@ from ..formula.mixedlm import (
     level_name,
     numeric_design,
 )
-from ..formula.safety import check_formula, safe_environment, used_environment
+from ..formula.safety import check_formula, readable_formula, safe_environment, used_environment
 
 __all__ = ["LmerDesign", "build_design", "theta_lower_bounds"]
 
@@ -117,6 +118,9 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
         if pd.api.types.is_bool_dtype(frame[parsed.response].dtype):  # TRUE/FALSE as 1/0, as R reads them
             frame = frame.assign(**{parsed.response: frame[parsed.response].to_numpy(dtype=float)})
     endog, X, exog_names, fixed_info = fixed_arrays(parsed.fixed, frame, env)
+    # patsy's columns in R's order (lme4's coefficient order, and the order aliased columns are dropped in)
+    column_order = r_column_order(fixed_info, readable_formula(parsed.fixed, frame.columns))
+    X, exog_names = X[:, column_order], [exog_names[j] for j in column_order]
     y = checks.as_numeric_vector(endog, "response")
     checks.check_finite(y, f"response {parsed.response!r}", missing_hint=False)
     checks.check_response_varies(y, parsed.response)
@@ -132,7 +136,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
     names = [lme4_name(c) for c in exog_names]
     kept, dropped = drop_aliased(X, names)
     X, names = X[:, kept], [names[j] for j in kept]
-    kept = [others[j] for j in kept]  # in patsy's design's columns
+    kept = [column_order[others[j]] for j in kept]  # in patsy's design's columns
     checks.check_fixed_columns_vs_nobs(X.shape[1], len(y), names)
 
     infos, terms = [], []
@@ -163,7 +167,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
         tuple(dropped),
         used_environment(env, [parsed.fixed] + [s.expr for s in parsed.random]),
         tuple(kept),
-        tuple(offset_columns),
+        tuple(column_order[j] for j in offset_columns),
     )
 
 
