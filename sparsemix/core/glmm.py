@@ -74,7 +74,8 @@ GRAM_THREADS_MIN_ORDER = 1_000
 class BlockFactor:
     """Lambda' Z' W Z Lambda + I for PIRLS's changing weights W without forming it sparse: the weighted
     cross-products accumulated from the rows by level codes (the first term's k1 x k1 blocks, its block against
-    the rest's q2 columns, the rest's q2 x q2 block: each a bincount over index arrays built once), then the first
+    the rest's q2 columns, the rest's q2 x q2 block: each a sparse product with the weights, or a bincount, over
+    index arrays built once: _sum_operator), then the first
     term eliminated level by level and the q2 x q2 Schur complement factored dense (as DenseFactor does for the
     linear model). Offers CholmodFactor's logdet, half_solve and solve."""
 
@@ -103,7 +104,7 @@ class BlockFactor:
         # held sparse, its pattern the pairs that occur, so that W'W costs the pairs, not n1 q2 q2
         self._scalar = self.k1 == 1 and all(t.k == 1 for _, t in relcov.blocks[1:])
         self._sparse = self._scalar and q1 * q2 >= SPARSE_BLOCK_FROM
-        if self._scalar and not self._sparse:  # the three sums as one bincount (one gather of w, one call)
+        if self._scalar and not self._sparse:  # the three sums as one (one product with w, one call)
             parts = [self._g11, self._g1r, self._grr]
             offsets = np.cumsum([0, n1, n1 * q2])
             self._all = tuple(
@@ -163,8 +164,6 @@ class BlockFactor:
         return right_multiply_rest(M, rest, self._rest_ks, self._rest_slices)
 
     def refactor(self, w: np.ndarray, factors) -> "BlockFactor":
-        if self._sparse:
-            return self._refactor_sparse(w, factors)
         if self._scalar:
             return self._refactor_scalar(w, factors)
         n1, k1, q2 = self.n1, self.k1, self.q2
@@ -184,23 +183,42 @@ class BlockFactor:
         return self
 
     def _refactor_scalar(self, w: np.ndarray, factors) -> "BlockFactor":
-        """refactor where every term is scalar (VerbAgg's crossed intercepts): Lambda is a diagonal of scales, so
-        the first term's levels need square roots, not a stack of 1 x 1 Choleskys and solves (a third of a PIRLS
-        iteration there)."""
+        """refactor where every term is scalar (VerbAgg's crossed intercepts; the 1,000,000-row designs): Lambda is
+        a diagonal of scales, so the first term's levels need square roots, not a stack of 1 x 1 Choleskys and
+        solves (a third of a PIRLS iteration on VerbAgg); W = diag(t / root) G1R diag(lambda_2), dense, or sparse
+        in the pattern of the pairs that occur (`_sparse`), whose W'W the compiled loop subtracts."""
         n1, q2 = self.n1, self.q2
         t = float(factors[0][0, 0])
         scales = self._rest_scales(factors)
-        sums = self._sum(self._all, w, n1 + n1 * q2 + q2 * q2)
-        root = np.sqrt(t * t * sums[:n1] + 1.0)
+        if self._sparse:
+            g11, g1r = self._sum(self._g11, w, n1), self._sum(self._g1r, w, self._n_pairs)
+            S = self._sum(self._grr, w, q2 * q2).reshape(q2, q2)
+        else:
+            sums = self._sum(self._all, w, n1 + n1 * q2 + q2 * q2)
+            g11, g1r, S = sums[:n1], sums[n1 : n1 + n1 * q2], sums[n1 + n1 * q2 :].reshape(q2, q2)
+        root = np.sqrt(t * t * g11 + 1.0)
         self.L11 = root.reshape(n1, 1, 1)
-        W = sums[n1 : n1 + n1 * q2].reshape(n1, q2)
-        W *= (t / root)[:, None]
-        W *= scales[None, :]
-        self.W = W
-        S = sums[n1 + n1 * q2 :].reshape(q2, q2)
-        S *= scales[:, None]
+        S *= scales[:, None]  # in place: two temporaries of q2 x q2 cost 17 ms at q2 = 2,000
         S *= scales[None, :]
-        S -= W.T @ W
+        if self._sparse:
+            W = self._pattern1r
+            W.data = g1r * (t / root)[self._pair_rows] * scales[W.indices]
+            if q2:
+                # S -= W'W, its lower triangle, compiled (kernels.py: scipy's sparse product built W'W as a sparse
+                # matrix, 0.23 s of a 0.33 s refactorization at 1,000,000 rows, 20,000 x 2,000)
+                from .kernels import subtract_gram_lower  # numba: imported (1 s) only by fits that need it
+
+                columns = self._by_column
+                threads = kernel_threads(q2, GRAM_THREADS_MIN_ORDER)
+                subtract_gram_lower(
+                    columns.indptr, columns.indices, columns.data, W.indptr, W.indices, W.data, S, threads
+                )
+        else:
+            W = g1r.reshape(n1, q2)
+            W *= (t / root)[:, None]
+            W *= scales[None, :]
+            S -= W.T @ W
+        self.W = W
         S[np.arange(q2), np.arange(q2)] += 1.0
         with dense_threads(q2):  # the BLAS threads the fit set aside, for a big Schur complement
             self.LS = _lower_cholesky(S) if q2 else np.zeros((0, 0))
@@ -212,35 +230,6 @@ class BlockFactor:
         for T, cols in zip(factors[1:], self._rest_slices):
             scales[cols] = T[0, 0]
         return scales
-
-    def _refactor_sparse(self, w: np.ndarray, factors) -> "BlockFactor":
-        """refactor for one scalar first term and scalar terms after it, the first-by-rest block sparse."""
-        n1, q2 = self.n1, self.q2
-        t = float(factors[0][0, 0])
-        scales = self._rest_scales(factors)
-        g11 = self._sum(self._g11, w, n1)
-        m = t * t * g11 + 1.0
-        self.L11 = np.sqrt(m).reshape(n1, 1, 1)
-        # W = diag(t / sqrt(m)) G1R diag(lambda_2), its values written into the fixed pattern
-        W = self._pattern1r
-        W.data = self._sum(self._g1r, w, self._n_pairs) * (t / np.sqrt(m))[self._pair_rows] * scales[W.indices]
-        self.W = W
-        GRR = self._sum(self._grr, w, q2 * q2).reshape(q2, q2)
-        S = GRR  # scaled in place: two temporaries of q2 x q2 cost 17 ms at q2 = 2,000
-        S *= scales[:, None]
-        S *= scales[None, :]
-        S[np.arange(q2), np.arange(q2)] += 1.0
-        if q2:
-            # S -= W'W, its lower triangle, compiled (kernels.py: scipy's sparse product built W'W as a sparse
-            # matrix, 0.23 s of a 0.33 s refactorization at 1,000,000 rows, 20,000 x 2,000)
-            from .kernels import subtract_gram_lower  # numba: imported (1 s) only by fits that need it
-
-            columns = self._by_column
-            threads = kernel_threads(q2, GRAM_THREADS_MIN_ORDER)
-            subtract_gram_lower(columns.indptr, columns.indices, columns.data, W.indptr, W.indices, W.data, S, threads)
-        with dense_threads(q2):  # the BLAS threads the fit set aside, for a big Schur complement
-            self.LS = _lower_cholesky(S) if q2 else np.zeros((0, 0))
-        return self
 
     def logdet(self) -> float:
         d1 = np.log(np.diagonal(self.L11, axis1=1, axis2=2)).sum()

@@ -127,19 +127,10 @@ def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient
                     s += T[i, a] * G1R[lvl, i, c]
                 B[a, c] = s
         L = L11[lvl]
-        for j in range(k):  # Cholesky of M
-            d = M[j, j]
-            for m in range(j):
-                d -= L[j, m] * L[j, m]
-            if not d > 0.0:
-                return 1, 0.0, 0.0, 0.0
-            L[j, j] = np.sqrt(d)
-            logdet1 += np.log(d)
-            for i in range(j + 1, k):
-                s = M[i, j]
-                for m in range(j):
-                    s -= L[i, m] * L[j, m]
-                L[i, j] = s / L[j, j]
+        failed, logdet = _cholesky(M, L)
+        if failed >= 0:
+            return 1, 0.0, 0.0, 0.0
+        logdet1 += logdet
         Wl = W[lvl]
         for a in range(k):  # W_l = L^{-1} B
             for c in range(N2):
@@ -154,18 +145,9 @@ def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient
                     s += Wl[a, c] * Wl[a, d]
                 S[c, d] -= s
     LS = np.zeros((N2, N2))
-    for j in range(N2):  # Cholesky of S
-        d = S[j, j]
-        for m in range(j):
-            d -= LS[j, m] * LS[j, m]
-        if not d > 0.0:
-            return (2 if j == p else 1), 0.0, 0.0, 0.0
-        LS[j, j] = np.sqrt(d)
-        for i in range(j + 1, N2):
-            s = S[i, j]
-            for m in range(j):
-                s -= LS[i, m] * LS[j, m]
-            LS[i, j] = s / LS[j, j]
+    failed, _ = _cholesky(S, LS)
+    if failed >= 0:
+        return (2 if failed == p else 1), 0.0, 0.0, 0.0
     logdet_RX2 = 0.0
     for j in range(p):
         logdet_RX2 += 2.0 * np.log(LS[j, j])
@@ -260,6 +242,27 @@ def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient
         gradient[t] = 2.0 * Gsum[b, a] - 2.0 * scale * modes[a, b]
         finite = finite and np.isfinite(gradient[t])
     return (0 if finite else 1), logdet1, logdet_RX2, r2
+
+
+@njit(cache=True, nogil=True)
+def _cholesky(M, L):
+    """L L' = M from M's lower triangle, into L: (-1, log |M|), or (the first pivot that is not positive, 0)."""
+    n = M.shape[0]
+    logdet = 0.0
+    for j in range(n):
+        d = M[j, j]
+        for m in range(j):
+            d -= L[j, m] * L[j, m]
+        if not d > 0.0:
+            return j, 0.0
+        L[j, j] = np.sqrt(d)
+        logdet += np.log(d)
+        for i in range(j + 1, n):
+            s = M[i, j]
+            for m in range(j):
+                s -= L[i, m] * L[j, m]
+            L[i, j] = s / L[j, j]
+    return -1, logdet
 
 
 @njit(cache=True, nogil=True)

@@ -104,9 +104,7 @@ class RelativeCovariance:
             if T is None:
                 continue
             rows, cols = template._index
-            F = np.zeros((working.shape[0], template.k, template.k))
-            F[:, rows, cols] = working[:, sl]
-            out[:, sl] = lower_factors(np.matmul(T, F))[:, rows, cols]
+            out[:, sl] = lower_factors(np.matmul(T, template.factors(working[:, sl])))[:, rows, cols]
         return out
 
     def near_singular(self, thetas: np.ndarray) -> np.ndarray:
@@ -115,9 +113,7 @@ class RelativeCovariance:
         thetas = np.atleast_2d(np.asarray(thetas, dtype=float))
         out = np.zeros(thetas.shape[0], dtype=bool)
         for (_, template), sl in zip(self.blocks, self.theta_slices):
-            rows, cols = template._index
-            F = np.zeros((thetas.shape[0], template.k, template.k))
-            F[:, rows, cols] = thetas[:, sl]
+            F = template.factors(thetas[:, sl])
             if template.is_diagonal:
                 smallest = np.abs(np.diagonal(F, axis1=1, axis2=2)).min(axis=1)
             else:

@@ -64,6 +64,13 @@ class CovarianceTemplate:
         T[rows, cols] = theta
         return T
 
+    def factors(self, thetas: np.ndarray) -> np.ndarray:
+        """`factor` of every row of `thetas` (R x n_theta, this term's slice): a stack R x k x k."""
+        T = np.zeros((thetas.shape[0], self.k, self.k))
+        rows, cols = self._index
+        T[:, rows, cols] = thetas
+        return T
+
     def theta_of(self, T: np.ndarray) -> np.ndarray:
         """Inverse of `factor`: read the parameters off a lower-triangular T."""
         rows, cols = self._index

@@ -80,7 +80,7 @@ def r_column_order(design_info, desc) -> list[int]:
     slices = design_info.term_slices
     terms = [t for t in desc.rhs_termlist if t in slices]
     if len(terms) != len(slices):  # (a term patsy built that the formula's reading lacks: keep patsy's order)
-        return list(range(design_info.shape[1] if hasattr(design_info, "shape") else len(design_info.column_names)))
+        return list(range(len(design_info.column_names)))
     ordered = sorted(range(len(terms)), key=lambda i: (len(terms[i].factors), i))
     return [j for i in ordered for j in range(slices[terms[i]].start, slices[terms[i]].stop)]
 
