@@ -456,3 +456,53 @@ def test_glmer_results_pickle(cbpp_fit, monkeypatch):
     slopes = sm.glmer("y ~ x + (1 + x | g)", pd.DataFrame(FIXTURES["slopes"]["data"]))
     again = pickle.loads(pickle.dumps(slopes))
     pd.testing.assert_frame_equal(again.ranef()["g"].attrs["condsd"], slopes.ranef()["g"].attrs["condsd"], rtol=1e-10)
+
+
+def test_the_mode_predictor_combines_the_last_modes_as_the_point_combines_the_last_points():
+    """A difference stencil's minus and cross points are affine combinations of the centre and the plus points: the
+    prediction is that combination of their states, exact for a state linear in x and off by O(h^2) otherwise."""
+    from sparsemix.core.glmm import ModePredictor
+
+    A, c = np.array([[1.0, -2.0], [0.5, 3.0], [2.0, 0.0]]), np.array([0.1, -0.2, 0.3])
+    x0, h = np.array([0.4, -1.3]), 1e-3
+    predictor = ModePredictor(2, 3)
+    assert predictor.predict(x0) is None  # nothing to predict from
+    for point in (x0, x0 + [h, 0], x0 + [0, h]):
+        predictor.record(point, A @ point + c)
+    for point in (x0 - [h, 0], x0 + [h, h], x0 + [0.05, -0.02]):  # the last one a step away
+        np.testing.assert_allclose(predictor.predict(point), A @ point + c, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(predictor.predict(x0 + [h, 0]), A @ (x0 + [h, 0]) + c)  # a repeat: its own state
+
+    curved = lambda x: np.array([np.exp(x[0]), x[0] * x[1] ** 2])  # noqa: E731
+    predictor = ModePredictor(2, 2)
+    for point in (x0, x0 + [h, 0], x0 + [0, h]):
+        predictor.record(point, curved(point))
+    minus = x0 - [h, 0]
+    assert np.max(np.abs(predictor.predict(minus) - curved(minus))) < 10 * h**2
+    assert np.max(np.abs(curved(x0) - curved(minus))) > 0.5 * h  # the last mode alone: off by O(h)
+
+    one_line = ModePredictor(2, 1)
+    for t in (0.0, 1.0):
+        one_line.record(np.array([t, 2 * t]), np.array([t]))
+    assert one_line.predict(np.array([0.5, 0.0])) is None  # off the line the points span: no prediction
+
+
+def test_pirls_from_predicted_modes_reaches_the_same_mode_in_fewer_iterations():
+    """The Hessian's difference points start PIRLS from the modes the last points predict: each objective equals the
+    one from a cold start (u = 0) to 1e-10, and the minus and cross points take one iteration."""
+    data = pd.DataFrame(FIXTURES["VerbAgg"]["data"])
+    m = sm.glmer("y ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)", data)
+    system = m.fit_result.system
+    x = np.concatenate([m.theta, m.fe_params.values])
+    h = 1e-4 * np.maximum(np.abs(x), 1.0)
+    k = m.theta.size
+    warm, iterations = [], []
+    points = [x] + [x + h[i] * e for i, e in enumerate(np.eye(x.size))] + [x - h[0] * np.eye(x.size)[0]]
+    points.append(x + h[0] * np.eye(x.size)[0] + h[1] * np.eye(x.size)[1])
+    for point in points:
+        r = system.pirls(point[:k], point[k:])
+        warm.append(r.objective)
+        iterations.append(r.iterations)
+    cold = [system.pirls(point[:k], point[k:], u0=np.zeros(system.q)).objective for point in points]
+    np.testing.assert_allclose(warm, cold, rtol=1e-10)
+    assert iterations[-2:] == [1, 1]

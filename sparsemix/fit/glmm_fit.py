@@ -22,6 +22,8 @@ __all__ = ["GlmmFit", "fit_glmm", "covariance_hessian"]
 
 # The deviance change that ends the nAGQ = 0 stage when it only starts the nAGQ = 1 fit.
 STAGE0_FTOL = 1e-3
+# ... and PIRLS's tolerance there (the mode then within ~its square: the objective ~1e-6 off, far below STAGE0_FTOL)
+STAGE0_PIRLS_TOLERANCE = 1e-2
 # The finite-difference step of the Hessian for the covariance of beta (lme4's deriv12 uses 1e-4) ...
 HESSIAN_STEP = 1e-4
 # ... at most this share of each parameter's standard error (from a first Hessian): the difference Hessian's
@@ -85,9 +87,10 @@ def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> Glm
     relcov, p = system.relcov, system.p
     lower_theta = relcov.lower_bounds
     beta_now = [system.start_beta()]
+    stage0_tolerance = None if nAGQ == 0 else STAGE0_PIRLS_TOLERANCE
 
     def joint_objective(theta):
-        r = system.mode_or_none(theta, beta_now[0], joint=True)
+        r = system.mode_or_none(theta, beta_now[0], joint=True, tolerance=stage0_tolerance)
         if r is None:
             return np.inf
         beta_now[0] = r.beta
