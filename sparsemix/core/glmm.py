@@ -305,37 +305,40 @@ class ModePredictor:
     def __init__(self, dimension: int, state_size: int):
         stencil = 2 * dimension + dimension * (dimension - 1) // 2 + 2  # a difference Hessian's points and centre
         fits = max(2, PREDICTOR_MAX_BYTES // max(8 * state_size, 1))
-        self.capacity = min(stencil, PREDICTOR_MAX_POINTS, fits)
-        self.points: list[np.ndarray] = []
-        self.states: list[np.ndarray] = []
+        capacity = min(stencil, PREDICTOR_MAX_POINTS, fits)
+        self.points = np.empty((capacity, dimension))
+        self.states = np.empty((capacity, state_size))
+        self.count = 0  # points recorded; the last `capacity` are kept, in a ring
 
     def record(self, x: np.ndarray, state: np.ndarray) -> None:
-        self.points.append(np.array(x, dtype=float))
-        self.states.append(np.array(state, dtype=float))
-        if len(self.points) > self.capacity:
-            del self.points[0], self.states[0]
+        slot = self.count % self.points.shape[0]
+        self.points[slot], self.states[slot] = x, state
+        self.count += 1
 
     def predict(self, x: np.ndarray) -> np.ndarray | None:
-        if len(self.points) < 2:
+        kept = min(self.count, self.points.shape[0])
+        if kept < 2:
             return None
-        P = np.array(self.points)
-        distance = np.linalg.norm(P - x, axis=1)
+        P = self.points[:kept] - x
+        distance = np.sqrt(np.einsum("kj,kj->k", P, P))
         nearest = int(np.argmin(distance))
         if distance[nearest] == 0.0:
             return self.states[nearest].copy()
-        # min sum (a_k d_k^2)^2 subject to sum a_k = 1, sum a_k P_k = x: a least-norm solve in b_k = a_k d_k^2
-        scale = distance**2
-        A = np.vstack([np.ones(len(P)), (P - x).T]) / scale
-        rhs = np.zeros(A.shape[0])
+        # min sum (a_k d_k^2)^2 subject to sum a_k = 1, sum a_k P_k = x: the least-norm b_k = a_k d_k^2 of B b = e_1
+        # (rows and weights scaled to order one: the same least-norm solution, a better conditioned B B')
+        far = distance.max()
+        scale = (distance / far) ** 2
+        B = np.vstack([np.ones(kept), P.T / far]) / scale
+        rhs = np.zeros(B.shape[0])
         rhs[0] = 1.0
-        b, *_ = np.linalg.lstsq(A, rhs, rcond=None)
-        a = b / scale
-        if not np.all(np.isfinite(a)) or abs(a.sum() - 1.0) > 1e-8 or np.abs(a @ (P - x)).max() > 1e-8 * distance.max():
+        Q, R = np.linalg.qr(B.T)  # b = Q R^{-T} e_1 (the normal equations would square B's condition)
+        try:
+            a = (Q @ np.linalg.solve(R.T, rhs)) / scale
+        except np.linalg.LinAlgError:  # the points span no affine space that holds x
             return None
-        out = np.zeros_like(self.states[0])
-        for weight, state in zip(a, self.states):
-            out += weight * state
-        return out
+        if not np.all(np.isfinite(a)) or abs(a.sum() - 1.0) > 1e-8 or np.abs(a @ P).max() > 1e-8 * distance.max():
+            return None
+        return a @ self.states[:kept]
 
 
 class LaplaceSystem:
