@@ -77,3 +77,24 @@ def test_entries_left_just_above_a_bound_go_onto_it_only_if_that_is_no_worse(opt
     x, fx = newton_polish(f, start, f(start), np.zeros(3), np.full(3, np.inf))
     assert x[0] == pytest.approx(expected, abs=1e-5) and (x[0] == 0.0) == (expected == 0.0)
     assert fx <= f(start) + 1e-12 * abs(f(start))
+
+
+def test_lbfgs_stops_where_its_line_search_reaches_rounding():
+    """Where the gradient says the deviance falls and no step lowers it (as at an optimum where the gradient's
+    rounding exceeds gtol), L-BFGS-B's line search halved its step down to 3e-15 (27 evaluations; Oxboys: ten
+    at rounding level); it stops at its first point within LBFGS_MIN_MOVE of the last, settled, since the
+    gradient is below the rounding slope."""
+    from sparsemix.fit.optimize import LBFGS_MIN_MOVE, _lbfgs
+
+    x0, points = np.array([0.3, -0.2]), []
+
+    def fg(x):
+        points.append(np.array(x))
+        return 648.0 + 1e-3 * float(np.abs(x - x0).sum()), np.array([3e-5, 0.0])
+
+    converged, message, value, slope = _lbfgs(fg, x0.copy(), np.full(2, -np.inf), np.full(2, np.inf), 100, True)
+    assert converged and "rounding" in message
+    assert value == 648.0 and slope == pytest.approx(3e-5)
+    steps = [np.max(np.abs(b - a)) for a, b in zip(points, points[1:])]
+    assert min(steps) > LBFGS_MIN_MOVE  # no evaluation at rounding distance from the one before
+    assert len(points) <= 8

@@ -418,27 +418,52 @@ def _rounding_slope(deviance: float) -> float:
     return max(LBFGS_RESTART_SLOPE, LBFGS_ROUNDING_SLOPE * abs(deviance))
 
 
+# A line-search point this close to the last one (relative, in every entry) ends L-BFGS-B: its line search has
+# reached rounding level (Oxboys: ten evaluations with steps from 5e-10 down to 2e-15 before it gave up).
+LBFGS_MIN_MOVE = 1e-9
+
+
+class _AtRounding(Exception):
+    """L-BFGS-B asked for a point at rounding distance from the last one."""
+
+
 def _lbfgs(fg, x0, lower, upper, maxeval, polish):
     """scipy's L-BFGS-B with the exact gradient: (converged, message, deviance where it stopped, largest entry of the
     projected gradient there). A line search that fails at rounding level (the projected gradient already small)
-    counts as converged."""
+    counts as converged; it is stopped at its first point within LBFGS_MIN_MOVE of the last."""
     if maxeval < 1:
         return False, "no evaluations left", np.inf, np.inf
     bounds = [(a if np.isfinite(a) else None, b if np.isfinite(b) else None) for a, b in zip(lower, upper)]
     gtol = LBFGS_GTOL if polish else LBFGS_GTOL_NO_POLISH
-    res = minimize(
-        fg,
-        x0,
-        jac=True,
-        method="L-BFGS-B",
-        bounds=bounds,
-        options={"maxiter": maxeval, "maxfun": maxeval, "gtol": gtol, "ftol": LBFGS_FTOL, "maxls": 30},
-    )
-    message = f"L-BFGS-B: {res.message}"
-    projected = np.where((res.x <= lower) & (res.jac > 0) | (res.x >= upper) & (res.jac < 0), 0.0, res.jac)
+    last: list = [None, np.inf, None]  # the last point, its deviance and gradient
+    best: list = [None, np.inf, None]
+
+    def tracked(x):
+        if last[0] is not None and np.all(np.abs(x - last[0]) <= LBFGS_MIN_MOVE * np.maximum(np.abs(x), 1.0)):
+            raise _AtRounding
+        value, gradient = fg(x)
+        last[:] = np.array(x), value, gradient
+        if value <= best[1]:
+            best[:] = last
+        return value, gradient
+
+    try:
+        res = minimize(
+            tracked,
+            x0,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"maxiter": maxeval, "maxfun": maxeval, "gtol": gtol, "ftol": LBFGS_FTOL, "maxls": 30},
+        )
+        x, value, gradient, status, message = res.x, float(res.fun), res.jac, res.status, f"L-BFGS-B: {res.message}"
+    except _AtRounding:
+        x, value, gradient = best
+        status, message = 2, "L-BFGS-B: line search at rounding level"
+    projected = np.where((x <= lower) & (gradient > 0) | (x >= upper) & (gradient < 0), 0.0, gradient)
     slope = float(np.max(np.abs(projected), initial=0.0))
-    settled = slope <= max(100 * gtol, LBFGS_ROUNDING_SLOPE * abs(float(res.fun)))
-    return bool(res.status == 0 or (res.status == 2 and settled)), message, float(res.fun), slope
+    settled = slope <= max(100 * gtol, LBFGS_ROUNDING_SLOPE * abs(value))
+    return bool(status == 0 or (status == 2 and settled)), message, value, slope
 
 
 # Entries this close to their lower bound (theta relative to sigma: an sd below 0.1% of the residual's) are
