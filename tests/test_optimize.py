@@ -96,5 +96,21 @@ def test_lbfgs_stops_where_its_line_search_reaches_rounding():
     assert converged and "rounding" in message
     assert value == 648.0 and slope == pytest.approx(3e-5)
     steps = [np.max(np.abs(b - a)) for a, b in zip(points, points[1:])]
-    assert min(steps) > LBFGS_MIN_MOVE  # no evaluation at rounding distance from the one before
+    assert min(steps) > LBFGS_MIN_MOVE * np.abs(x0).min()  # none at rounding distance from the one before
     assert len(points) <= 8
+
+
+def test_the_polish_reuses_the_best_points_gradient_and_a_probe_does_not_lend_it_one():
+    """The gradient polish starts where L-BFGS-B's best point was evaluated: no second evaluation there. A boundary
+    probe's value-only evaluation that becomes the best point has no gradient to reuse: the next L-BFGS-B run from
+    it evaluates it (a stale gradient of zeros, the boundary point's, ended that run at once)."""
+    calls = []
+
+    def fg(x):
+        calls.append(np.array(x))
+        return float((x - 0.4) @ (x - 0.4)), 2 * (x - 0.4)
+
+    result = minimize_deviance(lambda x: fg(x)[0], np.array([1.0, 1.0]), np.zeros(2), polish=True, deviance_gradient=fg)
+    np.testing.assert_allclose(result.theta, [0.4, 0.4], atol=1e-9)
+    repeats = sum(np.array_equal(a, b) for i, a in enumerate(calls) for b in calls[:i])
+    assert repeats == 0

@@ -127,6 +127,7 @@ def minimize_deviance(
     count = [0]
     best = [np.inf]
     best_x = [None]
+    best_gradient = [None]  # fg's at best_x
 
     every = bool(free.all())
 
@@ -144,6 +145,7 @@ def minimize_deviance(
         if value < best[0]:
             best[0] = value
             best_x[0] = np.array(x, dtype=float)
+            best_gradient[0] = None  # (fg sets it; a value-only evaluation leaves it unknown)
             log.append((count[0], value, time.perf_counter() - t0))
             if progress is not None:
                 progress(count[0], value, time.perf_counter() - t0)
@@ -153,12 +155,17 @@ def minimize_deviance(
         return record(x, objective(full(x)))
 
     def fg(x):
+        if best_gradient[0] is not None and np.array_equal(x, best_x[0]):  # (the polish starts at the best point)
+            return best[0], best_gradient[0].copy()
         value, gradient = deviance_gradient(full(x))
         value = record(x, value)
         gradient = np.asarray(gradient, dtype=float)
         gradient = gradient if every else gradient[free]
         # a sum is finite where every entry is (a few microseconds an evaluation less than np.isfinite's all)
-        return value, (gradient if value < 1e300 and math.isfinite(gradient.sum()) else np.zeros_like(gradient))
+        gradient = gradient if value < 1e300 and math.isfinite(gradient.sum()) else np.zeros_like(gradient)
+        if np.array_equal(x, best_x[0]):  # this point is the best so far (a copy: scipy may write into its own)
+            best_gradient[0] = gradient.copy()
+        return value, gradient
 
     x0 = np.clip(start[free], lower[free], upper[free])
     if x0.size == 0:
@@ -418,8 +425,9 @@ def _rounding_slope(deviance: float) -> float:
     return max(LBFGS_RESTART_SLOPE, LBFGS_ROUNDING_SLOPE * abs(deviance))
 
 
-# A line-search point this close to the last one (relative, in every entry) ends L-BFGS-B: its line search has
-# reached rounding level (Oxboys: ten evaluations with steps from 5e-10 down to 2e-15 before it gave up).
+# A line-search point this close to the last one (relative to each entry: theta's scale follows the weights',
+# 1e-3 with weights of 1e6) ends L-BFGS-B: its line search has reached rounding level (Oxboys: ten evaluations
+# with steps from 5e-10 down to 2e-15 before it gave up).
 LBFGS_MIN_MOVE = 1e-9
 
 
@@ -439,7 +447,7 @@ def _lbfgs(fg, x0, lower, upper, maxeval, polish):
     best: list = [None, np.inf, None]
 
     def tracked(x):
-        if last[0] is not None and np.all(np.abs(x - last[0]) <= LBFGS_MIN_MOVE * np.maximum(np.abs(x), 1.0)):
+        if last[0] is not None and np.all(np.abs(x - last[0]) <= LBFGS_MIN_MOVE * np.abs(x)):
             raise _AtRounding
         value, gradient = fg(x)
         last[:] = np.array(x), value, gradient
