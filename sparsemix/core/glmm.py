@@ -342,7 +342,8 @@ class ModePredictor:
 
 
 class LaplaceSystem:
-    """The Laplace objective of one model as a function of (theta, beta), PIRLS warm-started from the last mode."""
+    """The Laplace objective of one model as a function of (theta, beta), PIRLS warm-started from the last mode, or
+    from the one the last modes predict (ModePredictor)."""
 
     def __init__(
         self,
