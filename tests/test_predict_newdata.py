@@ -381,8 +381,9 @@ def test_dask_results_pickle():
     np.testing.assert_array_equal(back.predict(SLEEP_INT), fit.predict(SLEEP_INT))
     as_float = SLEEP_INT.assign(Subject=SLEEP_INT.Subject.astype(float))  # levels match by value here too
     np.testing.assert_array_equal(fit.predict(as_float), fit.predict(SLEEP_INT))
-    np.testing.assert_array_equal(
-        fit.predict(dd.from_pandas(as_float, npartitions=2)).compute(), fit.predict(SLEEP_INT)
+    # (by partition: BLAS's products over other lengths may round the last bit differently)
+    np.testing.assert_allclose(
+        fit.predict(dd.from_pandas(as_float, npartitions=2)).compute(), fit.predict(SLEEP_INT), rtol=1e-13
     )
     assert str(back.summary()) == str(fit.summary())
 

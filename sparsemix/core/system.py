@@ -142,6 +142,7 @@ class PenalizedSystem:
         self._factor_factors: list[np.ndarray] | None = None
         self._last_evaluation: Evaluation | None = None
         self._gradient: ProfiledGradient | SchurGradient | None = None
+        self._gradient_point: tuple | None = None  # (working, evaluation, beta, u) of the last gradient
 
     # -- pickling: the factorization is dropped and rebuilt on first use ------------------------------------
 
@@ -152,7 +153,9 @@ class PenalizedSystem:
         factor = state.pop("_factor", None)
         if factor is not None:
             state["_factor_rebuild"] = (factor.mode, getattr(factor, "update", None))
-        state.update(_factor_theta=None, _factor_factors=None, _last_evaluation=None, _gradient=None)
+        state.update(
+            _factor_theta=None, _factor_factors=None, _last_evaluation=None, _gradient=None, _gradient_point=None
+        )
         return state
 
     def with_response(self, cross: CrossProducts) -> "PenalizedSystem":
@@ -164,7 +167,9 @@ class PenalizedSystem:
         other = copy.copy(self)
         other.cross = cross
         other.n_evaluations = 0
-        other._factor_theta = other._factor_factors = other._last_evaluation = other._gradient = None
+        other._factor_theta = other._factor_factors = other._last_evaluation = other._gradient = (
+            other._gradient_point
+        ) = None
         if self.factorization_mode == "dense":  # the dense factor holds the response's sums: a new one, cheap
             other._factor = other._dense_factor(forced=True)
         elif "_factor" in self.__dict__:  # the factor goes with `other`; this one rebuilds on use
@@ -455,7 +460,90 @@ class PenalizedSystem:
         beta, u = self.modes(ev)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             gradient = gradient_of(ev, beta, u, reml, self.dof(reml))
+        self._gradient_point = (np.array(working, dtype=float), ev, beta, u)  # for working_information
         return deviance, gradient
+
+    def working_information(self, working, reml: bool) -> np.ndarray | None:
+        """An approximation to the profiled deviance's Hessian in the optimizer's coordinates: twice the average
+        information (average_information) taken from psi to (sigma^2, theta) by the Jacobian and profiled over
+        sigma^2 (its Schur complement). From the gradient's evaluation at `working` where that was the last one,
+        else from a new one; None where the deviance is not finite there.
+
+        With it, Newton steps on the exact gradient (fit/optimize.py) reach the optimum of a random-slopes model
+        in about a quarter of L-BFGS-B's evaluations (Oxboys' 3 x 3 term: 12 against 76)."""
+        working = np.asarray(working, dtype=float)
+        point = self._gradient_point
+        if point is not None and np.array_equal(point[0], working) and self._last_evaluation is point[1]:
+            _, ev, beta, u = point
+        else:
+            ev = self.evaluate_working(working, reported=False)
+            if not np.isfinite(self.profiled_deviance(ev, reml)):
+                return None
+            beta, u = self.modes(ev)
+        rc = self.relcov
+        factors = rc.factors(working)
+        AI = self.average_information(ev, beta, u, reml)  # sigma^4 AI: the profiled result is free of sigma^2
+        # d psi / d (sigma^2, theta): psi_(t, ab) = sigma^2 (T T')_ab, T linear in theta (each theta column / sigma^2)
+        J = np.zeros((AI.shape[0], rc.n_theta + 1))
+        J[0, 0] = 1.0
+        row = 1
+        for (_, template), sl, T in zip(rc.blocks, rc.theta_slices, factors):
+            k = template.k
+            lower = np.tril_indices(k)
+            J[row : row + lower[0].size, 0] = (T @ T.T)[lower]
+            for i, (a, b) in enumerate(template.positions):
+                E = np.zeros((k, k))
+                E[a, b] = 1.0
+                J[row : row + lower[0].size, sl.start + 1 + i] = (E @ T.T + T @ E.T)[lower]
+            row += lower[0].size
+        full = J.T @ AI @ J
+        if not (np.all(np.isfinite(full)) and full[0, 0] > 0):
+            return None
+        return 2.0 * (full[1:, 1:] - np.outer(full[1:, 0], full[0, 1:]) / full[0, 0])
+
+    def average_information(self, ev: Evaluation, beta: np.ndarray, u: np.ndarray, reml: bool) -> np.ndarray:
+        """sigma^4 times the average information (Gilmour, Thompson & Cullis 1995) of the (RE)ML log-likelihood in
+        psi: sigma^2, then each term's covariance entries (a, b), a >= b (np.tril_indices order), in the system's
+        columns, at the evaluation `ev` (the factor's last) with its modes (beta, u); sigma^4 AI, free of sigma's
+        scale (sigma^2 of 1e180 would overflow AI's own):
+
+            AI_ab = y'P V_a P V_b P y / 2,   P y = e / sigma^2,   V_a P y = Z_t E_ab Z_t' e / sigma^2
+
+        (e = y - X beta - Z b, E_ab the symmetric indicator of entry (a, b) at every level). Each w = V_a P y is
+        known by its cross-products Z'w, X'w and Gram matrix, and w_a'P w_b is the penalized residual sum of
+        squares of the fit to them: one half solve per entry of psi."""
+        c, rc = self.cross, self.relcov
+        factors = ev.factors
+        b = rc.apply(factors, u)
+        Zte = c.Zty - c.ZtX @ beta - c.ZtZ @ b  # Z'e
+        ee = ev.r2 - u @ u  # e'e
+        sigma2 = ev.r2 / self.dof(reml)
+        columns = []  # per psi entry after sigma^2: E_ab Z_t'e, placed in term t's columns
+        for (n, template), sl in zip(rc.blocks, rc.column_slices):
+            k = template.k
+            v = Zte[sl].reshape(n, k)
+            for a, bb in zip(*np.tril_indices(k)):
+                block = np.zeros((n, k))
+                block[:, a] = v[:, bb]
+                block[:, bb] = v[:, a]
+                column = np.zeros(rc.q)
+                column[sl] = block.ravel()
+                columns.append(column)
+        Vj = np.column_stack(columns)
+        GV = np.asarray(c.ZtZ @ Vj)
+        m = Vj.shape[1]
+        Zw = np.column_stack([Zte, GV])
+        gram = np.empty((m + 1, m + 1))
+        gram[0, 0] = ee
+        gram[0, 1:] = gram[1:, 0] = Zte @ Vj
+        gram[1:, 1:] = Vj.T @ GV
+        Cu = self.half_solve(rc.apply_transpose(factors, Zw))
+        quad = gram - Cu.T @ Cu
+        if reml and c.p:
+            Xw = np.column_stack([c.Xty - c.XtX @ beta - c.ZtX.T @ b, c.ZtX.T @ Vj])
+            Cb = la.solve_triangular(ev.RX, Xw - ev.RZX.T @ Cu, trans="T", lower=False)
+            quad -= Cb.T @ Cb
+        return 0.5 * quad / sigma2
 
     def _evaluate(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> Evaluation:
         c = self.cross

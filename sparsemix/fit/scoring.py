@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg as la
 
-from .optimize import OptimizationResult
+from .optimize import OptimizationResult, secant_update
 
 __all__ = ["ScoringPoint", "scoring_point", "fit_by_scoring"]
 
@@ -104,24 +104,9 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
     v2 = np.add.reduceat(Zte**2, starts)  # |Z_j'e|^2
     score = -0.5 * np.concatenate([[trace_P / sigma2 - ee / sigma2**2], trace_ZPZ / sigma2 - v2 / sigma2**2])
 
-    # w_0 = e, w_j = Z_j Z_j'e: their Z'w, X'w and Gram matrix, then w_a' P_1 w_b
-    m = sizes.shape[0]
-    Vj = np.zeros((rc.q, m))
-    for j, (s0, n) in enumerate(zip(starts, sizes)):
-        Vj[s0 : s0 + n, j] = Zte[s0 : s0 + n]
-    GV = c.ZtZ @ Vj
-    Zw = np.column_stack([Zte, GV])
-    Xw = np.column_stack([c.Xty - c.XtX @ beta - c.ZtX.T @ b, c.ZtX.T @ Vj]) if p else np.zeros((0, m + 1))
-    gram = np.empty((m + 1, m + 1))
-    gram[0, 0] = ee
-    gram[0, 1:] = gram[1:, 0] = v2
-    gram[1:, 1:] = Vj.T @ GV
-    Cu = system.half_solve(lam[:, None] * Zw)
-    quad = gram - Cu.T @ Cu
-    if reml and p:
-        Cb = la.solve_triangular(ev.RX, Xw - ev.RZX.T @ Cu, trans="T", lower=False)
-        quad -= Cb.T @ Cb
-    information = 0.5 * quad / sigma2**3
+    # the average information in psi (one covariance entry per scalar term), w_a' P w_b / 2 for w_0 = P y, w_j = Z_j
+    # Z_j' P y (PenalizedSystem.average_information gives it times sigma^4)
+    information = system.average_information(ev, beta, u, reml) / sigma2**2
     psi = sigma2 * np.concatenate([[1.0], theta**2])
     return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, score, information, single)
 
@@ -229,13 +214,7 @@ def _converged(theta, deviance, count, log, t0) -> OptimizationResult:
 
 def _secant_corrected(point: ScoringPoint, previous: ScoringPoint | None) -> np.ndarray:
     """AI at `point`, updated (BFGS) so that it maps the last step to the change of the score."""
-    B = point.information
     if previous is None:
-        return B
-    delta = point.psi - previous.psi
-    change = previous.score - point.score  # the change of the gradient of -loglik
-    curvature = float(delta @ change)
-    Bd = B @ delta
-    if curvature <= 1e-12 * float(delta @ Bd) or not np.isfinite(curvature):
-        return B
-    return B - np.outer(Bd, Bd) / float(delta @ Bd) + np.outer(change, change) / curvature
+        return point.information
+    # (the change of the gradient of -loglik)
+    return secant_update(point.information, point.psi - previous.psi, previous.score - point.score)

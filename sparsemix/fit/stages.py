@@ -118,6 +118,11 @@ def optimize_system(
                 if auto and free is None and system.supports_gradient
                 else None
             ),
+            deviance_information=(
+                (lambda th: system.working_information(th, reml))
+                if auto and free is None and system.supports_gradient
+                else None
+            ),
         )
         if working:  # the solution at the optimum is read off an evaluation in the working coordinates
             reported = system.evaluate_working(opt.theta).theta
