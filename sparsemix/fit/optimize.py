@@ -400,7 +400,7 @@ def _newton_steps(x, fx, grad, hess, moving, h, lower, upper, evaluate, gradient
 # Newton steps with the information (information_newton): at most this many; the optimum is reached where a step
 # would move every entry by less than INFORMATION_NEWTON_TOLERANCE (relative to max(|theta|, 1)) ...
 INFORMATION_NEWTON_MAX_ITERATIONS = 15
-INFORMATION_NEWTON_TOLERANCE = 1e-9
+INFORMATION_NEWTON_TOLERANCE = 1e-8
 # Steps shorter than this are taken as the gradient gives them, the deviance unchecked: it changes by ~1e-12 then,
 # at its rounding (pastes' REML fit stood at 4e-8 and its line searches failed); at most INFORMATION_NEWTON_MAX_SHORT.
 INFORMATION_NEWTON_LAST_STEP = 1e-6

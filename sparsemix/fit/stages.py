@@ -56,9 +56,10 @@ def optimize_system(
     """Minimise system.deviance(theta, reml) from `start_theta` (lme4's start by default). `initial_step`: BOBYQA's
     first step per entry (optimize.warm_step for a start near the optimum); `polish`: the optimum to full
     precision (bootstrap refits and profiles skip it): with method "auto", Newton steps with the average
-    information (scoring.py) where they apply (to 1e-9, or to 1e-6 without `polish`), L-BFGS-B with the exact
-    gradient for systems held dense (system.supports_gradient; Newton steps with it to finish), otherwise BOBYQA and a
-    final Newton step (optimize.newton_polish);
+    information (scoring.py) where they apply (to 1e-9, or to 1e-6 without `polish`); for systems with the exact
+    gradient (system.supports_gradient: held dense, or random slopes in the Schur form), Newton steps with it and the
+    average information (optimize.information_newton), L-BFGS-B where they give up (Newton steps with the gradient
+    to finish); otherwise BOBYQA and a final Newton step (optimize.newton_polish);
     `ftol`: BOBYQA's stopping rule (optimize.py)."""
     relcov = system.relcov
     reml = checks.check_bool(reml, "reml")
