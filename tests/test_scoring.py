@@ -361,25 +361,26 @@ def test_the_information_is_close_to_the_deviances_hessian_at_the_optimum():
 
 
 def test_newton_steps_with_the_information_reach_lbfgs_optimum_in_fewer_evaluations(monkeypatch):
-    """A growth curve (nlme's Oxboys shape: a 3 x 3 term): the same optimum as L-BFGS-B with the exact gradient and
-    its polish, to 1e-9, in a fraction of the evaluations."""
-    rng = np.random.default_rng(21)
-    n_g, per = 26, 9
-    g = np.repeat(np.arange(n_g), per)
-    age = np.tile(np.linspace(-1, 1, per), n_g)
-    coefs = rng.multivariate_normal([0, 0, 0], [[16, 2, 0.5], [2, 4, 0.3], [0.5, 0.3, 0.5]], n_g)
-    y = 150 + 6 * age + coefs[g, 0] + coefs[g, 1] * age + coefs[g, 2] * age**2 + 0.5 * rng.normal(size=g.size)
-    Zv = np.column_stack([np.ones(g.size), age, age**2])
-    X = Zv.copy()
-    term = RandomTerm.from_codes("g", g, Zv, n_g, CovarianceTemplate.unstructured(3), range(n_g), ("1", "a", "a2"))
-    system = build_system(X, y, [term])
+    """Random slopes on a crossed design in the Schur form: the same optimum as L-BFGS-B with the exact gradient
+    and its polish, to 1e-8, in a fraction of the evaluations."""
+    X, y, terms = _slopes_problem(seed=11, n=600, n_g=40, n_h=12)
+    system = _schur_system(X, y, terms, update="pairs")  # (the pair map's update: what the gradient reads)
+    assert system.supports_information
     newton = optimize_system(system, reml=True)
     assert newton.message.startswith("Newton steps with the average information")
     import sparsemix.fit.optimize as optimize
 
     monkeypatch.setattr(optimize, "information_newton", lambda *args: ("", args[2], np.inf))
-    lbfgs = optimize_system(build_system(X, y, [term]), reml=True)
+    lbfgs = optimize_system(_schur_system(X, y, terms, update="pairs"), reml=True)
     assert "L-BFGS-B" in lbfgs.message
     np.testing.assert_allclose(newton.theta, lbfgs.theta, rtol=1e-8, atol=1e-9)
     assert newton.deviance == pytest.approx(lbfgs.deviance, rel=1e-13)
     assert newton.n_evaluations * 2 < lbfgs.n_evaluations
+
+
+def test_small_systems_held_dense_keep_lbfgs():
+    """The information costs more than L-BFGS-B's extra evaluations of a small model: held dense, no Newton steps."""
+    X, y, terms = _slopes_problem()
+    system = build_system(X, y, terms, factorization="dense")
+    assert system.supports_gradient and not system.supports_information
+    assert "L-BFGS-B" in optimize_system(system, reml=True).message

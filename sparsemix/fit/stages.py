@@ -57,9 +57,10 @@ def optimize_system(
     first step per entry (optimize.warm_step for a start near the optimum); `polish`: the optimum to full
     precision (bootstrap refits and profiles skip it): with method "auto", Newton steps with the average
     information (scoring.py) where they apply (to 1e-9, or to 1e-6 without `polish`); for systems with the exact
-    gradient (system.supports_gradient: held dense, or random slopes in the Schur form), Newton steps with it and the
-    average information (optimize.information_newton), L-BFGS-B where they give up (Newton steps with the gradient
-    to finish); otherwise BOBYQA and a final Newton step (optimize.newton_polish);
+    gradient (system.supports_gradient: held dense, or random slopes in the Schur form), L-BFGS-B with it (Newton
+    steps with the gradient to finish), in the Schur form first Newton steps with it and the average information
+    (system.supports_information; optimize.information_newton); otherwise BOBYQA and a final Newton step
+    (optimize.newton_polish);
     `ftol`: BOBYQA's stopping rule (optimize.py)."""
     relcov = system.relcov
     reml = checks.check_bool(reml, "reml")
@@ -121,7 +122,7 @@ def optimize_system(
             ),
             deviance_information=(
                 (lambda th: system.working_information(th, reml))
-                if auto and free is None and system.supports_gradient
+                if auto and free is None and system.supports_information
                 else None
             ),
         )
