@@ -470,7 +470,7 @@ def information_newton(fg, information, x, lower, upper, maxeval: int) -> tuple[
             held &= ~inward
             last = None
             continue
-        if length < INFORMATION_NEWTON_LAST_STEP:  # the deviance cannot judge a step this short: no worse is enough
+        if length < INFORMATION_NEWTON_LAST_STEP:  # the deviance cannot judge a step this short: taken as given
             y = np.where(held, x, x + step)
             fy, gy = fg(y)
             used += 1
