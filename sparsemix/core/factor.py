@@ -616,10 +616,12 @@ class PairOperator:
             flat = rows[first] * q2 + rows[second]  # rows sorted within a level: first's row >= second's
             touched[flat] = True
             dest[out] = flat
+            # each column gathered once for the first and once for the second of every pair
+            at_first, at_second = [c[first] for c in columns], [c[second] for c in columns]
             for coef, (a, b) in zip(coefs, upper):
-                np.multiply(columns[a][first], columns[b][second], out=coef[out])
+                np.multiply(at_first[a], at_second[b], out=coef[out])
                 if a != b:
-                    coef[out] += columns[b][first] * columns[a][second]
+                    coef[out] += at_first[b] * at_second[a]
         self.destinations = np.flatnonzero(touched)  # flat indices r q2 + c of S, r >= c, ascending
         del touched
         rank = np.empty(q2 * q2, dtype=index_dtype)
@@ -675,7 +677,16 @@ def _level_rows(G: sp.csc_matrix, k: int):
     coo = G.tocoo()
     level, a = np.divmod(coo.col.astype(np.int64), k)
     key = level * G.shape[0] + coo.row
-    keys, inverse = np.unique(key, return_inverse=True)
+    # np.unique's sort without its run detection: each of G's columns is a sorted run, which a stable sort (timsort)
+    # merges (the 1,000,000-row slopes design: 0.10 s against 0.22)
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    new = np.empty(ordered.shape, dtype=bool)
+    new[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    keys = ordered[new]
+    inverse = np.empty(ordered.shape, dtype=np.intp)
+    inverse[order] = np.cumsum(new) - 1
     g = np.zeros((keys.shape[0], k))
     g[inverse, a] = coo.data
     return np.column_stack(np.divmod(keys, G.shape[0])), g
