@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 import sparsemix.core.system
 from sparsemix.core.cross_products import CrossProducts, assemble_Z
-from sparsemix.core.factor import PairOperator, SchurFactor
+from sparsemix.core.factor import PairOperator, SchurFactor, unique_inverse
 from sparsemix.core.kernels import subtract_level_products
 from sparsemix.core.relcov import RelativeCovariance
 from sparsemix.core.system import PenalizedSystem
@@ -591,3 +591,16 @@ def test_transform_columns_is_z_times_the_levels_transform(zeros):
     expected.eliminate_zeros()
     assert abs(got - expected).max() < 1e-12
     assert got.nnz == expected.nnz and np.all(got.data != 0)
+
+
+@pytest.mark.parametrize("runs", [1, 7, 200])
+def test_unique_inverse_is_numpys_unique(runs):
+    """Keys made of sorted runs (a sparse matrix's columns), with repeats within and across runs, and unsorted keys."""
+    rng = np.random.default_rng(runs)
+    keys = np.concatenate([np.sort(rng.integers(0, 500, 40)) for _ in range(runs)])
+    for k in (keys, rng.permutation(keys)):
+        expected = np.unique(k, return_inverse=True)
+        got = unique_inverse(k)
+        np.testing.assert_array_equal(got[0], expected[0])
+        np.testing.assert_array_equal(got[1], expected[1])
+        np.testing.assert_array_equal(got[0][got[1]], k)

@@ -25,7 +25,7 @@ from sksparse.cholmod import CholmodNotPositiveDefiniteError
 
 from ..errors import RankDeficientError
 from .cross_products import CrossProducts
-from .factor import CholmodFactor, DenseFactor, SchurFactor, schur_applicable
+from .factor import CholmodFactor, DenseFactor, SchurFactor, schur_applicable, unique_inverse
 from .gradient import ProfiledGradient, SchurGradient
 from .relcov import RelativeCovariance
 from .threads import DENSE_THREADS_MAX_ORDER, blas_threads, single_threaded
@@ -800,7 +800,7 @@ def _pair_blocks(sub: sp.coo_matrix, t, s, n_t, k_t, n_s, k_s, row_offset, col_o
         key_all = np.concatenate([a * n_s + b, diag * n_s + diag])
     else:
         key_all = a * n_s + b
-    keys, inverse = np.unique(key_all, return_inverse=True)
+    keys, inverse = unique_inverse(key_all)  # (Z'Z's rows: sorted runs)
     inverse = inverse[: a.shape[0]]
     m = keys.shape[0]
     blocks = np.zeros((m, k_t, k_s))
