@@ -434,9 +434,9 @@ class PenalizedSystem:
     @property
     def supports_information(self) -> bool:
         """Whether Newton steps with `working_information` pay: the Schur form (random slopes on crossed designs),
-        where an evaluation costs far more than the information's ~0.3 ms of small array operations. On systems
-        held dense an evaluation costs 10-130 us and L-BFGS-B's extra evaluations less than the information
-        (sleepstudy: 9 evaluations and 3.6 ms of optimizer against 18 and 1.2 ms)."""
+        where an evaluation costs far more than the information's small array operations. On systems held dense
+        an evaluation costs less than those, and L-BFGS-B's extra evaluations cost less than the information
+        (docs/lme4.md, "optimizer")."""
         return self.supports_gradient and isinstance(self._factor, SchurFactor)
 
     def working_deviance_gradient(self, working, reml: bool) -> tuple[float, np.ndarray]:
@@ -475,10 +475,8 @@ class PenalizedSystem:
         """An approximation to the profiled deviance's Hessian in the optimizer's coordinates: twice the average
         information (average_information) taken from psi to (sigma^2, theta) by the Jacobian and profiled over
         sigma^2 (its Schur complement). From the gradient's evaluation at `working` where that was the last one,
-        else from a new one; None where the deviance is not finite there.
-
-        With it, Newton steps on the exact gradient (fit/optimize.py) reach the optimum of a random-slopes model
-        in about a quarter of L-BFGS-B's evaluations (Oxboys' 3 x 3 term: 12 against 76)."""
+        else from a new one; None where the deviance is not finite there. Newton steps with it and the exact
+        gradient: optimize.information_newton (docs/performance-scale.md has what they save)."""
         working = np.asarray(working, dtype=float)
         point = self._gradient_point
         if point is not None and np.array_equal(point[0], working) and self._last_evaluation is point[1]:
