@@ -413,7 +413,8 @@ class SchurFactor:
         sizes = np.array([n for n, _ in self._rest.blocks])
         if np.any(lam_terms == 0.0):
             return None
-        lam = np.repeat(lam_terms, sizes)
+        lam = self.rest_scales(factors)
+        assert lam is not None  # (every term scalar: checked above)
         self._score_wanted = True
         inverse = self._inverse_lower(single)
         if inverse is None:
@@ -475,10 +476,7 @@ class SchurFactor:
 
     def rest_scales(self, factors) -> np.ndarray | None:
         """Lambda_2's diagonal (one scale per column after the first term) where every later term is scalar."""
-        rest = factors[1:]
-        if not all(T.shape == (1, 1) for T in rest):
-            return None
-        return np.concatenate([np.full(n, T[0, 0]) for (n, _), T in zip(self._rest.blocks, rest)])
+        return self._rest.scalar_scales(factors[1:])
 
     @property
     def supports_gradient(self) -> bool:

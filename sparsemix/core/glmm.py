@@ -130,6 +130,7 @@ class BlockFactor:
             self._by_column.data = self._by_column.data.astype(np.int64)
             self._n_pairs = pairs.size
         rest = list(relcov.blocks[1:])
+        self._rest = RelativeCovariance(rest)  # Lambda_2: the terms after the first
         self._rest_slices = [slice(int(sl.start) - q1, int(sl.stop) - q1) for sl in relcov.column_slices[1:]]
         self._rest_ks = [t.k for _, t in rest]
         # each weighted sum as a sparse operator on w, where its output is not much larger than its terms
@@ -192,7 +193,8 @@ class BlockFactor:
         in the pattern of the pairs that occur (`_sparse`), whose W'W the compiled loop subtracts."""
         n1, q2 = self.n1, self.q2
         t = float(factors[0][0, 0])
-        scales = self._rest_scales(factors)
+        scales = self._rest.scalar_scales(factors[1:])
+        assert scales is not None  # (_scalar: every term after the first is scalar)
         if self._sparse:
             g11, g1r = self._sum(self._g11, w, n1), self._sum(self._g1r, w, self._n_pairs)
             S = self._sum(self._grr, w, q2 * q2).reshape(q2, q2)
@@ -226,13 +228,6 @@ class BlockFactor:
         with dense_threads(q2):  # the BLAS threads the fit set aside, for a big Schur complement
             self.LS = _lower_cholesky(S) if q2 else np.zeros((0, 0))
         return self
-
-    def _rest_scales(self, factors) -> np.ndarray:
-        """Lambda_2's diagonal where the terms after the first are scalar."""
-        scales = np.zeros(self.q2)
-        for T, cols in zip(factors[1:], self._rest_slices):
-            scales[cols] = T[0, 0]
-        return scales
 
     def logdet(self) -> float:
         d1 = np.log(np.diagonal(self.L11, axis1=1, axis2=2)).sum()
@@ -662,13 +657,8 @@ class _BlockZLambda:
 
     def __init__(self, system: LaplaceSystem, factors):
         self.system, self.factors = system, factors
-        relcov = system.relcov
         # every term scalar: Lambda is the diagonal of its scales (a product per entry, not a loop over terms)
-        self._diagonal = (
-            np.repeat([T[0, 0] for T in factors], [n for n, _ in relcov.blocks])
-            if all(T.shape == (1, 1) for T in factors)
-            else None
-        )
+        self._diagonal = system.relcov.scalar_scales(factors)
 
     def __matmul__(self, u):
         if self._diagonal is not None:

@@ -121,6 +121,12 @@ class RelativeCovariance:
             out |= smallest <= RANK_PROBE_NULL
         return out
 
+    def scalar_scales(self, factors: list[np.ndarray]) -> np.ndarray | None:
+        """Lambda's diagonal, one scale per column, where every term is scalar (1 x 1 templates); None otherwise."""
+        if not all(T.shape == (1, 1) for T in factors):
+            return None
+        return np.repeat(np.array([T[0, 0] for T in factors], dtype=float), [n for n, _ in self.blocks])
+
     def to_data_columns(self, b: np.ndarray, transpose: bool = False) -> np.ndarray:
         """Random effects (q,) or (q, m) for the system's columns, carried to the data's: b_level = T b_level
         (T' b_level with `transpose`)."""

@@ -167,9 +167,8 @@ class PenalizedSystem:
         other = copy.copy(self)
         other.cross = cross
         other.n_evaluations = 0
-        other._factor_theta = other._factor_factors = other._last_evaluation = other._gradient = (
-            other._gradient_point
-        ) = None
+        other._factor_theta = other._factor_factors = other._last_evaluation = None
+        other._gradient = other._gradient_point = None
         if self.factorization_mode == "dense":  # the dense factor holds the response's sums: a new one, cheap
             other._factor = other._dense_factor(forced=True)
         elif "_factor" in self.__dict__:  # the factor goes with `other`; this one rebuilds on use
@@ -487,7 +486,7 @@ class PenalizedSystem:
                 return None
             beta, u = self.modes(ev)
         rc = self.relcov
-        factors = rc.factors(working)
+        factors = ev.factors  # (the templates at `working`: evaluate_working's)
         AI = self.average_information(ev, beta, u, reml)  # sigma^4 AI: the profiled result is free of sigma^2
         # d psi / d (sigma^2, theta): psi_(t, ab) = sigma^2 (T T')_ab, T linear in theta (each theta column / sigma^2)
         J = np.zeros((AI.shape[0], rc.n_theta + 1))
@@ -510,8 +509,8 @@ class PenalizedSystem:
     def average_information(self, ev: Evaluation, beta: np.ndarray, u: np.ndarray, reml: bool) -> np.ndarray:
         """sigma^4 times the average information (Gilmour, Thompson & Cullis 1995) of the (RE)ML log-likelihood in
         psi: sigma^2, then each term's covariance entries (a, b), a >= b (np.tril_indices order), in the system's
-        columns, at the evaluation `ev` (the factor's last) with its modes (beta, u); sigma^4 AI, free of sigma's
-        scale (sigma^2 of 1e180 would overflow AI's own):
+        columns, at the evaluation `ev` (the factor's last) with its modes (beta, u); free of sigma's scale (AI
+        itself would overflow at a sigma^2 of 1e180):
 
             AI_ab = y'P V_a P V_b P y / 2,   P y = e / sigma^2,   V_a P y = Z_t E_ab Z_t' e / sigma^2
 

@@ -120,8 +120,8 @@ def minimize_deviance(
     gradient instead (a quarter to a tenth of BOBYQA's evaluations on random-slope models), its polish Newton
     steps with a Hessian from differences of the gradient; where it does not converge, BOBYQA goes on from its
     best point. `deviance_information` (theta -> an approximation to the deviance's Hessian there, or None), with
-    the gradient: Newton steps with it first (information_newton); where they reach an interior optimum no
-    L-BFGS-B and no polish follow, elsewhere L-BFGS-B goes on from their best point."""
+    the gradient: Newton steps with it first (information_newton); where they settle no L-BFGS-B and no polish
+    follow, where they stop short the polish finishes, and where they give up L-BFGS-B runs from the start."""
     start = np.asarray(start, dtype=float)
     upper = np.full(start.shape, np.inf) if upper is None else np.asarray(upper, dtype=float)
     free = np.ones(start.shape, dtype=bool) if free is None else np.asarray(free, dtype=bool)
