@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import sparsemix.core.system
 from sparsemix.core.cross_products import CrossProducts, assemble_Z
 from sparsemix.core.factor import PairOperator, SchurFactor, unique_inverse
-from sparsemix.core.kernels import subtract_level_products
+from sparsemix.core.kernels import LevelBands
 from sparsemix.core.relcov import RelativeCovariance
 from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
@@ -232,7 +232,7 @@ def test_kernel_subtracts_the_lower_triangle_of_w_transpose_w(threads):
 @pytest.mark.parametrize("k", [1, 2])
 def test_kernel_subtracts_g_h_g_transpose(k, threads):
     rng = np.random.default_rng(6 + k)
-    n1, q2 = 40, 150  # rows beyond one 64-row band, so threads split the rows
+    n1, q2 = 40, 150
     G = sp.random(q2, n1 * k, density=0.1, random_state=7, format="csc")
     H = rng.normal(size=(n1, k, k))
     H = H @ np.transpose(H, (0, 2, 1))
@@ -246,9 +246,12 @@ def test_kernel_subtracts_g_h_g_transpose(k, threads):
     lvl, rows = np.divmod(keys, q2)
     v = np.matmul(H[lvl], g[:, :, None])[:, :, 0]
     ptr = np.concatenate([[0], np.cumsum(np.bincount(lvl, minlength=n1))])
-    out = np.zeros((q2, q2))
-    subtract_level_products(ptr, rows.astype(np.int32), g, v, out, threads)
-    np.testing.assert_allclose(out, np.tril(expected), rtol=1e-12, atol=1e-12)
+    for n_bands in (1, 4, 200):  # one tile; a few bands; one row each (more bands asked than rows)
+        bands = LevelBands(ptr, rows, q2, n_bands)
+        out = np.zeros((q2, q2))
+        order = bands.order
+        bands.subtract(rows[order].astype(np.int32), g[order], v[order], out, threads)
+        np.testing.assert_allclose(out, np.tril(expected), rtol=1e-12, atol=1e-12)
     upper = np.triu_indices(k)
     pairs = PairOperator(np.column_stack([lvl, rows]), g, q2, n1)
     entries = pairs.stored_entries
@@ -294,6 +297,22 @@ def test_blocked_dense_cholesky_above_the_threaded_order(monkeypatch):
     monkeypatch.setattr(factor, "DENSE_THREADS_MAX_ORDER", 70)  # so that 301 takes 2 levels of blocks
     L = factor.dense_cholesky(np.tril(S))
     np.testing.assert_allclose(L, np.linalg.cholesky(S), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("single", [False, True])
+@pytest.mark.parametrize("max_order", [400, 150])  # one potri; 2 x 2 blocks
+def test_dense_inverse_from_the_factor(monkeypatch, max_order, single):
+    import sparsemix.core.factor as factor
+
+    rng = np.random.default_rng(13)
+    B = rng.normal(size=(301, 40))
+    S = B @ B.T + np.eye(301)
+    monkeypatch.setattr(factor, "DENSE_THREADS_MAX_ORDER", max_order)
+    inverse = factor.dense_inverse_lower(np.linalg.cholesky(S), single)
+    assert inverse.dtype == (np.float32 if single else np.float64)
+    expected = np.tril(np.linalg.inv(S))
+    tolerance = (1e-5 if single else 1e-13) * np.abs(expected).max()
+    np.testing.assert_allclose(np.tril(inverse), expected, rtol=0, atol=tolerance)
 
 
 def _crossed_terms(n_a, n_b, n, seed=0):
@@ -418,7 +437,9 @@ def test_free_cores_reads_the_running_tasks(monkeypatch, tmp_path):
     import sparsemix.core.threads as threads
 
     n = len(threads.os.sched_getaffinity(0))
+    assert threads.own_running_threads() >= 1  # this thread, reading it
     real_open = builtins.open
+    monkeypatch.setattr(threads, "own_running_threads", lambda: 1)
     for running, expected in [(1, n), (n, 1), (n + 5, 1), (2, max(1, n - 1))]:
         fake = tmp_path / f"loadavg{running}"
         fake.write_text(f"0.50 0.40 0.30 {running}/300 12345\n")
@@ -430,6 +451,14 @@ def test_free_cores_reads_the_running_tasks(monkeypatch, tmp_path):
         assert threads.free_cores() == expected
     monkeypatch.setattr(builtins, "open", lambda path, *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     assert threads.free_cores() == n
+    # this process's own spinning threads are no other task: 3 running, 2 of them ours, one other
+    fake = tmp_path / "loadavg_own"
+    fake.write_text("0.50 0.40 0.30 3/300 12345\n")
+    monkeypatch.setattr(
+        builtins, "open", lambda path, *a, **k: real_open(fake if path == "/proc/loadavg" else path, *a, **k)
+    )
+    monkeypatch.setattr(threads, "own_running_threads", lambda: 2)
+    assert threads.free_cores() == max(1, n - 1)
 
 
 def test_a_fit_runs_on_one_blas_thread_and_its_threaded_stages_take_back_the_callers(monkeypatch):

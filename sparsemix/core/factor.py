@@ -302,8 +302,13 @@ class SchurFactor:
                 self._pairs = pairs.build()
                 del self._g, self._level_of_entry
             else:
-                self._level_ptr = np.concatenate([[0], np.cumsum(np.bincount(level_rows[:, 0], minlength=n1))])
-                self._entry_rows = level_rows[:, 1].astype(np.int32)
+                from .kernels import LevelBands  # numba: imported (1 s) only by fits that need it
+
+                level_ptr = np.concatenate([[0], np.cumsum(np.bincount(level_rows[:, 0], minlength=n1))])
+                self._bands = LevelBands(level_ptr, level_rows[:, 1], self.q2)
+                order = self._bands.order
+                self._entry_rows = level_rows[order, 1].astype(np.int32)
+                self._level_of_entry, self._g = self._level_of_entry[order], self._g[order]
 
     def refactor(self, A, factors):
         d = A.data
@@ -377,8 +382,6 @@ class SchurFactor:
     def _kernel_update(self, H, lam, S):
         """The kernel writes -G H G' straight into S when Lambda_2 is diagonal (its scales folded into G);
         otherwise it returns -G H G' (full) for the caller to transform."""
-        from .kernels import subtract_level_products  # numba: imported (1 s) only by fits that need it
-
         g = self._g if lam is None else self._g * lam[self._entry_rows][:, None]
         # v_i = H_l g_i for entry i of level l, one column at a time (numpy's batched matmul over a million
         # 2 x 2 products took 30 ms on the 1,000,000-row slopes design)
@@ -389,10 +392,10 @@ class SchurFactor:
                 v[:, a] += H[:, a, b][self._level_of_entry] * g[:, b]
         threads = kernel_threads(self.q2)
         if lam is not None:
-            subtract_level_products(self._level_ptr, self._entry_rows, g, v, S, threads)
+            self._bands.subtract(self._entry_rows, g, v, S, threads)
             return None
         U = np.zeros_like(S)
-        subtract_level_products(self._level_ptr, self._entry_rows, g, v, U, threads)
+        self._bands.subtract(self._entry_rows, g, v, U, threads)
         return U + np.tril(U, -1).T
 
     def variance_traces(self, factors, single: bool = False) -> np.ndarray | None:
@@ -445,7 +448,7 @@ class SchurFactor:
         products = self._level_products(h, lam, theta1)
         if products is None:
             return None
-        return float(2.0 * np.vdot(inverse, products) - np.dot(np.diag(inverse), np.diag(products)))
+        return 2.0 * _lower_dot(inverse, products) - float(np.dot(np.diag(inverse), np.diag(products)))
 
     def _level_products(self, h: np.ndarray, lam: np.ndarray, theta1: float) -> np.ndarray | None:
         """Lower triangle of Lambda_2 G diag(h) G' Lambda_2 (q2 x q2) by the kernel or the dense route. None for
@@ -453,21 +456,17 @@ class SchurFactor:
         if self.update == "kernel":
             U = np.zeros((self.q2, self.q2))
             self._kernel_update(h[:, None, None], lam, U)  # writes -Lambda_2 G diag(h) G' Lambda_2
-            return -U
+            np.negative(U, out=U)  # in place: a MovieLens-sized copy is 2 GB
+            return U
         if theta1 == 0.0:
             return None
         scaled = self._Wt * (h * self._L11[:, 0, 0] ** 2 / theta1**2)[None, :]  # W' = A21 L11^{-T}
         return np.tril(scaled @ self._Wt.T)
 
     def _inverse_lower(self, single: bool = False) -> np.ndarray | None:
-        """The lower triangle of S^{-1} (C order; the upper holds what LAPACK left) at the last refactorization,
-        by one potri (`single`: in single precision), or None where LAPACK fails."""
-        with dense_threads(self.q2):
-            if single:
-                upper, info = lapack.spotri(self._LS.T.astype(np.float32), lower=0)
-            else:
-                upper, info = lapack.dpotri(self._LS.T, lower=0)  # Fortran order, as dense_cholesky
-        return upper.T if info == 0 else None
+        """The lower triangle of S^{-1} (C order; the upper holds what LAPACK left) at the last refactorization
+        (`single`: in single precision), or None where LAPACK fails."""
+        return dense_inverse_lower(self._LS, single)
 
     def schur_inverse(self) -> np.ndarray | None:
         """S^{-1} (q2 x q2, both triangles) at the last refactorization, or None where LAPACK fails."""
@@ -481,12 +480,8 @@ class SchurFactor:
     @property
     def supports_gradient(self) -> bool:
         """The pair map's update (its unscaled products and its adjoint are what core/gradient.py reads), every
-        term after the first a scalar, and a dense block whose inverse runs (as variance_traces)."""
-        return (
-            self.update == "pairs"
-            and all(t.k == 1 for _, t in self._rest.blocks)
-            and self.q2 <= DENSE_THREADS_MAX_ORDER
-        )
+        term after the first a scalar."""
+        return self.update == "pairs" and all(t.k == 1 for _, t in self._rest.blocks)
 
     def destination_rows_columns(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, columns) in S of the pair map's destinations (r >= c)."""
@@ -732,6 +727,50 @@ def dense_cholesky(S: np.ndarray) -> np.ndarray:
     S[m:, m:] = L22
     S[:m, m:] = 0.0
     return S
+
+
+def _lower_dot(a: np.ndarray, b: np.ndarray, rows: int = 512) -> float:
+    """sum(a * b) for b lower triangular (a's upper triangle is not read beyond b's diagonal blocks), a band of
+    rows at a time: no temporary of a's size where the dtypes differ (a single-precision inverse against a
+    double product), and half the reads."""
+    n = a.shape[0]
+    bands = (np.einsum("ij,ij->", a[i : i + rows, : i + rows], b[i : i + rows, : i + rows]) for i in range(0, n, rows))
+    return float(sum(bands))
+
+
+def dense_inverse_lower(L: np.ndarray, single: bool = False) -> np.ndarray | None:
+    """(L L')^{-1} from the lower factor L (C order) in the lower triangle of the result (C order; the upper holds
+    what LAPACK left), or None where LAPACK fails; `single`: in single precision, at about half the time.
+
+    Up to DENSE_THREADS_MAX_ORDER one potri, with threads; above it in 2 x 2 blocks, each call below that order
+    (see dense_cholesky): with X = L^{-1} = [[A, 0], [B, C]], A = L11^{-1}, C = L22^{-1}, B = -C L21 A,
+    (L L')^{-1} = X'X = [[A'A + B'B, .], [C'B, C'C]]. Everything below is in Fortran order on transposes: the
+    C-ordered lower L is the Fortran-ordered upper L'.
+    """
+    n = L.shape[0]
+    dtype = np.float32 if single else np.float64
+    if n <= DENSE_THREADS_MAX_ORDER:
+        potri = lapack.get_lapack_funcs("potri", dtype=dtype)
+        with dense_threads(n):
+            upper, info = potri(L.T.astype(dtype, copy=False), lower=0)
+        return upper.T if info == 0 else None
+    trtri, lauum = lapack.get_lapack_funcs(("trtri", "lauum"), dtype=dtype)
+    trmm, syrk = blas.get_blas_funcs(("trmm", "syrk"), dtype=dtype)
+    m = n // 2
+    with dense_threads(m):
+        At, info1 = trtri(np.asfortranarray(L[:m, :m].T, dtype=dtype), lower=0)  # A' (upper)
+        Ct, info2 = trtri(np.asfortranarray(L[m:, m:].T, dtype=dtype), lower=0)  # C'
+        if info1 != 0 or info2 != 0:
+            return None
+        B = trmm(1.0, At, np.asfortranarray(L[m:, :m], dtype=dtype), side=1, lower=0, trans_a=1)  # L21 A
+        B = trmm(-1.0, Ct, B, side=0, lower=0, trans_a=1, overwrite_b=1)  # -C L21 A
+        inverse = np.empty((n, n), dtype=dtype, order="F")  # upper triangle of the Fortran-ordered inverse
+        top, info1 = lauum(At, lower=0, overwrite_c=1)  # A'A
+        inverse[:m, :m] = syrk(1.0, B, beta=1.0, c=top, trans=1, lower=0, overwrite_c=1)  # + B'B
+        del top
+        inverse[:m, m:] = trmm(1.0, Ct, B, side=0, lower=0, trans_a=0, overwrite_b=1).T  # (C'B)'
+        inverse[m:, m:], info2 = lauum(Ct, lower=0, overwrite_c=1)  # C'C
+    return inverse.T if info1 == 0 and info2 == 0 else None
 
 
 # numpy's batched linalg has a per-matrix overhead that dominates for 2 x 2 blocks: on 50,000 of them cholesky

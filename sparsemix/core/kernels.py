@@ -1,6 +1,6 @@
 """Compiled loops (numba) for the steps numpy and scipy cannot do at speed.
 
-subtract_level_products: the Schur complement update of the first term, sum over its levels l of G_l H_l G_l'
+LevelBands.subtract: the Schur complement update of the first term, sum over its levels l of G_l H_l G_l'
 (see SchurFactor), is a scatter of many small dense products into a dense q2 x q2 matrix: on a MovieLens-sized
 design 4e9 products per evaluation. scipy's sparse product builds it as a sparse matrix (gigabytes there), and
 CHOLMOD's factorization of it is far slower than this loop (docs/performance-scale.md, "MovieLens scale").
@@ -14,75 +14,110 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["subtract_level_products", "single_term_deviance_parts", "subtract_gram_lower"]
+__all__ = ["LevelBands", "single_term_deviance_parts", "subtract_gram_lower"]
 
-# Rows are dealt to threads in bands of 64, so two threads never write the same row and each thread's rows
-# spread over the whole matrix (levels' rows are not uniform: popular items come first in some codings).
-_BAND_SHIFT = 6
+# S's rows in bands of equal numbers of entries: a tile (band x band) of S is written by one thread from the
+# entries of both bands, level after level, so its writes stay in a part of S that fits the caches (popular
+# rows get narrow bands). On a MovieLens-sized design the update took 4.1 s on two threads, against 10-12 s when
+# each level's products were scattered over the whole of S (docs/performance-scale.md).
+N_BANDS = 32
 
 
-def subtract_level_products(
-    level_ptr: np.ndarray, rows: np.ndarray, g: np.ndarray, v: np.ndarray, out: np.ndarray, n_threads: int = 1
-) -> None:
-    """out[rows[i], rows[j]] -= g[i] . v[j] for every pair j <= i within a level (lower triangle only).
+class LevelBands:
+    """The entries of G (one per level and row of S, sorted by level, then row) regrouped band by band for
+    `subtract`: `order` is the permutation that callers apply to their per-entry arrays (rows, values) once.
 
-    level_ptr (n_levels + 1): the entries of level l are level_ptr[l]:level_ptr[l + 1], sorted by row;
-    rows (m,) int32; g, v (m, k) float64 (v_i = H_l g_i); out (q2, q2) C-contiguous float64, updated in place.
-    With n_threads > 1, numba's threads share the rows; with 1 no thread pool is involved at all (its idle
-    threads slow the BLAS threads of the Cholesky that follows).
+    level_ptr (n_levels + 1): level l's entries are level_ptr[l]:level_ptr[l + 1]; rows: their rows of S (q2).
     """
-    n_threads = max(int(n_threads), 1)
-    if g.shape[1] == 1:
-        g, v = g[:, 0], v[:, 0]
-        part, parallel = _scalar_part, _scalar_parallel
-    else:
-        part, parallel = _vector_part, _vector_parallel
-    if n_threads == 1:
-        part(level_ptr, rows, g, v, out, 1, 0)
-    else:
-        parallel(level_ptr, rows, g, v, out, n_threads)
+
+    def __init__(self, level_ptr: np.ndarray, rows: np.ndarray, q2: int, n_bands: int = N_BANDS):
+        n_levels = level_ptr.shape[0] - 1
+        cumulative = np.cumsum(np.bincount(rows, minlength=q2))
+        inner = np.searchsorted(cumulative, np.arange(1, n_bands) * (cumulative[-1] / n_bands))
+        edges = np.unique(np.concatenate([[0], inner, [q2]]))
+        band = np.repeat(np.arange(edges.size - 1, dtype=np.int16), np.diff(edges))[rows]
+        self.order = np.argsort(band, kind="stable")  # band by band; by level, then row within each
+        n_bands = edges.size - 1
+        level = np.repeat(np.arange(n_levels), np.diff(level_ptr))
+        counts = np.bincount(band.astype(np.int64) * n_levels + level, minlength=n_bands * n_levels)
+        counts = counts.reshape(n_bands, n_levels)
+        # segments[t, l]: where level l's entries in band t start (band-major positions); segments[t, n_levels]: end
+        self.segments = np.zeros((n_bands, n_levels + 1), dtype=np.int64)
+        np.cumsum(counts, axis=1, out=self.segments[:, 1:])
+        self.segments += np.concatenate([[0], np.cumsum(counts.sum(axis=1))[:-1]])[:, None]
+        upper, lower = np.tril_indices(n_bands)  # tiles on and below the diagonal: (row band, column band)
+        c = counts.astype(float)
+        work = (c @ c.T)[upper, lower]  # products per tile (times k^2)
+        by_work = np.argsort(-work, kind="stable")
+        self._tiles = np.column_stack([upper, lower])[by_work]
+        self._work = work[by_work]
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _plan(self, n_threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles dealt to threads, the largest first to the least loaded: (tiles in thread order, each thread's
+        range in it)."""
+        if n_threads not in self._plans:
+            loads = np.zeros(n_threads)
+            owner = np.empty(self._work.size, dtype=np.int64)
+            for i, w in enumerate(self._work):
+                owner[i] = t = int(np.argmin(loads))
+                loads[t] += w
+            order = np.argsort(owner, kind="stable")
+            ptr = np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=n_threads))])
+            self._plans[n_threads] = (np.ascontiguousarray(self._tiles[order]), ptr)
+        return self._plans[n_threads]
+
+    def subtract(self, rows: np.ndarray, g: np.ndarray, v: np.ndarray, out: np.ndarray, n_threads: int = 1) -> None:
+        """out[rows[i], rows[j]] -= g[i] . v[j] for every pair of one level's entries with rows[j] <= rows[i]
+        (the lower triangle), rows, g and v (m, k) in `order`; out (q2, q2) C-contiguous float64, in place.
+        With n_threads > 1, numba's threads share the tiles; with 1 no thread pool is involved at all (its idle
+        threads slow the BLAS threads of the Cholesky that follows)."""
+        n_threads = max(int(n_threads), 1)
+        tiles, ptr = self._plan(n_threads)
+        if g.shape[1] == 1:
+            g, v = g[:, 0], v[:, 0]
+        if n_threads == 1:
+            _tiles_serial(self.segments, tiles, rows, g, v, out)
+        else:
+            _tiles_parallel(self.segments, tiles, ptr, rows, g, v, out)
 
 
 @njit(cache=True, nogil=True)
-def _scalar_part(level_ptr, rows, g, v, out, n_threads, t):
-    """The rows of band set t (of n_threads)."""
-    for lvl in range(level_ptr.shape[0] - 1):
-        lo, hi = level_ptr[lvl], level_ptr[lvl + 1]
-        for i in range(lo, hi):
+def _tile(segments, row_band, column_band, rows, g, v, out):
+    """One tile: each level's entries in the row band against its entries in the column band."""
+    starts_i, starts_j = segments[row_band], segments[column_band]
+    diagonal = row_band == column_band
+    for lvl in range(starts_i.shape[0] - 1):
+        i0, i1 = starts_i[lvl], starts_i[lvl + 1]
+        j0, j1 = starts_j[lvl], starts_j[lvl + 1]
+        if i0 == i1 or j0 == j1:
+            continue
+        for i in range(i0, i1):
             ri = rows[i]
-            if (ri >> _BAND_SHIFT) % n_threads != t:
-                continue
-            gi = g[i]
-            for j in range(lo, i + 1):
-                out[ri, rows[j]] -= gi * v[j]
+            last = i + 1 if diagonal else j1
+            if g.ndim == 1:
+                gi = g[i]
+                for j in range(j0, last):
+                    out[ri, rows[j]] -= gi * v[j]
+            else:
+                for j in range(j0, last):
+                    s = 0.0
+                    for a in range(g.shape[1]):
+                        s += g[i, a] * v[j, a]
+                    out[ri, rows[j]] -= s
 
 
 @njit(cache=True, nogil=True)
-def _vector_part(level_ptr, rows, g, v, out, n_threads, t):
-    k = g.shape[1]
-    for lvl in range(level_ptr.shape[0] - 1):
-        lo, hi = level_ptr[lvl], level_ptr[lvl + 1]
-        for i in range(lo, hi):
-            ri = rows[i]
-            if (ri >> _BAND_SHIFT) % n_threads != t:
-                continue
-            for j in range(lo, i + 1):
-                s = 0.0
-                for a in range(k):
-                    s += g[i, a] * v[j, a]
-                out[ri, rows[j]] -= s
+def _tiles_serial(segments, tiles, rows, g, v, out):
+    for t in range(tiles.shape[0]):
+        _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, out)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _scalar_parallel(level_ptr, rows, g, v, out, n_threads):
-    for t in prange(n_threads):
-        _scalar_part(level_ptr, rows, g, v, out, n_threads, t)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _vector_parallel(level_ptr, rows, g, v, out, n_threads):
-    for t in prange(n_threads):
-        _vector_part(level_ptr, rows, g, v, out, n_threads, t)
+def _tiles_parallel(segments, tiles, ptr, rows, g, v, out):
+    for thread in prange(ptr.shape[0] - 1):
+        for t in range(ptr[thread], ptr[thread + 1]):
+            _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, out)
 
 
 @njit(cache=True, nogil=True)
@@ -299,8 +334,8 @@ def _gram_rows(col_ptr, col_rows, col_pos, row_ptr, row_cols, values, out, first
     """out[a, b] -= sum_s W[s, a] W[s, b] for b <= a: the lower triangle of W'W subtracted, W sparse (s x columns)
     given once by rows (row_ptr, row_cols sorted within each row, values: CSR) and once by columns (col_ptr,
     col_rows, col_pos: each entry's position in `values`). Row a of out is written by one thread from column a's
-    entries and their rows' entries up to a: the writes stay in one row (the level-by-level scatter of
-    subtract_level_products wrote all over out: 0.12 s against this one's ~0.03 s for 1,000,000 entries of
+    entries and their rows' entries up to a: the writes stay in one row (a level-by-level scatter wrote
+    all over out: 0.12 s against this one's ~0.03 s for 1,000,000 entries of
     20,000 x 2,000)."""
     for a in range(first, last):
         for e in range(col_ptr[a], col_ptr[a + 1]):

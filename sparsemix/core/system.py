@@ -28,7 +28,7 @@ from .cross_products import CrossProducts
 from .factor import CholmodFactor, DenseFactor, SchurFactor, schur_applicable, unique_inverse
 from .gradient import ProfiledGradient, SchurGradient
 from .relcov import RelativeCovariance
-from .threads import DENSE_THREADS_MAX_ORDER, blas_threads, single_threaded
+from .threads import blas_threads, single_threaded
 
 __all__ = ["PenalizedSystem", "Evaluation", "Solution"]
 
@@ -703,17 +703,9 @@ class PenalizedSystem:
 
     @property
     def supports_scoring(self) -> bool:
-        """Whether scoring.py's Newton steps apply: variance components, first term eliminated (Schur form),
-        and a dense block whose inverse (a LAPACK potri) runs threaded. Measured up to order 4,000 (40,000 x
-        4,000 crossed: 5 evaluations, 7.6 s, where BOBYQA took 25 and 11.8 s); above the threaded order the
-        MovieLens-sized fit keeps BOBYQA (an inverse there costs about two of its 17 s factorizations). Indicator
-        columns only: the traces are those of the data's columns."""
-        return (
-            self.scalar_terms
-            and not self.relcov.transformed
-            and isinstance(self._factor, SchurFactor)
-            and self._factor.q2 <= DENSE_THREADS_MAX_ORDER
-        )
+        """Whether scoring.py's Newton steps apply: variance components, first term eliminated (Schur form).
+        Indicator columns only: the traces are those of the data's columns."""
+        return self.scalar_terms and not self.relcov.transformed and isinstance(self._factor, SchurFactor)
 
     def variance_traces(self, theta, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' (I + Z Lambda Lambda' Z')^{-1} Z_j) per term j at theta, for a variance-components model in

@@ -32,6 +32,7 @@ __all__ = [
     "kernel_threads",
     "blas_libraries",
     "free_cores",
+    "own_running_threads",
     "fit_threads",
 ]
 
@@ -101,14 +102,33 @@ def fit_threads():
 
 def free_cores() -> int:
     """The cores this process may use that no other task is running on now: /proc/loadavg's count of running
-    tasks (this one included) against the process's CPU set; all of them where that cannot be read."""
+    tasks less this process's own running threads (its BLAS threads spin for a while after a call: counted as
+    others, they took a MovieLens-sized fit's Cholesky down to one thread), against the process's CPU set; all
+    of them where that cannot be read."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         with open("/proc/loadavg") as f:
             running = int(f.read().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return cores
-    return max(1, min(cores, cores - (running - 1)))
+    return max(1, min(cores, cores - (running - own_running_threads())))
+
+
+def own_running_threads() -> int:
+    """This process's threads running now (at least the caller), from /proc/self/task."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        count += state == "R"
+    return max(count, 1)
 
 
 def blas_threads(single: bool):
