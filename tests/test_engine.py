@@ -252,6 +252,13 @@ def test_kernel_subtracts_g_h_g_transpose(k, threads):
         order = bands.order
         bands.subtract(rows[order].astype(np.int32), g[order], v[order], out, threads)
         np.testing.assert_allclose(out, np.tril(expected), rtol=1e-12, atol=1e-12)
+        # tr(values G H G') read off a symmetric `values` pair by pair (its upper triangle must not be read)
+        values = rng.normal(size=(q2, q2))
+        values = values + values.T
+        trace = np.sum(values * -expected)
+        values[np.triu_indices(q2, 1)] = np.nan
+        got = bands.pair_sum(rows[order].astype(np.int32), g[order], v[order], values, threads)
+        assert got == pytest.approx(trace, rel=1e-12)
     upper = np.triu_indices(k)
     pairs = PairOperator(np.column_stack([lvl, rows]), g, q2, n1)
     entries = pairs.stored_entries

@@ -319,6 +319,7 @@ class SchurFactor:
         blocks[:, np.arange(k1), np.arange(k1)] += 1.0
         self._L11 = _batched_cholesky(blocks)  # (n1, k1, k1), lower
         self._A21 = sp.csc_matrix((d[self._pos21], self._rows21, self._indptr21), shape=(q2, self.q1))
+        self._LS = None  # the last factor goes before the next is built (2 GB at MovieLens size)
         S = np.zeros((q2, q2))
         S[self._r22, self._c22] = d[self._pos22]  # lower triangle: all LAPACK reads
         S[np.diag_indices(q2)] += 1.0
@@ -382,6 +383,18 @@ class SchurFactor:
     def _kernel_update(self, H, lam, S):
         """The kernel writes -G H G' straight into S when Lambda_2 is diagonal (its scales folded into G);
         otherwise it returns -G H G' (full) for the caller to transform."""
+        g, v = self._kernel_operands(H, lam)
+        threads = kernel_threads(self.q2)
+        if lam is not None:
+            self._bands.subtract(self._entry_rows, g, v, S, threads)
+            return None
+        U = np.zeros_like(S)
+        self._bands.subtract(self._entry_rows, g, v, U, threads)
+        return U + np.tril(U, -1).T
+
+    def _kernel_operands(self, H, lam):
+        """(g, v) per entry of G for the kernel: g = G's entry (times Lambda_2's scale of its row, if diagonal),
+        v = H_l g for the entry's level l."""
         g = self._g if lam is None else self._g * lam[self._entry_rows][:, None]
         # v_i = H_l g_i for entry i of level l, one column at a time (numpy's batched matmul over a million
         # 2 x 2 products took 30 ms on the 1,000,000-row slopes design)
@@ -390,13 +403,7 @@ class SchurFactor:
             v[:, a] = H[:, a, 0][self._level_of_entry] * g[:, 0]
             for b in range(1, self.k1):
                 v[:, a] += H[:, a, b][self._level_of_entry] * g[:, b]
-        threads = kernel_threads(self.q2)
-        if lam is not None:
-            self._bands.subtract(self._entry_rows, g, v, S, threads)
-            return None
-        U = np.zeros_like(S)
-        self._bands.subtract(self._entry_rows, g, v, U, threads)
-        return U + np.tril(U, -1).T
+        return g, v
 
     def variance_traces(self, factors, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' V^{-1} Z_j) for every term j, V = I + Z Lambda Lambda' Z', where every term is scalar (theta_j
@@ -445,23 +452,14 @@ class SchurFactor:
             if products is None:
                 products = self._pair_products(h[:, None, None], lam)
             return float(np.dot(inverse.reshape(-1)[self._pairs.destinations] * self._pairs.multiplicity, products))
-        products = self._level_products(h, lam, theta1)
-        if products is None:
-            return None
-        return 2.0 * _lower_dot(inverse, products) - float(np.dot(np.diag(inverse), np.diag(products)))
-
-    def _level_products(self, h: np.ndarray, lam: np.ndarray, theta1: float) -> np.ndarray | None:
-        """Lower triangle of Lambda_2 G diag(h) G' Lambda_2 (q2 x q2) by the kernel or the dense route. None for
-        the dense route at theta_1 = 0 (it keeps only A21 = theta_1 Lambda_2 G)."""
-        if self.update == "kernel":
-            U = np.zeros((self.q2, self.q2))
-            self._kernel_update(h[:, None, None], lam, U)  # writes -Lambda_2 G diag(h) G' Lambda_2
-            np.negative(U, out=U)  # in place: a MovieLens-sized copy is 2 GB
-            return U
-        if theta1 == 0.0:
+        if self.update == "kernel":  # read off S^{-1} pair by pair, no product matrix
+            g, v = self._kernel_operands(h[:, None, None], lam)
+            return self._bands.pair_sum(self._entry_rows, g, v, inverse, kernel_threads(self.q2))
+        if theta1 == 0.0:  # the dense route keeps only A21 = theta_1 Lambda_2 G
             return None
         scaled = self._Wt * (h * self._L11[:, 0, 0] ** 2 / theta1**2)[None, :]  # W' = A21 L11^{-T}
-        return np.tril(scaled @ self._Wt.T)
+        products = np.tril(scaled @ self._Wt.T)
+        return 2.0 * float(np.vdot(inverse, products)) - float(np.dot(np.diag(inverse), np.diag(products)))
 
     def _inverse_lower(self, single: bool = False) -> np.ndarray | None:
         """The lower triangle of S^{-1} (C order; the upper holds what LAPACK left) at the last refactorization
@@ -727,15 +725,6 @@ def dense_cholesky(S: np.ndarray) -> np.ndarray:
     S[m:, m:] = L22
     S[:m, m:] = 0.0
     return S
-
-
-def _lower_dot(a: np.ndarray, b: np.ndarray, rows: int = 512) -> float:
-    """sum(a * b) for b lower triangular (a's upper triangle is not read beyond b's diagonal blocks), a band of
-    rows at a time: no temporary of a's size where the dtypes differ (a single-precision inverse against a
-    double product), and half the reads."""
-    n = a.shape[0]
-    bands = (np.einsum("ij,ij->", a[i : i + rows, : i + rows], b[i : i + rows, : i + rows]) for i in range(0, n, rows))
-    return float(sum(bands))
 
 
 def dense_inverse_lower(L: np.ndarray, single: bool = False) -> np.ndarray | None:
