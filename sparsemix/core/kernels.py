@@ -74,12 +74,11 @@ class LevelBands:
         threads slow the BLAS threads of the Cholesky that follows)."""
         n_threads = max(int(n_threads), 1)
         tiles, ptr = self._plan(n_threads)
-        if g.shape[1] == 1:
-            g, v = g[:, 0], v[:, 0]
+        g, v, product = _operands(g, v)
         if n_threads == 1:
-            _tiles_serial(self.segments, tiles, rows, g, v, out)
+            _tiles_serial(self.segments, tiles, rows, g, v, out, product)
         else:
-            _tiles_parallel(self.segments, tiles, ptr, rows, g, v, out)
+            _tiles_parallel(self.segments, tiles, ptr, rows, g, v, out, product)
 
     def pair_sum(self, rows: np.ndarray, g: np.ndarray, v: np.ndarray, values: np.ndarray, n_threads: int = 1) -> float:
         """sum of (g[i] . v[j]) values[rows[i], rows[j]] over the pairs `subtract` writes, both orders of a pair
@@ -87,18 +86,37 @@ class LevelBands:
         trace without G H G' as a matrix: 2 GB at MovieLens size)."""
         n_threads = max(int(n_threads), 1)
         tiles, ptr = self._plan(n_threads)
-        if g.shape[1] == 1:
-            g, v = g[:, 0], v[:, 0]
+        g, v, product = _operands(g, v)
         sums = np.zeros(n_threads)
         if n_threads == 1:
-            sums[0] = _tile_sums_serial(self.segments, tiles, rows, g, v, values)
+            sums[0] = _tile_sums_serial(self.segments, tiles, rows, g, v, values, product)
         else:
-            _tile_sums_parallel(self.segments, tiles, ptr, rows, g, v, values, sums)
+            _tile_sums_parallel(self.segments, tiles, ptr, rows, g, v, values, sums, product)
         return float(sums.sum())
 
 
+def _operands(g, v):
+    """(g, v, their product per pair of entries): one number per entry for a scalar first term."""
+    return (g[:, 0], v[:, 0], _scalar_product) if g.shape[1] == 1 else (g, v, _vector_product)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scalar_product(g, v, i, j):
+    """g[i] v[j] for a scalar first term (g, v one number per entry)."""
+    return g[i] * v[j]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _vector_product(g, v, i, j):
+    """g[i] . v[j] for k-vectors per entry."""
+    s = 0.0
+    for a in range(g.shape[1]):
+        s += g[i, a] * v[j, a]
+    return s
+
+
 @njit(cache=True, nogil=True)
-def _tile(segments, row_band, column_band, rows, g, v, out):
+def _tile(segments, row_band, column_band, rows, g, v, out, product):
     """One tile: each level's entries in the row band against its entries in the column band."""
     starts_i, starts_j = segments[row_band], segments[column_band]
     diagonal = row_band == column_band
@@ -109,35 +127,26 @@ def _tile(segments, row_band, column_band, rows, g, v, out):
             continue
         for i in range(i0, i1):
             ri = rows[i]
-            last = i + 1 if diagonal else j1
-            if g.ndim == 1:
-                gi = g[i]
-                for j in range(j0, last):
-                    out[ri, rows[j]] -= gi * v[j]
-            else:
-                for j in range(j0, last):
-                    s = 0.0
-                    for a in range(g.shape[1]):
-                        s += g[i, a] * v[j, a]
-                    out[ri, rows[j]] -= s
+            for j in range(j0, i + 1 if diagonal else j1):
+                out[ri, rows[j]] -= product(g, v, i, j)
 
 
 @njit(cache=True, nogil=True)
-def _tiles_serial(segments, tiles, rows, g, v, out):
+def _tiles_serial(segments, tiles, rows, g, v, out, product):
     for t in range(tiles.shape[0]):
-        _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, out)
+        _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, out, product)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _tiles_parallel(segments, tiles, ptr, rows, g, v, out):
+def _tiles_parallel(segments, tiles, ptr, rows, g, v, out, product):
     for thread in prange(ptr.shape[0] - 1):
         for t in range(ptr[thread], ptr[thread + 1]):
-            _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, out)
+            _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, out, product)
 
 
 @njit(cache=True, nogil=True)
-def _tile_sum(segments, row_band, column_band, rows, g, v, values):
-    """One tile of LevelBands.pair_sum."""
+def _tile_sum(segments, row_band, column_band, rows, g, v, values, product):
+    """One tile of LevelBands.pair_sum: a pair off the diagonal twice, (i, i) once."""
     starts_i, starts_j = segments[row_band], segments[column_band]
     diagonal = row_band == column_band
     total = 0.0
@@ -148,44 +157,29 @@ def _tile_sum(segments, row_band, column_band, rows, g, v, values):
             continue
         for i in range(i0, i1):
             ri = rows[i]
-            last = i if diagonal else j1
             s = 0.0
-            if g.ndim == 1:
-                for j in range(j0, last):
-                    s += v[j] * values[ri, rows[j]]
-                s *= g[i]
-            else:
-                for j in range(j0, last):
-                    d = 0.0
-                    for a in range(g.shape[1]):
-                        d += g[i, a] * v[j, a]
-                    s += d * values[ri, rows[j]]
+            for j in range(j0, i if diagonal else j1):
+                s += product(g, v, i, j) * values[ri, rows[j]]
             total += 2.0 * s
-            if diagonal:  # the pair (i, i), once
-                d = 0.0
-                if g.ndim == 1:
-                    d = g[i] * v[i]
-                else:
-                    for a in range(g.shape[1]):
-                        d += g[i, a] * v[i, a]
-                total += d * values[ri, ri]
+            if diagonal:
+                total += product(g, v, i, i) * values[ri, ri]
     return total
 
 
 @njit(cache=True, nogil=True)
-def _tile_sums_serial(segments, tiles, rows, g, v, values):
+def _tile_sums_serial(segments, tiles, rows, g, v, values, product):
     total = 0.0
     for t in range(tiles.shape[0]):
-        total += _tile_sum(segments, tiles[t, 0], tiles[t, 1], rows, g, v, values)
+        total += _tile_sum(segments, tiles[t, 0], tiles[t, 1], rows, g, v, values, product)
     return total
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _tile_sums_parallel(segments, tiles, ptr, rows, g, v, values, sums):
+def _tile_sums_parallel(segments, tiles, ptr, rows, g, v, values, sums, product):
     for thread in prange(ptr.shape[0] - 1):
         total = 0.0
         for t in range(ptr[thread], ptr[thread + 1]):
-            total += _tile_sum(segments, tiles[t, 0], tiles[t, 1], rows, g, v, values)
+            total += _tile_sum(segments, tiles[t, 0], tiles[t, 1], rows, g, v, values, product)
         sums[thread] = total
 
 

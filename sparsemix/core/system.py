@@ -41,7 +41,8 @@ FAST_FACTORIZATION_SECONDS = 0.002
 # a 1,156 x 1,156 factor in 16.5 ms; a slower machine only makes the trial a little wasted work).
 DENSE_FLOPS_PER_SECOND = 2e10
 # The Schur form holds up to two dense q2 x q2 matrices: at most this share of the machine's memory (on 24 GB,
-# q2 up to 22,000; a MovieLens-sized design has 16,000).
+# q2 up to 22,000; a MovieLens-sized design has 16,000). A scored point (fit/scoring.py) holds the factor, the
+# inverse and its blocks' temporaries: about 1.4 times that, under half the memory.
 SCHUR_MEMORY_FRACTION = 1 / 3
 # From this order of the block after the first term, a block whose elimination pattern is at least this full goes
 # to the Schur form untimed (engine._schur_alone).
