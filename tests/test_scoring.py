@@ -82,6 +82,22 @@ def test_score_and_information_equal_the_dense_formulas(update, reml, weighted):
 
 
 @pytest.mark.parametrize("update", ["pairs", "kernel", "dense"])
+def test_traces_with_the_inverse_in_blocks(monkeypatch, update):
+    """Above the order where one threaded LAPACK call is safe, S^{-1} is computed in 2 x 2 blocks (a
+    MovieLens-sized fit): the same traces, in double and in single precision."""
+    import sparsemix.core.factor as factor
+
+    X, y, terms = _problem()
+    system = _schur_system(X, y, terms, update=update)
+    theta = np.array([0.7, 1.1, 0.4])
+    traces, _, _ = _dense(X, y, terms, theta, True)
+    monkeypatch.setattr(factor, "DENSE_THREADS_MAX_ORDER", 8)  # S is 17 x 17
+    with system.threads():
+        np.testing.assert_allclose(system.variance_traces(theta), traces, rtol=1e-9)
+        np.testing.assert_allclose(system.variance_traces(theta, single=True), traces, rtol=1e-5)
+
+
+@pytest.mark.parametrize("update", ["pairs", "kernel", "dense"])
 def test_single_precision_traces_are_close_but_not_exact(update):
     X, y, terms = _problem()
     system = _schur_system(X, y, terms, update=update)
