@@ -72,26 +72,22 @@ class LevelBands:
         (the lower triangle), rows, g and v (m, k) in `order`; out (q2, q2) C-contiguous float64, in place.
         With n_threads > 1, numba's threads share the tiles; with 1 no thread pool is involved at all (its idle
         threads slow the BLAS threads of the Cholesky that follows)."""
-        n_threads = max(int(n_threads), 1)
-        tiles, ptr = self._plan(n_threads)
-        g, v, product = _operands(g, v)
-        if n_threads == 1:
-            _tiles_serial(self.segments, tiles, rows, g, v, out, product)
-        else:
-            _tiles_parallel(self.segments, tiles, ptr, rows, g, v, out, product)
+        self._visit_tiles(rows, g, v, out, _subtract_pair, n_threads)
 
     def pair_sum(self, rows: np.ndarray, g: np.ndarray, v: np.ndarray, values: np.ndarray, n_threads: int = 1) -> float:
         """sum of (g[i] . v[j]) values[rows[i], rows[j]] over the pairs `subtract` writes, both orders of a pair
         (i != j) counted: tr(values G H G') for symmetric `values` of which only the lower triangle is read (a
         trace without G H G' as a matrix: 2 GB at MovieLens size)."""
+        return self._visit_tiles(rows, g, v, values, _read_pair, n_threads)
+
+    def _visit_tiles(self, rows, g, v, matrix, visit, n_threads: int) -> float:
         n_threads = max(int(n_threads), 1)
         tiles, ptr = self._plan(n_threads)
         g, v, product = _operands(g, v)
-        sums = np.zeros(n_threads)
         if n_threads == 1:
-            sums[0] = _tile_sums_serial(self.segments, tiles, rows, g, v, values, product)
-        else:
-            _tile_sums_parallel(self.segments, tiles, ptr, rows, g, v, values, sums, product)
+            return float(_tiles_serial(self.segments, tiles, rows, g, v, matrix, product, visit))
+        sums = np.zeros(n_threads)
+        _tiles_parallel(self.segments, tiles, ptr, rows, g, v, matrix, product, visit, sums)
         return float(sums.sum())
 
 
@@ -115,11 +111,26 @@ def _vector_product(g, v, i, j):
     return s
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _subtract_pair(out, r, c, p, same):
+    """LevelBands.subtract's visit of a pair: out[r, c] -= p."""
+    out[r, c] -= p
+    return 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _read_pair(values, r, c, p, same):
+    """LevelBands.pair_sum's visit of a pair: its term of tr(values G H G'), twice off the diagonal."""
+    return (p if same else 2.0 * p) * values[r, c]
+
+
 @njit(cache=True, nogil=True)
-def _tile(segments, row_band, column_band, rows, g, v, out, product):
-    """One tile: each level's entries in the row band against its entries in the column band."""
+def _tile(segments, row_band, column_band, rows, g, v, matrix, product, visit):
+    """One tile: each level's entries in the row band against its entries in the column band (the pairs with
+    rows[j] <= rows[i]); returns the sum of the visits."""
     starts_i, starts_j = segments[row_band], segments[column_band]
     diagonal = row_band == column_band
+    total = 0.0
     for lvl in range(starts_i.shape[0] - 1):
         i0, i1 = starts_i[lvl], starts_i[lvl + 1]
         j0, j1 = starts_j[lvl], starts_j[lvl + 1]
@@ -128,58 +139,24 @@ def _tile(segments, row_band, column_band, rows, g, v, out, product):
         for i in range(i0, i1):
             ri = rows[i]
             for j in range(j0, i + 1 if diagonal else j1):
-                out[ri, rows[j]] -= product(g, v, i, j)
-
-
-@njit(cache=True, nogil=True)
-def _tiles_serial(segments, tiles, rows, g, v, out, product):
-    for t in range(tiles.shape[0]):
-        _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, out, product)
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _tiles_parallel(segments, tiles, ptr, rows, g, v, out, product):
-    for thread in prange(ptr.shape[0] - 1):
-        for t in range(ptr[thread], ptr[thread + 1]):
-            _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, out, product)
-
-
-@njit(cache=True, nogil=True)
-def _tile_sum(segments, row_band, column_band, rows, g, v, values, product):
-    """One tile of LevelBands.pair_sum: a pair off the diagonal twice, (i, i) once."""
-    starts_i, starts_j = segments[row_band], segments[column_band]
-    diagonal = row_band == column_band
-    total = 0.0
-    for lvl in range(starts_i.shape[0] - 1):
-        i0, i1 = starts_i[lvl], starts_i[lvl + 1]
-        j0, j1 = starts_j[lvl], starts_j[lvl + 1]
-        if i0 == i1 or j0 == j1:
-            continue
-        for i in range(i0, i1):
-            ri = rows[i]
-            s = 0.0
-            for j in range(j0, i if diagonal else j1):
-                s += product(g, v, i, j) * values[ri, rows[j]]
-            total += 2.0 * s
-            if diagonal:
-                total += product(g, v, i, i) * values[ri, ri]
+                total += visit(matrix, ri, rows[j], product(g, v, i, j), j == i)
     return total
 
 
 @njit(cache=True, nogil=True)
-def _tile_sums_serial(segments, tiles, rows, g, v, values, product):
+def _tiles_serial(segments, tiles, rows, g, v, matrix, product, visit):
     total = 0.0
     for t in range(tiles.shape[0]):
-        total += _tile_sum(segments, tiles[t, 0], tiles[t, 1], rows, g, v, values, product)
+        total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, matrix, product, visit)
     return total
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _tile_sums_parallel(segments, tiles, ptr, rows, g, v, values, sums, product):
+def _tiles_parallel(segments, tiles, ptr, rows, g, v, matrix, product, visit, sums):
     for thread in prange(ptr.shape[0] - 1):
         total = 0.0
         for t in range(ptr[thread], ptr[thread + 1]):
-            total += _tile_sum(segments, tiles[t, 0], tiles[t, 1], rows, g, v, values, product)
+            total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, matrix, product, visit)
         sums[thread] = total
 
 
