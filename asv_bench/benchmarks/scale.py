@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 import sparsemix
-from sparsemix.datasets import generate_crossed_slopes, generate_insteval_like
+from sparsemix.datasets import generate_crossed_slopes, generate_insteval_like, generate_ratings
 
 SLOW = os.environ.get("SPARSEMIX_BENCH_SLOW") == "1"
 FORMULA = "y ~ 1 + x + (1 + x | a) + (1 | b)"
@@ -37,6 +37,31 @@ class InstEvalSizedFit:
 
     def track_deviance_evaluations(self):
         return sparsemix.lmer(INSTEVAL_FORMULA, self.data).n_evaluations
+
+    track_deviance_evaluations.unit = "evaluations"
+
+
+RATINGS_FORMULA = "y ~ 1 + (1 | user) + (1 | item)"
+
+
+class RatingsSizedFit:
+    """The MovieLens-sized fit's path at a benchmark's size (asv_bench/compare/movielens/fit.py has the full one):
+    2,000,000 ratings of 40,000 users x 4,000 items; the users' pairs of items are too many for the pair map, so
+    the Schur update runs in tiles (kernels.LevelBands), and the Newton steps score its variance components."""
+
+    timeout = 600
+
+    def setup(self):
+        self.data = generate_ratings(2_000_000, 40_000, 4_000)
+
+    def time_fit(self):
+        sparsemix.lmer(RATINGS_FORMULA, self.data)
+
+    def peakmem_fit(self):
+        sparsemix.lmer(RATINGS_FORMULA, self.data)
+
+    def track_deviance_evaluations(self):
+        return sparsemix.lmer(RATINGS_FORMULA, self.data).n_evaluations
 
     track_deviance_evaluations.unit = "evaluations"
 
