@@ -20,50 +20,46 @@ FORMULA = "y ~ 1 + x + (1 + x | a) + (1 | b)"
 INSTEVAL_FORMULA = "y ~ 1 + service + (1 | s) + (1 | d) + (1 | dept:service)"
 
 
-class InstEvalSizedFit:
+class _OneFormulaFit:
+    """A fit of `formula` to the data `setup` makes: its time, peak memory and deviance evaluations."""
+
+    timeout = 600
+    formula = ""
+
+    def time_fit(self):
+        sparsemix.lmer(self.formula, self.data)
+
+    def peakmem_fit(self):
+        sparsemix.lmer(self.formula, self.data)
+
+    def track_deviance_evaluations(self):
+        return sparsemix.lmer(self.formula, self.data).n_evaluations
+
+    track_deviance_evaluations.unit = "evaluations"
+
+
+class InstEvalSizedFit(_OneFormulaFit):
     """lme4's InstEval model on a synthetic design of its size: 73,000 rows, 2,972 x 1,128 crossed levels and a
     28-level interaction; the Schur form factors a dense 1,156 x 1,156 block per evaluation."""
 
-    timeout = 600
+    formula = INSTEVAL_FORMULA
 
     def setup(self):
         self.data = generate_insteval_like()
-
-    def time_fit(self):
-        sparsemix.lmer(INSTEVAL_FORMULA, self.data)
-
-    def peakmem_fit(self):
-        sparsemix.lmer(INSTEVAL_FORMULA, self.data)
-
-    def track_deviance_evaluations(self):
-        return sparsemix.lmer(INSTEVAL_FORMULA, self.data).n_evaluations
-
-    track_deviance_evaluations.unit = "evaluations"
 
 
 RATINGS_FORMULA = "y ~ 1 + (1 | user) + (1 | item)"
 
 
-class RatingsSizedFit:
+class RatingsSizedFit(_OneFormulaFit):
     """The MovieLens-sized fit's path at a benchmark's size (asv_bench/compare/movielens/fit.py has the full one):
     2,000,000 ratings of 40,000 users x 4,000 items; the users' pairs of items are too many for the pair map, so
     the Schur update runs in tiles (kernels.LevelBands), and the Newton steps score its variance components."""
 
-    timeout = 600
+    formula = RATINGS_FORMULA
 
     def setup(self):
         self.data = generate_ratings(2_000_000, 40_000, 4_000)
-
-    def time_fit(self):
-        sparsemix.lmer(RATINGS_FORMULA, self.data)
-
-    def peakmem_fit(self):
-        sparsemix.lmer(RATINGS_FORMULA, self.data)
-
-    def track_deviance_evaluations(self):
-        return sparsemix.lmer(RATINGS_FORMULA, self.data).n_evaluations
-
-    track_deviance_evaluations.unit = "evaluations"
 
 
 class CrossedSlopesFit:
