@@ -245,9 +245,8 @@ def test_kernel_subtracts_g_h_g_transpose(k, threads):
     g[inverse, a] = coo.data
     lvl, rows = np.divmod(keys, q2)
     v = np.matmul(H[lvl], g[:, :, None])[:, :, 0]
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(lvl, minlength=n1))])
     for n_bands in (1, 4, 200):  # one tile; a few bands; one row each (more bands asked than rows)
-        bands = LevelBands(ptr, rows, q2, n_bands)
+        bands = LevelBands(lvl, rows, n1, q2, n_bands)
         out = np.zeros((q2, q2))
         order = bands.order
         bands.subtract(rows[order].astype(np.int32), g[order], v[order], out, threads)

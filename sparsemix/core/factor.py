@@ -304,8 +304,7 @@ class SchurFactor:
             else:
                 from .kernels import LevelBands  # numba: imported (1 s) only by fits that need it
 
-                level_ptr = np.concatenate([[0], np.cumsum(np.bincount(level_rows[:, 0], minlength=n1))])
-                self._bands = LevelBands(level_ptr, level_rows[:, 1], self.q2)
+                self._bands = LevelBands(self._level_of_entry, level_rows[:, 1], n1, self.q2)
                 order = self._bands.order
                 self._entry_rows = level_rows[order, 1].astype(np.int32)
                 self._level_of_entry, self._g = self._level_of_entry[order], self._g[order]
@@ -413,9 +412,9 @@ class SchurFactor:
         With K = Lambda' Z'Z Lambda + I and E_j the columns of term j, E_j Z'V^{-1}Z E_j = E_j K^{-1} (K - I)
         E_j / theta_j^2 (Woodbury). The first term, eliminated level by level (K11_l = 1 + theta_1^2 G_ll):
         sum_l G_ll / K11_l - tr(S^{-1} Lambda_2 G diag(1 / K11_l^2) G' Lambda_2), no division by theta_1.
-        Each later term j: (q_j - sum of its entries of diag(S^{-1})) / theta_j^2. S^{-1} costs a LAPACK
-        potri, about 1.5 factorizations; `single`: in single precision, at about half that, for a Newton
-        direction far from the optimum (fit/scoring.py).
+        Each later term j: (q_j - sum of its entries of diag(S^{-1})) / theta_j^2. S^{-1} (dense_inverse_lower:
+        a LAPACK potri, or its 2 x 2 blocks) costs about two factorizations; `single`: in single precision, at
+        about half that, for a Newton direction far from the optimum (fit/scoring.py).
         """
         if self.k1 != 1 or any(T.shape != (1, 1) for T in factors):
             return None

@@ -25,21 +25,20 @@ N_BANDS = 32
 
 class LevelBands:
     """The entries of G (one per level and row of S, sorted by level, then row) regrouped band by band for
-    `subtract`: `order` is the permutation that callers apply to their per-entry arrays (rows, values) once.
+    `subtract` and `pair_sum`: `order` is the permutation that callers apply to their per-entry arrays (rows,
+    values) once.
 
-    level_ptr (n_levels + 1): level l's entries are level_ptr[l]:level_ptr[l + 1]; rows: their rows of S (q2).
+    levels, rows: each entry's level (of n_levels) and row of S (of q2).
     """
 
-    def __init__(self, level_ptr: np.ndarray, rows: np.ndarray, q2: int, n_bands: int = N_BANDS):
-        n_levels = level_ptr.shape[0] - 1
+    def __init__(self, levels: np.ndarray, rows: np.ndarray, n_levels: int, q2: int, n_bands: int = N_BANDS):
         cumulative = np.cumsum(np.bincount(rows, minlength=q2))
         inner = np.searchsorted(cumulative, np.arange(1, n_bands) * (cumulative[-1] / n_bands))
         edges = np.unique(np.concatenate([[0], inner, [q2]]))
         band = np.repeat(np.arange(edges.size - 1, dtype=np.int16), np.diff(edges))[rows]
         self.order = np.argsort(band, kind="stable")  # band by band; by level, then row within each
         n_bands = edges.size - 1
-        level = np.repeat(np.arange(n_levels), np.diff(level_ptr))
-        counts = np.bincount(band.astype(np.int64) * n_levels + level, minlength=n_bands * n_levels)
+        counts = np.bincount(band.astype(np.int64) * n_levels + levels, minlength=n_bands * n_levels)
         counts = counts.reshape(n_bands, n_levels)
         # segments[t, l]: where level l's entries in band t start (band-major positions); segments[t, n_levels]: end
         self.segments = np.zeros((n_bands, n_levels + 1), dtype=np.int64)
