@@ -64,6 +64,10 @@ class CrossProducts:
         )
         return fixed._with_weighted_response(X, Zt, _scaled(y, weights))
 
+    def residual_products(self, beta: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Z'e for the residual e = y - X beta - Z b, from the sums (no pass over the rows)."""
+        return self.Zty - self.ZtX @ beta - self.ZtZ @ b
+
     def with_response(
         self, X: np.ndarray, Z: sp.csc_matrix, y: np.ndarray, weights: np.ndarray | None = None
     ) -> "CrossProducts":

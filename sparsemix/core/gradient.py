@@ -271,7 +271,7 @@ class SchurGradient:
             Y1, ZZW1, YRt1 = (M[:q1].reshape(n1, k, p) for M in (Y, ZZW, YRt))
             blocks = blocks + _level_products(Y1, ZZW1) - _level_products(YRt1, self._ZtX1)
             diagonal += np.sum(Y[q1:] * ZZW[q1:], axis=1) - np.sum(YRt[q1:] * c.ZtX[q1:], axis=1)
-        Ze = c.Zty - c.ZtZ @ relcov.apply(factors, u) - c.ZtX @ beta
+        Ze = c.residual_products(beta, relcov.apply(factors, u))
         scale = dof / max(ev.r2, _TINY)
         modes = Ze[:q1].reshape(n1, k).T @ u[:q1].reshape(n1, k)
         a, b = self._positions

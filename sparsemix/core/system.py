@@ -521,7 +521,7 @@ class PenalizedSystem:
         c, rc = self.cross, self.relcov
         factors = ev.factors
         b = rc.apply(factors, u)
-        Zte = c.Zty - c.ZtX @ beta - c.ZtZ @ b  # Z'e
+        Zte = c.residual_products(beta, b)  # Z'e
         ee = ev.r2 - u @ u  # e'e
         sigma2 = ev.r2 / self.dof(reml)
         columns = []  # per psi entry after sigma^2: E_ab Z_t'e, placed in term t's columns

@@ -85,7 +85,7 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
     p = c.p
     beta, u = system.modes(ev)
     b = lam * u
-    Zte = c.Zty - c.ZtX @ beta - c.ZtZ @ b  # Z'e
+    Zte = c.residual_products(beta, b)  # Z'e
     ee = ev.r2 - u @ u  # e'e
     nu = system.dof(reml)
     sigma2 = ev.r2 / nu
