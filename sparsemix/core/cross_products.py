@@ -47,9 +47,13 @@ class CrossProducts:
         cls, X: np.ndarray, y: np.ndarray, Z: sp.csc_matrix, weights: np.ndarray | None = None
     ) -> "CrossProducts":
         X, Z, sum_log_weights = _weighted(np.asarray(X, dtype=float), Z, weights)
-        Zt = sp.csr_matrix(Z.T)
-        ZtZ = sp.csc_matrix(Zt @ Z)
-        ZtZ.sort_indices()
+        if Z.shape[0] * Z.shape[1] ** 2 <= DENSE_GRAM_MAX_FLOPS:
+            Zt = Z.toarray().T
+            ZtZ = _symmetric_csc(Zt @ Zt.T)
+        else:
+            Zt = sp.csr_matrix(Z.T)
+            ZtZ = sp.csc_matrix(Zt @ Z)
+            ZtZ.sort_indices()
         fixed = cls(
             ZtZ=ZtZ,
             ZtX=np.asarray(Zt @ X),
@@ -101,6 +105,20 @@ class CrossProducts:
     def _with_weighted_response(self, X, Zt, y) -> "CrossProducts":
         Zty, Xty, yty, beta_ols = _shifted_sums(X, Zt, y[:, None], self.p)
         return replace(self, Zty=Zty[:, 0], Xty=Xty[:, 0], yty=float(yty[0]), beta_ols=beta_ols[:, 0])
+
+
+# Z'Z by a dense product where it costs at most this many multiplications (sleepstudy's 180 x 36 Z: 0.23M): below it
+# scipy's sparse product and conversions cost more than the product itself (100 us against 30).
+DENSE_GRAM_MAX_FLOPS = 1_000_000
+
+
+def _symmetric_csc(G: np.ndarray) -> sp.csc_matrix:
+    """The symmetric matrix G as CSC, its zeros not stored (as scipy's sparse product stores none): G's rows are its
+    columns, so its row-major nonzeros are the CSC arrays."""
+    nonzero = G != 0
+    indptr = np.zeros(G.shape[0] + 1, dtype=np.int32)  # (scipy's own index type for these sizes)
+    np.cumsum(nonzero.sum(axis=1), out=indptr[1:])
+    return sp.csc_matrix((G[nonzero], np.nonzero(nonzero)[1].astype(np.int32), indptr), shape=G.shape)
 
 
 def _shifted_sums(X, Zt, Y, p):

@@ -155,7 +155,12 @@ def complete_rows(frame: pd.DataFrame, columns, finite=()) -> np.ndarray:
     columns = list(dict.fromkeys(columns))
     keep = np.ones(len(frame), bool)
     for c in columns:  # a column at a time: frame[columns].notna() built a frame (1 ms on a small model)
-        present = frame[c].notna()  # a frame where the label names several columns (predict's newdata)
+        col = frame[c]  # a frame where the label names several columns (predict's newdata)
+        if isinstance(col, pd.Series) and isinstance(col.dtype, np.dtype) and col.dtype.kind in "biuf":
+            if col.dtype.kind == "f":  # numpy's numbers: NaN is their only missing value (a third of notna's cost)
+                keep &= ~np.isnan(col.to_numpy())
+            continue
+        present = col.notna()
         keep &= (present.all(axis=1) if isinstance(present, pd.DataFrame) else present).to_numpy(dtype=bool)
     for values in finite:
         keep &= np.isfinite(values)

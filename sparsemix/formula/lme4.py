@@ -12,6 +12,7 @@ power, as in R ('I(x^2)', '(a + b)^2'); it is rewritten to patsy's and Python's 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -48,6 +49,11 @@ class ParsedFormula:
 def parse_formula(formula: str) -> ParsedFormula:
     if not isinstance(formula, str):
         raise FormulaError(f"formula must be a string like 'y ~ x + (1 | g)'; got {type(formula).__name__}.")
+    return _parse_text(str(formula))  # (a str subclass as plain text: the cache keys on the text)
+
+
+@functools.lru_cache(maxsize=512)  # a function of the text alone (refits, bootstraps, one formula over many frames)
+def _parse_text(formula: str) -> ParsedFormula:
     # R quotes non-syntactic names with backticks (`my x`); patsy's way is Q("my x"). A quoted name may hold any
     # character ('+', '|', '^', '~'): each is set aside under a plain placeholder while the structure is read.
     formula, quoted = _hide_quoted(_backticks_to_q(formula))

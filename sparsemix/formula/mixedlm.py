@@ -55,7 +55,7 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(values, pd.Series) and (len(values) >= ARROW_FACTORIZE_MIN_ROWS or values.dtype != "str"):
         codes, levels = pd.factorize(values, sort=True)
     else:  # numpy's arrays, and short text columns: Arrow's factorize has a fixed cost (sleepstudy: 266 us, 33 here)
-        codes, levels = pd.factorize(np.asarray(values), sort=True)
+        codes, levels = pd.factorize(values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values), sort=True)
     return codes.astype(np.int64, copy=False), np.asarray(levels)
 
 
@@ -119,7 +119,7 @@ def factor_codes(values) -> tuple[np.ndarray, list, bool]:
 
     As patsy: a Categorical keeps all its categories, used or not; other values give their sorted levels.
     """
-    s = pd.Series(values)
+    s = values if isinstance(values, pd.Series) else pd.Series(values)
     if isinstance(s.dtype, pd.CategoricalDtype):
         return s.cat.codes.to_numpy(np.int64), list(s.cat.categories), True
     codes, levels = sorted_codes(s)
@@ -396,11 +396,17 @@ def _plain_columns(infos, source: "_Columns") -> list | None:
     has a missing value (patsy's NA_action="raise" reports it)."""
     columns: dict = {}
 
-    def factor_column(factor):
+    def factor_column(factor, info):
         code = getattr(factor, "code", None)
         if code not in columns:
-            if type(code) is not str or not code.isidentifier():
+            if type(code) is not str:
                 return None
+            if not code.isidentifier():
+                col = _numerical_expression(factor, info.factor_infos[factor], source)
+                if col is None:
+                    return None
+                columns[code] = col
+                return col
             col = source.plain(code)
             if col is None:
                 col = source.level_codes(code)
@@ -419,7 +425,7 @@ def _plain_columns(infos, source: "_Columns") -> list | None:
             for subterm in subterms:
                 parts = []
                 for factor in subterm.factors:
-                    col = factor_column(factor)
+                    col = factor_column(factor, info)
                     if col is None:
                         return None
                     if factor in subterm.contrast_matrices:
@@ -433,6 +439,23 @@ def _plain_columns(infos, source: "_Columns") -> list | None:
                 start += subterm.num_columns
         out.append(patsy.DesignMatrix(matrix, info))
     return out
+
+
+def _numerical_expression(factor, info, source: "_Columns") -> np.ndarray | None:
+    """A numerical factor's values (`I(age**2)`, `np.log(x)`) as patsy's build evaluates them (the factor's own
+    eval with its kept state: 0.3 ms a design less), as one float column; None for anything else (a categorical or
+    stateful factor, several columns, a missing value, an error), which patsy's build then reports."""
+    if info.type != "numerical" or info.num_columns != 1 or info.state.get("transforms"):
+        return None
+    try:
+        values = np.asarray(factor.eval(info.state, source), dtype=float)
+    except Exception:  # noqa: BLE001 (patsy's build evaluates it again and words the error)
+        return None
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.shape != (source.n_rows,) or np.isnan(values).any():
+        return None
+    return values
 
 
 def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_type="matrix"):
