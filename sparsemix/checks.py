@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-
 import difflib
+import functools
 import numbers
 
 import numpy as np

@@ -55,7 +55,8 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(values, pd.Series) and (len(values) >= ARROW_FACTORIZE_MIN_ROWS or values.dtype != "str"):
         codes, levels = pd.factorize(values, sort=True)
     else:  # numpy's arrays, and short text columns: Arrow's factorize has a fixed cost (sleepstudy: 266 us, 33 here)
-        codes, levels = pd.factorize(values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values), sort=True)
+        plain = values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values)
+        codes, levels = pd.factorize(plain, sort=True)
     return codes.astype(np.int64, copy=False), np.asarray(levels)
 
 
