@@ -493,12 +493,13 @@ def check_groups(groups, n: int) -> np.ndarray:
 # -- column types (the data frame every front door takes) ---------------------------------------------------
 
 
-def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), other=()) -> pd.DataFrame:
+def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), other=(), column=None) -> pd.DataFrame:
     """The columns a model uses, by role: `covariates` (mentioned in the fixed part or a random-effects
     expression), `groups` (grouping factors only) and `other` (weights, offset). Returns `data`, with pandas'
     nullable booleans as True/False/NaN objects (patsy then reads them as it reads bools, and the rows with NA
     are dropped with the other incomplete rows); raises an InputError naming the column, its dtype and the fix
-    for duplicate names and for dtypes that have no single meaning as a covariate."""
+    for duplicate names and for dtypes that have no single meaning as a covariate. `column(name)`: how to read a
+    column (a FrameColumns' column, which keeps what it read)."""
     names = list(dict.fromkeys([*covariates, *groups, *other]))
     dup = [c for c in names if (data.columns == c).sum() > 1] if not data.columns.is_unique else []
     if dup:
@@ -511,7 +512,7 @@ def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), o
     covariates = set(covariates)
     converted = {}
     for name in names:
-        col = data[name]
+        col = data[name] if column is None else column(name)
         dtype = col.dtype
         if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
             continue  # numpy's numbers and booleans: nothing below applies (a third of a small model's checks)

@@ -413,6 +413,31 @@ def test_a_kept_numeric_design_is_only_reused_for_the_same_columns_and_dtypes():
     np.testing.assert_array_equal(d.X, a.X)
 
 
+def test_a_kept_designs_expressions_are_evaluated_as_patsy_evaluates_them(monkeypatch):
+    """A kept design's numerical expressions (I(Days**2), np.sqrt(...)) are evaluated without patsy's build: the
+    same columns as patsy's own build, and the same errors where an expression fails on other data."""
+    import patsy
+
+    from sparsemix.formula import mixedlm
+
+    f = "Reaction ~ Days + I(Days**2) + np.sqrt(Days + 1) + (1 + I(Days**2) | Subject)"
+    data = SLEEP.assign(Days=SLEEP.Days * 3)  # the same dtype: the same key
+    first = _design(f, SLEEP)  # the designs kept
+    with monkeypatch.context() as m:  # the kept designs' columns come without patsy's build
+        m.setattr(mixedlm.patsy, "build_design_matrices", lambda *a, **k: pytest.fail("patsy's build was called"))
+        d = _design(f, data)
+    assert d.fixed_info is first.fixed_info and d.term_info[0].design_info is first.term_info[0].design_info
+    assert list(d.fixed_info.column_names) == ["Intercept", "Days", "I(Days ** 2)", "np.sqrt(Days + 1)"]
+    expected = np.asarray(patsy.build_design_matrices([d.fixed_info], data, NA_action="raise")[0])
+    np.testing.assert_array_equal(d.X, expected)
+    np.testing.assert_array_equal(d.X[:, 2], (SLEEP.Days * 3) ** 2)
+    z = d.terms[0].Z.toarray().reshape(len(data), -1, 2).sum(axis=1)
+    np.testing.assert_array_equal(z[:, 1], (SLEEP.Days * 3) ** 2)
+    # on data where the expression is not defined (NaN): patsy's build reports it, as on a first fit
+    with pytest.raises(FormulaError, match="missing values|NaN"):
+        _design(f, SLEEP.assign(Days=SLEEP.Days - 3))
+
+
 def test_a_stateful_transform_is_fitted_to_each_data_set():
     f = "Reaction ~ center(Days) + scale(Days) + poly(Days, 2) + (1 | Subject)"
     a = _design(f, SLEEP)

@@ -232,13 +232,13 @@ def test_optimizer_names_are_shared_with_mixedlm_and_checked(fm1):
 def test_text_columns_of_the_fixed_part_reach_patsy_as_categoricals():
     """Object and pandas' str dtype (the default for text from pandas 3 on) alike: patsy then reads codes, from the
     frame (where a caller's function reads it) or from the columns patsy is given otherwise."""
-    from sparsemix.formula.mixedlm import _Columns, strings_as_categories
+    from sparsemix.formula.mixedlm import FrameColumns, strings_as_categories
 
     data = SLEEP.assign(half=np.where(SLEEP.Days < 5, "early", "late"))
     as_str = data.assign(half=data.half.astype("str"))
     as_object = data.assign(half=data.half.astype(object))
     for frame in (as_str, as_object):
-        for column in (strings_as_categories(frame, "Reaction ~ half").half, _Columns(frame)["half"]):
+        for column in (strings_as_categories(frame, "Reaction ~ half").half, FrameColumns(frame)["half"]):
             assert isinstance(column.dtype, pd.CategoricalDtype)
             assert list(column.categories if hasattr(column, "categories") else column.cat.categories) == [
                 "early",

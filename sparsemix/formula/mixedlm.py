@@ -34,6 +34,7 @@ __all__ = [
     "factor_codes",
     "sorted_codes",
     "indicator_variable",
+    "FrameColumns",
 ]
 
 _NAME = r"([A-Za-z_]\w*)"
@@ -143,12 +144,12 @@ def fixed_design(formula: str, data: pd.DataFrame, eval_env):
     return y.iloc[:, 0], X, X.design_info
 
 
-def fixed_arrays(formula: str, data: pd.DataFrame, eval_env):
+def fixed_arrays(formula: str, data: pd.DataFrame, eval_env, columns=None):
     """fixed_design's response, matrix and design for the lme4 door, as numpy arrays: (y, X, X's column names,
     design_info). patsy reads the plain numeric columns as arrays where that cannot change the design
     (`patsy_data`) and returns its matrices without wrapping them in frames (the data's row labels are not
     needed here)."""
-    y, X = _patsy(patsy.dmatrices, formula, data, eval_env, numeric_arrays=True, return_type="matrix")
+    y, X = _patsy(patsy.dmatrices, formula, data, eval_env, numeric_arrays=True, return_type="matrix", columns=columns)
     if y.shape[1] != 1:
         names = list(y.design_info.column_names)
         raise FormulaError(
@@ -230,7 +231,7 @@ def strings_as_categories(frame: pd.DataFrame, formula: str) -> pd.DataFrame:
     return frame.assign(**{c: pd.Categorical(frame[c]) for c in text}) if text else frame
 
 
-class _Columns:
+class FrameColumns:
     """The data as patsy looks names up in it: a column of a plain numpy number dtype as its numpy array (the
     same values patsy takes from the Series, without pandas' dispatch on every operation and NA check: ~0.7 ms
     a factor, half of a small model's design), a text column as the Categorical strings_as_categories makes of
@@ -241,6 +242,7 @@ class _Columns:
         self._names = frozenset(c for c in frame.columns if isinstance(c, str))
         self._series: dict = {}  # pandas' column lookup costs ~10 us: each column read once
         self._text: dict = {}  # text column -> (codes, sorted levels); other columns -> None
+        self._factors: dict = {}  # column -> factor_codes
 
     def column(self, name):
         """The data's column `name` (a Series, or a frame where the label names several columns)."""
@@ -285,10 +287,18 @@ class _Columns:
             col = self.column(name)
             found = None
             if isinstance(col, pd.Series) and is_text(col):
-                codes, levels = sorted_codes(col)  # text has no missing values (is_text)
+                codes, levels, _ = self.factor_codes(name)  # text has no missing values (is_text)
                 found = (codes, tuple(levels))
             self._text[name] = found
         return self._text[name]
+
+    def factor_codes(self, name) -> tuple[np.ndarray, list, bool]:
+        """factor_codes of column `name`, computed once (the fixed part, a random term and its grouping may all read
+        one factor)."""
+        found = self._factors.get(name)
+        if found is None:
+            found = self._factors[name] = factor_codes(self.column(name))
+        return found
 
     def level_codes(self, name) -> np.ndarray | None:
         """Column `name`'s codes among the levels its dtype or text gives (a Categorical's categories; False and
@@ -306,8 +316,8 @@ class _Columns:
         return None if text is None else text[0]
 
 
-def patsy_data(frame: pd.DataFrame, desc: patsy.ModelDesc, eval_env):
-    """What patsy evaluates `desc` on: `frame`, or its numeric columns as numpy arrays (_Columns) when the
+def patsy_data(frame: pd.DataFrame, desc: patsy.ModelDesc, eval_env, columns: "FrameColumns | None" = None):
+    """What patsy evaluates `desc` on: `frame`, or its numeric columns as numpy arrays (FrameColumns) when the
     terms call only the numpy functions, I, Q and patsy's/poly's stateful transforms (which read their argument
     through np.asarray, so a Series and its array give the same values), and have a factor to give the number of
     rows. Not with C() or contrasts (their levels would be numpy scalars, not Python's) or a caller's function
@@ -315,14 +325,13 @@ def patsy_data(frame: pd.DataFrame, desc: patsy.ModelDesc, eval_env):
     codes = [factor.code for term in desc.lhs_termlist + desc.rhs_termlist for factor in term.factors]
     if not codes:
         return frame
-    columns = frame.columns
     names = {name for code in codes for name in _code_names(code)}
     for name in names:
-        if name in columns:
+        if name in frame.columns:
             continue
         if not numpy_functions_only(name, eval_env):
             return frame
-    return _Columns(frame)
+    return columns if columns is not None else FrameColumns(frame)
 
 
 @functools.lru_cache(maxsize=1024)  # a function of the text alone; Python's tokenizer costs ~50 us a factor
@@ -350,7 +359,7 @@ def _design_key(fn, formula, desc, data, source, eval_env):
     the data's column names (which names are columns, which are Python keywords), the dtypes of the columns it
     uses with a Categorical's levels, and the namespace's compile flags. Not where a name is stateful or a column
     name is also a name of the namespace (patsy would keep that value in the design)."""
-    if not isinstance(source, _Columns) or type(formula) is not str:
+    if not isinstance(source, FrameColumns) or type(formula) is not str:
         return None
     names = {
         name for term in desc.lhs_termlist + desc.rhs_termlist for f in term.factors for name in _code_names(f.code)
@@ -377,7 +386,7 @@ def _dtype_key(dtype, text):
     return dtype if text is None else (dtype, text[1])
 
 
-def _keepable(infos, source: "_Columns") -> bool:
+def _keepable(infos, source: "FrameColumns") -> bool:
     """Whether the designs may be kept under _design_key: every factor numerical, or categorical on a bare column
     whose dtype gives its levels."""
     for info in infos:
@@ -389,7 +398,7 @@ def _keepable(infos, source: "_Columns") -> bool:
     return True
 
 
-def _plain_columns(infos, source: "_Columns") -> list | None:
+def _plain_columns(infos, source: "FrameColumns") -> list | None:
     """The matrices of kept designs whose every factor is a column named bare (`y ~ Days + recipe * temperature`),
     built as patsy builds them (each term's subterms in turn; a subterm's columns the products of its factors'
     columns, numeric ones as they are, categorical ones as rows of their contrast matrix, the first factor's
@@ -442,7 +451,7 @@ def _plain_columns(infos, source: "_Columns") -> list | None:
     return out
 
 
-def _numerical_expression(factor, info, source: "_Columns") -> np.ndarray | None:
+def _numerical_expression(factor, info, source: "FrameColumns") -> np.ndarray | None:
     """A numerical factor's values (`I(age**2)`, `np.log(x)`) as patsy's build evaluates them (the factor's own
     eval with its kept state: 0.3 ms a design less), as one float column; None for anything else (a categorical or
     stateful factor, several columns, a missing value, an error), which patsy's build then reports."""
@@ -459,11 +468,14 @@ def _numerical_expression(factor, info, source: "_Columns") -> np.ndarray | None
     return values
 
 
-def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_type="matrix"):
+def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_type="matrix", columns=None):
     """patsy's `fn` (dmatrix or dmatrices) of `desc` (check_formula's reading of `formula`) on `data` as
-    patsy_data gives it, reusing the design of an earlier call where _design_key allows. Raises patsy's errors."""
-    source = patsy_data(data, desc, eval_env)
-    if not isinstance(source, _Columns):  # a caller's function reads the frame: its text columns as _Columns gives
+    patsy_data gives it, reusing the design of an earlier call where _design_key allows. Raises patsy's errors.
+    `columns`: a FrameColumns of `data` that other parts of the design read too."""
+    source = patsy_data(data, desc, eval_env, columns)
+    if not isinstance(
+        source, FrameColumns
+    ):  # a caller's function reads the frame: its text columns as FrameColumns gives
         source = strings_as_categories(data, formula)
     key = _design_key(fn, formula, desc, data, source, eval_env)
     infos = _KEPT_DESIGNS.get(key) if key is not None else None
@@ -480,11 +492,11 @@ def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_
     return result
 
 
-def _patsy(fn, formula, data, eval_env, numeric_arrays=False, return_type="dataframe"):
+def _patsy(fn, formula, data, eval_env, numeric_arrays=False, return_type="dataframe", columns=None):
     desc = check_formula(formula, data.columns, eval_env)  # nothing in a formula runs before this check
     try:
         if numeric_arrays:
-            return numeric_design(fn, formula, desc, data, eval_env, return_type)
+            return numeric_design(fn, formula, desc, data, eval_env, return_type, columns)
         return fn(desc, data, return_type=return_type, NA_action="raise", eval_env=eval_env)
     except patsy.PatsyError as exc:
         text = str(exc)

@@ -27,7 +27,7 @@ from ..formula.design_rules import (
 )
 from ..formula.lme4 import RandomSpec, parse_formula
 from ..formula.mixedlm import (
-    factor_codes,
+    FrameColumns,
     fixed_arrays,
     formula_columns,
     indicator_variable,
@@ -93,16 +93,20 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
         checks.require_columns(data, spec.group, f"grouping factor of {spec.source}")
         used += [g for g in spec.group if g not in used]
     formulas = [parsed.fixed] + [s.expr for s in parsed.random]
-    data = checks.check_column_types(
+    columns = FrameColumns(data)  # each column read out of the frame once (pandas' lookup: ~10 us a time)
+    checked = checks.check_column_types(
         data,
         formula_columns(formulas, data.columns),
         [g for s in parsed.random for g in s.group],
         formulas,
         [v for v in (weights, offset) if isinstance(v, str) and v in data.columns],
+        column=columns.column,
     )
+    if checked is not data:
+        data, columns = checked, FrameColumns(checked)
     w = _column_or_array(data, weights, "weights")
     off = _column_or_array(data, offset, "offset")
-    keep = complete_rows(data, used, [arr for arr in (w, off) if arr is not None])
+    keep = complete_rows(data, used, [arr for arr in (w, off) if arr is not None], column=columns.column)
     n_dropped = int((~keep).sum())
     frame = data if n_dropped == 0 else data.loc[keep]  # read only: no copy when every row is complete
     checks.check_not_empty(len(frame), "data" if n_dropped == 0 else "data after dropping incomplete rows")
@@ -113,11 +117,15 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
     if w is not None:
         checks.check_weights_scale(w)
 
+    if n_dropped:
+        columns = FrameColumns(frame)
     if parsed.response in frame.columns:  # before patsy, which would expand a text column into indicators
-        checks.require_numeric_column(frame[parsed.response], f"response {parsed.response!r}")
-        if pd.api.types.is_bool_dtype(frame[parsed.response].dtype):  # TRUE/FALSE as 1/0, as R reads them
-            frame = frame.assign(**{parsed.response: frame[parsed.response].to_numpy(dtype=float)})
-    endog, X, exog_names, fixed_info = fixed_arrays(parsed.fixed, frame, env)
+        response = columns.column(parsed.response)
+        checks.require_numeric_column(response, f"response {parsed.response!r}")
+        if pd.api.types.is_bool_dtype(response.dtype):  # TRUE/FALSE as 1/0, as R reads them
+            frame = frame.assign(**{parsed.response: response.to_numpy(dtype=float)})
+            columns = FrameColumns(frame)
+    endog, X, exog_names, fixed_info = fixed_arrays(parsed.fixed, frame, env, columns)
     # patsy's columns in R's order (lme4's coefficient order, and the order aliased columns are dropped in)
     column_order = r_column_order(fixed_info, readable_formula(parsed.fixed, frame.columns))
     X, exog_names = X[:, column_order], [exog_names[j] for j in column_order]
@@ -141,7 +149,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
 
     infos, terms = [], []
     for spec in parsed.random:
-        term, info = _random_term(spec, frame, env, linear)
+        term, info = _random_term(spec, frame, env, linear, columns)
         if linear:
             checks.check_nobs_vs_n_random_effects(term.n_levels * term.k, len(frame), spec.source)
         terms.append(term)
@@ -194,7 +202,9 @@ def _column_or_array(data, value, role):
     return arr
 
 
-def _random_term(spec: RandomSpec, frame, env, linear: bool = True):
+def _random_term(spec: RandomSpec, frame, env, linear: bool = True, columns: FrameColumns | None = None):
+    columns = FrameColumns(frame) if columns is None else columns
+
     def check_count(n_levels):
         # Before any n x k or q-sized allocation: a factor with a level per row is refused at the cost of its
         # codes only (80 MB for a 10,000,000-level factor of 10,000,000 rows), not of the model's matrices.
@@ -202,11 +212,11 @@ def _random_term(spec: RandomSpec, frame, env, linear: bool = True):
         if linear:
             checks.check_levels_below_observations(n_levels, spec.group_name, len(frame))
 
-    codes, levels = group_codes(frame, spec.group, check_count)
+    codes, levels = group_codes(frame, spec.group, check_count, columns)
     var = indicator_variable(spec.expr)
     if var is not None:
         checks.require_columns(frame, [var], f"random-effects term {spec.source}")
-        c, lv, _ = factor_codes(frame[var])
+        c, lv, _ = columns.factor_codes(var)
         values = indicator_matrix(c, len(lv))
         columns = tuple(f"{var}{level_name(v)}" for v in lv)
         design_info = None
@@ -220,7 +230,7 @@ def _random_term(spec: RandomSpec, frame, env, linear: bool = True):
         rhs = "~ " + spec.expr
         desc = check_formula(rhs, frame.columns, env, f"random-effects term {spec.source}")
         try:
-            M = numeric_design(patsy.dmatrix, rhs, desc, frame, env)
+            M = numeric_design(patsy.dmatrix, rhs, desc, frame, env, columns=columns)
         except patsy.PatsyError as exc:
             raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
         values = np.asarray(M, dtype=float)
