@@ -114,3 +114,79 @@ def test_the_polish_reuses_the_best_points_gradient_and_a_probe_does_not_lend_it
     np.testing.assert_allclose(result.theta, [0.4, 0.4], atol=1e-9)
     repeats = sum(np.array_equal(a, b) for i, a in enumerate(calls) for b in calls[:i])
     assert repeats == 0
+
+
+def _one_parameter(f, df):
+    """(deviance, gradient) of a function of one parameter, counting its evaluations."""
+    calls = []
+
+    def fg(x):
+        calls.append(float(x[0]))
+        return f(x[0]), np.array([df(x[0])])
+
+    return fg, calls
+
+
+@pytest.mark.parametrize(
+    "f, start, expected",
+    [
+        # a skewed interior minimum at 0.85 (a random intercept's deviance has this shape)
+        (lambda t: (t - 0.85) ** 2 + 0.5 * (t - 0.85) ** 3 + (t - 0.85) ** 4, 1.0, 0.85),
+        # even in t, lowest at the bound 0 (a zero variance), concave at the start: first half-way steps
+        (lambda t: 3.0 * np.log(1 + t * t) - 1.0 * np.log(1 + 0.1 * t * t), 4.0, 0.0),
+        # even in t, a maximum at 0 and the minimum inside, reached from below the start's bracket
+        (lambda t: (t * t - 2.0) ** 2, 0.1, np.sqrt(2.0)),
+        # far from the start, falling all the way: the bracket opened outward
+        (lambda t: (np.log(t * t + 1e-300) - np.log(30.0**2)) ** 2, 1.0, 30.0),
+    ],
+)
+def test_scalar_newton_settles_on_the_minimum_of_one_parameter(f, start, expected):
+    from sparsemix.fit.optimize import scalar_newton
+
+    h = 1e-6  # the derivative by central differences (0 at the bound, where these functions are even)
+    df = lambda t: (f(t + h) - f(t - h)) / (2 * h) if t > 0 else 0.0  # noqa: E731
+    fg, calls = _one_parameter(f, df)
+    how, x, fx = scalar_newton(fg, np.array([start]), np.array([0.0]), np.array([np.inf]), 200)
+    assert how == "settled"
+    assert x[0] == pytest.approx(expected, abs=1e-6)
+    assert fx == pytest.approx(f(expected), abs=1e-9)
+    assert len(calls) <= 40
+
+
+def test_scalar_newton_with_the_exact_derivative_reaches_1e_10_and_gives_up_without_evaluations():
+    from sparsemix.fit.optimize import scalar_newton
+
+    f = lambda t: (t - 0.85) ** 2 + 0.5 * (t - 0.85) ** 3 + (t - 0.85) ** 4  # noqa: E731
+    df = lambda t: 2 * (t - 0.85) + 1.5 * (t - 0.85) ** 2 + 4 * (t - 0.85) ** 3  # noqa: E731
+    fg, calls = _one_parameter(f, df)
+    how, x, _ = scalar_newton(fg, np.array([1.0]), np.array([0.0]), np.array([np.inf]), 100)
+    assert how == "settled" and abs(x[0] - 0.85) < 1e-10 and len(calls) <= 9
+    # out of evaluations: it says so, and returns its best point
+    fg, calls = _one_parameter(f, df)
+    how, x, fx = scalar_newton(fg, np.array([3.0]), np.array([0.0]), np.array([np.inf]), 3)
+    assert how == "" and len(calls) == 3 and fx <= f(3.0)
+    # a deviance that is not finite at the start: nothing to do
+    fg, calls = _one_parameter(lambda t: np.inf, lambda t: 0.0)
+    assert scalar_newton(fg, np.array([1.0]), np.array([0.0]), np.array([np.inf]), 100)[0] == ""
+
+
+def test_one_variance_fits_by_scalar_newton_to_lme4s_optimum():
+    """A random intercept alone (lme4's Dyestuff, and Dyestuff2 whose variance is zero) takes the scalar Newton
+    steps: lme4's theta, fewer evaluations than L-BFGS-B took (10 and 6), no polish."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    import sparsemix
+
+    for name, most in (("dyestuff", 9), ("dyestuff2", 9)):  # (the zero variance: 5 steps, then the boundary probes)
+        fx = json.loads((Path(__file__).parent / "reference" / f"{name}.json").read_text())
+        data = pd.DataFrame(fx["data"])
+        for ref in fx["fits"]:
+            m = sparsemix.lmer(ref["formula"], data, reml=ref["reml"])
+            opt = m.fit_result.optimization
+            assert opt.message.startswith("Newton steps along theta's one entry")
+            assert opt.n_evaluations <= most
+            np.testing.assert_allclose(m.fit_result.theta, ref["theta"], rtol=1e-5, atol=1e-7)
+            assert m.llf == pytest.approx(ref["logLik"], abs=1e-7)

@@ -4,7 +4,8 @@ Variance-components models on crossed designs have a score and an average inform
 and the default, "auto", takes Newton steps with those (stages.optimize_system). Small systems held dense have
 the exact gradient of the deviance (core/gradient.py), and "auto" runs scipy's L-BFGS-B with it (a quarter to a
 tenth of BOBYQA's evaluations; 18 for sleepstudy where BOBYQA and its polish took 65), its Newton polish with a
-Hessian from differences of the gradient. For every other model, and where those give up, the deviance is all
+Hessian from differences of the gradient; a model with one variance (a random intercept alone) takes safeguarded
+Newton steps along it instead (scalar_newton: scipy's fixed cost per call was most of such a fit). For every other model, and where those give up, the deviance is all
 there is, and the optimizer is nlopt's
 BOBYQA, the bounded derivative-free quadratic-model method lme4 uses. Measured on the seed designs,
 sleepstudy and a 6-parameter synthetic model, it needed 30-60% fewer evaluations than scipy's L-BFGS-B with
@@ -196,6 +197,11 @@ def minimize_deviance(
     def gradient_from(x, step=None):
         """Newton steps with the information where given, else (or where they stop short) L-BFGS-B with the exact
         gradient from x; BOBYQA from its best point where it does not converge."""
+        if x.size == 1 and every:  # one variance (a random intercept alone): Newton steps along the line
+            reached, end, value = scalar_newton(fg, x, lo, hi, maxiter - count[0])
+            if reached:
+                settled_by_newton[0] = True
+                return True, "Newton steps along theta's one entry", end, value
         if deviance_information is not None and every:
             reached, end, value = information_newton(fg, deviance_information, x, lo, hi, maxiter - count[0])
             if reached:  # "near": within rounding of the deviance, but not yet to 1e-9: the polish finishes
@@ -516,6 +522,86 @@ def information_newton(fg, information, x, lower, upper, maxeval: int) -> tuple[
         last = (x, gx) if full_step and length < INFORMATION_NEWTON_SECANT_MAX_STEP else None
         x, fx, gx = y, fy, gy
     return "", x, fx
+
+
+# scalar_newton: at most this many steps; settled where a step moves theta by less than this (relative to max(|theta|, 1))
+SCALAR_NEWTON_MAX_STEPS = 40
+SCALAR_NEWTON_TOLERANCE = 1e-10
+
+
+def scalar_newton(fg, x, lower, upper, maxeval: int) -> tuple[str, np.ndarray, float]:
+    """The minimum of a deviance of one parameter on [lower, upper] by safeguarded Newton steps on its exact
+    derivative: the second derivative from the last two derivatives (a difference step where none is known or it
+    is not positive, and then, where the deviance is concave there, half the way toward the end it falls to), each
+    step kept inside the interval where the derivative is known to change sign (bisecting it where a step leaves
+    it) and halved until the deviance does not rise. Costs L-BFGS-B's evaluations or fewer, without its fixed cost
+    per call (most of a small model's fit: 1 ms of dyestuff's 1.3), and ends at the stationary point to ~1e-10, so
+    no polish follows. Returns ("settled" or "" where it gave up, end point, deviance there)."""
+    lo, hi = float(lower[0]), float(upper[0])
+    a = float(np.clip(x[0], lo, hi))
+    used = 0
+
+    def evaluate(t):
+        nonlocal used
+        used += 1
+        value, gradient = fg(np.array([t]))
+        return value, float(gradient[0])
+
+    def usable(value, slope):
+        return np.isfinite(value) and value < 1e300 and np.isfinite(slope)
+
+    fa, ga = evaluate(a)
+    if not usable(fa, ga):
+        return "", np.array([a]), fa
+    left, right = lo, hi  # the minimum lies between them: the derivative is < 0 left of it and > 0 right of it
+    curvature = None
+    for _ in range(SCALAR_NEWTON_MAX_STEPS):
+        if ga > 0:
+            right = min(right, a)
+        elif ga < 0:
+            left = max(left, a)
+        if ga == 0 or (ga > 0 and a <= lo) or (ga < 0 and a >= hi):
+            return "settled", np.array([a]), fa  # stationary, or at a bound the deviance rises from
+        scale = max(abs(a), 1.0)
+        if curvature is None or not curvature > 0:  # a difference step toward the descent
+            if used >= maxeval:
+                return "", np.array([a]), fa
+            b = float(np.clip(a + (1e-4 * scale if ga < 0 else -1e-4 * scale), left, right))
+            fb, gb = evaluate(b)
+            if not usable(fb, gb) or b == a:
+                return "", np.array([a]), fa
+            curvature = (gb - ga) / (b - a)
+            if fb < fa:
+                a, fa, ga = b, fb, gb
+                if ga > 0:
+                    right = min(right, a)
+                elif ga < 0:
+                    left = max(left, a)
+        if curvature > 0:
+            target = a - ga / curvature
+        else:  # concave: half the way to the end of the bracket the deviance falls toward (or as far again)
+            end = left if ga > 0 else right
+            target = 0.5 * (a + end) if np.isfinite(end) else a + 2 * (abs(a) + 1.0)
+            curvature = None
+        if target <= left:  # at the bound itself where the bracket ends there (a zero variance), else bisect
+            target = lo if left == lo else 0.5 * (left + a)
+        elif target >= right:
+            target = hi if right == hi else 0.5 * (a + right)
+        if abs(target - a) <= SCALAR_NEWTON_TOLERANCE * scale:
+            return "settled", np.array([a]), fa
+        for _ in range(INFORMATION_NEWTON_MAX_HALVINGS):
+            if used >= maxeval:
+                return "", np.array([a]), fa
+            fb, gb = evaluate(target)
+            if usable(fb, gb) and no_worse(fb, fa):
+                break
+            target = 0.5 * (a + target)  # the deviance rose: half the step
+        else:
+            return "", np.array([a]), fa
+        secant = (gb - ga) / (target - a)
+        curvature = secant if curvature is not None or secant > 0 else None
+        a, fa, ga = target, fb, gb
+    return "", np.array([a]), fa
 
 
 def gradient_polish(fg, x, fx, lower, upper):
