@@ -131,6 +131,8 @@ class RandomTerm:
             V = np.array(values, dtype=float).reshape(n, k)  # a copy: the caller's array may be read-only
             indices = (codes[:, None] * k + np.arange(k)[None, :]).ravel()
             Z = sp.csr_matrix((V.ravel(), indices, np.arange(0, n * k + 1, k)), shape=(n, n_levels * k))
+            if np.all(V):  # (nothing to eliminate: a random intercept's ones)
+                return cls(name, Z.tocsc(), int(n_levels), template, tuple(level_labels), tuple(column_names))
         Z.eliminate_zeros()
         return cls(name, Z.tocsc(), int(n_levels), template, tuple(level_labels), tuple(column_names))
 

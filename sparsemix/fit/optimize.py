@@ -5,8 +5,8 @@ and the default, "auto", takes Newton steps with those (stages.optimize_system).
 the exact gradient of the deviance (core/gradient.py), and "auto" runs scipy's L-BFGS-B with it (a quarter to a
 tenth of BOBYQA's evaluations; 18 for sleepstudy where BOBYQA and its polish took 65), its Newton polish with a
 Hessian from differences of the gradient; a model with one variance (a random intercept alone) takes safeguarded
-Newton steps along it instead (scalar_newton: scipy's fixed cost per call was most of such a fit). For every other model, and where those give up, the deviance is all
-there is, and the optimizer is nlopt's
+Newton steps along it instead (scalar_newton: scipy's fixed cost per call was most of such a fit).
+For every other model, and where those give up, the deviance is all there is, and the optimizer is nlopt's
 BOBYQA, the bounded derivative-free quadratic-model method lme4 uses. Measured on the seed designs,
 sleepstudy and a 6-parameter synthetic model, it needed 30-60% fewer evaluations than scipy's L-BFGS-B with
 finite differences, reached the same or a lower deviance, and did not wander off to theta ~ 1e9 where
@@ -384,11 +384,11 @@ def _newton_steps(x, fx, grad, hess, moving, h, lower, upper, evaluate, gradient
     more than POLISH_REPEAT_ABOVE. `evaluate(y)` -> (deviance, what gradient_at may reuse), `gradient_at(y, fy,
     that)` -> the gradient's moving entries, asked only before a repeat."""
     try:
-        hess_factor = la.cho_factor(hess)
+        hess_factor = la.cho_factor(hess, check_finite=False)  # (finite: checked by the callers)
     except la.LinAlgError:
         return x, fx  # not a strict local minimum in these coordinates: leave it
     for _ in range(POLISH_MAX_NEWTON_STEPS):
-        step = -la.cho_solve(hess_factor, grad)
+        step = -la.cho_solve(hess_factor, grad, check_finite=False)
         if not np.all(np.isfinite(step)) or np.any(np.abs(step) > POLISH_MAX_STEPS * h):
             return x, fx
         y = x.copy()
@@ -524,7 +524,8 @@ def information_newton(fg, information, x, lower, upper, maxeval: int) -> tuple[
     return "", x, fx
 
 
-# scalar_newton: at most this many steps; settled where a step moves theta by less than this (relative to max(|theta|, 1))
+# scalar_newton: at most this many steps; settled where a step moves theta by less than this (relative to
+# max(|theta|, 1))
 SCALAR_NEWTON_MAX_STEPS = 40
 SCALAR_NEWTON_TOLERANCE = 1e-10
 
