@@ -219,9 +219,15 @@ def readable_formula(formula: str, columns, role: str = "formula") -> patsy.Mode
         raise FormulaError(f"cannot read {role} {formula!r}: {exc}") from None
     except (RecursionError, MemoryError):
         raise FormulaError(_too_deep(f"{role} {formula!r}")) from None
-    keywords = {str(c) for c in columns if keyword.iskeyword(str(c)) or is_dotted_name(str(c))}
+    keywords = frozenset(str(c) for c in columns if keyword.iskeyword(str(c)) or is_dotted_name(str(c)))
     if not keywords:
         return desc
+    return _quoted_desc(desc, keywords) if type(formula) is str else _quoted_desc.__wrapped__(desc, keywords)
+
+
+@functools.lru_cache(maxsize=256)  # a function of the reading and the names alone (oats' `yield`: 50 us a design)
+def _quoted_desc(desc: patsy.ModelDesc, keywords: frozenset) -> patsy.ModelDesc:
+    """`desc` with keyword-named and dotted columns quoted (readable_formula)."""
 
     def term(t):
         return patsy.Term([_quoted_factor(f, keywords) for f in t.factors])
