@@ -126,6 +126,8 @@ SCHUR_CASES = [
     "y ~ 1 + x + (1 + x | a) + (1 | b)",
     "y ~ 1 + x + (1 | a) + (1 | b) + (1 | c)",
     "y ~ 1 + x + (1 + x || a) + (1 | b)",
+    "y ~ 1 + x + (1 + x | a) + (1 + x | b)",  # a correlated term after the first: Lambda_2 block diagonal
+    "y ~ 1 + x + (1 | a) + (1 + x | b) + (1 | c)",
 ]
 
 
@@ -187,3 +189,41 @@ def test_the_compiled_growth_curve_evaluation_is_numpys(name, formula, weights, 
         assert factor.q2 == 0 and factor.k1 > 1
         assert deviance == pytest.approx(expected, rel=1e-12)
         np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-9, atol=1e-9 * np.max(np.abs(gradient)))
+
+
+def _egsingle():
+    entry = json.loads((REFERENCE / "random_slopes.json").read_text())["egsingle"]
+    return entry, pd.DataFrame(entry["data"])
+
+
+def test_slopes_at_two_levels_are_fitted_by_newton_steps_in_the_schur_form_to_lme4s_optimum():
+    """mlmRev's egsingle (children in schools, a slope at both levels: Lambda_2 block diagonal) in the Schur form:
+    the gradient, the average information's Newton steps in a handful of points where BOBYQA in CHOLMOD took 185,
+    and lme4's optimum or better."""
+    entry, data = _egsingle()
+    ref = entry["fits"][0]
+    design = build_design(ref["formula"], data)
+    system = PenalizedSystem(design.system().cross, design.system().relcov, factorization="schur")
+    assert system.supports_gradient and system.supports_information
+    _check_against_differences(system, True, np.random.default_rng(11))
+    opt = optimize_system(system, reml=True)
+    assert opt.method == "gradient" and opt.converged and opt.n_evaluations <= 15
+    assert opt.deviance <= -2 * ref["logLik"] + 1e-6
+    np.testing.assert_allclose(opt.theta, ref["theta"], rtol=2e-3, atol=2e-4)
+
+
+def test_the_schur_forms_gradient_weighs_against_cholmods_factorizations_where_a_term_has_slopes(monkeypatch):
+    """The trial of factorizations counts CHOLMOD's time CHOLMOD_WITHOUT_GRADIENT_WEIGHT times where a term has
+    slopes (its optimizer would be BOBYQA), and as it is where every term is scalar."""
+    from sparsemix.core import system as engine
+    from sparsemix.core.factor import SchurFactor
+
+    def timed(factor, A, factors, time_to_beat=np.inf):
+        return 3e-4 if isinstance(factor, SchurFactor) else 1e-4  # the Schur form 3x slower per factorization
+
+    monkeypatch.setattr(engine, "_time_refactorization", timed)
+    entry, data = _egsingle()
+    slopes = build_design(entry["fits"][0]["formula"], data).system()
+    assert slopes.factorization_mode == "schur" and slopes.supports_gradient
+    scalar = build_design("math ~ year * size + female + (1 | childid) + (1 | schoolid)", data).system()
+    assert scalar.factorization_mode == "simplicial"

@@ -359,7 +359,10 @@ class SchurFactor:
                 S.reshape(-1)[self._pairs.destinations] -= update
                 return
             upper = np.triu_indices(self.k1)
-            U = self._pairs.apply(H[:, upper[0], upper[1]])
+            self.unscaled_update = self._pairs.apply_compact(H[:, upper[0], upper[1]])  # G H G' (core/gradient.py)
+            U = np.zeros(self.q2 * self.q2)
+            U[self._pairs.destinations] = self.unscaled_update
+            U = U.reshape(self.q2, self.q2)
             U = -(U + np.tril(U, -1).T)
         else:
             U = self._kernel_update(H, lam, S)
@@ -476,9 +479,8 @@ class SchurFactor:
 
     @property
     def supports_gradient(self) -> bool:
-        """The pair map's update (its unscaled products and its adjoint are what core/gradient.py reads), every
-        term after the first a scalar."""
-        return self.update == "pairs" and all(t.k == 1 for _, t in self._rest.blocks)
+        """The pair map's update (its unscaled products and its adjoint are what core/gradient.py reads)."""
+        return self.update == "pairs"
 
     def destination_rows_columns(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, columns) in S of the pair map's destinations (r >= c)."""

@@ -213,13 +213,14 @@ class ProfiledGradient:
 
 class SchurGradient:
     """d deviance / d theta for a system in the Schur form (core/factor.py, SchurFactor with the pair map): the
-    first term (k x k template T, n1 levels) eliminated level by level, the terms after it scalar (Lambda_2 =
-    diag(lambda)) and their q2 x q2 block S dense, P = S^{-1}. With M_l = T'G11_l T + I, C_l = G_l' Lambda_2 P
-    Lambda_2 G_l (G_l: the level's block of (Z'Z)_21; the pair map's adjoint) and U = (Z'Z)_21 H (Z'Z)_12 (H_l = T
-    M_l^{-1} T', the update's products), the diagonal blocks of M^{-1} B are
+    first term (k x k template T, n1 levels) eliminated level by level, the terms after it with Lambda_2 diagonal
+    (scalar terms: diag(lambda)) or block diagonal (a later term with slopes), their q2 x q2 block S dense, P =
+    S^{-1}. With M_l = T'G11_l T + I, C_l = G_l' Lambda_2 P Lambda_2' G_l (G_l: the level's block of (Z'Z)_21; the
+    pair map's adjoint) and U = (Z'Z)_21 H (Z'Z)_12 (H_l = T M_l^{-1} T', the update's products), the diagonal
+    blocks of M^{-1} B are
 
         first term, level l:  M_l^{-1} B_l + M_l^{-1} T'C_l T M_l^{-1} B_l - M_l^{-1} T'C_l,   B_l = T'G11_l
-        the rest, column j:   (P Lambda_2 (Z'Z)_22)_jj - (P Lambda_2 U)_jj
+        the rest, level m:    (P Lambda_2' ((Z'Z)_22 - U))_mm   (one entry per column where Lambda_2 is diagonal)
 
     and REML adds (Y Y'B - Y R_X^{-T} X'Z)'s, Y = L^{-T} R_ZX R_X^{-1} (two solves). One inverse of S (a LAPACK
     potri), the adjoint's pass over the pair map and a few products per level: about one evaluation's cost."""
@@ -236,6 +237,9 @@ class SchurGradient:
         self._ZtX1 = cross.ZtX[:q1].reshape(n1, k, cross.p)
         self._positions = np.array(relcov.blocks[0][1].positions, dtype=np.intp).reshape(-1, 2).T
         self._rest_slices = [slice(s.start - q1, s.stop - q1) for s in relcov.column_slices[1:]]
+        self._rest = relcov.__class__(relcov.blocks[1:])  # Lambda_2
+        rows, cols = factor.destination_rows_columns()
+        self._off = rows != cols  # the pair map's destinations below the diagonal (stored once for both triangles)
 
     def __call__(self, ev, beta: np.ndarray, u: np.ndarray, reml: bool, dof: int) -> np.ndarray:
         f, c, relcov = self.factor, self.cross, self.relcov
@@ -245,11 +249,15 @@ class SchurGradient:
         T = factors[0]
         lam = f.rest_scales(factors)
         P = f.schur_inverse()
-        if lam is None or P is None or f.unscaled_update is None:
+        if P is None or f.unscaled_update is None:
             return np.full(relcov.n_theta, np.nan)
         rows, cols = f.destination_rows_columns()
-        Pd = P[rows, cols]
-        C = f.level_sums(lam[rows] * lam[cols] * Pd)
+        if lam is None:  # a later term with k > 1: Lambda_2 block diagonal, P Lambda_2' and Lambda_2 P Lambda_2' dense
+            Q = self._rest.apply(factors[1:], P).T
+            C = f.level_sums(self._rest.apply(factors[1:], Q)[rows, cols])
+        else:
+            Pd = P[rows, cols]
+            C = f.level_sums(lam[rows] * lam[cols] * Pd)
         Linv = _lower_inverses(f.cholesky_blocks())
         Minv = np.matmul(Linv.transpose(0, 2, 1), Linv)  # M_l^{-1} = L_l^{-T} L_l^{-1}
         B11 = np.matmul(T.T, self._G11)
@@ -258,11 +266,15 @@ class SchurGradient:
         first = MB + np.matmul(np.matmul(MTt, C), np.matmul(T, MB)) - np.matmul(MTt, C)
         blocks = first.sum(axis=0)
         U = f.unscaled_update
-        diagonal = -np.bincount(cols, Pd * lam[rows] * U, minlength=f.q2)
-        off = rows != cols
-        diagonal -= np.bincount(rows[off], Pd[off] * lam[cols[off]] * U[off], minlength=f.q2)
         gr, gc, gv = self._g22
-        diagonal += np.bincount(gc, P[gc, gr] * lam[gr] * gv, minlength=f.q2)
+        off = self._off
+        if lam is None:
+            # the level blocks of G_22 = P Lambda_2' (Z'Z_22 - G H G'): rest_blocks[j][y, i] = G_22[start(y) + i, y]
+            rest_blocks = self._rest_blocks(Q, [(gr, gc, gv), (rows, cols, -U), (cols[off], rows[off], -U[off])])
+        else:
+            diagonal = -np.bincount(cols, Pd * lam[rows] * U, minlength=f.q2)
+            diagonal -= np.bincount(rows[off], Pd[off] * lam[cols[off]] * U[off], minlength=f.q2)
+            diagonal += np.bincount(gc, P[gc, gr] * lam[gr] * gv, minlength=f.q2)
         if reml and p:
             K = lapack.dtrtrs(ev.RX, np.ascontiguousarray(ev.RZX.T), lower=0, trans=1)[0].T  # R_ZX R_X^{-1}
             Y = f.half_solve_t(K)
@@ -270,7 +282,14 @@ class SchurGradient:
             ZZW = np.asarray(c.ZtZ @ relcov.apply(factors, Y))  # (Y' Lambda' Z'Z)'
             Y1, ZZW1, YRt1 = (M[:q1].reshape(n1, k, p) for M in (Y, ZZW, YRt))
             blocks = blocks + _level_products(Y1, ZZW1) - _level_products(YRt1, self._ZtX1)
-            diagonal += np.sum(Y[q1:] * ZZW[q1:], axis=1) - np.sum(YRt[q1:] * c.ZtX[q1:], axis=1)
+            if lam is None:
+                for out, sl, (_, template) in zip(rest_blocks, self._rest_slices, self._rest.blocks):
+                    starts = _level_starts(sl, template.k)
+                    for i in range(template.k):
+                        out[:, i] += np.sum(Y[q1 + starts + i] * ZZW[q1:][sl], axis=1)
+                        out[:, i] -= np.sum(YRt[q1 + starts + i] * c.ZtX[q1:][sl], axis=1)
+            else:
+                diagonal += np.sum(Y[q1:] * ZZW[q1:], axis=1) - np.sum(YRt[q1:] * c.ZtX[q1:], axis=1)
         Ze = c.residual_products(beta, relcov.apply(factors, u))
         scale = dof / max(ev.r2, _TINY)
         modes = Ze[:q1].reshape(n1, k).T @ u[:q1].reshape(n1, k)
@@ -278,10 +297,43 @@ class SchurGradient:
         gradient = np.empty(relcov.n_theta)
         n_first = a.size
         gradient[:n_first] = 2.0 * blocks[b, a] - 2.0 * scale * modes[a, b]
+        if lam is None:  # per later term, its template's positions (a, b): tr(G E_ab) and e'Z E_ab u over its levels
+            at = n_first
+            for out, sl, (n, template) in zip(rest_blocks, self._rest_slices, self._rest.blocks):
+                kj = template.k
+                traces = out.reshape(n, kj, kj).sum(axis=0)  # [a, b]: G_22[(m, b), (m, a)] summed over levels m
+                products = Ze[q1:][sl].reshape(n, kj).T @ u[q1:][sl].reshape(n, kj)
+                for a_j, b_j in template.positions:
+                    gradient[at] = 2.0 * traces[a_j, b_j] - 2.0 * scale * products[a_j, b_j]
+                    at += 1
+            return gradient
         products = Ze[q1:] * u[q1:]
         for i, sl in enumerate(self._rest_slices):
             gradient[n_first + i] = 2.0 * diagonal[sl].sum() - 2.0 * scale * products[sl].sum()
         return gradient
+
+    def _rest_blocks(self, Q: np.ndarray, entries) -> list[np.ndarray]:
+        """For each later term j, (n_j k_j, k_j): [y, i] = sum over the entries (r, y, v) of Q[start(y) + i, r] v,
+        start(y) the first column of y's level (the level blocks of Q B for B given by its entries, both
+        triangles)."""
+        out = []
+        for sl, (n, template) in zip(self._rest_slices, self._rest.blocks):
+            kj = template.k
+            block = np.zeros((n * kj, kj))
+            for r, y, v in entries:
+                inside = (y >= sl.start) & (y < sl.stop)
+                r, local, v = r[inside], y[inside] - sl.start, v[inside]
+                start = sl.start + (local // kj) * kj
+                for i in range(kj):
+                    block[:, i] += np.bincount(local, Q[start + i, r] * v, minlength=n * kj)
+            out.append(block)
+        return out
+
+
+def _level_starts(sl: slice, k: int) -> np.ndarray:
+    """For each column of a term's slice (q2 coordinates), the first column of its level."""
+    local = np.arange(sl.stop - sl.start)
+    return sl.start + (local // k) * k
 
 
 def _level_products(left: np.ndarray, right: np.ndarray) -> np.ndarray:

@@ -56,6 +56,12 @@ SCHUR_ALONE_MIN_DENSITY = 0.1
 DENSE_BY_DEFAULT = True
 DENSE_MAX_Q = 1000
 DENSE_MAX_ORDER = 64
+# Where a term has slopes (k > 1), CHOLMOD's factors come with no gradient (BOBYQA) and the Schur form's with the
+# exact one and the average information (Newton steps): a factorization in CHOLMOD counts this many of the Schur
+# form's in the trial. Measured on mlmRev's egsingle (children in schools, slopes at both levels): simplicial
+# refactorizations of 0.19 ms, 185 BOBYQA evaluations of 0.65 ms (125 ms); the Schur form's of 0.66 ms, 9 Newton
+# points of 5.6 ms (51 ms): even at 8 the Schur form's fit would be as fast; 6 leaves a margin either way.
+CHOLMOD_WITHOUT_GRADIENT_WEIGHT = 6.0
 
 
 @dataclass(frozen=True)
@@ -271,7 +277,8 @@ class PenalizedSystem:
         factorization", has the timings). So: time simplicial (small systems), the exact elimination of the
         first term with a dense Schur complement (SchurFactor) where that applies and could win, and supernodal
         unless simplicial is already fast. Where the first term's levels link the other columns densely (see
-        `_schur_alone`) the Schur form is taken without trials, which would cost more than they save.
+        `_schur_alone`) the Schur form is taken without trials, which would cost more than they save. With random
+        slopes, CHOLMOD's times count CHOLMOD_WITHOUT_GRADIENT_WEIGHT times against a Schur form with the gradient.
         """
         dense = self._dense_factor() if DENSE_BY_DEFAULT else None
         if dense is not None:
@@ -283,18 +290,25 @@ class PenalizedSystem:
         small = self._A.nnz <= TRIAL_FACTORIZATION_MAX_NNZ
         candidates = [CholmodFactor(self._A, "simplicial")] if small else []
         timings = [_time_refactorization(candidates[0], self._A, factors)] if small else []
-        schur = self._schur_candidate(timings[0] if small else np.inf)
+        slopes = any(template.k > 1 for _, template in self.relcov.blocks)
+        weight = CHOLMOD_WITHOUT_GRADIENT_WEIGHT if slopes else 1.0  # (where the Schur form has the gradient)
+        schur = self._schur_candidate(timings[0] * weight if small else np.inf)
         if schur is not None:
             candidates.append(schur)
+            if not (slopes and schur.supports_gradient):
+                weight = 1.0
+            timings = [t * weight for t in timings]
             if small:  # a race against simplicial; a large system has no other candidate (see below)
                 with blas_threads(True):  # as it will run (threads.py): BLAS threads only for its big Cholesky
                     timings.append(_time_refactorization(schur, self._A, factors, min(timings)))
+        else:
+            weight = 1.0
         # On large systems the Schur form beat supernodal wherever it was measured (docs/performance-scale.md),
         # and a trial there costs two large factorizations: a lone candidate is not timed.
-        if (not small and schur is None) or (small and timings[0] >= FAST_FACTORIZATION_SECONDS):
+        if (not small and schur is None) or (small and timings[0] / weight >= FAST_FACTORIZATION_SECONDS):
             candidates.append(CholmodFactor(self._A, "supernodal"))
             if len(candidates) > 1:  # a lone candidate needs no trial (a large one costs seconds)
-                timings.append(_time_refactorization(candidates[-1], self._A, factors, min(timings)))
+                timings.append(weight * _time_refactorization(candidates[-1], self._A, factors, min(timings)))
         return candidates[int(np.argmin(timings))] if len(candidates) > 1 else candidates[0]
 
     def _dense_factor(self, forced: bool = False) -> DenseFactor | None:
@@ -427,7 +441,7 @@ class PenalizedSystem:
     @property
     def supports_gradient(self) -> bool:
         """Whether `working_deviance_gradient` is available (core/gradient.py): the system held dense, or in the
-        Schur form with the pair map and scalar terms after the first."""
+        Schur form with the pair map (any terms after the first: Lambda_2 diagonal or block diagonal)."""
         factor = self._factor
         return isinstance(factor, DenseFactor) or (isinstance(factor, SchurFactor) and factor.supports_gradient)
 
