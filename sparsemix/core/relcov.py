@@ -209,7 +209,7 @@ class RelativeCovariance:
         return self._apply(factors, M, transpose=False)
 
     def _apply(self, factors, M, transpose):
-        M = np.asarray(M, dtype=float)
+        M = np.ascontiguousarray(M, dtype=float)  # (a transposed matrix: its level blocks are then views)
         vector = M.ndim == 1
         M2 = M.reshape(M.shape[0], int(np.prod(M.shape[1:])))  # (-1 cannot be inferred for an empty M)
         out = np.empty_like(M2)
@@ -219,6 +219,12 @@ class RelativeCovariance:
             op = T.T if transpose else T
             if k == 1:
                 out[cols] = (op[0, 0] * blk).reshape(n_levels, -1)
+            elif blk.shape[2] == 1:  # a vector: row i of each level's result as k scaled rows (a tenth of the
+                level = out[cols].reshape(n_levels, k, 1)  # batched matmul's 1.5 ms at 50,000 levels of 2 x 2)
+                for i in range(k):
+                    np.multiply(blk[:, 0], op[i, 0], out=level[:, i])
+                    for j in range(1, k):
+                        level[:, i] += op[i, j] * blk[:, j]
             else:  # a batched matmul: einsum took 5 ms for 50,000 levels of 2 x 2
                 out[cols] = np.matmul(op, blk).reshape(n_levels * k, -1)
         return out.ravel() if vector else out
