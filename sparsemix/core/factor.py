@@ -17,6 +17,8 @@ symbolic bookkeeping; it is offered when q2 is small enough for a dense q2 x q2 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
@@ -113,7 +115,7 @@ class DenseFactor:
         rest = factors[self.first :]
         if self._rest_scalar:
             scales = np.array([T[0, 0] for T in rest] + [1.0])[self._column_term]
-            B = self.G1R * scales
+            B = self.G1R * scales if self.q1 else None
             self.half = self.GRR * scales[:, None]
             S = self.half * scales
         else:
@@ -169,7 +171,10 @@ class DenseFactor:
         log_diagonal = 2.0 * np.log(np.diagonal(LS)[: N2 - 1])
         self._logdet = logdet1 + float(log_diagonal[:q2].sum())
         self._logdet_RX2 = float(log_diagonal[q2:].sum())
-        self.finite = bool(np.isfinite(LS).all() and np.isfinite(W).all() and np.isfinite(self._logdet))
+        # LS is finite where its diagonal is: an entry that is not feeds its row's diagonal (its square is subtracted)
+        self.finite = bool(
+            math.isfinite(self._logdet) and math.isfinite(self._logdet_RX2) and math.isfinite(self._r2)
+        ) and bool(np.isfinite(W).all())
 
     def parts(self):
         """(RZX, cu, RX, cbeta, r2, log |R_X|^2) at the last refactorization."""

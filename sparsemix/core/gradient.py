@@ -59,6 +59,10 @@ class ProfiledGradient:
         self._starts = np.array(starts, dtype=np.intp)
         self._n_first = self._first_positions.shape[1]
         self._kernel = None  # single_term_compiled's, imported on first use
+        # every term scalar and none eliminated (variance components held whole): each entry's traces are sums of
+        # G's diagonal over its term's columns (compact reads only that diagonal)
+        self._scalar_terms = f.q1 == 0 and all(template.k == 1 for _, template in relcov.blocks)
+        self._term_starts = np.array([cols.start for cols in relcov.column_slices], dtype=np.intp)
 
     def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
@@ -77,9 +81,13 @@ class ProfiledGradient:
         m = q + p if reml and p else q
         head = Linv[:m, :m]
         half = f.half[:, :q]  # Lambda' Z'Z over X'Z over y'Z
-        G = head[:, :q].T @ (head @ half[:m])
         Ze = -(half.T @ last)
-        return self._combine(np.zeros((0, 1, 1)), G, Ze, last[:q], dof / max(f.r2, _TINY))
+        scale = dof / max(f.r2, _TINY)
+        if self._scalar_terms:  # G's diagonal only, per term: 2 tr(G E_j) - 2 scale e'Z E_j u
+            diagonal = np.einsum("ij,ij->j", head[:, :q], head @ half[:m])
+            return 2.0 * np.add.reduceat(diagonal - scale * Ze * last[:q], self._term_starts)
+        G = head[:, :q].T @ (head @ half[:m])
+        return self._combine(np.zeros((0, 1, 1)), G, Ze, last[:q], scale)
 
     def single_term(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where the eliminated first term is all there is (q2 = 0:
