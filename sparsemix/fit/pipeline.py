@@ -19,7 +19,7 @@ from ..core.system import PenalizedSystem
 from ..core.terms import RandomTerm
 from .lmm_fit import LmmFit
 from .optimize import DEFAULT_OPTIMIZER
-from .pilot import pilot_start, pilot_wanted
+from .pilot import moment_start, pilot_start, pilot_wanted
 from .stages import build_fit, build_system, optimize_system, warn_if_singular
 
 __all__ = ["fit_system", "fit_lmm", "finish_fit"]
@@ -89,6 +89,8 @@ def fit_lmm(
     weights. From the default start, large crossed designs start from a pilot fit (pilot.py), as in every door."""
     system = build_system(X, y, terms, weights=weights)
     pilot = None if start_theta is not None else (lambda: pilot_start(system, X, y, list(terms), weights, reml))
+    if start_theta is None and free is None and method == DEFAULT_OPTIMIZER:  # a growth curve's: the levels' own fits
+        start_theta = moment_start(X, y, list(terms), weights, system.cross.beta_ols)
     return fit_system(
         system,
         reml=reml,
