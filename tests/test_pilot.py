@@ -125,7 +125,12 @@ def test_the_moment_start_is_left_out_where_it_does_not_apply():
         return moment_start(d.X, d.response, list(d.terms))
 
     assert start("Reaction ~ Days + (1 | Subject)") is None
-    assert start("Reaction ~ Days + (Days | Subject) + (1 | Days)") is None
+    assert start("Reaction ~ Days + (Days | Subject) + (1 | Days)") is None  # two groupings
+    # lme4's || (scalar terms of one factor): the correlated start's variances
+    both = start("Reaction ~ Days + (Days | Subject)")
+    split = start("Reaction ~ Days + (Days || Subject)")
+    T = np.array([[both[0], 0.0], [both[1], both[2]]])
+    np.testing.assert_allclose(split, np.sqrt(np.diag(T @ T.T)), rtol=1e-9)
     few = data[data.Subject.isin(data.Subject.unique()[:4])]
     assert start("Reaction ~ Days + (Days | Subject)", few) is None
     rng = np.random.default_rng(1)

@@ -155,27 +155,41 @@ MOMENT_MIN_LEVELS = 5
 def moment_start(
     X: np.ndarray, y: np.ndarray, terms: list[RandomTerm], weights=None, beta: np.ndarray | None = None
 ) -> np.ndarray | None:
-    """theta (reported coordinates) for one random term with slopes (k > 1, a growth curve's) from the levels'
-    own least-squares fits to the residuals of the fixed part: Var(b) ~ the covariance of the levels'
-    coefficients less their average sampling covariance sigma^2 (V_l'V_l)^{-1}, sigma^2 pooled from their
-    residuals (a moment estimator, as Swamy's). lme4 starts at theta = 1; from here L-BFGS-B took 5 evaluations
-    on sleepstudy where it took 17, Oxboys 18 (74), mlmRev's bdf 15 (43), Hsb82 14 (26); BodyWeight 29 (23).
-    None where it does not apply: several terms, k = 1, too few levels with k + 1 rows and a full-rank fit, a
-    variance estimated <= 0, or a near-singular estimate (MOMENT_MIN_CORRELATION_EIGENVALUE). `beta`: the fixed
-    part's (weighted) least-squares coefficients, where known (CrossProducts.beta_ols)."""
-    if len(terms) != 1 or terms[0].k < 2:
+    """theta (reported coordinates) for one random term with slopes (k > 1, a growth curve's), or lme4's || of
+    one (scalar terms of one grouping factor), from the levels' own least-squares fits to the residuals of the
+    fixed part: Var(b) ~ the covariance of the levels' coefficients less their average sampling covariance
+    sigma^2 (V_l'V_l)^{-1}, sigma^2 pooled from their residuals (a moment estimator, as Swamy's). lme4 starts at
+    theta = 1; from here L-BFGS-B took 5 evaluations on sleepstudy where it took 17, Oxboys 18 (74), mlmRev's bdf
+    15 (43), Hsb82 13 (26); BodyWeight 19 (23). None where it does not apply: terms of several groupings, one scalar
+    term alone, too few levels with k + 1 rows and a full-rank fit, a variance estimated <= 0, or a near-singular
+    estimate (MOMENT_MIN_CORRELATION_EIGENVALUE). `beta`: the fixed part's (weighted) least-squares coefficients,
+    where known (CrossProducts.beta_ols)."""
+    # one grouping: one term with slopes, or lme4's || (its columns as scalar terms of the same factor)
+    if not terms or sum(t.k for t in terms) < 2 or any(t.n_levels != terms[0].n_levels for t in terms):
         return None
-    term = terms[0]
-    k, n1, n = term.k, term.n_levels, X.shape[0]
-    Z = term.Z.tocsc()
-    rows = Z.indices
-    level, column = np.divmod(np.repeat(np.arange(Z.shape[1], dtype=np.int64), np.diff(Z.indptr)), k)
-    row_level = np.full(n, -1, dtype=np.int64)
-    row_level[rows] = level
-    if not np.array_equal(row_level[rows], level):  # a row in two levels: not RandomTerm.from_codes' layout
-        return None
-    V = np.zeros((n, k))
-    V[rows, column] = Z.data
+    n1, n = terms[0].n_levels, X.shape[0]
+    row_level, columns = None, []
+    for term in terms:
+        Z = term.Z.tocsc()
+        rows = Z.indices
+        level, column = np.divmod(np.repeat(np.arange(Z.shape[1], dtype=np.int64), np.diff(Z.indptr)), term.k)
+        levels = np.full(n, -1, dtype=np.int64)
+        levels[rows] = level
+        if not np.array_equal(levels[rows], level):  # a row in two levels: not RandomTerm.from_codes' layout
+            return None
+        if row_level is None:
+            row_level = levels
+        else:  # the same factor: where both terms reach a row, the same level (a slope's term skips its zeros)
+            both = (levels >= 0) & (row_level >= 0)
+            if not np.array_equal(levels[both], row_level[both]):
+                return None
+            row_level = np.maximum(row_level, levels)
+        values = np.zeros((n, term.k))
+        values[rows, column] = Z.data
+        columns.append(values)
+    assert row_level is not None
+    V = np.hstack(columns)
+    k = V.shape[1]
     r = np.asarray(y, dtype=float)
     Xw = np.asarray(X, dtype=float)
     if weights is not None:
@@ -210,5 +224,10 @@ def moment_start(
     if np.linalg.eigvalsh(correlation)[0] < MOMENT_MIN_CORRELATION_EIGENVALUE:
         return None
     relative = covariance / sigma2
-    T = np.diag(np.sqrt(np.diag(relative))) if term.template.is_diagonal else np.linalg.cholesky(relative)
-    return term.template.theta_of(T)
+    thetas, at = [], 0
+    for term in terms:  # each term's block of the covariance, as its template holds it
+        block = relative[at : at + term.k, at : at + term.k]
+        at += term.k
+        T = np.diag(np.sqrt(np.diag(block))) if term.template.is_diagonal else np.linalg.cholesky(block)
+        thetas.append(term.template.theta_of(T))
+    return np.concatenate(thetas)
