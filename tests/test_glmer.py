@@ -173,6 +173,35 @@ def test_cbind_a_proportion_with_weights_and_arithmetic_on_the_left_give_one_fit
     assert fits[0].design.formula == "cbind(incidence, size - incidence) ~ period + (1 | herd)"
 
 
+def test_cbinds_expressions_of_numeric_columns_are_evaluated_without_patsys_design(monkeypatch):
+    """cbind(incidence, size - incidence) reads its two expressions off the columns' arrays (formula/mixedlm.py,
+    expression_values), not through patsy's design machinery; a missing size drops its row as before, and a text
+    column goes to patsy, which words the error."""
+    from sparsemix.lme4 import glmer as door
+
+    data = pd.DataFrame(FIXTURES["cbpp"]["data"])
+    formula = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+    read = []
+
+    def spy(expr, desc, frame, env):
+        values = door_values(expr, desc, frame, env)
+        read.append((expr, values is not None))
+        return values
+
+    door_values = door.expression_values
+    with monkeypatch.context() as m:
+        m.setattr(door, "expression_values", spy)
+        fit = sm.glmer(formula, data, family="binomial")
+        holed = data.astype({"size": float})
+        holed.loc[3, "size"] = np.nan
+        dropped = sm.glmer(formula, holed, family="binomial")
+    assert read == [("incidence", True), ("size - incidence", True)] * 2  # none of them through patsy
+    assert fit.llf == pytest.approx(FIXTURES["cbpp"]["fits"][0]["logLik"], rel=1e-8)
+    assert dropped.nobs == len(data) - 1 and dropped.design.n_dropped == 1
+    with pytest.raises(sm.FormulaError, match="'herd' must be a number per row"):  # (once its first indicator)
+        sm.glmer("cbind(incidence, herd) ~ period + (1 | herd)", data, family="binomial")
+
+
 def test_cbind_checks_what_it_is_given():
     data = pd.DataFrame(FIXTURES["cbpp"]["data"])
     with pytest.raises(sm.FormulaError, match="two expressions"):

@@ -20,6 +20,7 @@ from ..core.threads import fit_threads
 from ..errors import ConvergenceWarning, FormulaError, InputError
 from ..fit.glmm_fit import GlmmFit, fit_glmm
 from ..fit.optimize import singular_entries
+from ..formula.mixedlm import expression_values
 from ..formula.pickling import PicklableResults
 from ..formula.safety import check_formula, formula_environment
 from ..inference.bootstrap import glmm_bootstrap
@@ -251,8 +252,17 @@ def _cbind_response(formula: str, data: pd.DataFrame, weights, family, env):
 def _column_values(data: pd.DataFrame, expr: str, env) -> np.ndarray:
     """One expression of the data's columns, a number per row (NaN where a value is missing)."""
     formula = f"0 + I({expr})"
-    check_formula(formula, data.columns, env, "cbind() response")  # nothing in a formula runs before this check
+    desc = check_formula(formula, data.columns, env, "cbind() response")  # nothing in a formula runs before this
+    values = expression_values(expr, desc, data, env)
+    if values is not None:
+        return values
     matrix = patsy.dmatrix(formula, data, eval_env=env, NA_action=patsy.NAAction(NA_types=[]))
+    if matrix.shape[1] != 1:  # text or a factor: patsy's indicators, one column per level
+        raise FormulaError(
+            f"cbind() response: {expr!r} must be a number per row (counts of successes or failures); it reads as "
+            f"{matrix.shape[1]} columns ({', '.join(matrix.design_info.column_names[:3])}, ...): a text or factor "
+            "column. Convert it to numbers first."
+        )
     return np.asarray(matrix, dtype=float)[:, 0]
 
 
