@@ -153,6 +153,16 @@ def test_scalar_newton_settles_on_the_minimum_of_one_parameter(f, start, expecte
     assert len(calls) <= 40
 
 
+def test_scalar_newton_goes_downhill_where_the_interval_is_open_and_the_deviance_concave():
+    """No bound on the side the deviance falls to, concave at the start: the steps double outward, toward the fall."""
+    from sparsemix.fit.optimize import scalar_newton
+
+    f = lambda t: np.log1p((t + 10.0) ** 2)  # noqa: E731 (concave where |t + 10| > 1)
+    fg, calls = _one_parameter(f, lambda t: 2 * (t + 10.0) / (1 + (t + 10.0) ** 2))
+    how, x, _ = scalar_newton(fg, np.array([0.0]), np.array([-np.inf]), np.array([np.inf]), 200)
+    assert how == "settled" and x[0] == pytest.approx(-10.0, abs=1e-8) and len(calls) <= 40
+
+
 def test_scalar_newton_with_the_exact_derivative_reaches_1e_10_and_gives_up_without_evaluations():
     from sparsemix.fit.optimize import scalar_newton
 

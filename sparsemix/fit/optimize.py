@@ -583,9 +583,9 @@ def scalar_newton(fg, x, lower, upper, maxeval: int) -> tuple[str, np.ndarray, f
                     left = max(left, a)
         if curvature > 0:
             target = a - ga / curvature
-        else:  # concave: half the way to the end of the bracket the deviance falls toward (or as far again)
+        else:  # concave: half the way to the end of the bracket the deviance falls toward (an open end: 2 |a| + 2)
             end = left if ga > 0 else right
-            target = 0.5 * (a + end) if np.isfinite(end) else a + 2 * (abs(a) + 1.0)
+            target = 0.5 * (a + end) if np.isfinite(end) else a + np.copysign(2 * (abs(a) + 1.0), -ga)
             curvature = None
         if target <= left:  # at the bound itself where the bracket ends there (a zero variance), else bisect
             target = lo if left == lo else 0.5 * (left + a)
