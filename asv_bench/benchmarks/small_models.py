@@ -1,9 +1,11 @@
 """Small models (issue 16): whole fits from a data frame, the evaluations they take, and the cost of one deviance
 evaluation (with its exact gradient, core/gradient.py), where Python's fixed costs per call outweigh the arithmetic.
 sleepstudy (`Reaction ~ Days + (Days | Subject)`, q = 36), mlmRev's Exam (three correlated slopes per school,
-q = 195) and nlme's Oxboys (a quadratic growth curve with a 3 x 3 covariance per boy), from the committed lme4
-fixtures; one evaluation in each factorization a small system can take: the one chosen by default, CHOLMOD's
-simplicial factor, and the dense path (core/factor.py, DenseFactor).
+q = 195), nlme's Oxboys (a quadratic growth curve with a 3 x 3 covariance per boy; it and sleepstudy start from
+their levels' own fits, pilot.moment_start), Penicillin (two crossed variance components) and Dyestuff (one
+variance: optimize.scalar_newton), from the committed lme4 fixtures; one evaluation in each factorization a small
+system can take: the one chosen by default, CHOLMOD's simplicial factor, and the dense path (core/factor.py,
+DenseFactor).
 """
 
 import json
@@ -22,6 +24,8 @@ MODELS = {
     "sleepstudy": ("sleepstudy.json", None, "Reaction ~ Days + (Days | Subject)"),
     "exam": ("random_slopes.json", "Exam", "normexam ~ standLRT + sex + (standLRT + sex | school)"),
     "oxboys": ("random_slopes.json", "Oxboys", "height ~ age + I(age^2) + (age + I(age^2) | Subject)"),
+    "penicillin": ("penicillin.json", None, "diameter ~ 1 + (1 | plate) + (1 | sample)"),
+    "dyestuff": ("dyestuff.json", None, "Yield ~ 1 + (1 | Batch)"),
 }
 
 
