@@ -365,9 +365,7 @@ class SchurFactor:
                 return
             upper = np.triu_indices(self.k1)
             self.unscaled_update = self._pairs.apply_compact(H[:, upper[0], upper[1]])  # G H G' (core/gradient.py)
-            U = np.zeros(self.q2 * self.q2)
-            U[self._pairs.destinations] = self.unscaled_update
-            U = U.reshape(self.q2, self.q2)
+            U = self._pairs.dense(self.unscaled_update)
             U = -(U + np.tril(U, -1).T)
         else:
             U = self._kernel_update(H, lam, S)
@@ -657,8 +655,12 @@ class PairOperator:
 
     def apply(self, H: np.ndarray) -> np.ndarray:
         """G H G' as a q2 x q2 array (lower triangle)."""
+        return self.dense(self.apply_compact(H))
+
+    def dense(self, values: np.ndarray) -> np.ndarray:
+        """Values at the destinations as a q2 x q2 array (lower triangle; zeros elsewhere)."""
         out = np.zeros(self.q2 * self.q2)
-        out[self.destinations] = self.apply_compact(H)
+        out[self.destinations] = values
         return out.reshape(self.q2, self.q2)
 
 

@@ -15,7 +15,7 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["CovarianceTemplate", "RandomTerm", "VarianceComponent", "indicator_matrix"]
+__all__ = ["CovarianceTemplate", "RandomTerm", "VarianceComponent", "indicator_matrix", "level_entries", "row_levels"]
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,30 @@ class RandomTerm:
             rows_of_entries = np.repeat(np.arange(n), np.diff(V.indptr))
             indices = codes[rows_of_entries] * k + V.indices
             Z = sp.csr_matrix((V.data.astype(float), indices, V.indptr), shape=(n, n_levels * k))
+            Z.eliminate_zeros()
         else:
             V = np.array(values, dtype=float).reshape(n, k)  # a copy: the caller's array may be read-only
             indices = (codes[:, None] * k + np.arange(k)[None, :]).ravel()
             Z = sp.csr_matrix((V.ravel(), indices, np.arange(0, n * k + 1, k)), shape=(n, n_levels * k))
-            if np.all(V):  # (nothing to eliminate: a random intercept's ones)
-                return cls(name, Z.tocsc(), int(n_levels), template, tuple(level_labels), tuple(column_names))
-        Z.eliminate_zeros()
+            if not np.all(V):  # (a random intercept's ones: nothing to eliminate)
+                Z.eliminate_zeros()
         return cls(name, Z.tocsc(), int(n_levels), template, tuple(level_labels), tuple(column_names))
+
+
+def level_entries(Z: sp.spmatrix, k: int) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray, np.ndarray]:
+    """A term's Z (n x levels * k) as CSC, and for each stored entry its row, its level and its column among the
+    level's k."""
+    Z = sp.csc_matrix(Z)
+    level, column = np.divmod(np.repeat(np.arange(Z.shape[1], dtype=np.int64), np.diff(Z.indptr)), k)
+    return Z, Z.indices.astype(np.int64), level, column
+
+
+def row_levels(rows: np.ndarray, level: np.ndarray, n: int) -> np.ndarray | None:
+    """Each of n rows' level (-1 where it has no entry) from level_entries' rows and levels, or None where a row
+    has entries in two levels (not RandomTerm.from_codes' layout)."""
+    out = np.full(n, -1, dtype=np.int64)
+    out[rows] = level
+    return out if np.array_equal(out[rows], level) else None
 
 
 def indicator_matrix(codes: np.ndarray, n_levels: int) -> sp.csr_matrix:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..core.terms import RandomTerm
+from ..core.terms import RandomTerm, level_entries, row_levels
 from .optimize import warm_step
 from .scoring import fit_by_scoring
 from .stages import build_system, optimize_system
@@ -123,11 +123,10 @@ def fit_pilot(pilot_system, reml: bool):
 
 def _row_levels(term: RandomTerm, n: int) -> np.ndarray:
     """Each row's level of `term` (-1 for a row with no entry in it, e.g. a slope-only term at x = 0)."""
-    Z = term.Z.tocsc()
-    columns = np.repeat(np.arange(Z.shape[1]), np.diff(Z.indptr))
-    level = np.full(n, -1, dtype=np.int64)
-    level[Z.indices] = columns // term.k
-    return level
+    _, rows, level, _ = level_entries(term.Z, term.k)
+    out = np.full(n, -1, dtype=np.int64)
+    out[rows] = level
+    return out
 
 
 def _restricted(term: RandomTerm, rows: np.ndarray) -> RandomTerm:
@@ -170,12 +169,9 @@ def moment_start(
     n1, n = terms[0].n_levels, X.shape[0]
     row_level, columns = None, []
     for term in terms:
-        Z = term.Z.tocsc()
-        rows = Z.indices
-        level, column = np.divmod(np.repeat(np.arange(Z.shape[1], dtype=np.int64), np.diff(Z.indptr)), term.k)
-        levels = np.full(n, -1, dtype=np.int64)
-        levels[rows] = level
-        if not np.array_equal(levels[rows], level):  # a row in two levels: not RandomTerm.from_codes' layout
+        Z, rows, level, column = level_entries(term.Z, term.k)
+        levels = row_levels(rows, level, n)
+        if levels is None:
             return None
         if row_level is None:
             row_level = levels

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from ..core.terms import VarianceComponent, indicator_matrix
 from ..errors import FormulaError
-from .safety import check_formula, numpy_functions_only
+from .safety import check_formula, code_names, numpy_functions_only
 
 __all__ = [
     "fixed_design",
@@ -326,22 +326,13 @@ def patsy_data(frame: pd.DataFrame, desc: patsy.ModelDesc, eval_env, columns: "F
     codes = [factor.code for term in desc.lhs_termlist + desc.rhs_termlist for factor in term.factors]
     if not codes:
         return frame
-    names = {name for code in codes for name in _code_names(code)}
+    names = {name for code in codes for name in code_names(code)}
     for name in names:
         if name in frame.columns:
             continue
         if not numpy_functions_only(name, eval_env):
             return frame
     return columns if columns is not None else FrameColumns(frame)
-
-
-@functools.lru_cache(maxsize=1024)  # a function of the text alone; Python's tokenizer costs ~50 us a factor
-def _code_names(code: str) -> tuple[str, ...]:
-    """The names a factor's code uses ("" for unreadable code: not the array path)."""
-    try:
-        return tuple(t.string for t in tokenize.generate_tokens(io.StringIO(code).readline) if t.type == tokenize.NAME)
-    except (tokenize.TokenError, IndentationError):
-        return ("",)
 
 
 # patsy's designs of formulas whose every factor is fixed by the data's column names and dtypes, by _design_key:
@@ -363,7 +354,7 @@ def _design_key(fn, formula, desc, data, source, eval_env):
     if not isinstance(source, FrameColumns) or type(formula) is not str:
         return None
     names = {
-        name for term in desc.lhs_termlist + desc.rhs_termlist for f in term.factors for name in _code_names(f.code)
+        name for term in desc.lhs_termlist + desc.rhs_termlist for f in term.factors for name in code_names(f.code)
     }
     if names & _STATEFUL:
         return None
@@ -400,11 +391,12 @@ def _keepable(infos, source: "FrameColumns") -> bool:
 
 
 def _plain_columns(infos, source: "FrameColumns") -> list | None:
-    """The matrices of kept designs whose every factor is a column named bare (`y ~ Days + recipe * temperature`),
-    built as patsy builds them (each term's subterms in turn; a subterm's columns the products of its factors'
-    columns, numeric ones as they are, categorical ones as rows of their contrast matrix, the first factor's
-    columns varying fastest) without its per-factor machinery; None where a factor is anything else, or a column
-    has a missing value (patsy's NA_action="raise" reports it)."""
+    """The matrices of kept designs whose every factor is a column named bare (`y ~ Days + recipe * temperature`)
+    or a numerical expression (`I(Days**2)`: _numerical_expression), built as patsy builds them (each term's
+    subterms in turn; a subterm's columns the products of its factors' columns, numeric ones as they are,
+    categorical ones as rows of their contrast matrix, the first factor's columns varying fastest) without its
+    per-factor machinery; None where a factor is anything else, or a column has a missing value (patsy's
+    NA_action="raise" reports it)."""
     columns: dict = {}
 
     def factor_column(factor, info):
@@ -416,15 +408,14 @@ def _plain_columns(infos, source: "FrameColumns") -> list | None:
                 col = _numerical_expression(factor, info.factor_infos[factor], source)
                 if col is None:
                     return None
-                columns[code] = col
-                return col
-            col = source.plain(code)
-            if col is None:
-                col = source.level_codes(code)
-                if col is None or (col < 0).any():
+            else:
+                col = source.plain(code)
+                if col is None:
+                    col = source.level_codes(code)
+                    if col is None or (col < 0).any():
+                        return None
+                elif np.isnan(col).any():
                     return None
-            elif np.isnan(col).any():
-                return None
             columns[code] = col
         return columns[code]
 
@@ -475,7 +466,7 @@ def expression_values(expr: str, desc, data: pd.DataFrame, eval_env) -> np.ndarr
     patsy's design machinery a call less); `desc`: check_formula's reading of "0 + I(expr)". None where patsy must
     (a stateful transform, a caller's function, a column of another dtype, an error to word)."""
     source = patsy_data(data, desc, eval_env)
-    if not isinstance(source, FrameColumns) or set(_code_names(expr)) & _STATEFUL:
+    if not isinstance(source, FrameColumns) or set(code_names(expr)) & _STATEFUL:
         return None
     try:
         values = eval_env.eval(expr, inner_namespace=source)
@@ -491,9 +482,7 @@ def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_
     patsy_data gives it, reusing the design of an earlier call where _design_key allows. Raises patsy's errors.
     `columns`: a FrameColumns of `data` that other parts of the design read too."""
     source = patsy_data(data, desc, eval_env, columns)
-    if not isinstance(
-        source, FrameColumns
-    ):  # a caller's function reads the frame: its text columns as FrameColumns gives
+    if not isinstance(source, FrameColumns):  # a caller's function reads the frame: text as FrameColumns gives it
         source = strings_as_categories(data, formula)
     key = _design_key(fn, formula, desc, data, source, eval_env)
     infos = _KEPT_DESIGNS.get(key) if key is not None else None

@@ -37,6 +37,7 @@ __all__ = [
     "formula_environment",
     "check_formula",
     "check_terms",
+    "code_names",
     "readable_formula",
     "is_dotted_name",
     "used_environment",
@@ -173,7 +174,7 @@ def used_environment(env: patsy.EvalEnvironment, formulas) -> patsy.EvalEnvironm
     """The functions of `env` the formulas use, to keep with a fit: not the whole of the caller's namespace
     (patsy's designs keep such subsets too), and no values: formulas take values from the data only, so that
     predict's newdata without a column is an error, not a silent read of a caller's variable of that name."""
-    names = {name for f in formulas for name in _token_names(f)}
+    names = {name for f in formulas for name in code_names(f)}
     namespace = env.namespace
     return env.subset(sorted(n for n in names if n in namespace and provides_code(n, namespace[n])))
 
@@ -368,16 +369,13 @@ def _tokens(code):
         return []
 
 
-def _token_names(formula) -> frozenset:
-    """The names a formula's text uses (Python's tokenizer: ~10 us a formula, kept per text)."""
-    if type(formula) is not str:
-        return frozenset(t.string for t in _tokens(formula) if t.type == tokenize.NAME)
-    return _cached_token_names(formula)
-
-
-@functools.lru_cache(maxsize=1024)
-def _cached_token_names(formula: str) -> frozenset:
-    return frozenset(t.string for t in _tokens(formula) if t.type == tokenize.NAME)
+@functools.lru_cache(maxsize=1024)  # a function of the text alone; Python's tokenizer costs ~10-50 us a formula
+def code_names(code: str) -> tuple[str, ...]:
+    """The names a formula's or a factor's code uses ("" for unreadable code, which no column or function has)."""
+    try:
+        return tuple(t.string for t in tokenize.generate_tokens(io.StringIO(code).readline) if t.type == tokenize.NAME)
+    except (tokenize.TokenError, IndentationError):
+        return ("",)
 
 
 # Python computes an integer power exactly: 10**10**10 has ten billion digits and never finishes.

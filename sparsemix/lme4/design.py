@@ -202,8 +202,9 @@ def _column_or_array(data, value, role):
     return arr
 
 
-def _random_term(spec: RandomSpec, frame, env, linear: bool = True, columns: FrameColumns | None = None):
-    columns = FrameColumns(frame) if columns is None else columns
+def _random_term(spec: RandomSpec, frame, env, linear: bool = True, reader: FrameColumns | None = None):
+    """(RandomTerm, TermInfo) of one bar term on `frame`; `reader`: the design's FrameColumns of it."""
+    reader = FrameColumns(frame) if reader is None else reader
 
     def check_count(n_levels):
         # Before any n x k or q-sized allocation: a factor with a level per row is refused at the cost of its
@@ -212,11 +213,11 @@ def _random_term(spec: RandomSpec, frame, env, linear: bool = True, columns: Fra
         if linear:
             checks.check_levels_below_observations(n_levels, spec.group_name, len(frame))
 
-    codes, levels = group_codes(frame, spec.group, check_count, columns)
+    codes, levels = group_codes(frame, spec.group, check_count, reader)
     var = indicator_variable(spec.expr)
     if var is not None:
         checks.require_columns(frame, [var], f"random-effects term {spec.source}")
-        c, lv, _ = columns.factor_codes(var)
+        c, lv, _ = reader.factor_codes(var)
         values = indicator_matrix(c, len(lv))
         columns = tuple(f"{var}{level_name(v)}" for v in lv)
         design_info = None
@@ -230,7 +231,7 @@ def _random_term(spec: RandomSpec, frame, env, linear: bool = True, columns: Fra
         rhs = "~ " + spec.expr
         desc = check_formula(rhs, frame.columns, env, f"random-effects term {spec.source}")
         try:
-            M = numeric_design(patsy.dmatrix, rhs, desc, frame, env, columns=columns)
+            M = numeric_design(patsy.dmatrix, rhs, desc, frame, env, columns=reader)
         except patsy.PatsyError as exc:
             raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
         values = np.asarray(M, dtype=float)
