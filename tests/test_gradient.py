@@ -227,3 +227,66 @@ def test_the_schur_forms_gradient_weighs_against_cholmods_factorizations_where_a
     assert slopes.factorization_mode == "schur" and slopes.supports_gradient
     scalar = build_design("math ~ year * size + female + (1 | childid) + (1 | schoolid)", data).system()
     assert scalar.factorization_mode == "simplicial"
+
+
+HESSIAN_CASES = [CASES[1], CASES[3], CASES[4]]  # variance components held whole
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("name, formula, weights", HESSIAN_CASES)
+def test_the_exact_hessian_equals_differences_of_the_gradient(name, formula, weights, reml):
+    """Where a Hessian is offered (variance components held whole): its gradient is working_deviance_gradient's
+    and its Hessian central differences of that gradient, to 1e-6 of the largest entry, at random points."""
+    system = _dense_system(name, formula, weights)
+    assert system.supports_hessian
+    rng = np.random.default_rng(len(formula) + 1)
+    start = system.relcov.start()
+    for _ in range(2):
+        theta = np.abs(start + 0.3 * rng.standard_normal(start.size))
+        deviance, gradient, hessian = system.working_deviance_hessian(theta, reml)
+        expected_deviance, expected_gradient = system.working_deviance_gradient(theta, reml)
+        assert deviance == pytest.approx(expected_deviance, rel=1e-12)
+        assert np.max(np.abs(gradient - expected_gradient)) <= 1e-9 * max(1.0, np.max(np.abs(expected_gradient)))
+        h = 1e-6
+        columns = [
+            (
+                system.working_deviance_gradient(theta + h * e, reml)[1]
+                - system.working_deviance_gradient(theta - h * e, reml)[1]
+            )
+            / (2 * h)
+            for e in np.eye(theta.size)
+        ]
+        differences = np.column_stack(columns)
+        assert np.max(np.abs(hessian - differences)) <= 1e-6 * max(1.0, np.max(np.abs(differences)))
+
+
+def test_variance_components_offer_the_exact_hessian():
+    """The cases above include layouts with and without it (variance components held whole have it)."""
+    offered = {case[1]: _dense_system(*case).supports_hessian for case in CASES}
+    assert offered["diameter ~ 1 + (1 | plate) + (1 | sample)"]
+    assert offered["strength ~ 1 + (1 | batch/cask)"]
+    assert offered["Reaction ~ Days + (Days || Subject)"]
+    assert not offered["y ~ x + (x | g) + (z | h)"]
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize(
+    "name, formula",
+    [
+        ("penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
+        ("pastes", "strength ~ 1 + (1 | batch/cask)"),
+        ("oats", "yield ~ Variety * nitro + (1 | Block) + (1 | Block:Variety)"),
+        ("sleepstudy", "Reaction ~ Days + (Days || Subject)"),
+    ],
+)
+def test_variance_components_are_fitted_by_newton_steps_with_the_exact_hessian(name, formula, reml):
+    """Newton steps with the exact Hessian end where BOBYQA ends (to 1e-6 in theta, no worse in deviance), with
+    at most 10 evaluations (L-BFGS-B and its polish took 12-15) and no boundary probes after them."""
+    system = _dense_system(name, formula, None)
+    by_newton = optimize_system(system, reml=reml)
+    by_bobyqa = optimize_system(system, reml=reml, method="bobyqa")
+    assert by_newton.message.startswith("Newton steps with the exact Hessian")
+    assert by_newton.converged and by_newton.n_evaluations <= 10
+    assert by_newton.deviance <= by_bobyqa.deviance + 1e-10 * abs(by_bobyqa.deviance)
+    scale = np.maximum(np.abs(by_bobyqa.theta), 1.0)
+    assert np.max(np.abs(by_newton.theta - by_bobyqa.theta) / scale) < 1e-5

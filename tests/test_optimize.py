@@ -200,3 +200,56 @@ def test_one_variance_fits_by_scalar_newton_to_lme4s_optimum():
             assert opt.n_evaluations <= most
             np.testing.assert_allclose(m.fit_result.theta, ref["theta"], rtol=1e-5, atol=1e-7)
             assert m.llf == pytest.approx(ref["logLik"], abs=1e-7)
+
+
+def _even_quadratic_family():
+    """(fgh, minimum, value there) of a deviance even in each entry, like variance components' in theta: in tau =
+    theta^2 a convex quadratic whose minimum over tau >= 0 has tau_2 = 0 (a zero variance)."""
+    A = np.array([[2.0, 0.6], [0.6, 1.0]])
+    b = np.array([-2.0, 0.5])  # unconstrained tau minimum has tau_2 < 0: the constrained one sits at tau_2 = 0
+
+    def f(theta):
+        tau = theta**2
+        return 0.5 * tau @ A @ tau + b @ tau
+
+    def fgh(theta):
+        tau = theta**2
+        g_tau = A @ tau + b
+        H = 4.0 * np.outer(theta, theta) * A + 2.0 * np.diag(g_tau)
+        return f(theta), 2.0 * theta * g_tau, H
+
+    tau1 = -b[0] / A[0, 0]
+    return fgh, np.array([np.sqrt(tau1), 0.0]), f(np.array([np.sqrt(tau1), 0.0]))
+
+
+@pytest.mark.parametrize("start", [[1.0, 1.0], [3.0, 0.2], [0.05, 2.0]])
+def test_even_newton_takes_a_variance_to_zero_without_a_bound(start):
+    from sparsemix.fit.optimize import even_newton
+
+    fgh, minimum, value = _even_quadratic_family()
+    calls = []
+    counted = lambda x: calls.append(x.copy()) or fgh(x)  # noqa: E731
+    how, x, fx = even_newton(counted, np.array(start), 100)
+    assert how == "settled"
+    assert np.max(np.abs(x - minimum)) < 1e-8 and fx == pytest.approx(value, abs=1e-12)
+    assert all(np.all(c >= 0) for c in calls)  # the deviance is asked only at theta >= 0 (folded)
+    assert len(calls) <= 25
+
+
+def test_even_newton_leaves_a_saddle_at_zero_and_gives_up_where_it_cannot_evaluate():
+    """Started at a zero variance the deviance falls from (gradient 0 there, negative curvature): it follows the
+    negative direction to the interior minimum; a deviance that is not finite, or no Hessian, ends it."""
+    from sparsemix.fit.optimize import even_newton
+
+    def fgh(theta):  # (theta_1^2 - 1)^2 + theta_2^2: a saddle at theta_1 = 0
+        t1, t2 = theta
+        return (
+            (t1 * t1 - 1) ** 2 + t2 * t2,
+            np.array([4 * t1 * (t1 * t1 - 1), 2 * t2]),
+            np.array([[12 * t1 * t1 - 4, 0.0], [0.0, 2.0]]),
+        )
+
+    how, x, fx = even_newton(fgh, np.array([0.0, 0.5]), 100)
+    assert how == "settled" and x == pytest.approx([1.0, 0.0], abs=1e-9) and fx == pytest.approx(0.0, abs=1e-15)
+    assert even_newton(lambda t: (np.inf, np.zeros(2), None), np.array([1.0, 1.0]), 100)[0] == ""
+    assert even_newton(lambda t: (1.0, np.ones(2), None), np.array([1.0, 1.0]), 100)[0] == ""

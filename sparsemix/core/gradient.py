@@ -63,12 +63,29 @@ class ProfiledGradient:
         # G's diagonal over its term's columns (compact reads only that diagonal)
         self._scalar_terms = f.q1 == 0 and all(template.k == 1 for _, template in relcov.blocks)
         self._term_starts = np.array([cols.start for cols in relcov.column_slices], dtype=np.intp)
+        self._membership = np.zeros((relcov.q, len(relcov.blocks)))  # column i belongs to term j
+        for j, cols in enumerate(relcov.column_slices):
+            self._membership[cols, j] = 1.0
 
     def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
         augmented factor): one inverse of LS gives u and beta from its last row ((-u, -beta, 1) / r) and Omega's
         inverse from its leading block; the refactorization's half product Lambda' Sigma (Sigma = [Z X y]'[Z X y])
         gives B and Z'e. None where r^2 was not in LS (an interpolating fit)."""
+        parts = self._compact_parts(reml, dof)
+        if parts is None:
+            return None
+        head, half, Ze, modes, scale = parts
+        m, q = head.shape[0], self.relcov.q
+        if self._scalar_terms:  # G's diagonal only, per term: 2 tr(G E_j) - 2 scale e'Z E_j u
+            diagonal = np.einsum("ij,ij->j", head[:, :q], head @ half[:m])
+            return 2.0 * np.add.reduceat(diagonal - scale * Ze * modes, self._term_starts)
+        G = head[:, :q].T @ (head @ half[:m])
+        return self._combine(np.zeros((0, 1, 1)), G, Ze, modes, scale)
+
+    def _compact_parts(self, reml: bool, dof: int):
+        """For compact and compact_hessian: Omega's (REML) or L's (ML) inverse factor `head` (m x m), the half product
+        Lambda' Sigma's columns of Z (`half`), Z'e, u, and dof / r^2; None where r^2 was not in LS."""
         f, q, p = self.factor, self.relcov.q, self.cross.p
         LS = f.LS
         r = LS[-1, -1]
@@ -79,15 +96,40 @@ class ProfiledGradient:
             return None
         last = -r * Linv[-1]  # (u, beta, -1)
         m = q + p if reml and p else q
-        head = Linv[:m, :m]
         half = f.half[:, :q]  # Lambda' Z'Z over X'Z over y'Z
         Ze = -(half.T @ last)
-        scale = dof / max(f.r2, _TINY)
-        if self._scalar_terms:  # G's diagonal only, per term: 2 tr(G E_j) - 2 scale e'Z E_j u
-            diagonal = np.einsum("ij,ij->j", head[:, :q], head @ half[:m])
-            return 2.0 * np.add.reduceat(diagonal - scale * Ze * last[:q], self._term_starts)
-        G = head[:, :q].T @ (head @ half[:m])
-        return self._combine(np.zeros((0, 1, 1)), G, Ze, last[:q], scale)
+        return Linv[:m, :m], half, Ze, last[:q], dof / max(f.r2, _TINY)
+
+    def compact_hessian(self, factors, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The gradient and the exact Hessian in theta where every term is scalar and nothing is eliminated (variance
+        components held whole), at the factor's last refactorization. In tau = theta^2 (V = I + sum tau_j Z_j Z_j',
+        P the REML projection, Q = Z'PZ, R = Z'V^{-1}Z, w = Z'Py = Z'e, s_j = |w_j|^2, sums over term blocks):
+
+            d / dtau_j             = tr(R_jj) - dof s_j / r^2                       (REML: Q for R)
+            d^2 / dtau_j dtau_k    = -|R_jk|_F^2 + dof (2 w_j'Q_jk w_k / r^2 - s_j s_k / r^4)
+
+        with Z'PZ = Z'Z - F'F, F = Omega^{-1/2} [Lambda Z'Z; X'Z] (Henderson's equations), and Z'V^{-1}Z from F's
+        first q rows; then H_theta = 4 theta theta' * H_tau + 2 diag(g_tau). None where r^2 was not in LS."""
+        if not self._scalar_terms:
+            return None
+        parts = self._compact_parts(True, dof)  # Omega's inverse factor: Q for both criteria
+        if parts is None:
+            return None
+        head, half, w, _, scale = parts
+        q = self.relcov.q
+        F = head @ half[: head.shape[0]]
+        ZtZ = self.factor.GRR[:q, :q]
+        Q = ZtZ - F.T @ F
+        R = Q if reml or head.shape[0] == q else ZtZ - F[:q].T @ F[:q]
+        E = self._membership  # (q, terms): a block's sum of M is E' M E
+        Ew = E * w[:, None]
+        s = w @ Ew
+        g_tau = np.diagonal(R) @ E - scale * s
+        H_tau = scale * (2.0 * (Ew.T @ Q @ Ew) - s[:, None] * s * (scale / dof)) - E.T @ (R * R) @ E
+        theta = np.array([T[0, 0] for T in factors])
+        H = (4.0 * theta[:, None] * theta) * H_tau
+        H.flat[:: theta.size + 1] += 2.0 * g_tau
+        return 2.0 * theta * g_tau, H
 
     def single_term(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where the eliminated first term is all there is (q2 = 0:

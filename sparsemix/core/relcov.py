@@ -149,12 +149,10 @@ class RelativeCovariance:
         differences. Taken on Psi, not on theta: at a zero diagonal the template is not unique (the entries after
         it can rotate), and the slope into the interior depends on the representative one starts from."""
         theta = np.asarray(theta, dtype=float)
-        probes = []
+        moves: list = []  # (theta slice, template, M): the probe's factor is lower_factor(M)
 
         def probe_with(sl, template, M):
-            probe = theta.copy()
-            probe[sl] = template.theta_of(lower_factor(M))
-            probes.append(probe)
+            moves.append((sl, template, M))
 
         for (_, template), F, sl in zip(self.blocks, self.factors(theta), self.theta_slices):
             if template.is_diagonal:  # stays diagonal: only a variance can grow
@@ -176,6 +174,17 @@ class RelativeCovariance:
                 for i in range(template.k):
                     for h in RANK_PROBE_STEPS:
                         probe_with(sl, template, F + np.outer(h * v, np.eye(template.k)[i]))
+        # one batched QR per shape of M (one a probe took 20 us, most of a growth curve's boundary check)
+        factors: list = [None] * len(moves)
+        for shape in {M.shape for _, _, M in moves}:
+            which = [i for i, (_, _, M) in enumerate(moves) if M.shape == shape]
+            for i, L in zip(which, lower_factors(np.stack([moves[i][2] for i in which]))):
+                factors[i] = L
+        probes = []
+        for (sl, template, _), L in zip(moves, factors):
+            probe = theta.copy()
+            probe[sl] = template.theta_of(L)
+            probes.append(probe)
         return probes
 
     def boundary_probes(self, theta: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

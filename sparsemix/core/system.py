@@ -485,6 +485,36 @@ class PenalizedSystem:
         self._gradient_point = (np.array(working, dtype=float), ev, beta, u)  # for working_information
         return deviance, gradient
 
+    @property
+    def supports_hessian(self) -> bool:
+        """Whether `working_deviance_hessian` is available: variance components (every term scalar) held dense
+        whole (ProfiledGradient.compact_hessian)."""
+        factor = self._factor
+        return (
+            isinstance(factor, DenseFactor)
+            and factor.q1 == 0
+            and all(template.k == 1 for _, template in self.relcov.blocks)
+        )
+
+    def working_deviance_hessian(self, working, reml: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """(deviance, exact gradient, exact Hessian) in the optimizer's coordinates (`supports_hessian` systems);
+        (inf, zeros, None) where the deviance is not finite, and a Hessian of None where r^2 is not in the factor."""
+        factors = self.relcov.factors(np.asarray(working, dtype=float))
+        self._last_evaluation = None
+        n = self.relcov.n_theta
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            if not self._refactor_dense(None, factors) or not self._factor.finite:
+                return np.inf, np.zeros(n), None
+            if self._gradient is None:
+                self._gradient = ProfiledGradient(self._factor, self.cross, self.relcov)
+            assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
+            parts = self._gradient.compact_hessian(factors, reml, self.dof(reml))
+        factor = self._factor
+        deviance = self._deviance(factor.logdet(), factor.logdet_RX2, factor.r2, reml)
+        if parts is None:
+            return deviance, np.zeros(n), None
+        return deviance, parts[0], parts[1]
+
     def working_information(self, working, reml: bool) -> np.ndarray | None:
         """An approximation to the profiled deviance's Hessian in the optimizer's coordinates: twice the average
         information (average_information) taken from psi to (sigma^2, theta) by the Jacobian and profiled over

@@ -106,6 +106,7 @@ def minimize_deviance(
     boundary_probes: Callable[[np.ndarray], list[tuple[np.ndarray, np.ndarray]]] | None = None,
     deviance_gradient: Callable[[np.ndarray], tuple[float, np.ndarray]] | None = None,
     deviance_information: Callable[[np.ndarray], np.ndarray | None] | None = None,
+    deviance_hessian: Callable[[np.ndarray], tuple[float, np.ndarray, np.ndarray | None]] | None = None,
 ) -> OptimizationResult:
     """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start.
 
@@ -122,7 +123,10 @@ def minimize_deviance(
     steps with a Hessian from differences of the gradient; where it does not converge, BOBYQA goes on from its
     best point. `deviance_information` (theta -> an approximation to the deviance's Hessian there, or None), with
     the gradient: Newton steps with it first (information_newton); where they settle no L-BFGS-B and no polish
-    follow, where they stop short the polish finishes, and where they give up L-BFGS-B runs from the start."""
+    follow, where they stop short the polish finishes, and where they give up L-BFGS-B runs from the start.
+    `deviance_hessian` (theta -> (deviance, gradient, exact Hessian or None)), with the gradient, for a deviance even
+    in each entry whose bounds are [0, inf) (variance components): Newton steps with it first (even_newton); where
+    they settle, nothing follows (the end point is a strict local minimum)."""
     start = np.asarray(start, dtype=float)
     upper = np.full(start.shape, np.inf) if upper is None else np.asarray(upper, dtype=float)
     free = np.ones(start.shape, dtype=bool) if free is None else np.asarray(free, dtype=bool)
@@ -196,10 +200,21 @@ def minimize_deviance(
         return converged, message, np.clip(best_x[0], lo, hi), best[0]
 
     settled_by_newton = [False]
+    at_local_minimum = [False]  # even_newton's end point: no boundary probes
+
+    def fgh(x):
+        value, gradient, hessian = deviance_hessian(full(x))
+        value = record(x, value)
+        return value, np.asarray(gradient, dtype=float), hessian
 
     def gradient_from(x, step=None):
         """Newton steps with the information where given, else (or where they stop short) L-BFGS-B with the exact
         gradient from x; BOBYQA from its best point where it does not converge."""
+        if deviance_hessian is not None and every and x.size > 1 and not at_local_minimum[0]:
+            reached, end, value = even_newton(fgh, x, maxiter - count[0])
+            if reached:
+                settled_by_newton[0] = at_local_minimum[0] = True
+                return True, "Newton steps with the exact Hessian", end, value
         if x.size == 1 and every:  # one variance (a random intercept alone): Newton steps along the line
             reached, end, value = scalar_newton(fg, x, lo, hi, maxiter - count[0])
             if reached:
@@ -250,7 +265,7 @@ def minimize_deviance(
     )
     if polish and converged and not settled_by_newton[0]:  # (Newton's end point is the stationary point already)
         x, value = polisher(x, value)
-    if boundary_probes is not None and converged and np.all(free):
+    if boundary_probes is not None and converged and np.all(free) and not at_local_minimum[0]:
         x, value, converged, message = release_bounds(
             f,
             x,
@@ -606,6 +621,88 @@ def scalar_newton(fg, x, lower, upper, maxeval: int) -> tuple[str, np.ndarray, f
         curvature = secant if curvature is not None or secant > 0 else None
         a, fa, ga = target, fb, gb
     return "", np.array([a]), fa
+
+
+# even_newton: at most this many steps; settled where a step moves every entry by less than HESSIAN_NEWTON_TOLERANCE
+# (relative to max(|x_i|, 1)); a step shorter than HESSIAN_NEWTON_LAST_STEP is taken without the deviance's judgement
+# (it cannot see one so short); eigenvalues of the Hessian below HESSIAN_NEWTON_MIN_EIGENVALUE of the largest count as
+# not positive; no step moves an entry by more than HESSIAN_NEWTON_MAX_MOVE times max(|x|, 1) (far from the
+# optimum, where the deviance flattens as a variance grows, a Newton step can leave theta's scale).
+HESSIAN_NEWTON_MAX_STEPS = 50
+_TINY_FLOAT = float(np.finfo(float).tiny)
+_POSV = la.get_lapack_funcs("posv", (np.zeros((1, 1)),))
+HESSIAN_NEWTON_TOLERANCE = 1e-10
+HESSIAN_NEWTON_LAST_STEP = 1e-6
+HESSIAN_NEWTON_MIN_EIGENVALUE = 1e-10
+HESSIAN_NEWTON_MAX_MOVE = 4.0
+
+
+def even_newton(fgh, x, maxeval: int) -> tuple[str, np.ndarray, float]:
+    """The minimum over theta >= 0 of a deviance that is even in each entry (variance components: D(theta) =
+    D(|theta|)), by Newton steps with its exact Hessian (fgh: x >= 0 -> (deviance, gradient, Hessian or None)) on the
+    unconstrained even function: a variance whose optimum is zero is an entry the steps take to 0 (its curvature
+    there, 2 dD/dtau, is positive), with no bound to cut them. The Hessian's eigenvalues are taken by their absolute
+    values where it is not positive definite (and a saddle's negative direction followed where the gradient vanishes:
+    a zero variance the deviance falls from), each step halved until the deviance falls. Returns ("settled" at a
+    point where the Hessian is positive definite and the next step shorter than HESSIAN_NEWTON_TOLERANCE, or ""
+    where it gave up; |end point|; its deviance). Ends at a strict local minimum, so no polish and no boundary probes
+    are needed after it."""
+    used = 0
+
+    def evaluate(y):
+        nonlocal used
+        used += 1
+        sign = np.where(y < 0, -1.0, 1.0)
+        value, gradient, hessian = fgh(np.abs(y))
+        if hessian is None or not (np.isfinite(value) and value < 1e300):
+            return np.inf, None, None
+        return value, gradient * sign, hessian * (sign[:, None] * sign)
+
+    x = np.asarray(x, dtype=float).copy()
+    fx, gx, H = evaluate(x)
+    for _ in range(HESSIAN_NEWTON_MAX_STEPS):
+        if H is None or not math.isfinite(float(H.sum() + gx.sum())):
+            return "", np.abs(x), fx
+        _, step, info = _POSV(H, -gx)  # positive definite (info 0): the Newton step
+        positive, vectors = info == 0, None
+        if not positive:  # else with the eigenvalues' absolute values
+            eigenvalues, vectors = np.linalg.eigh(H)
+            floor = HESSIAN_NEWTON_MIN_EIGENVALUE * max(float(np.abs(eigenvalues).max()), _TINY_FLOAT)
+            positive = bool(eigenvalues[0] > floor)
+            step = -vectors @ ((vectors.T @ gx) / np.maximum(np.abs(eigenvalues), floor))
+        scale = np.maximum(np.abs(x), 1.0)
+        length = float(np.max(np.abs(step) / scale))
+        if length < HESSIAN_NEWTON_TOLERANCE:
+            if positive:
+                return "settled", np.abs(x), fx
+            # a saddle (a zero variance the deviance falls from, where the gradient vanishes): its negative
+            # direction, as far as theta's scale
+            assert vectors is not None
+            step = vectors[:, 0] * float(np.max(scale))
+            length = float(np.max(np.abs(step) / scale))
+        if length > HESSIAN_NEWTON_MAX_MOVE:
+            step *= HESSIAN_NEWTON_MAX_MOVE / length
+        if length < HESSIAN_NEWTON_LAST_STEP and positive:
+            if used >= maxeval:
+                return "", np.abs(x), fx
+            fy, gy, Hy = evaluate(x + step)
+            if not np.isfinite(fy):
+                return "", np.abs(x), fx
+            x, fx, gx, H = x + step, fy, gy, Hy
+            continue
+        alpha, slope = 1.0, float(gx @ step)
+        for _ in range(INFORMATION_NEWTON_MAX_HALVINGS):
+            if used >= maxeval:
+                return "", np.abs(x), fx
+            y = x + alpha * step
+            fy, gy, Hy = evaluate(y)
+            if fy <= fx + INFORMATION_NEWTON_ARMIJO * alpha * min(slope, 0.0) and fy < fx:
+                break
+            alpha /= 2
+        else:
+            return "", np.abs(x), fx
+        x, fx, gx, H = y, fy, gy, Hy
+    return "", np.abs(x), fx
 
 
 def gradient_polish(fg, x, fx, lower, upper):

@@ -125,6 +125,11 @@ def optimize_system(
                 if auto and free is None and system.supports_information
                 else None
             ),
+            deviance_hessian=(
+                (lambda th: system.working_deviance_hessian(th, reml))
+                if auto and free is None and system.supports_hessian
+                else None
+            ),
         )
         if working:  # the solution at the optimum is read off an evaluation in the working coordinates
             reported = system.evaluate_working(opt.theta).theta
