@@ -253,3 +253,35 @@ def test_even_newton_leaves_a_saddle_at_zero_and_gives_up_where_it_cannot_evalua
     assert how == "settled" and x == pytest.approx([1.0, 0.0], abs=1e-9) and fx == pytest.approx(0.0, abs=1e-15)
     assert even_newton(lambda t: (np.inf, np.zeros(2), None), np.array([1.0, 1.0]), 100)[0] == ""
     assert even_newton(lambda t: (1.0, np.ones(2), None), np.array([1.0, 1.0]), 100)[0] == ""
+
+
+def test_even_newton_folds_a_templates_column_with_the_sign_of_its_diagonal_entry():
+    """A deviance of a 2 x 2 template's theta = (T11, T21, T22) depends on T T' only: each column may change sign
+    together. Started where a step crosses T11 = 0, the steps end with T11 >= 0 and T21 of the sign that goes with
+    it (the same T T'), at the minimum of a convex function of T T'."""
+    from sparsemix.fit.optimize import even_newton
+
+    target = np.array([[2.0, -1.2], [-1.2, 1.5]])  # Sigma's minimum: a full-rank covariance
+
+    def fgh(theta):
+        T = np.array([[theta[0], 0.0], [theta[1], theta[2]]])
+        S = T @ T.T - target
+        value = float(np.sum(S * S))
+
+        # derivatives by central differences of this smooth function (its exact ones are not the point here)
+        def grad(t):
+            h = 1e-6
+            return np.array([(_value(t + h * e) - _value(t - h * e)) / (2 * h) for e in np.eye(3)])
+
+        H = np.column_stack([(grad(theta + 1e-4 * e) - grad(theta - 1e-4 * e)) / 2e-4 for e in np.eye(3)])
+        return value, grad(theta), (H + H.T) / 2
+
+    def _value(t):
+        T = np.array([[t[0], 0.0], [t[1], t[2]]])
+        S = T @ T.T - target
+        return float(np.sum(S * S))
+
+    how, x, fx = even_newton(fgh, np.array([0.3, 0.8, 1.0]), 200, column_diagonals=np.array([0, 0, 2]))
+    T = np.array([[x[0], 0.0], [x[1], x[2]]])
+    assert how == "settled" and x[0] >= 0 and x[2] >= 0
+    assert T @ T.T == pytest.approx(target, abs=1e-6) and fx == pytest.approx(0.0, abs=1e-10)

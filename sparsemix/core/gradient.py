@@ -67,6 +67,9 @@ class ProfiledGradient:
         for j, cols in enumerate(relcov.column_slices):
             self._membership[cols, j] = 1.0
 
+        if f.q2 == 0 and f.k1 > 1:  # one k x k term: single_term_hessian's index tables
+            self._psi = _PsiIndex(f.k1, self._first_positions)
+
     def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
         augmented factor): one inverse of LS gives u and beta from its last row ((-u, -beta, 1) / r) and Omega's
@@ -165,6 +168,34 @@ class ProfiledGradient:
         modes = Ze[:, :, 0].T @ u3[:, :, 0]
         a, b = self._first_positions
         return 2.0 * G.sum(axis=0)[b, a] - 2.0 * (dof / max(f.r2, _TINY)) * modes[a, b]
+
+    def single_term_hessian(self, factors, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The gradient and the exact Hessian in theta where one k x k term is all there is (q2 = 0), at the
+        templates `factors`, from the cross-products alone (level l: G_l = Z_l'Z_l, Z_l'X, Z_l'y), in one compiled
+        pass (kernels.single_term_hessian). In psi, the entries (a >= b) of Sigma = T T' (V = I + sum_l Z_l Sigma
+        Z_l', E_ab its symmetric indicator):
+
+            D_l = Z_l'V^{-1}Z_l,  C_l = Z_l'V^{-1}X,  K = (X'V^{-1}X)^{-1},  w_l = Z_l'Py,  B_l = C_l K C_l'
+            Z_l'PZ_m = D_l [l = m] - C_l K C_m'
+            d / dpsi_ab = sum_l tr((D_l - B_l) E_ab) - dof/r^2 sum_l w_l'E_ab w_l          (ML: D_l alone)
+            d^2 / dpsi_ab dpsi_cd = -sum_lm tr(Z_l'PZ_m E_ab Z_m'PZ_l E_cd)                (ML: D_l's terms alone)
+                + dof (2 sum_lm w_l'E_ab Z_l'PZ_m E_cd w_m / r^2 - (sum w'E_ab w)(sum w'E_cd w) / r^4)
+
+        the sums over level pairs reduced by K to p x p ones (sum_m C_m'E_ab C_m); then to theta by psi's Jacobian
+        (E_i T' + T E_i') and its second derivatives. None where the kernel cannot (not positive definite, r^2 <= 0,
+        no fixed effects)."""
+        f, index = self.factor, self._psi
+        if self.cross.p == 0:
+            return None
+        from .kernels import single_term_hessian  # (numba, loaded already by the compiled evaluation)
+
+        n_theta = index.rows.size
+        gradient, hessian = np.empty(n_theta), np.empty((n_theta, n_theta))
+        status = single_term_hessian(
+            f.G11, f.G1R, f.GRR, np.ascontiguousarray(factors[0], dtype=float), index.rows, index.cols,
+            index.a, index.b, index.second, reml, dof, gradient, hessian,
+        )  # fmt: skip
+        return (gradient, hessian) if status == 0 else None
 
     def single_term_compiled(self, factors, reml: bool, dof: int):
         """single_term's gradient with the factorization it reads, in one compiled pass over the levels
@@ -390,6 +421,23 @@ def _level_products(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """sum over levels l of left_l right_l' for stacks (n, k, m): one (k x n m) by (n m x k) product."""
     n, k, m = left.shape
     return left.transpose(1, 0, 2).reshape(k, n * m) @ right.transpose(1, 0, 2).reshape(k, n * m).T
+
+
+class _PsiIndex:
+    """Index tables between one k x k template's theta (entries at `positions` (rows, cols) of T) and psi, the
+    entries (a, b), a >= b, of Sigma = T T'; `second` (m x n_theta x n_theta): psi's second derivatives in theta,
+    constant: (E_i E_j' + E_j E_i')_ab = [c_i = c_j] ([r_i, r_j] = [a, b] or [b, a])."""
+
+    def __init__(self, k: int, positions: np.ndarray):
+        self.a, self.b = (np.ascontiguousarray(v, dtype=np.intp) for v in np.tril_indices(k))
+        self.rows, self.cols = (np.ascontiguousarray(v, dtype=np.intp) for v in positions)
+        same_column = self.cols[:, None] == self.cols[None, :]
+        self.second = np.zeros((self.a.size, self.rows.size, self.rows.size))
+        for t, (a, b) in enumerate(zip(self.a, self.b)):
+            hit = ((self.rows[:, None] == a) & (self.rows[None, :] == b)) | (
+                (self.rows[:, None] == b) & (self.rows[None, :] == a)
+            )
+            self.second[t] = same_column * hit * (2.0 if a == b else 1.0)
 
 
 def _lower_inverses(L: np.ndarray) -> np.ndarray:

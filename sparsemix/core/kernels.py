@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["LevelBands", "single_term_deviance_parts", "subtract_gram_lower"]
+__all__ = ["LevelBands", "single_term_deviance_parts", "single_term_hessian", "subtract_gram_lower"]
 
 # S's rows in bands of equal numbers of entries: a tile (band x band) of S is written by one thread from the
 # entries of both bands, level after level, so its writes stay in a part of S that fits the caches (popular
@@ -316,6 +316,235 @@ def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient
         gradient[t] = 2.0 * Gsum[b, a] - 2.0 * scale * modes[a, b]
         finite = finite and np.isfinite(gradient[t])
     return (0 if finite else 1), logdet1, logdet_RX2, r2
+
+
+@njit(cache=True, nogil=True)
+def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, reml, dof, gradient, hessian):
+    """The profiled deviance's exact gradient and Hessian in theta for one random-effects term (the layout of
+    single_term_deviance_parts), by core/gradient.py's single_term_hessian algebra: per level D_l = Z_l'V^{-1}Z_l,
+    C_l = Z_l'V^{-1}X (V^{-1} by Woodbury, T M_l^{-1} T'), then K = (X'V^{-1}X)^{-1}, beta, r^2 and w_l = Z_l'Py;
+    the level sums of psi's pair products; psi's m x m gradient and Hessian (psi's entries (pair_a, pair_b), a >=
+    b); theta's through psi's Jacobian and its constant second derivatives `second` (m, n_theta, n_theta).
+    Fills `gradient` and `hessian`; returns 0, or 1 where a block or X'V^{-1}X is not positive definite, 2 where
+    r^2 <= 0."""
+    n, k = G11.shape[0], G11.shape[1]
+    p = GRR.shape[0] - 1
+    D = np.empty((n, k, k))
+    C = np.empty((n, k, p))
+    cy = np.empty((n, k))
+    XVX = np.empty((p, p))
+    XVy = np.empty(p)
+    for a in range(p):
+        XVy[a] = GRR[a, p]
+        for b in range(p):
+            XVX[a, b] = GRR[a, b]
+    yVy = GRR[p, p]
+    GT = np.empty((k, k))
+    M = np.empty((k, k))
+    L = np.zeros((k, k))
+    Li = np.zeros((k, k))
+    A = np.empty((k, k))
+    TMT = np.empty((k, k))
+    Hl = np.empty((k, k))
+    V1 = np.empty((k, p + 1))
+    for lvl in range(n):
+        G = G11[lvl]
+        for i in range(k):
+            for b in range(k):
+                s = 0.0
+                for j in range(k):
+                    s += G[i, j] * T[j, b]
+                GT[i, b] = s
+        for a in range(k):
+            for b in range(k):
+                s = 1.0 if a == b else 0.0
+                for i in range(k):
+                    s += T[i, a] * GT[i, b]
+                M[a, b] = s
+        failed, _ = _cholesky(M, L)
+        if failed >= 0:
+            return 1
+        _lower_inverse(L, Li)
+        for a in range(k):  # A = T Li', TMT = A A' = T M^{-1} T'
+            for m in range(k):
+                s = 0.0
+                for b in range(m + 1):
+                    s += T[a, b] * Li[m, b]
+                A[a, m] = s
+        for a in range(k):
+            for b in range(k):
+                s = 0.0
+                for m in range(k):
+                    s += A[a, m] * A[b, m]
+                TMT[a, b] = s
+        for a in range(k):  # Hl = G TMT
+            for b in range(k):
+                s = 0.0
+                for m in range(k):
+                    s += G[a, m] * TMT[m, b]
+                Hl[a, b] = s
+        for a in range(k):  # D = G - Hl G
+            for b in range(k):
+                s = G[a, b]
+                for m in range(k):
+                    s -= Hl[a, m] * G[m, b]
+                D[lvl, a, b] = s
+        for a in range(k):  # C = ZX - Hl ZX, cy = Zy - Hl Zy; V1 = TMT [ZX Zy]
+            for c in range(p + 1):
+                s = G1R[lvl, a, c]
+                t = 0.0
+                for m in range(k):
+                    s -= Hl[a, m] * G1R[lvl, m, c]
+                    t += TMT[a, m] * G1R[lvl, m, c]
+                V1[a, c] = t
+                if c < p:
+                    C[lvl, a, c] = s
+                else:
+                    cy[lvl, a] = s
+        for c in range(p + 1):  # [X y]'V^{-1}[X y] -= [ZX Zy]' TMT [ZX Zy]
+            for d in range(c, p + 1):
+                s = 0.0
+                for a in range(k):
+                    s += G1R[lvl, a, c] * V1[a, d]
+                if d < p:
+                    XVX[c, d] -= s
+                    if c != d:
+                        XVX[d, c] -= s
+                elif c < p:
+                    XVy[c] -= s
+                else:
+                    yVy -= s
+    LX = np.zeros((p, p))
+    failed, _ = _cholesky(XVX, LX)
+    if failed >= 0:
+        return 1
+    LXi = np.zeros((p, p))
+    _lower_inverse(LX, LXi)
+    K = np.empty((p, p))
+    for a in range(p):
+        for b in range(p):
+            s = 0.0
+            for m in range(max(a, b), p):
+                s += LXi[m, a] * LXi[m, b]
+            K[a, b] = s
+    beta = K @ XVy
+    r2 = yVy
+    for a in range(p):
+        r2 -= XVy[a] * beta[a]
+    if not r2 > 0.0:
+        return 2
+    with_reml = reml and p > 0
+    trace = np.zeros((k, k))  # sum (D_l - B_l) (ML: D_l)
+    WW = np.zeros((k, k))
+    Wd = np.zeros((k, k, k, k))  # [i, j, r, s] = sum w_i D_jr w_s
+    DD = np.zeros((k, k, k, k))  # [i, j, r, s] = sum D_si D_jr, then minus DB and BD (REML)
+    U = np.zeros((k, k, p))  # [i, j, q] = sum C_iq w_j
+    CC = np.zeros((k, k, p, p))
+    w = np.empty(k)
+    CK = np.empty((k, p))
+    B = np.empty((k, k))
+    for lvl in range(n):
+        Dl, Cl = D[lvl], C[lvl]
+        for a in range(k):
+            s = cy[lvl, a]
+            for c in range(p):
+                s -= Cl[a, c] * beta[c]
+            w[a] = s
+        if with_reml:
+            for a in range(k):
+                for c in range(p):
+                    s = 0.0
+                    for d in range(p):
+                        s += Cl[a, d] * K[d, c]
+                    CK[a, c] = s
+            for a in range(k):
+                for b in range(k):
+                    s = 0.0
+                    for c in range(p):
+                        s += CK[a, c] * Cl[b, c]
+                    B[a, b] = s
+        for i in range(k):
+            for j in range(k):
+                trace[i, j] += Dl[i, j] - (B[i, j] if with_reml else 0.0)
+                WW[i, j] += w[i] * w[j]
+                for c in range(p):
+                    U[i, j, c] += Cl[i, c] * w[j]
+                    if with_reml:
+                        for d in range(p):
+                            CC[i, j, c, d] += Cl[i, c] * Cl[j, d]
+                for r in range(k):
+                    for t in range(k):
+                        Wd[i, j, r, t] += w[i] * Dl[j, r] * w[t]
+                        v = Dl[t, i] * Dl[j, r]
+                        if with_reml:
+                            v -= Dl[t, i] * B[j, r] + B[t, i] * Dl[j, r]
+                        DD[i, j, r, t] += v
+    m = pair_a.shape[0]
+    scale = dof / r2
+    g_psi = np.empty(m)
+    gw = np.empty(m)
+    Ut = np.zeros((m, p))
+    At = np.zeros((m, p, p))
+    for t in range(m):
+        a, b = pair_a[t], pair_b[t]
+        tr = trace[a, b] + (trace[b, a] if a != b else 0.0)
+        gw[t] = WW[a, b] + (WW[b, a] if a != b else 0.0)
+        g_psi[t] = tr - scale * gw[t]
+        for c in range(p):
+            Ut[t, c] = U[a, b, c] + (U[b, a, c] if a != b else 0.0)
+            if with_reml:
+                for d in range(p):
+                    At[t, c, d] = CC[a, b, c, d] + (CC[b, a, c, d] if a != b else 0.0)
+    UK = Ut @ K
+    H_psi = np.empty((m, m))
+    KA = np.empty((m, p, p))
+    if with_reml:
+        for t in range(m):
+            KA[t] = K @ At[t]
+    for t in range(m):
+        a, b = pair_a[t], pair_b[t]
+        for u in range(m):
+            c, d = pair_a[u], pair_b[u]
+            first = 0.0
+            wd = 0.0
+            for e in range(2 if a != b else 1):  # (a, b) and (b, a): E_ab's entries
+                i, j = (a, b) if e == 0 else (b, a)
+                for f in range(2 if c != d else 1):
+                    r, s_ = (c, d) if f == 0 else (d, c)
+                    first += DD[i, j, r, s_]
+                    wd += Wd[i, j, r, s_]
+            if with_reml:
+                for x in range(p):
+                    for y in range(p):
+                        first += KA[t, x, y] * KA[u, y, x]
+            uku = 0.0
+            for x in range(p):
+                uku += UK[t, x] * Ut[u, x]
+            H_psi[t, u] = scale * (2.0 * (wd - uku) - gw[t] * gw[u] / r2) - first
+    nt = rows.shape[0]
+    J = np.empty((m, nt))
+    for t in range(m):
+        a, b = pair_a[t], pair_b[t]
+        for i in range(nt):
+            v = 0.0
+            if a == rows[i]:
+                v += T[b, cols[i]]
+            if b == rows[i]:
+                v += T[a, cols[i]]
+            J[t, i] = v
+    for i in range(nt):
+        s = 0.0
+        for t in range(m):
+            s += J[t, i] * g_psi[t]
+        gradient[i] = s
+    HJ = H_psi @ J
+    for i in range(nt):
+        for j in range(nt):
+            s = 0.0
+            for t in range(m):
+                s += J[t, i] * HJ[t, j] + g_psi[t] * second[t, i, j]
+            hessian[i, j] = s
+    return 0
 
 
 @njit(cache=True, nogil=True)

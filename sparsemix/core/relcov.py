@@ -69,6 +69,17 @@ class RelativeCovariance:
         return np.concatenate([t.theta_of(T) for (_, t), T in zip(self.blocks, factors)])
 
     @property
+    def column_diagonals(self) -> np.ndarray:
+        """For each entry of theta, the index in theta of its template column's diagonal entry: the deviance is
+        unchanged where a column of T changes sign (T T' is), so it is even in that column's entries together."""
+        out = np.empty(self.n_theta, dtype=np.intp)
+        for (_, template), sl in zip(self.blocks, self.theta_slices):
+            diagonal = {j: sl.start + a for a, (i, j) in enumerate(template.positions) if i == j}
+            for a, (_, j) in enumerate(template.positions):
+                out[sl.start + a] = diagonal.get(j, sl.start + a)
+        return out
+
+    @property
     def transformed(self) -> bool:
         """Whether the system's columns differ from the data's (working and reported theta differ)."""
         return any(T is not None for T in self.column_transforms)

@@ -488,28 +488,37 @@ class PenalizedSystem:
     @property
     def supports_hessian(self) -> bool:
         """Whether `working_deviance_hessian` is available: variance components (every term scalar) held dense
-        whole (ProfiledGradient.compact_hessian)."""
+        whole (ProfiledGradient.compact_hessian), or one k x k term eliminated level by level, a growth curve's
+        (ProfiledGradient.single_term_hessian)."""
         factor = self._factor
-        return (
-            isinstance(factor, DenseFactor)
-            and factor.q1 == 0
-            and all(template.k == 1 for _, template in self.relcov.blocks)
-        )
+        if not isinstance(factor, DenseFactor):
+            return False
+        if factor.q2 == 0 and factor.k1 > 1:
+            return True
+        return factor.q1 == 0 and all(template.k == 1 for _, template in self.relcov.blocks)
 
     def working_deviance_hessian(self, working, reml: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
         """(deviance, exact gradient, exact Hessian) in the optimizer's coordinates (`supports_hessian` systems);
         (inf, zeros, None) where the deviance is not finite, and a Hessian of None where r^2 is not in the factor."""
-        factors = self.relcov.factors(np.asarray(working, dtype=float))
-        self._last_evaluation = None
+        working = np.asarray(working, dtype=float)
+        factor = self._factor
         n = self.relcov.n_theta
+        if factor.q2 == 0:  # one k x k term: the compiled deviance and gradient, the Hessian from the products
+            deviance, gradient = self.working_deviance_gradient(working, reml)
+            if not np.isfinite(deviance):
+                return deviance, gradient, None
+            assert isinstance(self._gradient, ProfiledGradient)  # (made by the gradient's evaluation)
+            parts = self._gradient.single_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
+            return deviance, gradient, None if parts is None else parts[1]
+        factors = self.relcov.factors(working)
+        self._last_evaluation = None
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            if not self._refactor_dense(None, factors) or not self._factor.finite:
+            if not self._refactor_dense(None, factors) or not factor.finite:
                 return np.inf, np.zeros(n), None
             if self._gradient is None:
-                self._gradient = ProfiledGradient(self._factor, self.cross, self.relcov)
+                self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
             assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
             parts = self._gradient.compact_hessian(factors, reml, self.dof(reml))
-        factor = self._factor
         deviance = self._deviance(factor.logdet(), factor.logdet_RX2, factor.r2, reml)
         if parts is None:
             return deviance, np.zeros(n), None

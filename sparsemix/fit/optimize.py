@@ -107,6 +107,7 @@ def minimize_deviance(
     deviance_gradient: Callable[[np.ndarray], tuple[float, np.ndarray]] | None = None,
     deviance_information: Callable[[np.ndarray], np.ndarray | None] | None = None,
     deviance_hessian: Callable[[np.ndarray], tuple[float, np.ndarray, np.ndarray | None]] | None = None,
+    column_diagonals: np.ndarray | None = None,
 ) -> OptimizationResult:
     """Minimise `objective(theta)` subject to lower <= theta <= upper; entries with free == False stay at start.
 
@@ -125,8 +126,9 @@ def minimize_deviance(
     the gradient: Newton steps with it first (information_newton); where they settle no L-BFGS-B and no polish
     follow, where they stop short the polish finishes, and where they give up L-BFGS-B runs from the start.
     `deviance_hessian` (theta -> (deviance, gradient, exact Hessian or None)), with the gradient, for a deviance even
-    in each entry whose bounds are [0, inf) (variance components): Newton steps with it first (even_newton); where
-    they settle, nothing follows (the end point is a strict local minimum)."""
+    in each column of theta's templates (`column_diagonals`: even_newton's) whose diagonal entries are bounded below
+    by 0: Newton steps with it first (even_newton); where they settle, nothing follows (the end point is a strict
+    local minimum)."""
     start = np.asarray(start, dtype=float)
     upper = np.full(start.shape, np.inf) if upper is None else np.asarray(upper, dtype=float)
     free = np.ones(start.shape, dtype=bool) if free is None else np.asarray(free, dtype=bool)
@@ -211,7 +213,7 @@ def minimize_deviance(
         """Newton steps with the information where given, else (or where they stop short) L-BFGS-B with the exact
         gradient from x; BOBYQA from its best point where it does not converge."""
         if deviance_hessian is not None and every and x.size > 1 and not at_local_minimum[0]:
-            reached, end, value = even_newton(fgh, x, maxiter - count[0])
+            reached, end, value = even_newton(fgh, x, maxiter - count[0], column_diagonals)
             if reached:
                 settled_by_newton[0] = at_local_minimum[0] = True
                 return True, "Newton steps with the exact Hessian", end, value
@@ -634,10 +636,10 @@ _POSV = la.get_lapack_funcs("posv", (np.zeros((1, 1)),))
 HESSIAN_NEWTON_TOLERANCE = 1e-10
 HESSIAN_NEWTON_LAST_STEP = 1e-6
 HESSIAN_NEWTON_MIN_EIGENVALUE = 1e-10
-HESSIAN_NEWTON_MAX_MOVE = 4.0
+HESSIAN_NEWTON_MAX_MOVE = 0.75
 
 
-def even_newton(fgh, x, maxeval: int) -> tuple[str, np.ndarray, float]:
+def even_newton(fgh, x, maxeval: int, column_diagonals: np.ndarray | None = None) -> tuple[str, np.ndarray, float]:
     """The minimum over theta >= 0 of a deviance that is even in each entry (variance components: D(theta) =
     D(|theta|)), by Newton steps with its exact Hessian (fgh: x >= 0 -> (deviance, gradient, Hessian or None)) on the
     unconstrained even function: a variance whose optimum is zero is an entry the steps take to 0 (its curvature
@@ -646,14 +648,18 @@ def even_newton(fgh, x, maxeval: int) -> tuple[str, np.ndarray, float]:
     a zero variance the deviance falls from), each step halved until the deviance falls. Returns ("settled" at a
     point where the Hessian is positive definite and the next step shorter than HESSIAN_NEWTON_TOLERANCE, or ""
     where it gave up; |end point|; its deviance). Ends at a strict local minimum, so no polish and no boundary probes
-    are needed after it."""
+    are needed after it.
+    `column_diagonals` (RelativeCovariance.column_diagonals): for a template with correlations, the deviance is even
+    in each column of T together (T T' is): each entry is folded with the sign of its column's diagonal entry, so the
+    diagonal ends >= 0 (by default every entry is its own column: variance components)."""
     used = 0
+    diagonals = np.arange(np.size(x)) if column_diagonals is None else np.asarray(column_diagonals)
 
     def evaluate(y):
         nonlocal used
         used += 1
-        sign = np.where(y < 0, -1.0, 1.0)
-        value, gradient, hessian = fgh(np.abs(y))
+        sign = np.where(y[diagonals] < 0, -1.0, 1.0)
+        value, gradient, hessian = fgh(sign * y)
         if hessian is None or not (np.isfinite(value) and value < 1e300):
             return np.inf, None, None
         return value, gradient * sign, hessian * (sign[:, None] * sign)
@@ -662,7 +668,7 @@ def even_newton(fgh, x, maxeval: int) -> tuple[str, np.ndarray, float]:
     fx, gx, H = evaluate(x)
     for _ in range(HESSIAN_NEWTON_MAX_STEPS):
         if H is None or not math.isfinite(float(H.sum() + gx.sum())):
-            return "", np.abs(x), fx
+            return "", _folded(x, diagonals), fx
         _, step, info = _POSV(H, -gx)  # positive definite (info 0): the Newton step
         positive, vectors = info == 0, None
         if not positive:  # else with the eigenvalues' absolute values
@@ -674,7 +680,7 @@ def even_newton(fgh, x, maxeval: int) -> tuple[str, np.ndarray, float]:
         length = float(np.max(np.abs(step) / scale))
         if length < HESSIAN_NEWTON_TOLERANCE:
             if positive:
-                return "settled", np.abs(x), fx
+                return "settled", _folded(x, diagonals), fx
             # a saddle (a zero variance the deviance falls from, where the gradient vanishes): its negative
             # direction, as far as theta's scale
             assert vectors is not None
@@ -684,25 +690,29 @@ def even_newton(fgh, x, maxeval: int) -> tuple[str, np.ndarray, float]:
             step *= HESSIAN_NEWTON_MAX_MOVE / length
         if length < HESSIAN_NEWTON_LAST_STEP and positive:
             if used >= maxeval:
-                return "", np.abs(x), fx
+                return "", _folded(x, diagonals), fx
             fy, gy, Hy = evaluate(x + step)
             if not np.isfinite(fy):
-                return "", np.abs(x), fx
+                return "", _folded(x, diagonals), fx
             x, fx, gx, H = x + step, fy, gy, Hy
             continue
         alpha, slope = 1.0, float(gx @ step)
         for _ in range(INFORMATION_NEWTON_MAX_HALVINGS):
             if used >= maxeval:
-                return "", np.abs(x), fx
+                return "", _folded(x, diagonals), fx
             y = x + alpha * step
             fy, gy, Hy = evaluate(y)
             if fy <= fx + INFORMATION_NEWTON_ARMIJO * alpha * min(slope, 0.0) and fy < fx:
                 break
             alpha /= 2
         else:
-            return "", np.abs(x), fx
+            return "", _folded(x, diagonals), fx
         x, fx, gx, H = y, fy, gy, Hy
-    return "", np.abs(x), fx
+    return "", _folded(x, diagonals), fx
+
+
+def _folded(x: np.ndarray, diagonals: np.ndarray) -> np.ndarray:
+    return np.where(x[diagonals] < 0, -x, x)
 
 
 def gradient_polish(fg, x, fx, lower, upper):

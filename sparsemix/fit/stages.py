@@ -130,6 +130,7 @@ def optimize_system(
                 if auto and free is None and system.supports_hessian
                 else None
             ),
+            column_diagonals=relcov.column_diagonals,
         )
         if working:  # the solution at the optimum is read off an evaluation in the working coordinates
             reported = system.evaluate_working(opt.theta).theta
