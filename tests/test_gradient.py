@@ -292,3 +292,21 @@ def test_models_with_the_exact_hessian_are_fitted_by_newton_steps(name, formula,
     assert by_newton.deviance <= by_bobyqa.deviance + 1e-10 * abs(by_bobyqa.deviance)
     scale = np.maximum(np.abs(by_bobyqa.theta), 1.0)
     assert np.max(np.abs(by_newton.theta - by_bobyqa.theta) / scale) < 1e-5
+
+
+def test_variance_components_up_to_order_128_are_held_whole_for_the_exact_hessian():
+    """80 + 12 levels (order 95, above DENSE_MAX_ORDER): held whole, nothing eliminated, fitted by Newton steps with
+    the exact Hessian to BOBYQA's optimum; with slopes at the same order the first term is eliminated instead."""
+    from sparsemix.core import system as system_module
+
+    d = _synthetic()
+    order = 80 + 12 + 2 + 1
+    assert system_module.DENSE_MAX_ORDER < order <= system_module.DENSE_WHOLE_VARIANCE_COMPONENTS_MAX_ORDER
+    system = build_design("y ~ x + (1 | g) + (1 | h)", d).system()
+    assert system.factorization_mode == "dense" and system._factor.q1 == 0 and system.supports_hessian
+    fit = sm.lmer("y ~ x + (1 | g) + (1 | h)", d)
+    assert fit.fit_result.optimization.message.startswith("Newton steps with the exact Hessian")
+    by_bobyqa = optimize_system(system, reml=True, method="bobyqa")
+    assert fit.fit_result.optimization.deviance <= by_bobyqa.deviance + 1e-10 * abs(by_bobyqa.deviance)
+    slopes = build_design("y ~ x + (x | g) + (1 | h)", d).system()
+    assert not (slopes.factorization_mode == "dense" and slopes._factor.q1 == 0)

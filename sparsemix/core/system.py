@@ -56,6 +56,12 @@ SCHUR_ALONE_MIN_DENSITY = 0.1
 DENSE_BY_DEFAULT = True
 DENSE_MAX_Q = 1000
 DENSE_MAX_ORDER = 64
+# Variance components (every term scalar) are held whole up to this order: the exact Hessian then applies
+# (ProfiledGradient.compact_hessian), and Newton steps with it take fewer evaluations than L-BFGS-B on the eliminated
+# layout costs more per evaluation (mlmRev's Mmmec, nation / region, order 89: 11 evaluations and 4.6 ms a fit
+# against 17 and 9.2 ms). Above it a whole evaluation's O(q^3) grows past the savings (ScotsSec's crossed 148 x 19
+# levels, order 169: 9.4-10.7 ms whole, 10.0-12.0 eliminated).
+DENSE_WHOLE_VARIANCE_COMPONENTS_MAX_ORDER = 128
 # Where a term has slopes (k > 1), CHOLMOD's factors come with no gradient (BOBYQA) and the Schur form's with the
 # exact one and the average information (Newton steps): a factorization in CHOLMOD counts this many of the Schur
 # form's in the trial. Measured on mlmRev's egsingle (children in schools, slopes at both levels): simplicial
@@ -321,9 +327,11 @@ class PenalizedSystem:
         # (k > 1) alone is evaluated level by level in compiled code (kernels.py; sleepstudy: 8 us)
         k1 = rc.blocks[0][1].k
         compiled = len(rc.blocks) == 1 and k1 > 1
-        eliminate = (compiled or rc.q + self.cross.p + 1 > DENSE_MAX_ORDER) and schur_applicable(self.cross.ZtZ, q1, k1)
+        scalar = all(template.k == 1 for _, template in rc.blocks)
+        whole = DENSE_WHOLE_VARIANCE_COMPONENTS_MAX_ORDER if scalar else DENSE_MAX_ORDER
+        eliminate = (compiled or rc.q + self.cross.p + 1 > whole) and schur_applicable(self.cross.ZtZ, q1, k1)
         q1 = q1 if eliminate else 0
-        if not forced and (rc.q > DENSE_MAX_Q or rc.q - q1 + self.cross.p + 1 > DENSE_MAX_ORDER):
+        if not forced and (rc.q > DENSE_MAX_Q or rc.q - q1 + self.cross.p + 1 > (DENSE_MAX_ORDER if q1 else whole)):
             return None
         return DenseFactor(self.cross, rc, eliminate)
 
