@@ -69,6 +69,11 @@ class ProfiledGradient:
 
         if f.q2 == 0 and f.k1 > 1:  # one k x k term: single_term_hessian's index tables
             self._psi = _PsiIndex(f.k1, self._first_positions)
+        if f.q1 == 0:  # held whole: compact_hessian's, per term
+            self._term_psi = [
+                _PsiIndex(template.k, np.array(template.positions, dtype=np.intp).reshape(-1, 2).T)
+                for _, template in relcov.blocks
+            ]
 
     def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
@@ -113,7 +118,7 @@ class ProfiledGradient:
 
         with Z'PZ = Z'Z - F'F, F = Omega^{-1/2} [Lambda Z'Z; X'Z] (Henderson's equations), and Z'V^{-1}Z from F's
         first q rows; then H_theta = 4 theta theta' * H_tau + 2 diag(g_tau). None where r^2 was not in LS."""
-        if not self._scalar_terms:
+        if self.factor.q1:
             return None
         parts = self._compact_parts(True, dof)  # Omega's inverse factor: Q for both criteria
         if parts is None:
@@ -124,6 +129,8 @@ class ProfiledGradient:
         ZtZ = self.factor.GRR[:q, :q]
         Q = ZtZ - F.T @ F
         R = Q if reml or head.shape[0] == q else ZtZ - F[:q].T @ F[:q]
+        if not self._scalar_terms:
+            return self._templates_hessian(factors, Q, R, w, scale, dof)
         E = self._membership  # (q, terms): a block's sum of M is E' M E
         Ew = E * w[:, None]
         s = w @ Ew
@@ -133,6 +140,53 @@ class ProfiledGradient:
         H = (4.0 * theta[:, None] * theta) * H_tau
         H.flat[:: theta.size + 1] += 2.0 * g_tau
         return 2.0 * theta * g_tau, H
+
+    def _templates_hessian(self, factors, Q, R, w, scale, dof) -> tuple[np.ndarray, np.ndarray]:
+        """compact_hessian for terms with templates (k x k), held whole: in psi (each term's entries of Sigma_t =
+        T_t T_t'), for terms t, s with levels l, m and E_ab the symmetric indicator,
+
+            d / dpsi_t,ab = sum_l tr(R_ll E_ab) - dof/r^2 sum_l w_l'E_ab w_l
+            d^2 / dpsi_t,ab dpsi_s,cd = -sum_lm tr(R_lm E_cd R_ml E_ab)
+                + dof (2 sum_lm w_l'E_ab Q_lm E_cd w_m / r^2 - (sum w'E_ab w)(sum w'E_cd w) / r^4)
+
+        (R_lm, Q_lm: k_t x k_s blocks), each term pair's sums by one Gram product of R's blocks; then theta's by
+        psi's Jacobian (block diagonal over terms) and its second derivatives."""
+        rc = self.relcov
+        shapes = [(n, template.k) for n, template in rc.blocks]
+        slices = rc.column_slices
+        W = [w[sl].reshape(n, k) for sl, (n, k) in zip(slices, shapes)]
+        sizes = [index.a.size for index in self._term_psi]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        g_psi = np.empty(offsets[-1])
+        gw = np.empty(offsets[-1])
+        H_psi = np.empty((offsets[-1], offsets[-1]))
+        for t, ((n, k), sl, index) in enumerate(zip(shapes, slices, self._term_psi)):
+            blocks = R[sl, sl].reshape(n, k, n, k)
+            diagonal = blocks[np.arange(n), :, np.arange(n), :].sum(axis=0)
+            gw[offsets[t] : offsets[t + 1]] = index.select @ (W[t].T @ W[t]).reshape(-1)
+            g_psi[offsets[t] : offsets[t + 1]] = (
+                index.select @ diagonal.reshape(-1) - scale * gw[offsets[t] : offsets[t + 1]]
+            )
+        for t, ((nt, kt), slt, it) in enumerate(zip(shapes, slices, self._term_psi)):
+            for s in range(t + 1):
+                (ns, ks), sls, is_ = shapes[s], slices[s], self._term_psi[s]
+                X = R[slt, sls].reshape(nt, kt, ns, ks).transpose(1, 3, 0, 2).reshape(kt * ks, nt * ns)
+                P = (X @ X.T).reshape(kt, ks, kt, ks).transpose(2, 0, 1, 3).reshape(kt * kt, ks * ks)  # [i j, r s]
+                Qts = Q[slt, sls].reshape(nt, kt * ns * ks)
+                Y = (W[t].T @ Qts).reshape(kt, kt, ns, ks)  # [i, j, m, r]
+                Y = np.einsum("ijmr,ms->ijrs", Y, W[s]).reshape(kt * kt, ks * ks)
+                block = scale * 2.0 * (it.select @ Y @ is_.select.T) - it.select @ P @ is_.select.T
+                rows, cols = slice(offsets[t], offsets[t + 1]), slice(offsets[s], offsets[s + 1])
+                H_psi[rows, cols] = block
+                H_psi[cols, rows] = block.T
+        H_psi -= np.outer(gw, gw) * (scale * scale / dof)
+        J = np.zeros((offsets[-1], rc.n_theta))
+        second = np.zeros((offsets[-1], rc.n_theta, rc.n_theta))
+        for t, (T, index, th) in enumerate(zip(factors, self._term_psi, rc.theta_slices)):
+            rows = slice(offsets[t], offsets[t + 1])
+            J[rows, th] = index.jacobian(T)
+            second[rows, th, th] = index.second
+        return J.T @ g_psi, J.T @ H_psi @ J + np.einsum("t,tij->ij", g_psi, second)
 
     def single_term(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where the eliminated first term is all there is (q2 = 0:
@@ -438,6 +492,16 @@ class _PsiIndex:
                 (self.rows[:, None] == b) & (self.rows[None, :] == a)
             )
             self.second[t] = same_column * hit * (2.0 if a == b else 1.0)
+        # select (m x k^2): row t sums a k x k matrix's entries (a, b) and (b, a): tr(S E_ab) for symmetric S
+        m = self.a.size
+        self.select = np.zeros((m, k * k))
+        self.select[np.arange(m), self.a * k + self.b] = 1.0
+        self.select[np.arange(m), self.b * k + self.a] = 1.0
+
+    def jacobian(self, T: np.ndarray) -> np.ndarray:
+        """d psi / d theta at T: (E_i T' + T E_i')_ab = [a = r_i] T[b, c_i] + [b = r_i] T[a, c_i]."""
+        a, b, r, c = self.a[:, None], self.b[:, None], self.rows[None, :], self.cols[None, :]
+        return (a == r) * T[b, c] + (b == r) * T[a, c]
 
 
 def _lower_inverses(L: np.ndarray) -> np.ndarray:

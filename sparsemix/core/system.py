@@ -495,15 +495,12 @@ class PenalizedSystem:
 
     @property
     def supports_hessian(self) -> bool:
-        """Whether `working_deviance_hessian` is available: variance components (every term scalar) held dense
-        whole (ProfiledGradient.compact_hessian), or one k x k term eliminated level by level, a growth curve's
-        (ProfiledGradient.single_term_hessian)."""
+        """Whether `working_deviance_hessian` is available: the system held dense whole (ProfiledGradient.
+        compact_hessian), or one k x k term eliminated level by level, a growth curve's (single_term_hessian)."""
         factor = self._factor
         if not isinstance(factor, DenseFactor):
             return False
-        if factor.q2 == 0 and factor.k1 > 1:
-            return True
-        return factor.q1 == 0 and all(template.k == 1 for _, template in self.relcov.blocks)
+        return factor.q1 == 0 or (factor.q2 == 0 and factor.k1 > 1)
 
     def working_deviance_hessian(self, working, reml: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
         """(deviance, exact gradient, exact Hessian) in the optimizer's coordinates (`supports_hessian` systems);
