@@ -17,6 +17,8 @@ Schur form (large crossed designs) the same blocks come from S^{-1} and the pair
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import lapack
@@ -68,12 +70,26 @@ class ProfiledGradient:
             self._membership[cols, j] = 1.0
 
         if f.q2 == 0 and f.k1 > 1:  # one k x k term: single_term_hessian's index tables
-            self._psi = _PsiIndex(f.k1, self._first_positions)
-        if f.q1 == 0:  # held whole: compact_hessian's, per term
-            self._term_psi = [
-                _PsiIndex(template.k, np.array(template.positions, dtype=np.intp).reshape(-1, 2).T)
-                for _, template in relcov.blocks
-            ]
+            self._psi = psi_index(relcov.blocks[0][1].k, relcov.blocks[0][1].positions)
+        if f.q1 == 0 and not all(template.k == 1 for _, template in relcov.blocks):  # _templates_hessian's tables
+            self._term_psi = [psi_index(template.k, template.positions) for _, template in relcov.blocks]
+            sizes = [index.a.size for index in self._term_psi]
+            self._psi_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
+            m, q, n_theta = int(self._psi_offsets[-1]), relcov.q, relcov.n_theta
+            # psi is quadratic in theta, psi_x = theta'S_x theta / 2: S (m x n_theta x n_theta) is its second
+            # derivative and S theta its Jacobian; `traces` (m x q^2) sums a q x q matrix's entries (a, b) and
+            # (b, a) over the levels of term x's: tr(M_ll E_ab) summed, for symmetric M
+            self._psi_second = np.zeros((m, n_theta, n_theta))
+            self._psi_traces = np.zeros((m, q * q))
+            for t, ((n, template), cols, th, index) in enumerate(
+                zip(relcov.blocks, relcov.column_slices, relcov.theta_slices, self._term_psi)
+            ):
+                rows = slice(self._psi_offsets[t], self._psi_offsets[t + 1])
+                self._psi_second[rows, th, th] = index.second
+                first = cols.start + np.arange(n) * template.k  # each level's first column
+                for x, (a, b) in enumerate(zip(index.a, index.b)):
+                    self._psi_traces[rows.start + x, (first + a) * q + first + b] = 1.0
+                    self._psi_traces[rows.start + x, (first + b) * q + first + a] = 1.0
 
     def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
@@ -108,7 +124,7 @@ class ProfiledGradient:
         Ze = -(half.T @ last)
         return Linv[:m, :m], half, Ze, last[:q], dof / max(f.r2, _TINY)
 
-    def compact_hessian(self, factors, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def compact_hessian(self, factors, reml: bool, dof: int, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """The gradient and the exact Hessian in theta where every term is scalar and nothing is eliminated (variance
         components held whole), at the factor's last refactorization. In tau = theta^2 (V = I + sum tau_j Z_j Z_j',
         P the REML projection, Q = Z'PZ, R = Z'V^{-1}Z, w = Z'Py = Z'e, s_j = |w_j|^2, sums over term blocks):
@@ -130,7 +146,7 @@ class ProfiledGradient:
         Q = ZtZ - F.T @ F
         R = Q if reml or head.shape[0] == q else ZtZ - F[:q].T @ F[:q]
         if not self._scalar_terms:
-            return self._templates_hessian(factors, Q, R, w, scale, dof)
+            return self._templates_hessian(theta, Q, R, w, scale, dof)
         E = self._membership  # (q, terms): a block's sum of M is E' M E
         Ew = E * w[:, None]
         s = w @ Ew
@@ -141,7 +157,7 @@ class ProfiledGradient:
         H.flat[:: theta.size + 1] += 2.0 * g_tau
         return 2.0 * theta * g_tau, H
 
-    def _templates_hessian(self, factors, Q, R, w, scale, dof) -> tuple[np.ndarray, np.ndarray]:
+    def _templates_hessian(self, theta, Q, R, w, scale, dof) -> tuple[np.ndarray, np.ndarray]:
         """compact_hessian for terms with templates (k x k), held whole: in psi (each term's entries of Sigma_t =
         T_t T_t'), for terms t, s with levels l, m and E_ab the symmetric indicator,
 
@@ -150,43 +166,29 @@ class ProfiledGradient:
                 + dof (2 sum_lm w_l'E_ab Q_lm E_cd w_m / r^2 - (sum w'E_ab w)(sum w'E_cd w) / r^4)
 
         (R_lm, Q_lm: k_t x k_s blocks), each term pair's sums by one Gram product of R's blocks; then theta's by
-        psi's Jacobian (block diagonal over terms) and its second derivatives."""
+        psi's Jacobian (S theta) and its second derivatives S."""
         rc = self.relcov
-        shapes = [(n, template.k) for n, template in rc.blocks]
-        slices = rc.column_slices
-        W = [w[sl].reshape(n, k) for sl, (n, k) in zip(slices, shapes)]
-        sizes = [index.a.size for index in self._term_psi]
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        g_psi = np.empty(offsets[-1])
-        gw = np.empty(offsets[-1])
-        H_psi = np.empty((offsets[-1], offsets[-1]))
-        for t, ((n, k), sl, index) in enumerate(zip(shapes, slices, self._term_psi)):
-            blocks = R[sl, sl].reshape(n, k, n, k)
-            diagonal = blocks[np.arange(n), :, np.arange(n), :].sum(axis=0)
-            gw[offsets[t] : offsets[t + 1]] = index.select @ (W[t].T @ W[t]).reshape(-1)
-            g_psi[offsets[t] : offsets[t + 1]] = (
-                index.select @ diagonal.reshape(-1) - scale * gw[offsets[t] : offsets[t + 1]]
-            )
-        for t, ((nt, kt), slt, it) in enumerate(zip(shapes, slices, self._term_psi)):
+        offsets = self._psi_offsets
+        gw = self._psi_traces @ np.outer(w, w).reshape(-1)
+        g_psi = self._psi_traces @ R.reshape(-1) - scale * gw
+        H_psi = np.outer(gw, gw) * (-scale * scale / dof)
+        terms = list(zip(rc.blocks, rc.column_slices, self._term_psi))
+        for t, ((nt, tt), slt, it) in enumerate(terms):
+            kt, Wt = tt.k, w[slt].reshape(nt, tt.k)
             for s in range(t + 1):
-                (ns, ks), sls, is_ = shapes[s], slices[s], self._term_psi[s]
+                (ns, ts), sls, is_ = terms[s]
+                ks, Ws = ts.k, w[sls].reshape(ns, ts.k)
                 X = R[slt, sls].reshape(nt, kt, ns, ks).transpose(1, 3, 0, 2).reshape(kt * ks, nt * ns)
                 P = (X @ X.T).reshape(kt, ks, kt, ks).transpose(2, 0, 1, 3).reshape(kt * kt, ks * ks)  # [i j, r s]
-                Qts = Q[slt, sls].reshape(nt, kt * ns * ks)
-                Y = (W[t].T @ Qts).reshape(kt, kt, ns, ks)  # [i, j, m, r]
-                Y = np.einsum("ijmr,ms->ijrs", Y, W[s]).reshape(kt * kt, ks * ks)
-                block = scale * 2.0 * (it.select @ Y @ is_.select.T) - it.select @ P @ is_.select.T
-                rows, cols = slice(offsets[t], offsets[t + 1]), slice(offsets[s], offsets[s + 1])
-                H_psi[rows, cols] = block
-                H_psi[cols, rows] = block.T
-        H_psi -= np.outer(gw, gw) * (scale * scale / dof)
-        J = np.zeros((offsets[-1], rc.n_theta))
-        second = np.zeros((offsets[-1], rc.n_theta, rc.n_theta))
-        for t, (T, index, th) in enumerate(zip(factors, self._term_psi, rc.theta_slices)):
-            rows = slice(offsets[t], offsets[t + 1])
-            J[rows, th] = index.jacobian(T)
-            second[rows, th, th] = index.second
-        return J.T @ g_psi, J.T @ H_psi @ J + np.einsum("t,tij->ij", g_psi, second)
+                Y = (Wt.T @ Q[slt, sls].reshape(nt, kt * ns * ks)).reshape(kt * kt, ns, ks)  # [i j, m, r]
+                Y = np.matmul(Y.transpose(0, 2, 1), Ws).reshape(kt * kt, ks * ks)  # [i j, r s]
+                block = it.select @ (scale * 2.0 * Y - P) @ is_.select.T
+                H_psi[offsets[t] : offsets[t + 1], offsets[s] : offsets[s + 1]] += block
+                if s != t:
+                    H_psi[offsets[s] : offsets[s + 1], offsets[t] : offsets[t + 1]] += block.T
+        second = self._psi_second
+        J = second @ theta
+        return J.T @ g_psi, J.T @ H_psi @ J + np.tensordot(g_psi, second, axes=1)
 
     def single_term(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where the eliminated first term is all there is (q2 = 0:
@@ -475,6 +477,12 @@ def _level_products(left: np.ndarray, right: np.ndarray) -> np.ndarray:
     """sum over levels l of left_l right_l' for stacks (n, k, m): one (k x n m) by (n m x k) product."""
     n, k, m = left.shape
     return left.transpose(1, 0, 2).reshape(k, n * m) @ right.transpose(1, 0, 2).reshape(k, n * m).T
+
+
+@functools.lru_cache(maxsize=64)
+def psi_index(k: int, positions: tuple) -> "_PsiIndex":
+    """_PsiIndex of a template (its k and theta's positions in T), built once per template shape."""
+    return _PsiIndex(k, np.array(positions, dtype=np.intp).reshape(-1, 2).T)
 
 
 class _PsiIndex:
