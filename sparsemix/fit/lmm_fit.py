@@ -88,7 +88,10 @@ class LmmFit:
     def singular(self) -> np.ndarray:
         """theta indices of template diagonal entries estimated at zero (lme4's isSingular)."""
         relcov = self.system.relcov  # judged on centred, scaled columns: a covariate's units don't matter
-        return singular_entries(relcov.working_theta(self.theta), relcov.on_diagonal)
+        working = self.optimization.working_theta
+        if working is None or not np.array_equal(self.optimization.theta, self.theta):
+            working = relcov.working_theta(self.theta)
+        return singular_entries(working, relcov.on_diagonal)
 
     @property
     def is_singular(self) -> bool:

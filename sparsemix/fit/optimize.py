@@ -88,6 +88,7 @@ class OptimizationResult:
     method: str
     seconds: float
     log: tuple = field(default=(), repr=False)  # (evaluation, deviance, elapsed seconds) per improvement
+    working_theta: np.ndarray | None = field(default=None, repr=False)  # theta in the optimizer's coordinates
 
 
 def minimize_deviance(

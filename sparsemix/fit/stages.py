@@ -135,7 +135,7 @@ def optimize_system(
         if working:  # the solution at the optimum is read off an evaluation in the working coordinates
             reported = system.evaluate_working(opt.theta).theta
             assert reported is not None  # evaluate_working reports theta unless told not to
-            opt = replace(opt, theta=reported)
+            opt = replace(opt, theta=reported, working_theta=opt.theta)
     if not used:
         return opt
     return replace(

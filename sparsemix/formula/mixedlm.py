@@ -240,7 +240,9 @@ class FrameColumns:
 
     def __init__(self, frame: pd.DataFrame):
         self._frame = frame
-        self._names = frozenset(c for c in frame.columns if isinstance(c, str))
+        # the column labels once (iterating pandas 3's Arrow-backed Index costs ~2 us a label, every time)
+        self.names = tuple(frame.columns)
+        self._names = frozenset(c for c in self.names if isinstance(c, str))
         self._series: dict = {}  # pandas' column lookup costs ~10 us: each column read once
         self._text: dict = {}  # text column -> (codes, sorted levels); other columns -> None
         self._factors: dict = {}  # column -> factor_codes
@@ -359,12 +361,12 @@ def _design_key(fn, formula, desc, data, source, eval_env):
     if names & _STATEFUL:
         return None
     namespace = eval_env.namespace
-    used = [c for c in data.columns if c in names]
+    used = [c for c in source.names if c in names]
     if any(c in namespace for c in used):
         return None
     try:
         dtypes = tuple(_dtype_key(source.column(c).dtype, source.text_levels(c)) for c in used)
-        key = (fn, formula, tuple(data.columns), tuple(used), dtypes, eval_env.flags)
+        key = (fn, formula, source.names, tuple(used), dtypes, eval_env.flags)
         hash(key)
     except TypeError:  # unhashable labels or dtypes: no reuse
         return None
@@ -500,7 +502,8 @@ def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_
 
 
 def _patsy(fn, formula, data, eval_env, numeric_arrays=False, return_type="dataframe", columns=None):
-    desc = check_formula(formula, data.columns, eval_env)  # nothing in a formula runs before this check
+    names = data.columns if columns is None else columns.names
+    desc = check_formula(formula, names, eval_env)  # nothing in a formula runs before this check
     try:
         if numeric_arrays:
             return numeric_design(fn, formula, desc, data, eval_env, return_type, columns)

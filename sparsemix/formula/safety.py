@@ -220,10 +220,16 @@ def readable_formula(formula: str, columns, role: str = "formula") -> patsy.Mode
         raise FormulaError(f"cannot read {role} {formula!r}: {exc}") from None
     except (RecursionError, MemoryError):
         raise FormulaError(_too_deep(f"{role} {formula!r}")) from None
-    keywords = frozenset(str(c) for c in columns if keyword.iskeyword(str(c)) or is_dotted_name(str(c)))
+    keywords = _quoted_names(columns) if type(columns) is tuple else _quoted_names.__wrapped__(columns)
     if not keywords:
         return desc
     return _quoted_desc(desc, keywords) if type(formula) is str else _quoted_desc.__wrapped__(desc, keywords)
+
+
+@functools.lru_cache(maxsize=256)  # a function of the labels alone (FrameColumns.names: a tuple)
+def _quoted_names(columns) -> frozenset:
+    """The column labels a formula must quote: Python keywords (`yield`) and R's dotted names (`IQ.verb`)."""
+    return frozenset(str(c) for c in columns if keyword.iskeyword(str(c)) or is_dotted_name(str(c)))
 
 
 @functools.lru_cache(maxsize=256)  # a function of the reading and the names alone (oats' `yield`: 50 us a design)

@@ -88,15 +88,15 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
         raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
     parsed = parse_formula(formula)
     env = eval_env if eval_env is not None else safe_environment()
-    used = formula_columns([parsed.fixed] + [s.expr for s in parsed.random], data.columns)
+    columns = FrameColumns(data)  # each column read out of the frame once (pandas' lookup: ~10 us a time)
+    used = formula_columns([parsed.fixed] + [s.expr for s in parsed.random], columns.names)
     for spec in parsed.random:
         checks.require_columns(data, spec.group, f"grouping factor of {spec.source}")
         used += [g for g in spec.group if g not in used]
     formulas = [parsed.fixed] + [s.expr for s in parsed.random]
-    columns = FrameColumns(data)  # each column read out of the frame once (pandas' lookup: ~10 us a time)
     checked = checks.check_column_types(
         data,
-        formula_columns(formulas, data.columns),
+        formula_columns(formulas, columns.names),
         [g for s in parsed.random for g in s.group],
         formulas,
         [v for v in (weights, offset) if isinstance(v, str) and v in data.columns],
@@ -127,7 +127,7 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
             columns = FrameColumns(frame)
     endog, X, exog_names, fixed_info = fixed_arrays(parsed.fixed, frame, env, columns)
     # patsy's columns in R's order (lme4's coefficient order, and the order aliased columns are dropped in)
-    column_order = r_column_order(fixed_info, readable_formula(parsed.fixed, frame.columns))
+    column_order = r_column_order(fixed_info, readable_formula(parsed.fixed, columns.names))
     X, exog_names = X[:, column_order], [exog_names[j] for j in column_order]
     y = checks.as_numeric_vector(endog, "response")
     checks.check_finite(y, f"response {parsed.response!r}", missing_hint=False)
@@ -229,7 +229,7 @@ def _random_term(spec: RandomSpec, frame, env, linear: bool = True, reader: Fram
             columns, design_info = _intercept_design()
             return _make_term(spec, codes, values, levels, columns, design_info, var)
         rhs = "~ " + spec.expr
-        desc = check_formula(rhs, frame.columns, env, f"random-effects term {spec.source}")
+        desc = check_formula(rhs, reader.names, env, f"random-effects term {spec.source}")
         try:
             M = numeric_design(patsy.dmatrix, rhs, desc, frame, env, columns=reader)
         except patsy.PatsyError as exc:
