@@ -229,7 +229,7 @@ def test_the_schur_forms_gradient_weighs_against_cholmods_factorizations_where_a
     assert scalar.factorization_mode == "simplicial"
 
 
-HESSIAN_CASES = CASES[:6]  # one k x k term, or the system held whole
+HESSIAN_CASES = CASES[:8]  # one k x k term, or the system held whole (the synthetic ones: crossed, with slopes)
 
 
 @pytest.mark.parametrize("reml", [True, False])
@@ -267,8 +267,8 @@ def _check_hessian_against_differences(system, reml, rng):
 
 
 def test_the_exact_hessian_is_offered_for_one_term_and_for_systems_held_whole():
-    """Of the cases above, those with one k x k term or held whole (nothing eliminated) have it; a first term
-    eliminated beside others does not."""
+    """Of the cases above, those with one k x k term or held whole (nothing eliminated: small, or crossed with
+    slopes up to order 400) have it; a first term eliminated beside others (scalar terms above order 128) does not."""
     offered = {case[1]: _dense_system(*case).supports_hessian for case in CASES}
     assert [case[1] for case in CASES if offered[case[1]]] == [case[1] for case in HESSIAN_CASES]
 
@@ -299,22 +299,26 @@ def test_models_with_the_exact_hessian_are_fitted_by_newton_steps(name, formula,
     assert np.max(np.abs(by_newton.theta - by_bobyqa.theta) / scale) < 1e-5
 
 
-def test_variance_components_up_to_order_128_are_held_whole_for_the_exact_hessian():
-    """80 + 12 levels (order 95, above DENSE_MAX_ORDER): held whole, nothing eliminated, fitted by Newton steps with
-    the exact Hessian to BOBYQA's optimum; with slopes at the same order the first term is eliminated instead."""
+def test_which_systems_are_held_whole_for_the_exact_hessian():
+    """Variance components of 80 + 12 levels (order 95, above DENSE_MAX_ORDER): held whole and fitted by Newton
+    steps with the exact Hessian to BOBYQA's optimum; of 80 + 60 levels (order 143): the first term eliminated;
+    crossed terms with slopes of order 175: held whole (DENSE_WHOLE_CROSSED_MAX_ORDER)."""
     from sparsemix.core import system as system_module
 
     d = _synthetic()
     order = 80 + 12 + 2 + 1
-    assert system_module.DENSE_MAX_ORDER < order <= system_module.DENSE_WHOLE_VARIANCE_COMPONENTS_MAX_ORDER
+    assert system_module.DENSE_MAX_ORDER < order <= system_module.DENSE_WHOLE_MAX_ORDER
     system = build_design("y ~ x + (1 | g) + (1 | h)", d).system()
     assert system.factorization_mode == "dense" and system._factor.q1 == 0 and system.supports_hessian
     fit = sm.lmer("y ~ x + (1 | g) + (1 | h)", d)
     assert fit.fit_result.optimization.message.startswith("Newton steps with the exact Hessian")
     by_bobyqa = optimize_system(system, reml=True, method="bobyqa")
     assert fit.fit_result.optimization.deviance <= by_bobyqa.deviance + 1e-10 * abs(by_bobyqa.deviance)
-    slopes = build_design("y ~ x + (x | g) + (1 | h)", d).system()
-    assert not (slopes.factorization_mode == "dense" and slopes._factor.q1 == 0)
+    larger = build_design("y ~ x + (1 | g) + (1 | h:k)", d).system()
+    assert larger.factorization_mode == "dense" and larger._factor.q1 == 80 and not larger.supports_hessian
+    crossed = build_design("y ~ x + (x | g) + (1 | h)", d).system()
+    assert system_module.DENSE_WHOLE_MAX_ORDER < 160 + 12 + 3 <= system_module.DENSE_WHOLE_CROSSED_MAX_ORDER
+    assert crossed.factorization_mode == "dense" and crossed._factor.q1 == 0 and crossed.supports_hessian
 
 
 @pytest.mark.parametrize("reml", [True, False])

@@ -56,12 +56,18 @@ SCHUR_ALONE_MIN_DENSITY = 0.1
 DENSE_BY_DEFAULT = True
 DENSE_MAX_Q = 1000
 DENSE_MAX_ORDER = 64
-# Variance components (every term scalar) are held whole up to this order: the exact Hessian then applies
-# (ProfiledGradient.compact_hessian), and Newton steps with it take fewer evaluations than L-BFGS-B on the eliminated
-# layout costs more per evaluation (mlmRev's Mmmec, nation / region, order 89: 11 evaluations and 4.6 ms a fit
-# against 17 and 9.2 ms). Above it a whole evaluation's O(q^3) grows past the savings (ScotsSec's crossed 148 x 19
-# levels, order 169: 9.4-10.7 ms whole, 10.0-12.0 eliminated).
-DENSE_WHOLE_VARIANCE_COMPONENTS_MAX_ORDER = 128
+# Several terms are held whole (nothing eliminated) up to this order, and crossed ones with slopes
+# (`densely_linked`) up to DENSE_WHOLE_CROSSED_MAX_ORDER: there the exact Hessian applies (ProfiledGradient.
+# compact_hessian) and Newton steps with it take a quarter to a sixth of L-BFGS-B's evaluations on the eliminated
+# layout (or of BOBYQA's in the Schur form), which outweighs a whole evaluation's O(q^3). Measured (REML fits):
+# mlmRev's Mmmec, nested, order 89: 4.6 ms whole against 9.2 eliminated; simulated nested 12 x 8 levels with
+# slopes, order 123: 5.5 against 9.4, but 20 x 10 levels, order 223: 11.5 against 6.2 (nested: the eliminated
+# layout's rest is small); crossed subjects x items with slopes in both, 30 x 20, order 103: 4.2 ms against 29;
+# 60 x 40, order 203: 18.7 against 49 (and 101 in the Schur form with BOBYQA); 120 x 60, order 363: 88 against 149
+# in the Schur form; crossed variance components are as fast eliminated (120 x 60, order 183: 13.6 ms against 16.1
+# whole).
+DENSE_WHOLE_MAX_ORDER = 128
+DENSE_WHOLE_CROSSED_MAX_ORDER = 400
 # Where a term has slopes (k > 1), CHOLMOD's factors come with no gradient (BOBYQA) and the Schur form's with the
 # exact one and the average information (Newton steps): a factorization in CHOLMOD counts this many of the Schur
 # form's in the trial. Measured on mlmRev's egsingle (children in schools, slopes at both levels): simplicial
@@ -327,9 +333,14 @@ class PenalizedSystem:
         # (k > 1) alone is evaluated level by level in compiled code (kernels.py; sleepstudy: 8 us)
         k1 = rc.blocks[0][1].k
         compiled = len(rc.blocks) == 1 and k1 > 1
-        scalar = all(template.k == 1 for _, template in rc.blocks)
-        whole = DENSE_WHOLE_VARIANCE_COMPONENTS_MAX_ORDER if scalar else DENSE_MAX_ORDER
-        eliminate = (compiled or rc.q + self.cross.p + 1 > whole) and schur_applicable(self.cross.ZtZ, q1, k1)
+        order = rc.q + self.cross.p + 1
+        whole = DENSE_MAX_ORDER  # one term: eliminated level by level above it (no Hessian needed for one scale)
+        if len(rc.blocks) > 1:
+            whole = DENSE_WHOLE_MAX_ORDER
+            slopes = any(template.k > 1 for _, template in rc.blocks)  # (crossed scalar terms: the Schur form scores)
+            if slopes and whole < order <= DENSE_WHOLE_CROSSED_MAX_ORDER and self.densely_linked:
+                whole = order
+        eliminate = (compiled or order > whole) and schur_applicable(self.cross.ZtZ, q1, k1)
         q1 = q1 if eliminate else 0
         if not forced and (rc.q > DENSE_MAX_Q or rc.q - q1 + self.cross.p + 1 > (DENSE_MAX_ORDER if q1 else whole)):
             return None
