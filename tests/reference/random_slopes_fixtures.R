@@ -25,6 +25,22 @@ plain <- function(df) {
   df
 }
 
+# Subjects x items with a two-level condition (each subject sees each item once, its condition at random): random
+# intercepts and condition effects for both, correlated; set.seed makes the data the same on every run.
+subjects_items <- function(n_subjects, n_items) {
+  set.seed(16)
+  d <- expand.grid(subj = sprintf("s%02d", seq_len(n_subjects)), item = sprintf("i%02d", seq_len(n_items)),
+                   stringsAsFactors = FALSE)
+  d$cond <- sample(c("a", "b"), nrow(d), replace = TRUE)
+  x <- ifelse(d$cond == "b", 0.5, -0.5)
+  s <- matrix(rnorm(2 * n_subjects), ncol = 2) %*% matrix(c(0.3, 0.05, 0, 0.1), 2)
+  it <- matrix(rnorm(2 * n_items), ncol = 2) %*% matrix(c(0.2, 0.02, 0, 0.08), 2)
+  si <- match(d$subj, sprintf("s%02d", seq_len(n_subjects)))
+  ii <- match(d$item, sprintf("i%02d", seq_len(n_items)))
+  d$rt <- 6 + 0.1 * x + s[si, 1] + s[si, 2] * x + it[ii, 1] + it[ii, 2] * x + rnorm(nrow(d), sd = 0.4)
+  d
+}
+
 fit_record <- function(name, formula, data, reml) {
   m <- lmer(as.formula(formula), data = data, REML = reml)
   list(name = name, formula = formula, reml = reml, logLik = as.numeric(logLik(m)),
@@ -63,7 +79,19 @@ sets <- list(
        fits = list(c("bdf_ml", "langPOST ~ IQ.verb + sex + ses + (IQ.verb | schoolNR)", FALSE))),
   list(dataset = "mlmRev::egsingle", data = plain(egsingle[, c("math", "year", "size", "female", "childid",
                                                                "schoolid")]),
-       fits = list(c("egsingle_reml", "math ~ year * size + female + (year | childid) + (year | schoolid)", TRUE)))
+       fits = list(c("egsingle_reml", "math ~ year * size + female + (year | childid) + (year | schoolid)", TRUE))),
+  # Checked on data the optimizer was not built against (issue 16, eighth session): the growth curves of R's
+  # datasets and mlmRev, and the model psycholinguists fit most, crossed subjects x items with slopes in both
+  list(dataset = "datasets::ChickWeight", data = plain(transform(as.data.frame(ChickWeight),
+                                                                 Chick = as.character(Chick), Diet = as.character(Diet))),
+       fits = list(c("chickweight_reml", "weight ~ Time * Diet + (Time | Chick)", TRUE))),
+  list(dataset = "datasets::Loblolly", data = plain(transform(as.data.frame(Loblolly), Seed = as.character(Seed))),
+       fits = list(c("loblolly_ml", "height ~ age + I(age^2) + (age | Seed)", FALSE))),
+  list(dataset = "mlmRev::Gcsemv", data = plain(na.omit(Gcsemv[, c("written", "gender", "school")])),
+       fits = list(c("gcsemv_reml", "written ~ gender + (gender | school)", TRUE))),
+  list(dataset = "simulated::subjects_items", data = subjects_items(30, 20),
+       fits = list(c("maximal_reml", "rt ~ cond + (cond | subj) + (cond | item)", TRUE),
+                   c("maximal_ml", "rt ~ cond + (cond | subj) + (cond | item)", FALSE)))
 )
 
 out <- lapply(sets, function(s) {
