@@ -3,9 +3,10 @@ evaluation (with its exact gradient, core/gradient.py), where Python's fixed cos
 sleepstudy (`Reaction ~ Days + (Days | Subject)`, q = 36), mlmRev's Exam (three correlated slopes per school,
 q = 195), nlme's Oxboys (a quadratic growth curve with a 3 x 3 covariance per boy; it and sleepstudy start from
 their levels' own fits, pilot.moment_start), Penicillin (two crossed variance components) and Dyestuff (one
-variance: optimize.scalar_newton), from the committed lme4 fixtures; one evaluation in each factorization a small
-system can take: the one chosen by default, CHOLMOD's simplicial factor, and the dense path (core/factor.py,
-DenseFactor).
+variance: optimize.scalar_newton) and the simulated 30 subjects x 20 items with a condition's slope in both (held
+whole: Newton steps with the exact Hessian), from the committed lme4 fixtures; one evaluation (and one with its
+exact Hessian) in each factorization a small system can take: the one chosen by default, CHOLMOD's simplicial
+factor, and the dense path (core/factor.py, DenseFactor).
 """
 
 import json
@@ -26,6 +27,7 @@ MODELS = {
     "oxboys": ("random_slopes.json", "Oxboys", "height ~ age + I(age^2) + (age + I(age^2) | Subject)"),
     "penicillin": ("penicillin.json", None, "diameter ~ 1 + (1 | plate) + (1 | sample)"),
     "dyestuff": ("dyestuff.json", None, "Yield ~ 1 + (1 | Batch)"),
+    "subjects_items": ("random_slopes.json", "subjects_items", "rt ~ cond + (cond | subj) + (cond | item)"),
 }
 
 
@@ -64,6 +66,10 @@ class SmallDeviance:
     def time_deviance_and_gradient(self, model, factorization):
         if self.system.supports_gradient:
             self.system.working_deviance_gradient(self.working, True)
+
+    def time_deviance_gradient_and_hessian(self, model, factorization):
+        if self.system.supports_hessian:
+            self.system.working_deviance_hessian(self.working, True)
 
 
 class SmallFit:

@@ -267,6 +267,21 @@ def _recorded_runs() -> str:
             f"`{run['script']}`, {run['date']}, {run['commit']} |"
         )
     lines += [""] + [f"* {cell(run['spread'])}" for run in recorded["runs"] if "spread" in run]
+    peers = recorded.get("peers")
+    if peers:  # another Python library on the same fits: its own venv, so not run by this script
+        lines += [
+            "",
+            f"## {peers['title']}",
+            "",
+            peers["note"],
+            "",
+            "| model | sparsemix ms | " + peers["library"] + " ms | sparsemix / " + peers["library"] + " |",
+            "|" + "---|" * 4,
+        ]
+        for row in peers["rows"]:
+            theirs = row["peer_ms"]
+            ratio = "n/a" if not isinstance(theirs, (int, float)) else format(row["sparsemix_ms"] / theirs, ".2f")
+            lines.append(f"| {cell(row['model'])} | {row['sparsemix_ms']:.2f} | {cell(theirs)} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
