@@ -24,6 +24,7 @@ __all__ = [
     "fit_pilot",
     "estimable",
     "moment_start",
+    "components_start",
     "PILOT_MIN_DENSE_ORDER",
 ]
 
@@ -227,3 +228,58 @@ def moment_start(
         T = np.diag(np.sqrt(np.diag(block))) if term.template.is_diagonal else np.linalg.cholesky(block)
         thetas.append(term.template.theta_of(T))
     return np.concatenate(thetas)
+
+
+# components_start: a relative variance estimated below this is started here instead (at exactly 0 the deviance's
+# gradient in that entry vanishes, a saddle the Newton steps must leave by a probe)
+COMPONENTS_MIN_RATIO = 1e-4
+COMPONENTS_MAX_Q = 1000  # (M = Z'(I - H)Z is formed dense)
+
+
+def components_start(system) -> np.ndarray | None:
+    """theta (reported coordinates) for variance components (every term scalar) from moments of the
+    residuals' level means, as the ANOVA estimators do. r = (I - H) y is the least-squares residual (H: X's hat
+    matrix), so E[r r'] = (I - H) (sum_k sigma_k^2 Z_k Z_k' + sigma^2 I) (I - H); with M = Z'(I - H)Z (from the
+    cross-products), d = diag(Z'Z) and m_l = (Z'r)_l / d_l for the levels l of term j:
+
+        mean_l E[m_l^2] = sum_k sigma_k^2 mean_l sum_l' M_ll'^2 / d_l^2 (l' in term k) + sigma^2 mean_l M_ll / d_l^2
+        E[r'r]          = sum_k sigma_k^2 tr(M_kk) + sigma^2 (n - p)
+
+    one linear equation per term and one for the total, solved for the variances (a relative variance below
+    COMPONENTS_MIN_RATIO starts there). On balanced designs this is the ANOVA estimate, close to REML's optimum.
+    None where it does not apply (a term with slopes, more than COMPONENTS_MAX_Q columns, a level with no weight, a
+    residual variance <= 0)."""
+    rc, cross = system.relcov, system.cross
+    if not rc.blocks or any(template.k != 1 for _, template in rc.blocks) or rc.q > COMPONENTS_MAX_Q:
+        return None
+    ZtZ = cross.ZtZ.toarray()
+    d = np.diagonal(ZtZ).copy()
+    if not np.all(d > 0):
+        return None
+    M = ZtZ
+    if cross.p:
+        try:
+            M = ZtZ - cross.ZtX @ np.linalg.solve(cross.XtX, cross.ZtX.T)
+        except np.linalg.LinAlgError:
+            return None
+    J = len(rc.blocks)
+    A = np.zeros((J + 1, J + 1))
+    b = np.zeros(J + 1)
+    for j, rows in enumerate(rc.column_slices):
+        dj2 = d[rows] ** 2
+        b[j] = float(np.mean(cross.Zty[rows] ** 2 / dj2))
+        for k, cols in enumerate(rc.column_slices):
+            A[j, k] = float(np.mean(np.sum(M[rows, cols] ** 2, axis=1) / dj2))
+        A[j, J] = float(np.mean(np.diagonal(M)[rows] / dj2))
+        A[J, j] = float(np.trace(M[rows, rows]))
+    A[J, J] = cross.n - cross.p
+    b[J] = cross.yty
+    try:
+        variances = np.linalg.solve(A, b)
+    except np.linalg.LinAlgError:
+        return None
+    sigma2 = variances[J]
+    if not (np.isfinite(variances).all() and sigma2 > 0):
+        return None
+    ratios = np.maximum(variances[:J] / sigma2, COMPONENTS_MIN_RATIO)
+    return rc.reported_theta(np.sqrt(ratios))

@@ -19,7 +19,7 @@ from ..core.system import PenalizedSystem
 from ..core.terms import RandomTerm
 from .lmm_fit import LmmFit
 from .optimize import DEFAULT_OPTIMIZER
-from .pilot import moment_start, pilot_start, pilot_wanted
+from .pilot import components_start, moment_start, pilot_start, pilot_wanted
 from .stages import build_fit, build_system, optimize_system, warn_if_singular
 
 __all__ = ["fit_system", "fit_lmm", "finish_fit"]
@@ -91,6 +91,8 @@ def fit_lmm(
     pilot = None if start_theta is not None else (lambda: pilot_start(system, X, y, list(terms), weights, reml))
     if start_theta is None and free is None and method == DEFAULT_OPTIMIZER:  # a growth curve's: the levels' own fits
         start_theta = moment_start(X, y, list(terms), weights, system.cross.beta_ols)
+        if start_theta is None and system.supports_hessian:  # variance components held dense: their moments
+            start_theta = components_start(system)
     return fit_system(
         system,
         reml=reml,
