@@ -90,7 +90,7 @@ def fit_lmm(
     system = build_system(X, y, terms, weights=weights)
     pilot = None if start_theta is not None else (lambda: pilot_start(system, X, y, list(terms), weights, reml))
     if start_theta is None and free is None and method == DEFAULT_OPTIMIZER:  # a growth curve's: the levels' own fits
-        start_theta = moment_start(X, y, list(terms), weights, system.cross.beta_ols)
+        start_theta = moment_start(X, y, list(terms), weights, system.cross.beta_ols, system.supports_hessian)
         if start_theta is None and system.supports_hessian:  # variance components held dense: their moments
             start_theta = components_start(system)
     return fit_system(
