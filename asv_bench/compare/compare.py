@@ -280,8 +280,10 @@ def _recorded_runs() -> str:
         ]
         for row in peers["rows"]:
             theirs = row["peer_ms"]
-            ratio = "n/a" if not isinstance(theirs, (int, float)) else format(row["sparsemix_ms"] / theirs, ".2f")
-            lines.append(f"| {cell(row['model'])} | {row['sparsemix_ms']:.2f} | {cell(theirs)} | {ratio} |")
+            timed = isinstance(theirs, (int, float))
+            ratio = format(row["sparsemix_ms"] / theirs, ".2f") if timed else "n/a"
+            shown = format(theirs, ".2f") if timed else cell(theirs)
+            lines.append(f"| {cell(row['model'])} | {row['sparsemix_ms']:.2f} | {shown} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
