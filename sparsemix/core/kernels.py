@@ -349,18 +349,10 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
     V1 = np.empty((k, p + 1))
     for lvl in range(n):
         G = G11[lvl]
-        for i in range(k):
-            for b in range(k):
-                s = 0.0
-                for j in range(k):
-                    s += G[i, j] * T[j, b]
-                GT[i, b] = s
+        _product_into(G, T, GT)
+        _product_into(T.T, GT, M)  # M = T'G T + I
         for a in range(k):
-            for b in range(k):
-                s = 1.0 if a == b else 0.0
-                for i in range(k):
-                    s += T[i, a] * GT[i, b]
-                M[a, b] = s
+            M[a, a] += 1.0
         failed, _ = _cholesky(M, L)
         if failed >= 0:
             return 1
@@ -371,18 +363,8 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
                 for b in range(m + 1):
                     s += T[a, b] * Li[m, b]
                 A[a, m] = s
-        for a in range(k):
-            for b in range(k):
-                s = 0.0
-                for m in range(k):
-                    s += A[a, m] * A[b, m]
-                TMT[a, b] = s
-        for a in range(k):  # Hl = G TMT
-            for b in range(k):
-                s = 0.0
-                for m in range(k):
-                    s += G[a, m] * TMT[m, b]
-                Hl[a, b] = s
+        _product_into(A, A.T, TMT)
+        _product_into(G, TMT, Hl)  # Hl = G TMT
         for a in range(k):  # D = G - Hl G
             for b in range(k):
                 s = G[a, b]
@@ -451,18 +433,8 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
                 s -= Cl[a, c] * beta[c]
             w[a] = s
         if with_reml:
-            for a in range(k):
-                for c in range(p):
-                    s = 0.0
-                    for d in range(p):
-                        s += Cl[a, d] * K[d, c]
-                    CK[a, c] = s
-            for a in range(k):
-                for b in range(k):
-                    s = 0.0
-                    for c in range(p):
-                        s += CK[a, c] * Cl[b, c]
-                    B[a, b] = s
+            _product_into(Cl, K, CK)
+            _product_into(CK, Cl.T, B)  # B = C K C'
         for i in range(k):
             for j in range(k):
                 trace[i, j] += Dl[i, j] - (B[i, j] if with_reml else 0.0)
@@ -545,6 +517,17 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
                 s += J[t, i] * HJ[t, j] + g_psi[t] * second[t, i, j]
             hessian[i, j] = s
     return 0
+
+
+@njit(cache=True, nogil=True)
+def _product_into(A, B, out):
+    """out = A B for small matrices (loops: numpy's product costs more per call than these flops)."""
+    for i in range(A.shape[0]):
+        for j in range(B.shape[1]):
+            s = 0.0
+            for m in range(A.shape[1]):
+                s += A[i, m] * B[m, j]
+            out[i, j] = s
 
 
 @njit(cache=True, nogil=True)
