@@ -189,18 +189,30 @@ def test_variance_components_start_from_their_anova_moments(name):
 
 
 def test_the_components_start_is_left_out_or_safe_where_it_does_not_fit():
-    """None for a term with slopes; where the moments give a variance <= 0 (Dyestuff2, whose REML optimum is at 0)
-    the start is floored above zero, and the fit still ends on the bound, with exactly 0 reported."""
+    """None for a term with slopes. Where the moments give a variance <= 0: one variance (Dyestuff2, whose REML
+    optimum is at 0) starts at 0 and ends there, exactly; of two (a balanced 12 x 6 design whose second factor has
+    no effect, seed 1), the start is floored at COMPONENTS_MIN_RATIO, and the fit ends at BOBYQA's optimum, the
+    variance exactly 0."""
     from conftest import reference_data
 
     from sparsemix.fit.pilot import COMPONENTS_MIN_RATIO, components_start
+    from sparsemix.fit.stages import optimize_system
 
     sleep = reference_data("sleepstudy")
     assert components_start(build_design("Reaction ~ Days + (Days | Subject)", sleep).system()) is None
     data = reference_data("dyestuff2")
-    start = components_start(build_design("Yield ~ 1 + (1 | Batch)", data).system())
-    assert start[0] == pytest.approx(np.sqrt(COMPONENTS_MIN_RATIO))
+    assert components_start(build_design("Yield ~ 1 + (1 | Batch)", data).system())[0] == 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sparsemix.SingularFitWarning)
         fit = sparsemix.lmer("Yield ~ 1 + (1 | Batch)", data)
-    assert fit.fit_result.theta[0] == 0.0 and fit.is_singular
+        assert fit.fit_result.theta[0] == 0.0 and fit.is_singular and fit.n_evaluations <= 6
+        rng = np.random.default_rng(1)
+        crossed = pd.DataFrame({"a": np.repeat(np.arange(12), 6), "b": np.tile(np.arange(6), 12)})
+        crossed["y"] = rng.normal(size=12)[crossed.a] + rng.normal(size=len(crossed))
+        design = build_design("y ~ 1 + (1 | a) + (1 | b)", crossed)
+        start = components_start(design.system())
+        assert start[1] == pytest.approx(np.sqrt(COMPONENTS_MIN_RATIO))
+        fit = sparsemix.lmer("y ~ 1 + (1 | a) + (1 | b)", crossed)
+        by_bobyqa = optimize_system(design.system(), reml=True, method="bobyqa")
+    assert fit.fit_result.theta[1] == 0.0
+    assert fit.fit_result.optimization.deviance <= by_bobyqa.deviance + 1e-10 * abs(by_bobyqa.deviance)

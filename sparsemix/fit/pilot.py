@@ -260,7 +260,9 @@ def components_start(system) -> np.ndarray | None:
         E[r'r]          = sum_k sigma_k^2 tr(M_kk) + sigma^2 (n - p)
 
     one linear equation per term and one for the total, solved for the variances (a relative variance below
-    COMPONENTS_MIN_RATIO starts there). On balanced designs this is the ANOVA estimate, close to REML's optimum.
+    COMPONENTS_MIN_RATIO starts there; a single variance estimated <= 0 starts at 0, which the optimizer's boundary
+    check leaves where the deviance falls into the interior). On balanced designs this is the ANOVA estimate, close
+    to REML's optimum.
     None where it does not apply (a term with slopes, more than COMPONENTS_MAX_Q columns, a level with no weight, a
     residual variance <= 0)."""
     rc, cross = system.relcov, system.cross
@@ -295,5 +297,7 @@ def components_start(system) -> np.ndarray | None:
     sigma2 = variances[J]
     if not (np.isfinite(variances).all() and sigma2 > 0):
         return None
-    ratios = np.maximum(variances[:J] / sigma2, COMPONENTS_MIN_RATIO)
-    return rc.reported_theta(np.sqrt(ratios))
+    ratios = variances[:J] / sigma2
+    if J == 1 and ratios[0] <= 0:  # one variance, estimated <= 0: at the bound, which the boundary check confirms
+        return np.zeros(1)
+    return rc.reported_theta(np.sqrt(np.maximum(ratios, COMPONENTS_MIN_RATIO)))
