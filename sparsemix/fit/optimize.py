@@ -630,29 +630,29 @@ def scalar_newton(fg, x, lower, upper, maxeval: int) -> tuple[str, np.ndarray, f
 # (relative to max(|x_i|, 1)); a step shorter than HESSIAN_NEWTON_LAST_STEP is taken without the deviance's judgement
 # (it cannot see one so short); eigenvalues of the Hessian below HESSIAN_NEWTON_MIN_EIGENVALUE of the largest count as
 # not positive; no step moves an entry by more than HESSIAN_NEWTON_MAX_MOVE times max(|x|, 1) (far from the
-# optimum, where the deviance flattens as a variance grows, a Newton step can leave theta's scale).
+# optimum, where the deviance flattens as a variance grows, a Newton step can leave theta's scale; 0.75, not 1: from
+# lme4's start of 1 a step capped at 1 put an entry exactly on 0, a saddle where its gradient vanishes).
 HESSIAN_NEWTON_MAX_STEPS = 50
-_TINY_FLOAT = float(np.finfo(float).tiny)
-_POSV = la.get_lapack_funcs("posv", (np.zeros((1, 1)),))
 HESSIAN_NEWTON_TOLERANCE = 1e-10
 HESSIAN_NEWTON_LAST_STEP = 1e-6
 HESSIAN_NEWTON_MIN_EIGENVALUE = 1e-10
 HESSIAN_NEWTON_MAX_MOVE = 0.75
+_TINY_FLOAT = float(np.finfo(float).tiny)
+_POSV = la.get_lapack_funcs("posv", (np.zeros((1, 1)),))  # Cholesky and solve in one LAPACK call (~3 us)
 
 
 def even_newton(fgh, x, maxeval: int, column_diagonals: np.ndarray | None = None) -> tuple[str, np.ndarray, float]:
-    """The minimum over theta >= 0 of a deviance that is even in each entry (variance components: D(theta) =
-    D(|theta|)), by Newton steps with its exact Hessian (fgh: x >= 0 -> (deviance, gradient, Hessian or None)) on the
-    unconstrained even function: a variance whose optimum is zero is an entry the steps take to 0 (its curvature
-    there, 2 dD/dtau, is positive), with no bound to cut them. The Hessian's eigenvalues are taken by their absolute
-    values where it is not positive definite (and a saddle's negative direction followed where the gradient vanishes:
-    a zero variance the deviance falls from), each step halved until the deviance falls. Returns ("settled" at a
-    point where the Hessian is positive definite and the next step shorter than HESSIAN_NEWTON_TOLERANCE, or ""
-    where it gave up; |end point|; its deviance). Ends at a strict local minimum, so no polish and no boundary probes
-    are needed after it.
-    `column_diagonals` (RelativeCovariance.column_diagonals): for a template with correlations, the deviance is even
-    in each column of T together (T T' is): each entry is folded with the sign of its column's diagonal entry, so the
-    diagonal ends >= 0 (by default every entry is its own column: variance components)."""
+    """The minimum of a deviance that depends on each template column only up to its sign (variance components:
+    D(theta) = D(|theta|); templates: D depends on T T'), by Newton steps with its exact Hessian (fgh: a folded x
+    -> (deviance, gradient, Hessian or None)) on the unconstrained function: a variance whose optimum is zero is an
+    entry the steps take to 0 (its curvature there, 2 dD/dtau, is positive), with no bound to cut them. The
+    Hessian's eigenvalues are taken by their absolute values where it is not positive definite (and a saddle's
+    negative direction followed where the gradient vanishes: a zero variance the deviance falls from), each step
+    halved until the deviance falls. Returns ("settled" at a point where the Hessian is positive definite and the
+    next step shorter than HESSIAN_NEWTON_TOLERANCE, or "" where it gave up; the folded end point; its deviance).
+    Ends at a strict local minimum, so no polish and no boundary probes are needed after it.
+    `column_diagonals` (RelativeCovariance.column_diagonals): each entry is folded with the sign of its column's
+    diagonal entry, so the diagonal ends >= 0 (by default every entry is its own column: variance components)."""
     used = 0
     diagonals = np.arange(np.size(x)) if column_diagonals is None else np.asarray(column_diagonals)
 
