@@ -627,11 +627,12 @@ def scalar_newton(fg, x, lower, upper, maxeval: int) -> tuple[str, np.ndarray, f
 
 
 # even_newton: at most this many steps; settled where a step moves every entry by less than HESSIAN_NEWTON_TOLERANCE
-# (relative to max(|x_i|, 1)); a step shorter than HESSIAN_NEWTON_LAST_STEP is taken without the deviance's judgement
-# (it cannot see one so short); eigenvalues of the Hessian below HESSIAN_NEWTON_MIN_EIGENVALUE of the largest count as
-# not positive; no step moves an entry by more than HESSIAN_NEWTON_MAX_MOVE times max(|x|, 1) (far from the
-# optimum, where the deviance flattens as a variance grows, a Newton step can leave theta's scale; 0.75, not 1: from
-# lme4's start of 1 a step capped at 1 put an entry exactly on 0, a saddle where its gradient vanishes).
+# (relative to max(|x_i|, 1)), or after a step shorter than HESSIAN_NEWTON_LAST_STEP, taken without evaluating its
+# end (the deviance cannot judge a step so short, and a Newton step from that close lands within ~1e-12);
+# eigenvalues of the Hessian below HESSIAN_NEWTON_MIN_EIGENVALUE of the largest count as not positive; no step
+# moves an entry by more than HESSIAN_NEWTON_MAX_MOVE times max(|x|, 1) (far from the optimum, where the deviance
+# flattens as a variance grows, a Newton step can leave theta's scale; 0.75, not 1: from lme4's start of 1 a step
+# capped at 1 put an entry exactly on 0, a saddle where its gradient vanishes).
 HESSIAN_NEWTON_MAX_STEPS = 50
 HESSIAN_NEWTON_TOLERANCE = 1e-10
 HESSIAN_NEWTON_LAST_STEP = 1e-6
@@ -681,10 +682,7 @@ def even_newton(fgh, x, maxeval: int, column_diagonals: np.ndarray | None = None
         length = float(np.max(np.abs(step) / scale))
         if length < HESSIAN_NEWTON_TOLERANCE:
             if positive:
-                end = _folded(x, diagonals)
-                on_diagonal = diagonals == np.arange(end.size)  # (the entries bounded below by 0)
-                end[on_diagonal] = _on_bound(end[on_diagonal], 0.0)
-                return "settled", end, fx
+                return "settled", _settled(x, diagonals), fx
             # a saddle (a zero variance the deviance falls from, where the gradient vanishes): its negative
             # direction, as far as theta's scale
             assert vectors is not None
@@ -692,14 +690,8 @@ def even_newton(fgh, x, maxeval: int, column_diagonals: np.ndarray | None = None
             length = float(np.max(np.abs(step) / scale))
         if length > HESSIAN_NEWTON_MAX_MOVE:
             step *= HESSIAN_NEWTON_MAX_MOVE / length
-        if length < HESSIAN_NEWTON_LAST_STEP and positive:
-            if used >= maxeval:
-                return "", _folded(x, diagonals), fx
-            fy, gy, Hy = evaluate(x + step)
-            if not np.isfinite(fy):
-                return "", _folded(x, diagonals), fx
-            x, fx, gx, H = x + step, fy, gy, Hy
-            continue
+        if length < HESSIAN_NEWTON_LAST_STEP and positive:  # quadratic convergence: it lands within ~length^2
+            return "settled", _settled(x + step, diagonals), fx  # (fx: the deviance before it, within rounding)
         alpha, slope = 1.0, float(gx @ step)
         for _ in range(INFORMATION_NEWTON_MAX_HALVINGS):
             if used >= maxeval:
@@ -728,6 +720,14 @@ def _on_bound(x, lower):
     x = np.array(x, dtype=float)
     x[(x >= lower) & (x - lower <= BOUND_SNAP * np.maximum(np.abs(x), 1.0))] = lower
     return x
+
+
+def _settled(x: np.ndarray, diagonals: np.ndarray) -> np.ndarray:
+    """even_newton's end point: folded, its zero variances (diagonal entries, bounded below by 0) exactly 0."""
+    end = _folded(x, diagonals)
+    on_diagonal = diagonals == np.arange(end.size)
+    end[on_diagonal] = _on_bound(end[on_diagonal], 0.0)
+    return end
 
 
 def _folded(x: np.ndarray, diagonals: np.ndarray) -> np.ndarray:
