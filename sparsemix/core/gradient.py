@@ -64,32 +64,34 @@ class ProfiledGradient:
         # every term scalar and none eliminated (variance components held whole): each entry's traces are sums of
         # G's diagonal over its term's columns (compact reads only that diagonal)
         self._scalar_terms = f.q1 == 0 and all(template.k == 1 for _, template in relcov.blocks)
-        self._term_starts = np.array([cols.start for cols in relcov.column_slices], dtype=np.intp)
-        self._membership = np.zeros((relcov.q, len(relcov.blocks)))  # column i belongs to term j
+        self._membership = np.zeros((relcov.q, len(relcov.blocks)))  # column i belongs to term j: sums per term
         for j, cols in enumerate(relcov.column_slices):
             self._membership[cols, j] = 1.0
 
         if f.q2 == 0 and f.k1 > 1:  # one k x k term: single_term_hessian's index tables
             self._psi = psi_index(relcov.blocks[0][1].k, relcov.blocks[0][1].positions)
-        if f.q1 == 0 and not all(template.k == 1 for _, template in relcov.blocks):  # _templates_hessian's tables
+        if f.q1 == 0 and not self._scalar_terms:  # _templates_hessian's tables
             self._term_psi = [psi_index(template.k, template.positions) for _, template in relcov.blocks]
             sizes = [index.a.size for index in self._term_psi]
             self._psi_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
-            m, q, n_theta = int(self._psi_offsets[-1]), relcov.q, relcov.n_theta
+            m, n_theta = int(self._psi_offsets[-1]), relcov.n_theta
             # psi is quadratic in theta, psi_x = theta'S_x theta / 2: S (m x n_theta x n_theta) is its second
-            # derivative and S theta its Jacobian; `traces` (m x q^2) sums a q x q matrix's entries (a, b) and
-            # (b, a) over the levels of term x's: tr(M_ll E_ab) summed, for symmetric M
+            # derivative and S theta its Jacobian. tr(M_ll E_ab) summed over term x's levels l, for symmetric M: the
+            # sum of M's entries (a, b) and (b, a) of every level, at (_trace_rows, _trace_cols), x's from
+            # _trace_starts[x] on
             self._psi_second = np.zeros((m, n_theta, n_theta))
-            self._psi_traces = np.zeros((m, q * q))
+            trace_rows, trace_cols = [], []
             for t, ((n, template), cols, th, index) in enumerate(
                 zip(relcov.blocks, relcov.column_slices, relcov.theta_slices, self._term_psi)
             ):
-                rows = slice(self._psi_offsets[t], self._psi_offsets[t + 1])
-                self._psi_second[rows, th, th] = index.second
+                self._psi_second[self._psi_offsets[t] : self._psi_offsets[t + 1], th, th] = index.second
                 first = cols.start + np.arange(n) * template.k  # each level's first column
-                for x, (a, b) in enumerate(zip(index.a, index.b)):
-                    self._psi_traces[rows.start + x, (first + a) * q + first + b] = 1.0
-                    self._psi_traces[rows.start + x, (first + b) * q + first + a] = 1.0
+                for a, b in zip(index.a, index.b):
+                    pairs = [(a, b)] if a == b else [(a, b), (b, a)]
+                    trace_rows.append(np.concatenate([first + i for i, _ in pairs]))
+                    trace_cols.append(np.concatenate([first + j for _, j in pairs]))
+            self._trace_starts = np.cumsum([0] + [r.size for r in trace_rows[:-1]]).astype(np.intp)
+            self._trace_rows, self._trace_cols = np.concatenate(trace_rows), np.concatenate(trace_cols)
 
     def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
@@ -103,7 +105,7 @@ class ProfiledGradient:
         m, q = head.shape[0], self.relcov.q
         if self._scalar_terms:  # G's diagonal only, per term: 2 tr(G E_j) - 2 scale e'Z E_j u
             diagonal = np.einsum("ij,ij->j", head[:, :q], head @ half[:m])
-            return 2.0 * np.add.reduceat(diagonal - scale * Ze * modes, self._term_starts)
+            return 2.0 * ((diagonal - scale * Ze * modes) @ self._membership)
         G = head[:, :q].T @ (head @ half[:m])
         return self._combine(np.zeros((0, 1, 1)), G, Ze, modes, scale)
 
@@ -124,10 +126,11 @@ class ProfiledGradient:
         Ze = -(half.T @ last)
         return Linv[:m, :m], half, Ze, last[:q], dof / max(f.r2, _TINY)
 
-    def compact_hessian(self, factors, reml: bool, dof: int, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-        """The gradient and the exact Hessian in theta where every term is scalar and nothing is eliminated (variance
-        components held whole), at the factor's last refactorization. In tau = theta^2 (V = I + sum tau_j Z_j Z_j',
-        P the REML projection, Q = Z'PZ, R = Z'V^{-1}Z, w = Z'Py = Z'e, s_j = |w_j|^2, sums over term blocks):
+    def compact_hessian(self, theta: np.ndarray, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The gradient and the exact Hessian in theta (the optimizer's coordinates, at which the factor was last
+        refactorized) where nothing is eliminated (the system held whole); terms with templates:
+        _templates_hessian. Where every term is scalar (variance components), in tau = theta^2 (V = I + sum tau_j
+        Z_j Z_j', P the REML projection, Q = Z'PZ, R = Z'V^{-1}Z, w = Z'Py = Z'e, s_j = |w_j|^2, sums over term blocks):
 
             d / dtau_j             = tr(R_jj) - dof s_j / r^2                       (REML: Q for R)
             d^2 / dtau_j dtau_k    = -|R_jk|_F^2 + dof (2 w_j'Q_jk w_k / r^2 - s_j s_k / r^4)
@@ -152,7 +155,6 @@ class ProfiledGradient:
         s = w @ Ew
         g_tau = np.diagonal(R) @ E - scale * s
         H_tau = scale * (2.0 * (Ew.T @ Q @ Ew) - s[:, None] * s * (scale / dof)) - E.T @ (R * R) @ E
-        theta = np.array([T[0, 0] for T in factors])
         H = (4.0 * theta[:, None] * theta) * H_tau
         H.flat[:: theta.size + 1] += 2.0 * g_tau
         return 2.0 * theta * g_tau, H
@@ -169,8 +171,9 @@ class ProfiledGradient:
         psi's Jacobian (S theta) and its second derivatives S."""
         rc = self.relcov
         offsets = self._psi_offsets
-        gw = self._psi_traces @ np.outer(w, w).reshape(-1)
-        g_psi = self._psi_traces @ R.reshape(-1) - scale * gw
+        rows, cols, starts = self._trace_rows, self._trace_cols, self._trace_starts
+        gw = np.add.reduceat(w[rows] * w[cols], starts)
+        g_psi = np.add.reduceat(R[rows, cols], starts) - scale * gw
         H_psi = np.outer(gw, gw) * (-scale * scale / dof)
         terms = list(zip(rc.blocks, rc.column_slices, self._term_psi))
         for t, ((nt, tt), slt, it) in enumerate(terms):
@@ -505,11 +508,6 @@ class _PsiIndex:
         self.select = np.zeros((m, k * k))
         self.select[np.arange(m), self.a * k + self.b] = 1.0
         self.select[np.arange(m), self.b * k + self.a] = 1.0
-
-    def jacobian(self, T: np.ndarray) -> np.ndarray:
-        """d psi / d theta at T: (E_i T' + T E_i')_ab = [a = r_i] T[b, c_i] + [b = r_i] T[a, c_i]."""
-        a, b, r, c = self.a[:, None], self.b[:, None], self.rows[None, :], self.cols[None, :]
-        return (a == r) * T[b, c] + (b == r) * T[a, c]
 
 
 def _lower_inverses(L: np.ndarray) -> np.ndarray:

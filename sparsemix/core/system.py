@@ -534,7 +534,7 @@ class PenalizedSystem:
             if self._gradient is None:
                 self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
             assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
-            parts = self._gradient.compact_hessian(factors, reml, self.dof(reml), working)
+            parts = self._gradient.compact_hessian(working, reml, self.dof(reml))
         deviance = self._deviance(factor.logdet(), factor.logdet_RX2, factor.r2, reml)
         if parts is None:
             return deviance, np.zeros(n), None

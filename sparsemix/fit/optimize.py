@@ -4,8 +4,9 @@ Variance-components models on crossed designs have a score and an average inform
 and the default, "auto", takes Newton steps with those (stages.optimize_system). Small systems held dense have
 the exact gradient of the deviance (core/gradient.py), and "auto" runs scipy's L-BFGS-B with it (a quarter to a
 tenth of BOBYQA's evaluations; 18 for sleepstudy where BOBYQA and its polish took 65), its Newton polish with a
-Hessian from differences of the gradient; a model with one variance (a random intercept alone) takes safeguarded
-Newton steps along it instead (scalar_newton: scipy's fixed cost per call was most of such a fit).
+Hessian from differences of the gradient; where the exact Hessian is at hand too (systems held whole, one term with
+slopes), Newton steps with it come first (even_newton), and a model with one variance (a random intercept alone)
+takes safeguarded Newton steps along it (scalar_newton: scipy's fixed cost per call was most of such a fit).
 For every other model, and where those give up, the deviance is all there is, and the optimizer is nlopt's
 BOBYQA, the bounded derivative-free quadratic-model method lme4 uses. Measured on the seed designs,
 sleepstudy and a 6-parameter synthetic model, it needed 30-60% fewer evaluations than scipy's L-BFGS-B with
@@ -213,7 +214,7 @@ def minimize_deviance(
     def gradient_from(x, step=None):
         """Newton steps with the information where given, else (or where they stop short) L-BFGS-B with the exact
         gradient from x; BOBYQA from its best point where it does not converge."""
-        if deviance_hessian is not None and every and x.size > 1 and not at_local_minimum[0]:
+        if deviance_hessian is not None and every and x.size > 1:
             reached, end, value = even_newton(fgh, x, maxiter - count[0], column_diagonals)
             if reached:
                 settled_by_newton[0] = at_local_minimum[0] = True
@@ -649,8 +650,9 @@ def even_newton(fgh, x, maxeval: int, column_diagonals: np.ndarray | None = None
     entry the steps take to 0 (its curvature there, 2 dD/dtau, is positive), with no bound to cut them. The
     Hessian's eigenvalues are taken by their absolute values where it is not positive definite (and a saddle's
     negative direction followed where the gradient vanishes: a zero variance the deviance falls from), each step
-    halved until the deviance falls. Returns ("settled" at a point where the Hessian is positive definite and the
-    next step shorter than HESSIAN_NEWTON_TOLERANCE, or "" where it gave up; the folded end point; its deviance).
+    halved until the deviance falls. Returns ("settled" where the Hessian is positive definite and the next step
+    shorter than HESSIAN_NEWTON_TOLERANCE (or, shorter than HESSIAN_NEWTON_LAST_STEP, taken unevaluated), or ""
+    where it gave up; the folded end point; its deviance).
     Ends at a strict local minimum, so no polish and no boundary probes are needed after it.
     `column_diagonals` (RelativeCovariance.column_diagonals): each entry is folded with the sign of its column's
     diagonal entry, so the diagonal ends >= 0 (by default every entry is its own column: variance components)."""

@@ -98,6 +98,7 @@ def optimize_system(
         # The optimizer works on centred and scaled columns (coordinates.py), except where entries of theta are
         # held fixed: those are fixed in the reported coordinates.
         working = relcov.transformed and free is None
+        hessian = auto and free is None and system.supports_hessian  # (exact Hessians: small systems held dense)
         if working:
             start = relcov.start() if start_theta is None else relcov.working_theta(start)
             initial_step = None if initial_step is None else warm_step(start)
@@ -125,12 +126,8 @@ def optimize_system(
                 if auto and free is None and system.supports_information
                 else None
             ),
-            deviance_hessian=(
-                (lambda th: system.working_deviance_hessian(th, reml))
-                if auto and free is None and system.supports_hessian
-                else None
-            ),
-            column_diagonals=relcov.column_diagonals,
+            deviance_hessian=(lambda th: system.working_deviance_hessian(th, reml)) if hessian else None,
+            column_diagonals=relcov.column_diagonals if hessian else None,
         )
         if working:  # the solution at the optimum is read off an evaluation in the working coordinates
             reported = system.evaluate_working(opt.theta).theta
