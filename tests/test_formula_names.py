@@ -413,6 +413,28 @@ def test_a_kept_numeric_design_is_only_reused_for_the_same_columns_and_dtypes():
     np.testing.assert_array_equal(d.X, a.X)
 
 
+def test_a_column_named_like_a_namespace_entry_keeps_its_design_and_reads_the_data():
+    """nlme's RatPupWeight has a column `Treatment`, also patsy's contrast class: patsy reads the data first, so the
+    design may be kept (it was built again on every fit: 3.9 ms of a 6.4 ms fit), and its values are the column's."""
+    import patsy
+
+    f = "Reaction ~ Days + Treatment + (1 | Subject)"
+    first = SLEEP.assign(Treatment=np.where(SLEEP.Days % 3 == 0, "high", np.where(SLEEP.Days % 3 == 1, "low", "mid")))
+    second = first.assign(Treatment=first.Treatment.to_numpy()[::-1])  # the same levels, other rows
+    a, b = _design(f, first), _design(f, second)
+    assert b.fixed_info is a.fixed_info
+    assert b.fe_names == ("(Intercept)", "Days", "Treatment[T.low]", "Treatment[T.mid]")
+    expected = patsy.dmatrix("Days + Treatment", second, NA_action="raise", return_type="dataframe")
+    np.testing.assert_array_equal(b.X, expected.rename(columns={"Intercept": "(Intercept)"})[list(b.fe_names)])
+    m = sparsemix.lmer(f, second)
+    assert m.fe_params["Treatment[T.low]"] == pytest.approx(
+        sparsemix.lmer(f.replace("Treatment", "arm"), second.rename(columns={"Treatment": "arm"})).fe_params[
+            "arm[T.low]"
+        ],
+        rel=1e-12,
+    )
+
+
 def test_a_kept_designs_expressions_are_evaluated_as_patsy_evaluates_them(monkeypatch):
     """A kept design's numerical expressions (I(Days**2), np.sqrt(...)) are evaluated without patsy's build: the
     same columns as patsy's own build, and the same errors where an expression fails on other data."""

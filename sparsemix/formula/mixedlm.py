@@ -351,8 +351,10 @@ _STATEFUL = frozenset({"center", "standardize", "scale", "poly"})
 def _design_key(fn, formula, desc, data, source, eval_env):
     """The key of a kept design for this formula on these data, or None where none may be kept: the formula's text,
     the data's column names (which names are columns, which are Python keywords), the dtypes of the columns it
-    uses with a Categorical's levels, and the namespace's compile flags. Not where a name is stateful or a column
-    name is also a name of the namespace (patsy would keep that value in the design)."""
+    uses with a Categorical's levels, and the namespace's compile flags. Not where a name is stateful, or a column is
+    named like a stateful transform of the namespace (patsy's design would apply it). A column that shadows any other
+    name of the namespace (nlme's RatPupWeight has `Treatment`, a patsy contrast) is read from the data, as patsy
+    reads data first; the design keeps the shadowed value, never read."""
     if not isinstance(source, FrameColumns) or type(formula) is not str:
         return None
     names = {
@@ -362,7 +364,7 @@ def _design_key(fn, formula, desc, data, source, eval_env):
         return None
     namespace = eval_env.namespace
     used = [c for c in source.names if c in names]
-    if any(c in namespace for c in used):
+    if any(hasattr(namespace.get(c), "__patsy_stateful_transform__") for c in used):
         return None
     try:
         dtypes = tuple(_dtype_key(source.column(c).dtype, source.text_levels(c)) for c in used)
