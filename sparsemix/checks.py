@@ -514,8 +514,8 @@ def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), o
     for name in names:
         col = data[name] if column is None else column(name)
         dtype = col.dtype
-        if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
-            continue  # numpy's numbers and booleans: nothing below applies (a third of a small model's checks)
+        if (isinstance(dtype, np.dtype) and dtype.kind in "biuf") or type(dtype) is pd.StringDtype:
+            continue  # numbers, booleans and pandas' text (pandas 3's `str`): nothing below applies (45 us a column)
         as_covariate = name in covariates and not _only_inside_c(name, tuple(formulas))
         where = f"column {name!r} (dtype {dtype})"
         if pd.api.types.is_complex_dtype(dtype):

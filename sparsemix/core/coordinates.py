@@ -30,6 +30,8 @@ __all__ = [
 
 def column_transform(term: RandomTerm) -> np.ndarray | None:
     """T for the term's k columns (z -> z T), or None where the columns are already indicators (all ones)."""
+    if term.k == 1 and np.all(term.Z.data == 1.0):  # (transform_from_moments' None, without the moments)
+        return None
     return transform_from_moments(column_moments(term.Z, term.k), term.template)
 
 
@@ -81,7 +83,7 @@ def transform_columns(Z: sp.spmatrix, n_levels: int, T: np.ndarray | None) -> sp
     z T[a, :] in its level's columns, and entries that land together are summed (scipy's Kronecker product and
     sparse product did the same with a dozen conversions: half the cost of building sleepstudy's system)."""
     if T is None:
-        return sp.csc_matrix(Z)
+        return Z if sp.isspmatrix_csc(Z) else sp.csc_matrix(Z)
     k = T.shape[0]
     by_columns, rows, level, a = level_entries(Z, k)
     n = by_columns.shape[0]

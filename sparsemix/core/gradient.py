@@ -64,9 +64,7 @@ class ProfiledGradient:
         # every term scalar and none eliminated (variance components held whole): each entry's traces are sums of
         # G's diagonal over its term's columns (compact reads only that diagonal)
         self._scalar_terms = f.q1 == 0 and all(template.k == 1 for _, template in relcov.blocks)
-        self._membership = np.zeros((relcov.q, len(relcov.blocks)))  # column i belongs to term j: sums per term
-        for j, cols in enumerate(relcov.column_slices):
-            self._membership[cols, j] = 1.0
+        self._membership = relcov.membership
 
         if f.q2 == 0 and f.k1 > 1:  # one k x k term: single_term_hessian's index tables
             self._psi = psi_index(relcov.blocks[0][1].k, relcov.blocks[0][1].positions)

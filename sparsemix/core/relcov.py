@@ -11,6 +11,8 @@ the lower-triangular template of the system's columns, the optimizer's coordinat
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from .coordinates import lower_factor, lower_factors
@@ -47,6 +49,14 @@ class RelativeCovariance:
             self.column_slices.append(slice(col, col + n_levels * template.k))
             th += template.n_theta
             col += n_levels * template.k
+
+    @cached_property
+    def membership(self) -> np.ndarray:
+        """q x terms: 1 where column i belongs to term j (sums per term are products with it)."""
+        E = np.zeros((self.q, len(self.blocks)))
+        for j, cols in enumerate(self.column_slices):
+            E[cols, j] = 1.0
+        return E
 
     @property
     def on_diagonal(self) -> np.ndarray:

@@ -488,7 +488,7 @@ class PenalizedSystem:
             factors = self.relcov.factors(np.asarray(working, dtype=float))
             self._last_evaluation = None
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                if not self._refactor_dense(None, factors) or not factor.finite:
+                if not self._refactor_dense(self._reported_or_none(working), factors) or not factor.finite:
                     return np.inf, np.zeros(self.relcov.n_theta)
                 compact = gradient_of.compact if factor.q1 == 0 else gradient_of.single_term
                 gradient = compact(factors, reml, self.dof(reml))
@@ -529,7 +529,7 @@ class PenalizedSystem:
         factors = self.relcov.factors(working)
         self._last_evaluation = None
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            if not self._refactor_dense(None, factors) or not factor.finite:
+            if not self._refactor_dense(self._reported_or_none(working), factors) or not factor.finite:
                 return np.inf, np.zeros(n), None
             if self._gradient is None:
                 self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
@@ -539,6 +539,11 @@ class PenalizedSystem:
         if parts is None:
             return deviance, np.zeros(n), None
         return deviance, parts[0], parts[1]
+
+    def _reported_or_none(self, working):
+        """The reported theta of a factor refactored at the working theta where the two coincide (no column
+        transform), so that a solve there reuses the factor (evaluation_at); else None."""
+        return None if self.relcov.transformed else working
 
     def working_information(self, working, reml: bool) -> np.ndarray | None:
         """An approximation to the profiled deviance's Hessian in the optimizer's coordinates: twice the average
@@ -620,7 +625,8 @@ class PenalizedSystem:
             quad -= Cb.T @ Cb
         return 0.5 * quad / sigma2
 
-    def _evaluate(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> Evaluation:
+    def _evaluate(self, theta: np.ndarray | None, factors: list[np.ndarray], refactor: bool = True) -> Evaluation:
+        """`refactor=False`: the dense factor is at `factors` already (evaluation_at)."""
         c = self.cross
 
         def infeasible(RZX=None, cu=None):
@@ -642,7 +648,7 @@ class PenalizedSystem:
             )
 
         if isinstance(self._factor, DenseFactor):
-            return self._evaluate_dense(theta, factors, infeasible)
+            return self._evaluate_dense(theta, factors, infeasible, refactor)
         with np.errstate(over="ignore", invalid="ignore"):
             try:
                 factors = self._refactor(theta, factors)
@@ -676,18 +682,18 @@ class PenalizedSystem:
         try:
             self._factor.refactor(None, factors)
         except (la.LinAlgError, ValueError):
-            self._factor_theta = None
+            self._factor_theta = self._factor_factors = None
             return False
         self._factor_theta = None if theta is None else np.array(theta, dtype=float)
         self._factor_factors = factors
         self.n_evaluations += 1
         return True
 
-    def _evaluate_dense(self, theta, factors, infeasible) -> Evaluation:
+    def _evaluate_dense(self, theta, factors, infeasible, refactor: bool = True) -> Evaluation:
         """_evaluate's steps, all in DenseFactor's one factorization of the augmented matrix."""
         factor = self._factor
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            if not self._refactor_dense(theta, factors):
+            if refactor and not self._refactor_dense(theta, factors):
                 return infeasible()
             RZX, cu, RX, cbeta, r2, logdet_RX2 = factor.parts()
         if not factor.finite:  # overflow or rounding lost A + I's or X'V^{-1}X's positive definiteness
@@ -709,6 +715,13 @@ class PenalizedSystem:
             and np.array_equal(self._factor_theta, theta)
         ):
             return last
+        if (  # the dense factor at theta without its Evaluation (the Hessian's and gradient's steps make none)
+            isinstance(self._factor, DenseFactor)
+            and self._factor_theta is not None
+            and self._factor_factors is not None
+            and np.array_equal(self._factor_theta, theta)
+        ):
+            return self._evaluate(theta, self._factor_factors, refactor=False)
         return self.evaluate(theta)
 
     def dof(self, reml: bool) -> int:

@@ -279,15 +279,16 @@ def components_start(system) -> np.ndarray | None:
         except np.linalg.LinAlgError:
             return None
     J = len(rc.blocks)
+    E = rc.membership  # the per-term means below are E' (...) / sizes
+    sizes = E.sum(axis=0)
+    d2 = d**2
+    diagonal = np.diagonal(M)
     A = np.zeros((J + 1, J + 1))
     b = np.zeros(J + 1)
-    for j, rows in enumerate(rc.column_slices):
-        dj2 = d[rows] ** 2
-        b[j] = float(np.mean(cross.Zty[rows] ** 2 / dj2))
-        for k, cols in enumerate(rc.column_slices):
-            A[j, k] = float(np.mean(np.sum(M[rows, cols] ** 2, axis=1) / dj2))
-        A[j, J] = float(np.mean(np.diagonal(M)[rows] / dj2))
-        A[J, j] = float(np.trace(M[rows, rows]))
+    b[:J] = (cross.Zty**2 / d2) @ E / sizes
+    A[:J, :J] = E.T @ (((M * M) @ E) / d2[:, None]) / sizes[:, None]
+    A[:J, J] = (diagonal / d2) @ E / sizes
+    A[J, :J] = diagonal @ E
     A[J, J] = cross.n - cross.p
     b[J] = cross.yty
     try:

@@ -89,6 +89,8 @@ def drop_aliased(X, names) -> tuple[list[int], list[str]]:
     """lme4: (columns kept, names dropped), dropping the fixed-effect columns that are linear combinations of
     earlier ones (Gram-Schmidt on the normalized columns of X), and saying which."""
     norms = np.linalg.norm(X, axis=0)
+    if X.shape[1] == 1 and norms[0] > 0:  # (an intercept alone, say)
+        return [0], []
     if X.shape[1] and np.all(norms > 0) and X.shape[0] >= X.shape[1]:
         # |R_jj| of X's QR (normalized columns) is column j's residual norm on the columns before it: where every
         # one is clear of the threshold, Gram-Schmidt below would keep every column (one QR: 20 us, not 200)
