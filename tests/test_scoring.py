@@ -14,7 +14,7 @@ from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.terms import CovarianceTemplate, RandomTerm
 from sparsemix.datasets import generate_insteval_like
 from sparsemix.fit.scoring import fit_by_scoring, scoring_point
-from sparsemix.fit.stages import build_system, optimize_system
+from sparsemix.fit.stages import build_fit, build_system, optimize_system
 from sparsemix.lme4.design import build_design
 
 SIZES = (40, 12, 5)  # levels of the three crossed scalar terms, most first (the Schur form's order)
@@ -384,6 +384,11 @@ def test_newton_steps_with_the_information_reach_lbfgs_optimum_in_fewer_evaluati
     assert system.supports_information
     newton = optimize_system(system, reml=True)
     assert newton.message.startswith("Newton steps with the average information")
+    factorizations = system.n_evaluations
+    assert newton.n_evaluations == factorizations  # a gradient after its point's value reuses that factorization
+    solution = build_fit(system, newton, reml=True).solution
+    assert system.n_evaluations == factorizations  # and so does the solve at the end point
+    assert solution.deviance == newton.deviance
     import sparsemix.fit.optimize as optimize
 
     monkeypatch.setattr(optimize, "information_newton", lambda *args: ("", args[2], np.inf))

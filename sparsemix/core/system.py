@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.linalg as la
@@ -422,7 +422,7 @@ class PenalizedSystem:
 
     def evaluate(self, theta) -> Evaluation:
         theta = np.asarray(theta, dtype=float)
-        return self._evaluate(theta, self.relcov.system_factors(theta))
+        return self._evaluate_at(theta, self.relcov.system_factors(theta))
 
     def evaluate_working(self, working, reported: bool = True) -> Evaluation:
         """The evaluation at the optimizer's coordinates (relcov.working_theta). With `reported`, it carries the
@@ -431,7 +431,25 @@ class PenalizedSystem:
         working = np.asarray(working, dtype=float)
         if not self.relcov.transformed:
             return self.evaluate(working)
-        return self._evaluate(self.relcov.reported_theta(working) if reported else None, self.relcov.factors(working))
+        return self._evaluate_at(
+            self.relcov.reported_theta(working) if reported else None, self.relcov.factors(working)
+        )
+
+    def _evaluate_at(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> Evaluation:
+        """_evaluate, or the last evaluation where it was at these templates and the factor still is (a gradient
+        after its point's value, the solve at the optimizer's end point), reporting `theta` where given."""
+        last = self._last_evaluation
+        if (
+            last is not None
+            and last.factors is self._factor_factors
+            and len(factors) == len(last.factors)
+            and all(np.array_equal(a, b) for a, b in zip(factors, last.factors))
+        ):
+            if theta is not None and (last.theta is None or not np.array_equal(last.theta, theta)):
+                last = self._last_evaluation = replace(last, theta=np.array(theta, dtype=float))
+                self._factor_theta = np.array(theta, dtype=float)
+            return last
+        return self._evaluate(theta, factors)
 
     def working_deviance(self, working, reml: bool) -> float:
         """`deviance` in the optimizer's coordinates."""

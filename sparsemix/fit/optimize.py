@@ -141,6 +141,7 @@ def minimize_deviance(
     best_x = [None]
     best_gradient = [None]  # fg's at best_x
     best_key = [b""]  # best_x's bytes: whether a point is the best one, without numpy's comparison (~4 us a call)
+    last_key = [None]  # the last point evaluated, where information_newton's f told it
 
     every = bool(free.all())
 
@@ -151,8 +152,10 @@ def minimize_deviance(
         theta[free] = x
         return theta
 
-    def record(x, value):
-        count[0] += 1
+    def record(x, value, key=None):
+        if key is None or key != last_key[0]:  # (fg right after f at the same point: one evaluation)
+            count[0] += 1
+        last_key[0] = key
         if not math.isfinite(value):
             value = 1e300  # outside the region the deviance is defined: push the optimizer back
         if value < best[0]:
@@ -173,7 +176,7 @@ def minimize_deviance(
         if best_gradient[0] is not None and key == best_key[0]:  # (the polish starts at the best point)
             return best[0], best_gradient[0].copy()
         value, gradient = deviance_gradient(full(x))
-        value = record(x, value)
+        value = record(x, value, key)
         gradient = np.asarray(gradient, dtype=float)
         gradient = gradient if every else gradient[free]
         # a sum is finite where every entry is (a few microseconds an evaluation less than np.isfinite's all)
@@ -225,7 +228,15 @@ def minimize_deviance(
                 settled_by_newton[0] = True
                 return True, "Newton steps along theta's one entry", end, value
         if deviance_information is not None and every:
-            reached, end, value = information_newton(fg, deviance_information, x, lo, hi, maxiter - count[0])
+            reached, end, value = information_newton(
+                lambda y: record(y, objective(full(y)), np.asarray(y, dtype=float).tobytes()),
+                fg,
+                deviance_information,
+                x,
+                lo,
+                hi,
+                maxiter - count[0],
+            )
             if reached:  # "near": within rounding of the deviance, but not yet to 1e-9: the polish finishes
                 settled_by_newton[0] = reached == "settled"
                 # their end point, not the best value seen: near the optimum the values differ by rounding only,
@@ -429,9 +440,11 @@ def _newton_steps(x, fx, grad, hess, moving, h, lower, upper, evaluate, gradient
 # would move every entry by less than INFORMATION_NEWTON_TOLERANCE (relative to max(|theta|, 1)) ...
 INFORMATION_NEWTON_MAX_ITERATIONS = 15
 INFORMATION_NEWTON_TOLERANCE = 1e-8
-# Steps shorter than this are taken as the gradient gives them, the deviance unchecked: it changes by ~1e-12 then,
-# at its rounding (pastes' REML fit stood at 4e-8 and its line searches failed); at most INFORMATION_NEWTON_MAX_SHORT.
-INFORMATION_NEWTON_LAST_STEP = 1e-6
+# A step shorter than this is the last, taken as the gradient gives it, the deviance unchecked (near its rounding:
+# pastes' REML fit stood at 4e-8 and its line searches failed): the steps shrink by 1e-2 to 1e-3 a step there (the
+# 1,000,000-row slopes design: 2.8e-3, 1.9e-4, 2.0e-6, 1.1e-9), so ~1e-7 is left. With an entry held, at most
+# INFORMATION_NEWTON_MAX_SHORT such steps, each evaluated with its gradient.
+INFORMATION_NEWTON_LAST_STEP = 1e-5
 INFORMATION_NEWTON_MAX_SHORT = 4
 INFORMATION_NEWTON_MAX_HALVINGS = 10
 # A step goes at most this share of the way to a bound; after this many such cut steps in a row the steps give up
@@ -458,18 +471,21 @@ def secant_update(B: np.ndarray, delta: np.ndarray, change: np.ndarray) -> np.nd
     return B - np.outer(Bd, Bd) / float(delta @ Bd) + np.outer(change, change) / curvature
 
 
-def information_newton(fg, information, x, lower, upper, maxeval: int) -> tuple[str, np.ndarray, float]:
+def information_newton(f, fg, information, x, lower, upper, maxeval: int) -> tuple[str, np.ndarray, float]:
     """Newton steps on the deviance with its exact gradient (fg: x -> (deviance, gradient)) and `information(x)`,
     an approximation to its Hessian at the point fg evaluated last (PenalizedSystem.working_information), corrected
-    by the last short step's secant, halved until the deviance falls. A variance heading for zero
+    by the last short step's secant, halved until the deviance (f: x -> deviance, half the cost of fg on the Schur
+    form; fg then reuses its factorization) falls. A step shorter than INFORMATION_NEWTON_LAST_STEP ends them at
+    its end point, unchecked: the secant-corrected steps shrink superlinearly there, so what is left is about two
+    orders below it. A variance heading for zero
     (INFORMATION_NEWTON_MAX_CUTS steps in a row cut short by its bound) is put on the bound where that is no worse
     and held there, the others going on; a held entry whose gradient then points inside is let go again.
 
     Returns (how, end point, its deviance): "settled" where a step would move every entry by less than
-    INFORMATION_NEWTON_TOLERANCE (a stationary point of the entries not held); "near" after
-    INFORMATION_NEWTON_MAX_SHORT steps shorter than INFORMATION_NEWTON_LAST_STEP (the polish's exact Newton steps
-    finish); "" where they gave up (the information not available or not positive definite, a bound that is worse,
-    no step that lowers the deviance, steps that shrink too slowly)."""
+    INFORMATION_NEWTON_TOLERANCE (a stationary point of the entries not held) or after a step shorter than
+    INFORMATION_NEWTON_LAST_STEP with none held; "near" after INFORMATION_NEWTON_MAX_SHORT such steps with an entry
+    held (the polish's exact Newton steps finish); "" where they gave up (the information not available or not
+    positive definite, a bound that is worse, no step that lowers the deviance, steps that shrink too slowly)."""
     x = np.asarray(x, dtype=float).copy()
     fx, gx = fg(x)
     used, cut, slow, short, previous, last = 1, 0, 0, 0, np.inf, None
@@ -500,7 +516,10 @@ def information_newton(fg, information, x, lower, upper, maxeval: int) -> tuple[
             continue
         if length < INFORMATION_NEWTON_LAST_STEP:  # the deviance cannot judge a step this short: taken as given
             y = np.where(held, x, x + step)
-            fy, gy = fg(y)
+            if not held.any():  # the last step (see above)
+                fy = f(y) if used < maxeval else np.inf
+                return ("settled", y, fy) if np.isfinite(fy) else ("settled", x, fx)
+            fy, gy = fg(y)  # a held entry's gradient decides whether it is let go
             used += 1
             short += 1
             if not np.isfinite(fy) or short > INFORMATION_NEWTON_MAX_SHORT or used >= maxeval:
@@ -534,9 +553,10 @@ def information_newton(fg, information, x, lower, upper, maxeval: int) -> tuple[
             if used >= maxeval:
                 return "", x, fx
             y = np.where(held, x, x + alpha * step)
-            fy, gy = fg(y)
+            fy = f(y)
             used += 1
             if fy <= fx + INFORMATION_NEWTON_ARMIJO * alpha * float(gx @ step):
+                fy, gy = fg(y)  # (the factor is at y: only the gradient's own work)
                 break
             alpha, full_step = alpha / 2, False
         else:
