@@ -630,6 +630,28 @@ def test_transform_columns_is_z_times_the_levels_transform(zeros):
     assert got.nnz == expected.nnz and np.all(got.data != 0)
 
 
+@pytest.mark.parametrize("direct_max", [0, 10**9])
+def test_level_layout_csc_sorts_its_entries_as_scipy_does(direct_max, monkeypatch):
+    """level_layout_csc's own sort (small terms) and scipy's conversion (large ones) give the same CSC arrays: rows
+    ascending within each column, no zero stored, nothing for a row without a level (-1)."""
+    from sparsemix.core import terms
+
+    monkeypatch.setattr(terms, "DIRECT_CSC_MAX_ENTRIES", direct_max)
+    rng = np.random.default_rng(5)
+    n, levels, k = 300, 17, 2
+    row_level = rng.integers(-1, levels, n)
+    values = rng.normal(size=(n, k))
+    values[rng.random((n, k)) < 0.2] = 0.0
+    got = terms.level_layout_csc(row_level, values, levels)
+    dense = np.zeros((n, levels * k))
+    for i in np.flatnonzero(row_level >= 0):
+        dense[i, row_level[i] * k : (row_level[i] + 1) * k] = values[i]
+    expected = sp.csc_matrix(dense)
+    np.testing.assert_array_equal(got.indptr, expected.indptr)
+    np.testing.assert_array_equal(got.indices, expected.indices)
+    np.testing.assert_array_equal(got.data, expected.data)
+
+
 @pytest.mark.parametrize("runs", [1, 7, 200])
 def test_unique_inverse_is_numpys_unique(runs):
     """Keys made of sorted runs (a sparse matrix's columns), with repeats within and across runs, and unsorted keys."""

@@ -15,7 +15,15 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["CovarianceTemplate", "RandomTerm", "VarianceComponent", "indicator_matrix", "level_entries", "row_levels"]
+__all__ = [
+    "CovarianceTemplate",
+    "RandomTerm",
+    "VarianceComponent",
+    "indicator_matrix",
+    "level_entries",
+    "level_layout_csc",
+    "row_levels",
+]
 
 
 @dataclass(frozen=True)
@@ -128,13 +136,38 @@ class RandomTerm:
             indices = codes[rows_of_entries] * k + V.indices
             Z = sp.csr_matrix((V.data.astype(float), indices, V.indptr), shape=(n, n_levels * k))
             Z.eliminate_zeros()
+            Z = Z.tocsc()
         else:
             V = np.array(values, dtype=float).reshape(n, k)  # a copy: the caller's array may be read-only
-            indices = (codes[:, None] * k + np.arange(k)[None, :]).ravel()
-            Z = sp.csr_matrix((V.ravel(), indices, np.arange(0, n * k + 1, k)), shape=(n, n_levels * k))
-            if not np.all(V):  # (a random intercept's ones: nothing to eliminate)
-                Z.eliminate_zeros()
-        return cls(name, Z.tocsc(), int(n_levels), template, tuple(level_labels), tuple(column_names))
+            Z = level_layout_csc(codes, V, int(n_levels))
+        return cls(name, Z, int(n_levels), template, tuple(level_labels), tuple(column_names))
+
+
+# level_layout_csc sorts the entries itself up to this many (one argsort and one constructor: 26 us against 55 for a
+# 144-row random intercept); above, scipy's CSR-to-CSC conversion (a counting sort: 18 ms against 96 at 1,000,000).
+DIRECT_CSC_MAX_ENTRIES = 1_500
+
+
+def level_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -> sp.csc_matrix:
+    """The n x (n_levels * k) CSC matrix whose row i holds values[i] (k of them) in the k columns of level
+    row_level[i] (none where it is -1), zeros not stored: RandomTerm.from_codes' layout."""
+    n, k = values.shape
+    shape = (n, n_levels * k)
+    stored = values != 0
+    if row_level.size and row_level.min() < 0:
+        stored &= (row_level >= 0)[:, None]
+    columns = row_level[:, None] * k + np.arange(k)
+    if n * k > DIRECT_CSC_MAX_ENTRIES:
+        per_row = stored.sum(axis=1)
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(per_row, out=indptr[1:])
+        return sp.csr_matrix((values[stored], columns[stored], indptr), shape=shape).tocsc()
+    column = columns[stored]
+    order = np.argsort(column, kind="stable")  # by column, rows ascending within one (row-major entries)
+    indptr = np.zeros(shape[1] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(column, minlength=shape[1]), out=indptr[1:])
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, k))[stored]
+    return sp.csc_matrix((values[stored][order], rows[order], indptr), shape=shape)
 
 
 def level_entries(Z: sp.spmatrix, k: int) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray, np.ndarray]:
