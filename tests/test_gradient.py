@@ -12,6 +12,7 @@ from conftest import REFERENCE, reference_data
 
 import sparsemix as sm
 from sparsemix.core.coordinates import lower_factor
+from sparsemix.core.gradient import ProfiledGradient
 from sparsemix.core.system import PenalizedSystem
 from sparsemix.fit.stages import optimize_system
 from sparsemix.lme4.design import build_design
@@ -171,12 +172,14 @@ def test_random_slopes_in_the_schur_form_are_fitted_with_the_gradient_to_bobyqas
 )
 def test_the_compiled_growth_curve_evaluation_is_numpys(name, formula, weights, reml):
     """One k x k term eliminated level by level (k > 1) is evaluated in one compiled pass (core/kernels.py): its
-    deviance and gradient equal the numpy path's (the factor's refactorization and single_term) to rounding."""
+    deviance and gradient equal the numpy path's (the factor's refactorization and single_term) to rounding, and the
+    factorization it leaves (DenseFactor.install, which the solve at the optimum reuses) is numpy's."""
     system = _dense_system(name, formula, weights)
     factor = system._factor
     if factor.q2:  # sleepstudy's is small enough to be held whole: eliminate its term as a larger design would
         system = PenalizedSystem(system.cross, system.relcov, factorization="dense")
         factor = system._factor
+    numpy_path = PenalizedSystem(system.cross, system.relcov, factorization="dense")  # refactored by numpy alone
     rng = np.random.default_rng(3)
     start = system.relcov.working_theta(system.relcov.start())
     for _ in range(3):
@@ -184,11 +187,19 @@ def test_the_compiled_growth_curve_evaluation_is_numpys(name, formula, weights, 
         theta = np.where(system.relcov.lower_bounds == 0, np.abs(theta), theta)
         deviance, gradient = system.working_deviance_gradient(theta, reml)
         factors = system.relcov.factors(theta)
-        expected = system.profiled_deviance(system.evaluate_working(theta, reported=False), reml)
-        expected_gradient = system._gradient.single_term(factors, reml, system.dof(reml))
+        evaluations = system.n_evaluations
+        installed = system.evaluate_working(theta, reported=False)
+        assert system.n_evaluations == evaluations  # read off the compiled pass's factorization
+        ev = numpy_path.evaluate_working(theta, reported=False)
+        expected = numpy_path.profiled_deviance(ev, reml)
+        numpy_gradient = ProfiledGradient(numpy_path._factor, numpy_path.cross, numpy_path.relcov)
+        expected_gradient = numpy_gradient.single_term(factors, reml, system.dof(reml))
         assert factor.q2 == 0 and factor.k1 > 1
         assert deviance == pytest.approx(expected, rel=1e-12)
+        assert system.profiled_deviance(installed, reml) == pytest.approx(expected, rel=1e-12)
         np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-9, atol=1e-9 * np.max(np.abs(gradient)))
+        for got, want in [(installed.RZX, ev.RZX), (installed.cu, ev.cu), (installed.RX, ev.RX)]:
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max(initial=0.0))
 
 
 def _egsingle():

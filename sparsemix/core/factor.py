@@ -176,6 +176,14 @@ class DenseFactor:
             math.isfinite(self._logdet) and math.isfinite(self._logdet_RX2) and math.isfinite(self._r2)
         ) and bool(np.isfinite(W).all())
 
+    def install(self, L11, W, LS, logdet, logdet_RX2, r2):
+        """The factorization at some templates as computed elsewhere (one term eliminated level by level, q2 = 0:
+        kernels.single_term_deviance_parts' blocks), as `refactor` would leave it."""
+        assert self.q2 == 0
+        self.L11, self.W, self.LS, self.half = L11, W.reshape(self.q1, -1), LS, self.GRR
+        self._logdet, self._logdet_RX2, self._r2 = logdet, logdet_RX2, r2
+        self.finite = True
+
     def parts(self):
         """(RZX, cu, RX, cbeta, r2, log |R_X|^2) at the last refactorization."""
         q2, p, LS, W = self.q2, self.p, self.LS, self.W

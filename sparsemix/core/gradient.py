@@ -257,8 +257,9 @@ class ProfiledGradient:
     def single_term_compiled(self, factors, reml: bool, dof: int):
         """single_term's gradient with the factorization it reads, in one compiled pass over the levels
         (core/kernels.py: 10-50 us where numpy's batched k x k operations took 130-300 us on lme4's growth-curve
-        models); the factor itself is not updated. (log |L|^2, log |R_X|^2, r^2, gradient), or None where the
-        numpy path must decide (not positive definite, r^2 not in the factor, a value not finite)."""
+        models). (log |L|^2, log |R_X|^2, r^2, gradient, (L11, W, LS): the factorization's blocks, for
+        DenseFactor.install), or None where the numpy path must decide (not positive definite, r^2 not in the factor,
+        a value not finite)."""
         kernel = self._kernel
         if kernel is None:
             from .kernels import single_term_deviance_parts  # numba: loaded (0.2-0.5 s) by the first such fit
@@ -267,10 +268,12 @@ class ProfiledGradient:
         f = self.factor
         gradient = np.empty(self.relcov.n_theta)
         a, b = self._first_positions
-        status, logdet, logdet_RX2, r2 = kernel(f.G11, f.G1R, f.GRR, factors[0], a, b, reml, dof, gradient)
+        N2 = f.GRR.shape[0]
+        blocks = (np.zeros((f.n1, f.k1, f.k1)), np.empty((f.n1, f.k1, N2)), np.zeros((N2, N2)))
+        status, logdet, logdet_RX2, r2 = kernel(f.G11, f.G1R, f.GRR, factors[0], a, b, reml, dof, gradient, *blocks)
         if status != 0:
             return None
-        return logdet, logdet_RX2, r2, gradient
+        return logdet, logdet_RX2, r2, gradient, blocks
 
     def __call__(self, ev, beta: np.ndarray, u: np.ndarray, reml: bool, dof: int) -> np.ndarray:
         """The gradient at evaluation `ev` (the factor's last: its templates, R_ZX, R_X, r^2), with beta

@@ -160,14 +160,15 @@ def _tiles_parallel(segments, tiles, ptr, rows, g, v, matrix, product, visit, su
 
 
 @njit(cache=True, nogil=True)
-def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient):
+def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient, L11, W, LS):
     """The profiled deviance's parts and exact gradient for one random-effects term (every column of Z in one
     k x k template T, eliminated level by level: DenseFactor with q2 = 0), in one pass over the levels.
 
     G11 (n, k, k): each level's Z'Z block; G1R (n, k, p + 1): its [Z'X, Z'y]; GRR (p + 1, p + 1): [X y]'[X y];
     rows, cols: T's entries in theta's order. Returns (status, log |L|^2, log |R_X|^2, r^2): status 0; 1 where a
     level's block or X'V^{-1}X is not positive definite or a value is not finite; 2 where r^2 is not in the
-    factor (an interpolating fit: the caller's numpy path handles both). `gradient` (n_theta) is filled with
+    factor (an interpolating fit: the caller's numpy path handles both). L11 (n, k, k) and LS (p + 1, p + 1), zeros,
+    and W (n, k, p + 1) are filled with the factorization (DenseFactor's blocks). `gradient` (n_theta) is filled with
     core/gradient.py's single_term gradient, the same algebra per level: M_l = T'G_l T + I = L_l L_l',
     W_l = L_l^{-1} T'[Z'X Z'y]_l, S = GRR - sum W_l'W_l = LS LS'; with C = R_X^{-T} and
     Y_l = L_l^{-T} W_l[:, :p] C', G_l = (M_l^{-1} + Y_l Y_l') T'G_l - Y_l C X'Z_l (REML), and the modes
@@ -175,8 +176,6 @@ def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient
     n, k = G11.shape[0], G11.shape[1]
     N2 = GRR.shape[0]
     p = N2 - 1
-    L11 = np.zeros((n, k, k))
-    W = np.zeros((n, k, N2))
     S = GRR.copy()
     logdet1 = 0.0
     H = np.zeros((k, k))
@@ -218,7 +217,6 @@ def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient
                 for a in range(k):
                     s += Wl[a, c] * Wl[a, d]
                 S[c, d] -= s
-    LS = np.zeros((N2, N2))
     failed, _ = _cholesky(S, LS)
     if failed >= 0:
         return (2 if failed == p else 1), 0.0, 0.0, 0.0

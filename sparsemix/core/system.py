@@ -438,18 +438,20 @@ class PenalizedSystem:
     def _evaluate_at(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> Evaluation:
         """_evaluate, or the last evaluation where it was at these templates and the factor still is (a gradient
         after its point's value, the solve at the optimizer's end point), reporting `theta` where given."""
+        at = self._factor_factors
+        if at is None or len(at) != len(factors) or not all(np.array_equal(a, b) for a, b in zip(factors, at)):
+            return self._evaluate(theta, factors)
         last = self._last_evaluation
-        if (
-            last is not None
-            and last.factors is self._factor_factors
-            and len(factors) == len(last.factors)
-            and all(np.array_equal(a, b) for a, b in zip(factors, last.factors))
-        ):
-            if theta is not None and (last.theta is None or not np.array_equal(last.theta, theta)):
-                last = self._last_evaluation = replace(last, theta=np.array(theta, dtype=float))
+        if last is None or last.factors is not at:  # a dense factor left by a gradient's or Hessian's step
+            if not isinstance(self._factor, DenseFactor):
+                return self._evaluate(theta, factors)
+            if theta is not None:
                 self._factor_theta = np.array(theta, dtype=float)
-            return last
-        return self._evaluate(theta, factors)
+            return self._evaluate(theta, at, refactor=False)
+        if theta is not None and (last.theta is None or not np.array_equal(last.theta, theta)):
+            last = self._last_evaluation = replace(last, theta=np.array(theta, dtype=float))
+            self._factor_theta = np.array(theta, dtype=float)
+        return last
 
     def working_deviance(self, working, reml: bool) -> float:
         """`deviance` in the optimizer's coordinates."""
@@ -460,19 +462,22 @@ class PenalizedSystem:
 
     def _compiled_single_term(self, working, reml: bool) -> tuple[float, np.ndarray] | None:
         """(deviance, gradient) in one compiled pass where the system is one k x k term (k > 1) eliminated level
-        by level (a growth curve's: ProfiledGradient.single_term_compiled), the factor left as it was; else None."""
+        by level (a growth curve's: ProfiledGradient.single_term_compiled), the factor installed there; else None."""
         factor = self._factor
         if not (isinstance(factor, DenseFactor) and factor.q2 == 0 and factor.k1 > 1):
             return None
         if self._gradient is None:
             self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
         assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
-        parts = self._gradient.single_term_compiled(self.relcov.factors(working), reml, self.dof(reml))
+        factors = self.relcov.factors(working)
+        parts = self._gradient.single_term_compiled(factors, reml, self.dof(reml))
         if parts is None:
             return None
-        self._factor_theta = self._last_evaluation = None
+        logdet, logdet_RX2, r2, gradient, blocks = parts
+        factor.install(*blocks, logdet, logdet_RX2, r2)  # the factor at `working`: the solve there reuses it
+        self._last_evaluation = None
+        self._factor_theta, self._factor_factors = self._reported_or_none(working), factors
         self.n_evaluations += 1
-        logdet, logdet_RX2, r2, gradient = parts
         return self._deviance(logdet, logdet_RX2, r2, reml), gradient
 
     @property
@@ -671,7 +676,7 @@ class PenalizedSystem:
             try:
                 factors = self._refactor(theta, factors)
             except (CholmodNotPositiveDefiniteError, la.LinAlgError, ValueError):
-                self._factor_theta = None
+                self._factor_theta = self._factor_factors = None
                 return infeasible()
             self.n_evaluations += 1
             rhs = self.relcov.apply_transpose(factors, np.column_stack([c.ZtX, c.Zty]))
@@ -733,14 +738,7 @@ class PenalizedSystem:
             and np.array_equal(self._factor_theta, theta)
         ):
             return last
-        if (  # the dense factor at theta without its Evaluation (the Hessian's and gradient's steps make none)
-            isinstance(self._factor, DenseFactor)
-            and self._factor_theta is not None
-            and self._factor_factors is not None
-            and np.array_equal(self._factor_theta, theta)
-        ):
-            return self._evaluate(theta, self._factor_factors, refactor=False)
-        return self.evaluate(theta)
+        return self.evaluate(theta)  # (which reuses a factor left at theta's templates)
 
     def dof(self, reml: bool) -> int:
         return self.cross.n - self.cross.p if reml else self.cross.n
