@@ -473,8 +473,8 @@ class PenalizedSystem:
         parts = self._gradient.single_term_compiled(factors, reml, self.dof(reml))
         if parts is None:
             return None
-        logdet, logdet_RX2, r2, gradient, blocks = parts
-        factor.install(*blocks, logdet, logdet_RX2, r2)  # the factor at `working`: the solve there reuses it
+        logdet, logdet_RX2, r2, gradient, (L11, W, LS) = parts
+        factor.install(L11, W, LS, logdet, logdet_RX2, r2)  # the factor at `working`: the solve there reuses it
         self._last_evaluation = None
         self._factor_theta, self._factor_factors = self._reported_or_none(working), factors
         self.n_evaluations += 1
