@@ -158,10 +158,13 @@ def level_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -
         stored &= (row_level >= 0)[:, None]
     columns = row_level[:, None] * k + np.arange(k)
     if n * k > DIRECT_CSC_MAX_ENTRIES:
-        per_row = stored.sum(axis=1)
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(per_row, out=indptr[1:])
-        return sp.csr_matrix((values[stored], columns[stored], indptr), shape=shape).tocsc()
+        if stored.all():  # (a random intercept, a slope without zeros: no masks over n k entries)
+            csr = (values.ravel(), columns.ravel(), np.arange(0, n * k + 1, k))
+        else:
+            indptr = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(stored.sum(axis=1), out=indptr[1:])
+            csr = (values[stored], columns[stored], indptr)
+        return sp.csr_matrix(csr, shape=shape).tocsc()
     column = columns[stored]
     order = np.argsort(column, kind="stable")  # by column, rows ascending within one (row-major entries)
     indptr = np.zeros(shape[1] + 1, dtype=np.int64)
