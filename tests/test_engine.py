@@ -605,6 +605,55 @@ def test_a_one_thread_scope_inside_another_sets_nothing_unless_threads_were_give
         assert now() == 2
 
 
+@pytest.mark.parametrize(
+    "setting, stalls",
+    [
+        ("always defer defer+madvise [madvise] never", True),
+        ("always defer [defer+madvise] madvise never", True),
+        ("[always] defer defer+madvise madvise never", False),
+        ("always [defer] defer+madvise madvise never", False),
+        ("always defer defer+madvise madvise [never]", False),
+        ("", False),
+    ],
+)
+def test_which_kernel_settings_stall_on_numpys_huge_page_hint(setting, stalls):
+    from sparsemix.core.pages import compaction_on_fault
+
+    assert compaction_on_fault(setting) is stalls
+
+
+def test_numpys_huge_page_hint_is_off_for_a_fit_and_restored(monkeypatch):
+    """Where the kernel stalls on it, the hint is off while a fit runs (nested and concurrent fits included) and as
+    it was afterwards; where the user set NUMPY_MADVISE_HUGEPAGE, it is never touched."""
+    from sparsemix.core import pages
+    from sparsemix.core.threads import fit_threads
+
+    state = [True]
+
+    def setter(enabled):
+        previous, state[0] = state[0], bool(enabled)
+        return previous
+
+    seen = []
+    monkeypatch.setattr(pages, "_hint_setter", lambda: setter)
+    with fit_threads():
+        seen.append(state[0])
+        with fit_threads():
+            seen.append(state[0])
+        seen.append(state[0])
+    assert seen == [False, False, False] and state[0] is True
+    monkeypatch.undo()
+    monkeypatch.setattr(pages, "compaction_on_fault", lambda setting=None: True)
+    try:
+        pages._hint_setter.cache_clear()
+        assert pages._hint_setter() is not None  # numpy's switch, found
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+        pages._hint_setter.cache_clear()
+        assert pages._hint_setter() is None
+    finally:
+        pages._hint_setter.cache_clear()
+
+
 @pytest.mark.parametrize("zeros", [False, True])
 def test_transform_columns_is_z_times_the_levels_transform(zeros):
     """Z (I kron T) for a term's working columns: the direct path (every row k entries of one level, as

@@ -25,6 +25,8 @@ import os
 import threading
 from contextlib import contextmanager, nullcontext
 
+from .pages import without_hugepage_hint
+
 __all__ = [
     "blas_threads",
     "single_threaded",
@@ -91,13 +93,15 @@ def _one_thread():
                 _outer_threads[0] = 1  # outside any scope the stages run with the threads set now
 
 
+@contextmanager
 def fit_threads():
     """A whole fit (design, optimizer, results) with one BLAS thread: numpy's small and tall products between the
     engine's stages otherwise wake pools whose threads spin on cores that other processes hold (the seed's
     crossed fit beside two busy processes: 72 ms with the default threads, 41 ms with one; quiet: 28 ms). The
     stages that pay for threads take them back, as many as are free (blas_threads(False), dense_threads,
-    kernel_threads)."""
-    return _one_thread()
+    kernel_threads). numpy's huge-page hint is off meanwhile where the kernel would stall on it (core/pages.py)."""
+    with _one_thread(), without_hugepage_hint():
+        yield
 
 
 def free_cores() -> int:
