@@ -217,7 +217,7 @@ def minimize_deviance(
     def gradient_from(x, step=None):
         """Newton steps with the information where given, else (or where they stop short) L-BFGS-B with the exact
         gradient from x; BOBYQA from its best point where it does not converge."""
-        if deviance_hessian is not None and every and x.size > 1:
+        if deviance_hessian is not None and every:
             reached, end, value = even_newton(fgh, x, maxiter - count[0], column_diagonals)
             if reached:
                 settled_by_newton[0] = at_local_minimum[0] = True
