@@ -427,7 +427,7 @@ class PenalizedSystem:
     def evaluate_working(self, working, reported: bool = True) -> Evaluation:
         """The evaluation at the optimizer's coordinates (relcov.working_theta). With `reported`, it carries the
         reported theta, and a solve at that theta reuses it; without (the optimizer's calls: the conversion
-        costs a QR per term), its theta is None and nothing reuses it."""
+        costs a QR per term), its theta is None unless an evaluation at the same templates is reused."""
         working = np.asarray(working, dtype=float)
         if not self.relcov.transformed:
             return self.evaluate(working)
