@@ -188,6 +188,34 @@ def test_variance_components_start_from_their_anova_moments(name):
             assert from_one.n_evaluations >= 4 * fit.n_evaluations
 
 
+def test_the_components_start_equals_its_moment_equations_formed_densely():
+    """An unbalanced crossed design with two fixed effects: components_start (M = Z'(I - H)Z never formed: the sparse
+    Z'Z and a rank-p correction) solves the moment equations of its docstring, here formed from M itself."""
+    from sparsemix.fit.pilot import components_start
+
+    rng = np.random.default_rng(4)
+    n = 300
+    data = pd.DataFrame({"a": rng.integers(0, 15, n), "b": rng.integers(0, 9, n), "x": rng.normal(size=n)})
+    data["y"] = rng.normal(size=15)[data.a] * 0.8 + rng.normal(size=9)[data.b] * 0.5 + data.x + rng.normal(size=n)
+    system = build_design("y ~ x + (1 | a) + (1 | b)", data).system()
+    c, rc = system.cross, system.relcov
+    ZtZ = c.ZtZ.toarray()
+    M = ZtZ - c.ZtX @ np.linalg.solve(c.XtX, c.ZtX.T)
+    d2 = np.diagonal(ZtZ) ** 2
+    J = len(rc.blocks)
+    A, b = np.zeros((J + 1, J + 1)), np.zeros(J + 1)
+    for j, rows in enumerate(rc.column_slices):
+        b[j] = np.mean(c.Zty[rows] ** 2 / d2[rows])
+        for k, cols in enumerate(rc.column_slices):
+            A[j, k] = np.mean(np.sum(M[rows, cols] ** 2, axis=1) / d2[rows])
+        A[j, J] = np.mean(np.diagonal(M)[rows] / d2[rows])
+        A[J, j] = np.trace(M[rows, rows])
+    A[J, J], b[J] = c.n - c.p, c.yty
+    variances = np.linalg.solve(A, b)
+    expected = rc.reported_theta(np.sqrt(variances[:J] / variances[J]))
+    np.testing.assert_allclose(components_start(system), expected, rtol=1e-10)
+
+
 def test_the_components_start_is_left_out_or_safe_where_it_does_not_fit():
     """None for a term with slopes. Where the moments give a variance <= 0: one variance (Dyestuff2, whose REML
     optimum is at 0) starts at 0 and ends there, exactly; of two (a balanced 12 x 6 design whose second factor has

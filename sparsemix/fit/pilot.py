@@ -11,6 +11,7 @@ has the counts).
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from ..core.terms import RandomTerm, level_entries, row_levels
 from .optimize import warm_step
@@ -247,7 +248,7 @@ def moment_start(
 # components_start: a relative variance estimated below this is started here instead (at exactly 0 the deviance's
 # gradient in that entry vanishes, a saddle the Newton steps must leave by a probe)
 COMPONENTS_MIN_RATIO = 1e-4
-COMPONENTS_MAX_Q = 1000  # (M = Z'(I - H)Z is formed dense)
+COMPONENTS_MAX_Q = 1000  # (larger designs keep the pilot: not yet checked against it on unbalanced data)
 
 
 def components_start(system) -> np.ndarray | None:
@@ -268,25 +269,32 @@ def components_start(system) -> np.ndarray | None:
     rc, cross = system.relcov, system.cross
     if not rc.blocks or any(template.k != 1 for _, template in rc.blocks) or rc.q > COMPONENTS_MAX_Q:
         return None
-    ZtZ = cross.ZtZ.toarray()
-    d = np.diagonal(ZtZ).copy()
+    # M = G - C K C' (G = Z'Z, sparse; C = Z'X; K = (X'X)^{-1}) is never formed: per row l and term k,
+    # sum_{l' in k} M_ll'^2 = sum G_ll'^2 - 2 (CK)_l . (G C)_l^(k) + (CK)_l S_k (CK)_l', S_k = C_k'C_k
+    G = sp.csr_matrix(cross.ZtZ)
+    d = G.diagonal()
     if not np.all(d > 0):
         return None
-    M = ZtZ
+    E = rc.membership  # the per-term means below are E' (...) / sizes
+    J = E.shape[1]
+    sizes = E.sum(axis=0)
+    squares = np.asarray(G.multiply(G) @ E)
+    diagonal = d.copy()
     if cross.p:
         try:
-            M = ZtZ - cross.ZtX @ np.linalg.solve(cross.XtX, cross.ZtX.T)
+            CK = np.linalg.solve(cross.XtX, cross.ZtX.T).T  # C K
         except np.linalg.LinAlgError:
             return None
-    J = len(rc.blocks)
-    E = rc.membership  # the per-term means below are E' (...) / sizes
-    sizes = E.sum(axis=0)
+        diagonal -= np.einsum("ip,ip->i", CK, cross.ZtX)
+        for k, cols in enumerate(rc.column_slices):
+            C_k = cross.ZtX[cols]
+            squares[:, k] -= 2.0 * np.einsum("ip,ip->i", CK, np.asarray(G[:, cols] @ C_k))
+            squares[:, k] += np.einsum("ip,pr,ir->i", CK, C_k.T @ C_k, CK)
     d2 = d**2
-    diagonal = np.diagonal(M)
     A = np.zeros((J + 1, J + 1))
     b = np.zeros(J + 1)
     b[:J] = (cross.Zty**2 / d2) @ E / sizes
-    A[:J, :J] = E.T @ (((M * M) @ E) / d2[:, None]) / sizes[:, None]
+    A[:J, :J] = E.T @ (squares / d2[:, None]) / sizes[:, None]
     A[:J, J] = (diagonal / d2) @ E / sizes
     A[J, :J] = diagonal @ E
     A[J, J] = cross.n - cross.p
