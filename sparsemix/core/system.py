@@ -475,8 +475,8 @@ class PenalizedSystem:
             return None
         logdet, logdet_RX2, r2, gradient, (L11, W, LS) = parts
         factor.install(L11, W, LS, logdet, logdet_RX2, r2)  # the factor at `working`: the solve there reuses it
-        self._last_evaluation = None
-        self._factor_theta, self._factor_factors = self._reported_or_none(working), factors
+        self._last_evaluation = self._factor_theta = None
+        self._factor_factors = factors
         self.n_evaluations += 1
         return self._deviance(logdet, logdet_RX2, r2, reml), gradient
 
@@ -511,7 +511,7 @@ class PenalizedSystem:
             factors = self.relcov.factors(np.asarray(working, dtype=float))
             self._last_evaluation = None
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                if not self._refactor_dense(self._reported_or_none(working), factors) or not factor.finite:
+                if not self._refactor_dense(None, factors) or not factor.finite:
                     return np.inf, np.zeros(self.relcov.n_theta)
                 compact = gradient_of.compact if factor.q1 == 0 else gradient_of.single_term
                 gradient = compact(factors, reml, self.dof(reml))
@@ -552,7 +552,7 @@ class PenalizedSystem:
         factors = self.relcov.factors(working)
         self._last_evaluation = None
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            if not self._refactor_dense(self._reported_or_none(working), factors) or not factor.finite:
+            if not self._refactor_dense(None, factors) or not factor.finite:
                 return np.inf, np.zeros(n), None
             if self._gradient is None:
                 self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
@@ -562,11 +562,6 @@ class PenalizedSystem:
         if parts is None:
             return deviance, np.zeros(n), None
         return deviance, parts[0], parts[1]
-
-    def _reported_or_none(self, working):
-        """The reported theta of a factor refactored at the working theta where the two coincide (no column
-        transform), so that a solve there reuses the factor (evaluation_at); else None."""
-        return None if self.relcov.transformed else working
 
     def working_information(self, working, reml: bool) -> np.ndarray | None:
         """An approximation to the profiled deviance's Hessian in the optimizer's coordinates: twice the average

@@ -141,7 +141,7 @@ def minimize_deviance(
     best_x = [None]
     best_gradient = [None]  # fg's at best_x
     best_key = [b""]  # best_x's bytes: whether a point is the best one, without numpy's comparison (~4 us a call)
-    last_key = [None]  # the last point evaluated, where information_newton's f told it
+    last_key = [b""]  # the last point evaluated (its bytes)
 
     every = bool(free.all())
 
@@ -152,8 +152,8 @@ def minimize_deviance(
         theta[free] = x
         return theta
 
-    def record(x, value, key=None):
-        if key is None or key != last_key[0]:  # (fg right after f at the same point: one evaluation)
+    def record(x, value, key):
+        if key != last_key[0]:  # (fg right after f at the same point, as information_newton asks: one evaluation)
             count[0] += 1
         last_key[0] = key
         if not math.isfinite(value):
@@ -169,7 +169,7 @@ def minimize_deviance(
         return value
 
     def f(x):
-        return record(x, objective(full(x)))
+        return record(x, objective(full(x)), np.asarray(x, dtype=float).tobytes())
 
     def fg(x):
         key = np.asarray(x, dtype=float).tobytes()
@@ -211,7 +211,7 @@ def minimize_deviance(
 
     def fgh(x):
         value, gradient, hessian = deviance_hessian(full(x))
-        value = record(x, value)
+        value = record(x, value, np.asarray(x, dtype=float).tobytes())
         return value, np.asarray(gradient, dtype=float), hessian
 
     def gradient_from(x, step=None):
@@ -228,15 +228,7 @@ def minimize_deviance(
                 settled_by_newton[0] = True
                 return True, "Newton steps along theta's one entry", end, value
         if deviance_information is not None and every:
-            reached, end, value = information_newton(
-                lambda y: record(y, objective(full(y)), np.asarray(y, dtype=float).tobytes()),
-                fg,
-                deviance_information,
-                x,
-                lo,
-                hi,
-                maxiter - count[0],
-            )
+            reached, end, value = information_newton(f, fg, deviance_information, x, lo, hi, maxiter - count[0])
             if reached:  # "near": within rounding of the deviance, but not yet to 1e-9: the polish finishes
                 settled_by_newton[0] = reached == "settled"
                 # their end point, not the best value seen: near the optimum the values differ by rounding only,
