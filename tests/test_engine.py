@@ -321,6 +321,39 @@ def test_dense_inverse_from_the_factor(monkeypatch, max_order, single):
     np.testing.assert_allclose(np.tril(inverse), expected, rtol=0, atol=tolerance)
 
 
+def test_blocked_dense_routines_reuse_the_fits_buffers(monkeypatch):
+    """Inside a fit the blocked Cholesky and inverse work in the fit's Workspace: a second evaluation allocates
+    nothing new, the inverse is one of its buffers, the results do not depend on what the buffers held, and the
+    buffers go when the fit ends."""
+    import sparsemix.core.factor as factor
+    from sparsemix.core import pages
+
+    monkeypatch.setattr(factor, "DENSE_THREADS_MAX_ORDER", 70)  # 301 -> blocks of 150 and 151, then potrf
+    rng = np.random.default_rng(14)
+    with pages.reused_buffers():
+        work = pages.fit_workspace()
+        assert pages.fit_workspace() is work
+        held = []
+        for single in (True, False, False):  # single precision first, as the scoring steps go
+            B = rng.normal(size=(301, 40))
+            S = B @ B.T + np.eye(301)
+            L = factor.dense_cholesky(np.tril(S))
+            np.testing.assert_allclose(L, np.linalg.cholesky(S), rtol=1e-10, atol=1e-12)
+            inverse = factor.dense_inverse_lower(L, single)
+            expected = np.tril(np.linalg.inv(S))
+            tolerance = (1e-5 if single else 1e-13) * np.abs(expected).max()
+            np.testing.assert_allclose(np.tril(inverse), expected, rtol=0, atol=tolerance)
+            assert np.shares_memory(inverse, work._buffers["inverse"])
+            held.append({name: buffer for name, buffer in work._buffers.items()})
+        # the double-precision evaluations grew the buffers once and then reused every one of them
+        assert held[1].keys() == held[2].keys() == {"11", "21", "22", "inverse"}
+        assert all(held[1][name] is held[2][name] for name in held[1])
+        # bounded: the three blocks of the lower triangle and the inverse, in doubles (and the blocks' own blocks)
+        assert sum(work._buffers[name].nbytes for name in ("11", "21", "22")) == (150**2 + 151 * 150 + 151**2) * 8
+        assert work._buffers["inverse"].nbytes == 301**2 * 8
+    assert pages.fit_workspace() is not work
+
+
 def _crossed_terms(n_a, n_b, n, seed=0):
     rng = np.random.default_rng(seed)
     a, b = rng.integers(0, n_a, n), rng.integers(0, n_b, n)

@@ -131,7 +131,8 @@ def test_a_single_precision_start_at_the_optimum_is_scored_again_in_double():
     system = build_system(X, y, terms, factorization="schur")
     with system.threads():
         first, _, _ = fit_by_scoring(system, system.relcov.start(), True)
-        again, _, count = fit_by_scoring(system, first.theta, True)
+        # (the first fit's last step, under 1e-5, leaves up to a few percent of itself: a tolerance above that)
+        again, _, count = fit_by_scoring(system, first.theta, True, tolerance=1e-6)
     assert count == 1  # no step: the double score says it is converged
     np.testing.assert_array_equal(again.theta, first.theta)
 
@@ -198,7 +199,9 @@ def test_scoring_stops_at_the_stationary_point():
         slope = (system.deviance(theta + step, True) - system.deviance(theta - step, True)) / (2 * step[i])
         assert abs(slope) < 1e-4
     other = optimize_system(system, start_theta=theta * np.array([1.5, 0.6, 2.0]))
-    np.testing.assert_allclose(other.theta, theta, rtol=1e-8)
+    # (each fit's last step, under 1e-5 of theta, is checked by its deviance and leaves up to a few percent of itself)
+    np.testing.assert_allclose(other.theta, theta, rtol=1e-7)
+    assert other.deviance == pytest.approx(opt.deviance, rel=1e-13)
 
 
 def test_a_zero_variance_hands_the_fit_to_bobyqa():

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from scipy.linalg import blas, lapack
 from sksparse.cholmod import analyze
 
+from .pages import Workspace, fit_workspace
 from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
 
 _potrf, _trtrs = lapack.dpotrf, lapack.dtrtrs
@@ -718,12 +719,13 @@ def _pairs_within_levels(level: np.ndarray):
     return first, second
 
 
-def dense_cholesky(S: np.ndarray) -> np.ndarray:
+def dense_cholesky(S: np.ndarray, workspace: Workspace | None = None) -> np.ndarray:
     """Lower Cholesky factor of S (C-contiguous, lower triangle read), overwriting S.
 
     Up to DENSE_THREADS_MAX_ORDER one LAPACK call, with the caller's BLAS threads from order 1,000 on. Above it
     the threaded OpenBLAS of the numpy/scipy wheels crashes, so the factor is computed in 2 x 2 blocks:
-    L11 = chol(S11), L21 = S21 L11^{-T}, L22 = chol(S22 - L21 L21'), each call below that order.
+    L11 = chol(S11), L21 = S21 L11^{-T}, L22 = chol(S22 - L21 L21'), each call below that order, on copies of the
+    blocks in `workspace`'s buffers (default: the fit's, core/pages.py).
     """
     n = S.shape[0]
     if n <= DENSE_THREADS_MAX_ORDER:
@@ -734,14 +736,21 @@ def dense_cholesky(S: np.ndarray) -> np.ndarray:
         if info != 0:
             raise la.LinAlgError(f"the {n} x {n} Schur complement is not positive definite (dpotrf info {info})")
         return upper.T
+    work = workspace or fit_workspace()
     m = n // 2
-    L11 = dense_cholesky(np.ascontiguousarray(S[:m, :m]))
+    L11 = work.array("11", (m, m))
+    np.copyto(L11, S[:m, :m])
+    L11 = dense_cholesky(L11, work.nested("11"))
     with dense_threads(m):
-        L21 = la.solve_triangular(L11, np.ascontiguousarray(S[m:, :m]).T, lower=True, check_finite=False).T
-        S22 = np.ascontiguousarray(S[m:, m:])
-        # S22 -= L21 L21' on the lower triangle only (syrk, half a GEMM's work); the transposes are Fortran views
+        L21 = work.array("21", (n - m, m))
+        np.copyto(L21, S[m:, :m])
+        # L21' = L11^{-1} S21' in place, on the Fortran-ordered transposes (L11' is upper)
+        blas.dtrsm(1.0, L11.T, L21.T, side=0, lower=0, trans_a=1, overwrite_b=1)
+        S22 = work.array("22", (n - m, n - m))
+        np.copyto(S22, S[m:, m:])
+        # S22 -= L21 L21' on the lower triangle only (syrk, half a GEMM's work)
         blas.dsyrk(-1.0, L21.T, beta=1.0, c=S22.T, trans=1, lower=0, overwrite_c=1)
-    L22 = dense_cholesky(S22)
+    L22 = dense_cholesky(S22, work.nested("22"))
     S[:m, :m] = L11
     S[m:, :m] = L21
     S[m:, m:] = L22
@@ -749,9 +758,10 @@ def dense_cholesky(S: np.ndarray) -> np.ndarray:
     return S
 
 
-def dense_inverse_lower(L: np.ndarray, single: bool = False) -> np.ndarray | None:
+def dense_inverse_lower(L: np.ndarray, single: bool = False, workspace: Workspace | None = None) -> np.ndarray | None:
     """(L L')^{-1} from the lower factor L (C order) in the lower triangle of the result (C order; the upper holds
-    what LAPACK left), or None where LAPACK fails; `single`: in single precision, at about half the time.
+    what LAPACK left), or None where LAPACK fails; `single`: in single precision, at about half the time. The
+    result is an array of `workspace` (default: the fit's, core/pages.py): valid until the next call with it.
 
     Up to DENSE_THREADS_MAX_ORDER one potri, with threads; above it in 2 x 2 blocks, each call below that order
     (see dense_cholesky): with X = L^{-1} = [[A, 0], [B, C]], A = L11^{-1}, C = L22^{-1}, B = -C L21 A,
@@ -760,25 +770,31 @@ def dense_inverse_lower(L: np.ndarray, single: bool = False) -> np.ndarray | Non
     """
     n = L.shape[0]
     dtype = np.float32 if single else np.float64
+    work = workspace or fit_workspace()
+    inverse = work.array("inverse", (n, n), dtype, "F")  # upper triangle of the Fortran-ordered inverse
     if n <= DENSE_THREADS_MAX_ORDER:
         potri = lapack.get_lapack_funcs("potri", dtype=dtype)
+        np.copyto(inverse, L.T)
         with dense_threads(n):
-            upper, info = potri(L.T.astype(dtype, copy=False), lower=0)
+            upper, info = potri(inverse, lower=0, overwrite_c=1)
         return upper.T if info == 0 else None
     trtri, lauum = lapack.get_lapack_funcs(("trtri", "lauum"), dtype=dtype)
     trmm, syrk = blas.get_blas_funcs(("trmm", "syrk"), dtype=dtype)
     m = n // 2
+    At, Ct, B = work.array("11", (m, m), dtype, "F"), work.array("22", (n - m, n - m), dtype, "F"), None
+    np.copyto(At, L[:m, :m].T)
+    np.copyto(Ct, L[m:, m:].T)
     with dense_threads(m):
-        At, info1 = trtri(np.asfortranarray(L[:m, :m].T, dtype=dtype), lower=0)  # A' (upper)
-        Ct, info2 = trtri(np.asfortranarray(L[m:, m:].T, dtype=dtype), lower=0)  # C'
+        At, info1 = trtri(At, lower=0, overwrite_c=1)  # A' (upper)
+        Ct, info2 = trtri(Ct, lower=0, overwrite_c=1)  # C'
         if info1 != 0 or info2 != 0:
             return None
-        B = trmm(1.0, At, np.asfortranarray(L[m:, :m], dtype=dtype), side=1, lower=0, trans_a=1)  # L21 A
+        B = work.array("21", (n - m, m), dtype, "F")
+        np.copyto(B, L[m:, :m])
+        B = trmm(1.0, At, B, side=1, lower=0, trans_a=1, overwrite_b=1)  # L21 A
         B = trmm(-1.0, Ct, B, side=0, lower=0, trans_a=1, overwrite_b=1)  # -C L21 A
-        inverse = np.empty((n, n), dtype=dtype, order="F")  # upper triangle of the Fortran-ordered inverse
         top, info1 = lauum(At, lower=0, overwrite_c=1)  # A'A
         inverse[:m, :m] = syrk(1.0, B, beta=1.0, c=top, trans=1, lower=0, overwrite_c=1)  # + B'B
-        del top
         inverse[:m, m:] = trmm(1.0, Ct, B, side=0, lower=0, trans_a=0, overwrite_b=1).T  # (C'B)'
         inverse[m:, m:], info2 = lauum(Ct, lower=0, overwrite_c=1)  # C'C
     return inverse.T if info1 == 0 and info2 == 0 else None

@@ -1,4 +1,5 @@
-"""numpy's huge-page hint, off for the length of a fit where the kernel would stall on it.
+"""What the kernel does with a fit's pages: numpy's huge-page hint, off for the length of a fit where the kernel
+would stall on it; and the dense routines' buffers, kept for the length of a fit instead of faulted in again.
 
 numpy marks every allocation of 4 MB or more MADV_HUGEPAGE. Where the kernel's transparent huge pages defragment
 on demand for such regions (/sys/kernel/mm/transparent_hugepage/defrag `madvise` or `defer+madvise`, the kernel's
@@ -7,18 +8,25 @@ default), a page fault in one of them waits for a synchronous compaction wheneve
 those faults took a third of its time: the 1,000,000-row slopes design 4.07-4.49 s with the hint, 3.44-3.50 s
 without (system time 1.0-1.3 s against 0.4-0.5 s; docs/performance-scale.md). Small fits allocate nothing that
 large and are not affected. A user's own NUMPY_MADVISE_HUGEPAGE setting is left as it is.
+
+A freed array of more than glibc's mmap threshold goes back to the kernel, and the next one of that size is faulted
+in again, page by page, zeroed: the blocked Cholesky and inverse of a 16,000-column Schur complement allocate ~6 GB
+of temporaries an evaluation. Inside `reused_buffers` (a fit) they come from a `Workspace` instead, named buffers
+that grow to the largest size asked and are dropped when the scope ends.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
+import math
 import os
 import threading
 from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["compaction_on_fault", "without_hugepage_hint"]
+__all__ = ["compaction_on_fault", "without_hugepage_hint", "Workspace", "reused_buffers", "fit_workspace"]
 
 DEFRAG_SETTING = "/sys/kernel/mm/transparent_hugepage/defrag"
 
@@ -73,3 +81,52 @@ def without_hugepage_hint():
             _depth[0] -= 1
             if _depth[0] == 0:
                 setter(_previous[0])
+
+
+class Workspace:
+    """Named buffers handed out as arrays of any shape, dtype and order; a buffer is reused while it is large
+    enough (an array from it is valid until the same name is asked for again) and replaced, the old one freed
+    first, when it is not."""
+
+    def __init__(self):
+        self._buffers: dict[str, np.ndarray] = {}
+        self._nested: dict[str, Workspace] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype=np.float64, order: str = "C") -> np.ndarray:
+        """An uninitialised array from the buffer `name`."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.nbytes < nbytes:
+            self._buffers.pop(name, None)
+            buffer = self._buffers[name] = np.empty(max(nbytes, 1), dtype=np.uint8)
+        return buffer[:nbytes].view(dtype).reshape(shape, order=order)
+
+    def nested(self, name: str) -> "Workspace":
+        """A workspace of its own for a routine that calls itself (its names do not meet the caller's)."""
+        return self._nested.setdefault(name, Workspace())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._buffers.values()) + sum(w.nbytes for w in self._nested.values())
+
+
+_fit_workspace: contextvars.ContextVar[Workspace | None] = contextvars.ContextVar("fit_workspace", default=None)
+
+
+@contextmanager
+def reused_buffers():
+    """A Workspace for the dense routines for the length of the outermost such scope (a fit), in this thread."""
+    if _fit_workspace.get() is not None:
+        yield
+        return
+    token = _fit_workspace.set(Workspace())
+    try:
+        yield
+    finally:
+        _fit_workspace.reset(token)
+
+
+def fit_workspace() -> Workspace:
+    """The fit's Workspace, or a fresh one (whose buffers go with it) outside a fit."""
+    return _fit_workspace.get() or Workspace()

@@ -25,7 +25,7 @@ import os
 import threading
 from contextlib import contextmanager, nullcontext
 
-from .pages import without_hugepage_hint
+from .pages import reused_buffers, without_hugepage_hint
 
 __all__ = [
     "blas_threads",
@@ -99,8 +99,9 @@ def fit_threads():
     engine's stages otherwise wake pools whose threads spin on cores that other processes hold (the seed's
     crossed fit beside two busy processes: 72 ms with the default threads, 41 ms with one; quiet: 28 ms). The
     stages that pay for threads take them back, as many as are free (blas_threads(False), dense_threads,
-    kernel_threads). numpy's huge-page hint is off meanwhile where the kernel would stall on it (core/pages.py)."""
-    with _one_thread(), without_hugepage_hint():
+    kernel_threads). numpy's huge-page hint is off meanwhile where the kernel would stall on it, and the dense
+    routines reuse their buffers (core/pages.py)."""
+    with _one_thread(), without_hugepage_hint(), reused_buffers():
         yield
 
 
