@@ -258,6 +258,15 @@ def test_kernel_subtracts_g_h_g_transpose(k, threads):
         values[np.triu_indices(q2, 1)] = np.nan
         got = bands.pair_sum(rows[order].astype(np.int32), g[order], v[order], values, threads)
         assert got == pytest.approx(trace, rel=1e-12)
+    # numba's on-disk cache serves a new process only if no signature holds a jitted function (whose key changes
+    # in every process: a recompilation of 1.4 s each, and at times a crash saving it)
+    from numba.core import types
+
+    from sparsemix.core import kernels
+
+    for kernel in (kernels._tiles_serial if threads == 1 else kernels._tiles_parallel,):
+        assert kernel.signatures
+        assert not any(isinstance(t, types.Dispatcher) for signature in kernel.signatures for t in signature)
     upper = np.triu_indices(k)
     pairs = PairOperator(np.column_stack([lvl, rows]), g, q2, n1)
     entries = pairs.stored_entries

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 __all__ = ["LevelBands", "single_term_deviance_parts", "single_term_hessian", "subtract_gram_lower"]
 
@@ -71,62 +72,54 @@ class LevelBands:
         (the lower triangle), rows, g and v (m, k) in `order`; out (q2, q2) C-contiguous float64, in place.
         With n_threads > 1, numba's threads share the tiles; with 1 no thread pool is involved at all (its idle
         threads slow the BLAS threads of the Cholesky that follows)."""
-        self._visit_tiles(rows, g, v, out, _subtract_pair, n_threads)
+        self._visit_tiles(rows, g, v, out, False, n_threads)
 
     def pair_sum(self, rows: np.ndarray, g: np.ndarray, v: np.ndarray, values: np.ndarray, n_threads: int = 1) -> float:
         """sum of (g[i] . v[j]) values[rows[i], rows[j]] over the pairs `subtract` writes, both orders of a pair
         (i != j) counted: tr(values G H G') for symmetric `values` of which only the lower triangle is read (a
         trace without G H G' as a matrix: 2 GB at MovieLens size)."""
-        return self._visit_tiles(rows, g, v, values, _read_pair, n_threads)
+        return self._visit_tiles(rows, g, v, values, True, n_threads)
 
-    def _visit_tiles(self, rows, g, v, matrix, visit, n_threads: int) -> float:
+    def _visit_tiles(self, rows, g, v, matrix, read: bool, n_threads: int) -> float:
         n_threads = max(int(n_threads), 1)
         tiles, ptr = self._plan(n_threads)
-        g, v, product = _operands(g, v)
+        if g.shape[1] == 1:  # one number per entry for a scalar first term
+            g, v = g[:, 0], v[:, 0]
         if n_threads == 1:
-            return float(_tiles_serial(self.segments, tiles, rows, g, v, matrix, product, visit))
+            return float(_tiles_serial(self.segments, tiles, rows, g, v, matrix, read))
         sums = np.zeros(n_threads)
-        _tiles_parallel(self.segments, tiles, ptr, rows, g, v, matrix, product, visit, sums)
+        _tiles_parallel(self.segments, tiles, ptr, rows, g, v, matrix, read, sums)
         return float(sums.sum())
 
 
-def _operands(g, v):
-    """(g, v, their product per pair of entries): one number per entry for a scalar first term."""
-    return (g[:, 0], v[:, 0], _scalar_product) if g.shape[1] == 1 else (g, v, _vector_product)
+# The tiles' loops are specialised by the operands' types (g[i] v[j], or a dot product of k-vectors per entry)
+# through an overload, and by a flag for what they do with a pair. Passing the product and the visit as jitted
+# functions instead made numba's on-disk cache key hold dispatcher objects: a new compilation in every process,
+# and at times a crash while saving it ("underlying object has vanished", numba/numba#2956, #9348).
+def _product(g, v, i, j):
+    """g[i] . v[j] (numba only)."""
+    raise NotImplementedError
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _scalar_product(g, v, i, j):
-    """g[i] v[j] for a scalar first term (g, v one number per entry)."""
-    return g[i] * v[j]
+@overload(_product)
+def _product_for(g, v, i, j):
+    if g.ndim == 1:
+        return lambda g, v, i, j: g[i] * v[j]
 
+    def vector(g, v, i, j):
+        s = 0.0
+        for a in range(g.shape[1]):
+            s += g[i, a] * v[j, a]
+        return s
 
-@njit(cache=True, nogil=True, inline="always")
-def _vector_product(g, v, i, j):
-    """g[i] . v[j] for k-vectors per entry."""
-    s = 0.0
-    for a in range(g.shape[1]):
-        s += g[i, a] * v[j, a]
-    return s
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _subtract_pair(out, r, c, p, same):
-    """LevelBands.subtract's visit of a pair: out[r, c] -= p."""
-    out[r, c] -= p
-    return 0.0
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _read_pair(values, r, c, p, same):
-    """LevelBands.pair_sum's visit of a pair: its term of tr(values G H G'), twice off the diagonal."""
-    return (p if same else 2.0 * p) * values[r, c]
+    return vector
 
 
 @njit(cache=True, nogil=True)
-def _tile(segments, row_band, column_band, rows, g, v, matrix, product, visit):
+def _tile(segments, row_band, column_band, rows, g, v, matrix, read):
     """One tile: each level's entries in the row band against its entries in the column band (the pairs with
-    rows[j] <= rows[i]); returns the sum of the visits."""
+    rows[j] <= rows[i]). `read` False: matrix[r, c] -= the pair's product (LevelBands.subtract); True: returns
+    the sum of product * matrix[r, c], twice off the diagonal (pair_sum)."""
     starts_i, starts_j = segments[row_band], segments[column_band]
     diagonal = row_band == column_band
     total = 0.0
@@ -137,25 +130,30 @@ def _tile(segments, row_band, column_band, rows, g, v, matrix, product, visit):
             continue
         for i in range(i0, i1):
             ri = rows[i]
-            for j in range(j0, i + 1 if diagonal else j1):
-                total += visit(matrix, ri, rows[j], product(g, v, i, j), j == i)
+            if read:
+                for j in range(j0, i + 1 if diagonal else j1):
+                    p = _product(g, v, i, j)
+                    total += (p if j == i else 2.0 * p) * matrix[ri, rows[j]]
+            else:
+                for j in range(j0, i + 1 if diagonal else j1):
+                    matrix[ri, rows[j]] -= _product(g, v, i, j)
     return total
 
 
 @njit(cache=True, nogil=True)
-def _tiles_serial(segments, tiles, rows, g, v, matrix, product, visit):
+def _tiles_serial(segments, tiles, rows, g, v, matrix, read):
     total = 0.0
     for t in range(tiles.shape[0]):
-        total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, matrix, product, visit)
+        total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, matrix, read)
     return total
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _tiles_parallel(segments, tiles, ptr, rows, g, v, matrix, product, visit, sums):
+def _tiles_parallel(segments, tiles, ptr, rows, g, v, matrix, read, sums):
     for thread in prange(ptr.shape[0] - 1):
         total = 0.0
         for t in range(ptr[thread], ptr[thread + 1]):
-            total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, matrix, product, visit)
+            total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, matrix, read)
         sums[thread] = total
 
 
