@@ -170,7 +170,9 @@ def test_a_near_singular_moment_start_is_lifted_for_the_exact_hessian():
 def test_variance_components_start_from_their_anova_moments(name):
     """Balanced designs: the moment start (pilot.components_start) is REML's optimum to 1e-6 (the ANOVA
     estimates), and the REML fit from it takes at most 2 evaluations (from lme4's start: 8-15), at lme4's
-    log-likelihood; ML starts there too and reaches lme4's ML optimum."""
+    log-likelihood. ML: on nested terms (pastes, oats, Dyestuff) the moments with the mean taken as known are ML's
+    optimum, one evaluation; on crossed ones (Penicillin) the start is REML's, and the fit reaches lme4's ML
+    optimum from it."""
     from conftest import reference_data, reference_fit
 
     from sparsemix.fit.pilot import components_start
@@ -187,6 +189,30 @@ def test_variance_components_start_from_their_anova_moments(name):
             assert fit.n_evaluations <= 2
             from_one = sparsemix.lmer(ref["formula"], data, start=np.ones(start.size))
             assert from_one.n_evaluations >= 4 * fit.n_evaluations
+        else:
+            start = components_start(design.system(), reml=False)
+            if name == "penicillin":
+                np.testing.assert_array_equal(start, components_start(design.system()))
+            else:
+                np.testing.assert_allclose(start, fit.fit_result.theta, rtol=1e-6)
+                assert fit.n_evaluations == 1
+
+
+def test_the_ml_components_start_is_mls_closed_form_on_a_one_way_design():
+    """Balanced one-way, a levels of n rows: ML's optimum is sigma_b^2 = (SSA / a - MSE) / n, sigma^2 = MSE."""
+    from sparsemix.fit.pilot import components_start
+
+    rng = np.random.default_rng(8)
+    a, n = 9, 5
+    data = pd.DataFrame({"g": np.repeat(np.arange(a), n)})
+    data["y"] = 3.0 + rng.normal(size=a)[data.g] * 1.5 + rng.normal(size=a * n)
+    means = data.groupby("g").y.mean().to_numpy()
+    ssa = n * np.sum((means - data.y.mean()) ** 2)
+    mse = np.sum((data.y - means[data.g]) ** 2) / (a * n - a)
+    expected = np.sqrt((ssa / a - mse) / n / mse)
+    system = build_design("y ~ 1 + (1 | g)", data).system()
+    assert components_start(system, reml=False)[0] == pytest.approx(expected, rel=1e-12)
+    assert components_start(system)[0] == pytest.approx(np.sqrt((ssa / (a - 1) - mse) / n / mse), rel=1e-12)
 
 
 def test_the_components_start_equals_its_moment_equations_formed_densely():

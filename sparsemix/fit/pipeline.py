@@ -92,7 +92,9 @@ def fit_lmm(
     if start_theta is None and free is None and method == DEFAULT_OPTIMIZER:  # a growth curve's: the levels' own fits
         start_theta = moment_start(X, y, list(terms), weights, system.cross.beta_ols, system.supports_hessian)
         if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
-            start_theta = components_start(system)  # (a 100-level intercept: 17 -> 5 evaluations; 100 x 100: 8 -> 5)
+            start_theta = components_start(
+                system, reml
+            )  # (a 100-level intercept: 17 -> 5 evaluations; 100 x 100: 8 -> 5)
     return fit_system(
         system,
         reml=reml,
