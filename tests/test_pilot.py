@@ -215,10 +215,14 @@ def test_the_ml_components_start_is_mls_closed_form_on_a_one_way_design():
     assert components_start(system)[0] == pytest.approx(np.sqrt((ssa / (a - 1) - mse) / n / mse), rel=1e-12)
 
 
-def test_the_components_start_equals_its_moment_equations_formed_densely():
-    """An unbalanced crossed design with two fixed effects: components_start (M = Z'(I - H)Z never formed: the sparse
-    Z'Z and a rank-p correction) solves the moment equations of its docstring, here formed from M itself."""
+@pytest.mark.parametrize("dense_max_q", [0, 300])  # Z'Z sparse; dense
+def test_the_components_start_equals_its_moment_equations_formed_densely(monkeypatch, dense_max_q):
+    """An unbalanced crossed design with two fixed effects: components_start (M = Z'(I - H)Z never formed: Z'Z and
+    a rank-p correction) solves the moment equations of its docstring, here formed from M itself."""
+    import sparsemix.fit.pilot as pilot
     from sparsemix.fit.pilot import components_start
+
+    monkeypatch.setattr(pilot, "COMPONENTS_DENSE_MAX_Q", dense_max_q)
 
     rng = np.random.default_rng(4)
     n = 300
@@ -271,3 +275,15 @@ def test_the_components_start_is_left_out_or_safe_where_it_does_not_fit():
         by_bobyqa = optimize_system(design.system(), reml=True, method="bobyqa")
     assert fit.fit_result.theta[1] == 0.0
     assert fit.fit_result.optimization.deviance <= by_bobyqa.deviance + 1e-10 * abs(by_bobyqa.deviance)
+
+
+def test_nested_terms_are_told_from_crossed_ones_in_sparse_and_dense_cross_products():
+    from sparsemix.fit.pilot import _nested
+
+    rng = np.random.default_rng(3)
+    data = pd.DataFrame({"a": np.repeat(np.arange(6), 8), "b": np.tile(np.arange(8), 6), "y": rng.normal(size=48)})
+    data["ab"] = data.a * 10 + data.b % 2  # 12 levels, each within one level of a
+    for formula, nested in (("y ~ 1 + (1 | ab) + (1 | a)", True), ("y ~ 1 + (1 | a) + (1 | b)", False)):
+        system = build_design(formula, data).system()
+        for G in (system.cross.ZtZ, system.cross.ZtZ.toarray()):
+            assert _nested(G, system.relcov.column_slices) is nested
