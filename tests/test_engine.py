@@ -458,7 +458,8 @@ def test_blas_libraries_are_found_on_import_including_cholmods():
 
 def test_threads_go_only_to_cores_nobody_else_is_running_on(monkeypatch):
     """With as many CPU-bound processes as cores beside it, a fit's threaded stages take one thread (a thread
-    waiting for a held core stalls the others, issue 14); on an idle machine they take the caller's threads."""
+    waiting for a held core stalls the others, issue 14), but for dense work above DENSE_THREADS_MAX_ORDER; on an
+    idle machine they take the caller's threads."""
     import subprocess
     import sys
     import time
@@ -473,6 +474,11 @@ def test_threads_go_only_to_cores_nobody_else_is_running_on(monkeypatch):
         assert threads.free_cores() == 1
         assert threads.kernel_threads(threads.KERNEL_THREADS_MIN_ORDER) == 1
         assert isinstance(threads.dense_threads(threads.DENSE_THREADS_MIN_ORDER), type(threads.nullcontext()))
+        # but the blocks of a dense factorization above the threaded order, and the update before it, take all of
+        # them (there two threads beat one however busy the machine)
+        order = threads.DENSE_THREADS_MAX_ORDER
+        assert not isinstance(threads.dense_threads(order // 2, blocked=True), type(threads.nullcontext()))
+        assert threads.kernel_threads(order + 1) == len(cores) + 3
     finally:
         for p in loops:
             p.kill()

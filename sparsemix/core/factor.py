@@ -719,19 +719,20 @@ def _pairs_within_levels(level: np.ndarray):
     return first, second
 
 
-def dense_cholesky(S: np.ndarray, workspace: Workspace | None = None) -> np.ndarray:
+def dense_cholesky(S: np.ndarray, workspace: Workspace | None = None, blocked: bool = False) -> np.ndarray:
     """Lower Cholesky factor of S (C-contiguous, lower triangle read), overwriting S.
 
     Up to DENSE_THREADS_MAX_ORDER one LAPACK call, with the caller's BLAS threads from order 1,000 on. Above it
     the threaded OpenBLAS of the numpy/scipy wheels crashes, so the factor is computed in 2 x 2 blocks:
     L11 = chol(S11), L21 = S21 L11^{-T}, L22 = chol(S22 - L21 L21'), each call below that order, on copies of the
-    blocks in `workspace`'s buffers (default: the fit's, core/pages.py).
+    blocks in `workspace`'s buffers (default: the fit's, core/pages.py), with all the caller's threads however busy
+    the machine (`blocked`: threads.dense_threads).
     """
     n = S.shape[0]
     if n <= DENSE_THREADS_MAX_ORDER:
         # S's lower triangle in C order is the upper triangle of the Fortran-ordered S.T: LAPACK factors it in
         # place, where la.cholesky first copied S into Fortran order (InstEval's 1,156 block: 16 ms -> 11 ms)
-        with dense_threads(n):
+        with dense_threads(n, blocked):
             upper, info = lapack.dpotrf(S.T, lower=0, overwrite_a=1, clean=1)
         if info != 0:
             raise la.LinAlgError(f"the {n} x {n} Schur complement is not positive definite (dpotrf info {info})")
@@ -740,8 +741,8 @@ def dense_cholesky(S: np.ndarray, workspace: Workspace | None = None) -> np.ndar
     m = n // 2
     L11 = work.array("11", (m, m))
     np.copyto(L11, S[:m, :m])
-    L11 = dense_cholesky(L11, work.nested("11"))
-    with dense_threads(m):
+    L11 = dense_cholesky(L11, work.nested("11"), blocked=True)
+    with dense_threads(m, blocked=True):
         L21 = work.array("21", (n - m, m))
         np.copyto(L21, S[m:, :m])
         # L21' = L11^{-1} S21' in place, on the Fortran-ordered transposes (L11' is upper)
@@ -750,7 +751,7 @@ def dense_cholesky(S: np.ndarray, workspace: Workspace | None = None) -> np.ndar
         np.copyto(S22, S[m:, m:])
         # S22 -= L21 L21' on the lower triangle only (syrk, half a GEMM's work)
         blas.dsyrk(-1.0, L21.T, beta=1.0, c=S22.T, trans=1, lower=0, overwrite_c=1)
-    L22 = dense_cholesky(S22, work.nested("22"))
+    L22 = dense_cholesky(S22, work.nested("22"), blocked=True)
     S[:m, :m] = L11
     S[m:, :m] = L21
     S[m:, m:] = L22
@@ -784,7 +785,7 @@ def dense_inverse_lower(L: np.ndarray, single: bool = False, workspace: Workspac
     At, Ct, B = work.array("11", (m, m), dtype, "F"), work.array("22", (n - m, n - m), dtype, "F"), None
     np.copyto(At, L[:m, :m].T)
     np.copyto(Ct, L[m:, m:].T)
-    with dense_threads(m):
+    with dense_threads(m, blocked=True):
         At, info1 = trtri(At, lower=0, overwrite_c=1)  # A' (upper)
         Ct, info2 = trtri(Ct, lower=0, overwrite_c=1)  # C'
         if info1 != 0 or info2 != 0:
