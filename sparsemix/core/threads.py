@@ -149,9 +149,8 @@ def blas_threads(single: bool):
 def dense_threads(order: int, blocked: bool = False):
     """Inside a single-threaded stage: the caller's BLAS threads back (as many as are free) for one dense
     factorization of `order`; `blocked`: a block of a factorization above DENSE_THREADS_MAX_ORDER, which takes all
-    of them however busy the machine (beside one CPU-bound process a 15,000-column Cholesky took 19.8 s with two
-    threads against 23.1-23.9 s with one, its inverse 40.2 against 46.3-47.7 s; at order 6,000 one thread was
-    faster, 1.5 against 1.8 s)."""
+    of them however busy the machine (such blocks run long enough that a thread sharing a core still adds, where at
+    smaller orders it stalls the others: docs/performance-scale.md, tenth session)."""
     if not DENSE_THREADS_MIN_ORDER <= order <= DENSE_THREADS_MAX_ORDER or _outer_threads[0] <= 1:
         return nullcontext()
     threads = _outer_threads[0] if blocked else min(_outer_threads[0], free_cores())
@@ -174,8 +173,7 @@ def _raised_to(threads: int):
 def kernel_threads(order: int, min_order: int = KERNEL_THREADS_MIN_ORDER) -> int:
     """Threads for a compiled update into an order x order matrix: the caller's (as many as are free), from
     `min_order` on (the LMM's Schur update: KERNEL_THREADS_MIN_ORDER); above DENSE_THREADS_MAX_ORDER all of them
-    however busy the machine, as for the blocked dense work that follows (beside one CPU-bound process the update
-    on a 20,000 x 4,000 test design took 0.22-0.27 s with two threads against 0.32 s with one)."""
+    however busy the machine, as the blocked dense work that follows (dense_threads)."""
     if order < min_order:
         return 1
     return _outer_threads[0] if order > DENSE_THREADS_MAX_ORDER else min(_outer_threads[0], free_cores())

@@ -266,8 +266,8 @@ def components_start(system, reml: bool = True) -> np.ndarray | None:
     check leaves where the deviance falls into the interior). On balanced designs this is the ANOVA estimate, close
     to REML's optimum. For ML (`reml` False) on nested terms the expectations are taken as if the fixed effects were
     known, M = Z'Z and n for n - p, as ML's own equations do: on a balanced one-way design this is ML's optimum
-    ((SSA / a - MSE) / n for the level variance; pastes, oats, Dyestuff: 4 -> 1 evaluations). Crossed terms keep the
-    first form (without the projection a term's means carry the other's variance: Penicillin started 20% off).
+    ((SSA / a - MSE) / n for the level variance). Crossed terms keep the first form (without the projection a
+    term's means would carry the other's variance; docs/lme4.md has the counts).
     None where it does not apply (a term with slopes, more than COMPONENTS_MAX_Q columns, a level with no weight, a
     residual variance <= 0)."""
     rc, cross = system.relcov, system.cross
