@@ -760,3 +760,31 @@ def test_unique_inverse_is_numpys_unique(runs):
         np.testing.assert_array_equal(got[0], expected[0])
         np.testing.assert_array_equal(got[1], expected[1])
         np.testing.assert_array_equal(got[0][got[1]], k)
+
+
+def test_gram_of_one_entry_a_row_terms_equals_the_sparse_product():
+    """Large designs sum Z'Z pair by pair where every term has at most one entry a row (cross_products.
+    _one_per_row_gram): the same pattern (sorted, no zero stored) and values as scipy's product; a block with two
+    entries in a row (a term with slopes) goes back to the product (None)."""
+    from sparsemix.core.cross_products import _one_per_row_gram
+
+    rng = np.random.default_rng(21)
+    n = 20_000
+    rows = np.arange(n)
+    a, b, c = rng.integers(0, 300, n), rng.integers(0, 50, n), rng.integers(0, 8, n)
+    values_c = np.where(rng.random(n) < 0.3, 0.0, rng.normal(size=n))  # rows outside the term: no entry
+    blocks = [
+        sp.csc_matrix((rng.normal(size=n), (rows, a)), shape=(n, 300)),
+        sp.csc_matrix((np.ones(n), (rows, b)), shape=(n, 50)),
+        sp.csc_matrix((values_c[values_c != 0], (rows[values_c != 0], c[values_c != 0])), shape=(n, 8)),
+    ]
+    Z = sp.hstack(blocks, format="csc")
+    expected = sp.csc_matrix(sp.csr_matrix(Z.T) @ Z)
+    expected.sort_indices()
+    got = _one_per_row_gram(Z, [300, 50, 8])
+    assert got.has_sorted_indices
+    np.testing.assert_array_equal(got.indptr, expected.indptr)
+    np.testing.assert_array_equal(got.indices, expected.indices)
+    np.testing.assert_allclose(got.data, expected.data, rtol=1e-12, atol=1e-12)
+    with_slope = sp.hstack([Z, sp.csc_matrix(np.ones((n, 1)))], format="csc")
+    assert _one_per_row_gram(with_slope, [300, 50, 4, 5]) is None  # c's last 4 columns and the slope share rows

@@ -44,16 +44,29 @@ class CrossProducts:
 
     @classmethod
     def compute(
-        cls, X: np.ndarray, y: np.ndarray, Z: sp.csc_matrix, weights: np.ndarray | None = None
+        cls,
+        X: np.ndarray,
+        y: np.ndarray,
+        Z: sp.csc_matrix,
+        weights: np.ndarray | None = None,
+        column_blocks: list[int] | None = None,
     ) -> "CrossProducts":
+        """`column_blocks`: the number of Z's columns of each term, in order, where known (a large design whose
+        terms have one entry a row each then sums Z'Z pair by pair: _one_per_row_gram)."""
         X, Z, sum_log_weights = _weighted(np.asarray(X, dtype=float), Z, weights)
         if Z.shape[0] * Z.shape[1] ** 2 <= DENSE_GRAM_MAX_FLOPS:
             Zt = Z.toarray().T
             ZtZ = _symmetric_csc(Zt @ Zt.T)
         else:
             Zt = sp.csr_matrix(Z.T)
-            ZtZ = sp.csc_matrix(Zt @ Z)
-            ZtZ.sort_indices()
+            by_pairs = None
+            if column_blocks is not None and Z.shape[0] >= PAIR_GRAM_MIN_ROWS:
+                by_pairs = _one_per_row_gram(Z, column_blocks)
+            if by_pairs is not None:
+                ZtZ = by_pairs
+            else:
+                ZtZ = sp.csc_matrix(Zt @ Z)
+                ZtZ.sort_indices()
         fixed = cls(
             ZtZ=ZtZ,
             ZtX=np.asarray(Zt @ X),
@@ -119,6 +132,70 @@ def _symmetric_csc(G: np.ndarray) -> sp.csc_matrix:
     indptr = np.zeros(G.shape[0] + 1, dtype=np.int32)  # (scipy's own index type for these sizes)
     np.cumsum(nonzero.sum(axis=1), out=indptr[1:])
     return sp.csc_matrix((G[nonzero], np.nonzero(nonzero)[1].astype(np.int32), indptr), shape=G.shape)
+
+
+# From this many rows Z'Z of one-entry-a-row terms is summed pair by pair (_one_per_row_gram): on the
+# MovieLens-sized design (32,000,000 rows, two terms) 2.6 s against 14.4 s for scipy's sparse product.
+PAIR_GRAM_MIN_ROWS = 50_000
+
+
+def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matrix | None:
+    """Z'Z (CSC, both triangles, sorted, no zero stored: as scipy's product gives it) where each block of Z's
+    columns has at most one entry in every row (scalar terms): each block's diagonal by a bincount, each pair of
+    blocks by one COO -> CSR sum of the rows' products; None where a block has two entries in some row."""
+    n = Z.shape[0]
+    starts = np.concatenate([[0], np.cumsum(column_blocks)])
+    if starts[-1] != Z.shape[1]:
+        return None
+    codes, values = [], []
+    for a, b in zip(starts[:-1], starts[1:]):
+        lo, hi = Z.indptr[a], Z.indptr[b]
+        rows = Z.indices[lo:hi]
+        code = np.full(n, -1, dtype=np.int64)
+        code[rows] = np.repeat(np.arange(b - a), np.diff(Z.indptr[a : b + 1]))
+        if np.count_nonzero(code >= 0) != hi - lo:  # a row with two entries in this block
+            return None
+        value = np.zeros(n)
+        value[rows] = Z.data[lo:hi]
+        codes.append(code)
+        values.append(value)
+    J = len(codes)
+    parts: list[list[sp.csc_matrix]] = [[None] * J for _ in range(J)]  # type: ignore[list-item]
+    for s in range(J):
+        stored = codes[s] >= 0
+        diagonal = np.bincount(codes[s][stored], values[s][stored] ** 2, minlength=column_blocks[s])
+        nonzero = np.flatnonzero(diagonal)
+        parts[s][s] = sp.csc_matrix(
+            (diagonal[nonzero], nonzero, np.concatenate([[0], np.cumsum(diagonal != 0)])),
+            shape=(column_blocks[s], column_blocks[s]),
+        )
+        for t in range(s + 1, J):
+            both = stored & (codes[t] >= 0)
+            block = sp.csr_matrix(
+                ((values[s] * values[t])[both], (codes[s][both], codes[t][both])),
+                shape=(column_blocks[s], column_blocks[t]),
+            )
+            block.sum_duplicates()
+            block.eliminate_zeros()
+            parts[s][t] = block.tocsc()  # rows of block s, columns of block t
+            parts[t][s] = block.T  # a CSR's transpose is a CSC: no copy
+    # column by column, the row blocks in order (their rows offset by the blocks before): sorted indices
+    counts = [sum(np.diff(parts[r][c].indptr) for r in range(J)) for c in range(J)]
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))])
+    nnz = int(indptr[-1])
+    index_dtype = np.int32 if max(nnz, Z.shape[1]) < 2**31 else np.int64
+    indices = np.empty(nnz, dtype=index_dtype)
+    data = np.empty(nnz)
+    for c in range(J):
+        filled = indptr[starts[c] : starts[c + 1]].copy()  # each column's next free position
+        for r in range(J):
+            part = parts[r][c]
+            per_column = np.diff(part.indptr)
+            at = np.repeat(filled - part.indptr[:-1], per_column) + np.arange(part.indptr[-1])
+            indices[at] = part.indices + starts[r]
+            data[at] = part.data
+            filled += per_column
+    return sp.csc_matrix((data, indices, indptr.astype(index_dtype)), shape=(Z.shape[1], Z.shape[1]))
 
 
 def _shifted_sums(X, Zt, Y, p):

@@ -36,7 +36,9 @@ def build_system(
     transforms = [column_transform(t) for t in terms]  # centred, scaled columns (coordinates.py)
     relcov = RelativeCovariance([(t.n_levels, t.template) for t in terms], transforms)
     with blas_threads(single_threaded(relcov.q)):
-        cross = CrossProducts.compute(X, y, system_columns(terms, transforms), weights=weights)
+        cross = CrossProducts.compute(
+            X, y, system_columns(terms, transforms), weights=weights, column_blocks=[t.n_levels * t.k for t in terms]
+        )
         return PenalizedSystem(cross, relcov, factorization=factorization)
 
 
