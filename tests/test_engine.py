@@ -788,3 +788,26 @@ def test_gram_of_one_entry_a_row_terms_equals_the_sparse_product():
     np.testing.assert_allclose(got.data, expected.data, rtol=1e-12, atol=1e-12)
     with_slope = sp.hstack([Z, sp.csc_matrix(np.ones((n, 1)))], format="csc")
     assert _one_per_row_gram(with_slope, [300, 50, 4, 5]) is None  # c's last 4 columns and the slope share rows
+
+
+def test_a_pattern_keeps_the_factorization_measured_for_it(monkeypatch):
+    """The timed choice is remembered by pattern: a second system of the same design takes the same mode whatever
+    the clock says then (two fits of one design went down different optimizers on a busy machine)."""
+    import sparsemix.core.system as system_module
+    from sparsemix.fit.stages import build_system
+
+    rng = np.random.default_rng(5)
+    terms = _crossed_terms(600, 80, 3000, seed=5)  # (80 columns after the first term: not held dense, timed)
+    X, y = np.ones((3000, 1)), rng.normal(size=3000)
+    monkeypatch.setattr(system_module, "_CHOSEN_MODES", {})
+    modes = []
+    for simplicial_time in (1.0, 1e-9):  # first simplicial loses every race, then it would win every one
+        monkeypatch.setattr(
+            system_module,
+            "_time_refactorization",
+            lambda factor, A, factors, limit=None, t=simplicial_time: t if factor.mode == "simplicial" else 1e-3,
+        )
+        modes.append(build_system(X, y, terms).factorization_mode)
+    assert modes[0] != "simplicial" and modes[1] == modes[0]
+    monkeypatch.setattr(system_module, "_CHOSEN_MODES", {})  # a new process would measure again
+    assert build_system(X, y, terms).factorization_mode == "simplicial"

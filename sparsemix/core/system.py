@@ -35,6 +35,22 @@ __all__ = ["PenalizedSystem", "Evaluation", "Solution"]
 LOG_2PI = float(np.log(2 * np.pi))
 # Up to this many stored entries in A, a trial factorization in each CHOLMOD mode costs milliseconds.
 TRIAL_FACTORIZATION_MAX_NNZ = 2_000_000
+# Patterns whose measured factorization mode is remembered for the process (the oldest dropped first).
+CHOSEN_MODES_KEPT = 256
+_CHOSEN_MODES: dict[tuple, str] = {}
+
+
+def _pattern_key(A: sp.csc_matrix, relcov) -> tuple:
+    """What the trials' outcome depends on: A's pattern and the terms' layout."""
+    return (
+        A.shape,
+        A.nnz,
+        hash(A.indptr.tobytes()),
+        hash(A.indices.tobytes()),
+        tuple((n, template.k) for n, template in relcov.blocks),
+    )
+
+
 # A simplicial factorization this fast is not worth a supernodal trial (whose first call costs more).
 FAST_FACTORIZATION_SECONDS = 0.002
 # A rate for dense LAPACK Cholesky, used to skip hopeless trials of the Schur form (one core measured 31e9:
@@ -300,6 +316,24 @@ class PenalizedSystem:
         if schur_alone is not None:
             return schur_alone
         small = self._A.nnz <= TRIAL_FACTORIZATION_MAX_NNZ
+        # The same pattern takes the mode measured for it before in this process: timings near a tie would
+        # otherwise send two fits of one design down different optimizers (the gradient's where the Schur form
+        # wins), to optima that differ at rounding level of a flat likelihood.
+        key = _pattern_key(self._A, self.relcov) if small else None
+        remembered = _CHOSEN_MODES.get(key) if key is not None else None
+        if remembered == "schur":
+            return SchurFactor(self._A, self.cross.ZtZ, self.relcov)
+        if remembered is not None:
+            return CholmodFactor(self._A, remembered)
+        chosen = self._timed_choice(factors, small)
+        if key is not None:
+            if len(_CHOSEN_MODES) >= CHOSEN_MODES_KEPT:
+                _CHOSEN_MODES.pop(next(iter(_CHOSEN_MODES)))
+            _CHOSEN_MODES[key] = chosen.mode
+        return chosen
+
+    def _timed_choice(self, factors, small: bool):
+        """_choose_factorization's trials: the fastest candidate, as measured now."""
         candidates = [CholmodFactor(self._A, "simplicial")] if small else []
         timings = [_time_refactorization(candidates[0], self._A, factors)] if small else []
         slopes = any(template.k > 1 for _, template in self.relcov.blocks)
