@@ -12,7 +12,7 @@ import numpy as np
 import scipy.linalg as la
 import scipy.sparse as sp
 
-from .terms import RandomTerm
+from .terms import RandomTerm, row_levels
 
 __all__ = ["assemble_Z", "CrossProducts"]
 
@@ -151,9 +151,8 @@ def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matr
     for a, b in zip(starts[:-1], starts[1:]):
         lo, hi = Z.indptr[a], Z.indptr[b]
         rows = Z.indices[lo:hi]
-        code = np.full(n, -1, dtype=np.int64)
-        code[rows] = np.repeat(np.arange(b - a), np.diff(Z.indptr[a : b + 1]))
-        if np.count_nonzero(code >= 0) != hi - lo:  # a row with two entries in this block
+        code = row_levels(rows, np.repeat(np.arange(b - a), np.diff(Z.indptr[a : b + 1])), n)
+        if code is None:  # a row with two entries in this block
             return None
         value = np.zeros(n)
         value[rows] = Z.data[lo:hi]

@@ -782,7 +782,7 @@ def dense_inverse_lower(L: np.ndarray, single: bool = False, workspace: Workspac
     trtri, lauum = lapack.get_lapack_funcs(("trtri", "lauum"), dtype=dtype)
     trmm, syrk = blas.get_blas_funcs(("trmm", "syrk"), dtype=dtype)
     m = n // 2
-    At, Ct, B = work.array("11", (m, m), dtype, "F"), work.array("22", (n - m, n - m), dtype, "F"), None
+    At, Ct = work.array("11", (m, m), dtype, "F"), work.array("22", (n - m, n - m), dtype, "F")
     np.copyto(At, L[:m, :m].T)
     np.copyto(Ct, L[m:, m:].T)
     with dense_threads(m, blocked=True):

@@ -38,19 +38,6 @@ TRIAL_FACTORIZATION_MAX_NNZ = 2_000_000
 # Patterns whose measured factorization mode is remembered for the process (the oldest dropped first).
 CHOSEN_MODES_KEPT = 256
 _CHOSEN_MODES: dict[tuple, str] = {}
-
-
-def _pattern_key(A: sp.csc_matrix, relcov) -> tuple:
-    """What the trials' outcome depends on: A's pattern and the terms' layout."""
-    return (
-        A.shape,
-        A.nnz,
-        hash(A.indptr.tobytes()),
-        hash(A.indices.tobytes()),
-        tuple((n, template.k) for n, template in relcov.blocks),
-    )
-
-
 # A simplicial factorization this fast is not worth a supernodal trial (whose first call costs more).
 FAST_FACTORIZATION_SECONDS = 0.002
 # A rate for dense LAPACK Cholesky, used to skip hopeless trials of the Schur form (one core measured 31e9:
@@ -311,7 +298,6 @@ class PenalizedSystem:
         dense = self._dense_factor() if DENSE_BY_DEFAULT else None
         if dense is not None:
             return dense
-        factors = self._write_values(self.relcov.factors(self.relcov.start()))
         schur_alone = self._schur_alone()
         if schur_alone is not None:
             return schur_alone
@@ -325,15 +311,16 @@ class PenalizedSystem:
             return SchurFactor(self._A, self.cross.ZtZ, self.relcov)
         if remembered is not None:
             return CholmodFactor(self._A, remembered)
-        chosen = self._timed_choice(factors, small)
+        chosen = self._timed_choice(small)
         if key is not None:
             if len(_CHOSEN_MODES) >= CHOSEN_MODES_KEPT:
                 _CHOSEN_MODES.pop(next(iter(_CHOSEN_MODES)))
             _CHOSEN_MODES[key] = chosen.mode
         return chosen
 
-    def _timed_choice(self, factors, small: bool):
-        """_choose_factorization's trials: the fastest candidate, as measured now."""
+    def _timed_choice(self, small: bool):
+        """_choose_factorization's trials: the fastest candidate, as measured now (at lme4's start)."""
+        factors = self._write_values(self.relcov.factors(self.relcov.start()))
         candidates = [CholmodFactor(self._A, "simplicial")] if small else []
         timings = [_time_refactorization(candidates[0], self._A, factors)] if small else []
         slopes = any(template.k > 1 for _, template in self.relcov.blocks)
@@ -928,3 +915,14 @@ def _pair_blocks(sub: sp.coo_matrix, t, s, n_t, k_t, n_s, k_s, row_offset, col_o
     cols = (col_offset + lb[:, None, None] * k_s + jj[None]).reshape(-1)
     keep = np.flatnonzero(rows >= cols) if t == s else np.arange(rows.shape[0])
     return _PairTargets(t, s, blocks, keep, rows[keep], cols[keep])
+
+
+def _pattern_key(A: sp.csc_matrix, relcov) -> tuple:
+    """What the trials' outcome depends on: A's pattern and the terms' layout."""
+    return (
+        A.shape,
+        A.nnz,
+        hash(A.indptr.tobytes()),
+        hash(A.indices.tobytes()),
+        tuple((n, template.k) for n, template in relcov.blocks),
+    )
