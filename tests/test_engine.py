@@ -434,8 +434,8 @@ def test_complement_density_tells_crossed_from_nested():
     ]
     nested, _, _ = _system(np.ones((n, 1)), rng.normal(size=n), nested_terms)
     # crossed: each of 400 levels links ~10 of 200 columns, so a column meets ~20 x 9 others: about 60% filled
-    assert 0.4 < _complement_density(crossed._A, 400) < 0.8
-    assert _complement_density(nested._A, 1_000) == pytest.approx(1 / 200)  # the diagonal only
+    assert 0.4 < _complement_density(crossed.cross.ZtZ, 400) < 0.8
+    assert _complement_density(nested.cross.ZtZ, 1_000) == pytest.approx(1 / 200)  # the diagonal only
     assert crossed.factorization_mode == "schur" and nested.factorization_mode != "schur"
 
 
@@ -781,8 +781,11 @@ def test_gram_of_one_entry_a_row_terms_equals_the_sparse_product():
     Z = sp.hstack(blocks, format="csc")
     expected = sp.csc_matrix(sp.csr_matrix(Z.T) @ Z)
     expected.sort_indices()
+    before = Z.copy()
     got = _one_per_row_gram(Z, [300, 50, 8])
     assert got.has_sorted_indices
+    for part in ("data", "indices", "indptr"):  # Z's own arrays are read, not sorted in place
+        np.testing.assert_array_equal(getattr(Z, part), getattr(before, part))
     np.testing.assert_array_equal(got.indptr, expected.indptr)
     np.testing.assert_array_equal(got.indices, expected.indices)
     np.testing.assert_allclose(got.data, expected.data, rtol=1e-12, atol=1e-12)
@@ -811,3 +814,74 @@ def test_a_pattern_keeps_the_factorization_measured_for_it(monkeypatch):
     assert modes[0] != "simplicial" and modes[1] == modes[0]
     monkeypatch.setattr(system_module, "_CHOSEN_MODES", {})  # a new process would measure again
     assert build_system(X, y, terms).factorization_mode == "simplicial"
+
+
+def test_hstack_csc_equals_scipys_hstack():
+    """terms.hstack_csc (Z's blocks side by side, their arrays concatenated) gives scipy's hstack: CSR blocks,
+    empty blocks and a single block included."""
+    from sparsemix.core.terms import hstack_csc
+
+    rng = np.random.default_rng(5)
+    for trial in range(30):
+        n = int(rng.integers(1, 40))
+        blocks = [
+            sp.random(
+                n, int(rng.integers(0, 12)), density=float(rng.random()), format="csc", random_state=trial * 7 + j
+            )
+            for j in range(int(rng.integers(1, 4)))
+        ]
+        blocks[0] = sp.csr_matrix(blocks[0]) if trial % 3 == 0 else blocks[0]
+        got, expected = hstack_csc(blocks), sp.hstack(blocks, format="csc")
+        assert got.format == "csc" and got.shape == expected.shape
+        np.testing.assert_array_equal(got.indptr, expected.indptr)
+        np.testing.assert_array_equal(got.indices, expected.indices)
+        np.testing.assert_array_equal(got.data, expected.data)
+
+
+def test_least_squares_from_householder_qr_matches_lstsq():
+    """CrossProducts' least-squares shift (LAPACK's QR, Q applied by its reflectors) solves as numpy's lstsq does,
+    for one response or several, on columns of very different scales; a rank-deficient X goes to lstsq."""
+    from sparsemix.core.cross_products import _least_squares
+
+    rng = np.random.default_rng(8)
+    for n, p, r in [(144, 1, 1), (102, 3, 2), (4_059, 5, 1), (30, 7, 3)]:
+        X = rng.normal(size=(n, p)) * 10.0 ** rng.uniform(-3, 3, size=p)
+        Y = rng.normal(size=(n, r))
+        expected = np.linalg.lstsq(X, Y, rcond=None)[0]
+        np.testing.assert_allclose(_least_squares(X)(Y), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    X = rng.normal(size=(50, 2))
+    X = np.column_stack([X, X[:, 0] + X[:, 1]])  # rank 2 of 3
+    Y = rng.normal(size=(50, 1))
+    np.testing.assert_allclose(_least_squares(X)(Y), np.linalg.lstsq(X, Y, rcond=None)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_level_rows_of_a_scalar_first_term_read_csc_order():
+    """SchurFactor's (level, row) pairs of G = (Z'Z)_21: for a scalar first term read straight off G's CSC order;
+    the same pairs and values as the sorted, deduplicated general path (unsorted, duplicated input included)."""
+    from sparsemix.core.factor import _level_rows
+
+    rng = np.random.default_rng(13)
+    for trial in range(20):
+        m, q1, nnz = int(rng.integers(1, 30)), int(rng.integers(1, 30)), int(rng.integers(0, 120))
+        rows, cols = rng.integers(0, m, nnz), rng.integers(0, q1, nnz)
+        G = sp.csc_matrix((rng.normal(size=nnz), (rows, cols)), shape=(m, q1))
+        if trial % 2:  # scipy's COO -> CSC sums duplicates; unsorted indices and duplicates by hand
+            G = sp.csc_matrix((np.repeat(G.data, 2) / 2, np.repeat(G.indices, 2), G.indptr * 2), shape=G.shape)
+            G.has_sorted_indices = False
+        keys, inverse = unique_inverse(G.tocoo().col.astype(np.int64) * m + G.tocoo().row)
+        expected_values = np.zeros(keys.shape[0])
+        np.add.at(expected_values, inverse, G.tocoo().data)
+        level_rows, values = _level_rows(G, 1)
+        np.testing.assert_array_equal(level_rows, np.column_stack(np.divmod(keys, m)))
+        np.testing.assert_allclose(values[:, 0], expected_values, rtol=1e-14, atol=1e-15)
+
+
+def test_row_levels_one_entry_a_row_and_several():
+    """terms.row_levels: each row's level where every row has at most one entry (the counted fast path), or one
+    level for several entries (a term with slopes: k entries a row); None where a row has two levels."""
+    from sparsemix.core.terms import row_levels
+
+    rows, level = np.array([3, 0, 2]), np.array([1, 0, 4])
+    np.testing.assert_array_equal(row_levels(rows, level, 5), [0, -1, 4, 1, -1])
+    np.testing.assert_array_equal(row_levels(np.array([0, 0, 2, 2]), np.array([1, 1, 0, 0]), 3), [1, -1, 0])
+    assert row_levels(np.array([0, 0, 1]), np.array([1, 2, 0]), 2) is None

@@ -287,3 +287,38 @@ def test_nested_terms_are_told_from_crossed_ones_in_sparse_and_dense_cross_produ
         system = build_design(formula, data).system()
         for G in (system.cross.ZtZ, system.cross.ZtZ.toarray()):
             assert _nested(G, system.relcov.column_slices) is nested
+
+
+def test_a_pilots_restricted_term_equals_the_row_slice_of_its_z():
+    """pilot._restricted renumbers Z's entries in the kept rows and drops the levels none of them has: the same
+    matrix (pattern, order and values) and labels as slicing the rows through CSR and keeping the present levels;
+    terms with slopes, zeros and levels left empty included."""
+    import scipy.sparse as sp
+
+    from sparsemix.core.terms import CovarianceTemplate, RandomTerm
+    from sparsemix.fit.pilot import _restricted
+
+    rng = np.random.default_rng(17)
+    for trial in range(60):
+        n, n_levels, k = int(rng.integers(1, 60)), int(rng.integers(1, 12)), int(rng.integers(1, 3))
+        values = rng.normal(size=(n, k))
+        values[rng.random((n, k)) < 0.2] = 0.0
+        labels = [f"L{i}" for i in range(n_levels)]
+        term = RandomTerm.from_codes(
+            "g",
+            rng.integers(0, n_levels, n),
+            values,
+            n_levels,
+            CovarianceTemplate.unstructured(k),
+            labels,
+            tuple(f"c{i}" for i in range(k)),
+        )
+        rows = np.flatnonzero(rng.random(n) < 0.5)
+        got = _restricted(term, rows)
+        sliced = sp.csc_matrix(term.Z.tocsr()[rows])
+        present = np.flatnonzero(np.add.reduceat(np.diff(sliced.indptr), np.arange(0, sliced.shape[1], k)) > 0)
+        expected = sliced[:, (present[:, None] * k + np.arange(k)).ravel()]
+        assert got.n_levels == present.shape[0] and got.level_labels == tuple(labels[i] for i in present)
+        np.testing.assert_array_equal(got.Z.indptr, expected.indptr)
+        np.testing.assert_array_equal(got.Z.indices, expected.indices)
+        np.testing.assert_array_equal(got.Z.data, expected.data)

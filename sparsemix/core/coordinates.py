@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .terms import RandomTerm, level_entries, level_layout_csc, row_levels
+from .terms import RandomTerm, hstack_csc, level_entries, level_layout_csc, row_levels
 
 __all__ = [
     "column_transform",
@@ -104,7 +104,7 @@ def transform_columns(Z: sp.spmatrix, n_levels: int, T: np.ndarray | None) -> sp
 def system_columns(terms: list[RandomTerm], transforms: list) -> sp.csc_matrix:
     """The system's Z: every term's columns in its working coordinates, in term order."""
     blocks = [transform_columns(t.Z, t.n_levels, T) for t, T in zip(terms, transforms)]
-    return blocks[0] if len(blocks) == 1 else sp.hstack(blocks, format="csc")
+    return hstack_csc(blocks)
 
 
 def lower_factor(M: np.ndarray) -> np.ndarray:

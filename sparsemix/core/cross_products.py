@@ -9,17 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-import scipy.linalg as la
 import scipy.sparse as sp
+from scipy.linalg import lapack
 
-from .terms import RandomTerm, row_levels
+from .terms import RandomTerm, hstack_csc, row_levels
 
 __all__ = ["assemble_Z", "CrossProducts"]
 
 
 def assemble_Z(terms: list[RandomTerm]) -> sp.csc_matrix:
     """Z = [Z_1 | Z_2 | ...] as one CSC matrix, in term order."""
-    return sp.hstack([t.Z for t in terms], format="csc")
+    return hstack_csc([t.Z for t in terms])
 
 
 @dataclass(frozen=True)
@@ -147,33 +147,46 @@ def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matr
     starts = np.concatenate([[0], np.cumsum(column_blocks)])
     if starts[-1] != Z.shape[1]:
         return None
-    codes, values = [], []
+    # each block's level per row (-1: none), and its values per row, or None where every entry is 1 (a random
+    # intercept's: no scatter of the values, no products)
+    codes, values, complete = [], [], []
     for a, b in zip(starts[:-1], starts[1:]):
         lo, hi = Z.indptr[a], Z.indptr[b]
         rows = Z.indices[lo:hi]
         code = row_levels(rows, np.repeat(np.arange(b - a), np.diff(Z.indptr[a : b + 1])), n)
         if code is None:  # a row with two entries in this block
             return None
-        value = np.zeros(n)
-        value[rows] = Z.data[lo:hi]
+        value = None
+        if not np.all(Z.data[lo:hi] == 1.0):
+            value = np.zeros(n)
+            value[rows] = Z.data[lo:hi]
         codes.append(code)
         values.append(value)
+        complete.append(hi - lo == n)  # an entry in every row: no masks
     J = len(codes)
     parts: list[list[sp.csc_matrix]] = [[None] * J for _ in range(J)]  # type: ignore[list-item]
     for s in range(J):
-        stored = codes[s] >= 0
-        diagonal = np.bincount(codes[s][stored], values[s][stored] ** 2, minlength=column_blocks[s])
+        stored = slice(None) if complete[s] else codes[s] >= 0
+        squares = None if values[s] is None else values[s][stored] ** 2
+        diagonal = np.bincount(codes[s][stored], squares, minlength=column_blocks[s]).astype(float)
         nonzero = np.flatnonzero(diagonal)
         parts[s][s] = sp.csc_matrix(
             (diagonal[nonzero], nonzero, np.concatenate([[0], np.cumsum(diagonal != 0)])),
             shape=(column_blocks[s], column_blocks[s]),
         )
         for t in range(s + 1, J):
-            both = stored & (codes[t] >= 0)
-            block = sp.csr_matrix(
-                ((values[s] * values[t])[both], (codes[s][both], codes[t][both])),
-                shape=(column_blocks[s], column_blocks[t]),
-            )
+            # block s's entries in Z's order (by level of s, rows ascending) are the rows of a CSR whose columns are
+            # the rows' levels of t: no COO -> CSR conversion (2 s at 32,000,000 rows)
+            lo, hi = Z.indptr[starts[s]], Z.indptr[starts[s + 1]]
+            rows = Z.indices[lo:hi]
+            other = codes[t][rows]
+            products = Z.data[lo:hi].copy() if values[t] is None else Z.data[lo:hi] * values[t][rows]  # (sorted below)
+            indptr = Z.indptr[starts[s] : starts[s + 1] + 1] - lo
+            if not complete[t]:
+                reached = other >= 0
+                indptr = np.concatenate([[0], np.cumsum(reached)])[indptr]
+                other, products = other[reached], products[reached]
+            block = sp.csr_matrix((products, other, indptr), shape=(column_blocks[s], column_blocks[t]))
             block.sum_duplicates()
             block.eliminate_zeros()
             parts[s][t] = block.tocsc()  # rows of block s, columns of block t
@@ -210,15 +223,24 @@ def _shifted_sums(X, Zt, Y, p):
 
 def _least_squares(X):
     """b -> the least-squares solution of X beta = b: from one QR of X, used for both passes (numpy's lstsq, an SVD
-    each time, took 0.25 ms of a 7,000-row system's 1.9 ms), or lstsq's where X is (nearly) rank deficient."""
+    each time, took 0.25 ms of a 7,000-row system's 1.9 ms), or lstsq's where X is (nearly) rank deficient. LAPACK's
+    Householder QR as it is, Q applied by its reflectors (numpy's qr also forms Q: 15 of a small model's 30 us)."""
     by_svd = lambda b: np.linalg.lstsq(X, b, rcond=None)[0]  # noqa: E731
-    if X.shape[0] < X.shape[1]:
+    n, p = X.shape
+    if n < p:
         return by_svd
-    Q, R = np.linalg.qr(X)
+    reflectors, tau, _, info = lapack.dgeqrf(X)
+    R = np.triu(reflectors[:p])
     diagonal = np.abs(np.diag(R))
-    if not diagonal.min() > 1e-10 * diagonal.max():
+    if info != 0 or not diagonal.min() > 1e-10 * diagonal.max():
         return by_svd
-    return lambda b: la.solve_triangular(R, Q.T @ b, check_finite=False)
+
+    def solve(b):
+        Qtb, _, info = lapack.dormqr("L", "T", reflectors, tau, b, max(1, b.shape[1]))
+        beta, info_r = lapack.dtrtrs(R, Qtb[:p])
+        return beta if info == 0 and info_r == 0 else by_svd(b)
+
+    return solve
 
 
 def _weighted(X, Z, weights):

@@ -688,6 +688,12 @@ def _trusted_csc(data, indices, indptr, shape) -> sp.csc_matrix:
 
 def _level_rows(G: sp.csc_matrix, k: int):
     """The distinct (level, row) pairs of G's entries, sorted, and G's k values for each: ((m, 2), (m, k))."""
+    if k == 1:  # each entry its own (level, row) pair, and CSC's order already theirs (no sort: 3 s at MovieLens size)
+        G = sp.csc_matrix(G)
+        G.sum_duplicates()  # (sorted indices, no duplicate: scipy's flags make it free where they hold)
+        nnz = int(G.indptr[-1])
+        level = np.repeat(np.arange(G.shape[1], dtype=np.int64), np.diff(G.indptr))
+        return np.column_stack([level, G.indices[:nnz].astype(np.int64)]), G.data[:nnz].reshape(-1, 1).copy()
     coo = G.tocoo()
     level, a = np.divmod(coo.col.astype(np.int64), k)
     keys, inverse = unique_inverse(level * G.shape[0] + coo.row)  # each of G's columns a sorted run

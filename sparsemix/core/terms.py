@@ -20,6 +20,7 @@ __all__ = [
     "RandomTerm",
     "VarianceComponent",
     "indicator_matrix",
+    "hstack_csc",
     "level_entries",
     "level_layout_csc",
     "row_levels",
@@ -173,6 +174,21 @@ def level_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -
     return sp.csc_matrix((values[stored][order], rows[order], indptr), shape=shape)
 
 
+def hstack_csc(blocks: list[sp.csc_matrix]) -> sp.csc_matrix:
+    """[B_1 | B_2 | ...] of CSC matrices with the same rows, their arrays concatenated (scipy's hstack converts and
+    checks each block: half of building a small model's system columns)."""
+    blocks = [b if b.format == "csc" else sp.csc_matrix(b) for b in blocks]
+    if len(blocks) == 1:
+        return blocks[0]
+    nnz = [int(b.indptr[-1]) for b in blocks]
+    offsets = np.cumsum([0] + nnz[:-1])
+    indptr = np.concatenate([np.zeros(1, dtype=np.int64)] + [b.indptr[1:] + o for b, o in zip(blocks, offsets)])
+    data = np.concatenate([b.data[:m] for b, m in zip(blocks, nnz)])
+    indices = np.concatenate([b.indices[:m] for b, m in zip(blocks, nnz)])
+    shape = (blocks[0].shape[0], sum(b.shape[1] for b in blocks))
+    return sp.csc_matrix((data, indices, indptr), shape=shape)
+
+
 def level_entries(Z: sp.spmatrix, k: int) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray, np.ndarray]:
     """A term's Z (n x levels * k) as CSC, and for each stored entry its row, its level and its column among the
     level's k."""
@@ -186,6 +202,10 @@ def row_levels(rows: np.ndarray, level: np.ndarray, n: int) -> np.ndarray | None
     has entries in two levels (not RandomTerm.from_codes' layout)."""
     out = np.full(n, -1, dtype=np.int64)
     out[rows] = level
+    # (levels >= 0) each entry has a row of its own where the scatter filled as many rows as there are entries: a
+    # sequential count, where reading the rows back is a second random pass (0.4 s at 32,000,000 rows)
+    if np.count_nonzero(out >= 0) == rows.shape[0]:
+        return out
     return out if np.array_equal(out[rows], level) else None
 
 

@@ -62,8 +62,9 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64, copy=False), np.asarray(levels)
 
 
-# From this many rows, text columns are factorized by Arrow (pandas 3's `str`); below, as Python objects.
-ARROW_FACTORIZE_MIN_ROWS = 5000
+# From this many rows, text columns are factorized by Arrow (pandas 3's `str`); below, as Python objects (the
+# crossover of the two measured at ~1,000 rows: docs/performance.md).
+ARROW_FACTORIZE_MIN_ROWS = 1000
 
 
 def indicator_variable(formula: str) -> str | None:
