@@ -167,7 +167,8 @@ def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matr
     parts: list[list[sp.csc_matrix]] = [[None] * J for _ in range(J)]  # type: ignore[list-item]
     for s in range(J):
         stored = slice(None) if complete[s] else codes[s] >= 0
-        squares = None if values[s] is None else values[s][stored] ** 2
+        value_s = values[s]
+        squares = None if value_s is None else value_s[stored] ** 2
         diagonal = np.bincount(codes[s][stored], squares, minlength=column_blocks[s]).astype(float)
         nonzero = np.flatnonzero(diagonal)
         parts[s][s] = sp.csc_matrix(
@@ -180,7 +181,8 @@ def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matr
             lo, hi = Z.indptr[starts[s]], Z.indptr[starts[s + 1]]
             rows = Z.indices[lo:hi]
             other = codes[t][rows]
-            products = Z.data[lo:hi].copy() if values[t] is None else Z.data[lo:hi] * values[t][rows]  # (sorted below)
+            value_t = values[t]
+            products = Z.data[lo:hi].copy() if value_t is None else Z.data[lo:hi] * value_t[rows]  # (sorted below)
             indptr = Z.indptr[starts[s] : starts[s + 1] + 1] - lo
             if not complete[t]:
                 reached = other >= 0
