@@ -885,3 +885,45 @@ def test_row_levels_one_entry_a_row_and_several():
     np.testing.assert_array_equal(row_levels(rows, level, 5), [0, -1, 4, 1, -1])
     np.testing.assert_array_equal(row_levels(np.array([0, 0, 2, 2]), np.array([1, 1, 0, 0]), 3), [1, -1, 0])
     assert row_levels(np.array([0, 0, 1]), np.array([1, 2, 0]), 2) is None
+
+
+def test_a_lone_term_of_many_levels_is_held_dense_with_the_same_deviance(monkeypatch):
+    """One term with slopes and 1,500 levels (3,000 columns, above DENSE_MAX_Q) is held dense, eliminated level by
+    level (its exact Hessian: a handful of Newton steps where BOBYQA took ~60 evaluations); its deviance equals
+    CHOLMOD's at several theta, and its blocks are those of the whole augmented matrix (formed below
+    DENSE_AUGMENTED_MAX_ENTRIES, from Z'Z's sparse blocks above)."""
+    import sparsemix.core.factor as factor
+
+    rng = np.random.default_rng(31)
+    n, n_levels = 12_000, 1_500
+    g, x = rng.integers(0, n_levels, n), rng.normal(size=n)
+    y = 1.0 + x + rng.normal(size=n_levels)[g] + 0.5 * rng.normal(size=n_levels)[g] * x + rng.normal(size=n)
+    term = RandomTerm.from_codes(
+        "g",
+        g,
+        np.column_stack([np.ones(n), x]),
+        n_levels,
+        CovarianceTemplate.unstructured(2),
+        range(n_levels),
+        ("1", "x"),
+    )
+    X = np.column_stack([np.ones(n), x])
+    dense, _, rc = _system(X, y, [term])
+    cholmod, _, _ = _system(X, y, [term], factorization="simplicial")
+    assert dense.factorization_mode == "dense" and dense.supports_hessian
+    for theta in ([1.0, 0.0, 1.0], [0.7, 0.2, 0.4], [2.0, -0.5, 0.1]):
+        for reml in (True, False):
+            assert dense.deviance(np.array(theta), reml) == pytest.approx(
+                cholmod.deviance(np.array(theta), reml), rel=1e-11
+            )
+    split = dense._factor
+    monkeypatch.setattr(factor, "DENSE_AUGMENTED_MAX_ENTRIES", 10**12)
+    whole = factor.DenseFactor(dense.cross, rc)
+    for name in ("G11", "G1R", "GRR"):
+        np.testing.assert_array_equal(getattr(split, name), getattr(whole, name))
+    monkeypatch.undo()
+    from sparsemix.fit.stages import optimize_system
+
+    newton, bobyqa = optimize_system(dense), optimize_system(cholmod)
+    assert newton.n_evaluations <= 10 < bobyqa.n_evaluations
+    assert newton.deviance <= bobyqa.deviance + 1e-8

@@ -62,6 +62,25 @@ class CholmodFactor:
         return self._f.solve_A(B)
 
 
+# DenseFactor forms [Z X y]'[Z X y] whole up to this many entries (8 MB); above, only the blocks it keeps: the whole
+# matrix grows with the square of the first term's levels, which the factor's own work does not.
+DENSE_AUGMENTED_MAX_ENTRIES = 1_000_000
+
+
+def _augmented(cross, ZtZ_rows: np.ndarray, first: int) -> np.ndarray:
+    """[Z X y]'[Z X y] without its first `first` rows and columns, from Z'Z's rows and columns after them (dense)."""
+    m, p = ZtZ_rows.shape[0], cross.p
+    out = np.empty((m + p + 1, m + p + 1))
+    out[:m, :m] = ZtZ_rows
+    out[:m, m : m + p] = cross.ZtX[first:]
+    out[:m, m + p] = cross.Zty[first:]
+    out[m:, :m] = out[:m, m:].T
+    out[m : m + p, m : m + p] = cross.XtX
+    out[m : m + p, m + p] = out[m + p, m : m + p] = cross.Xty
+    out[m + p, m + p] = cross.yty
+    return out
+
+
 class DenseFactor:
     """A small system held dense: the first term eliminated level by level (its block of A + I is block
     diagonal: k1 x k1 Cholesky factors, batched) and the rest, with X and y appended, as one dense matrix
@@ -88,19 +107,24 @@ class DenseFactor:
         self.q1 = q1 = n1 * k1
         self.q2 = q2 = q - q1
         self.first = 1 if q1 else 0  # templates before the rest's
-        aug = np.empty((q + p + 1, q + p + 1))
-        aug[:q, :q] = cross.ZtZ.toarray()
-        aug[:q, q : q + p] = cross.ZtX
-        aug[:q, q + p] = cross.Zty
-        aug[q:, :q] = aug[:q, q:].T
-        aug[q : q + p, q : q + p] = cross.XtX
-        aug[q : q + p, q + p] = aug[q + p, q : q + p] = cross.Xty
-        aug[q + p, q + p] = cross.yty
-        levels = np.arange(n1)
-        self.G11 = aug[:q1, :q1].reshape(n1, k1, n1, k1)[levels, :, levels, :].copy()  # (n1, k1, k1)
+        if (q + p + 1) ** 2 <= DENSE_AUGMENTED_MAX_ENTRIES:
+            aug = _augmented(cross, sp.csc_matrix(cross.ZtZ).toarray(), 0)
+            levels = np.arange(n1)
+            self.G11 = aug[:q1, :q1].reshape(n1, k1, n1, k1)[levels, :, levels, :].copy()  # (n1, k1, k1)
+            self.G1R = aug[:q1, q1:].reshape(n1, k1, q - q1 + p + 1).copy()  # (n1, k1, N2)
+            self.GRR = aug[q1:, q1:].copy()  # (N2, N2)
+        else:  # many levels of the first term (a growth curve of thousands of subjects): its blocks from the sparse Z'Z
+            ZtZ = sp.csc_matrix(cross.ZtZ)
+            first = ZtZ[:q1, :q1].tocoo()  # block diagonal (the first term is eliminated only then)
+            self.G11 = np.zeros((n1, k1, k1))
+            self.G11[first.row // k1, first.row % k1, first.col % k1] = first.data
+            G1R = np.empty((q1, q - q1 + p + 1))
+            G1R[:, : q - q1] = ZtZ[:q1, q1:].toarray()
+            G1R[:, q - q1 : q - q1 + p] = cross.ZtX[:q1]
+            G1R[:, -1] = cross.Zty[:q1]
+            self.G1R = G1R.reshape(n1, k1, q - q1 + p + 1)
+            self.GRR = _augmented(cross, ZtZ[q1:, q1:].toarray(), q1)
         self._g11 = self.G11[:, 0, 0].copy()
-        self.G1R = aug[:q1, q1:].reshape(n1, k1, q - q1 + p + 1).copy()  # (n1, k1, N2)
-        self.GRR = aug[q1:, q1:].copy()  # (N2, N2)
         rest = blocks[self.first :]
         self.rest_ks = [t.k for _, t in rest]
         self._rest_scalar = all(k == 1 for k in self.rest_ks)
