@@ -407,18 +407,36 @@ def test_sparsely_linked_designs_are_timed(monkeypatch):
     assert system.factorization_mode != "schur"
 
 
-def test_a_trial_already_twice_as_slow_is_timed_once():
+def test_a_trial_already_twice_as_slow_is_timed_once_and_a_descheduled_call_decides_nothing():
+    """_time_refactorization: a first call that took twice the time to beat (in CPU, not only on the clock) ends
+    the trial; a slow first call of CPU gets one more call; a first call that only waited (descheduled by another
+    process: wall time without CPU time) is followed by TRIAL_REPEATS calls, and the least counts."""
     calls = []
 
-    class Slow:
+    class Busy:
+        def __init__(self, seconds):
+            self.seconds = seconds
+
         def refactor(self, A, factors):
             calls.append(1)
-            time.sleep(0.02)
+            end = time.thread_time() + self.seconds
+            while time.thread_time() < end:
+                pass
 
-    assert sparsemix.core.system._time_refactorization(Slow(), None, None, time_to_beat=0.005) >= 0.02
+    assert sparsemix.core.system._time_refactorization(Busy(0.02), None, None, time_to_beat=0.005) >= 0.02
     assert len(calls) == 1
-    sparsemix.core.system._time_refactorization(Slow(), None, None, time_to_beat=1.0)
+    sparsemix.core.system._time_refactorization(Busy(0.02), None, None, time_to_beat=1.0)
     assert len(calls) == 3
+
+    class WaitsOnce:
+        def refactor(self, A, factors):
+            calls.append(1)
+            if len(calls) == 1:
+                time.sleep(0.05)
+
+    calls.clear()
+    assert sparsemix.core.system._time_refactorization(WaitsOnce(), None, None, time_to_beat=0.001) < 0.01
+    assert len(calls) == 1 + sparsemix.core.system.TRIAL_REPEATS
 
 
 def test_complement_density_tells_crossed_from_nested():

@@ -165,6 +165,21 @@ def test_lmer_many_where_the_system_is_not_held_dense_refits_each_response():
     assert fits[2].llf == pytest.approx(one.llf, rel=1e-10)
 
 
+def test_lmer_many_with_a_lone_term_of_many_levels_refits_each_response():
+    """A lone term of 1,200 levels is held dense (its Newton steps) but too large for the batched passes (their
+    arrays grow with the levels times the responses): each response is a refit, as lmer fits it."""
+    rng = np.random.default_rng(4)
+    n, n_levels = 6_000, 1_200
+    g = rng.integers(0, n_levels, n)
+    data = pd.DataFrame({"g": g.astype(str), "x": rng.normal(size=n)})
+    Y = 1.0 + rng.normal(size=n_levels)[g][:, None] + rng.normal(size=(n, 3))
+    fits = sm.lmer_many("y ~ x + (1 | g)", data, Y)
+    assert not fits.batched.any()
+    one = sm.lmer("y ~ x + (1 | g)", data.assign(y=Y[:, 1]))
+    assert one.fit_result.system.factorization_mode == "dense"
+    assert fits[1].llf == pytest.approx(one.llf, rel=1e-10)
+
+
 def test_lmer_many_over_many_responses_at_a_boundary_matches_each_fit():
     """Responses with no subject effect at all: most optima are singular, which the one-response pipeline
     decides; the table holds every response either way."""

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.linalg as la
 
 from ..core.batched import ManyResponses
-from ..core.system import PenalizedSystem
+from ..core.system import DENSE_MAX_Q, PenalizedSystem
 from .optimize import (
     DEFAULT_OPTIMIZER,
     GRADIENT_METHOD,
@@ -324,8 +324,14 @@ def fixed_effects_many(many: ManyResponses, working: np.ndarray, reml: bool) -> 
 
 def batched_applies(system: PenalizedSystem, method: str = DEFAULT_OPTIMIZER) -> bool:
     """Whether fit_responses serves this system: held dense (small), with the default optimizer (a user's choice
-    of another one is kept: those responses go through the one-response pipeline)."""
-    return system.factorization_mode == "dense" and method in (DEFAULT_OPTIMIZER, GRADIENT_METHOD)
+    of another one is kept: those responses go through the one-response pipeline). A lone term held dense with
+    more than DENSE_MAX_Q columns is refitted response by response: a pass's arrays grow with its levels times
+    ROWS_PER_PASS responses."""
+    return (
+        system.factorization_mode == "dense"
+        and system.relcov.q <= DENSE_MAX_Q
+        and method in (DEFAULT_OPTIMIZER, GRADIENT_METHOD)
+    )
 
 
 @dataclass
