@@ -108,7 +108,7 @@ class DenseFactor:
         self.q2 = q2 = q - q1
         self.first = 1 if q1 else 0  # templates before the rest's
         if (q + p + 1) ** 2 <= DENSE_AUGMENTED_MAX_ENTRIES:
-            aug = _augmented(cross, sp.csc_matrix(cross.ZtZ).toarray(), 0)
+            aug = _augmented(cross, cross.ZtZ.toarray(), 0)
             levels = np.arange(n1)
             self.G11 = aug[:q1, :q1].reshape(n1, k1, n1, k1)[levels, :, levels, :].copy()  # (n1, k1, k1)
             self.G1R = aug[:q1, q1:].reshape(n1, k1, q - q1 + p + 1).copy()  # (n1, k1, N2)
