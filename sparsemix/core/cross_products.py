@@ -142,44 +142,43 @@ PAIR_GRAM_MIN_ROWS = 50_000
 def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matrix | None:
     """Z'Z (CSC, both triangles, sorted, no zero stored: as scipy's product gives it) where each block of Z's
     columns has at most one entry in every row (scalar terms): each block's diagonal by a bincount, each pair of
-    blocks by one COO -> CSR sum of the rows' products; None where a block has two entries in some row."""
+    blocks by the first's entries read as a CSR whose columns are the rows' levels of the second, duplicates summed;
+    None where a block has two entries in some row."""
     n = Z.shape[0]
     starts = np.concatenate([[0], np.cumsum(column_blocks)])
     if starts[-1] != Z.shape[1]:
         return None
-    # each block's level per row (-1: none), and its values per row, or None where every entry is 1 (a random
-    # intercept's: no scatter of the values, no products)
+    # each block's level per row (-1: none), and (read by the blocks before it) its values per row, or None where
+    # every entry is 1 (a random intercept's: no scatter of the values, no products); its diagonal from its entries
+    J = len(column_blocks)
+    parts: list[list[sp.csc_matrix]] = [[None] * J for _ in range(J)]  # type: ignore[list-item]
     codes, values, complete = [], [], []
-    for a, b in zip(starts[:-1], starts[1:]):
+    for s, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
         lo, hi = Z.indptr[a], Z.indptr[b]
         rows = Z.indices[lo:hi]
-        code = row_levels(rows, np.repeat(np.arange(b - a), np.diff(Z.indptr[a : b + 1])), n)
+        levels = np.repeat(np.arange(b - a), np.diff(Z.indptr[a : b + 1]))
+        code = row_levels(rows, levels, n)
         if code is None:  # a row with two entries in this block
             return None
         value = None
-        if not np.all(Z.data[lo:hi] == 1.0):
+        if s and not np.all(Z.data[lo:hi] == 1.0):
             value = np.zeros(n)
             value[rows] = Z.data[lo:hi]
         codes.append(code)
         values.append(value)
         complete.append(hi - lo == n)  # an entry in every row: no masks
-    J = len(codes)
-    parts: list[list[sp.csc_matrix]] = [[None] * J for _ in range(J)]  # type: ignore[list-item]
-    for s in range(J):
-        stored = slice(None) if complete[s] else codes[s] >= 0
-        value_s = values[s]
-        squares = None if value_s is None else value_s[stored] ** 2
-        diagonal = np.bincount(codes[s][stored], squares, minlength=column_blocks[s]).astype(float)
+        diagonal = np.bincount(levels, Z.data[lo:hi] ** 2, minlength=column_blocks[s])
         nonzero = np.flatnonzero(diagonal)
         parts[s][s] = sp.csc_matrix(
             (diagonal[nonzero], nonzero, np.concatenate([[0], np.cumsum(diagonal != 0)])),
             shape=(column_blocks[s], column_blocks[s]),
         )
+    for s in range(J):
+        # block s's entries in Z's order (by level of s, rows ascending) are the rows of a CSR whose columns are the
+        # rows' levels of t: no COO -> CSR conversion (2 s at 32,000,000 rows)
+        lo, hi = Z.indptr[starts[s]], Z.indptr[starts[s + 1]]
+        rows = Z.indices[lo:hi]
         for t in range(s + 1, J):
-            # block s's entries in Z's order (by level of s, rows ascending) are the rows of a CSR whose columns are
-            # the rows' levels of t: no COO -> CSR conversion (2 s at 32,000,000 rows)
-            lo, hi = Z.indptr[starts[s]], Z.indptr[starts[s + 1]]
-            rows = Z.indices[lo:hi]
             other = codes[t][rows]
             value_t = values[t]
             products = Z.data[lo:hi].copy() if value_t is None else Z.data[lo:hi] * value_t[rows]  # (sorted below)

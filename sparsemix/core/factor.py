@@ -26,6 +26,7 @@ from scipy.linalg import blas, lapack
 from sksparse.cholmod import analyze
 
 from .pages import Workspace, fit_workspace
+from .terms import level_entries
 from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
 
 _potrf, _trtrs = lapack.dpotrf, lapack.dtrtrs
@@ -114,7 +115,7 @@ class DenseFactor:
             self.G1R = aug[:q1, q1:].reshape(n1, k1, q - q1 + p + 1).copy()  # (n1, k1, N2)
             self.GRR = aug[q1:, q1:].copy()  # (N2, N2)
         else:  # many levels of the first term (a growth curve of thousands of subjects): its blocks from the sparse Z'Z
-            ZtZ = sp.csc_matrix(cross.ZtZ)
+            ZtZ = cross.ZtZ
             first = ZtZ[:q1, :q1].tocoo()  # block diagonal (the first term is eliminated only then)
             self.G11 = np.zeros((n1, k1, k1))
             self.G11[first.row // k1, first.row % k1, first.col % k1] = first.data
@@ -714,10 +715,9 @@ def _level_rows(G: sp.csc_matrix, k: int):
     """The distinct (level, row) pairs of G's entries, sorted, and G's k values for each: ((m, 2), (m, k))."""
     if k == 1:  # each entry its own (level, row) pair, and CSC's order already theirs (no sort: 3 s at MovieLens size)
         G = sp.csc_matrix(G)
-        G.sum_duplicates()  # (sorted indices, no duplicate: scipy's flags make it free where they hold)
-        nnz = int(G.indptr[-1])
-        level = np.repeat(np.arange(G.shape[1], dtype=np.int64), np.diff(G.indptr))
-        return np.column_stack([level, G.indices[:nnz].astype(np.int64)]), G.data[:nnz].reshape(-1, 1).copy()
+        G.sum_duplicates()  # (sorted indices, no duplicate, arrays pruned: free where scipy's flags hold)
+        G, rows, level, _ = level_entries(G, 1)
+        return np.column_stack([level, rows]), G.data.reshape(-1, 1).copy()
     coo = G.tocoo()
     level, a = np.divmod(coo.col.astype(np.int64), k)
     keys, inverse = unique_inverse(level * G.shape[0] + coo.row)  # each of G's columns a sorted run

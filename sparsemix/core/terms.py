@@ -193,7 +193,8 @@ def level_entries(Z: sp.spmatrix, k: int) -> tuple[sp.csc_matrix, np.ndarray, np
     """A term's Z (n x levels * k) as CSC, and for each stored entry its row, its level and its column among the
     level's k."""
     Z = sp.csc_matrix(Z)
-    level, column = np.divmod(np.repeat(np.arange(Z.shape[1], dtype=np.int64), np.diff(Z.indptr)), k)
+    of_entry = np.repeat(np.arange(Z.shape[1], dtype=np.int64), np.diff(Z.indptr))
+    level, column = (of_entry, np.zeros_like(of_entry)) if k == 1 else np.divmod(of_entry, k)
     return Z, Z.indices.astype(np.int64), level, column
 
 

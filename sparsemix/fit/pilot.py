@@ -142,7 +142,7 @@ def _restricted(term: RandomTerm, rows: np.ndarray) -> RandomTerm:
     kept = at >= 0
     counted = np.concatenate([[0], np.cumsum(kept)])
     per_column = counted[Z.indptr[1:]] - counted[Z.indptr[:-1]]
-    per_level = per_column.reshape(-1, term.k).sum(axis=1) if Z.shape[1] else np.zeros(0, dtype=np.int64)
+    per_level = per_column.reshape(-1, term.k).sum(axis=1)
     present = np.flatnonzero(per_level > 0)
     columns = (present[:, None] * term.k + np.arange(term.k)[None, :]).ravel()
     indptr = np.concatenate([[0], np.cumsum(per_column[columns])])

@@ -63,7 +63,7 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
 
 
 # From this many rows, text columns are factorized by Arrow (pandas 3's `str`); below, as Python objects (the
-# crossover of the two measured at ~1,000 rows: docs/performance.md).
+# crossover of the two measured at ~1,000 rows: docs/performance-scale.md, eleventh session).
 ARROW_FACTORIZE_MIN_ROWS = 1000
 
 
