@@ -160,14 +160,15 @@ def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matr
         code = row_levels(rows, levels, n)
         if code is None:  # a row with two entries in this block
             return None
+        unit = bool(np.all(Z.data[lo:hi] == 1.0))
         value = None
-        if s and not np.all(Z.data[lo:hi] == 1.0):
+        if s and not unit:
             value = np.zeros(n)
             value[rows] = Z.data[lo:hi]
         codes.append(code)
         values.append(value)
         complete.append(hi - lo == n)  # an entry in every row: no masks
-        diagonal = np.bincount(levels, Z.data[lo:hi] ** 2, minlength=column_blocks[s])
+        diagonal = np.bincount(levels, None if unit else Z.data[lo:hi] ** 2, minlength=column_blocks[s]).astype(float)
         nonzero = np.flatnonzero(diagonal)
         parts[s][s] = sp.csc_matrix(
             (diagonal[nonzero], nonzero, np.concatenate([[0], np.cumsum(diagonal != 0)])),
