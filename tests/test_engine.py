@@ -643,16 +643,17 @@ def test_dense_path_infeasible_points_give_inf():
 
 
 def test_a_one_thread_scope_inside_another_sets_nothing_unless_threads_were_given_back(monkeypatch):
-    """Nested one-thread scopes skip threadpoolctl (20 us each, several a fit) where BLAS already runs one thread;
-    inside a stage that gave threads back (dense_threads), a one-thread scope sets one thread again, and every
-    exit restores what was there."""
+    """Nested one-thread scopes set nothing where BLAS already runs one thread; inside a stage that gave threads
+    back (dense_threads), a one-thread scope sets one thread again, and every exit restores what was there."""
     import sparsemix.core.threads as threads
 
     blas = threads.blas_libraries()
-    now = lambda: max(lib.num_threads for lib in blas.lib_controllers)
+    libs = blas.lib_controllers
+    now = lambda: max(lib.num_threads for lib in libs)
     calls = []
-    limit = type(blas).limit
-    monkeypatch.setattr(type(blas), "limit", lambda self, **kw: calls.append(kw["limits"]) or limit(self, **kw))
+    for cls in {type(lib) for lib in libs}:
+        setter = cls.set_num_threads
+        monkeypatch.setattr(cls, "set_num_threads", lambda self, n, setter=setter: calls.append(n) or setter(self, n))
     monkeypatch.setattr(threads, "free_cores", lambda: 2)
     with blas.limit(limits=2):
         calls.clear()
@@ -660,13 +661,13 @@ def test_a_one_thread_scope_inside_another_sets_nothing_unless_threads_were_give
             assert now() == 1
             with threads.blas_threads(True):
                 assert now() == 1
-            assert calls == [1]  # the nested scope set nothing
+            assert calls == [1] * len(libs)  # the nested scope set nothing
             with threads.dense_threads(threads.DENSE_THREADS_MIN_ORDER):
                 assert now() == 2
                 with threads.blas_threads(True):
                     assert now() == 1
                 assert now() == 2
-            assert calls == [1, 2, 1]
+            assert calls == [1] * len(libs) + [2] * len(libs) + [1] * len(libs) + [2] * len(libs) + [1] * len(libs)
             assert now() == 1
         assert now() == 2
 
@@ -720,24 +721,27 @@ def test_numpys_huge_page_hint_is_off_for_a_fit_and_restored(monkeypatch):
         pages._hint_setter.cache_clear()
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("zeros", [False, True])
-def test_transform_columns_is_z_times_the_levels_transform(zeros):
+def test_transform_columns_is_z_times_the_levels_transform(zeros, k):
     """Z (I kron T) for a term's working columns: the direct path (every row k entries of one level, as
-    RandomTerm.from_codes lays them out) and the general one (a stored zero dropped leaves a row short) both
-    equal scipy's product, with no zero stored."""
+    RandomTerm.from_codes lays them out), the general one (a stored zero dropped leaves a row short) and a scalar
+    term's scaled copy all equal scipy's product, with no zero stored."""
     from sparsemix.core.coordinates import column_transform, transform_columns
 
     rng = np.random.default_rng(3)
-    n, levels, k = 400, 25, 3
+    n, levels = 400, 25
     codes = rng.integers(0, levels, n)
-    values = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 3, n).astype(float)])
+    values = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 3, n).astype(float)])[:, 3 - k :]
     if zeros:
-        values[:40, 2] = 0.0
-    values[40, 1] = values[:, 1].mean()  # lands on 0 once centred
+        values[:40, -1] = 0.0
+    if k == 3:
+        values[40, 1] = values[:, 1].mean()  # lands on 0 once centred
     term = RandomTerm.from_codes(
-        "g", codes, values, levels, CovarianceTemplate.unstructured(k), tuple(range(levels)), ("a", "b", "c")
+        "g", codes, values, levels, CovarianceTemplate.unstructured(k), tuple(range(levels)), ("a", "b", "c")[:k]
     )
     T = column_transform(term)
+    assert T is not None
     got = transform_columns(term.Z, levels, T)
     expected = sp.csc_matrix(term.Z @ sp.kron(sp.eye(levels), sp.csr_matrix(T)))
     expected.eliminate_zeros()
@@ -745,18 +749,21 @@ def test_transform_columns_is_z_times_the_levels_transform(zeros):
     assert got.nnz == expected.nnz and np.all(got.data != 0)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("gaps", [False, True])
 @pytest.mark.parametrize("direct_max", [0, 10**9])
-def test_level_layout_csc_sorts_its_entries_as_scipy_does(direct_max, monkeypatch):
-    """level_layout_csc's own sort (small terms) and scipy's conversion (large ones) give the same CSC arrays: rows
-    ascending within each column, no zero stored, nothing for a row without a level (-1)."""
+def test_level_layout_csc_sorts_its_entries_as_scipy_does(direct_max, gaps, k, monkeypatch):
+    """level_layout_csc's own sort (small terms; a scalar term's own path) and scipy's conversion (large ones) give
+    the same CSC arrays: rows ascending within each column, no zero stored, nothing for a row without a level (-1)."""
     from sparsemix.core import terms
 
     monkeypatch.setattr(terms, "DIRECT_CSC_MAX_ENTRIES", direct_max)
     rng = np.random.default_rng(5)
-    n, levels, k = 300, 17, 2
-    row_level = rng.integers(-1, levels, n)
+    n, levels = 300, 17
+    row_level = rng.integers(-1 if gaps else 0, levels, n)
     values = rng.normal(size=(n, k))
-    values[rng.random((n, k)) < 0.2] = 0.0
+    if gaps:
+        values[rng.random((n, k)) < 0.2] = 0.0
     got = terms.level_layout_csc(row_level, values, levels)
     dense = np.zeros((n, levels * k))
     for i in np.flatnonzero(row_level >= 0):

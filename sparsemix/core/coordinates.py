@@ -85,6 +85,11 @@ def transform_columns(Z: sp.spmatrix, n_levels: int, T: np.ndarray | None) -> sp
     if T is None:
         return Z if sp.isspmatrix_csc(Z) else sp.csc_matrix(Z)
     k = T.shape[0]
+    if k == 1:  # a scalar term's entries scaled in place of a copy (the layout below: 60 us of sleepstudy's 3 ms)
+        scaled = sp.csc_matrix(Z, copy=True)
+        scaled.data *= T[0, 0]
+        if np.all(scaled.data != 0):  # (an underflow to zero would be stored: the general path drops it)
+            return scaled
     by_columns, rows, level, a = level_entries(Z, k)
     n = by_columns.shape[0]
     row_level = row_levels(rows, level, n)

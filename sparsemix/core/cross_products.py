@@ -232,8 +232,8 @@ def _least_squares(X):
     if n < p:
         return by_svd
     reflectors, tau, _, info = lapack.dgeqrf(X)
-    R = np.triu(reflectors[:p])
-    diagonal = np.abs(np.diag(R))
+    R = reflectors[:p]  # (its upper triangle: trtrs reads no other)
+    diagonal = np.abs(np.diagonal(R))
     if info != 0 or not diagonal.min() > 1e-10 * diagonal.max():
         return by_svd
 

@@ -154,6 +154,8 @@ def level_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -
     row_level[i] (none where it is -1), zeros not stored: RandomTerm.from_codes' layout."""
     n, k = values.shape
     shape = (n, n_levels * k)
+    if k == 1 and n <= DIRECT_CSC_MAX_ENTRIES:  # a scalar term: its rows in level order are the entries
+        return _scalar_layout_csc(row_level, values[:, 0], n_levels)
     stored = values != 0
     if row_level.size and row_level.min() < 0:
         stored &= (row_level >= 0)[:, None]
@@ -172,6 +174,23 @@ def level_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -
     np.cumsum(np.bincount(column, minlength=shape[1]), out=indptr[1:])
     rows = np.broadcast_to(np.arange(n)[:, None], (n, k))[stored]
     return sp.csc_matrix((values[stored][order], rows[order], indptr), shape=shape)
+
+
+def _scalar_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -> sp.csc_matrix:
+    """level_layout_csc of one column per level: the kept rows sorted by level (stable) are the CSC's entries."""
+    keep = values != 0
+    if row_level.size and row_level.min() < 0:
+        keep &= row_level >= 0
+    if keep.all():
+        order = np.argsort(row_level, kind="stable")
+        counts = np.bincount(row_level, minlength=n_levels)
+    else:
+        kept = np.flatnonzero(keep)
+        order = kept[np.argsort(row_level[kept], kind="stable")]
+        counts = np.bincount(row_level[kept], minlength=n_levels)
+    indptr = np.zeros(n_levels + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return sp.csc_matrix((values[order], order, indptr), shape=(row_level.shape[0], n_levels))
 
 
 def hstack_csc(blocks: list[sp.csc_matrix]) -> sp.csc_matrix:
