@@ -2,6 +2,8 @@
 
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from sparsemix import FormulaError
@@ -54,3 +56,36 @@ def test_syntax_errors_point_at_the_token(formula, message, column):
     lines = str(info.value).splitlines()
     assert lines[-2].strip() == formula
     assert lines[-1].index("^") - 4 == column
+
+
+@pytest.mark.parametrize("n", [1, 30, 300, 301, 999, 1000, 3000])
+def test_sorted_codes_of_text_are_numpys_unique_at_every_length(n):
+    """Text is factorized in Python (short columns), as Python objects or by Arrow (long ones): every path gives
+    np.unique's sorted levels and inverse, code-point order included (accents, case, digits, the empty string)."""
+    from sparsemix.formula.mixedlm import sorted_codes
+
+    rng = np.random.default_rng(n)
+    alphabet = np.array(["b", "B", "a", "é", "e", "10", "9", "", "zz", "Ä", "a b"])
+    values = pd.Series(alphabet[rng.integers(0, alphabet.size, n)]).astype("str")
+    codes, levels = sorted_codes(values)
+    expected_levels, expected_codes = np.unique(values.to_numpy(dtype=object), return_inverse=True)
+    assert list(levels) == list(expected_levels)
+    np.testing.assert_array_equal(codes, expected_codes)
+    assert codes.dtype == np.int64
+
+
+@pytest.mark.parametrize("n, levels", [(40, 3), (300, 25), (100, 2000)])
+def test_group_codes_of_an_interaction_number_the_combinations_present_in_order(n, levels):
+    """(1 | a:b:c): the combinations that occur, numbered in the order of a's levels, then b's, then c's (R's
+    factor(a:b:c) without unused levels), by the mask over the combinations' range (small) or by sorting (large)."""
+    from sparsemix.formula.design_rules import group_codes
+
+    rng = np.random.default_rng(levels)
+    frame = pd.DataFrame({v: rng.integers(0, levels, n) for v in "abc"})
+    frame["a"] = frame["a"].astype(str)
+    codes, labels = group_codes(frame, ("a", "b", "c"))
+    keys = sorted(set(zip(frame["a"], frame["b"], frame["c"])))
+    assert labels == tuple(f"{a}:{b}:{c}" for a, b, c in keys)
+    position = {key: i for i, key in enumerate(keys)}
+    expected = [position[key] for key in zip(frame["a"], frame["b"], frame["c"])]
+    np.testing.assert_array_equal(codes, expected)

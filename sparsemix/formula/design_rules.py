@@ -195,10 +195,10 @@ def group_codes(frame: pd.DataFrame, group: tuple[str, ...], check_count=None, c
     # One variable at a time, renumbering the combinations that occur after each: the codes stay below
     # rows x levels (the product of all level counts, which np.ravel_multi_index needs, passed 2^63 for
     # (1 | a:b:c:d:e) on five 7,000-level factors).
-    codes, first = sorted_codes(parts[0][0])
+    codes, first = _renumbered(parts[0][0], len(parts[0][1]))
     which = [first]  # per combination present: each variable's level
     for c, levels in parts[1:]:
-        codes, present = sorted_codes(codes * len(levels) + c)
+        codes, present = _renumbered(codes * len(levels) + c, len(which[0]) * len(levels))
         which = [w[present // len(levels)] for w in which] + [present % len(levels)]
     if check_count is not None:
         check_count(len(which[0]))
@@ -206,6 +206,17 @@ def group_codes(frame: pd.DataFrame, group: tuple[str, ...], check_count=None, c
     for (_, levels), idx in zip(parts[1:], which[1:]):
         labels = np.char.add(np.char.add(labels, ":"), level_names(levels)[idx])
     return codes, tuple(labels.tolist())
+
+
+def _renumbered(codes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """sorted_codes of integer codes in [0, size): by a mask over the range where it is not much longer than the
+    codes (a small model's interaction: 5 us against pandas' 40), else by sorted_codes."""
+    if size > 4 * codes.shape[0] + 1024:
+        return sorted_codes(codes)
+    seen = np.zeros(size, dtype=bool)
+    seen[codes] = True
+    rank = np.cumsum(seen) - 1
+    return rank[codes], np.flatnonzero(seen)
 
 
 def level_names(levels) -> np.ndarray:

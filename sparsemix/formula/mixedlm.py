@@ -54,6 +54,11 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
     factorized by Arrow, 2 ms a column on InstEval where its object array took 11. Values must have no missing
     entries (callers drop or reject them first).
     """
+    if isinstance(values, pd.Series) and values.dtype == "str" and len(values) <= PYTHON_FACTORIZE_MAX_ROWS:
+        labels = values.tolist()  # a few hundred labels: a set and a dict of Python str beat pandas' fixed costs
+        levels = sorted(set(labels))
+        position = {label: i for i, label in enumerate(levels)}.__getitem__
+        return np.fromiter(map(position, labels), dtype=np.int64, count=len(labels)), np.array(levels, dtype=object)
     if isinstance(values, pd.Series) and (len(values) >= ARROW_FACTORIZE_MIN_ROWS or values.dtype != "str"):
         codes, levels = pd.factorize(values, sort=True)
     else:  # numpy's arrays, and short text columns: Arrow's factorize has a fixed cost (sleepstudy: 266 us, 33 here)
@@ -65,6 +70,8 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
 # From this many rows, text columns are factorized by Arrow (pandas 3's `str`); below, as Python objects (the
 # crossover of the two measured at ~1,000 rows: docs/performance-scale.md, eleventh session).
 ARROW_FACTORIZE_MIN_ROWS = 1000
+# Up to this many rows text is factorized in Python (30 rows: 17 us against 49; 144: 36 against 62; even at ~500)
+PYTHON_FACTORIZE_MAX_ROWS = 300
 
 
 def indicator_variable(formula: str) -> str | None:
