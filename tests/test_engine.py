@@ -952,3 +952,23 @@ def test_a_lone_term_of_many_levels_is_held_dense_with_the_same_deviance(monkeyp
     newton, bobyqa = optimize_system(dense), optimize_system(cholmod)
     assert newton.n_evaluations <= 10 < bobyqa.n_evaluations
     assert newton.deviance <= bobyqa.deviance + 1e-8
+
+
+@pytest.mark.parametrize("unchecked", [True, False])
+def test_csc_from_arrays_is_scipys_matrix_of_those_arrays(unchecked, monkeypatch):
+    """The matrix made without scipy's checks has scipy's attributes, index dtype and behaviour (products, slices,
+    conversions); where scipy's matrices change their attributes, scipy's constructor makes it."""
+    from sparsemix.core import terms
+
+    monkeypatch.setattr(terms, "_UNCHECKED_CSC", unchecked)
+    rng = np.random.default_rng(11)
+    expected = sp.random(40, 15, density=0.3, format="csc", random_state=rng)
+    expected.sort_indices()
+    got = terms.csc_from_arrays(expected.data, expected.indices.astype(np.int64), expected.indptr, expected.shape)
+    reference = sp.csc_matrix((expected.data, expected.indices, expected.indptr), shape=expected.shape)
+    assert type(got) is type(reference) and set(vars(got)) == set(vars(reference))
+    assert got.indices.dtype == reference.indices.dtype == np.int32 and got.indptr.dtype == np.int32
+    assert got.shape == (40, 15) and got.has_sorted_indices
+    np.testing.assert_array_equal((got.T @ got).toarray(), (reference.T @ reference).toarray())
+    np.testing.assert_array_equal(got[:, 3:9].toarray(), reference[:, 3:9].toarray())
+    np.testing.assert_array_equal(got.tocsr().toarray(), expected.toarray())

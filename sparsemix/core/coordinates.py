@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .terms import RandomTerm, hstack_csc, level_entries, level_layout_csc, row_levels
+from .terms import RandomTerm, csc_from_arrays, hstack_csc, level_entries, level_layout_csc, row_levels
 
 __all__ = [
     "column_transform",
@@ -85,11 +85,10 @@ def transform_columns(Z: sp.spmatrix, n_levels: int, T: np.ndarray | None) -> sp
     if T is None:
         return Z if sp.isspmatrix_csc(Z) else sp.csc_matrix(Z)
     k = T.shape[0]
-    if k == 1:  # a scalar term's entries scaled in place of a copy (the layout below: 60 us of sleepstudy's 3 ms)
-        scaled = sp.csc_matrix(Z, copy=True)
-        scaled.data *= T[0, 0]
-        if np.all(scaled.data != 0):  # (an underflow to zero would be stored: the general path drops it)
-            return scaled
+    if k == 1 and sp.isspmatrix_csc(Z):  # a scalar term's entries scaled (the layout below: 60 us of sleepstudy's 3 ms)
+        values = Z.data * T[0, 0]
+        if np.all(values != 0):  # (an underflow to zero would be stored: the general path drops it)
+            return csc_from_arrays(values, Z.indices, Z.indptr, Z.shape)
     by_columns, rows, level, a = level_entries(Z, k)
     n = by_columns.shape[0]
     row_level = row_levels(rows, level, n)

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import lapack
 
-from .terms import RandomTerm, hstack_csc, row_levels
+from .terms import RandomTerm, csc_from_arrays, hstack_csc, row_levels
 
 __all__ = ["assemble_Z", "CrossProducts"]
 
@@ -131,7 +131,7 @@ def _symmetric_csc(G: np.ndarray) -> sp.csc_matrix:
     nonzero = G != 0
     indptr = np.zeros(G.shape[0] + 1, dtype=np.int32)  # (scipy's own index type for these sizes)
     np.cumsum(nonzero.sum(axis=1), out=indptr[1:])
-    return sp.csc_matrix((G[nonzero], np.nonzero(nonzero)[1].astype(np.int32), indptr), shape=G.shape)
+    return csc_from_arrays(G[nonzero], np.nonzero(nonzero)[1], indptr, G.shape)
 
 
 # From this many rows Z'Z of one-entry-a-row terms is summed pair by pair (_one_per_row_gram): on the
