@@ -277,6 +277,18 @@ def _check_hessian_against_differences(system, reml, rng):
         assert np.max(np.abs(hessian - differences)) <= 1e-6 * max(1.0, np.max(np.abs(differences)))
 
 
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize(
+    "formula, weights", [("y ~ x + (1 | g)", "w"), ("y ~ x + z + (1 | g)", None), ("y ~ 0 + (1 | g)", None)]
+)
+def test_a_random_intercept_alone_eliminated_by_levels_has_the_exact_hessian(formula, weights, reml):
+    """One scalar term eliminated level by level (80 levels: above the order held whole) takes the numpy Hessian
+    (scalar_term_hessian), equal to differences of the gradient, without fixed effects too."""
+    system = _dense_system("synthetic", formula, weights)
+    assert system.supports_hessian and system._factor.q1 == 80 and system._factor.q2 == 0
+    _check_hessian_against_differences(system, reml, np.random.default_rng(len(formula) + reml))
+
+
 def test_the_exact_hessian_is_offered_for_one_term_and_for_systems_held_whole():
     """Of the cases above, those with one k x k term or held whole (nothing eliminated: small, or crossed with
     slopes up to order 400) have it; a first term eliminated beside others (scalar terms above order 128) does not."""
@@ -294,6 +306,8 @@ def test_the_exact_hessian_is_offered_for_one_term_and_for_systems_held_whole():
         ("sleepstudy", "Reaction ~ Days + (Days || Subject)"),
         ("sleepstudy", "Reaction ~ Days + (Days | Subject)"),
         ("exam", "normexam ~ standLRT + (standLRT | school)"),
+        ("exam", "normexam ~ standLRT + (1 | school)"),
+        ("synthetic", "y ~ x + (1 | g)"),
     ],
 )
 def test_models_with_the_exact_hessian_are_fitted_by_newton_steps(name, formula, reml):

@@ -183,8 +183,8 @@ def test_scalar_newton_with_the_exact_derivative_reaches_1e_10_and_gives_up_with
 def test_one_variance_fits_by_newton_steps_to_lme4s_optimum():
     """A random intercept alone: held dense whole (lme4's Dyestuff, and Dyestuff2 whose variance is zero), the exact
     Hessian's Newton steps (1 evaluation for REML from the ANOVA start, 4 for ML; the scalar steps took 2-7); where
-    its levels are eliminated (no Hessian), the scalar Newton steps from the same start; lme4's or BOBYQA's optimum
-    either way."""
+    its levels are eliminated, the same steps with the numpy Hessian (scalar_term_hessian: 1 evaluation from the
+    ANOVA start on this balanced design, where the scalar steps took 2); lme4's or BOBYQA's optimum either way."""
     import json
     from pathlib import Path
 
@@ -206,8 +206,9 @@ def test_one_variance_fits_by_newton_steps_to_lme4s_optimum():
     g = np.repeat(np.arange(400), 3)
     data = pd.DataFrame({"y": rng.normal(size=400)[g] * 0.7 + rng.normal(size=g.size), "g": g.astype(str)})
     m = sparsemix.lmer("y ~ 1 + (1 | g)", data)
-    assert m.fit_result.optimization.message.startswith("Newton steps along theta's one entry")
-    assert m.fit_result.optimization.n_evaluations <= 3  # from the ANOVA start: 2 (from lme4's theta = 1: 8)
+    assert m.fit_result.system._factor.q1 == 400 and m.fit_result.system._factor.q2 == 0  # (eliminated by levels)
+    assert m.fit_result.optimization.message == "Newton steps with the exact Hessian"
+    assert m.fit_result.optimization.n_evaluations <= 2
     b = sparsemix.lmer("y ~ 1 + (1 | g)", data, optimizer="bobyqa")
     assert m.deviance <= b.deviance + 1e-9
     np.testing.assert_allclose(m.theta, b.theta, rtol=1e-4)

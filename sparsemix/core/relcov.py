@@ -60,6 +60,10 @@ class RelativeCovariance:
 
     @property
     def on_diagonal(self) -> np.ndarray:
+        return self._on_diagonal.copy()
+
+    @cached_property  # (the blocks never change; read several times a fit)
+    def _on_diagonal(self) -> np.ndarray:
         return np.concatenate([t.on_diagonal() for _, t in self.blocks]) if self.blocks else np.zeros(0, bool)
 
     @property

@@ -563,11 +563,12 @@ class PenalizedSystem:
     @property
     def supports_hessian(self) -> bool:
         """Whether `working_deviance_hessian` is available: the system held dense whole (ProfiledGradient.
-        compact_hessian), or one k x k term eliminated level by level, a growth curve's (single_term_hessian)."""
+        compact_hessian), or one k x k term eliminated level by level, a growth curve's (single_term_hessian; a
+        random intercept's: scalar_term_hessian)."""
         factor = self._factor
         if not isinstance(factor, DenseFactor):
             return False
-        return factor.q1 == 0 or (factor.q2 == 0 and factor.k1 > 1)
+        return factor.q1 == 0 or factor.q2 == 0
 
     def working_deviance_hessian(self, working, reml: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
         """(deviance, exact gradient, exact Hessian) in the optimizer's coordinates (`supports_hessian` systems);
@@ -580,7 +581,8 @@ class PenalizedSystem:
             if not np.isfinite(deviance):
                 return deviance, gradient, None
             assert isinstance(self._gradient, ProfiledGradient)  # (made by the gradient's evaluation)
-            parts = self._gradient.single_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
+            hessian_of = self._gradient.single_term_hessian if factor.k1 > 1 else self._gradient.scalar_term_hessian
+            parts = hessian_of(self.relcov.factors(working), reml, self.dof(reml))
             return deviance, gradient, None if parts is None else parts[1]
         factors = self.relcov.factors(working)
         self._last_evaluation = None

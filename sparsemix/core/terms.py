@@ -69,6 +69,8 @@ class CovarianceTemplate:
 
     def factor(self, theta: np.ndarray) -> np.ndarray:
         """The k x k lower-triangular T for this term's slice of theta."""
+        if self.k == 1:  # (a scalar term's, at every evaluation)
+            return np.array(theta, dtype=float).reshape(1, 1)
         T = np.zeros((self.k, self.k))
         rows, cols = self._index
         T[rows, cols] = theta
