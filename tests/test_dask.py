@@ -109,12 +109,21 @@ def test_what_reaches_the_client_does_not_grow_with_the_rows(client):
 
 
 @pytest.mark.slow
-def test_large_crossed_design_starts_from_a_pilot_pass_and_equals_the_in_memory_fit(client):
-    # 600 levels of b after the first term: the in-memory fit starts from a pilot (pilot.py); so does this one,
-    # from one more pass over the rows of the kept levels of b (weights too: the pilot's sums carry them). Variance
-    # components: their Newton steps take a pilot (random slopes' L-BFGS-B with the gradient does not).
+@pytest.mark.parametrize("start", ["moments", "pilot"])
+def test_large_crossed_design_starts_where_the_in_memory_fit_starts_and_equals_it(client, start, monkeypatch):
+    # 600 levels of b after the first term: the in-memory fit starts from the variance components' moments (their
+    # sums only: pilot.components_over_pilot), and so does this one; where that block is too large for them (here:
+    # made so), both start from a pilot, this one from one more pass over the rows of the kept levels of b (weights
+    # too: the pilot's sums carry them). Random slopes' L-BFGS-B with the gradient takes no pilot.
     from sparsemix.datasets import generate_crossed_slopes
+    from sparsemix.fit import pilot, pipeline
 
+    if start == "pilot":
+        monkeypatch.setattr(pilot, "COMPONENTS_OVER_PILOT_MAX_ORDER", 0)
+    passes = []
+    monkeypatch.setattr(
+        pipeline, "pilot_start", lambda *a, original=pipeline.pilot_start: passes.append(1) or original(*a)
+    )
     data = generate_crossed_slopes(30_000, 1_500, 600).assign(w=lambda d: 1.0 + (d.index % 3) * 0.5)
     formula = "y ~ 1 + x + (1 | a) + (1 | b)"
     ddf = dd.from_pandas(data, npartitions=6)
@@ -125,6 +134,7 @@ def test_large_crossed_design_starts_from_a_pilot_pass_and_equals_the_in_memory_
         _assert_equal_fits(a, b)
         assert b.n_evaluations < cold.n_evaluations
         assert b.llf == pytest.approx(cold.llf, rel=1e-12)
+    assert len(passes) == (2 if start == "pilot" else 0)  # (the in-memory fits' pilots; the Dask door sums its own)
 
 
 @pytest.mark.slow

@@ -254,11 +254,27 @@ def moment_start(
 # components_start: a relative variance estimated below this is started here instead (at exactly 0 the deviance's
 # gradient in that entry vanishes, a saddle the Newton steps must leave by a probe)
 COMPONENTS_MIN_RATIO = 1e-4
-COMPONENTS_MAX_Q = 1000  # (larger designs keep the pilot: not yet checked against it on unbalanced data)
+COMPONENTS_MAX_Q = 1000
 COMPONENTS_DENSE_MAX_Q = 300
+# Above COMPONENTS_MAX_Q the moments stand in for the pilot where the design is scored (variance components in the
+# Schur form) and its block after the first term, whose inverse each scored point takes, has at most this order:
+# InstEval (1,156) 8 ms of moments against the pilot's 30, the same 6 points; skewed crossed designs with 800 and
+# 2,000 such columns 5 points where the pilot led to 6. With 5,000 (35,000 levels, 1,000,000 rows) the moments led
+# to 5 points where the pilot's start took 4, each worth more than the pilot: there the pilot stays.
+COMPONENTS_OVER_PILOT_MAX_ORDER = 2500
+COMPONENTS_OVER_PILOT_MAX_Q = 50_000
 
 
-def components_start(system, reml: bool = True) -> np.ndarray | None:
+def components_over_pilot(system) -> bool:
+    """Whether components_start's moments replace the pilot (see COMPONENTS_OVER_PILOT_MAX_ORDER): in every door
+    (pipeline.fit_system), so that a Dask fit starts where the in-memory one does."""
+    rc = system.relcov
+    if not rc.blocks or not system.supports_scoring or rc.q > COMPONENTS_OVER_PILOT_MAX_Q:
+        return False
+    return rc.q - rc.blocks[0][0] * rc.blocks[0][1].k <= COMPONENTS_OVER_PILOT_MAX_ORDER
+
+
+def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -> np.ndarray | None:
     """theta (reported coordinates) for variance components (every term scalar) from moments of the
     residuals' level means, as the ANOVA estimators do. r = (I - H) y is the least-squares residual (H: X's hat
     matrix), so E[r r'] = (I - H) (sum_k sigma_k^2 Z_k Z_k' + sigma^2 I) (I - H); with M = Z'(I - H)Z (from the
@@ -274,10 +290,10 @@ def components_start(system, reml: bool = True) -> np.ndarray | None:
     known, M = Z'Z and n for n - p, as ML's own equations do: on a balanced one-way design this is ML's optimum
     ((SSA / a - MSE) / n for the level variance). Crossed terms keep the first form (without the projection a
     term's means would carry the other's variance; docs/lme4.md has the counts).
-    None where it does not apply (a term with slopes, more than COMPONENTS_MAX_Q columns, a level with no weight, a
-    residual variance <= 0)."""
+    None where it does not apply (a term with slopes, more than `max_q` columns, a level with no weight, a residual
+    variance <= 0)."""
     rc, cross = system.relcov, system.cross
-    if not rc.blocks or any(template.k != 1 for _, template in rc.blocks) or rc.q > COMPONENTS_MAX_Q:
+    if not rc.blocks or any(template.k != 1 for _, template in rc.blocks) or rc.q > max_q:
         return None
     # M = G - C K C' (G = Z'Z, sparse; C = Z'X; K = (X'X)^{-1}) is never formed: per row l and term k,
     # sum_{l' in k} M_ll'^2 = sum G_ll'^2 - 2 (CK)_l . (G C)_l^(k) + (CK)_l S_k (CK)_l', S_k = C_k'C_k

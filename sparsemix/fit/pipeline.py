@@ -19,7 +19,14 @@ from ..core.system import PenalizedSystem
 from ..core.terms import RandomTerm
 from .lmm_fit import LmmFit
 from .optimize import DEFAULT_OPTIMIZER
-from .pilot import components_start, moment_start, pilot_start, pilot_wanted
+from .pilot import (
+    COMPONENTS_OVER_PILOT_MAX_Q,
+    components_over_pilot,
+    components_start,
+    moment_start,
+    pilot_start,
+    pilot_wanted,
+)
 from .stages import build_fit, build_system, optimize_system, warn_if_singular
 
 __all__ = ["fit_system", "fit_lmm", "finish_fit"]
@@ -41,11 +48,16 @@ def fit_system(
     singular_names: list[str] | None = None,
 ) -> LmmFit:
     """Fit the model whose deviance `system` evaluates. `pilot`: offered by the door for a fit from the default
-    start (None otherwise); run where the method uses a start and no entry is held fixed (pilot.pilot_wanted).
+    start (None otherwise); run where the method uses a start and no entry is held fixed (pilot.pilot_wanted), unless
+    the variance components' moments stand in for it (pilot.components_over_pilot).
     `singular_names`: theta's names, for lme4's singular-fit warning (None: the door words its own)."""
     step = None
     if pilot is not None and pilot_wanted(method, free, system):
-        start_theta, step = pilot() or (start_theta, None)
+        moments = components_start(system, reml, COMPONENTS_OVER_PILOT_MAX_Q) if components_over_pilot(system) else None
+        if moments is not None:  # the moments in place of a pilot fit (pilot.COMPONENTS_OVER_PILOT_MAX_ORDER)
+            start_theta = moments
+        else:
+            start_theta, step = pilot() or (start_theta, None)
     opt = optimize_system(
         system,
         reml=reml,
