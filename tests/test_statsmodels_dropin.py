@@ -413,3 +413,47 @@ def test_summary_col_with_lme4_standard_errors():
         "                    (0.1318) \n=============================\n"
         "Standard errors in\nparentheses.\n* p<.1, ** p<.05, ***p<.01"
     )
+
+
+@pytest.mark.parametrize(
+    "statsmodels_args, lme4_formula",
+    [
+        (
+            ("Reaction ~ Days", "sleepstudy", {"groups": "Subject", "re_formula": "~Days"}),
+            "Reaction ~ Days + (Days | Subject)",
+        ),
+        (("Yield ~ 1", "dyestuff", {"groups": "Batch"}), "Yield ~ 1 + (1 | Batch)"),
+    ],
+)
+def test_the_statsmodels_door_starts_where_lmer_starts(statsmodels_args, lme4_formula):
+    """The default start is chosen once, for every door (pipeline.fit_system: the levels' moments, the variance
+    components' moments): MixedLM's fit takes lmer's evaluations (1 on these balanced designs, where lme4's start
+    took 5-10) to the same optimum."""
+    from conftest import reference_data
+
+    formula, name, kwargs = statsmodels_args
+    data = reference_data(name)
+    ours = sparsemix.MixedLM.from_formula(formula, data, **kwargs).fit()
+    lme4_door = sparsemix.lmer(lme4_formula, data)
+    assert ours.fit_result.optimization.n_evaluations == lme4_door.n_evaluations == 1
+    np.testing.assert_allclose(ours.fit_result.theta, lme4_door.fit_result.theta, rtol=1e-10)
+    assert ours.llf == pytest.approx(lme4_door.llf, rel=1e-12)
+
+
+def test_the_fixed_design_frames_are_patsys():
+    """fixed_design builds its matrices as the lme4 door does (kept designs) and labels them as patsy's dataframes:
+    the data's index (not 0..n-1), patsy's column names, the response's name, the same numbers."""
+    import patsy
+
+    from sparsemix.formula.mixedlm import fixed_design
+    from sparsemix.formula.safety import safe_environment
+
+    rng = np.random.default_rng(4)
+    data = pd.DataFrame(
+        {"y": rng.normal(size=12), "x": rng.normal(size=12), "f": list("abc") * 4}, index=np.arange(100, 124, 2)
+    )
+    endog, exog, info = fixed_design("y ~ x * f", data, safe_environment())
+    y, X = patsy.dmatrices("y ~ x * f", data, return_type="dataframe")
+    pd.testing.assert_frame_equal(exog, X)
+    pd.testing.assert_series_equal(endog, y.iloc[:, 0])
+    assert info.column_names == X.design_info.column_names

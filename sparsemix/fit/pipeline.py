@@ -33,6 +33,8 @@ __all__ = ["fit_system", "fit_lmm", "finish_fit"]
 
 # (theta, BOBYQA's first step) for the full fit, or None where no pilot pays
 Pilot = Callable[[], "tuple[np.ndarray, np.ndarray] | None"]
+# theta from the rows' moments (pilot.moment_start), or None where they do not apply
+Moments = Callable[[], "np.ndarray | None"]
 
 
 def fit_system(
@@ -46,16 +48,27 @@ def fit_system(
     progress=None,
     pilot: Pilot | None = None,
     singular_names: list[str] | None = None,
+    moments: Moments | None = None,
+    fallback_start=None,
 ) -> LmmFit:
-    """Fit the model whose deviance `system` evaluates. `pilot`: offered by the door for a fit from the default
-    start (None otherwise); run where the method uses a start and no entry is held fixed (pilot.pilot_wanted), unless
-    the variance components' moments stand in for it (pilot.components_over_pilot).
+    """Fit the model whose deviance `system` evaluates. Without `start_theta` (and with nothing held fixed, by
+    the default method) the fit starts from the door's row moments (`moments`: pilot.moment_start's, one grouping
+    with slopes), else the variance components' moments (pilot.components_start: from the cross-products, so in
+    every door), else `fallback_start` (the door's own; by default lme4's). `pilot`: offered by the door for a fit
+    from the default start (None otherwise); run where the method uses a start and no entry is held fixed
+    (pilot.pilot_wanted), unless the variance components' moments stand in for it (pilot.components_over_pilot).
     `singular_names`: theta's names, for lme4's singular-fit warning (None: the door words its own)."""
     step = None
+    if start_theta is None and free is None and method == DEFAULT_OPTIMIZER:
+        start_theta = moments() if moments is not None else None  # a growth curve's: the levels' own fits
+        if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
+            start_theta = components_start(system, reml)  # (a 100-level intercept: 17 -> 5 evaluations)
+    if start_theta is None:
+        start_theta = fallback_start
     if pilot is not None and pilot_wanted(method, free, system):
-        moments = components_start(system, reml, COMPONENTS_OVER_PILOT_MAX_Q) if components_over_pilot(system) else None
-        if moments is not None:  # the moments in place of a pilot fit (pilot.COMPONENTS_OVER_PILOT_MAX_ORDER)
-            start_theta = moments
+        over = components_start(system, reml, COMPONENTS_OVER_PILOT_MAX_Q) if components_over_pilot(system) else None
+        if over is not None:  # the moments in place of a pilot fit (pilot.COMPONENTS_OVER_PILOT_MAX_ORDER)
+            start_theta = over
         else:
             start_theta, step = pilot() or (start_theta, None)
     opt = optimize_system(
@@ -98,15 +111,13 @@ def fit_lmm(
     singular_names: list[str] | None = None,
 ) -> LmmFit:
     """A linear mixed model from arrays: fixed effects X, response y, random-effect terms (core.terms), prior
-    weights. From the default start, large crossed designs start from a pilot fit (pilot.py), as in every door."""
+    weights. From the default start as fit_system chooses it, with the rows' moments (and pilot) offered."""
     system = build_system(X, y, terms, weights=weights)
     pilot = None if start_theta is not None else (lambda: pilot_start(system, X, y, list(terms), weights, reml))
-    if start_theta is None and free is None and method == DEFAULT_OPTIMIZER:  # a growth curve's: the levels' own fits
-        start_theta = moment_start(X, y, list(terms), weights, system.cross.beta_ols, system.supports_hessian)
-        if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
-            start_theta = components_start(
-                system, reml
-            )  # (a 100-level intercept: 17 -> 5 evaluations; 100 x 100: 8 -> 5)
+
+    def moments():
+        return moment_start(X, y, list(terms), weights, system.cross.beta_ols, system.supports_hessian)
+
     return fit_system(
         system,
         reml=reml,
@@ -118,4 +129,5 @@ def fit_lmm(
         progress=progress,
         pilot=pilot,
         singular_names=singular_names,
+        moments=moments,
     )

@@ -143,14 +143,13 @@ def level_name(level) -> str:
 
 
 def fixed_design(formula: str, data: pd.DataFrame, eval_env):
-    """(endog Series, exog DataFrame, design_info of the right-hand side)."""
-    y, X = _patsy(patsy.dmatrices, formula, data, eval_env)
-    if y.shape[1] != 1:
-        raise FormulaError(
-            f"the response of {formula!r} expands to {y.shape[1]} columns ({list(y.columns)}); "
-            "it must be one numeric column. Convert a categorical response to numbers first."
-        )
-    return y.iloc[:, 0], X, X.design_info
+    """(endog Series, exog DataFrame, design_info of the right-hand side), labelled as patsy's dataframes (the
+    data's index, the design's column names) but built as fixed_arrays builds them (patsy's dataframes took 3.5 ms
+    of a small model's 7.5)."""
+    y, X = _fixed_matrices(formula, data, eval_env)
+    endog = pd.Series(np.asarray(y)[:, 0], index=data.index, name=y.design_info.column_names[0])
+    exog = pd.DataFrame(np.asarray(X, dtype=float), index=data.index, columns=list(X.design_info.column_names))
+    return endog, exog, X.design_info
 
 
 def fixed_arrays(formula: str, data: pd.DataFrame, eval_env, columns=None):
@@ -158,6 +157,12 @@ def fixed_arrays(formula: str, data: pd.DataFrame, eval_env, columns=None):
     design_info). patsy reads the plain numeric columns as arrays where that cannot change the design
     (`patsy_data`) and returns its matrices without wrapping them in frames (the data's row labels are not
     needed here)."""
+    y, X = _fixed_matrices(formula, data, eval_env, columns)
+    return np.asarray(y)[:, 0], np.asarray(X, dtype=float), list(X.design_info.column_names), X.design_info
+
+
+def _fixed_matrices(formula: str, data: pd.DataFrame, eval_env, columns=None):
+    """patsy's (y, X) design matrices of `formula` (numeric_design: kept designs reused), y one column."""
     y, X = _patsy(patsy.dmatrices, formula, data, eval_env, numeric_arrays=True, return_type="matrix", columns=columns)
     if y.shape[1] != 1:
         names = list(y.design_info.column_names)
@@ -165,7 +170,7 @@ def fixed_arrays(formula: str, data: pd.DataFrame, eval_env, columns=None):
             f"the response of {formula!r} expands to {y.shape[1]} columns ({names}); "
             "it must be one numeric column. Convert a categorical response to numbers first."
         )
-    return np.asarray(y)[:, 0], np.asarray(X, dtype=float), list(X.design_info.column_names), X.design_info
+    return y, X
 
 
 def random_design(re_formula: str, data: pd.DataFrame, group_name: str, eval_env):
@@ -178,8 +183,8 @@ def random_design(re_formula: str, data: pd.DataFrame, group_name: str, eval_env
         codes, levels, _ = factor_codes(data[var])
         return indicator_matrix(codes, len(levels)), [f"C({var})[{level_name(v)}]" for v in levels]
     rhs = re_formula if re_formula.lstrip().startswith("~") else "~" + re_formula
-    M = _patsy(patsy.dmatrix, rhs, data, eval_env)
-    return M.to_numpy(dtype=float), [c.replace("Intercept", group_name) for c in M.columns]
+    M = _patsy(patsy.dmatrix, rhs, data, eval_env, numeric_arrays=True, return_type="matrix")
+    return np.asarray(M, dtype=float), [c.replace("Intercept", group_name) for c in M.design_info.column_names]
 
 
 def vc_from_formula(

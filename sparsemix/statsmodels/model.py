@@ -20,7 +20,7 @@ from ..core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
 from ..core.threads import fit_threads
 from ..errors import IgnoredArgumentWarning, InputError, SingularFitWarning
 from ..fit.optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
-from ..fit.pilot import pilot_start
+from ..fit.pilot import moment_start, pilot_start
 from ..fit.pipeline import fit_system
 from ..fit.stages import build_system
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, sorted_codes, vc_from_formula
@@ -416,10 +416,17 @@ class MixedLM(PicklableResults):
                 if start_params is not None
                 else (lambda: pilot_start(system, self.exog, self.endog, self._terms(), None, reml))
             )
+
+            def moments():  # (the default start: fit_system's choice, as in every door)
+                terms = self._terms()
+                return moment_start(self.exog, self.endog, terms, None, system.cross.beta_ols, system.supports_hessian)
+
             fit = fit_system(
                 system,
                 reml=reml,
-                start_theta=theta0,
+                start_theta=theta0 if start_params is not None or free_mask is not None else None,
+                moments=moments,
+                fallback_start=theta0,  # (statsmodels' default: the identity in the data's columns)
                 free=free_mask,
                 maxiter=maxiter,
                 gtol=gtol,
