@@ -366,7 +366,7 @@ class PenalizedSystem:
         k1 = rc.blocks[0][1].k
         compiled = len(rc.blocks) == 1 and k1 > 1
         order = rc.q + self.cross.p + 1
-        whole = DENSE_MAX_ORDER  # one term: eliminated level by level above it (no Hessian needed for one scale)
+        whole = DENSE_MAX_ORDER  # one term: eliminated level by level above it (its Hessian by levels too)
         if len(rc.blocks) > 1:
             whole = DENSE_WHOLE_MAX_ORDER
             slopes = any(template.k > 1 for _, template in rc.blocks)  # (crossed scalar terms: the Schur form scores)
