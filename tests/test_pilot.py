@@ -171,8 +171,9 @@ def test_variance_components_start_from_their_anova_moments(name):
     """Balanced designs: the moment start (pilot.components_start) is REML's optimum to 1e-6 (the ANOVA
     estimates), and the REML fit from it takes at most 2 evaluations (from lme4's start: 8-15), at lme4's
     log-likelihood. ML: on nested terms (pastes, oats, Dyestuff) the moments with the mean taken as known are ML's
-    optimum, one evaluation; on crossed ones (Penicillin) the start is REML's, and the fit reaches lme4's ML
-    optimum from it."""
+    optimum, one evaluation; on crossed ones (Penicillin) the REML moments less each term's share of the mean's
+    stratum, within 0.1% of ML's optimum where REML's moments were 9% off, and the fit reaches lme4's ML optimum
+    from it in 3 evaluations (5 from REML's moments)."""
     from conftest import reference_data, reference_fit
 
     from sparsemix.fit.pilot import components_start
@@ -192,7 +193,10 @@ def test_variance_components_start_from_their_anova_moments(name):
         else:
             start = components_start(design.system(), reml=False)
             if name == "penicillin":
-                np.testing.assert_array_equal(start, components_start(design.system()))
+                reml_start = components_start(design.system())
+                np.testing.assert_allclose(start, fit.fit_result.theta, rtol=1e-3)
+                assert np.max(np.abs(reml_start / fit.fit_result.theta - 1)) > 0.05
+                assert fit.n_evaluations <= 3
             else:
                 np.testing.assert_allclose(start, fit.fit_result.theta, rtol=1e-6)
                 assert fit.n_evaluations == 1
