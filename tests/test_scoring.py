@@ -409,3 +409,23 @@ def test_small_systems_held_dense_take_the_exact_hessian_not_the_average_informa
     system = build_system(X, y, terms, factorization="dense")
     assert system.supports_gradient and system.supports_hessian and not system.supports_information
     assert optimize_system(system, reml=True).message.startswith("Newton steps with the exact Hessian")
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_the_inverse_in_blocks_leaves_no_stale_values_in_its_upper_triangle(single, monkeypatch):
+    """The blocked inverse never writes the block above the diagonal (C order): a buffer that held NaN there made
+    the dense route's trace NaN (found on a clean CI clone). Its lower triangle is the inverse's, the rest finite."""
+    import sparsemix.core.factor as factor
+    from sparsemix.core.pages import Workspace
+
+    monkeypatch.setattr(factor, "DENSE_THREADS_MAX_ORDER", 8)
+    rng = np.random.default_rng(2)
+    M = rng.normal(size=(17, 17))
+    S = M @ M.T + 17 * np.eye(17)
+    L = np.linalg.cholesky(S)
+    work = Workspace()
+    work.array("inverse", (17, 17), np.float32 if single else np.float64, "F").fill(np.nan)
+    inverse = factor.dense_inverse_lower(L, single=single, workspace=work)
+    assert inverse is not None and np.all(np.isfinite(inverse))
+    expected = np.linalg.inv(S)
+    np.testing.assert_allclose(np.tril(inverse), np.tril(expected), rtol=1e-4 if single else 1e-10, atol=1e-7)

@@ -791,8 +791,9 @@ def dense_cholesky(S: np.ndarray, workspace: Workspace | None = None, blocked: b
 
 def dense_inverse_lower(L: np.ndarray, single: bool = False, workspace: Workspace | None = None) -> np.ndarray | None:
     """(L L')^{-1} from the lower factor L (C order) in the lower triangle of the result (C order; the upper holds
-    what LAPACK left), or None where LAPACK fails; `single`: in single precision, at about half the time. The
-    result is an array of `workspace` (default: the fit's, core/pages.py): valid until the next call with it.
+    finite values LAPACK left, or zeros), or None where LAPACK fails; `single`: in single precision, at about half
+    the time. The result is an array of `workspace` (default: the fit's, core/pages.py): valid until the next call
+    with it.
 
     Up to DENSE_THREADS_MAX_ORDER one potri, with threads; above it in 2 x 2 blocks, each call below that order
     (see dense_cholesky): with X = L^{-1} = [[A, 0], [B, C]], A = L11^{-1}, C = L22^{-1}, B = -C L21 A,
@@ -828,6 +829,9 @@ def dense_inverse_lower(L: np.ndarray, single: bool = False, workspace: Workspac
         inverse[:m, :m] = syrk(1.0, B, beta=1.0, c=top, trans=1, lower=0, overwrite_c=1)  # + B'B
         inverse[:m, m:] = trmm(1.0, Ct, B, side=0, lower=0, trans_a=0, overwrite_b=1).T  # (C'B)'
         inverse[m:, m:], info2 = lauum(Ct, lower=0, overwrite_c=1)  # C'C
+    # the block below the diagonal blocks was never written: zeros, not what the buffer held (a NaN there times a
+    # zero of the other triangle made the dense route's trace NaN)
+    inverse[m:, :m] = 0.0
     return inverse.T if info1 == 0 and info2 == 0 else None
 
 
