@@ -326,3 +326,21 @@ def test_a_pilots_restricted_term_equals_the_row_slice_of_its_z():
         np.testing.assert_array_equal(got.Z.indptr, expected.indptr)
         np.testing.assert_array_equal(got.Z.indices, expected.indices)
         np.testing.assert_array_equal(got.Z.data, expected.data)
+
+
+@pytest.mark.parametrize("optimizer, pilots", [("auto", 0), ("bobyqa", 1)])
+def test_the_moments_replace_the_pilot_for_the_scoring_steps_only(optimizer, pilots, monkeypatch):
+    """A scored crossed design (600 columns after the first term): the default fit starts from the variance
+    components' moments, no pilot; BOBYQA keeps the pilot, whose first step it uses (InstEval: 50 evaluations from
+    it, 81 from the moments). Both reach the same optimum."""
+    from sparsemix.fit import pipeline
+
+    calls = []
+    monkeypatch.setattr(
+        pipeline, "pilot_start", lambda *a, original=pipeline.pilot_start: calls.append(1) or original(*a)
+    )
+    data = generate_crossed_slopes(20_000, 800, 600)
+    fit = sparsemix.lmer("y ~ 1 + x + (1 | a) + (1 | b)", data, optimizer=optimizer)
+    assert len(calls) == pilots
+    reference = sparsemix.lmer("y ~ 1 + x + (1 | a) + (1 | b)", data)
+    assert fit.llf == pytest.approx(reference.llf, rel=1e-10)

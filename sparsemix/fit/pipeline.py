@@ -58,17 +58,22 @@ def fit_system(
     from the default start (None otherwise); run where the method uses a start and no entry is held fixed
     (pilot.pilot_wanted), unless the variance components' moments stand in for it (pilot.components_over_pilot).
     `singular_names`: theta's names, for lme4's singular-fit warning (None: the door words its own)."""
-    step = None
-    if start_theta is None and free is None and method == DEFAULT_OPTIMIZER:
+    step, components = None, None
+    default = start_theta is None and free is None and method == DEFAULT_OPTIMIZER
+    if default:
         start_theta = moments() if moments is not None else None  # a growth curve's: the levels' own fits
         if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
-            start_theta = components_start(system, reml)  # (a 100-level intercept: 17 -> 5 evaluations)
+            start_theta = components = components_start(system, reml)  # (a 100-level intercept: 17 -> 5 evaluations)
     if start_theta is None:
         start_theta = fallback_start
     if pilot is not None and pilot_wanted(method, free, system):
-        over = components_start(system, reml, COMPONENTS_OVER_PILOT_MAX_Q) if components_over_pilot(system) else None
-        if over is not None:  # the moments in place of a pilot fit (pilot.COMPONENTS_OVER_PILOT_MAX_ORDER)
-            start_theta = over
+        # the moments in place of a pilot fit, for the scoring steps (pilot.COMPONENTS_OVER_PILOT_MAX_ORDER); BOBYQA
+        # keeps the pilot, whose first step it uses (InstEval: 50 evaluations from the pilot, 81 from the moments)
+        over = default and components_over_pilot(system)
+        if over and components is None:  # (above 1,000 columns: not computed yet)
+            components = components_start(system, reml, COMPONENTS_OVER_PILOT_MAX_Q)
+        if over and components is not None:
+            start_theta = components
         else:
             start_theta, step = pilot() or (start_theta, None)
     opt = optimize_system(
