@@ -26,7 +26,7 @@ from scipy.linalg import blas, lapack
 from sksparse.cholmod import analyze
 
 from .pages import Workspace, fit_workspace
-from .terms import level_entries
+from .terms import csc_from_arrays, level_entries
 from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
 
 _potrf, _trtrs = lapack.dpotrf, lapack.dtrtrs
@@ -667,13 +667,12 @@ class PairOperator:
         del rank
         self.rows, self.columns = np.divmod(self.destinations, q2)
         self.multiplicity = np.where(self.rows == self.columns, 1.0, 2.0)  # in both triangles of S
-        indptr = pair_ptr.astype(index_dtype)
         # CSC with one column per level: the entries of a column are that level's pairs, already in order.
         # (built in order, so scipy's format check is skipped: it took a quarter of the build)
         shape = (self.destinations.shape[0], self.n1)
-        self._matrices = [_trusted_csc(coef, dest, indptr, shape) for coef in coefs]
-        for m in self._matrices[1:]:
-            m.indices, m.indptr = self._matrices[0].indices, self._matrices[0].indptr  # one copy of the indices
+        first = csc_from_arrays(coefs[0], dest, pair_ptr, shape)
+        # one copy of the indices: the others' are the first's, already of their type
+        self._matrices = [first] + [csc_from_arrays(coef, first.indices, first.indptr, shape) for coef in coefs[1:]]
         del self._level_rows, self._g
         return self
 
@@ -702,13 +701,6 @@ class PairOperator:
         out = np.zeros(self.q2 * self.q2)
         out[self.destinations] = values
         return out.reshape(self.q2, self.q2)
-
-
-def _trusted_csc(data, indices, indptr, shape) -> sp.csc_matrix:
-    """A CSC matrix from arrays known to be consistent, without scipy's O(nnz) format check."""
-    m = sp.csc_matrix(shape, dtype=data.dtype)
-    m.data, m.indices, m.indptr = data, indices, indptr
-    return m
 
 
 def _level_rows(G: sp.csc_matrix, k: int):
