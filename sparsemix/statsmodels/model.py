@@ -180,10 +180,11 @@ class MixedLM(PicklableResults):
             mats.append([sp.csr_matrix(Zr[rows][:, cols]) for rows, cols in zip(rows_of_group, cols_of_group)])
         return VCSpec(names, colnames, mats)
 
-    def build_system(self):
+    def build_system(self, terms: list[RandomTerm] | None = None):
         """The deviance function (lme4's devfun stage): `system.deviance(theta, reml)` over this model's data,
-        with theta in the engine's order (exog_re's Cholesky factor column by column, then sqrt(vcomp / scale))."""
-        return build_system(self.exog, self.endog, self._terms())
+        with theta in the engine's order (exog_re's Cholesky factor column by column, then sqrt(vcomp / scale)).
+        `terms`: this model's `_terms()`, where the caller has them already."""
+        return build_system(self.exog, self.endog, self._terms() if terms is None else terms)
 
     def _covariance_names(self) -> list[str]:
         names = self.exog_re_names
@@ -410,15 +411,15 @@ class MixedLM(PicklableResults):
         theta0 = self._theta_from_params(start)
         free_mask = None if free is None else self._free_mask(free, start)
         with fit_threads():  # one BLAS thread but where a stage pays for more (core/threads.py)
-            system = self.build_system()
+            terms = self._terms()  # (the system's, the pilot's and the moments': built once)
+            system = self.build_system(terms)
             pilot = (
                 None
                 if start_params is not None
-                else (lambda: pilot_start(system, self.exog, self.endog, self._terms(), None, reml))
+                else (lambda: pilot_start(system, self.exog, self.endog, terms, None, reml))
             )
 
             def moments():  # (the default start: fit_system's choice, as in every door)
-                terms = self._terms()
                 return moment_start(self.exog, self.endog, terms, None, system.cross.beta_ols, system.supports_hessian)
 
             fit = fit_system(
