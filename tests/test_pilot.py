@@ -344,3 +344,21 @@ def test_the_moments_replace_the_pilot_for_the_scoring_steps_only(optimizer, pil
     assert len(calls) == pilots
     reference = sparsemix.lmer("y ~ 1 + x + (1 | a) + (1 | b)", data)
     assert fit.llf == pytest.approx(reference.llf, rel=1e-10)
+
+
+def test_the_ml_correction_is_left_out_where_fixed_factors_take_a_terms_level_means():
+    """nlme's Assay layout: Block x sample x dilut, fixed sample * dilut (which take 6 dimensions of Block:sample's
+    level means, not only the mean the ML correction is derived for): the ML start is the REML moments (on Assay
+    itself ML's optimum: 1 evaluation, 5 from the corrected ones), and the fit reaches BOBYQA's optimum."""
+    from sparsemix.fit.pilot import components_start
+
+    rng = np.random.default_rng(12)
+    rows = [(b, s, t) for b in range(6) for s in "abcdef" for t in range(5)]
+    data = pd.DataFrame(rows, columns=["block", "sample", "dilut"]).astype(str)
+    effects = rng.normal(size=6)[data.block.astype(int)] + 0.5 * rng.normal(size=36)[np.arange(len(data)) // 5]
+    data["y"] = effects + rng.normal(size=5)[data.dilut.astype(int)] + 0.3 * rng.normal(size=len(data))
+    formula = "y ~ sample * dilut + (1 | block) + (1 | block:sample) + (1 | block:dilut)"
+    system = build_design(formula, data).system()
+    np.testing.assert_array_equal(components_start(system, reml=False), components_start(system))
+    fit = sparsemix.lmer(formula, data, reml=False)
+    assert fit.llf >= sparsemix.lmer(formula, data, reml=False, optimizer="bobyqa").llf - 1e-8

@@ -255,6 +255,10 @@ def moment_start(
 # gradient in that entry vanishes, a saddle the Newton steps must leave by a probe)
 COMPONENTS_MIN_RATIO = 1e-4
 COMPONENTS_MAX_Q = 1000
+# The ML start's correction (components_start) where X takes one dimension (the mean), within this, of every term's
+# level means: nlme's Assay, whose fixed sample * dilut takes 6 of Block:sample's, had its ML optimum in the REML
+# moments (1 evaluation) and took 5 from the corrected ones; without fixed effects ML's criterion is REML's.
+ML_CORRECTION_ABSORBED_SPREAD = 0.5
 COMPONENTS_DENSE_MAX_Q = 300
 # Above COMPONENTS_MAX_Q the moments stand in for the pilot where the design is scored (variance components in the
 # Schur form) and its block after the first term, whose inverse each scored point takes, has at most this order:
@@ -339,7 +343,12 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     if not (np.isfinite(variances).all() and sigma2 > 0):
         return None
     ratios = variances[:J] / sigma2
-    if not reml and not known_mean and J > 1:  # ML on crossed terms: each term's share of the mean's stratum (above)
+    # the dimensions of each term's level means that X's columns take: 1 where X holds the mean and covariates that
+    # vary within levels (what the ML correction below is derived for); more where X holds factors the levels nest
+    absorbed = ((d - diagonal) / d) @ E
+    one_mean = bool(np.all(np.abs(absorbed - 1.0) < ML_CORRECTION_ABSORBED_SPREAD))
+    if not reml and not known_mean and J > 1 and one_mean:
+        # ML on crossed terms: each term's share of the mean's stratum (above)
         per_level = cross.n / sizes  # rows per level: lambda_k = sigma^2 (1 + per_level_k ratio_k)
         lam = 1.0 + per_level * np.maximum(ratios, 0.0)
         lam0 = 1.0 + float(per_level @ np.maximum(ratios, 0.0))
