@@ -81,6 +81,12 @@ class CrossProducts:
         )
         return fixed._with_weighted_response(X, Zt, _scaled(y, weights))
 
+    def permuted(self, order: np.ndarray) -> "CrossProducts":
+        """The same sums with Z's columns in `order` (those of Z[:, order])."""
+        ZtZ = sp.csc_matrix(self.ZtZ[:, order][order, :])
+        ZtZ.sort_indices()
+        return replace(self, ZtZ=ZtZ, ZtX=self.ZtX[order], Zty=self.Zty[order])
+
     def residual_products(self, beta: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Z'e for the residual e = y - X beta - Z b, from the sums (no pass over the rows)."""
         return self.Zty - self.ZtX @ beta - self.ZtZ @ b

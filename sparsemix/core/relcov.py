@@ -50,6 +50,35 @@ class RelativeCovariance:
             th += template.n_theta
             col += n_levels * template.k
 
+    def merged(self, runs: tuple[tuple[int, int], ...]) -> "tuple[RelativeCovariance, np.ndarray]":
+        """This covariance with each run [start, stop) of scalar terms (terms.same_grouping_runs) as one term with a
+        diagonal template, and the order of the system's columns that it describes (the merged Z is Z[:, order]: a
+        run's columns level by level, its terms' columns of a level side by side). theta is the same vector in
+        both, and so is the working theta (a run's column transforms are scalings: the merged one their diagonal)."""
+        blocks, transforms, order = [], [], []
+        starts = {start: stop for start, stop in runs}
+        j = 0
+        while j < len(self.blocks):
+            stop = starts.get(j, j + 1)
+            n_levels, template = self.blocks[j]
+            if stop == j + 1:
+                blocks.append((n_levels, template))
+                transforms.append(self.column_transforms[j])
+                order.append(np.arange(self.column_slices[j].start, self.column_slices[j].stop))
+            else:
+                scales = [self.column_transforms[i] for i in range(j, stop)]
+                k = stop - j
+                blocks.append((n_levels, CovarianceTemplate.diagonal(k)))
+                transforms.append(
+                    None
+                    if all(T is None for T in scales)
+                    else np.diag([1.0 if T is None else float(T[0, 0]) for T in scales])
+                )
+                first = np.array([self.column_slices[i].start for i in range(j, stop)])
+                order.append((np.arange(n_levels)[:, None] + first[None, :]).ravel())
+            j = stop
+        return RelativeCovariance(blocks, transforms), np.concatenate(order) if order else np.zeros(0, np.intp)
+
     @cached_property
     def membership(self) -> np.ndarray:
         """q x terms: 1 where column i belongs to term j (sums per term are products with it)."""

@@ -157,12 +157,21 @@ class Solution:
 class PenalizedSystem:
     """Deviance of the model as a function of theta, from the cross-products and the term layout."""
 
-    def __init__(self, cross: CrossProducts, relcov: RelativeCovariance, factorization: str | None = None):
-        """`factorization`: None to measure and pick, or force "simplicial", "supernodal" or "schur"."""
+    def __init__(
+        self,
+        cross: CrossProducts,
+        relcov: RelativeCovariance,
+        factorization: str | None = None,
+        diagonal_runs: tuple[tuple[int, int], ...] = (),
+    ):
+        """`factorization`: None to measure and pick, or force "simplicial", "supernodal" or "schur".
+        `diagonal_runs`: runs [start, stop) of scalar terms of one grouping (terms.same_grouping_runs), which
+        `merged_system` takes as one term each."""
         if cross.ZtZ.shape[0] != relcov.q:
             raise ValueError(f"Z has {cross.ZtZ.shape[0]} columns but the terms describe {relcov.q}")
         self.cross = cross
         self.relcov = relcov
+        self.diagonal_runs = tuple(diagonal_runs)
         self.n_evaluations = 0
         self._densely_linked: bool | None = None
         # Small systems run single-threaded (see threads.py): the timed choice below must see that setting too.
@@ -209,6 +218,14 @@ class PenalizedSystem:
             self._factor_rebuild = (factor.mode, getattr(factor, "update", None))
             self._factor_theta = self._factor_factors = self._last_evaluation = None
         return other
+
+    def merged_system(self) -> "PenalizedSystem":
+        """The same model with each of `diagonal_runs` as one term with a diagonal covariance (RelativeCovariance.
+        merged): the same deviance at every theta, from the same cross-products with the columns reordered. One
+        term of k columns is eliminated level by level where k scalar terms were not (lme4's `(x || g)`): its
+        factorization and the optimizer's derivatives are those of a correlated term's."""
+        relcov, order = self.relcov.merged(self.diagonal_runs)
+        return PenalizedSystem(self.cross.permuted(order), relcov)
 
     def __getattr__(self, name):
         # Only reached when normal lookup fails: after unpickling, `_factor` until its first use.

@@ -25,6 +25,7 @@ __all__ = [
     "level_entries",
     "level_layout_csc",
     "row_levels",
+    "same_grouping_runs",
 ]
 
 
@@ -253,6 +254,40 @@ def row_levels(rows: np.ndarray, level: np.ndarray, n: int) -> np.ndarray | None
     if np.count_nonzero(out >= 0) == rows.shape[0]:
         return out
     return out if np.array_equal(out[rows], level) else None
+
+
+def same_grouping_runs(terms: list[RandomTerm]) -> tuple[tuple[int, int], ...]:
+    """Runs [start, stop) of two or more consecutive scalar terms of one grouping: as many levels, and every row
+    in the same level of each term where it has entries in several (lme4's `(x || g)` writes a diagonal covariance
+    as one scalar term per column of g). Such a run is one term with a diagonal template (RelativeCovariance.
+    merged)."""
+    runs: list[tuple[int, int]] = []
+    start, levels = 0, None  # the current run's first term, and its rows' levels so far (-1: none yet)
+    for j, term in enumerate(terms + [None]):
+        joined = False
+        if term is not None and term.k == 1 and j > start and terms[start].n_levels == term.n_levels:
+            if levels is None:
+                levels = _scalar_row_levels(terms[start])
+            own = _scalar_row_levels(term) if levels is not None else None
+            if own is not None and levels is not None:
+                both = (own >= 0) & (levels >= 0)
+                if np.array_equal(own[both], levels[both]):
+                    levels = np.where(levels >= 0, levels, own)
+                    joined = True
+        if joined:
+            continue
+        if j - start >= 2:
+            runs.append((start, j))
+        start, levels = j, None
+        if term is not None and term.k != 1:
+            start = j + 1
+    return tuple(runs)
+
+
+def _scalar_row_levels(term: RandomTerm) -> np.ndarray | None:
+    """Each row's level in a scalar term (-1 where it has no entry), or None where a row has entries in two."""
+    Z, rows, level, _ = level_entries(term.Z, 1)
+    return row_levels(rows, level, Z.shape[0])
 
 
 def indicator_matrix(codes: np.ndarray, n_levels: int) -> sp.csr_matrix:

@@ -40,6 +40,8 @@ DEFAULT_OPTIMIZER = "auto"
 # the "auto" way again.
 GRADIENT_METHOD = "gradient"
 OPTIMIZERS = ("auto", "bobyqa", "L-BFGS-B", "Powell", "Nelder-Mead")
+# The method names that take the system's derivatives where it has them (the default's, and what its fits report)
+DERIVATIVE_METHODS = ("auto", "scoring", GRADIENT_METHOD)
 # Accepted spellings (statsmodels', scipy's, lme4's) of the optimizers above.
 _METHOD_NAMES = {
     "auto": "auto",

@@ -18,7 +18,7 @@ from .. import checks
 from ..core.system import PenalizedSystem
 from ..core.terms import RandomTerm
 from .lmm_fit import LmmFit
-from .optimize import DEFAULT_OPTIMIZER
+from .optimize import DEFAULT_OPTIMIZER, DERIVATIVE_METHODS
 from .pilot import (
     COMPONENTS_OVER_PILOT_MAX_Q,
     components_over_pilot,
@@ -29,7 +29,7 @@ from .pilot import (
 )
 from .stages import build_fit, build_system, optimize_system, warn_if_singular
 
-__all__ = ["fit_system", "fit_lmm", "finish_fit"]
+__all__ = ["fit_system", "fit_lmm", "finish_fit", "optimized_system"]
 
 # (theta, BOBYQA's first step) for the full fit, or None where no pilot pays
 Pilot = Callable[[], "tuple[np.ndarray, np.ndarray] | None"]
@@ -77,7 +77,7 @@ def fit_system(
         else:
             start_theta, step = pilot() or (start_theta, None)
     opt = optimize_system(
-        system,
+        optimized_system(system, free, method),
         reml=reml,
         start_theta=start_theta,
         free=free,
@@ -88,6 +88,24 @@ def fit_system(
         initial_step=step,
     )
     return finish_fit(system, opt, reml, free, singular_names)
+
+
+def optimized_system(system: PenalizedSystem, free=None, method: str = DEFAULT_OPTIMIZER) -> PenalizedSystem:
+    """The system the optimizer works on: `system`, or its runs of scalar terms of one grouping (lme4's `(x || g)`)
+    merged into one term each (PenalizedSystem.merged_system: the same deviance and theta) where that gives the
+    derivative methods more to work with: the exact Hessian or gradient where the split terms (each eliminated or
+    factored on its own) had less. The fit is then solved on `system`, in the door's terms."""
+    if not system.diagonal_runs or free is not None or method not in DERIVATIVE_METHODS or system.supports_hessian:
+        return system
+    merged = system.merged_system()
+    return merged if _derivatives(merged) > _derivatives(system) else system
+
+
+def _derivatives(system: PenalizedSystem) -> int:
+    """What the derivative methods get from `system`: 3 the exact Hessian, 2 scoring steps, 1 the gradient, 0 none."""
+    if system.supports_hessian:
+        return 3
+    return 2 if system.supports_scoring else int(system.supports_gradient)
 
 
 def finish_fit(system: PenalizedSystem, opt, reml: bool, free=None, singular_names: list[str] | None = None) -> LmmFit:

@@ -19,11 +19,11 @@ from ..core.coordinates import column_transform, system_columns
 from ..core.cross_products import CrossProducts
 from ..core.relcov import RelativeCovariance
 from ..core.system import PenalizedSystem
-from ..core.terms import RandomTerm
+from ..core.terms import RandomTerm, same_grouping_runs
 from ..core.threads import blas_threads, single_threaded
 from ..errors import ConvergenceWarning, SingularFitWarning
 from .lmm_fit import LmmFit
-from .optimize import DEFAULT_OPTIMIZER, GRADIENT_METHOD, OptimizationResult, minimize_deviance, warm_step
+from .optimize import DEFAULT_OPTIMIZER, DERIVATIVE_METHODS, OptimizationResult, minimize_deviance, warm_step
 from .scoring import SCORING_MAX_ITERATIONS, SCORING_REFIT_TOLERANCE, SCORING_THETA_TOLERANCE, fit_by_scoring
 
 __all__ = ["build_system", "optimize_system", "build_fit", "warn_if_singular"]
@@ -39,7 +39,7 @@ def build_system(
         cross = CrossProducts.compute(
             X, y, system_columns(terms, transforms), weights=weights, column_blocks=[t.n_levels * t.k for t in terms]
         )
-        return PenalizedSystem(cross, relcov, factorization=factorization)
+        return PenalizedSystem(cross, relcov, factorization=factorization, diagonal_runs=same_grouping_runs(terms))
 
 
 def optimize_system(
@@ -73,7 +73,7 @@ def optimize_system(
     )
     with system.threads():
         used = 0
-        auto = method in ("auto", "scoring", GRADIENT_METHOD)
+        auto = method in DERIVATIVE_METHODS
         scoring = auto and free is None and system.supports_scoring
         if auto:
             method = "bobyqa"  # where the steps do not apply, or give up

@@ -18,6 +18,7 @@ from ..core.cross_products import assemble_Z
 from ..core.system import PenalizedSystem
 from ..fit.many import batched_applies, fit_responses
 from ..fit.optimize import warm_step
+from ..fit.pipeline import optimized_system
 from ..fit.stages import optimize_system
 from .sdcor import sdcor_of
 
@@ -43,7 +44,9 @@ def simulate_responses(X, Z, relcov, theta, beta, sigma, weights, rng, nsim) -> 
 def refit_estimates(system: PenalizedSystem, theta: np.ndarray, reml: bool) -> np.ndarray:
     """One bootstrap replicate's estimates (sd, cor, sigma, beta) from the system of its simulated response,
     refitted from the fit's theta (BOBYQA's precision: no polish). Shared by the in-memory and Dask doors."""
-    opt = optimize_system(system, reml=reml, start_theta=theta, initial_step=warm_step(theta), polish=False)
+    # (x || g) as one term where that gives the optimizer derivatives, as in the fit (pipeline.optimized_system)
+    target = optimized_system(system)
+    opt = optimize_system(target, reml=reml, start_theta=theta, initial_step=warm_step(theta), polish=False)
     sol = system.solve(opt.theta, reml)
     return np.concatenate([sdcor_of(system.relcov, opt.theta, np.sqrt(sol.sigma2)), sol.beta])
 
@@ -58,7 +61,7 @@ def _init_worker(state, single_threaded=False):
 
         _WORKER["limits"] = threadpool_limits(1)
     _WORKER.update(state)
-    _WORKER["system"] = PenalizedSystem(state["cross"], state["relcov"])
+    _WORKER["system"] = PenalizedSystem(state["cross"], state["relcov"], diagonal_runs=state["diagonal_runs"])
 
 
 def _replicates(seed_seqs) -> np.ndarray:
@@ -112,6 +115,7 @@ def parametric_bootstrap(fit, X, terms, weights, nsim=500, seed=None, n_jobs=Non
         "system_Z": system_columns(list(terms), relcov.column_transforms),
         "relcov": relcov,
         "cross": fit.system.cross,
+        "diagonal_runs": fit.system.diagonal_runs,
         "theta": fit.theta,
         "beta": fit.beta,
         "sigma": float(np.sqrt(fit.sigma2)),

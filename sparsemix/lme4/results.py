@@ -17,7 +17,7 @@ from ..core.threads import fit_threads
 from ..errors import InputError
 from ..fit.lmm_fit import LmmFit
 from ..fit.optimize import warm_step
-from ..fit.pipeline import fit_system
+from ..fit.pipeline import fit_system, optimized_system
 from ..fit.stages import build_fit, optimize_system
 from ..formula import newdata as newdata_path
 from ..formula.design_rules import theta_names
@@ -361,11 +361,12 @@ class LmerResults(ModelAccessors, PicklableResults):
         if not self.reml:
             return self
         system, theta = self.fit_result.system, self.fit_result.theta
+        method = self.fit_result.optimization.method
         opt = optimize_system(
-            system,
+            optimized_system(system, None, method),  # (x || g) as one term where that helps, as in the fit
             reml=False,
             start_theta=theta,
-            method=self.fit_result.optimization.method,
+            method=method,
             initial_step=warm_step(theta),
         )
         return LmerResults(self.design, build_fit(system, opt, False))

@@ -60,7 +60,10 @@ sets <- list(
                    c("orthodont_ml", "distance ~ age * Sex + (age | Subject)", FALSE))),
   list(dataset = "mlmRev::Early", data = plain(Early[, c("cog", "age", "trt", "id")]),
        fits = list(c("early_reml", "cog ~ age * trt + (age | id)", TRUE),
-                   c("early_ml", "cog ~ age * trt + (age | id)", FALSE))),
+                   c("early_ml", "cog ~ age * trt + (age | id)", FALSE),
+                   # uncorrelated (one scalar term per column, of one grouping), issue 16's thirteenth session
+                   c("early_uncorr_reml", "cog ~ age * trt + (age || id)", TRUE),
+                   c("early_uncorr_ml", "cog ~ age * trt + (age || id)", FALSE))),
   list(dataset = "nlme::BodyWeight", data = plain(nlme::BodyWeight[, c("weight", "Time", "Rat", "Diet")]),
        fits = list(c("bodyweight_reml", "weight ~ Time * Diet + (Time | Rat)", TRUE),
                    c("bodyweight_ml", "weight ~ Time * Diet + (Time | Rat)", FALSE))),
@@ -79,7 +82,9 @@ sets <- list(
        fits = list(c("bdf_ml", "langPOST ~ IQ.verb + sex + ses + (IQ.verb | schoolNR)", FALSE))),
   list(dataset = "mlmRev::egsingle", data = plain(egsingle[, c("math", "year", "size", "female", "childid",
                                                                "schoolid")]),
-       fits = list(c("egsingle_reml", "math ~ year * size + female + (year | childid) + (year | schoolid)", TRUE))),
+       fits = list(c("egsingle_reml", "math ~ year * size + female + (year | childid) + (year | schoolid)", TRUE),
+                   c("egsingle_uncorr_ml", "math ~ year * size + female + (year || childid) + (year || schoolid)",
+                     FALSE))),
   # Checked on data the optimizer was not built against (issue 16, eighth session): the growth curves of R's
   # datasets and mlmRev, and the model psycholinguists fit most, crossed subjects x items with slopes in both
   list(dataset = "datasets::ChickWeight", data = plain(transform(as.data.frame(ChickWeight),

@@ -1,0 +1,134 @@
+"""lme4's `(x || g)`: one scalar term per column, all of one grouping. The optimizer sees them as one term with a
+diagonal covariance (eliminated level by level, with the exact gradient and Hessian), the results keep lme4's
+split terms. References: lme4's fits (tests/reference/random_slopes.json) and the split system's own deviance."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import load_reference, reference_data
+
+import sparsemix
+from sparsemix.core.terms import CovarianceTemplate, RandomTerm, same_grouping_runs
+from sparsemix.fit.pipeline import optimized_system
+from sparsemix.fit.stages import build_system
+
+REFERENCE = load_reference("random_slopes")
+
+
+def _lmer(formula, data, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sparsemix.SingularFitWarning)
+        return sparsemix.lmer(formula, data, **kwargs)
+
+
+def _scalar(name, codes, values, n_levels):
+    return RandomTerm.from_codes(
+        name, codes, np.asarray(values, float)[:, None], n_levels, CovarianceTemplate.scalar(), range(n_levels), ("x",)
+    )
+
+
+def test_runs_are_consecutive_scalar_terms_whose_rows_agree_on_their_level():
+    rng = np.random.default_rng(1)
+    g = rng.integers(0, 6, 60)
+    h = (g + 1) % 6  # as many levels as g, another grouping
+    x = rng.normal(size=60)
+    x[::7] = 0.0  # rows without an entry in the slope's term still belong to the run
+    slope = np.column_stack([np.ones(60), rng.normal(size=60)])
+    correlated = RandomTerm.from_codes(
+        "g", g, slope, 6, CovarianceTemplate.unstructured(2), range(6), ("(Intercept)", "x")
+    )
+    one, two, other = _scalar("g", g, np.ones(60), 6), _scalar("g", g, x, 6), _scalar("h", h, np.ones(60), 6)
+    assert same_grouping_runs([one, two]) == ((0, 2),)
+    assert same_grouping_runs([other, one, two, _scalar("g", g, x**2, 6)]) == ((1, 4),)
+    assert same_grouping_runs([one, other]) == ()  # crossed, as many levels: not one grouping
+    assert same_grouping_runs([one, correlated, two]) == ()
+    assert same_grouping_runs([one, two, correlated, one, two]) == ((0, 2), (3, 5))
+    assert same_grouping_runs([one, _scalar("g", g[::-1], x, 6)]) == ()
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_the_merged_system_has_the_split_systems_deviance_everywhere(reml):
+    rng = np.random.default_rng(2)
+    n, levels = 400, 40
+    g = rng.integers(0, levels, n)
+    school = rng.integers(0, 7, n)
+    x, t = rng.normal(3.0, 2.0, n), rng.uniform(-1, 1, n)
+    X = np.column_stack([np.ones(n), x])
+    y = 1 + 0.5 * x + rng.normal(size=levels)[g] + 0.3 * x * rng.normal(size=levels)[g] + rng.normal(size=n)
+    terms = [
+        _scalar("g", g, np.ones(n), levels),
+        _scalar("g", g, x, levels),
+        _scalar("g", g, t, levels),
+        _scalar("school", school, np.ones(n), 7),
+    ]
+    weights = rng.uniform(0.5, 2.0, n)
+    system = build_system(X, y, terms, weights=weights)
+    assert system.diagonal_runs == ((0, 3),)
+    merged = system.merged_system()
+    assert [template.k for _, template in merged.relcov.blocks] == [3, 1]
+    for theta in [np.array([0.8, 0.1, 0.3, 0.5]), np.array([0.0, 0.4, 1.5, 0.0]), rng.uniform(0, 2, 4)]:
+        assert merged.deviance(theta, reml) == pytest.approx(system.deviance(theta, reml), rel=1e-12)
+        np.testing.assert_allclose(
+            merged.relcov.working_theta(theta), system.relcov.working_theta(theta), rtol=1e-14, atol=0
+        )
+
+
+@pytest.mark.parametrize("name", ["early_uncorr_reml", "early_uncorr_ml", "egsingle_uncorr_ml"])
+def test_uncorrelated_slopes_fit_with_newton_steps_to_lme4s_optimum(name):
+    key = next(k for k, entry in REFERENCE.items() if k != "versions" and any(f["name"] == name for f in entry["fits"]))
+    data = pd.DataFrame(REFERENCE[key]["data"])
+    ref = next(f for f in REFERENCE[key]["fits"] if f["name"] == name)
+    m = _lmer(ref["formula"], data, reml=ref["reml"])
+    # split, the terms took BOBYQA: Early 25 (REML) and 37 (ML) evaluations, egsingle 118
+    assert m.fit_result.optimization.method == "gradient" and m.n_evaluations <= 10
+    assert m.llf >= ref["logLik"] - 1e-7 * abs(ref["logLik"])
+    np.testing.assert_allclose(m.fit_result.theta, ref["theta"], rtol=2e-3, atol=2e-3)
+    bobyqa = _lmer(ref["formula"], data, reml=ref["reml"], optimizer="bobyqa")
+    assert m.llf >= bobyqa.llf - 1e-9 * abs(bobyqa.llf)
+    # the results are the split terms' (lme4's): one variance per column, no correlation
+    assert list(m.theta_names) == list(bobyqa.theta_names)
+    ours, theirs = m.ranef_frame(), bobyqa.ranef_frame()
+    assert list(ours.columns) == list(theirs.columns) and len(ours) == len(theirs)
+    np.testing.assert_allclose(ours["condval"], theirs["condval"], rtol=1e-3, atol=1e-3 * theirs["condval"].abs().max())
+
+
+def test_refits_take_the_merged_terms_too():
+    entry = REFERENCE["Early"]
+    data = pd.DataFrame(entry["data"])
+    m = _lmer("cog ~ age * trt + (age || id)", data)
+    ml = m.refit_ml()
+    reference = next(f for f in entry["fits"] if f["name"] == "early_uncorr_ml")
+    assert ml.n_evaluations <= 10
+    assert ml.llf >= reference["logLik"] - 1e-7 * abs(reference["logLik"])
+    again = m.refit(m.fitted + np.random.default_rng(3).normal(size=m.nobs))
+    assert again.fit_result.optimization.method == "gradient" and again.n_evaluations <= 10
+
+
+def test_a_system_held_dense_whole_keeps_its_split_terms():
+    """sleepstudy's (Days || Subject): 36 columns held dense with the exact Hessian already, no second system."""
+    data = reference_data("sleepstudy")
+    m = _lmer("Reaction ~ Days + (Days || Subject)", data)
+    system = m.fit_result.system
+    assert system.diagonal_runs == ((0, 2),) and system.supports_hessian
+    assert optimized_system(system) is system
+
+
+def test_bootstrap_refits_take_the_merged_terms_and_find_the_same_estimates(monkeypatch):
+    import sparsemix.inference.bootstrap as bootstrap
+
+    data = pd.DataFrame(REFERENCE["Early"]["data"])
+    m = _lmer("cog ~ age * trt + (age || id)", data)
+    targets = []
+    chosen = bootstrap.optimized_system
+    monkeypatch.setattr(bootstrap, "optimized_system", lambda system: targets.append(chosen(system)) or targets[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sparsemix.SingularFitWarning)
+        merged = m.bootstrap(nsim=6, seed=5, n_jobs=1)
+        assert len(targets) == 6 and all(len(t.relcov.blocks) == 1 for t in targets)
+        monkeypatch.setattr(m.fit_result.system, "diagonal_runs", ())
+        split = m.bootstrap(nsim=6, seed=5, n_jobs=1)
+    assert all(len(t.relcov.blocks) == 2 for t in targets[6:])
+    # to BOBYQA's precision without the polish (~1e-5 of theta) on the split terms (measured: 5e-6 at most)
+    np.testing.assert_allclose(merged.to_numpy(), split.to_numpy(), rtol=1e-4, atol=1e-4)
