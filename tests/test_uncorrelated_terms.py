@@ -106,13 +106,26 @@ def test_refits_take_the_merged_terms_too():
     assert again.fit_result.optimization.method == "gradient" and again.n_evaluations <= 10
 
 
-def test_a_system_held_dense_whole_keeps_its_split_terms():
-    """sleepstudy's (Days || Subject): 36 columns held dense with the exact Hessian already, no second system."""
+@pytest.mark.parametrize("fit_name", ["reml_uncorr", "ml_uncorr"])
+def test_sleepstudy_takes_one_diagonal_term_and_reads_the_split_terms_off_it(fit_name):
+    """36 columns held whole had the exact Hessian too; one 2 x 2 term costs less an evaluation, and the split
+    system is then never factored: its solution is the merged one's, reordered."""
+    doc = load_reference("sleepstudy")
+    ref = next(f for f in doc["fits"] if f["name"] == fit_name)
     data = reference_data("sleepstudy")
-    m = _lmer("Reaction ~ Days + (Days || Subject)", data)
+    m = _lmer(ref["formula"], data, reml=ref["reml"])
     system = m.fit_result.system
-    assert system.diagonal_runs == ((0, 2),) and system.supports_hessian
-    assert optimized_system(system) is system
+    assert system.diagonal_runs == ((0, 2),)
+    merged = optimized_system(system)
+    assert [(n, t.k, t.is_diagonal) for n, t in merged.relcov.blocks] == [(18, 2, True)]
+    assert m.llf >= ref["logLik"] - 1e-7 * abs(ref["logLik"])
+    np.testing.assert_allclose(m.fit_result.theta, ref["theta"], rtol=1e-4)  # (lme4 stops ~1e-5 short)
+    # the split system's own solution at the same theta: the same modes in its order
+    own = system.solve(m.fit_result.theta, ref["reml"])
+    np.testing.assert_allclose(m.fit_result.solution.b, own.b, rtol=1e-9, atol=1e-9 * np.abs(own.b).max())
+    np.testing.assert_allclose(m.fit_result.solution.u, own.u, rtol=1e-9, atol=1e-9 * np.abs(own.u).max())
+    assert m.fit_result.solution.deviance == pytest.approx(own.deviance, rel=1e-12)
+    np.testing.assert_allclose(m.fe_params, own.beta, rtol=1e-10)
 
 
 def test_bootstrap_refits_take_the_merged_terms_and_find_the_same_estimates(monkeypatch):
@@ -132,3 +145,39 @@ def test_bootstrap_refits_take_the_merged_terms_and_find_the_same_estimates(monk
     assert all(len(t.relcov.blocks) == 2 for t in targets[6:])
     # to BOBYQA's precision without the polish (~1e-5 of theta) on the split terms (measured: 5e-6 at most)
     np.testing.assert_allclose(merged.to_numpy(), split.to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dense_up_to", [0, 10**9])
+def test_permuted_cross_products_are_scipys_reindexing(monkeypatch, dense_up_to):
+    import scipy.sparse as sp
+
+    import sparsemix.core.cross_products as cross_products
+
+    monkeypatch.setattr(cross_products, "DENSE_PERMUTATION_MAX_ENTRIES", dense_up_to)
+    rng = np.random.default_rng(4)
+    Z = sp.random(300, 40, density=0.1, random_state=5, format="csc")
+    cross = cross_products.CrossProducts.compute(rng.normal(size=(300, 2)), rng.normal(size=300), Z)
+    order = rng.permutation(40)
+    permuted = cross.permuted(order)
+    expected = cross.ZtZ[order][:, order].toarray()
+    assert permuted.ZtZ.has_sorted_indices and permuted.ZtZ.nnz == cross.ZtZ.nnz
+    np.testing.assert_array_equal(permuted.ZtZ.toarray(), expected)
+    np.testing.assert_array_equal(permuted.ZtX, cross.ZtX[order])
+    np.testing.assert_array_equal(permuted.Zty, cross.Zty[order])
+
+
+def test_a_fit_whose_own_system_was_never_factored_pickles_and_answers():
+    """The split system's factorization is chosen on first use: after the fit (read off the merged one), after
+    pickling, and for a refit."""
+    import pickle
+
+    data = pd.DataFrame(REFERENCE["Early"]["data"])
+    m = _lmer("cog ~ age * trt + (age || id)", data)
+    assert "_factor" not in m.fit_result.system.__dict__  # (the choice a merged fit never needed)
+    again = pickle.loads(pickle.dumps(m))
+    fresh = _lmer("cog ~ age * trt + (age || id)", data)
+    np.testing.assert_allclose(again.ranef_frame()["condsd"], fresh.ranef_frame()["condsd"], rtol=1e-10)
+    own = m.fit_result.system.solve(m.fit_result.theta, True)  # the split system, factored now
+    np.testing.assert_allclose(m.fit_result.solution.b, own.b, rtol=1e-9, atol=1e-9 * np.abs(own.b).max())
+    y = m.fitted + np.random.default_rng(6).normal(size=m.nobs)
+    assert again.refit(y).llf == pytest.approx(m.refit(y).llf, rel=1e-12)

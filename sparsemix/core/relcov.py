@@ -131,10 +131,29 @@ class RelativeCovariance:
         """The factors that, applied to the system's columns, give the covariance that theta reports."""
         return [F if T is None else np.linalg.solve(T, F) for F, T in zip(self.factors(theta), self.column_transforms)]
 
+    @cached_property
+    def _scalings(self) -> np.ndarray | None:
+        """Where every term is diagonal and its transform a scaling (scalar terms; lme4's || merged): each theta
+        entry's scale (working = |theta| / scale), else None."""
+        out = []
+        for (_, template), T in zip(self.blocks, self.column_transforms):
+            rows = [i for i, j in template.positions if i == j]
+            if len(rows) < template.n_theta:  # (a correlation)
+                return None
+            if T is None:
+                out.append(np.ones(len(rows)))
+            elif np.array_equal(T, np.diag(np.diag(T))):
+                out.append(np.diag(T)[rows])
+            else:
+                return None
+        return np.concatenate(out) if out else np.zeros(0)
+
     def working_theta(self, theta: np.ndarray) -> np.ndarray:
         """The optimizer's coordinates of a reported theta."""
         if not self.transformed:
             return np.asarray(theta, dtype=float)
+        if self._scalings is not None:  # (lower_factor's QR of each diagonal: |T^-1 F|)
+            return np.abs(np.asarray(theta, dtype=float)) / self._scalings
         return self.theta_of(
             [F if T is None else lower_factor(F) for F, T in zip(self.system_factors(theta), self.column_transforms)]
         )
@@ -143,6 +162,8 @@ class RelativeCovariance:
         """The reported theta of working coordinates (inverse of working_theta)."""
         if not self.transformed:
             return np.asarray(working, dtype=float)
+        if self._scalings is not None:
+            return np.abs(np.asarray(working, dtype=float)) * self._scalings
         return self.theta_of(
             [F if T is None else lower_factor(T @ F) for F, T in zip(self.factors(working), self.column_transforms)]
         )

@@ -174,12 +174,10 @@ class PenalizedSystem:
         self.diagonal_runs = tuple(diagonal_runs)
         self.n_evaluations = 0
         self._densely_linked: bool | None = None
-        # Small systems run single-threaded (see threads.py): the timed choice below must see that setting too.
-        self.single_threaded = single_threaded(relcov.q)
-        with self.threads():
-            self._factor = self._choose_factorization() if factorization is None else self._forced(factorization)
-        self.factorization_mode = self._factor.mode  # "simplicial", "supernodal", "schur" or "dense"
-        self.single_threaded = single_threaded(relcov.q, self.factorization_mode)
+        if factorization is not None or not self.diagonal_runs:
+            self._factor = self._made_factor(factorization)
+        else:  # (x || g): chosen on first use, which a fit solved through merged_system's system may never make
+            self._factor_pending = True
         self._factor_theta: np.ndarray | None = None
         self._factor_factors: list[np.ndarray] | None = None
         self._last_evaluation: Evaluation | None = None
@@ -200,12 +198,30 @@ class PenalizedSystem:
         )
         return state
 
+    def _made_factor(self, factorization: str | None):
+        # Small systems run single-threaded (see threads.py): the timed choice must see that setting too.
+        with blas_threads(single_threaded(self.relcov.q)):
+            return self._choose_factorization() if factorization is None else self._forced(factorization)
+
+    @property
+    def factorization_mode(self) -> str:
+        """ "simplicial", "supernodal", "schur" or "dense"."""
+        return self._factor.mode
+
+    @property
+    def single_threaded(self) -> bool:
+        """Whether work on this system runs with one BLAS thread (threads.single_threaded; before the factorization
+        is chosen, the setting its choice runs under)."""
+        factor = self.__dict__.get("_factor")
+        return single_threaded(self.relcov.q, None if factor is None else factor.mode)
+
     def with_response(self, cross: CrossProducts) -> "PenalizedSystem":
         """The same model for another response (`cross`: the design's cross-products with it, as
         CrossProducts.with_response gives them): the analysed factorization is handed over, so a refit costs
         no symbolic analysis; this system rebuilds its own if it is evaluated again."""
         if cross.ZtZ.shape != self.cross.ZtZ.shape or cross.p != self.cross.p:
             raise ValueError("with_response needs the cross-products of the same design")
+        self._factor  # noqa: B018 (chosen now where its choice was left to first use: handed over below)
         other = copy.copy(self)
         other.cross = cross
         other.n_evaluations = 0
@@ -228,7 +244,11 @@ class PenalizedSystem:
         return PenalizedSystem(self.cross.permuted(order), relcov)
 
     def __getattr__(self, name):
-        # Only reached when normal lookup fails: after unpickling, `_factor` until its first use.
+        # Only reached when normal lookup fails: `_factor` until its first use, after unpickling or where its choice
+        # was left to then.
+        if name == "_factor" and self.__dict__.pop("_factor_pending", False):
+            self._factor = self._made_factor(None)
+            return self._factor
         if name == "_factor" and "_factor_rebuild" in self.__dict__:
             mode, update = self.__dict__.pop("_factor_rebuild")
             with self.threads():
@@ -827,6 +847,17 @@ class PenalizedSystem:
         b = self.relcov.to_data_columns(self.relcov.apply(ev.factors, u))
         sigma2 = max(ev.r2, 0.0) / self.dof(reml)
         return Solution(theta, beta_work + self.cross.beta_ols, u, b, sigma2, self.profiled_deviance(ev, reml), ev)
+
+    def solution_from(self, merged: "PenalizedSystem", theta, reml: bool) -> Solution:
+        """solve(theta) read off `merged` (this system's merged_system): the same fixed effects, sigma^2 and
+        deviance, the random effects in this system's column order, without a factorization of this one. Its
+        evaluation is merged's: RX, cbeta, r^2 and the log-determinants are the same in both, RZX and cu are
+        merged's factor's."""
+        solution = merged.solve(theta, reml)
+        _, order = self.relcov.merged(self.diagonal_runs)
+        back = np.empty_like(order)
+        back[order] = np.arange(order.shape[0])
+        return replace(solution, u=solution.u[back], b=solution.b[back])
 
     def modes(self, ev: Evaluation) -> tuple[np.ndarray, np.ndarray]:
         """beta (relative to cross.beta_ols) and the spherical conditional modes u at the evaluation's theta,

@@ -33,8 +33,9 @@ __all__ = ["fit_system", "fit_lmm", "finish_fit", "optimized_system"]
 
 # (theta, BOBYQA's first step) for the full fit, or None where no pilot pays
 Pilot = Callable[[], "tuple[np.ndarray, np.ndarray] | None"]
-# theta from the rows' moments (pilot.moment_start), or None where they do not apply
-Moments = Callable[[], "np.ndarray | None"]
+# theta from the rows' moments (pilot.moment_start), or None where they do not apply; given the system the optimizer
+# will work on (optimized_system), whose Hessian decides how a near-singular estimate is taken
+Moments = Callable[[PenalizedSystem], "np.ndarray | None"]
 
 
 def fit_system(
@@ -59,14 +60,15 @@ def fit_system(
     (pilot.pilot_wanted), unless the variance components' moments stand in for it (pilot.components_over_pilot).
     `singular_names`: theta's names, for lme4's singular-fit warning (None: the door words its own)."""
     step, components = None, None
+    optimized = optimized_system(system, free, method)
     default = start_theta is None and free is None and method == DEFAULT_OPTIMIZER
     if default:
-        start_theta = moments() if moments is not None else None  # a growth curve's: the levels' own fits
+        start_theta = moments(optimized) if moments is not None else None  # a growth curve's: the levels' own fits
         if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
             start_theta = components = components_start(system, reml)  # (a 100-level intercept: 17 -> 5 evaluations)
     if start_theta is None:
         start_theta = fallback_start
-    if pilot is not None and pilot_wanted(method, free, system):
+    if pilot is not None and pilot_wanted(method, free, optimized):
         # the moments in place of a pilot fit, for the scoring steps (pilot.COMPONENTS_OVER_PILOT_MAX_ORDER); BOBYQA
         # keeps the pilot, whose first step it uses (InstEval: 50 evaluations from the pilot, 81 from the moments)
         over = default and components_over_pilot(system)
@@ -77,7 +79,7 @@ def fit_system(
         else:
             start_theta, step = pilot() or (start_theta, None)
     opt = optimize_system(
-        optimized_system(system, free, method),
+        optimized,
         reml=reml,
         start_theta=start_theta,
         free=free,
@@ -87,18 +89,20 @@ def fit_system(
         progress=progress,
         initial_step=step,
     )
-    return finish_fit(system, opt, reml, free, singular_names)
+    return finish_fit(system, opt, reml, free, singular_names, optimized)
 
 
 def optimized_system(system: PenalizedSystem, free=None, method: str = DEFAULT_OPTIMIZER) -> PenalizedSystem:
     """The system the optimizer works on: `system`, or its runs of scalar terms of one grouping (lme4's `(x || g)`)
     merged into one term each (PenalizedSystem.merged_system: the same deviance and theta) where that gives the
-    derivative methods more to work with: the exact Hessian or gradient where the split terms (each eliminated or
-    factored on its own) had less. The fit is then solved on `system`, in the door's terms."""
-    if not system.diagonal_runs or free is not None or method not in DERIVATIVE_METHODS or system.supports_hessian:
+    derivative methods the exact Hessian, or more than the split terms (each eliminated or factored on its own)
+    give them. The fit is then read off it in the door's terms (PenalizedSystem.solution_from)."""
+    if not system.diagonal_runs or free is not None or method not in DERIVATIVE_METHODS:
         return system
     merged = system.merged_system()
-    return merged if _derivatives(merged) > _derivatives(system) else system
+    found = _derivatives(merged)
+    # (the Hessian needs no comparison: the split system's factorization is then never chosen)
+    return merged if found == 3 or found > _derivatives(system) else system
 
 
 def _derivatives(system: PenalizedSystem) -> int:
@@ -108,11 +112,19 @@ def _derivatives(system: PenalizedSystem) -> int:
     return 2 if system.supports_scoring else int(system.supports_gradient)
 
 
-def finish_fit(system: PenalizedSystem, opt, reml: bool, free=None, singular_names: list[str] | None = None) -> LmmFit:
+def finish_fit(
+    system: PenalizedSystem,
+    opt,
+    reml: bool,
+    free=None,
+    singular_names: list[str] | None = None,
+    optimized: PenalizedSystem | None = None,
+) -> LmmFit:
     """The fit at the optimizer's end point `opt` (an OptimizationResult, however it was found: fit_system's
-    optimizer, or fit/many.py's batched steps): solved there, a residual variance of zero refused, lme4's
-    singular-fit warning given."""
-    fit = build_fit(system, opt, reml, free)
+    optimizer, or fit/many.py's batched steps): solved there (on `optimized`, the system the optimizer worked on,
+    where that was system's merged_system), a residual variance of zero refused, lme4's singular-fit warning
+    given."""
+    fit = build_fit(system, opt, reml, free, optimized)
     checks.check_residual_variance(fit.sigma2, system.cross.n, system.cross.yty / max(system.cross.n, 1))
     if singular_names is not None:
         warn_if_singular(fit, singular_names)
@@ -138,8 +150,8 @@ def fit_lmm(
     system = build_system(X, y, terms, weights=weights)
     pilot = None if start_theta is not None else (lambda: pilot_start(system, X, y, list(terms), weights, reml))
 
-    def moments():
-        return moment_start(X, y, list(terms), weights, system.cross.beta_ols, system.supports_hessian)
+    def moments(optimized: PenalizedSystem):
+        return moment_start(X, y, list(terms), weights, system.cross.beta_ols, optimized.supports_hessian)
 
     return fit_system(
         system,

@@ -144,13 +144,20 @@ def optimize_system(
     )
 
 
-def build_fit(system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None) -> LmmFit:
+def build_fit(
+    system: PenalizedSystem, opt: OptimizationResult, reml: bool, free=None, optimized: PenalizedSystem | None = None
+) -> LmmFit:
     """The fit at the optimizer's theta: the penalized system solved there (fixed effects, conditional modes,
-    residual variance) as an LmmFit. `free`: which theta entries the optimizer moved (all by default). Warns
-    ConvergenceWarning when the optimizer stopped before converging."""
+    residual variance) as an LmmFit. `free`: which theta entries the optimizer moved (all by default).
+    `optimized`: the system the optimizer worked on, where that was system's merged_system (pipeline.
+    optimized_system): solved there. Warns ConvergenceWarning when the optimizer stopped before converging."""
     free = np.ones(system.relcov.n_theta, bool) if free is None else np.asarray(free, bool)
     with system.threads():
-        fit = LmmFit(system, system.solve(opt.theta, reml), opt, reml, free)
+        if optimized is None or optimized is system:
+            solution = system.solve(opt.theta, reml)
+        else:
+            solution = system.solution_from(optimized, opt.theta, reml)
+        fit = LmmFit(system, solution, opt, reml, free)
     if not fit.converged:
         warnings.warn(
             f"the optimizer ({opt.method}) did not converge after {opt.n_evaluations} deviance "

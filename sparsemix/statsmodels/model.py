@@ -419,8 +419,10 @@ class MixedLM(PicklableResults):
                 else (lambda: pilot_start(system, self.exog, self.endog, terms, None, reml))
             )
 
-            def moments():  # (the default start: fit_system's choice, as in every door)
-                return moment_start(self.exog, self.endog, terms, None, system.cross.beta_ols, system.supports_hessian)
+            def moments(optimized):  # (the default start: fit_system's choice, as in every door)
+                return moment_start(
+                    self.exog, self.endog, terms, None, system.cross.beta_ols, optimized.supports_hessian
+                )
 
             fit = fit_system(
                 system,
