@@ -220,3 +220,15 @@ def test_a_slopes_origin_and_units_do_not_change_the_partitioned_fit(client, shi
     # REML's log|X'V^-1 X| moves by -log(scale) with the fixed-effect column x
     assert b.llf == pytest.approx(base.llf - np.log(scale), rel=1e-9)
     np.testing.assert_allclose(b.fitted.compute().to_numpy(), base.fitted.to_numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_uncorrelated_slopes_take_the_merged_term_as_in_memory(client):
+    """lme4's (x || g) on the cluster: the scalar terms of one grouping are one diagonal term for the optimizer,
+    as in the in-memory fit (the same evaluations, the same optimum)."""
+    data = _frame(3000, seed=3)
+    formula = "y ~ x + (x || g) + (1 | h)"
+    a = sparsemix.lmer(formula, data)
+    b = sparsemix.lmer(formula, dd.from_pandas(data, npartitions=4))
+    assert b.fit_result.system.diagonal_runs == a.fit_result.system.diagonal_runs == ((0, 2),)
+    assert b.n_evaluations == a.n_evaluations
+    _assert_equal_fits(a, b)

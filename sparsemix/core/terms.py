@@ -26,6 +26,7 @@ __all__ = [
     "level_layout_csc",
     "row_levels",
     "same_grouping_runs",
+    "equal_key_runs",
 ]
 
 
@@ -281,6 +282,19 @@ def same_grouping_runs(terms: list[RandomTerm]) -> tuple[tuple[int, int], ...]:
         start, levels = j, None
         if term is not None and term.k != 1:
             start = j + 1
+    return tuple(runs)
+
+
+def equal_key_runs(keys: list) -> tuple[tuple[int, int], ...]:
+    """Runs [start, stop) of two or more consecutive equal keys that are not None (a door that knows its terms'
+    groupings but not their rows: the Dask door's same_grouping_runs)."""
+    runs, start = [], 0
+    for j in range(1, len(keys) + 1):
+        if j < len(keys) and keys[j] is not None and keys[j] == keys[start]:
+            continue
+        if j - start >= 2:
+            runs.append((start, j))
+        start = j
     return tuple(runs)
 
 

@@ -33,7 +33,7 @@ from ..core.coordinates import transform_from_moments
 from ..core.cross_products import CrossProducts
 from ..core.relcov import RelativeCovariance
 from ..core.system import PenalizedSystem
-from ..core.terms import CovarianceTemplate, RandomTerm
+from ..core.terms import CovarianceTemplate, RandomTerm, equal_key_runs
 from ..core.threads import blas_threads, single_threaded
 from ..errors import FormulaError, InputError, require_extra
 from ..fit.optimize import DEFAULT_OPTIMIZER, resolve_method
@@ -195,8 +195,10 @@ def fit_partitioned(
     transferred += nbytes(sums)
     cross = _cross_products(sums, XtX, beta_ols, totals["sum_log_weights"], n)
     relcov = RelativeCovariance([(term.n_levels, t) for term, t in zip(random, templates)], transforms)
+    # lme4's (x || g): consecutive scalar terms of one grouping, the same levels in the same order (group_codes)
+    runs = equal_key_runs([term.group if term.k == 1 else None for term in random])
     with blas_threads(single_threaded(relcov.q)):
-        system = PenalizedSystem(cross, relcov)
+        system = PenalizedSystem(cross, relcov, diagonal_runs=runs)
     pilot_bytes = []
     pilot = (
         None
