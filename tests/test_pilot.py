@@ -362,3 +362,17 @@ def test_the_ml_correction_is_left_out_where_fixed_factors_take_a_terms_level_me
     np.testing.assert_array_equal(components_start(system, reml=False), components_start(system))
     fit = sparsemix.lmer(formula, data, reml=False)
     assert fit.llf >= sparsemix.lmer(formula, data, reml=False, optimizer="bobyqa").llf - 1e-8
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_moment_starts_small_matrix_algebra_is_numpys(k):
+    from sparsemix.fit.pilot import _extreme_eigenvalues, _inverses
+
+    rng = np.random.default_rng(k)
+    A = rng.normal(size=(40, k, k))
+    M = A @ A.transpose(0, 2, 1) + np.eye(k) * np.array([1e-12] + [1.0] * 39)[:, None, None]
+    smallest, largest = _extreme_eigenvalues(M)
+    eigenvalues = np.linalg.eigvalsh(M)
+    np.testing.assert_allclose(smallest, eigenvalues[:, 0], rtol=0, atol=1e-12 * np.abs(eigenvalues).max())
+    np.testing.assert_allclose(largest, eigenvalues[:, -1], rtol=1e-13)
+    np.testing.assert_allclose(_inverses(M[1:]), np.linalg.inv(M[1:]), rtol=1e-9)

@@ -220,11 +220,11 @@ def moment_start(
     cross = np.stack([np.bincount(codes, V[:, a] * r, minlength=n1) for a in range(k)], axis=1)
     squares = np.bincount(codes, r * r, minlength=n1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        eigenvalues = np.linalg.eigvalsh(gram)
-        usable = (counts > k) & (eigenvalues[:, 0] > 1e-10 * np.maximum(eigenvalues[:, -1], 1e-300))
+        smallest, largest = _extreme_eigenvalues(gram)
+        usable = (counts > k) & (smallest > 1e-10 * np.maximum(largest, 1e-300))
     if usable.sum() < max(MOMENT_MIN_LEVELS, k + 1):
         return None
-    inverse = np.linalg.inv(gram[usable])
+    inverse = _inverses(gram[usable])
     coefficients = np.matmul(inverse, cross[usable][:, :, None])[:, :, 0]
     residual = squares[usable] - np.sum(coefficients * cross[usable], axis=1)
     sigma2 = float(residual.sum() / (counts[usable] - k).sum())
@@ -252,6 +252,27 @@ def moment_start(
         T = np.diag(np.sqrt(np.diag(block))) if term.template.is_diagonal else np.linalg.cholesky(block)
         thetas.append(term.template.theta_of(T))
     return np.concatenate(thetas)
+
+
+def _extreme_eigenvalues(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest and largest eigenvalue of each symmetric k x k matrix of the stack M (2 x 2 in closed form:
+    numpy's batched eigvalsh cost 35 us of a growth curve's start)."""
+    if M.shape[1] == 2:
+        mean, half = (M[:, 0, 0] + M[:, 1, 1]) / 2, (M[:, 0, 0] - M[:, 1, 1]) / 2
+        radius = np.sqrt(half * half + M[:, 0, 1] * M[:, 1, 0])
+        return mean - radius, mean + radius
+    eigenvalues = np.linalg.eigvalsh(M)
+    return eigenvalues[:, 0], eigenvalues[:, -1]
+
+
+def _inverses(M: np.ndarray) -> np.ndarray:
+    """The inverse of each k x k matrix of the stack M (2 x 2 in closed form: numpy's batched inv cost 28 us)."""
+    if M.shape[1] != 2:
+        return np.linalg.inv(M)
+    out = np.empty_like(M)
+    out[:, 0, 0], out[:, 1, 1] = M[:, 1, 1], M[:, 0, 0]
+    out[:, 0, 1], out[:, 1, 0] = -M[:, 0, 1], -M[:, 1, 0]
+    return out / (M[:, 0, 0] * M[:, 1, 1] - M[:, 0, 1] * M[:, 1, 0])[:, None, None]
 
 
 # components_start: a relative variance estimated below this is started here instead (at exactly 0 the deviance's
