@@ -124,16 +124,11 @@ class CrossProducts:
         return replace(self, Zty=Zty[:, 0], Xty=Xty[:, 0], yty=float(yty[0]), beta_ols=beta_ols[:, 0])
 
 
-# Up to this many entries of Z'Z a permutation goes through the dense matrix (sleepstudy's 36 columns: 20 us against 60)
-DENSE_PERMUTATION_MAX_ENTRIES = 250_000
-
-
 def _symmetric_permuted(A: sp.csc_matrix, order: np.ndarray) -> sp.csc_matrix:
     """A[order][:, order] of a CSC matrix, from its arrays (scipy's two fancy indexings: ~0.3 ms on sleepstudy's 36
-    columns, a tenth of its fit): each new column is an old one, its rows renumbered and sorted."""
+    columns, a tenth of its fit; through the dense matrix 295 us on Early's 206, these 30): each new column is an old
+    one, its rows renumbered and sorted."""
     order = np.asarray(order, dtype=np.int64)
-    if A.shape[0] ** 2 <= DENSE_PERMUTATION_MAX_ENTRIES:  # (numpy's per-call costs dominate the sort below)
-        return _symmetric_csc(A.toarray()[np.ix_(order, order)])
     rank = np.empty_like(order)
     rank[order] = np.arange(order.shape[0])
     counts = np.diff(A.indptr)[order]
