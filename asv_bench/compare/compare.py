@@ -107,16 +107,24 @@ def reference_cases():
     return out
 
 
+# sparsemix's fits are repeated for at least this long (a few-millisecond fit: ~30 times), its median then steadier
+# against the host's bursts; lme4's keep `--reps` (its fits take 15-700 ms)
+MIN_SECONDS = 0.1
+
+
 def time_lmer(case, reps):
-    """The median of `reps` fits after one untimed fit (lme4_fit.R does the same)."""
+    """The median of at least `reps` fits (and of MIN_SECONDS of them) after one untimed fit (lme4_fit.R does the
+    same with `reps`)."""
     times, res = [], None
-    for i in range(reps + 1):
+    i = 0
+    while i <= reps or sum(times) < MIN_SECONDS:
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = sparsemix.lmer(case.formula, case.data, reml=case.reml, weights=case.weights, offset=case.offset)
         if i:
             times.append(time.perf_counter() - t0)
+        i += 1
     return statistics.median(times), float(res.llf)
 
 
@@ -171,7 +179,8 @@ def run_reference(reps, rounds):
         )
     lines.append("")
     lines.append(
-        f"Times are the lower of {rounds} rounds' medians of {reps} fits (each after one untimed fit), the rounds "
+        f"Times are the lower of {rounds} rounds' medians of {reps} fits (sparsemix's: of at least {reps} and "
+        f"{MIN_SECONDS:g} s of them), each after one untimed fit, the rounds "
         "alternating the libraries, from a data frame in memory to a fitted model; same formula in both "
         "(`sparsemix.lmer`, `lme4::lmer`); sparsemix reads text columns as factors inside each fit, lme4 is given "
         "factor columns made before its timing."
