@@ -125,9 +125,9 @@ class CrossProducts:
 
 
 def _symmetric_permuted(A: sp.csc_matrix, order: np.ndarray) -> sp.csc_matrix:
-    """A[order][:, order] of a CSC matrix, from its arrays (scipy's two fancy indexings: ~0.3 ms on sleepstudy's 36
-    columns, a tenth of its fit; through the dense matrix 295 us on Early's 206, these 30): each new column is an old
-    one, its rows renumbered and sorted."""
+    """A[order][:, order] of a CSC matrix, from its arrays: each new column is an old one, its rows renumbered and
+    sorted (scipy's two fancy indexings, or the dense matrix, cost a small fit more than its permuted system saves:
+    docs/performance-scale.md, thirteenth session)."""
     order = np.asarray(order, dtype=np.int64)
     rank = np.empty_like(order)
     rank[order] = np.arange(order.shape[0])

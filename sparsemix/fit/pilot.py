@@ -255,8 +255,8 @@ def moment_start(
 
 
 def _extreme_eigenvalues(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The smallest and largest eigenvalue of each symmetric k x k matrix of the stack M (2 x 2 in closed form:
-    numpy's batched eigvalsh cost 35 us of a growth curve's start)."""
+    """The smallest and largest eigenvalue of each symmetric k x k matrix of the stack M (2 x 2 in closed form, where
+    numpy's batched call costs more than the arithmetic)."""
     if M.shape[1] == 2:
         mean, half = (M[:, 0, 0] + M[:, 1, 1]) / 2, (M[:, 0, 0] - M[:, 1, 1]) / 2
         radius = np.sqrt(half * half + M[:, 0, 1] * M[:, 1, 0])
@@ -266,7 +266,7 @@ def _extreme_eigenvalues(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _inverses(M: np.ndarray) -> np.ndarray:
-    """The inverse of each k x k matrix of the stack M (2 x 2 in closed form: numpy's batched inv cost 28 us)."""
+    """The inverse of each k x k matrix of the stack M (2 x 2 in closed form, as _extreme_eigenvalues)."""
     if M.shape[1] != 2:
         return np.linalg.inv(M)
     out = np.empty_like(M)
@@ -341,7 +341,7 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     diagonal = d.copy()
     known_mean = not reml and _nested(G, rc.column_slices)
     if cross.p and not known_mean:
-        # (LAPACK's posv as it is: numpy's solve cost 30 us of a 2 ms fit in its wrapper)
+        # (LAPACK's posv as it is: numpy's solve costs a small fit more in its wrapper than in the solve)
         _, CKt, info = lapack.dposv(cross.XtX, cross.ZtX.T)
         if info != 0:
             return None
