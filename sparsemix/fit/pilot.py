@@ -176,8 +176,8 @@ def moment_start(
     theta = 1; from here L-BFGS-B took 5 evaluations on sleepstudy where it took 17, Oxboys 18 (74), mlmRev's bdf
     15 (43), Hsb82 13 (26); BodyWeight 19 (23). None where it does not apply: terms of several groupings, one scalar
     term alone, too few levels with k + 1 rows and a full-rank fit, a variance estimated <= 0, or a near-singular
-    estimate (MOMENT_MIN_CORRELATION_EIGENVALUE) unless `floor_near_singular`, which lifts its correlation's
-    eigenvalues to that floor instead (for Newton steps with the exact Hessian: Early 9 -> 7 evaluations, nlme's
+    estimate of a correlated term's (MOMENT_MIN_CORRELATION_EIGENVALUE) unless `floor_near_singular`, which lifts
+    its correlation's eigenvalues to that floor instead (for Newton steps with the exact Hessian: Early 9 -> 7, nlme's
     Dialyzer 15 -> 9, ChickWeight 9 -> 5). `beta`: the fixed part's (weighted) least-squares coefficients, where
     known (CrossProducts.beta_ols)."""
     # one grouping: one term with slopes, or lme4's || (its columns as scalar terms of the same factor)
@@ -236,10 +236,9 @@ def moment_start(
     scales = np.sqrt(variances)
     correlation = covariance / np.outer(scales, scales)
     eigenvalues, vectors = np.linalg.eigh(correlation)
-    if eigenvalues[0] < MOMENT_MIN_CORRELATION_EIGENVALUE:
-        # (lme4's ||: the floor lifts only a correlation the terms do not have; the variance components' moments
-        # start nearer, Early's (age || id) 5 evaluations against 6)
-        if not floor_near_singular or all(term.template.is_diagonal for term in terms):
+    # (lme4's ||: its terms hold no correlation, so none is too near +-1 for their start, the variances' diagonal)
+    if eigenvalues[0] < MOMENT_MIN_CORRELATION_EIGENVALUE and not all(t.template.is_diagonal for t in terms):
+        if not floor_near_singular:
             return None
         floored = (vectors * np.maximum(eigenvalues, MOMENT_MIN_CORRELATION_EIGENVALUE)) @ vectors.T
         unit = np.sqrt(np.diag(floored))
