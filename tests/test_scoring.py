@@ -126,6 +126,32 @@ def test_single_precision_far_points_leave_the_result_unchanged(monkeypatch):
     assert count == count_double
 
 
+def test_large_blocks_are_scored_in_single_precision_to_the_end(monkeypatch):
+    """From SINGLE_ALWAYS_MIN_ORDER on no point is scored in double (its inverse costs 2.5x a single one there): the
+    same theta as with the double-precision last points, to the precision the last step leaves."""
+    import sparsemix.fit.scoring as scoring
+
+    data = generate_insteval_like(3_000, 1_000, 12, 20, seed=4)
+    system = build_design("y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)", data).system()
+    start = system.relcov.start()
+    precisions = []
+    original = scoring.scoring_point
+    monkeypatch.setattr(
+        scoring, "scoring_point", lambda *a, **k: precisions.append(k.get("single", False)) or original(*a, **k)
+    )
+    with system.threads():
+        mixed, _, count = fit_by_scoring(system, start, True)
+        assert not all(precisions)  # (below the order: the last points in double)
+        precisions.clear()
+        monkeypatch.setattr(scoring, "SINGLE_ALWAYS_MIN_ORDER", 1)
+        single, _, count_single = fit_by_scoring(system, start, True)
+    assert mixed is not None and single is not None
+    assert precisions and all(precisions)
+    np.testing.assert_allclose(single.theta, mixed.theta, rtol=1e-7)
+    assert single.deviance == pytest.approx(mixed.deviance, rel=1e-13)
+    assert count_single <= count + 1
+
+
 def test_a_single_precision_start_at_the_optimum_is_scored_again_in_double():
     X, y, terms = _problem()
     system = build_system(X, y, terms, factorization="schur")
