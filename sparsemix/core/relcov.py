@@ -79,6 +79,11 @@ class RelativeCovariance:
             j = stop
         return RelativeCovariance(blocks, transforms), np.concatenate(order) if order else np.zeros(0, np.intp)
 
+    @property
+    def after_first(self) -> int:
+        """The columns after the first term's: the order of the block that eliminating that term leaves."""
+        return self.q - self.blocks[0][0] * self.blocks[0][1].k if self.blocks else 0
+
     @cached_property
     def membership(self) -> np.ndarray:
         """q x terms: 1 where column i belongs to term j (sums per term are products with it)."""

@@ -429,8 +429,7 @@ class PenalizedSystem:
         the trials, where simplicial wins. Blocks of fewer than SCHUR_ALONE_MIN_ORDER columns are left to the
         (sub-millisecond) trials: there simplicial's lower overhead can win (30 columns: 0.05 against 0.19 ms).
         """
-        n1, template1 = self.relcov.blocks[0]
-        if self.relcov.q - n1 * template1.k < SCHUR_ALONE_MIN_ORDER or not self.densely_linked:
+        if self.relcov.after_first < SCHUR_ALONE_MIN_ORDER or not self.densely_linked:
             return None
         return self._schur_candidate(np.inf)
 
@@ -848,12 +847,14 @@ class PenalizedSystem:
         sigma2 = max(ev.r2, 0.0) / self.dof(reml)
         return Solution(theta, beta_work + self.cross.beta_ols, u, b, sigma2, self.profiled_deviance(ev, reml), ev)
 
-    def solution_from(self, merged: "PenalizedSystem", theta, reml: bool) -> Solution:
-        """solve(theta) read off `merged` (this system's merged_system): the same fixed effects, sigma^2 and
-        deviance, the random effects in this system's column order, without a factorization of this one. Its
-        evaluation is merged's: RX, cbeta, r^2 and the log-determinants are the same in both, RZX and cu are
-        merged's factor's."""
-        solution = merged.solve(theta, reml)
+    def solution_from(self, optimized: "PenalizedSystem", theta, reml: bool) -> Solution:
+        """solve(theta) on the system the optimizer worked on (pipeline.optimized_system): this one, or its
+        merged_system, whose solution has the same fixed effects, sigma^2 and deviance and is read off in this
+        system's column order, without a factorization of this one. Its evaluation is then merged's: RX, cbeta, r^2
+        and the log-determinants are the same in both, RZX and cu are merged's factor's."""
+        solution = optimized.solve(theta, reml)
+        if optimized is self:
+            return solution
         _, order = self.relcov.merged(self.diagonal_runs)
         back = np.empty_like(order)
         back[order] = np.arange(order.shape[0])

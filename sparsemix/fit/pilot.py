@@ -298,7 +298,7 @@ def components_over_pilot(system) -> bool:
     rc = system.relcov
     if not rc.blocks or not system.supports_scoring or rc.q > COMPONENTS_OVER_PILOT_MAX_Q:
         return False
-    return rc.q - rc.blocks[0][0] * rc.blocks[0][1].k <= COMPONENTS_OVER_PILOT_MAX_ORDER
+    return rc.after_first <= COMPONENTS_OVER_PILOT_MAX_ORDER
 
 
 def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -> np.ndarray | None:

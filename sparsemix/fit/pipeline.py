@@ -29,7 +29,7 @@ from .pilot import (
 )
 from .stages import build_fit, build_system, optimize_system, warn_if_singular
 
-__all__ = ["fit_system", "fit_lmm", "finish_fit", "optimized_system"]
+__all__ = ["fit_system", "fit_lmm", "finish_fit", "optimized_system", "row_moments"]
 
 # (theta, BOBYQA's first step) for the full fit, or None where no pilot pays
 Pilot = Callable[[], "tuple[np.ndarray, np.ndarray] | None"]
@@ -149,10 +149,6 @@ def fit_lmm(
     weights. From the default start as fit_system chooses it, with the rows' moments (and pilot) offered."""
     system = build_system(X, y, terms, weights=weights)
     pilot = None if start_theta is not None else (lambda: pilot_start(system, X, y, list(terms), weights, reml))
-
-    def moments(optimized: PenalizedSystem):
-        return moment_start(X, y, list(terms), weights, system.cross.beta_ols, optimized.supports_hessian)
-
     return fit_system(
         system,
         reml=reml,
@@ -164,5 +160,10 @@ def fit_lmm(
         progress=progress,
         pilot=pilot,
         singular_names=singular_names,
-        moments=moments,
+        moments=row_moments(system, X, y, terms, weights),
     )
+
+
+def row_moments(system: PenalizedSystem, X: np.ndarray, y: np.ndarray, terms, weights) -> Moments:
+    """A door's `moments` for fit_system from its rows (pilot.moment_start), `system` being built from them."""
+    return lambda optimized: moment_start(X, y, list(terms), weights, system.cross.beta_ols, optimized.supports_hessian)

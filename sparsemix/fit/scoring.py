@@ -138,8 +138,7 @@ def fit_by_scoring(
     than SCORING_LAST_STEP, which leaves a few percent of itself at most.
     """
     t0 = time.perf_counter()
-    rc = system.relcov
-    always_single = rc.q - rc.blocks[0][0] * rc.blocks[0][1].k >= SINGLE_ALWAYS_MIN_ORDER
+    always_single = system.relcov.after_first >= SINGLE_ALWAYS_MIN_ORDER
     point = scoring_point(system, start, reml, single=True)
     count = 1
     if point is None:

@@ -153,11 +153,7 @@ def build_fit(
     optimized_system): solved there. Warns ConvergenceWarning when the optimizer stopped before converging."""
     free = np.ones(system.relcov.n_theta, bool) if free is None else np.asarray(free, bool)
     with system.threads():
-        if optimized is None or optimized is system:
-            solution = system.solve(opt.theta, reml)
-        else:
-            solution = system.solution_from(optimized, opt.theta, reml)
-        fit = LmmFit(system, solution, opt, reml, free)
+        fit = LmmFit(system, system.solution_from(optimized or system, opt.theta, reml), opt, reml, free)
     if not fit.converged:
         warnings.warn(
             f"the optimizer ({opt.method}) did not converge after {opt.n_evaluations} deviance "

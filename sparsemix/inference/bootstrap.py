@@ -47,7 +47,7 @@ def refit_estimates(system: PenalizedSystem, theta: np.ndarray, reml: bool) -> n
     # (x || g) as one term where that gives the optimizer derivatives, as in the fit (pipeline.optimized_system)
     target = optimized_system(system)
     opt = optimize_system(target, reml=reml, start_theta=theta, initial_step=warm_step(theta), polish=False)
-    sol = system.solve(opt.theta, reml)
+    sol = system.solution_from(target, opt.theta, reml)
     return np.concatenate([sdcor_of(system.relcov, opt.theta, np.sqrt(sol.sigma2)), sol.beta])
 
 

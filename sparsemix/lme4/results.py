@@ -362,14 +362,9 @@ class LmerResults(ModelAccessors, PicklableResults):
             return self
         system, theta = self.fit_result.system, self.fit_result.theta
         method = self.fit_result.optimization.method
-        opt = optimize_system(
-            optimized_system(system, None, method),  # (x || g) as one term where that helps, as in the fit
-            reml=False,
-            start_theta=theta,
-            method=method,
-            initial_step=warm_step(theta),
-        )
-        return LmerResults(self.design, build_fit(system, opt, False))
+        optimized = optimized_system(system, None, method)  # (x || g) as one term where that helps, as in the fit
+        opt = optimize_system(optimized, reml=False, start_theta=theta, method=method, initial_step=warm_step(theta))
+        return LmerResults(self.design, build_fit(system, opt, False, optimized=optimized))
 
     def refit(self, y) -> "LmerResults":
         """The same model fitted to another response `y` (lme4's `refit(object, newresp)`): one value per fitted

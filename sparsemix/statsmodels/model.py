@@ -20,8 +20,8 @@ from ..core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
 from ..core.threads import fit_threads
 from ..errors import IgnoredArgumentWarning, InputError, SingularFitWarning
 from ..fit.optimize import DEFAULT_OPTIMIZER, UNBOUNDED_METHODS, resolve_method
-from ..fit.pilot import moment_start, pilot_start
-from ..fit.pipeline import fit_system
+from ..fit.pilot import pilot_start
+from ..fit.pipeline import fit_system, row_moments
 from ..fit.stages import build_system
 from ..formula.mixedlm import fixed_design, formula_columns, random_design, sorted_codes, vc_from_formula
 from ..formula.pickling import PicklableResults
@@ -418,17 +418,11 @@ class MixedLM(PicklableResults):
                 if start_params is not None
                 else (lambda: pilot_start(system, self.exog, self.endog, terms, None, reml))
             )
-
-            def moments(optimized):  # (the default start: fit_system's choice, as in every door)
-                return moment_start(
-                    self.exog, self.endog, terms, None, system.cross.beta_ols, optimized.supports_hessian
-                )
-
             fit = fit_system(
                 system,
                 reml=reml,
                 start_theta=theta0 if start_params is not None or free_mask is not None else None,
-                moments=moments,
+                moments=row_moments(system, self.exog, self.endog, terms, None),  # (the default start, every door's)
                 fallback_start=theta0,  # (statsmodels' default: the identity in the data's columns)
                 free=free_mask,
                 maxiter=maxiter,
