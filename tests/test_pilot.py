@@ -113,6 +113,65 @@ def test_a_growth_curves_moment_start_is_near_lme4s_optimum_and_saves_evaluation
     np.testing.assert_allclose(halved, start / np.sqrt(2.0), rtol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "dataset, fit_name",
+    [
+        ("sleepstudy", "ml_corr"),
+        ("Loblolly", "loblolly_ml"),
+        ("Orthodont", "orthodont_ml"),
+        ("BodyWeight", "bodyweight_ml"),
+    ],
+)
+def test_the_ml_moment_start_is_the_ml_optimum_on_balanced_growth_curves(dataset, fit_name):
+    """For ML the levels' spread about their mean is taken over m (REML's: m - 1): on these balanced designs
+    (every level measured at the same times) that is ML's optimum, the optimum of a fit from lme4's start to 1e-6
+    (lme4's own theta to 1e-3: it stops short), and the exact Hessian's Newton step from it is shorter than
+    HESSIAN_NEWTON_LAST_STEP (one evaluation, where REML's moments took 4)."""
+    from conftest import load_reference, reference_data, reference_fit
+
+    from sparsemix.fit.pilot import moment_start
+
+    if dataset == "sleepstudy":
+        data, ref = reference_data("sleepstudy"), reference_fit("sleepstudy", fit_name)[1]
+    else:
+        entry = load_reference("random_slopes")[dataset]
+        data, ref = pd.DataFrame(entry["data"]), next(f for f in entry["fits"] if f["name"] == fit_name)
+    design = build_design(ref["formula"], data)
+    args = (design.X, design.response, list(design.terms))
+    ml, restricted = moment_start(*args, reml=False), moment_start(*args)
+    from_one = sparsemix.lmer(
+        ref["formula"], data, reml=False, start=np.where(design.terms[0].template.on_diagonal(), 1.0, 0.0)
+    )
+    optimum = from_one.fit_result.theta
+    np.testing.assert_allclose(ml, optimum, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(ml, ref["theta"], rtol=1e-3, atol=1e-5)
+    assert np.max(np.abs(restricted - optimum)) > 1e-3  # (REML's divisor: not ML's optimum)
+    fit = sparsemix.lmer(ref["formula"], data, reml=False)
+    assert fit.n_evaluations == 1 < from_one.n_evaluations
+    np.testing.assert_allclose(fit.fit_result.theta, optimum, rtol=1e-7, atol=1e-9)
+    assert fit.llf >= ref["logLik"] - 1e-9
+
+
+def test_the_ml_moment_start_keeps_the_reml_divisor_where_a_variance_would_vanish():
+    """nlme's Dialyzer (ML): over m, a variance of the moments is <= 0; the start is then REML's moments (floored
+    near singular for the exact Hessian), not lme4's theta = 1 (which took 15 evaluations against 9)."""
+    from conftest import load_reference
+
+    from sparsemix.fit.pilot import moment_start
+
+    entry = load_reference("random_slopes")["Dialyzer"]
+    data, ref = pd.DataFrame(entry["data"]), entry["fits"][0]
+    design = build_design(ref["formula"], data)
+    args = (design.X, design.response, list(design.terms))
+    ml = moment_start(*args, floor_near_singular=True, reml=False)
+    np.testing.assert_array_equal(ml, moment_start(*args, floor_near_singular=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sparsemix.SingularFitWarning)
+        fit = sparsemix.lmer(ref["formula"], data, reml=False)
+    assert fit.n_evaluations <= 9
+    assert fit.llf >= ref["logLik"] - 1e-8
+
+
 def test_the_moment_start_is_left_out_where_it_does_not_apply():
     """lme4's start instead: several terms, a scalar term, too few levels, a near-singular covariance (a slope
     with no variance: the optimum at the boundary)."""

@@ -81,7 +81,6 @@ class PartitionedDesign:
     """The design of a partitioned fit, as LmerResults reads it; the rows stay in `data` on the cluster."""
 
     formula: str
-    data_name: str
     fe_names: tuple[str, ...]
     terms: tuple[RandomTerm, ...]
     term_info: tuple[TermInfo, ...]
@@ -221,7 +220,6 @@ def fit_partitioned(
     )
     design = PartitionedDesign(
         formula,
-        "data",
         tuple(fixed_names[j] for j in keep),
         terms,
         tuple(infos),

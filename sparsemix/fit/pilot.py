@@ -10,6 +10,8 @@ has the counts).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import lapack
@@ -168,6 +170,7 @@ def moment_start(
     weights=None,
     beta: np.ndarray | None = None,
     floor_near_singular: bool = False,
+    reml: bool = True,
 ) -> np.ndarray | None:
     """theta (reported coordinates) for one random term with slopes (k > 1, a growth curve's), or lme4's || of
     one (scalar terms of one grouping factor), from the levels' own least-squares fits to the residuals of the
@@ -179,7 +182,8 @@ def moment_start(
     estimate of a correlated term's (MOMENT_MIN_CORRELATION_EIGENVALUE) unless `floor_near_singular`, which lifts
     its correlation's eigenvalues to that floor instead (for Newton steps with the exact Hessian: Early 9 -> 7, nlme's
     Dialyzer 15 -> 9, ChickWeight 9 -> 5). `beta`: the fixed part's (weighted) least-squares coefficients, where
-    known (CrossProducts.beta_ols)."""
+    known (CrossProducts.beta_ols). `reml` False: ML's moments (the levels' spread over m, not m - 1), on balanced
+    growth curves ML's optimum."""
     # one grouping: one term with slopes, or lme4's || (its columns as scalar terms of the same factor)
     if not terms or sum(t.k for t in terms) < 2 or any(t.n_levels != terms[0].n_levels for t in terms):
         return None
@@ -229,17 +233,23 @@ def moment_start(
     residual = squares[usable] - np.sum(coefficients * cross[usable], axis=1)
     sigma2 = float(residual.sum() / (counts[usable] - k).sum())
     centred = coefficients - coefficients.mean(axis=0)
-    covariance = centred.T @ centred / (centred.shape[0] - 1) - sigma2 * inverse.mean(axis=0)
+    # the levels' spread about their mean over m - 1 (REML's) or m (ML's: on a balanced design whose fixed part is
+    # the term's columns, each is its criterion's optimum), unless ML's leaves a variance <= 0 (nlme's Dialyzer)
+    between, sampling, m = centred.T @ centred, sigma2 * inverse.mean(axis=0), centred.shape[0]
+    covariance = between / m - sampling
+    if reml or not np.all(np.diag(covariance) > 0):
+        covariance = between / (m - 1) - sampling
     variances = np.diag(covariance)
     if not (sigma2 > 0 and np.all(variances > 0) and np.all(np.isfinite(covariance))):
         return None
     scales = np.sqrt(variances)
     correlation = covariance / np.outer(scales, scales)
-    eigenvalues, vectors = np.linalg.eigh(correlation)
+    smallest = 1.0 - abs(correlation[0, 1]) if k == 2 else np.linalg.eigvalsh(correlation)[0]
     # (lme4's ||: its terms hold no correlation, so none is too near +-1 for their start, the variances' diagonal)
-    if eigenvalues[0] < MOMENT_MIN_CORRELATION_EIGENVALUE and not all(t.template.is_diagonal for t in terms):
+    if smallest < MOMENT_MIN_CORRELATION_EIGENVALUE and not all(t.template.is_diagonal for t in terms):
         if not floor_near_singular:
             return None
+        eigenvalues, vectors = np.linalg.eigh(correlation)
         floored = (vectors * np.maximum(eigenvalues, MOMENT_MIN_CORRELATION_EIGENVALUE)) @ vectors.T
         unit = np.sqrt(np.diag(floored))
         covariance = floored / np.outer(unit, unit) * np.outer(scales, scales)
@@ -248,7 +258,14 @@ def moment_start(
     for term in terms:  # each term's block of the covariance, as its template holds it
         block = relative[at : at + term.k, at : at + term.k]
         at += term.k
-        T = np.diag(np.sqrt(np.diag(block))) if term.template.is_diagonal else np.linalg.cholesky(block)
+        if term.template.is_diagonal:
+            T = np.diag(np.sqrt(np.diag(block)))
+        elif term.k == 2:  # (in closed form: numpy's call costs more than the arithmetic)
+            root = math.sqrt(block[0, 0])
+            below = block[1, 0] / root
+            T = np.array([[root, 0.0], [below, math.sqrt(max(block[1, 1] - below * below, 0.0))]])
+        else:
+            T = np.linalg.cholesky(block)
         thetas.append(term.template.theta_of(T))
     return np.concatenate(thetas)
 

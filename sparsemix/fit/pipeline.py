@@ -34,8 +34,8 @@ __all__ = ["fit_system", "fit_lmm", "finish_fit", "optimized_system", "row_momen
 # (theta, BOBYQA's first step) for the full fit, or None where no pilot pays
 Pilot = Callable[[], "tuple[np.ndarray, np.ndarray] | None"]
 # theta from the rows' moments (pilot.moment_start), or None where they do not apply; given the system the optimizer
-# will work on (optimized_system), whose Hessian decides how a near-singular estimate is taken
-Moments = Callable[[PenalizedSystem], "np.ndarray | None"]
+# will work on (optimized_system), whose Hessian decides how a near-singular estimate is taken, and the criterion
+Moments = Callable[[PenalizedSystem, bool], "np.ndarray | None"]
 
 
 def fit_system(
@@ -63,7 +63,9 @@ def fit_system(
     optimized = optimized_system(system, free, method)
     default = start_theta is None and free is None and method == DEFAULT_OPTIMIZER
     if default:
-        start_theta = moments(optimized) if moments is not None else None  # a growth curve's: the levels' own fits
+        start_theta = (
+            moments(optimized, reml) if moments is not None else None
+        )  # a growth curve's: the levels' own fits
         if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
             start_theta = components = components_start(system, reml)  # (a 100-level intercept: 17 -> 5 evaluations)
     if start_theta is None:
@@ -166,4 +168,6 @@ def fit_lmm(
 
 def row_moments(system: PenalizedSystem, X: np.ndarray, y: np.ndarray, terms, weights) -> Moments:
     """A door's `moments` for fit_system from its rows (pilot.moment_start), `system` being built from them."""
-    return lambda optimized: moment_start(X, y, list(terms), weights, system.cross.beta_ols, optimized.supports_hessian)
+    return lambda optimized, reml: moment_start(
+        X, y, list(terms), weights, system.cross.beta_ols, optimized.supports_hessian, reml
+    )

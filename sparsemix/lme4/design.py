@@ -46,7 +46,6 @@ class LmerDesign:
     that describe them and rebuild them for new data."""
 
     formula: str
-    data_name: str
     y: np.ndarray
     X: np.ndarray
     fe_names: tuple[str, ...]
@@ -161,7 +160,6 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
         raise FormulaError(f"{formula!r} has no random-effects term; add one such as '(1 | g)'.")
     return LmerDesign(
         formula,
-        getattr(data, "name", "data"),
         y,
         X,
         tuple(names),
