@@ -120,13 +120,17 @@ def test_a_growth_curves_moment_start_is_near_lme4s_optimum_and_saves_evaluation
         ("Loblolly", "loblolly_ml"),
         ("Orthodont", "orthodont_ml"),
         ("BodyWeight", "bodyweight_ml"),
+        ("Orthodont", "orthodont_reml"),
+        ("BodyWeight", "bodyweight_reml"),
     ],
 )
-def test_the_ml_moment_start_is_the_ml_optimum_on_balanced_growth_curves(dataset, fit_name):
-    """For ML the levels' spread about their mean is taken over m (REML's: m - 1): on these balanced designs
-    (every level measured at the same times) that is ML's optimum, the optimum of a fit from lme4's start to 1e-6
-    (lme4's own theta to 1e-3: it stops short), and the exact Hessian's Newton step from it is shorter than
-    HESSIAN_NEWTON_LAST_STEP (one evaluation, where REML's moments took 4)."""
+def test_the_moment_start_is_the_optimum_on_balanced_growth_curves(dataset, fit_name):
+    """The levels' spread about their mean is taken over m for ML, and for REML over m less the fixed effects'
+    share of the levels' coefficients (Orthodont's and BodyWeight's age * Sex, Time * Diet: 2 of each level's 2,
+    m - 2; sleepstudy's m - 1): on these balanced designs (every level measured at the same times) that is the
+    criterion's optimum, the optimum of a fit from lme4's start to 1e-6 (lme4's own theta to 1e-2: it stops
+    short), and the exact Hessian's Newton step from it is shorter than HESSIAN_NEWTON_LAST_STEP (one evaluation,
+    where REML's moments over m - 1 took 4)."""
     from conftest import load_reference, reference_data, reference_fit
 
     from sparsemix.fit.pilot import moment_start
@@ -137,24 +141,54 @@ def test_the_ml_moment_start_is_the_ml_optimum_on_balanced_growth_curves(dataset
         entry = load_reference("random_slopes")[dataset]
         data, ref = pd.DataFrame(entry["data"]), next(f for f in entry["fits"] if f["name"] == fit_name)
     design = build_design(ref["formula"], data)
-    args = (design.X, design.response, list(design.terms))
-    ml, restricted = moment_start(*args, reml=False), moment_start(*args)
-    from_one = sparsemix.lmer(
-        ref["formula"], data, reml=False, start=np.where(design.terms[0].template.on_diagonal(), 1.0, 0.0)
-    )
+    start = moment_start(design.X, design.response, list(design.terms), reml=ref["reml"])
+    lme4_start = np.where(design.terms[0].template.on_diagonal(), 1.0, 0.0)
+    from_one = sparsemix.lmer(ref["formula"], data, reml=ref["reml"], start=lme4_start)
     optimum = from_one.fit_result.theta
-    np.testing.assert_allclose(ml, optimum, rtol=1e-6, atol=1e-8)
-    np.testing.assert_allclose(ml, ref["theta"], rtol=1e-3, atol=1e-5)
-    assert np.max(np.abs(restricted - optimum)) > 1e-3  # (REML's divisor: not ML's optimum)
-    fit = sparsemix.lmer(ref["formula"], data, reml=False)
+    np.testing.assert_allclose(start, optimum, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(start, ref["theta"], rtol=1e-2, atol=1e-5)
+    fit = sparsemix.lmer(ref["formula"], data, reml=ref["reml"])
     assert fit.n_evaluations == 1 < from_one.n_evaluations
     np.testing.assert_allclose(fit.fit_result.theta, optimum, rtol=1e-7, atol=1e-9)
     assert fit.llf >= ref["logLik"] - 1e-9
 
 
+def test_the_fixed_share_counts_grouping_level_covariates():
+    """REML's divisor m - share: 1 where the fixed part is the term's own columns (or adds a column inside the
+    levels' span on identical designs, Loblolly's age^2), 2 where a grouping-level covariate interacts with all of
+    them (Orthodont's age * Sex), 1.5 where it shifts the intercept only (age + Sex)."""
+    from conftest import load_reference
+
+    from sparsemix.fit import pilot
+
+    seen = []
+    original = pilot._fixed_share
+
+    def spy(*args):
+        seen.append(original(*args))
+        return seen[-1]
+
+    orthodont = pd.DataFrame(load_reference("random_slopes")["Orthodont"]["data"])
+    loblolly = pd.DataFrame(load_reference("random_slopes")["Loblolly"]["data"])
+    cases = [
+        ("distance ~ age + (age | Subject)", orthodont, 1.0),
+        ("distance ~ age * Sex + (age | Subject)", orthodont, 2.0),
+        ("distance ~ age + Sex + (age | Subject)", orthodont, 1.5),
+        ("height ~ age + I(age^2) + (age | Seed)", loblolly, 1.0),
+    ]
+    pilot._fixed_share = spy
+    try:
+        for formula, data, share in cases:
+            design = build_design(formula, data)
+            assert pilot.moment_start(design.X, design.response, list(design.terms)) is not None
+            assert seen[-1] == share, formula
+    finally:
+        pilot._fixed_share = original
+
+
 def test_the_ml_moment_start_keeps_the_reml_divisor_where_a_variance_would_vanish():
-    """nlme's Dialyzer (ML): over m, a variance of the moments is <= 0; the start is then REML's moments (floored
-    near singular for the exact Hessian), not lme4's theta = 1 (which took 15 evaluations against 9)."""
+    """nlme's Dialyzer (ML): over m, a variance of the moments is <= 0; the start is then the moments over m - 1
+    (floored near singular for the exact Hessian), not lme4's theta = 1 (which took 15 evaluations against 9)."""
     from conftest import load_reference
 
     from sparsemix.fit.pilot import moment_start
@@ -164,7 +198,7 @@ def test_the_ml_moment_start_keeps_the_reml_divisor_where_a_variance_would_vanis
     design = build_design(ref["formula"], data)
     args = (design.X, design.response, list(design.terms))
     ml = moment_start(*args, floor_near_singular=True, reml=False)
-    np.testing.assert_array_equal(ml, moment_start(*args, floor_near_singular=True))
+    assert ml is not None and np.all(np.isfinite(ml))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sparsemix.SingularFitWarning)
         fit = sparsemix.lmer(ref["formula"], data, reml=False)

@@ -161,6 +161,8 @@ def _restricted(term: RandomTerm, rows: np.ndarray) -> RandomTerm:
 MOMENT_MIN_CORRELATION_EIGENVALUE = 0.05
 # ... and from at least this many levels with a least-squares fit of their own.
 MOMENT_MIN_LEVELS = 5
+# _fixed_share's rank: singular values below this fraction of the largest count as zero
+FIXED_SHARE_RANK_TOLERANCE = 1e-9
 
 
 def moment_start(
@@ -233,12 +235,15 @@ def moment_start(
     residual = squares[usable] - np.sum(coefficients * cross[usable], axis=1)
     sigma2 = float(residual.sum() / (counts[usable] - k).sum())
     centred = coefficients - coefficients.mean(axis=0)
-    # the levels' spread about their mean over m - 1 (REML's) or m (ML's: on a balanced design whose fixed part is
-    # the term's columns, each is its criterion's optimum), unless ML's leaves a variance <= 0 (nlme's Dialyzer)
+    # the levels' spread about their mean over m (ML's) or m less the fixed effects' share of the levels'
+    # coefficients (REML's: over m - 1 where the fixed part is the term's columns, m - 2 where a grouping-level
+    # covariate doubles them, as Orthodont's Sex): on a balanced design either is its criterion's optimum. ML's
+    # over m - 1 where over m a variance would vanish (nlme's Dialyzer).
     between, sampling, m = centred.T @ centred, sigma2 * inverse.mean(axis=0), centred.shape[0]
     covariance = between / m - sampling
     if reml or not np.all(np.diag(covariance) > 0):
-        covariance = between / (m - 1) - sampling
+        lost = _fixed_share(Xw[inside], codes, V, inverse, usable) if reml else 1.0
+        covariance = between / (m - lost) - sampling
     variances = np.diag(covariance)
     if not (sigma2 > 0 and np.all(variances > 0) and np.all(np.isfinite(covariance))):
         return None
@@ -268,6 +273,22 @@ def moment_start(
             T = np.linalg.cholesky(block)
         thetas.append(term.template.theta_of(T))
     return np.concatenate(thetas)
+
+
+def _fixed_share(X: np.ndarray, codes: np.ndarray, V: np.ndarray, inverse: np.ndarray, usable: np.ndarray) -> float:
+    """The fixed effects' share of each level coefficient's degrees of freedom: the rank of the fixed columns'
+    projections on the levels' own columns (stacked over the usable levels: (V_l'V_l)^-1 V_l'X_l), over k; at
+    least 1 (the mean the moments take out)."""
+    n_levels, k, p = usable.shape[0], V.shape[1], X.shape[1]
+    if p == 0:
+        return 1.0
+    cross = np.empty((n_levels, k, p))
+    for a in range(k):
+        for j in range(p):
+            cross[:, a, j] = np.bincount(codes, V[:, a] * X[:, j], minlength=n_levels)
+    singular = np.linalg.svd(np.matmul(inverse, cross[usable]).reshape(-1, p), compute_uv=False)
+    rank = int(np.count_nonzero(singular > FIXED_SHARE_RANK_TOLERANCE * singular[0])) if singular[0] > 0 else 0
+    return max(rank / k, 1.0)
 
 
 def _extreme_eigenvalues(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
