@@ -1,12 +1,14 @@
 """sparsemix against lme-python (a Rust-backed Python peer) on lme4's reference models, side by side.
 
 Both libraries fit the same formulas from the same pandas frames (tests/reference/*.json, the small data sets;
-the seed designs and the weighted fit are left out). Each runs in its own process and venv: the peer in the venv
-given by --peer-python, sparsemix in this one. A round runs each library's worker once (the order alternating
-between rounds); a worker's time per model is the median of --reps fits after one untimed fit; the table keeps
-each library's lower median over the rounds, so that a slow minute on a shared host counts against neither.
+the seed designs and the weighted fit are left out). Each runs in its own process and venv (the peer in the venv
+given by --peer-python, sparsemix in this one), both alive for the whole run. Model by model, each library fits the
+model --reps times after one untimed fit and reports its median, the two one right after the other (which goes
+first alternating from model to model and round to round), so that both see the same minute of a shared host.
+Over --rounds rounds the table keeps each library's lower median, and the ratio is the median of the rounds'
+paired ratios (a slow minute slows both sides of a pair, not one library's whole sweep).
 
-    python asv_bench/compare/peers/versus_lme_python.py --peer-python /tmp/peers/bin/python [--reps 15] [--rounds 2]
+    python asv_bench/compare/peers/versus_lme_python.py --peer-python /tmp/peers/bin/python [--reps 15] [--rounds 4]
         [--record]
 
 --record writes the rows into ../recorded.json's "peers" section, which docs/performance.md shows (compare.py);
@@ -62,10 +64,13 @@ def _fitter(library):
 
 
 def worker(library, reps):
-    """One library's medians: {model: [ms, log-likelihood]} or {model: "refused: ..."}, printed as JSON."""
+    """One library's worker: for each model index read from stdin, the median of `reps` fits after one untimed fit,
+    as a JSON line ([ms, log-likelihood], or "refused: ..." where the peer refuses the model)."""
     fit = _fitter(library)
-    out = {}
-    for name, data, formula, reml in reference_models():
+    models = reference_models()
+    print(json.dumps(len(models)), flush=True)
+    for line in sys.stdin:
+        _, data, formula, reml = models[int(line)]
         times, llf = [], None
         try:
             for i in range(reps + 1):
@@ -78,58 +83,91 @@ def worker(library, reps):
         except Exception as exc:  # the peer refuses some formulas and text columns: recorded, not fatal
             if library == "sparsemix":
                 raise
-            out[name] = f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+            message = str(exc).splitlines()[0][:80] if str(exc) else ""
+            print(json.dumps(f"refused: {type(exc).__name__}: {message}"), flush=True)
             continue
-        out[name] = [1e3 * statistics.median(times), llf]
-    print(json.dumps(out))
+        print(json.dumps([1e3 * statistics.median(times), llf]), flush=True)
 
 
-def run_worker(python, library, reps):
-    cmd = [python, __file__, "--worker", library, "--reps", str(reps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class Worker:
+    """A library's worker process, asked for one model at a time."""
+
+    def __init__(self, python, library, reps):
+        cmd = [python, __file__, "--worker", library, "--reps", str(reps)]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.n_models = json.loads(self.process.stdout.readline())
+
+    def fit(self, index):
+        self.process.stdin.write(f"{index}\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("a worker stopped (its error is above)")
+        return json.loads(line)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
 
 
-def best(runs):
-    """Each model's lower median over the rounds (a refusal stays a refusal)."""
-    out = {}
-    for run in runs:
-        for name, value in run.items():
-            kept = out.get(name)
-            if kept is None or (isinstance(value, list) and (isinstance(kept, str) or value[0] < kept[0])):
-                out[name] = value
+def paired_rounds(peer_python, reps, rounds):
+    """{model: ([ours per round], [peer's per round])}: the two libraries' medians, model by model, side by side."""
+    workers = [Worker(sys.executable, "sparsemix", reps), Worker(peer_python, "lme_python", reps)]
+    names = [name for name, *_ in reference_models()]
+    assert all(w.n_models == len(names) for w in workers)
+    out = {name: ([], []) for name in names}
+    try:
+        for r in range(rounds):
+            for i, name in enumerate(names):
+                first = (r + i) % 2
+                for side in (first, 1 - first):
+                    out[name][side].append(workers[side].fit(i))
+    finally:
+        for w in workers:
+            w.close()
     return out
 
 
-def table(ours, peer):
+def best(values):
+    """The lower median over the rounds (a refusal stays a refusal)."""
+    timed = [v for v in values if isinstance(v, list)]
+    return min(timed, key=lambda v: v[0]) if timed else values[0]
+
+
+def paired_ratio(ours, peer):
+    """The median over the rounds of sparsemix's time over the peer's in the same round; None where it refused."""
+    ratios = [a[0] / b[0] for a, b in zip(ours, peer) if isinstance(a, list) and isinstance(b, list)]
+    return statistics.median(ratios) if ratios else None
+
+
+def table(runs):
     lines = [
         "| model | sparsemix ms | lme-python ms | sparsemix / lme-python | log-lik difference (sparsemix - peer) |",
         "|---|---|---|---|---|",
     ]
-    for name, mine in ours.items():
-        theirs = peer.get(name, "missing")
+    for name, (ours, peer) in runs.items():
+        mine, theirs = best(ours), best(peer)
         if isinstance(theirs, str):
             lines.append(f"| {name} | {mine[0]:.2f} | {theirs} | n/a | n/a |")
         else:
-            lines.append(
-                f"| {name} | {mine[0]:.2f} | {theirs[0]:.2f} | {mine[0] / theirs[0]:.2f} | {mine[1] - theirs[1]:+.1e} |"
-            )
+            ratio = paired_ratio(ours, peer)
+            lines.append(f"| {name} | {mine[0]:.2f} | {theirs[0]:.2f} | {ratio:.2f} | {mine[1] - theirs[1]:+.1e} |")
     return "\n".join(lines)
 
 
-def record(ours, peer):
-    """The rows into recorded.json's peers section (model, sparsemix ms, lme-python ms or its refusal)."""
+def record(runs):
+    """The rows into recorded.json's peers section (model, sparsemix ms, lme-python ms or its refusal, the paired
+    ratio)."""
     recorded = json.loads(RECORDED.read_text())
     rows = []
-    for name, mine in ours.items():
-        theirs = peer.get(name, "missing")
-        rows.append(
-            {
-                "model": name,
-                "sparsemix_ms": round(mine[0], 2),
-                "peer_ms": theirs if isinstance(theirs, str) else round(theirs[0], 2),
-            }
-        )
+    for name, (ours, peer) in runs.items():
+        mine, theirs = best(ours), best(peer)
+        row = {"model": name, "sparsemix_ms": round(mine[0], 2)}
+        row["peer_ms"] = theirs if isinstance(theirs, str) else round(theirs[0], 2)
+        ratio = paired_ratio(ours, peer)
+        if ratio is not None:
+            row["ratio"] = round(ratio, 2)
+        rows.append(row)
     recorded["peers"]["rows"] = rows
     RECORDED.write_text(json.dumps(recorded, indent=1, ensure_ascii=False) + "\n")
 
@@ -138,21 +176,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peer-python", default="/tmp/peers/bin/python")
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--record", action="store_true", help="write the rows into recorded.json")
     ap.add_argument("--worker", choices=["sparsemix", "lme_python"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.reps)
-    ours, peer = [], []
-    for r in range(args.rounds):
-        order = [("sparsemix", sys.executable, ours), ("lme_python", args.peer_python, peer)]
-        for library, python, runs in order if r % 2 == 0 else order[::-1]:
-            runs.append(run_worker(python, library, args.reps))
-    ours, peer = best(ours), best(peer)
-    print(table(ours, peer))
+    runs = paired_rounds(args.peer_python, args.reps, args.rounds)
+    print(table(runs))
     if args.record:
-        record(ours, peer)
+        record(runs)
 
 
 if __name__ == "__main__":
