@@ -159,6 +159,10 @@ def _restricted(term: RandomTerm, rows: np.ndarray) -> RandomTerm:
 # reached it faster from lme4's start: Exam 43 against 85 evaluations, Dialyzer 54 against 85), or lifted to it
 # for the exact Hessian's Newton steps ...
 MOMENT_MIN_CORRELATION_EIGENVALUE = 0.05
+# Lifted for the exact Hessian, a correlation matrix's eigenvalues below that floor are put at this one: nearer the
+# boundary, where such optima lie (the Newton steps then take a variance to zero quadratically from closer; 0.05
+# itself: Early 6 evaluations, Dialyzer 9, ChickWeight 4; this: 5, 7, 3; 1e-4 the same).
+MOMENT_LIFTED_EIGENVALUE = 1e-3
 # ... and from at least this many levels with a least-squares fit of their own.
 MOMENT_MIN_LEVELS = 5
 # _fixed_share's rank: singular values below this fraction of the largest count as zero
@@ -177,15 +181,14 @@ def moment_start(
     """theta (reported coordinates) for one random term with slopes (k > 1, a growth curve's), or lme4's || of
     one (scalar terms of one grouping factor), from the levels' own least-squares fits to the residuals of the
     fixed part: Var(b) ~ the covariance of the levels' coefficients less their average sampling covariance
-    sigma^2 (V_l'V_l)^{-1}, sigma^2 pooled from their residuals (a moment estimator, as Swamy's). lme4 starts at
-    theta = 1; from here L-BFGS-B took 5 evaluations on sleepstudy where it took 17, Oxboys 18 (74), mlmRev's bdf
-    15 (43), Hsb82 13 (26); BodyWeight 19 (23). None where it does not apply: terms of several groupings, one scalar
-    term alone, too few levels with k + 1 rows and a full-rank fit, a variance estimated <= 0, or a near-singular
-    estimate of a correlated term's (MOMENT_MIN_CORRELATION_EIGENVALUE) unless `floor_near_singular`, which lifts
-    its correlation's eigenvalues to that floor instead (for Newton steps with the exact Hessian: Early 9 -> 7, nlme's
-    Dialyzer 15 -> 9, ChickWeight 9 -> 5). `beta`: the fixed part's (weighted) least-squares coefficients, where
-    known (CrossProducts.beta_ols). `reml` False: ML's moments (the levels' spread over m, not m - 1), on balanced
-    growth curves ML's optimum."""
+    sigma^2 (V_l'V_l)^{-1}, sigma^2 pooled from their residuals (a moment estimator, as Swamy's), in place of lme4's
+    theta = 1 (evaluations from each: docs/lme4.md). None where it does not apply: terms of several groupings, one
+    scalar term alone, too few levels with k + 1 rows and a full-rank fit, a variance estimated <= 0, or a
+    near-singular estimate of a correlated term's (MOMENT_MIN_CORRELATION_EIGENVALUE) unless `floor_near_singular`,
+    which lifts its correlation's eigenvalues below it to MOMENT_LIFTED_EIGENVALUE instead (for Newton steps with
+    the exact Hessian). `beta`: the fixed part's (weighted) least-squares coefficients, where known
+    (CrossProducts.beta_ols). `reml` False: ML's moments (the levels' spread over m, not REML's m less the fixed
+    effects' share); on balanced growth curves each is its criterion's optimum."""
     # one grouping: one term with slopes, or lme4's || (its columns as scalar terms of the same factor)
     if not terms or sum(t.k for t in terms) < 2 or any(t.n_levels != terms[0].n_levels for t in terms):
         return None
@@ -255,7 +258,7 @@ def moment_start(
         if not floor_near_singular:
             return None
         eigenvalues, vectors = np.linalg.eigh(correlation)
-        floored = (vectors * np.maximum(eigenvalues, MOMENT_MIN_CORRELATION_EIGENVALUE)) @ vectors.T
+        floored = (vectors * np.maximum(eigenvalues, MOMENT_LIFTED_EIGENVALUE)) @ vectors.T
         unit = np.sqrt(np.diag(floored))
         covariance = floored / np.outer(unit, unit) * np.outer(scales, scales)
     relative = covariance / sigma2
