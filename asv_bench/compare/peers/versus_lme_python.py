@@ -2,11 +2,11 @@
 
 Both libraries fit the same formulas from the same pandas frames (tests/reference/*.json, the small data sets;
 the seed designs and the weighted fit are left out). Each runs in its own process and venv (the peer in the venv
-given by --peer-python, sparsemix in this one), both alive for the whole run. Model by model, each library fits the
-model --reps times after one untimed fit and reports its median, the two one right after the other (which goes
-first alternating from model to model and round to round), so that both see the same minute of a shared host.
-Over --rounds rounds the table keeps each library's lower median, and the ratio is the median of the rounds'
-paired ratios (a slow minute slows both sides of a pair, not one library's whole sweep).
+given by --peer-python, sparsemix in this one), both alive for the whole run. Model by model, after one untimed
+fit each, the two libraries fit it in turn, one fit at a time, --reps times each (each worker times its own fits;
+which goes first alternates from model to model and round to round), so that a burst of load on a shared host
+slows both about equally. Over --rounds rounds the table keeps each library's lower median, and the ratio is the
+median of the rounds' ratios of medians.
 
     python asv_bench/compare/peers/versus_lme_python.py --peer-python /tmp/peers/bin/python [--reps 15] [--rounds 4]
         [--record]
@@ -63,37 +63,33 @@ def _fitter(library):
     return lambda formula, data, reml: float(lme_python.lmer(formula, data, reml=reml).log_likelihood)
 
 
-def worker(library, reps):
-    """One library's worker: for each model index read from stdin, the median of `reps` fits after one untimed fit,
-    as a JSON line ([ms, log-likelihood], or "refused: ..." where the peer refuses the model)."""
+def worker(library):
+    """One library's worker: for each model index read from stdin, one fit, answered as a JSON line ([ms,
+    log-likelihood], or "refused: ..." where the peer refuses the model)."""
     fit = _fitter(library)
     models = reference_models()
     print(json.dumps(len(models)), flush=True)
     for line in sys.stdin:
         _, data, formula, reml = models[int(line)]
-        times, llf = [], None
         try:
-            for i in range(reps + 1):
-                t0 = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    llf = fit(formula, data, reml)
-                if i:
-                    times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                llf = fit(formula, data, reml)
+            answer = [1e3 * (time.perf_counter() - t0), llf]
         except Exception as exc:  # the peer refuses some formulas and text columns: recorded, not fatal
             if library == "sparsemix":
                 raise
             message = str(exc).splitlines()[0][:80] if str(exc) else ""
-            print(json.dumps(f"refused: {type(exc).__name__}: {message}"), flush=True)
-            continue
-        print(json.dumps([1e3 * statistics.median(times), llf]), flush=True)
+            answer = f"refused: {type(exc).__name__}: {message}"
+        print(json.dumps(answer), flush=True)
 
 
 class Worker:
     """A library's worker process, asked for one model at a time."""
 
-    def __init__(self, python, library, reps):
-        cmd = [python, __file__, "--worker", library, "--reps", str(reps)]
+    def __init__(self, python, library):
+        cmd = [python, __file__, "--worker", library]
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.n_models = json.loads(self.process.stdout.readline())
 
@@ -111,17 +107,29 @@ class Worker:
 
 
 def paired_rounds(peer_python, reps, rounds):
-    """{model: ([ours per round], [peer's per round])}: the two libraries' medians, model by model, side by side."""
-    workers = [Worker(sys.executable, "sparsemix", reps), Worker(peer_python, "lme_python", reps)]
+    """{model: ([ours per round], [peer's per round])}: each a [median ms, log-likelihood] of `reps` fits taken in
+    turn with the other library's, or the peer's refusal."""
+    workers = [Worker(sys.executable, "sparsemix"), Worker(peer_python, "lme_python")]
     names = [name for name, *_ in reference_models()]
     assert all(w.n_models == len(names) for w in workers)
-    out = {name: ([], []) for name in names}
+    out: dict = {name: ([], []) for name in names}
     try:
         for r in range(rounds):
             for i, name in enumerate(names):
                 first = (r + i) % 2
-                for side in (first, 1 - first):
-                    out[name][side].append(workers[side].fit(i))
+                order = (first, 1 - first)
+                # one untimed fit each (it builds what later ones reuse; a refusal is recorded, not timed)
+                first_fits = {side: workers[side].fit(i) for side in order}
+                timed = [[], []]
+                for _ in range(reps):
+                    for side in order:
+                        if not isinstance(first_fits[side], str):
+                            timed[side].append(workers[side].fit(i))
+                for side in (0, 1):
+                    kept = first_fits[side]
+                    if timed[side]:
+                        kept = [statistics.median(a[0] for a in timed[side]), timed[side][-1][1]]
+                    out[name][side].append(kept)
     finally:
         for w in workers:
             w.close()
@@ -181,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--worker", choices=["sparsemix", "lme_python"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.reps)
+        return worker(args.worker)
     runs = paired_rounds(args.peer_python, args.reps, args.rounds)
     print(table(runs))
     if args.record:
