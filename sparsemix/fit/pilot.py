@@ -319,6 +319,8 @@ def _inverses(M: np.ndarray) -> np.ndarray:
 # gradient in that entry vanishes, a saddle the Newton steps must leave by a probe)
 COMPONENTS_MIN_RATIO = 1e-4
 COMPONENTS_MAX_Q = 1000
+# _ml_strata's rounds at most (they stop where every lambda moves by less than 1e-12, relative)
+ML_STRATA_MAX_ROUNDS = 50
 # The ML start's correction (components_start) where X takes one dimension (the mean), within this, of every term's
 # level means: nlme's Assay, whose fixed sample * dilut takes 6 of Block:sample's, had its ML optimum in the REML
 # moments (1 evaluation) and took 5 from the corrected ones; without fixed effects ML's criterion is REML's.
@@ -357,13 +359,11 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     to REML's optimum. For ML (`reml` False) on nested terms the expectations are taken as if the fixed effects were
     known, M = Z'Z and n for n - p, as ML's own equations do: on a balanced one-way design this is ML's optimum
     ((SSA / a - MSE) / n for the level variance). Crossed terms keep the first form (without the projection a
-    term's means would carry the other's variance), and for ML each term's expected mean square lambda_k = sigma^2
-    + m_k sigma_k^2 (m_k rows a level) then gives up its share of the mean's stratum, as in ML's equations on a
-    balanced crossed design, (a_k - 1)/lambda_k - SS_k/lambda_k^2 + 1/lambda_0 = 0 with lambda_0 = sigma^2 +
-    sum m_k sigma_k^2: lambda_k / (1 + lambda_k / ((a_k - 1) lambda_0)), one step from the REML moments
-    (Penicillin ML 5 -> 3 evaluations; 60 random crossed designs 275 -> 247, none more; docs/lme4.md).
-    None where it does not apply (a term with slopes, more than `max_q` columns, a level with no weight, a residual
-    variance <= 0)."""
+    term's means would carry the other's variance), and for ML the expected mean squares lambda_k = sigma^2 +
+    m_k sigma_k^2 (m_k rows a level) and sigma^2 are taken to the solution of ML's equations on a balanced crossed
+    design, where the mean's stratum ties them together (_ml_strata; on such a design ML's optimum). None where it
+    does not apply (a term with slopes, more than `max_q` columns, a level with no weight, a residual variance
+    <= 0)."""
     rc, cross = system.relcov, system.cross
     if not rc.blocks or any(template.k != 1 for _, template in rc.blocks) or rc.q > max_q:
         return None
@@ -414,12 +414,40 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     if not reml and not known_mean and J > 1 and one_mean:
         # ML on crossed terms: each term's share of the mean's stratum (above)
         per_level = cross.n / sizes  # rows per level: lambda_k = sigma^2 (1 + per_level_k ratio_k)
-        lam = 1.0 + per_level * np.maximum(ratios, 0.0)
-        lam0 = 1.0 + float(per_level @ np.maximum(ratios, 0.0))
-        ratios = (lam / (1.0 + lam / ((sizes - 1) * lam0)) - 1.0) / per_level
+        error_df = cross.n - cross.p - float(np.sum(sizes - 1))
+        ratios = _ml_strata(np.maximum(ratios, 0.0), per_level, sizes, error_df)
     if J == 1 and ratios[0] <= 0:  # one variance, estimated <= 0: at the bound, which the boundary check confirms
         return np.zeros(1)
     return rc.reported_theta(np.sqrt(np.maximum(ratios, COMPONENTS_MIN_RATIO)))
+
+
+def _ml_strata(ratios, per_level, sizes, error_df):
+    """ML's ratios on a balanced crossed design from REML's (there the strata's mean squares: SS_k / (a_k - 1) =
+    lambda_k, in units of REML's sigma^2). ML's equations, with the mean's stratum lambda_0 = lambda_E + sum
+    (lambda_k - lambda_E) shared by all: (a_k - 1) / lambda_k - SS_k / lambda_k^2 + 1 / lambda_0 = 0 for each term
+    and error_df / lambda_E - SS_E / lambda_E^2 + (1 - J) / lambda_0 = 0, each solved for its lambda with lambda_0
+    held, in turn until they hold together (lambda_0 moves little: a few rounds). REML's ratios where a root is
+    missing."""
+    if error_df <= 0:
+        return ratios
+    ss = (sizes - 1) * (1.0 + per_level * ratios)
+    ss_e = error_df
+    lam, lam_e = 1.0 + per_level * ratios, 1.0
+    J = ratios.size
+    for _ in range(ML_STRATA_MAX_ROUNDS):
+        lam0 = lam_e + float(np.sum(lam - lam_e))
+        new = 2.0 * ss / ((sizes - 1) + np.sqrt((sizes - 1) ** 2 + 4.0 * ss / lam0))
+        # error_df lam - ss_e - (J - 1) lam^2 / lam0 = 0, the root near ss_e / error_df
+        c = (J - 1) / lam0
+        disc = error_df**2 - 4.0 * c * ss_e
+        if disc <= 0:
+            return ratios
+        new_e = 2.0 * ss_e / (error_df + np.sqrt(disc))
+        done = np.max(np.abs(new - lam) / lam) < 1e-12 and abs(new_e - lam_e) < 1e-12 * lam_e
+        lam, lam_e = new, new_e
+        if done:
+            break
+    return (lam / lam_e - 1.0) / per_level
 
 
 def _nested(G, column_slices) -> bool:
