@@ -311,6 +311,20 @@ def test_the_ml_components_start_solves_mls_equations_on_balanced_crossed_design
     assert fit.llf >= from_one.llf - 1e-9
 
 
+def test_the_ml_strata_leave_reml_ratios_where_their_equations_have_no_solution():
+    """_ml_strata returns the REML ratios it was given, without a warning, where a term has one level, the
+    residual has no degrees of freedom, or the mean's stratum would not be positive."""
+    from sparsemix.fit.pilot import _ml_strata
+
+    ratios = np.array([0.5, 0.2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _ml_strata(ratios, np.array([10.0, 50.0]), np.array([1.0, 5.0]), 40.0) is ratios
+        assert _ml_strata(ratios, np.array([10.0, 50.0]), np.array([5.0, 5.0]), 0.0) is ratios
+        solved = _ml_strata(ratios, np.array([10.0, 50.0]), np.array([5.0, 5.0]), 40.0)
+    assert np.all(np.isfinite(solved)) and np.all(solved < ratios)  # ML's variances below REML's
+
+
 def test_the_ml_components_start_is_mls_closed_form_on_a_one_way_design():
     """Balanced one-way, a levels of n rows: ML's optimum is sigma_b^2 = (SSA / a - MSE) / n, sigma^2 = MSE."""
     from sparsemix.fit.pilot import components_start

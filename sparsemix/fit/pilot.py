@@ -428,7 +428,7 @@ def _ml_strata(ratios, per_level, sizes, error_df):
     and error_df / lambda_E - SS_E / lambda_E^2 + (1 - J) / lambda_0 = 0, each solved for its lambda with lambda_0
     held, in turn until they hold together (lambda_0 moves little: a few rounds). REML's ratios where a root is
     missing."""
-    if error_df <= 0:
+    if error_df <= 0 or np.any(sizes <= 1):
         return ratios
     ss = (sizes - 1) * (1.0 + per_level * ratios)
     ss_e = error_df
@@ -436,6 +436,8 @@ def _ml_strata(ratios, per_level, sizes, error_df):
     J = ratios.size
     for _ in range(ML_STRATA_MAX_ROUNDS):
         lam0 = lam_e + float(np.sum(lam - lam_e))
+        if not lam0 > 0:
+            return ratios
         new = 2.0 * ss / ((sizes - 1) + np.sqrt((sizes - 1) ** 2 + 4.0 * ss / lam0))
         # error_df lam - ss_e - (J - 1) lam^2 / lam0 = 0, the root near ss_e / error_df
         c = (J - 1) / lam0
@@ -447,7 +449,8 @@ def _ml_strata(ratios, per_level, sizes, error_df):
         lam, lam_e = new, new_e
         if done:
             break
-    return (lam / lam_e - 1.0) / per_level
+    out = (lam / lam_e - 1.0) / per_level
+    return out if np.all(np.isfinite(out)) else ratios
 
 
 def _nested(G, column_slices) -> bool:
