@@ -159,9 +159,8 @@ def _restricted(term: RandomTerm, rows: np.ndarray) -> RandomTerm:
 # reached it faster from lme4's start: Exam 43 against 85 evaluations, Dialyzer 54 against 85), or lifted to it
 # for the exact Hessian's Newton steps ...
 MOMENT_MIN_CORRELATION_EIGENVALUE = 0.05
-# Lifted for the exact Hessian, a correlation matrix's eigenvalues below that floor are put at this one: nearer the
-# boundary, where such optima lie (the Newton steps then take a variance to zero quadratically from closer; 0.05
-# itself: Early 6 evaluations, Dialyzer 9, ChickWeight 4; this: 5, 7, 3; 1e-4 the same).
+# Lifted for the exact Hessian, a correlation matrix's eigenvalues below that floor are put at this one: near the
+# boundary, where such optima lie, the Newton steps take a variance to zero from closer (docs/lme4.md)
 MOMENT_LIFTED_EIGENVALUE = 1e-3
 # ... and from at least this many levels with a least-squares fit of their own.
 MOMENT_MIN_LEVELS = 5

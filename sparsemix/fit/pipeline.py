@@ -63,9 +63,8 @@ def fit_system(
     optimized = optimized_system(system, free, method)
     default = start_theta is None and free is None and method == DEFAULT_OPTIMIZER
     if default:
-        start_theta = (
-            moments(optimized, reml) if moments is not None else None
-        )  # a growth curve's: the levels' own fits
+        # a growth curve's: the levels' own fits
+        start_theta = moments(optimized, reml) if moments is not None else None
         if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
             start_theta = components = components_start(system, reml)  # (a 100-level intercept: 17 -> 5 evaluations)
     if start_theta is None:
