@@ -310,7 +310,7 @@ def _recorded_runs() -> str:
             theirs = row["peer_ms"]
             timed = isinstance(theirs, (int, float))
             # (the paired ratio: the median of the rounds' ratios, where the run recorded it)
-            ratio = format(row.get("ratio", row["sparsemix_ms"] / theirs if timed else 0), ".2f") if timed else "n/a"
+            ratio = format(row.get("ratio", row["sparsemix_ms"] / theirs), ".2f") if timed else "n/a"
             shown = format(theirs, ".2f") if timed else cell(theirs)
             lines.append(f"| {cell(row['model'])} | {row['sparsemix_ms']:.2f} | {shown} | {ratio} |")
     return "\n".join(lines) + "\n"

@@ -113,6 +113,10 @@ def system_columns(terms: list[RandomTerm], transforms: list) -> sp.csc_matrix:
     return hstack_csc(blocks)
 
 
+# lower_factor's diagonal entries at or below this fraction of their row's norm are zero (rounding, not a variance)
+ROUNDING_DIAGONAL = 1e-10
+
+
 def lower_factor(M: np.ndarray) -> np.ndarray:
     """The lower-triangular L with a non-negative diagonal and L L' = M M' (from a QR of M').
 
@@ -135,7 +139,7 @@ def _lower_factor_2x2(a0: float, a1: float, b0: float, b1: float) -> np.ndarray:
         u0, u1 = a0 / l11, a1 / l11
         l21 = b0 * u0 + b1 * u1
         l22 = math.hypot(b0 - l21 * u0, b1 - l21 * u1)
-    if l22 <= 1e-10 * math.hypot(l21, l22):  # (lower_factors' rule for a diagonal at rounding level)
+    if l22 <= ROUNDING_DIAGONAL * math.hypot(l21, l22):
         l22 = 0.0
     return np.array([[l11, 0.0], [l21, l22]])
 
@@ -150,5 +154,5 @@ def lower_factors(M: np.ndarray) -> np.ndarray:
     L = np.transpose(R, (0, 2, 1)) * np.where(diagonal < 0, -1.0, 1.0)[:, None, :]
     row_norms = np.sqrt(np.sum(L**2, axis=2))
     diagonal = np.diagonal(L, axis1=1, axis2=2)
-    L[:, np.arange(k), np.arange(k)] = np.where(np.abs(diagonal) <= 1e-10 * row_norms, 0.0, diagonal)
+    L[:, np.arange(k), np.arange(k)] = np.where(np.abs(diagonal) <= ROUNDING_DIAGONAL * row_norms, 0.0, diagonal)
     return L

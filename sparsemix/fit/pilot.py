@@ -242,10 +242,12 @@ def moment_start(
     # covariate doubles them, as Orthodont's Sex): on a balanced design either is its criterion's optimum. ML's
     # over m - 1 where over m a variance would vanish (nlme's Dialyzer).
     between, sampling, m = centred.T @ centred, sigma2 * inverse.mean(axis=0), centred.shape[0]
-    covariance = between / m - sampling
-    if reml or not np.all(np.diag(covariance) > 0):
-        lost = _fixed_share(Xw[inside], codes, V, inverse, usable) if reml else 1.0
-        covariance = between / (m - lost) - sampling
+    if reml:
+        covariance = between / (m - _fixed_share(Xw[inside], codes, V, inverse, usable)) - sampling
+    else:
+        covariance = between / m - sampling
+        if not np.all(np.diag(covariance) > 0):
+            covariance = between / (m - 1) - sampling
     variances = np.diag(covariance)
     if not (sigma2 > 0 and np.all(variances > 0) and np.all(np.isfinite(covariance))):
         return None
