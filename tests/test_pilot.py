@@ -117,6 +117,8 @@ def test_a_growth_curves_moment_start_is_near_lme4s_optimum_and_saves_evaluation
     "dataset, fit_name",
     [
         ("sleepstudy", "ml_corr"),
+        ("sleepstudy", "reml_uncorr"),
+        ("sleepstudy", "ml_uncorr"),
         ("Loblolly", "loblolly_ml"),
         ("Orthodont", "orthodont_ml"),
         ("BodyWeight", "bodyweight_ml"),
@@ -127,7 +129,8 @@ def test_a_growth_curves_moment_start_is_near_lme4s_optimum_and_saves_evaluation
 def test_the_moment_start_is_the_optimum_on_balanced_growth_curves(dataset, fit_name):
     """The levels' spread about their mean is taken over m for ML, and for REML over m less the fixed effects'
     share of the levels' coefficients (Orthodont's and BodyWeight's age * Sex, Time * Diet: 2 of each level's 2,
-    m - 2; sleepstudy's m - 1): on these balanced designs (every level measured at the same times) that is the
+    m - 2; sleepstudy's m - 1), with lme4's || the diagonal covariance's optimum (_diagonal_optimum): on these
+    balanced designs (every level measured at the same times) that is the
     criterion's optimum, the optimum of a fit from lme4's start to 1e-6 (lme4's own theta to 1e-2: it stops
     short), and the exact Hessian's Newton step from it is shorter than HESSIAN_NEWTON_LAST_STEP (one evaluation,
     where REML's moments over m - 1 took 4)."""
@@ -142,7 +145,7 @@ def test_the_moment_start_is_the_optimum_on_balanced_growth_curves(dataset, fit_
         data, ref = pd.DataFrame(entry["data"]), next(f for f in entry["fits"] if f["name"] == fit_name)
     design = build_design(ref["formula"], data)
     start = moment_start(design.X, design.response, list(design.terms), reml=ref["reml"])
-    lme4_start = np.where(design.terms[0].template.on_diagonal(), 1.0, 0.0)
+    lme4_start = np.concatenate([np.where(t.template.on_diagonal(), 1.0, 0.0) for t in design.terms])
     from_one = sparsemix.lmer(ref["formula"], data, reml=ref["reml"], start=lme4_start)
     optimum = from_one.fit_result.theta
     np.testing.assert_allclose(start, optimum, rtol=1e-6, atol=1e-8)
@@ -221,10 +224,11 @@ def test_the_moment_start_is_left_out_where_it_does_not_apply():
 
     assert start("Reaction ~ Days + (1 | Subject)") is None
     assert start("Reaction ~ Days + (Days | Subject) + (1 | Days)") is None  # two groupings
-    # lme4's || (scalar terms of one factor): the correlated start's variances
-    both = start("Reaction ~ Days + (Days | Subject)")
-    split = start("Reaction ~ Days + (Days || Subject)")
-    T = np.array([[both[0], 0.0], [both[1], both[2]]])
+    # lme4's || of three columns (the diagonal model's optimum is taken for two): the correlated start's variances
+    quadratic = "Reaction ~ Days + I(Days**2) + (Days + I(Days**2) {} Subject)"
+    correlated = build_design(quadratic.format("|"), data).terms[0].template
+    T = correlated.factor(start(quadratic.format("|")))
+    split = start(quadratic.format("||"))
     np.testing.assert_allclose(split, np.sqrt(np.diag(T @ T.T)), rtol=1e-9)
     few = data[data.Subject.isin(data.Subject.unique()[:4])]
     assert start("Reaction ~ Days + (Days | Subject)", few) is None
@@ -485,6 +489,40 @@ def test_the_ml_correction_is_left_out_where_fixed_factors_take_a_terms_level_me
     np.testing.assert_array_equal(components_start(system, reml=False), components_start(system))
     fit = sparsemix.lmer(formula, data, reml=False)
     assert fit.llf >= sparsemix.lmer(formula, data, reml=False, optimizer="bobyqa").llf - 1e-8
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_diagonal_optimum_is_the_minimum_of_its_criterion(seed):
+    """_diagonal_optimum's Newton steps in closed form against scipy's minimiser of the same criterion (D diagonal)
+    from random spreads, sampling covariances and residual sums; and it gives way (None) where a variance goes to
+    zero or the covariance is not 2 x 2."""
+    from scipy.optimize import minimize
+
+    from sparsemix.fit.pilot import _diagonal_optimum
+
+    rng = np.random.default_rng(seed)
+    A, B = rng.normal(size=(2, 2)), rng.normal(size=(2, 2))
+    W = B @ B.T + 0.1 * np.eye(2)
+    s = rng.uniform(0.5, 2.0)
+    S = A @ A.T + s * W + np.diag(rng.uniform(0.2, 1.0, 2))
+    a, c = rng.uniform(10, 40), rng.uniform(50, 200)
+    R = c * s
+
+    def criterion(x):
+        Sigma = np.diag(x[:2]) + x[2] * W
+        return a * (np.linalg.slogdet(Sigma)[1] + np.trace(np.linalg.solve(Sigma, S))) + c * np.log(x[2]) + R / x[2]
+
+    start = np.append(np.clip(np.diag(S - s * W), 0.05, None), s)
+    found = _diagonal_optimum(S, W, a, R, c, start[:2], start[2])
+    assert found is not None
+    reference = minimize(criterion, start, method="L-BFGS-B", bounds=[(1e-8, None)] * 3, options={"ftol": 1e-15})
+    x = np.append(found[0], found[1])
+    assert criterion(x) <= reference.fun + 1e-9
+    np.testing.assert_allclose(x, reference.x, rtol=1e-4)
+    # S with no spread beyond the sampling covariance in its second entry: that variance's optimum is 0
+    vanishing = s * W + np.diag([1.0, 0.0])
+    assert _diagonal_optimum(vanishing * 0.5, W, a, R, c, np.array([0.5, 0.01]), s) is None
+    assert _diagonal_optimum(np.eye(3), np.eye(3), a, R, c, np.ones(3), s) is None
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

@@ -242,15 +242,21 @@ def moment_start(
     # covariate doubles them, as Orthodont's Sex): on a balanced design either is its criterion's optimum. ML's
     # over m - 1 where over m a variance would vanish (nlme's Dialyzer).
     between, sampling, m = centred.T @ centred, sigma2 * inverse.mean(axis=0), centred.shape[0]
-    if reml:
-        covariance = between / (m - _fixed_share(Xw[inside], codes, V, inverse, usable)) - sampling
-    else:
-        covariance = between / m - sampling
-        if not np.all(np.diag(covariance) > 0):
-            covariance = between / (m - 1) - sampling
+    divisor = m - _fixed_share(Xw[inside], codes, V, inverse, usable) if reml else m
+    covariance = between / divisor - sampling
+    if not reml and not np.all(np.diag(covariance) > 0):
+        divisor = m - 1
+        covariance = between / divisor - sampling
     variances = np.diag(covariance)
     if not (sigma2 > 0 and np.all(variances > 0) and np.all(np.isfinite(covariance))):
         return None
+    if all(t.template.is_diagonal for t in terms):  # lme4's ||: the diagonal model's own optimum, not the diagonal
+        found = _diagonal_optimum(
+            between / divisor, sampling / sigma2, divisor, residual.sum(), (counts[usable] - k).sum(), variances, sigma2
+        )
+        if found is not None:
+            variances, sigma2 = found
+            covariance = np.diag(variances)
     scales = np.sqrt(variances)
     correlation = covariance / np.outer(scales, scales)
     smallest = 1.0 - abs(correlation[0, 1]) if k == 2 else np.linalg.eigvalsh(correlation)[0]
@@ -277,6 +283,85 @@ def moment_start(
             T = np.linalg.cholesky(block)
         thetas.append(term.template.theta_of(T))
     return np.concatenate(thetas)
+
+
+def _diagonal_optimum(S, W, a, R, c, d, s) -> tuple[np.ndarray, float] | None:
+    """(d, s) minimising a [log|D + s W| + tr((D + s W)^-1 S)] + c log s + R / s over diagonal D = diag(d) > 0 and
+    s > 0, by Newton steps from (d, s): the levels' coefficients' 2 x 2 spread S (over a), their average
+    (V_l'V_l)^-1 W, and the levels' residual sum of squares R on c degrees of freedom. On a balanced growth curve
+    this is the criterion (ML over m, REML over m less the fixed share) with the covariance held diagonal: lme4's
+    ||. None where the steps do not settle inside the bounds (a variance going to zero), or k is not 2. In Python's
+    floats, in closed form: numpy's calls on 2 x 2 matrices cost ~10 times the arithmetic."""
+    if len(d) != 2:
+        return None
+    (s11, s12), (_, s22) = S.tolist()
+    (w11, w12), (_, w22) = W.tolist()
+    R, c = float(R), float(c)
+
+    def parts(d1, d2, s):
+        a11, a12, a22 = d1 + s * w11, s * w12, d2 + s * w22  # Sigma = D + s W
+        det = a11 * a22 - a12 * a12
+        if not (a11 > 0 and det > 0):
+            return None
+        p11, p12, p22 = a22 / det, -a12 / det, a11 / det  # P = Sigma^-1
+        # Q = P S P; PW = P W, QW = Q W (not symmetric)
+        t11, t12, t21, t22 = p11 * s11 + p12 * s12, p11 * s12 + p12 * s22, p12 * s11 + p22 * s12, p12 * s12 + p22 * s22
+        q11, q12, q22 = t11 * p11 + t12 * p12, t11 * p12 + t12 * p22, t21 * p12 + t22 * p22
+        u11, u12, u21, u22 = p11 * w11 + p12 * w12, p11 * w12 + p12 * w22, p12 * w11 + p22 * w12, p12 * w12 + p22 * w22
+        v11, v12, v21, v22 = q11 * w11 + q12 * w12, q11 * w12 + q12 * w22, q12 * w11 + q22 * w12, q12 * w12 + q22 * w22
+        value = a * (math.log(det) + t11 + t22) + c * math.log(s) + R / s
+        g = (a * (p11 - q11), a * (p22 - q22), a * (u11 + u22 - v11 - v22) + c / s - R / (s * s))
+        # second derivatives: a [2 tr(Q E_i P E_j) - tr(P E_i P E_j)] with E = e1 e1', e2 e2', W
+        h11 = a * (2 * q11 * p11 - p11 * p11)
+        h12 = a * (2 * q12 * p12 - p12 * p12)
+        h22 = a * (2 * q22 * p22 - p22 * p22)
+        h13 = a * (2 * (v11 * p11 + v12 * p12) - (u11 * p11 + u12 * p12))  # (QWP)_11, (PWP)_11
+        h23 = a * (2 * (v21 * p12 + v22 * p22) - (u21 * p12 + u22 * p22))
+        twice = v11 * u11 + v12 * u21 + v21 * u12 + v22 * u22  # tr(QW PW)
+        square = u11 * u11 + 2 * u12 * u21 + u22 * u22  # tr(PW PW)
+        h33 = a * (2 * twice - square) - c / (s * s) + 2 * R / s**3
+        return value, g, (h11, h12, h13, h22, h23, h33)
+
+    x = (float(d[0]), float(d[1]), float(s))
+    current = parts(*x)
+    for _ in range(DIAGONAL_OPTIMUM_MAX_STEPS):
+        if current is None:
+            return None
+        value, g, (h11, h12, h13, h22, h23, h33) = current
+        # the Newton step by the 3 x 3 Hessian's Cholesky factor: positive definite near a minimum, elsewhere the
+        # moments' diagonal stays
+        if not h11 > 0:
+            return None
+        l11 = math.sqrt(h11)
+        l21, l31 = h12 / l11, h13 / l11
+        pivot = h22 - l21 * l21
+        if not pivot > 0:
+            return None
+        l22 = math.sqrt(pivot)
+        l32 = (h23 - l31 * l21) / l22
+        pivot = h33 - l31 * l31 - l32 * l32
+        if not pivot > 0:
+            return None
+        l33 = math.sqrt(pivot)
+        z1 = -g[0] / l11
+        z2 = (-g[1] - l21 * z1) / l22
+        z3 = (-g[2] - l31 * z1 - l32 * z2) / l33
+        step3 = z3 / l33
+        step2 = (z2 - l32 * step3) / l22
+        step = ((z1 - l21 * step2 - l31 * step3) / l11, step2, step3)
+        if all(abs(dx) <= DIAGONAL_OPTIMUM_TOLERANCE * xi for dx, xi in zip(step, x)):
+            return np.array(x[:2]), x[2]
+        t = 1.0
+        while True:  # halved until inside the bounds and no worse
+            trial = (x[0] + t * step[0], x[1] + t * step[1], x[2] + t * step[2])
+            found = parts(*trial) if min(trial) > 0 else None
+            if found is not None and found[0] <= value:
+                break
+            t /= 2
+            if t < 1e-3:
+                return None
+        x, current = trial, found
+    return None
 
 
 def _fixed_share(X: np.ndarray, codes: np.ndarray, V: np.ndarray, inverse: np.ndarray, usable: np.ndarray) -> float:
@@ -316,6 +401,9 @@ def _inverses(M: np.ndarray) -> np.ndarray:
     return out / (M[:, 0, 0] * M[:, 1, 1] - M[:, 0, 1] * M[:, 1, 0])[:, None, None]
 
 
+# _diagonal_optimum's Newton steps at most, and where they stop (each entry's step, relative)
+DIAGONAL_OPTIMUM_MAX_STEPS = 20
+DIAGONAL_OPTIMUM_TOLERANCE = 1e-10
 # components_start: a relative variance estimated below this is started here instead (at exactly 0 the deviance's
 # gradient in that entry vanishes, a saddle the Newton steps must leave by a probe)
 COMPONENTS_MIN_RATIO = 1e-4
