@@ -73,29 +73,41 @@ def blas_libraries():
     return _controller
 
 
-@contextmanager
-def _one_thread():
-    libs = blas_libraries().lib_controllers
-    with _lock:  # fits in several Python threads share these counters (and BLAS's process-wide setting)
-        # inside a one-thread scope that no stage has given threads back to, BLAS already runs one thread
-        already = _depth[0] > 0 and _raised[0] == 0
-        before = [] if already else [lib.num_threads for lib in libs]
-        if _depth[0] == 0:  # nested scopes keep the caller's setting, read when the outermost one began
-            _outer_threads[0] = max(before, default=1)
-        _depth[0] += 1
-    # each library set directly: threadpoolctl's limit() (28 us, a small fit's 2%) reads every library's info
-    changed = [(lib, n) for lib, n in zip(libs, before) if n != 1]
-    try:
-        for lib, _ in changed:
-            lib.set_num_threads(1)
-        yield
-    finally:
-        for lib, n in changed:
-            lib.set_num_threads(n)
-        with _lock:
-            _depth[0] -= 1
-            if _depth[0] == 0:
-                _outer_threads[0] = 1  # outside any scope the stages run with the threads set now
+class _one_thread:
+    """One BLAS thread inside (a class, not a generator: a fit opens ~10 of these scopes, nested, and
+    contextmanager's generator cost 3 us of the 4 each took)."""
+
+    __slots__ = ("_changed",)
+
+    def __enter__(self):
+        libs = blas_libraries().lib_controllers
+        with _lock:  # fits in several Python threads share these counters (and BLAS's process-wide setting)
+            # inside a one-thread scope that no stage has given threads back to, BLAS already runs one thread
+            already = _depth[0] > 0 and _raised[0] == 0
+            before = [] if already else [lib.num_threads for lib in libs]
+            if _depth[0] == 0:  # nested scopes keep the caller's setting, read when the outermost one began
+                _outer_threads[0] = max(before, default=1)
+            _depth[0] += 1
+        # each library set directly: threadpoolctl's limit() (28 us, a small fit's 2%) reads every library's info
+        self._changed = [(lib, n) for lib, n in zip(libs, before) if n != 1]
+        try:
+            for lib, _ in self._changed:
+                lib.set_num_threads(1)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            for lib, n in self._changed:
+                lib.set_num_threads(n)
+        finally:
+            with _lock:
+                _depth[0] -= 1
+                if _depth[0] == 0:
+                    _outer_threads[0] = 1  # outside any scope the stages run with the threads set now
+        return False
 
 
 @contextmanager

@@ -459,16 +459,20 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     # M = G - C K C' (G = Z'Z, sparse; C = Z'X; K = (X'X)^{-1}) is never formed: per row l and term k,
     # sum_{l' in k} M_ll'^2 = sum G_ll'^2 - 2 (CK)_l . (G C)_l^(k) + (CK)_l S_k (CK)_l', S_k = C_k'C_k
     # (dense up to COMPONENTS_DENSE_MAX_Q columns: scipy's sparse operations cost ~20 us a call, 210 us a start)
-    G = cross.ZtZ.toarray() if rc.q <= COMPONENTS_DENSE_MAX_Q else sp.csr_matrix(cross.ZtZ)
-    d = G.diagonal()
+    J = len(rc.blocks)
+    # one term: G is diagonal (a row reaches one level), its products d-weighted rows
+    G = None if J == 1 else cross.ZtZ.toarray() if rc.q <= COMPONENTS_DENSE_MAX_Q else sp.csr_matrix(cross.ZtZ)
+    d = cross.ZtZ.diagonal() if G is None else G.diagonal()
     if not np.all(d > 0):
         return None
     E = rc.membership  # the per-term means below are E' (...) / sizes
-    J = E.shape[1]
     sizes = E.sum(axis=0)
-    squares = np.asarray((G * G if isinstance(G, np.ndarray) else G.multiply(G)) @ E)
+    if G is None:
+        squares = (d * d)[:, None]
+    else:
+        squares = np.asarray((G * G if isinstance(G, np.ndarray) else G.multiply(G)) @ E)
     diagonal = d.copy()
-    known_mean = not reml and _nested(G, rc.column_slices)
+    known_mean = not reml and (G is None or _nested(G, rc.column_slices))
     if cross.p and not known_mean:
         # (LAPACK's posv as it is: numpy's solve costs a small fit more in its wrapper than in the solve)
         _, CKt, info = lapack.dposv(cross.XtX, cross.ZtX.T)
@@ -478,7 +482,8 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
         diagonal -= np.einsum("ip,ip->i", CK, cross.ZtX)
         for k, cols in enumerate(rc.column_slices):
             C_k = cross.ZtX[cols]
-            squares[:, k] -= 2.0 * np.einsum("ip,ip->i", CK, np.asarray(G[:, cols] @ C_k))
+            GC = d[:, None] * C_k if G is None else np.asarray(G[:, cols] @ C_k)
+            squares[:, k] -= 2.0 * np.einsum("ip,ip->i", CK, GC)
             squares[:, k] += np.einsum("ip,ip->i", CK @ (C_k.T @ C_k), CK)
     d2 = d**2
     A = np.zeros((J + 1, J + 1))
@@ -496,11 +501,9 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     if not (np.isfinite(variances).all() and sigma2 > 0):
         return None
     ratios = variances[:J] / sigma2
-    # the dimensions of each term's level means that X's columns take: 1 where X holds the mean and covariates that
-    # vary within levels (what the ML correction below is derived for); more where X holds factors the levels nest
-    absorbed = ((d - diagonal) / d) @ E
-    one_mean = bool(np.all(np.abs(absorbed - 1.0) < ML_CORRECTION_ABSORBED_SPREAD))
-    if not reml and not known_mean and J > 1 and one_mean:
+    # ML's correction for crossed terms where X's columns take 1 dimension of each term's level means (the mean and
+    # covariates that vary within levels: what it is derived for), not more (X holds factors the levels nest)
+    if not reml and not known_mean and J > 1 and _one_mean(((d - diagonal) / d) @ E):
         # ML on crossed terms: each term's share of the mean's stratum (above)
         per_level = cross.n / sizes  # rows per level: lambda_k = sigma^2 (1 + per_level_k ratio_k)
         error_df = cross.n - cross.p - float(np.sum(sizes - 1))
@@ -508,6 +511,12 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     if J == 1 and ratios[0] <= 0:  # one variance, estimated <= 0: at the bound, which the boundary check confirms
         return np.zeros(1)
     return rc.reported_theta(np.sqrt(np.maximum(ratios, COMPONENTS_MIN_RATIO)))
+
+
+def _one_mean(absorbed: np.ndarray) -> bool:
+    """Whether X takes one dimension (the mean), within ML_CORRECTION_ABSORBED_SPREAD, of every term's level means
+    (`absorbed`: per term, the mean over its levels of the share of a level's weight that X's projection takes)."""
+    return bool(np.all(np.abs(absorbed - 1.0) < ML_CORRECTION_ABSORBED_SPREAD))
 
 
 def _ml_strata(ratios, per_level, sizes, error_df):
