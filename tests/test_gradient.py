@@ -14,7 +14,8 @@ import sparsemix as sm
 from sparsemix.core.coordinates import lower_factor
 from sparsemix.core.gradient import ProfiledGradient
 from sparsemix.core.system import PenalizedSystem
-from sparsemix.fit.stages import optimize_system
+from sparsemix.fit.pipeline import fit_system
+from sparsemix.fit.stages import build_system, optimize_system
 from sparsemix.lme4.design import build_design
 
 
@@ -223,9 +224,10 @@ def test_slopes_at_two_levels_are_fitted_by_newton_steps_in_the_schur_form_to_lm
     np.testing.assert_allclose(opt.theta, ref["theta"], rtol=2e-3, atol=2e-4)
 
 
-def test_the_schur_forms_gradient_weighs_against_cholmods_factorizations_where_a_term_has_slopes(monkeypatch):
+def test_the_schur_forms_derivatives_weigh_against_cholmods_factorizations(monkeypatch):
     """The trial of factorizations counts CHOLMOD's time CHOLMOD_WITHOUT_GRADIENT_WEIGHT times where a term has
-    slopes (its optimizer would be BOBYQA), and as it is where every term is scalar."""
+    slopes (the Schur form's gradient against BOBYQA) or every term is a variance component (its scoring steps), and
+    as it is where neither applies (a scalar slope, whose Schur form has the gradient but no scoring)."""
     from sparsemix.core import system as engine
     from sparsemix.core.factor import SchurFactor
 
@@ -236,8 +238,27 @@ def test_the_schur_forms_gradient_weighs_against_cholmods_factorizations_where_a
     entry, data = _egsingle()
     slopes = build_design(entry["fits"][0]["formula"], data).system()
     assert slopes.factorization_mode == "schur" and slopes.supports_gradient
-    scalar = build_design("math ~ year * size + female + (1 | childid) + (1 | schoolid)", data).system()
-    assert scalar.factorization_mode == "simplicial"
+    components = build_design("math ~ year * size + female + (1 | childid) + (1 | schoolid)", data).system()
+    assert components.factorization_mode == "schur" and components.supports_scoring
+    scalar_slope = build_design("math ~ year * size + female + (0 + year | childid) + (1 | schoolid)", data).system()
+    assert scalar_slope.factorization_mode == "simplicial"
+
+
+def test_a_sparse_crossed_design_is_scored_in_the_schur_form_where_cholmod_factors_faster():
+    """An InstEval-like design too sparse for the Schur form untimed (3% of its eliminated block filled): CHOLMOD's
+    simplicial factorization is several times faster per call, but BOBYQA took 73 of them where the scoring steps
+    take a handful, to the same optimum."""
+    from sparsemix.datasets import generate_insteval_like
+
+    data = generate_insteval_like(2000, 800, 8, 2)
+    design = build_design("y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)", data)
+    system = design.system()
+    assert system.factorization_mode == "schur" and not system.densely_linked
+    fit = fit_system(system)
+    assert fit.optimization.method == "scoring" and fit.optimization.n_evaluations <= 8
+    simplicial = fit_system(build_system(design.X, design.response, list(design.terms), factorization="simplicial"))
+    assert simplicial.optimization.method == "bobyqa" and simplicial.optimization.n_evaluations > 30
+    assert fit.optimization.deviance <= simplicial.optimization.deviance + 1e-8
 
 
 HESSIAN_CASES = CASES[:8]  # one k x k term, or the system held whole (the synthetic ones: crossed, with slopes)

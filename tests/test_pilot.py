@@ -55,8 +55,9 @@ def test_fit_from_the_pilot_equals_the_fit_from_lme4s_start_with_fewer_evaluatio
         piloted = sparsemix.lmer(formula, data, reml=reml)
         cold = sparsemix.lmer(formula, data, reml=reml, start=design.system().relcov.start())
     assert piloted.llf == pytest.approx(cold.llf, rel=1e-12)
-    # (the Newton steps' last step, under 1e-5 of theta, is checked by its deviance: it leaves up to ~3e-8)
-    np.testing.assert_allclose(piloted.theta, cold.theta, rtol=1e-7)
+    # (the Newton steps' last step, under SCORING_LAST_STEP of theta, is checked by its deviance only: it leaves up
+    # to ~2e-7, which two starts can leave on opposite sides)
+    np.testing.assert_allclose(piloted.theta, cold.theta, rtol=5e-7)
     np.testing.assert_allclose(piloted.fe_params, cold.fe_params, rtol=1e-8)
     if case == "crossed slopes":
         # L-BFGS-B with the exact gradient takes no pilot (pilot.pilot_wanted): the same fit from lme4's start

@@ -285,7 +285,8 @@ def test_the_ml_refit_of_a_scored_fit_is_scored_too():
     direct = sparsemix.lmer(formula, data, reml=False)
     assert refit.fit_result.optimization.method == "scoring"
     assert refit.llf == pytest.approx(direct.llf, rel=1e-12)
-    np.testing.assert_allclose(refit.theta, direct.theta, rtol=1e-8)
+    # (two starts: each ends within ~1e-7 of the optimum, its last step below SCORING_LAST_STEP)
+    np.testing.assert_allclose(refit.theta, direct.theta, rtol=2e-7)
 
 
 def test_unpolished_refits_take_the_steps_to_a_looser_tolerance():

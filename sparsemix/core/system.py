@@ -372,11 +372,13 @@ class PenalizedSystem:
         candidates = [CholmodFactor(self._A, "simplicial")] if small else []
         timings = [_time_refactorization(candidates[0], self._A, factors)] if small else []
         slopes = any(template.k > 1 for _, template in self.relcov.blocks)
-        weight = CHOLMOD_WITHOUT_GRADIENT_WEIGHT if slopes else 1.0  # (where the Schur form has the gradient)
+        # the Schur form's derivative methods: the gradient with slopes, the scoring steps for variance components
+        scored = not slopes and not self.relcov.transformed
+        weight = CHOLMOD_WITHOUT_GRADIENT_WEIGHT if slopes or scored else 1.0
         schur = self._schur_candidate(timings[0] * weight if small else np.inf)
         if schur is not None:
             candidates.append(schur)
-            if not (slopes and schur.supports_gradient):
+            if not (schur.supports_gradient if slopes else scored):
                 weight = 1.0
             timings = [t * weight for t in timings]
             if small:  # a race against simplicial; a large system has no other candidate (see below)

@@ -37,10 +37,11 @@ SCORING_THETA_TOLERANCE = 1e-9
 # (bootstrap refits, which skip BOBYQA's polish too: BOBYQA alone leaves theta ~1e-5 off)
 SCORING_REFIT_TOLERANCE = 1e-6
 # ... or after a step shorter than this, taken with its deviance only (no score, whose inverse costs two
-# factorizations: 27 s of a MovieLens-sized fit's 4 points), which leaves a few percent of itself: on InstEval
-# steps went 1e-4, 1.2e-6, 4e-10; on the pilot tests the fits from two starts agree to 3e-8 (the criterion to
-# 1e-13). 1e-7 had kept theta to 1e-8 at the cost of a scored point on most large fits.
-SCORING_LAST_STEP = 1e-5
+# factorizations: 27 s of a MovieLens-sized fit's 4 points), which leaves a few percent of itself at most (the
+# steps converge superlinearly: on InstEval 2.9e-4, 1.3e-5, 1.4e-8), theta within ~2e-7 of the optimum and the
+# criterion within rounding (docs/performance-scale.md, fifteenth session). 1e-7 had kept theta to 1e-8 at the cost
+# of a scored point on most large fits; 1e-5 to 1e-8 with InstEval's 1.3e-5 step scored.
+SCORING_LAST_STEP = 3e-5
 # A theta_j (a relative standard deviation) below this is heading for the boundary, where BOBYQA (bounded) and
 # the polish take over.
 SCORING_MIN_THETA = 1e-3
