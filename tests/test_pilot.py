@@ -492,11 +492,31 @@ def test_the_ml_correction_is_left_out_where_fixed_factors_take_a_terms_level_me
     assert fit.llf >= sparsemix.lmer(formula, data, reml=False, optimizer="bobyqa").llf - 1e-8
 
 
+@pytest.mark.parametrize("fit_name", ["early_uncorr_reml", "early_uncorr_ml"])
+def test_a_diagonal_start_with_a_variance_at_zero_reaches_the_boundary_optimum(fit_name):
+    """mlmRev's Early `(age || id)`: its optimum has no age variance. The diagonal model's optimum on the levels'
+    coefficients holds that variance at zero (started at COMPONENTS_MIN_RATIO, where its slope does not vanish),
+    and the fit reaches lme4's optimum in 3 evaluations (6 from the moments' diagonal)."""
+    from conftest import load_reference
+
+    from sparsemix.fit.pilot import COMPONENTS_MIN_RATIO, moment_start
+
+    entry = load_reference("random_slopes")["Early"]
+    data, ref = pd.DataFrame(entry["data"]), next(f for f in entry["fits"] if f["name"] == fit_name)
+    design = build_design(ref["formula"], data)
+    start = moment_start(design.X, design.response, list(design.terms), reml=ref["reml"], floor_near_singular=True)
+    assert start[1] == pytest.approx(np.sqrt(COMPONENTS_MIN_RATIO), rel=1e-12)
+    np.testing.assert_allclose(start[0], ref["theta"][0], rtol=1e-4)
+    fit = sparsemix.lmer(ref["formula"], data, reml=ref["reml"])
+    assert fit.n_evaluations <= 3 and fit.theta[1] < 1e-6
+    assert fit.llf >= ref["logLik"] - 1e-9
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_the_diagonal_optimum_is_the_minimum_of_its_criterion(seed):
-    """_diagonal_optimum's Newton steps in closed form against scipy's minimiser of the same criterion (D diagonal)
-    from random spreads, sampling covariances and residual sums; and it gives way (None) where a variance goes to
-    zero or the covariance is not 2 x 2."""
+    """_diagonal_optimum's Newton steps in closed form against scipy's minimiser of the same criterion (D diagonal,
+    >= 0) from random spreads, sampling covariances and residual sums, with every variance inside and with one whose
+    optimum is zero (held there by the active set); None where the covariance is not 2 x 2."""
     from scipy.optimize import minimize
 
     from sparsemix.fit.pilot import _diagonal_optimum
@@ -509,20 +529,22 @@ def test_the_diagonal_optimum_is_the_minimum_of_its_criterion(seed):
     a, c = rng.uniform(10, 40), rng.uniform(50, 200)
     R = c * s
 
-    def criterion(x):
+    def criterion(x, S):
         Sigma = np.diag(x[:2]) + x[2] * W
         return a * (np.linalg.slogdet(Sigma)[1] + np.trace(np.linalg.solve(Sigma, S))) + c * np.log(x[2]) + R / x[2]
 
-    start = np.append(np.clip(np.diag(S - s * W), 0.05, None), s)
-    found = _diagonal_optimum(S, W, a, R, c, start[:2], start[2])
-    assert found is not None
-    reference = minimize(criterion, start, method="L-BFGS-B", bounds=[(1e-8, None)] * 3, options={"ftol": 1e-15})
-    x = np.append(found[0], found[1])
-    assert criterion(x) <= reference.fun + 1e-9
-    np.testing.assert_allclose(x, reference.x, rtol=1e-4)
-    # S with no spread beyond the sampling covariance in its second entry: that variance's optimum is 0
-    vanishing = s * W + np.diag([1.0, 0.0])
-    assert _diagonal_optimum(vanishing * 0.5, W, a, R, c, np.array([0.5, 0.01]), s) is None
+    # S with less spread than the sampling covariance in its second entry: that variance's optimum is 0
+    vanishing = 0.5 * s * W + np.diag([1.0, 0.0])
+    for spread, zero in ((S, False), (vanishing, True)):
+        start = np.append(np.clip(np.diag(spread - s * W), 0.05, None), s)
+        found = _diagonal_optimum(spread, W, a, R, c, start[:2], start[2])
+        assert found is not None
+        bounds = [(0.0, None), (0.0, None), (1e-8, None)]
+        reference = minimize(criterion, start, (spread,), "L-BFGS-B", bounds=bounds, options={"ftol": 1e-15})
+        x = np.append(found[0], found[1])
+        assert criterion(x, spread) <= reference.fun + 1e-9
+        assert (x[1] == 0.0) == zero and reference.x[1] < 1e-6 if zero else x[1] > 0
+        np.testing.assert_allclose(x, reference.x, rtol=1e-4, atol=1e-6)
     assert _diagonal_optimum(np.eye(3), np.eye(3), a, R, c, np.ones(3), s) is None
 
 

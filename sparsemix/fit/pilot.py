@@ -254,8 +254,8 @@ def moment_start(
         found = _diagonal_optimum(
             between / divisor, sampling / sigma2, divisor, residual.sum(), (counts[usable] - k).sum(), variances, sigma2
         )
-        if found is not None:
-            variances, sigma2 = found
+        if found is not None:  # (a variance at zero starts at COMPONENTS_MIN_RATIO: at 0 its slope vanishes)
+            variances, sigma2 = np.where(found[0] > 0, found[0], COMPONENTS_MIN_RATIO * found[1]), found[1]
             covariance = np.diag(variances)
     scales = np.sqrt(variances)
     correlation = covariance / np.outer(scales, scales)
@@ -286,12 +286,13 @@ def moment_start(
 
 
 def _diagonal_optimum(S, W, a, R, c, d, s) -> tuple[np.ndarray, float] | None:
-    """(d, s) minimising a [log|D + s W| + tr((D + s W)^-1 S)] + c log s + R / s over diagonal D = diag(d) > 0 and
+    """(d, s) minimising a [log|D + s W| + tr((D + s W)^-1 S)] + c log s + R / s over diagonal D = diag(d) >= 0 and
     s > 0, by Newton steps from (d, s): the levels' coefficients' 2 x 2 spread S (over a), their average
     (V_l'V_l)^-1 W, and the levels' residual sum of squares R on c degrees of freedom. On a balanced growth curve
     this is the criterion (ML over m, REML over m less the fixed share) with the covariance held diagonal: lme4's
-    ||. None where the steps do not settle inside the bounds (a variance going to zero), or k is not 2. In Python's
-    floats, in closed form: numpy's calls on 2 x 2 matrices cost ~10 times the arithmetic."""
+    ||. A variance the steps take to zero stays there while its slope points outward (an active set: mlmRev's
+    Early `(age || id)`, whose optimum has no age variance). None where the steps do not settle, or k is not 2. In
+    Python's floats, in closed form: numpy's calls on 2 x 2 matrices cost ~10 times the arithmetic."""
     if len(d) != 2:
         return None
     (s11, s12), (_, s22) = S.tolist()
@@ -312,56 +313,85 @@ def _diagonal_optimum(S, W, a, R, c, d, s) -> tuple[np.ndarray, float] | None:
         value = a * (math.log(det) + t11 + t22) + c * math.log(s) + R / s
         g = (a * (p11 - q11), a * (p22 - q22), a * (u11 + u22 - v11 - v22) + c / s - R / (s * s))
         # second derivatives: a [2 tr(Q E_i P E_j) - tr(P E_i P E_j)] with E = e1 e1', e2 e2', W
-        h11 = a * (2 * q11 * p11 - p11 * p11)
         h12 = a * (2 * q12 * p12 - p12 * p12)
-        h22 = a * (2 * q22 * p22 - p22 * p22)
         h13 = a * (2 * (v11 * p11 + v12 * p12) - (u11 * p11 + u12 * p12))  # (QWP)_11, (PWP)_11
         h23 = a * (2 * (v21 * p12 + v22 * p22) - (u21 * p12 + u22 * p22))
         twice = v11 * u11 + v12 * u21 + v21 * u12 + v22 * u22  # tr(QW PW)
         square = u11 * u11 + 2 * u12 * u21 + u22 * u22  # tr(PW PW)
         h33 = a * (2 * twice - square) - c / (s * s) + 2 * R / s**3
-        return value, g, (h11, h12, h13, h22, h23, h33)
+        H = ((a * (2 * q11 * p11 - p11 * p11), h12, h13), (h12, a * (2 * q22 * p22 - p22 * p22), h23), (h13, h23, h33))
+        return value, g, H
 
-    x = (float(d[0]), float(d[1]), float(s))
+    x = [float(d[0]), float(d[1]), float(s)]
     current = parts(*x)
+    active = [False, False, False]  # variances held at zero
     for _ in range(DIAGONAL_OPTIMUM_MAX_STEPS):
         if current is None:
             return None
-        value, g, (h11, h12, h13, h22, h23, h33) = current
-        # the Newton step by the 3 x 3 Hessian's Cholesky factor: positive definite near a minimum, elsewhere the
-        # moments' diagonal stays
-        if not h11 > 0:
+        value, g, H = current
+        for i in (0, 1):  # a zero variance whose slope points inward is released
+            if active[i] and g[i] < 0:
+                active[i] = False
+        free = [i for i in range(3) if not active[i]]
+        # the Newton step in the free entries; where H is not positive definite (far from the minimum) with its
+        # diagonal raised until it is, a step between Newton's and the gradient's (Levenberg's)
+        sub, rhs = [[H[i][j] for j in free] for i in free], [-g[i] for i in free]
+        scale = max(abs(sub[i][i]) for i in range(len(free)))
+        solved = _small_spd_solve(sub, rhs)
+        for power in range(-6, 4):
+            if solved is not None:
+                break
+            shift = scale * 10.0**power
+            solved = _small_spd_solve(
+                [[v + shift * (i == j) for j, v in enumerate(row)] for i, row in enumerate(sub)], rhs
+            )
+        if solved is None:
             return None
-        l11 = math.sqrt(h11)
-        l21, l31 = h12 / l11, h13 / l11
-        pivot = h22 - l21 * l21
-        if not pivot > 0:
-            return None
-        l22 = math.sqrt(pivot)
-        l32 = (h23 - l31 * l21) / l22
-        pivot = h33 - l31 * l31 - l32 * l32
-        if not pivot > 0:
-            return None
-        l33 = math.sqrt(pivot)
-        z1 = -g[0] / l11
-        z2 = (-g[1] - l21 * z1) / l22
-        z3 = (-g[2] - l31 * z1 - l32 * z2) / l33
-        step3 = z3 / l33
-        step2 = (z2 - l32 * step3) / l22
-        step = ((z1 - l21 * step2 - l31 * step3) / l11, step2, step3)
+        step = [0.0, 0.0, 0.0]
+        for i, v in zip(free, solved):
+            step[i] = v
         if all(abs(dx) <= DIAGONAL_OPTIMUM_TOLERANCE * xi for dx, xi in zip(step, x)):
             return np.array(x[:2]), x[2]
-        t = 1.0
-        while True:  # halved until inside the bounds and no worse
-            trial = (x[0] + t * step[0], x[1] + t * step[1], x[2] + t * step[2])
-            found = parts(*trial) if min(trial) > 0 else None
-            if found is not None and found[0] <= value:
+        # the longest step that keeps the variances >= 0: a variance it reaches zero at is held there
+        t, hits = 1.0, None
+        for i in (0, 1):
+            if step[i] < 0 and x[i] + step[i] <= 0:
+                reach = x[i] / -step[i]
+                if reach < t:
+                    t, hits = reach, i
+        while True:  # halved until no worse (and s > 0)
+            trial = [xi + t * dx for xi, dx in zip(x, step)]
+            if hits is not None:
+                trial[hits] = 0.0
+            found = parts(*trial) if trial[2] > 0 else None
+            if found is not None and found[0] <= value + 1e-13 * abs(value):  # (rounding, at the end)
                 break
-            t /= 2
+            t, hits = t / 2, None
             if t < 1e-3:
                 return None
+        if hits is not None:
+            active[hits] = True
         x, current = trial, found
     return None
+
+
+def _small_spd_solve(A: list, b: list) -> list | None:
+    """A^-1 b for a small symmetric positive definite A (lists), by its Cholesky factor; None where A is not."""
+    n = len(b)
+    L = [[0.0] * n for _ in range(n)]
+    for j in range(n):
+        pivot = A[j][j] - sum(L[j][m] * L[j][m] for m in range(j))
+        if not pivot > 0:
+            return None
+        L[j][j] = math.sqrt(pivot)
+        for i in range(j + 1, n):
+            L[i][j] = (A[i][j] - sum(L[i][m] * L[j][m] for m in range(j))) / L[j][j]
+    z = [0.0] * n
+    for i in range(n):
+        z[i] = (b[i] - sum(L[i][m] * z[m] for m in range(i))) / L[i][i]
+    for i in reversed(range(n)):
+        z[i] = (z[i] - sum(L[m][i] * z[m] for m in range(i + 1, n))) / L[i][i]
+    return z
 
 
 def _fixed_share(X: np.ndarray, codes: np.ndarray, V: np.ndarray, inverse: np.ndarray, usable: np.ndarray) -> float:
