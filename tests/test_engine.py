@@ -457,6 +457,26 @@ def test_complement_density_tells_crossed_from_nested():
     assert crossed.factorization_mode == "schur" and nested.factorization_mode != "schur"
 
 
+def test_a_sparse_crossed_block_with_many_links_takes_the_schur_form_untimed(monkeypatch):
+    """Eliminating the first term of an InstEval-like design links its 1,414 later columns 6% full, below
+    SCHUR_ALONE_MIN_DENSITY, but each to ~90 others (SCHUR_ALONE_MIN_DEGREE): CHOLMOD's own elimination would fill
+    the block in without BLAS, so the Schur form is taken without the trial (whose simplicial factorizations took
+    seconds at 13,000 levels)."""
+    from sparsemix.core import system as engine
+    from sparsemix.datasets import generate_insteval_like
+    from sparsemix.lme4.design import build_design
+
+    def no_trial(*args, **kwargs):
+        raise AssertionError("a trial factorization ran")
+
+    monkeypatch.setattr(engine, "_time_refactorization", no_trial)
+    data = generate_insteval_like(4000, 1500, 8, 5)
+    system = build_design("y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)", data).system()
+    share = system._linked_density()
+    assert share < engine.SCHUR_ALONE_MIN_DENSITY and share * system.relcov.after_first >= engine.SCHUR_ALONE_MIN_DEGREE
+    assert system.factorization_mode == "schur" and not system.densely_linked
+
+
 def test_blas_libraries_are_found_on_import_including_cholmods():
     """The package finds the BLAS libraries once, on import (a first fit no longer pays the search), and sees
     every BLAS in the process then, CHOLMOD's among them, so single-threaded stages limit them all."""

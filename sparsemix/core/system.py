@@ -52,6 +52,12 @@ SCHUR_MEMORY_FRACTION = 1 / 3
 # to the Schur form untimed (engine._schur_alone).
 SCHUR_ALONE_MIN_ORDER = 100
 SCHUR_ALONE_MIN_DENSITY = 0.1
+# ... or where that elimination links each of the block's columns to at least this many others on average: CHOLMOD's
+# own elimination of such a block fills it in, without BLAS. InstEval-like designs, simplicial trial against the
+# Schur form per factorization: links 89 (order 1,414) 89 against 19.5 ms, 168 (1,939) 576 against 184, 232
+# (2,908) 1,675 against 160 (the trial's two simplicial calls took 3.9 s of the first fit's 6.2); 23-32 (order
+# 700-950): 3.3-3.8 ms against ~15, left to the trial.
+SCHUR_ALONE_MIN_DEGREE = 64
 # Small systems can be held dense (DenseFactor: the first term eliminated level by level, the rest with X and y
 # one dense matrix of order at most DENSE_MAX_ORDER): there CHOLMOD's and scipy's fixed costs per call and the
 # block-pair loop outweigh the arithmetic (sleepstudy: 41 against 91 us an evaluation), and the exact gradient
@@ -173,7 +179,7 @@ class PenalizedSystem:
         self.relcov = relcov
         self.diagonal_runs = tuple(diagonal_runs)
         self.n_evaluations = 0
-        self._densely_linked: bool | None = None
+        self._linked_share: float | None = None  # (_linked_density's)
         if factorization is not None or not self.diagonal_runs:
             self._factor = self._made_factor(factorization)
         else:  # (x || g): chosen on first use, which a fit solved through merged_system's system may never make
@@ -422,8 +428,9 @@ class PenalizedSystem:
         """The Schur form, untimed, where the fill makes any factor of the block after the first term dense.
 
         Eliminating the first term links two columns of the q2 x q2 block wherever some level of it touches
-        both; where that pattern is at least SCHUR_ALONE_MIN_DENSITY full, the block's factor fills in (almost)
-        completely, so CHOLMOD factors the same dense block with more bookkeeping, and its simplicial trial can
+        both; where that pattern is at least SCHUR_ALONE_MIN_DENSITY full, or links each column to at least
+        SCHUR_ALONE_MIN_DEGREE others, the block's factor fills in (almost) completely, so CHOLMOD factors the same
+        dense block with more bookkeeping, and its simplicial trial can
         take seconds. Measured, Schur / simplicial / supernodal per factorization: InstEval (pattern 21% full)
         23.7 / 121 / 42.6 ms, seed crossed design 0.36 / 0.93 / 13.2 ms, 3,000 x 300 crossed 8.9 / 203 / 604 ms,
         100,000-row slopes with 2,000 levels of b 119 / 2,197 / 122 ms, 40,000 x 4,000 crossed (400,000 rows)
@@ -431,7 +438,10 @@ class PenalizedSystem:
         the trials, where simplicial wins. Blocks of fewer than SCHUR_ALONE_MIN_ORDER columns are left to the
         (sub-millisecond) trials: there simplicial's lower overhead can win (30 columns: 0.05 against 0.19 ms).
         """
-        if self.relcov.after_first < SCHUR_ALONE_MIN_ORDER or not self.densely_linked:
+        if self.relcov.after_first < SCHUR_ALONE_MIN_ORDER:
+            return None
+        density = self._linked_density()
+        if not (density >= SCHUR_ALONE_MIN_DENSITY or density * self.relcov.after_first >= SCHUR_ALONE_MIN_DEGREE):
             return None
         return self._schur_candidate(np.inf)
 
@@ -439,15 +449,17 @@ class PenalizedSystem:
     def densely_linked(self) -> bool:
         """Whether eliminating the first term fills at least SCHUR_ALONE_MIN_DENSITY of the block after it (a
         crossed design; False for nested ones, or where the first term's levels are linked among themselves)."""
-        if self._densely_linked is None:
+        return self._linked_density() >= SCHUR_ALONE_MIN_DENSITY
+
+    def _linked_density(self) -> float:
+        """The share of the block after the first term that eliminating it fills (0 where the Schur form does not
+        apply), computed once."""
+        if self._linked_share is None:
             n1, template1 = self.relcov.blocks[0]
             q1 = n1 * template1.k
-            self._densely_linked = bool(
-                q1 < self.relcov.q
-                and schur_applicable(self._A, q1, template1.k)
-                and _complement_density(self.cross.ZtZ, q1) >= SCHUR_ALONE_MIN_DENSITY
-            )
-        return bool(self._densely_linked)
+            applies = q1 < self.relcov.q and schur_applicable(self._A, q1, template1.k)
+            self._linked_share = _complement_density(self.cross.ZtZ, q1) if applies else 0.0
+        return float(self._linked_share)
 
     def _schur_candidate(self, time_to_beat: float):
         """A SchurFactor worth a trial, or None: its dense q2 x q2 Cholesky must be able to beat `time_to_beat`
