@@ -550,7 +550,7 @@ def test_the_diagonal_optimum_is_the_minimum_of_its_criterion(seed):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_moment_starts_small_matrix_algebra_is_numpys(k):
-    from sparsemix.fit.pilot import _extreme_eigenvalues, _inverses
+    from sparsemix.fit.pilot import _extreme_eigenvalues, _inverses, _small_spd_solve
 
     rng = np.random.default_rng(k)
     A = rng.normal(size=(40, k, k))
@@ -560,3 +560,7 @@ def test_moment_starts_small_matrix_algebra_is_numpys(k):
     np.testing.assert_allclose(smallest, eigenvalues[:, 0], rtol=0, atol=1e-12 * np.abs(eigenvalues).max())
     np.testing.assert_allclose(largest, eigenvalues[:, -1], rtol=1e-13)
     np.testing.assert_allclose(_inverses(M[1:]), np.linalg.inv(M[1:]), rtol=1e-9)
+    b = rng.normal(size=k)
+    for A in M[1:]:
+        np.testing.assert_allclose(_small_spd_solve(A.tolist(), b.tolist()), np.linalg.solve(A, b), rtol=1e-8)
+    assert _small_spd_solve((-M[1]).tolist(), b.tolist()) is None  # not positive definite

@@ -376,22 +376,33 @@ def _diagonal_optimum(S, W, a, R, c, d, s) -> tuple[np.ndarray, float] | None:
 
 
 def _small_spd_solve(A: list, b: list) -> list | None:
-    """A^-1 b for a small symmetric positive definite A (lists), by its Cholesky factor; None where A is not."""
+    """A^-1 b for a symmetric positive definite A of order 1 to 3 (lists), by its Cholesky factor written out (a
+    loop over the entries cost 8 us a 3 x 3 solve, several a start); None where A is not positive definite."""
     n = len(b)
-    L = [[0.0] * n for _ in range(n)]
-    for j in range(n):
-        pivot = A[j][j] - sum(L[j][m] * L[j][m] for m in range(j))
-        if not pivot > 0:
-            return None
-        L[j][j] = math.sqrt(pivot)
-        for i in range(j + 1, n):
-            L[i][j] = (A[i][j] - sum(L[i][m] * L[j][m] for m in range(j))) / L[j][j]
-    z = [0.0] * n
-    for i in range(n):
-        z[i] = (b[i] - sum(L[i][m] * z[m] for m in range(i))) / L[i][i]
-    for i in reversed(range(n)):
-        z[i] = (z[i] - sum(L[m][i] * z[m] for m in range(i + 1, n))) / L[i][i]
-    return z
+    if not A[0][0] > 0:
+        return None
+    l11 = math.sqrt(A[0][0])
+    z1 = b[0] / l11
+    if n == 1:
+        return [z1 / l11]
+    l21 = A[1][0] / l11
+    pivot = A[1][1] - l21 * l21
+    if not pivot > 0:
+        return None
+    l22 = math.sqrt(pivot)
+    z2 = (b[1] - l21 * z1) / l22
+    if n == 2:
+        x2 = z2 / l22
+        return [(z1 - l21 * x2) / l11, x2]
+    l31 = A[2][0] / l11
+    l32 = (A[2][1] - l31 * l21) / l22
+    pivot = A[2][2] - l31 * l31 - l32 * l32
+    if not pivot > 0:
+        return None
+    l33 = math.sqrt(pivot)
+    x3 = (b[2] - l31 * z1 - l32 * z2) / l33 / l33
+    x2 = (z2 - l32 * x3) / l22
+    return [(z1 - l21 * x2 - l31 * x3) / l11, x2, x3]
 
 
 def _fixed_share(X: np.ndarray, codes: np.ndarray, V: np.ndarray, inverse: np.ndarray, usable: np.ndarray) -> float:
