@@ -53,10 +53,8 @@ SCHUR_MEMORY_FRACTION = 1 / 3
 SCHUR_ALONE_MIN_ORDER = 100
 SCHUR_ALONE_MIN_DENSITY = 0.1
 # ... or where that elimination links each of the block's columns to at least this many others on average: CHOLMOD's
-# own elimination of such a block fills it in, without BLAS. InstEval-like designs, simplicial trial against the
-# Schur form per factorization: links 89 (order 1,414) 89 against 19.5 ms, 168 (1,939) 576 against 184, 232
-# (2,908) 1,675 against 160 (the trial's two simplicial calls took 3.9 s of the first fit's 6.2); 23-32 (order
-# 700-950): 3.3-3.8 ms against ~15, left to the trial.
+# own elimination of such a block fills it in, without BLAS, and its simplicial trial alone can cost seconds
+# (docs/performance-scale.md, fifteenth session).
 SCHUR_ALONE_MIN_DEGREE = 64
 # Small systems can be held dense (DenseFactor: the first term eliminated level by level, the rest with X and y
 # one dense matrix of order at most DENSE_MAX_ORDER): there CHOLMOD's and scipy's fixed costs per call and the

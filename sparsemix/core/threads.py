@@ -75,7 +75,7 @@ def blas_libraries():
 
 class _one_thread:
     """One BLAS thread inside (a class, not a generator: a fit opens ~10 of these scopes, nested, and
-    contextmanager's generator cost 3 us of the 4 each took)."""
+    contextmanager's generator was most of each one's cost)."""
 
     __slots__ = ("_changed",)
 

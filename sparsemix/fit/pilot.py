@@ -292,7 +292,7 @@ def _diagonal_optimum(S, W, a, R, c, d, s) -> tuple[np.ndarray, float] | None:
     this is the criterion (ML over m, REML over m less the fixed share) with the covariance held diagonal: lme4's
     ||. A variance the steps take to zero stays there while its slope points outward (an active set: mlmRev's
     Early `(age || id)`, whose optimum has no age variance). None where the steps do not settle, or k is not 2. In
-    Python's floats, in closed form: numpy's calls on 2 x 2 matrices cost ~10 times the arithmetic."""
+    Python's floats, in closed form: numpy's calls on 2 x 2 matrices cost far more than the arithmetic."""
     if len(d) != 2:
         return None
     (s11, s12), (_, s22) = S.tolist()
@@ -377,7 +377,7 @@ def _diagonal_optimum(S, W, a, R, c, d, s) -> tuple[np.ndarray, float] | None:
 
 def _small_spd_solve(A: list, b: list) -> list | None:
     """A^-1 b for a symmetric positive definite A of order 1 to 3 (lists), by its Cholesky factor written out (a
-    loop over the entries cost 8 us a 3 x 3 solve, several a start); None where A is not positive definite."""
+    loop over the entries cost ten times as much, several times a start); None where A is not positive definite."""
     n = len(b)
     if not A[0][0] > 0:
         return None

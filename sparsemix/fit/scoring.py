@@ -38,9 +38,8 @@ SCORING_THETA_TOLERANCE = 1e-9
 SCORING_REFIT_TOLERANCE = 1e-6
 # ... or after a step shorter than this, taken with its deviance only (no score, whose inverse costs two
 # factorizations: 27 s of a MovieLens-sized fit's 4 points), which leaves a few percent of itself at most (the
-# steps converge superlinearly: on InstEval 2.9e-4, 1.3e-5, 1.4e-8), theta within ~2e-7 of the optimum and the
-# criterion within rounding (docs/performance-scale.md, fifteenth session). 1e-7 had kept theta to 1e-8 at the cost
-# of a scored point on most large fits; 1e-5 to 1e-8 with InstEval's 1.3e-5 step scored.
+# steps converge superlinearly): theta within ~2e-7 of the optimum, the criterion within rounding
+# (docs/performance-scale.md, tenth and fifteenth sessions).
 SCORING_LAST_STEP = 3e-5
 # A theta_j (a relative standard deviation) below this is heading for the boundary, where BOBYQA (bounded) and
 # the polish take over.

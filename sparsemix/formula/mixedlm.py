@@ -69,7 +69,7 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
 
 def _text_labels(values: pd.Series) -> list:
     """A text column's values as Python str: by Arrow's own conversion where pandas keeps them in Arrow (pandas 3's
-    `str` with pyarrow installed; Series.tolist goes through pandas' element access: ~3 times its cost)."""
+    `str` with pyarrow installed; Series.tolist goes through pandas' element access, at several times the cost)."""
     if getattr(values.dtype, "storage", None) == "pyarrow":
         import pyarrow  # (loaded: pandas holds this column in it)
 
@@ -466,7 +466,7 @@ def _plain_columns(infos, source: "FrameColumns") -> list | None:
                     block = (part[:, :, None] * block[:, None, :]).reshape(source.n_rows, -1)
                 matrix[:, start : start + subterm.num_columns] = block
                 start += subterm.num_columns
-        # patsy's DesignMatrix without its checks of a matrix made to `info` here (3.5 us a matrix, 0.3 as a view)
+        # patsy's DesignMatrix without its checks (of a matrix made to `info` here), as a view
         design = matrix.view(patsy.DesignMatrix)
         design.design_info = info
         out.append(design)
