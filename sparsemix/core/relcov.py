@@ -147,8 +147,8 @@ class RelativeCovariance:
                 return None
             if T is None:
                 out.append(np.ones(len(rows)))
-            elif np.array_equal(T, np.diag(np.diag(T))):
-                out.append(np.diag(T)[rows])
+            elif T.shape[0] == 1 or np.count_nonzero(T - np.diag(np.diagonal(T))) == 0:  # (1 x 1: a scaling)
+                out.append(np.diagonal(T)[rows])
             else:
                 return None
         return np.concatenate(out) if out else np.zeros(0)
