@@ -375,9 +375,9 @@ class PenalizedSystem:
         factors = self._write_values(self.relcov.factors(self.relcov.start()))
         candidates = [CholmodFactor(self._A, "simplicial")] if small else []
         timings = [_time_refactorization(candidates[0], self._A, factors)] if small else []
-        slopes = any(template.k > 1 for _, template in self.relcov.blocks)
+        slopes = not self.scalar_terms
         # the Schur form's derivative methods: the gradient with slopes, the scoring steps for variance components
-        scored = not slopes and not self.relcov.transformed
+        scored = self.scorable
         weight = CHOLMOD_WITHOUT_GRADIENT_WEIGHT if slopes or scored else 1.0
         schur = self._schur_candidate(timings[0] * weight if small else np.inf)
         if schur is not None:
@@ -896,10 +896,15 @@ class PenalizedSystem:
         return all(template.k == 1 for _, template in self.relcov.blocks)
 
     @property
+    def scorable(self) -> bool:
+        """Whether scoring.py's Newton steps apply in the Schur form: variance components of indicator columns only
+        (the traces are those of the data's columns)."""
+        return self.scalar_terms and not self.relcov.transformed
+
+    @property
     def supports_scoring(self) -> bool:
-        """Whether scoring.py's Newton steps apply: variance components, first term eliminated (Schur form).
-        Indicator columns only: the traces are those of the data's columns."""
-        return self.scalar_terms and not self.relcov.transformed and isinstance(self._factor, SchurFactor)
+        """Whether scoring.py's Newton steps apply: `scorable`, first term eliminated (Schur form)."""
+        return self.scorable and isinstance(self._factor, SchurFactor)
 
     def variance_traces(self, theta, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' (I + Z Lambda Lambda' Z')^{-1} Z_j) per term j at theta, for a variance-components model in

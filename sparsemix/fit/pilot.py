@@ -250,7 +250,8 @@ def moment_start(
     variances = np.diag(covariance)
     if not (sigma2 > 0 and np.all(variances > 0) and np.all(np.isfinite(covariance))):
         return None
-    if all(t.template.is_diagonal for t in terms):  # lme4's ||: the diagonal model's own optimum, not the diagonal
+    uncorrelated = all(t.template.is_diagonal for t in terms)  # lme4's || (its terms hold no correlation)
+    if uncorrelated:  # the diagonal model's own optimum, not the correlated estimate's diagonal
         found = _diagonal_optimum(
             between / divisor, sampling / sigma2, divisor, residual.sum(), (counts[usable] - k).sum(), variances, sigma2
         )
@@ -261,7 +262,7 @@ def moment_start(
     correlation = covariance / np.outer(scales, scales)
     smallest = 1.0 - abs(correlation[0, 1]) if k == 2 else np.linalg.eigvalsh(correlation)[0]
     # (lme4's ||: its terms hold no correlation, so none is too near +-1 for their start, the variances' diagonal)
-    if smallest < MOMENT_MIN_CORRELATION_EIGENVALUE and not all(t.template.is_diagonal for t in terms):
+    if smallest < MOMENT_MIN_CORRELATION_EIGENVALUE and not uncorrelated:
         if not floor_near_singular:
             return None
         eigenvalues, vectors = np.linalg.eigh(correlation)
