@@ -4,16 +4,18 @@
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import load_reference
 
 import sparsemix
 from sparsemix.core.cross_products import CrossProducts, assemble_Z
-from sparsemix.core.factor import SchurFactor
+from sparsemix.core.factor import DenseFactor, SchurFactor
 from sparsemix.core.relcov import RelativeCovariance
 from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.terms import CovarianceTemplate, RandomTerm
 from sparsemix.datasets import generate_insteval_like
-from sparsemix.fit.scoring import fit_by_scoring, scoring_point
+from sparsemix.fit.scoring import SCORING_MIN_THETA, fit_by_scoring, scoring_point
 from sparsemix.fit.stages import build_fit, build_system, optimize_system
 from sparsemix.lme4.design import build_design
 
@@ -79,6 +81,65 @@ def test_score_and_information_equal_the_dense_formulas(update, reml, weighted):
     np.testing.assert_allclose(point.score, score, rtol=1e-8, atol=1e-10 * np.abs(score).max())
     np.testing.assert_allclose(point.information, info, rtol=1e-8)
     assert point.deviance == pytest.approx(system.deviance(theta, reml), rel=1e-14)
+
+
+def _dense_eliminated_system(X, y, terms, weights=None):
+    """The system held dense with its first term eliminated level by level (what a larger design of scalar terms
+    takes: DENSE_WHOLE_MAX_ORDER)."""
+    rc = RelativeCovariance([(t.n_levels, t.template) for t in terms])
+    system = PenalizedSystem(CrossProducts.compute(X, y, assemble_Z(terms), weights=weights), rc, factorization="dense")
+    system._factor = DenseFactor(system.cross, rc, eliminate_first=True)
+    return system
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_system_held_dense_scores_as_the_dense_formulas(reml, weighted):
+    X, y, terms = _problem()
+    weights = np.random.default_rng(5).uniform(0.5, 2.0, y.shape[0]) if weighted else None
+    system = _dense_eliminated_system(X, y, terms, weights)
+    assert system.factorization_mode == "dense" and system._factor.q1 == SIZES[0]
+    assert system.supports_scoring and not system.single_precision_traces
+    theta = np.array([0.7, 1.1, 0.4])
+    traces, score, info = _dense(X, y, terms, theta, reml, weights)
+    with system.threads():
+        np.testing.assert_allclose(system.variance_traces(theta), traces, rtol=1e-9)
+        point = scoring_point(system, theta, reml, single=True)  # (no single precision here: the inverse is small)
+    assert not point.single
+    np.testing.assert_allclose(point.score, score, rtol=1e-8, atol=1e-10 * np.abs(score).max())
+    np.testing.assert_allclose(point.information, info, rtol=1e-8)
+    assert system.variance_traces(np.array([0.7, 0.0, 0.4])) is None  # divides by theta_j
+
+
+def test_crossed_components_held_dense_are_scored():
+    """mlmRev's ScotsSec (pupils of 148 primary schools in 19 secondary schools, unbalanced): the primary schools
+    eliminated, the rest held dense. L-BFGS-B with the exact gradient took 16 evaluations; the scoring steps 8, to
+    the same optimum (lme4's: test_boundary)."""
+    entry = load_reference("random_slopes")["ScotsSec"]
+    data = pd.DataFrame(entry["data"])
+    for ref in entry["fits"]:
+        m = sparsemix.lmer(ref["formula"], data, reml=ref["reml"])
+        assert m.fit_result.system.factorization_mode == "dense"
+        assert m.fit_result.optimization.method == "scoring"
+        assert m.n_evaluations <= 8
+        assert m.llf >= ref["logLik"] - 1e-9 * abs(ref["logLik"])
+        np.testing.assert_allclose(m.theta, ref["theta"], rtol=1e-4)
+
+
+def test_a_variance_heading_for_zero_ends_the_steps_at_once():
+    """A small theta_j that a full step would take below SCORING_MIN_THETA: the steps stop there (they used to creep
+    down a factor at a time, 6-7 points), and the optimizers with bounds reach the boundary optimum."""
+    X, y, terms = _problem(sds=(0.8, 1.2, 0.0), seed=0)  # c's variance is estimated at 0 (a boundary fit)
+    system = _dense_eliminated_system(X, y, terms)
+    start = np.array([0.8, 1.2, 0.05])
+    with system.threads():
+        gave_up, best, used = fit_by_scoring(system, start, True)
+    assert gave_up is None and used <= 2
+    assert system.deviance(best, True) <= system.deviance(start, True)
+    opt = optimize_system(system, start_theta=start)
+    reference = optimize_system(system, method="bobyqa")
+    assert opt.deviance <= reference.deviance + 1e-12 * abs(reference.deviance)
+    assert opt.theta[2] < SCORING_MIN_THETA and reference.theta[2] < 1e-4
 
 
 @pytest.mark.parametrize("update", ["pairs", "kernel", "dense"])

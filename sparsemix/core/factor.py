@@ -253,6 +253,34 @@ class DenseFactor:
     def solve(self, B):
         return self.half_solve_t(self.half_solve(B))
 
+    @property
+    def scorable(self) -> bool:
+        """Whether variance_traces applies: a scalar first term eliminated, and scalar terms after it."""
+        return self.q1 > 0 and self.q2 > 0 and self.k1 == 1 and self._rest_scalar
+
+    def variance_traces(self, factors, single: bool = False) -> np.ndarray | None:
+        """SchurFactor.variance_traces for this layout, whose S begins with the Schur complement of the terms after
+        the first (its factor L22: LS's first q2 rows and columns, small enough to invert in double precision:
+        `single` is not needed). None where it does not apply or a theta_j after the first is zero."""
+        if not self.scorable:
+            return None
+        lam_terms = np.array([T[0, 0] for T in factors[1:]])
+        if np.any(lam_terms == 0.0):
+            return None
+        q2 = self.q2
+        L22_inverse, info = lapack.dtrtri(self.LS[:q2, :q2], lower=1)
+        if info != 0:
+            return None
+        m = self.L11[:, 0, 0] ** 2  # K11_l = 1 + theta_1^2 G_ll
+        scales = lam_terms[self._column_term[:q2]]  # Lambda_2's diagonal
+        # tr(S^{-1} Lambda_2 G diag(1 / m^2) G' Lambda_2) = |L22^{-1} Lambda_2 G diag(1 / m)|_F^2, G = (Z'Z)_21
+        level_trace = float(np.sum((L22_inverse @ (self.G1R[:, 0, :q2].T * scales[:, None] / m[None, :])) ** 2))
+        first = float(np.sum(self._g11 / m)) - level_trace
+        inverse_diagonal = np.einsum("ij,ij->j", L22_inverse, L22_inverse)  # diag(S^{-1}) = column norms of L22^{-1}
+        sizes = np.array([sl.stop - sl.start for sl in self.rest_slices])
+        rest = (sizes - np.add.reduceat(inverse_diagonal, np.cumsum(sizes) - sizes)) / lam_terms**2
+        return np.concatenate([[first], rest])
+
 
 def right_multiply_rest(M: np.ndarray, templates, ks, slices) -> np.ndarray:
     """M (..., columns) times blockdiag(Lambda_2, I) on the right: the terms after the first, their templates

@@ -903,8 +903,17 @@ class PenalizedSystem:
 
     @property
     def supports_scoring(self) -> bool:
-        """Whether scoring.py's Newton steps apply: `scorable`, first term eliminated (Schur form)."""
-        return self.scorable and isinstance(self._factor, SchurFactor)
+        """Whether scoring.py's Newton steps apply: `scorable`, first term eliminated (the Schur form, or held dense
+        with a scalar first term eliminated and terms after it)."""
+        factor = self._factor
+        return self.scorable and (
+            isinstance(factor, SchurFactor) or (isinstance(factor, DenseFactor) and factor.scorable)
+        )
+
+    @property
+    def single_precision_traces(self) -> bool:
+        """Whether variance_traces offers single precision (the Schur form's large inverse; not a small dense one)."""
+        return isinstance(self._factor, SchurFactor)
 
     def variance_traces(self, theta, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' (I + Z Lambda Lambda' Z')^{-1} Z_j) per term j at theta, for a variance-components model in

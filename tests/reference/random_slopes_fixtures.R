@@ -1,4 +1,4 @@
-# lme4 reference fits of random-slope models on published data sets, for the optimizer's tests (the optimum
+# lme4 reference fits of random-slope (and a few variance-components) models on published data sets, for the optimizer's tests (the optimum
 # on the boundary, correlated slopes up to 3 x 3, covariates far from zero).
 #
 # Usage: setarch -R Rscript random_slopes_fixtures.R [OUT_DIR]
@@ -94,6 +94,11 @@ sets <- list(
        fits = list(c("loblolly_ml", "height ~ age + I(age^2) + (age | Seed)", FALSE))),
   list(dataset = "mlmRev::Gcsemv", data = plain(na.omit(Gcsemv[, c("written", "gender", "school")])),
        fits = list(c("gcsemv_reml", "written ~ gender + (gender | school)", TRUE))),
+  # Crossed variance components on an unbalanced design (pupils of 148 primary schools in 19 secondary schools),
+  # held dense with the primary schools eliminated (issue 16, sixteenth session)
+  list(dataset = "mlmRev::ScotsSec", data = plain(ScotsSec[, c("attain", "verbal", "sex", "primary", "second")]),
+       fits = list(c("scotssec_reml", "attain ~ verbal + sex + (1 | primary) + (1 | second)", TRUE),
+                   c("scotssec_ml", "attain ~ verbal + sex + (1 | primary) + (1 | second)", FALSE))),
   list(dataset = "simulated::subjects_items", data = subjects_items(30, 20),
        fits = list(c("maximal_reml", "rt ~ cond + (cond | subj) + (cond | item)", TRUE),
                    c("maximal_ml", "rt ~ cond + (cond | subj) + (cond | item)", FALSE)))

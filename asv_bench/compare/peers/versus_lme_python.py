@@ -9,7 +9,7 @@ slows both about equally. Over --rounds rounds the table keeps each library's lo
 median of the rounds' ratios of medians.
 
     python asv_bench/compare/peers/versus_lme_python.py --peer-python /tmp/peers/bin/python [--reps 15] [--rounds 4]
-        [--record]
+        [--record] [--only NAME ...]
 
 --record writes the rows into ../recorded.json's "peers" section, which docs/performance.md shows (compare.py);
 its prose note is written by hand (date, commit, what the run says).
@@ -106,16 +106,17 @@ class Worker:
         self.process.wait()
 
 
-def paired_rounds(peer_python, reps, rounds):
+def paired_rounds(peer_python, reps, rounds, only=()):
     """{model: ([ours per round], [peer's per round])}: each a [median ms, log-likelihood] of `reps` fits taken in
-    turn with the other library's, or the peer's refusal."""
+    turn with the other library's, or the peer's refusal; `only`: the models whose names contain one of these."""
     workers = [Worker(sys.executable, "sparsemix"), Worker(peer_python, "lme_python")]
     names = [name for name, *_ in reference_models()]
     assert all(w.n_models == len(names) for w in workers)
-    out: dict = {name: ([], []) for name in names}
+    chosen = [(i, name) for i, name in enumerate(names) if not only or any(o in name for o in only)]
+    out: dict = {name: ([], []) for _, name in chosen}
     try:
         for r in range(rounds):
-            for i, name in enumerate(names):
+            for i, name in chosen:
                 first = (r + i) % 2
                 order = (first, 1 - first)
                 # one untimed fit each (it builds what later ones reuse; a refusal is recorded, not timed)
@@ -186,13 +187,14 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--record", action="store_true", help="write the rows into recorded.json")
+    ap.add_argument("--only", nargs="*", default=(), help="time only the models whose names contain one of these")
     ap.add_argument("--worker", choices=["sparsemix", "lme_python"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker)
-    runs = paired_rounds(args.peer_python, args.reps, args.rounds)
+    runs = paired_rounds(args.peer_python, args.reps, args.rounds, args.only)
     print(table(runs))
-    if args.record:
+    if args.record and not args.only:
         record(runs)
 
 
