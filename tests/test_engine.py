@@ -845,8 +845,9 @@ def test_a_pattern_keeps_the_factorization_measured_for_it(monkeypatch):
     from sparsemix.fit.stages import build_system
 
     rng = np.random.default_rng(5)
-    terms = _crossed_terms(600, 80, 3000, seed=5)  # (80 columns after the first term: not held dense, timed)
-    X, y = np.ones((3000, 1)), rng.normal(size=3000)
+    # 80 columns after the first term (below the untimed Schur form's order) and 50 fixed effects: not held dense
+    terms = _crossed_terms(600, 80, 3000, seed=5)
+    X, y = np.column_stack([np.ones(3000), rng.normal(size=(3000, 49))]), rng.normal(size=3000)
     monkeypatch.setattr(system_module, "_CHOSEN_MODES", {})
     modes = []
     for simplicial_time in (1.0, 1e-9):  # first simplicial loses every race, then it would win every one
@@ -883,21 +884,31 @@ def test_hstack_csc_equals_scipys_hstack():
         np.testing.assert_array_equal(got.data, expected.data)
 
 
-def test_least_squares_from_householder_qr_matches_lstsq():
-    """CrossProducts' least-squares shift (LAPACK's QR, Q applied by its reflectors) solves as numpy's lstsq does,
-    for one response or several, on columns of very different scales; a rank-deficient X goes to lstsq."""
+def test_least_squares_by_normal_equations_or_qr_matches_lstsq():
+    """CrossProducts' least-squares shift solves as numpy's lstsq does, for one response or several: by X'X's
+    Cholesky factor where X is well conditioned (columns of very different scales included), by LAPACK's QR (Q
+    applied by its reflectors) where two columns nearly coincide, and by lstsq itself where X is rank deficient."""
     from sparsemix.core.cross_products import _least_squares
 
     rng = np.random.default_rng(8)
-    for n, p, r in [(144, 1, 1), (102, 3, 2), (4_059, 5, 1), (30, 7, 3)]:
+    for n, p, r in [(144, 1, 1), (102, 3, 2), (4_059, 5, 1), (30, 7, 3), (4_000, 81, 2)]:
         X = rng.normal(size=(n, p)) * 10.0 ** rng.uniform(-3, 3, size=p)
         Y = rng.normal(size=(n, r))
         expected = np.linalg.lstsq(X, Y, rcond=None)[0]
-        np.testing.assert_allclose(_least_squares(X)(Y), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+        solve = _least_squares(X, X.T @ X)
+        assert solve.__name__ == "normal_equations"
+        np.testing.assert_allclose(solve(Y), expected, rtol=1e-10, atol=1e-12 * np.abs(expected).max())
+    X = rng.normal(size=(200, 3))
+    X[:, 2] = X[:, 0] + 1e-6 * rng.normal(size=200)  # condition number ~1e6: the normal equations would lose digits
+    Y = rng.normal(size=(200, 2))
+    solve = _least_squares(X, X.T @ X)
+    assert solve.__name__ == "solve"
+    np.testing.assert_allclose(solve(Y), np.linalg.lstsq(X, Y, rcond=None)[0], rtol=1e-8)
     X = rng.normal(size=(50, 2))
     X = np.column_stack([X, X[:, 0] + X[:, 1]])  # rank 2 of 3
     Y = rng.normal(size=(50, 1))
-    np.testing.assert_allclose(_least_squares(X)(Y), np.linalg.lstsq(X, Y, rcond=None)[0], rtol=1e-10, atol=1e-12)
+    expected = np.linalg.lstsq(X, Y, rcond=None)[0]
+    np.testing.assert_allclose(_least_squares(X, X.T @ X)(Y), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_level_rows_of_a_scalar_first_term_read_csc_order():

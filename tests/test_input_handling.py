@@ -88,6 +88,27 @@ def test_rank_deficient_fixed_effects_drop_the_aliased_column(frame):
     np.testing.assert_allclose(fit.fe_params, reference.fe_params, rtol=1e-7)
 
 
+@pytest.mark.parametrize("offset, dropped", [(0.0, True), (1e-9, True), (1e-6, False), (1e-3, False)])
+def test_a_column_is_aliased_by_its_residual_however_it_is_decided(offset, dropped):
+    """lme4's rule (a residual on the earlier columns below 1e-7 of the column's norm) decides the same whether the
+    Gram matrix's Cholesky factor settles it (every residual far above the rule) or X's QR and Gram-Schmidt do."""
+    from sparsemix.formula.design_rules import drop_aliased
+
+    rng = np.random.default_rng(3)
+    X = np.column_stack([np.ones(500), rng.normal(size=(500, 3))])
+    last = X[:, 1] + 0.5 * X[:, 2]
+    direction = rng.normal(size=500)
+    direction -= X[:, :3] @ np.linalg.lstsq(X[:, :3], direction, rcond=None)[0]  # off the earlier columns
+    last = last + offset * np.linalg.norm(last) * direction / np.linalg.norm(direction)
+    X = np.column_stack([X, last])
+    names = ["(Intercept)", "a", "b", "c", "d"]
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        kept, names_dropped = drop_aliased(X, names)
+    assert kept == ([0, 1, 2, 3] if dropped else [0, 1, 2, 3, 4])
+    assert names_dropped == (["d"] if dropped else [])
+
+
 def test_perfectly_collinear_random_slopes_give_a_singular_fit(frame):
     d = frame.assign(x2=3 * frame.x)
     with pytest.warns(SingularFitWarning):

@@ -117,10 +117,10 @@ class CrossProducts:
         Xw, Zw, _ = _weighted(np.asarray(X, dtype=float), Z, weights)
         Yw = np.asarray(Y, dtype=float)
         Yw = Yw if weights is None else Yw * np.sqrt(np.asarray(weights, dtype=float))[:, None]
-        return _shifted_sums(Xw, sp.csr_matrix(Zw.T), Yw, self.p)
+        return _shifted_sums(Xw, sp.csr_matrix(Zw.T), Yw, self.XtX)
 
     def _with_weighted_response(self, X, Zt, y) -> "CrossProducts":
-        Zty, Xty, yty, beta_ols = _shifted_sums(X, Zt, y[:, None], self.p)
+        Zty, Xty, yty, beta_ols = _shifted_sums(X, Zt, y[:, None], self.XtX)
         return replace(self, Zty=Zty[:, 0], Xty=Xty[:, 0], yty=float(yty[0]), beta_ols=beta_ols[:, 0])
 
 
@@ -233,25 +233,46 @@ def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matr
     return sp.csc_matrix((data, indices, indptr.astype(index_dtype)), shape=(Z.shape[1], Z.shape[1]))
 
 
-def _shifted_sums(X, Zt, Y, p):
-    """Z'r, X'r, r'r and beta_ols for the residuals r = Y - X beta_ols of each column of Y from least squares on X."""
+def _shifted_sums(X, Zt, Y, XtX):
+    """Z'r, X'r, r'r and beta_ols for the residuals r = Y - X beta_ols of each column of Y from least squares on X
+    (XtX: X'X)."""
+    p = XtX.shape[0]
     beta_ols = np.zeros((p, Y.shape[1]))
     r = Y
-    solve = _least_squares(X) if p else None
+    solve = _least_squares(X, XtX) if p else None
     for _ in range(2 if p else 0):  # a second pass removes what rounding left of X's span in r
         beta_ols = beta_ols + solve(r)
         r = Y - X @ beta_ols
     return np.asarray(Zt @ r), X.T @ r, np.einsum("ij,ij->j", r, r), beta_ols
 
 
-def _least_squares(X):
-    """b -> the least-squares solution of X beta = b: from one QR of X, used for both passes (numpy's lstsq, an SVD
-    each time, took 0.25 ms of a 7,000-row system's 1.9 ms), or lstsq's where X is (nearly) rank deficient. LAPACK's
-    Householder QR as it is, Q applied by its reflectors (numpy's qr also forms Q: 15 of a small model's 30 us)."""
+# The least-squares shift comes from X'X's Cholesky factor where X's columns, scaled to unit length, keep at least
+# this much of their length off the columns before them (a condition number within ~1e4: the second pass leaves
+# (eps cond^2)^2 of X's span in the residual); otherwise from X's QR.
+GRAM_LEAST_SQUARES_MIN_RESIDUAL = 1e-4
+
+
+def _least_squares(X, XtX):
+    """b -> the least-squares solution of X beta = b (X'X = XtX), used for both passes: by the normal equations where
+    X is well conditioned (GRAM_LEAST_SQUARES_MIN_RESIDUAL: X'X is at hand, and a QR of a tall X costs several of its
+    products), else from one QR of X (numpy's lstsq, an SVD each time, took 0.25 ms of a 7,000-row system's 1.9 ms),
+    or lstsq's where X is (nearly) rank deficient. LAPACK's Householder QR as it is, Q applied by its reflectors
+    (numpy's qr also forms Q: 15 of a small model's 30 us)."""
     by_svd = lambda b: np.linalg.lstsq(X, b, rcond=None)[0]  # noqa: E731
     n, p = X.shape
     if n < p:
         return by_svd
+    scale = np.sqrt(np.diagonal(XtX))
+    if np.all(scale > 0):
+        # the Cholesky factor of the columns' correlations: its diagonal holds each column's residual on those before
+        upper, info = lapack.dpotrf(XtX / np.outer(scale, scale))
+        if info == 0 and np.min(np.diagonal(upper)) > GRAM_LEAST_SQUARES_MIN_RESIDUAL:
+
+            def normal_equations(b):
+                solved, _ = lapack.dpotrs(upper, (X.T @ b) / scale[:, None])
+                return solved / scale[:, None]
+
+            return normal_equations
     reflectors, tau, _, info = lapack.dgeqrf(X)
     R = reflectors[:p]  # (its upper triangle: trtrs reads no other)
     diagonal = np.abs(np.diagonal(R))

@@ -63,9 +63,10 @@ class CholmodFactor:
         return self._f.solve_A(B)
 
 
-# DenseFactor forms [Z X y]'[Z X y] whole up to this many entries (8 MB); above, only the blocks it keeps: the whole
-# matrix grows with the square of the first term's levels, which the factor's own work does not.
-DENSE_AUGMENTED_MAX_ENTRIES = 1_000_000
+# DenseFactor forms [Z X y]'[Z X y] whole up to this many entries (720 KB); above, only the blocks it keeps: the whole
+# matrix grows with the square of the first term's levels, which the factor's own work does not, and out of the cache
+# it costs more than the blocks' sparse slicing (docs/performance-scale.md, sixteenth session).
+DENSE_AUGMENTED_MAX_ENTRIES = 90_000
 
 
 def _augmented(cross, ZtZ_rows: np.ndarray, first: int) -> np.ndarray:

@@ -59,13 +59,16 @@ SCHUR_ALONE_MIN_DEGREE = 64
 # Small systems can be held dense (DenseFactor: the first term eliminated level by level, the rest with X and y
 # one dense matrix of order at most DENSE_MAX_ORDER): there CHOLMOD's and scipy's fixed costs per call and the
 # block-pair loop outweigh the arithmetic (sleepstudy: 41 against 91 us an evaluation), and the exact gradient
-# (core/gradient.py) is available. Chosen by default; factorization="dense" forces it. The crossed seed design
-# (order 102) keeps the Schur form and its Newton steps. Up to DENSE_MAX_Q columns, except a lone term eliminated
-# level by level, whose work grows with its levels (a growth curve of 2,410 schools, mlmRev's Chem97: 5 Newton steps
-# with the exact Hessian in 28 ms, where CHOLMOD with BOBYQA took 56 evaluations and 52 ms).
+# (core/gradient.py) is available. Chosen by default; factorization="dense" forces it. Up to DENSE_MAX_Q columns,
+# except a lone term eliminated level by level, whose work grows with its levels (a growth curve of 2,410 schools,
+# mlmRev's Chem97: 5 Newton steps with the exact Hessian in 28 ms, where CHOLMOD with BOBYQA took 56 evaluations).
 DENSE_BY_DEFAULT = True
 DENSE_MAX_Q = 1000
 DENSE_MAX_ORDER = 64
+# ... and up to this order where every term is scalar (variance components, a random intercept beside many fixed
+# effects): scored (fit/scoring.py) or with the exact Hessian, quicker there than the Schur form's scoring or CHOLMOD's
+# BOBYQA; from ~150 the Schur form is as quick (docs/performance-scale.md, sixteenth session).
+DENSE_SCALAR_REST_MAX_ORDER = 128
 # Several terms are held whole (nothing eliminated) up to this order, and crossed ones with slopes
 # (`densely_linked`) up to DENSE_WHOLE_CROSSED_MAX_ORDER: there the exact Hessian applies (ProfiledGradient.
 # compact_hessian) and Newton steps with it take a quarter to a sixth of L-BFGS-B's evaluations on the eliminated
@@ -418,7 +421,8 @@ class PenalizedSystem:
         eliminate = (compiled or order > whole) and schur_applicable(self.cross.ZtZ, q1, k1)
         q1 = q1 if eliminate else 0
         too_many = rc.q > DENSE_MAX_Q and q1 < rc.q
-        if not forced and (too_many or rc.q - q1 + self.cross.p + 1 > (DENSE_MAX_ORDER if q1 else whole)):
+        rest = DENSE_SCALAR_REST_MAX_ORDER if self.scalar_terms else DENSE_MAX_ORDER
+        if not forced and (too_many or rc.q - q1 + self.cross.p + 1 > (rest if q1 else whole)):
             return None
         return DenseFactor(self.cross, rc, eliminate)
 

@@ -326,11 +326,14 @@ def batched_applies(system: PenalizedSystem, method: str = DEFAULT_OPTIMIZER) ->
     """Whether fit_responses serves this system: held dense (small), with the default optimizer (a user's choice
     of another one is kept: those responses go through the one-response pipeline). A lone term held dense with
     more than DENSE_MAX_Q columns is refitted response by response: a pass's arrays grow with its levels times
-    ROWS_PER_PASS responses."""
+    ROWS_PER_PASS responses. Nor lme4's `(x || g)` held dense with its first term eliminated: the fit optimizes its
+    merged term (pipeline.optimized_system), which the one-response pipeline refits in a fraction of the batched
+    steps' time on the split terms (mlmRev's Early: a fifth)."""
     return (
         system.factorization_mode == "dense"
         and system.relcov.q <= DENSE_MAX_Q
         and method in (DEFAULT_OPTIMIZER, GRADIENT_METHOD)
+        and (not system.diagonal_runs or system.supports_hessian)
     )
 
 

@@ -461,8 +461,8 @@ def _plain_columns(infos, source: "FrameColumns") -> list | None:
                         parts.append(subterm.contrast_matrices[factor].matrix[col])  # (n, columns of the factor)
                     else:
                         parts.append(col[:, None])
-                block = np.ones((source.n_rows, 1))
-                for part in parts:  # the first factor's columns vary fastest: R's order, and patsy's
+                block = parts[0] if parts else np.ones((source.n_rows, 1))
+                for part in parts[1:]:  # the first factor's columns vary fastest: R's order, and patsy's
                     block = (part[:, :, None] * block[:, None, :]).reshape(source.n_rows, -1)
                 matrix[:, start : start + subterm.num_columns] = block
                 start += subterm.num_columns
