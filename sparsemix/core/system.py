@@ -14,6 +14,7 @@ T_t' (Z'Z)_{ab} T_s, with (Z'Z)_{ab} the dense k_t x k_s block of the cross-prod
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -126,6 +127,21 @@ def profiled_deviance_value(logdet_L2, logdet_RX2, r2, nu: int, sum_log_weights:
     nu = n (ML) or n - p (REML) degrees of freedom."""
     dev = logdet_L2 + nu * (1.0 + LOG_2PI + np.log(r2 / nu)) - sum_log_weights
     return dev + logdet_RX2 if reml else dev
+
+
+def rx_transpose_solve(RX: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """R_X^{-T} B for the upper triangular R_X: LAPACK's trtrs as it is (scipy's solve_triangular checks and
+    converts its arguments, several times the solve's own cost at these sizes)."""
+    X, info = lapack.dtrtrs(RX, B, lower=0, trans=1)
+    if info != 0:
+        raise RankDeficientError("the fixed effects are not estimable at this theta (R_X is singular)")
+    return X
+
+
+@functools.lru_cache(maxsize=16)
+def lower_pairs(k: int) -> tuple[tuple[int, int], ...]:
+    """The (a, b), a >= b, of a k x k matrix's lower triangle in np.tril_indices' order (a tuple, computed once)."""
+    return tuple(zip(*(index.tolist() for index in np.tril_indices(k))))
 
 
 @dataclass(frozen=True)
@@ -686,7 +702,9 @@ class PenalizedSystem:
             return None
         return 2.0 * (full[1:, 1:] - np.outer(full[1:, 0], full[0, 1:]) / full[0, 0])
 
-    def average_information(self, ev: Evaluation, beta: np.ndarray, u: np.ndarray, reml: bool) -> np.ndarray:
+    def average_information(
+        self, ev: Evaluation, beta: np.ndarray, u: np.ndarray, reml: bool, Zte: np.ndarray | None = None
+    ) -> np.ndarray:
         """sigma^4 times the average information (Gilmour, Thompson & Cullis 1995) of the (RE)ML log-likelihood in
         psi: sigma^2, then each term's covariance entries (a, b), a >= b (np.tril_indices order), in the system's
         columns, at the evaluation `ev` (the factor's last) with its modes (beta, u); free of sigma's scale (AI
@@ -696,18 +714,19 @@ class PenalizedSystem:
 
         (e = y - X beta - Z b, E_ab the symmetric indicator of entry (a, b) at every level). Each w = V_a P y is
         known by its cross-products Z'w, X'w and Gram matrix, and w_a'P w_b is the penalized residual sum of
-        squares of the fit to them: one half solve per entry of psi."""
+        squares of the fit to them: one half solve per entry of psi. `Zte`: Z'e, where the caller has it."""
         c, rc = self.cross, self.relcov
         factors = ev.factors
         b = rc.apply(factors, u)
-        Zte = c.residual_products(beta, b)  # Z'e
+        if Zte is None:
+            Zte = c.residual_products(beta, b)  # Z'e
         ee = ev.r2 - u @ u  # e'e
         sigma2 = ev.r2 / self.dof(reml)
         columns = []  # per psi entry after sigma^2: E_ab Z_t'e, placed in term t's columns
         for (n, template), sl in zip(rc.blocks, rc.column_slices):
             k = template.k
             v = Zte[sl].reshape(n, k)
-            for a, bb in zip(*np.tril_indices(k)):
+            for a, bb in lower_pairs(k):
                 block = np.zeros((n, k))
                 block[:, a] = v[:, bb]
                 block[:, bb] = v[:, a]
@@ -726,7 +745,7 @@ class PenalizedSystem:
         quad = gram - Cu.T @ Cu
         if reml and c.p:
             Xw = np.column_stack([c.Xty - c.XtX @ beta - c.ZtX.T @ b, c.ZtX.T @ Vj])
-            Cb = la.solve_triangular(ev.RX, Xw - ev.RZX.T @ Cu, trans="T", lower=False)
+            Cb = rx_transpose_solve(ev.RX, Xw - ev.RZX.T @ Cu)
             quad -= Cb.T @ Cb
         return 0.5 * quad / sigma2
 

@@ -25,8 +25,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg as la
+from scipy.linalg import lapack
 
+from ..core.system import rx_transpose_solve
 from .optimize import OptimizationResult, secant_update
 
 __all__ = ["ScoringPoint", "scoring_point", "fit_by_scoring"]
@@ -51,6 +52,8 @@ SCORING_MAX_HALVINGS = 5
 # At most this change of log psi per step (a factor e^2 = 7.4): from lme4's start theta = 1 the first full AI step
 # took a theta of 0.13 to 6e-11 (the deviance did fall, but the start was far outside the quadratic region).
 SCORING_MAX_LOG_STEP = 2.0
+# A variance that the step grows by more than that grows by psi's own Newton step, at most a factor e^4 = 55 (_bounded).
+SCORING_MAX_LINEAR_GROWTH = 4.0
 # The secant correction follows full steps that moved theta by less than this, relative.
 SECANT_MAX_STEP = 0.1
 # Far from the optimum the score's traces are computed in single precision (a potri at half the cost): at the
@@ -107,17 +110,17 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
     trace_ZPZ = traces.copy()
     if reml and p:
         C = system.half_solve_t(ev.RZX)  # K^{-1} Lambda' Z'X
-        CR = la.solve_triangular(ev.RX, C.T, trans="T", lower=False).T  # C R_X^{-1}
+        CR = rx_transpose_solve(ev.RX, C.T).T  # C R_X^{-1}
         trace_P -= p - float(np.sum(CR**2))
         T = c.ZtX - c.ZtZ @ (lam[:, None] * C)  # Z'V^{-1}X
-        TR = la.solve_triangular(ev.RX, T.T, trans="T", lower=False).T
+        TR = rx_transpose_solve(ev.RX, T.T).T
         trace_ZPZ -= np.add.reduceat(np.sum(TR**2, axis=1), starts)
     v2 = np.add.reduceat(Zte**2, starts)  # |Z_j'e|^2
     score = -0.5 * np.concatenate([[trace_P / sigma2 - ee / sigma2**2], trace_ZPZ / sigma2 - v2 / sigma2**2])
 
     # the average information in psi (one covariance entry per scalar term), w_a' P w_b / 2 for w_0 = P y, w_j = Z_j
     # Z_j' P y (PenalizedSystem.average_information gives it times sigma^4)
-    information = system.average_information(ev, beta, u, reml) / sigma2**2
+    information = system.average_information(ev, beta, u, reml, Zte) / sigma2**2
     psi = sigma2 * np.concatenate([[1.0], theta**2])
     return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, score, information, single)
 
@@ -152,9 +155,9 @@ def fit_by_scoring(
     while count < maxiter:
         D = point.psi
         hessian = _secant_corrected(point, previous)
-        try:
-            log_step = la.solve(D[:, None] * hessian * D[None, :], D * point.score, assume_a="pos")
-        except (la.LinAlgError, ValueError):
+        # (LAPACK's posv as it is, which reads the upper triangle as scipy's solve(assume_a="pos") did)
+        _, log_step, info = lapack.dposv(D[:, None] * hessian * D[None, :], D * point.score)
+        if info != 0:
             return None, point.theta, count
         if not np.all(np.isfinite(log_step)):
             return None, point.theta, count
@@ -178,9 +181,7 @@ def fit_by_scoring(
             return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
         if _to_boundary(point, log_step):
             return None, point.theta, count
-        longest = np.max(np.abs(log_step))
-        if longest > SCORING_MAX_LOG_STEP:  # far from the optimum the quadratic model is not to be trusted
-            log_step = log_step * (SCORING_MAX_LOG_STEP / longest)
+        log_step = _bounded(log_step)
         accepted, full_step = None, True
         for _ in range(SCORING_MAX_HALVINGS):
             psi = D * np.exp(log_step)
@@ -206,6 +207,23 @@ def fit_by_scoring(
         if progress is not None:
             progress(count, point.deviance, time.perf_counter() - t0)
     return None, point.theta, count
+
+
+def _bounded(log_step: np.ndarray) -> np.ndarray:
+    """The Newton step in log psi as taken: cut to SCORING_MAX_LOG_STEP (all entries in proportion), except where it
+    would grow a variance by more than that, which takes the Newton step in psi itself instead (log(1 + l), up to
+    SCORING_MAX_LINEAR_GROWTH): from a variance started near zero the log-psi model asks for far too much (mlmRev's
+    ScotsSec, secondary schools started at theta 0.01: a step of 34, where psi's own step, 35-fold, lands at the
+    optimum's 0.058), and cut in proportion it also held the other entries back (two such steps, 8 points where it now
+    takes 6)."""
+    grows = log_step > SCORING_MAX_LOG_STEP
+    rest = np.where(grows, 0.0, log_step)
+    longest = np.max(np.abs(rest))
+    if longest > SCORING_MAX_LOG_STEP:  # far from the optimum the quadratic model is not to be trusted
+        rest = rest * (SCORING_MAX_LOG_STEP / longest)
+    if not grows.any():
+        return rest
+    return np.where(grows, np.minimum(np.log1p(np.where(grows, log_step, 0.0)), SCORING_MAX_LINEAR_GROWTH), rest)
 
 
 def _to_boundary(point: ScoringPoint, log_step: np.ndarray) -> bool:
