@@ -58,15 +58,19 @@ def test_syntax_errors_point_at_the_token(formula, message, column):
     assert lines[-1].index("^") - 4 == column
 
 
-@pytest.mark.parametrize("n", [1, 30, 300, 301, 999, 1000, 3000])
-def test_sorted_codes_of_text_are_numpys_unique_at_every_length(n):
-    """Text is factorized in Python (short columns), as Python objects or by Arrow (long ones): every path gives
-    np.unique's sorted levels and inverse, code-point order included (accents, case, digits, the empty string)."""
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("n", [1, 30, 400, 401, 999, 1000, 3000])
+def test_sorted_codes_of_text_are_numpys_unique_at_every_length(n, chunked):
+    """Text is factorized in Python (short columns) or by Arrow's dictionary encoding (long ones, in one chunk or
+    several): every path gives np.unique's sorted levels and inverse, code-point order included (accents, case,
+    digits, the empty string)."""
     from sparsemix.formula.mixedlm import sorted_codes
 
     rng = np.random.default_rng(n)
-    alphabet = np.array(["b", "B", "a", "é", "e", "10", "9", "", "zz", "Ä", "a b"])
+    alphabet = np.array(["b", "B", "a", "é", "e", "10", "9", "", "zz", "Ä", "a b", "日本"])
     values = pd.Series(alphabet[rng.integers(0, alphabet.size, n)]).astype("str")
+    if chunked:  # (pandas keeps a concatenation's Arrow chunks)
+        values = pd.concat([values[: n // 2], values[n // 2 :]], ignore_index=True)
     codes, levels = sorted_codes(values)
     expected_levels, expected_codes = np.unique(values.to_numpy(dtype=object), return_inverse=True)
     assert list(levels) == list(expected_levels)

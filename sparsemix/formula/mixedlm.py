@@ -59,12 +59,36 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
         levels = sorted(set(labels))
         position = {label: i for i, label in enumerate(levels)}.__getitem__
         return np.fromiter(map(position, labels), dtype=np.int64, count=len(labels)), np.array(levels, dtype=object)
+    if isinstance(values, pd.Series) and values.dtype == "str" and getattr(values.dtype, "storage", None) == "pyarrow":
+        found = _arrow_sorted_codes(values)
+        if found is not None:
+            return found
     if isinstance(values, pd.Series) and (len(values) >= ARROW_FACTORIZE_MIN_ROWS or values.dtype != "str"):
         codes, levels = pd.factorize(values, sort=True)
     else:  # numpy's arrays, and short text columns: Arrow's factorize has a fixed cost (sleepstudy: 266 us, 33 here)
         plain = values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values)
         codes, levels = pd.factorize(plain, sort=True)
     return codes.astype(np.int64, copy=False), np.asarray(levels)
+
+
+def _arrow_sorted_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
+    """sorted_codes of text pandas keeps in Arrow, by Arrow's own dictionary encoding, its (few) distinct values
+    sorted and the codes renumbered: pandas' factorize(sort=True) of the same column costs about twice as much at a
+    few thousand rows (docs/performance-scale.md, sixteenth session). Arrow sorts text by its UTF-8 bytes, which is
+    Python's order of str. None where a value is missing."""
+    import pyarrow  # (loaded: pandas holds this column in it)
+    import pyarrow.compute as compute
+
+    encoded = compute.dictionary_encode(pyarrow.array(values.array))
+    if isinstance(encoded, pyarrow.ChunkedArray):
+        encoded = encoded.combine_chunks()
+    if encoded.null_count:
+        return None
+    order = compute.array_sort_indices(encoded.dictionary).to_numpy()
+    rank = np.empty(order.shape[0], dtype=np.int64)
+    rank[order] = np.arange(order.shape[0])
+    codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
+    return codes, np.array(encoded.dictionary.take(pyarrow.array(order)).to_pylist(), dtype=object)
 
 
 def _text_labels(values: pd.Series) -> list:
@@ -77,11 +101,13 @@ def _text_labels(values: pd.Series) -> list:
     return values.tolist()
 
 
-# From this many rows, text columns are factorized by Arrow (pandas 3's `str`); below, as Python objects (the
-# crossover of the two measured at ~1,000 rows: docs/performance-scale.md, eleventh session).
+# From this many rows, text that pandas does not hold in Arrow (and other columns of a Series) is factorized by
+# pandas' factorize; below, as Python objects (the crossover measured at ~1,000 rows for Arrow's text before
+# _arrow_sorted_codes: docs/performance-scale.md, eleventh session).
 ARROW_FACTORIZE_MIN_ROWS = 1000
-# Up to this many rows text is factorized in Python (30 rows: 17 us against 49; 144: 36 against 62; even at ~500)
-PYTHON_FACTORIZE_MAX_ROWS = 300
+# Up to this many rows text is factorized in Python, above by Arrow's dictionary encoding (_arrow_sorted_codes; the
+# crossover: docs/performance-scale.md, sixteenth session)
+PYTHON_FACTORIZE_MAX_ROWS = 400
 
 
 def indicator_variable(formula: str) -> str | None:
