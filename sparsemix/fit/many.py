@@ -328,7 +328,7 @@ def batched_applies(system: PenalizedSystem, method: str = DEFAULT_OPTIMIZER) ->
     more than DENSE_MAX_Q columns is refitted response by response: a pass's arrays grow with its levels times
     ROWS_PER_PASS responses. Nor lme4's `(x || g)` held dense with its first term eliminated: the fit optimizes its
     merged term (pipeline.optimized_system), which the one-response pipeline refits in a fraction of the batched
-    steps' time on the split terms (mlmRev's Early: a fifth)."""
+    steps' time on the split terms (docs/performance-scale.md, sixteenth session)."""
     return (
         system.factorization_mode == "dense"
         and system.relcov.q <= DENSE_MAX_Q

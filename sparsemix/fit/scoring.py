@@ -46,7 +46,8 @@ SCORING_LAST_STEP = 3e-5
 # the polish take over.
 SCORING_MIN_THETA = 1e-3
 # A theta_j below this that a full step would take under SCORING_MIN_THETA ends the steps at once (_to_boundary): on
-# crossed and nested designs whose variance is zero they crept down 6-7 points before giving up (docs/lme4.md).
+# crossed and nested designs whose variance is zero they crept down 6-7 points before giving up
+# (docs/performance-scale.md, sixteenth session).
 SCORING_SMALL_THETA = 0.1
 SCORING_MAX_HALVINGS = 5
 # At most this change of log psi per step (a factor e^2 = 7.4): from lme4's start theta = 1 the first full AI step
@@ -212,10 +213,9 @@ def fit_by_scoring(
 def _bounded(log_step: np.ndarray) -> np.ndarray:
     """The Newton step in log psi as taken: cut to SCORING_MAX_LOG_STEP (all entries in proportion), except where it
     would grow a variance by more than that, which takes the Newton step in psi itself instead (log(1 + l), up to
-    SCORING_MAX_LINEAR_GROWTH): from a variance started near zero the log-psi model asks for far too much (mlmRev's
-    ScotsSec, secondary schools started at theta 0.01: a step of 34, where psi's own step, 35-fold, lands at the
-    optimum's 0.058), and cut in proportion it also held the other entries back (two such steps, 8 points where it now
-    takes 6)."""
+    SCORING_MAX_LINEAR_GROWTH): from a variance started near zero the log-psi model asks for far too much, where
+    psi's own step lands near the optimum, and cut in proportion such a step also held the other entries back
+    (mlmRev's ScotsSec: docs/performance-scale.md, sixteenth session)."""
     grows = log_step > SCORING_MAX_LOG_STEP
     rest = np.where(grows, 0.0, log_step)
     longest = np.max(np.abs(rest))

@@ -73,9 +73,9 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
 
 def _arrow_sorted_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
     """sorted_codes of text pandas keeps in Arrow, by Arrow's own dictionary encoding, its (few) distinct values
-    sorted and the codes renumbered: pandas' factorize(sort=True) of the same column costs about twice as much at a
-    few thousand rows (docs/performance-scale.md, sixteenth session). Arrow sorts text by its UTF-8 bytes, which is
-    Python's order of str. None where a value is missing."""
+    sorted and the codes renumbered: quicker than pandas' factorize(sort=True) of the same column (docs/performance-
+    scale.md, sixteenth session). Arrow sorts text by its UTF-8 bytes, which is Python's order of str. None where a
+    value is missing."""
     import pyarrow  # (loaded: pandas holds this column in it)
     import pyarrow.compute as compute
 
