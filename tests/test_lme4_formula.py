@@ -78,6 +78,19 @@ def test_sorted_codes_of_text_are_numpys_unique_at_every_length(n, chunked):
     assert codes.dtype == np.int64
 
 
+def test_text_with_a_missing_value_is_factorized_as_pandas_does():
+    """Callers drop missing values first; a column that still holds one leaves Arrow's route for pandas' factorize
+    (the missing row coded -1, not a level)."""
+    from sparsemix.formula.mixedlm import sorted_codes
+
+    values = pd.Series(["b", "a", None, "c"] * 200, dtype="str")
+    codes, levels = sorted_codes(values)
+    expected_codes, expected_levels = pd.factorize(values, sort=True)
+    assert list(levels) == list(expected_levels) == ["a", "b", "c"]
+    np.testing.assert_array_equal(codes, expected_codes)
+    assert codes[2] == -1
+
+
 @pytest.mark.parametrize("n, levels", [(40, 3), (300, 25), (100, 2000)])
 def test_group_codes_of_an_interaction_number_the_combinations_present_in_order(n, levels):
     """(1 | a:b:c): the combinations that occur, numbered in the order of a's levels, then b's, then c's (R's
