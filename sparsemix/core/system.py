@@ -793,7 +793,7 @@ class PenalizedSystem:
                 RX = la.cholesky(c.XtX - RZX.T @ RZX, lower=False)
             except la.LinAlgError:
                 return infeasible(RZX, cu)
-            cbeta = la.solve_triangular(RX, c.Xty - RZX.T @ cu, trans="T", lower=False)
+            cbeta = rx_transpose_solve(RX, c.Xty - RZX.T @ cu)
             logdet_RX2 = 2.0 * float(np.sum(np.log(np.abs(np.diag(RX)))))
         r2 = float(c.yty - cu @ cu - cbeta @ cbeta)
         evaluation = Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2, factors)
@@ -920,8 +920,8 @@ class PenalizedSystem:
 
     @property
     def scorable(self) -> bool:
-        """Whether scoring.py's Newton steps apply in the Schur form: variance components of indicator columns only
-        (the traces are those of the data's columns)."""
+        """Whether scoring.py's Newton steps can apply (supports_scoring: where the factor gives the traces): variance
+        components of indicator columns only (the traces are those of the data's columns)."""
         return self.scalar_terms and not self.relcov.transformed
 
     @property
