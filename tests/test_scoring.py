@@ -15,6 +15,7 @@ from sparsemix.core.relcov import RelativeCovariance
 from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.terms import CovarianceTemplate, RandomTerm
 from sparsemix.datasets import generate_insteval_like
+from sparsemix.fit.pilot import components_start
 from sparsemix.fit.scoring import SCORING_MIN_THETA, fit_by_scoring, scoring_point
 from sparsemix.fit.stages import build_fit, build_system, optimize_system
 from sparsemix.lme4.design import build_design
@@ -113,7 +114,7 @@ def test_a_system_held_dense_scores_as_the_dense_formulas(reml, weighted):
 
 def test_crossed_components_held_dense_are_scored():
     """mlmRev's ScotsSec (pupils of 148 primary schools in 19 secondary schools, unbalanced): the primary schools
-    eliminated, the rest held dense. L-BFGS-B with the exact gradient took 16 evaluations; the scoring steps 6, to
+    eliminated, the rest held dense. L-BFGS-B with the exact gradient took 16 evaluations; the scoring steps 5, to
     the same optimum (lme4's: test_boundary)."""
     entry = load_reference("random_slopes")["ScotsSec"]
     data = pd.DataFrame(entry["data"])
@@ -121,9 +122,46 @@ def test_crossed_components_held_dense_are_scored():
         m = sparsemix.lmer(ref["formula"], data, reml=ref["reml"])
         assert m.fit_result.system.factorization_mode == "dense"
         assert m.fit_result.optimization.method == "scoring"
-        assert m.n_evaluations <= 6
+        assert m.n_evaluations <= 5
         assert m.llf >= ref["logLik"] - 1e-9 * abs(ref["logLik"])
         np.testing.assert_allclose(m.theta, ref["theta"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_linear_contraction_ends_the_steps_a_point_early(monkeypatch, reml):
+    """Where the AI's steps contract linearly and what is left after a step is below the deviance's resolution, that
+    step is the last (checked by its deviance alone): ScotsSec 6 -> 5 evaluations, the same optimum to 1e-13."""
+    import sparsemix.fit.scoring as scoring
+
+    entry = load_reference("random_slopes")["ScotsSec"]
+    design = build_design(entry["fits"][0]["formula"], pd.DataFrame(entry["data"]))
+    system = design.system()
+    with system.threads():
+        start = components_start(system, reml)  # the fit's own: (0.31, 0.01), the secondary schools' estimated <= 0
+        early, _, count = fit_by_scoring(system, start, reml)
+        monkeypatch.setattr(scoring, "SCORING_DEVIANCE_RESOLUTION", 0.0)
+        full, _, count_full = fit_by_scoring(system, start, reml)
+    assert early is not None and full is not None
+    assert count == count_full - 1
+    assert early.deviance <= full.deviance + 1e-13 * abs(full.deviance)
+    np.testing.assert_allclose(early.theta, full.theta, rtol=1e-5)
+
+
+def test_linear_contraction_needs_two_full_steps_and_a_small_ratio():
+    """The rule's conditions: the first step from the start is no measure of the contraction (two lengths needed), a
+    ratio above SCORING_MAX_CONTRACTION is no linear convergence, and the extrapolated rest must be below the
+    resolution."""
+    from sparsemix.fit.scoring import SCORING_DEVIANCE_RESOLUTION, ScoringPoint, _leaves_nothing
+
+    # a one-parameter model of -2 loglik: the step's predicted decrease is psi * score * step
+    point = ScoringPoint(np.array([1.0]), 1000.0, np.array([1.0]), np.array([1e-9]), np.eye(1))
+    step = np.array([1e-3])  # decrease 1e-12; rho 0.1 leaves ~1e-14, under 1e-14 * 1000
+    assert _leaves_nothing(point, step, 1e-3, [1.0, 1e-2])
+    assert not _leaves_nothing(point, step, 1e-3, [1e-2])  # one length: the first step's
+    assert not _leaves_nothing(point, step, 1e-3, [1.0, 1.5e-3])  # rho 0.67
+    big = np.array([1.0])  # decrease 1e-9: ~1e-11 left, above the resolution
+    assert not _leaves_nothing(point, big, 1e-3, [1.0, 1e-2])
+    assert SCORING_DEVIANCE_RESOLUTION * 1000.0 > 1e-12 * 0.01 / 0.99
 
 
 def test_a_variance_heading_for_zero_ends_the_steps_at_once():
@@ -269,7 +307,7 @@ def test_scoring_reaches_bobyqas_optimum_from_lme4s_start(reml):
     assert scored.n_evaluations < bobyqa.n_evaluations / 3
     assert scored.deviance <= bobyqa.deviance + 1e-12 * abs(bobyqa.deviance)
     np.testing.assert_allclose(scored.theta, bobyqa.theta, rtol=1e-5)  # the polish's own accuracy
-    np.testing.assert_allclose(scored.fe_params, bobyqa.fe_params, rtol=1e-8)
+    np.testing.assert_allclose(scored.fe_params, bobyqa.fe_params, rtol=1e-7)  # (as theta's to ~1e-6 of each other)
 
 
 def test_scoring_stops_at_the_stationary_point():

@@ -11,6 +11,7 @@ the lower-triangular template of the system's columns, the optimizer's coordinat
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 
 import numpy as np
@@ -300,7 +301,7 @@ class RelativeCovariance:
     def _apply(self, factors, M, transpose):
         M = np.ascontiguousarray(M, dtype=float)  # (a transposed matrix: its level blocks are then views)
         vector = M.ndim == 1
-        M2 = M.reshape(M.shape[0], int(np.prod(M.shape[1:])))  # (-1 cannot be inferred for an empty M)
+        M2 = M.reshape(M.shape[0], math.prod(M.shape[1:]))  # (-1 cannot be inferred for an empty M)
         out = np.empty_like(M2)
         for (n_levels, template), T, cols in zip(self.blocks, factors, self.column_slices):
             k = template.k

@@ -703,7 +703,13 @@ class PenalizedSystem:
         return 2.0 * (full[1:, 1:] - np.outer(full[1:, 0], full[0, 1:]) / full[0, 0])
 
     def average_information(
-        self, ev: Evaluation, beta: np.ndarray, u: np.ndarray, reml: bool, Zte: np.ndarray | None = None
+        self,
+        ev: Evaluation,
+        beta: np.ndarray,
+        u: np.ndarray,
+        reml: bool,
+        Zte: np.ndarray | None = None,
+        b: np.ndarray | None = None,
     ) -> np.ndarray:
         """sigma^4 times the average information (Gilmour, Thompson & Cullis 1995) of the (RE)ML log-likelihood in
         psi: sigma^2, then each term's covariance entries (a, b), a >= b (np.tril_indices order), in the system's
@@ -714,15 +720,19 @@ class PenalizedSystem:
 
         (e = y - X beta - Z b, E_ab the symmetric indicator of entry (a, b) at every level). Each w = V_a P y is
         known by its cross-products Z'w, X'w and Gram matrix, and w_a'P w_b is the penalized residual sum of
-        squares of the fit to them: one half solve per entry of psi. `Zte`: Z'e, where the caller has it."""
+        squares of the fit to them: one half solve per entry of psi. `Zte`: Z'e and `b`: Lambda u, where the caller
+        has them."""
         c, rc = self.cross, self.relcov
         factors = ev.factors
-        b = rc.apply(factors, u)
+        if b is None:
+            b = rc.apply(factors, u)
         if Zte is None:
             Zte = c.residual_products(beta, b)  # Z'e
         ee = ev.r2 - u @ u  # e'e
         sigma2 = ev.r2 / self.dof(reml)
-        columns = []  # per psi entry after sigma^2: E_ab Z_t'e, placed in term t's columns
+        # per psi entry after sigma^2 a column: E_ab Z_t'e, in term t's columns
+        Vj = np.zeros((rc.q, sum(len(lower_pairs(template.k)) for _, template in rc.blocks)))
+        j = 0
         for (n, template), sl in zip(rc.blocks, rc.column_slices):
             k = template.k
             v = Zte[sl].reshape(n, k)
@@ -730,10 +740,8 @@ class PenalizedSystem:
                 block = np.zeros((n, k))
                 block[:, a] = v[:, bb]
                 block[:, bb] = v[:, a]
-                column = np.zeros(rc.q)
-                column[sl] = block.ravel()
-                columns.append(column)
-        Vj = np.column_stack(columns)
+                Vj[sl, j] = block.ravel()
+                j += 1
         GV = np.asarray(c.ZtZ @ Vj)
         m = Vj.shape[1]
         Zw = np.column_stack([Zte, GV])

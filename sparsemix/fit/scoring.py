@@ -42,6 +42,12 @@ SCORING_REFIT_TOLERANCE = 1e-6
 # steps converge superlinearly): theta within ~2e-7 of the optimum, the criterion within rounding
 # (docs/performance-scale.md, tenth and fifteenth sessions).
 SCORING_LAST_STEP = 3e-5
+# ... or where the steps contract linearly (the AI's steps do, by the ratio rho of the last two) and what would be
+# left after this step, about rho^2 / (1 - rho^2) of its predicted decrease of the deviance, is below the deviance's
+# own resolution: this many times |deviance| (~50 units in the last place, the rounding of a log-determinant's sum).
+SCORING_DEVIANCE_RESOLUTION = 1e-14
+# (a ratio above this is no linear convergence to extrapolate)
+SCORING_MAX_CONTRACTION = 0.5
 # A theta_j (a relative standard deviation) below this is heading for the boundary, where BOBYQA (bounded) and
 # the polish take over.
 SCORING_MIN_THETA = 1e-3
@@ -121,7 +127,7 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
 
     # the average information in psi (one covariance entry per scalar term), w_a' P w_b / 2 for w_0 = P y, w_j = Z_j
     # Z_j' P y (PenalizedSystem.average_information gives it times sigma^4)
-    information = system.average_information(ev, beta, u, reml, Zte) / sigma2**2
+    information = system.average_information(ev, beta, u, reml, Zte, b) / sigma2**2
     psi = sigma2 * np.concatenate([[1.0], theta**2])
     return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, score, information, single)
 
@@ -152,7 +158,7 @@ def fit_by_scoring(
     if point is None:
         return None, np.asarray(start, dtype=float), count
     log = [(count, point.deviance, time.perf_counter() - t0)]
-    previous = None
+    previous, history = None, []  # the lengths of the last steps taken in full, in turn
     while count < maxiter:
         D = point.psi
         hessian = _secant_corrected(point, previous)
@@ -171,7 +177,8 @@ def fit_by_scoring(
             continue
         if length < tolerance:
             return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
-        if length < SCORING_LAST_STEP:  # the last step: checked by its deviance, no score needed after it
+        if length < SCORING_LAST_STEP or _leaves_nothing(point, log_step, length, history):
+            # the last step: checked by its deviance, no score needed after it
             psi = D * np.exp(log_step)
             theta = np.sqrt(psi[1:] / psi[0])
             deviance = system.profiled_deviance(system.evaluate(theta), reml)
@@ -182,7 +189,8 @@ def fit_by_scoring(
             return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
         if _to_boundary(point, log_step):
             return None, point.theta, count
-        log_step = _bounded(log_step)
+        taken_step = _bounded(log_step)
+        cut, log_step = not np.array_equal(taken_step, log_step), taken_step
         accepted, full_step = None, True
         for _ in range(SCORING_MAX_HALVINGS):
             psi = D * np.exp(log_step)
@@ -204,6 +212,7 @@ def fit_by_scoring(
         # (measured, evaluations on six crossed designs: secant after every full step 45, never 41, after full
         # steps below SECANT_MAX_STEP 40; InstEval 8, 8, 6).
         previous, point = (point if full_step and taken < SECANT_MAX_STEP else None), accepted
+        history = history + [taken] if full_step and not cut else []
         log.append((count, point.deviance, time.perf_counter() - t0))
         if progress is not None:
             progress(count, point.deviance, time.perf_counter() - t0)
@@ -224,6 +233,20 @@ def _bounded(log_step: np.ndarray) -> np.ndarray:
     if not grows.any():
         return rest
     return np.where(grows, np.minimum(np.log1p(np.where(grows, log_step, 0.0)), SCORING_MAX_LINEAR_GROWTH), rest)
+
+
+def _leaves_nothing(point: ScoringPoint, log_step: np.ndarray, length: float, history: list) -> bool:
+    """Whether the full step `log_step` (of `length`) is the last that changes the deviance: at least two steps
+    before it were taken in full (`history`: their lengths; the first from the start is no measure of the
+    contraction, which settles after it), the last shrank to this one by rho <= SCORING_MAX_CONTRACTION, and the
+    steps after it, each rho times the one before, would lower the deviance by less than its resolution in all."""
+    if len(history) < 2:
+        return False
+    rho = length / history[-1]
+    if rho > SCORING_MAX_CONTRACTION:
+        return False
+    decrease = float((point.psi * point.score) @ log_step)  # the Newton model's, of -2 loglik
+    return decrease * rho**2 / (1.0 - rho**2) < SCORING_DEVIANCE_RESOLUTION * abs(point.deviance)
 
 
 def _to_boundary(point: ScoringPoint, log_step: np.ndarray) -> bool:
