@@ -158,7 +158,8 @@ def fit_by_scoring(
     if point is None:
         return None, np.asarray(start, dtype=float), count
     log = [(count, point.deviance, time.perf_counter() - t0)]
-    previous, history = None, []  # the lengths of the last steps taken in full, in turn
+    previous = None
+    history: list[float] = []  # the lengths of the last steps taken in full, in turn
     while count < maxiter:
         D = point.psi
         hessian = _secant_corrected(point, previous)
