@@ -6,7 +6,7 @@ matplotlib is an optional extra (`pip install 'sparsemix[plot]'`); without it th
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from .errors import require_extra
 
@@ -21,7 +21,7 @@ def caterpillar(results, level: float = 0.95, groups=None):
     """Conditional modes with intervals (mode +/- z * conditional sd), one panel per grouping factor and
     column, levels sorted by their mode. Returns the matplotlib Figure."""
     plt = _pyplot()
-    z = stats.norm.ppf(0.5 + level / 2)
+    z = special.ndtri(0.5 + level / 2)
     panels = []
     for grp, frame in results.ranef(condvar=True).items():
         if groups is not None and grp not in groups:
@@ -53,7 +53,7 @@ def profile_plot(profile, params=None):
         for (name, trace), row in zip(profile.traces.items(), profile.intervals.itertuples(index=False))
         if params is None or name in params
     ]
-    z = stats.norm.ppf(0.5 + profile.level / 2)
+    z = special.ndtri(0.5 + profile.level / 2)
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), squeeze=False, sharey=True)
     for ax, (name, trace, (lo, hi)) in zip(axes[0], panels):
         ax.plot(trace["value"], trace["zeta"], "-o", ms=2.5, lw=1)

@@ -67,19 +67,16 @@ class CrossProducts:
             else:
                 ZtZ = sp.csc_matrix(Zt @ Z)
                 ZtZ.sort_indices()
-        fixed = cls(
+        XtX = X.T @ X
+        return cls(
             ZtZ=ZtZ,
             ZtX=np.asarray(Zt @ X),
-            Zty=np.zeros(Z.shape[1]),
-            XtX=X.T @ X,
-            Xty=np.zeros(X.shape[1]),
-            yty=0.0,
+            XtX=XtX,
             n=X.shape[0],
             p=X.shape[1],
-            beta_ols=np.zeros(X.shape[1]),
             sum_log_weights=sum_log_weights,
+            **_response_sums(X, Zt, _scaled(y, weights), XtX),
         )
-        return fixed._with_weighted_response(X, Zt, _scaled(y, weights))
 
     def permuted(self, order: np.ndarray) -> "CrossProducts":
         """The same sums with Z's columns in `order` (those of Z[:, order])."""
@@ -120,8 +117,13 @@ class CrossProducts:
         return _shifted_sums(Xw, sp.csr_matrix(Zw.T), Yw, self.XtX)
 
     def _with_weighted_response(self, X, Zt, y) -> "CrossProducts":
-        Zty, Xty, yty, beta_ols = _shifted_sums(X, Zt, y[:, None], self.XtX)
-        return replace(self, Zty=Zty[:, 0], Xty=Xty[:, 0], yty=float(yty[0]), beta_ols=beta_ols[:, 0])
+        return replace(self, **_response_sums(X, Zt, y, self.XtX))
+
+
+def _response_sums(X, Zt, y, XtX) -> dict:
+    """One response's fields of CrossProducts (Zty, Xty, yty, beta_ols), least-squares shifted (_shifted_sums)."""
+    Zty, Xty, yty, beta_ols = _shifted_sums(X, Zt, y[:, None], XtX)
+    return {"Zty": Zty[:, 0], "Xty": Xty[:, 0], "yty": float(yty[0]), "beta_ols": beta_ols[:, 0]}
 
 
 def _symmetric_permuted(A: sp.csc_matrix, order: np.ndarray) -> sp.csc_matrix:

@@ -9,13 +9,14 @@ lme4's: for the binomial the numbers of trials (the response then a proportion),
 from __future__ import annotations
 
 import numpy as np
-from scipy import special, stats
+from scipy import special
 
 from ..errors import InputError
 
 __all__ = ["Family", "Binomial", "Poisson", "NegativeBinomial", "family_of"]
 
 _EPS = np.finfo(float).eps
+_SQRT_2PI = float(np.sqrt(2 * np.pi))
 
 
 class Link:
@@ -38,7 +39,7 @@ def _logit_mu_eta(eta):
 
 
 def _probit_mu_eta(eta):
-    return np.maximum(stats.norm.pdf(eta), _EPS)
+    return np.maximum(np.exp(-0.5 * eta * eta) / _SQRT_2PI, _EPS)
 
 
 def _cloglog_inverse(eta):
@@ -60,7 +61,7 @@ def _log_mu_eta(eta):
 
 _LINKS = {
     "logit": (special.logit, _logit_inverse, _logit_mu_eta),
-    "probit": (stats.norm.ppf, lambda eta: np.clip(stats.norm.cdf(eta), _EPS, 1 - _EPS), _probit_mu_eta),
+    "probit": (special.ndtri, lambda eta: np.clip(special.ndtr(eta), _EPS, 1 - _EPS), _probit_mu_eta),
     "cloglog": (lambda mu: np.log(-np.log1p(-mu)), _cloglog_inverse, _cloglog_mu_eta),
     "log": (np.log, _log_inverse, _log_mu_eta),
 }

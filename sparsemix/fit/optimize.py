@@ -29,7 +29,6 @@ from typing import Callable
 import nlopt
 import numpy as np
 import scipy.linalg as la
-from scipy.optimize import minimize
 
 __all__ = ["OptimizationResult", "minimize_deviance", "SINGULAR_TOLERANCE", "OPTIMIZERS", "DEFAULT_OPTIMIZER"]
 
@@ -263,7 +262,7 @@ def minimize_deviance(
         )
     else:
         bounds = [(a if np.isfinite(a) else None, b if np.isfinite(b) else None) for a, b in zip(lo, hi)]
-        res = minimize(f, x0, method=method, bounds=bounds, options=_scipy_options(method, maxiter, gtol))
+        res = _scipy_minimize(f, x0, method=method, bounds=bounds, options=_scipy_options(method, maxiter, gtol))
         end = np.clip(best_x[0] if best_x[0] is not None else res.x, lo, hi)
         converged, message, x, value = bobyqa_from(end, warm_step(end))
         message = f"{method}: {res.message}; then bobyqa from its end point: {message}"
@@ -825,7 +824,7 @@ def _lbfgs(fg, x0, lower, upper, maxeval, polish):
         return value, gradient
 
     try:
-        res = minimize(
+        res = _scipy_minimize(
             tracked,
             x0,
             jac=True,
@@ -950,3 +949,11 @@ def _scipy_options(method: str, maxiter: int, gtol: float) -> dict:
 def singular_entries(theta: np.ndarray, on_diagonal: np.ndarray) -> np.ndarray:
     """Indices of diagonal template entries estimated at (numerically) zero."""
     return np.flatnonzero(on_diagonal & (np.abs(theta) < SINGULAR_TOLERANCE))
+
+
+def _scipy_minimize(*args, **kwargs):
+    """scipy.optimize.minimize, imported on first use: scipy.optimize is ~0.13 s of the package's import, and only
+    the fits that end in L-BFGS-B (or a scipy method asked for by name) call it."""
+    from scipy.optimize import minimize
+
+    return minimize(*args, **kwargs)

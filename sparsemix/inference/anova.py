@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 from ..errors import InputError
 
@@ -58,7 +58,7 @@ def anova(*models, names=None) -> pd.DataFrame:
         if prev is not None:
             chisq = max(2 * (m.llf - prev.llf), 0.0)
             df = m.npar - prev.npar
-            row.update({"Chisq": chisq, "Df": df, "Pr(>Chisq)": stats.chi2.sf(chisq, df) if df > 0 else np.nan})
+            row.update({"Chisq": chisq, "Df": df, "Pr(>Chisq)": special.chdtrc(df, chisq) if df > 0 else np.nan})
         rows.append(row)
         prev = m
     table = pd.DataFrame(rows, index=[names[i] for i in order])

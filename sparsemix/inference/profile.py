@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
+from scipy import special
 
 from ..core.system import PenalizedSystem
 from ..errors import SparsemixWarning
@@ -47,7 +47,7 @@ def profile_fit(ml_fit, names, fe_names, level=0.95, which=None) -> ProfileResul
     """Profile an ML `LmmFit`. `names` name the (sd, cor, sigma) entries; `fe_names` the fixed effects."""
     system = ml_fit.system
     relcov = system.relcov
-    z = stats.norm.ppf(0.5 + level / 2)
+    z = special.ndtri(0.5 + level / 2)
     dev_min = ml_fit.deviance
     v_hat = sdcor_of(relcov, ml_fit.theta, np.sqrt(ml_fit.sigma2))
     lower, upper = sdcor_bounds(relcov)
@@ -126,7 +126,7 @@ def glmm_profile_intervals(fit, names, level: float = 0.95) -> pd.DataFrame:
     model's profile is. `names` name the sd/cor entries, then the fixed effects."""
     system, m = fit.system, fit.theta.shape[0]
     relcov = system.relcov
-    z = stats.norm.ppf(0.5 + level / 2)
+    z = special.ndtri(0.5 + level / 2)
     lower, upper = (bound[:-1] for bound in sdcor_bounds(relcov))  # without sigma's
     p = fit.beta.shape[0]
     x_hat = np.concatenate([sdcor_of(relcov, fit.theta, 1.0)[:-1], fit.beta])
@@ -178,6 +178,8 @@ def _follow(dev_at, start, k, x_hat, step, lo, hi, dev_min, z, name):
     about six steps to reach |zeta| = z (enough points for a smooth profile plot).
     """
     trace = [(x_hat, 0.0)]
+
+    from scipy import optimize  # (imported on first use: ~0.13 s of the package's import)
 
     def zeta_at(x, warm, record=True):
         dev, opt = dev_at(x, warm)

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import patsy
-from scipy import optimize, stats
+from scipy import special
 
 from .. import checks
 from ..core.cross_products import assemble_Z
@@ -112,6 +112,8 @@ def glmer_nb(
     glmer fit with NegativeBinomial(theta). The results' family holds the estimate; `npar` counts it."""
     if not isinstance(data, pd.DataFrame):
         raise InputError(f"data must be a pandas DataFrame; got {type(data).__name__}.")
+    from scipy import optimize  # (imported on first use: ~0.13 s of the package's import)
+
     maxiter = checks.check_count(maxiter, "maxiter")
     env = formula_environment(eval_env)
     with fit_threads():
@@ -149,6 +151,7 @@ NB_LOG_THETA_TOLERANCE = 1e-5
 
 def _theta_from_means(y, mu, weights) -> float:
     """The negative binomial's theta by maximum likelihood given the means mu (MASS's theta.ml)."""
+    from scipy import optimize  # (imported on first use: ~0.13 s of the package's import)
 
     def minus_loglik(log_theta):
         family = NegativeBinomial(float(np.exp(log_theta)))
@@ -298,7 +301,7 @@ class GlmerResults(ModelAccessors, PicklableResults):
         """Estimate, standard error, z and its two-sided p (lme4's glmer summary)."""
         est, se = self.fe_params, self.bse_fe
         z = est / se
-        return pd.DataFrame({"estimate": est, "std_error": se, "z": z, "p": 2 * stats.norm.sf(np.abs(z))})
+        return pd.DataFrame({"estimate": est, "std_error": se, "z": z, "p": 2 * special.ndtr(-np.abs(z))})
 
     @property
     def theta(self) -> np.ndarray:

@@ -8,7 +8,7 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 from .. import checks
 from ..core.coordinates import system_columns
@@ -122,7 +122,7 @@ class ModelAccessors:
 
     def _wald_intervals(self, level: float) -> pd.DataFrame:
         """lme4's confint(method = "Wald"): the fixed effects +- z SE, NaN for the sd/cor parameters."""
-        z = stats.norm.ppf(0.5 + level / 2)
+        z = special.ndtri(0.5 + level / 2)
         nan = np.full(len(self.sdcor_names), np.nan)
         beta, se = self.fit_result.beta, self.bse_fe.to_numpy()
         return pd.DataFrame(
@@ -291,7 +291,7 @@ class LmerResults(ModelAccessors, PicklableResults):
             raise InputError(f"ddf={ddf!r}: use 'satterthwaite' or 'asymptotic'.")
         t = est / se
         return pd.DataFrame(
-            {"estimate": est, "std_error": se, "df": df, "t": t, "p": 2 * stats.t.sf(np.abs(t), df)},
+            {"estimate": est, "std_error": se, "df": df, "t": t, "p": 2 * special.stdtr(df, -np.abs(t))},
             index=list(self.design.fe_names),
         )
 

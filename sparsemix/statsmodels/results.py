@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 from .. import checks
 from ..core.cross_products import assemble_Z
@@ -195,10 +195,10 @@ class MixedLMResults(PicklableResults):
     @property
     def pvalues(self):
         t = np.asarray(self.tvalues, dtype=float)
-        return self._series(2 * stats.norm.sf(np.abs(t)), self.model.param_names)
+        return self._series(2 * special.ndtr(-np.abs(t)), self.model.param_names)
 
     def conf_int(self, alpha=0.05, cols=None):
-        q = stats.norm.ppf(1 - checks.check_alpha(alpha) / 2)
+        q = special.ndtri(1 - checks.check_alpha(alpha) / 2)
         se = np.sqrt(np.diag(self._cov_params))
         ci = np.column_stack([self._params - q * se, self._params + q * se])
         if cols is not None:
@@ -448,6 +448,8 @@ class ContrastResults:
         self.statistic = self.tvalue
         self.df_denom = df_denom
         self.distribution = "norm" if df_denom is None else "t"
+        from scipy import stats  # (scipy.stats costs a third of the package's import: loaded where a test asks for it)
+
         self.dist = stats.norm if df_denom is None else stats.t(df_denom)
         self.pvalue = 2 * self.dist.sf(np.abs(self.tvalue))
 

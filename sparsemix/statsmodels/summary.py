@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import special
 
 from .. import checks
 
@@ -97,12 +97,12 @@ def _param_table(results, xname_fe, xname_re, alpha) -> pd.DataFrame:
         raise ValueError(f"xname_fe should be a list of length {k_fe}")
     if len(names_re) != len(model.param_names) - k_fe:
         raise ValueError(f"xname_re should be a list of length {len(model.param_names) - k_fe}")
-    q = stats.norm.ppf(1 - alpha / 2)
+    q = special.ndtri(1 - alpha / 2)
     fe = np.asarray(results.fe_params, dtype=float)
     se = np.asarray(results.bse_fe, dtype=float)
     z = fe / se
     rows = np.full((len(names_fe) + len(names_re), 6), np.nan)
-    rows[:k_fe] = np.column_stack([fe, se, z, 2 * stats.norm.cdf(-np.abs(z)), fe - q * se, fe + q * se])
+    rows[:k_fe] = np.column_stack([fe, se, z, 2 * special.ndtr(-np.abs(z)), fe - q * se, fe + q * se])
     var_values = np.concatenate([results._cov_re[np.tril_indices(results.k_re)], results.vcomp])
     rows[k_fe:, 0] = var_values
     rows[k_fe:, 1] = np.asarray(results.bse_re, dtype=float)
