@@ -555,3 +555,21 @@ def test_the_inverse_in_blocks_leaves_no_stale_values_in_its_upper_triangle(sing
     assert inverse is not None and np.all(np.isfinite(inverse))
     expected = np.linalg.inv(S)
     np.testing.assert_allclose(np.tril(inverse), np.tril(expected), rtol=1e-4 if single else 1e-10, atol=1e-7)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("scale, shift", [(1e-3, 5.0), (1e3, -40.0), (-7.0, 0.0)])
+def test_scored_fits_follow_an_affine_response_exactly(reml, scale, shift):
+    """The steps' rules read ratios (step lengths, the deviance's resolution relative to it), so an affine change of
+    the response, which moves the deviance by a constant, takes the same points to the same theta: ScotsSec."""
+    entry = load_reference("random_slopes")["ScotsSec"]
+    data = pd.DataFrame(entry["data"])
+    formula = entry["fits"][0]["formula"]
+    base = sparsemix.lmer(formula, data, reml=reml)
+    moved = sparsemix.lmer(formula, data.assign(attain=scale * data.attain + shift), reml=reml)
+    assert moved.fit_result.optimization.method == "scoring"
+    assert moved.n_evaluations == base.n_evaluations
+    np.testing.assert_allclose(moved.theta, base.theta, rtol=1e-8)
+    np.testing.assert_allclose(moved.sigma, abs(scale) * base.sigma, rtol=1e-8)
+    dof = base.nobs - (len(base.fe_params) if reml else 0)
+    assert moved.llf == pytest.approx(base.llf - dof * np.log(abs(scale)), abs=1e-7)
