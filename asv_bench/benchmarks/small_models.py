@@ -91,3 +91,29 @@ class SmallFit:
         return sparsemix.lmer(MODELS[model][2], self.data).n_evaluations
 
     track_evaluations.unit = "evaluations"
+
+
+class FreshProcess:
+    """What a script that fits one model pays, in a fresh interpreter each sample: `import sparsemix`, and the first
+    fit after it (sleepstudy's growth curve loads the compiled kernels, core/kernels.py; Penicillin's variance
+    components need none)."""
+
+    repeat = 5
+
+    def timeraw_import(self):
+        return "import sparsemix"
+
+    def timeraw_first_fit(self, model):
+        file, key, formula = MODELS[model]
+        setup = f"""
+            import json, warnings
+            import pandas as pd
+            import sparsemix
+            warnings.simplefilter("ignore")
+            fixture = json.loads(open({str(REFERENCE / file)!r}).read())
+            data = pd.DataFrame((fixture if {key!r} is None else fixture[{key!r}])["data"])
+        """
+        return f"sparsemix.lmer({formula!r}, data)", setup
+
+    timeraw_first_fit.params = ["sleepstudy", "penicillin"]
+    timeraw_first_fit.param_names = ["model"]
