@@ -248,15 +248,30 @@ def _shifted_sums(X, Zt, Y, XtX):
     return np.asarray(Zt @ r), X.T @ r, np.einsum("ij,ij->j", r, r), beta_ols
 
 
-# The least-squares shift comes from X'X's Cholesky factor where X's columns, scaled to unit length, keep at least
-# this much of their length off the columns before them (a condition number within ~1e4: the second pass leaves
-# (eps cond^2)^2 of X's span in the residual); otherwise from X's QR.
-GRAM_LEAST_SQUARES_MIN_RESIDUAL = 1e-4
+# X's columns, scaled to unit length, that each keep at least this much of their length off the columns before them
+# (read off the Cholesky factor of their Gram matrix, which is ~1e-7 off where an entry is small) are well separated:
+# lme4's aliasing rule keeps every one of them (formula/design_rules.drop_aliased), and the least-squares shift comes
+# from the normal equations (a condition number within ~1e4: the second pass leaves (eps cond^2)^2 of X's span in the
+# residual); otherwise each decides by X's QR.
+WELL_SEPARATED_MIN_RESIDUAL = 1e-4
+
+
+def well_separated_factor(XtX: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(upper, scale): the upper Cholesky factor of the columns' correlations XtX / (scale scale') and the columns'
+    norms scale, where every column keeps WELL_SEPARATED_MIN_RESIDUAL of its length off the columns before it (the
+    factor's diagonal holds those residuals); else None."""
+    scale = np.sqrt(np.diagonal(XtX))
+    if not np.all(scale > 0):
+        return None
+    upper, info = lapack.dpotrf(XtX / np.outer(scale, scale))
+    if info != 0 or not np.min(np.diagonal(upper)) > WELL_SEPARATED_MIN_RESIDUAL:
+        return None
+    return upper, scale
 
 
 def _least_squares(X, XtX):
     """b -> the least-squares solution of X beta = b (X'X = XtX), used for both passes: by the normal equations where
-    X is well conditioned (GRAM_LEAST_SQUARES_MIN_RESIDUAL: X'X is at hand, and a QR of a tall X costs several of its
+    X's columns are well separated (well_separated_factor: X'X is at hand, and a QR of a tall X costs several of its
     products), else from one QR of X (numpy's lstsq, an SVD each time, took 0.25 ms of a 7,000-row system's 1.9 ms),
     or lstsq's where X is (nearly) rank deficient. LAPACK's Householder QR as it is, Q applied by its reflectors
     (numpy's qr also forms Q: 15 of a small model's 30 us)."""
@@ -264,17 +279,15 @@ def _least_squares(X, XtX):
     n, p = X.shape
     if n < p:
         return by_svd
-    scale = np.sqrt(np.diagonal(XtX))
-    if np.all(scale > 0):
-        # the Cholesky factor of the columns' correlations: its diagonal holds each column's residual on those before
-        upper, info = lapack.dpotrf(XtX / np.outer(scale, scale))
-        if info == 0 and np.min(np.diagonal(upper)) > GRAM_LEAST_SQUARES_MIN_RESIDUAL:
+    separated = well_separated_factor(XtX)
+    if separated is not None:
+        upper, scale = separated
 
-            def normal_equations(b):
-                solved, _ = lapack.dpotrs(upper, (X.T @ b) / scale[:, None])
-                return solved / scale[:, None]
+        def normal_equations(b):
+            solved, _ = lapack.dpotrs(upper, (X.T @ b) / scale[:, None])
+            return solved / scale[:, None]
 
-            return normal_equations
+        return normal_equations
     reflectors, tau, _, info = lapack.dgeqrf(X)
     R = reflectors[:p]  # (its upper triangle: trtrs reads no other)
     diagonal = np.abs(np.diagonal(R))

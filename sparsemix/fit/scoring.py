@@ -180,8 +180,7 @@ def fit_by_scoring(
             return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
         if length < SCORING_LAST_STEP or _leaves_nothing(point, log_step, length, history):
             # the last step: checked by its deviance, no score needed after it
-            psi = D * np.exp(log_step)
-            theta = np.sqrt(psi[1:] / psi[0])
+            theta = _theta_after(point, log_step)
             deviance = system.profiled_deviance(system.evaluate(theta), reml)
             count += 1
             if deviance <= point.deviance + 1e-12 * abs(point.deviance):
@@ -194,8 +193,7 @@ def fit_by_scoring(
         cut, log_step = not np.array_equal(taken_step, log_step), taken_step
         accepted, full_step = None, True
         for _ in range(SCORING_MAX_HALVINGS):
-            psi = D * np.exp(log_step)
-            theta = np.sqrt(psi[1:] / psi[0])
+            theta = _theta_after(point, log_step)
             if np.any(theta < SCORING_MIN_THETA):
                 log_step, full_step = log_step / 2, False
                 continue
@@ -254,9 +252,14 @@ def _to_boundary(point: ScoringPoint, log_step: np.ndarray) -> bool:
     """Whether the full step would take a small theta_j (below SCORING_SMALL_THETA) under SCORING_MIN_THETA: a
     variance heading for zero, which steps in log psi only approach (each cut short, then halved, creeping
     down a factor at a time), where the optimizers with bounds take over at once."""
-    psi = point.psi * np.exp(log_step)
-    theta = np.sqrt(psi[1:] / psi[0])
+    theta = _theta_after(point, log_step)
     return bool(np.any((theta < SCORING_MIN_THETA) & (point.theta < SCORING_SMALL_THETA)))
+
+
+def _theta_after(point: ScoringPoint, log_step: np.ndarray) -> np.ndarray:
+    """theta after the step `log_step` in log psi from `point` (theta_j = sqrt(psi_j / sigma^2))."""
+    psi = point.psi * np.exp(log_step)
+    return np.sqrt(psi[1:] / psi[0])
 
 
 def _theta_change(log_step: np.ndarray) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from scipy.linalg import lapack
 
+from ..core.cross_products import well_separated_factor
 from ..errors import RankDeficiencyWarning, RankDeficientError
 from .lme4 import RandomSpec
 from .mixedlm import factor_codes, level_name, sorted_codes
@@ -35,8 +36,6 @@ __all__ = [
 # lme4's rule: a fixed-effect column whose residual on the earlier kept columns, relative to its norm, is below
 # this is aliased (a linear combination of them) and dropped.
 ALIASED_RELATIVE_NORM = 1e-7
-# Every residual above this, read off the Gram matrix's Cholesky factor (drop_aliased), keeps every column.
-ALIASED_GRAM_MIN_RESIDUAL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -99,11 +98,9 @@ def drop_aliased(X, names) -> tuple[list[int], list[str]]:
         # one is clear of the threshold, Gram-Schmidt below would keep every column (one QR: 20 us, not 200). The
         # Cholesky factor of the normalized columns' Gram matrix has the same diagonal, but ~1e-7 off where it is
         # small: it decides first, where every entry is far from the threshold (a product, not a QR of a tall X).
-        U = X / norms
-        gram_factor, info = lapack.dpotrf(U.T @ U)
-        if info == 0 and np.min(np.diagonal(gram_factor)) > ALIASED_GRAM_MIN_RESIDUAL:
+        if well_separated_factor(X.T @ X) is not None:
             return list(range(X.shape[1])), []
-        residuals = np.abs(np.diagonal(lapack.dgeqrf(U)[0]))  # (LAPACK's QR as it is: 1 us, numpy's 10)
+        residuals = np.abs(np.diagonal(lapack.dgeqrf(X / norms)[0]))  # (LAPACK's QR as it is: 1 us, numpy's 10)
         if np.all(residuals > 2 * ALIASED_RELATIVE_NORM):
             return list(range(X.shape[1])), []
     keep: list[int] = []

@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .. import checks
+from ..core.system import lower_pairs
 from ..core.terms import CovarianceTemplate, RandomTerm, VarianceComponent
 from ..core.threads import fit_threads
 from ..errors import IgnoredArgumentWarning, InputError, SingularFitWarning
@@ -291,7 +292,7 @@ class MixedLM(PicklableResults):
 
     def _re_positions(self) -> list[tuple[int, int]]:
         """statsmodels' row-major lower-triangle order of cov_re entries."""
-        return list(zip(*[a.tolist() for a in np.tril_indices(self.k_re)]))
+        return list(lower_pairs(self.k_re))
 
     def _theta_from_params(self, pa: MixedLMParams) -> np.ndarray:
         parts = []
