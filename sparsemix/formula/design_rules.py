@@ -57,6 +57,8 @@ def lme4_name(name: str) -> str:
     if name == "Intercept":
         return "(Intercept)"
     name = name.replace(" ** ", "^")
+    if 'Q("' not in name:  # (most names: the substitution's regular expression costs ~2 us a column)
+        return name
     return re.sub(r'Q\("((?:[^"\\]|\\.)*)"\)', lambda m: r_name(json.loads('"' + m.group(1) + '"')), name)
 
 

@@ -250,8 +250,10 @@ _model_desc = functools.lru_cache(maxsize=256)(patsy.ModelDesc.from_formula)
 
 
 @functools.lru_cache(maxsize=1024)
-def _parse_term(code: str) -> ast.Expression:
-    return ast.parse(code, mode="eval")
+def _term_nodes(code: str) -> tuple[ast.AST, ...]:
+    """The nodes of a term's syntax tree (ast.walk's order), read once per text: what they mean is checked on every
+    fit (_check_node), the walk itself is a function of the text."""
+    return tuple(ast.walk(ast.parse(code, mode="eval")))
 
 
 class _QuotedFactor(patsy.EvalFactor):
@@ -312,12 +314,12 @@ def check_terms(codes, columns, env: patsy.EvalEnvironment, where: str) -> None:
     columns = {str(c) for c in columns}
     for code in codes:
         try:
-            tree = _parse_term(code.strip()) if type(code) is str else ast.parse(code.strip(), mode="eval")
+            nodes = _term_nodes(code.strip()) if type(code) is str else _term_nodes.__wrapped__(code.strip())
         except SyntaxError:
             raise FormulaError(_unreadable(code, columns, where)) from None
         except (RecursionError, MemoryError):
             raise FormulaError(_too_deep(where)) from None
-        for node in ast.walk(tree):
+        for node in nodes:
             _check_node(node, code, columns, env, where)
 
 
