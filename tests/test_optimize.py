@@ -297,3 +297,21 @@ def test_even_newton_folds_a_templates_column_with_the_sign_of_its_diagonal_entr
     T = np.array([[x[0], 0.0], [x[1], x[2]]])
     assert how == "settled" and x[0] >= 0 and x[2] >= 0
     assert T @ T.T == pytest.approx(target, abs=1e-6) and fx == pytest.approx(0.0, abs=1e-10)
+
+
+def test_even_newton_settles_where_its_step_would_gain_less_than_the_deviances_rounding(monkeypatch):
+    """A Newton step whose predicted decrease is below HESSIAN_NEWTON_RESOLUTION of the deviance is taken unevaluated:
+    a deviance that resolves no finer (here rounded to 1e-10 at 1,800) cannot show it falling, and halving it ran a
+    boundary fit 35 evaluations further at one point. Without the rule the same start gives up."""
+    from sparsemix.fit import optimize
+    from sparsemix.fit.optimize import even_newton
+
+    def fgh(theta):  # 1800 + (theta - 1)^2, its value rounded as a deviance is
+        return round(1800.0 + (theta[0] - 1.0) ** 2, 10), np.array([2 * (theta[0] - 1.0)]), np.array([[2.0]])
+
+    calls = []
+    counted = lambda x: calls.append(x.copy()) or fgh(x)  # noqa: E731
+    how, x, _ = even_newton(counted, np.array([1.0 + 3e-6]), 100)
+    assert how == "settled" and x == pytest.approx([1.0], abs=1e-12) and len(calls) == 1
+    monkeypatch.setattr(optimize, "HESSIAN_NEWTON_RESOLUTION", 0.0)
+    assert even_newton(fgh, np.array([1.0 + 3e-6]), 100)[0] == ""

@@ -652,6 +652,8 @@ HESSIAN_NEWTON_TOLERANCE = 1e-10
 HESSIAN_NEWTON_LAST_STEP = 1e-6
 HESSIAN_NEWTON_MIN_EIGENVALUE = 1e-10
 HESSIAN_NEWTON_MAX_MOVE = 0.75
+# ... and settled where the full Newton step's predicted decrease is below this fraction of the deviance
+HESSIAN_NEWTON_RESOLUTION = 1e-14
 _TINY_FLOAT = float(np.finfo(float).tiny)
 _POSV = la.get_lapack_funcs("posv", (np.zeros((1, 1)),))  # Cholesky and solve in one LAPACK call (~3 us)
 
@@ -708,6 +710,10 @@ def even_newton(fgh, x, maxeval: int, column_diagonals: np.ndarray | None = None
         if length < HESSIAN_NEWTON_LAST_STEP and positive:  # quadratic convergence: it lands within ~length^2
             return "settled", _settled(x + step, diagonals), fx  # (fx: the deviance before it, within rounding)
         alpha, slope = 1.0, float(gx @ step)
+        if positive and -0.5 * slope <= HESSIAN_NEWTON_RESOLUTION * abs(fx):
+            # what the Newton step would gain is below the deviance's rounding: no halving could see it fall (a
+            # boundary optimum reached from a start near zero variances ran 35 more evaluations at one point)
+            return "settled", _settled(x + step, diagonals), fx
         for _ in range(INFORMATION_NEWTON_MAX_HALVINGS):
             if used >= maxeval:
                 return "", _folded(x, diagonals), fx

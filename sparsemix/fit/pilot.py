@@ -29,6 +29,7 @@ __all__ = [
     "estimable",
     "moment_start",
     "components_start",
+    "covariance_start",
     "PILOT_MIN_DENSE_ORDER",
 ]
 
@@ -553,6 +554,139 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     if J == 1 and ratios[0] <= 0:  # one variance, estimated <= 0: at the bound, which the boundary check confirms
         return np.zeros(1)
     return rc.reported_theta(np.sqrt(np.maximum(ratios, COMPONENTS_MIN_RATIO)))
+
+
+# covariance_start: on systems of at most this many random-effect columns (its equations hold q x q matrices; the
+# weighted pass costs about one evaluation of a system held dense)
+COVARIANCE_START_MAX_Q = 1000
+
+
+def covariance_start(system, max_q: int = COVARIANCE_START_MAX_Q) -> np.ndarray | None:
+    """theta (reported coordinates) for any terms, slopes and several groupings among them, from the moment
+    equations of MINQUE on the cross-products: with P the REML projection under V = I + Z Lambda Lambda' Z' (the
+    system's working columns), M = Z'PZ and w = Z'Py, the sum over a term's levels of w_(l,a) w_(l,b) has the
+    expectation
+
+        sum_s,cd Sigma_s[c, d] sum_(l in t, m in s) M_(la),(mc) M_(md),(lb) + sigma^2 sum_l D_(la),(lb)
+
+    (Sigma_s: term s's covariance; D = Z'P^2 Z = M - M Lambda Lambda' M, as P V P = P), and the residual sum of
+    squares r'r = y'(I - H)y has sum_s tr(Sigma_s M0_ss) + sigma^2 (n - p): one linear equation per covariance entry
+    and one for sigma^2. First unweighted (Lambda = 0: M0 = Z'(I - H)Z), then, for several terms, once weighted at
+    that estimate: one Fisher-scoring step in the covariances (where the weighted equations fail, the unweighted
+    estimate). Each Sigma_s / sigma^2 becomes a factor as components_start's variances (at least
+    COMPONENTS_MIN_RATIO) and moment_start's correlations (eigenvalues at least MOMENT_LIFTED_EIGENVALUE). Where
+    neither moment_start nor components_start applies, in place of lme4's start (docs/lme4.md has the evaluations).
+    None where the equations are singular, sigma^2 <= 0, or q > max_q."""
+    rc, cross = system.relcov, system.cross
+    # (with no more rows than random and fixed effects the residual variance is not told apart from the terms':
+    # three rows in two groups with slopes stopped at a finite point of a deviance that falls without bound)
+    if not rc.blocks or rc.q > max_q or cross.n <= rc.q + cross.p:
+        return None
+    G = cross.ZtZ.toarray()
+    working = None
+    residual_row = None  # the r'r equation's coefficients (from the unweighted M0)
+    # One term (one grouping) needs no weighting: its unweighted estimate already starts the Newton steps within a
+    # few (Exam's 3 x 3: 24 -> 6 evaluations), and the dense weighted pass would cost more than its levels' compiled
+    # evaluations (3 ms at Exam's 195 columns). Several terms share rows, and unweighted sums mix their variances
+    # (Pixel's nested day slopes: 22 evaluations from the unweighted estimate, 5 weighted, 7 from lme4's start).
+    for _ in range(2 if len(rc.blocks) > 1 else 1):
+        found = _moment_equations(G, cross, rc, working)
+        if found is None:
+            break
+        A, b, traces = found
+        residual_row = traces if residual_row is None else residual_row
+        A[-1, :-1], A[-1, -1], b[-1] = residual_row, cross.n - cross.p, cross.yty
+        _, _, solved, info = lapack.dgesv(A, b)
+        step = _relative_factors(rc, solved) if info == 0 else None
+        if step is None:
+            break
+        working = step
+    return None if working is None else rc.reported_theta(working)
+
+
+def _moment_equations(G, cross, rc, working):
+    """covariance_start's equations weighted at `working` (None: unweighted): (A, b, traces) with the last row left
+    for the caller, `traces` the sums sum_m M_(md),(mc) per covariance entry (the r'r row, from the unweighted M).
+    None where X'V^{-1}X or Lambda'Z'Z Lambda + I is not positive definite."""
+    C, z, p = cross.ZtX, cross.Zty, cross.p
+    if working is None:
+        VZ, VX, XVX, Vz, XVz = G, C, cross.XtX, z, cross.Xty  # Z'V^{-1}Z, Z'V^{-1}X, ... with V = I
+    else:
+        # V^{-1} = I - Z Lambda A^{-1} Lambda' Z', A = Lambda'Z'Z Lambda + I (Woodbury)
+        factors = rc.factors(working)
+        LG = rc.apply_transpose(factors, np.hstack([G, C, z[:, None]]))  # Lambda' [Z'Z, Z'X, Z'y]
+        A = rc.apply_transpose(factors, np.ascontiguousarray(LG[:, : G.shape[0]].T))
+        A.flat[:: A.shape[0] + 1] += 1.0
+        root, info = lapack.dpotrf(A, lower=1)
+        if info != 0:
+            return None
+        half = lapack.dtrtrs(root, LG, lower=1)[0]
+        VZX = np.hstack([G, C, z[:, None]]) - half[:, : G.shape[0]].T @ half
+        VZ, VX, Vz = VZX[:, : G.shape[0]], VZX[:, G.shape[0] : -1], VZX[:, -1]
+        hC, hz = half[:, G.shape[0] : -1], half[:, -1]
+        XVX, XVz = cross.XtX - hC.T @ hC, cross.Xty - hC.T @ hz
+    if p:
+        root, info = lapack.dpotrf(XVX, lower=1)
+        if info != 0:
+            return None
+        KX = lapack.dtrtrs(root, np.hstack([VX.T, XVz[:, None]]), lower=1)[0]
+        M, w = VZ - KX[:, :-1].T @ KX[:, :-1], Vz - KX[:, :-1].T @ KX[:, -1]
+    else:
+        M, w = VZ, Vz
+    # D = Z'P^2 Z = M - M Lambda Lambda' M, needed on the terms' level blocks only
+    MLL = None if working is None else rc.apply(factors, rc.apply_transpose(factors, M))  # (symmetric M: its transpose)
+    terms = [(n, template, cols, *template._index) for (n, template), cols in zip(rc.blocks, rc.column_slices)]
+    offsets = np.cumsum([0] + [rows.shape[0] for *_, rows, _ in terms])
+    A = np.zeros((offsets[-1] + 1, offsets[-1] + 1))
+    b = np.zeros(offsets[-1] + 1)
+    traces = np.zeros(offsets[-1])
+    for t, (nt, tt, slt, at, bt) in enumerate(terms):
+        kt, rows = tt.k, slice(offsets[t], offsets[t + 1])
+        Wt = w[slt].reshape(nt, kt)
+        b[rows] = (Wt.T @ Wt)[at, bt]
+        Mt = M[slt].reshape(nt, kt, -1)
+        own = np.einsum("lalb->ab", Mt[:, :, slt].reshape(nt, kt, nt, kt))
+        level_D = own if MLL is None else own - np.einsum("jla,lbj->ab", MLL[:, slt].reshape(-1, nt, kt), Mt)
+        A[rows, -1] = level_D[at, bt]
+        traces[rows] = np.where(at == bt, 1.0, 2.0) * own[bt, at]
+        for s, (ns, ts, sls, cs, ds) in enumerate(terms):
+            ks = ts.k
+            F = Mt[:, :, sls].reshape(nt, kt, ns, ks).transpose(1, 3, 0, 2).reshape(kt * ks, nt * ns)
+            H = (F @ F.T).reshape(kt, ks, kt, ks)  # [a, c, b, d]: sum over level pairs of M_(la),(mc) M_(lb),(md)
+            block = H[at[:, None], cs, bt[:, None], ds]
+            if ks > 1:  # Sigma_s[c, d] for c != d stands for [d, c] too
+                block += (cs != ds) * H[at[:, None], ds, bt[:, None], cs]
+            A[rows, offsets[s] : offsets[s + 1]] = block
+    return A, b, traces
+
+
+def _relative_factors(rc, solved: np.ndarray) -> np.ndarray | None:
+    """Working theta from covariance_start's solution (each term's covariance entries, then sigma^2): variances at
+    least COMPONENTS_MIN_RATIO of sigma^2, correlations' eigenvalues at least MOMENT_LIFTED_EIGENVALUE; None where
+    sigma^2 <= 0 or a value is not finite."""
+    sigma2 = solved[-1]
+    if not (np.all(np.isfinite(solved)) and sigma2 > 0):
+        return None
+    ratios = solved[:-1] / sigma2
+    out, start = [], 0
+    for _, template in rc.blocks:
+        n = len(template.positions)
+        part = ratios[start : start + n]
+        start += n
+        if template.is_diagonal:  # (scalar terms among them)
+            out.append(np.sqrt(np.maximum(part, COMPONENTS_MIN_RATIO)))
+            continue
+        S = template.factor(part)  # (the covariance's lower triangle)
+        scale = np.sqrt(np.maximum(np.diag(S), COMPONENTS_MIN_RATIO))
+        correlation = (S + S.T) / np.outer(scale, scale)
+        np.fill_diagonal(correlation, 1.0)
+        eigenvalues, vectors = np.linalg.eigh(correlation)
+        if eigenvalues[0] < MOMENT_LIFTED_EIGENVALUE:
+            correlation = (vectors * np.maximum(eigenvalues, MOMENT_LIFTED_EIGENVALUE)) @ vectors.T
+            unit = np.sqrt(np.diag(correlation))
+            correlation /= np.outer(unit, unit)
+        out.append(template.theta_of(np.linalg.cholesky(correlation * np.outer(scale, scale))))
+    return np.concatenate(out)
 
 
 def _one_mean(absorbed: np.ndarray) -> bool:

@@ -23,6 +23,7 @@ from .pilot import (
     COMPONENTS_OVER_PILOT_MAX_Q,
     components_over_pilot,
     components_start,
+    covariance_start,
     moment_start,
     pilot_start,
     pilot_wanted,
@@ -55,7 +56,8 @@ def fit_system(
     """Fit the model whose deviance `system` evaluates. Without `start_theta` (and with nothing held fixed, by
     the default method) the fit starts from the door's row moments (`moments`: pilot.moment_start's, one grouping
     with slopes), else the variance components' moments (pilot.components_start: from the cross-products, so in
-    every door), else `fallback_start` (the door's own; by default lme4's). `pilot`: offered by the door for a fit
+    every door), else MINQUE's moments of any terms (pilot.covariance_start, from the cross-products too), else
+    `fallback_start` (the door's own; by default lme4's). `pilot`: offered by the door for a fit
     from the default start (None otherwise); run where the method uses a start and no entry is held fixed
     (pilot.pilot_wanted), unless the variance components' moments stand in for it (pilot.components_over_pilot).
     `singular_names`: theta's names, for lme4's singular-fit warning (None: the door words its own)."""
@@ -67,6 +69,8 @@ def fit_system(
         start_theta = moments(optimized, reml) if moments is not None else None
         if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
             start_theta = components = components_start(system, reml)  # (a 100-level intercept: 17 -> 5 evaluations)
+        if start_theta is None:  # any other terms up to 1,000 columns: MINQUE's moments
+            start_theta = covariance_start(system)
     if start_theta is None:
         start_theta = fallback_start
     if pilot is not None and pilot_wanted(method, free, optimized):
