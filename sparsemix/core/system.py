@@ -82,6 +82,11 @@ DENSE_SCALAR_REST_MAX_ORDER = 128
 # whole).
 DENSE_WHOLE_MAX_ORDER = 128
 DENSE_WHOLE_CROSSED_MAX_ORDER = 400
+# ... and terms with slopes, nested or not, up to this order: from MINQUE's start (pilot.covariance_start) the exact
+# Hessian's steps take 3-4 evaluations where the eliminated layout's L-BFGS-B took 14-16 (nested schools with slopes
+# and classes, orders 178-243: 18-22 ms -> 9-19 ms); at 280-350 either way ~25-37 ms (docs/performance-scale.md,
+# eighteenth session)
+DENSE_WHOLE_SLOPES_MAX_ORDER = 256
 # Where a term has slopes (k > 1), CHOLMOD's factors come with no gradient (BOBYQA) and the Schur form's with the
 # exact one and the average information (Newton steps): a factorization in CHOLMOD counts this many of the Schur
 # form's in the trial. Measured on mlmRev's egsingle (children in schools, slopes at both levels): simplicial
@@ -432,7 +437,9 @@ class PenalizedSystem:
         if len(rc.blocks) > 1:
             whole = DENSE_WHOLE_MAX_ORDER
             slopes = any(template.k > 1 for _, template in rc.blocks)  # (crossed scalar terms: the Schur form scores)
-            if slopes and whole < order <= DENSE_WHOLE_CROSSED_MAX_ORDER and self.densely_linked:
+            if slopes and whole < order <= DENSE_WHOLE_SLOPES_MAX_ORDER:
+                whole = order
+            elif slopes and whole < order <= DENSE_WHOLE_CROSSED_MAX_ORDER and self.densely_linked:
                 whole = order
         eliminate = (compiled or order > whole) and schur_applicable(self.cross.ZtZ, q1, k1)
         q1 = q1 if eliminate else 0

@@ -56,9 +56,9 @@ def fit_system(
     """Fit the model whose deviance `system` evaluates. Without `start_theta` (and with nothing held fixed, by
     the default method) the fit starts from the door's row moments (`moments`: pilot.moment_start's, one grouping
     with slopes), else the variance components' moments (pilot.components_start: from the cross-products, so in
-    every door), else MINQUE's moments of any terms (pilot.covariance_start, from the cross-products too), else
-    `fallback_start` (the door's own; by default lme4's). `pilot`: offered by the door for a fit
-    from the default start (None otherwise); run where the method uses a start and no entry is held fixed
+    every door), else, for the derivative methods' steps, MINQUE's moments of any terms (pilot.covariance_start,
+    from the cross-products too), else `fallback_start` (the door's own; by default lme4's). `pilot`: offered by the
+    door for a fit from the default start (None otherwise); run where the method uses a start and no entry is held fixed
     (pilot.pilot_wanted), unless the variance components' moments stand in for it (pilot.components_over_pilot).
     `singular_names`: theta's names, for lme4's singular-fit warning (None: the door words its own)."""
     step, components = None, None
@@ -69,8 +69,8 @@ def fit_system(
         start_theta = moments(optimized, reml) if moments is not None else None
         if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
             start_theta = components = components_start(system, reml)  # (a 100-level intercept: 17 -> 5 evaluations)
-        if start_theta is None:  # any other terms up to 1,000 columns: MINQUE's moments
-            start_theta = covariance_start(system)
+        if start_theta is None and optimized.supports_gradient:  # any other terms: MINQUE's moments, for the
+            start_theta = covariance_start(system)  # derivatives' steps (BOBYQA in CHOLMOD took as many from them)
     if start_theta is None:
         start_theta = fallback_start
     if pilot is not None and pilot_wanted(method, free, optimized):
