@@ -635,7 +635,10 @@ def _moment_equations(G, cross, rc, working):
         M, w = VZ, Vz
     # D = Z'P^2 Z = M - M Lambda Lambda' M, needed on the terms' level blocks only
     MLL = None if working is None else rc.apply(factors, rc.apply_transpose(factors, M))  # (symmetric M: its transpose)
-    terms = [(n, template, cols, *template._index) for (n, template), cols in zip(rc.blocks, rc.column_slices)]
+    terms = [
+        (n, template, cols, *np.array(template.positions, dtype=np.intp).reshape(-1, 2).T)
+        for (n, template), cols in zip(rc.blocks, rc.column_slices)
+    ]
     offsets = np.cumsum([0] + [rows.shape[0] for *_, rows, _ in terms])
     A = np.zeros((offsets[-1] + 1, offsets[-1] + 1))
     b = np.zeros(offsets[-1] + 1)
