@@ -5,7 +5,9 @@ q = 195), nlme's Oxboys (a quadratic growth curve with a 3 x 3 covariance per bo
 their levels' own fits, pilot.moment_start), Penicillin (two crossed variance components) and Dyestuff (one
 variance: optimize.scalar_newton) and the simulated 30 subjects x 20 items with a condition's slope in both (held
 whole: Newton steps with the exact Hessian) and mlmRev's Early with lme4's `(age || id)` (its scalar terms one
-diagonal term to the optimizer: pipeline.optimized_system), from the committed lme4 fixtures; one evaluation (and
+diagonal term to the optimizer: pipeline.optimized_system) and nlme's Pixel (a dog's day slopes, its sides nested:
+Exam, the subjects x items and Pixel start from MINQUE's moments, pilot.covariance_start), from the committed lme4
+fixtures; one evaluation (and
 one with its exact Hessian) in each factorization a small system can take: the one chosen by default, CHOLMOD's
 simplicial factor, and the dense path (core/factor.py, DenseFactor).
 """
@@ -30,6 +32,7 @@ MODELS = {
     "dyestuff": ("dyestuff.json", None, "Yield ~ 1 + (1 | Batch)"),
     "subjects_items": ("random_slopes.json", "subjects_items", "rt ~ cond + (cond | subj) + (cond | item)"),
     "early_uncorr": ("random_slopes.json", "Early", "cog ~ age * trt + (age || id)"),
+    "pixel": ("random_slopes.json", "Pixel", "pixel ~ day + I(day^2) + (day | Dog) + (1 | Side:Dog)"),
 }
 
 
