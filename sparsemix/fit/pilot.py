@@ -559,6 +559,9 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
 # covariance_start: on systems of at most this many random-effect columns (its equations hold q x q matrices; the
 # weighted pass costs about one evaluation of a system held dense)
 COVARIANCE_START_MAX_Q = 1000
+# ... and its weighted pass (dense, ~2 q^3 flops) up to this many: at 960 columns (children with slopes in 30
+# schools, the first term eliminated) it took 0.19 s, more than the 8 evaluations it saved; unweighted above
+COVARIANCE_WEIGHTED_MAX_Q = 400
 
 
 def covariance_start(system, max_q: int = COVARIANCE_START_MAX_Q) -> np.ndarray | None:
@@ -588,8 +591,9 @@ def covariance_start(system, max_q: int = COVARIANCE_START_MAX_Q) -> np.ndarray 
     # One term (one grouping) needs no weighting: its unweighted estimate already starts the Newton steps within a
     # few (Exam's 3 x 3: 24 -> 6 evaluations), and the dense weighted pass would cost more than its levels' compiled
     # evaluations (3 ms at Exam's 195 columns). Several terms share rows, and unweighted sums mix their variances
-    # (Pixel's nested day slopes: 22 evaluations from the unweighted estimate, 5 weighted, 7 from lme4's start).
-    for _ in range(2 if len(rc.blocks) > 1 else 1):
+    # (Pixel's nested day slopes: 22 evaluations from the unweighted estimate, 5 weighted, 7 from lme4's start),
+    # up to COVARIANCE_WEIGHTED_MAX_Q columns.
+    for _ in range(2 if len(rc.blocks) > 1 and rc.q <= COVARIANCE_WEIGHTED_MAX_Q else 1):
         found = _moment_equations(G, cross, rc, working)
         if found is None:
             break
