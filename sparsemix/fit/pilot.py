@@ -266,10 +266,7 @@ def moment_start(
     if smallest < MOMENT_MIN_CORRELATION_EIGENVALUE and not uncorrelated:
         if not floor_near_singular:
             return None
-        eigenvalues, vectors = np.linalg.eigh(correlation)
-        floored = (vectors * np.maximum(eigenvalues, MOMENT_LIFTED_EIGENVALUE)) @ vectors.T
-        unit = np.sqrt(np.diag(floored))
-        covariance = floored / np.outer(unit, unit) * np.outer(scales, scales)
+        covariance = _lifted_correlation(*np.linalg.eigh(correlation)) * np.outer(scales, scales)
     relative = covariance / sigma2
     thetas, at = [], 0
     for term in terms:  # each term's block of the covariance, as its template holds it
@@ -285,6 +282,14 @@ def moment_start(
             T = np.linalg.cholesky(block)
         thetas.append(term.template.theta_of(T))
     return np.concatenate(thetas)
+
+
+def _lifted_correlation(eigenvalues: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """The correlation matrix of eigendecomposition (eigenvalues, vectors) with its eigenvalues below
+    MOMENT_LIFTED_EIGENVALUE lifted to it, taken back to a unit diagonal (moment_start's and covariance_start's)."""
+    floored = (vectors * np.maximum(eigenvalues, MOMENT_LIFTED_EIGENVALUE)) @ vectors.T
+    unit = np.sqrt(np.diag(floored))
+    return floored / np.outer(unit, unit)
 
 
 def _diagonal_optimum(S, W, a, R, c, d, s) -> tuple[np.ndarray, float] | None:
@@ -617,17 +622,18 @@ def _moment_equations(G, cross, rc, working):
         VZ, VX, XVX, Vz, XVz = G, C, cross.XtX, z, cross.Xty  # Z'V^{-1}Z, Z'V^{-1}X, ... with V = I
     else:
         # V^{-1} = I - Z Lambda A^{-1} Lambda' Z', A = Lambda'Z'Z Lambda + I (Woodbury)
-        factors = rc.factors(working)
-        LG = rc.apply_transpose(factors, np.hstack([G, C, z[:, None]]))  # Lambda' [Z'Z, Z'X, Z'y]
-        A = rc.apply_transpose(factors, np.ascontiguousarray(LG[:, : G.shape[0]].T))
+        factors, q = rc.factors(working), G.shape[0]
+        GCz = np.hstack([G, C, z[:, None]])  # [Z'Z, Z'X, Z'y]
+        LG = rc.apply_transpose(factors, GCz)  # Lambda' [Z'Z, Z'X, Z'y]
+        A = rc.apply_transpose(factors, np.ascontiguousarray(LG[:, :q].T))
         A.flat[:: A.shape[0] + 1] += 1.0
         root, info = lapack.dpotrf(A, lower=1)
         if info != 0:
             return None
         half = lapack.dtrtrs(root, LG, lower=1)[0]
-        VZX = np.hstack([G, C, z[:, None]]) - half[:, : G.shape[0]].T @ half
-        VZ, VX, Vz = VZX[:, : G.shape[0]], VZX[:, G.shape[0] : -1], VZX[:, -1]
-        hC, hz = half[:, G.shape[0] : -1], half[:, -1]
+        VZX = GCz - half[:, :q].T @ half
+        VZ, VX, Vz = VZX[:, :q], VZX[:, q:-1], VZX[:, -1]
+        hC, hz = half[:, q:-1], half[:, -1]
         XVX, XVz = cross.XtX - hC.T @ hC, cross.Xty - hC.T @ hz
     if p:
         root, info = lapack.dpotrf(XVX, lower=1)
@@ -689,9 +695,7 @@ def _relative_factors(rc, solved: np.ndarray) -> np.ndarray | None:
         np.fill_diagonal(correlation, 1.0)
         eigenvalues, vectors = np.linalg.eigh(correlation)
         if eigenvalues[0] < MOMENT_LIFTED_EIGENVALUE:
-            correlation = (vectors * np.maximum(eigenvalues, MOMENT_LIFTED_EIGENVALUE)) @ vectors.T
-            unit = np.sqrt(np.diag(correlation))
-            correlation /= np.outer(unit, unit)
+            correlation = _lifted_correlation(eigenvalues, vectors)
         out.append(template.theta_of(np.linalg.cholesky(correlation * np.outer(scale, scale))))
     return np.concatenate(out)
 
