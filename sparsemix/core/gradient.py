@@ -33,21 +33,53 @@ class ProfiledGradient:
 
     def __init__(self, factor, cross, relcov):
         self.factor, self.cross, self.relcov = factor, cross, relcov
-        f = factor
-        self._rest = relcov.__class__(relcov.blocks[f.first :])  # Lambda_2: the terms after the eliminated one
-        self._ZtZ22 = f.GRR[: f.q2, : f.q2]
-        self._ZtZ12 = f.G1R[:, :, : f.q2].reshape(f.q1, f.q2)
-        self._XtZ = np.ascontiguousarray(cross.ZtX.T)
-        self._ZtX3 = cross.ZtX[: f.q1].reshape(f.n1, f.k1, cross.p)  # the first term's, per level
-        self._Zty3 = cross.Zty[: f.q1].reshape(f.n1, f.k1, 1)
-        # For each theta entry of the rest's terms, the flat positions (b, a) of G's rest block and (a, b) of
-        # Ze u' over the term's levels, concatenated; entry i's sum is np.add.reduceat at starts[i].
+        self._kernel = None  # single_term_compiled's, imported on first use
+        # every term scalar and none eliminated (variance components held whole): each entry's traces are sums of
+        # G's diagonal over its term's columns (compact reads only that diagonal)
+        self._scalar_terms = factor.q1 == 0 and all(template.k == 1 for _, template in relcov.blocks)
+        self._membership = relcov.membership
+        # (the tables below are built on first use: a variance-components fit of one or two Newton steps reads
+        # none of them, and building them all cost 35-65 us, 2-3% of such a fit)
+
+    @functools.cached_property
+    def _rest(self):  # Lambda_2: the terms after the eliminated one
+        return self.relcov.__class__(self.relcov.blocks[self.factor.first :])
+
+    @functools.cached_property
+    def _ZtZ22(self) -> np.ndarray:
+        return self.factor.GRR[: self.factor.q2, : self.factor.q2]
+
+    @functools.cached_property
+    def _ZtZ12(self) -> np.ndarray:
+        f = self.factor
+        return f.G1R[:, :, : f.q2].reshape(f.q1, f.q2)
+
+    @functools.cached_property
+    def _XtZ(self) -> np.ndarray:
+        return np.ascontiguousarray(self.cross.ZtX.T)
+
+    @functools.cached_property
+    def _ZtX3(self) -> np.ndarray:  # the first term's, per level
+        f = self.factor
+        return self.cross.ZtX[: f.q1].reshape(f.n1, f.k1, self.cross.p)
+
+    @functools.cached_property
+    def _Zty3(self) -> np.ndarray:
+        f = self.factor
+        return self.cross.Zty[: f.q1].reshape(f.n1, f.k1, 1)
+
+    @functools.cached_property
+    def _entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(first, transposed, straight, starts): the first term's template positions (2 x its entries), and for
+        each theta entry of the rest's terms the flat positions (b, a) of G's rest block and (a, b) of Ze u' over
+        the term's levels, concatenated; entry i's sum is np.add.reduceat at starts[i]."""
+        f, relcov = self.factor, self.relcov
         transposed, straight, starts = [], [], []
-        self._first_positions = np.zeros((2, 0), dtype=np.intp)
+        first = np.zeros((2, 0), dtype=np.intp)
         for j, ((n, template), cols) in enumerate(zip(relcov.blocks, relcov.column_slices)):
             positions = np.array(template.positions, dtype=np.intp).reshape(-1, 2).T
             if j < f.first:
-                self._first_positions = positions
+                first = positions
                 continue
             base = cols.start - f.q1 + np.arange(n)[:, None] * template.k  # each level's first row, in the rest
             for a, b in positions.T:
@@ -56,40 +88,47 @@ class ProfiledGradient:
                 transposed.append(columns * f.q2 + rows)
                 straight.append(rows * f.q2 + columns)
         empty = np.zeros(0, dtype=np.intp)
-        self._transposed = np.concatenate(transposed) if transposed else empty
-        self._straight = np.concatenate(straight) if straight else empty
-        self._starts = np.array(starts, dtype=np.intp)
-        self._n_first = self._first_positions.shape[1]
-        self._kernel = None  # single_term_compiled's, imported on first use
-        # every term scalar and none eliminated (variance components held whole): each entry's traces are sums of
-        # G's diagonal over its term's columns (compact reads only that diagonal)
-        self._scalar_terms = f.q1 == 0 and all(template.k == 1 for _, template in relcov.blocks)
-        self._membership = relcov.membership
+        return (
+            first,
+            np.concatenate(transposed) if transposed else empty,
+            np.concatenate(straight) if straight else empty,
+            np.array(starts, dtype=np.intp),
+        )
 
-        if f.q2 == 0 and f.k1 > 1:  # one k x k term: single_term_hessian's index tables
-            self._psi = psi_index(relcov.blocks[0][1].k, relcov.blocks[0][1].positions)
-        if f.q1 == 0 and not self._scalar_terms:  # _templates_hessian's tables
-            self._term_psi = [psi_index(template.k, template.positions) for _, template in relcov.blocks]
-            sizes = [index.a.size for index in self._term_psi]
-            self._psi_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
-            m, n_theta = int(self._psi_offsets[-1]), relcov.n_theta
-            # psi is quadratic in theta, psi_x = theta'S_x theta / 2: S (m x n_theta x n_theta) is its second
-            # derivative and S theta its Jacobian. tr(M_ll E_ab) summed over term x's levels l, for symmetric M: the
-            # sum of M's entries (a, b) and (b, a) of every level, at (_trace_rows, _trace_cols), x's from
-            # _trace_starts[x] on
-            self._psi_second = np.zeros((m, n_theta, n_theta))
-            trace_rows, trace_cols = [], []
-            for t, ((n, template), cols, th, index) in enumerate(
-                zip(relcov.blocks, relcov.column_slices, relcov.theta_slices, self._term_psi)
-            ):
-                self._psi_second[self._psi_offsets[t] : self._psi_offsets[t + 1], th, th] = index.second
-                first = cols.start + np.arange(n) * template.k  # each level's first column
-                for a, b in zip(index.a, index.b):
-                    pairs = [(a, b)] if a == b else [(a, b), (b, a)]
-                    trace_rows.append(np.concatenate([first + i for i, _ in pairs]))
-                    trace_cols.append(np.concatenate([first + j for _, j in pairs]))
-            self._trace_starts = np.cumsum([0] + [r.size for r in trace_rows[:-1]]).astype(np.intp)
-            self._trace_rows, self._trace_cols = np.concatenate(trace_rows), np.concatenate(trace_cols)
+    @property
+    def _first_positions(self) -> np.ndarray:
+        return self._entries[0]
+
+    @functools.cached_property
+    def _psi(self) -> "_PsiIndex":  # one k x k term: single_term_hessian's index tables
+        template = self.relcov.blocks[0][1]
+        return psi_index(template.k, template.positions)
+
+    @functools.cached_property
+    def _templates_tables(self):
+        """_templates_hessian's tables (terms with templates held whole): (per-term psi indices, their offsets, S,
+        trace rows, trace columns, trace starts). psi is quadratic in theta, psi_x = theta'S_x theta / 2: S (m x
+        n_theta x n_theta) is its second derivative and S theta its Jacobian. tr(M_ll E_ab) summed over term x's
+        levels l, for symmetric M: the sum of M's entries (a, b) and (b, a) of every level, at (rows, columns),
+        x's from starts[x] on."""
+        relcov = self.relcov
+        term_psi = [psi_index(template.k, template.positions) for _, template in relcov.blocks]
+        sizes = [index.a.size for index in term_psi]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.intp)
+        m, n_theta = int(offsets[-1]), relcov.n_theta
+        second = np.zeros((m, n_theta, n_theta))
+        trace_rows, trace_cols = [], []
+        for t, ((n, template), cols, th, index) in enumerate(
+            zip(relcov.blocks, relcov.column_slices, relcov.theta_slices, term_psi)
+        ):
+            second[offsets[t] : offsets[t + 1], th, th] = index.second
+            first = cols.start + np.arange(n) * template.k  # each level's first column
+            for a, b in zip(index.a, index.b):
+                pairs = [(a, b)] if a == b else [(a, b), (b, a)]
+                trace_rows.append(np.concatenate([first + i for i, _ in pairs]))
+                trace_cols.append(np.concatenate([first + j for _, j in pairs]))
+        starts = np.cumsum([0] + [r.size for r in trace_rows[:-1]]).astype(np.intp)
+        return term_psi, offsets, second, np.concatenate(trace_rows), np.concatenate(trace_cols), starts
 
     def compact(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where nothing is eliminated (q1 = 0: LS is the whole
@@ -168,12 +207,11 @@ class ProfiledGradient:
         (R_lm, Q_lm: k_t x k_s blocks), each term pair's sums by one Gram product of R's blocks; then theta's by
         psi's Jacobian (S theta) and its second derivatives S."""
         rc = self.relcov
-        offsets = self._psi_offsets
-        rows, cols, starts = self._trace_rows, self._trace_cols, self._trace_starts
+        term_psi, offsets, second, rows, cols, starts = self._templates_tables
         gw = np.add.reduceat(w[rows] * w[cols], starts)
         g_psi = np.add.reduceat(R[rows, cols], starts) - scale * gw
         H_psi = np.outer(gw, gw) * (-scale * scale / dof)
-        terms = list(zip(rc.blocks, rc.column_slices, self._term_psi))
+        terms = list(zip(rc.blocks, rc.column_slices, term_psi))
         for t, ((nt, tt), slt, it) in enumerate(terms):
             kt, Wt = tt.k, w[slt].reshape(nt, tt.k)
             for s in range(t + 1):
@@ -187,7 +225,6 @@ class ProfiledGradient:
                 H_psi[offsets[t] : offsets[t + 1], offsets[s] : offsets[s + 1]] += block
                 if s != t:
                     H_psi[offsets[s] : offsets[s + 1], offsets[t] : offsets[t + 1]] += block.T
-        second = self._psi_second
         J = second @ theta
         n_theta = theta.size  # (g_psi's weighting of S as one product: np.tensordot's wrapper cost 20 us a call)
         return J.T @ g_psi, J.T @ H_psi @ J + (g_psi @ second.reshape(g_psi.size, -1)).reshape(n_theta, n_theta)
@@ -390,16 +427,18 @@ class ProfiledGradient:
         f = self.factor
         q1 = f.q1
         gradient = np.empty(self.relcov.n_theta)
-        if self._n_first:
-            a, b = self._first_positions
+        first, transposed, straight, starts = self._entries
+        n_first = first.shape[1]
+        if n_first:
+            a, b = first
             blocks = G_first.sum(axis=0)
             modes = Ze[:q1].reshape(f.n1, f.k1).T @ u[:q1].reshape(f.n1, f.k1)
-            gradient[: self._n_first] = 2.0 * blocks[b, a] - 2.0 * scale * modes[a, b]
-        if self._starts.size:
+            gradient[:n_first] = 2.0 * blocks[b, a] - 2.0 * scale * modes[a, b]
+        if starts.size:
             Ze2, u2 = Ze[q1:], u[q1:]
-            traces = np.add.reduceat(G_rest.ravel()[self._transposed], self._starts)
-            products = np.add.reduceat(np.multiply.outer(Ze2, u2).ravel()[self._straight], self._starts)
-            gradient[self._n_first :] = 2.0 * traces - 2.0 * scale * products
+            traces = np.add.reduceat(G_rest.ravel()[transposed], starts)
+            products = np.add.reduceat(np.multiply.outer(Ze2, u2).ravel()[straight], starts)
+            gradient[n_first:] = 2.0 * traces - 2.0 * scale * products
         return gradient
 
 
