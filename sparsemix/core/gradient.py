@@ -292,7 +292,7 @@ class ProfiledGradient:
         )  # fmt: skip
         return (gradient, hessian) if status == 0 else None
 
-    def scalar_term_hessian(self, factors, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def scalar_term_hessian(self, factors, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray, tuple] | None:
         """single_term_hessian for a scalar term (k = 1: a random intercept alone), in numpy from the cross-products
         (no compiled kernel to load). With psi = t^2, level l's d_l = 1 + psi g_l (g_l = Z_l'Z_l), D_l = g_l / d_l,
         C_l = Z_l'X / d_l, w_l = Z_l'r / d_l (r = y - X beta-hat), K = (X'V^{-1}X)^{-1}, B_l = C_l K C_l',
@@ -301,7 +301,8 @@ class ProfiledGradient:
             dD/dpsi = sum (D - B) - dof sum w^2 / r^2                                          (ML: B = 0)
             d2D/dpsi2 = -(sum D^2 - 2 sum D B + tr(K S K S)) + dof (2 (sum D w^2 - u'K u) / r^2 - (sum w^2)^2 / r^4)
 
-        (ML: sum D^2 alone in the first part); then to t by dpsi/dt = 2t. None where X'V^{-1}X is not positive
+        (ML: sum D^2 alone in the first part); then to t by dpsi/dt = 2t. (gradient, Hessian, (log |L|^2, log |R_X|^2,
+        r^2): the deviance's parts, sum log d_l, log |X'V^{-1}X| and r^2), or None where X'V^{-1}X is not positive
         definite or r^2 <= 0."""
         f, p = self.factor, self.cross.p
         t = float(factors[0][0, 0])
@@ -314,10 +315,12 @@ class ProfiledGradient:
         XtVX = f.GRR[:p, :p] - psi * (c.T @ C)
         XtVy = f.GRR[:p, p] - psi * (C.T @ z)
         yVy = f.GRR[p, p] - psi * float(z @ (z / d))
+        logdet_RX2 = 0.0
         if p:
             root, info = lapack.dpotrf(XtVX, lower=1)
             if info != 0:
                 return None
+            logdet_RX2 = 2.0 * float(np.log(np.diagonal(root)).sum())
             K, info = lapack.dpotri(root, lower=1)
             K = np.tril(K) + np.tril(K, -1).T
             beta = K @ XtVy
@@ -340,7 +343,8 @@ class ProfiledGradient:
         quadratic = float((D * w) @ w) - float(u @ K @ u)
         hessian_psi = -trace + dof * (2.0 * quadratic / r2 - ww * ww / (r2 * r2))
         gradient = np.array([2.0 * t * gradient_psi])
-        return gradient, np.array([[4.0 * psi * hessian_psi + 2.0 * gradient_psi]])
+        parts = (float(np.log(d).sum()), logdet_RX2, r2)
+        return gradient, np.array([[4.0 * psi * hessian_psi + 2.0 * gradient_psi]]), parts
 
     def single_term_compiled(self, factors, reml: bool, dof: int):
         """single_term's gradient with the factorization it reads, in one compiled pass over the levels

@@ -651,13 +651,23 @@ class PenalizedSystem:
         working = np.asarray(working, dtype=float)
         factor = self._factor
         n = self.relcov.n_theta
+        if factor.q2 == 0 and factor.k1 == 1:  # a random intercept alone: all three from the cross-products
+            if self._gradient is None:
+                self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
+            assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
+            found = self._gradient.scalar_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
+            if found is not None:  # (the factor is left where it was: the solve at the end point refactors)
+                gradient, hessian, (logdet, logdet_RX2, r2) = found
+                self.n_evaluations += 1
+                return self._deviance(logdet, logdet_RX2, r2, reml), gradient, hessian
         if factor.q2 == 0:  # one k x k term: the compiled deviance and gradient, the Hessian from the products
             deviance, gradient = self.working_deviance_gradient(working, reml)
             if not np.isfinite(deviance):
                 return deviance, gradient, None
             assert isinstance(self._gradient, ProfiledGradient)  # (made by the gradient's evaluation)
-            hessian_of = self._gradient.single_term_hessian if factor.k1 > 1 else self._gradient.scalar_term_hessian
-            parts = hessian_of(self.relcov.factors(working), reml, self.dof(reml))
+            if factor.k1 == 1:  # (scalar_term_hessian found no Hessian above)
+                return deviance, gradient, None
+            parts = self._gradient.single_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
             return deviance, gradient, None if parts is None else parts[1]
         factors = self.relcov.factors(working)
         self._last_evaluation = None
