@@ -74,7 +74,9 @@ class ProfiledGradient:
         each theta entry of the rest's terms the flat positions (b, a) of G's rest block and (a, b) of Ze u' over
         the term's levels, concatenated; entry i's sum is np.add.reduceat at starts[i]."""
         f, relcov = self.factor, self.relcov
-        transposed, straight, starts = [], [], []
+        transposed: list[np.ndarray] = []
+        straight: list[np.ndarray] = []
+        starts: list[int] = []
         first = np.zeros((2, 0), dtype=np.intp)
         for j, ((n, template), cols) in enumerate(zip(relcov.blocks, relcov.column_slices)):
             positions = np.array(template.positions, dtype=np.intp).reshape(-1, 2).T

@@ -268,8 +268,12 @@ class PenalizedSystem:
         merged): the same deviance at every theta, from the same cross-products with the columns reordered. One
         term of k columns is eliminated level by level where k scalar terms were not (lme4's `(x || g)`): its
         factorization and the optimizer's derivatives are those of a correlated term's."""
-        relcov, order = self.relcov.merged(self.diagonal_runs)
+        relcov, order = self._merged
         return PenalizedSystem(self.cross.permuted(order), relcov)
+
+    @functools.cached_property  # (merged_system's, and solution_from's order)
+    def _merged(self) -> "tuple[RelativeCovariance, np.ndarray]":
+        return self.relcov.merged(self.diagonal_runs)
 
     def __getattr__(self, name):
         # Only reached when normal lookup fails: `_factor` until its first use, after unpickling or where its choice
@@ -915,7 +919,7 @@ class PenalizedSystem:
         solution = optimized.solve(theta, reml)
         if optimized is self:
             return solution
-        _, order = self.relcov.merged(self.diagonal_runs)
+        _, order = self._merged
         back = np.empty_like(order)
         back[order] = np.arange(order.shape[0])
         return replace(solution, u=solution.u[back], b=solution.b[back])

@@ -127,6 +127,13 @@ class RandomTerm:
     def k(self) -> int:
         return self.template.k
 
+    @cached_property  # (read by same_grouping_runs and moment_start: computed once a term)
+    def row_level(self) -> np.ndarray | None:
+        """Each row's level (-1 where it has no entry, as a slope's zeros), or None where a row has entries in two
+        levels (not from_codes' layout)."""
+        _, rows, level, _ = level_entries(self.Z, self.k)
+        return row_levels(rows, level, self.Z.shape[0])
+
     @classmethod
     def from_codes(cls, name, codes, values, n_levels, template, level_labels, column_names) -> "RandomTerm":
         """Build the term's Z from integer level codes (length n) and per-row values (n x k, dense or sparse).
@@ -268,8 +275,8 @@ def same_grouping_runs(terms: list[RandomTerm]) -> tuple[tuple[int, int], ...]:
         joined = False
         if term is not None and term.k == 1 and j > start and terms[start].n_levels == term.n_levels:
             if levels is None:
-                levels = _scalar_row_levels(terms[start])
-            own = _scalar_row_levels(term) if levels is not None else None
+                levels = terms[start].row_level
+            own = term.row_level if levels is not None else None
             if own is not None and levels is not None:
                 both = (own >= 0) & (levels >= 0)
                 if np.array_equal(own[both], levels[both]):
@@ -296,12 +303,6 @@ def equal_key_runs(keys: list) -> tuple[tuple[int, int], ...]:
             runs.append((start, j))
         start = j
     return tuple(runs)
-
-
-def _scalar_row_levels(term: RandomTerm) -> np.ndarray | None:
-    """Each row's level in a scalar term (-1 where it has no entry), or None where a row has entries in two."""
-    Z, rows, level, _ = level_entries(term.Z, 1)
-    return row_levels(rows, level, Z.shape[0])
 
 
 def indicator_matrix(codes: np.ndarray, n_levels: int) -> sp.csr_matrix:

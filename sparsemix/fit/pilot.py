@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import lapack
 
-from ..core.terms import RandomTerm, level_entries, row_levels
+from ..core.terms import RandomTerm, level_entries
 from .optimize import warm_step
 from .scoring import fit_by_scoring
 from .stages import build_system, optimize_system
@@ -195,8 +195,7 @@ def moment_start(
     n1, n = terms[0].n_levels, X.shape[0]
     row_level, columns = None, []
     for term in terms:
-        Z, rows, level, column = level_entries(term.Z, term.k)
-        levels = row_levels(rows, level, n)
+        levels = term.row_level
         if levels is None:
             return None
         if row_level is None:
@@ -206,6 +205,7 @@ def moment_start(
             if not np.array_equal(levels[both], row_level[both]):
                 return None
             row_level = np.maximum(row_level, levels)
+        Z, rows, _, column = level_entries(term.Z, term.k)
         values = np.zeros((n, term.k))
         values[rows, column] = Z.data
         columns.append(values)
