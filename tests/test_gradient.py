@@ -261,7 +261,7 @@ def test_a_sparse_crossed_design_is_scored_in_the_schur_form_where_cholmod_facto
     assert fit.optimization.deviance <= simplicial.optimization.deviance + 1e-8
 
 
-HESSIAN_CASES = CASES[:8]  # one k x k term, or the system held whole (the synthetic ones: crossed, with slopes)
+HESSIAN_CASES = CASES  # every layout: one k x k term, the system held whole, the first term eliminated beside others
 
 
 @pytest.mark.parametrize("reml", [True, False])
@@ -310,11 +310,70 @@ def test_a_random_intercept_alone_eliminated_by_levels_has_the_exact_hessian(for
     _check_hessian_against_differences(system, reml, np.random.default_rng(len(formula) + reml))
 
 
-def test_the_exact_hessian_is_offered_for_one_term_and_for_systems_held_whole():
-    """Of the cases above, those with one k x k term or held whole (nothing eliminated: small, or crossed with
-    slopes up to order 400) have it; a first term eliminated beside others (scalar terms above order 128) does not."""
-    offered = {case[1]: _dense_system(*case).supports_hessian for case in CASES}
-    assert [case[1] for case in CASES if offered[case[1]]] == [case[1] for case in HESSIAN_CASES]
+def test_the_exact_hessian_is_offered_in_every_dense_layout():
+    """Each of the cases above has it: one k x k term, held whole (small, or crossed with slopes up to order 400), or
+    a first term eliminated beside others (the last: scalar terms above order 128)."""
+    layouts = {(s._factor.q1 > 0, s._factor.q2 > 0) for s in (_dense_system(*case) for case in CASES)}
+    assert layouts == {(True, False), (False, True), (True, True)}
+    assert all(_dense_system(*case).supports_hessian for case in CASES)
+
+
+def _nested_slopes(n_child: int, n_school: int) -> pd.DataFrame:
+    """Children measured four times in schools, with slopes in both (egsingle's shape), and a weight."""
+    rng = np.random.default_rng(5)
+    child = np.repeat(np.arange(n_child), 4)
+    school = child % n_school
+    x = np.tile(np.arange(4) - 1.5, n_child) + rng.normal(0, 0.1, child.size)
+    z = rng.normal(size=child.size)
+    u = rng.normal(size=(n_child, 2)) * [1.0, 0.3]
+    v = rng.normal(size=(n_school, 2)) * [1.0, 0.2]
+    y = 1 + 0.5 * x + u[child, 0] + u[child, 1] * x + v[school, 0] + v[school, 1] * x + rng.normal(size=child.size)
+    return pd.DataFrame(
+        {
+            "y": y,
+            "x": x,
+            "z": z,
+            "w": rng.uniform(0.5, 2.0, child.size),
+            "child": [f"c{c}" for c in child],
+            "school": [f"s{s}" for s in school],
+        }
+    )
+
+
+ELIMINATED_CASES = [
+    ("y ~ x + (x | child) + (x | school)", None),
+    ("y ~ x + (x | child) + (1 | school)", "w"),
+    ("y ~ x + z + (x + z | child) + (x || school)", None),
+    ("y ~ 0 + x + (x | child) + (x | school)", None),
+]
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("formula, weights", ELIMINATED_CASES)
+def test_a_first_term_with_slopes_eliminated_beside_others_has_the_exact_hessian(formula, weights, reml):
+    """Children with slopes (260 x 2 or 3 columns, above the order held whole) eliminated level by level beside the
+    schools' terms (ProfiledGradient.eliminated_hessian: the first term's block as block diagonal less a low-rank
+    part), weighted, without an intercept: the Hessian equals differences of the gradient."""
+    system = build_design(formula, _nested_slopes(260, 7), weights=weights).system()
+    system = PenalizedSystem(system.cross, system.relcov, factorization="dense")
+    assert system._factor.q1 >= 520 and system._factor.k1 >= 2 and 0 < system._factor.q2 <= 21
+    assert system.supports_hessian
+    _check_hessian_against_differences(system, reml, np.random.default_rng(len(formula) + reml))
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_nested_slopes_eliminated_are_fitted_by_newton_steps_to_bobyqas_optimum(reml):
+    """The default fit of children with slopes in schools (order 537: eliminated, above DENSE_WHOLE_SLOPES_MAX_ORDER)
+    takes Newton steps with eliminated_hessian: at most 6 evaluations (L-BFGS-B took 14-17 here and 43-45 on
+    egsingle's children in 8 schools), ending where BOBYQA ends or lower."""
+    fit = sm.lmer("y ~ x + (x | child) + (x | school)", _nested_slopes(260, 7), reml=reml)
+    system, opt = fit.fit_result.system, fit.fit_result.optimization
+    assert system.factorization_mode == "dense" and system._factor.q1 == 520 and system._factor.q2 == 14
+    assert opt.message.startswith("Newton steps with the exact Hessian") and opt.n_evaluations <= 6
+    by_bobyqa = optimize_system(system, reml=reml, method="bobyqa")
+    assert opt.deviance <= by_bobyqa.deviance + 1e-10 * abs(by_bobyqa.deviance)
+    scale = np.maximum(np.abs(by_bobyqa.theta), 1.0)
+    assert np.max(np.abs(fit.theta - by_bobyqa.theta) / scale) < 1e-4
 
 
 @pytest.mark.parametrize("reml", [True, False])
@@ -347,7 +406,8 @@ def test_models_with_the_exact_hessian_are_fitted_by_newton_steps(name, formula,
 
 def test_which_systems_are_held_whole_for_the_exact_hessian():
     """Variance components of 80 + 12 levels (order 95, above DENSE_MAX_ORDER): held whole and fitted by Newton
-    steps with the exact Hessian to BOBYQA's optimum; of 80 + 60 levels (order 143): the first term eliminated;
+    steps with the exact Hessian to BOBYQA's optimum; of 80 + 60 levels (order 143): the first term eliminated (its
+    Hessian eliminated_hessian's);
     crossed terms with slopes of order 175: held whole (DENSE_WHOLE_CROSSED_MAX_ORDER)."""
     from sparsemix.core import system as system_module
 
@@ -360,8 +420,8 @@ def test_which_systems_are_held_whole_for_the_exact_hessian():
     assert fit.fit_result.optimization.message.startswith("Newton steps with the exact Hessian")
     by_bobyqa = optimize_system(system, reml=True, method="bobyqa")
     assert fit.fit_result.optimization.deviance <= by_bobyqa.deviance + 1e-10 * abs(by_bobyqa.deviance)
-    larger = build_design("y ~ x + (1 | g) + (1 | h:k)", d).system()
-    assert larger.factorization_mode == "dense" and larger._factor.q1 == 80 and not larger.supports_hessian
+    larger = build_design("y ~ x + (1 | g) + (1 | h:k)", d).system()  # (its Hessian: eliminated_hessian)
+    assert larger.factorization_mode == "dense" and larger._factor.q1 == 80 and larger.supports_hessian
     crossed = build_design("y ~ x + (x | g) + (1 | h)", d).system()
     assert system_module.DENSE_WHOLE_MAX_ORDER < 160 + 12 + 3 <= system_module.DENSE_WHOLE_CROSSED_MAX_ORDER
     assert crossed.factorization_mode == "dense" and crossed._factor.q1 == 0 and crossed.supports_hessian

@@ -315,3 +315,32 @@ def test_even_newton_settles_where_its_step_would_gain_less_than_the_deviances_r
     assert how == "settled" and x == pytest.approx([1.0], abs=1e-12) and len(calls) == 1
     monkeypatch.setattr(optimize, "HESSIAN_NEWTON_RESOLUTION", 0.0)
     assert even_newton(fgh, np.array([1.0 + 3e-6]), 100)[0] == ""
+
+
+def test_even_newton_tries_a_bold_step_for_a_variance_leaving_a_saddle(monkeypatch):
+    """A variance started near zero whose optimum is not (the deviance even in it, curving down there): steps of
+    |slope / curvature| only double it, so where that happens at two points in a row the entry is tried at
+    HESSIAN_NEWTON_DESCENT first, and taken where the deviance falls. Here (optimum 0.12, start 1e-4) that saves the
+    doublings: 7 evaluations, where without the trials it took 15."""
+    from sparsemix.fit import optimize
+    from sparsemix.fit.optimize import even_newton
+
+    c, d = 1.0, 1.0 / (2 * 0.12**2)  # D = -c t^2 + d t^4 + (s - 1)^2: minimum at t = 0.12, s = 1
+
+    def fgh(theta):
+        t, s = theta
+        return (
+            -c * t * t + d * t**4 + (s - 1) ** 2,
+            np.array([-2 * c * t + 4 * d * t**3, 2 * (s - 1)]),
+            np.array([[-2 * c + 12 * d * t * t, 0.0], [0.0, 2.0]]),
+        )
+
+    def fit():
+        calls = []
+        how, x, _ = even_newton(lambda y: calls.append(1) or fgh(y), np.array([1e-4, 0.5]), 100)
+        assert how == "settled" and x == pytest.approx([0.12, 1.0], abs=1e-8)
+        return len(calls)
+
+    bold = fit()
+    monkeypatch.setattr(optimize, "HESSIAN_NEWTON_DESCENT_TRIALS", 0)
+    assert bold <= 8 and fit() >= bold + 6

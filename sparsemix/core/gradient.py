@@ -206,12 +206,19 @@ class ProfiledGradient:
             d^2 / dpsi_t,ab dpsi_s,cd = -sum_lm tr(R_lm E_cd R_ml E_ab)
                 + dof (2 sum_lm w_l'E_ab Q_lm E_cd w_m / r^2 - (sum w'E_ab w)(sum w'E_cd w) / r^4)
 
-        (R_lm, Q_lm: k_t x k_s blocks), each term pair's sums by one Gram product of R's blocks; then theta's by
-        psi's Jacobian (S theta) and its second derivatives S."""
+        (R_lm, Q_lm: k_t x k_s blocks), each term pair's sums by one Gram product of R's blocks (_psi_hessian)."""
+        _, _, _, rows, cols, _ = self._templates_tables
+        return self._psi_hessian(theta, R[rows, cols], w, scale, dof, lambda a, b: (R[a, b], Q[a, b]))
+
+    def _psi_hessian(self, theta, traces, w, scale, dof, blocks, first=None) -> tuple[np.ndarray, np.ndarray]:
+        """_templates_hessian's sums, from R's entries at the trace positions (`traces`: R[rows, cols] of
+        _templates_tables), Z'e (`w`) and the blocks of R and Q of two terms' columns (`blocks(rows, columns)`:
+        slices), or, for the first term with itself, its products (P, Y) as given (`first`: eliminated_hessian's);
+        then theta's by psi's Jacobian (S theta) and its second derivatives S."""
         rc = self.relcov
         term_psi, offsets, second, rows, cols, starts = self._templates_tables
         gw = np.add.reduceat(w[rows] * w[cols], starts)
-        g_psi = np.add.reduceat(R[rows, cols], starts) - scale * gw
+        g_psi = np.add.reduceat(traces, starts) - scale * gw
         H_psi = np.outer(gw, gw) * (-scale * scale / dof)
         terms = list(zip(rc.blocks, rc.column_slices, term_psi))
         for t, ((nt, tt), slt, it) in enumerate(terms):
@@ -219,10 +226,14 @@ class ProfiledGradient:
             for s in range(t + 1):
                 (ns, ts), sls, is_ = terms[s]
                 ks, Ws = ts.k, w[sls].reshape(ns, ts.k)
-                X = R[slt, sls].reshape(nt, kt, ns, ks).transpose(1, 3, 0, 2).reshape(kt * ks, nt * ns)
-                P = (X @ X.T).reshape(kt, ks, kt, ks).transpose(2, 0, 1, 3).reshape(kt * kt, ks * ks)  # [i j, r s]
-                Y = (Wt.T @ Q[slt, sls].reshape(nt, kt * ns * ks)).reshape(kt * kt, ns, ks)  # [i j, m, r]
-                Y = np.matmul(Y.transpose(0, 2, 1), Ws).reshape(kt * kt, ks * ks)  # [i j, r s]
+                if first is not None and t == 0:
+                    P, Y = first
+                else:
+                    R_ts, Q_ts = blocks(slt, sls)
+                    X = R_ts.reshape(nt, kt, ns, ks).transpose(1, 3, 0, 2).reshape(kt * ks, nt * ns)
+                    P = (X @ X.T).reshape(kt, ks, kt, ks).transpose(2, 0, 1, 3).reshape(kt * kt, ks * ks)  # [i j, r s]
+                    Y = (Wt.T @ Q_ts.reshape(nt, kt * ns * ks)).reshape(kt * kt, ns, ks)  # [i j, m, r]
+                    Y = np.matmul(Y.transpose(0, 2, 1), Ws).reshape(kt * kt, ks * ks)  # [i j, r s]
                 block = it.select @ (scale * 2.0 * Y - P) @ is_.select.T
                 H_psi[offsets[t] : offsets[t + 1], offsets[s] : offsets[s + 1]] += block
                 if s != t:
@@ -230,6 +241,85 @@ class ProfiledGradient:
         J = second @ theta
         n_theta = theta.size  # (g_psi's weighting of S as one product: np.tensordot's wrapper cost 20 us a call)
         return J.T @ g_psi, J.T @ H_psi @ J + (g_psi @ second.reshape(g_psi.size, -1)).reshape(n_theta, n_theta)
+
+    def eliminated_hessian(self, theta, factors, beta, u, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray]:
+        """The gradient and the exact Hessian in theta (the optimizer's coordinates; `factors` its templates, at
+        which the factor was last refactorized; beta and u the modes there) where the first term is eliminated level
+        by level beside the terms after it (q1, q2 > 0): _templates_hessian's sums without a q x q matrix. With
+        Omega's factor [[L11, 0], [W', LS]] (W: q1 x (q2 + p), LS: (q2 + p) lower), Henderson's Z'PZ = Z'Z - F'F
+        has F = [F_top; F_bot], F_top = L11^{-1} Lambda_1' [Z_1'Z_1 | Z_1'Z_2] per level ([Phi_l | Psi_l]) and
+        F_bot = LS^{-1} ([Lambda_2' Z_2'Z; X'Z] - W'F_top) (h = q2 + p rows; Z'V^{-1}Z, ML's R, the first q2 of them).
+        So the first term's block is D - H H' (D block diagonal: Z_l'Z_l - Phi_l'Phi_l; H = F_bot's first-term
+        columns, transposed), whose level-pair sums reduce to h x h products:
+
+            sum_lm R_lm[i,r] R_lm[j,s] = sum_l (D_l[i,r] (D_l - C_l)[j,s] - C_l[i,r] D_l[j,s])
+                                         + sum_ab O[i,a,j,b] O[r,a,s,b]
+
+        with C_l = H_l H_l' and O[i,a,j,b] = sum_l H_l[i,a] H_l[j,b]; the blocks beside the other terms are formed
+        (q1 x q2)."""
+        f, c = self.factor, self.cross
+        n1, k, q1, q2, p = f.n1, f.k1, f.q1, f.q2, c.p
+        h = q2 + p
+        rest = factors[f.first :]
+        A = _lower_inverses(f.L11) @ factors[0].T  # L11_l^{-1} T1'
+        Phi = A @ f.G11  # (n1, k, k)
+        G12 = f.G1R[:, :, :q2]
+        Psi = np.matmul(A, G12)  # (n1, k, q2)
+        G22 = f.GRR[:q2, :q2]
+        Wh = f.W[:, :h]
+        first_rows = np.matmul(Wh.reshape(n1, k, h).transpose(0, 2, 1), Phi).transpose(1, 0, 2).reshape(h, q1)
+        right = np.empty((h, q1 + q2))
+        right[:q2, :q1] = self._rest.apply_transpose(rest, G12.reshape(q1, q2).T)
+        right[:q2, q1:] = self._rest.apply_transpose(rest, G22)
+        right[q2:, :q1] = f.G1R[:, :, q2 : q2 + p].reshape(q1, p).T
+        right[q2:, q1:] = f.GRR[q2 : q2 + p, :q2]
+        right[:, :q1] -= first_rows
+        right[:, q1:] -= Wh.T @ Psi.reshape(q1, q2)
+        F = lapack.dtrtrs(f.LS[:h, :h], right, lower=1)[0]  # F_bot (h x q)
+        D = f.G11 - np.matmul(Phi.transpose(0, 2, 1), Phi)
+        G12_rest = G12.reshape(q1, q2) - np.matmul(Phi.transpose(0, 2, 1), Psi).reshape(q1, q2)
+        G22_rest = G22 - Psi.reshape(q1, q2).T @ Psi.reshape(q1, q2)
+
+        def parts(rows):  # R or Q from F_bot's first `rows` rows: the first term's H, its blocks' diagonal, Q_12, Q_22
+            F1, F2 = F[:rows, :q1], F[:rows, q1:]
+            H = np.ascontiguousarray(F1.T).reshape(n1, k, rows)
+            C = np.matmul(H, H.transpose(0, 2, 1))
+            return H, C, G12_rest - F1.T @ F2, G22_rest - F2.T @ F2
+
+        HQ, CQ, Q12, Q22 = parts(h)
+        HR, CR, R12, R22 = (HQ, CQ, Q12, Q22) if reml or p == 0 else parts(q2)
+        # Z'e at the modes: Z'y - Z'Z Lambda u - Z'X beta (cross-products of the system's columns)
+        v = self.relcov.apply(factors, u)
+        v1, v2 = v[:q1].reshape(n1, k, 1), v[q1:]
+        w = np.empty(q1 + q2)
+        w[:q1] = (np.matmul(f.G11, v1)[:, :, 0] + G12 @ v2).reshape(q1)
+        w[q1:] = G12.reshape(q1, q2).T @ v[:q1] + G22 @ v2
+        w = c.Zty - w - c.ZtX @ beta
+        # the first term with itself: P [j i, r s] and Y [i j, r s] as _psi_hessian forms them from explicit blocks
+        O = HR.reshape(n1, k * HR.shape[2])
+        O = (O.T @ O).reshape(k, -1, k, HR.shape[2]).transpose(0, 2, 1, 3).reshape(k * k, -1)  # [i j, a b]
+        PP = np.einsum("lir,ljs->irjs", D, D - CR) - np.einsum("lir,ljs->irjs", CR, D)
+        PP += (O @ O.T).reshape(k, k, k, k).transpose(0, 2, 1, 3)  # [i j, r s] -> [i r, j s]
+        P = PP.transpose(2, 0, 1, 3).reshape(k * k, k * k)
+        w1 = w[:q1].reshape(n1, k)
+        Zq = np.einsum("li,lja->ija", w1, HQ).reshape(k * k, h)
+        Y = np.einsum("li,ljr,ls->ijrs", w1, D, w1) - (Zq @ Zq.T).reshape(k, k, k, k).transpose(0, 1, 3, 2)
+        # R's entries at the trace positions: the first term's from its diagonal blocks D - C, the others' from R22
+        _, _, _, rows, cols, _ = self._templates_tables
+        traces = np.empty(rows.size)
+        inside = rows < q1
+        traces[inside] = (D - CR).reshape(-1)[(rows[inside] // k) * k * k + (rows[inside] % k) * k + cols[inside] % k]
+        traces[~inside] = R22[rows[~inside] - q1, cols[~inside] - q1]
+
+        def blocks(a, b):  # (a: a later term's columns; b: the first term's, or a later term's)
+            a = slice(a.start - q1, a.stop - q1)
+            if b.start < q1:
+                return R12[:, a].T, Q12[:, a].T
+            b = slice(b.start - q1, b.stop - q1)
+            return R22[a, b], Q22[a, b]
+
+        scale = dof / max(f.r2, _TINY)
+        return self._psi_hessian(theta, traces, w, scale, dof, blocks, (P, Y.reshape(k * k, k * k)))
 
     def single_term(self, factors, reml: bool, dof: int) -> np.ndarray | None:
         """The gradient at the factor's last refactorization where the eliminated first term is all there is (q2 = 0:

@@ -641,13 +641,10 @@ class PenalizedSystem:
 
     @property
     def supports_hessian(self) -> bool:
-        """Whether `working_deviance_hessian` is available: the system held dense whole (ProfiledGradient.
-        compact_hessian), or one k x k term eliminated level by level, a growth curve's (single_term_hessian; a
-        random intercept's: scalar_term_hessian)."""
-        factor = self._factor
-        if not isinstance(factor, DenseFactor):
-            return False
-        return factor.q1 == 0 or factor.q2 == 0
+        """Whether `working_deviance_hessian` is available: a system held dense, whole (ProfiledGradient.
+        compact_hessian), one k x k term eliminated level by level, a growth curve's (single_term_hessian; a random
+        intercept's: scalar_term_hessian), or the first term eliminated beside others (eliminated_hessian)."""
+        return isinstance(self._factor, DenseFactor)
 
     def working_deviance_hessian(self, working, reml: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
         """(deviance, exact gradient, exact Hessian) in the optimizer's coordinates (`supports_hessian` systems);
@@ -673,14 +670,25 @@ class PenalizedSystem:
                 return deviance, gradient, None
             parts = self._gradient.single_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
             return deviance, gradient, None if parts is None else parts[1]
+        if self._gradient is None:
+            self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
+        assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
+        if factor.q1:  # the first term eliminated beside others: from the evaluation and its modes
+            ev = self.evaluate_working(working, reported=False)
+            deviance = self.profiled_deviance(ev, reml)
+            if not np.isfinite(deviance) or not factor.r2 > 0:
+                return deviance, np.zeros(n), None
+            beta, u = self.modes(ev)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                gradient, hessian = self._gradient.eliminated_hessian(
+                    working, ev.factors, beta, u, reml, self.dof(reml)
+                )
+            return deviance, gradient, hessian
         factors = self.relcov.factors(working)
         self._last_evaluation = None
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             if not self._refactor_dense(None, factors) or not factor.finite:
                 return np.inf, np.zeros(n), None
-            if self._gradient is None:
-                self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
-            assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
             parts = self._gradient.compact_hessian(working, reml, self.dof(reml))
         deviance = self._deviance(factor.logdet(), factor.logdet_RX2, factor.r2, reml)
         if parts is None:
