@@ -216,7 +216,7 @@ def test_exog_vc_round_trips_in_statsmodels_layout(slopes_df, slopes_fit):
 
 def test_build_system_is_the_deviance_function(slopes_fit):
     system = slopes_fit.model.build_system()
-    # (random slopes beside a variance component, 200 columns: held whole, DENSE_WHOLE_SLOPES_MAX_ORDER)
+    # (random slopes beside a variance component, 200 columns: held dense, the first term eliminated)
     assert system.factorization_mode == "dense"
     assert -0.5 * system.deviance(slopes_fit.fit_result.theta, True) == pytest.approx(slopes_fit.llf, rel=1e-13)
 

@@ -363,7 +363,7 @@ def test_a_first_term_with_slopes_eliminated_beside_others_has_the_exact_hessian
 
 @pytest.mark.parametrize("reml", [True, False])
 def test_nested_slopes_eliminated_are_fitted_by_newton_steps_to_bobyqas_optimum(reml):
-    """The default fit of children with slopes in schools (order 537: eliminated, above DENSE_WHOLE_SLOPES_MAX_ORDER)
+    """The default fit of children with slopes in schools (order 537: the first term eliminated beside the schools')
     takes Newton steps with eliminated_hessian: at most 6 evaluations (L-BFGS-B took 14-17 here and 43-45 on
     egsingle's children in 8 schools), ending where BOBYQA ends or lower."""
     fit = sm.lmer("y ~ x + (x | child) + (x | school)", _nested_slopes(260, 7), reml=reml)

@@ -639,7 +639,7 @@ def test_a_fit_from_the_covariance_start_reaches_lme4s_start_optimum_in_fewer_ev
 ):
     """Terms with slopes in several groupings (where neither moment start applies) start from MINQUE's moments: the
     same optimum as from lme4's start (to 1e-8 in the log-likelihood), in at most `most` evaluations where lme4's
-    start took 8-11 (crossed) and 6 (nested slopes, held whole at order 183: DENSE_WHOLE_SLOPES_MAX_ORDER)."""
+    start took 8-11 (crossed) and 6 (nested slopes, order 183: the first term eliminated beside the others)."""
     from sparsemix.fit import pipeline
 
     data = make()

@@ -275,7 +275,8 @@ class ProfiledGradient:
         right[q2:, q1:] = f.GRR[q2 : q2 + p, :q2]
         right[:, :q1] -= first_rows
         right[:, q1:] -= Wh.T @ Psi.reshape(q1, q2)
-        F = lapack.dtrtrs(f.LS[:h, :h], right, lower=1)[0]  # F_bot (h x q)
+        inverse, _ = lapack.dtrtri(f.LS[:h, :h], lower=1)  # (then a product: trtrs took twice as long at h = 102)
+        F = np.tril(inverse) @ right  # F_bot (h x q)
         D = f.G11 - np.matmul(Phi.transpose(0, 2, 1), Phi)
         G12_rest = G12.reshape(q1, q2) - np.matmul(Phi.transpose(0, 2, 1), Psi).reshape(q1, q2)
         G22_rest = G22 - Psi.reshape(q1, q2).T @ Psi.reshape(q1, q2)
@@ -303,7 +304,8 @@ class ProfiledGradient:
         P = PP.transpose(2, 0, 1, 3).reshape(k * k, k * k)
         w1 = w[:q1].reshape(n1, k)
         Zq = np.einsum("li,lja->ija", w1, HQ).reshape(k * k, h)
-        Y = np.einsum("li,ljr,ls->ijrs", w1, D, w1) - (Zq @ Zq.T).reshape(k, k, k, k).transpose(0, 1, 3, 2)
+        Y = (w1.T @ (D[:, :, :, None] * w1[:, None, None, :]).reshape(n1, -1)).reshape(k, k, k, k)  # sum_l w D w
+        Y -= (Zq @ Zq.T).reshape(k, k, k, k).transpose(0, 1, 3, 2)
         # R's entries at the trace positions: the first term's from its diagonal blocks D - C, the others' from R22
         _, _, _, rows, cols, _ = self._templates_tables
         traces = np.empty(rows.size)

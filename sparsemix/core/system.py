@@ -66,10 +66,16 @@ SCHUR_ALONE_MIN_DEGREE = 64
 DENSE_BY_DEFAULT = True
 DENSE_MAX_Q = 1000
 DENSE_MAX_ORDER = 64
-# ... and up to this order where every term is scalar (variance components, a random intercept beside many fixed
-# effects): scored (fit/scoring.py) or with the exact Hessian, quicker there than the Schur form's scoring or CHOLMOD's
-# BOBYQA; from ~150 the Schur form is as quick (docs/performance-scale.md, sixteenth session).
+# ... and up to this order after an eliminated first term where the terms after it are scalar (variance components,
+# a random intercept beside many fixed effects): scored (fit/scoring.py) or with the exact Hessian, quicker there than
+# the Schur form's scoring or CHOLMOD's BOBYQA; from ~150 the Schur form is as quick (docs/performance-scale.md,
+# sixteenth session) ...
 DENSE_SCALAR_REST_MAX_ORDER = 128
+# ... and up to this one with slopes, with the exact Hessian (ProfiledGradient.eliminated_hessian): 3-5 evaluations
+# where the Schur form's BOBYQA took 120-220 (simulated crossed subjects x items with slopes, orders 83-93 after the
+# first term: 0.15-0.25 of the time) and CHOLMOD's 140-170 (children in 40 schools, 83: 0.6); at 103 (children in 50
+# schools) the Schur form's information steps were 1.3x quicker (nineteenth session)
+DENSE_SLOPES_REST_MAX_ORDER = 96
 # Several terms are held whole (nothing eliminated) up to this order, and crossed ones with slopes
 # (`densely_linked`) up to DENSE_WHOLE_CROSSED_MAX_ORDER: there the exact Hessian applies (ProfiledGradient.
 # compact_hessian) and Newton steps with it take a quarter to a sixth of L-BFGS-B's evaluations on the eliminated
@@ -82,10 +88,10 @@ DENSE_SCALAR_REST_MAX_ORDER = 128
 # whole).
 DENSE_WHOLE_MAX_ORDER = 128
 DENSE_WHOLE_CROSSED_MAX_ORDER = 400
-# ... and terms with slopes, nested or not, up to this order: from MINQUE's start (pilot.covariance_start) the exact
-# Hessian's steps take 3-4 evaluations where the eliminated layout's L-BFGS-B took 14-16 (nested schools with slopes
-# and classes, orders 178-243: 18-22 ms -> 9-19 ms); at 280-350 either way ~25-37 ms (docs/performance-scale.md,
-# eighteenth session)
+# ... and terms with slopes up to this order where the first term has at most half the columns: eliminated, it would
+# leave most of the system in the dense rest (statsmodels' `re_formula="1 + x"` in 40 groups beside a variance
+# component of 120 levels, order 203: 13 ms whole, 17 eliminated); where it has more, eliminating pays (nested
+# schools with slopes and classes, orders 183-243: 9-15 ms whole, 9-11 eliminated; nineteenth session)
 DENSE_WHOLE_SLOPES_MAX_ORDER = 256
 # Where a term has slopes (k > 1), CHOLMOD's factors come with no gradient (BOBYQA) and the Schur form's with the
 # exact one and the average information (Newton steps): a factorization in CHOLMOD counts this many of the Schur
@@ -441,14 +447,15 @@ class PenalizedSystem:
         if len(rc.blocks) > 1:
             whole = DENSE_WHOLE_MAX_ORDER
             slopes = any(template.k > 1 for _, template in rc.blocks)  # (crossed scalar terms: the Schur form scores)
-            if slopes and whole < order <= DENSE_WHOLE_SLOPES_MAX_ORDER:
-                whole = order
+            if slopes and whole < order <= DENSE_WHOLE_SLOPES_MAX_ORDER and 2 * q1 <= rc.q:
+                whole = order  # (eliminating the first term would leave most of the system in the dense rest)
             elif slopes and whole < order <= DENSE_WHOLE_CROSSED_MAX_ORDER and self.densely_linked:
                 whole = order
         eliminate = (compiled or order > whole) and schur_applicable(self.cross.ZtZ, q1, k1)
         q1 = q1 if eliminate else 0
         too_many = rc.q > DENSE_MAX_Q and q1 < rc.q
-        rest = DENSE_SCALAR_REST_MAX_ORDER if self.scalar_terms else DENSE_MAX_ORDER
+        rest_scalar = all(template.k == 1 for _, template in rc.blocks[1:])
+        rest = DENSE_SCALAR_REST_MAX_ORDER if rest_scalar else DENSE_SLOPES_REST_MAX_ORDER
         if not forced and (too_many or rc.q - q1 + self.cross.p + 1 > (rest if q1 else whole)):
             return None
         return DenseFactor(self.cross, rc, eliminate)
@@ -645,6 +652,12 @@ class PenalizedSystem:
         compact_hessian), one k x k term eliminated level by level, a growth curve's (single_term_hessian; a random
         intercept's: scalar_term_hessian), or the first term eliminated beside others (eliminated_hessian)."""
         return isinstance(self._factor, DenseFactor)
+
+    @property
+    def first_eliminated_beside_others(self) -> bool:
+        """Whether the system is held dense with its first term eliminated level by level and terms after it."""
+        factor = self._factor
+        return isinstance(factor, DenseFactor) and factor.q1 > 0 and factor.q2 > 0
 
     def working_deviance_hessian(self, working, reml: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
         """(deviance, exact gradient, exact Hessian) in the optimizer's coordinates (`supports_hessian` systems);

@@ -333,7 +333,7 @@ def batched_applies(system: PenalizedSystem, method: str = DEFAULT_OPTIMIZER) ->
         system.factorization_mode == "dense"
         and system.relcov.q <= DENSE_MAX_Q
         and method in (DEFAULT_OPTIMIZER, GRADIENT_METHOD)
-        and (not system.diagonal_runs or system.supports_hessian)
+        and not (system.diagonal_runs and system.first_eliminated_beside_others)
     )
 
 
