@@ -569,7 +569,7 @@ COVARIANCE_START_MAX_Q = 1000
 COVARIANCE_WEIGHTED_MAX_Q = 400
 
 
-def covariance_start(system, max_q: int = COVARIANCE_START_MAX_Q) -> np.ndarray | None:
+def covariance_start(system, max_q: int = COVARIANCE_START_MAX_Q, weighted: bool = True) -> np.ndarray | None:
     """theta (reported coordinates) for any terms, slopes and several groupings among them, from the moment
     equations of MINQUE on the cross-products: with P the REML projection under V = I + Z Lambda Lambda' Z' (the
     system's working columns), M = Z'PZ and w = Z'Py, the sum over a term's levels of w_(l,a) w_(l,b) has the
@@ -584,7 +584,8 @@ def covariance_start(system, max_q: int = COVARIANCE_START_MAX_Q) -> np.ndarray 
     estimate). Each Sigma_s / sigma^2 becomes a factor as components_start's variances (at least
     COMPONENTS_MIN_RATIO) and moment_start's correlations (eigenvalues at least MOMENT_LIFTED_EIGENVALUE). Where
     neither moment_start nor components_start applies, in place of lme4's start (docs/lme4.md has the evaluations).
-    None where the equations are singular, sigma^2 <= 0, or q > max_q."""
+    `weighted` False: the unweighted estimate only. None where the equations are singular, sigma^2 <= 0, or q >
+    max_q."""
     rc, cross = system.relcov, system.cross
     # (with no more rows than random and fixed effects the residual variance is not told apart from the terms':
     # three rows in two groups with slopes stopped at a finite point of a deviance that falls without bound)
@@ -598,7 +599,7 @@ def covariance_start(system, max_q: int = COVARIANCE_START_MAX_Q) -> np.ndarray 
     # evaluations (3 ms at Exam's 195 columns). Several terms share rows, and unweighted sums mix their variances
     # (Pixel's nested day slopes: 22 evaluations from the unweighted estimate, 5 weighted, 7 from lme4's start),
     # up to COVARIANCE_WEIGHTED_MAX_Q columns.
-    for _ in range(2 if len(rc.blocks) > 1 and rc.q <= COVARIANCE_WEIGHTED_MAX_Q else 1):
+    for _ in range(2 if weighted and len(rc.blocks) > 1 and rc.q <= COVARIANCE_WEIGHTED_MAX_Q else 1):
         found = _moment_equations(G, cross, rc, working)
         if found is None:
             break

@@ -70,7 +70,10 @@ def fit_system(
         if start_theta is None:  # variance components up to 1,000 levels, held dense or not: their moments
             start_theta = components = components_start(system, reml)  # (a 100-level intercept: 17 -> 5 evaluations)
         if start_theta is None and optimized.supports_gradient:  # any other terms: MINQUE's moments, for the
-            start_theta = covariance_start(system)  # derivatives' steps (BOBYQA in CHOLMOD took as many from them)
+            # derivatives' steps (BOBYQA in CHOLMOD took as many from them); unweighted where the first term is
+            # eliminated beside others, whose evaluations cost less than the weighted pass's dense q x q algebra
+            weighted = not optimized.first_eliminated_beside_others
+            start_theta = covariance_start(system, weighted=weighted)
     if start_theta is None:
         start_theta = fallback_start
     if pilot is not None and pilot_wanted(method, free, optimized):
