@@ -74,7 +74,9 @@ DENSE_SCALAR_REST_MAX_ORDER = 128
 # ... and up to this one with slopes, with the exact Hessian (ProfiledGradient.eliminated_hessian): 3-5 evaluations
 # where the Schur form's BOBYQA took 120-220 (simulated crossed subjects x items with slopes, orders 83-93 after the
 # first term: 0.15-0.25 of the time) and CHOLMOD's 140-170 (children in 40 schools, 83: 0.6); at 103 (children in 50
-# schools) the Schur form's information steps were 1.3x quicker (nineteenth session)
+# schools) the Schur form's information steps were 1.3x quicker; where eliminating the first term fills the rest
+# (`densely_linked`: crossed) up to DENSE_WHOLE_CROSSED_MAX_ORDER (subjects x items with slopes, 300 x 100, 203 after
+# the first term: 4 evaluations, 0.1 s, where the Schur form's BOBYQA took 247, 0.9 s; nineteenth session)
 DENSE_SLOPES_REST_MAX_ORDER = 96
 # Several terms are held whole (nothing eliminated) up to this order, and crossed ones with slopes
 # (`densely_linked`) up to DENSE_WHOLE_CROSSED_MAX_ORDER: there the exact Hessian applies (ProfiledGradient.
@@ -456,7 +458,10 @@ class PenalizedSystem:
         too_many = rc.q > DENSE_MAX_Q and q1 < rc.q
         rest_scalar = all(template.k == 1 for _, template in rc.blocks[1:])
         rest = DENSE_SCALAR_REST_MAX_ORDER if rest_scalar else DENSE_SLOPES_REST_MAX_ORDER
-        if not forced and (too_many or rc.q - q1 + self.cross.p + 1 > (rest if q1 else whole)):
+        order2 = rc.q - q1 + self.cross.p + 1
+        if q1 and not rest_scalar and rest < order2 <= DENSE_WHOLE_CROSSED_MAX_ORDER and self.densely_linked:
+            rest = order2  # (crossed: CHOLMOD's and the Schur form's factors fill in as this one does)
+        if not forced and (too_many or order2 > (rest if q1 else whole)):
             return None
         return DenseFactor(self.cross, rc, eliminate)
 
