@@ -242,6 +242,19 @@ class ProfiledGradient:
         n_theta = theta.size  # (g_psi's weighting of S as one product: np.tensordot's wrapper cost 20 us a call)
         return J.T @ g_psi, J.T @ H_psi @ J + (g_psi @ second.reshape(g_psi.size, -1)).reshape(n_theta, n_theta)
 
+    def _residual_products(self, factors, beta: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """Z'e, e = y - X beta - Z Lambda u (beta relative to cross.beta_ols), from the cross-products: Z'Z by blocks,
+        the first term's per level where it is eliminated."""
+        f, c = self.factor, self.cross
+        q1, q2 = f.q1, f.q2
+        v = self.relcov.apply(factors, u)  # Lambda u
+        ZtZv = np.empty(q1 + q2)
+        ZtZv[q1:] = self._ZtZ22 @ v[q1:]
+        if q1:
+            ZtZv[q1:] += self._ZtZ12.T @ v[:q1]
+            ZtZv[:q1] = np.matmul(f.G11, v[:q1].reshape(f.n1, f.k1, 1)).reshape(q1) + self._ZtZ12 @ v[q1:]
+        return c.Zty - ZtZv - c.ZtX @ beta
+
     def eliminated_hessian(self, theta, factors, beta, u, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray]:
         """The gradient and the exact Hessian in theta (the optimizer's coordinates; `factors` its templates, at
         which the factor was last refactorized; beta and u the modes there) where the first term is eliminated level
@@ -289,13 +302,7 @@ class ProfiledGradient:
 
         HQ, CQ, Q12, Q22 = parts(h)
         HR, CR, R12, R22 = (HQ, CQ, Q12, Q22) if reml or p == 0 else parts(q2)
-        # Z'e at the modes: Z'y - Z'Z Lambda u - Z'X beta (cross-products of the system's columns)
-        v = self.relcov.apply(factors, u)
-        v1, v2 = v[:q1].reshape(n1, k, 1), v[q1:]
-        w = np.empty(q1 + q2)
-        w[:q1] = (np.matmul(f.G11, v1)[:, :, 0] + G12 @ v2).reshape(q1)
-        w[q1:] = G12.reshape(q1, q2).T @ v[:q1] + G22 @ v2
-        w = c.Zty - w - c.ZtX @ beta
+        w = self._residual_products(factors, beta, u)  # Z'e at the modes
         # the first term with itself: P [j i, r s] and Y [i j, r s] as _psi_hessian forms them from explicit blocks
         O = HR.reshape(n1, k * HR.shape[2])
         O = (O.T @ O).reshape(k, -1, k, HR.shape[2]).transpose(0, 2, 1, 3).reshape(k * k, -1)  # [i j, a b]
@@ -476,8 +483,6 @@ class ProfiledGradient:
         L22inv = np.tril(L22inv)
         Minv22 = L22inv.T @ L22inv
         B22 = self._rest.apply_transpose(factors[f.first :], self._ZtZ22)  # Lambda_2' (Z'Z)_22
-        v = relcov.apply(factors, u)  # Lambda u
-        ZtZv = self._ZtZ22 @ v[q1:]  # (Z'Z Lambda u), rest rows
         if first:
             # L^{-1}'s block Linv21 = -L22^{-1} L21 L11^{-1}; M^{-1}'s first-term diagonal blocks D and rows Minv21
             L11inv = _lower_inverses(f.L11)
@@ -491,10 +496,6 @@ class ProfiledGradient:
             B21 = self._rest.apply_transpose(factors[f.first :], self._ZtZ12.T)
             G_first = np.matmul(D, B11) + np.einsum("jla,jlb->lab", Minv21.reshape(q2, n1, k1), B21.reshape(q2, n1, k1))
             G_rest = Minv21 @ B12 + Minv22 @ B22
-            v1 = v[:q1]
-            ZtZv = ZtZv + self._ZtZ12.T @ v1
-            ZtZv1 = np.matmul(f.G11, v1.reshape(n1, k1, 1)).reshape(q1) + self._ZtZ12 @ v[q1:]
-            ZtZv = np.concatenate([ZtZv1, ZtZv])
         else:
             G_rest = Minv22 @ B22
         if reml and p:
@@ -516,7 +517,7 @@ class ProfiledGradient:
                 XtZ1 = self._XtZ[:, :q1].reshape(p, n1, k1)
                 G_first = G_first - np.einsum("lap,plb->lab", YRt[:q1].reshape(n1, k1, p), XtZ1)
 
-        Ze = c.Zty - ZtZv - c.ZtX @ beta  # Z'e
+        Ze = self._residual_products(factors, beta, u)
         return self._combine(G_first if first else np.zeros((0, 1, 1)), G_rest, Ze, u, dof / max(ev.r2, _TINY))
 
     def _combine(self, G_first, G_rest, Ze, u, scale) -> np.ndarray:

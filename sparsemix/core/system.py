@@ -671,27 +671,22 @@ class PenalizedSystem:
         working = np.asarray(working, dtype=float)
         factor = self._factor
         n = self.relcov.n_theta
+        if self._gradient is None:
+            self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
+        derivatives = self._gradient
+        assert isinstance(derivatives, ProfiledGradient)  # a DenseFactor's
         if factor.q2 == 0 and factor.k1 == 1:  # a random intercept alone: all three from the cross-products
-            if self._gradient is None:
-                self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
-            assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
-            found = self._gradient.scalar_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
+            found = derivatives.scalar_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
             if found is not None:  # (the factor is left where it was: the solve at the end point refactors)
                 gradient, hessian, (logdet, logdet_RX2, r2) = found
                 self.n_evaluations += 1
                 return self._deviance(logdet, logdet_RX2, r2, reml), gradient, hessian
         if factor.q2 == 0:  # one k x k term: the compiled deviance and gradient, the Hessian from the products
             deviance, gradient = self.working_deviance_gradient(working, reml)
-            if not np.isfinite(deviance):
+            if not np.isfinite(deviance) or factor.k1 == 1:  # (a random intercept: scalar_term_hessian found none)
                 return deviance, gradient, None
-            assert isinstance(self._gradient, ProfiledGradient)  # (made by the gradient's evaluation)
-            if factor.k1 == 1:  # (scalar_term_hessian found no Hessian above)
-                return deviance, gradient, None
-            parts = self._gradient.single_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
+            parts = derivatives.single_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
             return deviance, gradient, None if parts is None else parts[1]
-        if self._gradient is None:
-            self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
-        assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
         if factor.q1:  # the first term eliminated beside others: from the evaluation and its modes
             ev = self.evaluate_working(working, reported=False)
             deviance = self.profiled_deviance(ev, reml)
@@ -699,16 +694,14 @@ class PenalizedSystem:
                 return deviance, np.zeros(n), None
             beta, u = self.modes(ev)
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                gradient, hessian = self._gradient.eliminated_hessian(
-                    working, ev.factors, beta, u, reml, self.dof(reml)
-                )
+                gradient, hessian = derivatives.eliminated_hessian(working, ev.factors, beta, u, reml, self.dof(reml))
             return deviance, gradient, hessian
         factors = self.relcov.factors(working)
         self._last_evaluation = None
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             if not self._refactor_dense(None, factors) or not factor.finite:
                 return np.inf, np.zeros(n), None
-            parts = self._gradient.compact_hessian(working, reml, self.dof(reml))
+            parts = derivatives.compact_hessian(working, reml, self.dof(reml))
         deviance = self._deviance(factor.logdet(), factor.logdet_RX2, factor.r2, reml)
         if parts is None:
             return deviance, np.zeros(n), None
