@@ -165,9 +165,8 @@ class DenseFactor:
             M = np.matmul(np.matmul(T1.T, self.G11), T1)
             M[:, np.arange(self.k1), np.arange(self.k1)] += 1.0
             self.L11 = L11 = np.linalg.cholesky(M)  # LinAlgError where not positive definite
-            W = _batched_lower_solve(L11, np.matmul(T1.T, B)).reshape(
-                self.q1, -1
-            )  # (numpy's solve: LU, 2 ms at 400 x 2)
+            # (triangular solves by levels: numpy's solve, an LU, took 2 ms here at 400 levels of 2 x 2)
+            W = _batched_lower_solve(L11, np.matmul(T1.T, B)).reshape(self.q1, -1)
             logdet1 = 2.0 * float(np.log(np.diagonal(L11, axis1=1, axis2=2)).sum())
         S -= W.T @ W
         return S, W, logdet1

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import lapack
 
-__all__ = ["ProfiledGradient", "SchurGradient"]
+__all__ = ["ProfiledGradient", "SchurGradient", "level_pair_products"]
 
 _TINY = float(np.finfo(float).tiny)  # r^2 of an interpolating fit, as the deviance takes it (system.py)
 
@@ -230,8 +230,7 @@ class ProfiledGradient:
                     P, Y = first
                 else:
                     R_ts, Q_ts = blocks(slt, sls)
-                    X = R_ts.reshape(nt, kt, ns, ks).transpose(1, 3, 0, 2).reshape(kt * ks, nt * ns)
-                    P = (X @ X.T).reshape(kt, ks, kt, ks).transpose(2, 0, 1, 3).reshape(kt * kt, ks * ks)  # [i j, r s]
+                    P = level_pair_products(R_ts, nt, kt, ns, ks).transpose(2, 0, 1, 3).reshape(kt * kt, ks * ks)
                     Y = (Wt.T @ Q_ts.reshape(nt, kt * ns * ks)).reshape(kt * kt, ns, ks)  # [i j, m, r]
                     Y = np.matmul(Y.transpose(0, 2, 1), Ws).reshape(kt * kt, ks * ks)  # [i j, r s]
                 block = it.select @ (scale * 2.0 * Y - P) @ is_.select.T
@@ -276,13 +275,12 @@ class ProfiledGradient:
         rest = factors[f.first :]
         A = _lower_inverses(f.L11) @ factors[0].T  # L11_l^{-1} T1'
         Phi = A @ f.G11  # (n1, k, k)
-        G12 = f.G1R[:, :, :q2]
-        Psi = np.matmul(A, G12)  # (n1, k, q2)
-        G22 = f.GRR[:q2, :q2]
+        G12, G22 = self._ZtZ12, self._ZtZ22  # (q1 x q2: G12's copy out of G1R kept, not made three times a call)
+        Psi = np.matmul(A, G12.reshape(n1, k, q2))  # (n1, k, q2)
         Wh = f.W[:, :h]
         first_rows = np.matmul(Wh.reshape(n1, k, h).transpose(0, 2, 1), Phi).transpose(1, 0, 2).reshape(h, q1)
         right = np.empty((h, q1 + q2))
-        right[:q2, :q1] = self._rest.apply_transpose(rest, G12.reshape(q1, q2).T)
+        right[:q2, :q1] = self._rest.apply_transpose(rest, G12.T)
         right[:q2, q1:] = self._rest.apply_transpose(rest, G22)
         right[q2:, :q1] = f.G1R[:, :, q2 : q2 + p].reshape(q1, p).T
         right[q2:, q1:] = f.GRR[q2 : q2 + p, :q2]
@@ -291,7 +289,7 @@ class ProfiledGradient:
         inverse, _ = lapack.dtrtri(f.LS[:h, :h], lower=1)  # (then a product: trtrs took twice as long at h = 102)
         F = np.tril(inverse) @ right  # F_bot (h x q)
         D = f.G11 - np.matmul(Phi.transpose(0, 2, 1), Phi)
-        G12_rest = G12.reshape(q1, q2) - np.matmul(Phi.transpose(0, 2, 1), Psi).reshape(q1, q2)
+        G12_rest = G12 - np.matmul(Phi.transpose(0, 2, 1), Psi).reshape(q1, q2)
         G22_rest = G22 - Psi.reshape(q1, q2).T @ Psi.reshape(q1, q2)
 
         def parts(rows):  # R or Q from F_bot's first `rows` rows: the first term's H, its blocks' diagonal, Q_12, Q_22
@@ -664,6 +662,14 @@ def _level_starts(sl: slice, k: int) -> np.ndarray:
     """For each column of a term's slice (q2 coordinates), the first column of its level."""
     local = np.arange(sl.stop - sl.start)
     return sl.start + (local // k) * k
+
+
+def level_pair_products(block: np.ndarray, nt: int, kt: int, ns: int, ks: int) -> np.ndarray:
+    """[a, c, b, d] = sum over the level pairs (l, m) of block_(la),(mc) block_(lb),(md), for a block of two terms'
+    columns (nt levels of kt, ns levels of ks; level-major): one Gram product (the Hessian's traces and MINQUE's
+    moment equations)."""
+    X = block.reshape(nt, kt, ns, ks).transpose(1, 3, 0, 2).reshape(kt * ks, nt * ns)
+    return (X @ X.T).reshape(kt, ks, kt, ks)
 
 
 def _level_products(left: np.ndarray, right: np.ndarray) -> np.ndarray:

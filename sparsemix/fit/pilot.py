@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import lapack
 
+from ..core.gradient import level_pair_products
 from ..core.terms import RandomTerm, level_entries
 from .optimize import warm_step
 from .scoring import fit_by_scoring
@@ -665,8 +666,7 @@ def _moment_equations(G, cross, rc, working):
         traces[rows] = np.where(at == bt, 1.0, 2.0) * own[bt, at]
         for s, (ns, ts, sls, cs, ds) in enumerate(terms):
             ks = ts.k
-            F = Mt[:, :, sls].reshape(nt, kt, ns, ks).transpose(1, 3, 0, 2).reshape(kt * ks, nt * ns)
-            H = (F @ F.T).reshape(kt, ks, kt, ks)  # [a, c, b, d]: sum over level pairs of M_(la),(mc) M_(lb),(md)
+            H = level_pair_products(Mt[:, :, sls], nt, kt, ns, ks)  # [a, c, b, d]
             block = H[at[:, None], cs, bt[:, None], ds]
             if ks > 1:  # Sigma_s[c, d] for c != d stands for [d, c] too
                 block += (cs != ds) * H[at[:, None], ds, bt[:, None], cs]
