@@ -4,6 +4,7 @@ The dense reference uses the marginal model y ~ N(X beta, sigma^2 (I + Z Lambda 
 independently of the penalized least-squares formulation the engine uses.
 """
 
+import os
 import time
 
 import numpy as np
@@ -581,6 +582,47 @@ def test_a_fit_runs_on_one_blas_thread_and_its_threaded_stages_take_back_the_cal
         assert threads_now() == 2 and threads._depth[0] == 0 and threads._outer_threads[0] == 1
 
 
+def test_a_fit_in_a_worker_thread_runs_on_one_blas_thread_until_the_last_fit_ends():
+    """threadpoolctl 3.8 sets BLAS's (process-wide) threads only from the first Python thread that sets them: a fit
+    in a worker thread ran its LAPACK calls on the caller's threads (its last digits then differed from the same fit
+    in the main thread). And the caller's setting comes back when the last fit open in any thread ends, not the
+    first: a fit still running in another thread went on with two."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    import sparsemix.core.threads as threads
+
+    libs = threads.blas_libraries().lib_controllers
+
+    def threads_now():
+        return max(lib.num_threads for lib in libs)
+
+    assert threads_now() > 1 or os.cpu_count() == 1
+    before = threads_now()
+    with threads.fit_threads():  # (the main thread takes threadpoolctl's control first)
+        assert threads_now() == 1
+    opened, closed = Barrier(2), Barrier(2)
+
+    def fit(first: bool):
+        with threads.fit_threads():
+            inside = threads_now()
+            opened.wait()
+            if first:  # ends first: the other's scope is still open
+                after_first = None
+            else:
+                closed.wait()  # the first has ended
+                after_first = threads_now()
+        if first:
+            closed.wait()
+        return inside, after_first
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first, second = pool.submit(fit, True), pool.submit(fit, False)
+        (inside_1, _), (inside_2, after_first) = first.result(), second.result()
+    assert inside_1 == inside_2 == 1 and after_first == 1
+    assert threads_now() == before and threads._depth[0] == 0
+
+
 def _small_problems():
     """Small models for the dense path: one unstructured term; the engine's three terms (a diagonal and a scalar
     term after the first); two scalar terms; p = 0."""
@@ -671,9 +713,10 @@ def test_a_one_thread_scope_inside_another_sets_nothing_unless_threads_were_give
     libs = blas.lib_controllers
     now = lambda: max(lib.num_threads for lib in libs)
     calls = []
-    for cls in {type(lib) for lib in libs}:
-        setter = cls.set_num_threads
-        monkeypatch.setattr(cls, "set_num_threads", lambda self, n, setter=setter: calls.append(n) or setter(self, n))
+    for cls in {type(lib) for lib in libs}:  # (threadpoolctl 3.8's set_num_threads goes through _real_set_num_threads)
+        name = "_real_set_num_threads" if hasattr(cls, "_real_set_num_threads") else "set_num_threads"
+        setter = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, n, setter=setter: calls.append(n) or setter(self, n))
     monkeypatch.setattr(threads, "free_cores", lambda: 2)
     with blas.limit(limits=2):
         calls.clear()
@@ -771,13 +814,14 @@ def test_transform_columns_is_z_times_the_levels_transform(zeros, k):
 
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("gaps", [False, True])
-@pytest.mark.parametrize("direct_max", [0, 10**9])
-def test_level_layout_csc_sorts_its_entries_as_scipy_does(direct_max, gaps, k, monkeypatch):
-    """level_layout_csc's own sort (small terms; a scalar term's own path) and scipy's conversion (large ones) give
+@pytest.mark.parametrize("direct_max, scalar_max", [(0, 0), (0, 10**9), (10**9, 0)])
+def test_level_layout_csc_sorts_its_entries_as_scipy_does(direct_max, scalar_max, gaps, k, monkeypatch):
+    """level_layout_csc's own sort (small terms; a scalar term's radix sort) and scipy's conversion (large ones) give
     the same CSC arrays: rows ascending within each column, no zero stored, nothing for a row without a level (-1)."""
     from sparsemix.core import terms
 
     monkeypatch.setattr(terms, "DIRECT_CSC_MAX_ENTRIES", direct_max)
+    monkeypatch.setattr(terms, "SCALAR_DIRECT_MAX_ROWS", scalar_max)
     rng = np.random.default_rng(5)
     n, levels = 300, 17
     row_level = rng.integers(-1 if gaps else 0, levels, n)

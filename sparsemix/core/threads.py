@@ -53,6 +53,7 @@ _controller = None
 _outer_threads = [1]  # BLAS threads the caller had when the outermost single-threaded scope began
 _depth = [0]  # single-threaded scopes open (a whole fit is one; the engine's stages nest inside it)
 _raised = [0]  # scopes open that gave BLAS more threads (blas_threads(False), dense_threads)
+_outer_setting: list = []  # (library, threads) the outermost one-thread scope changed, put back when the last closes
 _lock = threading.Lock()
 
 
@@ -85,29 +86,52 @@ class _one_thread:
             # inside a one-thread scope that no stage has given threads back to, BLAS already runs one thread
             already = _depth[0] > 0 and _raised[0] == 0
             before = [] if already else [lib.num_threads for lib in libs]
-            if _depth[0] == 0:  # nested scopes keep the caller's setting, read when the outermost one began
+            outermost = _depth[0] == 0
+            if outermost:  # nested scopes keep the caller's setting, read when the outermost one began
                 _outer_threads[0] = max(before, default=1)
             _depth[0] += 1
-        # each library set directly: threadpoolctl's limit() (28 us, a small fit's 2%) reads every library's info
-        self._changed = [(lib, n) for lib, n in zip(libs, before) if n != 1]
-        try:
-            for lib, _ in self._changed:
-                lib.set_num_threads(1)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+            # each library set directly: threadpoolctl's limit() (28 us, a small fit's 2%) reads every library's info
+            changed = [(lib, n) for lib, n in zip(libs, before) if n != 1]
+            # the outermost scope's setting is put back when the last scope closes, whichever thread opened it: a fit
+            # in another Python thread may still be running (it then ran on with two threads: its last digits moved)
+            self._changed = [] if outermost else changed
+            if outermost:
+                _outer_setting[:] = changed
+            try:
+                for lib, _ in changed:
+                    _set_threads(lib, 1)
+            except BaseException:
+                self._changed = changed
+                self._close()
+                raise
         return self
 
     def __exit__(self, *exc):
+        with _lock:
+            self._close()
+        return False
+
+    def _close(self):
+        """(under _lock) This scope's setting back (one inside a stage given threads), the outermost's with the last."""
         try:
             for lib, n in self._changed:
-                lib.set_num_threads(n)
+                _set_threads(lib, n)
         finally:
-            with _lock:
-                _depth[0] -= 1
-                if _depth[0] == 0:
-                    _outer_threads[0] = 1  # outside any scope the stages run with the threads set now
-        return False
+            _depth[0] -= 1
+            if _depth[0] == 0:
+                outer, _outer_setting[:] = list(_outer_setting), []
+                _outer_threads[0] = 1  # outside any scope the stages run with the threads set now
+                for lib, n in outer:
+                    _set_threads(lib, n)
+
+
+def _set_threads(lib, threads: int) -> None:
+    """A BLAS library's process-wide thread count set from any Python thread: threadpoolctl 3.8's set_num_threads
+    does nothing outside the first thread that called it (a fit in a worker thread ran its LAPACK calls on two
+    threads: its last digits differed from the same fit's in the main thread). This module's scopes coordinate the
+    threads themselves (_depth, under _lock)."""
+    real = getattr(lib, "_real_set_num_threads", None)
+    (lib.set_num_threads if real is None else real)(threads)
 
 
 @contextmanager
