@@ -663,3 +663,22 @@ def test_the_covariance_start_is_left_out_where_it_cannot_tell_the_variances_apa
     data = _crossed_slopes(4)
     system = build_design("y ~ x + (x|subj) + (x|item)", data).system()
     assert covariance_start(system) is not None and covariance_start(system, max_q=system.relcov.q - 1) is None
+
+
+@pytest.mark.parametrize("sigma2", [1.0, 1e-10])
+def test_moments_too_large_to_factor_give_no_start(sigma2):
+    """MINQUE's moments on 12 rows of 2 groups reached variances ~1e15 whose correlation's Cholesky factor rounding
+    lost (numpy's LinAlgError out of lmer on one machine); relative to a small sigma^2 they overflow: no start, not
+    an error."""
+    from sparsemix.core.relcov import RelativeCovariance
+    from sparsemix.core.terms import CovarianceTemplate
+    from sparsemix.fit.pilot import _relative_factors
+
+    rc = RelativeCovariance([(2, CovarianceTemplate.unstructured(1)), (2, CovarianceTemplate.unstructured(3))])
+    # each term's covariance entries (lower triangle, column by column), then sigma^2
+    solved = np.array([1.0, 1e300, -4e299, 2e299, 1e300, -3e299, 1e300, sigma2])
+    found = _relative_factors(rc, solved)
+    if sigma2 == 1.0:  # (representable: a start)
+        assert found is not None and np.all(np.isfinite(found))
+    else:
+        assert found is None

@@ -677,11 +677,15 @@ def _moment_equations(G, cross, rc, working):
 def _relative_factors(rc, solved: np.ndarray) -> np.ndarray | None:
     """Working theta from covariance_start's solution (each term's covariance entries, then sigma^2): variances at
     least COMPONENTS_MIN_RATIO of sigma^2, correlations' eigenvalues at least MOMENT_LIFTED_EIGENVALUE; None where
-    sigma^2 <= 0 or a value is not finite."""
+    sigma^2 <= 0, a value (or its ratio to sigma^2) is not finite, or a covariance so far out that its factor is lost
+    to rounding."""
     sigma2 = solved[-1]
     if not (np.all(np.isfinite(solved)) and sigma2 > 0):
         return None
-    ratios = solved[:-1] / sigma2
+    with np.errstate(over="ignore"):
+        ratios = solved[:-1] / sigma2
+    if not np.all(np.isfinite(ratios)):
+        return None
     out, start = [], 0
     for _, template in rc.blocks:
         n = len(template.positions)
@@ -694,10 +698,13 @@ def _relative_factors(rc, solved: np.ndarray) -> np.ndarray | None:
         scale = np.sqrt(np.maximum(np.diag(S), COMPONENTS_MIN_RATIO))
         correlation = (S + S.T) / np.outer(scale, scale)
         np.fill_diagonal(correlation, 1.0)
-        eigenvalues, vectors = np.linalg.eigh(correlation)
-        if eigenvalues[0] < MOMENT_LIFTED_EIGENVALUE:
-            correlation = _lifted_correlation(eigenvalues, vectors)
-        out.append(template.theta_of(np.linalg.cholesky(correlation * np.outer(scale, scale))))
+        try:  # (variances ~1e15, MINQUE's on 12 rows of 2 groups: the factor lost to rounding; beyond, overflow)
+            eigenvalues, vectors = np.linalg.eigh(correlation)
+            if eigenvalues[0] < MOMENT_LIFTED_EIGENVALUE:
+                correlation = _lifted_correlation(eigenvalues, vectors)
+            out.append(template.theta_of(np.linalg.cholesky(correlation * np.outer(scale, scale))))
+        except np.linalg.LinAlgError:
+            return None
     return np.concatenate(out)
 
 
