@@ -59,16 +59,23 @@ def test_syntax_errors_point_at_the_token(formula, message, column):
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-@pytest.mark.parametrize("n", [1, 30, 400, 401, 999, 1000, 3000])
-def test_sorted_codes_of_text_are_numpys_unique_at_every_length(n, chunked):
+@pytest.mark.parametrize(
+    "n, numbered",
+    [(1, False), (30, False), (400, False), (401, False), (999, False), (1000, False), (3000, False), (3000, True)],
+)
+def test_sorted_codes_of_text_are_numpys_unique_at_every_length(n, numbered, chunked):
     """Text is factorized in Python (short columns) or by Arrow's dictionary encoding (long ones, in one chunk or
-    several): every path gives np.unique's sorted levels and inverse, code-point order included (accents, case,
-    digits, the empty string)."""
-    from sparsemix.formula.mixedlm import sorted_codes
+    several; its distinct values sorted in Python, or by Arrow where there are many: `numbered`, ~2,600): every
+    path gives np.unique's sorted levels and inverse, code-point order included (accents, case, digits, the empty
+    string)."""
+    from sparsemix.formula.mixedlm import PYTHON_SORT_MAX_LEVELS, sorted_codes
 
     rng = np.random.default_rng(n)
     alphabet = np.array(["b", "B", "a", "é", "e", "10", "9", "", "zz", "Ä", "a b", "日本"])
     values = pd.Series(alphabet[rng.integers(0, alphabet.size, n)]).astype("str")
+    if numbered:
+        values = values + pd.Series(rng.integers(0, 5000, n).astype(str)).astype("str")
+        assert values.nunique() > PYTHON_SORT_MAX_LEVELS
     if chunked:  # (pandas keeps a concatenation's Arrow chunks)
         values = pd.concat([values[: n // 2], values[n // 2 :]], ignore_index=True)
     codes, levels = sorted_codes(values)

@@ -135,6 +135,7 @@ class DenseFactor:
             [np.full(n * t.k, j, dtype=np.intp) for j, (n, t) in enumerate(rest)] + [np.full(p + 1, len(rest))]
         )
         self.rest_slices = [slice(int(s.start) - q1, int(s.stop) - q1) for s in relcov.column_slices[self.first :]]
+        self._rest_sizes = np.array([sl.stop - sl.start for sl in self.rest_slices], dtype=np.intp)
         self._diag2 = np.arange(q2) * (q2 + p + 2)  # flat positions of S's first q2 diagonal entries
 
     def _schur(self, factors):
@@ -279,7 +280,7 @@ class DenseFactor:
         level_trace = float(np.sum((L22_inverse @ (self.G1R[:, 0, :q2].T * scales[:, None] / m[None, :])) ** 2))
         first = float(np.sum(self._g11 / m)) - level_trace
         inverse_diagonal = np.einsum("ij,ij->j", L22_inverse, L22_inverse)  # diag(S^{-1}) = column norms of L22^{-1}
-        sizes = np.array([sl.stop - sl.start for sl in self.rest_slices])
+        sizes = self._rest_sizes
         rest = (sizes - np.add.reduceat(inverse_diagonal, np.cumsum(sizes) - sizes)) / lam_terms**2
         return np.concatenate([[first], rest])
 

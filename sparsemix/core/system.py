@@ -776,6 +776,10 @@ class PenalizedSystem:
         j = 0
         for (n, template), sl in zip(rc.blocks, rc.column_slices):
             k = template.k
+            if k == 1:  # (a variance component: its column is Z_t'e)
+                Vj[sl, j] = Zte[sl]
+                j += 1
+                continue
             v = Zte[sl].reshape(n, k)
             for a, bb in lower_pairs(k):
                 block = np.zeros((n, k))

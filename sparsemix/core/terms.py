@@ -182,6 +182,11 @@ del _checked
 # level_layout_csc sorts the entries itself up to this many (one argsort and one constructor: 26 us against 55 for a
 # 144-row random intercept); above, scipy's CSR-to-CSC conversion (a counting sort: 18 ms against 96 at 1,000,000).
 DIRECT_CSC_MAX_ENTRIES = 1_500
+# A scalar term's rows are sorted by level up to this many rows where the levels fit 16 bits (numpy's stable argsort
+# of uint16 is a radix sort: 68 us against scipy's conversion's 210 for a 3,435-row random intercept, 3.1 ms against
+# 4.2 at 100,000 rows, level at 1,000,000; docs/performance-scale.md, twentieth session).
+SCALAR_DIRECT_MAX_ROWS = 200_000
+RADIX_SORT_MAX_KEYS = 2**16
 
 
 def level_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -> sp.csc_matrix:
@@ -189,13 +194,14 @@ def level_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -
     row_level[i] (none where it is -1), zeros not stored: RandomTerm.from_codes' layout."""
     n, k = values.shape
     shape = (n, n_levels * k)
-    if k == 1 and n <= DIRECT_CSC_MAX_ENTRIES:  # a scalar term: its rows in level order are the entries
-        return _scalar_layout_csc(row_level, values[:, 0], n_levels)
+    direct = n * k <= DIRECT_CSC_MAX_ENTRIES
+    if k == 1 and (direct or (n <= SCALAR_DIRECT_MAX_ROWS and n_levels <= RADIX_SORT_MAX_KEYS)):
+        return _scalar_layout_csc(row_level, values[:, 0], n_levels)  # its rows in level order are the entries
     stored = values != 0
     if row_level.size and row_level.min() < 0:
         stored &= (row_level >= 0)[:, None]
     columns = row_level[:, None] * k + np.arange(k)
-    if n * k > DIRECT_CSC_MAX_ENTRIES:
+    if not direct:
         if stored.all():  # (a random intercept, a slope without zeros: no masks over n k entries)
             csr = (values.ravel(), columns.ravel(), np.arange(0, n * k + 1, k))
         else:
@@ -204,11 +210,18 @@ def level_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -
             csr = (values[stored], columns[stored], indptr)
         return sp.csr_matrix(csr, shape=shape).tocsc()
     column = columns[stored]
-    order = np.argsort(column, kind="stable")  # by column, rows ascending within one (row-major entries)
+    order = _stable_order(column, shape[1])  # by column, rows ascending within one (row-major entries)
     indptr = np.zeros(shape[1] + 1, dtype=np.int64)
     np.cumsum(np.bincount(column, minlength=shape[1]), out=indptr[1:])
     rows = np.broadcast_to(np.arange(n)[:, None], (n, k))[stored]
     return csc_from_arrays(values[stored][order], rows[order], indptr, shape)
+
+
+def _stable_order(keys: np.ndarray, n_keys: int) -> np.ndarray:
+    """np.argsort(keys, kind="stable") of keys in [0, n_keys): as uint16 where they fit (numpy's radix sort)."""
+    if n_keys <= RADIX_SORT_MAX_KEYS:
+        keys = keys.astype(np.uint16)
+    return np.argsort(keys, kind="stable")
 
 
 def _scalar_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int) -> sp.csc_matrix:
@@ -217,11 +230,11 @@ def _scalar_layout_csc(row_level: np.ndarray, values: np.ndarray, n_levels: int)
     if row_level.size and row_level.min() < 0:
         keep &= row_level >= 0
     if keep.all():
-        order = np.argsort(row_level, kind="stable")
+        order = _stable_order(row_level, n_levels)
         counts = np.bincount(row_level, minlength=n_levels)
     else:
         kept = np.flatnonzero(keep)
-        order = kept[np.argsort(row_level[kept], kind="stable")]
+        order = kept[_stable_order(row_level[kept], n_levels)]
         counts = np.bincount(row_level[kept], minlength=n_levels)
     indptr = np.zeros(n_levels + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])

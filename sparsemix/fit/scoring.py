@@ -101,7 +101,7 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
     if traces is None:
         return None
     c, rc = system.cross, system.relcov
-    sizes = np.array([n for n, _ in rc.blocks])
+    sizes, starts = rc.column_counts, rc.column_starts  # (scalar terms: a column a level)
     lam = np.repeat(theta, sizes)  # Lambda's diagonal
     p = c.p
     beta, u = system.modes(ev)
@@ -110,7 +110,6 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
     ee = ev.r2 - u @ u  # e'e
     nu = system.dof(reml)
     sigma2 = ev.r2 / nu
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
     # tr(P_1) and tr(Z_j' P_1 Z_j) with P_1 = sigma^2 P (V at sigma^2 = 1)
     trace_P = c.n - float(np.sum(traces * theta**2))

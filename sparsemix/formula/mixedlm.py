@@ -84,11 +84,17 @@ def _arrow_sorted_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray] | No
         encoded = encoded.combine_chunks()
     if encoded.null_count:
         return None
-    order = compute.array_sort_indices(encoded.dictionary).to_numpy()
+    if len(encoded.dictionary) <= PYTHON_SORT_MAX_LEVELS:
+        labels = encoded.dictionary.to_pylist()
+        order = np.array(sorted(range(len(labels)), key=labels.__getitem__), dtype=np.int64)
+        levels = np.empty(len(labels), dtype=object)
+        levels[:] = [labels[i] for i in order]
+    else:
+        order = compute.array_sort_indices(encoded.dictionary).to_numpy()
+        levels = np.array(encoded.dictionary.take(pyarrow.array(order)).to_pylist(), dtype=object)
     rank = np.empty(order.shape[0], dtype=np.int64)
     rank[order] = np.arange(order.shape[0])
-    codes = rank[encoded.indices.to_numpy(zero_copy_only=False)]
-    return codes, np.array(encoded.dictionary.take(pyarrow.array(order)).to_pylist(), dtype=object)
+    return rank[encoded.indices.to_numpy(zero_copy_only=False)], levels
 
 
 def _text_labels(values: pd.Series) -> list:
@@ -105,6 +111,9 @@ def _text_labels(values: pd.Series) -> list:
 # pandas' factorize; below, as Python objects (the crossover measured at ~1,000 rows for Arrow's text before
 # _arrow_sorted_codes: docs/performance-scale.md, eleventh session).
 ARROW_FACTORIZE_MIN_ROWS = 1000
+# Up to this many distinct values _arrow_sorted_codes sorts them as Python str (35 us against Arrow's 54 at 150, 640
+# against 500 at 3,000; docs/performance-scale.md, twentieth session)
+PYTHON_SORT_MAX_LEVELS = 1000
 # Up to this many rows text is factorized in Python, above by Arrow's dictionary encoding (_arrow_sorted_codes; the
 # crossover: docs/performance-scale.md, sixteenth session)
 PYTHON_FACTORIZE_MAX_ROWS = 400
