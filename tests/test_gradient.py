@@ -407,8 +407,9 @@ def test_models_with_the_exact_hessian_are_fitted_by_newton_steps(name, formula,
 def test_which_systems_are_held_whole_for_the_exact_hessian():
     """Variance components of 80 + 12 levels (order 95, above DENSE_MAX_ORDER): held whole and fitted by Newton
     steps with the exact Hessian to BOBYQA's optimum; of 80 + 60 levels (order 143): the first term eliminated (its
-    Hessian eliminated_hessian's);
-    crossed terms with slopes of order 175: held whole (DENSE_WHOLE_CROSSED_MAX_ORDER)."""
+    Hessian eliminated_hessian's); crossed terms with slopes of order 175: the first term eliminated too (crossed
+    designs were held whole up to order 400 before the eliminated layout had its Hessian: 1.1-2.8x slower there), by
+    Newton steps to BOBYQA's optimum."""
     from sparsemix.core import system as system_module
 
     d = _synthetic()
@@ -423,8 +424,12 @@ def test_which_systems_are_held_whole_for_the_exact_hessian():
     larger = build_design("y ~ x + (1 | g) + (1 | h:k)", d).system()  # (its Hessian: eliminated_hessian)
     assert larger.factorization_mode == "dense" and larger._factor.q1 == 80 and larger.supports_hessian
     crossed = build_design("y ~ x + (x | g) + (1 | h)", d).system()
-    assert system_module.DENSE_WHOLE_MAX_ORDER < 160 + 12 + 3 <= system_module.DENSE_WHOLE_CROSSED_MAX_ORDER
-    assert crossed.factorization_mode == "dense" and crossed._factor.q1 == 0 and crossed.supports_hessian
+    assert system_module.DENSE_WHOLE_MAX_ORDER < 160 + 12 + 3 and crossed.densely_linked
+    assert crossed.factorization_mode == "dense" and crossed._factor.q1 == 160 and crossed.supports_hessian
+    fit = sm.lmer("y ~ x + (x | g) + (1 | h)", d)
+    assert fit.fit_result.optimization.message.startswith("Newton steps with the exact Hessian")
+    by_bobyqa = optimize_system(crossed, reml=True, method="bobyqa")
+    assert fit.fit_result.optimization.deviance <= by_bobyqa.deviance + 1e-10 * abs(by_bobyqa.deviance)
 
 
 @pytest.mark.parametrize("reml", [True, False])

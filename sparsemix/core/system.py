@@ -75,21 +75,19 @@ DENSE_SCALAR_REST_MAX_ORDER = 128
 # where the Schur form's BOBYQA took 120-220 (simulated crossed subjects x items with slopes, orders 83-93 after the
 # first term: 0.15-0.25 of the time) and CHOLMOD's 140-170 (children in 40 schools, 83: 0.6); at 103 (children in 50
 # schools) the Schur form's information steps were 1.3x quicker; where eliminating the first term fills the rest
-# (`densely_linked`: crossed) up to DENSE_WHOLE_CROSSED_MAX_ORDER (subjects x items with slopes, 300 x 100, 203 after
+# (`densely_linked`: crossed) up to DENSE_CROSSED_REST_MAX_ORDER (subjects x items with slopes, 300 x 100, 203 after
 # the first term: 4 evaluations, 0.1 s, where the Schur form's BOBYQA took 247, 0.9 s; nineteenth session)
 DENSE_SLOPES_REST_MAX_ORDER = 96
-# Several terms are held whole (nothing eliminated) up to this order, and crossed ones with slopes
-# (`densely_linked`) up to DENSE_WHOLE_CROSSED_MAX_ORDER: there the exact Hessian applies (ProfiledGradient.
-# compact_hessian) and Newton steps with it take a quarter to a sixth of L-BFGS-B's evaluations on the eliminated
-# layout (or of BOBYQA's in the Schur form), which outweighs a whole evaluation's O(q^3). Measured (REML fits):
-# mlmRev's Mmmec, nested, order 89: 4.6 ms whole against 9.2 eliminated; simulated nested 12 x 8 levels with
-# slopes, order 123: 5.5 against 9.4, but 20 x 10 levels, order 223: 11.5 against 6.2 (nested: the eliminated
-# layout's rest is small); crossed subjects x items with slopes in both, 30 x 20, order 103: 4.2 ms against 29;
-# 60 x 40, order 203: 18.7 against 49 (and 101 in the Schur form with BOBYQA); 120 x 60, order 363: 88 against 149
-# in the Schur form; crossed variance components are as fast eliminated (120 x 60, order 183: 13.6 ms against 16.1
-# whole).
+DENSE_CROSSED_REST_MAX_ORDER = 400
+# Several terms are held whole (nothing eliminated) up to this order: there the exact Hessian applies (ProfiledGradient.
+# compact_hessian), and one dense matrix costs less than the eliminated layout's batched per-level algebra. Measured
+# (REML fits): mlmRev's Mmmec, nested, order 89: 4.6 ms whole against 9.2 eliminated; simulated nested 12 x 8 levels
+# with slopes, order 123: 5.5 against 9.4, but 20 x 10 levels, order 223: 11.5 against 6.2. Crossed designs were
+# held whole up to order 400 before the eliminated layout had its Hessian (eliminated_hessian); with it, eliminated
+# took 0.36-0.9 of the whole's time from order 128 to 400 (subjects x items with slopes, 60 x 10 to 150 x 30; nlme's
+# MathAchieve, schools' slopes beside 2-4 levels of minority and sex, order 327: 27-45 ms against 77-142; twentieth
+# session).
 DENSE_WHOLE_MAX_ORDER = 128
-DENSE_WHOLE_CROSSED_MAX_ORDER = 400
 # ... and terms with slopes up to this order where the first term has at most half the columns: eliminated, it would
 # leave most of the system in the dense rest (statsmodels' `re_formula="1 + x"` in 40 groups beside a variance
 # component of 120 levels, order 203: 13 ms whole, 17 eliminated); where it has more, eliminating pays (nested
@@ -451,15 +449,13 @@ class PenalizedSystem:
             slopes = any(template.k > 1 for _, template in rc.blocks)  # (crossed scalar terms: the Schur form scores)
             if slopes and whole < order <= DENSE_WHOLE_SLOPES_MAX_ORDER and 2 * q1 <= rc.q:
                 whole = order  # (eliminating the first term would leave most of the system in the dense rest)
-            elif slopes and whole < order <= DENSE_WHOLE_CROSSED_MAX_ORDER and self.densely_linked:
-                whole = order
         eliminate = (compiled or order > whole) and schur_applicable(self.cross.ZtZ, q1, k1)
         q1 = q1 if eliminate else 0
         too_many = rc.q > DENSE_MAX_Q and q1 < rc.q
         rest_scalar = all(template.k == 1 for _, template in rc.blocks[1:])
         rest = DENSE_SCALAR_REST_MAX_ORDER if rest_scalar else DENSE_SLOPES_REST_MAX_ORDER
         order2 = rc.q - q1 + self.cross.p + 1
-        if q1 and not rest_scalar and rest < order2 <= DENSE_WHOLE_CROSSED_MAX_ORDER and self.densely_linked:
+        if q1 and not rest_scalar and rest < order2 <= DENSE_CROSSED_REST_MAX_ORDER and self.densely_linked:
             rest = order2  # (crossed: CHOLMOD's and the Schur form's factors fill in as this one does)
         if not forced and (too_many or order2 > (rest if q1 else whole)):
             return None
