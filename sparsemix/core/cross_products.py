@@ -62,11 +62,7 @@ class CrossProducts:
             by_pairs = None
             if column_blocks is not None and Z.shape[0] >= PAIR_GRAM_MIN_ROWS:
                 by_pairs = _one_per_row_gram(Z, column_blocks)
-            if by_pairs is not None:
-                ZtZ = by_pairs
-            else:
-                ZtZ = sp.csc_matrix(Zt @ Z)
-                ZtZ.sort_indices()
+            ZtZ = by_pairs if by_pairs is not None else _sparse_gram(Z)
         XtX = X.T @ X
         return cls(
             ZtZ=ZtZ,
@@ -146,6 +142,49 @@ def _symmetric_permuted(A: sp.csc_matrix, order: np.ndarray) -> sp.csc_matrix:
 # Z'Z by a dense product where it costs at most this many multiplications (sleepstudy's 180 x 36 Z: 0.23M): below it
 # scipy's sparse product and conversions cost more than the product itself (100 us against 30).
 DENSE_GRAM_MAX_FLOPS = 1_000_000
+
+
+def _sparse_gram(Z: sp.csc_matrix) -> sp.csc_matrix:
+    """Z'Z (CSC, sorted, as scipy's product gives it) by scipy's compiled loops called directly: Z's CSC arrays are
+    Z' in CSR, and Z in CSR is one conversion (scipy's product, its conversions and checks cost 330-390 us on small
+    designs, where the loops take 35-150: mlmRev's Early, ScotsSec; docs/performance-scale.md, twentieth session).
+    scipy's own product where its private loops are not there."""
+    n, q = Z.shape
+    tools = _SPARSE_TOOLS
+    if tools is None:
+        return _scipy_gram(Z)
+    index = np.int32 if max(n, q, Z.nnz) < 2**31 - 1 else np.int64
+    indptr, indices = Z.indptr.astype(index, copy=False), Z.indices.astype(index, copy=False)
+    row_ptr, row_index, row_data = np.empty(n + 1, dtype=index), np.empty(Z.nnz, dtype=index), np.empty(Z.nnz)
+    tools.csr_tocsc(q, n, indptr, indices, Z.data, row_ptr, row_index, row_data)  # Z' in CSC: Z in CSR
+    size = tools.csr_matmat_maxnnz(q, q, indptr, indices, row_ptr, row_index)
+    if size >= 2**31 - 1 and index is np.int32:
+        return _scipy_gram(Z)
+    out_ptr, out_index, out_data = np.empty(q + 1, dtype=index), np.empty(size, dtype=index), np.empty(size)
+    tools.csr_matmat(q, q, indptr, indices, Z.data, row_ptr, row_index, row_data, out_ptr, out_index, out_data)
+    nnz = int(out_ptr[-1])
+    out_index, out_data = out_index[:nnz], out_data[:nnz]
+    tools.csr_sort_indices(q, out_ptr, out_index, out_data)
+    return csc_from_arrays(out_data, out_index, out_ptr, (q, q))  # (symmetric: its CSR arrays are its CSC ones)
+
+
+def _scipy_gram(Z: sp.csc_matrix) -> sp.csc_matrix:
+    ZtZ = sp.csc_matrix(sp.csr_matrix(Z.T) @ Z)
+    ZtZ.sort_indices()
+    return ZtZ
+
+
+def _sparse_tools():
+    """scipy's compiled sparse loops (a private module), or None where a name this package calls is missing."""
+    try:
+        from scipy.sparse import _sparsetools as tools
+    except ImportError:
+        return None
+    names = ("csr_tocsc", "csr_matmat_maxnnz", "csr_matmat", "csr_sort_indices")
+    return tools if all(hasattr(tools, name) for name in names) else None
+
+
+_SPARSE_TOOLS = _sparse_tools()
 
 
 def _symmetric_csc(G: np.ndarray) -> sp.csc_matrix:
