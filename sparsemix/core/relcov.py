@@ -50,9 +50,16 @@ class RelativeCovariance:
             self.column_slices.append(slice(col, col + n_levels * template.k))
             th += template.n_theta
             col += n_levels * template.k
-        # each term's number of columns and its first column, as arrays (the scoring steps' reductions by term)
-        self.column_counts = np.array([sl.stop - sl.start for sl in self.column_slices], dtype=np.intp)
-        self.column_starts = np.array([sl.start for sl in self.column_slices], dtype=np.intp)
+
+    @cached_property  # (the scoring steps' reductions by term, every point)
+    def column_counts(self) -> np.ndarray:
+        """Each term's number of columns."""
+        return np.array([sl.stop - sl.start for sl in self.column_slices], dtype=np.intp)
+
+    @cached_property
+    def column_starts(self) -> np.ndarray:
+        """Each term's first column."""
+        return np.array([sl.start for sl in self.column_slices], dtype=np.intp)
 
     def merged(self, runs: tuple[tuple[int, int], ...]) -> "tuple[RelativeCovariance, np.ndarray]":
         """This covariance with each run [start, stop) of scalar terms (terms.same_grouping_runs) as one term with a
