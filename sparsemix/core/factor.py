@@ -135,7 +135,7 @@ class DenseFactor:
             [np.full(n * t.k, j, dtype=np.intp) for j, (n, t) in enumerate(rest)] + [np.full(p + 1, len(rest))]
         )
         self.rest_slices = [slice(int(s.start) - q1, int(s.stop) - q1) for s in relcov.column_slices[self.first :]]
-        self._rest_sizes = np.array([sl.stop - sl.start for sl in self.rest_slices], dtype=np.intp)
+        self._rest_sizes = relcov.column_counts[self.first :]
         self._diag2 = np.arange(q2) * (q2 + p + 2)  # flat positions of S's first q2 diagonal entries
 
     def _schur(self, factors):

@@ -101,8 +101,7 @@ class _one_thread:
                 for lib, _ in changed:
                     _set_threads(lib, 1)
             except BaseException:
-                self._changed = changed
-                self._close()
+                self._close()  # (the outermost's setting with _outer_setting, a nested one's with its own)
                 raise
         return self
 
