@@ -9,6 +9,7 @@ import pytest
 from conftest import load_reference
 
 import sparsemix
+from sparsemix.core import factor as factor_module
 from sparsemix.core.cross_products import CrossProducts, assemble_Z
 from sparsemix.core.factor import DenseFactor, SchurFactor
 from sparsemix.core.relcov import RelativeCovariance
@@ -16,7 +17,7 @@ from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.terms import CovarianceTemplate, RandomTerm
 from sparsemix.datasets import generate_insteval_like
 from sparsemix.fit.pilot import components_start
-from sparsemix.fit.scoring import SCORING_MIN_THETA, fit_by_scoring, scoring_point
+from sparsemix.fit.scoring import SCORING_MIN_THETA, fit_by_scoring, score_and_information, scoring_point
 from sparsemix.fit.stages import build_fit, build_system, optimize_system
 from sparsemix.lme4.design import build_design
 
@@ -110,6 +111,44 @@ def test_a_system_held_dense_scores_as_the_dense_formulas(reml, weighted):
     np.testing.assert_allclose(point.score, score, rtol=1e-8, atol=1e-10 * np.abs(score).max())
     np.testing.assert_allclose(point.information, info, rtol=1e-8)
     assert system.variance_traces(np.array([0.7, 0.0, 0.4])) is None  # divides by theta_j
+
+
+@pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("p", [0, 1, 2])
+@pytest.mark.parametrize("seed", [3, 11])
+def test_the_compiled_point_of_a_dense_system_equals_the_numpy_algebra(reml, p, seed):
+    """kernels.dense_scalar_scoring against scoring.score_and_information (the factor's traces and the system's
+    average information), on crossed designs of three terms with and without fixed effects."""
+    X, y, terms = _problem(seed=seed, p=p)
+    system = _dense_eliminated_system(X, y, terms)
+    theta = np.array([0.7, 1.1, 0.4]) * (1.0 + 0.3 * (seed == 11))
+    with system.threads():
+        ev = system.evaluate(theta)
+        compiled = system.compiled_scoring(theta, reml)
+        score, information = score_and_information(system, theta, reml, ev)
+    assert compiled is not None
+    np.testing.assert_allclose(compiled[0], score, rtol=1e-10, atol=1e-12 * np.abs(score).max())
+    np.testing.assert_allclose(compiled[1], information, rtol=1e-10)
+    assert np.abs(score).max() > 1e-3  # (a point away from the optimum: a score to compare)
+
+
+def test_a_dense_system_above_the_compiled_limit_is_scored_by_numpy(monkeypatch):
+    """Above COMPILED_SCORING_MAX_WORK (levels x rest columns^2) the point comes from the numpy algebra: the same
+    fit either way."""
+    X, y, terms = _problem()
+    fits = []
+    for limit in (None, 0):
+        if limit is not None:
+            monkeypatch.setattr(factor_module, "COMPILED_SCORING_MAX_WORK", limit)
+        system = _dense_eliminated_system(X, y, terms)
+        with system.threads():
+            theta = np.array([0.7, 1.1, 0.4])
+            system.evaluate(theta)
+            assert (system.compiled_scoring(theta, True) is None) == (limit == 0)
+            fits.append(fit_by_scoring(system, theta, True)[0])
+    assert fits[0].n_evaluations == fits[1].n_evaluations
+    np.testing.assert_allclose(fits[0].theta, fits[1].theta, rtol=1e-9)
+    assert fits[0].deviance == pytest.approx(fits[1].deviance, rel=1e-13)
 
 
 def test_crossed_components_held_dense_are_scored():

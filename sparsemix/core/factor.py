@@ -67,6 +67,9 @@ class CholmodFactor:
 # matrix grows with the square of the first term's levels, which the factor's own work does not, and out of the cache
 # it costs more than the blocks' sparse slicing (docs/performance-scale.md, sixteenth session).
 DENSE_AUGMENTED_MAX_ENTRIES = 90_000
+# DenseFactor.compiled_scoring up to this many levels x (columns after the first term)^2: its loops' traces cost ~that
+# many flops, which the numpy path's BLAS products beat on larger systems
+COMPILED_SCORING_MAX_WORK = 1_000_000
 
 
 def _augmented(cross, ZtZ_rows: np.ndarray, first: int) -> np.ndarray:
@@ -283,6 +286,34 @@ class DenseFactor:
         sizes = self._rest_sizes
         rest = (sizes - np.add.reduceat(inverse_diagonal, np.cumsum(sizes) - sizes)) / lam_terms**2
         return np.concatenate([[first], rest])
+
+    def compiled_scoring(self, theta: np.ndarray, n_rows: int, reml: bool, dof: int):
+        """(score, average information) of fit/scoring.py's point at theta, which the factor must be at, by the
+        compiled pass (kernels.dense_scalar_scoring); None where it does not apply (not `scorable`, a zero theta, or
+        more work than the compiled loops beat numpy's batched algebra at: COMPILED_SCORING_MAX_WORK)."""
+        if not self.scorable or self.n1 * self.q2 * self.q2 > COMPILED_SCORING_MAX_WORK:
+            return None
+        from .kernels import dense_scalar_scoring  # numba: imported (0.3 s) by the first fit that needs it
+
+        m = theta.shape[0]
+        score, information = np.empty(m + 1), np.empty((m + 1, m + 1))
+        found = dense_scalar_scoring(
+            self.L11[:, 0, 0],
+            self.W,
+            self.LS,
+            self._g11,
+            self.G1R[:, 0, :],
+            self.GRR,
+            theta,
+            self._column_term[: self.q2],
+            self._r2,
+            n_rows,
+            reml,
+            dof,
+            score,
+            information,
+        )
+        return (score, information) if found else None
 
 
 def right_multiply_rest(M: np.ndarray, templates, ks, slices) -> np.ndarray:

@@ -15,13 +15,23 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import overload
 
-__all__ = ["LevelBands", "single_term_deviance_parts", "single_term_hessian", "subtract_gram_lower"]
+__all__ = [
+    "LevelBands",
+    "dense_scalar_scoring",
+    "single_term_deviance_parts",
+    "single_term_hessian",
+    "subtract_gram_lower",
+]
 
 # S's rows in bands of equal numbers of entries: a tile (band x band) of S is written by one thread from the
 # entries of both bands, level after level, so its writes stay in a part of S that fits the caches (popular
 # rows get narrow bands). On a MovieLens-sized design the update took 4.1 s on two threads, against 10-12 s when
 # each level's products were scattered over the whole of S (docs/performance-scale.md).
 N_BANDS = 32
+
+# dense_scalar_scoring's sums may be reordered (vectorized): its loops are dot products of a few hundred terms, and the
+# numpy path it stands in for sums in BLAS's own order (NaN and infinities keep their meaning: no 'fast' flags beyond)
+_REASSOCIATE = {"reassoc", "contract"}
 
 
 class LevelBands:
@@ -513,6 +523,285 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
                 s += J[t, i] * HJ[t, j] + g_psi[t] * second[t, i, j]
             hessian[i, j] = s
     return 0
+
+
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_rows, reml, dof, score, information):
+    """fit/scoring.py's score and average information for variance components held dense (DenseFactor, a scalar
+    first term eliminated level by level, scalar terms after it), from the factorization at theta, in one pass:
+    the same algebra as scoring_point's numpy path (its modes, Z'e, traces of (A + I)^{-1} per term, their REML
+    corrections, and PenalizedSystem.average_information), whose ~100 small-array calls cost most of a point.
+
+    root (n1): sqrt(1 + theta_1^2 G_ll); W (n1, N2), LS (N2, N2, lower): DenseFactor's blocks; g11 (n1), G1R (n1,
+    N2), GRR (N2, N2): its cross-products [Z_2 X y] against the first term's levels and each other; theta (m): the
+    first term's, then the rest's (column_term: each rest column's term, 0-based among them); r2: the factor's r^2;
+    n_rows: n. Fills score (m + 1) and information ((m + 1) x (m + 1)), both in psi = sigma^2 (1, theta^2), and
+    returns False where a theta is zero."""
+    n1 = root.shape[0]
+    N2 = LS.shape[0]
+    p = N2 - column_term.shape[0] - 1
+    q2 = N2 - p - 1
+    q = n1 + q2
+    m = theta.shape[0]
+    y = N2 - 1
+    for t in range(m):
+        if theta[t] == 0.0:
+            return False
+    lam = np.empty(q)  # Lambda's diagonal, and each column's term
+    term = np.empty(q, dtype=np.int64)
+    for r in range(n1):
+        lam[r] = theta[0]
+        term[r] = 0
+    for c in range(q2):
+        lam[n1 + c] = theta[1 + column_term[c]]
+        term[n1 + c] = 1 + column_term[c]
+    # beta: R_X beta = c_beta, R_X[i, j] = LS[q2 + j, q2 + i] (upper)
+    beta = np.empty(p)
+    for i in range(p - 1, -1, -1):
+        s = LS[y, q2 + i]
+        for j in range(i + 1, p):
+            s -= LS[q2 + j, q2 + i] * beta[j]
+        beta[i] = s / LS[q2 + i, q2 + i]
+    # u = L^{-T} (c_u - R_ZX beta); b = Lambda u
+    rhs = np.empty((q, 1))
+    for r in range(n1):
+        s = W[r, y]
+        for j in range(p):
+            s -= W[r, q2 + j] * beta[j]
+        rhs[r, 0] = s
+    for c in range(q2):
+        s = LS[y, c]
+        for j in range(p):
+            s -= LS[q2 + j, c] * beta[j]
+        rhs[n1 + c, 0] = s
+    u = _dense_half_solve_t(root, W, LS, q2, rhs)
+    b = np.empty(q)
+    uu = 0.0
+    for r in range(q):
+        b[r] = lam[r] * u[r, 0]
+        uu += u[r, 0] * u[r, 0]
+    # Z'e = Z'y - Z'X beta - Z'Z b
+    Zb = _ztz_times(g11, G1R, GRR, n1, q2, b.reshape(q, 1))
+    Zte = np.empty(q)
+    for r in range(q):
+        s = _zt_column(g11, G1R, GRR, n1, q2, r, y)
+        for j in range(p):
+            s -= _zt_column(g11, G1R, GRR, n1, q2, r, q2 + j) * beta[j]
+        Zte[r] = s - Zb[r, 0]
+    ee = r2 - uu
+    sigma2 = r2 / dof
+    # traces of (A + I)^{-1} per term: the first term's by its levels, the rest's by the inverse of L22
+    L22inv = np.zeros((q2, q2))
+    _lower_inverse(LS[:q2, :q2], L22inv)
+    traces = np.zeros(m)
+    # |L22^{-1} Lambda_2 G' diag(1 / m)|_F^2 (G: Z_2'Z_1), its rows summed as axpys over the levels
+    scaled = np.empty((q2, n1))
+    for lvl in range(n1):
+        scale = 1.0 / (root[lvl] * root[lvl])
+        traces[0] += g11[lvl] * scale
+        for d in range(q2):
+            scaled[d, lvl] = G1R[lvl, d] * lam[n1 + d] * scale
+    row = np.empty(n1)
+    for c in range(q2):
+        row[:] = 0.0
+        for d in range(c + 1):
+            coefficient = L22inv[c, d]
+            for lvl in range(n1):
+                row[lvl] += coefficient * scaled[d, lvl]
+        for lvl in range(n1):
+            traces[0] -= row[lvl] * row[lvl]
+    for c in range(q2):
+        s = 0.0
+        for r in range(c, q2):
+            s += L22inv[r, c] * L22inv[r, c]
+        t = term[n1 + c]
+        traces[t] += (1.0 - s) / (lam[n1 + c] * lam[n1 + c])
+    trace_P = float(n_rows)
+    for t in range(m):
+        trace_P -= traces[t] * theta[t] * theta[t]
+    if reml and p > 0:
+        # C = L^{-T} R_ZX, CR = C R_X^{-1}: tr(P) loses p - |CR|^2; T = Z'X - Z'Z Lambda C, TR = T R_X^{-1}: each
+        # term's trace loses its rows' |TR|^2
+        RZX = np.empty((q, p))
+        for j in range(p):
+            for r in range(n1):
+                RZX[r, j] = W[r, q2 + j]
+            for c in range(q2):
+                RZX[n1 + c, j] = LS[q2 + j, c]
+        C = _dense_half_solve_t(root, W, LS, q2, RZX)
+        CR = C.copy()
+        _times_rx_inverse(LS, q2, p, CR)
+        s = 0.0
+        for r in range(q):
+            for j in range(p):
+                s += CR[r, j] * CR[r, j]
+        trace_P -= p - s
+        for r in range(q):
+            for j in range(p):
+                C[r, j] *= lam[r]
+        T = _ztz_times(g11, G1R, GRR, n1, q2, C)
+        for r in range(q):
+            for j in range(p):
+                T[r, j] = _zt_column(g11, G1R, GRR, n1, q2, r, q2 + j) - T[r, j]
+        _times_rx_inverse(LS, q2, p, T)
+        for r in range(q):
+            s = 0.0
+            for j in range(p):
+                s += T[r, j] * T[r, j]
+            traces[term[r]] -= s
+    v2 = np.zeros(m)
+    for r in range(q):
+        v2[term[r]] += Zte[r] * Zte[r]
+    score[0] = -0.5 * (trace_P / sigma2 - ee / (sigma2 * sigma2))
+    for t in range(m):
+        score[1 + t] = -0.5 * (traces[t] / sigma2 - v2[t] / (sigma2 * sigma2))
+    # the average information (PenalizedSystem.average_information): w_0 = e, w_t = Z_t Z_t'e, known by Z'w, X'w and
+    # their Gram matrix; w_a'P w_b is the penalized residual sum of squares of their fit
+    masked = np.zeros((q, m + 1))  # Z'e by terms, after a zero column for e itself
+    for r in range(q):
+        masked[r, 1 + term[r]] = Zte[r]
+    Zw = _ztz_times(g11, G1R, GRR, n1, q2, masked)
+    for r in range(q):
+        Zw[r, 0] = Zte[r]
+    gram = np.empty((m + 1, m + 1))
+    gram[0, 0] = ee
+    for t in range(m):
+        gram[0, 1 + t] = gram[1 + t, 0] = v2[t]
+    for s_ in range(m):
+        for t in range(m):
+            s = 0.0
+            for r in range(q):
+                if term[r] == s_:
+                    s += Zte[r] * Zw[r, 1 + t]
+            gram[1 + s_, 1 + t] = s
+    for r in range(q):  # Lambda' Z'w, then L^{-1} of it
+        for a in range(m + 1):
+            Zw[r, a] *= lam[r]
+    Cu = _dense_half_solve(root, W, LS, q2, Zw)
+    for a in range(m + 1):
+        for c in range(a + 1):
+            s = 0.0
+            for r in range(q):
+                s += Cu[r, a] * Cu[r, c]
+            gram[a, c] -= s
+            if c != a:
+                gram[c, a] -= s
+    if reml and p > 0:
+        Xw = np.empty((p, m + 1))
+        for i in range(p):
+            s = GRR[q2 + i, y]
+            for j in range(p):
+                s -= GRR[q2 + i, q2 + j] * beta[j]
+            for r in range(q):
+                s -= _zt_column(g11, G1R, GRR, n1, q2, r, q2 + i) * b[r]
+            Xw[i, 0] = s
+            for t in range(m):
+                s = 0.0
+                for r in range(q):
+                    if term[r] == t:
+                        s += _zt_column(g11, G1R, GRR, n1, q2, r, q2 + i) * Zte[r]
+                Xw[i, 1 + t] = s
+            for a in range(m + 1):  # less R_ZX' Cu
+                s = 0.0
+                for r in range(n1):
+                    s += W[r, q2 + i] * Cu[r, a]
+                for c in range(q2):
+                    s += LS[q2 + i, c] * Cu[n1 + c, a]
+                Xw[i, a] -= s
+        for a in range(m + 1):  # Cb = R_X^{-T} (...): R_X' is LS's block, lower
+            for i in range(p):
+                s = Xw[i, a]
+                for j in range(i):
+                    s -= LS[q2 + i, q2 + j] * Xw[j, a]
+                Xw[i, a] = s / LS[q2 + i, q2 + i]
+        for a in range(m + 1):
+            for c in range(m + 1):
+                s = 0.0
+                for i in range(p):
+                    s += Xw[i, a] * Xw[i, c]
+                gram[a, c] -= s
+    factor = 0.5 / (sigma2 * sigma2 * sigma2)
+    for a in range(m + 1):
+        for c in range(m + 1):
+            information[a, c] = gram[a, c] * factor
+    return True
+
+
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+def _zt_column(g11, G1R, GRR, n1, q2, r, column):
+    """Row r of Z'[Z_2 X y] (r a column of Z) at `column` of [Z_2 X y] (the first term's own block is diagonal)."""
+    if r < n1:
+        return G1R[r, column]
+    return GRR[r - n1, column]
+
+
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+def _ztz_times(g11, G1R, GRR, n1, q2, V):
+    """Z'Z V (V: q x k) for the layout of dense_scalar_scoring, in one pass over the first term's rows."""
+    k = V.shape[1]
+    out = np.zeros((n1 + q2, k))
+    for r in range(n1):
+        for a in range(k):
+            out[r, a] = g11[r] * V[r, a]
+        for c in range(q2):
+            g = G1R[r, c]
+            for a in range(k):
+                out[r, a] += g * V[n1 + c, a]
+                out[n1 + c, a] += g * V[r, a]
+    for c in range(q2):
+        for d in range(q2):
+            g = GRR[c, d]
+            for a in range(k):
+                out[n1 + c, a] += g * V[n1 + d, a]
+    return out
+
+
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+def _dense_half_solve_t(root, W, LS, q2, B):
+    """L^{-T} B (DenseFactor.half_solve_t with a scalar first term): L22' first, then the first term's levels."""
+    n1 = root.shape[0]
+    out = np.empty(B.shape)
+    for a in range(B.shape[1]):
+        for c in range(q2 - 1, -1, -1):
+            s = B[n1 + c, a]
+            for r in range(c + 1, q2):
+                s -= LS[r, c] * out[n1 + r, a]
+            out[n1 + c, a] = s / LS[c, c]
+        for lvl in range(n1):
+            s = B[lvl, a]
+            for c in range(q2):
+                s -= W[lvl, c] * out[n1 + c, a]
+            out[lvl, a] = s / root[lvl]
+    return out
+
+
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+def _dense_half_solve(root, W, LS, q2, B):
+    """L^{-1} B (DenseFactor.half_solve with a scalar first term): the first term's levels, then L22."""
+    n1 = root.shape[0]
+    out = np.empty(B.shape)
+    for a in range(B.shape[1]):
+        for lvl in range(n1):
+            out[lvl, a] = B[lvl, a] / root[lvl]
+        for c in range(q2):
+            s = B[n1 + c, a]
+            for lvl in range(n1):
+                s -= W[lvl, c] * out[lvl, a]
+            for d in range(c):
+                s -= LS[c, d] * out[n1 + d, a]
+            out[n1 + c, a] = s / LS[c, c]
+    return out
+
+
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+def _times_rx_inverse(LS, q2, p, M):
+    """M <- M R_X^{-1} in place, R_X[i, j] = LS[q2 + j, q2 + i] (upper): each row solved against R_X' (lower)."""
+    for r in range(M.shape[0]):
+        for i in range(p):
+            s = M[r, i]
+            for j in range(i):
+                s -= LS[q2 + i, q2 + j] * M[r, j]
+            M[r, i] = s / LS[q2 + i, q2 + i]
 
 
 @njit(cache=True, nogil=True)

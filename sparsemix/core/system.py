@@ -995,6 +995,16 @@ class PenalizedSystem:
             return None
         return self._factor.variance_traces(self._factor_at(theta), single)
 
+    def compiled_scoring(self, theta, reml: bool) -> tuple[np.ndarray, np.ndarray] | None:
+        """(score, average information) of fit/scoring.py's point at theta for variance components held dense
+        (DenseFactor.compiled_scoring: one compiled pass); None where the factor does not offer it."""
+        factor = self._factor
+        if not (self.supports_scoring and isinstance(factor, DenseFactor)):
+            return None
+        theta = np.asarray(theta, dtype=float)
+        self._factor_at(theta)
+        return factor.compiled_scoring(theta, self.cross.n, reml, self.dof(reml))
+
     def conditional_covariance(self, theta, columns: np.ndarray) -> np.ndarray:
         """Lambda (Lambda'Z'Z Lambda + I)^{-1} Lambda' restricted to `columns` (times sigma^2 gives Var(b | y)).
 

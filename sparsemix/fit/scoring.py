@@ -97,6 +97,20 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
     ev = system.evaluate(theta) if ev is None else ev
     if not ev.feasible or np.any(theta < SCORING_MIN_THETA):
         return None
+    found = system.compiled_scoring(theta, reml)
+    if found is None:
+        found = score_and_information(system, theta, reml, ev, single)
+    if found is None:
+        return None
+    sigma2 = ev.r2 / system.dof(reml)
+    psi = sigma2 * np.concatenate([[1.0], theta**2])
+    return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, found[0], found[1], single)
+
+
+def score_and_information(system, theta: np.ndarray, reml: bool, ev, single: bool = False):
+    """(score, average information) in psi at theta, the factor at theta (`ev` its evaluation), by the factor's
+    traces and the system's algebra (the compiled pass of variance components held dense computes the same:
+    PenalizedSystem.compiled_scoring); None where the traces are not available."""
     traces = system.variance_traces(theta, single)
     if traces is None:
         return None
@@ -126,9 +140,7 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
 
     # the average information in psi (one covariance entry per scalar term), w_a' P w_b / 2 for w_0 = P y, w_j = Z_j
     # Z_j' P y (PenalizedSystem.average_information gives it times sigma^4)
-    information = system.average_information(ev, beta, u, reml, Zte, b) / sigma2**2
-    psi = sigma2 * np.concatenate([[1.0], theta**2])
-    return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, score, information, single)
+    return score, system.average_information(ev, beta, u, reml, Zte, b) / sigma2**2
 
 
 def fit_by_scoring(
