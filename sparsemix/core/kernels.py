@@ -7,6 +7,9 @@ CHOLMOD's factorization of it is far slower than this loop (docs/performance-sca
 
 single_term_deviance_parts: a growth curve's evaluation (one k x k term, k > 1, level by level) and its gradient,
 where numpy's batched k x k operations cost a few microseconds a call, tens of calls an evaluation.
+
+dense_scalar_scoring: a scoring point of variance components held dense (crossed random intercepts), the same
+algebra as fit/scoring.py's numpy path in one pass (~100 small-array calls a point there).
 """
 
 from __future__ import annotations
@@ -584,9 +587,9 @@ def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_r
     Zb = _ztz_times(g11, G1R, GRR, n1, q2, b.reshape(q, 1))
     Zte = np.empty(q)
     for r in range(q):
-        s = _zt_column(g11, G1R, GRR, n1, q2, r, y)
+        s = _zt_column(G1R, GRR, n1, r, y)
         for j in range(p):
-            s -= _zt_column(g11, G1R, GRR, n1, q2, r, q2 + j) * beta[j]
+            s -= _zt_column(G1R, GRR, n1, r, q2 + j) * beta[j]
         Zte[r] = s - Zb[r, 0]
     ee = r2 - uu
     sigma2 = r2 / dof
@@ -642,7 +645,7 @@ def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_r
         T = _ztz_times(g11, G1R, GRR, n1, q2, C)
         for r in range(q):
             for j in range(p):
-                T[r, j] = _zt_column(g11, G1R, GRR, n1, q2, r, q2 + j) - T[r, j]
+                T[r, j] = _zt_column(G1R, GRR, n1, r, q2 + j) - T[r, j]
         _times_rx_inverse(LS, q2, p, T)
         for r in range(q):
             s = 0.0
@@ -693,13 +696,13 @@ def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_r
             for j in range(p):
                 s -= GRR[q2 + i, q2 + j] * beta[j]
             for r in range(q):
-                s -= _zt_column(g11, G1R, GRR, n1, q2, r, q2 + i) * b[r]
+                s -= _zt_column(G1R, GRR, n1, r, q2 + i) * b[r]
             Xw[i, 0] = s
             for t in range(m):
                 s = 0.0
                 for r in range(q):
                     if term[r] == t:
-                        s += _zt_column(g11, G1R, GRR, n1, q2, r, q2 + i) * Zte[r]
+                        s += _zt_column(G1R, GRR, n1, r, q2 + i) * Zte[r]
                 Xw[i, 1 + t] = s
             for a in range(m + 1):  # less R_ZX' Cu
                 s = 0.0
@@ -728,7 +731,7 @@ def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_r
 
 
 @njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
-def _zt_column(g11, G1R, GRR, n1, q2, r, column):
+def _zt_column(G1R, GRR, n1, r, column):
     """Row r of Z'[Z_2 X y] (r a column of Z) at `column` of [Z_2 X y] (the first term's own block is diagonal)."""
     if r < n1:
         return G1R[r, column]
