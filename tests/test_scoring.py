@@ -597,6 +597,25 @@ def test_the_inverse_in_blocks_leaves_no_stale_values_in_its_upper_triangle(sing
 
 
 @pytest.mark.parametrize("reml", [True, False])
+@pytest.mark.parametrize("scale", [1e-99, 1e99])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_response_near_the_limits_of_double_precision_reaches_the_same_optimum(monkeypatch, reml, scale, compiled):
+    """ScotsSec's response times 1e+-99 (sigma^2 ~ 1e+-198: the average information in psi's units, ~ n / sigma^4,
+    overflows): no OverflowError, no step from an infinite information (the compiled point once stopped at the
+    start, 1.65 below ML's optimum); the fit reaches the same theta by the other derivatives' steps."""
+    if not compiled:
+        monkeypatch.setattr(factor_module, "COMPILED_SCORING_MAX_WORK", 0)
+    entry = load_reference("random_slopes")["ScotsSec"]
+    data = pd.DataFrame(entry["data"])
+    formula = entry["fits"][0]["formula"]
+    base = sparsemix.lmer(formula, data, reml=reml)
+    moved = sparsemix.lmer(formula, data.assign(attain=scale * data.attain), reml=reml)
+    np.testing.assert_allclose(moved.theta, base.theta, rtol=1e-5)
+    dof = base.nobs - (len(base.fe_params) if reml else 0)
+    assert moved.llf == pytest.approx(base.llf - dof * np.log(scale), abs=1e-6)
+
+
+@pytest.mark.parametrize("reml", [True, False])
 @pytest.mark.parametrize("scale, shift", [(1e-3, 5.0), (1e3, -40.0), (-7.0, 0.0)])
 def test_scored_fits_follow_an_affine_response_exactly(reml, scale, shift):
     """The steps' rules read ratios (step lengths, the deviance's resolution relative to it), so an affine change of

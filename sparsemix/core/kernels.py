@@ -35,6 +35,7 @@ N_BANDS = 32
 # dense_scalar_scoring's sums may be reordered (vectorized): its loops are dot products of a few hundred terms, and the
 # numpy path it stands in for sums in BLAS's own order (NaN and infinities keep their meaning: no 'fast' flags beyond)
 _REASSOCIATE = {"reassoc", "contract"}
+# (and its divisions follow numpy's rules: inf or NaN where numba's default raises ZeroDivisionError)
 
 
 class LevelBands:
@@ -528,7 +529,7 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
     return 0
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
 def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_rows, reml, dof, score, information):
     """fit/scoring.py's score and average information for variance components held dense (DenseFactor, a scalar
     first term eliminated level by level, scalar terms after it), from the factorization at theta, in one pass:
@@ -655,9 +656,10 @@ def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_r
     v2 = np.zeros(m)
     for r in range(q):
         v2[term[r]] += Zte[r] * Zte[r]
-    score[0] = -0.5 * (trace_P / sigma2 - ee / (sigma2 * sigma2))
+    # (divided by sigma^2 in turn, as the numpy path does: sigma^4 and sigma^6 of a response near 1e-100 underflow)
+    score[0] = -0.5 * (trace_P / sigma2 - ee / sigma2 / sigma2)
     for t in range(m):
-        score[1 + t] = -0.5 * (traces[t] / sigma2 - v2[t] / (sigma2 * sigma2))
+        score[1 + t] = -0.5 * (traces[t] / sigma2 - v2[t] / sigma2 / sigma2)
     # the average information (PenalizedSystem.average_information): w_0 = e, w_t = Z_t Z_t'e, known by Z'w, X'w and
     # their Gram matrix; w_a'P w_b is the penalized residual sum of squares of their fit
     masked = np.zeros((q, m + 1))  # Z'e by terms, after a zero column for e itself
@@ -723,14 +725,13 @@ def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_r
                 for i in range(p):
                     s += Xw[i, a] * Xw[i, c]
                 gram[a, c] -= s
-    factor = 0.5 / (sigma2 * sigma2 * sigma2)
     for a in range(m + 1):
         for c in range(m + 1):
-            information[a, c] = gram[a, c] * factor
+            information[a, c] = 0.5 * gram[a, c] / sigma2 / sigma2 / sigma2
     return True
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
 def _zt_column(G1R, GRR, n1, r, column):
     """Row r of Z'[Z_2 X y] (r a column of Z) at `column` of [Z_2 X y] (the first term's own block is diagonal)."""
     if r < n1:
@@ -738,7 +739,7 @@ def _zt_column(G1R, GRR, n1, r, column):
     return GRR[r - n1, column]
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
 def _ztz_times(g11, G1R, GRR, n1, q2, V):
     """Z'Z V (V: q x k) for the layout of dense_scalar_scoring, in one pass over the first term's rows."""
     k = V.shape[1]
@@ -759,7 +760,7 @@ def _ztz_times(g11, G1R, GRR, n1, q2, V):
     return out
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
 def _dense_half_solve_t(root, W, LS, q2, B):
     """L^{-T} B (DenseFactor.half_solve_t with a scalar first term): L22' first, then the first term's levels."""
     n1 = root.shape[0]
@@ -778,7 +779,7 @@ def _dense_half_solve_t(root, W, LS, q2, B):
     return out
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
 def _dense_half_solve(root, W, LS, q2, B):
     """L^{-1} B (DenseFactor.half_solve with a scalar first term): the first term's levels, then L22."""
     n1 = root.shape[0]
@@ -796,7 +797,7 @@ def _dense_half_solve(root, W, LS, q2, B):
     return out
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE)
+@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
 def _times_rx_inverse(LS, q2, p, M):
     """M <- M R_X^{-1} in place, R_X[i, j] = LS[q2 + j, q2 + i] (upper): each row solved against R_X' (lower)."""
     for r in range(M.shape[0]):

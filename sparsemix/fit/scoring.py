@@ -100,7 +100,9 @@ def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool =
     found = system.compiled_scoring(theta, reml)
     if found is None:
         found = score_and_information(system, theta, reml, ev, single)
-    if found is None:
+    # psi's units overflow for a response near 1e+-100 (the information ~ n / sigma^4): the fit goes on without the
+    # steps (BOBYQA or the gradient's), from the start
+    if found is None or not (np.all(np.isfinite(found[0])) and np.all(np.isfinite(found[1]))):
         return None
     sigma2 = ev.r2 / system.dof(reml)
     psi = sigma2 * np.concatenate([[1.0], theta**2])
@@ -136,11 +138,15 @@ def score_and_information(system, theta: np.ndarray, reml: bool, ev, single: boo
         TR = rx_transpose_solve(ev.RX, T.T).T
         trace_ZPZ -= np.add.reduceat(np.sum(TR**2, axis=1), starts)
     v2 = np.add.reduceat(Zte**2, starts)  # |Z_j'e|^2
-    score = -0.5 * np.concatenate([[trace_P / sigma2 - ee / sigma2**2], trace_ZPZ / sigma2 - v2 / sigma2**2])
-
     # the average information in psi (one covariance entry per scalar term), w_a' P w_b / 2 for w_0 = P y, w_j = Z_j
-    # Z_j' P y (PenalizedSystem.average_information gives it times sigma^4)
-    return score, system.average_information(ev, beta, u, reml, Zte, b) / sigma2**2
+    # Z_j' P y (PenalizedSystem.average_information gives it times sigma^4). Over sigma^2 twice, not sigma^4 (Python's
+    # float power raises OverflowError for a response near 1e99); an overflow there is scoring_point's to refuse.
+    information = system.average_information(ev, beta, u, reml, Zte, b)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        score = -0.5 * np.concatenate(
+            [[trace_P / sigma2 - ee / sigma2 / sigma2], trace_ZPZ / sigma2 - v2 / sigma2 / sigma2]
+        )
+        return score, information / sigma2 / sigma2
 
 
 def fit_by_scoring(
