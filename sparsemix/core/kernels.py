@@ -32,10 +32,10 @@ __all__ = [
 # each level's products were scattered over the whole of S (docs/performance-scale.md).
 N_BANDS = 32
 
-# dense_scalar_scoring's sums may be reordered (vectorized): its loops are dot products of a few hundred terms, and the
-# numpy path it stands in for sums in BLAS's own order (NaN and infinities keep their meaning: no 'fast' flags beyond)
-_REASSOCIATE = {"reassoc", "contract"}
-# (and its divisions follow numpy's rules: inf or NaN where numba's default raises ZeroDivisionError)
+# dense_scalar_scoring and its helpers: sums may be reordered (vectorized: its loops are dot products of a few hundred
+# terms, and the numpy path it stands in for sums in BLAS's own order; NaN and infinities keep their meaning, no 'fast'
+# flags beyond), and divisions follow numpy's rules (inf or NaN where numba's default raises ZeroDivisionError)
+_scoring_jit = njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy")
 
 
 class LevelBands:
@@ -529,7 +529,7 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
     return 0
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
+@_scoring_jit
 def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_rows, reml, dof, score, information):
     """fit/scoring.py's score and average information for variance components held dense (DenseFactor, a scalar
     first term eliminated level by level, scalar terms after it), from the factorization at theta, in one pass:
@@ -692,38 +692,33 @@ def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_r
             if c != a:
                 gram[c, a] -= s
     if reml and p > 0:
-        Xw = np.empty((p, m + 1))
+        Xw = np.empty((m + 1, p))  # (X'w less R_ZX' Cu)', a row per w
         for i in range(p):
             s = GRR[q2 + i, y]
             for j in range(p):
                 s -= GRR[q2 + i, q2 + j] * beta[j]
             for r in range(q):
                 s -= _zt_column(G1R, GRR, n1, r, q2 + i) * b[r]
-            Xw[i, 0] = s
+            Xw[0, i] = s
             for t in range(m):
                 s = 0.0
                 for r in range(q):
                     if term[r] == t:
                         s += _zt_column(G1R, GRR, n1, r, q2 + i) * Zte[r]
-                Xw[i, 1 + t] = s
+                Xw[1 + t, i] = s
             for a in range(m + 1):  # less R_ZX' Cu
                 s = 0.0
                 for r in range(n1):
                     s += W[r, q2 + i] * Cu[r, a]
                 for c in range(q2):
                     s += LS[q2 + i, c] * Cu[n1 + c, a]
-                Xw[i, a] -= s
-        for a in range(m + 1):  # Cb = R_X^{-T} (...): R_X' is LS's block, lower
-            for i in range(p):
-                s = Xw[i, a]
-                for j in range(i):
-                    s -= LS[q2 + i, q2 + j] * Xw[j, a]
-                Xw[i, a] = s / LS[q2 + i, q2 + i]
+                Xw[a, i] -= s
+        _times_rx_inverse(LS, q2, p, Xw)  # Cb' = (R_X^{-T} (...))'
         for a in range(m + 1):
             for c in range(m + 1):
                 s = 0.0
                 for i in range(p):
-                    s += Xw[i, a] * Xw[i, c]
+                    s += Xw[a, i] * Xw[c, i]
                 gram[a, c] -= s
     for a in range(m + 1):
         for c in range(m + 1):
@@ -731,7 +726,7 @@ def dense_scalar_scoring(root, W, LS, g11, G1R, GRR, theta, column_term, r2, n_r
     return True
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
+@_scoring_jit
 def _zt_column(G1R, GRR, n1, r, column):
     """Row r of Z'[Z_2 X y] (r a column of Z) at `column` of [Z_2 X y] (the first term's own block is diagonal)."""
     if r < n1:
@@ -739,7 +734,7 @@ def _zt_column(G1R, GRR, n1, r, column):
     return GRR[r - n1, column]
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
+@_scoring_jit
 def _ztz_times(g11, G1R, GRR, n1, q2, V):
     """Z'Z V (V: q x k) for the layout of dense_scalar_scoring, in one pass over the first term's rows."""
     k = V.shape[1]
@@ -760,7 +755,7 @@ def _ztz_times(g11, G1R, GRR, n1, q2, V):
     return out
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
+@_scoring_jit
 def _dense_half_solve_t(root, W, LS, q2, B):
     """L^{-T} B (DenseFactor.half_solve_t with a scalar first term): L22' first, then the first term's levels."""
     n1 = root.shape[0]
@@ -779,7 +774,7 @@ def _dense_half_solve_t(root, W, LS, q2, B):
     return out
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
+@_scoring_jit
 def _dense_half_solve(root, W, LS, q2, B):
     """L^{-1} B (DenseFactor.half_solve with a scalar first term): the first term's levels, then L22."""
     n1 = root.shape[0]
@@ -797,7 +792,7 @@ def _dense_half_solve(root, W, LS, q2, B):
     return out
 
 
-@njit(cache=True, nogil=True, fastmath=_REASSOCIATE, error_model="numpy")
+@_scoring_jit
 def _times_rx_inverse(LS, q2, p, M):
     """M <- M R_X^{-1} in place, R_X[i, j] = LS[q2 + j, q2 + i] (upper): each row solved against R_X' (lower)."""
     for r in range(M.shape[0]):
