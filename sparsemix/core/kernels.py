@@ -419,7 +419,8 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
             for m in range(max(a, b), p):
                 s += LXi[m, a] * LXi[m, b]
             K[a, b] = s
-    beta = K @ XVy
+    beta = np.empty(p)
+    _product_into(K, XVy.reshape((p, 1)), beta.reshape((p, 1)))
     r2 = yVy
     for a in range(p):
         r2 -= XVy[a] * beta[a]
@@ -477,12 +478,13 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
             if with_reml:
                 for d in range(p):
                     At[t, c, d] = CC[a, b, c, d] + (CC[b, a, c, d] if a != b else 0.0)
-    UK = Ut @ K
+    UK = np.empty((m, p))
+    _product_into(Ut, K, UK)
     H_psi = np.empty((m, m))
     KA = np.empty((m, p, p))
     if with_reml:
         for t in range(m):
-            KA[t] = K @ At[t]
+            _product_into(K, At[t], KA[t])
     for t in range(m):
         a, b = pair_a[t], pair_b[t]
         for u in range(m):
@@ -519,7 +521,8 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
         for t in range(m):
             s += J[t, i] * g_psi[t]
         gradient[i] = s
-    HJ = H_psi @ J
+    HJ = np.empty((m, nt))
+    _product_into(H_psi, J, HJ)
     for i in range(nt):
         for j in range(nt):
             s = 0.0
