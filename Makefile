@@ -58,6 +58,7 @@ $(STAMP): pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m sparsemix compile  # numba's kernels into its cache now, not during the first fits
 	touch $(STAMP)
 
 clean:

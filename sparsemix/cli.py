@@ -3,6 +3,7 @@
     sparsemix fit DATA --formula "y ~ x + (1 + x | g)" [--ml] [--weights COL] [--offset COL] [--sep C]
                   [--format text|json|markdown] [--output FILE] [--quiet] [--debug]
     sparsemix anova DATA --formula F1 --formula F2 [...]
+    sparsemix compile
 
 Exit codes: 0 fitted (and converged), 1 fitted but the optimizer did not converge, 2 a usage or input error,
 3 an internal error (a bug); 2 and 3 are one line on standard error, with the traceback only under --debug;
@@ -133,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
     anova = sub.add_parser("anova", help="likelihood-ratio tests between nested models (refitted by ML)")
     anova.add_argument("--formula", required=True, action="append", help="a formula; give two or more")
     anova.set_defaults(run=_run_anova)
+    compile_ = sub.add_parser(
+        "compile",
+        help="compile the numba kernels of small fits now (once per install; otherwise the first fits that need "
+        "them start their compilation in the background and take numpy's path meanwhile)",
+    )
+    compile_.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    compile_.set_defaults(run=_run_compile, output=None)
     for p in (fit, anova):
         p.add_argument("data", metavar="DATA", help="a .csv or .parquet file, or - for CSV on standard input")
         p.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
@@ -187,6 +195,13 @@ def _encoding(text: str) -> str:
 
 
 # -- commands --------------------------------------------------------------------------------------------
+
+
+def _run_compile(args) -> int:
+    from .fit.warmup import compile_kernels
+
+    compile_kernels()
+    return EXIT_OK
 
 
 def _run_fit(args) -> int:

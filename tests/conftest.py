@@ -2,6 +2,7 @@
 scripts there) and the data they embed."""
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import pandas as pd
 import pytest
 
 REFERENCE = Path(__file__).parent / "reference"
+
+# The compiled kernels built in the test process when first needed (core/compiled.py), as numba alone would: which
+# path a fit takes must not depend on how far a background compile has got (test_compiled.py sets its own modes).
+os.environ["SPARSEMIX_JIT"] = "now"
 
 
 @lru_cache(maxsize=None)

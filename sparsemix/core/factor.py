@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from scipy.linalg import blas, lapack
 from sksparse.cholmod import analyze
 
+from . import compiled
 from .pages import Workspace, fit_workspace
 from .terms import csc_from_arrays, level_entries
 from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
@@ -293,8 +294,9 @@ class DenseFactor:
         more work than the compiled loops beat numpy's batched algebra at: COMPILED_SCORING_MAX_WORK)."""
         if not self.scorable or self.n1 * self.q2 * self.q2 > COMPILED_SCORING_MAX_WORK:
             return None
-        from .kernels import dense_scalar_scoring  # numba: imported (0.3 s) by the first fit that needs it
-
+        dense_scalar_scoring = compiled.kernel("dense_scalar_scoring")
+        if dense_scalar_scoring is None:  # being compiled (core/compiled.py): the numpy algebra meanwhile
+            return None
         m = theta.shape[0]
         score, information = np.empty(m + 1), np.empty((m + 1, m + 1))
         found = dense_scalar_scoring(

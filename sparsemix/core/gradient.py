@@ -23,6 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import lapack
 
+from . import compiled
+
 __all__ = ["ProfiledGradient", "SchurGradient", "level_pair_products"]
 
 _TINY = float(np.finfo(float).tiny)  # r^2 of an interpolating fit, as the deviance takes it (system.py)
@@ -33,7 +35,6 @@ class ProfiledGradient:
 
     def __init__(self, factor, cross, relcov):
         self.factor, self.cross, self.relcov = factor, cross, relcov
-        self._kernel = None  # single_term_compiled's, imported on first use
         # every term scalar and none eliminated (variance components held whole): each entry's traces are sums of
         # G's diagonal over its term's columns (compact reads only that diagonal)
         self._scalar_terms = factor.q1 == 0 and all(template.k == 1 for _, template in relcov.blocks)
@@ -381,8 +382,9 @@ class ProfiledGradient:
         f, index = self.factor, self._psi
         if self.cross.p == 0:
             return None
-        from .kernels import single_term_hessian  # (numba, loaded already by the compiled evaluation)
-
+        single_term_hessian = compiled.kernel("single_term_hessian")
+        if single_term_hessian is None:  # being compiled: the optimizer goes on from the gradient
+            return None
         n_theta = index.rows.size
         gradient, hessian = np.empty(n_theta), np.empty((n_theta, n_theta))
         status = single_term_hessian(
@@ -451,11 +453,9 @@ class ProfiledGradient:
         models). (log |L|^2, log |R_X|^2, r^2, gradient, (L11, W, LS): the factorization's blocks, for
         DenseFactor.install), or None where the numpy path must decide (not positive definite, r^2 not in the factor,
         a value not finite)."""
-        kernel = self._kernel
-        if kernel is None:
-            from .kernels import single_term_deviance_parts  # numba: loaded (0.2-0.5 s) by the first such fit
-
-            kernel = self._kernel = single_term_deviance_parts
+        kernel = compiled.kernel("single_term_deviance_parts")
+        if kernel is None:  # being compiled (core/compiled.py): the numpy path meanwhile
+            return None
         f = self.factor
         gradient = np.empty(self.relcov.n_theta)
         a, b = self._first_positions
