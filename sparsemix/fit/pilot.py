@@ -186,10 +186,12 @@ def moment_start(
     theta = 1 (evaluations from each: docs/lme4.md). None where it does not apply: terms of several groupings, one
     scalar term alone, too few levels with k + 1 rows and a full-rank fit, a variance estimated <= 0, or a
     near-singular estimate of a correlated term's (MOMENT_MIN_CORRELATION_EIGENVALUE) unless `floor_near_singular`,
-    which lifts its correlation's eigenvalues below it to MOMENT_LIFTED_EIGENVALUE instead (for Newton steps with
-    the exact Hessian). `beta`: the fixed part's (weighted) least-squares coefficients, where known
-    (CrossProducts.beta_ols). `reml` False: ML's moments (the levels' spread over m, not REML's m less the fixed
-    effects' share); on balanced growth curves each is its criterion's optimum."""
+    which takes the criterion's optimum over positive semidefinite covariances instead (_cone_optimum: on the
+    boundary where the moments' estimate is outside) with its correlation's eigenvalues lifted to
+    MOMENT_LIFTED_EIGENVALUE (for Newton steps with the exact Hessian). `beta`: the fixed part's (weighted)
+    least-squares coefficients, where known (CrossProducts.beta_ols). `reml` False: ML's moments (the levels'
+    spread over m, not REML's m less the fixed effects' share); on balanced growth curves each is its criterion's
+    optimum."""
     # one grouping: one term with slopes, or lme4's || (its columns as scalar terms of the same factor)
     if not terms or sum(t.k for t in terms) < 2 or any(t.n_levels != terms[0].n_levels for t in terms):
         return None
@@ -267,6 +269,11 @@ def moment_start(
     if smallest < MOMENT_MIN_CORRELATION_EIGENVALUE and not uncorrelated:
         if not floor_near_singular:
             return None
+        found = _cone_optimum(between / divisor, sampling / sigma2, divisor, residual.sum(), (counts[usable] - k).sum())
+        if found is not None and np.all(np.diag(found[0]) > 0):  # the criterion's optimum on the boundary, lifted
+            covariance, sigma2 = found
+            scales = np.sqrt(np.diag(covariance))
+            correlation = covariance / np.outer(scales, scales)
         covariance = _lifted_correlation(*np.linalg.eigh(correlation)) * np.outer(scales, scales)
     relative = covariance / sigma2
     thetas, at = [], 0
@@ -283,6 +290,30 @@ def moment_start(
             T = np.linalg.cholesky(block)
         thetas.append(term.template.theta_of(T))
     return np.concatenate(thetas)
+
+
+def _cone_optimum(S, W, a, R, c) -> tuple[np.ndarray, float] | None:
+    """(Sigma, s) minimising a [log|Sigma + s W| + tr((Sigma + s W)^-1 S)] + c log s + R / s over positive semidefinite
+    Sigma and s > 0 (moment_start's criterion, the REML or ML one on a balanced growth curve): with W = L L' and
+    L^-1 S L^-T = U diag(lambda) U', Sigma = L U diag(max(lambda - s, 0)) U' L' (Sigma + s W's eigenvalues in those
+    coordinates floored at s), and s = (a sum of the floored lambdas + R) / (a (their number) + c), the floored set
+    and s found together. None where W is not positive definite."""
+    try:
+        root = np.linalg.cholesky(W)
+    except np.linalg.LinAlgError:
+        return None
+    inverse_root = np.linalg.inv(root)
+    eigenvalues, vectors = np.linalg.eigh(inverse_root @ S @ inverse_root.T)
+    s = float(R / c)
+    for _ in range(eigenvalues.size + 1):
+        floored = eigenvalues <= s
+        s_next = float((a * eigenvalues[floored].sum() + R) / (a * floored.sum() + c))
+        if np.array_equal(eigenvalues <= s_next, floored):
+            s = s_next
+            break
+        s = s_next
+    spread = root @ vectors
+    return (spread * np.maximum(eigenvalues - s, 0.0)) @ spread.T, s
 
 
 def _lifted_correlation(eigenvalues: np.ndarray, vectors: np.ndarray) -> np.ndarray:
