@@ -167,6 +167,8 @@ def numpy_functions_only(name: str, env: patsy.EvalEnvironment) -> bool:
     the formula functions that read a column as an array, as SAFE_FUNCTIONS holds it (not a caller's own)."""
     if name in _NUMPY_ALIASES:
         return _lookup(env, name) is _NUMPY_SUBSET
+    if name in NUMPY_CONSTANTS and _lookup(env, name) is _MISSING:
+        return True  # (np.pi's `pi`: a formula that passed check_formula names no other `pi` that is not a column)
     return name in _ARRAY_FUNCTIONS and _lookup(env, name) is SAFE_FUNCTIONS[name]
 
 
@@ -458,6 +460,8 @@ def _check_name(name, code, columns, env, where):
     if value is _MISSING:
         close = difflib.get_close_matches(name, sorted(columns), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else f" {_ALLOWED}"
+        if name in NUMPY_CONSTANTS and not close:  # R's `pi` (lme4's sin(2*pi*Time))
+            hint = f" For the constant, write np.{name} (as in sin(2*np.pi*Time)).{hint}"
         raise FormulaError(f"{where} uses {name!r}, which is not a column of the data nor an allowed function.{hint}")
     if not provides_code(name, value):
         hides = (
