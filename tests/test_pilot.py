@@ -744,3 +744,38 @@ def test_a_singular_growth_curve_starts_at_its_boundary_optimum(monkeypatch, fit
         design.X, design.response, list(design.terms), floor_near_singular=True, reml=ref["reml"]
     )
     np.testing.assert_allclose(start, fit.fit_result.theta, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_a_balanced_growth_curve_whose_slope_variance_the_moments_put_below_zero_starts_at_its_optimum(
+    monkeypatch, reml
+):
+    """Every level at the same times (so that the moment criterion is REML's or ML's) and no slope variance: the
+    moments' slope variance is below zero (moment_start gave None: another start), and the criterion's optimum over
+    semidefinite covariances (a correlation of +-1) is the fit's optimum (unlifted, to 1e-8); where the levels have
+    their own times there is still no such start."""
+    from sparsemix.fit import pilot
+
+    rng = np.random.default_rng(9)
+    levels, times = 30, 6
+    g = np.repeat(np.arange(levels), times)
+    t = np.tile(np.arange(times, dtype=float), levels)
+    data = pd.DataFrame({"y": 1 + 0.5 * t + rng.normal(size=levels)[g] + rng.normal(size=g.size), "t": t, "g": g})
+    design = build_design("y ~ t + (t | g)", data)
+    args = (design.X, design.response, list(design.terms))
+    seen = []
+    original = pilot._cone_optimum
+    monkeypatch.setattr(
+        pilot, "_cone_optimum", lambda S, W, a, R, c: seen.append(S - R / c * W) or original(S, W, a, R, c)
+    )
+    monkeypatch.setattr(pilot, "MOMENT_LIFTED_EIGENVALUE", 0.0)
+    start = pilot.moment_start(*args, floor_near_singular=True, reml=reml)
+    assert seen and seen[0][1, 1] < 0  # the moments' slope variance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sparsemix.SingularFitWarning)
+        fit = sparsemix.lmer("y ~ t + (t | g)", data, reml=reml)
+    np.testing.assert_allclose(start, fit.fit_result.theta, rtol=1e-8, atol=1e-8)
+    assert fit.n_evaluations <= 3
+    own_times = data.assign(t=t + rng.uniform(-0.3, 0.3, size=t.size))
+    design = build_design("y ~ t + (t | g)", own_times)
+    assert pilot.moment_start(design.X, design.response, list(design.terms), floor_near_singular=True) is None

@@ -244,21 +244,37 @@ def moment_start(
     # the levels' spread about their mean over m (ML's) or m less the fixed effects' share of the levels'
     # coefficients (REML's: over m - 1 where the fixed part is the term's columns, m - 2 where a grouping-level
     # covariate doubles them, as Orthodont's Sex): on a balanced design either is its criterion's optimum. ML's
-    # over m - 1 where over m a variance would vanish (nlme's Dialyzer).
+    # over m - 1 where over m a variance would vanish (nlme's Dialyzer), unless the cone's optimum below is taken.
     between, sampling, m = centred.T @ centred, sigma2 * inverse.mean(axis=0), centred.shape[0]
     divisor = m - _fixed_share(Xw[inside], codes, V, inverse, usable) if reml else m
     covariance = between / divisor - sampling
-    if not reml and not np.all(np.diag(covariance) > 0):
+    uncorrelated = all(t.template.is_diagonal for t in terms)  # lme4's || (its terms hold no correlation)
+    # Where the moments' estimate is not a covariance (a variance <= 0, a correlation's eigenvalue < 0), the
+    # criterion's optimum over semidefinite ones (_cone_optimum), where every level has the same design; where levels
+    # are measured at their own times the criterion is not the likelihood, and that start took more evaluations than
+    # the others (random growth curves: docs/performance-scale.md, twenty-second session).
+    balanced = bool(usable.all()) and np.allclose(inverse, inverse[0], rtol=1e-9, atol=0.0)
+    to_cone = balanced and floor_near_singular and not uncorrelated
+    if not reml and not to_cone and not np.all(np.diag(covariance) > 0):
         divisor = m - 1
         covariance = between / divisor - sampling
     variances = np.diag(covariance)
-    if not (sigma2 > 0 and np.all(variances > 0) and np.all(np.isfinite(covariance))):
+    if not (sigma2 > 0 and np.all(np.isfinite(covariance))):
         return None
-    uncorrelated = all(t.template.is_diagonal for t in terms)  # lme4's || (its terms hold no correlation)
+    # moment criterion (the likelihood's on a balanced growth curve): a [log|Sigma + s W| + tr((Sigma + s W)^-1 S)] +
+    # c log s + R / s, with (S, W, a, R, c) as follows
+    criterion = (between / divisor, sampling / sigma2, divisor, residual.sum(), (counts[usable] - k).sum())
+    cone = None
+    if not np.all(variances > 0):  # (a correlated term's variances may be positive there: datasets' CO2)
+        if not to_cone:
+            return None
+        cone = _cone_optimum(*criterion)
+        if cone is None or not np.all(np.diag(cone[0]) > 0):
+            return None
+        covariance, sigma2 = cone
+        variances = np.diag(covariance)
     if uncorrelated:  # the diagonal model's own optimum, not the correlated estimate's diagonal
-        found = _diagonal_optimum(
-            between / divisor, sampling / sigma2, divisor, residual.sum(), (counts[usable] - k).sum(), variances, sigma2
-        )
+        found = _diagonal_optimum(*criterion, variances, sigma2)
         if found is not None:  # (a variance at zero starts at COMPONENTS_MIN_RATIO: at 0 its slope vanishes)
             variances, sigma2 = np.where(found[0] > 0, found[0], COMPONENTS_MIN_RATIO * found[1]), found[1]
             covariance = np.diag(variances)
@@ -269,11 +285,12 @@ def moment_start(
     if smallest < MOMENT_MIN_CORRELATION_EIGENVALUE and not uncorrelated:
         if not floor_near_singular:
             return None
-        found = _cone_optimum(between / divisor, sampling / sigma2, divisor, residual.sum(), (counts[usable] - k).sum())
-        if found is not None and np.all(np.diag(found[0]) > 0):  # the criterion's optimum on the boundary, lifted
-            covariance, sigma2 = found
-            scales = np.sqrt(np.diag(covariance))
-            correlation = covariance / np.outer(scales, scales)
+        if cone is None and to_cone:
+            cone = _cone_optimum(*criterion)
+            if cone is not None and np.all(np.diag(cone[0]) > 0):  # the criterion's optimum on the boundary, lifted
+                covariance, sigma2 = cone
+                scales = np.sqrt(np.diag(covariance))
+                correlation = covariance / np.outer(scales, scales)
         covariance = _lifted_correlation(*np.linalg.eigh(correlation)) * np.outer(scales, scales)
     relative = covariance / sigma2
     thetas, at = [], 0
