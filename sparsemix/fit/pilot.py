@@ -249,13 +249,17 @@ def moment_start(
     divisor = m - _fixed_share(Xw[inside], codes, V, inverse, usable) if reml else m
     covariance = between / divisor - sampling
     uncorrelated = all(t.template.is_diagonal for t in terms)  # lme4's || (its terms hold no correlation)
+
     # Where the moments' estimate is not a covariance (a variance <= 0, a correlation's eigenvalue < 0), the
     # criterion's optimum over semidefinite ones (_cone_optimum), where every level has the same design; where levels
     # are measured at their own times the criterion is not the likelihood, and that start took more evaluations than
     # the others (random growth curves: docs/performance-scale.md, twenty-second session).
-    balanced = bool(usable.all()) and np.allclose(inverse, inverse[0], rtol=1e-9, atol=0.0)
-    to_cone = balanced and floor_near_singular and not uncorrelated
-    if not reml and not to_cone and not np.all(np.diag(covariance) > 0):
+    def to_cone() -> bool:  # (asked only where the moments are not a covariance)
+        if uncorrelated or not floor_near_singular or not usable.all():
+            return False
+        return float(np.abs(inverse - inverse[0]).max()) <= 1e-9 * float(np.abs(inverse[0]).max())
+
+    if not reml and not np.all(np.diag(covariance) > 0) and not to_cone():
         divisor = m - 1
         covariance = between / divisor - sampling
     variances = np.diag(covariance)
@@ -266,7 +270,7 @@ def moment_start(
     criterion = (between / divisor, sampling / sigma2, divisor, residual.sum(), (counts[usable] - k).sum())
     cone = None
     if not np.all(variances > 0):  # (a correlated term's variances may be positive there: datasets' CO2)
-        if not to_cone:
+        if not to_cone():
             return None
         cone = _cone_optimum(*criterion)
         if cone is None or not np.all(np.diag(cone[0]) > 0):
@@ -285,7 +289,7 @@ def moment_start(
     if smallest < MOMENT_MIN_CORRELATION_EIGENVALUE and not uncorrelated:
         if not floor_near_singular:
             return None
-        if cone is None and to_cone:
+        if cone is None and to_cone():
             cone = _cone_optimum(*criterion)
             if cone is not None and np.all(np.diag(cone[0]) > 0):  # the criterion's optimum on the boundary, lifted
                 covariance, sigma2 = cone
