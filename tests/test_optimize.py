@@ -268,6 +268,30 @@ def test_even_newton_leaves_a_saddle_at_zero_and_gives_up_where_it_cannot_evalua
     assert even_newton(lambda t: (1.0, np.ones(2), None), np.array([1.0, 1.0]), 100)[0] == ""
 
 
+@pytest.mark.parametrize("rounding", [5e-9, 2e-9])
+def test_even_newton_takes_a_step_the_deviances_rounding_cannot_judge_on_the_gradients_word(rounding):
+    """Near a flat minimum (curvatures 0.026 to 30, a near-singular 3 x 3 growth curve's) the full Newton step from a
+    gradient of 1.4e-5 gains 3.8e-9 on a deviance of 1,324, which its rounding (here: every point but the start
+    reads `rounding` high) cannot see: every halving was refused and the steps gave up (L-BFGS-B then took 80
+    evaluations). Within 1e-12 of the start's deviance and with the gradient gone, the step is taken and the steps
+    settle; a step that ends above that is still refused."""
+    from sparsemix.fit.optimize import even_newton
+
+    A = np.diag([0.0257, 1.0, 30.0])
+    start = np.linalg.solve(A, np.array([1.4e-5, 1e-6, 1e-6])) + 5.0
+
+    def fgh(theta):
+        d = theta - 5.0
+        raised = 0.0 if np.array_equal(theta, start) else rounding
+        return 1324.0 + 0.5 * d @ A @ d + raised, A @ d, A
+
+    how, x, fx = even_newton(fgh, start.copy(), 50)
+    if rounding <= 1e-12 * 1324.0 + 0.5 * (A @ (start - 5.0)) @ (start - 5.0):
+        assert how == "settled" and np.max(np.abs(x - 5.0)) < 1e-9
+    else:
+        assert how == ""
+
+
 def test_even_newton_folds_a_templates_column_with_the_sign_of_its_diagonal_entry():
     """A deviance of a 2 x 2 template's theta = (T11, T21, T22) depends on T T' only: each column may change sign
     together. Started where a step crosses T11 = 0, the steps end with T11 >= 0 and T21 of the sign that goes with
@@ -303,7 +327,8 @@ def test_even_newton_folds_a_templates_column_with_the_sign_of_its_diagonal_entr
 def test_even_newton_settles_where_its_step_would_gain_less_than_the_deviances_rounding(monkeypatch):
     """A Newton step whose predicted decrease is below HESSIAN_NEWTON_RESOLUTION of the deviance is taken unevaluated:
     a deviance that resolves no finer (here rounded to 1e-10 at 1,800) cannot show it falling, and halving it ran a
-    boundary fit 35 evaluations further at one point. Without the rule the same start gives up."""
+    boundary fit 35 evaluations further at one point. Without the rule the gradient's word takes the full step
+    (_gradient_judges: two evaluations); without either, the same start gives up."""
     from sparsemix.fit import optimize
     from sparsemix.fit.optimize import even_newton
 
@@ -315,6 +340,10 @@ def test_even_newton_settles_where_its_step_would_gain_less_than_the_deviances_r
     how, x, _ = even_newton(counted, np.array([1.0 + 3e-6]), 100)
     assert how == "settled" and x == pytest.approx([1.0], abs=1e-12) and len(calls) == 1
     monkeypatch.setattr(optimize, "HESSIAN_NEWTON_RESOLUTION", 0.0)
+    calls.clear()
+    how, x, _ = even_newton(counted, np.array([1.0 + 3e-6]), 100)
+    assert how == "settled" and x == pytest.approx([1.0], abs=1e-12) and len(calls) == 2
+    monkeypatch.setattr(optimize, "HESSIAN_NEWTON_GRADIENT_DROP", -1.0)  # (no gradient passes)
     assert even_newton(fgh, np.array([1.0 + 3e-6]), 100)[0] == ""
 
 
