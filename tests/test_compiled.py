@@ -85,10 +85,16 @@ def test_a_kernel_is_compiled_in_the_caller_where_no_process_can_compile_it(monk
     assert compiled.kernel("dense_scalar_scoring") is kernels.dense_scalar_scoring
 
 
-def test_the_warmup_compiles_every_kernel_of_small_fits(monkeypatch):
-    asked = set()
+@pytest.fixture
+def asked(monkeypatch):
+    """The names of the kernels asked for (compiled.kernel recorded, then called)."""
+    names = set()
     kernel = compiled.kernel
-    monkeypatch.setattr(compiled, "kernel", lambda name: asked.add(name) or kernel(name))
+    monkeypatch.setattr(compiled, "kernel", lambda name: names.add(name) or kernel(name))
+    return names
+
+
+def test_the_warmup_compiles_every_kernel_of_small_fits(asked):
     warmup.compile_kernels()
     assert asked == set(compiled.KERNELS)
 
@@ -141,11 +147,8 @@ def test_kernels_compiled_in_the_background_are_read_from_numbas_cache(tmp_path)
         assert float(done.stdout.split()[-1]) == pytest.approx(-871.8141, abs=1e-4)
 
 
-def test_the_command_compiles_them(monkeypatch):
+def test_the_command_compiles_them(asked):
     from sparsemix.cli import main
 
-    asked = set()
-    kernel = compiled.kernel
-    monkeypatch.setattr(compiled, "kernel", lambda name: asked.add(name) or kernel(name))
     assert main(["compile"]) == 0
     assert asked == set(compiled.KERNELS)
