@@ -2,7 +2,7 @@
 
 Each library fits from a data frame already in memory to a fitted model; the time is the median of
 `--reps` fits (statsmodels' slow crossed fit runs once); lme4's reference models take the lower of `--rounds`
-such medians, the rounds alternating the libraries. lme4 runs through Rscript when R and lme4 are
+such medians, the libraries alternating model by model. lme4 runs through Rscript when R and lme4 are
 installed, and is skipped, with a note, when they are not. Prints a Markdown table of times, ratios and
 log-likelihoods.
 
@@ -129,7 +129,7 @@ def time_lmer(case, reps):
 
 
 def lme4_job(case, reps, workdir, index) -> str:
-    """One line of lme4_fit.R's --jobs file for `case` (its data written to a CSV of its own)."""
+    """One line for lme4_fit.R --serve: `case`'s fit (its data written to a CSV of its own)."""
     csv = Path(workdir) / f"data{index}.csv"
     case.data.to_csv(csv, index=False, float_format="%.17g")
     factors = ",".join(c for c in case.data.columns if not pd.api.types.is_numeric_dtype(case.data[c]))
@@ -137,17 +137,40 @@ def lme4_job(case, reps, workdir, index) -> str:
     return "\t".join(fields + [case.weights or "", case.offset or ""])
 
 
-def time_lme4_lmers(jobs, workdir) -> list[dict]:
-    """lme4_fit.R's results for the job lines, in one R process."""
-    path = Path(workdir) / "jobs.tsv"
-    path.write_text("\n".join(jobs) + "\n")
-    out = subprocess.run(
-        ["Rscript", str(HERE / "lme4_fit.R"), "--jobs", str(path)], capture_output=True, text=True, check=True
-    )
-    results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if len(results) != len(jobs):
-        raise RuntimeError(f"lme4_fit.R gave {len(results)} results for {len(jobs)} fits:\n{out.stderr[-2000:]}")
-    return results
+class Lme4Server:
+    """One R process (lme4_fit.R --serve) that times the fit of each job line sent to it, one at a time: R's and
+    lme4's start paid once, and nothing of R's running while sparsemix's fits are timed (it waits on its input)."""
+
+    def __init__(self, workdir):
+        self._log = Path(workdir) / "lme4_fit.log"  # (R's warnings: a pipe nobody read would fill and stall it)
+        with open(self._log, "w") as log:
+            self._proc = subprocess.Popen(
+                ["Rscript", str(HERE / "lme4_fit.R"), "--serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                bufsize=1,
+            )
+
+    def time(self, job: str) -> dict:
+        self._proc.stdin.write(job + "\n")
+        self._proc.stdin.flush()
+        while line := self._proc.stdout.readline():
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(
+            f"lme4_fit.R stopped without a result for {job.split(chr(9))[1]!r}:\n{self._log.read_text()[-2000:]}"
+        )
+
+    def close(self):
+        self._proc.stdin.close()
+        self._proc.wait()
+
+
+# a pause between the two libraries' timings: the other's last threads settle (an Rscript's exit just before one
+# of ours slowed fits of a few milliseconds by a third or more)
+SWITCH_PAUSE_SECONDS = 0.2
 
 
 def run_reference(reps, rounds):
@@ -156,22 +179,28 @@ def run_reference(reps, rounds):
         "|---|---|---|---|---|---|---|",
     ]
     cases = reference_cases()
-    # Rounds alternate the libraries (every sparsemix fit, then every lme4 fit in one R process) and each keeps
-    # its lower median: the host's slow minutes moved a few-millisecond fit by up to 2x, which one round took
-    # for a ratio. (An Rscript's exit just before one of ours slowed fits of a few milliseconds by a third or
-    # more: sparsemix's fits never run beside R's.)
+    # The libraries alternate model by model (each round changes which goes first) and each keeps its lower median
+    # of the rounds: this host's speed drifts by up to 2x over minutes, and a ratio of two timings taken a minute
+    # apart (every sparsemix fit, then every lme4 fit) moved with it (mlmRev's Early, the same model and data as
+    # early.json's, read 3.7-4.6x in the rounds where early.json's read 6.7x).
     ours: list = [None] * len(cases)
     theirs: list = [None] * len(cases)
     with tempfile.TemporaryDirectory() as workdir:
         jobs = [lme4_job(case, reps, workdir, i) for i, case in enumerate(cases)]
-        for _ in range(rounds):
-            for i, case in enumerate(cases):
-                timed = time_lmer(case, reps)
-                ours[i] = timed if ours[i] is None or timed[0] < ours[i][0] else ours[i]
-            time.sleep(1.0)
-            for i, ref in enumerate(time_lme4_lmers(jobs, workdir)):
-                theirs[i] = ref if theirs[i] is None or ref["seconds"] < theirs[i]["seconds"] else theirs[i]
-            time.sleep(1.0)
+        server = Lme4Server(workdir)
+        try:
+            for r in range(rounds):
+                for i, case in enumerate(cases):
+                    for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+                        time.sleep(SWITCH_PAUSE_SECONDS)
+                        if side == "ours":
+                            timed = time_lmer(case, reps)
+                            ours[i] = timed if ours[i] is None or timed[0] < ours[i][0] else ours[i]
+                        else:
+                            ref = server.time(jobs[i])
+                            theirs[i] = ref if theirs[i] is None or ref["seconds"] < theirs[i]["seconds"] else theirs[i]
+        finally:
+            server.close()
     for case, (ours_t, ours_llf), ref in zip(cases, ours, theirs):
         lines.append(
             f"| {case.name} | {ours_t:.4f} | {ref['seconds']:.4f} | {ref['seconds'] / ours_t:.1f} | "
@@ -180,8 +209,8 @@ def run_reference(reps, rounds):
     lines.append("")
     lines.append(
         f"Times are the lower of {rounds} rounds' medians of {reps} fits (sparsemix's: of at least {reps} and "
-        f"{MIN_SECONDS:g} s of them), each after one untimed fit, the rounds "
-        "alternating the libraries, from a data frame in memory to a fitted model; same formula in both "
+        f"{MIN_SECONDS:g} s of them), each after one untimed fit, the libraries alternating model by model (each "
+        "round changing which goes first), from a data frame in memory to a fitted model; same formula in both "
         "(`sparsemix.lmer`, `lme4::lmer`); sparsemix reads text columns as factors inside each fit, lme4 is given "
         "factor columns made before its timing."
     )
@@ -214,7 +243,7 @@ def time_lme4(case, reps, workdir):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3, help="reference models: rounds alternating the libraries")
+    ap.add_argument("--rounds", type=int, default=5, help="reference models: rounds alternating the libraries")
     ap.add_argument("--skip-statsmodels", action="store_true")
     ap.add_argument(
         "--suite",

@@ -1,7 +1,8 @@
 # Time lme4::lmer and print one JSON line per fit: seconds (median of `reps` fits), logLik, feval.
 # Usage: Rscript lme4_fit.R data.csv FORMULA REML reps [factor-columns weights-column offset-column]
-#    or: Rscript lme4_fit.R --jobs jobs.tsv   (one fit per line, the same seven fields tab-separated: one R
-#        process for many models, so a round of them pays R's and lme4's start once)
+#    or: Rscript lme4_fit.R --serve   (one fit per line of stdin, the same seven fields tab-separated, each
+#        answered as it comes: one R process for many models, which pays R's and lme4's start once, and whose
+#        caller alternates its own fits with lme4's model by model)
 #   factor-columns: comma-separated columns to read as factors (strings in the Python data frame).
 suppressPackageStartupMessages(library(lme4))
 args <- commandArgs(trailingOnly = TRUE)
@@ -28,9 +29,13 @@ time_fit <- function(job) {
               basename(extSoftVersion()[["BLAS"]])))
 }
 
-if (args[1] == "--jobs") {
-  jobs <- readLines(args[2])
-  for (line in jobs) time_fit(strsplit(line, "\t", fixed = TRUE)[[1]])
+if (args[1] == "--serve") {
+  input <- file("stdin")
+  open(input)
+  while (length(line <- readLines(input, n = 1)) > 0) {
+    time_fit(strsplit(line, "\t", fixed = TRUE)[[1]])
+    flush(stdout())
+  }
 } else {
   time_fit(args)
 }
