@@ -302,8 +302,37 @@ def test_numpys_constants_are_allowed_in_formulas(data):
     np.testing.assert_allclose(written.fe_params.to_numpy(), computed.fe_params.to_numpy(), rtol=1e-10)
     with pytest.raises(FormulaError, match="attribute"):
         sparsemix.lmer("y ~ np.linalg.norm(t) + (1 | g)", frame)
-    with pytest.raises(FormulaError, match=r"uses 'pi'.*write np\.pi"):  # R's pi, as lme4's formula has it
-        sparsemix.lmer("y ~ sin(2 * pi * t) + (1 | g)", frame)
+    with pytest.raises(FormulaError, match=r"uses 'e'.*write np\.e"):  # numpy's e is not R's: bare, no constant
+        sparsemix.lmer("y ~ e * t + (1 | g)", frame)
+
+
+def test_rs_pi_is_the_constant_in_every_door(data):
+    """lme4's formulas write R's constant bare (nlme's Ovary: sin(2*pi*Time)): the same fit as np.pi's, in lmer and
+    in the statsmodels door, kept with the fit for predict (newdata needs no `pi` column) and through pickle. A
+    column named pi is the column; a caller's own pi of another value is refused, not read."""
+    import pickle
+
+    frame = data.assign(t=np.linspace(0.0, 1.0, len(data)))
+    numpy_pi = sparsemix.lmer("y ~ np.sin(2 * np.pi * t) + (np.cos(np.pi * t) | g)", frame)
+    bare = sparsemix.lmer("y ~ sin(2*pi*t) + (cos(pi*t) | g)", frame)
+    assert bare.llf == pytest.approx(numpy_pi.llf, rel=1e-12)
+    np.testing.assert_allclose(bare.fe_params.to_numpy(), numpy_pi.fe_params.to_numpy(), rtol=1e-10)
+    new = frame.iloc[:7][["t", "g"]]
+    np.testing.assert_allclose(bare.predict(new), numpy_pi.predict(new), rtol=1e-12)
+    np.testing.assert_allclose(pickle.loads(pickle.dumps(bare)).predict(new), bare.predict(new), rtol=0)
+    mixed = sparsemix.MixedLM.from_formula("y ~ sin(2*pi*t)", frame, groups="g").fit()
+    assert mixed.fe_params.iloc[1] == pytest.approx(
+        sparsemix.MixedLM.from_formula("y ~ np.sin(2*np.pi*t)", frame, groups="g").fit().fe_params.iloc[1], rel=1e-10
+    )
+    from math import pi  # noqa: F401 (a caller's pi of the same value reads as the constant)
+
+    assert sparsemix.lmer("y ~ sin(2*pi*t) + (1 | g)", frame).llf == pytest.approx(
+        sparsemix.lmer("y ~ np.sin(2*np.pi*t) + (1 | g)", frame).llf, rel=1e-12
+    )
+    column = sparsemix.lmer("y ~ sin(2*pi*t) + (1 | g)", frame.assign(pi=1.0))
+    assert column.llf == pytest.approx(sparsemix.lmer("y ~ sin(2*t) + (1 | g)", frame).llf, rel=1e-12)
+    with pytest.raises(FormulaError, match="it hides the constant pi"):
+        sparsemix.lmer("y ~ sin(2*pi*t) + (1 | g)", frame, eval_env={"pi": 3})
 
 
 def test_numpys_constants_keep_the_columns_as_arrays(data):
@@ -315,7 +344,7 @@ def test_numpys_constants_keep_the_columns_as_arrays(data):
     from sparsemix.formula.safety import safe_environment
 
     frame = data.assign(t=np.linspace(0.0, 1.0, len(data)))
-    for formula in ("y ~ sin(2 * np.pi * t)", "y ~ np.cos(np.pi * t) + np.e * t"):
+    for formula in ("y ~ sin(2 * np.pi * t)", "y ~ np.cos(np.pi * t) + np.e * t", "y ~ sin(2 * pi * t)"):
         desc = patsy.ModelDesc.from_formula(formula)
         assert isinstance(patsy_data(frame, desc, safe_environment()), FrameColumns), formula
     desc = patsy.ModelDesc.from_formula("y ~ pi(t)")

@@ -2,10 +2,11 @@
 
 patsy evaluates each term of a formula as Python. Formulas come from users, files and command lines, so every
 term is parsed (Python's `ast`, nothing run) and must use only: the data's columns, numbers and strings,
-arithmetic and comparisons, and calls of the functions in `SAFE_FUNCTIONS` (or `np.<name>` of those that are
-numpy's) or of functions in `eval_env`. The Python front doors pass the caller's namespace as patsy does
-(`formula_environment`); the command line passes none. Python's builtins, names starting with '_', attributes
-other than `np.<function>`, subscripts and lambdas are refused with a FormulaError that names what was refused.
+R's constant `pi`, arithmetic and comparisons, and calls of the functions in `SAFE_FUNCTIONS` (or `np.<name>`
+of those that are numpy's) or of functions in `eval_env`. The Python front doors pass the caller's namespace as
+patsy does (`formula_environment`); the command line passes none. Python's builtins, names starting with '_',
+attributes other than `np.<function>`, subscripts and lambdas are refused with a FormulaError that names what was
+refused.
 
 Columns named by Python keywords (`yield`, `class`, `True`) are syntax to Python, and R's dotted names (`IQ.verb`,
 mlmRev's bdf) an attribute, so `readable_formula` has patsy evaluate such terms as `Q("yield")`, `Q("IQ.verb")`
@@ -79,6 +80,9 @@ _NUMPY_ALIASES = ("np", "numpy")
 # ... and numpy's constants (`sin(2 * np.pi * Time)`, nlme's Ovary model).
 NUMPY_CONSTANTS = ("pi", "e")
 _NUMPY_SUBSET = SimpleNamespace(**{name: getattr(np, name) for name in NUMPY_FUNCTIONS + NUMPY_CONSTANTS})
+# R's constant (lme4's `sin(2*pi*Time)`): a name of the formula language, looked up after the caller's names as
+# the functions are (a column named pi comes first, as any column does).
+FORMULA_CONSTANTS = {"pi": float(np.pi)}
 # Refused by name (`eval`, `open`, `getattr`, also `sum`, `type`) unless a column or a safe function (`abs`), and
 # by identity when the caller's code holds one under another name (`run = exec`).
 _BUILTIN_NAMES = frozenset(vars(builtins))
@@ -127,11 +131,11 @@ def safe_environment(eval_env=None) -> patsy.EvalEnvironment:
     patsy's Q (which backticks and keyword-named columns become) and the numpy functions above."""
     pinned = {"Q": patsy.builtins.Q, **{alias: _NUMPY_SUBSET for alias in _NUMPY_ALIASES}}
     if eval_env is None:
-        return patsy.EvalEnvironment([pinned, SAFE_FUNCTIONS])
+        return patsy.EvalEnvironment([pinned, SAFE_FUNCTIONS, FORMULA_CONSTANTS])
     if isinstance(eval_env, patsy.EvalEnvironment):
-        return patsy.EvalEnvironment([pinned, eval_env.namespace, SAFE_FUNCTIONS], eval_env.flags)
+        return patsy.EvalEnvironment([pinned, eval_env.namespace, SAFE_FUNCTIONS, FORMULA_CONSTANTS], eval_env.flags)
     if isinstance(eval_env, dict):
-        return patsy.EvalEnvironment([pinned, eval_env, SAFE_FUNCTIONS])
+        return patsy.EvalEnvironment([pinned, eval_env, SAFE_FUNCTIONS, FORMULA_CONSTANTS])
     raise FormulaError(f"eval_env must be a patsy.EvalEnvironment or a dict of names; got {type(eval_env).__name__}.")
 
 
@@ -167,8 +171,8 @@ def numpy_functions_only(name: str, env: patsy.EvalEnvironment) -> bool:
     the formula functions that read a column as an array, as SAFE_FUNCTIONS holds it (not a caller's own)."""
     if name in _NUMPY_ALIASES:
         return _lookup(env, name) is _NUMPY_SUBSET
-    if name in NUMPY_CONSTANTS and _lookup(env, name) is _MISSING:
-        return True  # (np.pi's `pi`: a formula that passed check_formula names no other `pi` that is not a column)
+    if name in NUMPY_CONSTANTS and _lookup(env, name) is _MISSING or _is_formula_constant(name, _lookup(env, name)):
+        return True  # (np.e's `e`: a formula that passed check_formula names no other `e` that is not a column)
     return name in _ARRAY_FUNCTIONS and _lookup(env, name) is SAFE_FUNCTIONS[name]
 
 
@@ -182,10 +186,15 @@ def used_environment(env: patsy.EvalEnvironment, formulas) -> patsy.EvalEnvironm
 
 
 def provides_code(name: str, value) -> bool:
-    """Whether a name a formula reads from its environment is code (a function, or numpy's np / numpy), not a
-    value: formulas take values from the data only. The one rule for the fit's check, the environment kept with
-    a fit, and the columns predict's newdata must have."""
-    return callable(value) or name in _NUMPY_ALIASES
+    """Whether a name a formula reads from its environment is code (a function, numpy's np / numpy, or the formula
+    language's constant pi), not a value: formulas take values from the data only. The one rule for the fit's
+    check, the environment kept with a fit, and the columns predict's newdata must have."""
+    return callable(value) or name in _NUMPY_ALIASES or _is_formula_constant(name, value)
+
+
+def _is_formula_constant(name: str, value) -> bool:
+    """`pi` as FORMULA_CONSTANTS holds it (or a caller's own of the same value: `from math import pi`)."""
+    return name in FORMULA_CONSTANTS and isinstance(value, float) and value == FORMULA_CONSTANTS[name]
 
 
 def quoted_name(node: ast.AST) -> str | None:
@@ -460,13 +469,15 @@ def _check_name(name, code, columns, env, where):
     if value is _MISSING:
         close = difflib.get_close_matches(name, sorted(columns), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else f" {_ALLOWED}"
-        if name in NUMPY_CONSTANTS and not close:  # R's `pi` (lme4's sin(2*pi*Time))
+        if name in NUMPY_CONSTANTS and not close:  # (`e`: numpy's, not R's)
             hint = f" For the constant, write np.{name} (as in sin(2*np.pi*Time)).{hint}"
         raise FormulaError(f"{where} uses {name!r}, which is not a column of the data nor an allowed function.{hint}")
     if not provides_code(name, value):
         hides = (
             f"; it hides the formula function {name}(), so rename it or pass eval_env={{}}"
             if name in SAFE_FUNCTIONS
+            else f"; it hides the constant {name}, so rename it or pass eval_env={{}}"
+            if name in FORMULA_CONSTANTS
             else "; formulas take values from the data's columns (add it as one)"
         )
         raise FormulaError(
@@ -488,6 +499,6 @@ def _lookup(env, name):
 _ALLOWED = (
     "Formulas may use the data's columns, arithmetic, comparisons, these functions: "
     + ", ".join(sorted(SAFE_FUNCTIONS))
-    + ", and in Python the functions of the calling code "
+    + ", the constant pi, and in Python the functions of the calling code "
     "(docs/formulas.md)."
 )

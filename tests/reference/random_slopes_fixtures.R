@@ -99,6 +99,12 @@ sets <- list(
   list(dataset = "mlmRev::ScotsSec", data = plain(ScotsSec[, c("attain", "verbal", "sex", "primary", "second")]),
        fits = list(c("scotssec_reml", "attain ~ verbal + sex + (1 | primary) + (1 | second)", TRUE),
                    c("scotssec_ml", "attain ~ verbal + sex + (1 | primary) + (1 | second)", FALSE))),
+  # R's constant pi in the formula, as nlme's Ovary model writes it (a harmonic in the time of the cycle), with
+  # the sine's effect random beside the intercept, uncorrelated (Pinheiro & Bates' pdDiag)
+  list(dataset = "nlme::Ovary", data = plain(nlme::Ovary[, c("follicles", "Time", "Mare")]),
+       fits = list(c("ovary_reml", "follicles ~ sin(2*pi*Time) + cos(2*pi*Time) + (1 | Mare)", TRUE),
+                   c("ovary_uncorr_ml", "follicles ~ sin(2*pi*Time) + cos(2*pi*Time) + (sin(2*pi*Time) || Mare)",
+                     FALSE))),
   list(dataset = "simulated::subjects_items", data = subjects_items(30, 20),
        fits = list(c("maximal_reml", "rt ~ cond + (cond | subj) + (cond | item)", TRUE),
                    c("maximal_ml", "rt ~ cond + (cond | subj) + (cond | item)", FALSE)))
