@@ -601,3 +601,28 @@ def test_a_kept_design_with_factors_is_built_as_patsy_builds_it(formula):
     missing = data.assign(recipe=data.recipe.astype(object).where(np.arange(n) > 0).astype("category"))
     with pytest.raises(FormulaError, match="missing values"):
         fixed_arrays(formula, missing, env)
+
+
+def test_rs_factor_and_as_factor_read_a_numeric_column_as_a_factor():
+    """lme4's users write factor(Days) and as.factor(Days) (lme4's fit of factor(age) on Orthodont: test_boundary's
+    fixtures): patsy's C(Days) under R's name, in every door, with its levels kept for predict and through pickle;
+    factor's `levels` set the order (the first the baseline)."""
+    import pickle
+
+    data = SLEEP.assign(day=SLEEP.Days % 3)
+    explicit = sparsemix.lmer("Reaction ~ C(day) + (1 | Subject)", data)
+    for written in ("factor(day)", "as.factor(day)", "as.factor( day )"):
+        fit = sparsemix.lmer(f"Reaction ~ {written} + (1 | Subject)", data)
+        assert fit.llf == pytest.approx(explicit.llf, rel=1e-12), written
+        assert list(fit.fe_params.index) == ["(Intercept)", "factor(day)[T.1]", "factor(day)[T.2]"]
+        np.testing.assert_allclose(fit.fe_params.to_numpy(), explicit.fe_params.to_numpy(), rtol=1e-10)
+    new = data.iloc[[5, 1, 9]]
+    np.testing.assert_allclose(pickle.loads(pickle.dumps(fit)).predict(new), explicit.predict(new), rtol=1e-10)
+    mixed = sparsemix.MixedLM.from_formula("Reaction ~ factor(day)", data, groups="Subject").fit()
+    assert mixed.llf == pytest.approx(explicit.llf, rel=1e-9)
+    releveled = sparsemix.lmer("Reaction ~ factor(day, levels=[2, 0, 1]) + (1 | Subject)", data)
+    assert releveled.llf == pytest.approx(explicit.llf, rel=1e-12)
+    shift = explicit.fe_params.iloc[2]  # day 2 against day 0, now the baseline's negative
+    assert releveled.fe_params.iloc[1] == pytest.approx(-shift, rel=1e-9)
+    with pytest.raises(FormulaError, match=r"uses an attribute \(has.factor\)"):  # (not rewritten inside a name)
+        sparsemix.lmer("Reaction ~ has.factor(day) + (1 | Subject)", data)

@@ -60,6 +60,8 @@ def _parse_text(formula: str) -> ParsedFormula:
     # In lme4's language '^' is a power, both inside I() (I(x^2)) and for terms ((a + b)^2); in Python (and
     # so in patsy) it is xor, which would silently give another model. Translate it.
     formula = formula.replace("^", "**")
+    # R's as.factor(x) is factor(x) (formula/factor.py); Python would read `as.factor` as an attribute of `as`
+    formula = re.sub(r"(?<![\w.])as\.factor\s*\(", "factor(", formula)
     parsed = _parse(formula)
     _check_repeated_terms(parsed.random)
     return _restore_quoted(parsed, quoted)

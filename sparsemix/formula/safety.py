@@ -30,6 +30,7 @@ import patsy
 import patsy.builtins
 
 from ..errors import FormulaError
+from .factor import factor
 from .poly import poly
 
 __all__ = [
@@ -74,6 +75,7 @@ SAFE_FUNCTIONS = {
     **{name: getattr(np, name) for name in NUMPY_FUNCTIONS},
     **{name: getattr(patsy.builtins, name) for name in PATSY_FUNCTIONS},
     "poly": poly,
+    "factor": factor,
 }
 # `np.log(x)` and `numpy.log(x)` keep working: these names hold only the numpy functions above.
 _NUMPY_ALIASES = ("np", "numpy")

@@ -57,7 +57,9 @@ sets <- list(
                    c("oxboys_ml", "height ~ age + I(age^2) + (age + I(age^2) | Subject)", FALSE))),
   list(dataset = "nlme::Orthodont", data = plain(nlme::Orthodont[, c("distance", "age", "Subject", "Sex")]),
        fits = list(c("orthodont_reml", "distance ~ age * Sex + (age | Subject)", TRUE),
-                   c("orthodont_ml", "distance ~ age * Sex + (age | Subject)", FALSE))),
+                   c("orthodont_ml", "distance ~ age * Sex + (age | Subject)", FALSE),
+                   # a numeric column read as a factor, as lme4 users write it
+                   c("orthodont_factor_reml", "distance ~ factor(age) + Sex + (1 | Subject)", TRUE))),
   list(dataset = "mlmRev::Early", data = plain(Early[, c("cog", "age", "trt", "id")]),
        fits = list(c("early_reml", "cog ~ age * trt + (age | id)", TRUE),
                    c("early_ml", "cog ~ age * trt + (age | id)", FALSE),
