@@ -626,3 +626,11 @@ def test_rs_factor_and_as_factor_read_a_numeric_column_as_a_factor():
     assert releveled.fe_params.iloc[1] == pytest.approx(-shift, rel=1e-9)
     with pytest.raises(FormulaError, match=r"uses an attribute \(has.factor\)"):  # (not rewritten inside a name)
         sparsemix.lmer("Reaction ~ has.factor(day) + (1 | Subject)", data)
+    with pytest.raises(FormulaError, match=r"levels must be the list of the levels in order.*got 3"):
+        sparsemix.lmer("Reaction ~ factor(day, 3) + (1 | Subject)", data)
+    # a grouping is a factor already: lme4 reads (1 | factor(Subject)) as (1 | Subject)
+    plain = sparsemix.lmer("Reaction ~ Days + (Days | Subject)", data)
+    for group in ("factor(Subject)", "as.factor( Subject )"):
+        wrapped = sparsemix.lmer(f"Reaction ~ Days + (Days | {group})", data)
+        assert wrapped.llf == pytest.approx(plain.llf, rel=1e-12)
+        assert wrapped.ngroups == {"Subject": 18}

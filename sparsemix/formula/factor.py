@@ -11,4 +11,9 @@ __all__ = ["factor"]
 def factor(x, levels=None):
     """x as a categorical factor: its sorted values as levels, or `levels` in the order given (R's
     factor(x, levels = ...), written factor(x, levels=[...]))."""
+    if levels is not None and (isinstance(levels, (str, bytes)) or not hasattr(levels, "__iter__")):
+        raise ValueError(
+            f"factor(x, levels): levels must be the list of the levels in order, such as factor(x, levels=[2, 0, 1]); "
+            f"got {levels!r}"
+        )
     return patsy.builtins.C(x, levels=levels)

@@ -204,10 +204,14 @@ def _backticks_to_q(formula: str) -> str:
     return re.sub(r"`([^`]*)`", lambda m: "Q(" + json.dumps(m.group(1), ensure_ascii=False) + ")", formula)
 
 
+_FACTOR_OF_NAME = re.compile(r"(?<![\w.])factor\(\s*([\w.]+)\s*\)")  # (as.factor( is factor( by now: _parse_text)
+
+
 def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
     """`a/b/c` -> a, b:a, c:b:a (lme4 writes the nested factor first, which sets its name and level labels);
     `a:b` -> the interaction as written; names must be plain variables or quoted (`my group`, set aside by
     _hide_quoted)."""
+    group = _FACTOR_OF_NAME.sub(r"\1", group)  # lme4 reads (1 | factor(id)) as (1 | id): a grouping is a factor
     for bad in "+*-()":
         if bad in group:
             raise FormulaError(
