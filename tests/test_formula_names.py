@@ -634,3 +634,48 @@ def test_rs_factor_and_as_factor_read_a_numeric_column_as_a_factor():
         wrapped = sparsemix.lmer(f"Reaction ~ Days + (Days | {group})", data)
         assert wrapped.llf == pytest.approx(plain.llf, rel=1e-12)
         assert wrapped.ngroups == {"Subject": 18}
+
+
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "Reaction ~ C(Days) + (1 | Subject)",
+        "Reaction ~ factor(Days) * w + (1 | Subject)",
+        "Reaction ~ C(w):Days + C(g)",
+    ],
+)
+def test_a_kept_design_with_a_column_read_as_a_factor_is_built_as_patsy_builds_it(formula, monkeypatch):
+    """C(x) and factor(x) of a bare column send patsy to the frame (their levels are the column's values), but their
+    design is kept under those levels and rebuilt from the column's codes (Orthodont's factor(age): 12.1 -> 3.3 ms):
+    the same matrix and names as patsy's, data with other levels a design of their own, a caller's own C() never
+    taken for patsy's."""
+    import patsy
+
+    from sparsemix.formula import mixedlm
+    from sparsemix.formula.safety import safe_environment
+
+    formula = formula if "|" in formula else formula + " + (1 | Subject)"
+    data = SLEEP.assign(w=SLEEP.Days % 3, g=np.where(SLEEP.Days > 4, "late", "early"))
+    first = _design(formula, data)
+    other = data.assign(Reaction=data.Reaction[::-1].to_numpy())  # the same columns and levels: the design kept
+    with monkeypatch.context() as m:
+        m.setattr(mixedlm.patsy, "build_design_matrices", lambda *a, **k: pytest.fail("patsy's build was called"))
+        kept = _design(formula, other)
+    assert kept.fixed_info is first.fixed_info
+    fixed, env = formula.split(" + (")[0], safe_environment()
+    _, expected = patsy.dmatrices(fixed, other, NA_action="raise", return_type="dataframe", eval_env=env)
+    np.testing.assert_array_equal(kept.X, expected.to_numpy()[:, list(kept.fixed_columns)])
+    # days 0-6 only: where Days is read as a factor, fewer levels and another design (patsy's); w's and g's the same
+    fewer = other[other.Days < 7]
+    _, expected = patsy.dmatrices(fixed, fewer, NA_action="raise", return_type="dataframe", eval_env=env)
+    smaller = _design(formula, fewer)
+    assert (smaller.fixed_info is first.fixed_info) == ("(Days)" not in fixed)
+    np.testing.assert_array_equal(smaller.X, expected.to_numpy()[:, list(smaller.fixed_columns)])
+
+    def C(x):  # noqa: N802 (a caller's own C, shadowing patsy's)
+        return np.asarray(x, dtype=float) * 2.0
+
+    if "C(Days)" in formula:
+        own = _design(formula, other, eval_env={"C": C})
+        assert own.fe_names == ("(Intercept)", "C(Days)")
+        np.testing.assert_array_equal(own.X[:, 1], other.Days * 2.0)

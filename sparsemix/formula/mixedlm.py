@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from ..core.terms import VarianceComponent, indicator_matrix
 from ..errors import FormulaError
-from .safety import check_formula, code_names, numpy_functions_only
+from .safety import SAFE_FUNCTIONS, check_formula, code_names, numpy_functions_only
 
 __all__ = [
     "fixed_design",
@@ -426,7 +426,9 @@ def _design_key(fn, formula, desc, data, source, eval_env):
         return None
     try:
         dtypes = tuple(_dtype_key(source.column(c).dtype, source.text_levels(c)) for c in used)
-        key = (fn, formula, source.names, tuple(used), dtypes, eval_env.flags)
+        # a column read as a factor (C(x), factor(x)): its levels are the values it has, not its dtype's
+        factors = tuple(tuple(source.factor_codes(c)[1]) for c in _factor_columns(desc, source))
+        key = (fn, formula, source.names, tuple(used), dtypes, factors, eval_env.flags)
         hash(key)
     except TypeError:  # unhashable labels or dtypes: no reuse
         return None
@@ -447,9 +449,46 @@ def _keepable(infos, source: "FrameColumns") -> bool:
         for factor, fi in info.factor_infos.items():
             if fi.type == "numerical":
                 continue
-            if source.level_codes(getattr(factor, "code", None)) is None:
+            code = getattr(factor, "code", None)
+            if source.level_codes(code) is None and _factor_of_column(code, source) is None:
                 return False
     return True
+
+
+# C(x) and factor(x) of one column (SAFE_FUNCTIONS'): a factor whose levels are the column's values
+_FACTOR_CALL = re.compile(r"(?:C|factor)\(\s*([A-Za-z_]\w*)\s*\)")
+
+
+def _factor_of_column(code, source: "FrameColumns") -> str | None:
+    """The column that `code` reads as a factor (C(x), factor(x)), or None."""
+    m = _FACTOR_CALL.fullmatch(code) if type(code) is str else None
+    return m.group(1) if m is not None and m.group(1) in source.names else None
+
+
+def _factor_columns(desc, source: "FrameColumns") -> list[str]:
+    codes = [f.code for term in desc.lhs_termlist + desc.rhs_termlist for f in term.factors]
+    return sorted({name for name in (_factor_of_column(code, source) for code in codes) if name is not None})
+
+
+def _factors_reader(desc, eval_env, columns: "FrameColumns | None") -> "FrameColumns | None":
+    """`columns` where the only names of `desc` that send it to the frame (patsy_data) are the formula functions
+    C and factor, each of one bare column, as SAFE_FUNCTIONS holds them: its design may be kept (_design_key, with
+    those columns' levels) and rebuilt from the columns (_plain_columns). None otherwise."""
+    if columns is None:
+        return None
+    codes = [f.code for term in desc.lhs_termlist + desc.rhs_termlist for f in term.factors]
+    calls = set()
+    for code in codes:
+        name = _factor_of_column(code, columns)
+        if name is not None:
+            calls.add(code.split("(", 1)[0])
+            continue
+        for name in code_names(code):
+            if name not in columns.names and not numpy_functions_only(name, eval_env):
+                return None
+    if not calls or any(eval_env.namespace.get(c) is not SAFE_FUNCTIONS[c] for c in calls):
+        return None
+    return columns
 
 
 def _plain_columns(infos, source: "FrameColumns") -> list | None:
@@ -466,7 +505,12 @@ def _plain_columns(infos, source: "FrameColumns") -> list | None:
         if code not in columns:
             if type(code) is not str:
                 return None
-            if not code.isidentifier():
+            name = _factor_of_column(code, source)
+            if name is not None:  # C(x), factor(x): x's codes among the kept design's levels (the key's)
+                col, levels, _ = source.factor_codes(name)
+                if (col < 0).any() or tuple(levels) != tuple(info.factor_infos[factor].categories):
+                    return None
+            elif not code.isidentifier():
                 col = _numerical_expression(factor, info.factor_infos[factor], source)
                 if col is None:
                     return None
@@ -547,19 +591,23 @@ def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_
     patsy_data gives it, reusing the design of an earlier call where _design_key allows. Raises patsy's errors.
     `columns`: a FrameColumns of `data` that other parts of the design read too."""
     source = patsy_data(data, desc, eval_env, columns)
+    # (a formula with C(x) / factor(x) of a bare column is read on the frame, but its kept design from the columns)
+    reader = source if isinstance(source, FrameColumns) else _factors_reader(desc, eval_env, columns)
     if not isinstance(source, FrameColumns):  # a caller's function reads the frame: text as FrameColumns gives it
-        source = strings_as_categories(data, formula)
-    key = _design_key(fn, formula, desc, data, source, eval_env)
+        source = None
+    key = _design_key(fn, formula, desc, data, reader, eval_env)
     infos = _KEPT_DESIGNS.get(key) if key is not None else None
     if infos is not None:
-        built = _plain_columns(infos, source) if return_type == "matrix" else None
+        built = _plain_columns(infos, reader) if return_type == "matrix" else None
         if built is None:
+            source = strings_as_categories(data, formula) if source is None else source
             built = patsy.build_design_matrices(list(infos), source, NA_action="raise", return_type=return_type)
         return tuple(built) if fn is patsy.dmatrices else built[0]
+    source = strings_as_categories(data, formula) if source is None else source
     result = fn(desc, source, return_type=return_type, NA_action="raise", eval_env=eval_env)
     if key is not None:
         infos = tuple(m.design_info for m in result) if fn is patsy.dmatrices else (result.design_info,)
-        if _keepable(infos, source) and len(_KEPT_DESIGNS) < _KEPT_DESIGNS_MAX:
+        if _keepable(infos, reader) and len(_KEPT_DESIGNS) < _KEPT_DESIGNS_MAX:
             _KEPT_DESIGNS[key] = infos
     return result
 
