@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from ..core.terms import VarianceComponent, indicator_matrix
 from ..errors import FormulaError
-from .safety import SAFE_FUNCTIONS, check_formula, code_names, numpy_functions_only
+from .safety import SAFE_FUNCTIONS, check_formula, code_names, numpy_functions_only, term_codes
 
 __all__ = [
     "fixed_design",
@@ -383,7 +383,7 @@ def patsy_data(frame: pd.DataFrame, desc: patsy.ModelDesc, eval_env, columns: "F
     through np.asarray, so a Series and its array give the same values), and have a factor to give the number of
     rows. Not with C() or contrasts (their levels would be numpy scalars, not Python's) or a caller's function
     (which may use the Series' methods)."""
-    codes = [factor.code for term in desc.lhs_termlist + desc.rhs_termlist for factor in term.factors]
+    codes = term_codes(desc)
     if not codes:
         return frame
     names = {name for code in codes for name in code_names(code)}
@@ -415,9 +415,7 @@ def _design_key(fn, formula, desc, data, source, eval_env):
     reads data first; the design keeps the shadowed value, never read."""
     if not isinstance(source, FrameColumns) or type(formula) is not str:
         return None
-    names = {
-        name for term in desc.lhs_termlist + desc.rhs_termlist for f in term.factors for name in code_names(f.code)
-    }
+    names = {name for code in term_codes(desc) for name in code_names(code)}
     if names & _STATEFUL:
         return None
     namespace = eval_env.namespace
@@ -466,8 +464,7 @@ def _factor_of_column(code, source: "FrameColumns") -> str | None:
 
 
 def _factor_columns(desc, source: "FrameColumns") -> list[str]:
-    codes = [f.code for term in desc.lhs_termlist + desc.rhs_termlist for f in term.factors]
-    return sorted({name for name in (_factor_of_column(code, source) for code in codes) if name is not None})
+    return sorted({name for name in (_factor_of_column(code, source) for code in term_codes(desc)) if name})
 
 
 def _factors_reader(desc, eval_env, columns: "FrameColumns | None") -> "FrameColumns | None":
@@ -476,9 +473,8 @@ def _factors_reader(desc, eval_env, columns: "FrameColumns | None") -> "FrameCol
     those columns' levels) and rebuilt from the columns (_plain_columns). None otherwise."""
     if columns is None:
         return None
-    codes = [f.code for term in desc.lhs_termlist + desc.rhs_termlist for f in term.factors]
     calls = set()
-    for code in codes:
+    for code in term_codes(desc):
         name = _factor_of_column(code, columns)
         if name is not None:
             calls.add(code.split("(", 1)[0])
@@ -591,19 +587,18 @@ def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_
     patsy_data gives it, reusing the design of an earlier call where _design_key allows. Raises patsy's errors.
     `columns`: a FrameColumns of `data` that other parts of the design read too."""
     source = patsy_data(data, desc, eval_env, columns)
-    # (a formula with C(x) / factor(x) of a bare column is read on the frame, but its kept design from the columns)
-    reader = source if isinstance(source, FrameColumns) else _factors_reader(desc, eval_env, columns)
-    if not isinstance(source, FrameColumns):  # a caller's function reads the frame: text as FrameColumns gives it
-        source = None
+    on_frame = not isinstance(source, FrameColumns)  # a caller's function, C(x) or factor(x) reads the frame
+    # (C(x) / factor(x) of bare columns only: a kept design is still rebuilt from the columns)
+    reader = _factors_reader(desc, eval_env, columns) if on_frame else source
     key = _design_key(fn, formula, desc, data, reader, eval_env)
     infos = _KEPT_DESIGNS.get(key) if key is not None else None
-    if infos is not None:
-        built = _plain_columns(infos, reader) if return_type == "matrix" else None
-        if built is None:
-            source = strings_as_categories(data, formula) if source is None else source
-            built = patsy.build_design_matrices(list(infos), source, NA_action="raise", return_type=return_type)
+    built = _plain_columns(infos, reader) if infos is not None and return_type == "matrix" else None
+    if built is None and on_frame:  # text as FrameColumns gives it
+        source = strings_as_categories(data, formula)
+    if built is None and infos is not None:
+        built = patsy.build_design_matrices(list(infos), source, NA_action="raise", return_type=return_type)
+    if built is not None:
         return tuple(built) if fn is patsy.dmatrices else built[0]
-    source = strings_as_categories(data, formula) if source is None else source
     result = fn(desc, source, return_type=return_type, NA_action="raise", eval_env=eval_env)
     if key is not None:
         infos = tuple(m.design_info for m in result) if fn is patsy.dmatrices else (result.design_info,)

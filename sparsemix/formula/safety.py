@@ -40,6 +40,7 @@ __all__ = [
     "check_formula",
     "check_terms",
     "code_names",
+    "term_codes",
     "readable_formula",
     "is_dotted_name",
     "used_environment",
@@ -173,9 +174,10 @@ def numpy_functions_only(name: str, env: patsy.EvalEnvironment) -> bool:
     the formula functions that read a column as an array, as SAFE_FUNCTIONS holds it (not a caller's own)."""
     if name in _NUMPY_ALIASES:
         return _lookup(env, name) is _NUMPY_SUBSET
-    if name in NUMPY_CONSTANTS and _lookup(env, name) is _MISSING or _is_formula_constant(name, _lookup(env, name)):
+    value = _lookup(env, name)
+    if name in NUMPY_CONSTANTS and value is _MISSING or _is_formula_constant(name, value):
         return True  # (np.e's `e`: a formula that passed check_formula names no other `e` that is not a column)
-    return name in _ARRAY_FUNCTIONS and _lookup(env, name) is SAFE_FUNCTIONS[name]
+    return name in _ARRAY_FUNCTIONS and value is SAFE_FUNCTIONS[name]
 
 
 def used_environment(env: patsy.EvalEnvironment, formulas) -> patsy.EvalEnvironment:
@@ -217,9 +219,13 @@ def check_formula(formula: str, columns, env: patsy.EvalEnvironment, role: str =
     """Check every term of a patsy formula ('y ~ a + log(b)' or '~ 1 + x') without evaluating it; returns the
     formula as patsy is to evaluate it (`readable_formula`)."""
     desc = readable_formula(formula, columns, role)
-    codes = [factor.code for term in desc.lhs_termlist + desc.rhs_termlist for factor in term.factors]
-    check_terms(codes, columns, env, f"{role} {formula!r}")
+    check_terms(term_codes(desc), columns, env, f"{role} {formula!r}")
     return desc
+
+
+def term_codes(desc: patsy.ModelDesc) -> list[str]:
+    """The code of every factor of every term of `desc`, both sides, in order."""
+    return [factor.code for term in desc.lhs_termlist + desc.rhs_termlist for factor in term.factors]
 
 
 def readable_formula(formula: str, columns, role: str = "formula") -> patsy.ModelDesc:
