@@ -628,7 +628,7 @@ def test_rs_factor_and_as_factor_read_a_numeric_column_as_a_factor():
         sparsemix.lmer("Reaction ~ has.factor(day) + (1 | Subject)", data)
     with pytest.raises(FormulaError, match=r"levels must be the list of the levels in order.*got 3"):
         sparsemix.lmer("Reaction ~ factor(day, 3) + (1 | Subject)", data)
-    # a grouping is a factor already: lme4 reads (1 | factor(Subject)) as (1 | Subject)
+    # a grouping is a factor already: (1 | factor(Subject)) reads as (1 | Subject) (which lme4 1.1-31 refuses)
     plain = sparsemix.lmer("Reaction ~ Days + (Days | Subject)", data)
     for group in ("factor(Subject)", "as.factor( Subject )"):
         wrapped = sparsemix.lmer(f"Reaction ~ Days + (Days | {group})", data)

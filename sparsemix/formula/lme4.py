@@ -211,7 +211,9 @@ def _expand_groups(formula, offset, group) -> list[tuple[str, ...]]:
     """`a/b/c` -> a, b:a, c:b:a (lme4 writes the nested factor first, which sets its name and level labels);
     `a:b` -> the interaction as written; names must be plain variables or quoted (`my group`, set aside by
     _hide_quoted)."""
-    group = _FACTOR_OF_NAME.sub(r"\1", group)  # lme4 reads (1 | factor(id)) as (1 | id): a grouping is a factor
+    # (1 | factor(id)) as (1 | id): a grouping is a factor already (lme4 1.1-31 refuses it: "couldn't evaluate
+    # grouping factor factor(id) within model frame")
+    group = _FACTOR_OF_NAME.sub(r"\1", group)
     for bad in "+*-()":
         if bad in group:
             raise FormulaError(
