@@ -364,7 +364,7 @@ class ProfiledGradient:
         a, b = self._first_positions
         return 2.0 * G.sum(axis=0)[b, a] - 2.0 * (dof / max(f.r2, _TINY)) * modes[a, b]
 
-    def single_term_hessian(self, factors, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def single_term_hessian(self, factors, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray, tuple] | None:
         """The gradient and the exact Hessian in theta where one k x k term is all there is (q2 = 0), at the
         templates `factors`, from the cross-products alone (level l: G_l = Z_l'Z_l, Z_l'X, Z_l'y), in one compiled
         pass (kernels.single_term_hessian). In psi, the entries (a >= b) of Sigma = T T' (V = I + sum_l Z_l Sigma
@@ -377,8 +377,9 @@ class ProfiledGradient:
                 + dof (2 sum_lm w_l'E_ab Z_l'PZ_m E_cd w_m / r^2 - (sum w'E_ab w)(sum w'E_cd w) / r^4)
 
         the sums over level pairs reduced by K to p x p ones (sum_m C_m'E_ab C_m); then to theta by psi's Jacobian
-        (E_i T' + T E_i') and its second derivatives. None where the kernel cannot (not positive definite, r^2 <= 0,
-        no fixed effects)."""
+        (E_i T' + T E_i') and its second derivatives. (gradient, Hessian, (log |L|^2, log |R_X|^2, r^2): the
+        deviance's parts from the same pass), or None where the kernel cannot (not positive definite, r^2 <= 0, no
+        fixed effects)."""
         f, index = self.factor, self._psi
         if self.cross.p == 0:
             return None
@@ -386,12 +387,12 @@ class ProfiledGradient:
         if single_term_hessian is None:  # being compiled: the optimizer goes on from the gradient
             return None
         n_theta = index.rows.size
-        gradient, hessian = np.empty(n_theta), np.empty((n_theta, n_theta))
+        gradient, hessian, parts = np.empty(n_theta), np.empty((n_theta, n_theta)), np.empty(3)
         status = single_term_hessian(
             f.G11, f.G1R, f.GRR, np.ascontiguousarray(factors[0], dtype=float), index.rows, index.cols,
-            index.a, index.b, index.second, reml, dof, gradient, hessian,
+            index.a, index.b, index.second, reml, dof, gradient, hessian, parts,
         )  # fmt: skip
-        return (gradient, hessian) if status == 0 else None
+        return (gradient, hessian, (float(parts[0]), float(parts[1]), float(parts[2]))) if status == 0 else None
 
     def scalar_term_hessian(self, factors, reml: bool, dof: int) -> tuple[np.ndarray, np.ndarray, tuple] | None:
         """single_term_hessian for a scalar term (k = 1: a random intercept alone), in numpy from the cross-products

@@ -329,14 +329,14 @@ def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient
 
 
 @njit(cache=True, nogil=True)
-def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, reml, dof, gradient, hessian):
+def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, reml, dof, gradient, hessian, parts):
     """The profiled deviance's exact gradient and Hessian in theta for one random-effects term (the layout of
     single_term_deviance_parts), by core/gradient.py's single_term_hessian algebra: per level D_l = Z_l'V^{-1}Z_l,
     C_l = Z_l'V^{-1}X (V^{-1} by Woodbury, T M_l^{-1} T'), then K = (X'V^{-1}X)^{-1}, beta, r^2 and w_l = Z_l'Py;
     the level sums of psi's pair products; psi's m x m gradient and Hessian (psi's entries (pair_a, pair_b), a >=
     b); theta's through psi's Jacobian and its constant second derivatives `second` (m, n_theta, n_theta).
-    Fills `gradient` and `hessian`; returns 0, or 1 where a block or X'V^{-1}X is not positive definite, 2 where
-    r^2 <= 0."""
+    Fills `gradient`, `hessian` and `parts` (3): the deviance's (log |L|^2, log |R_X|^2, r^2), L L' = M_l's blocks and
+    R_X'R_X = X'V^{-1}X; returns 0, or 1 where a block or X'V^{-1}X is not positive definite, 2 where r^2 <= 0."""
     n, k = G11.shape[0], G11.shape[1]
     p = GRR.shape[0] - 1
     D = np.empty((n, k, k))
@@ -357,15 +357,17 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
     TMT = np.empty((k, k))
     Hl = np.empty((k, k))
     V1 = np.empty((k, p + 1))
+    logdet_L = 0.0
     for lvl in range(n):
         G = G11[lvl]
         _product_into(G, T, GT)
         _product_into(T.T, GT, M)  # M = T'G T + I
         for a in range(k):
             M[a, a] += 1.0
-        failed, _ = _cholesky(M, L)
+        failed, logdet = _cholesky(M, L)
         if failed >= 0:
             return 1
+        logdet_L += logdet
         _lower_inverse(L, Li)
         for a in range(k):  # A = T Li', TMT = A A' = T M^{-1} T'
             for m in range(k):
@@ -407,7 +409,7 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
                 else:
                     yVy -= s
     LX = np.zeros((p, p))
-    failed, _ = _cholesky(XVX, LX)
+    failed, logdet_RX2 = _cholesky(XVX, LX)
     if failed >= 0:
         return 1
     LXi = np.zeros((p, p))
@@ -426,6 +428,7 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
         r2 -= XVy[a] * beta[a]
     if not r2 > 0.0:
         return 2
+    parts[0], parts[1], parts[2] = logdet_L, logdet_RX2, r2
     with_reml = reml and p > 0
     trace = np.zeros((k, k))  # sum (D_l - B_l) (ML: D_l)
     WW = np.zeros((k, k))

@@ -188,6 +188,11 @@ class Solution:
     evaluation: Evaluation
 
 
+@functools.lru_cache(maxsize=16)
+def _strict_upper(k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(k, 1)
+
+
 class PenalizedSystem:
     """Deviance of the model as a function of theta, from the cross-products and the term layout."""
 
@@ -584,22 +589,35 @@ class PenalizedSystem:
     def _compiled_single_term(self, working, reml: bool) -> tuple[float, np.ndarray] | None:
         """(deviance, gradient) in one compiled pass where the system is one k x k term (k > 1) eliminated level
         by level (a growth curve's: ProfiledGradient.single_term_compiled), the factor installed there; else None."""
+        factors = self.relcov.factors(working)
+        parts = self._install_single_term(factors, reml)
+        if parts is None:
+            return None
+        self._last_evaluation = self._factor_theta = None
+        logdet, logdet_RX2, r2, gradient = parts
+        return self._deviance(logdet, logdet_RX2, r2, reml), gradient
+
+    def _install_single_term(self, factors, reml: bool) -> tuple[float, float, float, np.ndarray] | None:
+        """The factor at the templates `factors` by the compiled pass of a system of one k x k term (k > 1)
+        (ProfiledGradient.single_term_compiled: a third of the numpy factorization's cost), installed there; its
+        (log |L|^2, log |R_X|^2, r^2, gradient). None where the system is not such a one, the template is not lower
+        triangular (the kernel's assumption; relcov.system_factors' need not be), or the kernel cannot."""
         factor = self._factor
         if not (isinstance(factor, DenseFactor) and factor.q2 == 0 and factor.k1 > 1):
+            return None
+        if factors[0][_strict_upper(factor.k1)].any():
             return None
         if self._gradient is None:
             self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
         assert isinstance(self._gradient, ProfiledGradient)  # a DenseFactor's
-        factors = self.relcov.factors(working)
         parts = self._gradient.single_term_compiled(factors, reml, self.dof(reml))
         if parts is None:
             return None
         logdet, logdet_RX2, r2, gradient, (L11, W, LS) = parts
-        factor.install(L11, W, LS, logdet, logdet_RX2, r2)  # the factor at `working`: the solve there reuses it
-        self._last_evaluation = self._factor_theta = None
+        factor.install(L11, W, LS, logdet, logdet_RX2, r2)
         self._factor_factors = factors
         self.n_evaluations += 1
-        return self._deviance(logdet, logdet_RX2, r2, reml), gradient
+        return logdet, logdet_RX2, r2, gradient
 
     @property
     def supports_gradient(self) -> bool:
@@ -671,18 +689,17 @@ class PenalizedSystem:
             self._gradient = ProfiledGradient(factor, self.cross, self.relcov)
         derivatives = self._gradient
         assert isinstance(derivatives, ProfiledGradient)  # a DenseFactor's
-        if factor.q2 == 0 and factor.k1 == 1:  # a random intercept alone: all three from the cross-products
-            found = derivatives.scalar_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
-            if found is not None:  # (the factor is left where it was: the solve at the end point refactors)
+        if factor.q2 == 0:  # one term alone: all three from the cross-products, in one pass over its levels
+            # (a random intercept's in numpy, a k x k term's compiled; the factor is left where it was: the solve at
+            # the end point refactors)
+            of_term = derivatives.scalar_term_hessian if factor.k1 == 1 else derivatives.single_term_hessian
+            found = of_term(self.relcov.factors(working), reml, self.dof(reml))
+            if found is not None:
                 gradient, hessian, (logdet, logdet_RX2, r2) = found
                 self.n_evaluations += 1
                 return self._deviance(logdet, logdet_RX2, r2, reml), gradient, hessian
-        if factor.q2 == 0:  # one k x k term: the compiled deviance and gradient, the Hessian from the products
-            deviance, gradient = self.working_deviance_gradient(working, reml)
-            if not np.isfinite(deviance) or factor.k1 == 1:  # (a random intercept: scalar_term_hessian found none)
-                return deviance, gradient, None
-            parts = derivatives.single_term_hessian(self.relcov.factors(working), reml, self.dof(reml))
-            return deviance, gradient, None if parts is None else parts[1]
+            deviance, gradient = self.working_deviance_gradient(working, reml)  # (None: a case the factor decides)
+            return deviance, gradient, None
         if factor.q1:  # the first term eliminated beside others: from the evaluation and its modes
             ev = self.evaluate_working(working, reported=False)
             deviance = self.profiled_deviance(ev, reml)
@@ -852,6 +869,9 @@ class PenalizedSystem:
     def _refactor_dense(self, theta, factors) -> bool:
         """Refactor the DenseFactor at the templates `factors` (reporting as `theta`); False where LAPACK found
         the system not positive definite (the caller's evaluation is infeasible)."""
+        if self._install_single_term(factors, True) is not None:
+            self._factor_theta = None if theta is None else np.array(theta, dtype=float)
+            return True
         try:
             self._factor.refactor(None, factors)
         except (la.LinAlgError, ValueError):
