@@ -250,6 +250,44 @@ def test_text_columns_of_the_fixed_part_reach_patsy_as_categoricals():
     np.testing.assert_array_equal(fits[0].fe_params, fits[1].fe_params)
 
 
+def test_frame_columns_reads_each_column_as_pandas_lookup_does(monkeypatch):
+    """FrameColumns.column's own read of a column (pandas' lookup without its label search) gives frame[name] for
+    every dtype a model reads; duplicated labels, a frame with no rows and a label naming no column take pandas'
+    lookup, and its error."""
+    from sparsemix.formula.mixedlm import FrameColumns
+
+    n = 6
+    frame = pd.DataFrame(
+        {
+            "x": np.arange(n, dtype=float),
+            "i": np.arange(n),
+            "s": pd.array(list("abcabc"), dtype="str"),
+            "o": np.array(list("abcabc"), dtype=object),
+            "c": pd.Categorical(list("abcabc"), categories=["c", "b", "a"]),
+            "b": np.arange(n) % 2 == 0,
+            "nb": pd.array([True, False, None] * 2, dtype="boolean"),
+            "ni": pd.array([1, None, 3] * 2, dtype="Int64"),
+            "t": pd.date_range("2020-01-01", periods=n),
+        },
+        index=pd.Index(list("uvwxyz"), name="row"),
+    )
+    frame.attrs["note"] = "kept by the frame"
+    for source in (frame, frame.iloc[2:], frame.iloc[:0]):
+        columns = FrameColumns(source)
+        for name in source.columns:
+            pd.testing.assert_series_equal(columns.column(name), source[name])
+            assert columns.column(name) is columns.column(name)  # read once
+    doubled = pd.concat([frame[["x"]], frame[["x", "s"]]], axis=1)
+    pd.testing.assert_frame_equal(FrameColumns(doubled).column("x"), doubled["x"])
+    pd.testing.assert_series_equal(FrameColumns(doubled).column("s"), doubled["s"])
+    with pytest.raises(KeyError):
+        FrameColumns(frame).column("absent")
+    if hasattr(pd.DataFrame, "_constructor_sliced_from_mgr"):  # pandas 2.1 on: its own read, not the lookup
+        with monkeypatch.context() as patched:
+            patched.setattr(pd.DataFrame, "__getitem__", lambda self, key: pytest.fail("pandas' lookup"))
+            assert FrameColumns(frame).column("s").tolist() == list("abcabc")
+
+
 def test_fixed_effects_come_in_rs_order_and_predict_reads_them_so():
     """R's model.matrix order (terms by their number of factors, then as written), not patsy's (terms without
     numeric factors first); predictions from newdata put their columns in the same order; an aliased column is

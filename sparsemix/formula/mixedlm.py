@@ -301,16 +301,35 @@ class FrameColumns:
         # the column labels once (iterating pandas 3's Arrow-backed Index costs ~2 us a label, every time)
         self.names = tuple(frame.columns)
         self._names = frozenset(c for c in self.names if isinstance(c, str))
-        self._series: dict = {}  # pandas' column lookup costs ~10 us: each column read once
+        self._series: dict = {}  # pandas' column lookup costs 15-45 us: each column read once
         self._text: dict = {}  # text column -> (codes, sorted levels); other columns -> None
         self._factors: dict = {}  # column -> factor_codes
+        self._position: dict | None = None  # text label -> its column's position, where every label is unique
 
     def column(self, name):
         """The data's column `name` (a Series, or a frame where the label names several columns)."""
         col = self._series.get(name)
         if col is None:
-            col = self._series[name] = self._frame[name]
+            col = self._series[name] = self._read(name)
         return col
+
+    def _read(self, name):
+        """frame[name], or where `name` labels one column, that column as pandas' own lookup makes it without the
+        lookup: its label found again in the columns (an Arrow-backed Index's item access is a third of the cost)
+        and the frame's attrs copied to it (__finalize__; nothing here reads them). Any other case, or pandas
+        internals other than 2.1-3.x's, takes the public path."""
+        if self._position is None:
+            self._position = {c: i for i, c in enumerate(self.names)} if len(set(self.names)) == len(self.names) else {}
+        at = self._position.get(name) if type(name) is str else None
+        if at is not None:
+            try:
+                values = self._frame._mgr.iget(at)
+                col = self._frame._constructor_sliced_from_mgr(values, axes=values.axes)
+                object.__setattr__(col, "_name", name)
+                return col
+            except (AttributeError, TypeError):  # (pandas' internals moved: its public lookup)
+                pass
+        return self._frame[name]
 
     def __getitem__(self, key):
         if key not in self._names:
