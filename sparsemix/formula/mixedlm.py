@@ -290,6 +290,18 @@ def strings_as_categories(frame: pd.DataFrame, formula: str) -> pd.DataFrame:
     return frame.assign(**{c: pd.Categorical(frame[c]) for c in text}) if text else frame
 
 
+def _labels(index: pd.Index) -> tuple:
+    """An Index's labels as Python objects: text that pandas keeps in Arrow (pandas 3's column labels read from a dict
+    of columns) converted by Arrow in one call, where pandas' iteration converts one label at a time."""
+    if getattr(index.dtype, "storage", None) == "pyarrow":
+        import pyarrow  # (loaded: pandas holds these labels in it)
+
+        labels = pyarrow.array(index.array)
+        if not labels.null_count:  # (a missing label: pandas' NaN, not Arrow's None)
+            return tuple(labels.to_pylist())
+    return tuple(index)
+
+
 class FrameColumns:
     """The data as patsy looks names up in it: a column of a plain numpy number dtype as its numpy array (the
     same values patsy takes from the Series, without pandas' dispatch on every operation and NA check: ~0.7 ms
@@ -299,7 +311,7 @@ class FrameColumns:
     def __init__(self, frame: pd.DataFrame):
         self._frame = frame
         # the column labels once (iterating pandas 3's Arrow-backed Index costs ~2 us a label, every time)
-        self.names = tuple(frame.columns)
+        self.names = _labels(frame.columns)
         self._names = frozenset(c for c in self.names if isinstance(c, str))
         self._series: dict = {}  # pandas' column lookup costs 15-45 us: each column read once
         self._text: dict = {}  # text column -> (codes, sorted levels); other columns -> None
