@@ -288,6 +288,44 @@ def test_frame_columns_reads_each_column_as_pandas_lookup_does(monkeypatch):
             assert FrameColumns(frame).column("s").tolist() == list("abcabc")
 
 
+def test_text_codes_are_kept_by_the_arrow_array_they_were_read_from():
+    """sorted_codes' results for pandas' Arrow-backed text are kept while its array lives: the same codes on the next
+    read (copies: a caller's change does not reach them), new ones once a value of the column is changed (pandas
+    replaces the array), none kept after the frame is gone; a refit after the change uses the changed labels."""
+    import gc
+
+    from sparsemix.formula import mixedlm
+
+    pytest.importorskip("pyarrow")
+    frame = SLEEP.assign(
+        half=pd.array(np.where(SLEEP.Days < 5, "early", "late"), dtype=pd.StringDtype("pyarrow", na_value=np.nan))
+    )
+    if mixedlm._arrow_text(frame.half) is None:
+        pytest.skip("pandas keeps this text outside Arrow")
+    codes, levels = mixedlm.sorted_codes(frame.half)
+    np.testing.assert_array_equal(codes, (SLEEP.Days >= 5).to_numpy(int))
+    assert list(levels) == ["early", "late"]
+    key = id(mixedlm._arrow_text(frame.half))
+    assert key in mixedlm._KEPT_CODES
+    codes[:] = 7  # (the caller's copy)
+    again, _ = mixedlm.sorted_codes(frame.half)
+    np.testing.assert_array_equal(again, (SLEEP.Days >= 5).to_numpy(int))
+    before = sm.lmer("Reaction ~ half + (1 | Subject)", frame).fe_params
+    frame.loc[frame.Days == 9, "half"] = "end"
+    codes, levels = mixedlm.sorted_codes(frame.half)
+    assert list(levels) == ["early", "end", "late"] and codes.max() == 2
+    after = sm.lmer("Reaction ~ half + (1 | Subject)", frame).fe_params
+    assert list(before.index) == ["(Intercept)", "half[T.late]"]
+    assert list(after.index) == ["(Intercept)", "half[T.end]", "half[T.late]"]
+    column = pd.Series(pd.array(["b", "a", "b"], dtype=pd.StringDtype("pyarrow", na_value=np.nan)))
+    key = id(mixedlm._arrow_text(column))
+    mixedlm.sorted_codes(column)
+    assert key in mixedlm._KEPT_CODES
+    del column
+    gc.collect()
+    assert key not in mixedlm._KEPT_CODES
+
+
 def test_fixed_effects_come_in_rs_order_and_predict_reads_them_so():
     """R's model.matrix order (terms by their number of factors, then as written), not patsy's (terms without
     numeric factors first); predictions from newdata put their columns in the same order; an aliased column is
