@@ -779,3 +779,45 @@ def test_a_balanced_growth_curve_whose_slope_variance_the_moments_put_below_zero
     own_times = data.assign(t=t + rng.uniform(-0.3, 0.3, size=t.size))
     design = build_design("y ~ t + (t | g)", own_times)
     assert pilot.moment_start(design.X, design.response, list(design.terms), floor_near_singular=True) is None
+
+
+@pytest.mark.parametrize(
+    "dataset, formula, weighted",
+    [
+        ("Orthodont", "distance ~ age * Sex + (age | Subject)", False),
+        ("Dialyzer", "rate ~ pressure + I(pressure^2) + QB + (pressure + I(pressure^2) | Subject)", False),
+        ("Loblolly", "height ~ age + I(age^2) + (age || Seed)", True),
+        ("Orthodont", "distance ~ 0 + (age | Subject)", False),
+    ],
+)
+def test_the_compiled_level_moments_equal_numpys(dataset, formula, weighted, monkeypatch):
+    """kernels.level_moments (one pass over the rows and levels) gives moment_start's numpy path's start, with
+    slopes of 2 and 3 columns, lme4's ||, weights, no fixed effects, and levels left out (too few rows: Orthodont's
+    first rows dropped so that a subject keeps two)."""
+    from conftest import load_reference
+
+    from sparsemix.core import compiled
+    from sparsemix.fit import pilot
+
+    data = pd.DataFrame(load_reference("random_slopes")[dataset]["data"])
+    if dataset == "Orthodont":
+        data = data.iloc[2:]
+    design = build_design(formula, data)
+    weights = np.linspace(0.5, 2.0, len(data)) if weighted else None
+    starts = []
+    for available in (True, False):
+        kernel = compiled.kernel
+        with monkeypatch.context() as patched:
+            if not available:
+                patched.setattr(compiled, "kernel", lambda name: None if name == "level_moments" else kernel(name))
+            for reml, floor in ((True, False), (False, True)):
+                starts.append(
+                    pilot.moment_start(
+                        design.X, design.response, list(design.terms), weights, floor_near_singular=floor, reml=reml
+                    )
+                )
+    assert starts[1] is not None  # (floored near singular: always a start here)
+    for compiled_start, numpy_start in zip(starts[:2], starts[2:]):
+        assert (compiled_start is None) == (numpy_start is None)
+        if numpy_start is not None:
+            np.testing.assert_allclose(compiled_start, numpy_start, rtol=1e-11, atol=1e-13)

@@ -16,6 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import lapack
 
+from ..core import compiled
 from ..core.gradient import level_pair_products
 from ..core.terms import RandomTerm, level_entries
 from .optimize import warm_step
@@ -223,30 +224,16 @@ def moment_start(
     if Xw.shape[1]:
         r = r - Xw @ (np.linalg.lstsq(Xw, r, rcond=None)[0] if beta is None else beta)
     inside = row_level >= 0
-    codes, V, r = row_level[inside], V[inside], r[inside]
-    counts = np.bincount(codes, minlength=n1)
-    gram = np.empty((n1, k, k))
-    for a in range(k):
-        for b in range(a + 1):
-            gram[:, a, b] = gram[:, b, a] = np.bincount(codes, V[:, a] * V[:, b], minlength=n1)
-    cross = np.stack([np.bincount(codes, V[:, a] * r, minlength=n1) for a in range(k)], axis=1)
-    squares = np.bincount(codes, r * r, minlength=n1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        smallest, largest = _extreme_eigenvalues(gram)
-        usable = (counts > k) & (smallest > 1e-10 * np.maximum(largest, 1e-300))
-    if usable.sum() < max(MOMENT_MIN_LEVELS, k + 1):
+    found = _level_moments(row_level[inside], V[inside], r[inside], Xw[inside], n1)
+    if found is None:
         return None
-    inverse = _inverses(gram[usable])
-    coefficients = np.matmul(inverse, cross[usable][:, :, None])[:, :, 0]
-    residual = squares[usable] - np.sum(coefficients * cross[usable], axis=1)
-    sigma2 = float(residual.sum() / (counts[usable] - k).sum())
-    centred = coefficients - coefficients.mean(axis=0)
     # the levels' spread about their mean over m (ML's) or m less the fixed effects' share of the levels'
     # coefficients (REML's: over m - 1 where the fixed part is the term's columns, m - 2 where a grouping-level
     # covariate doubles them, as Orthodont's Sex): on a balanced design either is its criterion's optimum. ML's
     # over m - 1 where over m a variance would vanish (nlme's Dialyzer), unless the cone's optimum below is taken.
-    between, sampling, m = centred.T @ centred, sigma2 * inverse.mean(axis=0), centred.shape[0]
-    divisor = m - _fixed_share(Xw[inside], codes, V, inverse, usable) if reml else m
+    between, sampling, m, stacked, (residual_sum, df, spread, top) = found
+    sigma2 = residual_sum / df
+    divisor = m - _fixed_share(stacked, k) if reml else m
     covariance = between / divisor - sampling
     uncorrelated = all(t.template.is_diagonal for t in terms)  # lme4's || (its terms hold no correlation)
 
@@ -255,9 +242,9 @@ def moment_start(
     # are measured at their own times the criterion is not the likelihood, and that start took more evaluations than
     # the others (random growth curves: docs/performance-scale.md, twenty-second session).
     def to_cone() -> bool:  # (asked only where the moments are not a covariance)
-        if uncorrelated or not floor_near_singular or not usable.all():
+        if uncorrelated or not floor_near_singular or m < n1:  # (every level usable)
             return False
-        return float(np.abs(inverse - inverse[0]).max()) <= 1e-9 * float(np.abs(inverse[0]).max())
+        return spread <= 1e-9 * top
 
     if not reml and not np.all(np.diag(covariance) > 0) and not to_cone():
         divisor = m - 1
@@ -267,7 +254,7 @@ def moment_start(
         return None
     # moment criterion (the likelihood's on a balanced growth curve): a [log|Sigma + s W| + tr((Sigma + s W)^-1 S)] +
     # c log s + R / s, with (S, W, a, R, c) as follows
-    criterion = (between / divisor, sampling / sigma2, divisor, residual.sum(), (counts[usable] - k).sum())
+    criterion = (between / divisor, sampling / sigma2, divisor, residual_sum, df)
     cone = None
     if not np.all(variances > 0):  # (a correlated term's variances may be positive there: datasets' CO2)
         if not to_cone():
@@ -465,18 +452,60 @@ def _small_spd_solve(A: list, b: list) -> list | None:
     return [(z1 - l21 * x2 - l31 * x3) / l11, x2, x3]
 
 
-def _fixed_share(X: np.ndarray, codes: np.ndarray, V: np.ndarray, inverse: np.ndarray, usable: np.ndarray) -> float:
+def _level_moments(codes: np.ndarray, V: np.ndarray, r: np.ndarray, X: np.ndarray, n1: int):
+    """Each level's least-squares fit of the residuals r on its own columns V (levels `codes`, rows with a level),
+    over the levels with more than k rows and a well-conditioned V_l'V_l: (between: their coefficients' centred
+    cross-products, sampling: sigma^2 times the mean of their (V_l'V_l)^-1, m: their number, stacked: their
+    (V_l'V_l)^-1 V_l'X_l, (residual sum of squares, its degrees of freedom, max |(V_l'V_l)^-1 - the first's|, max
+    |the first's|)), by the compiled pass (kernels.level_moments) or numpy's while it is compiled; None where fewer
+    than max(MOMENT_MIN_LEVELS, k + 1) levels are usable."""
+    k, p = V.shape[1], X.shape[1]
+    kernel = compiled.kernel("level_moments")
+    if kernel is not None:
+        between, sampling, stacked, sums = np.empty((k, k)), np.empty((k, k)), np.empty((n1 * k, p)), np.empty(4)
+        m = kernel(codes.astype(np.int64, copy=False), V, r, X, n1, between, sampling, stacked, sums)
+        if m < max(MOMENT_MIN_LEVELS, k + 1):
+            return None
+        return between, sampling, m, stacked[: m * k], tuple(float(v) for v in sums)
+    counts = np.bincount(codes, minlength=n1)
+    gram = np.empty((n1, k, k))
+    for a in range(k):
+        for b in range(a + 1):
+            gram[:, a, b] = gram[:, b, a] = np.bincount(codes, V[:, a] * V[:, b], minlength=n1)
+    cross = np.stack([np.bincount(codes, V[:, a] * r, minlength=n1) for a in range(k)], axis=1)
+    squares = np.bincount(codes, r * r, minlength=n1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smallest, largest = _extreme_eigenvalues(gram)
+        usable = (counts > k) & (smallest > 1e-10 * np.maximum(largest, 1e-300))
+    m = int(usable.sum())
+    if m < max(MOMENT_MIN_LEVELS, k + 1):
+        return None
+    inverse = _inverses(gram[usable])
+    coefficients = np.matmul(inverse, cross[usable][:, :, None])[:, :, 0]
+    residual = squares[usable] - np.sum(coefficients * cross[usable], axis=1)
+    sigma2 = float(residual.sum() / (counts[usable] - k).sum())
+    centred = coefficients - coefficients.mean(axis=0)
+    crossX = np.empty((n1, k, p))
+    for a in range(k):
+        for j in range(p):
+            crossX[:, a, j] = np.bincount(codes, V[:, a] * X[:, j], minlength=n1)
+    stacked = np.matmul(inverse, crossX[usable]).reshape(m * k, p)
+    sums = (
+        float(residual.sum()),
+        float((counts[usable] - k).sum()),
+        float(np.abs(inverse - inverse[0]).max()),
+        float(np.abs(inverse[0]).max()),
+    )
+    return centred.T @ centred, sigma2 * inverse.mean(axis=0), m, stacked, sums
+
+
+def _fixed_share(stacked: np.ndarray, k: int) -> float:
     """The fixed effects' share of each level coefficient's degrees of freedom: the rank of the fixed columns'
     projections on the levels' own columns (stacked over the usable levels: (V_l'V_l)^-1 V_l'X_l), over k; at
     least 1 (the mean the moments take out)."""
-    n_levels, k, p = usable.shape[0], V.shape[1], X.shape[1]
-    if p == 0:
+    if stacked.shape[1] == 0:
         return 1.0
-    cross = np.empty((n_levels, k, p))
-    for a in range(k):
-        for j in range(p):
-            cross[:, a, j] = np.bincount(codes, V[:, a] * X[:, j], minlength=n_levels)
-    singular = np.linalg.svd(np.matmul(inverse, cross[usable]).reshape(-1, p), compute_uv=False)
+    singular = np.linalg.svd(stacked, compute_uv=False)
     rank = int(np.count_nonzero(singular > FIXED_SHARE_RANK_TOLERANCE * singular[0])) if singular[0] > 0 else 0
     return max(rank / k, 1.0)
 
