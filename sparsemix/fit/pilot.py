@@ -490,13 +490,13 @@ def _level_moments(codes: np.ndarray, V: np.ndarray, r: np.ndarray, X: np.ndarra
         for j in range(p):
             crossX[:, a, j] = np.bincount(codes, V[:, a] * X[:, j], minlength=n1)
     stacked = np.matmul(inverse, crossX[usable]).reshape(m * k, p)
-    sums = (
+    totals = (
         float(residual.sum()),
         float((counts[usable] - k).sum()),
         float(np.abs(inverse - inverse[0]).max()),
         float(np.abs(inverse[0]).max()),
     )
-    return centred.T @ centred, sigma2 * inverse.mean(axis=0), m, stacked, sums
+    return centred.T @ centred, sigma2 * inverse.mean(axis=0), m, stacked, totals
 
 
 def _fixed_share(stacked: np.ndarray, k: int) -> float:
