@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, MissingDataError, RankDeficientError
+from .formula.factor import FACTOR_FUNCTIONS
 
 __all__ = [
     "require_columns",
@@ -627,7 +628,8 @@ def check_sortable_labels(values: pd.Series, name: str, role: str = "grouping fa
 
 @functools.lru_cache(maxsize=1024)  # a function of the text alone: Python's tokenizer costs ~25 us a formula
 def _only_inside_c(name: str, formulas: tuple) -> bool:
-    """Whether every mention of column `name` in the formulas is C(name) or C(Q("name")) (an explicit factor)."""
+    """Whether every mention of column `name` in the formulas is C(name), factor(name) or the same of Q("name") (an
+    explicit factor: FACTOR_FUNCTIONS)."""
     import io
     import tokenize
 
@@ -651,7 +653,12 @@ def _only_inside_c(name: str, formulas: tuple) -> bool:
                         return False
                 else:
                     before, after = toks[max(i - 2, 0) : i], toks[i + 1 : i + 2]
-                if before != ["C", "("] or after not in ([")"], [","]):
+                if (
+                    len(before) != 2
+                    or before[0] not in FACTOR_FUNCTIONS
+                    or before[1] != "("
+                    or after not in ([")"], [","])
+                ):
                     return False
                 seen = True
     return seen

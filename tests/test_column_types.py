@@ -182,6 +182,11 @@ def test_datetime_as_factor_or_grouping_is_allowed(tz):
     d["day"] = d.t
     m = lmer("y ~ C(t) + (1|g)", d)
     assert len(m.fe_params) == 4  # intercept and three of the four dates
+    for form in ("factor(t)", "as.factor(t)"):  # R's names for C: the same explicit factor, the same fit
+        other = lmer(f"y ~ {form} + (1|g)", d)
+        assert len(other.fe_params) == 4 and other.llf == pytest.approx(m.llf, rel=1e-12)
+    with pytest.raises(InputError, match="'t'.*datetime64"):  # (t also read as a number)
+        lmer("y ~ factor(t) + t + (1|g)", d)
     assert len(lmer("y ~ x + (1 | day)", d).fe_params) == 2
     assert len(mixedlm("y ~ x", d, groups="day").fe_params) == 2
     assert len(mixedlm("y ~ x", d, vc_formula={"t": "0 + C(t)"}).fe_params) == 2

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 
 from ..core.terms import VarianceComponent, indicator_matrix
 from ..errors import FormulaError
+from .factor import FACTOR_FUNCTIONS
 from .safety import SAFE_FUNCTIONS, check_formula, code_names, numpy_functions_only, term_codes
 
 __all__ = [
@@ -526,7 +527,7 @@ def _keepable(infos, source: "FrameColumns") -> bool:
 
 
 # C(x) and factor(x) of one column (SAFE_FUNCTIONS'): a factor whose levels are the column's values
-_FACTOR_CALL = re.compile(r"(?:C|factor)\(\s*([A-Za-z_]\w*)\s*\)")
+_FACTOR_CALL = re.compile(rf"(?:{'|'.join(FACTOR_FUNCTIONS)})\(\s*([A-Za-z_]\w*)\s*\)")
 
 
 def _factor_of_column(code, source: "FrameColumns") -> str | None:
