@@ -10,7 +10,11 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError, MissingDataError, RankDeficientError
-from .formula.factor import FACTOR_FUNCTIONS
+
+# The formula functions that read one column as a factor, its levels the column's values: patsy's C and R's factor
+# (formula/factor.py: C under R's name). One list for every rule about an explicit factor (here, and the kept designs
+# of formula/mixedlm.py); held here, the lowest layer that reads formulas' text.
+FACTOR_FUNCTIONS = ("C", "factor")
 
 __all__ = [
     "require_columns",

@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import patsy.builtins
 
-__all__ = ["factor", "FACTOR_FUNCTIONS"]
-
-# The formula functions that read one column as a factor, its levels the column's values: patsy's C and R's factor
-# (which is C). One list for every rule about an explicit factor.
-FACTOR_FUNCTIONS = ("C", "factor")
+__all__ = ["factor"]
 
 
 def factor(x, levels=None):

@@ -20,9 +20,9 @@ import pandas as pd
 import patsy
 import scipy.sparse as sp
 
+from ..checks import FACTOR_FUNCTIONS
 from ..core.terms import VarianceComponent, indicator_matrix
 from ..errors import FormulaError
-from .factor import FACTOR_FUNCTIONS
 from .safety import SAFE_FUNCTIONS, check_formula, code_names, numpy_functions_only, term_codes
 
 __all__ = [
