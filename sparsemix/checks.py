@@ -526,7 +526,7 @@ def check_column_types(data: pd.DataFrame, covariates, groups=(), formulas=(), o
         dtype = col.dtype
         if (isinstance(dtype, np.dtype) and dtype.kind in "biuf") or type(dtype) is pd.StringDtype:
             continue  # numbers, booleans and pandas' text (pandas 3's `str`): nothing below applies (45 us a column)
-        as_covariate = name in covariates and not _only_inside_c(name, tuple(formulas))
+        as_covariate = name in covariates and not _only_as_explicit_factor(name, tuple(formulas))
         where = f"column {name!r} (dtype {dtype})"
         if pd.api.types.is_complex_dtype(dtype):
             raise InputError(
@@ -631,7 +631,7 @@ def check_sortable_labels(values: pd.Series, name: str, role: str = "grouping fa
 
 
 @functools.lru_cache(maxsize=1024)  # a function of the text alone: Python's tokenizer costs ~25 us a formula
-def _only_inside_c(name: str, formulas: tuple) -> bool:
+def _only_as_explicit_factor(name: str, formulas: tuple) -> bool:
     """Whether every mention of column `name` in the formulas is C(name), factor(name) or the same of Q("name") (an
     explicit factor: FACTOR_FUNCTIONS)."""
     import io
@@ -657,12 +657,7 @@ def _only_inside_c(name: str, formulas: tuple) -> bool:
                         return False
                 else:
                     before, after = toks[max(i - 2, 0) : i], toks[i + 1 : i + 2]
-                if (
-                    len(before) != 2
-                    or before[0] not in FACTOR_FUNCTIONS
-                    or before[1] != "("
-                    or after not in ([")"], [","])
-                ):
+                if before not in [[call, "("] for call in FACTOR_FUNCTIONS] or after not in ([")"], [","]):
                     return False
                 seen = True
     return seen

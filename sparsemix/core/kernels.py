@@ -812,11 +812,12 @@ def _times_rx_inverse(LS, q2, p, M):
 
 @njit(cache=True, nogil=True)
 def level_moments(codes, V, r, X, n1, between, sampling, stacked, sums):
-    """fit/pilot.moment_start's pass over the rows and levels in one call (its numpy path: ~25 calls of 5-10 us on a
-    growth curve): each level l's least-squares fit of the residuals r on its own columns V (n x k), b_l = G_l^{-1}
+    """fit/pilot.moment_start's pass over the rows and levels in one call (its numpy path: some 25 small-array calls):
+    each level l's least-squares fit of the residuals r on its own columns V (n x k), b_l = G_l^{-1}
     V_l'r_l (G_l = V_l'V_l), on the levels with more than k rows and G_l's smallest eigenvalue above 1e-10 of its
     largest ("usable"). Fills `between` (k x k: the usable levels' coefficients' centred cross-products),
-    `sampling` (k x k: the mean of their G_l^{-1}), `stacked`'s first m k rows (G_l^{-1} V_l'X_l of each usable level,
+    `sampling` (k x k: sigma^2, the residual sum of squares over its degrees of freedom, times the mean of their
+    G_l^{-1}), `stacked`'s first m k rows (G_l^{-1} V_l'X_l of each usable level,
     stacked: _fixed_share's matrix) and `sums` (4): the residual sum of squares, its degrees of freedom (sum of
     rows less k), max |G_l^{-1} - G_0^{-1}| and max |G_0^{-1}| (the first usable level's). Returns m, the number of
     usable levels. codes (n): each row's level, 0 <= code < n1."""

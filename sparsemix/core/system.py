@@ -599,7 +599,7 @@ class PenalizedSystem:
 
     def _install_single_term(self, factors, reml: bool) -> tuple[float, float, float, np.ndarray] | None:
         """The factor at the templates `factors` by the compiled pass of a system of one k x k term (k > 1)
-        (ProfiledGradient.single_term_compiled: a third of the numpy factorization's cost), installed there; its
+        (ProfiledGradient.single_term_compiled, cheaper than numpy's factorization), installed there; its
         (log |L|^2, log |R_X|^2, r^2, gradient). None where the system is not such a one, the template is not lower
         triangular (the kernel's assumption; relcov.system_factors' need not be), or the kernel cannot."""
         factor = self._factor

@@ -65,18 +65,18 @@ def sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
     codes, levels = _sorted_codes(values)
     if len(_KEPT_CODES) < _KEPT_CODES_MAX:
         key = id(arrow)
-        _KEPT_CODES[key] = (
-            weakref.ref(arrow, lambda _, key=key: _KEPT_CODES.pop(key, None)),
-            codes.copy(),
-            levels.copy(),
-        )
+        try:
+            released = weakref.ref(arrow, lambda _, key=key: _KEPT_CODES.pop(key, None))
+        except TypeError:  # (an array Python cannot follow to its end: not kept)
+            return codes, levels
+        _KEPT_CODES[key] = (released, codes.copy(), levels.copy())
     return codes, levels
 
 
 # sorted_codes' results by the Arrow array they were read from, while it lives. Arrow's arrays are immutable (pandas
 # writes a column by replacing its array, and a copied frame shares it), so the array fixes the codes, as an R
 # data frame's factor holds its codes: a model refitted to the same frame, or another model of it, reads each text
-# column's codes once (a small model's text columns took 5-8% of its fit).
+# column's codes once (docs/performance-scale.md, twenty-fourth session).
 _KEPT_CODES: dict = {}
 _KEPT_CODES_MAX = 256
 
@@ -87,12 +87,7 @@ def _arrow_text(values):
         return None
     if getattr(values.dtype, "storage", None) != "pyarrow":
         return None
-    arrow = values.array.__arrow_array__()
-    try:
-        weakref.ref(arrow)
-    except TypeError:  # (not an object Arrow lets us follow)
-        return None
-    return arrow
+    return values.array.__arrow_array__()
 
 
 def _sorted_codes(values) -> tuple[np.ndarray, np.ndarray]:
@@ -355,7 +350,7 @@ class FrameColumns:
         # the column labels once (iterating pandas 3's Arrow-backed Index costs ~2 us a label, every time)
         self.names = _labels(frame.columns)
         self._names = frozenset(c for c in self.names if isinstance(c, str))
-        self._series: dict = {}  # pandas' column lookup costs 15-45 us: each column read once
+        self._series: dict = {}  # pandas' column lookup costs more than a small model's arithmetic: each read once
         self._text: dict = {}  # text column -> (codes, sorted levels); other columns -> None
         self._factors: dict = {}  # column -> factor_codes
         self._position: dict | None = None  # text label -> its column's position, where every label is unique
@@ -368,10 +363,10 @@ class FrameColumns:
         return col
 
     def _read(self, name):
-        """frame[name], or where `name` labels one column, that column as pandas' own lookup makes it without the
-        lookup: its label found again in the columns (an Arrow-backed Index's item access is a third of the cost)
-        and the frame's attrs copied to it (__finalize__; nothing here reads them). Any other case, or pandas
-        internals other than 2.1-3.x's, takes the public path."""
+        """frame[name]: where `name` labels one column, that column as pandas' lookup makes it, less two of its steps
+        that nothing here needs (finding the label again in the columns, slow in pandas 3's Arrow-backed Index; and
+        copying the frame's attrs to it, __finalize__). Any other case, or pandas internals other than 2.1-3.x's,
+        takes the public path (docs/performance-scale.md, twenty-fourth session)."""
         if self._position is None:
             self._position = {c: i for i, c in enumerate(self.names)} if len(set(self.names)) == len(self.names) else {}
         at = self._position.get(name) if type(name) is str else None
