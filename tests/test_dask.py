@@ -232,3 +232,16 @@ def test_uncorrelated_slopes_take_the_merged_term_as_in_memory(client):
     assert b.fit_result.system.diagonal_runs == a.fit_result.system.diagonal_runs == ((0, 2),)
     assert b.n_evaluations == a.n_evaluations
     _assert_equal_fits(a, b)
+
+
+def test_a_factors_indicator_term_is_fitted_and_named_as_in_memory(client):
+    """`(0 + factor(f) | g)` on the cluster: the indicator path, patsy's names (factor(f)[a]), the in-memory fit."""
+    data = _frame(2000, seed=5)
+    formula = "y ~ x + (0 + factor(f) | g) + (1 | h)"
+    a = sparsemix.lmer(formula, data)
+    b = sparsemix.lmer(formula, dd.from_pandas(data, npartitions=3))
+    _assert_equal_fits(a, b, rtol=1e-6)
+    assert (
+        list(b.ranef()["g"].columns) == list(a.ranef()["g"].columns) == ["factor(f)[a]", "factor(f)[b]", "factor(f)[c]"]
+    )
+    assert [info.indicator for info in b.design.term_info] == [info.indicator for info in a.design.term_info]

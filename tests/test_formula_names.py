@@ -636,6 +636,35 @@ def test_rs_factor_and_as_factor_read_a_numeric_column_as_a_factor():
         assert wrapped.ngroups == {"Subject": 18}
 
 
+def test_a_factors_indicator_columns_are_named_as_patsy_names_them_on_every_path():
+    """`(0 + C(g) | s)` and `(0 + factor(g) | s)` take the sparse indicator path (no patsy design), `(C(g) + 0 | s)` and
+    `(0 + g | s)` patsy's; the same columns get patsy's names on both (as the fixed effects' `g[T.B]`), in lmer and
+    in from_formula's re_formula and vc_formula."""
+    rng = np.random.default_rng(11)
+    n = 240
+    data = pd.DataFrame({"s": rng.integers(0, 16, n), "g": rng.choice(["A", "B", "C"], n), "x": rng.normal(size=n)})
+    data["y"] = data.x + (data.g == "B") + rng.normal(size=16)[data.s] + rng.normal(size=n)
+    names = {}
+    for call in ("C(g)", "factor(g)"):
+        fast = sparsemix.lmer(f"y ~ x + (0 + {call} | s)", data)
+        by_patsy = sparsemix.lmer(f"y ~ x + ({call} + 0 | s)", data)
+        assert [info.indicator for info in fast.design.term_info] == ["g"]  # the indicator path
+        assert [info.indicator for info in by_patsy.design.term_info] == [None]
+        assert fast.llf == pytest.approx(by_patsy.llf, rel=1e-10)
+        names[call] = list(fast.ranef()["s"].columns)
+        assert names[call] == list(by_patsy.ranef()["s"].columns) == [f"{call}[{v}]" for v in "ABC"]
+        assert list(fast.variance_components().query("var2.isna()").var1.iloc[:3]) == names[call]
+        mixed = sparsemix.MixedLM.from_formula("y ~ x", data, groups="s", re_formula=f"0 + {call}").fit()
+        assert list(mixed.random_effects[0].index) == names[call]
+        assert mixed.llf == pytest.approx(fast.llf, rel=1e-6)
+        vc = sparsemix.MixedLM.from_formula("y ~ x", data, groups="s", vc_formula={"gs": f"0 + {call}"}).fit()
+        by_lmer = sparsemix.lmer("y ~ x + (1 | s:g)", data)
+        assert vc.llf == pytest.approx(by_lmer.llf, rel=1e-8)
+        assert set(vc.random_effects[0].index) == {f"gs[{name}]" for name in names[call]}
+    plain = sparsemix.lmer("y ~ x + (0 + g | s)", data)
+    assert list(plain.ranef()["s"].columns) == ["g[A]", "g[B]", "g[C]"]
+
+
 @pytest.mark.parametrize(
     "formula",
     [

@@ -29,6 +29,7 @@ import patsy
 import scipy.sparse as sp
 
 from .. import checks
+from ..checks import FACTOR_FUNCTIONS
 from ..core.coordinates import transform_from_moments
 from ..core.cross_products import CrossProducts
 from ..core.relcov import RelativeCovariance
@@ -50,7 +51,7 @@ from ..formula.design_rules import (
     unique_group_names,
 )
 from ..formula.lme4 import parse_formula
-from ..formula.mixedlm import formula_columns, indicator_variable, level_name
+from ..formula.mixedlm import formula_columns, indicator_names, indicator_variable
 from ..formula.safety import check_formula, quoted_name, readable_formula, safe_environment
 from .partitions import (
     PartitionSpec,
@@ -298,7 +299,12 @@ def _categorical_columns(parsed, meta: pd.DataFrame) -> list[str]:
                 dtype = meta[name].dtype
                 if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)):
                     wanted.add(name)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "C" and node.args:
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in FACTOR_FUNCTIONS
+                and node.args
+            ):
                 inside = (_column_of(n, meta.columns) for n in ast.walk(node.args[0]))
                 wanted.update(name for name in inside if name is not None)
     for r in parsed.random:
@@ -321,7 +327,7 @@ def _column_of(node, columns):
 def _term_columns(r, meta, categories) -> tuple[str, ...]:
     var = indicator_variable(r.expr)
     if var is not None:
-        return tuple(f"{var}{level_name(v)}" for v in categories[var])
+        return tuple(indicator_names(r.expr, categories[var]))
     M = on_prototype(patsy.dmatrix, "~ " + r.expr, meta, categories, return_type="dataframe")
     return tuple(lme4_name(c) for c in M.columns)
 

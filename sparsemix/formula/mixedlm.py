@@ -35,16 +35,19 @@ __all__ = [
     "formula_columns",
     "factor_codes",
     "sorted_codes",
+    "indicator_names",
     "indicator_variable",
     "FrameColumns",
     "expression_values",
 ]
 
 _NAME = r"([A-Za-z_]\w*)"
+# An explicit factor of one column (C(g), factor(g): FACTOR_FUNCTIONS) without an intercept: its indicators
+_FACTOR_OF_NAME = rf"({'|'.join(FACTOR_FUNCTIONS)})\(\s*{_NAME}\s*\)"
 _INDICATOR_FORMS = [
-    re.compile(rf"^\s*0\s*\+\s*C\(\s*{_NAME}\s*\)\s*$"),
-    re.compile(rf"^\s*C\(\s*{_NAME}\s*\)\s*-\s*1\s*$"),
-    re.compile(rf"^\s*-\s*1\s*\+\s*C\(\s*{_NAME}\s*\)\s*$"),
+    re.compile(rf"^\s*0\s*\+\s*{_FACTOR_OF_NAME}\s*$"),
+    re.compile(rf"^\s*{_FACTOR_OF_NAME}\s*-\s*1\s*$"),
+    re.compile(rf"^\s*-\s*1\s*\+\s*{_FACTOR_OF_NAME}\s*$"),
 ]
 
 
@@ -157,11 +160,23 @@ PYTHON_FACTORIZE_MAX_ROWS = 400
 
 
 def indicator_variable(formula: str) -> str | None:
-    """The factor's name if `formula` is a plain indicator of one factor (`0 + C(g)`), else None."""
+    """The factor's column if `formula` is a plain indicator of one factor (`0 + C(g)`, `factor(g) - 1`), else None."""
+    m = _indicator_match(formula)
+    return m.group(2) if m else None
+
+
+def indicator_names(formula: str, levels) -> list[str]:
+    """The indicator columns' names as patsy names the same columns (`C(g)[A]`, `factor(g)[A]`), for `formula` that
+    indicator_variable reads: the one rule for a factor's columns, whichever path builds them."""
+    m = _indicator_match(formula)
+    return [f"{m.group(1)}({m.group(2)})[{level_name(v)}]" for v in levels]
+
+
+def _indicator_match(formula: str):
     for form in _INDICATOR_FORMS:
         m = form.match(formula)
         if m:
-            return m.group(1)
+            return m
     return None
 
 
@@ -263,7 +278,7 @@ def random_design(re_formula: str, data: pd.DataFrame, group_name: str, eval_env
     if var is not None:
         _require_column(var, data, "re_formula")
         codes, levels, _ = factor_codes(data[var])
-        return indicator_matrix(codes, len(levels)), [f"C({var})[{level_name(v)}]" for v in levels]
+        return indicator_matrix(codes, len(levels)), indicator_names(re_formula.lstrip("~ "), levels)
     rhs = re_formula if re_formula.lstrip().startswith("~") else "~" + re_formula
     M = _patsy(patsy.dmatrix, rhs, data, eval_env, numeric_arrays=True, return_type="matrix")
     return np.asarray(M, dtype=float), [c.replace("Intercept", group_name) for c in M.design_info.column_names]
@@ -287,7 +302,7 @@ def vc_from_formula(
         n = len(codes)
         Z = sp.csc_matrix((np.ones(n), (np.arange(n), column.ravel())), shape=(n, present.size))
         column_group, level_of_column = np.divmod(present, n_levels)
-        level_names = np.array([f"C({var})[{level_name(v)}]" for v in levels] or [f"C({var})[]"], dtype=object)
+        level_names = np.array(indicator_names(formula, levels or [""]), dtype=object)
         names = tuple(level_names[level_of_column])  # one name per level, then indexed: 4,000 columns
         return VarianceComponent(name, Z, column_group, names)
     rhs = formula if formula.lstrip().startswith("~") else "~" + formula
@@ -522,13 +537,13 @@ def _keepable(infos, source: "FrameColumns") -> bool:
 
 
 # C(x) and factor(x) of one column (SAFE_FUNCTIONS'): a factor whose levels are the column's values
-_FACTOR_CALL = re.compile(rf"(?:{'|'.join(FACTOR_FUNCTIONS)})\(\s*([A-Za-z_]\w*)\s*\)")
+_FACTOR_CALL = re.compile(_FACTOR_OF_NAME)
 
 
 def _factor_of_column(code, source: "FrameColumns") -> str | None:
     """The column that `code` reads as a factor (C(x), factor(x)), or None."""
     m = _FACTOR_CALL.fullmatch(code) if type(code) is str else None
-    return m.group(1) if m is not None and m.group(1) in source.names else None
+    return m.group(2) if m is not None and m.group(2) in source.names else None
 
 
 def _factor_columns(desc, source: "FrameColumns") -> list[str]:

@@ -30,8 +30,8 @@ from ..formula.mixedlm import (
     FrameColumns,
     fixed_arrays,
     formula_columns,
+    indicator_names,
     indicator_variable,
-    level_name,
     numeric_design,
 )
 from ..formula.safety import check_formula, readable_formula, safe_environment, used_environment
@@ -217,7 +217,7 @@ def _random_term(spec: RandomSpec, frame, env, linear: bool = True, reader: Fram
         checks.require_columns(frame, [var], f"random-effects term {spec.source}")
         c, lv, _ = reader.factor_codes(var)
         values = indicator_matrix(c, len(lv))
-        columns = tuple(f"{var}{level_name(v)}" for v in lv)
+        columns = tuple(indicator_names(spec.expr, lv))
         design_info = None
     else:
         # A random intercept is a column of ones, its design the same for every data set and namespace: patsy
