@@ -202,6 +202,9 @@ def test_stateful_transforms_and_eval_env_are_refused(client):
     ddf = dd.from_pandas(_frame(500), npartitions=2)
     with pytest.raises(sparsemix.FormulaError, match="center"):
         sparsemix.lmer("y ~ center(x) + (1 | g)", ddf)
+    for name, call in (("ns", "ns(x, 3)"), ("bs", "bs(x, df = 4)"), ("relevel", 'relevel(f, "b")')):
+        with pytest.raises(sparsemix.FormulaError, match=rf"^{name}\(\) learns from a whole column"):
+            sparsemix.lmer(f"y ~ {call} + (1 | g)", ddf)
     with pytest.raises(sparsemix.InputError, match="eval_env"):
         sparsemix.lmer("y ~ x + (1 | g)", ddf, eval_env={"f": abs})
 

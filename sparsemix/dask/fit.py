@@ -21,6 +21,7 @@ same PenalizedSystem an in-memory fit builds, and optimizes there: evaluations n
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -52,7 +53,7 @@ from ..formula.design_rules import (
 )
 from ..formula.lme4 import parse_formula
 from ..formula.mixedlm import formula_columns, indicator_names, indicator_variable
-from ..formula.safety import check_formula, quoted_name, readable_formula, safe_environment
+from ..formula.safety import SAFE_FUNCTIONS, check_formula, quoted_name, readable_formula, safe_environment
 from .partitions import (
     PartitionSpec,
     PartitionTerm,
@@ -69,8 +70,9 @@ from .results import PartitionedLmerResults
 
 __all__ = ["is_dask_frame", "fit_partitioned", "PartitionedDesign"]
 
-# Stateful transforms learn from the whole column (a mean, a basis); a partition sees only its own rows.
-STATEFUL = ("center", "standardize", "scale", "poly")
+# Stateful transforms learn from the whole column (a mean, a basis, knots, a level's position); a partition sees only
+# its own rows. (patsy marks them: stateful_transform's wrapper)
+STATEFUL = tuple(name for name, f in SAFE_FUNCTIONS.items() if hasattr(f, "__patsy_stateful_transform__"))
 
 
 def is_dask_frame(data) -> bool:
@@ -277,7 +279,7 @@ def _check_formulas(formulas, columns, caller_env):
 def _refuse_stateful(parsed):
     for code in [parsed.fixed] + [r.expr for r in parsed.random]:
         for name in STATEFUL:
-            if f"{name}(" in code:
+            if re.search(rf"(?<![\w.]){name}\s*\(", code):
                 raise FormulaError(
                     f"{name}() learns from a whole column, which a Dask partition does not see; "
                     "compute it first (e.g. ddf['x_c'] = ddf.x - ddf.x.mean()) and use that column."

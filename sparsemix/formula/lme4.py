@@ -62,6 +62,9 @@ def _parse_text(formula: str) -> ParsedFormula:
     formula = formula.replace("^", "**")
     # R's as.factor(x) is factor(x) (formula/factor.py); Python would read `as.factor` as an attribute of `as`
     formula = re.sub(r"(?<![\w.])as\.factor\s*\(", "factor(", formula)
+    # R's Boundary.knots of bs() and ns() (a dotted keyword is no Python), and its %in% (formula/vectors.py)
+    formula = re.sub(r"(?<![\w.])Boundary\.knots(?=\s*=)", "Boundary_knots", formula)
+    formula = _in_operator(formula)
     parsed = _parse(formula)
     _check_repeated_terms(parsed.random)
     return _restore_quoted(parsed, quoted)
@@ -288,6 +291,69 @@ def _check_parentheses(formula):
             stack.pop()
     if stack:
         raise FormulaError(_pointed(formula, stack[-1], "this '(' is never closed"))
+
+
+def _in_operator(formula: str) -> str:
+    """R's `x %in% values` written isin(x, values), the operands read as R binds them (a name, a number, a string,
+    a call or a parenthesized expression on each side; %in% binds tighter than arithmetic and comparisons)."""
+    while (at := formula.find("%in%")) >= 0:
+        start, end = _operand_before(formula, at), _operand_after(formula, at + 4)
+        if start is None or end is None:
+            raise FormulaError(_pointed(formula, at, '%in% needs a value on each side, as in I(f %in% c("a", "b"))'))
+        left, right = formula[start:at].strip(), formula[at + 4 : end].strip()
+        formula = f"{formula[:start]}isin({left}, {right}){formula[end:]}"
+    return formula
+
+
+_WORD = re.compile(r"[\w.]")
+
+
+def _operand_before(text: str, end: int) -> int | None:
+    i = end - 1
+    while i >= 0 and text[i].isspace():
+        i -= 1
+    if i < 0:
+        return None
+    if text[i] in "\"'":
+        opening = text.rfind(text[i], 0, i)
+        return None if opening < 0 else opening
+    if text[i] == ")":
+        depth = 0
+        while i >= 0:
+            depth += {"(": -1, ")": 1}.get(text[i], 0)
+            if depth == 0:
+                break
+            i -= 1
+        if i < 0:
+            return None
+        i -= 1  # a call's name before its parentheses
+    elif not _WORD.match(text[i]):
+        return None
+    while i >= 0 and _WORD.match(text[i]):
+        i -= 1
+    return i + 1
+
+
+def _operand_after(text: str, start: int) -> int | None:
+    i = start
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i == len(text):
+        return None
+    if text[i] in "\"'":
+        closing = text.find(text[i], i + 1)
+        return None if closing < 0 else closing + 1
+    while i < len(text) and _WORD.match(text[i]):
+        i += 1
+    if i < len(text) and text[i] == "(":
+        depth = 0
+        while i < len(text):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+            if depth == 0:
+                return i
+        return None
+    return i if i > start and not text[start:i].isspace() else None
 
 
 def _pointed(formula, pos, message) -> str:

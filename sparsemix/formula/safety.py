@@ -30,8 +30,10 @@ import patsy
 import patsy.builtins
 
 from ..errors import FormulaError
-from .factor import factor
+from .factor import factor, relevel
 from .poly import poly
+from .splines import bs, ns
+from .vectors import c, ifelse, isin, pmax, pmin
 
 __all__ = [
     "SAFE_FUNCTIONS",
@@ -77,6 +79,15 @@ SAFE_FUNCTIONS = {
     **{name: getattr(patsy.builtins, name) for name in PATSY_FUNCTIONS},
     "poly": poly,
     "factor": factor,
+    # R's, as lme4 users write them (formula/splines.py, factor.py, vectors.py)
+    "ns": ns,
+    "bs": bs,
+    "relevel": relevel,
+    "ifelse": ifelse,
+    "pmin": pmin,
+    "pmax": pmax,
+    "c": c,
+    "isin": isin,
 }
 # `np.log(x)` and `numpy.log(x)` keep working: these names hold only the numpy functions above.
 _NUMPY_ALIASES = ("np", "numpy")
@@ -166,7 +177,7 @@ def formula_environment(eval_env, reference: int = 1) -> patsy.EvalEnvironment:
 
 # The functions that read their argument as np.asarray does: a column's Series or its numpy array give them the
 # same values (mixedlm.patsy_data).
-_ARRAY_FUNCTIONS = frozenset(NUMPY_FUNCTIONS) | {"I", "Q", "center", "standardize", "scale", "poly"}
+_ARRAY_FUNCTIONS = frozenset(NUMPY_FUNCTIONS) | {"I", "Q", "center", "standardize", "scale", "poly", "ns", "bs"}
 
 
 def numpy_functions_only(name: str, env: patsy.EvalEnvironment) -> bool:
