@@ -535,3 +535,25 @@ def test_pirls_from_predicted_modes_reaches_the_same_mode_in_fewer_iterations():
     cold = [system.pirls(point[:k], point[k:], u0=np.zeros(system.q)).objective for point in points]
     np.testing.assert_allclose(warm, cold, rtol=1e-10)
     assert iterations[-2:] == [1, 1]
+
+
+def test_many_parameters_take_secant_steps_between_hessians_to_the_same_optimum(monkeypatch):
+    """With 10 or more of (theta, beta) the Newton steps between two difference Hessians reuse the last one, BFGS-
+    updated from new gradients (fit/many.CHORD_MIN_PARAMETERS): the same optimum and standard errors (the settling
+    step computes its own Hessian), in fewer evaluations than a Hessian at every step."""
+    import sparsemix.fit.many as many
+
+    rng = np.random.default_rng(7)
+    n, levels, p = 3000, 150, 10
+    X = rng.normal(size=(n, p))
+    g = rng.integers(0, levels, n)
+    eta = -0.3 + X @ np.linspace(-0.5, 0.5, p) + rng.normal(scale=0.8, size=levels)[g]
+    data = pd.DataFrame(X, columns=[f"x{i}" for i in range(p)]).assign(g=g, y=(rng.random(n) < 1 / (1 + np.exp(-eta))))
+    formula = "y ~ " + " + ".join(f"x{i}" for i in range(p)) + " + (1 | g)"
+    secant = sm.glmer(formula, data, family="binomial")
+    monkeypatch.setattr(many, "CHORD_MIN_PARAMETERS", 10**6)
+    every = sm.glmer(formula, data, family="binomial")
+    assert secant.llf == pytest.approx(every.llf, rel=1e-12)
+    np.testing.assert_allclose(secant.fe_params, every.fe_params, rtol=1e-7)
+    np.testing.assert_allclose(secant.bse_fe, every.bse_fe, rtol=1e-5)
+    assert secant.n_evaluations < every.n_evaluations

@@ -32,6 +32,7 @@ from .optimize import (
     RELEASE_NEAR,
     SNAP_DISTANCE,
     no_worse,
+    secant_update,
 )
 
 __all__ = [
@@ -62,6 +63,13 @@ START_INSIDE = 0.1
 BOUNDARY_FRACTION = 0.9
 # eigenvalues of the difference Hessian floored at this share of the largest one (a saddle or a flat direction)
 EIGEN_FLOOR = 1e-8
+# From this many parameters on, a Newton step after one that moved them is taken with the last difference Hessian,
+# BFGS-updated, and a new gradient (2m evaluations, where the Hessian costs m(m + 3)/2); the step that settles is
+# a full one, so the last Hessian is the end point's. Below it the extra steps cost more than the Hessians saved
+# (docs/performance-scale.md, twenty-fifth session).
+CHORD_MIN_PARAMETERS = 10
+# ... at most this many in a row
+CHORD_MAX_STEPS = 4
 
 
 @dataclass
@@ -77,11 +85,11 @@ class ManyMinimum:
     steps: np.ndarray | None = None  # ... and its difference steps (R x n)
 
 
-def _difference_points(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+def _difference_points(x: np.ndarray, h: np.ndarray, gradient_only: bool = False) -> np.ndarray:
     """For each row of x (R x m): x + h_i e_i, x - h_i e_i (i < m), then x + h_i e_i + h_j e_j (j < i), stacked as
-    (R, 2m + m(m-1)/2, m)."""
+    (R, 2m + m(m-1)/2, m); `gradient_only`: the first 2m."""
     R, m = x.shape
-    pairs = [(i, j) for i in range(m) for j in range(i)]
+    pairs = [] if gradient_only else [(i, j) for i in range(m) for j in range(i)]
     out = np.repeat(x[:, None, :], 2 * m + len(pairs), axis=1)
     rows = np.arange(m)
     out[:, rows, rows] += h
@@ -138,6 +146,7 @@ def minimize_many(
     boundary_probes=None,
     se_step: float | None = None,
     near_singular=None,
+    chord: bool = False,
 ) -> ManyMinimum:
     """Minimise every response's deviance from `start` (working theta, one row per response or one for all).
 
@@ -149,7 +158,8 @@ def minimize_many(
     `se_step`: after the first Hessian, each difference step at most this share of the entry's standard error (from
     the last Hessian, 2 H^{-1}): the last Hessian then gives standard errors to its truncation error, se_step
     relative (see glmm_fit.HESSIAN_SE_STEP), however the parameters are scaled. `near_singular` (R x m points ->
-    bools; relcov.near_singular): which end points can have probes at all, the others' release check skipped."""
+    bools; relcov.near_singular): which end points can have probes at all, the others' release check skipped.
+    `chord`: steps between two Hessians with the last one (_newton)."""
     R, m = many.R, lower.size
     on_diagonal = np.isfinite(lower)
     # a zero variance in the start (a singular first fit) would hold every response there (the deviance is even in
@@ -170,7 +180,7 @@ def minimize_many(
     steps = np.full((R, m), np.nan)
     for round_ in range(RELEASE_MAX_ROUNDS + 1):
         rows = np.flatnonzero(active)
-        _newton(deviance, x, f, active, settled, held, lower, on_diagonal, (hessians, steps), se_step)
+        _newton(deviance, x, f, active, settled, held, lower, on_diagonal, (hessians, steps), se_step, chord)
         if boundary_probes is None:
             break
         # the settled, and those stuck with a zero variance held (its column's sign may be the wrong one to go on)
@@ -188,12 +198,17 @@ def minimize_many(
     return ManyMinimum(x, f, settled, evaluations[0], hessians, steps)
 
 
-def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_step=None) -> None:
+def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_step=None, chord=False) -> None:
     """Newton steps on the `active` responses until each settles or fails (x, f, active, settled, held and `last`,
-    their last difference Hessians and its steps, updated in place); `se_step` as minimize_many's."""
+    their last difference Hessians and its steps, updated in place); `se_step` as minimize_many's; `chord`: steps
+    after one that moved the parameters reuse its Hessian where there are CHORD_MIN_PARAMETERS of them or more (one
+    response: every row takes the same kind of step)."""
     m = lower.size
     hessians, steps = last
     held_for = np.zeros(x.shape[0], dtype=int)  # iterations with an entry held, per response
+    chord = chord and m >= CHORD_MIN_PARAMETERS
+    chords = 0  # chord steps in a row (0: the next step computes its Hessian)
+    model = previous = None  # the chord steps' Hessian (BFGS-updated), and the last step's (x, gradient)
     for _ in range(NEWTON_MAX_ITERATIONS):
         idx = np.flatnonzero(active)
         if idx.size == 0:
@@ -202,10 +217,20 @@ def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_
         h = POLISH_STEP * np.maximum(np.abs(xa), 1.0)
         if se_step is not None:
             h = np.minimum(h, se_step * standard_errors(hessians[idx]))
-        points = _difference_points(xa, h)
+        reuse = chords > 0
+        if reuse:  # the gradient at the new point, the Hessian of the last full step (and its difference steps)
+            h = steps[idx]
+        points = _difference_points(xa, h, gradient_only=reuse)
         values = deviance(points.reshape(-1, m), np.repeat(idx, points.shape[1])).reshape(idx.size, -1)
-        g, H = _gradient_hessian(fa, values, h)
-        hessians[idx], steps[idx] = H, h
+        if reuse:
+            g = (values[:, :m] - values[:, m:]) / (2 * h)
+            # the last Hessian mapped to the gradient's change over the step since (BFGS), one row (chord: R = 1)
+            model = secant_update(model, xa[0] - previous[0], g[0] - previous[1])
+            H = model[None].copy()
+        else:
+            g, H = _gradient_hessian(fa, values, h)
+            hessians[idx], steps[idx] = H, h
+            model = H[0].copy()
         ok = np.isfinite(values).all(axis=1) & np.isfinite(H).all(axis=(1, 2))
         H[~ok] = np.eye(m)
         # held entries: no gradient, identity curvature (so they do not move)
@@ -226,14 +251,18 @@ def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_
         moved = np.abs(trial_x - xa)
         small = np.all(moved <= POLISH_REPEAT_ABOVE * np.maximum(np.abs(trial_x), 1.0), axis=1)
         x[idx], f[idx] = trial_x, trial_f
-        done = accepted & small & positive
+        done = accepted & small & positive & (not reuse)  # (settled by a step with its own Hessian)
+        moving = bool(np.all(accepted & ~small & positive & ~hold.any(axis=1)))
+        chords = chords + 1 if chord and moving and chords < CHORD_MAX_STEPS else 0
+        previous = (xa[0], g[0])
         # entries just above their bound go onto it where that is no worse (and stay there): then go on from there
         snapped = _snap(deviance, idx[accepted], x, f, held, lower, on_diagonal)
         done[np.isin(idx, snapped)] = False
         settled[idx[done]] = True
         # held and not settling: the zero variance's column may have the wrong sign (the release check decides)
         held_for[idx] += held[idx].any(axis=1)
-        active[idx[done | ~accepted | (held_for[idx] > HELD_MAX_ITERATIONS)]] = False
+        failed = ~accepted & (not reuse)  # (a chord step that found no descent is taken again with a new Hessian)
+        active[idx[done | failed | (held_for[idx] > HELD_MAX_ITERATIONS)]] = False
     active[:] = False
 
 
@@ -393,6 +422,6 @@ def minimize_one(f, start: np.ndarray, lower: np.ndarray, boundary_probes=None, 
     on one smooth objective f(x) of a few parameters, from a start near its minimum (glmer's (theta, beta) from
     the nAGQ = 0 fit: 181 evaluations where BOBYQA and its polish took 264)."""
     one = _OneFunction(f)
-    found = minimize_many(one, np.asarray(start, dtype=float), lower, True, boundary_probes, se_step)
+    found = minimize_many(one, np.asarray(start, dtype=float), lower, True, boundary_probes, se_step, chord=True)
     found.n_evaluations = one.count
     return found
