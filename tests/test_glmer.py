@@ -557,3 +557,31 @@ def test_many_parameters_take_secant_steps_between_hessians_to_the_same_optimum(
     np.testing.assert_allclose(secant.fe_params, every.fe_params, rtol=1e-7)
     np.testing.assert_allclose(secant.bse_fe, every.bse_fe, rtol=1e-5)
     assert secant.n_evaluations < every.n_evaluations
+
+
+def test_nested_terms_hold_the_first_by_rest_block_sparse_with_the_dense_blocks_optimum(monkeypatch):
+    """Mothers within communities (guImmun's design): the first term's block against the rest has one entry a level,
+    so it is held sparse and W'W is scipy's sparse product (core/glmm.SPARSE_BLOCK_MAX_FILL); the same fit as with
+    the dense block."""
+    import sparsemix.core.glmm as glmm
+
+    rng = np.random.default_rng(3)
+    communities, mothers = 60, 400
+    community_of = rng.integers(0, communities, mothers)
+    mother = rng.integers(0, mothers, 1500)
+    x = rng.normal(size=1500)
+    eta = (
+        0.2 + 0.6 * x + rng.normal(scale=0.7, size=communities)[community_of[mother]] + rng.normal(size=mothers)[mother]
+    )
+    data = pd.DataFrame({"y": rng.random(1500) < 1 / (1 + np.exp(-eta)), "x": x, "mom": mother})
+    data["comm"] = community_of[data.mom]
+    formula = "y ~ x + (1 | mom) + (1 | comm)"
+    sparse = sm.glmer(formula, data, family="binomial")
+    assert sparse.fit_result.system._block._sparse and not sparse.fit_result.system._block._compiled_gram
+    monkeypatch.setattr(glmm, "SPARSE_BLOCK_MAX_FILL", -1.0)
+    dense = sm.glmer(formula, data, family="binomial")
+    assert not dense.fit_result.system._block._sparse
+    assert sparse.llf == pytest.approx(dense.llf, rel=1e-12)
+    np.testing.assert_allclose(sparse.fe_params, dense.fe_params, rtol=1e-8)
+    np.testing.assert_allclose(sparse.bse_fe, dense.bse_fe, rtol=1e-6)
+    np.testing.assert_allclose(sparse.theta, dense.theta, rtol=1e-7)

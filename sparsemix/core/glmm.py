@@ -64,8 +64,12 @@ class PirlsResult:
 # many columns and the first-term-by-rest block at most this many entries; CHOLMOD otherwise.
 BLOCK_MAX_REST = 2000
 BLOCK_MAX_ENTRIES = 20_000_000
-# From this many entries of the first-term-by-rest block (one column per level of each term), it is held sparse.
+# From this many entries of the first-term-by-rest block (one column per level of each term), it is held sparse, W'W
+# subtracted by the compiled loop ...
 SPARSE_BLOCK_FROM = 1_000_000
+# ... and below that where at most this share of it occurs (nested terms: one entry a level), W'W by scipy's sparse
+# product (mlmRev's guImmun, 1,595 mothers in 161 communities: a dense W'W took 1.8 of a refactorization's 3.2 ms)
+SPARSE_BLOCK_MAX_FILL = 0.05
 # W'W's compiled update takes the free cores' threads from this order of the rest on (1,000,000 rows, 2,000 items:
 # 0.12 s in one thread, 0.08 s in two)
 GRAM_THREADS_MIN_ORDER = 1_000
@@ -106,7 +110,10 @@ class BlockFactor:
         # a large first-term-by-rest block with one column per level is mostly empty (a subject sees few items):
         # held sparse, its pattern the pairs that occur, so that W'W costs the pairs, not n1 q2 q2
         self._scalar = self.k1 == 1 and all(t.k == 1 for _, t in relcov.blocks[1:])
-        self._sparse = self._scalar and q1 * q2 >= SPARSE_BLOCK_FROM
+        self._compiled_gram = self._scalar and q1 * q2 >= SPARSE_BLOCK_FROM
+        self._sparse = self._compiled_gram or (
+            self._scalar and np.unique(self._g1r[1]).size <= SPARSE_BLOCK_MAX_FILL * q1 * q2
+        )
         if self._scalar and not self._sparse:  # the three sums as one (one product with w, one call)
             parts = [self._g11, self._g1r, self._grr]
             offsets = np.cumsum([0, n1, n1 * q2])
@@ -208,7 +215,9 @@ class BlockFactor:
         if self._sparse:
             W = self._pattern1r
             W.data = g1r * (t / root)[self._pair_rows] * scales[W.indices]
-            if q2:
+            if q2 and not self._compiled_gram:
+                S -= (W.T @ W).toarray()
+            elif q2:
                 # S -= W'W, its lower triangle, compiled (kernels.py: scipy's sparse product built W'W as a sparse
                 # matrix, 0.23 s of a 0.33 s refactorization at 1,000,000 rows, 20,000 x 2,000)
                 from .kernels import subtract_gram_lower  # numba: imported (1 s) only by fits that need it
