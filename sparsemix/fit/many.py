@@ -208,7 +208,8 @@ def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_
     held_for = np.zeros(x.shape[0], dtype=int)  # iterations with an entry held, per response
     chord = chord and m >= CHORD_MIN_PARAMETERS
     chords = 0  # chord steps in a row (0: the next step computes its Hessian)
-    model = previous = None  # the chord steps' Hessian (BFGS-updated), and the last step's (x, gradient)
+    model = np.eye(m)  # the chord steps' Hessian (the last difference Hessian, BFGS-updated since)
+    previous = (x[0], np.zeros(m))  # the last step's start and gradient there (set before any chord step)
     for _ in range(NEWTON_MAX_ITERATIONS):
         idx = np.flatnonzero(active)
         if idx.size == 0:
