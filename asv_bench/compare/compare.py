@@ -73,6 +73,9 @@ def seed_cases():
 
 
 REFERENCE = Path(__file__).resolve().parents[2] / "tests" / "reference"
+# Fixtures that are no timing reference: the GLMMs (their own section: glmm/glmer_fits.py) and the formula-reading
+# checks of R's functions (splines, relevel, %in%: tests/test_r_functions.py)
+NOT_TIMED = {"glmer.json", "r_functions.json"}
 
 
 @dataclass
@@ -92,7 +95,7 @@ def reference_cases():
     nested, crossed = seed_datasets()
     out = []
     for path in sorted(REFERENCE.glob("*.json")):
-        if path.name == "glmer.json":  # the GLMM fixtures: their own section (glmm/glmer_fits.py)
+        if path.name in NOT_TIMED:
             continue
         doc = json.loads(path.read_text())
         # one data set per file, or (random_slopes.json) several keyed by name, each with its data and fits
