@@ -12,6 +12,7 @@ from . import families
 from .core.threads import blas_libraries
 from .errors import (
     ConvergenceWarning,
+    DroppedRowsWarning,
     FormulaError,
     IgnoredArgumentWarning,
     InputError,
@@ -71,5 +72,6 @@ __all__ = [
     "SingularFitWarning",
     "IgnoredArgumentWarning",
     "NewLevelWarning",
+    "DroppedRowsWarning",
     "__version__",
 ]

@@ -63,6 +63,10 @@ class RankDeficiencyWarning(SparsemixWarning):
     """Fixed-effect columns were dropped because they are linear combinations of the others (as lme4)."""
 
 
+class DroppedRowsWarning(SparsemixWarning):
+    """Most of the data's rows were dropped for missing values (lme4's na.omit) before the fit."""
+
+
 class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message names the extra that provides it."""
 

@@ -121,3 +121,10 @@ def test_an_interaction_whose_level_product_passes_2_to_the_63_is_coded():
     expected = frame[list("abcde")].drop_duplicates().sort_values(list("abcde"))
     labels = [":".join(map(str, row)) for row in expected.itertuples(index=False)]
     assert list(fit.ranef()["a:b:c:d:e"].index) == labels
+
+
+def test_rs_dot_for_every_other_column_says_to_name_them(data):
+    with pytest.raises(
+        sparsemix.FormulaError, match=r"'\.' \(every other column, as R's lm reads it\) is not expanded"
+    ):
+        sparsemix.lmer("y ~ . + (1 | g)", data)

@@ -40,6 +40,26 @@ def test_missing_values_drop_rows_and_say_how_many(frame):
     assert fit.llf == pytest.approx(sparsemix.lmer(F, d.dropna()).llf, rel=1e-12)
 
 
+def test_most_rows_dropped_is_said_with_the_columns_that_lose_them(frame):
+    """lme4's na.omit is silent; where more than half the rows go (a file whose level "None" pandas read as missing)
+    the fit says how many, in which columns, and why that may be the reading, not the data."""
+    d = frame.copy()
+    d.loc[d.index[:200], "x"] = np.nan
+    d.loc[d.index[150:160], "g"] = np.nan  # (rows already short of x: counted for g too)
+    with pytest.warns(sparsemix.DroppedRowsWarning) as caught:
+        fit = sparsemix.lmer(F, d)
+    message = str(caught[0].message)
+    assert message.startswith("200 of 300 rows (67%) have a missing value") and "missing: x 200, g 10)" in message
+    assert "keep_default_na=False" in message and fit.nobs == 100
+    text = frame.assign(f=np.where(np.arange(len(frame)) % 4 == 0, "a", None))
+    with pytest.warns(sparsemix.DroppedRowsWarning, match=r"225 of 300 rows \(75%\).*missing: f 225\)"):
+        sparsemix.glmer("I(y > 0) ~ f + x + (1 | g)", text, family="binomial")
+    d.loc[d.index[:200], "x"] = frame.x.iloc[:200]  # 10 of 300: lme4's silence
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparsemix.DroppedRowsWarning)
+        assert sparsemix.lmer(F, d).design.n_dropped == 10
+
+
 @pytest.mark.parametrize("column", ["x", "y"])
 def test_infinite_values_are_an_error_naming_the_column(frame, column):
     d = frame.copy()
@@ -234,3 +254,15 @@ def test_a_slope_on_a_covariate_of_size_1e90_still_fits(frame):
     base = _quiet_fit("y ~ x + (0 + x | g)", frame, reml=False)
     big = _quiet_fit("y ~ x + (0 + x | g)", frame.assign(x=frame.x * 1e90), reml=False)
     assert big.llf == pytest.approx(base.llf, rel=1e-6)
+
+
+def test_a_condition_as_the_response_is_rs_logical_response(frame):
+    """`I(y > 0) ~ ...`: R's logical response, 0/1 (patsy alone reads the booleans as a factor of two columns)."""
+    coded = frame.assign(positive=(frame.y > 0).astype(int))
+    for fit, kwargs in ((sparsemix.glmer, {"family": "binomial"}), (sparsemix.lmer, {})):
+        by_condition = fit("I(y > 0) ~ x + (1 | g)", frame, **kwargs)
+        assert by_condition.llf == pytest.approx(fit("positive ~ x + (1 | g)", coded, **kwargs).llf, rel=1e-12)
+    mixed = sparsemix.MixedLM.from_formula("I(y > 0) ~ x", frame, groups="g").fit()
+    assert mixed.llf == pytest.approx(sparsemix.MixedLM.from_formula("positive ~ x", coded, groups="g").fit().llf)
+    with pytest.raises(sparsemix.FormulaError, match="expands to 3 columns"):  # a factor stays refused
+        sparsemix.lmer("C(g % 3) ~ x + (1 | h)", frame)

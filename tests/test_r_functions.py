@@ -1,7 +1,7 @@
-"""R's functions in lme4 formulas (splines' ns() and bs(), relevel(), ifelse(), pmin()/pmax(), %in% with c()) read as
-R reads them: lme4's optimum, its coefficients column by column (their names are patsy's), and its population-level
-predictions on new data (the splines' knots kept from the fitted data; new values past them extrapolated as R does).
-Fixtures: tests/reference/r_functions_fixtures.R."""
+"""R's functions in lme4 formulas (splines' ns() and bs(), relevel(), cut(), ifelse(), pmin()/pmax(), %in% with c())
+read as R reads them: lme4's optimum, its coefficients column by column (their names are patsy's), and its
+population-level predictions on new data (the splines' knots and cut's breaks kept from the fitted data; new values
+past the knots extrapolated as R does). Fixtures: tests/reference/r_functions_fixtures.R."""
 
 import json
 import pickle
@@ -30,6 +30,10 @@ def test_lme4s_optimum_coefficients_and_predictions(key, ref):
     np.testing.assert_allclose(
         fit.fe_params.to_numpy(), ref["beta"], rtol=2e-5, atol=1e-6 * np.max(np.abs(ref["beta"]))
     )
+    if ref["name"].startswith("cut"):  # R's interval labels, in R's order (patsy's names around them)
+        ours = [name.rsplit("[T.", 1)[-1][:-1] for name in fit.fe_params.index if "[T." in name]
+        theirs = [name for name in ref["beta_names"] if name.startswith("cut(")]
+        assert len(ours) == len(theirs) and all(r.endswith(o) for o, r in zip(ours, theirs)), (ours, theirs)
     if "predicted" in ref:
         new = pd.DataFrame(ref["newdata"])
         predicted = fit.predict(new, include_random=False).to_numpy()
@@ -72,6 +76,10 @@ def test_relevel_keeps_the_fitted_baseline_on_new_data_without_it():
         ("distance ~ ns(age, knots = c(8, 11)) + (1 | Subject)", r"knots must lie inside the boundary knots"),
         ("distance ~ ns(Sex, 2) + (1 | Subject)", r"ns\(\) takes a numeric column"),
         ("distance ~ I(age %in%) + (1 | Subject)", r"%in% needs a value on each side"),
+        ("distance ~ cut(age, 1) + (1 | Subject)", r"a number of intervals must be a whole number, 2 or more; got 1"),
+        ("distance ~ cut(age, c(8, 8, 14)) + (1 | Subject)", r"the breaks must be distinct numbers"),
+        ("distance ~ cut(age, c(9, 12, 14)) + (1 | Subject)", r"8.0 \(and 26 more\) lie outside the breaks"),
+        ('distance ~ cut(age, c(0, 10, 20), labels = c("young")) + (1 | Subject)', r"2 distinct labels are needed"),
     ],
 )
 def test_r_functions_say_what_is_wrong(formula, message):
@@ -88,3 +96,20 @@ def test_boundary_knots_as_r_writes_them():
     plain = sparsemix.lmer("Reaction ~ ns(Days, knots = c(3, 6)) + (1 | Subject)", data)
     assert np.isfinite(wide.llf) and wide.llf != pytest.approx(plain.llf, rel=1e-9)
     assert len(wide.fe_params) == len(plain.fe_params) == 4
+
+
+def test_cut_keeps_its_breaks_and_labels_for_new_data():
+    """cut(x, n) places its breaks on the fitted data; new data outside them is an error that says where (R: NA)."""
+    data = pd.DataFrame(DOC["Orthodont"]["data"])
+    fit = sparsemix.lmer('distance ~ cut(age, 3, labels = c("a", "b", "c")) + (1 | Subject)', data)
+    assert list(fit.fe_params.index)[1:] == [
+        'cut(age, 3, labels=c("a", "b", "c"))[T.b]',
+        'cut(age, 3, labels=c("a", "b", "c"))[T.c]',
+    ]
+    new = pd.DataFrame({"age": [14.0, 8.0]})
+    expected = fit.fe_params.iloc[0] + np.array([fit.fe_params.iloc[2], 0.0])
+    np.testing.assert_allclose(fit.predict(new, include_random=False), expected, rtol=1e-12)
+    with pytest.raises(
+        sparsemix.InputError, match=r"cut\(\): 30.0 lies outside the breaks \[7.994, 10.0, 12.0, 14.006\]"
+    ):
+        fit.predict(pd.DataFrame({"age": [30.0]}), include_random=False)

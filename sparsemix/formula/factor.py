@@ -1,18 +1,19 @@
 """R's factor(x) in formulas (`factor(Days)`, as lme4 users write a numeric column read as a factor): patsy's
 C(x), so that every rule for an explicit factor (its levels kept for predict, its contrasts) is patsy's own; and
-R's relevel(f, ref), the factor with another baseline."""
+R's relevel(f, ref), the factor with another baseline, and cut(x, breaks), a number's intervals as a factor."""
 
 from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import patsy
 import patsy.builtins
 from patsy.categorical import CategoricalSniffer, _CategoricalBox
 
 from ..errors import FormulaError
 
-__all__ = ["factor", "relevel"]
+__all__ = ["factor", "relevel", "cut"]
 
 
 def factor(x, levels=None):
@@ -65,3 +66,95 @@ def _reference_level(levels: tuple, ref):
 
 
 relevel = patsy.stateful_transform(_Relevel)
+
+
+class _Cut:
+    """R's cut(x, breaks): x's values as a factor of intervals, in the intervals' order, named as R names them
+    ("(3,6]"). `breaks` is a number of intervals (equal widths over the fitted data's range, widened by a thousandth
+    of it at both ends, as R does; kept for new data) or the interval bounds; `right` closes the intervals on the
+    right, `include_lowest` (R's include.lowest) the first one on the left as well."""
+
+    def memorize_chunk(self, x, breaks, labels=None, include_lowest=False, right=True, dig_lab=3):
+        self._chunks = getattr(self, "_chunks", []) + [_numbers(x, "cut")]
+
+    def memorize_finish(self):
+        self._x = np.concatenate(self._chunks)
+        del self._chunks
+
+    def transform(self, x, breaks, labels=None, include_lowest=False, right=True, dig_lab=3):
+        if getattr(self, "_x", None) is not None:
+            self.bounds = _cut_bounds(self._x, breaks)
+            self.levels = _cut_labels(self.bounds, labels, bool(include_lowest), bool(right), int(dig_lab))
+            self._x = None
+        values = _numbers(x, "cut")
+        bounds = self.bounds
+        side = "left" if right else "right"
+        code = np.searchsorted(bounds, values, side=side) - 1  # the interval (b_i, b_i+1] (right) or [b_i, b_i+1)
+        if include_lowest:
+            code[values == (bounds[0] if right else bounds[-1])] = 0 if right else bounds.size - 2
+        outside = (code < 0) | (code > bounds.size - 2)
+        if np.any(outside & ~np.isnan(values)):
+            found = values[outside & ~np.isnan(values)]
+            which = f"{found[0]} lies" if found.size == 1 else f"{found[0]} (and {found.size - 1} more) lie"
+            raise FormulaError(
+                f"cut(): {which} outside the breaks {bounds.tolist()}, where R gives NA; widen the breaks (-Inf and "
+                "Inf as the outer ones) or drop those rows"
+            )
+        names = np.asarray(self.levels, dtype=object)[np.clip(code, 0, bounds.size - 2)]
+        return patsy.builtins.C(names, levels=list(self.levels))
+
+
+def _numbers(x, name) -> np.ndarray:
+    try:
+        return np.asarray(x, dtype=float).ravel()
+    except (TypeError, ValueError):
+        raise FormulaError(f"{name}() takes a numeric column; got values of type {np.asarray(x).dtype}.") from None
+
+
+def _cut_bounds(x: np.ndarray, breaks) -> np.ndarray:
+    breaks = np.atleast_1d(np.asarray(breaks, dtype=float))
+    if breaks.size == 1:  # a number of intervals: R's equal widths, the range widened by a thousandth of itself
+        count = breaks[0]
+        if not (np.isfinite(count) and count >= 2 and float(count).is_integer()):
+            raise FormulaError(f"cut(x, breaks): a number of intervals must be a whole number, 2 or more; got {count}.")
+        low, high = float(np.nanmin(x)), float(np.nanmax(x))
+        width = high - low
+        if width == 0:
+            width = abs(low) if low != 0 else 1.0
+            return np.linspace(low - width / 1000, high + width / 1000, int(count) + 1)
+        bounds = np.linspace(low, high, int(count) + 1)
+        bounds[[0, -1]] = low - width / 1000, high + width / 1000
+        return bounds
+    bounds = np.sort(breaks)
+    if np.any(np.isnan(bounds)) or np.any(np.diff(bounds) == 0):
+        raise FormulaError(f"cut(x, breaks): the breaks must be distinct numbers; got {breaks.tolist()}.")
+    return bounds
+
+
+def _cut_labels(bounds, labels, include_lowest, right, digits) -> tuple:
+    if labels is not None:
+        labels = [str(v) for v in np.atleast_1d(np.asarray(labels, dtype=object))]
+        if len(labels) != bounds.size - 1 or len(set(labels)) != len(labels):
+            raise FormulaError(
+                f"cut(x, breaks, labels): {bounds.size - 1} distinct labels are needed, one an interval; got {labels}."
+            )
+        return tuple(labels)
+    for dig in range(digits, max(12, digits) + 1):  # R: more digits until neighbouring bounds read differently
+        text = [_r_number(b, dig) for b in bounds]
+        if all(a != b for a, b in zip(text[:-1], text[1:])):
+            break
+    opening, closing = ("(", "]") if right else ("[", ")")
+    out = [f"{opening}{a},{b}{closing}" for a, b in zip(text[:-1], text[1:])]
+    if include_lowest:
+        out[0 if right else -1] = ("[" + out[0][1:]) if right else (out[-1][:-1] + "]")
+    return tuple(out)
+
+
+def _r_number(value: float, digits: int) -> str:
+    """R's formatC(value, digits, width = 1): C's %g, Inf as R writes it in cut's labels."""
+    if np.isinf(value):
+        return "-Inf" if value < 0 else " Inf"
+    return f"{value:.{digits}g}"
+
+
+cut = patsy.stateful_transform(_Cut)

@@ -62,8 +62,9 @@ def _parse_text(formula: str) -> ParsedFormula:
     formula = formula.replace("^", "**")
     # R's as.factor(x) is factor(x) (formula/factor.py); Python would read `as.factor` as an attribute of `as`
     formula = re.sub(r"(?<![\w.])as\.factor\s*\(", "factor(", formula)
-    # R's Boundary.knots of bs() and ns() (a dotted keyword is no Python), and its %in% (formula/vectors.py)
-    formula = re.sub(r"(?<![\w.])Boundary\.knots(?=\s*=)", "Boundary_knots", formula)
+    # R's Boundary.knots of bs() and ns(), include.lowest and dig.lab of cut() (a dotted keyword is no Python),
+    # and its %in% (formula/vectors.py)
+    formula = re.sub(r"(?<![\w.])(Boundary|include|dig)\.(knots|lowest|lab)(?=\s*=)", r"\1_\2", formula)
     formula = _in_operator(formula)
     parsed = _parse(formula)
     _check_repeated_terms(parsed.random)

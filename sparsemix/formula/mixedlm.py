@@ -261,6 +261,7 @@ def fixed_arrays(formula: str, data: pd.DataFrame, eval_env, columns=None):
 def _fixed_matrices(formula: str, data: pd.DataFrame, eval_env, columns=None):
     """patsy's (y, X) design matrices of `formula` (numeric_design: kept designs reused), y one column."""
     y, X = _patsy(patsy.dmatrices, formula, data, eval_env, numeric_arrays=True, return_type="matrix", columns=columns)
+    y = _logical_response(y)
     if y.shape[1] != 1:
         names = list(y.design_info.column_names)
         raise FormulaError(
@@ -268,6 +269,18 @@ def _fixed_matrices(formula: str, data: pd.DataFrame, eval_env, columns=None):
             "it must be one numeric column. Convert a categorical response to numbers first."
         )
     return y, X
+
+
+def _logical_response(y):
+    """A response that is a condition (`I(y > 0) ~ ...`, as R users write a logical response) as 0/1: patsy reads the
+    booleans as a factor of two indicator columns, [False] and [True]; the [True] one is the response."""
+    infos = list(y.design_info.factor_infos.values())
+    if y.shape[1] != 2 or len(infos) != 1 or infos[0].type != "categorical":
+        return y
+    if tuple(infos[0].categories) != (False, True):
+        return y
+    name = infos[0].factor.name()
+    return patsy.DesignMatrix(np.asarray(y)[:, 1:], patsy.DesignInfo([name]))
 
 
 def random_design(re_formula: str, data: pd.DataFrame, group_name: str, eval_env):

@@ -30,7 +30,7 @@ import patsy
 import patsy.builtins
 
 from ..errors import FormulaError
-from .factor import factor, relevel
+from .factor import cut, factor, relevel
 from .poly import poly
 from .splines import bs, ns
 from .vectors import c, ifelse, isin, pmax, pmin
@@ -83,6 +83,7 @@ SAFE_FUNCTIONS = {
     "ns": ns,
     "bs": bs,
     "relevel": relevel,
+    "cut": cut,
     "ifelse": ifelse,
     "pmin": pmin,
     "pmax": pmax,
@@ -94,9 +95,9 @@ _NUMPY_ALIASES = ("np", "numpy")
 # ... and numpy's constants (`sin(2 * np.pi * Time)`, nlme's Ovary model).
 NUMPY_CONSTANTS = ("pi", "e")
 _NUMPY_SUBSET = SimpleNamespace(**{name: getattr(np, name) for name in NUMPY_FUNCTIONS + NUMPY_CONSTANTS})
-# R's constant (lme4's `sin(2*pi*Time)`): a name of the formula language, looked up after the caller's names as
-# the functions are (a column named pi comes first, as any column does).
-FORMULA_CONSTANTS = {"pi": float(np.pi)}
+# R's constants (lme4's `sin(2*pi*Time)`, `include.lowest = TRUE`, `c(-Inf, 3, Inf)`): names of the formula
+# language, looked up after the caller's names as the functions are (a column named pi comes first, as any column).
+FORMULA_CONSTANTS = {"pi": float(np.pi), "TRUE": True, "FALSE": False, "Inf": float("inf")}
 # Refused by name (`eval`, `open`, `getattr`, also `sum`, `type`) unless a column or a safe function (`abs`), and
 # by identity when the caller's code holds one under another name (`run = exec`).
 _BUILTIN_NAMES = frozenset(vars(builtins))
@@ -208,8 +209,10 @@ def provides_code(name: str, value) -> bool:
 
 
 def _is_formula_constant(name: str, value) -> bool:
-    """`pi` as FORMULA_CONSTANTS holds it (or a caller's own of the same value: `from math import pi`)."""
-    return name in FORMULA_CONSTANTS and isinstance(value, float) and value == FORMULA_CONSTANTS[name]
+    """R's constants as FORMULA_CONSTANTS holds them (or a caller's own of the same value: `from math import pi`)."""
+    return (
+        name in FORMULA_CONSTANTS and type(value) is type(FORMULA_CONSTANTS[name]) and value == FORMULA_CONSTANTS[name]
+    )
 
 
 def quoted_name(node: ast.AST) -> str | None:
@@ -386,6 +389,11 @@ def _constant_value(node) -> float | None:
 
 
 def _unreadable(code, columns, where) -> str:
+    if code.strip() == ".":
+        return (
+            f"{where}: '.' (every other column, as R's lm reads it) is not expanded in mixed-model formulas; "
+            "name the columns: y ~ a + b + (1 | g)."
+        )
     words = [t.string for t in _tokens(code) if t.type == tokenize.NAME and keyword.iskeyword(t.string)]
     if words:
         close = difflib.get_close_matches(words[0], sorted(columns), n=1)

@@ -4,6 +4,7 @@ the model and to predict for new data."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,7 +14,7 @@ import patsy
 from .. import checks
 from ..core.system import PenalizedSystem
 from ..core.terms import CovarianceTemplate, RandomTerm, indicator_matrix
-from ..errors import FormulaError, InputError
+from ..errors import DroppedRowsWarning, FormulaError, InputError
 from ..fit.stages import build_system
 from ..formula.design_rules import (
     TermInfo,
@@ -22,6 +23,7 @@ from ..formula.design_rules import (
     group_codes,
     lme4_name,
     lme4_term_order,
+    missing_counts,
     r_column_order,
     unique_group_names,
 )
@@ -107,6 +109,8 @@ def build_design(formula, data, weights=None, offset=None, eval_env=None, linear
     off = _column_or_array(data, offset, "offset")
     keep = complete_rows(data, used, [arr for arr in (w, off) if arr is not None], column=columns.column)
     n_dropped = int((~keep).sum())
+    if n_dropped > DROPPED_WARNING_SHARE * len(data):
+        _warn_dropped(data, used, n_dropped, columns.column, {"weights": w, "offset": off})
     frame = data if n_dropped == 0 else data.loc[keep]  # read only: no copy when every row is complete
     checks.check_not_empty(len(frame), "data" if n_dropped == 0 else "data after dropping incomplete rows")
     w = None if w is None else w[keep]
@@ -198,6 +202,25 @@ def _column_or_array(data, value, role):
     arr = checks.as_numeric_vector(value, role)
     checks.check_length(arr, len(data), role, reference="data")
     return arr
+
+
+# More than this share of the rows dropped for missing values is said (lme4's na.omit is silent): a file read with a
+# level written "None" or "NA" loses those rows to pandas' missing values, and the model is fitted to what is left.
+DROPPED_WARNING_SHARE = 0.5
+
+
+def _warn_dropped(data, used, n_dropped, column, arrays) -> None:
+    counts = missing_counts(data, used, column=column)
+    counts.update({name: int((~np.isfinite(a)).sum()) for name, a in arrays.items() if a is not None})
+    shown = ", ".join(f"{name} {count:,}" for name, count in list(counts.items())[:4] if count)
+    warnings.warn(
+        f"{n_dropped:,} of {len(data):,} rows ({100 * n_dropped / len(data):.0f}%) have a missing value in a column "
+        f"the model uses and were dropped before the fit, as lme4's na.omit drops them (missing: {shown}). If those "
+        "values are not missing in your data, check how it was read: pandas' read_csv reads NA, None, null and empty "
+        "fields as missing (keep_default_na=False keeps them as text).",
+        DroppedRowsWarning,
+        stacklevel=4,
+    )
 
 
 def _random_term(spec: RandomSpec, frame, env, linear: bool = True, reader: FrameColumns | None = None):

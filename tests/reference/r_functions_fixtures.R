@@ -1,5 +1,5 @@
 # lme4 reference fits of models whose formulas call R's functions that lme4 users write: the splines package's ns()
-# and bs(), relevel(), ifelse(), pmin()/pmax(), %in% with c(). Checks that sparsemix reads each as R does: the same
+# and bs(), relevel(), cut(), ifelse(), pmin()/pmax(), %in% with c(). Checks that sparsemix reads each as R does: the same
 # columns (coefficients compared by position, names being patsy's), the same optimum, and the same predictions on
 # new data (the splines' knots kept from the fitted data, extrapolated past its range as R does).
 #
@@ -58,7 +58,13 @@ sets <- list(
          data.frame(Days = c(1, 5, 8))),
     list("pmax_reml", "Reaction ~ Days + pmax(Days - 4, 0) + (Days | Subject)", TRUE, data.frame(Days = c(1, 5, 8))),
     list("pmin_ml", "Reaction ~ pmin(Days, 6) + (1 | Subject)", FALSE, NULL),
-    list("in_reml", "Reaction ~ Days + I(Days %in% c(0, 1)) + (1 | Subject)", TRUE, NULL))),
+    list("in_reml", "Reaction ~ Days + I(Days %in% c(0, 1)) + (1 | Subject)", TRUE, NULL),
+    # intervals as a factor: a number of them (R's widened range, kept for new data), bounds closed on either side
+    list("cut_count_reml", "Reaction ~ cut(Days, 3) + (Days | Subject)", TRUE, data.frame(Days = c(0, 3, 4, 9))),
+    list("cut_breaks_ml", "Reaction ~ cut(Days, c(0, 2, 5, 9), include.lowest = TRUE) + (1 | Subject)", FALSE,
+         data.frame(Days = c(0, 2, 3, 9))),
+    list("cut_left_reml", "Reaction ~ Days + cut(Days, c(-Inf, 3, Inf), right = FALSE) + (1 | Subject)", TRUE,
+         data.frame(Days = c(2, 3, 20))))),
   list(dataset = "ChickWeight", data = chick, fits = list(
     list("ns_diet_reml", "weight ~ ns(Time, 4) * Diet + (1 | Chick)", TRUE,
          data.frame(Time = c(0, 5, 11, 21, 24), Diet = c("1", "2", "3", "4", "2"))),
