@@ -19,6 +19,13 @@ exact_numbers <- function(x) {
   structure(txt, class = "json")
 }
 
+# A data frame with its factors as text (how the fixtures embed data: pandas reads them as strings).
+plain <- function(df) {
+  df <- as.data.frame(df)
+  for (col in names(df)) if (is.factor(df[[col]])) df[[col]] <- as.character(df[[col]])
+  df
+}
+
 # The directory of the script Rscript is running (the default output folder).
 script_dir <- function() {
   file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)

@@ -20,12 +20,6 @@ file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
 source(file.path(dirname(normalizePath(sub("^--file=", "", file_arg))), "exact_json.R"))
 out_dir <- if (length(args) >= 1) args[1] else script_dir()
 
-plain <- function(df) {
-  df <- as.data.frame(df)
-  for (col in names(df)) if (is.factor(df[[col]])) df[[col]] <- as.character(df[[col]])
-  df
-}
-
 control <- glmerControl(optimizer = "bobyqa", tolPwrss = 1e-12, optCtrl = list(maxfun = 1e5))
 
 fit_record <- function(name, formula, ours, data, family, nAGQ = 1, weights = NULL) {

@@ -16,14 +16,8 @@ suppressPackageStartupMessages({
 
 args <- commandArgs(trailingOnly = TRUE)
 file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
-source(file.path(dirname(normalizePath(sub("^--file=", "", file_arg))), "exact_json.R"))   # num_str, exact_numbers
+source(file.path(dirname(normalizePath(sub("^--file=", "", file_arg))), "exact_json.R"))   # num_str, exact_numbers, plain
 out_dir <- if (length(args) >= 1) args[1] else script_dir()
-
-plain <- function(df) {
-  df <- as.data.frame(df)
-  for (col in names(df)) if (is.factor(df[[col]])) df[[col]] <- as.character(df[[col]])
-  df
-}
 
 # Subjects x items with a two-level condition (each subject sees each item once, its condition at random): random
 # intercepts and condition effects for both, correlated; set.seed makes the data the same on every run.
