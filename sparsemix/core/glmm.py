@@ -111,9 +111,8 @@ class BlockFactor:
         # held sparse, its pattern the pairs that occur, so that W'W costs the pairs, not n1 q2 q2
         self._scalar = self.k1 == 1 and all(t.k == 1 for _, t in relcov.blocks[1:])
         self._compiled_gram = self._scalar and q1 * q2 >= SPARSE_BLOCK_FROM
-        self._sparse = self._compiled_gram or (
-            self._scalar and np.unique(self._g1r[1]).size <= SPARSE_BLOCK_MAX_FILL * q1 * q2
-        )
+        pairs = np.unique(self._g1r[1]) if self._scalar else np.empty(0, np.int64)  # the entries that occur
+        self._sparse = self._compiled_gram or (self._scalar and pairs.size <= SPARSE_BLOCK_MAX_FILL * q1 * q2)
         if self._scalar and not self._sparse:  # the three sums as one (one product with w, one call)
             parts = [self._g11, self._g1r, self._grr]
             offsets = np.cumsum([0, n1, n1 * q2])
@@ -122,8 +121,7 @@ class BlockFactor:
             )
         if self._sparse:
             rows_, idx_, val_ = self._g1r
-            pairs, slot = np.unique(idx_, return_inverse=True)
-            self._g1r = (rows_, slot, val_)
+            self._g1r = (rows_, np.searchsorted(pairs, idx_), val_)
             # csr_matrix's (data, (row, col)) orders the stored entries by row, then column: as np.unique's
             self._pattern1r = sp.csr_matrix((np.ones(pairs.size), (pairs // q2, pairs % q2)), shape=(n1, q2))
             self._pattern1r.sort_indices()

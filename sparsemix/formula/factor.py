@@ -12,6 +12,7 @@ import patsy.builtins
 from patsy.categorical import CategoricalSniffer, _CategoricalBox
 
 from ..errors import FormulaError
+from .vectors import numeric_values
 
 __all__ = ["factor", "relevel", "cut"]
 
@@ -74,19 +75,21 @@ class _Cut:
     of it at both ends, as R does; kept for new data) or the interval bounds; `right` closes the intervals on the
     right, `include_lowest` (R's include.lowest) the first one on the left as well."""
 
+    def __init__(self):
+        self._chunks: list = []
+
     def memorize_chunk(self, x, breaks, labels=None, include_lowest=False, right=True, dig_lab=3):
-        self._chunks = getattr(self, "_chunks", []) + [_numbers(x, "cut")]
+        self._chunks.append(numeric_values(x, "cut"))
+        self._given = (breaks, labels, bool(include_lowest), bool(right), int(dig_lab))
 
     def memorize_finish(self):
-        self._x = np.concatenate(self._chunks)
-        del self._chunks
+        breaks, labels, include_lowest, right, digits = self._given
+        self.bounds = _cut_bounds(np.concatenate(self._chunks), breaks)
+        self.levels = _cut_labels(self.bounds, labels, include_lowest, right, digits)
+        del self._chunks, self._given
 
     def transform(self, x, breaks, labels=None, include_lowest=False, right=True, dig_lab=3):
-        if getattr(self, "_x", None) is not None:
-            self.bounds = _cut_bounds(self._x, breaks)
-            self.levels = _cut_labels(self.bounds, labels, bool(include_lowest), bool(right), int(dig_lab))
-            self._x = None
-        values = _numbers(x, "cut")
+        values = numeric_values(x, "cut")
         bounds = self.bounds
         side = "left" if right else "right"
         code = np.searchsorted(bounds, values, side=side) - 1  # the interval (b_i, b_i+1] (right) or [b_i, b_i+1)
@@ -102,13 +105,6 @@ class _Cut:
             )
         names = np.asarray(self.levels, dtype=object)[np.clip(code, 0, bounds.size - 2)]
         return patsy.builtins.C(names, levels=list(self.levels))
-
-
-def _numbers(x, name) -> np.ndarray:
-    try:
-        return np.asarray(x, dtype=float).ravel()
-    except (TypeError, ValueError):
-        raise FormulaError(f"{name}() takes a numeric column; got values of type {np.asarray(x).dtype}.") from None
 
 
 def _cut_bounds(x: np.ndarray, breaks) -> np.ndarray:

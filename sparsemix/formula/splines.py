@@ -9,6 +9,7 @@ import numpy as np
 import patsy
 
 from ..errors import FormulaError
+from .vectors import numeric_values
 
 __all__ = ["bs", "ns"]
 
@@ -24,7 +25,7 @@ class _Spline:
 
     def memorize_chunk(self, x, *args, **kwargs):
         self._given = self._options(*args, **kwargs)
-        self._chunks.append(_values(x, self.name))
+        self._chunks.append(numeric_values(x, self.name))
 
     def memorize_finish(self):
         self._settle(np.concatenate(self._chunks), self._given)
@@ -33,7 +34,7 @@ class _Spline:
     def transform(self, x, *args, **kwargs):
         if self._options(*args, **kwargs) != self._given:
             raise FormulaError(f"{self.name}(): its arguments must not change between fitting and prediction.")
-        return self._basis(_values(x, self.name))
+        return self._basis(numeric_values(x, self.name))
 
     def _settle(self, x, options):
         if x.size == 0:
@@ -152,18 +153,6 @@ def _checked(name, df, knots, degree, intercept, boundary) -> dict:
         "intercept": bool(intercept),
         "boundary": boundary,
     }
-
-
-def _values(x, name) -> np.ndarray:
-    try:
-        values = np.asarray(x, dtype=float)
-    except (TypeError, ValueError):
-        raise FormulaError(f"{name}() takes a numeric column; got values of type {np.asarray(x).dtype}.") from None
-    if values.ndim == 2 and values.shape[1] == 1:
-        values = values[:, 0]
-    if values.ndim != 1:
-        raise FormulaError(f"{name}() takes one numeric column; got an array of shape {values.shape}.")
-    return values
 
 
 bs = patsy.stateful_transform(_BS)

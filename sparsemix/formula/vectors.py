@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ifelse", "pmin", "pmax", "c", "isin"]
+from ..errors import FormulaError
+
+__all__ = ["ifelse", "pmin", "pmax", "c", "isin", "numeric_values"]
 
 
 def ifelse(test, yes, no):
@@ -31,3 +33,17 @@ def c(*values):
 def isin(x, values):
     """R's x %in% values: whether each value of x is one of `values`."""
     return np.isin(np.asarray(x), np.atleast_1d(np.asarray(values)))
+
+
+def numeric_values(x, name: str) -> np.ndarray:
+    """One numeric column's values as floats, for the formula function `name` (splines, cut): a FormulaError saying
+    so for text or for more than one column."""
+    try:
+        values = np.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        raise FormulaError(f"{name}() takes a numeric column; got values of type {np.asarray(x).dtype}.") from None
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1:
+        raise FormulaError(f"{name}() takes one numeric column; got an array of shape {values.shape}.")
+    return values
