@@ -631,3 +631,86 @@ def test_scored_fits_follow_an_affine_response_exactly(reml, scale, shift):
     np.testing.assert_allclose(moved.sigma, abs(scale) * base.sigma, rtol=1e-8)
     dof = base.nobs - (len(base.fe_params) if reml else 0)
     assert moved.llf == pytest.approx(base.llf - dof * np.log(abs(scale)), abs=1e-7)
+
+
+def _ratings_system(n=40_000, users=2_000, items=400, seed=5):
+    """A ratings design (users eliminated first, items after) whose Schur update is the compiled kernel's, as at
+    MovieLens size, where the start's traces may be estimated."""
+    data = sparsemix.datasets.generate_ratings(n, users, items, min_user=5, min_item=20, seed=seed)
+    system = build_design("y ~ 1 + (1 | user) + (1 | item)", data).system()
+    system._factor = SchurFactor(system._A, system.cross.ZtZ, system.relcov, update="kernel")
+    return system
+
+
+def test_estimated_traces_agree_with_the_exact_ones_within_their_errors():
+    """Hutchinson's estimates (random signs) of the score's traces: within a few standard errors of the inverse's,
+    with errors that are not zero (estimated, not computed), the same in every call (fixed signs); not offered where
+    the pair map stands in for the compiled update."""
+    system = _ratings_system()
+    theta = np.array([0.5, 0.6])
+    with system.threads():
+        system.evaluate(theta)
+        exact = system.variance_traces(theta)
+        estimate, errors = system.estimated_traces(theta, 16)
+        again, _ = system.estimated_traces(theta, 16)
+        X, y, terms = _problem()
+        assert _schur_system(X, y, terms, update="pairs").estimated_traces(np.array([0.7, 1.1, 0.4]), 16) is None
+    assert np.all(errors > 0)
+    assert np.all(np.abs(estimate - exact) <= 5 * errors)
+    assert np.max(np.abs(estimate / exact - 1)) < 1e-3
+    np.testing.assert_array_equal(again, estimate)
+
+
+def _scored_calls(monkeypatch):
+    import sparsemix.fit.scoring as scoring
+
+    calls = []
+    original = scoring.scoring_point
+
+    def spy(*args, **kwargs):
+        point = original(*args, **kwargs)
+        calls.append(point is not None and point.trace_errors is not None)
+        return point
+
+    monkeypatch.setattr(scoring, "scoring_point", spy)
+    return calls
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_an_estimated_start_reaches_the_same_optimum(monkeypatch, reml):
+    """From SINGLE_ALWAYS_MIN_ORDER on the start's traces are estimated: the same optimum as with the inverse's, in
+    as many evaluations, the estimate kept (no second scoring of the start)."""
+    import sparsemix.fit.scoring as scoring
+
+    system = _ratings_system()
+    start = system.relcov.start()
+    monkeypatch.setattr(scoring, "SINGLE_ALWAYS_MIN_ORDER", 1)
+    calls = _scored_calls(monkeypatch)
+    with system.threads():
+        estimated, _, count = fit_by_scoring(system, start, reml)
+        assert calls[0] and not any(calls[1:])
+        monkeypatch.setattr(system, "estimated_traces", lambda theta, probes: None)
+        exact, _, count_exact = fit_by_scoring(system, start, reml)
+    assert estimated is not None and exact is not None
+    np.testing.assert_allclose(estimated.theta, exact.theta, rtol=1e-7)
+    assert estimated.deviance == pytest.approx(exact.deviance, rel=1e-13)
+    assert count == count_exact
+
+
+def test_an_estimate_too_rough_for_its_step_is_scored_again(monkeypatch):
+    """Where the estimate's errors could move the first step by more than ESTIMATE_MAX_SHARE of it (here: any
+    error at all), the start is scored again with the inverse: the fit is the one without the estimate."""
+    import sparsemix.fit.scoring as scoring
+
+    system = _ratings_system(seed=6)
+    start = system.relcov.start()
+    monkeypatch.setattr(scoring, "SINGLE_ALWAYS_MIN_ORDER", 1)
+    with system.threads():
+        monkeypatch.setattr(scoring, "ESTIMATE_MAX_SHARE", 0.0)
+        calls = _scored_calls(monkeypatch)
+        rescored, _, count = fit_by_scoring(system, start, True)
+        assert calls[:2] == [True, False]
+        monkeypatch.setattr(system, "estimated_traces", lambda theta, probes: None)
+        exact, _, count_exact = fit_by_scoring(system, start, True)
+    np.testing.assert_array_equal(rescored.theta, exact.theta)
+    assert count == count_exact

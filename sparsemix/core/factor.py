@@ -38,6 +38,7 @@ DENSE_FILL = 0.2  # A21 at least this full is handled as a dense matrix ...
 DENSE_W_MAX_ENTRIES = 20_000_000  # ... when it has at most this many entries (160 MB)
 PAIR_OPERATOR_MAX_ENTRIES = 60_000_000  # the precomputed Schur update map: 8-12 bytes each (under 600 MB)
 PAIR_CHUNK = 65_536  # pairs enumerated at a time while building it (see PairOperator.build)
+PROBE_SEED = 20261202  # the random signs of estimated_traces: fixed, so that a fit is the same in every process
 
 
 class CholmodFactor:
@@ -526,14 +527,10 @@ class SchurFactor:
         a LAPACK potri, or its 2 x 2 blocks) costs about two factorizations; `single`: in single precision, at
         about half that, for a Newton direction far from the optimum (fit/scoring.py).
         """
-        if self.k1 != 1 or any(T.shape != (1, 1) for T in factors):
+        scales = self._trace_scales(factors)
+        if scales is None:
             return None
-        lam_terms = np.array([T[0, 0] for T in factors[1:]])
-        sizes = np.array([n for n, _ in self._rest.blocks])
-        if np.any(lam_terms == 0.0):
-            return None
-        lam = self.rest_scales(factors)
-        assert lam is not None  # (every term scalar: checked above)
+        lam, lam_terms, sizes = scales
         self._score_wanted = True
         inverse = self._inverse_lower(single)
         if inverse is None:
@@ -545,6 +542,50 @@ class SchurFactor:
         ends = np.cumsum(sizes)
         rest = (sizes - np.add.reduceat(np.diag(inverse).astype(float), ends - sizes)) / lam_terms**2
         return np.concatenate([[first], rest])
+
+    def estimated_traces(self, factors, probes: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """variance_traces estimated, with their standard errors, from `probes` random sign vectors z (Hutchinson:
+        E[z'Az] = tr A, and E[z_i (Az)_i] = A_ii for the terms' diagonal sums): S^{-1} z by the factor's two
+        triangular solves, G diag(h) G' z by two passes over G's entries, where the exact traces need S^{-1} whole
+        (at order 16,000 a single-precision inverse and a pass over every pair of a level's entries). For the
+        compiled update's scalar first term only (None otherwise); the probes are the same in every fit."""
+        scales = self._trace_scales(factors)
+        if scales is None or self.update != "kernel":
+            return None
+        lam, lam_terms, sizes = scales
+        from .kernels import level_sandwich  # (imported with LevelBands already)
+
+        Z = np.where(np.random.default_rng(PROBE_SEED).random((self.q2, probes)) < 0.5, -1.0, 1.0)
+        # (the C-ordered lower factor is the Fortran-ordered upper one: no copy)
+        X, info = lapack.dpotrs(self._LS.T, Z, lower=0)
+        if info != 0:
+            return None
+        WZ = np.zeros_like(Z)
+        level_sandwich(
+            self._level_of_entry, self._entry_rows, self._g[:, 0], self._trace_weights(), lam[:, None] * Z, WZ
+        )
+        level_samples = np.einsum("ic,ic->c", X, lam[:, None] * WZ)  # z' S^{-1} Lambda_2 G diag(h) G' Lambda_2 z
+        ends = np.cumsum(sizes)
+        diagonal_samples = np.add.reduceat(Z * X, ends - sizes, axis=0)  # per term and probe
+        samples = np.vstack(
+            [
+                np.sum(self._G11 / self._L11[:, 0, 0] ** 2) - level_samples,
+                (sizes[:, None] - diagonal_samples) / lam_terms[:, None] ** 2,
+            ]
+        )
+        return samples.mean(axis=1), samples.std(axis=1, ddof=1) / math.sqrt(probes)
+
+    def _trace_scales(self, factors):
+        """(Lambda_2's diagonal, each later term's scale, its number of columns) for the traces, or None where they
+        do not apply: a term that is not scalar, or a zero scale after the first term (the traces divide by it)."""
+        if self.k1 != 1 or any(T.shape != (1, 1) for T in factors):
+            return None
+        lam_terms = np.array([T[0, 0] for T in factors[1:]])
+        if np.any(lam_terms == 0.0):
+            return None
+        lam = self.rest_scales(factors)
+        assert lam is not None  # (every term scalar: checked above)
+        return lam, lam_terms, np.array([n for n, _ in self._rest.blocks])
 
     def _trace_weights(self) -> np.ndarray:
         """h_l = 1 / K11_l^2 (K11_l = L11_l^2) for a scalar first term: the level weights of the first term's

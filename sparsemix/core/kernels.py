@@ -21,6 +21,7 @@ from numba.extending import overload
 __all__ = [
     "LevelBands",
     "dense_scalar_scoring",
+    "level_sandwich",
     "level_moments",
     "single_term_deviance_parts",
     "single_term_hessian",
@@ -170,6 +171,23 @@ def _tiles_parallel(segments, tiles, ptr, rows, g, v, matrix, read, sums):
         for t in range(ptr[thread], ptr[thread + 1]):
             total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, matrix, read)
         sums[thread] = total
+
+
+@njit(cache=True, nogil=True)
+def level_sandwich(levels, rows, g, h, U, out):
+    """out += G diag(h) G' U, G (q2 x n_levels) given by its entries (levels[e], rows[e], g[e]) in any order, U and
+    out (q2, c): two passes over the entries, c columns at a time (the probes of SchurFactor.estimated_traces)."""
+    c = U.shape[1]
+    T = np.zeros((h.shape[0], c))
+    for e in range(levels.shape[0]):
+        lvl, r, ge = levels[e], rows[e], g[e]
+        for j in range(c):
+            T[lvl, j] += ge * U[r, j]
+    for e in range(levels.shape[0]):
+        lvl, r = levels[e], rows[e]
+        w = g[e] * h[lvl]
+        for j in range(c):
+            out[r, j] += w * T[lvl, j]
 
 
 @njit(cache=True, nogil=True)

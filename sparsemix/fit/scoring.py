@@ -75,6 +75,16 @@ SINGLE_MIN_STEP = 1e-5
 # 27-30 s against 15-16 s), and the last step, checked by its deviance, left theta within 5e-12 of the double
 # scoring's (a simulated ratings design of order 8,000). Below it the double point costs little (InstEval, 1,156).
 SINGLE_ALWAYS_MIN_ORDER = 4000
+# There the start's traces are estimated instead (SchurFactor.estimated_traces, this many random sign vectors: a few
+# seconds where the inverse and the pair-by-pair trace took ~25 s at order 16,000) where the estimate's error moves
+# the first step by at most ESTIMATE_MAX_SHARE of its length (at TRACE_ERROR_SIGMAS standard errors), a step that
+# leaves more than that anyway (the AI's steps leave 1-15% of themselves); otherwise the start is scored again with
+# the inverse. Near the optimum the estimate would not do: from 2e-4 of it its steps landed 1.5-5e-6 off, where the
+# inverse's land within 2e-8 (a simulated ratings design of order 8,000).
+TRACE_PROBES = 16
+TRACE_ERROR_SIGMAS = 4.0
+ESTIMATE_MAX_SHARE = 0.01
+ESTIMATE_MIN_STEP = 1e-3
 
 
 @dataclass(frozen=True)
@@ -87,33 +97,39 @@ class ScoringPoint:
     score: np.ndarray  # d loglik / d psi
     information: np.ndarray  # the average information, (m + 1) x (m + 1)
     single: bool = False  # the score's traces in single precision
+    trace_errors: np.ndarray | None = None  # the traces' standard errors where they were estimated
 
 
-def scoring_point(system, theta: np.ndarray, reml: bool, ev=None, single: bool = False) -> ScoringPoint | None:
+def scoring_point(
+    system, theta: np.ndarray, reml: bool, ev=None, single: bool = False, estimated: bool = False
+) -> ScoringPoint | None:
     """The point at theta; `ev`: system.evaluate(theta), if that is already done (the factor is at theta);
-    `single`: the traces from a single-precision inverse, for a point far from the optimum."""
+    `single`: the traces from a single-precision inverse, for a point far from the optimum; `estimated`: the traces
+    estimated (system.estimated_traces) where that is offered, their errors kept in the point."""
     theta = np.asarray(theta, dtype=float)
     single = single and system.single_precision_traces
     ev = system.evaluate(theta) if ev is None else ev
     if not ev.feasible or np.any(theta < SCORING_MIN_THETA):
         return None
-    found = system.compiled_scoring(theta, reml)
+    estimate = system.estimated_traces(theta, TRACE_PROBES) if estimated else None
+    traces, errors = (None, None) if estimate is None else estimate
+    found = system.compiled_scoring(theta, reml) if traces is None else None
     if found is None:
-        found = score_and_information(system, theta, reml, ev, single)
+        found = score_and_information(system, theta, reml, ev, single, traces)
     # psi's units overflow for a response near 1e+-100 (the information ~ n / sigma^4): the fit goes on without the
     # steps (BOBYQA or the gradient's), from the start
     if found is None or not (np.all(np.isfinite(found[0])) and np.all(np.isfinite(found[1]))):
         return None
     sigma2 = ev.r2 / system.dof(reml)
     psi = sigma2 * np.concatenate([[1.0], theta**2])
-    return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, found[0], found[1], single)
+    return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, found[0], found[1], single, errors)
 
 
-def score_and_information(system, theta: np.ndarray, reml: bool, ev, single: bool = False):
+def score_and_information(system, theta: np.ndarray, reml: bool, ev, single: bool = False, traces=None):
     """(score, average information) in psi at theta, the factor at theta (`ev` its evaluation), by the factor's
-    traces and the system's algebra (the compiled pass of variance components held dense computes the same:
-    PenalizedSystem.compiled_scoring); None where the traces are not available."""
-    traces = system.variance_traces(theta, single)
+    traces (or `traces`, where given) and the system's algebra (the compiled pass of variance components held dense
+    computes the same: PenalizedSystem.compiled_scoring); None where the traces are not available."""
+    traces = system.variance_traces(theta, single) if traces is None else traces
     if traces is None:
         return None
     c, rc = system.cross, system.relcov
@@ -170,7 +186,7 @@ def fit_by_scoring(
     """
     t0 = time.perf_counter()
     always_single = system.relcov.after_first >= SINGLE_ALWAYS_MIN_ORDER
-    point = scoring_point(system, start, reml, single=True)
+    point = scoring_point(system, start, reml, single=True, estimated=always_single)
     count = 1
     if point is None:
         return None, np.asarray(start, dtype=float), count
@@ -187,6 +203,12 @@ def fit_by_scoring(
         if not np.all(np.isfinite(log_step)):
             return None, point.theta, count
         length = _theta_change(log_step)
+        if point.trace_errors is not None and not _estimate_holds(point, D[:, None] * hessian * D[None, :], length):
+            theta = point.theta  # the estimate could move this step too far: scored again with the inverse
+            point = scoring_point(system, theta, reml, system.evaluation_at(theta), single=True)
+            if point is None:
+                return None, theta, count
+            continue
         if point.single and length < SINGLE_MIN_STEP and not always_single:  # near the optimum: it again in double
             theta = point.theta
             point = scoring_point(system, theta, reml, system.evaluation_at(theta))
@@ -233,6 +255,26 @@ def fit_by_scoring(
         if progress is not None:
             progress(count, point.deviance, time.perf_counter() - t0)
     return None, point.theta, count
+
+
+def _estimate_holds(point: ScoringPoint, newton: np.ndarray, length: float) -> bool:
+    """Whether the traces' estimation errors (point.trace_errors, TRACE_ERROR_SIGMAS of them) move theta after the
+    step of `length` (Newton matrix `newton` in log psi) by at most ESTIMATE_MAX_SHARE of it. The score is linear in
+    the traces (score_and_information): d score_0 / d trace_j = theta_j^2 / (2 sigma^2), d score_j / d trace_j =
+    -1 / (2 sigma^2); the step in log psi is newton^{-1} D score and theta_j moves by (step_j - step_0) / 2."""
+    if length < ESTIMATE_MIN_STEP:
+        return False
+    psi = point.psi
+    m = psi.shape[0] - 1
+    by_trace = np.zeros((m + 1, m))
+    by_trace[0] = psi[1:] / psi[0] / (2.0 * psi[0])
+    by_trace[1:] = -np.eye(m) / (2.0 * psi[0])
+    try:
+        steps = np.linalg.solve(newton, psi[:, None] * by_trace)  # d log-psi step / d trace
+    except np.linalg.LinAlgError:
+        return False
+    moves = np.abs((steps[1:] - steps[0]) / 2.0) @ point.trace_errors
+    return bool(np.all(np.isfinite(moves)) and TRACE_ERROR_SIGMAS * np.max(moves) <= ESTIMATE_MAX_SHARE * length)
 
 
 def _bounded(log_step: np.ndarray) -> np.ndarray:
