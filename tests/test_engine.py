@@ -259,6 +259,13 @@ def test_kernel_subtracts_g_h_g_transpose(k, threads):
         values[np.triu_indices(q2, 1)] = np.nan
         got = bands.pair_sum(rows[order].astype(np.int32), g[order], v[order], values, threads)
         assert got == pytest.approx(trace, rel=1e-12)
+        if k == 1:  # H_l as the levels' weights of G's own entries (g = v): the same update and trace
+            weights = H[:, 0, 0]
+            out = np.zeros((q2, q2))
+            bands.subtract(rows[order].astype(np.int32), g[order], g[order], out, threads, weights)
+            np.testing.assert_allclose(out, np.tril(expected), rtol=1e-12, atol=1e-12)
+            got = bands.pair_sum(rows[order].astype(np.int32), g[order], g[order], values, threads, weights)
+            assert got == pytest.approx(trace, rel=1e-12)
     # numba's on-disk cache serves a new process only if no signature holds a jitted function (whose key changes
     # in every process: a recompilation of 1.4 s each, and at times a crash saving it)
     from numba.core import types

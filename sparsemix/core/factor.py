@@ -493,18 +493,29 @@ class SchurFactor:
     def _kernel_update(self, H, lam, S):
         """The kernel writes -G H G' straight into S when Lambda_2 is diagonal (its scales folded into G);
         otherwise it returns -G H G' (full) for the caller to transform."""
-        g, v = self._kernel_operands(H, lam)
+        g, v, weights = self._kernel_operands(H, lam)
         threads = kernel_threads(self.q2)
         if lam is not None:
-            self._bands.subtract(self._entry_rows, g, v, S, threads)
+            self._bands.subtract(self._entry_rows, g, v, S, threads, weights)
             return None
         U = np.zeros_like(S)
-        self._bands.subtract(self._entry_rows, g, v, U, threads)
+        self._bands.subtract(self._entry_rows, g, v, U, threads, weights)
         return U + np.tril(U, -1).T
 
     def _kernel_operands(self, H, lam):
-        """(g, v) per entry of G for the kernel: g = G's entry (times Lambda_2's scale of its row, if diagonal),
-        v = H_l g for the entry's level l."""
+        """(g, v, level weights) for the kernel, whose pair (i, j) of level l is weights_l g_i . v_j. A scalar first
+        term: g = v = G's entries times Lambda_2's scales of their rows, weights = H_l, and where one scale serves
+        every row (a single term after the first) that scale squared goes into the weights and G's entries are
+        passed as they are: no pass over the entries (two 256 MB arrays a refactorization at MovieLens size).
+        Otherwise g = G's entry (scaled as above), v = H_l g for the entry's level l, no weights."""
+        if self.k1 == 1:
+            g = self._g[:, 0]
+            if lam is None:
+                return g, g, H[:, 0, 0]
+            if lam.size and np.all(lam == lam[0]):
+                return g, g, H[:, 0, 0] * lam[0] ** 2
+            g = g * lam[self._entry_rows]
+            return g, g, H[:, 0, 0]
         g = self._g if lam is None else self._g * lam[self._entry_rows][:, None]
         # v_i = H_l g_i for entry i of level l, one column at a time (numpy's batched matmul over a million
         # 2 x 2 products took 30 ms on the 1,000,000-row slopes design)
@@ -513,7 +524,7 @@ class SchurFactor:
             v[:, a] = H[:, a, 0][self._level_of_entry] * g[:, 0]
             for b in range(1, self.k1):
                 v[:, a] += H[:, a, b][self._level_of_entry] * g[:, b]
-        return g, v
+        return g, v, None
 
     def variance_traces(self, factors, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' V^{-1} Z_j) for every term j, V = I + Z Lambda Lambda' Z', where every term is scalar (theta_j
@@ -603,8 +614,8 @@ class SchurFactor:
                 products = self._pair_products(h[:, None, None], lam)
             return float(np.dot(inverse.reshape(-1)[self._pairs.destinations] * self._pairs.multiplicity, products))
         if self.update == "kernel":  # read off S^{-1} pair by pair, no product matrix
-            g, v = self._kernel_operands(h[:, None, None], lam)
-            return self._bands.pair_sum(self._entry_rows, g, v, inverse, kernel_threads(self.q2))
+            g, v, weights = self._kernel_operands(h[:, None, None], lam)
+            return self._bands.pair_sum(self._entry_rows, g, v, inverse, kernel_threads(self.q2), weights)
         if theta1 == 0.0:  # the dense route keeps only A21 = theta_1 Lambda_2 G
             return None
         scaled = self._Wt * (h * self._L11[:, 0, 0] ** 2 / theta1**2)[None, :]  # W' = A21 L11^{-T}

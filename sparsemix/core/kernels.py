@@ -83,28 +83,33 @@ class LevelBands:
             self._plans[n_threads] = (np.ascontiguousarray(self._tiles[order]), ptr)
         return self._plans[n_threads]
 
-    def subtract(self, rows: np.ndarray, g: np.ndarray, v: np.ndarray, out: np.ndarray, n_threads: int = 1) -> None:
-        """out[rows[i], rows[j]] -= g[i] . v[j] for every pair of one level's entries with rows[j] <= rows[i]
-        (the lower triangle), rows, g and v (m, k) in `order`; out (q2, q2) C-contiguous float64, in place.
-        With n_threads > 1, numba's threads share the tiles; with 1 no thread pool is involved at all (its idle
-        threads slow the BLAS threads of the Cholesky that follows)."""
-        self._visit_tiles(rows, g, v, out, False, n_threads)
+    def subtract(
+        self, rows: np.ndarray, g: np.ndarray, v: np.ndarray, out: np.ndarray, n_threads: int = 1, weights=None
+    ) -> None:
+        """out[rows[i], rows[j]] -= w_l g[i] . v[j] for every pair of one level l's entries with rows[j] <= rows[i]
+        (the lower triangle), rows, g and v (m, k) in `order`, w_l = weights[l] (n_levels; default 1); out (q2, q2)
+        C-contiguous float64, in place. With n_threads > 1, numba's threads share the tiles; with 1 no thread pool
+        is involved at all (its idle threads slow the BLAS threads of the Cholesky that follows)."""
+        self._visit_tiles(rows, g, v, weights, out, False, n_threads)
 
-    def pair_sum(self, rows: np.ndarray, g: np.ndarray, v: np.ndarray, values: np.ndarray, n_threads: int = 1) -> float:
-        """sum of (g[i] . v[j]) values[rows[i], rows[j]] over the pairs `subtract` writes, both orders of a pair
+    def pair_sum(
+        self, rows: np.ndarray, g: np.ndarray, v: np.ndarray, values: np.ndarray, n_threads: int = 1, weights=None
+    ) -> float:
+        """sum of w_l (g[i] . v[j]) values[rows[i], rows[j]] over the pairs `subtract` writes, both orders of a pair
         (i != j) counted: tr(values G H G') for symmetric `values` of which only the lower triangle is read (a
         trace without G H G' as a matrix: 2 GB at MovieLens size)."""
-        return self._visit_tiles(rows, g, v, values, True, n_threads)
+        return self._visit_tiles(rows, g, v, weights, values, True, n_threads)
 
-    def _visit_tiles(self, rows, g, v, matrix, read: bool, n_threads: int) -> float:
+    def _visit_tiles(self, rows, g, v, weights, matrix, read: bool, n_threads: int) -> float:
         n_threads = max(int(n_threads), 1)
         tiles, ptr = self._plan(n_threads)
-        if g.shape[1] == 1:  # one number per entry for a scalar first term
+        if g.ndim == 2 and g.shape[1] == 1:  # one number per entry for a scalar first term
             g, v = g[:, 0], v[:, 0]
+        weights = np.ones(self.segments.shape[1] - 1) if weights is None else np.ascontiguousarray(weights, dtype=float)
         if n_threads == 1:
-            return float(_tiles_serial(self.segments, tiles, rows, g, v, matrix, read))
+            return float(_tiles_serial(self.segments, tiles, rows, g, v, weights, matrix, read))
         sums = np.zeros(n_threads)
-        _tiles_parallel(self.segments, tiles, ptr, rows, g, v, matrix, read, sums)
+        _tiles_parallel(self.segments, tiles, ptr, rows, g, v, weights, matrix, read, sums)
         return float(sums.sum())
 
 
@@ -132,10 +137,10 @@ def _product_for(g, v, i, j):
 
 
 @njit(cache=True, nogil=True)
-def _tile(segments, row_band, column_band, rows, g, v, matrix, read):
+def _tile(segments, row_band, column_band, rows, g, v, weights, matrix, read):
     """One tile: each level's entries in the row band against its entries in the column band (the pairs with
-    rows[j] <= rows[i]). `read` False: matrix[r, c] -= the pair's product (LevelBands.subtract); True: returns
-    the sum of product * matrix[r, c], twice off the diagonal (pair_sum)."""
+    rows[j] <= rows[i]), the level's products times its weight. `read` False: matrix[r, c] -= the pair's product
+    (LevelBands.subtract); True: returns the sum of product * matrix[r, c], twice off the diagonal (pair_sum)."""
     starts_i, starts_j = segments[row_band], segments[column_band]
     diagonal = row_band == column_band
     total = 0.0
@@ -144,32 +149,33 @@ def _tile(segments, row_band, column_band, rows, g, v, matrix, read):
         j0, j1 = starts_j[lvl], starts_j[lvl + 1]
         if i0 == i1 or j0 == j1:
             continue
+        w = weights[lvl]
         for i in range(i0, i1):
             ri = rows[i]
             if read:
                 for j in range(j0, i + 1 if diagonal else j1):
-                    p = _product(g, v, i, j)
+                    p = w * _product(g, v, i, j)
                     total += (p if j == i else 2.0 * p) * matrix[ri, rows[j]]
             else:
                 for j in range(j0, i + 1 if diagonal else j1):
-                    matrix[ri, rows[j]] -= _product(g, v, i, j)
+                    matrix[ri, rows[j]] -= w * _product(g, v, i, j)
     return total
 
 
 @njit(cache=True, nogil=True)
-def _tiles_serial(segments, tiles, rows, g, v, matrix, read):
+def _tiles_serial(segments, tiles, rows, g, v, weights, matrix, read):
     total = 0.0
     for t in range(tiles.shape[0]):
-        total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, matrix, read)
+        total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, weights, matrix, read)
     return total
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _tiles_parallel(segments, tiles, ptr, rows, g, v, matrix, read, sums):
+def _tiles_parallel(segments, tiles, ptr, rows, g, v, weights, matrix, read, sums):
     for thread in prange(ptr.shape[0] - 1):
         total = 0.0
         for t in range(ptr[thread], ptr[thread + 1]):
-            total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, matrix, read)
+            total += _tile(segments, tiles[t, 0], tiles[t, 1], rows, g, v, weights, matrix, read)
         sums[thread] = total
 
 
