@@ -12,6 +12,7 @@ import sparsemix
 from sparsemix.core import factor as factor_module
 from sparsemix.core.cross_products import CrossProducts, assemble_Z
 from sparsemix.core.factor import DenseFactor, SchurFactor
+from sparsemix.core.pages import reused_buffers
 from sparsemix.core.relcov import RelativeCovariance
 from sparsemix.core.system import PenalizedSystem
 from sparsemix.core.terms import CovarianceTemplate, RandomTerm
@@ -648,7 +649,7 @@ def test_estimated_traces_agree_with_the_exact_ones_within_their_errors():
     the pair map stands in for the compiled update."""
     system = _ratings_system()
     theta = np.array([0.5, 0.6])
-    with system.threads():
+    with system.threads(), reused_buffers():  # (a fit's buffers, where an inverse is kept)
         system.evaluate(theta)
         exact = system.variance_traces(theta)
         estimate, errors = system.estimated_traces(theta, 16)
@@ -662,6 +663,7 @@ def test_estimated_traces_agree_with_the_exact_ones_within_their_errors():
 
 
 def _scored_calls(monkeypatch):
+    """The scored points' traces in turn: "random", "corrected" (estimated) or "inverse"."""
     import sparsemix.fit.scoring as scoring
 
     calls = []
@@ -669,7 +671,8 @@ def _scored_calls(monkeypatch):
 
     def spy(*args, **kwargs):
         point = original(*args, **kwargs)
-        calls.append(point is not None and point.trace_errors is not None)
+        estimated = point is not None and point.trace_errors is not None
+        calls.append(("corrected" if point.corrected else "random") if estimated else "inverse")
         return point
 
     monkeypatch.setattr(scoring, "scoring_point", spy)
@@ -678,20 +681,23 @@ def _scored_calls(monkeypatch):
 
 @pytest.mark.parametrize("reml", [True, False])
 def test_an_estimated_start_reaches_the_same_optimum(monkeypatch, reml):
-    """From SINGLE_ALWAYS_MIN_ORDER on the start's traces are estimated: the same optimum as with the inverse's, in
-    as many evaluations, the estimate kept (no second scoring of the start)."""
+    """From SINGLE_ALWAYS_MIN_ORDER on the start's traces are estimated, and those of a later point as the last
+    inverse's plus the change: the same optimum as with the inverses, in as many evaluations, the estimates kept (no
+    point scored twice)."""
     import sparsemix.fit.scoring as scoring
 
     system = _ratings_system()
     start = system.relcov.start()
     monkeypatch.setattr(scoring, "SINGLE_ALWAYS_MIN_ORDER", 1)
     calls = _scored_calls(monkeypatch)
-    with system.threads():
+    with system.threads(), reused_buffers():  # (a fit's buffers, where an inverse is kept)
         estimated, _, count = fit_by_scoring(system, start, reml)
-        assert calls[0] and not any(calls[1:])
-        monkeypatch.setattr(system, "estimated_traces", lambda theta, probes: None)
+        inverses = calls.count("inverse")
+        monkeypatch.setattr(system, "estimated_traces", lambda theta, probes, corrected=False: None)
+        calls.clear()
         exact, _, count_exact = fit_by_scoring(system, start, reml)
     assert estimated is not None and exact is not None
+    assert calls.count("inverse") == len(calls) > inverses + 1  # the start's and a later point's kept
     np.testing.assert_allclose(estimated.theta, exact.theta, rtol=1e-7)
     assert estimated.deviance == pytest.approx(exact.deviance, rel=1e-13)
     assert count == count_exact
@@ -705,12 +711,36 @@ def test_an_estimate_too_rough_for_its_step_is_scored_again(monkeypatch):
     system = _ratings_system(seed=6)
     start = system.relcov.start()
     monkeypatch.setattr(scoring, "SINGLE_ALWAYS_MIN_ORDER", 1)
-    with system.threads():
+    with system.threads(), reused_buffers():  # (a fit's buffers, where an inverse is kept)
         monkeypatch.setattr(scoring, "ESTIMATE_MAX_SHARE", 0.0)
         calls = _scored_calls(monkeypatch)
         rescored, _, count = fit_by_scoring(system, start, True)
-        assert calls[:2] == [True, False]
-        monkeypatch.setattr(system, "estimated_traces", lambda theta, probes: None)
+        # every estimate (the start's and later ones) scored again with the inverse
+        estimates = [i for i, kind in enumerate(calls) if kind != "inverse"]
+        assert calls[0] == "random" and "corrected" in calls
+        assert all(calls[i + 1] == "inverse" for i in estimates)
+        monkeypatch.setattr(system, "estimated_traces", lambda theta, probes, corrected=False: None)
         exact, _, count_exact = fit_by_scoring(system, start, True)
     np.testing.assert_array_equal(rescored.theta, exact.theta)
     assert count == count_exact
+
+
+def test_traces_corrected_from_a_nearby_inverse_are_far_closer_than_the_signs_alone():
+    """Near the point of the last inverse, its traces plus the estimated change: within a few of their standard
+    errors of the exact traces, errors a small fraction of the plain estimate's; not offered once another inverse was
+    computed (its buffer reused) or outside the fit that computed it."""
+    system = _ratings_system()
+    near, far = np.array([0.5, 0.6]), np.array([0.5005, 0.5994])
+    with system.threads(), reused_buffers():  # (a fit's buffers, where an inverse is kept)
+        system.evaluate(near)
+        system.variance_traces(near, single=True)  # (kept)
+        system.evaluate(far)
+        corrected, errors = system.estimated_traces(far, 16, corrected=True)
+        _, plain_errors = system.estimated_traces(far, 16)
+        exact = system.variance_traces(far)
+        assert system.estimated_traces(far, 16, corrected=True)[0] is not None  # (its own inverse now)
+        factor_module.dense_inverse_lower(system._factor._LS)  # another inverse: the kept one is gone
+        assert system.estimated_traces(near, 16, corrected=True) is None
+    assert system.estimated_traces(near, 16, corrected=True) is None  # (the fit's buffers are gone)
+    assert np.all(np.abs(corrected - exact) <= 5 * errors + 1e-6 * np.abs(exact))
+    assert np.all(errors < plain_errors / 20)

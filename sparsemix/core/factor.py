@@ -18,6 +18,7 @@ symbolic bookkeeping; it is offered when q2 is small enough for a dense q2 x q2 
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import scipy.linalg as la
@@ -39,6 +40,7 @@ DENSE_W_MAX_ENTRIES = 20_000_000  # ... when it has at most this many entries (1
 PAIR_OPERATOR_MAX_ENTRIES = 60_000_000  # the precomputed Schur update map: 8-12 bytes each (under 600 MB)
 PAIR_CHUNK = 65_536  # pairs enumerated at a time while building it (see PairOperator.build)
 PROBE_SEED = 20261202  # the random signs of estimated_traces: fixed, so that a fit is the same in every process
+_INVERSES = [0]  # dense_inverse_lower's calls so far, in this process
 
 
 class CholmodFactor:
@@ -389,6 +391,7 @@ class SchurFactor:
         # pair product along with the update's.
         self._score_wanted = False
         self._score_products: np.ndarray | None = None
+        self._kept: tuple | None = None  # the last S^{-1} variance_traces computed, its call's number, diagonal sums
         self.unscaled_update: np.ndarray | None = None  # G H G' at the pair map's destinations, the last update's
         if update not in ("auto", "dense", "pairs", "kernel"):
             raise ValueError(f"unknown Schur update {update!r}: use auto, dense, pairs or kernel")
@@ -543,7 +546,8 @@ class SchurFactor:
             return None
         lam, lam_terms, sizes = scales
         self._score_wanted = True
-        inverse = self._inverse_lower(single)
+        work = fit_workspace()
+        inverse = self._inverse_lower(single, work)
         if inverse is None:
             return None
         trace = self._level_trace(inverse, lam, factors[0][0, 0])
@@ -551,17 +555,28 @@ class SchurFactor:
             return None
         first = float(np.sum(self._G11 / self._L11[:, 0, 0] ** 2) - trace)  # K11_l = L11_l^2
         ends = np.cumsum(sizes)
-        rest = (sizes - np.add.reduceat(np.diag(inverse).astype(float), ends - sizes)) / lam_terms**2
+        diagonal_sums = np.add.reduceat(np.diag(inverse).astype(float), ends - sizes)
+        # (what estimated_traces corrects at a point nearby: the inverse stays the fit's buffer, not held here)
+        self._kept = (weakref.ref(work), _INVERSES[0], inverse.dtype, diagonal_sums)
+        rest = (sizes - diagonal_sums) / lam_terms**2
         return np.concatenate([[first], rest])
 
-    def estimated_traces(self, factors, probes: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def estimated_traces(self, factors, probes: int, corrected: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """variance_traces estimated, with their standard errors, from `probes` random sign vectors z (Hutchinson:
         E[z'Az] = tr A, and E[z_i (Az)_i] = A_ii for the terms' diagonal sums): S^{-1} z by the factor's two
         triangular solves, G diag(h) G' z by two passes over G's entries, where the exact traces need S^{-1} whole
         (at order 16,000 a single-precision inverse and a pass over every pair of a level's entries). For the
-        compiled update's scalar first term only (None otherwise); the probes are the same in every fit."""
+        compiled update's scalar first term only (None otherwise); the probes are the same in every fit.
+
+        `corrected`: only as the exact traces with the last inverse variance_traces computed, A (kept, if no other
+        inverse was computed since), plus the estimated traces of S^{-1} - A: near that inverse's point their
+        errors shrink with the distance (the variance of z'Mz is 2 |M|_F^2 off the diagonal); None where no
+        inverse is kept."""
         scales = self._trace_scales(factors)
         if scales is None or self.update != "kernel":
+            return None
+        kept = self._kept_inverse() if corrected else None
+        if corrected and kept is None:
             return None
         lam, lam_terms, sizes = scales
         from .kernels import level_sandwich  # (imported with LevelBands already)
@@ -575,16 +590,38 @@ class SchurFactor:
         level_sandwich(
             self._level_of_entry, self._entry_rows, self._g[:, 0], self._trace_weights(), lam[:, None] * Z, WZ
         )
-        level_samples = np.einsum("ic,ic->c", X, lam[:, None] * WZ)  # z' S^{-1} Lambda_2 G diag(h) G' Lambda_2 z
+        WZ *= lam[:, None]
+        level_base: float | None = 0.0
+        diagonal_base = np.zeros(sizes.shape[0])
+        if kept is not None:
+            inverse, diagonal_base = kept
+            symm = blas.get_blas_funcs("symm", dtype=inverse.dtype)
+            # (the C-ordered lower inverse is the Fortran-ordered upper one)
+            X -= symm(1.0, inverse.T, Z.astype(inverse.dtype), lower=0)  # (S^{-1} - A) z
+            level_base = self._level_trace(inverse, lam, factors[0][0, 0])
+            if level_base is None:
+                return None
+        level_samples = np.einsum("ic,ic->c", X, WZ)  # z' (S^{-1} [- A]) Lambda_2 G diag(h) G' Lambda_2 z
         ends = np.cumsum(sizes)
         diagonal_samples = np.add.reduceat(Z * X, ends - sizes, axis=0)  # per term and probe
         samples = np.vstack(
             [
-                np.sum(self._G11 / self._L11[:, 0, 0] ** 2) - level_samples,
-                (sizes[:, None] - diagonal_samples) / lam_terms[:, None] ** 2,
+                np.sum(self._G11 / self._L11[:, 0, 0] ** 2) - level_base - level_samples,
+                (sizes[:, None] - diagonal_base[:, None] - diagonal_samples) / lam_terms[:, None] ** 2,
             ]
         )
         return samples.mean(axis=1), samples.std(axis=1, ddof=1) / math.sqrt(probes)
+
+    def _kept_inverse(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(the last inverse variance_traces computed, its terms' diagonal sums) while it is still in this fit's
+        buffer (no inverse computed since), else None."""
+        if self._kept is None:
+            return None
+        ref, serial, dtype, diagonal_sums = self._kept
+        work = ref()
+        if work is None or work is not fit_workspace() or serial != _INVERSES[0]:
+            return None
+        return work.array("inverse", (self.q2, self.q2), dtype, "F").T, diagonal_sums
 
     def _trace_scales(self, factors):
         """(Lambda_2's diagonal, each later term's scale, its number of columns) for the traces, or None where they
@@ -622,10 +659,10 @@ class SchurFactor:
         products = np.tril(scaled @ self._Wt.T)
         return 2.0 * float(np.vdot(inverse, products)) - float(np.dot(np.diag(inverse), np.diag(products)))
 
-    def _inverse_lower(self, single: bool = False) -> np.ndarray | None:
+    def _inverse_lower(self, single: bool = False, workspace: Workspace | None = None) -> np.ndarray | None:
         """The lower triangle of S^{-1} (C order; the upper holds what LAPACK left) at the last refactorization
-        (`single`: in single precision), or None where LAPACK fails."""
-        return dense_inverse_lower(self._LS, single)
+        (`single`: in single precision; in `workspace`'s buffer, default the fit's), or None where LAPACK fails."""
+        return dense_inverse_lower(self._LS, single, workspace)
 
     def schur_inverse(self) -> np.ndarray | None:
         """S^{-1} (q2 x q2, both triangles) at the last refactorization, or None where LAPACK fails."""
@@ -911,6 +948,7 @@ def dense_inverse_lower(L: np.ndarray, single: bool = False, workspace: Workspac
     n = L.shape[0]
     dtype = np.float32 if single else np.float64
     work = workspace or fit_workspace()
+    _INVERSES[0] += 1  # (an inverse kept from an earlier call is stale from here: SchurFactor._kept)
     inverse = work.array("inverse", (n, n), dtype, "F")  # upper triangle of the Fortran-ordered inverse
     if n <= DENSE_THREADS_MAX_ORDER:
         potri = lapack.get_lapack_funcs("potri", dtype=dtype)

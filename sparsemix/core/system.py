@@ -1015,13 +1015,14 @@ class PenalizedSystem:
             return None
         return self._factor.variance_traces(self._factor_at(theta), single)
 
-    def estimated_traces(self, theta, probes: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def estimated_traces(self, theta, probes: int, corrected: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """variance_traces estimated at theta, with their standard errors (SchurFactor.estimated_traces: where the
-        compiled update stands in for the pair map), or None where not offered."""
+        compiled update stands in for the pair map; `corrected`: as the last inverse's traces plus the estimated
+        change), or None where not offered."""
         estimate = getattr(self._factor, "estimated_traces", None)
         if not self.supports_scoring or estimate is None:
             return None
-        return estimate(self._factor_at(theta), probes)
+        return estimate(self._factor_at(theta), probes, corrected)
 
     def compiled_scoring(self, theta, reml: bool) -> tuple[np.ndarray, np.ndarray] | None:
         """(score, average information) of fit/scoring.py's point at theta for variance components held dense

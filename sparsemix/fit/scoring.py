@@ -75,13 +75,17 @@ SINGLE_MIN_STEP = 1e-5
 # 27-30 s against 15-16 s), and the last step, checked by its deviance, left theta within 5e-12 of the double
 # scoring's (a simulated ratings design of order 8,000). Below it the double point costs little (InstEval, 1,156).
 SINGLE_ALWAYS_MIN_ORDER = 4000
-# There the start's traces are estimated instead (SchurFactor.estimated_traces, this many random sign vectors: a few
-# seconds where the inverse and the pair-by-pair trace took ~25 s at order 16,000) where the estimate's error moves
-# the first step by at most ESTIMATE_MAX_SHARE of its length (at TRACE_ERROR_SIGMAS standard errors), a step that
-# leaves more than that anyway (the AI's steps leave 1-15% of themselves); otherwise the start is scored again with
-# the inverse. Near the optimum the estimate would not do: from 2e-4 of it its steps landed 1.5-5e-6 off, where the
-# inverse's land within 2e-8 (a simulated ratings design of order 8,000).
+# There the traces are estimated instead (SchurFactor.estimated_traces, this many random sign vectors) where the
+# estimate's error moves the step by at most ESTIMATE_MAX_SHARE of its length (at TRACE_ERROR_SIGMAS standard
+# errors; the AI's steps leave 1-15% of themselves anyway); otherwise the point is scored again with the inverse.
+# At the start, from the signs alone (a few seconds where the inverse and the pair-by-pair trace took ~25 s at order
+# 16,000), for a step of at least ESTIMATE_MIN_STEP: near the optimum they would not do (from 2e-4 of it their steps
+# landed 1.5-5e-6 off, the inverse's within 2e-8: a simulated ratings design of order 8,000). At the points after
+# it, as the last inverse's traces plus the estimated change since (no inverse of their own), which near that
+# inverse's point is as good as the inverse's: where the point before computed one and the step from it was shorter
+# than CORRECTED_MAX_STEP (further off, or from an inverse further back, the estimate is too rough to keep).
 TRACE_PROBES = 16
+CORRECTED_MAX_STEP = 0.03
 TRACE_ERROR_SIGMAS = 4.0
 ESTIMATE_MAX_SHARE = 0.01
 ESTIMATE_MIN_STEP = 1e-3
@@ -97,21 +101,24 @@ class ScoringPoint:
     score: np.ndarray  # d loglik / d psi
     information: np.ndarray  # the average information, (m + 1) x (m + 1)
     single: bool = False  # the score's traces in single precision
-    trace_errors: np.ndarray | None = None  # the traces' standard errors where they were estimated
+    trace_errors: np.ndarray | None = None  # the traces' standard errors where they were estimated ...
+    corrected: bool = False  # ... as the last inverse's plus the change since
 
 
 def scoring_point(
-    system, theta: np.ndarray, reml: bool, ev=None, single: bool = False, estimated: bool = False
+    system, theta: np.ndarray, reml: bool, ev=None, single: bool = False, estimated: str | None = None
 ) -> ScoringPoint | None:
     """The point at theta; `ev`: system.evaluate(theta), if that is already done (the factor is at theta);
     `single`: the traces from a single-precision inverse, for a point far from the optimum; `estimated`: the traces
-    estimated (system.estimated_traces) where that is offered, their errors kept in the point."""
+    estimated (system.estimated_traces) where that is offered, their errors kept in the point: "random" from the
+    random signs alone, "corrected" as the last inverse's traces plus the change."""
     theta = np.asarray(theta, dtype=float)
     single = single and system.single_precision_traces
     ev = system.evaluate(theta) if ev is None else ev
     if not ev.feasible or np.any(theta < SCORING_MIN_THETA):
         return None
-    estimate = system.estimated_traces(theta, TRACE_PROBES) if estimated else None
+    corrected = estimated == "corrected"
+    estimate = system.estimated_traces(theta, TRACE_PROBES, corrected) if estimated else None
     traces, errors = (None, None) if estimate is None else estimate
     found = system.compiled_scoring(theta, reml) if traces is None else None
     if found is None:
@@ -122,7 +129,8 @@ def scoring_point(
         return None
     sigma2 = ev.r2 / system.dof(reml)
     psi = sigma2 * np.concatenate([[1.0], theta**2])
-    return ScoringPoint(theta, system.profiled_deviance(ev, reml), psi, found[0], found[1], single, errors)
+    deviance = system.profiled_deviance(ev, reml)
+    return ScoringPoint(theta, deviance, psi, found[0], found[1], single, errors, corrected and errors is not None)
 
 
 def score_and_information(system, theta: np.ndarray, reml: bool, ev, single: bool = False, traces=None):
@@ -186,7 +194,7 @@ def fit_by_scoring(
     """
     t0 = time.perf_counter()
     always_single = system.relcov.after_first >= SINGLE_ALWAYS_MIN_ORDER
-    point = scoring_point(system, start, reml, single=True, estimated=always_single)
+    point = scoring_point(system, start, reml, single=True, estimated="random" if always_single else None)
     count = 1
     if point is None:
         return None, np.asarray(start, dtype=float), count
@@ -241,7 +249,9 @@ def fit_by_scoring(
             if system.profiled_deviance(ev, reml) <= point.deviance + 1e-12 * abs(point.deviance):
                 taken = _theta_change(log_step)
                 single = always_single or taken >= SINGLE_AFTER_STEP
-                accepted = scoring_point(system, theta, reml, ev, single=single)
+                nearby = point.trace_errors is None and taken < CORRECTED_MAX_STEP  # (point's inverse is kept)
+                estimated = "corrected" if always_single and nearby else None
+                accepted = scoring_point(system, theta, reml, ev, single=single, estimated=estimated)
                 break
             log_step, full_step = log_step / 2, False
         if accepted is None:
@@ -262,7 +272,7 @@ def _estimate_holds(point: ScoringPoint, newton: np.ndarray, length: float) -> b
     step of `length` (Newton matrix `newton` in log psi) by at most ESTIMATE_MAX_SHARE of it. The score is linear in
     the traces (score_and_information): d score_0 / d trace_j = theta_j^2 / (2 sigma^2), d score_j / d trace_j =
     -1 / (2 sigma^2); the step in log psi is newton^{-1} D score and theta_j moves by (step_j - step_0) / 2."""
-    if length < ESTIMATE_MIN_STEP:
+    if length < ESTIMATE_MIN_STEP and not point.corrected:
         return False
     psi = point.psi
     m = psi.shape[0] - 1
