@@ -544,7 +544,7 @@ class SchurFactor:
         scales = self._trace_scales(factors)
         if scales is None:
             return None
-        lam, lam_terms, sizes = scales
+        lam, lam_terms, sizes, starts = scales
         self._score_wanted = True
         work = fit_workspace()
         inverse = self._inverse_lower(single, work)
@@ -553,9 +553,8 @@ class SchurFactor:
         trace = self._level_trace(inverse, lam, factors[0][0, 0])
         if trace is None:
             return None
-        first = float(np.sum(self._G11 / self._L11[:, 0, 0] ** 2) - trace)  # K11_l = L11_l^2
-        ends = np.cumsum(sizes)
-        diagonal_sums = np.add.reduceat(np.diag(inverse).astype(float), ends - sizes)
+        first = self._first_trace_base() - trace
+        diagonal_sums = np.add.reduceat(np.diag(inverse).astype(float), starts)
         # (what estimated_traces corrects at a point nearby: the inverse stays the fit's buffer, not held here)
         self._kept = (weakref.ref(work), _INVERSES[0], inverse.dtype, diagonal_sums)
         rest = (sizes - diagonal_sums) / lam_terms**2
@@ -578,7 +577,7 @@ class SchurFactor:
         kept = self._kept_inverse() if corrected else None
         if corrected and kept is None:
             return None
-        lam, lam_terms, sizes = scales
+        lam, lam_terms, sizes, starts = scales
         from .kernels import level_sandwich  # (imported with LevelBands already)
 
         Z = np.where(np.random.default_rng(PROBE_SEED).random((self.q2, probes)) < 0.5, -1.0, 1.0)
@@ -591,22 +590,22 @@ class SchurFactor:
             self._level_of_entry, self._entry_rows, self._g[:, 0], self._trace_weights(), lam[:, None] * Z, WZ
         )
         WZ *= lam[:, None]
-        level_base: float | None = 0.0
+        first_base = self._first_trace_base()  # (less tr(A W) where corrected)
         diagonal_base = np.zeros(sizes.shape[0])
         if kept is not None:
             inverse, diagonal_base = kept
             symm = blas.get_blas_funcs("symm", dtype=inverse.dtype)
             # (the C-ordered lower inverse is the Fortran-ordered upper one)
             X -= symm(1.0, inverse.T, Z.astype(inverse.dtype), lower=0)  # (S^{-1} - A) z
-            level_base = self._level_trace(inverse, lam, factors[0][0, 0])
-            if level_base is None:
+            kept_trace = self._level_trace(inverse, lam, factors[0][0, 0])
+            if kept_trace is None:
                 return None
+            first_base -= kept_trace
         level_samples = np.einsum("ic,ic->c", X, WZ)  # z' (S^{-1} [- A]) Lambda_2 G diag(h) G' Lambda_2 z
-        ends = np.cumsum(sizes)
-        diagonal_samples = np.add.reduceat(Z * X, ends - sizes, axis=0)  # per term and probe
+        diagonal_samples = np.add.reduceat(Z * X, starts, axis=0)  # per term and probe
         samples = np.vstack(
             [
-                np.sum(self._G11 / self._L11[:, 0, 0] ** 2) - level_base - level_samples,
+                first_base - level_samples,
                 (sizes[:, None] - diagonal_base[:, None] - diagonal_samples) / lam_terms[:, None] ** 2,
             ]
         )
@@ -623,9 +622,14 @@ class SchurFactor:
             return None
         return work.array("inverse", (self.q2, self.q2), dtype, "F").T, diagonal_sums
 
+    def _first_trace_base(self) -> float:
+        """sum_l G_ll / K11_l (K11_l = L11_l^2): the first term's trace before the Schur complement's share."""
+        return float(np.sum(self._G11 / self._L11[:, 0, 0] ** 2))
+
     def _trace_scales(self, factors):
-        """(Lambda_2's diagonal, each later term's scale, its number of columns) for the traces, or None where they
-        do not apply: a term that is not scalar, or a zero scale after the first term (the traces divide by it)."""
+        """(Lambda_2's diagonal, each later term's scale, its number of columns, its first column in S) for the
+        traces, or None where they do not apply: a term that is not scalar, or a zero scale after the first term
+        (the traces divide by it)."""
         if self.k1 != 1 or any(T.shape != (1, 1) for T in factors):
             return None
         lam_terms = np.array([T[0, 0] for T in factors[1:]])
@@ -633,7 +637,8 @@ class SchurFactor:
             return None
         lam = self.rest_scales(factors)
         assert lam is not None  # (every term scalar: checked above)
-        return lam, lam_terms, np.array([n for n, _ in self._rest.blocks])
+        sizes = np.array([n for n, _ in self._rest.blocks])
+        return lam, lam_terms, sizes, np.cumsum(sizes) - sizes
 
     def _trace_weights(self) -> np.ndarray:
         """h_l = 1 / K11_l^2 (K11_l = L11_l^2) for a scalar first term: the level weights of the first term's
