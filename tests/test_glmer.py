@@ -540,8 +540,12 @@ def test_pirls_from_predicted_modes_reaches_the_same_mode_in_fewer_iterations():
 def test_many_parameters_take_secant_steps_between_hessians_to_the_same_optimum(monkeypatch):
     """With 10 or more of (theta, beta) the Newton steps between two difference Hessians reuse the last one, BFGS-
     updated from new gradients (fit/many.CHORD_MIN_PARAMETERS): the same optimum and standard errors (the settling
-    step computes its own Hessian), in fewer evaluations than a Hessian at every step."""
+    step computes its own Hessian), in fewer evaluations than a Hessian at every step. (Differences of the objective
+    only: with its exact gradient, core/glmm.GRADIENT_MAX_Q, every fit takes such steps.)"""
+    import sparsemix.core.glmm as glmm
     import sparsemix.fit.many as many
+
+    monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 0)
 
     rng = np.random.default_rng(7)
     n, levels, p = 3000, 150, 10
@@ -585,3 +589,67 @@ def test_nested_terms_hold_the_first_by_rest_block_sparse_with_the_dense_blocks_
     np.testing.assert_allclose(sparse.fe_params, dense.fe_params, rtol=1e-8)
     np.testing.assert_allclose(sparse.bse_fe, dense.bse_fe, rtol=1e-6)
     np.testing.assert_allclose(sparse.theta, dense.theta, rtol=1e-7)
+
+
+GRADIENT_MODELS = [
+    ("cbpp", "cbind(incidence, size - incidence) ~ period + (1 | herd)", "binomial"),  # trials as prior weights
+    ("correlated", "y ~ x + (1 + x | g)", "binomial"),  # a 2 x 2 template: an off-diagonal theta
+    ("crossed_counts", "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)", "poisson"),  # crossed, an offset
+    ("Contraception", "use01 ~ age + I(age^2) + urban + livch + (1 | district)", "binomial"),
+]
+
+
+@pytest.mark.parametrize("key, formula, family", GRADIENT_MODELS, ids=[m[0] for m in GRADIENT_MODELS])
+def test_the_laplace_objectives_gradient_is_its_central_differences(key, formula, family):
+    """core/glmm.LaplaceSystem.objective_gradient against central differences of the objective, away from the
+    optimum (steps of 1e-3: PIRLS's own tolerance leaves the objective ~1e-9 off, too much for finer ones)."""
+    fit = sm.glmer(formula, pd.DataFrame(FIXTURES[key]["data"]), family=family).fit_result
+    system = fit.system
+    assert system.gradient_applies
+    theta, beta = fit.theta * 1.1 + 0.05, fit.beta + 0.05
+    x, m = np.concatenate([theta, beta]), theta.size
+    value, gradient = system.objective_gradient(theta, beta)
+    assert value == pytest.approx(system.objective(theta, beta), rel=1e-12)
+    h = 1e-3
+    differences = []
+    for i in range(x.size):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        differences.append((system.objective(up[:m], up[m:]) - system.objective(down[:m], down[m:])) / (2 * h))
+    np.testing.assert_allclose(gradient, differences, rtol=2e-5, atol=1e-4 * np.max(np.abs(differences)))
+    assert np.max(np.abs(gradient)) > 1.0  # (away from the optimum: a gradient worth comparing)
+
+
+@pytest.mark.parametrize("key, formula, family", GRADIENT_MODELS, ids=[m[0] for m in GRADIENT_MODELS])
+def test_newton_steps_on_the_exact_gradient_reach_the_difference_steps_optimum(key, formula, family, monkeypatch):
+    """The nAGQ = 1 Newton steps with Hessians from the exact gradient's differences (and secant steps between them)
+    end where those on the objective's differences end, with the same standard errors, in fewer evaluations."""
+    import sparsemix.core.glmm as glmm
+
+    data = pd.DataFrame(FIXTURES[key]["data"])
+    exact = sm.glmer(formula, data, family=family)
+    monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 0)
+    differences = sm.glmer(formula, data, family=family)
+    assert not differences.fit_result.system.gradient_applies
+    assert exact.llf == pytest.approx(differences.llf, rel=1e-11)
+    assert exact.llf >= differences.llf - 1e-9
+    np.testing.assert_allclose(exact.fe_params, differences.fe_params, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(exact.bse_fe, differences.bse_fe, rtol=1e-4)
+    assert exact.n_evaluations < differences.n_evaluations
+
+
+def test_the_exact_gradient_is_offered_only_where_it_is_exact_and_cheap(monkeypatch):
+    """A non-canonical link (PIRLS's Fisher weights are not the Hessian the gradient needs), the negative binomial,
+    and more random-effect columns than GRADIENT_MAX_Q take the objective's differences."""
+    import sparsemix.core.glmm as glmm
+
+    data = pd.DataFrame(FIXTURES["cbpp"]["data"])
+    formula = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
+    assert sm.glmer(formula, data, family="binomial").fit_result.system.gradient_applies
+    probit = sm.glmer(formula, data, family=sm.families.Binomial(link="probit")).fit_result.system
+    assert not probit.gradient_applies
+    value, gradient = probit.objective_gradient(np.array([0.5]), np.zeros(4))
+    assert np.isfinite(value) and gradient is None
+    monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 14)  # cbpp has 15 herds
+    assert not sm.glmer(formula, data, family="binomial").fit_result.system.gradient_applies

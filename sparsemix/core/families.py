@@ -95,6 +95,10 @@ class Family:
     def variance(self, mu):
         raise NotImplementedError
 
+    def variance_slope(self, mu):
+        """dV/dmu, where the family gives it (the Laplace objective's exact gradient, core/glmm.py); None otherwise."""
+        return None
+
     def dev_resid(self, y, mu, prior_weights):
         raise NotImplementedError
 
@@ -169,6 +173,9 @@ class Binomial(Family):
     def variance(self, mu):
         return np.maximum(mu * (1 - mu), _EPS)
 
+    def variance_slope(self, mu):
+        return 1.0 - 2.0 * mu
+
     def dev_resid(self, y, mu, prior_weights):
         """2 w (y log(y/mu) + (1-y) log((1-y)/(1-mu)))."""
         return 2 * prior_weights * (special.xlogy(y, y / mu) + special.xlogy(1 - y, (1 - y) / (1 - mu)))
@@ -230,6 +237,9 @@ class Poisson(Family):
 
     def variance(self, mu):
         return mu
+
+    def variance_slope(self, mu):
+        return np.ones_like(mu)
 
     def dev_resid(self, y, mu, prior_weights):
         return 2 * prior_weights * (special.xlogy(y, y / mu) - (y - mu))

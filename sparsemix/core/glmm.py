@@ -14,11 +14,22 @@ Laplace approximation to -2 log L is then
 (lme4's objective, with the family's constants in p(y | u)). The pattern of Lambda' Z' W Z Lambda does not
 depend on W or theta, so CHOLMOD analyses it once and refactors in place. `joint=True` (nAGQ = 0) moves beta
 inside PIRLS too: the same steps on (u, beta), beta unpenalized.
+
+With the canonical link the objective's gradient in (theta, beta) is exact and cheap where Lambda'Z' fits dense. With
+A = Z Lambda, M = A'WA + I, e = w_prior (y - mu) (so that the mode solves u = A'e and de/deta = -W), h_i the
+leverage a_i M^{-1} a_i', s_i = h_i dW_ii/deta_i (d log|M| / d eta_i), v = M^{-1} A's and c = s - 2e - W A v, the
+envelope theorem for the penalized deviance and the mode's implicit derivative du = M^{-1} d(Lambda'Z'e) give
+
+    d/dbeta    = X'c
+    d/dtheta_k = c' Z E_k u + v' E_k' Z'e + 2 tr(M^{-1} A'W Z E_k),      E_k = dLambda / dtheta_k
+
+(the trace a sum over Z's entries of w_i z M^{-1}A' read at E_k's positions).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +84,9 @@ SPARSE_BLOCK_MAX_FILL = 0.05
 # W'W's compiled update takes the free cores' threads from this order of the rest on (1,000,000 rows, 2,000 items:
 # 0.12 s in one thread, 0.08 s in two)
 GRAM_THREADS_MIN_ORDER = 1_000
+# The Laplace objective's exact gradient (LaplaceSystem.objective_gradient) takes M^{-1} dense (q^3 / 3 flops and
+# q^2 entries): up to this many random-effect columns, where it costs less than the objective's differences it saves.
+GRADIENT_MAX_Q = 200
 # The last modes kept for predicting the next start (ModePredictor): at most this many, and this many bytes.
 PREDICTOR_MAX_POINTS = 256
 PREDICTOR_MAX_BYTES = 256 * 2**20
@@ -331,13 +345,14 @@ class ModePredictor:
         far = distance.max()
         scale = (distance / far) ** 2
         B = np.vstack([np.ones(kept), P.T / far]) / scale
-        rhs = np.zeros(B.shape[0])
+        rhs = np.zeros(max(B.shape))
         rhs[0] = 1.0
-        Q, R = np.linalg.qr(B.T)  # b = Q R^{-T} e_1 (the normal equations would square B's condition)
-        try:
-            a = (Q @ np.linalg.solve(R.T, rhs)) / scale
-        except np.linalg.LinAlgError:  # the points span no affine space that holds x
+        # LAPACK's least-norm solution by B's LQ factorization (the normal equations would square B's condition;
+        # numpy's qr and solve cost 5x this call in their wrappers)
+        _, b, info = la.lapack.dgels(B, rhs)
+        if info != 0:  # the points span no affine space that holds x
             return None
+        a = b[:kept] / scale
         if not np.all(np.isfinite(a)) or abs(a.sum() - 1.0) > 1e-8 or np.abs(a @ P).max() > 1e-8 * distance.max():
             return None
         return a @ self.states[:kept]
@@ -540,6 +555,83 @@ class LaplaceSystem:
             predictor.record(key, np.concatenate([u, beta]) if joint else u)
         objective = -2.0 * self._loglik_constant + pdev + logdet
         return PirlsResult(u, beta, eta, mu, objective, pdev, logdet, converged, iterations)
+
+    @property
+    def gradient_applies(self) -> bool:
+        """Whether objective_gradient gives the exact gradient: the canonical link of a family that gives V'(mu),
+        and at most GRADIENT_MAX_Q random-effect columns."""
+        return (
+            self.family.canonical
+            and self.family.variance_slope(np.full(1, 0.5)) is not None
+            and self.q <= GRADIENT_MAX_Q
+        )
+
+    @functools.cached_property
+    def _entry_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every ordered pair of Z's entries in one row (each entry with itself too): (row, column, column, z z)."""
+        coo = self.Z.tocoo()
+        order = np.argsort(coo.row, kind="stable")
+        rows, cols, vals = coo.row[order], coo.col[order], coo.data[order]
+        slots = _row_slots(rows, self.n)
+        i, first, second = _row_pairs(slots, slots)
+        return i, cols[first], cols[second], vals[first] * vals[second]
+
+    @functools.cached_property
+    def _gradient_entries(self) -> list:
+        """Per theta entry (template position (r, c) of its term): the term's columns (l, r) and (l, c) over its
+        levels l, and the pairs of Z's entries in one row whose first is in a column (l, r), as (row, the second's
+        column, the column (l, c) of the first's level, z z)."""
+        rows, first, second, zz = self._entry_pairs
+        entries = []
+        for (n_levels, template), sl in zip(self.relcov.blocks, self.relcov.column_slices):
+            k = template.k
+            inside = (first >= sl.start) & (first < sl.stop)
+            level, a = np.divmod(first - sl.start, k)
+            base = sl.start + np.arange(n_levels) * k
+            for r, c in template.positions:
+                mine = inside & (a == r)
+                entries.append((base + r, base + c, rows[mine], second[mine], sl.start + level[mine] * k + c, zz[mine]))
+        return entries
+
+    def objective_gradient(self, theta: np.ndarray, beta: np.ndarray) -> tuple[float, np.ndarray | None]:
+        """The Laplace objective (nAGQ = 1) at (theta, beta) and its exact gradient in (theta, beta) (the module
+        docstring), the gradient None where it does not apply (gradient_applies) or PIRLS found no finite mode.
+        M is formed dense from the pairs of Z's entries in each row, which also give the leverages and traces."""
+        r = self.mode_or_none(theta, beta)
+        if r is None:
+            return np.inf, None
+        if not self.gradient_applies:
+            return r.objective, None
+        theta = np.asarray(theta, dtype=float)
+        q = self.q
+        factors = self.relcov.factors(theta)
+        rows, first, second, zz = self._entry_pairs
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            mu, dmu, w = self._weights(r.eta)
+            e = self.prior_weights * (self.y - mu)
+            slope = self.prior_weights * self.family.variance_slope(mu) * dmu  # dW/deta (canonical: dmu/deta = V)
+            ZtWZ = np.bincount(first * q + second, weights=w[rows] * zz, minlength=q * q).reshape(q, q)
+            M = self.relcov.apply_transpose(factors, self.relcov.apply_transpose(factors, ZtWZ).T)
+            M[np.arange(q), np.arange(q)] += 1.0
+            L, info = la.lapack.dpotrf(M, lower=1, clean=0)
+            if info == 0:
+                inverse, info = la.lapack.dpotri(L, lower=1)
+            if info != 0:
+                return r.objective, None
+            inverse = np.tril(inverse) + np.tril(inverse, -1).T  # M^{-1}
+            lambda_inverse = self.relcov.apply(factors, inverse)  # Lambda M^{-1}
+            B = self.relcov.apply(factors, lambda_inverse.T)  # Lambda M^{-1} Lambda'
+            leverage = np.bincount(rows, weights=zz * B[first, second], minlength=self.n)  # a_i M^{-1} a_i'
+            s = leverage * slope
+            v = inverse @ self.relcov.apply_transpose(factors, self.Zt @ s)
+            c = s - 2.0 * e - w * (self.Z @ self.relcov.apply(factors, v))
+            zc, ze = self.Zt @ c, self.Zt @ e
+            out = np.empty(theta.size + self.p)
+            for i, (at_r, at_c, pair_rows, pair_second, at_level_c, pair_zz) in enumerate(self._gradient_entries):
+                trace = np.dot(w[pair_rows] * pair_zz, lambda_inverse[pair_second, at_level_c])
+                out[i] = zc[at_r] @ r.u[at_c] + v[at_c] @ ze[at_r] + 2.0 * trace
+            out[theta.size :] = self.X.T @ c
+        return r.objective, (out if np.all(np.isfinite(out)) else None)
 
     def conditional_covariance(self, theta: np.ndarray, mode: PirlsResult, columns: np.ndarray) -> np.ndarray:
         """Var(b | y) at the mode by the Laplace approximation, Lambda (L L')^{-1} Lambda' (lme4's condVar), on

@@ -117,7 +117,10 @@ def fit_glmm(system: LaplaceSystem, nAGQ: int = 1, maxiter: int = 10_000) -> Glm
         objective = lambda x: system.objective(x[:m], x[m:], nAGQ)  # noqa: E731
         # Newton steps from the nAGQ = 0 fit, which lies close; BOBYQA where they do not settle
         probes = lambda x: [(np.r_[a, x[m:]], np.r_[b, x[m:]]) for a, b in relcov.boundary_probes(x[:m])]  # noqa: E731
-        found = minimize_one(objective, start, lower, probes, se_step=HESSIAN_SE_STEP)
+        exact = None
+        if nAGQ == 1 and system.gradient_applies:
+            exact = lambda x: system.objective_gradient(x[:m], x[m:])  # noqa: E731
+        found = minimize_one(objective, start, lower, probes, se_step=HESSIAN_SE_STEP, value_and_gradient=exact)
         hessian = None
         used = stage0.n_evaluations + found.n_evaluations
         if found.settled[0]:

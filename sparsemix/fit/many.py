@@ -147,6 +147,7 @@ def minimize_many(
     se_step: float | None = None,
     near_singular=None,
     chord: bool = False,
+    gradient=None,
 ) -> ManyMinimum:
     """Minimise every response's deviance from `start` (working theta, one row per response or one for all).
 
@@ -159,7 +160,9 @@ def minimize_many(
     the last Hessian, 2 H^{-1}): the last Hessian then gives standard errors to its truncation error, se_step
     relative (see glmm_fit.HESSIAN_SE_STEP), however the parameters are scaled. `near_singular` (R x m points ->
     bools; relcov.near_singular): which end points can have probes at all, the others' release check skipped.
-    `chord`: steps between two Hessians with the last one (_newton)."""
+    `chord`: steps between two Hessians with the last one (_newton). `gradient` (one response: points -> values,
+    gradients, NaN where there is none): each Hessian from central differences of exact gradients, 2m evaluations
+    where the deviance's differences take m(m + 3)/2."""
     R, m = many.R, lower.size
     on_diagonal = np.isfinite(lower)
     # a zero variance in the start (a singular first fit) would hold every response there (the deviance is even in
@@ -180,7 +183,7 @@ def minimize_many(
     steps = np.full((R, m), np.nan)
     for round_ in range(RELEASE_MAX_ROUNDS + 1):
         rows = np.flatnonzero(active)
-        _newton(deviance, x, f, active, settled, held, lower, on_diagonal, (hessians, steps), se_step, chord)
+        _newton(deviance, x, f, active, settled, held, lower, on_diagonal, (hessians, steps), se_step, chord, gradient)
         if boundary_probes is None:
             break
         # the settled, and those stuck with a zero variance held (its column's sign may be the wrong one to go on)
@@ -198,15 +201,17 @@ def minimize_many(
     return ManyMinimum(x, f, settled, evaluations[0], hessians, steps)
 
 
-def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_step=None, chord=False) -> None:
+def _newton(
+    deviance, x, f, active, settled, held, lower, on_diagonal, last, se_step=None, chord=False, gradient=None
+) -> None:
     """Newton steps on the `active` responses until each settles or fails (x, f, active, settled, held and `last`,
     their last difference Hessians and its steps, updated in place); `se_step` as minimize_many's; `chord`: steps
     after one that moved the parameters reuse its Hessian where there are CHORD_MIN_PARAMETERS of them or more (one
-    response: every row takes the same kind of step)."""
+    response: every row takes the same kind of step); `gradient` as minimize_many's."""
     m = lower.size
     hessians, steps = last
     held_for = np.zeros(x.shape[0], dtype=int)  # iterations with an entry held, per response
-    chord = chord and m >= CHORD_MIN_PARAMETERS
+    chord = chord and (m >= CHORD_MIN_PARAMETERS or gradient is not None)
     chords = 0  # chord steps in a row (0: the next step computes its Hessian)
     model = np.eye(m)  # the chord steps' Hessian (the last difference Hessian, BFGS-updated since)
     previous = (x[0], np.zeros(m))  # the last step's start and gradient there (set before any chord step)
@@ -221,18 +226,23 @@ def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_
         reuse = chords > 0
         if reuse:  # the gradient at the new point, the Hessian of the last full step (and its difference steps)
             h = steps[idx]
-        points = _difference_points(xa, h, gradient_only=reuse)
-        values = deviance(points.reshape(-1, m), np.repeat(idx, points.shape[1])).reshape(idx.size, -1)
+        if gradient is not None:
+            values, g, H = _gradient_differences(gradient, xa, h, reuse)
+        else:
+            points = _difference_points(xa, h, gradient_only=reuse)
+            values = deviance(points.reshape(-1, m), np.repeat(idx, points.shape[1])).reshape(idx.size, -1)
+            if reuse:
+                g = (values[:, :m] - values[:, m:]) / (2 * h)
+            else:
+                g, H = _gradient_hessian(fa, values, h)
         if reuse:
-            g = (values[:, :m] - values[:, m:]) / (2 * h)
             # the last Hessian mapped to the gradient's change over the step since (BFGS), one row (chord: R = 1)
             model = secant_update(model, xa[0] - previous[0], g[0] - previous[1])
             H = model[None].copy()
         else:
-            g, H = _gradient_hessian(fa, values, h)
             hessians[idx], steps[idx] = H, h
             model = H[0].copy()
-        ok = np.isfinite(values).all(axis=1) & np.isfinite(H).all(axis=(1, 2))
+        ok = np.isfinite(values).all(axis=1) & np.isfinite(g).all(axis=1) & np.isfinite(H).all(axis=(1, 2))
         H[~ok] = np.eye(m)
         # held entries: no gradient, identity curvature (so they do not move)
         g[hold] = 0.0
@@ -243,6 +253,7 @@ def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_
         floor = EIGEN_FLOOR * np.abs(eigenvalues).max(axis=1, keepdims=True)
         magnitudes = np.maximum(np.abs(eigenvalues), np.maximum(floor, 1e-300))
         step = -np.einsum("rij,rj->ri", vectors, np.einsum("rji,rj->ri", vectors, g) / magnitudes)
+        step[hold] = 0.0  # (not -1e-20 from the eigenvectors' rounding: the room below would be 0, and the step too)
         # at most BOUNDARY_FRACTION of the way to a bound: a long first step can cross one that the optimum is far
         # from, and on a zero variance the deviance's slope is zero (even in that entry): nothing would bring it back
         room = np.where(on_diagonal & (step < 0), (xa - lower) / np.maximum(-step, 1e-300), np.inf)
@@ -265,6 +276,19 @@ def _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_
         failed = ~accepted & (not reuse)  # (a chord step that found no descent is taken again with a new Hessian)
         active[idx[done | failed | (held_for[idx] > HELD_MAX_ITERATIONS)]] = False
     active[:] = False
+
+
+def _gradient_differences(gradient, xa, h, gradient_only):
+    """One response's (values, g, H) from exact gradients: at xa, and unless `gradient_only` at xa +- h_i e_i, the
+    Hessian their central differences, symmetrized (values: every point's, for the finiteness check)."""
+    m = xa.shape[1]
+    points = xa if gradient_only else np.concatenate([xa, _difference_points(xa, h, gradient_only=True)[0]])
+    values, grads = gradient(points)
+    g = grads[:1].copy()
+    if gradient_only:
+        return values[None], g, np.full((1, m, m), np.nan)
+    H = (grads[1 : m + 1] - grads[m + 1 :]) / (2.0 * h[0][:, None])
+    return values[None], g, ((H + H.T) / 2.0)[None]
 
 
 def _line_search(deviance, idx, xa, fa, step, slope, lower, ok):
@@ -417,12 +441,30 @@ class _OneFunction:
         self.count += points.shape[0]
         return np.array([self.f(point) for point in points])
 
+    def gradients(self, points, value_and_gradient):
+        """(values, gradients) of value_and_gradient(x) -> (value, gradient or None) at each point (NaN: none)."""
+        self.count += points.shape[0]
+        values, grads = np.empty(points.shape[0]), np.full(points.shape, np.nan)
+        for i, point in enumerate(points):
+            values[i], g = value_and_gradient(point)
+            if g is not None:
+                grads[i] = g
+        return values, grads
 
-def minimize_one(f, start: np.ndarray, lower: np.ndarray, boundary_probes=None, se_step=None) -> ManyMinimum:
+
+def minimize_one(
+    f, start: np.ndarray, lower: np.ndarray, boundary_probes=None, se_step=None, value_and_gradient=None
+) -> ManyMinimum:
     """minimize_many's Newton steps (central differences, zero variances held at their bound, the release check)
     on one smooth objective f(x) of a few parameters, from a start near its minimum (glmer's (theta, beta) from
-    the nAGQ = 0 fit: 181 evaluations where BOBYQA and its polish took 264)."""
+    the nAGQ = 0 fit: 181 evaluations where BOBYQA and its polish took 264). `value_and_gradient` (x -> f(x) and
+    its exact gradient, or None where it has none): each Hessian from the gradients' central differences."""
     one = _OneFunction(f)
-    found = minimize_many(one, np.asarray(start, dtype=float), lower, True, boundary_probes, se_step, chord=True)
+    gradient = None
+    if value_and_gradient is not None:
+        gradient = lambda points: one.gradients(points, value_and_gradient)  # noqa: E731
+    found = minimize_many(
+        one, np.asarray(start, dtype=float), lower, True, boundary_probes, se_step, chord=True, gradient=gradient
+    )
     found.n_evaluations = one.count
     return found
