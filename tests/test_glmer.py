@@ -653,3 +653,24 @@ def test_the_exact_gradient_is_offered_only_where_it_is_exact_and_cheap(monkeypa
     assert np.isfinite(value) and gradient is None
     monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 14)  # cbpp has 15 herds
     assert not sm.glmer(formula, data, family="binomial").fit_result.system.gradient_applies
+
+
+@pytest.mark.parametrize("key, formula, family", GRADIENT_MODELS[:3], ids=[m[0] for m in GRADIENT_MODELS[:3]])
+def test_small_systems_held_dense_give_the_block_factors_fit(key, formula, family, monkeypatch):
+    """A small system's Z Lambda held dense and M factored by LAPACK (core/glmm._DenseZLambda, where q^2 n is at most
+    DENSE_FACTOR_MAX_WORK) fits as the block factor and sparse products do."""
+    import sparsemix.core.glmm as glmm
+
+    data = pd.DataFrame(FIXTURES[key]["data"])
+    monkeypatch.setattr(glmm, "DENSE_FACTOR_MAX_WORK", 10**12)
+    monkeypatch.setattr(glmm, "DENSE_PRODUCTS_MAX_ENTRIES", 10**12)
+    dense = sm.glmer(formula, data, family=family)
+    assert dense.fit_result.system._dense and dense.fit_result.system._block is None
+    monkeypatch.setattr(glmm, "DENSE_FACTOR_MAX_WORK", 0)
+    monkeypatch.setattr(glmm, "DENSE_PRODUCTS_MAX_ENTRIES", 0)
+    block = sm.glmer(formula, data, family=family)
+    assert not block.fit_result.system._dense and block.fit_result.system._block is not None
+    assert dense.llf == pytest.approx(block.llf, rel=1e-12)
+    np.testing.assert_allclose(dense.fe_params, block.fe_params, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(dense.bse_fe, block.bse_fe, rtol=1e-5)
+    np.testing.assert_allclose(dense.fit_result.b, block.fit_result.b, rtol=1e-6, atol=1e-9)

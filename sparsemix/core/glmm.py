@@ -84,6 +84,12 @@ SPARSE_BLOCK_MAX_FILL = 0.05
 # W'W's compiled update takes the free cores' threads from this order of the rest on (1,000,000 rows, 2,000 items:
 # 0.12 s in one thread, 0.08 s in two)
 GRAM_THREADS_MIN_ORDER = 1_000
+# Z, Z' and the block factor's weighted sums are applied as dense arrays up to this many entries (a dense product of
+# 50,000 entries costs about a scipy sparse product's fixed cost of each call)
+DENSE_PRODUCTS_MAX_ENTRIES = 50_000
+# ... and Lambda'Z'WZ Lambda + I formed and factored dense where that takes at most this many flops (q^2 n): beyond,
+# the block factor's level-by-level elimination costs less
+DENSE_FACTOR_MAX_WORK = 100_000
 # The Laplace objective's exact gradient (LaplaceSystem.objective_gradient) takes M^{-1} dense (q^3 / 3 flops and
 # q^2 entries): up to this many random-effect columns, where it costs less than the objective's differences it saves.
 GRADIENT_MAX_Q = 200
@@ -177,7 +183,7 @@ class BlockFactor:
     @staticmethod
     def _sum(parts, w, size):
         """sum over the terms (row, index, value) of w[row] * value, by index: `parts` as _sum_operator made it."""
-        if sp.issparse(parts):
+        if not isinstance(parts, tuple):  # a sparse or dense operator (_sum_operator)
             return parts @ w
         rows, idx, val = parts
         # (float even where there is nothing to sum: numpy's bincount of no entries is an integer array)
@@ -278,7 +284,8 @@ def _sum_operator(parts, size: int, n_rows: int):
     rows, idx, val = parts
     if size > 8 * rows.size + 1_000_000:
         return parts
-    return sp.csr_matrix((val, (idx, rows)), shape=(size, n_rows))
+    operator = sp.csr_matrix((val, (idx, rows)), shape=(size, n_rows))
+    return operator.toarray() if size * n_rows <= DENSE_PRODUCTS_MAX_ENTRIES else operator
 
 
 def _lower_cholesky(S: np.ndarray) -> np.ndarray:
@@ -384,8 +391,17 @@ class LaplaceSystem:
         self._kernel_terms = family.kernel_terms(self.y, self.prior_weights)
         self.Z = sp.csc_matrix(Z)
         self.Zt = sp.csr_matrix(self.Z.T)  # once: scipy builds a new transpose object per .T (16% of cbpp's fit)
-        self._block = BlockFactor(self.Z, relcov) if BlockFactor.applicable(self.Z, relcov) else None
-        if self._block is None:
+        # PIRLS's products with Z and Z': dense arrays where they are small (numpy's product a tenth of scipy's call)
+        small = self.n * self.q <= DENSE_PRODUCTS_MAX_ENTRIES
+        self.Z_products = self.Z.toarray() if small else self.Z
+        self.Zt_products = np.ascontiguousarray(self.Z_products.T) if small else self.Zt
+        # Z Lambda dense and Lambda'Z'WZ Lambda + I factored dense (_DenseZLambda) in small systems, else the first
+        # term eliminated level by level (BlockFactor) where that applies, else CHOLMOD
+        self._dense = small and self.q * self.q * self.n <= DENSE_FACTOR_MAX_WORK
+        self._block = None
+        if not self._dense and BlockFactor.applicable(self.Z, relcov):
+            self._block = BlockFactor(self.Z, relcov)
+        if self._block is None and not self._dense:
             self._pattern(self.Z)
         self._factor: CholmodFactor | None = None
         self._u = np.zeros(self.q)
@@ -454,9 +470,12 @@ class LaplaceSystem:
 
     # -- PIRLS ---------------------------------------------------------------------------------------------
 
-    def operator(self, theta: np.ndarray) -> "_SparseZLambda | _BlockZLambda":
+    def operator(self, theta: np.ndarray) -> "_SparseZLambda | _BlockZLambda | _DenseZLambda":
         """Z Lambda(theta) as PIRLS uses it: products with it and its transpose, and the factor of
-        Lambda' Z' W Z Lambda + I for weights W (BlockFactor where it applies, else CHOLMOD)."""
+        Lambda' Z' W Z Lambda + I for weights W (dense in small systems, BlockFactor where it applies, else
+        CHOLMOD)."""
+        if self._dense:
+            return _DenseZLambda(self, self.relcov.factors(np.asarray(theta, dtype=float)))
         if self._block is not None:
             return _BlockZLambda(self, self.relcov.factors(np.asarray(theta, dtype=float)))
         return _SparseZLambda(self, self.z_lambda(theta))
@@ -623,9 +642,9 @@ class LaplaceSystem:
             B = self.relcov.apply(factors, lambda_inverse.T)  # Lambda M^{-1} Lambda'
             leverage = np.bincount(rows, weights=zz * B[first, second], minlength=self.n)  # a_i M^{-1} a_i'
             s = leverage * slope
-            v = inverse @ self.relcov.apply_transpose(factors, self.Zt @ s)
-            c = s - 2.0 * e - w * (self.Z @ self.relcov.apply(factors, v))
-            zc, ze = self.Zt @ c, self.Zt @ e
+            v = inverse @ self.relcov.apply_transpose(factors, self.Zt_products @ s)
+            c = s - 2.0 * e - w * (self.Z_products @ self.relcov.apply(factors, v))
+            zc, ze = self.Zt_products @ c, self.Zt_products @ e
             out = np.empty(theta.size + self.p)
             for i, (at_r, at_c, pair_rows, pair_second, at_level_c, pair_zz) in enumerate(self._gradient_entries):
                 trace = np.dot(w[pair_rows] * pair_zz, lambda_inverse[pair_second, at_level_c])
@@ -762,15 +781,52 @@ class _BlockZLambda:
     def __matmul__(self, u):
         if self._diagonal is not None:
             u = np.asarray(u)
-            return self.system.Z @ (self._diagonal * u if u.ndim == 1 else self._diagonal[:, None] * u)
-        return self.system.Z @ self.system.relcov.apply(self.factors, u)
+            return self.system.Z_products @ (self._diagonal * u if u.ndim == 1 else self._diagonal[:, None] * u)
+        return self.system.Z_products @ self.system.relcov.apply(self.factors, u)
 
     def t(self, v):
         if self._diagonal is not None:
-            product = np.asarray(self.system.Zt @ v)
+            product = np.asarray(self.system.Zt_products @ v)
             return product * (self._diagonal if product.ndim == 1 else self._diagonal[:, None])
-        return self.system.relcov.apply_transpose(self.factors, np.asarray(self.system.Zt @ v))
+        return self.system.relcov.apply_transpose(self.factors, np.asarray(self.system.Zt_products @ v))
 
     def factor(self, w):
         assert self.system._block is not None
         return self.system._block.refactor(w, self.factors)
+
+
+class _DenseZLambda:
+    """Z Lambda held dense (a small system), Lambda'Z'WZ Lambda + I formed and factored dense by LAPACK."""
+
+    def __init__(self, system: LaplaceSystem, factors):
+        self.At = system.relcov.apply_transpose(factors, system.Zt_products)  # Lambda'Z', q x n
+
+    def __matmul__(self, u):
+        return self.At.T @ u
+
+    def t(self, v):
+        return self.At @ v
+
+    def factor(self, w):
+        M = (self.At * w) @ self.At.T
+        M[np.diag_indices_from(M)] += 1.0
+        return _DenseCholesky(M)
+
+
+class _DenseCholesky:
+    """The lower Cholesky factor of a small dense M, with CholmodFactor's logdet, half_solve and solve."""
+
+    def __init__(self, M: np.ndarray):
+        L, info = la.lapack.dpotrf(M, lower=1, clean=1, overwrite_a=1)
+        if info != 0:
+            raise np.linalg.LinAlgError("Lambda'Z'WZ Lambda + I is not positive definite")
+        self.L = L
+
+    def logdet(self) -> float:
+        return float(2.0 * np.log(np.diagonal(self.L)).sum())
+
+    def half_solve(self, B):
+        return la.lapack.dtrtrs(self.L, B, lower=1)[0]
+
+    def solve(self, B):
+        return la.lapack.dpotrs(self.L, B, lower=1)[0]
