@@ -542,10 +542,9 @@ def test_many_parameters_take_secant_steps_between_hessians_to_the_same_optimum(
     updated from new gradients (fit/many.CHORD_MIN_PARAMETERS): the same optimum and standard errors (the settling
     step computes its own Hessian), in fewer evaluations than a Hessian at every step. (Differences of the objective
     only: with its exact gradient, core/glmm.GRADIENT_MAX_Q, every fit takes such steps.)"""
-    import sparsemix.core.glmm as glmm
     import sparsemix.fit.many as many
 
-    monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 0)
+    _without_gradient(monkeypatch)
 
     rng = np.random.default_rng(7)
     n, levels, p = 3000, 150, 10
@@ -591,6 +590,15 @@ def test_nested_terms_hold_the_first_by_rest_block_sparse_with_the_dense_blocks_
     np.testing.assert_allclose(sparse.theta, dense.theta, rtol=1e-7)
 
 
+def _without_gradient(monkeypatch):
+    """No exact gradient (core/glmm.GRADIENT_MAX_Q, GRADIENT_MAX_REST): the nAGQ = 1 steps on the objective's
+    differences."""
+    import sparsemix.core.glmm as glmm
+
+    monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 0)
+    monkeypatch.setattr(glmm, "GRADIENT_MAX_REST", -1)
+
+
 GRADIENT_MODELS = [
     ("cbpp", "cbind(incidence, size - incidence) ~ period + (1 | herd)", "binomial"),  # trials as prior weights
     ("correlated", "y ~ x + (1 + x | g)", "binomial"),  # a 2 x 2 template: an off-diagonal theta
@@ -625,11 +633,10 @@ def test_the_laplace_objectives_gradient_is_its_central_differences(key, formula
 def test_newton_steps_on_the_exact_gradient_reach_the_difference_steps_optimum(key, formula, family, monkeypatch):
     """The nAGQ = 1 Newton steps with Hessians from the exact gradient's differences (and secant steps between them)
     end where those on the objective's differences end, with the same standard errors, in fewer evaluations."""
-    import sparsemix.core.glmm as glmm
 
     data = pd.DataFrame(FIXTURES[key]["data"])
     exact = sm.glmer(formula, data, family=family)
-    monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 0)
+    _without_gradient(monkeypatch)
     differences = sm.glmer(formula, data, family=family)
     assert not differences.fit_result.system.gradient_applies
     assert exact.llf == pytest.approx(differences.llf, rel=1e-11)
@@ -674,3 +681,36 @@ def test_small_systems_held_dense_give_the_block_factors_fit(key, formula, famil
     np.testing.assert_allclose(dense.fe_params, block.fe_params, rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(dense.bse_fe, block.bse_fe, rtol=1e-5)
     np.testing.assert_allclose(dense.fit_result.b, block.fit_result.b, rtol=1e-6, atol=1e-9)
+
+
+SELECTED_MODELS = [
+    ("crossed_counts", "count ~ 1 + offset(logex) + (1 | subj) + (1 | item)", "poisson"),  # W dense (crossed)
+    ("grouseticks", "TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)", "poisson"),  # W sparse
+]
+
+
+@pytest.mark.parametrize("key, formula, family", SELECTED_MODELS, ids=[m[0] for m in SELECTED_MODELS])
+def test_the_gradient_read_off_the_block_factor_is_the_dense_inverses(key, formula, family, monkeypatch):
+    """Above GRADIENT_MAX_Q the gradient reads M^{-1} at the pairs it needs off the block factor
+    (BlockFactor.inverse_at): the same gradient as from M^{-1} formed dense, and the fit as with differences."""
+    import sparsemix.core.glmm as glmm
+
+    data = pd.DataFrame(FIXTURES[key]["data"])
+    fit = sm.glmer(formula, data, family=family)
+    system = fit.fit_result.system
+    assert system._block is not None and system._selected_inverse
+    theta, beta = fit.fit_result.theta * 1.1 + 0.05, fit.fit_result.beta + 0.05
+    monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 10**6)
+    value, dense = system.objective_gradient(theta, beta)
+    monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 0)
+    value_read, read = system.objective_gradient(theta, beta)
+    assert value_read == pytest.approx(value, rel=1e-12)
+    np.testing.assert_allclose(read, dense, rtol=1e-9, atol=1e-9 * np.max(np.abs(dense)))
+    assert np.max(np.abs(dense)) > 1.0
+    _without_gradient(monkeypatch)
+    differences = sm.glmer(formula, data, family=family)
+    assert not differences.fit_result.system.gradient_applies
+    assert fit.llf == pytest.approx(differences.llf, rel=1e-11)
+    np.testing.assert_allclose(fit.fe_params, differences.fe_params, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(fit.bse_fe, differences.bse_fe, rtol=1e-4)
+    assert fit.n_evaluations < differences.n_evaluations

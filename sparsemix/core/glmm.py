@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.linalg as la
@@ -93,6 +94,13 @@ DENSE_FACTOR_MAX_WORK = 100_000
 # The Laplace objective's exact gradient (LaplaceSystem.objective_gradient) takes M^{-1} dense (q^3 / 3 flops and
 # q^2 entries): up to this many random-effect columns, where it costs less than the objective's differences it saves.
 GRADIENT_MAX_Q = 200
+# Above it, in a block factor of scalar terms, M^{-1} is read where the gradient needs it (the pairs of columns that
+# meet in a row: BlockFactor.inverse_at) from the inverse of the Schur complement, up to this order of the rest, ...
+GRADIENT_MAX_REST = 300
+# ... and this many entries of the first-term-by-rest block (held dense for the inverse's)
+GRADIENT_MAX_BLOCK_ENTRIES = 4_000_000
+# W's pairs of entries in one row listed once (BlockFactor._w_pairs) up to this many
+W_PAIRS_MAX = 2_000_000
 # The last modes kept for predicting the next start (ModePredictor): at most this many, and this many bytes.
 PREDICTOR_MAX_POINTS = 256
 PREDICTOR_MAX_BYTES = 256 * 2**20
@@ -154,6 +162,20 @@ class BlockFactor:
             self._by_column = sp.csc_matrix(positions)
             self._by_column.data = self._by_column.data.astype(np.int64)
             self._n_pairs = pairs.size
+            # every ordered pair of W's stored entries in one row (its level), where they are few: W'W a bincount of
+            # their products (scipy's sparse product and its conversion took half of grouseticks' refactorization),
+            # and the rows' blocks of the inverse read through them (inverse_at)
+            self._w_pairs = None
+            if not self._compiled_gram and int(np.sum(np.diff(self._pattern1r.indptr) ** 2)) <= W_PAIRS_MAX:
+                _, a, b = _row_pairs(*[_row_slots(self._pair_rows, n1)] * 2)
+                columns = self._pattern1r.indices.astype(np.int64)
+                self._w_pairs = (
+                    a,
+                    b,
+                    columns[a] * q2 + columns[b],
+                    np.maximum(columns[a], columns[b]),
+                    np.minimum(columns[a], columns[b]),
+                )
         rest = list(relcov.blocks[1:])
         self._rest = RelativeCovariance(rest)  # Lambda_2: the terms after the first
         self._rest_slices = [slice(int(sl.start) - q1, int(sl.stop) - q1) for sl in relcov.column_slices[1:]]
@@ -233,7 +255,10 @@ class BlockFactor:
         if self._sparse:
             W = self._pattern1r
             W.data = g1r * (t / root)[self._pair_rows] * scales[W.indices]
-            if q2 and not self._compiled_gram:
+            if q2 and self._w_pairs is not None:
+                a, b, flat = self._w_pairs[:3]
+                S -= np.bincount(flat, weights=W.data[a] * W.data[b], minlength=q2 * q2).reshape(q2, q2)
+            elif q2 and not self._compiled_gram:
                 S -= (W.T @ W).toarray()
             elif q2:
                 # S -= W'W, its lower triangle, compiled (kernels.py: scipy's sparse product built W'W as a sparse
@@ -255,6 +280,64 @@ class BlockFactor:
         with dense_threads(q2):  # the BLAS threads the fit set aside, for a big Schur complement
             self.LS = _lower_cholesky(S) if q2 else np.zeros((0, 0))
         return self
+
+    def inverse_at(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """(L L')^{-1} at the pairs (rows, columns) of a scalar system's pattern (two columns of the first term only
+        where they are one, a first-term level and a rest column only where they meet in W), from the last
+        refactorization: with V = L11^{-T} W and S^{-1} = (LS LS')^{-1} the blocks are S^{-1}, X12 = -V S^{-1}
+        and diag(L11^{-2}) - diag(V X12'); where W is sparse (_w_pairs), X12 only at W's pattern and S^{-1} only at
+        the pairs of columns that meet in one of W's rows (Takahashi's selected inverse, the rest held dense)."""
+        assert self._scalar
+        q2 = self.q2
+        root = self.L11[:, 0, 0]
+        S_inv = np.zeros((0, 0))  # lower triangle of S^{-1}
+        if q2:
+            S_inv, info = la.lapack.dpotri(self.LS, lower=1)
+            if info != 0:
+                raise np.linalg.LinAlgError("the Schur complement's inverse failed")
+        lookup = self._inverse_lookup(rows, columns)
+        X12: np.ndarray
+        if self._sparse and self._w_pairs is not None:
+            a, b, _, high, low = self._w_pairs
+            V = (
+                self._pattern1r.data / root[self._pair_rows]
+            )  # (W: that pattern, with the last refactorization's values)
+            X12 = -np.bincount(a, weights=V[b] * S_inv[high, low], minlength=V.size)  # at W's entries
+            X11 = 1.0 / root**2 - np.bincount(self._pair_rows, weights=V * X12, minlength=self.n1)
+        else:
+            dense = sp.csr_matrix(self.W).toarray() if sp.issparse(self.W) else np.asarray(self.W)
+            V = dense / root[:, None]
+            S_full = np.tril(S_inv) + np.tril(S_inv, -1).T
+            X12 = -(V @ S_full).ravel()  # at every (level, column), row-major
+            X11 = 1.0 / root**2 - np.einsum("lj,lj->l", V, X12.reshape(self.n1, q2))
+        both, mixed, mixed_at, rest, rest_high, rest_low = lookup
+        out = np.empty(rows.shape[0])
+        out[both] = X11[rows[both]]
+        out[mixed] = X12[mixed_at]
+        out[rest] = S_inv[rest_high, rest_low]
+        return out
+
+    def _inverse_lookup(self, rows: np.ndarray, columns: np.ndarray):
+        """Where inverse_at reads each pair: kept for the last arrays asked (the system asks for its own pairs)."""
+        kept = getattr(self, "_lookup", None)
+        if kept is not None and kept[0] is rows and kept[1] is columns:
+            return kept[2]
+        q1, q2 = self.q1, self.q2
+        first_a, first_b = rows < q1, columns < q1
+        both = np.flatnonzero(first_a & first_b)
+        mixed = np.flatnonzero(first_a != first_b)
+        level = np.where(first_a, rows, columns)[mixed]
+        rest_column = np.where(first_a, columns, rows)[mixed] - q1
+        if self._sparse and self._w_pairs is not None:  # the stored entry (level, column) of W, CSR order
+            keys = self._pair_rows.astype(np.int64) * q2 + self._pattern1r.indices
+            mixed_at = np.searchsorted(keys, level.astype(np.int64) * q2 + rest_column)
+        else:
+            mixed_at = level.astype(np.int64) * q2 + rest_column
+        rest = np.flatnonzero(~first_a & ~first_b)
+        high = np.maximum(rows[rest], columns[rest]) - q1
+        low = np.minimum(rows[rest], columns[rest]) - q1
+        self._lookup = (rows, columns, (both, mixed, mixed_at, rest, high, low))
+        return self._lookup[2]
 
     def logdet(self) -> float:
         d1 = np.log(np.diagonal(self.L11, axis1=1, axis2=2)).sum()
@@ -404,6 +487,7 @@ class LaplaceSystem:
         if self._block is None and not self._dense:
             self._pattern(self.Z)
         self._factor: CholmodFactor | None = None
+        self._mode_factor: Any = None  # the factor at the last mode's weights
         self._u = np.zeros(self.q)
         self._predictors: dict[bool, ModePredictor] = {}  # by `joint`: PIRLS's starts from the last modes
         self.n_pirls = 0
@@ -424,7 +508,7 @@ class LaplaceSystem:
     def __getstate__(self):
         # CHOLMOD's factor cannot be pickled: it is analysed again on first use (its pattern is fixed)
         state = dict(self.__dict__)
-        state["_factor"] = None
+        state["_factor"] = state["_mode_factor"] = None
         state["_predictors"] = {}
         return state
 
@@ -568,21 +652,31 @@ class LaplaceSystem:
         if iterations and not converged:
             # stopped by the halvings at rounding level: converged too, if the last full step was tiny
             converged = bool(np.max(np.abs(du), initial=0.0) <= 1e-6 * max(1.0, np.max(np.abs(u), initial=0.0)))
-        logdet = ZL.factor(w).logdet()  # log |L|^2 at the mode's weights
+        factor = ZL.factor(w)  # at the mode's weights
+        logdet = factor.logdet()  # log |L|^2
         self._u = u
         if converged:
             predictor.record(key, np.concatenate([u, beta]) if joint else u)
         objective = -2.0 * self._loglik_constant + pdev + logdet
+        self._mode_factor = factor  # (objective_gradient's: a block factor's until its next refactorization)
         return PirlsResult(u, beta, eta, mu, objective, pdev, logdet, converged, iterations)
 
     @property
     def gradient_applies(self) -> bool:
         """Whether objective_gradient gives the exact gradient: the canonical link of a family that gives V'(mu),
-        and at most GRADIENT_MAX_Q random-effect columns."""
+        and at most GRADIENT_MAX_Q random-effect columns, or a block factor of scalar terms (_selected_inverse)."""
+        exact = self.family.canonical and self.family.variance_slope(np.full(1, 0.5)) is not None
+        return exact and (self.q <= GRADIENT_MAX_Q or self._selected_inverse)
+
+    @property
+    def _selected_inverse(self) -> bool:
+        """Whether the gradient reads M^{-1} off the block factor (scalar terms; GRADIENT_MAX_REST, _BLOCK_ENTRIES)."""
+        block = self._block
         return (
-            self.family.canonical
-            and self.family.variance_slope(np.full(1, 0.5)) is not None
-            and self.q <= GRADIENT_MAX_Q
+            block is not None
+            and block._scalar
+            and block.q2 <= GRADIENT_MAX_REST
+            and block.q1 * block.q2 <= GRADIENT_MAX_BLOCK_ENTRIES
         )
 
     @functools.cached_property
@@ -598,8 +692,8 @@ class LaplaceSystem:
     @functools.cached_property
     def _gradient_entries(self) -> list:
         """Per theta entry (template position (r, c) of its term): the term's columns (l, r) and (l, c) over its
-        levels l, and the pairs of Z's entries in one row whose first is in a column (l, r), as (row, the second's
-        column, the column (l, c) of the first's level, z z)."""
+        levels l, the pairs of Z's entries in one row (_entry_pairs) whose first is in a column (l, r), and for each
+        such pair the column (l, c) of the first's level."""
         rows, first, second, zz = self._entry_pairs
         entries = []
         for (n_levels, template), sl in zip(self.relcov.blocks, self.relcov.column_slices):
@@ -608,14 +702,15 @@ class LaplaceSystem:
             level, a = np.divmod(first - sl.start, k)
             base = sl.start + np.arange(n_levels) * k
             for r, c in template.positions:
-                mine = inside & (a == r)
-                entries.append((base + r, base + c, rows[mine], second[mine], sl.start + level[mine] * k + c, zz[mine]))
+                mine = np.flatnonzero(inside & (a == r))
+                entries.append((base + r, base + c, mine, sl.start + level[mine] * k + c))
         return entries
 
     def objective_gradient(self, theta: np.ndarray, beta: np.ndarray) -> tuple[float, np.ndarray | None]:
         """The Laplace objective (nAGQ = 1) at (theta, beta) and its exact gradient in (theta, beta) (the module
         docstring), the gradient None where it does not apply (gradient_applies) or PIRLS found no finite mode.
-        M is formed dense from the pairs of Z's entries in each row, which also give the leverages and traces."""
+        M^{-1} is needed only at the pairs of columns that meet in a row of Z (_entry_pairs: the leverages and the
+        traces): from M formed dense by those pairs (small systems), or read off the block factor."""
         r = self.mode_or_none(theta, beta)
         if r is None:
             return np.inf, None
@@ -629,25 +724,39 @@ class LaplaceSystem:
             mu, dmu, w = self._weights(r.eta)
             e = self.prior_weights * (self.y - mu)
             slope = self.prior_weights * self.family.variance_slope(mu) * dmu  # dW/deta (canonical: dmu/deta = V)
-            ZtWZ = np.bincount(first * q + second, weights=w[rows] * zz, minlength=q * q).reshape(q, q)
-            M = self.relcov.apply_transpose(factors, self.relcov.apply_transpose(factors, ZtWZ).T)
-            M[np.arange(q), np.arange(q)] += 1.0
-            L, info = la.lapack.dpotrf(M, lower=1, clean=0)
-            if info == 0:
-                inverse, info = la.lapack.dpotri(L, lower=1)
-            if info != 0:
-                return r.objective, None
-            inverse = np.tril(inverse) + np.tril(inverse, -1).T  # M^{-1}
-            lambda_inverse = self.relcov.apply(factors, inverse)  # Lambda M^{-1}
-            B = self.relcov.apply(factors, lambda_inverse.T)  # Lambda M^{-1} Lambda'
-            leverage = np.bincount(rows, weights=zz * B[first, second], minlength=self.n)  # a_i M^{-1} a_i'
+            if self.q <= GRADIENT_MAX_Q:  # M^{-1} dense, from M formed by the pairs
+                ZtWZ = np.bincount(first * q + second, weights=w[rows] * zz, minlength=q * q).reshape(q, q)
+                M = self.relcov.apply_transpose(factors, self.relcov.apply_transpose(factors, ZtWZ).T)
+                M[np.arange(q), np.arange(q)] += 1.0
+                L, info = la.lapack.dpotrf(M, lower=1, clean=0)
+                if info == 0:
+                    inverse, info = la.lapack.dpotri(L, lower=1)
+                if info != 0:
+                    return r.objective, None
+                inverse = np.tril(inverse) + np.tril(inverse, -1).T  # M^{-1}
+                lambda_inverse = self.relcov.apply(factors, inverse)  # Lambda M^{-1}
+                B = self.relcov.apply(factors, lambda_inverse.T)[first, second]  # Lambda M^{-1} Lambda' at the pairs
+                solve = lambda b: inverse @ b  # noqa: E731
+                read = lambda pairs, at_level_c: lambda_inverse[second[pairs], at_level_c]  # noqa: E731
+            else:  # scalar terms: Lambda diagonal, M^{-1} at the pairs from the block factor
+                try:
+                    factor = self._mode_factor  # (PIRLS's last, at these weights)
+                    at_pairs = factor.inverse_at(first, second)
+                except (np.linalg.LinAlgError, ValueError):
+                    return r.objective, None
+                scales = self.relcov.scalar_scales(factors)
+                assert scales is not None  # (_selected_inverse: scalar terms)
+                B = scales[first] * scales[second] * at_pairs
+                solve = factor.solve
+                read = lambda pairs, at_level_c: scales[second[pairs]] * at_pairs[pairs]  # noqa: E731
+            leverage = np.bincount(rows, weights=zz * B, minlength=self.n)  # a_i M^{-1} a_i'
             s = leverage * slope
-            v = inverse @ self.relcov.apply_transpose(factors, self.Zt_products @ s)
+            v = solve(self.relcov.apply_transpose(factors, self.Zt_products @ s))
             c = s - 2.0 * e - w * (self.Z_products @ self.relcov.apply(factors, v))
             zc, ze = self.Zt_products @ c, self.Zt_products @ e
             out = np.empty(theta.size + self.p)
-            for i, (at_r, at_c, pair_rows, pair_second, at_level_c, pair_zz) in enumerate(self._gradient_entries):
-                trace = np.dot(w[pair_rows] * pair_zz, lambda_inverse[pair_second, at_level_c])
+            for i, (at_r, at_c, pairs, at_level_c) in enumerate(self._gradient_entries):
+                trace = np.dot(w[rows[pairs]] * zz[pairs], read(pairs, at_level_c))
                 out[i] = zc[at_r] @ r.u[at_c] + v[at_c] @ ze[at_r] + 2.0 * trace
             out[theta.size :] = self.X.T @ c
         return r.objective, (out if np.all(np.isfinite(out)) else None)
