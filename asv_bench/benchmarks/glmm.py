@@ -31,6 +31,38 @@ class Glmer:
     track_verbagg_evaluations.unit = "evaluations"
 
 
+class GlmerSmall:
+    """Small and mid-sized glmer fits from a data frame (issue 16's small models, for GLMMs): cbpp (56 rows, M held
+    dense), Contraception (1,934 rows, 60 districts) and grouseticks (403 rows, three crossed and nested intercepts:
+    M^{-1} read off the block factor), each by Newton steps on the exact gradient (core/glmm.py), and the
+    evaluations they take."""
+
+    MODELS = {
+        "cbpp": ("cbpp", "cbind(incidence, size - incidence) ~ period + (1 | herd)", "binomial"),
+        "contraception": ("Contraception", "use01 ~ age + I(age^2) + urban + livch + (1 | district)", "binomial"),
+        "grouseticks": (
+            "grouseticks",
+            "TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)",
+            "poisson",
+        ),
+    }
+    params = [list(MODELS)]
+    param_names = ["model"]
+    timeout = 120
+
+    def setup(self, model):
+        key, self.formula, self.family = self.MODELS[model]
+        self.data = pd.DataFrame(json.loads(FIXTURES.read_text())[key]["data"])
+
+    def time_fit(self, model):
+        sparsemix.glmer(self.formula, self.data, family=self.family)
+
+    def track_evaluations(self, model):
+        return sparsemix.glmer(self.formula, self.data, family=self.family).n_evaluations
+
+    track_evaluations.unit = "evaluations"
+
+
 class GlmerPirls:
     """One PIRLS solve (warm-started, to convergence) of a crossed binary design large enough for the sparse
     first-by-rest block and its compiled W'W update (core/glmm.py BlockFactor): 200,000 rows, 4,000 x 1,000

@@ -97,8 +97,10 @@ GRADIENT_MAX_Q = 200
 # Above it, in a block factor of scalar terms, M^{-1} is read where the gradient needs it (the pairs of columns that
 # meet in a row: BlockFactor.inverse_at) from the inverse of the Schur complement, up to this order of the rest, ...
 GRADIENT_MAX_REST = 300
-# ... and this many entries of the first-term-by-rest block (held dense for the inverse's)
-GRADIENT_MAX_BLOCK_ENTRIES = 4_000_000
+# ... where the first-term-by-rest block is sparse and its rows' pairs of entries are listed (W_PAIRS_MAX), or dense
+# and -V S^{-1} costs at most this many flops (q1 q2^2: at 20,000,000, 2,000 x 100 crossed binary levels, the
+# gradients cost more than the 21 of 76 evaluations they saved)
+GRADIENT_MAX_BLOCK_WORK = 5_000_000
 # W's pairs of entries in one row listed once (BlockFactor._w_pairs) up to this many
 W_PAIRS_MAX = 2_000_000
 # The last modes kept for predicting the next start (ModePredictor): at most this many, and this many bytes.
@@ -166,7 +168,7 @@ class BlockFactor:
             # their products (scipy's sparse product and its conversion took half of grouseticks' refactorization),
             # and the rows' blocks of the inverse read through them (inverse_at)
             self._w_pairs = None
-            if not self._compiled_gram and int(np.sum(np.diff(self._pattern1r.indptr) ** 2)) <= W_PAIRS_MAX:
+            if int(np.sum(np.diff(self._pattern1r.indptr) ** 2)) <= W_PAIRS_MAX:
                 _, a, b = _row_pairs(*[_row_slots(self._pair_rows, n1)] * 2)
                 columns = self._pattern1r.indices.astype(np.int64)
                 self._w_pairs = (
@@ -255,7 +257,7 @@ class BlockFactor:
         if self._sparse:
             W = self._pattern1r
             W.data = g1r * (t / root)[self._pair_rows] * scales[W.indices]
-            if q2 and self._w_pairs is not None:
+            if q2 and self._w_pairs is not None and not self._compiled_gram:
                 a, b, flat = self._w_pairs[:3]
                 S -= np.bincount(flat, weights=W.data[a] * W.data[b], minlength=q2 * q2).reshape(q2, q2)
             elif q2 and not self._compiled_gram:
@@ -670,14 +672,13 @@ class LaplaceSystem:
 
     @property
     def _selected_inverse(self) -> bool:
-        """Whether the gradient reads M^{-1} off the block factor (scalar terms; GRADIENT_MAX_REST, _BLOCK_ENTRIES)."""
+        """Whether the gradient reads M^{-1} off the block factor (scalar terms; GRADIENT_MAX_REST, _BLOCK_WORK)."""
         block = self._block
-        return (
-            block is not None
-            and block._scalar
-            and block.q2 <= GRADIENT_MAX_REST
-            and block.q1 * block.q2 <= GRADIENT_MAX_BLOCK_ENTRIES
-        )
+        if block is None or not block._scalar or block.q2 > GRADIENT_MAX_REST:
+            return False
+        if block._sparse:
+            return block._w_pairs is not None
+        return block.q1 * block.q2 * block.q2 <= GRADIENT_MAX_BLOCK_WORK
 
     @functools.cached_property
     def _entry_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
