@@ -919,7 +919,7 @@ class _DenseZLambda:
 
     def factor(self, w):
         M = (self.At * w) @ self.At.T
-        M[np.diag_indices_from(M)] += 1.0
+        M.flat[:: M.shape[0] + 1] += 1.0
         return _DenseCholesky(M)
 
 
