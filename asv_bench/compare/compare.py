@@ -327,6 +327,10 @@ def _recorded_runs() -> str:
             f"`{run['script']}`, {run['date']}, {run['commit']} |"
         )
     lines += [""] + [f"* {cell(run['spread'])}" for run in recorded["runs"] if "spread" in run]
+    for section in recorded.get("sections", []):  # other recorded tables (their scripts named in their notes)
+        lines += ["", f"## {section['title']}", "", section["note"], ""]
+        lines += ["| " + " | ".join(section["columns"]) + " |", "|" + "---|" * len(section["columns"])]
+        lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in section["rows"]]
     peers = recorded.get("peers")
     if peers:  # another Python library on the same fits: its own venv, so not run by this script
         lines += [

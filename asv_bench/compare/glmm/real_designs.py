@@ -61,8 +61,9 @@ def main(argv=None) -> None:
         factors = ref["factors"] if isinstance(ref["factors"], list) else [ref["factors"]]
         data = pd.read_csv(out / f"{name}.csv", dtype={c: str for c in factors})
         seconds, m = time_fit(data, ref["formula"], ref["family"], args.reps)
+        formula_cell = ref["formula"].replace("|", "\\|")  # (a formula's bars are no column breaks)
         print(
-            f"| {name} | {ref['rows']} | `{ref['formula']}` ({ref['family']}) | {seconds:.4f} | {m.n_evaluations} "
+            f"| {name} | {ref['rows']} | `{formula_cell}` ({ref['family']}) | {seconds:.4f} | {m.n_evaluations} "
             f"| {ref['seconds']:.3f} | {ref['feval']} | {ref['seconds'] / seconds:.1f} | {m.llf - ref['logLik']:+.1e} |"
         )
         sys.stdout.flush()
