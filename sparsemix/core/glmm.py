@@ -15,10 +15,11 @@ Laplace approximation to -2 log L is then
 depend on W or theta, so CHOLMOD analyses it once and refactors in place. `joint=True` (nAGQ = 0) moves beta
 inside PIRLS too: the same steps on (u, beta), beta unpenalized.
 
-With the canonical link the objective's gradient in (theta, beta) is exact and cheap where Lambda'Z' fits dense. With
-A = Z Lambda, M = A'WA + I, e = w_prior (y - mu) (so that the mode solves u = A'e and de/deta = -W), h_i the
-leverage a_i M^{-1} a_i', s_i = h_i dW_ii/deta_i (d log|M| / d eta_i), v = M^{-1} A's and c = s - 2e - W A v, the
-envelope theorem for the penalized deviance and the mode's implicit derivative du = M^{-1} d(Lambda'Z'e) give
+With the canonical link the objective's gradient in (theta, beta) is exact, and cheap: it needs M^{-1} only at the
+pairs of columns that meet in a row of Z (LaplaceSystem.objective_gradient). With A = Z Lambda, M = A'WA + I,
+e = w_prior (y - mu) (so that the mode solves u = A'e and de/deta = -W), h_i the leverage a_i M^{-1} a_i',
+s_i = h_i dW_ii/deta_i (d log|M| / d eta_i), v = M^{-1} A's and c = s - 2e - W A v, the envelope theorem for the
+penalized deviance and the mode's implicit derivative du = M^{-1} d(Lambda'Z'e) give
 
     d/dbeta    = X'c
     d/dtheta_k = c' Z E_k u + v' E_k' Z'e + 2 tr(M^{-1} A'W Z E_k),      E_k = dLambda / dtheta_k
@@ -364,8 +365,9 @@ class BlockFactor:
 
 def _sum_operator(parts, size: int, n_rows: int):
     """The terms (row, index, value) of a weighted sum as a CSR matrix (size x n_rows), so that the sums are one
-    product with w (VerbAgg: 20 us where the gather and bincount took 72); the terms as they are where the sums'
-    length is far beyond their number (a dense first-by-rest block of millions of entries: bincount's output)."""
+    product with w (VerbAgg: 20 us where the gather and bincount took 72), as a dense array where it is small
+    (DENSE_PRODUCTS_MAX_ENTRIES); the terms as they are where the sums' length is far beyond their number (a dense
+    first-by-rest block of millions of entries: bincount's output)."""
     rows, idx, val = parts
     if size > 8 * rows.size + 1_000_000:
         return parts

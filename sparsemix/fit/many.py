@@ -206,8 +206,9 @@ def _newton(
 ) -> None:
     """Newton steps on the `active` responses until each settles or fails (x, f, active, settled, held and `last`,
     their last difference Hessians and its steps, updated in place); `se_step` as minimize_many's; `chord`: steps
-    after one that moved the parameters reuse its Hessian where there are CHORD_MIN_PARAMETERS of them or more (one
-    response: every row takes the same kind of step); `gradient` as minimize_many's."""
+    after one that moved the parameters reuse its Hessian where there are CHORD_MIN_PARAMETERS of them or more, or
+    exact gradients (a secant step then costs one evaluation), one response (every row takes the same kind of
+    step); `gradient` as minimize_many's."""
     m = lower.size
     hessians, steps = last
     held_for = np.zeros(x.shape[0], dtype=int)  # iterations with an entry held, per response
