@@ -102,8 +102,8 @@ GRADIENT_MAX_REST = 300
 # and -V S^{-1} costs at most this many flops (q1 q2^2: at 20,000,000, 2,000 x 100 crossed binary levels, the
 # gradients cost more than the 21 of 76 evaluations they saved)
 GRADIENT_MAX_BLOCK_WORK = 5_000_000
-# W's pairs of entries in one row listed once (BlockFactor._w_pairs) up to this many
-W_PAIRS_MAX = 2_000_000
+# W's pairs of entries in one row listed once (BlockFactor._w_pairs) up to this many (five int64 arrays: 40 MB)
+W_PAIRS_MAX = 1_000_000
 # The last modes kept for predicting the next start (ModePredictor): at most this many, and this many bytes.
 PREDICTOR_MAX_POINTS = 256
 PREDICTOR_MAX_BYTES = 256 * 2**20
