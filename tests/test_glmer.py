@@ -591,12 +591,13 @@ def test_nested_terms_hold_the_first_by_rest_block_sparse_with_the_dense_blocks_
 
 
 def _without_gradient(monkeypatch):
-    """No exact gradient (core/glmm.GRADIENT_MAX_Q, GRADIENT_MAX_REST): the nAGQ = 1 steps on the objective's
-    differences."""
+    """No exact gradient (core/glmm.GRADIENT_MAX_Q, GRADIENT_MAX_REST, no one-term route): the nAGQ = 1 steps on
+    the objective's differences."""
     import sparsemix.core.glmm as glmm
 
     monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 0)
     monkeypatch.setattr(glmm, "GRADIENT_MAX_REST", -1)
+    monkeypatch.setattr(glmm.LaplaceSystem, "_one_term_block", property(lambda self: False))
 
 
 GRADIENT_MODELS = [
@@ -709,6 +710,36 @@ def test_the_gradient_read_off_the_block_factor_is_the_dense_inverses(key, formu
     assert np.max(np.abs(dense)) > 1.0
     _without_gradient(monkeypatch)
     differences = sm.glmer(formula, data, family=family)
+    assert not differences.fit_result.system.gradient_applies
+    assert fit.llf == pytest.approx(differences.llf, rel=1e-11)
+    np.testing.assert_allclose(fit.fe_params, differences.fe_params, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(fit.bse_fe, differences.bse_fe, rtol=1e-4)
+    assert fit.n_evaluations < differences.n_evaluations
+
+
+def test_one_terms_gradient_reads_each_levels_block_beyond_the_dense_limit(monkeypatch):
+    """A single random-slope term (2 x 2 blocks) above GRADIENT_MAX_Q columns: M^{-1} level by level from the block
+    factor (the one-term route) gives the dense route's gradient, and the fit the difference steps' fit."""
+    import sparsemix.core.glmm as glmm
+
+    rng = np.random.default_rng(11)
+    groups, per = 150, 10  # q = 300
+    g = np.repeat(np.arange(groups), per)
+    x = rng.normal(size=groups * per)
+    eta = -0.2 + 0.6 * x + rng.normal(0, 0.8, groups)[g] + rng.normal(0, 0.4, groups)[g] * x
+    data = pd.DataFrame({"y": (rng.random(groups * per) < 1 / (1 + np.exp(-eta))).astype(float), "x": x, "g": g})
+    fit = sm.glmer("y ~ x + (1 + x | g)", data, family="binomial")
+    system = fit.fit_result.system
+    assert system.q == 300 and system._one_term_block and system.gradient_applies
+    theta, beta = fit.fit_result.theta * 1.1 + 0.05, fit.fit_result.beta + 0.05
+    _, levels = system.objective_gradient(theta, beta)
+    monkeypatch.setattr(glmm.LaplaceSystem, "_one_term_block", property(lambda self: False))
+    monkeypatch.setattr(glmm, "GRADIENT_MAX_Q", 10**6)
+    _, dense = system.objective_gradient(theta, beta)
+    np.testing.assert_allclose(levels, dense, rtol=1e-9, atol=1e-9 * np.max(np.abs(dense)))
+    assert np.max(np.abs(dense)) > 1.0
+    _without_gradient(monkeypatch)
+    differences = sm.glmer("y ~ x + (1 + x | g)", data, family="binomial")
     assert not differences.fit_result.system.gradient_applies
     assert fit.llf == pytest.approx(differences.llf, rel=1e-11)
     np.testing.assert_allclose(fit.fe_params, differences.fe_params, rtol=1e-6, atol=1e-8)

@@ -670,7 +670,12 @@ class LaplaceSystem:
         """Whether objective_gradient gives the exact gradient: the canonical link of a family that gives V'(mu),
         and at most GRADIENT_MAX_Q random-effect columns, or a block factor of scalar terms (_selected_inverse)."""
         exact = self.family.canonical and self.family.variance_slope(np.full(1, 0.5)) is not None
-        return exact and (self.q <= GRADIENT_MAX_Q or self._selected_inverse)
+        return exact and (self.q <= GRADIENT_MAX_Q or self._one_term_block or self._selected_inverse)
+
+    @property
+    def _one_term_block(self) -> bool:
+        """Whether the block factor holds one term alone (any template): M block diagonal, M^{-1} its levels'."""
+        return self._block is not None and self._block.q2 == 0
 
     @property
     def _selected_inverse(self) -> bool:
@@ -696,7 +701,7 @@ class LaplaceSystem:
     def _gradient_entries(self) -> list:
         """Per theta entry (template position (r, c) of its term): the term's columns (l, r) and (l, c) over its
         levels l, the pairs of Z's entries in one row (_entry_pairs) whose first is in a column (l, r), and for each
-        such pair the column (l, c) of the first's level."""
+        such pair the column (l, c) of the first's level, its row and z z."""
         rows, first, second, zz = self._entry_pairs
         entries = []
         for (n_levels, template), sl in zip(self.relcov.blocks, self.relcov.column_slices):
@@ -706,8 +711,23 @@ class LaplaceSystem:
             base = sl.start + np.arange(n_levels) * k
             for r, c in template.positions:
                 mine = np.flatnonzero(inside & (a == r))
-                entries.append((base + r, base + c, mine, sl.start + level[mine] * k + c))
+                entries.append((base + r, base + c, mine, sl.start + level[mine] * k + c, rows[mine], zz[mine]))
         return entries
+
+    @functools.cached_property
+    def _one_term_reads(self) -> tuple[np.ndarray, list]:
+        """For a block factor holding one term (k columns a level): the flat index of each pair of _entry_pairs in a
+        stack of per-level k x k blocks (level, first's column, second's), and per theta entry those of (level,
+        second's column, c) for its pairs (objective_gradient's reads of Lambda M^{-1})."""
+        _, first, second, _ = self._entry_pairs
+        k = self.relcov.blocks[0][1].k
+        level, position = np.divmod(first, k)
+        pairs_at = (level * k + position) * k + second % k
+        entries_at = [
+            (level[pairs] * k + second[pairs] % k) * k + at_level_c % k
+            for _, _, pairs, at_level_c, _, _ in self._gradient_entries
+        ]
+        return pairs_at, entries_at
 
     def objective_gradient(self, theta: np.ndarray, beta: np.ndarray) -> tuple[float, np.ndarray | None]:
         """The Laplace objective (nAGQ = 1) at (theta, beta) and its exact gradient in (theta, beta) (the module
@@ -727,7 +747,19 @@ class LaplaceSystem:
             mu, dmu, w = self._weights(r.eta)
             e = self.prior_weights * (self.y - mu)
             slope = self.prior_weights * self.family.variance_slope(mu) * dmu  # dW/deta (canonical: dmu/deta = V)
-            if self.q <= GRADIENT_MAX_Q:  # M^{-1} dense, from M formed by the pairs
+            if self._one_term_block:  # M^{-1} a level's k x k block at a time: (L11_l L11_l')^{-1}
+                factor = self._mode_factor  # (PIRLS's last, at these weights)
+                L11 = factor.L11
+                k = L11.shape[1]
+                half = _batched_lower_solve(L11, np.broadcast_to(np.eye(k), L11.shape))  # L11_l^{-1}
+                T = factors[0]
+                LM = np.matmul(T, np.matmul(np.transpose(half, (0, 2, 1)), half))  # Lambda M^{-1}, per level
+                pairs_at, entries_at = self._one_term_reads
+                B = np.matmul(LM, T.T).ravel()[pairs_at]  # Lambda M^{-1} Lambda' at the pairs
+                solve = factor.solve
+                flat_LM = LM.ravel()
+                read = lambda i, pairs, at_level_c: flat_LM[entries_at[i]]  # noqa: E731
+            elif self.q <= GRADIENT_MAX_Q:  # M^{-1} dense, from M formed by the pairs
                 ZtWZ = np.bincount(first * q + second, weights=w[rows] * zz, minlength=q * q).reshape(q, q)
                 M = self.relcov.apply_transpose(factors, self.relcov.apply_transpose(factors, ZtWZ).T)
                 M[np.arange(q), np.arange(q)] += 1.0
@@ -740,7 +772,7 @@ class LaplaceSystem:
                 lambda_inverse = self.relcov.apply(factors, inverse)  # Lambda M^{-1}
                 B = self.relcov.apply(factors, lambda_inverse.T)[first, second]  # Lambda M^{-1} Lambda' at the pairs
                 solve = lambda b: inverse @ b  # noqa: E731
-                read = lambda pairs, at_level_c: lambda_inverse[second[pairs], at_level_c]  # noqa: E731
+                read = lambda i, pairs, at_level_c: lambda_inverse[second[pairs], at_level_c]  # noqa: E731
             else:  # scalar terms: Lambda diagonal, M^{-1} at the pairs from the block factor
                 try:
                     factor = self._mode_factor  # (PIRLS's last, at these weights)
@@ -751,15 +783,15 @@ class LaplaceSystem:
                 assert scales is not None  # (_selected_inverse: scalar terms)
                 B = scales[first] * scales[second] * at_pairs
                 solve = factor.solve
-                read = lambda pairs, at_level_c: scales[second[pairs]] * at_pairs[pairs]  # noqa: E731
+                read = lambda i, pairs, at_level_c: scales[second[pairs]] * at_pairs[pairs]  # noqa: E731
             leverage = np.bincount(rows, weights=zz * B, minlength=self.n)  # a_i M^{-1} a_i'
             s = leverage * slope
             v = solve(self.relcov.apply_transpose(factors, self.Zt_products @ s))
             c = s - 2.0 * e - w * (self.Z_products @ self.relcov.apply(factors, v))
             zc, ze = self.Zt_products @ c, self.Zt_products @ e
             out = np.empty(theta.size + self.p)
-            for i, (at_r, at_c, pairs, at_level_c) in enumerate(self._gradient_entries):
-                trace = np.dot(w[rows[pairs]] * zz[pairs], read(pairs, at_level_c))
+            for i, (at_r, at_c, pairs, at_level_c, pair_rows, pair_zz) in enumerate(self._gradient_entries):
+                trace = np.dot(w[pair_rows] * pair_zz, read(i, pairs, at_level_c))
                 out[i] = zc[at_r] @ r.u[at_c] + v[at_c] @ ze[at_r] + 2.0 * trace
             out[theta.size :] = self.X.T @ c
         return r.objective, (out if np.all(np.isfinite(out)) else None)
