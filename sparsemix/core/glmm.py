@@ -733,7 +733,8 @@ class LaplaceSystem:
         """The Laplace objective (nAGQ = 1) at (theta, beta) and its exact gradient in (theta, beta) (the module
         docstring), the gradient None where it does not apply (gradient_applies) or PIRLS found no finite mode.
         M^{-1} is needed only at the pairs of columns that meet in a row of Z (_entry_pairs: the leverages and the
-        traces): from M formed dense by those pairs (small systems), or read off the block factor."""
+        traces): level by level where one term is alone in the block factor, from M formed dense by those pairs in
+        small systems, or read off the block factor's Schur complement (scalar terms, BlockFactor.inverse_at)."""
         r = self.mode_or_none(theta, beta)
         if r is None:
             return np.inf, None
