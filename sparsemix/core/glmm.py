@@ -165,20 +165,7 @@ class BlockFactor:
             self._by_column = sp.csc_matrix(positions)
             self._by_column.data = self._by_column.data.astype(np.int64)
             self._n_pairs = pairs.size
-            # every ordered pair of W's stored entries in one row (its level), where they are few: W'W a bincount of
-            # their products (scipy's sparse product and its conversion took half of grouseticks' refactorization),
-            # and the rows' blocks of the inverse read through them (inverse_at)
-            self._w_pairs = None
-            if int(np.sum(np.diff(self._pattern1r.indptr) ** 2)) <= W_PAIRS_MAX:
-                _, a, b = _row_pairs(*[_row_slots(self._pair_rows, n1)] * 2)
-                columns = self._pattern1r.indices.astype(np.int64)
-                self._w_pairs = (
-                    a,
-                    b,
-                    columns[a] * q2 + columns[b],
-                    np.maximum(columns[a], columns[b]),
-                    np.minimum(columns[a], columns[b]),
-                )
+        self._lookup: tuple | None = None  # inverse_at's reads for the last pairs asked (_inverse_lookup)
         rest = list(relcov.blocks[1:])
         self._rest = RelativeCovariance(rest)  # Lambda_2: the terms after the first
         self._rest_slices = [slice(int(sl.start) - q1, int(sl.stop) - q1) for sl in relcov.column_slices[1:]]
@@ -189,6 +176,20 @@ class BlockFactor:
             sizes["_all"] = n1 + n1 * q2 + q2 * q2
         for name, size in sizes.items():
             setattr(self, name, _sum_operator(getattr(self, name), size, self.n_rows))
+
+    @functools.cached_property
+    def _w_pairs(self) -> tuple[np.ndarray, ...] | None:
+        """Every ordered pair of a sparse W's stored entries in one row (its level), where they are at most
+        W_PAIRS_MAX, as (entry, entry, flat index in q2 x q2, the larger column, the smaller): W'W a bincount of
+        their products (scipy's sparse product and its conversion took half of grouseticks' refactorization), and
+        the rows' blocks of the inverse read through them (inverse_at). Listed on first use: a fit that needs
+        neither (the compiled W'W, no gradient) does not build them."""
+        if not self._sparse or int(np.sum(np.diff(self._pattern1r.indptr) ** 2)) > W_PAIRS_MAX:
+            return None
+        _, a, b = _row_pairs(*[_row_slots(self._pair_rows, self.n1)] * 2)
+        columns = self._pattern1r.indices.astype(np.int64)
+        high, low = np.maximum(columns[a], columns[b]), np.minimum(columns[a], columns[b])
+        return a, b, columns[a] * self.q2 + columns[b], high, low
 
     @classmethod
     def applicable(cls, Z: sp.csc_matrix, relcov: RelativeCovariance) -> bool:
@@ -258,7 +259,7 @@ class BlockFactor:
         if self._sparse:
             W = self._pattern1r
             W.data = g1r * (t / root)[self._pair_rows] * scales[W.indices]
-            if q2 and self._w_pairs is not None and not self._compiled_gram:
+            if q2 and not self._compiled_gram and self._w_pairs is not None:
                 a, b, flat = self._w_pairs[:3]
                 S -= np.bincount(flat, weights=W.data[a] * W.data[b], minlength=q2 * q2).reshape(q2, q2)
             elif q2 and not self._compiled_gram:
@@ -300,16 +301,15 @@ class BlockFactor:
                 raise np.linalg.LinAlgError("the Schur complement's inverse failed")
         lookup = self._inverse_lookup(rows, columns)
         X12: np.ndarray
-        if self._sparse and self._w_pairs is not None:
+        if self._sparse:
+            assert self._w_pairs is not None  # (a sparse W is read through its pairs: LaplaceSystem._selected_inverse)
             a, b, _, high, low = self._w_pairs
-            V = (
-                self._pattern1r.data / root[self._pair_rows]
-            )  # (W: that pattern, with the last refactorization's values)
+            # (W is that pattern, with the last refactorization's values)
+            V = self._pattern1r.data / root[self._pair_rows]
             X12 = -np.bincount(a, weights=V[b] * S_inv[high, low], minlength=V.size)  # at W's entries
             X11 = 1.0 / root**2 - np.bincount(self._pair_rows, weights=V * X12, minlength=self.n1)
         else:
-            dense = sp.csr_matrix(self.W).toarray() if sp.issparse(self.W) else np.asarray(self.W)
-            V = dense / root[:, None]
+            V = np.asarray(self.W) / root[:, None]
             S_full = np.tril(S_inv) + np.tril(S_inv, -1).T
             X12 = -(V @ S_full).ravel()  # at every (level, column), row-major
             X11 = 1.0 / root**2 - np.einsum("lj,lj->l", V, X12.reshape(self.n1, q2))
@@ -322,7 +322,7 @@ class BlockFactor:
 
     def _inverse_lookup(self, rows: np.ndarray, columns: np.ndarray):
         """Where inverse_at reads each pair: kept for the last arrays asked (the system asks for its own pairs)."""
-        kept = getattr(self, "_lookup", None)
+        kept = self._lookup
         if kept is not None and kept[0] is rows and kept[1] is columns:
             return kept[2]
         q1, q2 = self.q1, self.q2
@@ -331,7 +331,7 @@ class BlockFactor:
         mixed = np.flatnonzero(first_a != first_b)
         level = np.where(first_a, rows, columns)[mixed]
         rest_column = np.where(first_a, columns, rows)[mixed] - q1
-        if self._sparse and self._w_pairs is not None:  # the stored entry (level, column) of W, CSR order
+        if self._sparse:  # the stored entry (level, column) of W, CSR order
             keys = self._pair_rows.astype(np.int64) * q2 + self._pattern1r.indices
             mixed_at = np.searchsorted(keys, level.astype(np.int64) * q2 + rest_column)
         else:
@@ -760,11 +760,14 @@ class LaplaceSystem:
                 solve = factor.solve
                 flat_LM = LM.ravel()
                 read = lambda i, pairs, at_level_c: flat_LM[entries_at[i]]  # noqa: E731
-            elif self.q <= GRADIENT_MAX_Q:  # M^{-1} dense, from M formed by the pairs
-                ZtWZ = np.bincount(first * q + second, weights=w[rows] * zz, minlength=q * q).reshape(q, q)
-                M = self.relcov.apply_transpose(factors, self.relcov.apply_transpose(factors, ZtWZ).T)
-                M[np.arange(q), np.arange(q)] += 1.0
-                L, info = la.lapack.dpotrf(M, lower=1, clean=0)
+            elif self.q <= GRADIENT_MAX_Q:  # M^{-1} dense: PIRLS's own factor of M, or M formed by the pairs
+                if isinstance(self._mode_factor, _DenseCholesky):
+                    L, info = self._mode_factor.L, 0  # (at these weights)
+                else:
+                    ZtWZ = np.bincount(first * q + second, weights=w[rows] * zz, minlength=q * q).reshape(q, q)
+                    M = self.relcov.apply_transpose(factors, self.relcov.apply_transpose(factors, ZtWZ).T)
+                    M[np.arange(q), np.arange(q)] += 1.0
+                    L, info = la.lapack.dpotrf(M, lower=1, clean=0)
                 if info == 0:
                     inverse, info = la.lapack.dpotri(L, lower=1)
                 if info != 0:
@@ -962,10 +965,7 @@ class _DenseCholesky:
     """The lower Cholesky factor of a small dense M, with CholmodFactor's logdet, half_solve and solve."""
 
     def __init__(self, M: np.ndarray):
-        L, info = la.lapack.dpotrf(M, lower=1, clean=1, overwrite_a=1)
-        if info != 0:
-            raise np.linalg.LinAlgError("Lambda'Z'WZ Lambda + I is not positive definite")
-        self.L = L
+        self.L = _lower_cholesky(M)
 
     def logdet(self) -> float:
         return float(2.0 * np.log(np.diagonal(self.L)).sum())
