@@ -468,6 +468,40 @@ def test_complement_density_tells_crossed_from_nested():
     assert nested._schur_alone() is None
 
 
+def test_complement_density_stops_at_an_eighth_of_its_rows_only_where_that_settles_it():
+    """`clear` sees the estimate from every eighth sampled row first: where it accepts, that is the answer (near the
+    full sample's), otherwise the full sample decides, as without it."""
+    from sparsemix.core.system import _clearly_linked, _complement_density
+
+    rng = np.random.default_rng(4)
+    n = 20_000
+    ZtZ = CrossProducts.compute(np.ones((n, 1)), rng.normal(size=n), assemble_Z(_crossed_terms(2_000, 600, n))).ZtZ
+    full = _complement_density(ZtZ, 2_000)
+    seen = []
+
+    def clear(density, q2):
+        seen.append((density, q2))
+        return True
+
+    early = _complement_density(ZtZ, 2_000, clear=clear)
+    assert len(seen) == 1 and seen[0] == (early, 600) and early != full
+    assert early == pytest.approx(full, rel=0.15)
+    assert _complement_density(ZtZ, 2_000, clear=lambda density, q2: False) == full
+    # (a block this densely linked is clearly linked: _schur_alone's tests twice over)
+    assert _clearly_linked(early, 600) and not _clearly_linked(0.15, 600) and _clearly_linked(0.15, 900)
+
+
+def test_modes_with_another_right_hand_side_solve_both_at_once():
+    X, y, terms = np.ones((300, 1)), np.random.default_rng(5).normal(size=300), _crossed_terms(40, 12, 300)
+    system, _, _ = _system(X, y, terms)
+    ev = system.evaluate(np.array([0.7, 0.4]))
+    beta, u = system.modes(ev)
+    beta2, u2, C = system.modes(ev, ev.RZX)
+    np.testing.assert_array_equal(beta2, beta)
+    np.testing.assert_allclose(u2, u, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(C, system.half_solve_t(ev.RZX), rtol=1e-12, atol=1e-14)
+
+
 def test_a_sparse_crossed_block_with_many_links_takes_the_schur_form_untimed(monkeypatch):
     """Eliminating the first term of an InstEval-like design links its 1,414 later columns 6% full, below
     SCHUR_ALONE_MIN_DENSITY, but each to ~90 others (SCHUR_ALONE_MIN_DEGREE): CHOLMOD's own elimination would fill
@@ -760,6 +794,34 @@ def test_which_kernel_settings_stall_on_numpys_huge_page_hint(setting, stalls):
     from sparsemix.core.pages import compaction_on_fault
 
     assert compaction_on_fault(setting) is stalls
+
+
+def test_glibc_keeps_freed_memory_unless_the_user_tuned_its_allocator(monkeypatch):
+    """keep_freed_memory sets glibc's mmap and trim thresholds (32 and 64 MB) through mallopt, once; not where a
+    MALLOC_ variable says the user set them, nor off glibc."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from sparsemix.core import pages
+
+    calls = []
+
+    def mallopt(parameter, value):
+        calls.append((parameter, value))
+        return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
+    monkeypatch.setattr(pages.os, "confstr", lambda name: "glibc 2.36")
+    for name in pages._MALLOC_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert pages.keep_freed_memory.__wrapped__() is True
+    assert calls == [(-3, 32 * 2**20), (-1, 64 * 2**20)]
+    calls.clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert pages.keep_freed_memory.__wrapped__() is False and calls == []
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setattr(pages.os, "confstr", lambda name: None)  # (musl, macOS)
+    assert pages.keep_freed_memory.__wrapped__() is False and calls == []
 
 
 def test_numpys_huge_page_hint_is_off_for_a_fit_and_restored(monkeypatch):

@@ -425,6 +425,9 @@ class SchurFactor:
         blocks[:, np.arange(k1), np.arange(k1)] += 1.0
         self._L11 = _batched_cholesky(blocks)  # (n1, k1, k1), lower
         self._A21 = sp.csc_matrix((d[self._pos21], self._rows21, self._indptr21), shape=(q2, self.q1))
+        # the pair map's product before S is written: its pass over the map (22 MB at InstEval's size) would evict S
+        # between the writes and the scatter (2.7 ms a scatter there, against 0.3 with S in cache)
+        pair_update = self._pair_update(factors) if self.update == "pairs" else None
         # S is built in the last factor's array (2 GB at MovieLens size): a fresh one was faulted in page by page
         # at every evaluation (an 8,000,000-row ratings fit: 0.8M page faults and 4 s of system time in 9)
         S = getattr(self, "_LS", None)  # (none before the first refactorization)
@@ -445,32 +448,42 @@ class SchurFactor:
                     q2, self.q1
                 )
             S -= self._Wt @ self._Wt.T
+        elif pair_update is not None:
+            S.reshape(-1)[self._pairs.destinations] -= pair_update
         else:
             self._subtract_update(S, factors)
         self._LS = dense_cholesky(S)
 
-    def _subtract_update(self, S: np.ndarray, factors) -> None:
-        """S -= Lambda_2' G H G' Lambda_2 (lower triangle), H_l = T1 M_l^{-1} T1', by the pair map or the
-        compiled kernel."""
+    def _level_blocks(self, factors) -> np.ndarray:
+        """H_l = T1 M_l^{-1} T1' for every level l of the first term, (n1, k1, k1)."""
         T1 = factors[0]
         if self.k1 == 1:
-            H = ((T1[0, 0] / self._L11[:, 0, 0]) ** 2)[:, None, None]
-        else:
-            half = _batched_lower_solve(self._L11, np.broadcast_to(T1.T, self._L11.shape))  # L11_l^{-1} T1'
-            H = np.matmul(np.transpose(half, (0, 2, 1)), half)
+            return ((T1[0, 0] / self._L11[:, 0, 0]) ** 2)[:, None, None]
+        half = _batched_lower_solve(self._L11, np.broadcast_to(T1.T, self._L11.shape))  # L11_l^{-1} T1'
+        return np.matmul(np.transpose(half, (0, 2, 1)), half)
+
+    def _pair_update(self, factors) -> np.ndarray | None:
+        """Lambda_2' G H G' Lambda_2 at the pair map's destinations where Lambda_2 is diagonal (every later term
+        scalar), else None (_subtract_update transforms the full product)."""
+        lam = self.rest_scales(factors)  # Lambda_2 diagonal: one scale per row of S
+        if lam is None:
+            return None
+        H = self._level_blocks(factors)
+        if self.k1 == 1 and self._score_wanted:
+            # the score's trace product (variance_traces) in the same pass over the pair map (InstEval: 2.9 ms for
+            # both, where each alone took 2.2)
+            both = self._pair_products(np.column_stack([H[:, 0, 0], self._trace_weights()]), lam)
+            self._score_products = both[:, 1]
+            return both[:, 0]
+        return self._pair_products(H, lam)
+
+    def _subtract_update(self, S: np.ndarray, factors) -> None:
+        """S -= Lambda_2' G H G' Lambda_2 (lower triangle), H_l = T1 M_l^{-1} T1', by the pair map (where a later
+        term has slopes) or the compiled kernel."""
+        H = self._level_blocks(factors)
         rest = factors[1:]
         lam = self.rest_scales(factors)  # Lambda_2 diagonal: one scale per row of S
         if self.update == "pairs":
-            if lam is not None:
-                if self.k1 == 1 and self._score_wanted:
-                    # the score's trace product (variance_traces) in the same pass over the pair map (InstEval:
-                    # 2.9 ms for both, where each alone took 2.2)
-                    both = self._pair_products(np.column_stack([H[:, 0, 0], self._trace_weights()]), lam)
-                    update, self._score_products = both[:, 0], both[:, 1]
-                else:
-                    update = self._pair_products(H, lam)
-                S.reshape(-1)[self._pairs.destinations] -= update
-                return
             upper = np.triu_indices(self.k1)
             self.unscaled_update = self._pairs.apply_compact(H[:, upper[0], upper[1]])  # G H G' (core/gradient.py)
             U = self._pairs.dense(self.unscaled_update)
@@ -780,6 +793,7 @@ class PairOperator:
         q2, k = self.q2, self.k
         index_dtype = np.int32 if q2 * q2 < 2**31 else np.int64
         rows = self._level_rows[:, 1].astype(np.intp)
+        row_offsets = rows * q2  # each entry's row's start in S, flat
         columns = [np.ascontiguousarray(self._g[:, a]) for a in range(k)]  # contiguous gathers
         pair_ptr = np.concatenate([[0], np.cumsum(self._per_level * (self._per_level + 1) // 2)])
         entry_ptr = np.concatenate([[0], np.cumsum(self._per_level)])
@@ -802,15 +816,16 @@ class PairOperator:
         chunks = list(zip(bounds[:-1], bounds[1:]))
         for lo, hi in chunks:
             e0, e1 = entry_ptr[lo], entry_ptr[hi]
-            first, second = _pairs_within_levels(self._level_rows[e0:e1, 0])
-            first += e0
-            second += e0
+            repeat, second = _pairs_within_levels(self._per_level[lo:hi], e0)
             out = slice(pair_ptr[lo], pair_ptr[hi])
-            flat = rows[first] * q2 + rows[second]  # rows sorted within a level: first's row >= second's
+            # the first of every pair by repeating its entry's values (no index array: a sequential pass where a
+            # gather took two); rows sorted within a level: first's row >= second's
+            flat = np.repeat(row_offsets[e0:e1], repeat)
+            flat += rows[second]
             touched[flat] = True
             dest[out] = flat
-            # each column gathered once for the first and once for the second of every pair
-            at_first, at_second = [c[first] for c in columns], [c[second] for c in columns]
+            at_first = [np.repeat(c[e0:e1], repeat) for c in columns]
+            at_second = [c[second] for c in columns]
             for coef, (a, b) in zip(coefs, upper):
                 np.multiply(at_first[a], at_second[b], out=coef[out])
                 if a != b:
@@ -889,14 +904,17 @@ def unique_inverse(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ordered[new], inverse
 
 
-def _pairs_within_levels(level: np.ndarray):
-    """For entries sorted by level: every (i, j) with j <= i in the same level, as index arrays."""
-    n = level.shape[0]
-    starts = np.searchsorted(level, level, side="left")  # first entry of each entry's level
+def _pairs_within_levels(per_level: np.ndarray, offset: int = 0):
+    """For entries sorted by level, `per_level` entries in each: every (i, j) with j <= i in the same level, as (the
+    number of pairs whose first is i, for each i; every pair's j + offset), pairs ordered by i then j: pair p's
+    first is np.repeat(np.arange(n), repeat)[p]."""
+    level_starts = np.cumsum(per_level) - per_level
+    n = int(level_starts[-1] + per_level[-1]) if per_level.shape[0] else 0
+    starts = np.repeat(level_starts, per_level)  # first entry of each entry's level
     repeat = np.arange(n) - starts + 1  # entry i pairs with itself and those before it
-    first = np.repeat(np.arange(n), repeat)
-    second = np.arange(first.shape[0]) - np.repeat(np.cumsum(repeat) - repeat - starts, repeat)
-    return first, second
+    second = np.arange(int(np.sum(repeat)))
+    second -= np.repeat(np.cumsum(repeat) - repeat - starts - offset, repeat)
+    return repeat, second
 
 
 def dense_cholesky(S: np.ndarray, workspace: Workspace | None = None, blocked: bool = False) -> np.ndarray:

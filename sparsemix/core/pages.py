@@ -13,6 +13,14 @@ A freed array of more than glibc's mmap threshold goes back to the kernel, and t
 in again, page by page, zeroed: the blocked Cholesky and inverse of a 16,000-column Schur complement allocate ~6 GB
 of temporaries an evaluation. Inside `reused_buffers` (a fit) they come from a `Workspace` instead, named buffers
 that grow to the largest size asked and are dropped when the scope ends.
+
+glibc's threshold starts at 128 KB and rises, each time an array above it is freed, to that array's size, up to 32
+MB (its ceiling on 64-bit; the trim threshold, twice it, follows): in a process's first fit every mid-sized temporary
+(the Schur update's products, the pair map's chunks, 0.5-2 MB each) was a fresh mapping, faulted in again after each
+rise, where a later fit reuses the freed memory. `keep_freed_memory` sets both thresholds to that ceiling at a
+process's first fit: where glibc's own adaptation ends once the process has freed one array of 32 MB, which a large
+fit does anyway (InstEval's first fit: 23,000 -> 19,500 page faults, 214 -> 203 ms median of 15 fresh processes;
+docs/performance-scale.md). Not where the user set glibc's MALLOC_ variables, or on another C library.
 """
 
 from __future__ import annotations
@@ -26,7 +34,14 @@ from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["compaction_on_fault", "without_hugepage_hint", "Workspace", "reused_buffers", "fit_workspace"]
+__all__ = [
+    "compaction_on_fault",
+    "without_hugepage_hint",
+    "Workspace",
+    "reused_buffers",
+    "fit_workspace",
+    "keep_freed_memory",
+]
 
 DEFRAG_SETTING = "/sys/kernel/mm/transparent_hugepage/defrag"
 
@@ -125,6 +140,35 @@ def reused_buffers():
         yield
     finally:
         _fit_workspace.reset(token)
+
+
+# glibc's malloc.h: mallopt's parameters, and its adaptive mmap threshold's ceiling on 64-bit (DEFAULT_MMAP_
+# THRESHOLD_MAX)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEPT_MMAP_THRESHOLD = 32 * 2**20
+_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """glibc's mmap and trim thresholds at the ceiling of its own adaptation (see the module docstring), once per
+    process; whether they were set."""
+    try:
+        libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        libc_version = ""
+    if not libc_version.startswith("glibc") or any(name in os.environ for name in _MALLOC_VARIABLES):
+        return False
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # (the process's own C library)
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, KEPT_MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2 * KEPT_MMAP_THRESHOLD)
+    )
 
 
 def fit_workspace() -> Workspace:

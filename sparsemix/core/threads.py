@@ -25,7 +25,7 @@ import os
 import threading
 from contextlib import contextmanager, nullcontext
 
-from .pages import reused_buffers, without_hugepage_hint
+from .pages import keep_freed_memory, reused_buffers, without_hugepage_hint
 
 __all__ = [
     "blas_threads",
@@ -139,8 +139,9 @@ def fit_threads():
     engine's stages otherwise wake pools whose threads spin on cores that other processes hold (the seed's
     crossed fit beside two busy processes: 72 ms with the default threads, 41 ms with one; quiet: 28 ms). The
     stages that pay for threads take them back, as many as are free (blas_threads(False), dense_threads,
-    kernel_threads). numpy's huge-page hint is off meanwhile where the kernel would stall on it, and the dense
-    routines reuse their buffers (core/pages.py)."""
+    kernel_threads). numpy's huge-page hint is off meanwhile where the kernel would stall on it, the dense
+    routines reuse their buffers, and glibc keeps freed memory from a process's first fit on (core/pages.py)."""
+    keep_freed_memory()
     with _one_thread(), without_hugepage_hint(), reused_buffers():
         yield
 

@@ -144,7 +144,9 @@ def score_and_information(system, theta: np.ndarray, reml: bool, ev, single: boo
     sizes, starts = rc.column_counts, rc.column_starts  # (scalar terms: a column a level)
     lam = np.repeat(theta, sizes)  # Lambda's diagonal
     p = c.p
-    beta, u = system.modes(ev)
+    reml_terms = reml and p
+    # (with K^{-1} Lambda' Z'X for REML's terms in the same solve)
+    beta, u, C = system.modes(ev, ev.RZX) if reml_terms else (*system.modes(ev), None)
     b = lam * u
     Zte = c.residual_products(beta, b)  # Z'e
     ee = ev.r2 - u @ u  # e'e
@@ -154,9 +156,8 @@ def score_and_information(system, theta: np.ndarray, reml: bool, ev, single: boo
     # tr(P_1) and tr(Z_j' P_1 Z_j) with P_1 = sigma^2 P (V at sigma^2 = 1)
     trace_P = c.n - float(np.sum(traces * theta**2))
     trace_ZPZ = traces.copy()
-    if reml and p:
-        C = system.half_solve_t(ev.RZX)  # K^{-1} Lambda' Z'X
-        CR = rx_transpose_solve(ev.RX, C.T).T  # C R_X^{-1}
+    if reml_terms:
+        CR = rx_transpose_solve(ev.RX, C.T).T  # C R_X^{-1}, C = K^{-1} Lambda' Z'X
         trace_P -= p - float(np.sum(CR**2))
         T = c.ZtX - c.ZtZ @ (lam[:, None] * C)  # Z'V^{-1}X
         TR = rx_transpose_solve(ev.RX, T.T).T
