@@ -744,3 +744,21 @@ def test_traces_corrected_from_a_nearby_inverse_are_far_closer_than_the_signs_al
     assert system.estimated_traces(near, 16, corrected=True) is None  # (the fit's buffers are gone)
     assert np.all(np.abs(corrected - exact) <= 5 * errors + 1e-6 * np.abs(exact))
     assert np.all(errors < plain_errors / 20)
+
+
+def test_a_factor_told_to_expect_scoring_forms_the_trace_product_with_its_first_update():
+    """expect_scoring: the first refactorization's pass over the pair map forms the score's trace product too (no
+    pass of its own afterwards), and the traces are those computed without it."""
+    X, y, terms = _problem(n=2_000)
+    theta = np.array([0.7, 1.1, 0.4])
+    told, plain = _schur_system(X, y, terms, update="pairs"), _schur_system(X, y, terms, update="pairs")
+    told.expect_scoring()
+    with told.threads(), reused_buffers():
+        told.evaluate(theta)
+        assert told._factor._score_products is not None
+        expected = told.variance_traces(theta)
+    with plain.threads(), reused_buffers():
+        plain.evaluate(theta)
+        assert plain._factor._score_products is None
+        traces = plain.variance_traces(theta)
+    np.testing.assert_allclose(expected, traces, rtol=1e-12)

@@ -542,6 +542,11 @@ class SchurFactor:
                 v[:, a] += H[:, a, b][self._level_of_entry] * g[:, b]
         return g, v, None
 
+    def expect_scoring(self) -> None:
+        """variance_traces will be asked for: each refactorization forms its pair product from the first on (in the
+        update's pass over the pair map; alone after it, the start's cost 3 ms more on InstEval)."""
+        self._score_wanted = True
+
     def variance_traces(self, factors, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' V^{-1} Z_j) for every term j, V = I + Z Lambda Lambda' Z', where every term is scalar (theta_j
         per term): what the score of a variance-components model needs (scoring.py). None where the formulas
@@ -791,13 +796,16 @@ class PairOperator:
 
     def build(self) -> "PairOperator":
         q2, k = self.q2, self.k
-        index_dtype = np.int32 if q2 * q2 < 2**31 else np.int64
+        # (S's lower triangle numbered row by row, r (r + 1) / 2 + c: marks and renumbering table half the size of
+        # S's, whose fresh pages cost a process's first fit ~1 ms a MB)
+        triangle = q2 * (q2 + 1) // 2
+        index_dtype = np.int32 if triangle < 2**31 else np.int64
         rows = self._level_rows[:, 1].astype(np.intp)
-        row_offsets = rows * q2  # each entry's row's start in S, flat
+        row_offsets = rows * (rows + 1) // 2  # each entry's row's start in the lower triangle
         columns = [np.ascontiguousarray(self._g[:, a]) for a in range(k)]  # contiguous gathers
         pair_ptr = np.concatenate([[0], np.cumsum(self._per_level * (self._per_level + 1) // 2)])
         entry_ptr = np.concatenate([[0], np.cumsum(self._per_level)])
-        dest = np.empty(pair_ptr[-1], dtype=index_dtype)  # flat destinations r q2 + c in S
+        dest = np.empty(pair_ptr[-1], dtype=index_dtype)  # destinations r (r + 1) / 2 + c in S's lower triangle
         upper = list(zip(*np.triu_indices(k)))
         coefs = [np.empty(pair_ptr[-1]) for _ in upper]
         # Rows are then renumbered to the entries of S the update reaches (145,400 of InstEval's 668,168
@@ -805,7 +813,7 @@ class PairOperator:
         # array that then took two scaling passes and a subtraction (InstEval: ~7 ms of 10 MB passes per
         # product). The marks and the renumbering table are temporaries up to half the size of S (scipy's
         # CSC -> CSR conversion took 20 ms here, argsort 145).
-        touched = np.zeros(q2 * q2, dtype=bool)
+        touched = np.zeros(triangle, dtype=bool)
         # Levels in chunks of about PAIR_CHUNK pairs: the int64 index temporaries stay small, and are reused from
         # the heap chunk after chunk (in one chunk, InstEval's 1M pairs took ~70 MB of fresh pages: 0.17 s of a
         # process's first fit against 0.03 s later). Marks and renumbering index with the chunk's intp values:
@@ -830,15 +838,16 @@ class PairOperator:
                 np.multiply(at_first[a], at_second[b], out=coef[out])
                 if a != b:
                     coef[out] += at_first[b] * at_second[a]
-        self.destinations = np.flatnonzero(touched)  # flat indices r q2 + c of S, r >= c, ascending
+        reached = np.flatnonzero(touched)  # ascending: row by row, as S's flat indices are
         del touched
-        rank = np.empty(q2 * q2, dtype=index_dtype)
-        rank[self.destinations] = np.arange(self.destinations.shape[0], dtype=index_dtype)
+        rank = np.empty(triangle, dtype=index_dtype)
+        rank[reached] = np.arange(reached.shape[0], dtype=index_dtype)
         for lo, hi in chunks:
             out = slice(pair_ptr[lo], pair_ptr[hi])
             dest[out] = rank[dest[out].astype(np.intp)]
         del rank
-        self.rows, self.columns = np.divmod(self.destinations, q2)
+        self.rows, self.columns = _triangle_coordinates(reached)
+        self.destinations = self.rows * q2 + self.columns  # flat indices r q2 + c of S, r >= c, ascending
         self.multiplicity = np.where(self.rows == self.columns, 1.0, 2.0)  # in both triangles of S
         # CSC with one column per level: the entries of a column are that level's pairs, already in order.
         # (built in order, so scipy's format check is skipped: it took a quarter of the build)
@@ -874,6 +883,14 @@ class PairOperator:
         out = np.zeros(self.q2 * self.q2)
         out[self.destinations] = values
         return out.reshape(self.q2, self.q2)
+
+
+def _triangle_coordinates(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(r, c) of entries numbered r (r + 1) / 2 + c (c <= r) in a lower triangle, row by row."""
+    r = ((np.sqrt(8.0 * index + 1.0) - 1.0) // 2).astype(np.intp)
+    r -= r * (r + 1) // 2 > index  # (the square root's rounding, either way)
+    r += (r + 1) * (r + 2) // 2 <= index
+    return r, index - r * (r + 1) // 2
 
 
 def _level_rows(G: sp.csc_matrix, k: int):

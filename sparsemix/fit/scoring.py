@@ -194,6 +194,7 @@ def fit_by_scoring(
     than SCORING_LAST_STEP, which leaves a few percent of itself at most.
     """
     t0 = time.perf_counter()
+    system.expect_scoring()
     always_single = system.relcov.after_first >= SINGLE_ALWAYS_MIN_ORDER
     point = scoring_point(system, start, reml, single=True, estimated="random" if always_single else None)
     count = 1
