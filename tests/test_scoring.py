@@ -645,8 +645,7 @@ def _ratings_system(n=40_000, users=2_000, items=400, seed=5):
 
 def test_estimated_traces_agree_with_the_exact_ones_within_their_errors():
     """Hutchinson's estimates (random signs) of the score's traces: within a few standard errors of the inverse's,
-    with errors that are not zero (estimated, not computed), the same in every call (fixed signs); not offered where
-    the pair map stands in for the compiled update."""
+    with errors that are not zero (estimated, not computed), the same in every call (fixed signs)."""
     system = _ratings_system()
     theta = np.array([0.5, 0.6])
     with system.threads(), reused_buffers():  # (a fit's buffers, where an inverse is kept)
@@ -654,12 +653,34 @@ def test_estimated_traces_agree_with_the_exact_ones_within_their_errors():
         exact = system.variance_traces(theta)
         estimate, errors = system.estimated_traces(theta, 16)
         again, _ = system.estimated_traces(theta, 16)
-        X, y, terms = _problem()
-        assert _schur_system(X, y, terms, update="pairs").estimated_traces(np.array([0.7, 1.1, 0.4]), 16) is None
     assert np.all(errors > 0)
     assert np.all(np.abs(estimate - exact) <= 5 * errors)
     assert np.max(np.abs(estimate / exact - 1)) < 1e-3
     np.testing.assert_array_equal(again, estimate)
+
+
+def test_the_pair_maps_estimated_traces_sum_the_last_small_terms_exactly(monkeypatch):
+    """Where the pair map makes the update, the first term's product comes from A21 (two sparse products): within a
+    few standard errors of the inverse's traces; the last terms, up to EXACT_DIAGONAL_MAX_COLUMNS columns together,
+    have their diagonal sums from the inverse of L's trailing block (exact, no error); above that limit they are
+    sampled like the others."""
+    X, y, terms = _problem(n=2_000)
+    system = _schur_system(X, y, terms, update="pairs")
+    theta = np.array([0.7, 1.1, 0.4])
+    with system.threads(), reused_buffers():
+        system.evaluate(theta)
+        exact = system.variance_traces(theta)
+        estimate, errors = system.estimated_traces(theta, 64)
+        monkeypatch.setattr(factor_module, "EXACT_DIAGONAL_MAX_COLUMNS", 5)  # (the last term's 5 columns only)
+        last, last_errors = system.estimated_traces(theta, 64)
+        monkeypatch.setattr(factor_module, "EXACT_DIAGONAL_MAX_COLUMNS", 0)
+        sampled, sampled_errors = system.estimated_traces(theta, 64)
+    assert errors[0] > 0 and np.all(errors[1:] == 0)  # (the terms after the first: 12 and 5 columns)
+    np.testing.assert_allclose(estimate[1:], exact[1:], rtol=1e-10)
+    assert abs(estimate[0] - exact[0]) <= 5 * errors[0]
+    assert last_errors[1] > 0 and last_errors[2] == 0 and last[2] == pytest.approx(exact[2], rel=1e-10)
+    assert np.all(sampled_errors > 0) and np.all(np.abs(sampled - exact) <= 5 * sampled_errors)
+    np.testing.assert_array_equal(sampled[0], estimate[0])  # (the same signs)
 
 
 def _scored_calls(monkeypatch):
@@ -713,6 +734,7 @@ def test_an_estimate_too_rough_for_its_step_is_scored_again(monkeypatch):
     monkeypatch.setattr(scoring, "SINGLE_ALWAYS_MIN_ORDER", 1)
     with system.threads(), reused_buffers():  # (a fit's buffers, where an inverse is kept)
         monkeypatch.setattr(scoring, "ESTIMATE_MAX_SHARE", 0.0)
+        monkeypatch.setattr(scoring, "ESTIMATE_FAR_MAX_SHARE", 0.0)
         calls = _scored_calls(monkeypatch)
         rescored, _, count = fit_by_scoring(system, start, True)
         # every estimate (the start's and later ones) scored again with the inverse
@@ -723,6 +745,35 @@ def test_an_estimate_too_rough_for_its_step_is_scored_again(monkeypatch):
         exact, _, count_exact = fit_by_scoring(system, start, True)
     np.testing.assert_array_equal(rescored.theta, exact.theta)
     assert count == count_exact
+
+
+def _insteval_like_fit(**kwargs):
+    data = generate_insteval_like(1_500, 1_100, 8, 10.0, seed=7)
+    return sparsemix.lmer("y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)", data, **kwargs)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_a_pair_map_fit_from_an_estimated_start_reaches_the_same_optimum(monkeypatch, reml):
+    """From START_ESTIMATE_MIN_ORDER columns after the first term (here 1,039 lecturers and 16 departments x
+    service) the start's traces are estimated, not inverted: the estimate is kept (the start not scored again), one
+    inverse fewer, the same optimum in as many evaluations as with the start's inverse."""
+    import sparsemix.fit.scoring as scoring
+
+    calls = _scored_calls(monkeypatch)
+    estimated = _insteval_like_fit(reml=reml)
+    with_estimate = list(calls)
+    least_order = scoring.START_ESTIMATE_MIN_ORDER
+    monkeypatch.setattr(scoring, "START_ESTIMATE_MIN_ORDER", 10**9)
+    calls.clear()
+    exact = _insteval_like_fit(reml=reml)
+    system = estimated.fit_result.system
+    assert system.factorization_mode == "schur" and system._factor.update == "pairs"
+    assert system.relcov.after_first >= least_order
+    assert with_estimate[0] == "random" and with_estimate[1:] == ["inverse"] * (len(with_estimate) - 1)
+    assert calls == ["inverse"] * len(with_estimate)
+    np.testing.assert_allclose(estimated.theta, exact.theta, rtol=1e-6)
+    assert estimated.deviance == pytest.approx(exact.deviance, rel=1e-14)
+    assert estimated.n_evaluations == exact.n_evaluations
 
 
 def test_traces_corrected_from_a_nearby_inverse_are_far_closer_than_the_signs_alone():

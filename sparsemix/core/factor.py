@@ -590,24 +590,29 @@ class SchurFactor:
         errors shrink with the distance (the variance of z'Mz is 2 |M|_F^2 off the diagonal); None where no
         inverse is kept."""
         scales = self._trace_scales(factors)
-        if scales is None or self.update != "kernel":
+        theta1 = factors[0][0, 0] if scales is not None else 0.0
+        if scales is None or self.update not in ("kernel", "pairs") or (self.update == "pairs" and theta1 == 0.0):
             return None
         kept = self._kept_inverse() if corrected else None
         if corrected and kept is None:
             return None
         lam, lam_terms, sizes, starts = scales
-        from .kernels import level_sandwich  # (imported with LevelBands already)
-
         Z = np.where(np.random.default_rng(PROBE_SEED).random((self.q2, probes)) < 0.5, -1.0, 1.0)
         # (the C-ordered lower factor is the Fortran-ordered upper one: no copy)
-        X, info = lapack.dpotrs(self._LS.T, Z, lower=0)
+        with dense_threads(self.q2):  # (two triangular solves of the probes: BLAS 3 on S's order)
+            X, info = lapack.dpotrs(self._LS.T, Z, lower=0)
         if info != 0:
             return None
-        WZ = np.zeros_like(Z)
-        level_sandwich(
-            self._level_of_entry, self._entry_rows, self._g[:, 0], self._trace_weights(), lam[:, None] * Z, WZ
-        )
-        WZ *= lam[:, None]
+        if self.update == "pairs":  # A21 = theta_1 Lambda_2 G, at hand: two sparse products, no pass over the map
+            WZ = self._A21 @ ((self._trace_weights() / theta1**2)[:, None] * (self._A21.T @ Z))
+        else:
+            from .kernels import level_sandwich  # (imported with LevelBands already)
+
+            WZ = np.zeros_like(Z)
+            level_sandwich(
+                self._level_of_entry, self._entry_rows, self._g[:, 0], self._trace_weights(), lam[:, None] * Z, WZ
+            )
+            WZ *= lam[:, None]
         first_base = self._first_trace_base()  # (less tr(A W) where corrected)
         diagonal_base = np.zeros(sizes.shape[0])
         if kept is not None:
@@ -621,6 +626,14 @@ class SchurFactor:
             first_base -= kept_trace
         level_samples = np.einsum("ic,ic->c", X, WZ)  # z' (S^{-1} [- A]) Lambda_2 G diag(h) G' Lambda_2 z
         diagonal_samples = np.add.reduceat(Z * X, starts, axis=0)  # per term and probe
+        trailing = _trailing_terms(sizes, EXACT_DIAGONAL_MAX_COLUMNS)
+        if trailing.size:
+            first_column = int(starts[trailing[0]])
+            block = self._LS[first_column:, first_column:]
+            inverse_block = la.solve_triangular(block, np.eye(block.shape[0]), lower=True, check_finite=False)
+            diagonal = np.einsum("ij,ij->j", inverse_block, inverse_block)
+            sums = np.add.reduceat(diagonal, starts[trailing] - first_column)
+            diagonal_samples[trailing] = (sums - diagonal_base[trailing])[:, None]
         samples = np.vstack(
             [
                 first_base - level_samples,
@@ -767,6 +780,16 @@ class SchurFactor:
 
     def solve(self, B):
         return self.half_solve_t(self.half_solve(B))
+
+
+EXACT_DIAGONAL_MAX_COLUMNS = 64
+
+
+def _trailing_terms(sizes: np.ndarray, max_columns: int) -> np.ndarray:
+    """The last terms (indices, in order) whose columns together are at most max_columns."""
+    within = np.cumsum(sizes[::-1]) <= max_columns
+    count = int(np.argmin(within)) if not within.all() else sizes.shape[0]
+    return np.arange(sizes.shape[0] - count, sizes.shape[0])
 
 
 class PairOperator:

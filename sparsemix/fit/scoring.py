@@ -89,6 +89,17 @@ CORRECTED_MAX_STEP = 0.03
 TRACE_ERROR_SIGMAS = 4.0
 ESTIMATE_MAX_SHARE = 0.01
 ESTIMATE_MIN_STEP = 1e-3
+# A step of at least ESTIMATE_FAR_STEP (relative) is far from the optimum, where the AI's quadratic model itself leaves
+# ~12% of it (InstEval's start: a step of 14.7% to 1.8% off): there the estimate may move it by ESTIMATE_FAR_MAX_SHARE.
+# From START_ESTIMATE_MIN_ORDER columns after the first term (below SINGLE_ALWAYS_MIN_ORDER) the start's traces are
+# estimated too: an inverse and the pair map's trace product (12-14 ms at InstEval's 1,156) for 16 signs' two
+# triangular solves and two products with A21 (3-4 ms). On InstEval and six simulated designs like it (1,100-1,500
+# lecturers, 8-40 ratings a student) the estimate held at every start, each fit in as many evaluations as with the
+# inverse, 2-12% faster, its deviance within 1.3e-9 (theta within 2e-6 on InstEval, where the last step, taken by the
+# deviance's resolution, lands elsewhere; 1e-7 on the others); at 1% it held on 2 of the 7 (docs/performance-scale.md).
+ESTIMATE_FAR_STEP = 0.05
+ESTIMATE_FAR_MAX_SHARE = 0.05
+START_ESTIMATE_MIN_ORDER = 1000
 
 
 @dataclass(frozen=True)
@@ -196,7 +207,8 @@ def fit_by_scoring(
     t0 = time.perf_counter()
     system.expect_scoring()
     always_single = system.relcov.after_first >= SINGLE_ALWAYS_MIN_ORDER
-    point = scoring_point(system, start, reml, single=True, estimated="random" if always_single else None)
+    estimate_start = always_single or system.relcov.after_first >= START_ESTIMATE_MIN_ORDER
+    point = scoring_point(system, start, reml, single=True, estimated="random" if estimate_start else None)
     count = 1
     if point is None:
         return None, np.asarray(start, dtype=float), count
@@ -286,7 +298,8 @@ def _estimate_holds(point: ScoringPoint, newton: np.ndarray, length: float) -> b
     except np.linalg.LinAlgError:
         return False
     moves = np.abs((steps[1:] - steps[0]) / 2.0) @ point.trace_errors
-    return bool(np.all(np.isfinite(moves)) and TRACE_ERROR_SIGMAS * np.max(moves) <= ESTIMATE_MAX_SHARE * length)
+    share = ESTIMATE_FAR_MAX_SHARE if length >= ESTIMATE_FAR_STEP else ESTIMATE_MAX_SHARE
+    return bool(np.all(np.isfinite(moves)) and TRACE_ERROR_SIGMAS * np.max(moves) <= share * length)
 
 
 def _bounded(log_step: np.ndarray) -> np.ndarray:
