@@ -591,7 +591,8 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     # (dense up to COMPONENTS_DENSE_MAX_Q columns: scipy's sparse operations cost ~20 us a call, 210 us a start)
     J = len(rc.blocks)
     # one term: G is diagonal (a row reaches one level), its products d-weighted rows
-    G = None if J == 1 else cross.ZtZ.toarray() if rc.q <= COMPONENTS_DENSE_MAX_Q else sp.csr_matrix(cross.ZtZ)
+    # (Z'Z stores both triangles: its CSC transposed is itself as a CSR, without a conversion)
+    G = None if J == 1 else cross.ZtZ.toarray() if rc.q <= COMPONENTS_DENSE_MAX_Q else sp.csc_matrix(cross.ZtZ).T
     d = cross.ZtZ.diagonal() if G is None else G.diagonal()
     if not np.all(d > 0):
         return None
@@ -600,7 +601,7 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     if G is None:
         squares = (d * d)[:, None]
     else:
-        squares = np.asarray((G * G if isinstance(G, np.ndarray) else G.multiply(G)) @ E)
+        squares = np.asarray((G * G if isinstance(G, np.ndarray) else G.power(2)) @ E)
     diagonal = d.copy()
     known_mean = not reml and (G is None or _nested(G, rc.column_slices))
     if cross.p and not known_mean:
@@ -612,7 +613,12 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
         diagonal -= np.einsum("ip,ip->i", CK, cross.ZtX)
         for k, cols in enumerate(rc.column_slices):
             C_k = cross.ZtX[cols]
-            GC = d[:, None] * C_k if G is None else np.asarray(G[:, cols] @ C_k)
+            if G is None:
+                GC = d[:, None] * C_k
+            else:  # G[:, cols] C_k as G times C_k in its rows (a sparse matrix's column slice costs more)
+                padded = np.zeros_like(cross.ZtX)
+                padded[cols] = C_k
+                GC = np.asarray(G @ padded)
             squares[:, k] -= 2.0 * np.einsum("ip,ip->i", CK, GC)
             squares[:, k] += np.einsum("ip,ip->i", CK @ (C_k.T @ C_k), CK)
     d2 = d**2
