@@ -542,10 +542,11 @@ class SchurFactor:
                 v[:, a] += H[:, a, b][self._level_of_entry] * g[:, b]
         return g, v, None
 
-    def expect_scoring(self) -> None:
+    def expect_scoring(self, wanted: bool = True) -> None:
         """variance_traces will be asked for: each refactorization forms its pair product from the first on (in the
-        update's pass over the pair map; alone after it, the start's cost 3 ms more on InstEval)."""
-        self._score_wanted = True
+        update's pass over the pair map; alone after it, the start's cost 3 ms more on InstEval); `wanted` False:
+        not after this (variance_traces still forms it alone where asked)."""
+        self._score_wanted = wanted
 
     def variance_traces(self, factors, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' V^{-1} Z_j) for every term j, V = I + Z Lambda Lambda' Z', where every term is scalar (theta_j

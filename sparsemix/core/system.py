@@ -1010,12 +1010,13 @@ class PenalizedSystem:
         """Whether variance_traces offers single precision (the Schur form's large inverse; not a small dense one)."""
         return isinstance(self._factor, SchurFactor)
 
-    def expect_scoring(self) -> None:
+    def expect_scoring(self, wanted: bool = True) -> None:
         """Newton steps on the score (fit/scoring.py) follow: the factor forms what the score's traces need along with
-        each refactorization from the first on, where it can (SchurFactor.expect_scoring)."""
+        each refactorization from the first on, where it can (SchurFactor.expect_scoring); `wanted` False: no more
+        scores (a last step checked by its deviance)."""
         expect = getattr(self._factor, "expect_scoring", None)
         if self.supports_scoring and expect is not None:
-            expect()
+            expect(wanted)
 
     def variance_traces(self, theta, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' (I + Z Lambda Lambda' Z')^{-1} Z_j) per term j at theta, for a variance-components model in

@@ -242,6 +242,7 @@ def fit_by_scoring(
         if length < SCORING_LAST_STEP or _leaves_nothing(point, log_step, length, history):
             # the last step: checked by its deviance, no score needed after it
             theta = _theta_after(point, log_step)
+            system.expect_scoring(False)
             deviance = system.profiled_deviance(system.evaluate(theta), reml)
             count += 1
             if deviance <= point.deviance + 1e-12 * abs(point.deviance):
