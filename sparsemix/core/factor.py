@@ -582,17 +582,21 @@ class SchurFactor:
     def estimated_traces(self, factors, probes: int, corrected: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """variance_traces estimated, with their standard errors, from `probes` random sign vectors z (Hutchinson:
         E[z'Az] = tr A, and E[z_i (Az)_i] = A_ii for the terms' diagonal sums): S^{-1} z by the factor's two
-        triangular solves, G diag(h) G' z by two passes over G's entries, where the exact traces need S^{-1} whole
-        (at order 16,000 a single-precision inverse and a pass over every pair of a level's entries). For the
-        compiled update's scalar first term only (None otherwise); the probes are the same in every fit.
+        triangular solves, G diag(h) G' z by two passes over G's entries (the compiled update's) or two products
+        with A21 (the pair map's), where the exact traces need S^{-1} whole (at order 16,000 a single-precision
+        inverse and a pass over every pair of a level's entries); the last terms, up to EXACT_DIAGONAL_MAX_COLUMNS
+        columns, have their diagonal sums exactly, from L's trailing block. For a scalar first term (with the pair
+        map, a nonzero one) and scalar terms after it only (None otherwise); the probes are the same in every fit.
 
         `corrected`: only as the exact traces with the last inverse variance_traces computed, A (kept, if no other
         inverse was computed since), plus the estimated traces of S^{-1} - A: near that inverse's point their
         errors shrink with the distance (the variance of z'Mz is 2 |M|_F^2 off the diagonal); None where no
         inverse is kept."""
         scales = self._trace_scales(factors)
-        theta1 = factors[0][0, 0] if scales is not None else 0.0
-        if scales is None or self.update not in ("kernel", "pairs") or (self.update == "pairs" and theta1 == 0.0):
+        if scales is None or self.update not in ("kernel", "pairs"):
+            return None
+        theta1 = factors[0][0, 0]
+        if self.update == "pairs" and theta1 == 0.0:  # (A21 = theta_1 Lambda_2 G holds no G then)
             return None
         kept = self._kept_inverse() if corrected else None
         if corrected and kept is None:
@@ -949,9 +953,8 @@ def _pairs_within_levels(per_level: np.ndarray, offset: int = 0):
     """For entries sorted by level, `per_level` entries in each: every (i, j) with j <= i in the same level, as (the
     number of pairs whose first is i, for each i; every pair's j + offset), pairs ordered by i then j: pair p's
     first is np.repeat(np.arange(n), repeat)[p]."""
-    level_starts = np.cumsum(per_level) - per_level
-    n = int(level_starts[-1] + per_level[-1]) if per_level.shape[0] else 0
-    starts = np.repeat(level_starts, per_level)  # first entry of each entry's level
+    n = int(np.sum(per_level))
+    starts = np.repeat(np.cumsum(per_level) - per_level, per_level)  # first entry of each entry's level
     repeat = np.arange(n) - starts + 1  # entry i pairs with itself and those before it
     second = np.arange(int(np.sum(repeat)))
     second -= np.repeat(np.cumsum(repeat) - repeat - starts - offset, repeat)

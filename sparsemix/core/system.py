@@ -1027,9 +1027,8 @@ class PenalizedSystem:
         return self._factor.variance_traces(self._factor_at(theta), single)
 
     def estimated_traces(self, theta, probes: int, corrected: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
-        """variance_traces estimated at theta, with their standard errors (SchurFactor.estimated_traces: where the
-        compiled update stands in for the pair map; `corrected`: as the last inverse's traces plus the estimated
-        change), or None where not offered."""
+        """variance_traces estimated at theta, with their standard errors (SchurFactor.estimated_traces; `corrected`:
+        as the last inverse's traces plus the estimated change), or None where not offered."""
         estimate = getattr(self._factor, "estimated_traces", None)
         if not self.supports_scoring or estimate is None:
             return None
