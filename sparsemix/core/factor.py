@@ -33,7 +33,7 @@ from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
 
 _potrf, _trtrs = lapack.dpotrf, lapack.dtrtrs
 
-__all__ = ["CholmodFactor", "DenseFactor", "SchurFactor", "schur_applicable"]
+__all__ = ["CholmodFactor", "DenseFactor", "SchurFactor", "schur_applicable", "trailing_rescaled"]
 
 DENSE_FILL = 0.2  # A21 at least this full is handled as a dense matrix ...
 DENSE_W_MAX_ENTRIES = 20_000_000  # ... when it has at most this many entries (160 MB)
@@ -454,6 +454,25 @@ class SchurFactor:
             self._subtract_update(S, factors)
         self._LS = dense_cholesky(S)
 
+    def trailing_block(self, count: int) -> np.ndarray:
+        """The last `count` x `count` block of S's factor (lower triangular; a copy)."""
+        return self._LS[-count:, -count:].copy()
+
+    def rescale_trailing(self, count: int, ratio: float, block: np.ndarray) -> None:
+        """The factor, in place, after the scale of S's last `count` columns (Lambda_2's, one scalar term's) was
+        multiplied by `ratio`, nothing else changed, given the new trailing block (trailing_rescaled(...)[0]): those
+        columns' rows of A21, W' and L times `ratio`, the trailing block replaced, and the score's pair product
+        (scaled by Lambda_2 at both ends) rescaled where it was formed."""
+        first = self.q2 - count
+        self._LS[first:, :first] *= ratio
+        self._LS[first:, first:] = block
+        self._A21.data[self._A21.indices >= first] *= ratio
+        if self._Wt is not None:
+            self._Wt[first:] *= ratio
+        if self._score_products is not None:
+            self._score_products[self._pairs.rows >= first] *= ratio
+            self._score_products[self._pairs.columns >= first] *= ratio
+
     def _level_blocks(self, factors) -> np.ndarray:
         """H_l = T1 M_l^{-1} T1' for every level l of the first term, (n1, k1, k1)."""
         T1 = factors[0]
@@ -788,6 +807,26 @@ class SchurFactor:
 
 
 EXACT_DIAGONAL_MAX_COLUMNS = 64
+
+
+def trailing_rescaled(block: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where the scale of a system's last columns changes by `ratio` (Lambda_t -> ratio Lambda_t) and L_t is their
+    block of L (lower): (L_t', ratio L_t'^{-1} L_t), or None where rounding lost positive definiteness.
+
+    Those columns' rows and columns of A = Lambda' Z'Z Lambda scale by `ratio`, so their rows of L left of the block
+    do too, and L_t' L_t'^T = ratio^2 L_t L_t' + (1 - ratio^2) I; the second matrix takes the trailing rows of
+    L^{-1} B to the new ones where B's trailing rows scale by `ratio` as well (B = Lambda' Z'[X y])."""
+    count = block.shape[0]
+    new = ratio * ratio * (block @ block.T)
+    new[np.diag_indices(count)] += 1.0 - ratio * ratio
+    upper, info = _potrf(new.T, lower=0, overwrite_a=1, clean=1)  # (as dense_cholesky: the lower triangle read)
+    if info != 0:
+        return None
+    lower = upper.T
+    mapped, info = _trtrs(lower, block, lower=1)
+    if info != 0:
+        return None
+    return lower, ratio * mapped
 
 
 def _trailing_terms(sizes: np.ndarray, max_columns: int) -> np.ndarray:

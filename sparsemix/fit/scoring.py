@@ -46,6 +46,10 @@ SCORING_LAST_STEP = 3e-5
 # left after this step, about rho^2 / (1 - rho^2) of its predicted decrease of the deviance, is below the deviance's
 # own resolution: this many times |deviance| (~50 units in the last place, the rounding of a log-determinant's sum).
 SCORING_DEVIANCE_RESOLUTION = 1e-14
+# A point whose next step (shorter than SCORING_LAST_STEP) would lower the deviance by less than this, or than its
+# resolution where that is larger, is the optimum: lme4's own stop (nloptwrap's BOBYQA, ftol_abs) is a change of
+# the deviance below 1e-8 between its iterations.
+SCORING_STOP_DECREASE = 1e-8
 # (a ratio above this is no linear convergence to extrapolate)
 SCORING_MAX_CONTRACTION = 0.5
 # A theta_j (a relative standard deviation) below this is heading for the boundary, where BOBYQA (bounded) and
@@ -64,9 +68,11 @@ SCORING_MAX_LINEAR_GROWTH = 4.0
 # The secant correction follows full steps that moved theta by less than this, relative.
 SECANT_MAX_STEP = 0.1
 # Far from the optimum the score's traces are computed in single precision (a potri at half the cost): at the
-# start and after a step at least this long, relative. On InstEval the start and three more points of six; on
-# it and six InstEval-like designs the same number of points as in double, theta equal to 5e-11.
-SINGLE_AFTER_STEP = 1e-3
+# start and after a step at least this long, relative. On InstEval and six InstEval-like designs the same number of
+# points as in double, theta equal to 5e-11 (at 1e-3). 1e-4 since the last term's refinement: InstEval's last
+# point then came after a step of 1.0e-3, and a single-precision point whose step is negligible ends the fit there
+# (_negligible, before the point is scored again in double), theta within 3e-8 of the double's.
+SINGLE_AFTER_STEP = 1e-4
 # A single-precision point whose step is shorter than this is scored again in double before the step is taken
 # (single precision leaves the traces ~1e-7 relative off; the last steps, which fix theta to 1e-9, need double).
 SINGLE_MIN_STEP = 1e-5
@@ -201,8 +207,9 @@ def fit_by_scoring(
     the current point corrected by the last short step's secant (a BFGS update with the exact score change):
     AI alone converges linearly, each step leaving ~3% of the previous one on InstEval. A trial point costs a
     deviance evaluation; the score and AI are computed only where the step is kept. The fit stops where the
-    next step would move theta by less than `tolerance` (relative), without taking it, or after a step shorter
-    than SCORING_LAST_STEP, which leaves a few percent of itself at most.
+    next step would move theta by less than `tolerance` (relative) or lower the deviance by less than
+    SCORING_STOP_DECREASE, without taking it, or after a step shorter than SCORING_LAST_STEP, which leaves a few
+    percent of itself at most.
     """
     t0 = time.perf_counter()
     system.expect_scoring()
@@ -231,6 +238,8 @@ def fit_by_scoring(
             if point is None:
                 return None, theta, count
             continue
+        if length < SCORING_LAST_STEP and _negligible(point, log_step):
+            return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
         if point.single and length < SINGLE_MIN_STEP and not always_single:  # near the optimum: it again in double
             theta = point.theta
             point = scoring_point(system, theta, reml, system.evaluation_at(theta))
@@ -263,6 +272,10 @@ def fit_by_scoring(
             count += 1
             if system.profiled_deviance(ev, reml) <= point.deviance + 1e-12 * abs(point.deviance):
                 taken = _theta_change(log_step)
+                # a last term of few levels to its optimum with the others held, at the cost of its own block's
+                # factorizations: the AI's steps converge on it only linearly (InstEval's dept:service)
+                ev = system.refined_last_term(ev, reml)
+                theta = ev.theta
                 single = always_single or taken >= SINGLE_AFTER_STEP
                 nearby = point.trace_errors is None and taken < CORRECTED_MAX_STEP  # (point's inverse is kept)
                 estimated = "corrected" if always_single and nearby else None
@@ -331,6 +344,13 @@ def _leaves_nothing(point: ScoringPoint, log_step: np.ndarray, length: float, hi
         return False
     decrease = float((point.psi * point.score) @ log_step)  # the Newton model's, of -2 loglik
     return decrease * rho**2 / (1.0 - rho**2) < SCORING_DEVIANCE_RESOLUTION * abs(point.deviance)
+
+
+def _negligible(point: ScoringPoint, log_step: np.ndarray) -> bool:
+    """Whether the full step would lower the deviance (by the Newton model) by less than SCORING_STOP_DECREASE, or
+    than its resolution where that is larger: the point is the optimum as far as the criterion can tell."""
+    decrease = float((point.psi * point.score) @ log_step)
+    return decrease < max(SCORING_STOP_DECREASE, SCORING_DEVIANCE_RESOLUTION * abs(point.deviance))
 
 
 def _to_boundary(point: ScoringPoint, log_step: np.ndarray) -> bool:
