@@ -437,7 +437,9 @@ class SchurFactor:
             S = np.zeros((q2, q2))
         else:
             S.fill(0.0)
-        S[self._r22, self._c22] = d[self._pos22]  # lower triangle: all LAPACK reads
+        if pair_update is not None:  # written, not subtracted, into the zeros: one scattered pass, not a gather too
+            S.reshape(-1)[self._pairs.destinations] = np.negative(pair_update, out=pair_update)
+        S[self._r22, self._c22] += d[self._pos22]  # lower triangle: all LAPACK reads
         S[np.diag_indices(q2)] += 1.0
         self._Wt = None
         if self.update == "dense":
@@ -449,9 +451,7 @@ class SchurFactor:
                     q2, self.q1
                 )
             S -= self._Wt @ self._Wt.T
-        elif pair_update is not None:
-            S.reshape(-1)[self._pairs.destinations] -= pair_update
-        else:
+        elif pair_update is None:
             self._subtract_update(S, factors)
         self._LS = dense_cholesky(S)
 
