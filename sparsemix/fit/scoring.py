@@ -50,6 +50,10 @@ SCORING_DEVIANCE_RESOLUTION = 1e-14
 # resolution where that is larger, is the optimum: lme4's own stop (nloptwrap's BOBYQA, ftol_abs) is a change of
 # the deviance below 1e-8 between its iterations.
 SCORING_STOP_DECREASE = 1e-8
+# ... where an evaluation costs something: from this order of the block after the first term (InstEval's 1,156: a
+# Cholesky of 10-12 ms). Smaller systems take that step, checked by its deviance: on the seed's 100 x 100 crossed
+# design the rule left the log-likelihood 1.3e-9 below lme4's (+1.5e-11 with the step), to save 1 ms.
+NEGLIGIBLE_STEP_MIN_ORDER = 1000
 # (a ratio above this is no linear convergence to extrapolate)
 SCORING_MAX_CONTRACTION = 0.5
 # A theta_j (a relative standard deviation) below this is heading for the boundary, where BOBYQA (bounded) and
@@ -214,6 +218,7 @@ def fit_by_scoring(
     t0 = time.perf_counter()
     always_single = system.relcov.after_first >= SINGLE_ALWAYS_MIN_ORDER
     estimate_start = always_single or system.relcov.after_first >= START_ESTIMATE_MIN_ORDER
+    large = system.relcov.after_first >= NEGLIGIBLE_STEP_MIN_ORDER
     system.expect_scoring(not estimate_start)  # (an estimate at the start needs no trace product: 0.7 ms on InstEval)
     point = scoring_point(system, start, reml, single=True, estimated="random" if estimate_start else None)
     system.expect_scoring()
@@ -239,7 +244,7 @@ def fit_by_scoring(
             if point is None:
                 return None, theta, count
             continue
-        if length < SCORING_LAST_STEP and _negligible(point, log_step):
+        if large and length < SCORING_LAST_STEP and _negligible(point, log_step):
             return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
         if point.single and length < SINGLE_MIN_STEP and not always_single:  # near the optimum: it again in double
             theta = point.theta
