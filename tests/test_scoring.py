@@ -259,6 +259,7 @@ def test_single_precision_far_points_leave_the_result_unchanged(monkeypatch):
     with system.threads():
         mixed, _, count = fit_by_scoring(system, start, True)
         monkeypatch.setattr("sparsemix.fit.scoring.SINGLE_MIN_STEP", np.inf)
+        monkeypatch.setattr("sparsemix.fit.scoring.SINGLE_POINTS_MIN_ORDER", 10**9)
         double, _, count_double = fit_by_scoring(system, start, True)
     assert mixed is not None and double is not None
     # (each stops where its next step would lower the deviance by less than SCORING_STOP_DECREASE)
@@ -281,8 +282,9 @@ def test_large_blocks_are_scored_in_single_precision_to_the_end(monkeypatch):
         scoring, "scoring_point", lambda *a, **k: precisions.append(k.get("single", False)) or original(*a, **k)
     )
     with system.threads():
+        monkeypatch.setattr(scoring, "SINGLE_POINTS_MIN_ORDER", 10**9)  # (below both orders: the last in double)
         mixed, _, count = fit_by_scoring(system, start, True)
-        assert not all(precisions)  # (below the order: the last points in double)
+        assert not all(precisions)
         precisions.clear()
         monkeypatch.setattr(scoring, "SINGLE_ALWAYS_MIN_ORDER", 1)
         single, _, count_single = fit_by_scoring(system, start, True)

@@ -73,10 +73,8 @@ SCORING_MAX_LINEAR_GROWTH = 4.0
 SECANT_MAX_STEP = 0.1
 # Far from the optimum the score's traces are computed in single precision (a potri at half the cost): at the
 # start and after a step at least this long, relative. On InstEval and six InstEval-like designs the same number of
-# points as in double, theta equal to 5e-11 (at 1e-3). 1e-4 since the last term's refinement: InstEval's last
-# point then came after a step of 1.0e-3, and a single-precision point whose step is negligible ends the fit there
-# (_negligible, before the point is scored again in double), theta within 3e-8 of the double's.
-SINGLE_AFTER_STEP = 1e-4
+# points as in double, theta equal to 5e-11.
+SINGLE_AFTER_STEP = 1e-3
 # A single-precision point whose step is shorter than this is scored again in double before the step is taken
 # (single precision leaves the traces ~1e-7 relative off; the last steps, which fix theta to 1e-9, need double).
 SINGLE_MIN_STEP = 1e-5
@@ -85,6 +83,11 @@ SINGLE_MIN_STEP = 1e-5
 # 27-30 s against 15-16 s), and the last step, checked by its deviance, left theta within 5e-12 of the double
 # scoring's (a simulated ratings design of order 8,000). Below it the double point costs little (InstEval, 1,156).
 SINGLE_ALWAYS_MIN_ORDER = 4000
+# From this order (below SINGLE_ALWAYS_MIN_ORDER) every point is scored in single precision too, the last ones
+# included, but without the corrected estimates: a double inverse there costs as much as an evaluation (InstEval
+# with lectage, 1,128 lecturers: 28 ms of 0.26 s), and the single points' steps ended the same as the double's
+# (docs/performance-scale.md, twenty-ninth session).
+SINGLE_POINTS_MIN_ORDER = 1000
 # There the traces are estimated instead (SchurFactor.estimated_traces, this many random sign vectors) where the
 # estimate's error moves the step by at most ESTIMATE_MAX_SHARE of its length (at TRACE_ERROR_SIGMAS standard
 # errors; the AI's steps leave 1-15% of themselves anyway); otherwise the point is scored again with the inverse.
@@ -219,6 +222,7 @@ def fit_by_scoring(
     always_single = system.relcov.after_first >= SINGLE_ALWAYS_MIN_ORDER
     estimate_start = always_single or system.relcov.after_first >= START_ESTIMATE_MIN_ORDER
     large = system.relcov.after_first >= NEGLIGIBLE_STEP_MIN_ORDER
+    single_points = always_single or system.relcov.after_first >= SINGLE_POINTS_MIN_ORDER
     system.expect_scoring(not estimate_start)  # (an estimate at the start needs no trace product: 0.7 ms on InstEval)
     point = scoring_point(system, start, reml, single=True, estimated="random" if estimate_start else None)
     system.expect_scoring()
@@ -246,7 +250,7 @@ def fit_by_scoring(
             continue
         if large and length < SCORING_LAST_STEP and _negligible(point, log_step):
             return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
-        if point.single and length < SINGLE_MIN_STEP and not always_single:  # near the optimum: it again in double
+        if point.single and length < SINGLE_MIN_STEP and not single_points:  # near the optimum: it again in double
             theta = point.theta
             point = scoring_point(system, theta, reml, system.evaluation_at(theta))
             if point is None:
@@ -282,7 +286,7 @@ def fit_by_scoring(
                 # factorizations: the AI's steps converge on it only linearly (InstEval's dept:service)
                 ev = system.refined_last_term(ev, reml)
                 theta = ev.theta
-                single = always_single or taken >= SINGLE_AFTER_STEP
+                single = single_points or taken >= SINGLE_AFTER_STEP
                 nearby = point.trace_errors is None and taken < CORRECTED_MAX_STEP  # (point's inverse is kept)
                 estimated = "corrected" if always_single and nearby else None
                 accepted = scoring_point(system, theta, reml, ev, single=single, estimated=estimated)
