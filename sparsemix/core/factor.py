@@ -959,8 +959,8 @@ class PairOperator:
 
 def _triangle_coordinates(marks: np.ndarray, index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(r, c) of the marked entries of an n x n lower triangle numbered r (r + 1) / 2 + c (c <= r), row by row;
-    `index`: their numbers, ascending. (Each row's count of marks repeats its number: 0.5 ms where square roots of
-    the numbers took 4 on InstEval's 145,400.)"""
+    `index`: their numbers, ascending."""
+    # each row's count of marks repeats its number (0.5 ms where square roots of the numbers took 4 on InstEval)
     starts = np.arange(n) * (np.arange(n) + 1) // 2
     rows = np.repeat(np.arange(n), np.add.reduceat(marks.view(np.uint8), starts, dtype=np.intp))
     return rows, index - starts[rows]

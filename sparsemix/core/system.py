@@ -894,7 +894,7 @@ class PenalizedSystem:
         it; `ev` itself where that does not apply or gains nothing. ev must be the last evaluation.
 
         Changing one term's scale changes only L's rows of that term (trailing_rescaled): each trial costs a
-        factorization of the term's block, not of S (InstEval's dept:service, 28 columns: 0.1 ms against 12)."""
+        factorization of the term's block, not of S."""
         factor = self._factor
         count = self.relcov.column_counts[-1] if self.relcov.blocks else 0
         if (
@@ -908,7 +908,7 @@ class PenalizedSystem:
             or not ev.theta[-1] > 0.0
         ):
             return ev
-        block = factor.trailing_block(count)
+        block = factor.trailing_block(count)  # (InstEval's dept:service: a trial 0.1 ms against 12 for S)
         lead_cu, lead_RZX = ev.cu[:-count], ev.RZX[:-count]
         lead = (lead_RZX.T @ lead_RZX, lead_RZX.T @ lead_cu, float(lead_cu @ lead_cu))
         logdet_lead = ev.logdet_L2 - 2.0 * float(np.sum(np.log(np.diag(block))))
