@@ -390,7 +390,6 @@ class SchurFactor:
         # Once the score's traces have been asked for (a Newton-step fit), each refactorization computes their
         # pair product along with the update's.
         self._score_wanted = False
-        self._trailing_entries: tuple[int, np.ndarray] | None = None  # (rescale_trailing's count, A21's entries)
         self._score_products: np.ndarray | None = None
         self._kept: tuple | None = None  # the last S^{-1} variance_traces computed, its call's number, diagonal sums
         self.unscaled_update: np.ndarray | None = None  # G H G' at the pair map's destinations, the last update's
@@ -467,9 +466,7 @@ class SchurFactor:
         first = self.q2 - count
         self._LS[first:, :first] *= ratio
         self._LS[first:, first:] = block
-        if self._trailing_entries is None or self._trailing_entries[0] != count:  # (A21's entries there: fixed)
-            self._trailing_entries = (count, np.flatnonzero(self._A21.indices >= first))
-        self._A21.data[self._trailing_entries[1]] *= ratio
+        self._A21.data[self._A21.indices >= first] *= ratio
         if self._Wt is not None:
             self._Wt[first:] *= ratio
         if self._score_products is not None:

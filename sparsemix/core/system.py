@@ -865,9 +865,8 @@ class PenalizedSystem:
         parts = self._fixed_effect_parts(RZX.T @ RZX, RZX.T @ cu, float(cu @ cu))
         if parts is None:
             return infeasible(RZX, cu)
-        evaluation = Evaluation(
-            theta, float(self._factor.logdet()), parts[2], RZX, cu, parts[0], parts[1], parts[3], factors
-        )
+        RX, cbeta, logdet_RX2, r2 = parts
+        evaluation = Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2, factors)
         self._last_evaluation = evaluation
         return evaluation
 

@@ -352,14 +352,19 @@ def _leaves_nothing(point: ScoringPoint, log_step: np.ndarray, length: float, hi
     rho = length / history[-1]
     if rho > SCORING_MAX_CONTRACTION:
         return False
-    decrease = float((point.psi * point.score) @ log_step)  # the Newton model's, of -2 loglik
+    decrease = _predicted_decrease(point, log_step)
     return decrease * rho**2 / (1.0 - rho**2) < SCORING_DEVIANCE_RESOLUTION * abs(point.deviance)
+
+
+def _predicted_decrease(point: ScoringPoint, log_step: np.ndarray) -> float:
+    """The Newton model's decrease of the deviance (-2 loglik) for the step `log_step` in log psi."""
+    return float((point.psi * point.score) @ log_step)
 
 
 def _negligible(point: ScoringPoint, log_step: np.ndarray) -> bool:
     """Whether the full step would lower the deviance (by the Newton model) by less than SCORING_STOP_DECREASE, or
     than its resolution where that is larger: the point is the optimum as far as the criterion can tell."""
-    decrease = float((point.psi * point.score) @ log_step)
+    decrease = _predicted_decrease(point, log_step)
     return decrease < max(SCORING_STOP_DECREASE, SCORING_DEVIANCE_RESOLUTION * abs(point.deviance))
 
 
