@@ -220,7 +220,7 @@ def populate_in_background(*arrays: np.ndarray, from_end: bool = False) -> threa
     madvise = _madvise() if arrays else None
     if madvise is None:
         return None
-    pieces = []
+    pieces: list[tuple[int, int]] = []
     for array in arrays:
         start = -(-array.ctypes.data // _PAGE) * _PAGE
         end = (array.ctypes.data + array.nbytes) // _PAGE * _PAGE
