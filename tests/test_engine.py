@@ -1140,36 +1140,3 @@ def test_the_gram_by_scipys_loops_is_scipys_product(n, q, density, monkeypatch):
         np.testing.assert_array_equal(got.indptr, expected.indptr)
         np.testing.assert_array_equal(got.indices, expected.indices)
         np.testing.assert_array_equal(got.data, expected.data)
-
-
-def test_pages_faulted_in_by_another_thread_keep_what_is_written_meanwhile():
-    """populate_in_background: the arrays' pages are in once its thread ends (writing them then costs this thread
-    almost no page faults), what this thread wrote meanwhile, from either end, is kept; arrays outside its sizes
-    are left alone. Workspace.reserve hands the reserved buffer out afterwards."""
-    import resource
-
-    from sparsemix.core import pages
-
-    if pages._madvise() is None:
-        pytest.skip("the kernel has no MADV_POPULATE_WRITE")
-    n = 4 * 2**20 // 8  # 4 MB, 1,024 pages
-    fresh = np.empty(n)
-    thread = pages.populate_in_background(fresh)
-    thread.join()
-    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-    fresh.fill(1.0)
-    assert resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before < 100
-    written, other = np.empty(n), np.empty(n // 2, dtype=np.int32)
-    thread = pages.populate_in_background(written, other, from_end=True)
-    expected = np.arange(n, dtype=float)
-    for start in range(0, n, 4096):  # written from the front while the thread works from the back
-        written[start : start + 4096] = expected[start : start + 4096]
-    other[:] = 7
-    thread.join()
-    assert np.array_equal(written, expected) and np.all(other == 7)
-    assert pages.populate_in_background(np.empty(1000)) is None  # (8 KB: below POPULATE_MIN_BYTES)
-    work = pages.Workspace()
-    work.reserve("inverse", (1000, 1000), np.float32)
-    reserved = work._buffers["inverse"]
-    assert reserved.nbytes == 4_000_000
-    assert work.array("inverse", (1000, 1000), np.float32, "F").base is reserved

@@ -27,7 +27,7 @@ from scipy.linalg import blas, lapack
 from sksparse.cholmod import analyze
 
 from . import compiled
-from .pages import Workspace, fit_workspace, populate_in_background
+from .pages import Workspace, fit_workspace
 from .terms import csc_from_arrays, level_entries
 from .threads import DENSE_THREADS_MAX_ORDER, dense_threads, kernel_threads
 
@@ -399,10 +399,6 @@ class SchurFactor:
         # W'W in 0.04 ms where scipy's sparse product took 1.6 ms (seed crossed design, 100 x 100).
         dense = self._pos21.size > DENSE_FILL * q1 * self.q2 and q1 * self.q2 <= DENSE_W_MAX_ENTRIES
         self.update = "dense" if dense and update == "auto" else update
-        # S's array, which each refactorization's factor overwrites, faulted in by another thread meanwhile (a fresh
-        # q2 x q2 array's pages: ~5 ms of InstEval's first evaluation)
-        self._LS = np.empty((self.q2, self.q2))
-        populate_in_background(self._LS)
         if self.update != "dense":
             level_rows, self._g = _level_rows(sp.csc_matrix(ZtZ[q1:, :q1]), k1)
             self._level_of_entry = level_rows[:, 0]
@@ -434,10 +430,12 @@ class SchurFactor:
         pair_update = self._pair_update(factors) if self.update == "pairs" else None
         # S is built in the last factor's array (2 GB at MovieLens size): a fresh one was faulted in page by page
         # at every evaluation (an 8,000,000-row ratings fit: 0.8M page faults and 4 s of system time in 9)
-        S, self._LS = self._LS, None
-        if S is None:  # (a refactorization that failed left none)
-            S = np.empty((q2, q2))
-        S.fill(0.0)
+        S = getattr(self, "_LS", None)  # (none before the first refactorization)
+        self._LS = None
+        if S is None or S.shape != (q2, q2):
+            S = np.zeros((q2, q2))
+        else:
+            S.fill(0.0)
         if pair_update is not None:  # written, not subtracted, into the zeros: one scattered pass, not a gather too
             S.reshape(-1)[self._pairs.destinations] = np.negative(pair_update, out=pair_update)
         S[self._r22, self._c22] += d[self._pos22]  # lower triangle: all LAPACK reads
@@ -570,10 +568,6 @@ class SchurFactor:
         update's pass over the pair map; alone after it, the start's cost 3 ms more on InstEval); `wanted` False:
         not after this (variance_traces still forms it alone where asked)."""
         self._score_wanted = wanted
-
-    def reserve_traces(self, single: bool) -> None:
-        """variance_traces will follow, in single precision or not: the inverse's buffer reserved now."""
-        reserve_inverse(self.q2, single)
 
     def variance_traces(self, factors, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' V^{-1} Z_j) for every term j, V = I + Z Lambda Lambda' Z', where every term is scalar (theta_j
@@ -883,7 +877,6 @@ class PairOperator:
         dest = np.empty(pair_ptr[-1], dtype=index_dtype)  # destinations r (r + 1) / 2 + c in S's lower triangle
         upper = list(zip(*np.triu_indices(k)))
         coefs = [np.empty(pair_ptr[-1]) for _ in upper]
-        populate_in_background(dest, *coefs, from_end=True)
         # Rows are then renumbered to the entries of S the update reaches (145,400 of InstEval's 668,168
         # lower-triangle entries): an evaluation writes a short vector instead of scattering into a fresh q2 x q2
         # array that then took two scaling passes and a subtraction (InstEval: ~7 ms of 10 MB passes per
@@ -1048,13 +1041,6 @@ def dense_cholesky(S: np.ndarray, workspace: Workspace | None = None, blocked: b
     S[m:, m:] = L22
     S[:m, m:] = 0.0
     return S
-
-
-def reserve_inverse(n: int, single: bool = False, workspace: Workspace | None = None) -> None:
-    """dense_inverse_lower's buffer for order n reserved in `workspace` (default: the fit's), its pages faulted in
-    meanwhile."""
-    if n <= DENSE_THREADS_MAX_ORDER:
-        (workspace or fit_workspace()).reserve("inverse", (n, n), np.float32 if single else np.float64)
 
 
 def dense_inverse_lower(L: np.ndarray, single: bool = False, workspace: Workspace | None = None) -> np.ndarray | None:

@@ -117,11 +117,6 @@ class Workspace:
             buffer = self._buffers[name] = np.empty(max(nbytes, 1), dtype=np.uint8)
         return buffer[:nbytes].view(dtype).reshape(shape, order=order)
 
-    def reserve(self, name: str, shape: tuple[int, ...], dtype=np.float64) -> None:
-        """The buffer `name` made large enough for such an array, its pages faulted in by another thread meanwhile
-        (populate_in_background): for an array asked for a little later."""
-        populate_in_background(self.array(name, shape, dtype))
-
     def nested(self, name: str) -> "Workspace":
         """A workspace of its own for a routine that calls itself (its names do not meet the caller's)."""
         return self._nested.setdefault(name, Workspace())
@@ -179,58 +174,3 @@ def keep_freed_memory() -> bool:
 def fit_workspace() -> Workspace:
     """The fit's Workspace, or a fresh one (whose buffers go with it) outside a fit."""
     return _fit_workspace.get() or Workspace()
-
-
-# Linux's madvise advice (5.14 on): the range's pages faulted in, writable, what they hold left as it is
-_MADV_POPULATE_WRITE = 23
-_PAGE = 4096
-# populate_in_background: arrays from this size (below it a thread costs about what their faults do) up to this one
-# (a larger one's pages are committed where it is written, as without: faulted in early they would add to the
-# peak of a large fit's setup, whose temporaries are still held)
-POPULATE_MIN_BYTES = 2**20
-POPULATE_MAX_BYTES = 2**26
-# ... in pieces of this size, so that a writer from the other end meets the thread halfway
-POPULATE_PIECE = 2**20
-
-
-@functools.lru_cache(maxsize=1)
-def _madvise():
-    """libc's madvise where MADV_POPULATE_WRITE works (tried on a page), else None."""
-    if not hasattr(os, "sched_getaffinity"):  # (Linux only)
-        return None
-    import ctypes
-
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    probe = np.empty(3 * _PAGE, dtype=np.uint8)
-    start = -(-probe.ctypes.data // _PAGE) * _PAGE
-    return madvise if madvise(start, _PAGE, _MADV_POPULATE_WRITE) == 0 else None
-
-
-def populate_in_background(*arrays: np.ndarray, from_end: bool = False) -> threading.Thread | None:
-    """The pages of `arrays` faulted in by another thread while this one goes on (a fresh page costs this machine's
-    VM ~2 us: docs/performance-scale.md); with `from_end`, from the arrays' ends first, for a writer that fills
-    them from the front. What they hold is left as it is: they may be written meanwhile. Arrays outside
-    POPULATE_MIN_BYTES..POPULATE_MAX_BYTES are left alone, and everything where the kernel lacks
-    MADV_POPULATE_WRITE. Returns the thread (None where there is none)."""
-    arrays = tuple(a for a in arrays if POPULATE_MIN_BYTES <= a.nbytes <= POPULATE_MAX_BYTES)
-    madvise = _madvise() if arrays else None
-    if madvise is None:
-        return None
-    pieces: list[tuple[int, int]] = []
-    for array in arrays:
-        start = -(-array.ctypes.data // _PAGE) * _PAGE
-        end = (array.ctypes.data + array.nbytes) // _PAGE * _PAGE
-        ranges = [(a, min(a + POPULATE_PIECE, end)) for a in range(start, end, POPULATE_PIECE)]
-        pieces.extend(reversed(ranges) if from_end else ranges)
-
-    def populate(held=arrays):  # (the arrays held until their pages are in)
-        for a, b in pieces:
-            madvise(a, b - a, _MADV_POPULATE_WRITE)
-
-    thread = threading.Thread(target=populate, daemon=True)
-    thread.start()
-    return thread

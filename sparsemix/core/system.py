@@ -1105,13 +1105,6 @@ class PenalizedSystem:
         if self.supports_scoring and expect is not None:
             expect(wanted)
 
-    def reserve_traces(self, single: bool) -> None:
-        """variance_traces will be asked for (in single precision or not): where the factor takes an inverse for
-        them, its buffer reserved now, its pages faulted in while the fit goes on (SchurFactor.reserve_traces)."""
-        reserve = getattr(self._factor, "reserve_traces", None)
-        if self.supports_scoring and reserve is not None:
-            reserve(single)
-
     def variance_traces(self, theta, single: bool = False) -> np.ndarray | None:
         """tr(Z_j' (I + Z Lambda Lambda' Z')^{-1} Z_j) per term j at theta, for a variance-components model in
         the Schur form (see SchurFactor.variance_traces; `single`: its inverse in single precision); None where

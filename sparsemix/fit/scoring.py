@@ -224,7 +224,6 @@ def fit_by_scoring(
     large = system.relcov.after_first >= NEGLIGIBLE_STEP_MIN_ORDER
     single_points = always_single or system.relcov.after_first >= SINGLE_POINTS_MIN_ORDER
     system.expect_scoring(not estimate_start)  # (an estimate at the start needs no trace product: 0.7 ms on InstEval)
-    system.reserve_traces(single=True)  # (the first inverse's point is far from the optimum: in single precision)
     point = scoring_point(system, start, reml, single=True, estimated="random" if estimate_start else None)
     system.expect_scoring()
     count = 1
