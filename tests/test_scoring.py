@@ -689,8 +689,9 @@ def test_the_pair_maps_estimated_traces_sum_the_last_small_terms_exactly(monkeyp
     np.testing.assert_array_equal(sampled[0], estimate[0])  # (the same signs)
 
 
-def _scored_calls(monkeypatch):
-    """The scored points' traces in turn: "random", "corrected" (estimated) or "inverse"."""
+def _scored_calls(monkeypatch, single_factors: list | None = None):
+    """The scored points' traces in turn: "random", "corrected" (estimated) or "inverse"; `single_factors`, where
+    given, gets whether each point's factor was single."""
     import sparsemix.fit.scoring as scoring
 
     calls = []
@@ -700,6 +701,8 @@ def _scored_calls(monkeypatch):
         point = original(*args, **kwargs)
         estimated = point is not None and point.trace_errors is not None
         calls.append(("corrected" if point.corrected else "random") if estimated else "inverse")
+        if single_factors is not None:
+            single_factors.append(point is not None and point.single_factor)
         return point
 
     monkeypatch.setattr(scoring, "scoring_point", spy)
@@ -732,7 +735,9 @@ def test_an_estimated_start_reaches_the_same_optimum(monkeypatch, reml):
 
 def test_an_estimate_too_rough_for_its_step_is_scored_again(monkeypatch):
     """Where the estimate's errors could move the first step by more than ESTIMATE_MAX_SHARE of it (here: any
-    error at all), the start is scored again with the inverse: the fit is the one without the estimate."""
+    error at all), the start is scored again with the inverse, from a double factor where its own was single: the
+    fit is the one without the estimate (which scores the start on its single factor: theta to rounding), plus the
+    evaluations of the points factored again."""
     import sparsemix.fit.scoring as scoring
 
     system = _ratings_system(seed=6)
@@ -741,16 +746,20 @@ def test_an_estimate_too_rough_for_its_step_is_scored_again(monkeypatch):
     with system.threads(), reused_buffers():  # (a fit's buffers, where an inverse is kept)
         monkeypatch.setattr(scoring, "ESTIMATE_MAX_SHARE", 0.0)
         monkeypatch.setattr(scoring, "ESTIMATE_FAR_MAX_SHARE", 0.0)
-        calls = _scored_calls(monkeypatch)
+        single_factors: list = []
+        calls = _scored_calls(monkeypatch, single_factors)
         rescored, _, count = fit_by_scoring(system, start, True)
         # every estimate (the start's and later ones) scored again with the inverse
         estimates = [i for i, kind in enumerate(calls) if kind != "inverse"]
         assert calls[0] == "random" and "corrected" in calls
         assert all(calls[i + 1] == "inverse" for i in estimates)
+        factored_again = sum(single_factors[i] for i in estimates)
+        assert single_factors[0] and factored_again >= 1  # (the start's factor was single)
         monkeypatch.setattr(system, "estimated_traces", lambda theta, probes, corrected=False: None)
         exact, _, count_exact = fit_by_scoring(system, start, True)
-    np.testing.assert_array_equal(rescored.theta, exact.theta)
-    assert count == count_exact
+    np.testing.assert_allclose(rescored.theta, exact.theta, rtol=1e-9)
+    assert rescored.deviance == pytest.approx(exact.deviance, rel=1e-13)
+    assert count == count_exact + factored_again
 
 
 def _insteval_like_fit(**kwargs):
@@ -944,3 +953,89 @@ def test_refining_the_last_term_saves_evaluations_and_reaches_the_optimum(monkey
         counts.append((refined.n_evaluations, plain.n_evaluations))
     assert all(mine <= theirs for mine, theirs in counts)
     assert counts[2][0] < counts[2][1]
+
+
+def test_a_single_precision_factor_is_the_exact_factor_of_a_matrix_close_to_s():
+    """dense_cholesky_single: lower triangular, in double, L L' within ~1e-7 of S (relative to its largest entry),
+    the log-determinant within ~1e-5; the single-precision inverse kept before it is gone (its buffer reused)."""
+    from sparsemix.core.factor import _INVERSES, dense_cholesky, dense_cholesky_single
+
+    rng = np.random.default_rng(4)
+    n = 300
+    B = rng.normal(size=(n, 3 * n))
+    S = B @ B.T / n + np.eye(n)
+    with reused_buffers():
+        before = _INVERSES[0]
+        L = dense_cholesky_single(S.copy())
+        assert _INVERSES[0] == before + 1
+    exact = dense_cholesky(S.copy())
+    assert L.dtype == np.float64 and np.all(np.triu(L, 1) == 0.0)
+    assert np.max(np.abs(L @ L.T - S)) / np.max(np.abs(S)) < 1e-6
+    assert 0.0 < np.max(np.abs(L - exact)) < 1e-4
+    logdet, exact_logdet = 2 * np.sum(np.log(np.diag(L))), 2 * np.sum(np.log(np.diag(exact)))
+    assert abs(logdet - exact_logdet) < 1e-3 and logdet != exact_logdet
+    with pytest.raises(np.linalg.LinAlgError):
+        dense_cholesky_single(-S.copy())
+
+
+def test_a_single_evaluation_is_close_and_never_stands_in_for_a_double_one():
+    """evaluate(theta, single=True) in the Schur form: the deviance close to the double evaluation's (not equal);
+    afterwards every double request at theta (evaluate, evaluation_at, the traces' factor, a solution) factors again
+    in double and equals a fresh system's to rounding; a system not in the Schur form ignores `single`."""
+    make = _refinable_design()
+    theta = np.array([0.5, 0.6, 0.9])
+    system, fresh = make("schur"), make("schur")
+    with system.threads():
+        exact = fresh.evaluate(theta)
+        single = system.evaluate(theta, single=True)
+        assert single.single and not exact.single
+        gap = abs(system.profiled_deviance(single, True) - fresh.profiled_deviance(exact, True))
+        assert 0.0 < gap < 1e-3
+        assert system.evaluation_at(theta) is not single  # factored again, in double
+        assert system.profiled_deviance(system.evaluation_at(theta), True) == pytest.approx(
+            fresh.profiled_deviance(exact, True), rel=1e-13
+        )
+        system.evaluate(theta, single=True)
+        np.testing.assert_allclose(system.variance_traces(theta), fresh.variance_traces(theta), rtol=1e-6)
+        system.evaluate(theta, single=True)
+        columns = np.arange(5)
+        np.testing.assert_allclose(
+            system.conditional_covariance(theta, columns), fresh.conditional_covariance(theta, columns), rtol=1e-10
+        )
+        assert not system.evaluate(theta, single=True).single  # (the double factor there serves)
+        other = theta * 1.1
+        assert system.evaluate(other, single=True).single
+        np.testing.assert_allclose(system.evaluate(other).cu, fresh.evaluate(other).cu, rtol=1e-9, atol=1e-12)
+        simplicial = make("simplicial")
+        assert not simplicial.evaluate(theta, single=True).single
+
+
+def test_the_steps_factor_far_points_in_single_precision_and_end_on_a_double_one(monkeypatch):
+    """On an InstEval-like design (1,100 lecturers after the students) the start and the point after the long first
+    step are factored in single precision, the last in double: the fit's optimum, deviance and evaluations are those
+    of the steps with double factors only (the deviance within 1e-8, theta within 1e-6), and its deviance is a
+    double evaluation's at its theta."""
+    import sparsemix.core.system as system_module
+
+    factored = []
+    original = system_module.PenalizedSystem._refactor
+
+    def spy(self, theta, factors, single=False):
+        factored.append(single)
+        return original(self, theta, factors, single)
+
+    monkeypatch.setattr(system_module.PenalizedSystem, "_refactor", spy)
+    fit = _insteval_like_fit()
+    assert fit.fit_result.optimization.method == "scoring"
+    assert factored[:2] == [True, True] and factored[-1] is False
+    monkeypatch.setattr(
+        system_module.PenalizedSystem,
+        "_refactor",
+        lambda self, theta, factors, single=False: original(self, theta, factors),
+    )
+    double = _insteval_like_fit()
+    assert fit.n_evaluations == double.n_evaluations
+    assert abs(fit.deviance - double.deviance) < 1e-8
+    np.testing.assert_allclose(fit.theta, double.theta, rtol=1e-6)
+    system = fit.fit_result.system
+    assert fit.deviance == pytest.approx(system.deviance(fit.fit_result.theta, True), rel=1e-14)

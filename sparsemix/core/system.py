@@ -176,6 +176,7 @@ class Evaluation:
     cbeta: np.ndarray
     r2: float  # penalized residual sum of squares
     factors: list = field(default_factory=list)  # the templates applied to the system's columns (relcov.system_factors)
+    single: bool = False  # the factor in single precision (PenalizedSystem.evaluate): the deviance ~1e-5 off
 
     @property
     def feasible(self) -> bool:
@@ -226,6 +227,7 @@ class PenalizedSystem:
         else:  # (x || g): chosen on first use, which a fit solved through merged_system's system may never make
             self._factor_pending = True
         self._factor_theta: np.ndarray | None = None
+        self._factor_single = False  # the factor at _factor_theta in single precision (evaluate's `single`)
         self._factor_factors: list[np.ndarray] | None = None
         self._last_evaluation: Evaluation | None = None
         self._gradient: ProfiledGradient | SchurGradient | None = None
@@ -526,19 +528,29 @@ class PenalizedSystem:
 
     # -- evaluation --------------------------------------------------------------------------------------
 
-    def _refactor(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> list[np.ndarray]:
-        """Refactor with the system's templates `factors`, which report as `theta`."""
+    def _refactor(self, theta: np.ndarray | None, factors: list[np.ndarray], single: bool = False) -> list[np.ndarray]:
+        """Refactor with the system's templates `factors`, which report as `theta` (`single`: see evaluate)."""
         if not isinstance(self._factor, DenseFactor):  # which reads the templates, not A
             self._write_values(factors)
-        self._factor.refactor(self._A, factors)
+        self._factor_single = single = single and isinstance(self._factor, SchurFactor)
+        if single:
+            self._factor.refactor(self._A, factors, single=True)
+        else:
+            self._factor.refactor(self._A, factors)
         self._factor_theta = None if theta is None else np.array(theta, dtype=float)
         self._factor_factors = factors
         return factors
 
-    def _factor_at(self, theta) -> list[np.ndarray]:
-        """The system's templates at theta, with the factor refactored there unless it already is."""
+    def _factor_at(self, theta, single: bool = False) -> list[np.ndarray]:
+        """The system's templates at theta, with the factor refactored there unless it already is (`single`: a
+        factor in single precision will do)."""
         theta = np.asarray(theta, dtype=float)
-        if self._factor_theta is None or self._factor_factors is None or not np.array_equal(self._factor_theta, theta):
+        if (
+            self._factor_theta is None
+            or self._factor_factors is None
+            or not np.array_equal(self._factor_theta, theta)
+            or (self._factor_single and not single)
+        ):
             return self._refactor(theta, self.relcov.system_factors(theta))
         return self._factor_factors
 
@@ -557,9 +569,13 @@ class PenalizedSystem:
             data[pair.positions] = vals[pair.keep]
         return factors
 
-    def evaluate(self, theta) -> Evaluation:
+    def evaluate(self, theta, single: bool = False) -> Evaluation:
+        """The evaluation at theta. `single`: the Schur form's dense factor in single precision where the system has
+        one (SchurFactor's `single`), for a point far from the optimum: its deviance ~1e-5 off (InstEval), everything
+        else as from an exact factor of a matrix within ~1e-7 of the system's. A later call without `single` (the
+        fit's end, the solution) evaluates again in double."""
         theta = np.asarray(theta, dtype=float)
-        return self._evaluate_at(theta, self.relcov.system_factors(theta))
+        return self._evaluate_at(theta, self.relcov.system_factors(theta), single)
 
     def evaluate_working(self, working, reported: bool = True) -> Evaluation:
         """The evaluation at the optimizer's coordinates (relcov.working_theta). With `reported`, it carries the
@@ -572,12 +588,17 @@ class PenalizedSystem:
             self.relcov.reported_theta(working) if reported else None, self.relcov.factors(working)
         )
 
-    def _evaluate_at(self, theta: np.ndarray | None, factors: list[np.ndarray]) -> Evaluation:
+    def _evaluate_at(self, theta: np.ndarray | None, factors: list[np.ndarray], single: bool = False) -> Evaluation:
         """_evaluate, or the last evaluation where it was at these templates and the factor still is (a gradient
         after its point's value, the solve at the optimizer's end point), reporting `theta` where given."""
         at = self._factor_factors
-        if at is None or len(at) != len(factors) or not all(np.array_equal(a, b) for a, b in zip(factors, at)):
-            return self._evaluate(theta, factors)
+        if (
+            at is None
+            or len(at) != len(factors)
+            or not all(np.array_equal(a, b) for a, b in zip(factors, at))
+            or (self._factor_single and not single)
+        ):
+            return self._evaluate(theta, factors, single=single)
         last = self._last_evaluation
         if last is None or last.factors is not at:  # a dense factor left by a gradient's or Hessian's step
             if not isinstance(self._factor, DenseFactor):
@@ -826,8 +847,10 @@ class PenalizedSystem:
             quad -= Cb.T @ Cb
         return 0.5 * quad / sigma2
 
-    def _evaluate(self, theta: np.ndarray | None, factors: list[np.ndarray], refactor: bool = True) -> Evaluation:
-        """`refactor=False`: the dense factor is at `factors` already (evaluation_at)."""
+    def _evaluate(
+        self, theta: np.ndarray | None, factors: list[np.ndarray], refactor: bool = True, single: bool = False
+    ) -> Evaluation:
+        """`refactor=False`: the dense factor is at `factors` already (evaluation_at); `single`: see evaluate."""
         c = self.cross
 
         def infeasible(RZX=None, cu=None):
@@ -852,7 +875,7 @@ class PenalizedSystem:
             return self._evaluate_dense(theta, factors, infeasible, refactor)
         with np.errstate(over="ignore", invalid="ignore"):
             try:
-                factors = self._refactor(theta, factors)
+                factors = self._refactor(theta, factors, single)
             except (CholmodNotPositiveDefiniteError, la.LinAlgError, ValueError):
                 self._factor_theta = self._factor_factors = None
                 return infeasible()
@@ -866,7 +889,8 @@ class PenalizedSystem:
         if parts is None:
             return infeasible(RZX, cu)
         RX, cbeta, logdet_RX2, r2 = parts
-        evaluation = Evaluation(theta, float(self._factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2, factors)
+        logdet = float(self._factor.logdet())
+        evaluation = Evaluation(theta, logdet, logdet_RX2, RZX, cu, RX, cbeta, r2, factors, self._factor_single)
         self._last_evaluation = evaluation
         return evaluation
 
@@ -949,7 +973,7 @@ class PenalizedSystem:
         parts = self._fixed_effect_parts(RZX.T @ RZX, RZX.T @ cu, float(cu @ cu))
         assert parts is not None  # (rescaled found them at this ratio)
         RX, cbeta, logdet_RX2, r2 = parts
-        refined = Evaluation(theta, float(factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2, factors)
+        refined = Evaluation(theta, float(factor.logdet()), logdet_RX2, RZX, cu, RX, cbeta, r2, factors, ev.single)
         self._factor_theta, self._factor_factors, self._last_evaluation = theta.copy(), factors, refined
         return refined
 
@@ -993,6 +1017,7 @@ class PenalizedSystem:
             and self._factor_theta is not None
             and np.array_equal(last.theta, theta)
             and np.array_equal(self._factor_theta, theta)
+            and not last.single
         ):
             return last
         return self.evaluate(theta)  # (which reuses a factor left at theta's templates)
@@ -1111,7 +1136,7 @@ class PenalizedSystem:
         it is not available."""
         if not self.supports_scoring:
             return None
-        return self._factor.variance_traces(self._factor_at(theta), single)
+        return self._factor.variance_traces(self._factor_at(theta, single=True), single)
 
     def estimated_traces(self, theta, probes: int, corrected: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
         """variance_traces estimated at theta, with their standard errors (SchurFactor.estimated_traces; `corrected`:
@@ -1119,7 +1144,7 @@ class PenalizedSystem:
         estimate = getattr(self._factor, "estimated_traces", None)
         if not self.supports_scoring or estimate is None:
             return None
-        return estimate(self._factor_at(theta), probes, corrected)
+        return estimate(self._factor_at(theta, single=True), probes, corrected)
 
     def compiled_scoring(self, theta, reml: bool) -> tuple[np.ndarray, np.ndarray] | None:
         """(score, average information) of fit/scoring.py's point at theta for variance components held dense

@@ -113,6 +113,10 @@ ESTIMATE_MIN_STEP = 1e-3
 ESTIMATE_FAR_STEP = 0.05
 ESTIMATE_FAR_MAX_SHARE = 0.05
 START_ESTIMATE_MIN_ORDER = 1000
+# There, at a start whose traces are estimated and at a point after a step of at least ESTIMATE_FAR_STEP, far from the
+# optimum, S is factored in single precision too (PenalizedSystem.evaluate's `single`: InstEval's 1,156 columns 6
+# ms against 11.5 for LAPACK's potrf, the deviance ~2e-5 off where those steps lower it by 0.5-15); a fit that ends
+# at such a point takes its deviance from a double factorization there.
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,7 @@ class ScoringPoint:
     single: bool = False  # the score's traces in single precision
     trace_errors: np.ndarray | None = None  # the traces' standard errors where they were estimated ...
     corrected: bool = False  # ... as the last inverse's plus the change since
+    single_factor: bool = False  # the factor, and so the deviance, in single precision (~1e-5 off)
 
 
 def scoring_point(
@@ -154,7 +159,9 @@ def scoring_point(
     sigma2 = ev.r2 / system.dof(reml)
     psi = sigma2 * np.concatenate([[1.0], theta**2])
     deviance = system.profiled_deviance(ev, reml)
-    return ScoringPoint(theta, deviance, psi, found[0], found[1], single, errors, corrected and errors is not None)
+    return ScoringPoint(
+        theta, deviance, psi, found[0], found[1], single, errors, corrected and errors is not None, ev.single
+    )
 
 
 def score_and_information(system, theta: np.ndarray, reml: bool, ev, single: bool = False, traces=None):
@@ -224,7 +231,8 @@ def fit_by_scoring(
     large = system.relcov.after_first >= NEGLIGIBLE_STEP_MIN_ORDER
     single_points = always_single or system.relcov.after_first >= SINGLE_POINTS_MIN_ORDER
     system.expect_scoring(not estimate_start)  # (an estimate at the start needs no trace product: 0.7 ms on InstEval)
-    point = scoring_point(system, start, reml, single=True, estimated="random" if estimate_start else None)
+    ev = system.evaluate(start, single=estimate_start)
+    point = scoring_point(system, start, reml, ev, single=True, estimated="random" if estimate_start else None)
     system.expect_scoring()
     count = 1
     if point is None:
@@ -244,12 +252,14 @@ def fit_by_scoring(
         length = _theta_change(log_step)
         if point.trace_errors is not None and not _estimate_holds(point, D[:, None] * hessian * D[None, :], length):
             theta = point.theta  # the estimate could move this step too far: scored again with the inverse
+            count += point.single_factor  # (and from a double factor: near the optimum, as this step says)
             point = scoring_point(system, theta, reml, system.evaluation_at(theta), single=True)
             if point is None:
                 return None, theta, count
             continue
         if large and length < SCORING_LAST_STEP and _negligible(point, log_step):
-            return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
+            deviance, count = _double_deviance(system, point, reml, count)
+            return _converged(point.theta, deviance, count, log, t0), point.theta, count
         if point.single and length < SINGLE_MIN_STEP and not single_points:  # near the optimum: it again in double
             theta = point.theta
             point = scoring_point(system, theta, reml, system.evaluation_at(theta))
@@ -257,17 +267,22 @@ def fit_by_scoring(
                 return None, theta, count
             continue
         if length < tolerance:
-            return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
+            deviance, count = _double_deviance(system, point, reml, count)
+            return _converged(point.theta, deviance, count, log, t0), point.theta, count
         if length < SCORING_LAST_STEP or _leaves_nothing(point, log_step, length, history):
             # the last step: checked by its deviance, no score needed after it
+            at_point, count = _double_deviance(system, point, reml, count)
             theta = _theta_after(point, log_step)
             system.expect_scoring(False)
             deviance = system.profiled_deviance(system.evaluate(theta), reml)
             count += 1
-            if deviance <= point.deviance + 1e-12 * abs(point.deviance):
+            if deviance <= at_point + 1e-12 * abs(at_point):
                 log.append((count, deviance, time.perf_counter() - t0))
                 return _converged(theta, deviance, count, log, t0), theta, count
-            return _converged(point.theta, point.deviance, count, log, t0), point.theta, count
+            if point.single_factor:  # (the factor is at theta now: the point's again, for the solution)
+                system.evaluate(point.theta)
+                count += 1
+            return _converged(point.theta, at_point, count, log, t0), point.theta, count
         if _to_boundary(point, log_step):
             return None, point.theta, count
         taken_step = _bounded(log_step)
@@ -278,7 +293,7 @@ def fit_by_scoring(
             if np.any(theta < SCORING_MIN_THETA):
                 log_step, full_step = log_step / 2, False
                 continue
-            ev = system.evaluate(theta)
+            ev = system.evaluate(theta, single=large and _theta_change(log_step) >= ESTIMATE_FAR_STEP)
             count += 1
             if system.profiled_deviance(ev, reml) <= point.deviance + 1e-12 * abs(point.deviance):
                 taken = _theta_change(log_step)
@@ -303,6 +318,14 @@ def fit_by_scoring(
         if progress is not None:
             progress(count, point.deviance, time.perf_counter() - t0)
     return None, point.theta, count
+
+
+def _double_deviance(system, point: ScoringPoint, reml: bool, count: int) -> tuple[float, int]:
+    """(the point's deviance from a double-precision factor, the evaluations so far): evaluated again where its own
+    factor was single."""
+    if not point.single_factor:
+        return point.deviance, count
+    return system.profiled_deviance(system.evaluate(point.theta), reml), count + 1
 
 
 def _estimate_holds(point: ScoringPoint, newton: np.ndarray, length: float) -> bool:
