@@ -1140,3 +1140,34 @@ def test_the_gram_by_scipys_loops_is_scipys_product(n, q, density, monkeypatch):
         np.testing.assert_array_equal(got.indptr, expected.indptr)
         np.testing.assert_array_equal(got.indices, expected.indices)
         np.testing.assert_array_equal(got.data, expected.data)
+
+
+@pytest.mark.parametrize("formula", ["y ~ 1 + service + (1|s) + (1|d) + (1|dept:service)", "y ~ 1 + (1|d) + (1|dept)"])
+def test_scalar_terms_take_z_transpose_zs_lower_triangle_as_the_general_structure_builds_it(monkeypatch, formula):
+    """Where every term is scalar, A's pattern is Z'Z's lower triangle read off directly (system._scalar_structure):
+    the same pattern and the same values at every theta as the general block-pair path; with slopes, or a level
+    whose diagonal entry is missing from Z'Z, the general path."""
+    import sparsemix.core.system as system_module
+    from sparsemix.datasets import generate_insteval_like
+    from sparsemix.lme4.design import build_design
+
+    data = generate_insteval_like(300, 80, 6, 6.0, seed=2)
+    design = build_design(formula, data)
+    direct = design.system()
+    monkeypatch.setattr(system_module, "_scalar_structure", lambda ZtZ, relcov: None)
+    general = design.system()
+    A, B = direct._A, general._A
+    np.testing.assert_array_equal(A.indptr, B.indptr)
+    np.testing.assert_array_equal(A.indices, B.indices)
+    for theta in (np.full(len(design.terms), 0.7), np.linspace(0.3, 1.9, len(design.terms))):
+        factors = direct.relcov.system_factors(theta)
+        direct._write_values(factors)
+        general._write_values(factors)
+        np.testing.assert_array_equal(A.data, B.data)
+        assert direct.deviance(theta, True) == pytest.approx(general.deviance(theta, True), rel=1e-12)
+    monkeypatch.undo()
+    slopes = build_design("y ~ 1 + (1 + service | d)", data).system()
+    assert system_module._scalar_structure(slopes.cross.ZtZ, slopes.relcov) is None
+    ZtZ = direct.cross.ZtZ.tolil()
+    ZtZ[0, 0] = 0.0
+    assert system_module._scalar_structure(sp.csc_matrix(ZtZ.tocsc()), direct.relcov) is None

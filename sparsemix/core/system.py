@@ -336,6 +336,9 @@ class PenalizedSystem:
     def _block_structure(self) -> tuple[list[_BlockPair], sp.csc_matrix]:
         ZtZ = self.cross.ZtZ
         rc = self.relcov
+        scalar = _scalar_structure(ZtZ, rc)
+        if scalar is not None:
+            return scalar
         raw: list[_PairTargets] = []
         for t, ((n_t, tmpl_t), cols_t) in enumerate(zip(rc.blocks, rc.column_slices)):
             for s in range(t + 1):
@@ -1237,6 +1240,35 @@ def _time_refactorization(factor, A, factors, time_to_beat: float = np.inf) -> f
         factor.refactor(A, factors)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _scalar_structure(ZtZ: sp.csc_matrix, relcov) -> tuple[list[_BlockPair], sp.csc_matrix] | None:
+    """_block_structure where every term is scalar: A's pattern is then Z'Z's lower triangle, its entries in Z'Z's
+    CSC order, each its own level pair (no grouping, slicing or sort: InstEval 3.8 -> ~1 ms). None where a term has
+    slopes, Z'Z is not in canonical CSC form, or a column lacks its diagonal entry (the general path adds those)."""
+    if any(template.k != 1 for _, template in relcov.blocks) or not isinstance(ZtZ, sp.csc_matrix):
+        return None
+    if not ZtZ.has_canonical_format:
+        return None
+    q = ZtZ.shape[1]
+    columns = np.repeat(np.arange(q), np.diff(ZtZ.indptr))
+    lower = ZtZ.indices >= columns
+    indices, columns = ZtZ.indices[lower], columns[lower]
+    indptr = np.zeros(q + 1, dtype=ZtZ.indptr.dtype)
+    np.cumsum(np.bincount(columns, minlength=q), out=indptr[1:])
+    if np.any(indptr[:-1] == indptr[1:]) or np.any(indices[indptr[:-1]] != np.arange(q)):
+        return None  # (a column's first lower entry is its diagonal one: sorted indices)
+    values = ZtZ.data[lower]
+    starts = np.asarray(relcov.column_starts)
+    term_of_row = np.searchsorted(starts, indices, side="right") - 1
+    term_of_column = np.searchsorted(starts, columns, side="right") - 1
+    pair_of_entry = term_of_row * (term_of_row + 1) // 2 + term_of_column
+    pairs = []
+    for t in range(len(relcov.blocks)):
+        for s in range(t + 1):
+            positions = np.flatnonzero(pair_of_entry == t * (t + 1) // 2 + s)
+            pairs.append(_BlockPair(t, s, values[positions][:, None, None], np.arange(positions.shape[0]), positions))
+    return pairs, sp.csc_matrix((np.zeros(indices.shape[0]), indices, indptr), shape=ZtZ.shape)
 
 
 def _pair_blocks(sub: sp.coo_matrix, t, s, n_t, k_t, n_s, k_s, row_offset, col_offset):
