@@ -957,8 +957,9 @@ def test_refining_the_last_term_saves_evaluations_and_reaches_the_optimum(monkey
 
 def test_a_single_precision_factor_is_the_exact_factor_of_a_matrix_close_to_s():
     """dense_cholesky_single: lower triangular, in double, L L' within ~1e-7 of S (relative to its largest entry),
-    the log-determinant within ~1e-5; the single-precision inverse kept before it is gone (its buffer reused)."""
-    from sparsemix.core.factor import _INVERSES, dense_cholesky, dense_cholesky_single
+    the log-determinant within ~1e-5; S assembled in single_cholesky_array, the buffer of the single-precision
+    inverse, which a kept inverse no longer holds after it."""
+    from sparsemix.core.factor import _INVERSES, dense_cholesky, dense_cholesky_single, single_cholesky_array
 
     rng = np.random.default_rng(4)
     n = 300
@@ -966,8 +967,10 @@ def test_a_single_precision_factor_is_the_exact_factor_of_a_matrix_close_to_s():
     S = B @ B.T / n + np.eye(n)
     with reused_buffers():
         before = _INVERSES[0]
-        L = dense_cholesky_single(S.copy())
-        assert _INVERSES[0] == before + 1
+        target = single_cholesky_array(n)
+        assert _INVERSES[0] == before + 1 and target.dtype == np.float32 and target.flags.c_contiguous
+        target[...] = np.tril(S)  # (the lower triangle is what is read)
+        L = dense_cholesky_single(target, np.empty((n, n)))
     exact = dense_cholesky(S.copy())
     assert L.dtype == np.float64 and np.all(np.triu(L, 1) == 0.0)
     assert np.max(np.abs(L @ L.T - S)) / np.max(np.abs(S)) < 1e-6
@@ -975,7 +978,7 @@ def test_a_single_precision_factor_is_the_exact_factor_of_a_matrix_close_to_s():
     logdet, exact_logdet = 2 * np.sum(np.log(np.diag(L))), 2 * np.sum(np.log(np.diag(exact)))
     assert abs(logdet - exact_logdet) < 1e-3 and logdet != exact_logdet
     with pytest.raises(np.linalg.LinAlgError):
-        dense_cholesky_single(-S.copy())
+        dense_cholesky_single(-S.astype(np.float32), np.empty((n, n)))
 
 
 def test_a_single_evaluation_is_close_and_never_stands_in_for_a_double_one():

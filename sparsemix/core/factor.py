@@ -431,12 +431,14 @@ class SchurFactor:
         pair_update = self._pair_update(factors) if self.update == "pairs" else None
         # S is built in the last factor's array (2 GB at MovieLens size): a fresh one was faulted in page by page
         # at every evaluation (an 8,000,000-row ratings fit: 0.8M page faults and 4 s of system time in 9)
-        S = getattr(self, "_LS", None)  # (none before the first refactorization)
+        factor = getattr(self, "_LS", None)  # (none before the first refactorization)
         self._LS = None
-        if S is None or S.shape != (q2, q2):
-            S = np.zeros((q2, q2))
-        else:
-            S.fill(0.0)
+        if factor is None or factor.shape != (q2, q2):
+            factor = np.empty((q2, q2))
+        # single: S assembled in single precision where dense_cholesky_single factors it (no conversion pass)
+        S = single_cholesky_array(q2) if single else None
+        S = factor if S is None else S
+        S.fill(0.0)
         if pair_update is not None:  # written, not subtracted, into the zeros: one scattered pass, not a gather too
             S.reshape(-1)[self._pairs.destinations] = np.negative(pair_update, out=pair_update)
         S[self._r22, self._c22] += d[self._pos22]  # lower triangle: all LAPACK reads
@@ -453,7 +455,7 @@ class SchurFactor:
             S -= self._Wt @ self._Wt.T
         elif pair_update is None:
             self._subtract_update(S, factors)
-        self._LS = dense_cholesky_single(S) if single else dense_cholesky(S)
+        self._LS = dense_cholesky_single(S, factor) if S is not factor else dense_cholesky(S)
 
     def trailing_block(self, count: int) -> np.ndarray:
         """The last `count` x `count` block of S's factor (lower triangular; a copy)."""
@@ -1044,24 +1046,29 @@ def dense_cholesky(S: np.ndarray, workspace: Workspace | None = None, blocked: b
     return S
 
 
-def dense_cholesky_single(S: np.ndarray, workspace: Workspace | None = None) -> np.ndarray:
-    """dense_cholesky of S in single precision, returned in double (S's array, overwritten): the exact factor of a
-    matrix within ~1e-7 (relative) of S, its log-determinant ~1e-5 off at InstEval's order, in about 60% of the
-    double factorization's time. Everything downstream reads it as a double factor. Computed in the buffer of
-    dense_inverse_lower's single-precision inverse (which an inverse kept from before no longer holds after it);
-    above DENSE_THREADS_MAX_ORDER the double factorization."""
-    n = S.shape[0]
+def single_cholesky_array(n: int, workspace: Workspace | None = None) -> np.ndarray | None:
+    """The C-ordered n x n float32 array in which dense_cholesky_single factors S: the buffer of dense_inverse_lower's
+    single-precision inverse (`workspace`'s, default the fit's), whose inverse, if it held one, is gone from here on
+    (SchurFactor._kept). None above DENSE_THREADS_MAX_ORDER (there the factorization stays in double)."""
     if n > DENSE_THREADS_MAX_ORDER:
-        return dense_cholesky(S, workspace)
-    _INVERSES[0] += 1  # (the buffer's inverse, if any, is gone: SchurFactor._kept)
-    single = (workspace or fit_workspace()).array("inverse", (n, n), np.float32, "F")
-    np.copyto(single, S.T)  # (S's lower triangle in C order: the upper one of the Fortran-ordered S.T)
+        return None
+    _INVERSES[0] += 1
+    return (workspace or fit_workspace()).array("inverse", (n, n), np.float32, "F").T
+
+
+def dense_cholesky_single(S: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """dense_cholesky of S (float32, C-ordered, lower triangle read, overwritten: single_cholesky_array's) in single
+    precision, the factor written in double into `out` (C-ordered n x n, upper triangle zero): the exact factor of a
+    matrix within ~1e-7 (relative) of S, its log-determinant ~1e-5 off at InstEval's order, in about 60% of the
+    double factorization's time, which everything downstream reads as a double factor."""
+    n = S.shape[0]
+    # (S's lower triangle in C order is the upper one of the Fortran-ordered S.T: LAPACK factors it in place)
     with dense_threads(n):
-        _, info = lapack.spotrf(single, lower=0, overwrite_a=1, clean=1)
+        _, info = lapack.spotrf(S.T, lower=0, overwrite_a=1, clean=1)
     if info != 0:
         raise la.LinAlgError(f"the {n} x {n} Schur complement is not positive definite (spotrf info {info})")
-    np.copyto(S.T, single)
-    return S
+    np.copyto(out, S)
+    return out
 
 
 def dense_inverse_lower(L: np.ndarray, single: bool = False, workspace: Workspace | None = None) -> np.ndarray | None:
