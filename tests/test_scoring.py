@@ -1042,3 +1042,28 @@ def test_the_steps_factor_far_points_in_single_precision_and_end_on_a_double_one
     np.testing.assert_allclose(fit.theta, double.theta, rtol=1e-6)
     system = fit.fit_result.system
     assert fit.deviance == pytest.approx(system.deviance(fit.fit_result.theta, True), rel=1e-14)
+
+
+def test_a_step_from_a_single_point_is_not_refused_for_its_rounding(monkeypatch):
+    """A single-precision point's deviance is off by its rounding (up to 6e-10 of it on InstEval): where it is
+    against the step (the point's value too low), the step is still kept within SINGLE_FACTOR_SLACK, and the fit ends
+    where the exact one does; with no slack it refuses the step and halves it."""
+    import sparsemix.core.system as system_module
+    import sparsemix.fit.scoring as scoring
+
+    exact = _insteval_like_fit()
+    original = system_module.PenalizedSystem.profiled_deviance
+    # (this design's second step lowers the deviance by 6e-8 of it: a rounding of 9e-8 against it, within a slack of
+    # 1e-7, where this machine's rounding stays below 6e-10)
+    monkeypatch.setattr(scoring, "SINGLE_FACTOR_SLACK", 1e-7)
+
+    def low(self, ev, reml):  # every single point's deviance 9e-8 of it too low
+        value = original(self, ev, reml)
+        return value - 9e-8 * abs(value) if ev.single else value
+
+    monkeypatch.setattr(system_module.PenalizedSystem, "profiled_deviance", low)
+    kept = _insteval_like_fit()
+    assert kept.n_evaluations == exact.n_evaluations and kept.deviance == pytest.approx(exact.deviance, abs=1e-8)
+    monkeypatch.setattr(scoring, "SINGLE_FACTOR_SLACK", 1e-12)
+    refused = _insteval_like_fit()
+    assert refused.n_evaluations > exact.n_evaluations
