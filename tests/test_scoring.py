@@ -981,7 +981,7 @@ def test_a_single_precision_factor_is_the_exact_factor_of_a_matrix_close_to_s():
         dense_cholesky_single(-S.astype(np.float32), np.empty((n, n)))
 
 
-def test_a_single_evaluation_is_close_and_never_stands_in_for_a_double_one():
+def test_a_single_evaluation_is_close_and_never_stands_in_for_a_double_one(monkeypatch):
     """evaluate(theta, single=True) in the Schur form: the deviance close to the double evaluation's (not equal);
     afterwards every double request at theta (evaluate, evaluation_at, the traces' factor, a solution) factors again
     in double and equals a fresh system's to rounding; a system not in the Schur form ignores `single`."""
@@ -1011,6 +1011,10 @@ def test_a_single_evaluation_is_close_and_never_stands_in_for_a_double_one():
         np.testing.assert_allclose(system.evaluate(other).cu, fresh.evaluate(other).cu, rtol=1e-9, atol=1e-12)
         simplicial = make("simplicial")
         assert not simplicial.evaluate(theta, single=True).single
+        # above DENSE_THREADS_MAX_ORDER the factorization stays in double, and says so
+        monkeypatch.setattr(factor_module, "DENSE_THREADS_MAX_ORDER", system.relcov.after_first - 1)
+        large = system.evaluate(theta * 0.9, single=True)
+        assert not large.single and system.evaluation_at(theta * 0.9) is large
 
 
 def test_the_steps_factor_far_points_in_single_precision_and_end_on_a_double_one(monkeypatch):

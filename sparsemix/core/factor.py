@@ -417,7 +417,8 @@ class SchurFactor:
                 self._level_of_entry, self._g = self._level_of_entry[order], self._g[order]
 
     def refactor(self, A, factors, single=False):
-        """`single`: S's Cholesky in single precision (dense_cholesky_single), for a point far from the optimum."""
+        """`single`: S's Cholesky in single precision (dense_cholesky_single), for a point far from the optimum, up to
+        DENSE_THREADS_MAX_ORDER; the attribute `single` says whether it was."""
         d = A.data
         self._score_products = None
         n1, k1, q2 = self.q1 // self.k1, self.k1, self.q2
@@ -455,7 +456,8 @@ class SchurFactor:
             S -= self._Wt @ self._Wt.T
         elif pair_update is None:
             self._subtract_update(S, factors)
-        self._LS = dense_cholesky_single(S, factor) if S is not factor else dense_cholesky(S)
+        self.single = S is not factor  # (in double above DENSE_THREADS_MAX_ORDER)
+        self._LS = dense_cholesky_single(S, factor) if self.single else dense_cholesky(S)
 
     def trailing_block(self, count: int) -> np.ndarray:
         """The last `count` x `count` block of S's factor (lower triangular; a copy)."""

@@ -535,10 +535,11 @@ class PenalizedSystem:
         """Refactor with the system's templates `factors`, which report as `theta` (`single`: see evaluate)."""
         if not isinstance(self._factor, DenseFactor):  # which reads the templates, not A
             self._write_values(factors)
-        self._factor_single = single = single and isinstance(self._factor, SchurFactor)
-        if single:
+        if single and isinstance(self._factor, SchurFactor):
             self._factor.refactor(self._A, factors, single=True)
+            self._factor_single = self._factor.single
         else:
+            self._factor_single = False
             self._factor.refactor(self._A, factors)
         self._factor_theta = None if theta is None else np.array(theta, dtype=float)
         self._factor_factors = factors
