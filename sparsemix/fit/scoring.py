@@ -256,8 +256,8 @@ def fit_by_scoring(
         length = _theta_change(log_step)
         if point.trace_errors is not None and not _estimate_holds(point, D[:, None] * hessian * D[None, :], length):
             theta = point.theta  # the estimate could move this step too far: scored again with the inverse
-            count += point.single_factor  # (and from a double factor: near the optimum, as this step says)
-            point = scoring_point(system, theta, reml, system.evaluation_at(theta), single=True)
+            # (on the point's own factor: one in single precision is kept, as the point's traces are)
+            point = scoring_point(system, theta, reml, system.evaluate(theta, single=point.single_factor), single=True)
             if point is None:
                 return None, theta, count
             continue
