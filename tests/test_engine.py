@@ -923,11 +923,17 @@ def test_unique_inverse_is_numpys_unique(runs):
         np.testing.assert_array_equal(got[0][got[1]], k)
 
 
-def test_gram_of_one_entry_a_row_terms_equals_the_sparse_product():
+@pytest.mark.parametrize("transposed", [True, False])
+def test_gram_of_one_entry_a_row_terms_equals_the_sparse_product(monkeypatch, transposed):
     """Large designs sum Z'Z pair by pair where every term has at most one entry a row (cross_products.
-    _one_per_row_gram): the same pattern (sorted, no zero stored) and values as scipy's product; a block with two
-    entries in a row (a term with slopes) goes back to the product (None)."""
+    _one_per_row_gram): the same pattern (sorted, no zero stored) and values as scipy's product, its crossed blocks
+    summed after a transpose or (above TRANSPOSE_SUM_MAX_ENTRIES) row by row; a block with two entries in a row (a
+    term with slopes) goes back to the product (None)."""
+    import sparsemix.core.cross_products as cross_module
     from sparsemix.core.cross_products import _one_per_row_gram
+
+    if not transposed:
+        monkeypatch.setattr(cross_module, "TRANSPOSE_SUM_MAX_ENTRIES", 0)
 
     rng = np.random.default_rng(21)
     n = 20_000
@@ -1171,3 +1177,6 @@ def test_scalar_terms_take_z_transpose_zs_lower_triangle_as_the_general_structur
     ZtZ = direct.cross.ZtZ.tolil()
     ZtZ[0, 0] = 0.0
     assert system_module._scalar_structure(sp.csc_matrix(ZtZ.tocsc()), direct.relcov) is None
+    assert system_module._scalar_structure(direct.cross.ZtZ, direct.relcov) is not None
+    monkeypatch.setattr(system_module, "SCALAR_STRUCTURE_MAX_ENTRIES", direct.cross.ZtZ.nnz - 1)
+    assert system_module._scalar_structure(direct.cross.ZtZ, direct.relcov) is None

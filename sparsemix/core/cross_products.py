@@ -201,6 +201,11 @@ def _symmetric_csc(G: np.ndarray) -> sp.csc_matrix:
 PAIR_GRAM_MIN_ROWS = 50_000
 
 
+# ... and each crossed block summed after a transpose up to this many entries: above it (the MovieLens-sized design's
+# 32,000,000) the CSR's own sum_duplicates, whose sort works in place, where the transpose holds both copies at once
+TRANSPOSE_SUM_MAX_ENTRIES = 10_000_000
+
+
 def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matrix | None:
     """Z'Z (CSC, both triangles, sorted, no zero stored: as scipy's product gives it) where each block of Z's
     columns has at most one entry in every row (scalar terms): each block's diagonal by a bincount, each pair of
@@ -250,13 +255,20 @@ def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matr
                 reached = other >= 0
                 indptr = np.concatenate([[0], np.cumsum(reached)])[indptr]
                 other, products = other[reached], products[reached]
-            # its CSC by scipy's transpose, a counting sort that leaves a column's duplicates side by side: summed in
-            # one pass, where the CSR's own sum_duplicates sorted every row first (InstEval: 3 -> 0.8 ms a block)
-            block = sp.csr_matrix((products, other, indptr), shape=(column_blocks[s], column_blocks[t])).tocsc()
+            block = sp.csr_matrix((products, other, indptr), shape=(column_blocks[s], column_blocks[t]))
+            if block.nnz <= TRANSPOSE_SUM_MAX_ENTRIES:
+                # its CSC by scipy's transpose, a counting sort that leaves a column's duplicates side by side: summed
+                # in one pass, where the CSR's own sum_duplicates sorted every row first (InstEval: 3 -> 0.8 ms a block)
+                block = block.tocsc()
+                block.sum_duplicates()
+                block.eliminate_zeros()
+                parts[s][t] = block  # rows of block s, columns of block t
+                parts[t][s] = block.tocsr().T  # a CSR's transpose is a CSC: no copy
+                continue
             block.sum_duplicates()
             block.eliminate_zeros()
-            parts[s][t] = block  # rows of block s, columns of block t
-            parts[t][s] = block.tocsr().T  # a CSR's transpose is a CSC: no copy
+            parts[s][t] = block.tocsc()
+            parts[t][s] = block.T
     # column by column, the row blocks in order (their rows offset by the blocks before): sorted indices
     counts = [sum(np.diff(parts[r][c].indptr) for r in range(J)) for c in range(J)]
     indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))])

@@ -1243,11 +1243,18 @@ def _time_refactorization(factor, A, factors, time_to_beat: float = np.inf) -> f
     return best
 
 
+SCALAR_STRUCTURE_MAX_ENTRIES = 10_000_000
+
+
 def _scalar_structure(ZtZ: sp.csc_matrix, relcov) -> tuple[list[_BlockPair], sp.csc_matrix] | None:
     """_block_structure where every term is scalar: A's pattern is then Z'Z's lower triangle, its entries in Z'Z's
     CSC order, each its own level pair (no grouping, slicing or sort: InstEval 3.8 -> ~1 ms). None where a term has
-    slopes, Z'Z is not in canonical CSC form, or a column lacks its diagonal entry (the general path adds those)."""
+    slopes, Z'Z is not in canonical CSC form, a column lacks its diagonal entry (the general path adds those), or Z'Z
+    holds more than SCALAR_STRUCTURE_MAX_ENTRIES (its per-entry temporaries, ~40 bytes an entry, would add to a
+    large fit's peak: there the general path, measured at MovieLens size)."""
     if any(template.k != 1 for _, template in relcov.blocks) or not isinstance(ZtZ, sp.csc_matrix):
+        return None
+    if ZtZ.nnz > SCALAR_STRUCTURE_MAX_ENTRIES:
         return None
     if not ZtZ.has_canonical_format:
         return None
