@@ -257,18 +257,14 @@ def _one_per_row_gram(Z: sp.csc_matrix, column_blocks: list[int]) -> sp.csc_matr
                 other, products = other[reached], products[reached]
             block = sp.csr_matrix((products, other, indptr), shape=(column_blocks[s], column_blocks[t]))
             if block.nnz <= TRANSPOSE_SUM_MAX_ENTRIES:
-                # its CSC by scipy's transpose, a counting sort that leaves a column's duplicates side by side: summed
-                # in one pass, where the CSR's own sum_duplicates sorted every row first (InstEval: 3 -> 0.8 ms a block)
+                # summed as its CSC, scipy's transpose being a counting sort that leaves a column's duplicates side by
+                # side: one pass, where the CSR's own sum_duplicates sorted every row first (InstEval: 3 -> 0.8 ms)
                 block = block.tocsc()
-                block.sum_duplicates()
-                block.eliminate_zeros()
-                parts[s][t] = block  # rows of block s, columns of block t
-                parts[t][s] = block.tocsr().T  # a CSR's transpose is a CSC: no copy
-                continue
             block.sum_duplicates()
             block.eliminate_zeros()
-            parts[s][t] = block.tocsc()
-            parts[t][s] = block.T
+            csr, csc = (block.tocsr(), block) if block.format == "csc" else (block, block.tocsc())
+            parts[s][t] = csc  # rows of block s, columns of block t
+            parts[t][s] = csr.T  # a CSR's transpose is a CSC: no copy
     # column by column, the row blocks in order (their rows offset by the blocks before): sorted indices
     counts = [sum(np.diff(parts[r][c].indptr) for r in range(J)) for c in range(J)]
     indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))])

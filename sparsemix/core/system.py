@@ -553,10 +553,14 @@ class PenalizedSystem:
             self._factor_theta is None
             or self._factor_factors is None
             or not np.array_equal(self._factor_theta, theta)
-            or (self._factor_single and not single)
+            or not self._factor_serves(single)
         ):
             return self._refactor(theta, self.relcov.system_factors(theta))
         return self._factor_factors
+
+    def _factor_serves(self, single: bool) -> bool:
+        """Whether the factor's precision serves a request (`single`: one in single precision will do)."""
+        return single or not self._factor_single
 
     def _write_values(self, factors: list[np.ndarray], term: int | None = None) -> list[np.ndarray]:
         """Write the values of Lambda' Z'Z Lambda (lower triangle) into the fixed pattern of A (`term`: only its
@@ -600,7 +604,7 @@ class PenalizedSystem:
             at is None
             or len(at) != len(factors)
             or not all(np.array_equal(a, b) for a, b in zip(factors, at))
-            or (self._factor_single and not single)
+            or not self._factor_serves(single)
         ):
             return self._evaluate(theta, factors, single=single)
         last = self._last_evaluation

@@ -283,9 +283,6 @@ def fit_by_scoring(
             if deviance <= at_point + 1e-12 * abs(at_point):
                 log.append((count, deviance, time.perf_counter() - t0))
                 return _converged(theta, deviance, count, log, t0), theta, count
-            if point.single_factor:  # (the factor is at theta now: the point's again, for the solution)
-                system.evaluate(point.theta)
-                count += 1
             return _converged(point.theta, at_point, count, log, t0), point.theta, count
         if _to_boundary(point, log_step):
             return None, point.theta, count
