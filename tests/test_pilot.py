@@ -821,3 +821,27 @@ def test_the_compiled_level_moments_equal_numpys(dataset, formula, weighted, mon
         assert (compiled_start is None) == (numpy_start is None)
         if numpy_start is not None:
             np.testing.assert_allclose(compiled_start, numpy_start, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("formula", ["y ~ t + (t || g)", "y ~ t + (0 + t + I(t^2) || g)"])
+def test_the_moment_start_reads_scalar_terms_in_any_sparse_format(formula):
+    """A scalar term's column read off its CSC entries (the fast path) gives the start that the general reading of
+    level_entries gives (its Z as CSR), with rows in no level (t = 0 under `0 + t`: left out of the moments)."""
+    from dataclasses import replace
+
+    from sparsemix.fit import pilot
+
+    rng = np.random.default_rng(7)
+    g = np.repeat(np.arange(12), 6)
+    t = np.tile(np.arange(6.0), 12)
+    y = 1 + 0.5 * t + rng.normal(size=12)[g] + rng.normal(0, 0.3, 12)[g] * t + rng.normal(0, 0.5, g.size)
+    design = build_design(formula, pd.DataFrame({"y": y, "t": t, "g": g.astype(str)}))
+    terms = list(design.terms)
+    as_csr = [replace(term, Z=term.Z.tocsr()) for term in terms]
+    for reml in (True, False):
+        fast = pilot.moment_start(design.X, design.response, terms, reml=reml)
+        general = pilot.moment_start(design.X, design.response, as_csr, reml=reml)
+        assert fast is not None and general is not None
+        np.testing.assert_array_equal(fast, general)
+    if "0 +" in formula:  # the rows at t = 0 are in no level: the moments leave them out
+        assert (terms[0].row_level < 0).sum() == 12

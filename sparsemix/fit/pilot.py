@@ -209,12 +209,15 @@ def moment_start(
             if not np.array_equal(levels[both], row_level[both]):
                 return None
             row_level = np.maximum(row_level, levels)
-        Z, rows, _, column = level_entries(term.Z, term.k)
         values = np.zeros((n, term.k))
-        values[rows, column] = Z.data
+        if term.k == 1 and sp.isspmatrix_csc(term.Z):  # (each entry's row is all a scalar term's column needs)
+            values[term.Z.indices, 0] = term.Z.data
+        else:
+            Z, rows, _, column = level_entries(term.Z, term.k)
+            values[rows, column] = Z.data
         columns.append(values)
     assert row_level is not None
-    V = np.hstack(columns)
+    V = np.hstack(columns) if len(columns) > 1 else columns[0]
     k = V.shape[1]
     r = np.asarray(y, dtype=float)
     Xw = np.asarray(X, dtype=float)
@@ -223,8 +226,10 @@ def moment_start(
         V, r, Xw = V * root[:, None], r * root, Xw * root[:, None]
     if Xw.shape[1]:
         r = r - Xw @ (np.linalg.lstsq(Xw, r, rcond=None)[0] if beta is None else beta)
-    inside = row_level >= 0
-    found = _level_moments(row_level[inside], V[inside], r[inside], Xw[inside], n1)
+    if row_level.size and row_level.min() < 0:  # rows in no level (a slope's zeros): left out
+        inside = row_level >= 0
+        row_level, V, r, Xw = row_level[inside], V[inside], r[inside], Xw[inside]
+    found = _level_moments(row_level, V, r, Xw, n1)
     if found is None:
         return None
     # the levels' spread about their mean over m (ML's) or m less the fixed effects' share of the levels'
@@ -288,7 +293,9 @@ def moment_start(
     for term in terms:  # each term's block of the covariance, as its template holds it
         block = relative[at : at + term.k, at : at + term.k]
         at += term.k
-        if term.template.is_diagonal:
+        if term.k == 1:
+            T = np.sqrt(block)
+        elif term.template.is_diagonal:
             T = np.diag(np.sqrt(np.diag(block)))
         elif term.k == 2:  # (in closed form: numpy's call costs more than the arithmetic)
             root = math.sqrt(block[0, 0])
@@ -379,15 +386,18 @@ def _diagonal_optimum(S, W, a, R, c, d, s) -> tuple[np.ndarray, float] | None:
         for i in (0, 1):  # a zero variance whose slope points inward is released
             if active[i] and g[i] < 0:
                 active[i] = False
-        free = [i for i in range(3) if not active[i]]
         # the Newton step in the free entries; where H is not positive definite (far from the minimum) with its
         # diagonal raised until it is, a step between Newton's and the gradient's (Levenberg's)
-        sub, rhs = [[H[i][j] for j in free] for i in free], [-g[i] for i in free]
-        scale = max(abs(sub[i][i]) for i in range(len(free)))
+        if any(active):
+            free = [i for i in range(3) if not active[i]]
+            sub, rhs = [[H[i][j] for j in free] for i in free], [-g[i] for i in free]
+        else:  # (the usual case: H and g as they are)
+            free, sub, rhs = [0, 1, 2], H, [-g[0], -g[1], -g[2]]
         solved = _small_spd_solve(sub, rhs)
         for power in range(-6, 4):
             if solved is not None:
                 break
+            scale = max(abs(sub[i][i]) for i in range(len(free)))
             shift = scale * 10.0**power
             solved = _small_spd_solve(
                 [[v + shift * (i == j) for j, v in enumerate(row)] for i, row in enumerate(sub)], rhs
