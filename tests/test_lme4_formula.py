@@ -113,3 +113,41 @@ def test_group_codes_of_an_interaction_number_the_combinations_present_in_order(
     position = {key: i for i, key in enumerate(keys)}
     expected = [position[key] for key in zip(frame["a"], frame["b"], frame["c"])]
     np.testing.assert_array_equal(codes, expected)
+
+
+@pytest.mark.parametrize("expr", ["x", "0 + x", "1 + x", "x - 1", "z + x", "-1 + z + x + 1", "n + x"])
+def test_a_random_term_of_bare_numeric_columns_is_patsys_design(expr):
+    """The columns of a random-effects expression of bare numeric columns (read straight from the data) are patsy's:
+    the same values, names and order, and a design that rebuilds them from other data as patsy's does."""
+    import patsy
+
+    from sparsemix.formula.mixedlm import FrameColumns, numeric_design
+    from sparsemix.formula.safety import check_formula, safe_environment
+    from sparsemix.lme4.design import _bare_columns_design
+
+    rng = np.random.default_rng(3)
+    data = pd.DataFrame({"x": rng.normal(size=9), "z": rng.normal(size=9), "n": np.arange(9), "g": list("abc") * 3})
+    reader, env, rhs = FrameColumns(data), safe_environment(), "~ " + expr
+    desc = check_formula(rhs, reader.names, env)
+    values, info = _bare_columns_design(rhs, desc, reader)
+    M = numeric_design(patsy.dmatrix, rhs, desc, data, env, columns=reader)
+    np.testing.assert_array_equal(values, np.asarray(M))
+    assert info.column_names == M.design_info.column_names
+    other = data.iloc[::-1].reset_index(drop=True)
+    (rebuilt,) = patsy.build_design_matrices([info], other)
+    (expected,) = patsy.build_design_matrices([M.design_info], other)
+    np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(expected))
+
+
+@pytest.mark.parametrize("expr", ["I(x**2)", "x:z", "np.log(n + 1)", "b", "g", "x + g"])
+def test_other_random_terms_take_patsys_path(expr):
+    from sparsemix.formula.mixedlm import FrameColumns
+    from sparsemix.formula.safety import check_formula, safe_environment
+    from sparsemix.lme4.design import _bare_columns_design
+
+    data = pd.DataFrame(
+        {"x": [1.0, 2, 3], "z": [0.5, 1, 2], "n": [1, 2, 3], "b": [True, False, True], "g": list("abc")}
+    )
+    reader = FrameColumns(data)
+    rhs = "~ " + expr
+    assert _bare_columns_design(rhs, check_formula(rhs, reader.names, safe_environment()), reader) is None
