@@ -115,39 +115,58 @@ def test_group_codes_of_an_interaction_number_the_combinations_present_in_order(
     np.testing.assert_array_equal(codes, expected)
 
 
-@pytest.mark.parametrize("expr", ["x", "0 + x", "1 + x", "x - 1", "z + x", "-1 + z + x + 1", "n + x"])
-def test_a_random_term_of_bare_numeric_columns_is_patsys_design(expr):
-    """The columns of a random-effects expression of bare numeric columns (read straight from the data) are patsy's:
-    the same values, names and order, and a design that rebuilds them from other data as patsy's does."""
+@pytest.mark.parametrize(
+    "formula",
+    ["~ x", "~ 0 + x", "~ 1 + x", "~ x - 1", "~ z + x", "~ -1 + z + x + 1", "y ~ n + x", "y ~ 1", "n ~ 0 + x"],
+)
+def test_a_design_of_bare_numeric_columns_is_patsys(formula):
+    """A formula of an intercept and bare numeric columns, read straight from the columns (mixedlm._bare_columns),
+    gives patsy's matrices: the same values, names and order, and designs that rebuild them from other data as
+    patsy's do."""
     import patsy
 
-    from sparsemix.formula.mixedlm import FrameColumns, numeric_design
+    from sparsemix.formula import mixedlm
     from sparsemix.formula.safety import check_formula, safe_environment
-    from sparsemix.lme4.design import _bare_columns_design
 
     rng = np.random.default_rng(3)
-    data = pd.DataFrame({"x": rng.normal(size=9), "z": rng.normal(size=9), "n": np.arange(9), "g": list("abc") * 3})
-    reader, env, rhs = FrameColumns(data), safe_environment(), "~ " + expr
-    desc = check_formula(rhs, reader.names, env)
-    values, info = _bare_columns_design(rhs, desc, reader)
-    M = numeric_design(patsy.dmatrix, rhs, desc, data, env, columns=reader)
-    np.testing.assert_array_equal(values, np.asarray(M))
-    assert info.column_names == M.design_info.column_names
+    data = pd.DataFrame(
+        {
+            "y": rng.normal(size=9),
+            "x": rng.normal(size=9),
+            "z": rng.normal(size=9),
+            "n": np.arange(9),
+            "g": list("abc") * 3,
+        }
+    )
+    reader, env = mixedlm.FrameColumns(data), safe_environment()
+    desc = check_formula(formula, reader.names, env)
+    fn = patsy.dmatrices if formula.split("~")[0].strip() else patsy.dmatrix
+    assert mixedlm._bare_columns(fn, desc, reader) is not None
+    ours = mixedlm.numeric_design(fn, formula, desc, data, env, columns=reader)
+    theirs = fn(desc, data, return_type="matrix", NA_action="raise", eval_env=env)
+    ours, theirs = (ours, theirs) if fn is patsy.dmatrices else ((ours,), (theirs,))
     other = data.iloc[::-1].reset_index(drop=True)
-    (rebuilt,) = patsy.build_design_matrices([info], other)
-    (expected,) = patsy.build_design_matrices([M.design_info], other)
-    np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(expected))
+    for mine, patsys in zip(ours, theirs):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(patsys))
+        assert mine.design_info.column_names == patsys.design_info.column_names
+        (rebuilt,) = patsy.build_design_matrices([mine.design_info], other)
+        (expected,) = patsy.build_design_matrices([patsys.design_info], other)
+        np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(expected))
 
 
-@pytest.mark.parametrize("expr", ["I(x**2)", "x:z", "np.log(n + 1)", "b", "g", "x + g"])
-def test_other_random_terms_take_patsys_path(expr):
-    from sparsemix.formula.mixedlm import FrameColumns
+@pytest.mark.parametrize("formula", ["~ I(x**2)", "~ x:z", "~ np.log(n + 1)", "~ b", "~ g", "~ x + g", "~ m", "m ~ x"])
+def test_other_designs_take_patsys_path(formula):
+    """Anything but bare columns of numbers without a missing value is left to patsy (which reports the missing
+    value)."""
+    import patsy
+
+    from sparsemix.formula import mixedlm
     from sparsemix.formula.safety import check_formula, safe_environment
-    from sparsemix.lme4.design import _bare_columns_design
 
     data = pd.DataFrame(
         {"x": [1.0, 2, 3], "z": [0.5, 1, 2], "n": [1, 2, 3], "b": [True, False, True], "g": list("abc")}
-    )
-    reader = FrameColumns(data)
-    rhs = "~ " + expr
-    assert _bare_columns_design(rhs, check_formula(rhs, reader.names, safe_environment()), reader) is None
+    ).assign(m=[1.0, np.nan, 2.0])
+    reader = mixedlm.FrameColumns(data)
+    fn = patsy.dmatrices if formula.split("~")[0].strip() else patsy.dmatrix
+    desc = check_formula(formula, reader.names, safe_environment())
+    assert mixedlm._bare_columns(fn, desc, reader) is None

@@ -678,12 +678,61 @@ def expression_values(expr: str, desc, data: pd.DataFrame, eval_env) -> np.ndarr
     return values.astype(float)
 
 
+# patsy's designs of formulas whose terms are an intercept and bare columns of numbers, by their terms' names
+# (_bare_columns)
+_BARE_DESIGNS: dict = {}
+
+
+def _bare_columns(fn, desc, source: "FrameColumns") -> list | None:
+    """The matrices of a formula whose terms are an intercept and bare columns of numbers ("y ~ x + z", "~ 0 + Days"),
+    read straight from the columns (patsy's machinery, even with a kept design: 20-35 us a formula of a small fit);
+    their designs, which name the columns and rebuild them for new data, are patsy's of the same formula on a
+    one-row frame of those columns (the same for any numbers), kept per formula. None for any other formula, or a
+    column that is not numbers or has a missing value (patsy's NA_action="raise" reports it)."""
+    sides = (desc.lhs_termlist, desc.rhs_termlist) if fn is patsy.dmatrices else (desc.rhs_termlist,)
+    key: list = [fn]
+    numbers = {}
+    for terms in sides:
+        names = []
+        for term in terms:
+            if len(term.factors) > 1:
+                return None
+            code = getattr(term.factors[0], "code", None) if term.factors else ""
+            if code and code not in numbers:
+                column = source.plain(code) if type(code) is str and code.isidentifier() else None
+                if column is None or np.isnan(column).any():
+                    return None
+                numbers[code] = column
+            names.append(code)
+        key.append(tuple(names))
+    infos = _BARE_DESIGNS.get(tuple(key))
+    if infos is None:
+        sample = pd.DataFrame({name: [1.0] for name in numbers})
+        built = fn(desc, sample, return_type="matrix", NA_action="raise", eval_env=patsy.EvalEnvironment([{}]))
+        infos = tuple(m.design_info for m in built) if fn is patsy.dmatrices else (built.design_info,)
+        if len(_BARE_DESIGNS) < _KEPT_DESIGNS_MAX:
+            _BARE_DESIGNS[tuple(key)] = infos
+    out = []
+    for info in infos:
+        matrix = np.empty((source.n_rows, len(info.column_names)))
+        for term, at in info.term_slices.items():
+            matrix[:, at] = numbers[term.factors[0].code][:, None] if term.factors else 1.0
+        design = matrix.view(patsy.DesignMatrix)  # (as _plain_columns makes it)
+        design.design_info = info
+        out.append(design)
+    return out
+
+
 def numeric_design(fn, formula: str, desc, data: pd.DataFrame, eval_env, return_type="matrix", columns=None):
     """patsy's `fn` (dmatrix or dmatrices) of `desc` (check_formula's reading of `formula`) on `data` as
     patsy_data gives it, reusing the design of an earlier call where _design_key allows. Raises patsy's errors.
     `columns`: a FrameColumns of `data` that other parts of the design read too."""
     source = patsy_data(data, desc, eval_env, columns)
     on_frame = not isinstance(source, FrameColumns)  # a caller's function, C(x) or factor(x) reads the frame
+    if not on_frame and return_type == "matrix":
+        built = _bare_columns(fn, desc, source)
+        if built is not None:
+            return tuple(built) if fn is patsy.dmatrices else built[0]
     # (C(x) / factor(x) of bare columns only: a kept design is still rebuilt from the columns)
     reader = _factors_reader(desc, eval_env, columns) if on_frame else source
     key = _design_key(fn, formula, desc, data, reader, eval_env)

@@ -251,53 +251,15 @@ def _random_term(spec: RandomSpec, frame, env, linear: bool = True, reader: Fram
             return _make_term(spec, codes, values, levels, columns, design_info, var)
         rhs = "~ " + spec.expr
         desc = check_formula(rhs, reader.names, env, f"random-effects term {spec.source}")
-        bare = _bare_columns_design(rhs, desc, reader)
-        if bare is not None:
-            values, design_info = bare
-        else:
-            try:
-                M = numeric_design(patsy.dmatrix, rhs, desc, frame, env, columns=reader)
-            except patsy.PatsyError as exc:
-                raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
-            values, design_info = np.asarray(M, dtype=float), M.design_info
-        columns = tuple(lme4_name(c) for c in design_info.column_names)
+        try:
+            M = numeric_design(patsy.dmatrix, rhs, desc, frame, env, columns=reader)
+        except patsy.PatsyError as exc:
+            raise FormulaError(f"cannot evaluate the columns of {spec.source}: {exc}") from None
+        values = np.asarray(M, dtype=float)
+        columns = tuple(lme4_name(c) for c in M.design_info.column_names)
         checks.check_random_columns(values, columns, spec.source)
+        design_info = M.design_info
     return _make_term(spec, codes, values, levels, columns, design_info, var)
-
-
-# patsy's designs of random-effects expressions of bare numeric columns, by expression (_bare_columns_design)
-_BARE_DESIGNS: dict = {}
-_BARE_DESIGNS_MAX = 256
-
-
-def _bare_columns_design(rhs: str, desc, reader: FrameColumns):
-    """(values, patsy design) of a random-effects expression whose terms are an intercept and bare columns of
-    numbers ("Days", "0 + Days", "1 + x + z"), the values read straight from the columns (patsy's machinery cost a
-    small fit ~20 us a term); the design, which names the columns and rebuilds them for predict's new data, is
-    patsy's of the same expression on a one-row frame of those columns (the same for any numbers), kept per
-    expression. None for any other expression, or a column that is not numbers."""
-    names = []
-    for term in desc.rhs_termlist:
-        if len(term.factors) > 1:
-            return None
-        if term.factors:
-            code = getattr(term.factors[0], "code", None)
-            if type(code) is not str or not code.isidentifier():
-                return None
-            names.append(code)
-    numbers = {name: reader.plain(name) for name in names}
-    if any(column is None for column in numbers.values()):
-        return None
-    info = _BARE_DESIGNS.get(rhs)
-    if info is None:
-        sample = pd.DataFrame({name: [1.0] for name in names})
-        info = patsy.dmatrix(desc, sample, NA_action="raise", eval_env=safe_environment()).design_info
-        if len(_BARE_DESIGNS) < _BARE_DESIGNS_MAX:
-            _BARE_DESIGNS[rhs] = info
-    values = np.empty((reader.n_rows, len(info.column_names)))
-    for term, columns in info.term_slices.items():
-        values[:, columns] = numbers[term.factors[0].code][:, None] if term.factors else 1.0
-    return values, info
 
 
 _INTERCEPT: list = []
