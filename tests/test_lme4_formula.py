@@ -117,7 +117,18 @@ def test_group_codes_of_an_interaction_number_the_combinations_present_in_order(
 
 @pytest.mark.parametrize(
     "formula",
-    ["~ x", "~ 0 + x", "~ 1 + x", "~ x - 1", "~ z + x", "~ -1 + z + x + 1", "y ~ n + x", "y ~ 1", "n ~ 0 + x"],
+    [
+        "~ x",
+        "~ 0 + x",
+        "~ 1 + x",
+        "~ x - 1",
+        "~ z + x",
+        "~ -1 + z + x + 1",
+        "y ~ n + x",
+        "y ~ 1",
+        "n ~ 0 + x",
+        "yield ~ x",
+    ],
 )
 def test_a_design_of_bare_numeric_columns_is_patsys(formula):
     """A formula of an intercept and bare numeric columns, read straight from the columns (mixedlm._bare_columns),
@@ -136,6 +147,7 @@ def test_a_design_of_bare_numeric_columns_is_patsys(formula):
             "z": rng.normal(size=9),
             "n": np.arange(9),
             "g": list("abc") * 3,
+            "yield": np.linspace(1, 2, 9),  # (a Python keyword: the formula reads it as Q("yield"))
         }
     )
     reader, env = mixedlm.FrameColumns(data), safe_environment()
@@ -170,3 +182,28 @@ def test_other_designs_take_patsys_path(formula):
     fn = patsy.dmatrices if formula.split("~")[0].strip() else patsy.dmatrix
     desc = check_formula(formula, reader.names, safe_environment())
     assert mixedlm._bare_columns(fn, desc, reader) is None
+
+
+@pytest.mark.parametrize("formula", ['y ~ Q("my g") + x', 'y ~ Q("my g") * x', "yield ~ g"])
+def test_a_kept_design_rebuilt_from_quoted_columns_is_patsys(formula):
+    """A kept design whose factors are quoted columns (Q("my g"), a keyword's Q("yield")) is rebuilt from the columns
+    (mixedlm._plain_columns) as patsy builds it."""
+    import patsy
+
+    from sparsemix.formula import mixedlm
+    from sparsemix.formula.safety import check_formula, safe_environment
+
+    rng = np.random.default_rng(5)
+    data = pd.DataFrame({"y": rng.normal(size=12), "x": rng.normal(size=12), "g": list("abcd") * 3})
+    data = data.assign(**{"my g": list("pqr") * 4, "yield": rng.normal(size=12)})
+    env = safe_environment()
+    desc = check_formula(formula, tuple(data.columns), env)
+    theirs = patsy.dmatrices(desc, data, return_type="matrix", NA_action="raise", eval_env=env)
+    for _ in range(2):  # the first call keeps the design, the second rebuilds it from the columns
+        reader = mixedlm.FrameColumns(data)
+        ours = mixedlm.numeric_design(patsy.dmatrices, formula, desc, data, env, columns=reader)
+        for mine, patsys in zip(ours, theirs):
+            np.testing.assert_array_equal(np.asarray(mine), np.asarray(patsys))
+            assert mine.design_info.column_names == patsys.design_info.column_names
+    key = mixedlm._design_key(patsy.dmatrices, formula, desc, data, mixedlm.FrameColumns(data), env)
+    assert mixedlm._plain_columns(mixedlm._KEPT_DESIGNS[key], mixedlm.FrameColumns(data)) is not None

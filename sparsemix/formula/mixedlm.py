@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from ..checks import FACTOR_FUNCTIONS
 from ..core.terms import VarianceComponent, indicator_matrix
 from ..errors import FormulaError
-from .safety import SAFE_FUNCTIONS, check_formula, code_names, numpy_functions_only, term_codes
+from .safety import SAFE_FUNCTIONS, check_formula, code_names, numpy_functions_only, safe_environment, term_codes
 
 __all__ = [
     "fixed_design",
@@ -544,7 +544,7 @@ def _keepable(infos, source: "FrameColumns") -> bool:
             if fi.type == "numerical":
                 continue
             code = getattr(factor, "code", None)
-            if source.level_codes(code) is None and _factor_of_column(code, source) is None:
+            if source.level_codes(_named(code)) is None and _factor_of_column(code, source) is None:
                 return False
     return True
 
@@ -561,6 +561,27 @@ def _factor_of_column(code, source: "FrameColumns") -> str | None:
 
 def _factor_columns(desc, source: "FrameColumns") -> list[str]:
     return sorted({name for name in (_factor_of_column(code, source) for code in term_codes(desc)) if name})
+
+
+@functools.lru_cache(maxsize=1024)
+def _named(code) -> str | None:
+    """The name a factor's code reads bare: `x`, or `Q("my x")` (patsy's quoting, which the formulas' `Q` always is:
+    formula/safety.py; R's backticks and Python's keywords become it), or None for any other code."""
+    if type(code) is not str:
+        return None
+    if code.isidentifier():
+        return code
+    if not (code.startswith("Q(") and code.endswith(")")):
+        return None
+    try:
+        call = ast.parse(code, mode="eval").body
+    except SyntaxError:
+        return None
+    if isinstance(call, ast.Call) and len(call.args) == 1 and not call.keywords:
+        (arg,) = call.args
+        if isinstance(arg, ast.Constant) and type(arg.value) is str:
+            return arg.value
+    return None
 
 
 def _factors_reader(desc, eval_env, columns: "FrameColumns | None") -> "FrameColumns | None":
@@ -602,14 +623,14 @@ def _plain_columns(infos, source: "FrameColumns") -> list | None:
                 col, levels, _ = source.factor_codes(name)
                 if (col < 0).any() or tuple(levels) != tuple(info.factor_infos[factor].categories):
                     return None
-            elif not code.isidentifier():
+            elif _named(code) is None:
                 col = _numerical_expression(factor, info.factor_infos[factor], source)
                 if col is None:
                     return None
             else:
-                col = source.plain(code)
+                col = source.plain(_named(code))
                 if col is None:
-                    col = source.level_codes(code)
+                    col = source.level_codes(_named(code))
                     if col is None or (col < 0).any():
                         return None
                 elif np.isnan(col).any():
@@ -699,7 +720,8 @@ def _bare_columns(fn, desc, source: "FrameColumns") -> list | None:
                 return None
             code = getattr(term.factors[0], "code", None) if term.factors else ""
             if code and code not in numbers:
-                column = source.plain(code) if type(code) is str and code.isidentifier() else None
+                name = _named(code)
+                column = source.plain(name) if name is not None else None
                 if column is None or np.isnan(column).any():
                     return None
                 numbers[code] = column
@@ -707,8 +729,8 @@ def _bare_columns(fn, desc, source: "FrameColumns") -> list | None:
         key.append(tuple(names))
     infos = _BARE_DESIGNS.get(tuple(key))
     if infos is None:
-        sample = pd.DataFrame({name: [1.0] for name in numbers})
-        built = fn(desc, sample, return_type="matrix", NA_action="raise", eval_env=patsy.EvalEnvironment([{}]))
+        sample = pd.DataFrame({_named(code): [1.0] for code in numbers})
+        built = fn(desc, sample, return_type="matrix", NA_action="raise", eval_env=safe_environment())
         infos = tuple(m.design_info for m in built) if fn is patsy.dmatrices else (built.design_info,)
         if len(_BARE_DESIGNS) < _KEPT_DESIGNS_MAX:
             _BARE_DESIGNS[tuple(key)] = infos
