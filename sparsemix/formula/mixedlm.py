@@ -628,9 +628,10 @@ def _plain_columns(infos, source: "FrameColumns") -> list | None:
                 if col is None:
                     return None
             else:
-                col = source.plain(_named(code))
+                name = _named(code)
+                col = source.plain(name)
                 if col is None:
-                    col = source.level_codes(_named(code))
+                    col = source.level_codes(name)
                     if col is None or (col < 0).any():
                         return None
                 elif np.isnan(col).any():
@@ -658,11 +659,15 @@ def _plain_columns(infos, source: "FrameColumns") -> list | None:
                     block = (part[:, :, None] * block[:, None, :]).reshape(source.n_rows, -1)
                 matrix[:, start : start + subterm.num_columns] = block
                 start += subterm.num_columns
-        # patsy's DesignMatrix without its checks (of a matrix made to `info` here), as a view
-        design = matrix.view(patsy.DesignMatrix)
-        design.design_info = info
-        out.append(design)
+        out.append(_design_matrix(matrix, info))
     return out
+
+
+def _design_matrix(matrix: np.ndarray, info) -> "patsy.DesignMatrix":
+    """patsy's DesignMatrix of `matrix` (made to `info` here) without its checks, as a view."""
+    design = matrix.view(patsy.DesignMatrix)
+    design.design_info = info
+    return design
 
 
 def _numerical_expression(factor, info, source: "FrameColumns") -> np.ndarray | None:
@@ -739,9 +744,7 @@ def _bare_columns(fn, desc, source: "FrameColumns") -> list | None:
         matrix = np.empty((source.n_rows, len(info.column_names)))
         for term, at in info.term_slices.items():
             matrix[:, at] = numbers[term.factors[0].code][:, None] if term.factors else 1.0
-        design = matrix.view(patsy.DesignMatrix)  # (as _plain_columns makes it)
-        design.design_info = info
-        out.append(design)
+        out.append(_design_matrix(matrix, info))
     return out
 
 
