@@ -12,6 +12,7 @@ import sparsemix as sm
 from sparsemix.core.batched import ManyResponses, _cholesky
 from sparsemix.core.coordinates import system_columns
 from sparsemix.fit.many import minimize_many
+from sparsemix.fit.pilot import moment_start, moment_starts
 
 SLEEP = reference_data("sleepstudy")
 PENICILLIN = reference_data("penicillin")
@@ -92,15 +93,81 @@ def test_a_stack_with_one_matrix_not_positive_definite_factors_the_others():
     np.testing.assert_allclose(L[2] @ L[2].T, 2 * good)
 
 
-@pytest.mark.parametrize("name", ["slopes", "crossed", "quadratic"])
-def test_batched_newton_steps_land_where_each_fit_does(name):
+@pytest.mark.parametrize("name", ["slopes", "slopes ML", "quadratic", "weights and offset"])
+def test_batched_exact_derivatives_equal_the_one_response_derivatives(name):
+    formula, data, kwargs = MODELS[name]
+    model = sm.lmer(formula, data, **kwargs)
+    system, relcov, reml = model.fit_result.system, model.fit_result.system.relcov, model.reml
+    Y = _responses(model, 6, seed=21)
+    many, (Zty, Xty, yty, _) = _many(model, Y)
+    assert many.has_hessians
+    rng = np.random.default_rng(22)
+    start = relcov.working_theta(model.fit_result.theta)
+    working = start * (1 + 0.4 * rng.standard_normal((6, start.size))) + 0.05 * rng.standard_normal((6, start.size))
+    which = np.array([3, 0, 5, 5, 1, 2])  # responses in another order, one twice
+    values, gradients, hessians = many.hessians(working, reml, which)
+    d = model.design
+    columns = system_columns(list(d.terms), relcov.column_transforms)
+    for i, j in enumerate(which):
+        one = system.with_response(system.cross.with_response(d.X, columns, Y[:, j] - d.offset, d.weights))
+        value, gradient, hessian = one.working_deviance_hessian(working[i], reml)
+        assert values[i] == pytest.approx(value, rel=1e-11)
+        np.testing.assert_allclose(gradients[i], gradient, rtol=1e-7, atol=1e-7 * np.abs(gradient).max())
+        np.testing.assert_allclose(hessians[i], hessian, rtol=1e-7, atol=1e-7 * np.abs(hessian).max())
+        assert values[i] == pytest.approx(many.deviance(working[i : i + 1], reml, which[i : i + 1])[0], rel=1e-11)
+
+
+def test_batched_exact_derivatives_only_where_the_design_is_one_term_with_fixed_effects():
+    for name in ("uncorrelated", "crossed", "nested"):  # split or several terms: differences
+        formula, data, kwargs = MODELS[name]
+        model = sm.lmer(formula, data, **kwargs)
+        assert not _many(model, _responses(model, 2, seed=1))[0].has_hessians
+    model = sm.lmer("Reaction ~ 0 + (Days | Subject)", SLEEP)  # no fixed effects: the kernel needs X'V^{-1}X
+    assert not _many(model, _responses(model, 2, seed=1))[0].has_hessians
+
+
+@pytest.mark.parametrize("name", ["slopes", "slopes ML", "quadratic", "weights and offset"])
+def test_moment_starts_are_each_responses_moment_start(name):
+    formula, data, kwargs = MODELS[name]
+    model = sm.lmer(formula, data, **kwargs)
+    relcov, reml, d = model.fit_result.system.relcov, model.reml, model.design
+    Y = _responses(model, 8, seed=23)
+    many, _ = _many(model, Y)
+    factors, ok = moment_starts(many.G11, many.first_fixed_cross, many.Zty, many.yty, many.n, reml)
+    template = relcov.blocks[0][1]
+    rows, cols = np.array(template.positions).T
+    for j in range(8):
+        one = moment_start(d.X, Y[:, j] - d.offset, list(d.terms), d.weights, reml=reml)
+        if one is None:  # (a near-singular estimate moment_start leaves to lme4's start)
+            continue
+        assert ok[j]
+        np.testing.assert_allclose(factors[j, rows, cols], relcov.working_theta(one), rtol=1e-9, atol=1e-12)
+    assert ok.sum() >= 6
+
+
+def test_moment_starts_need_every_level_usable():
+    model = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP)
+    many, _ = _many(model, _responses(model, 3, seed=24))
+    G11 = many.G11.copy()
+    G11[4] = [[1.0, 2.0], [2.0, 4.0]]  # one subject seen on a single day: its own fit has no slope
+    assert moment_starts(G11, many.first_fixed_cross, many.Zty, many.yty, many.n) is None
+    assert moment_starts(many.G11, many.first_fixed_cross, many.Zty, many.yty, many.n) is not None
+    assert moment_starts(many.G11[:4], many.first_fixed_cross[:4], many.Zty[:8], many.yty, 40) is None  # 4 levels
+
+
+@pytest.mark.parametrize(
+    "name, exact", [("slopes", False), ("crossed", False), ("quadratic", False), ("slopes", True), ("quadratic", True)]
+)
+def test_batched_newton_steps_land_where_each_fit_does(name, exact):
     formula, data, kwargs = MODELS[name]
     model = sm.lmer(formula, data, **kwargs)
     relcov = model.fit_result.system.relcov
     Y = _responses(model, 40, seed=3)
     many, _ = _many(model, Y)
+    assert many.has_hessians or not exact
     start = relcov.working_theta(model.fit_result.theta)
-    found = minimize_many(many, start, relcov.lower_bounds, model.reml, relcov.boundary_probes)
+    hessians = (lambda points, rows: many.hessians(points, model.reml, rows)) if exact else None
+    found = minimize_many(many, start, relcov.lower_bounds, model.reml, relcov.boundary_probes, exact=hessians)
     assert found.settled.sum() >= 30
     response = formula.split("~")[0].strip()
     for j in np.flatnonzero(found.settled)[:8]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import compiled
 from .cross_products import CrossProducts
 from .factor import DenseFactor, schur_applicable
+from .gradient import psi_index
 from .relcov import RelativeCovariance
 from .system import profiled_deviance_value
 
@@ -51,9 +53,14 @@ class ManyResponses:
         # (k1, n1, q2 + p): the first term's rows against the rest's and X's columns, level-major within k1
         self.G1F_by_k = np.ascontiguousarray(fixed.G1R[:, :, :-1].transpose(1, 0, 2))
         self.GFF = fixed.GRR[:-1, :-1]  # (q2 + p, q2 + p)
-        self.Zty, self.Xty, self.yty = np.asarray(Zty, float), np.asarray(Xty, float), np.asarray(yty, float)
+        self.Zty, self.Xty, self.yty = (np.ascontiguousarray(v, dtype=float) for v in (Zty, Xty, yty))
         self.R = self.yty.shape[0]
         self._rest = list(zip(fixed.rest_ks, fixed.rest_slices))
+        # one term and fixed effects: exact derivatives from the levels' blocks (many_single_term_hessian)
+        self._one_term = None
+        self.first_fixed_cross = fixed.G1R[:, :, self.q2 : self.q2 + self.p]  # (n1, k1, p): each level's Z_l'X
+        if self.q1 and not self.q2 and self.p:
+            self._one_term = (fixed.G11, fixed.G1R, fixed.GRR, psi_index(first.k, relcov.blocks[0][1].positions))
         self._positions = []  # per term: (theta columns, rows, columns) of its template's entries
         for (_, template), sl in zip(relcov.blocks, relcov.theta_slices):
             rows, cols = np.array(template.positions, dtype=np.intp).reshape(-1, 2).T
@@ -137,6 +144,35 @@ class ManyResponses:
         cbeta = LS[:, -1, q2 : q2 + p]
         feasible = ok & np.isfinite(logdet) & np.isfinite(logdet_RX2) & (r2 > 0) & np.isfinite(r2)
         return BatchedParts(logdet, logdet_RX2, r2, RX, cbeta, feasible)
+
+    @property
+    def has_hessians(self) -> bool:
+        """Whether `hessians` serves this design: one random-effects term and fixed effects, the kernel compiled."""
+        return self._one_term is not None and compiled.kernel("many_single_term_hessian") is not None
+
+    def hessians(self, working: np.ndarray, reml: bool, which: np.ndarray | None = None):
+        """(deviance, exact gradient, exact Hessian) in working theta at each row of `working` (R' x n_theta) for
+        the responses `which` (`has_hessians` designs): one compiled pass a point (kernels.many_single_term_hessian);
+        inf and NaN where the system is not positive definite or r^2 is not positive."""
+        working = np.asarray(working, dtype=float)
+        N = working.shape[0]
+        which = np.arange(self.R) if which is None else np.asarray(which, dtype=np.intp)
+        assert self._one_term is not None  # (has_hessians)
+        G11, G1R, GRR, index = self._one_term
+        m = index.rows.size
+        gradient, hessian = np.empty((N, m)), np.empty((N, m, m))
+        parts, status = np.empty((N, 3)), np.empty(N, dtype=np.int64)
+        compiled.kernel("many_single_term_hessian")(
+            G11, G1R, GRR, self.Zty, self.Xty, self.yty, self.templates(working)[0], which, index.rows, index.cols,
+            index.a, index.b, index.second, reml, self.dof(reml), gradient, hessian, parts, status,
+        )  # fmt: skip
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = profiled_deviance_value(
+                parts[:, 0], parts[:, 1], parts[:, 2], self.dof(reml), self.sum_log_weights, reml
+            )
+        failed = (status != 0) | ~np.isfinite(value)
+        value[failed], gradient[failed], hessian[failed] = np.inf, np.nan, np.nan
+        return value, gradient, hessian
 
     def dof(self, reml: bool) -> int:
         return self.n - self.p if reml else self.n

@@ -23,7 +23,13 @@ __all__ = ["KERNELS", "kernel", "compiling_here", "EXIT_BUSY"]
 
 # The kernels of small fits, each with a numpy path its callers take while it is not compiled. (The large designs'
 # kernels, LevelBands and subtract_gram_lower, compile in their fit: a few seconds there, against slower fallbacks.)
-KERNELS = ("single_term_deviance_parts", "single_term_hessian", "dense_scalar_scoring", "level_moments")
+KERNELS = (
+    "single_term_deviance_parts",
+    "single_term_hessian",
+    "many_single_term_hessian",
+    "dense_scalar_scoring",
+    "level_moments",
+)
 # numba's cache is looked at again for a kernel not compiled yet at most this often (a fit asks per evaluation)
 RECHECK_SECONDS = 0.5
 # The warm-up's exit status when another process is compiling already; this process asks again after RETRY_SECONDS

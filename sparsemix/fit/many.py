@@ -21,6 +21,7 @@ import scipy.linalg as la
 
 from ..core.batched import ManyResponses
 from ..core.system import DENSE_MAX_Q, PenalizedSystem
+from ..core.terms import CovarianceTemplate
 from .optimize import (
     DEFAULT_OPTIMIZER,
     GRADIENT_METHOD,
@@ -34,6 +35,7 @@ from .optimize import (
     no_worse,
     secant_update,
 )
+from .pilot import moment_starts
 
 __all__ = [
     "difference_hessian",
@@ -148,6 +150,7 @@ def minimize_many(
     near_singular=None,
     chord: bool = False,
     gradient=None,
+    exact=None,
 ) -> ManyMinimum:
     """Minimise every response's deviance from `start` (working theta, one row per response or one for all).
 
@@ -162,7 +165,9 @@ def minimize_many(
     bools; relcov.near_singular): which end points can have probes at all, the others' release check skipped.
     `chord`: steps between two Hessians with the last one (_newton). `gradient` (one response: points -> values,
     gradients, NaN where there is none): each Hessian from central differences of exact gradients, 2m evaluations
-    where the deviance's differences take m(m + 3)/2."""
+    where the deviance's differences take m(m + 3)/2. `exact` (points, responses -> deviances, gradients, Hessians;
+    ManyResponses.hessians): each step from the exact derivatives at its start, and the line search's points
+    evaluated with theirs (an accepted step's end is the next step's start)."""
     R, m = many.R, lower.size
     on_diagonal = np.isfinite(lower)
     # a zero variance in the start (a singular first fit) would hold every response there (the deviance is even in
@@ -176,6 +181,13 @@ def minimize_many(
         evaluations[0] += 1
         return many.deviance(points, reml, rows)
 
+    if exact is not None:
+        derivatives = exact
+
+        def exact(points, rows):
+            evaluations[0] += 1
+            return derivatives(points, rows)
+
     active = np.isfinite(f)
     settled = np.zeros(R, dtype=bool)
     held = np.zeros((R, m), dtype=bool)  # entries held at their bound
@@ -183,7 +195,8 @@ def minimize_many(
     steps = np.full((R, m), np.nan)
     for round_ in range(RELEASE_MAX_ROUNDS + 1):
         rows = np.flatnonzero(active)
-        _newton(deviance, x, f, active, settled, held, lower, on_diagonal, (hessians, steps), se_step, chord, gradient)
+        last = (hessians, steps)
+        _newton(deviance, x, f, active, settled, held, lower, on_diagonal, last, se_step, chord, gradient, exact)
         if boundary_probes is None:
             break
         # the settled, and those stuck with a zero variance held (its column's sign may be the wrong one to go on)
@@ -202,13 +215,25 @@ def minimize_many(
 
 
 def _newton(
-    deviance, x, f, active, settled, held, lower, on_diagonal, last, se_step=None, chord=False, gradient=None
+    deviance,
+    x,
+    f,
+    active,
+    settled,
+    held,
+    lower,
+    on_diagonal,
+    last,
+    se_step=None,
+    chord=False,
+    gradient=None,
+    exact=None,
 ) -> None:
     """Newton steps on the `active` responses until each settles or fails (x, f, active, settled, held and `last`,
     their last difference Hessians and its steps, updated in place); `se_step` as minimize_many's; `chord`: steps
     after one that moved the parameters reuse its Hessian where there are CHORD_MIN_PARAMETERS of them or more, or
     exact gradients (a secant step then costs one evaluation), one response (every row takes the same kind of
-    step); `gradient` as minimize_many's."""
+    step); `gradient` and `exact` as minimize_many's."""
     m = lower.size
     hessians, steps = last
     held_for = np.zeros(x.shape[0], dtype=int)  # iterations with an entry held, per response
@@ -216,6 +241,14 @@ def _newton(
     chords = 0  # chord steps in a row (0: the next step computes its Hessian)
     model = np.eye(m)  # the chord steps' Hessian (the last difference Hessian, BFGS-updated since)
     previous = (x[0], np.zeros(m))  # the last step's start and gradient there (set before any chord step)
+    if exact is not None:  # each response's last exact evaluation: where, its gradient and Hessian
+        seen = (np.full(x.shape, np.nan), np.full(x.shape, np.nan), np.full(x.shape + (m,), np.nan))
+
+        def deviance(points, rows):
+            values, seen_g, seen_H = exact(points, rows)
+            seen[0][rows], seen[1][rows], seen[2][rows] = points, seen_g, seen_H
+            return values
+
     for _ in range(NEWTON_MAX_ITERATIONS):
         idx = np.flatnonzero(active)
         if idx.size == 0:
@@ -227,7 +260,12 @@ def _newton(
         reuse = chords > 0
         if reuse:  # the gradient at the new point, the Hessian of the last full step (and its difference steps)
             h = steps[idx]
-        if gradient is not None:
+        if exact is not None:
+            fresh = ~np.all(seen[0][idx] == xa, axis=1)
+            if fresh.any():
+                deviance(xa[fresh], idx[fresh])
+            values, g, H = fa[:, None], seen[1][idx], seen[2][idx]
+        elif gradient is not None:
             values, g, H = _gradient_differences(gradient, xa, h, reuse)
         else:
             points = _difference_points(xa, h, gradient_only=reuse)
@@ -415,17 +453,33 @@ def fit_responses(system: PenalizedSystem, sums, start_theta: np.ndarray, reml: 
     many = ManyResponses(system.cross, relcov, Zty, Xty, yty)
     found = minimize_many(
         many,
-        relcov.working_theta(start_theta),
+        _starts(many, relcov.working_theta(start_theta), reml),
         relcov.lower_bounds,
         reml,
         relcov.boundary_probes,
         near_singular=relcov.near_singular,
+        exact=(lambda points, rows: many.hessians(points, reml, rows)) if many.has_hessians else None,
     )
     beta, sigma2 = fixed_effects_many(many, found.working, reml)
     reported = relcov.reported_thetas(found.working)
     theta = [t if np.isfinite(f) else None for t, f in zip(reported, found.deviance)]
     seconds = (time.perf_counter() - t0) / max(many.R, 1)
     return ResponsesFit(found.settled, theta, found.deviance, beta + beta_ols.T, sigma2, seconds)
+
+
+def _starts(many: ManyResponses, common: np.ndarray, reml: bool) -> np.ndarray:
+    """Each response's start (R x n_theta, working): where the design is one term with a correlated template, its
+    own moment estimate (pilot.moment_starts, the start a fit of it alone would take:
+    on a balanced growth curve its optimum), else `common` (the first response's optimum)."""
+    template = many.relcov.blocks[0][1]
+    if many.q2 or not many.q1 or template != CovarianceTemplate.unstructured(template.k):
+        return common
+    found = moment_starts(many.G11, many.first_fixed_cross, many.Zty, many.yty, many.n, reml)
+    if found is None:
+        return common
+    factors, ok = found
+    rows, cols = np.array(template.positions).T
+    return np.where(ok[:, None], factors[:, rows, cols], common)
 
 
 class _OneFunction:

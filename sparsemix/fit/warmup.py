@@ -12,13 +12,15 @@ import numpy as np
 
 from ..core.compiled import EXIT_BUSY, compiling_here
 from ..core.terms import CovarianceTemplate, RandomTerm
+from .many import fit_responses
 from .pipeline import fit_lmm
 
 __all__ = ["compile_kernels"]
 
 
 def compile_kernels() -> None:
-    """Fit a growth curve (one correlated 2 x 2 term: single_term_deviance_parts, single_term_hessian) and crossed
+    """Fit a growth curve (one correlated 2 x 2 term: single_term_deviance_parts, single_term_hessian; its response
+    again as lmer_many fits many: many_single_term_hessian) and crossed
     random intercepts held dense and scored (dense_scalar_scoring), compiling each kernel in this process."""
     rng = np.random.default_rng(0)
     with compiling_here():
@@ -30,7 +32,10 @@ def compile_kernels() -> None:
         slopes = RandomTerm.from_codes(
             "g", g, X, groups, CovarianceTemplate.unstructured(2), np.arange(groups), ("(Intercept)", "t")
         )
-        fit_lmm(X, y, [slopes])
+        fit = fit_lmm(X, y, [slopes])
+        cross = fit.system.cross  # its response as many (lmer_many's batched steps: many_single_term_hessian)
+        sums = (cross.Zty[:, None], cross.Xty[:, None], np.array([cross.yty]), cross.beta_ols[:, None])
+        fit_responses(fit.system, sums, fit.theta, fit.reml)
         rows, cols = 200, 30
         a, b = np.divmod(np.arange(rows * cols), cols)
         kept = rng.random(a.size) < 0.2  # unbalanced: points are scored (balanced, the moments are the optimum)
