@@ -12,11 +12,12 @@ import sparsemix as sm
 from sparsemix.core.batched import ManyResponses, _cholesky
 from sparsemix.core.coordinates import system_columns
 from sparsemix.fit.many import minimize_many
-from sparsemix.fit.pilot import moment_start, moment_starts
+from sparsemix.fit.pilot import components_start, components_starts, moment_start, moment_starts
 
 SLEEP = reference_data("sleepstudy")
 PENICILLIN = reference_data("penicillin")
 PASTES = reference_data("pastes")
+DYESTUFF2 = reference_data("dyestuff2")
 _RNG = np.random.default_rng(17)
 _SLEEP_EXTRA = SLEEP.assign(
     w=_RNG.uniform(0.5, 2.0, len(SLEEP)),
@@ -153,6 +154,45 @@ def test_moment_starts_need_every_level_usable():
     assert moment_starts(G11, many.first_fixed_cross, many.Zty, many.yty, many.n) is None
     assert moment_starts(many.G11, many.first_fixed_cross, many.Zty, many.yty, many.n) is not None
     assert moment_starts(many.G11[:4], many.first_fixed_cross[:4], many.Zty[:8], many.yty, 40) is None  # 4 levels
+
+
+def test_diagonal_moment_starts_are_the_correlated_estimates_variances():
+    model = sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP)
+    many, _ = _many(model, _responses(model, 8, seed=25))
+    arguments = (many.G11, many.first_fixed_cross, many.Zty, many.yty, many.n)
+    correlated, ok = moment_starts(*arguments)
+    diagonal, ok_diagonal = moment_starts(*arguments, diagonal=True)
+    assert ok_diagonal[ok].all()
+    relative = np.matmul(correlated, correlated.transpose(0, 2, 1))
+    np.testing.assert_allclose(diagonal[ok], np.sqrt(relative[ok] * np.eye(2)), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "formula, data, reml",
+    [
+        ("diameter ~ 1 + (1 | plate) + (1 | sample)", PENICILLIN, True),
+        ("diameter ~ 1 + (1 | plate) + (1 | sample)", PENICILLIN, False),  # ML's strata, response by response
+        ("strength ~ 1 + (1 | batch/cask)", PASTES, True),
+        ("Yield ~ 1 + (1 | Batch)", DYESTUFF2, True),  # one variance (singular): 0 where estimated <= 0
+    ],
+)
+def test_components_starts_are_each_responses_components_start(formula, data, reml):
+    model = sm.lmer(formula, data, reml=reml)
+    system, d = model.fit_result.system, model.design
+    Y = _responses(model, 12, seed=26)
+    _, (Zty, Xty, yty, _) = _many(model, Y)
+    working, ok = components_starts(system, Zty, yty, reml)
+    columns = system_columns(list(d.terms), system.relcov.column_transforms)
+    at_zero = 0
+    for j in range(12):
+        one = system.with_response(system.cross.with_response(d.X, columns, Y[:, j], d.weights))
+        expected = components_start(one, reml)
+        assert ok[j] == (expected is not None)
+        np.testing.assert_allclose(working[j], system.relcov.working_theta(expected), rtol=1e-10, atol=1e-14)
+        at_zero += np.all(working[j] == 0)
+    assert components_starts(sm.lmer("Reaction ~ Days + (Days | Subject)", SLEEP).fit_result.system, Zty, yty) is None
+    if "Batch" in formula:
+        assert at_zero >= 1
 
 
 @pytest.mark.parametrize(

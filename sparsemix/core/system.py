@@ -292,6 +292,11 @@ class PenalizedSystem:
         relcov, order = self._merged
         return PenalizedSystem(self.cross.permuted(order), relcov)
 
+    @property
+    def merged_order(self) -> np.ndarray:
+        """merged_system's columns as positions among this system's (a response's Z'y taken to its order)."""
+        return self._merged[1]
+
     @functools.cached_property  # (merged_system's, and solution_from's order)
     def _merged(self) -> "tuple[RelativeCovariance, np.ndarray]":
         return self.relcov.merged(self.diagonal_runs)

@@ -35,7 +35,7 @@ from .optimize import (
     no_worse,
     secant_update,
 )
-from .pilot import moment_starts
+from .pilot import components_starts, moment_starts
 
 __all__ = [
     "difference_hessian",
@@ -446,14 +446,19 @@ class ResponsesFit:
 
 def fit_responses(system: PenalizedSystem, sums, start_theta: np.ndarray, reml: bool) -> ResponsesFit:
     """Every response's optimum at once from `start_theta` (reported): `sums` = (Z'y, X'y, y'y, beta_ols) of the
-    responses as CrossProducts.response_sums gives them, for `system`'s design."""
+    responses as CrossProducts.response_sums gives them, for `system`'s design. lme4's `(x || g)` alone is
+    optimized as one term (its merged_system, as pipeline.optimized_system does for one response): the exact
+    Hessians of one term's levels."""
     t0 = time.perf_counter()
-    relcov = system.relcov
     Zty, Xty, yty, beta_ols = sums
-    many = ManyResponses(system.cross, relcov, Zty, Xty, yty)
+    optimized, merged_Zty = system, Zty
+    if system.diagonal_runs and len(system.merged_system().relcov.blocks) == 1:
+        optimized, merged_Zty = system.merged_system(), Zty[system.merged_order]
+    relcov = optimized.relcov
+    many = ManyResponses(optimized.cross, relcov, merged_Zty, Xty, yty)
     found = minimize_many(
         many,
-        _starts(many, relcov.working_theta(start_theta), reml),
+        _starts(system, many, Zty, relcov.working_theta(start_theta), reml),
         relcov.lower_bounds,
         reml,
         relcov.boundary_probes,
@@ -467,19 +472,28 @@ def fit_responses(system: PenalizedSystem, sums, start_theta: np.ndarray, reml: 
     return ResponsesFit(found.settled, theta, found.deviance, beta + beta_ols.T, sigma2, seconds)
 
 
-def _starts(many: ManyResponses, common: np.ndarray, reml: bool) -> np.ndarray:
-    """Each response's start (R x n_theta, working): where the design is one term with a correlated template, its
-    own moment estimate (pilot.moment_starts, the start a fit of it alone would take:
-    on a balanced growth curve its optimum), else `common` (the first response's optimum)."""
+def _starts(system: PenalizedSystem, many: ManyResponses, Zty, common: np.ndarray, reml: bool) -> np.ndarray:
+    """Each response's start (R x n_theta, working), the moments a fit of it alone would start from: one term with
+    slopes (lme4's `(x || g)` merged into one), its levels' own fits' (pilot.moment_starts); variance components
+    (every term of `system` scalar; Zty in its columns' order), their level means' (pilot.components_starts); on a
+    balanced design each is its optimum. `common` (the first response's optimum) where neither applies, or for a
+    response whose moments are not a covariance."""
     template = many.relcov.blocks[0][1]
-    if many.q2 or not many.q1 or template != CovarianceTemplate.unstructured(template.k):
-        return common
-    found = moment_starts(many.G11, many.first_fixed_cross, many.Zty, many.yty, many.n, reml)
+    found = None
+    if not many.q2 and many.q1 and template.k > 1:
+        if template in (CovarianceTemplate.unstructured(template.k), CovarianceTemplate.diagonal(template.k)):
+            found = moment_starts(
+                many.G11, many.first_fixed_cross, many.Zty, many.yty, many.n, reml, template.is_diagonal
+            )
+        if found is not None:
+            rows, cols = np.array(template.positions).T
+            found = (found[0][:, rows, cols], found[1])
+    else:  # (None unless every term is scalar)
+        found = components_starts(system, Zty, many.yty, reml)
     if found is None:
         return common
-    factors, ok = found
-    rows, cols = np.array(template.positions).T
-    return np.where(ok[:, None], factors[:, rows, cols], common)
+    working, ok = found
+    return np.where(ok[:, None], working, common)
 
 
 class _OneFunction:

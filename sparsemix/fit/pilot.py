@@ -32,6 +32,7 @@ __all__ = [
     "moment_start",
     "moment_starts",
     "components_start",
+    "components_starts",
     "covariance_start",
     "PILOT_MIN_DENSE_ORDER",
 ]
@@ -308,13 +309,17 @@ def moment_start(
     return np.concatenate(thetas)
 
 
-def moment_starts(G11, ZtX, Zty, yty, n: int, reml: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
+def moment_starts(
+    G11, ZtX, Zty, yty, n: int, reml: bool = True, diagonal: bool = False
+) -> tuple[np.ndarray, np.ndarray] | None:
     """moment_start's estimate for many responses of one design at once, from their sums alone: one k x k term
     (k > 1) whose levels' blocks G11 (n1, k, k) are all usable, every row in a level. With Z_l'r (Zty: n1 k x R,
     level-major) and r'r (yty: R) of each response's least-squares residuals r, the levels' coefficients are
     G_l^{-1} Z_l'r and their residual sum of squares r'r less sum_l r'Z_l G_l^{-1} Z_l'r, on n - n1 k degrees of
     freedom. (factors: R x k x k, the lower Cholesky factors of covariance / sigma^2, ok: R, where that is a
     covariance, positive definite), or None where not every level is usable (the responses then start elsewhere).
+    `diagonal` (lme4's `(x || g)`): the factors diag(sqrt(variances)), ok where each is positive (the correlated
+    estimate's diagonal, from which moment_start goes on to the diagonal model's own optimum).
     On a balanced growth curve each is its response's optimum (sleepstudy: within 1e-9 of the batched Newton
     steps' end for 985 of 1,000 simulated responses)."""
     n1, k = G11.shape[0], G11.shape[1]
@@ -333,7 +338,12 @@ def moment_starts(G11, ZtX, Zty, yty, n: int, reml: bool = True) -> tuple[np.nda
         between = np.einsum("lar,lbr->rab", centred, centred)
         divisor = n1 - _fixed_share(np.matmul(inverse, ZtX).reshape(n1 * k, -1), k) if reml else n1
         relative = between / (divisor * sigma2[:, None, None]) - inverse.mean(axis=0)
-        factors, ok = _lower_factors(relative)
+        if diagonal:
+            variances = np.diagonal(relative, axis1=1, axis2=2)
+            ok = np.all(variances > 0, axis=1)
+            factors = np.sqrt(np.maximum(variances, 0.0))[:, :, None] * np.eye(k)
+        else:
+            factors, ok = _lower_factors(relative)
     return factors, ok & (sigma2 > 0)
 
 
@@ -638,6 +648,18 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
     design, where the mean's stratum ties them together (_ml_strata; on such a design ML's optimum). None where it
     does not apply (a term with slopes, more than `max_q` columns, a level with no weight, a residual variance
     <= 0)."""
+    cross = system.cross
+    found = components_starts(system, cross.Zty[:, None], np.array([cross.yty]), reml, max_q)
+    if found is None or not found[1][0]:
+        return None
+    return system.relcov.reported_theta(found[0][0])
+
+
+def components_starts(system, Zty, yty, reml: bool = True, max_q: int = COMPONENTS_MAX_Q):
+    """components_start for many responses of the system's design at once (the columns of Zty: q x R, yty: R, their
+    least-squares-shifted sums): its equations' matrix is the design's, their right-hand sides each response's.
+    (working: R x n_theta, the optimizer's coordinates; ok: R, False where sigma^2 is not positive), or None where
+    components_start does not apply to the design."""
     rc, cross = system.relcov, system.cross
     if not rc.blocks or any(template.k != 1 for _, template in rc.blocks) or rc.q > max_q:
         return None
@@ -678,30 +700,32 @@ def components_start(system, reml: bool = True, max_q: int = COMPONENTS_MAX_Q) -
             squares[:, k] += np.einsum("ip,ip->i", CK @ (C_k.T @ C_k), CK)
     d2 = d**2
     A = np.zeros((J + 1, J + 1))
-    b = np.zeros(J + 1)
-    b[:J] = (cross.Zty**2 / d2) @ E / sizes
+    b = np.zeros((J + 1, yty.shape[0]))
+    b[:J] = ((Zty**2 / d2[:, None]).T @ E / sizes).T
     A[:J, :J] = E.T @ (squares / d2[:, None]) / sizes[:, None]
     A[:J, J] = (diagonal / d2) @ E / sizes
     A[J, :J] = diagonal @ E
     A[J, J] = cross.n - (0 if known_mean else cross.p)
-    b[J] = cross.yty
+    b[J] = yty
     _, _, variances, info = lapack.dgesv(A, b)
     if info != 0:
         return None
     sigma2 = variances[J]
-    if not (np.isfinite(variances).all() and sigma2 > 0):
-        return None
-    ratios = variances[:J] / sigma2
+    ok = np.isfinite(variances).all(axis=0) & (sigma2 > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = (variances[:J] / sigma2).T  # (R, J)
     # ML's correction for crossed terms where X's columns take 1 dimension of each term's level means (the mean and
     # covariates that vary within levels: what it is derived for), not more (X holds factors the levels nest)
     if not reml and not known_mean and J > 1 and _one_mean(((d - diagonal) / d) @ E):
         # ML on crossed terms: each term's share of the mean's stratum (above)
         per_level = cross.n / sizes  # rows per level: lambda_k = sigma^2 (1 + per_level_k ratio_k)
         error_df = cross.n - cross.p - float(np.sum(sizes - 1))
-        ratios = _ml_strata(np.maximum(ratios, 0.0), per_level, sizes, error_df)
-    if J == 1 and ratios[0] <= 0:  # one variance, estimated <= 0: at the bound, which the boundary check confirms
-        return np.zeros(1)
-    return rc.reported_theta(np.sqrt(np.maximum(ratios, COMPONENTS_MIN_RATIO)))
+        for r in np.flatnonzero(ok):
+            ratios[r] = _ml_strata(np.maximum(ratios[r], 0.0), per_level, sizes, error_df)
+    working = np.sqrt(np.maximum(ratios, COMPONENTS_MIN_RATIO))
+    if J == 1:  # one variance, estimated <= 0: at the bound, which the boundary check confirms
+        working[ratios[:, 0] <= 0] = 0.0
+    return working, ok
 
 
 # covariance_start: on systems of at most this many random-effect columns (its equations hold q x q matrices; the
