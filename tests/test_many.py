@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import reference_data
+from conftest import load_reference, reference_data
 
 import sparsemix as sm
 from sparsemix.core.batched import ManyResponses, _cholesky
@@ -270,6 +270,27 @@ def test_lmer_many_where_the_system_is_not_held_dense_refits_each_response():
     assert not fits.batched.any()
     one = sm.lmer("y ~ Days + (Days | Subject)", SLEEP.assign(y=sims.iloc[:, 2].to_numpy()), optimizer="bobyqa")
     assert fits[2].llf == pytest.approx(one.llf, rel=1e-10)
+
+
+def test_lmer_many_refits_each_response_of_several_terms_with_many_parameters():
+    """Crossed subjects' and items' 2 x 2 terms (6 parameters, no batched exact Hessians): each response a refit,
+    whose exact Hessians cost less than the batched steps' differences; `(x || g)` alone is batched (merged)."""
+    doc = load_reference("random_slopes")["subjects_items"]
+    data, formula = pd.DataFrame(doc["data"]), doc["fits"][0]["formula"]
+    sims = sm.lmer(formula, data).simulate(3, seed=10).to_numpy()
+    renamed = "y ~" + formula.split("~", 1)[1]
+    fits = sm.lmer_many(renamed, data, sims)
+    assert not fits.batched.any()
+    assert fits[2].llf == pytest.approx(sm.lmer(renamed, data.assign(y=sims[:, 2])).llf, rel=1e-10)
+    early = load_reference("random_slopes")["Early"]
+    data, formula = pd.DataFrame(early["data"]), "cog ~ age * trt + (age || id)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sm.SparsemixWarning)
+        sims = sm.lmer(formula, data).simulate(6, seed=11).to_numpy()
+        fits = sm.lmer_many("y ~" + formula.split("~", 1)[1], data, sims)
+        assert fits.batched[1:].all()
+        for i in (1, 4):
+            _assert_same_fit(fits[i], sm.lmer("y ~" + formula.split("~", 1)[1], data.assign(y=sims[:, i])))
 
 
 def test_lmer_many_with_a_lone_term_of_many_levels_refits_each_response():

@@ -128,23 +128,25 @@ def test_sleepstudy_takes_one_diagonal_term_and_reads_the_split_terms_off_it(fit
     np.testing.assert_allclose(m.fe_params, own.beta, rtol=1e-10)
 
 
-def test_bootstrap_refits_take_the_merged_terms_and_find_the_same_estimates(monkeypatch):
-    import sparsemix.inference.bootstrap as bootstrap
+def test_bootstrap_replicates_are_fitted_together_on_the_merged_term_to_the_same_estimates(monkeypatch):
+    import sparsemix.fit.many as many
 
     data = pd.DataFrame(REFERENCE["Early"]["data"])
     m = _lmer("cog ~ age * trt + (age || id)", data)
-    targets = []
-    chosen = bootstrap.optimized_system
-    monkeypatch.setattr(bootstrap, "optimized_system", lambda system: targets.append(chosen(system)) or targets[-1])
+    built = []
+    original = many.ManyResponses
+    monkeypatch.setattr(
+        many, "ManyResponses", lambda cross, relcov, *sums: built.append(relcov) or original(cross, relcov, *sums)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sparsemix.SingularFitWarning)
         merged = m.bootstrap(nsim=6, seed=5, n_jobs=1)
-        assert len(targets) == 6 and all(len(t.relcov.blocks) == 1 for t in targets)
+        assert [[(n, t.k, t.is_diagonal) for n, t in relcov.blocks] for relcov in built] == [[(103, 2, True)]]
         monkeypatch.setattr(m.fit_result.system, "diagonal_runs", ())
         split = m.bootstrap(nsim=6, seed=5, n_jobs=1)
-    assert all(len(t.relcov.blocks) == 2 for t in targets[6:])
-    # to BOBYQA's precision without the polish (~1e-5 of theta) on the split terms (measured: 5e-6 at most)
-    np.testing.assert_allclose(merged.to_numpy(), split.to_numpy(), rtol=1e-4, atol=1e-4)
+    assert [len(relcov.blocks) for relcov in built] == [1, 2]  # the split terms' batched steps (differences)
+    # both to the batched Newton steps' precision
+    np.testing.assert_allclose(merged.to_numpy(), split.to_numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_permuted_cross_products_are_scipys_reindexing():

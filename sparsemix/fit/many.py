@@ -74,6 +74,12 @@ CHORD_MIN_PARAMETERS = 10
 CHORD_MAX_STEPS = 4
 
 
+# Several terms (no exact Hessians for the batched steps): batched up to this many parameters. A difference Hessian
+# takes m(m + 3)/2 + 1 points a Newton step: with crossed subjects' and items' 2 x 2 terms (6) lmer_many took 10 ms a
+# fit where lmer in a loop took 7.7 (many_models.py, thirty-second session); Pixel's 4 are 4x faster batched.
+BATCHED_MAX_DIFFERENCE_THETA = 4
+
+
 @dataclass
 class ManyMinimum:
     """Per response: working theta (R x n_theta), deviance, whether the batched steps settled at an interior
@@ -419,14 +425,19 @@ def batched_applies(system: PenalizedSystem, method: str = DEFAULT_OPTIMIZER) ->
     """Whether fit_responses serves this system: held dense (small), with the default optimizer (a user's choice
     of another one is kept: those responses go through the one-response pipeline). A lone term held dense with
     more than DENSE_MAX_Q columns is refitted response by response: a pass's arrays grow with its levels times
-    ROWS_PER_PASS responses. Nor lme4's `(x || g)` held dense with its first term eliminated: the fit optimizes its
-    merged term (pipeline.optimized_system), which the one-response pipeline refits in a fraction of the batched
-    steps' time on the split terms (docs/performance-scale.md, sixteenth session)."""
+    ROWS_PER_PASS responses. Nor lme4's `(x || g)` beside other terms, held dense with its first term eliminated:
+    the fit optimizes its merged term (pipeline.optimized_system), which the one-response pipeline refits in a
+    fraction of the batched steps' time on the split terms (docs/performance-scale.md, sixteenth session); alone, the
+    batched steps optimize it merged too (fit_responses). Nor several terms of more than
+    BATCHED_MAX_DIFFERENCE_THETA parameters: their Hessians from differences cost more than the one-response
+    pipeline's exact ones."""
+    one_term = len((system.merged_system() if system.diagonal_runs else system).relcov.blocks) == 1
     return (
         system.factorization_mode == "dense"
         and system.relcov.q <= DENSE_MAX_Q
         and method in (DEFAULT_OPTIMIZER, GRADIENT_METHOD)
-        and not (system.diagonal_runs and system.first_eliminated_beside_others)
+        and (one_term or system.relcov.n_theta <= BATCHED_MAX_DIFFERENCE_THETA)
+        and not (system.diagonal_runs and system.first_eliminated_beside_others and not one_term)
     )
 
 

@@ -28,7 +28,7 @@ def models():
             if "weights" not in fit["name"]:
                 yield f"{name} {fit['name']}", pd.DataFrame(doc["data"]), fit["formula"], fit["reml"]
     for name, doc in json.loads((REFERENCE / "random_slopes.json").read_text()).items():
-        for fit in doc["fits"]:
+        for fit in doc.get("fits", []) if isinstance(doc, dict) else []:
             yield f"{name} {fit.get('name', '')}".strip(), pd.DataFrame(doc["data"]), fit["formula"], fit["reml"]
 
 
