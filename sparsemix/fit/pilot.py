@@ -701,7 +701,7 @@ def components_starts(system, Zty, yty, reml: bool = True, max_q: int = COMPONEN
     d2 = d**2
     A = np.zeros((J + 1, J + 1))
     b = np.zeros((J + 1, yty.shape[0]))
-    b[:J] = ((Zty**2 / d2[:, None]).T @ E / sizes).T
+    b[:J] = E.T @ (Zty**2 / d2[:, None]) / sizes[:, None]
     A[:J, :J] = E.T @ (squares / d2[:, None]) / sizes[:, None]
     A[:J, J] = (diagonal / d2) @ E / sizes
     A[J, :J] = diagonal @ E
@@ -711,9 +711,8 @@ def components_starts(system, Zty, yty, reml: bool = True, max_q: int = COMPONEN
     if info != 0:
         return None
     sigma2 = variances[J]
-    ok = np.isfinite(variances).all(axis=0) & (sigma2 > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = (variances[:J] / sigma2).T  # (R, J)
+    ok = np.isfinite(variances.sum(axis=0)) & (sigma2 > 0)
+    ratios = (variances[:J] / np.where(ok, sigma2, 1.0)).T  # (R, J)
     # ML's correction for crossed terms where X's columns take 1 dimension of each term's level means (the mean and
     # covariates that vary within levels: what it is derived for), not more (X holds factors the levels nest)
     if not reml and not known_mean and J > 1 and _one_mean(((d - diagonal) / d) @ E):
@@ -724,7 +723,7 @@ def components_starts(system, Zty, yty, reml: bool = True, max_q: int = COMPONEN
             ratios[r] = _ml_strata(np.maximum(ratios[r], 0.0), per_level, sizes, error_df)
     working = np.sqrt(np.maximum(ratios, COMPONENTS_MIN_RATIO))
     if J == 1:  # one variance, estimated <= 0: at the bound, which the boundary check confirms
-        working[ratios[:, 0] <= 0] = 0.0
+        working[:, 0] = np.where(ratios[:, 0] > 0, working[:, 0], 0.0)
     return working, ok
 
 
