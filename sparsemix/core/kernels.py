@@ -354,6 +354,33 @@ def single_term_deviance_parts(G11, G1R, GRR, T, rows, cols, reml, dof, gradient
     return (0 if finite else 1), logdet1, logdet_RX2, r2
 
 
+@_scoring_jit
+def _level_sum(a):
+    """sum a (one contiguous loop; _scoring_jit reassociates it into vector lanes)."""
+    s = 0.0
+    for i in range(a.shape[0]):
+        s += a[i]
+    return s
+
+
+@_scoring_jit
+def _level_dot(a, b):
+    """sum a b."""
+    s = 0.0
+    for i in range(a.shape[0]):
+        s += a[i] * b[i]
+    return s
+
+
+@_scoring_jit
+def _level_triple(a, b, c):
+    """sum a b c."""
+    s = 0.0
+    for i in range(a.shape[0]):
+        s += a[i] * b[i] * c[i]
+    return s
+
+
 @njit(cache=True, nogil=True)
 def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, reml, dof, gradient, hessian, parts):
     """The profiled deviance's exact gradient and Hessian in theta for one random-effects term (the layout of
@@ -456,13 +483,12 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
         return 2
     parts[0], parts[1], parts[2] = logdet_L, logdet_RX2, r2
     with_reml = reml and p > 0
-    trace = np.zeros((k, k))  # sum (D_l - B_l) (ML: D_l)
-    WW = np.zeros((k, k))
-    Wd = np.zeros((k, k, k, k))  # [i, j, r, s] = sum w_i D_jr w_s
-    DD = np.zeros((k, k, k, k))  # [i, j, r, s] = sum D_si D_jr, then minus DB and BD (REML)
-    U = np.zeros((k, k, p))  # [i, j, q] = sum C_iq w_j
-    CC = np.zeros((k, k, p, p))
-    w = np.empty(k)
+    # each level's D_l, B_l = C_l K C_l' (REML), w_l and C_l held level-last, then every sum over the levels below
+    # as one contiguous loop (vectorized: _scoring_jit's reassociation)
+    Dv = np.empty((k, k, n))
+    Bv = np.zeros((k, k, n))
+    wv = np.empty((k, n))
+    Cv = np.empty((k, p, n))
     CK = np.empty((k, p))
     B = np.empty((k, k))
     for lvl in range(n):
@@ -471,26 +497,38 @@ def single_term_hessian(G11, G1R, GRR, T, rows, cols, pair_a, pair_b, second, re
             s = cy[lvl, a]
             for c in range(p):
                 s -= Cl[a, c] * beta[c]
-            w[a] = s
+                Cv[a, c, lvl] = Cl[a, c]
+            wv[a, lvl] = s
+            for b in range(k):
+                Dv[a, b, lvl] = Dl[a, b]
         if with_reml:
             _product_into(Cl, K, CK)
             _product_into(CK, Cl.T, B)  # B = C K C'
-        for i in range(k):
-            for j in range(k):
-                trace[i, j] += Dl[i, j] - (B[i, j] if with_reml else 0.0)
-                WW[i, j] += w[i] * w[j]
-                for c in range(p):
-                    U[i, j, c] += Cl[i, c] * w[j]
+            for a in range(k):
+                for b in range(k):
+                    Bv[a, b, lvl] = B[a, b]
+    trace = np.zeros((k, k))  # sum (D_l - B_l) (ML: D_l)
+    WW = np.zeros((k, k))
+    Wd = np.zeros((k, k, k, k))  # [i, j, r, s] = sum w_i D_jr w_s
+    DD = np.zeros((k, k, k, k))  # [i, j, r, s] = sum D_si D_jr, then minus DB and BD (REML)
+    U = np.zeros((k, k, p))  # [i, j, q] = sum C_iq w_j
+    CC = np.zeros((k, k, p, p))
+    for i in range(k):
+        for j in range(k):
+            trace[i, j] = _level_sum(Dv[i, j]) - _level_sum(Bv[i, j])
+            WW[i, j] = _level_dot(wv[i], wv[j])
+            for c in range(p):
+                U[i, j, c] = _level_dot(Cv[i, c], wv[j])
+                if with_reml:
+                    for d in range(p):
+                        CC[i, j, c, d] = _level_dot(Cv[i, c], Cv[j, d])
+            for r in range(k):
+                for t in range(k):
+                    Wd[i, j, r, t] = _level_triple(wv[i], Dv[j, r], wv[t])
+                    v = _level_dot(Dv[t, i], Dv[j, r])
                     if with_reml:
-                        for d in range(p):
-                            CC[i, j, c, d] += Cl[i, c] * Cl[j, d]
-                for r in range(k):
-                    for t in range(k):
-                        Wd[i, j, r, t] += w[i] * Dl[j, r] * w[t]
-                        v = Dl[t, i] * Dl[j, r]
-                        if with_reml:
-                            v -= Dl[t, i] * B[j, r] + B[t, i] * Dl[j, r]
-                        DD[i, j, r, t] += v
+                        v -= _level_dot(Dv[t, i], Bv[j, r]) + _level_dot(Bv[t, i], Dv[j, r])
+                    DD[i, j, r, t] = v
     m = pair_a.shape[0]
     scale = dof / r2
     g_psi = np.empty(m)
