@@ -607,7 +607,8 @@ def many_single_term_hessian(
     """single_term_hessian at many (response, theta) points of one design: point i is response which[i] (its sums
     Zty[:, r] (q1 = n k, level-major), Xty[:, r], yty[r] in place of G1R's and GRR's last column) at the template
     T[i]. Fills gradient[i], hessian[i], parts[i] and status[i] as single_term_hessian does for one point: what
-    a batched Newton step over many responses reads (fit/many.py), ~5 us a point where the call alone costs more."""
+    a batched Newton step over many responses reads (fit/many.py), in one call where a call a point would cost
+    more than the point."""
     n, k = G11.shape[0], G11.shape[1]
     p = GRR.shape[0] - 1
     G1Ry = G1R.copy()

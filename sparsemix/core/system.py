@@ -297,6 +297,12 @@ class PenalizedSystem:
         """merged_system's columns as positions among this system's (a response's Z'y taken to its order)."""
         return self._merged[1]
 
+    @property
+    def one_grouping(self) -> bool:
+        """Whether the model is one term once `diagonal_runs` are merged (one term, or lme4's `(x || g)` alone),
+        read off merged_system's covariance without building it."""
+        return len((self._merged[0] if self.diagonal_runs else self.relcov).blocks) == 1
+
     @functools.cached_property  # (merged_system's, and solution_from's order)
     def _merged(self) -> "tuple[RelativeCovariance, np.ndarray]":
         return self.relcov.merged(self.diagonal_runs)

@@ -431,13 +431,12 @@ def batched_applies(system: PenalizedSystem, method: str = DEFAULT_OPTIMIZER) ->
     batched steps optimize it merged too (fit_responses). Nor several terms of more than
     BATCHED_MAX_DIFFERENCE_THETA parameters: their Hessians from differences cost more than the one-response
     pipeline's exact ones."""
-    one_term = len((system.merged_system() if system.diagonal_runs else system).relcov.blocks) == 1
     return (
         system.factorization_mode == "dense"
         and system.relcov.q <= DENSE_MAX_Q
         and method in (DEFAULT_OPTIMIZER, GRADIENT_METHOD)
-        and (one_term or system.relcov.n_theta <= BATCHED_MAX_DIFFERENCE_THETA)
-        and not (system.diagonal_runs and system.first_eliminated_beside_others and not one_term)
+        and (system.one_grouping or system.relcov.n_theta <= BATCHED_MAX_DIFFERENCE_THETA)
+        and not (system.diagonal_runs and system.first_eliminated_beside_others and not system.one_grouping)
     )
 
 
@@ -463,7 +462,7 @@ def fit_responses(system: PenalizedSystem, sums, start_theta: np.ndarray, reml: 
     t0 = time.perf_counter()
     Zty, Xty, yty, beta_ols = sums
     optimized, merged_Zty = system, Zty
-    if system.diagonal_runs and len(system.merged_system().relcov.blocks) == 1:
+    if system.diagonal_runs and system.one_grouping:
         optimized, merged_Zty = system.merged_system(), Zty[system.merged_order]
     relcov = optimized.relcov
     many = ManyResponses(optimized.cross, relcov, merged_Zty, Xty, yty)

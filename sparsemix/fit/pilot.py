@@ -320,8 +320,7 @@ def moment_starts(
     covariance, positive definite), or None where not every level is usable (the responses then start elsewhere).
     `diagonal` (lme4's `(x || g)`): the factors diag(sqrt(variances)), ok where each is positive (the correlated
     estimate's diagonal, from which moment_start goes on to the diagonal model's own optimum).
-    On a balanced growth curve each is its response's optimum (sleepstudy: within 1e-9 of the batched Newton
-    steps' end for 985 of 1,000 simulated responses)."""
+    On a balanced growth curve each is its response's optimum (docs/performance-scale.md, thirty-second session)."""
     n1, k = G11.shape[0], G11.shape[1]
     df = n - n1 * k
     if k < 2 or df <= 0 or n1 < max(MOMENT_MIN_LEVELS, k + 1):
