@@ -293,6 +293,28 @@ def test_lmer_many_refits_each_response_of_several_terms_with_many_parameters():
             _assert_same_fit(fits[i], sm.lmer("y ~" + formula.split("~", 1)[1], data.assign(y=sims[:, i])))
 
 
+def test_lmer_many_batches_an_uncorrelated_term_whose_split_terms_are_not_held_dense():
+    """`(x || g)` of 150 groups: its split terms are factored by CHOLMOD, its merged term (what the fit optimizes)
+    is held dense, and the batched steps take it (nlme's MathAchieve `(SES || School)` was refitted response by
+    response while batched_applies judged the split system)."""
+    from sparsemix.fit.many import batched_applies, batched_system
+
+    rng = np.random.default_rng(30)
+    g = np.repeat(np.arange(150), 20)
+    x = rng.normal(size=g.size)
+    y = 1 + 0.5 * x + rng.normal(size=150)[g] + 0.4 * rng.normal(size=150)[g] * x + rng.normal(size=g.size)
+    data = pd.DataFrame({"g": g.astype(str), "x": x})
+    model = sm.lmer("y ~ x + (x || g)", data.assign(y=y))
+    system = model.fit_result.system
+    assert system.factorization_mode != "dense" and batched_system(system).factorization_mode == "dense"
+    assert batched_applies(system)
+    sims = model.simulate(5, seed=31).to_numpy()
+    fits = sm.lmer_many("y ~ x + (x || g)", data, sims)
+    assert fits.batched[1:].all()
+    for i in (1, 3):
+        _assert_same_fit(fits[i], sm.lmer("y ~ x + (x || g)", data.assign(y=sims[:, i])))
+
+
 def test_lmer_many_with_a_lone_term_of_many_levels_refits_each_response():
     """A lone term of 1,200 levels is held dense (its Newton steps) but too large for the batched passes (their
     arrays grow with the levels times the responses): each response is a refit, as lmer fits it."""

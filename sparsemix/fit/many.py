@@ -46,6 +46,7 @@ __all__ = [
     "fit_responses",
     "ResponsesFit",
     "batched_applies",
+    "batched_system",
 ]
 
 NEWTON_MAX_ITERATIONS = 40
@@ -422,19 +423,21 @@ def fixed_effects_many(many: ManyResponses, working: np.ndarray, reml: bool) -> 
 
 
 def batched_applies(system: PenalizedSystem, method: str = DEFAULT_OPTIMIZER) -> bool:
-    """Whether fit_responses serves this system: held dense (small), with the default optimizer (a user's choice
-    of another one is kept: those responses go through the one-response pipeline). A lone term held dense with
-    more than DENSE_MAX_Q columns is refitted response by response: a pass's arrays grow with its levels times
-    ROWS_PER_PASS responses. Nor lme4's `(x || g)` beside other terms, held dense with its first term eliminated:
-    the fit optimizes its merged term (pipeline.optimized_system), which the one-response pipeline refits in a
-    fraction of the batched steps' time on the split terms (docs/performance-scale.md, sixteenth session); alone, the
-    batched steps optimize it merged too (fit_responses). Nor several terms of more than
+    """Whether fit_responses serves this system: its batched_system held dense (small), with the default optimizer
+    (a user's choice of another one is kept: those responses go through the one-response pipeline). A lone term
+    held dense with more than DENSE_MAX_Q columns is refitted response by response: a pass's arrays grow with its
+    levels times ROWS_PER_PASS responses. Nor lme4's `(x || g)` beside other terms, held dense with its first term
+    eliminated: the fit optimizes its merged term (pipeline.optimized_system), which the one-response pipeline
+    refits in a fraction of the batched steps' time on the split terms (docs/performance-scale.md, sixteenth
+    session); alone, the batched steps optimize it merged too. Nor several terms of more than
     BATCHED_MAX_DIFFERENCE_THETA parameters: their Hessians from differences cost more than the one-response
     pipeline's exact ones."""
+    if method not in (DEFAULT_OPTIMIZER, GRADIENT_METHOD):
+        return False
+    target = batched_system(system)
     return (
-        system.factorization_mode == "dense"
-        and system.relcov.q <= DENSE_MAX_Q
-        and method in (DEFAULT_OPTIMIZER, GRADIENT_METHOD)
+        target.factorization_mode == "dense"
+        and target.relcov.q <= DENSE_MAX_Q
         and (system.one_grouping or system.relcov.n_theta <= BATCHED_MAX_DIFFERENCE_THETA)
         and not (system.diagonal_runs and system.first_eliminated_beside_others and not system.one_grouping)
     )
@@ -454,6 +457,13 @@ class ResponsesFit:
     seconds: float
 
 
+def batched_system(system: PenalizedSystem) -> PenalizedSystem:
+    """The system fit_responses' steps optimize (and batched_applies judges): lme4's `(x || g)` alone as its merged
+    term, as pipeline.optimized_system takes it for one response (held dense where its split terms are not:
+    MathAchieve's `(SES || School)`), else `system`."""
+    return system.merged_system() if system.diagonal_runs and system.one_grouping else system
+
+
 def fit_responses(system: PenalizedSystem, sums, start_theta: np.ndarray, reml: bool) -> ResponsesFit:
     """Every response's optimum at once from `start_theta` (reported): `sums` = (Z'y, X'y, y'y, beta_ols) of the
     responses as CrossProducts.response_sums gives them, for `system`'s design. lme4's `(x || g)` alone is
@@ -461,9 +471,8 @@ def fit_responses(system: PenalizedSystem, sums, start_theta: np.ndarray, reml: 
     Hessians of one term's levels."""
     t0 = time.perf_counter()
     Zty, Xty, yty, beta_ols = sums
-    optimized, merged_Zty = system, Zty
-    if system.diagonal_runs and system.one_grouping:
-        optimized, merged_Zty = system.merged_system(), Zty[system.merged_order]
+    optimized = batched_system(system)
+    merged_Zty = Zty if optimized is system else Zty[system.merged_order]
     relcov = optimized.relcov
     many = ManyResponses(optimized.cross, relcov, merged_Zty, Xty, yty)
     found = minimize_many(
